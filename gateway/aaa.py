@@ -1,0 +1,640 @@
+# -*- test-case-name: tests.test_aaa -*-
+"""
+Authorization data: the C{--groups} file (Apache htgroup format) and the
+C{--acl} file (TOML modelled on KumoMTA's C{kumo.aaa.load_acl_map}).
+
+Both are read once at start-up and compiled into immutable values, so a bad
+file stops the start with file, line and reason, and a query parses nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Any, Union
+
+import attrs
+from zope.interface import Interface, implementer
+
+from gateway.authinfo import IAuthInfo
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class ConfigError(Exception):
+    """A group or ACL file cannot be used; the message is one line naming file, line and reason."""
+
+
+def _quote(text: str) -> str:
+    """C{text} double-quoted, with anything that could break a one-line message escaped."""
+    out = []
+    for char in text:
+        if char in '"\\':
+            out.append("\\" + char)
+        elif char.isprintable():
+            out.append(char)
+        else:
+            out.append(repr(char)[1:-1])
+    return '"' + "".join(out) + '"'
+
+
+def _read_text(path: str | os.PathLike[str]) -> str:
+    """The UTF-8 contents of C{path}, or L{ConfigError} saying why not."""
+    name = os.fspath(path)
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{name}: {os.strerror(e.errno) if e.errno else e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(
+            f"{name}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})"
+        ) from None
+
+
+# --- group file ---------------------------------------------------------------
+
+
+def _group_members(value: Mapping[str, Iterable[str]]) -> Mapping[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise TypeError("groups must be a mapping of group name to members")
+    out: dict[str, tuple[str, ...]] = {}
+    for group, members in value.items():
+        if not isinstance(group, str) or not group:
+            raise ValueError(f"group names must be non-empty strings, not {group!r}")
+        if isinstance(members, (str, bytes)):
+            raise TypeError(f"members of group {group!r} must be a list of names, not a string")
+        unique: dict[str, None] = {}
+        for member in members:
+            if not isinstance(member, str) or not member:
+                raise ValueError(f"members of group {group!r} must be non-empty strings")
+            unique[member] = None
+        out[group] = tuple(unique)
+    return MappingProxyType(out)
+
+
+@attrs.frozen
+class GroupMap:
+    """Group name -> members, in file order; answers which groups a user is in."""
+
+    members: Mapping[str, tuple[str, ...]] = attrs.field(converter=_group_members, hash=False)
+    _by_user: Mapping[str, frozenset[str]] = attrs.field(
+        init=False, repr=False, eq=False, hash=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        by_user: dict[str, set[str]] = {}
+        for group, members in self.members.items():
+            for member in members:
+                by_user.setdefault(member, set()).add(group)
+        object.__setattr__(
+            self, "_by_user", {user: frozenset(groups) for user, groups in by_user.items()}
+        )
+
+    def groups_for(self, names: Iterable[str]) -> tuple[str, ...]:
+        """The groups any of C{names} belongs to, in file order, without duplicates."""
+        if isinstance(names, (str, bytes)):
+            raise TypeError("groups_for() takes a collection of names, not one string")
+        found: set[str] = set()
+        for name in names:
+            found |= self._by_user.get(name, frozenset())
+        if not found:
+            return ()
+        return tuple(group for group in self.members if group in found)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+
+#: No groups at all: what the gateway uses without C{--groups}.
+NO_GROUPS = GroupMap({})
+
+
+def parse_groups(text: str, source: str = "<string>") -> GroupMap:
+    """
+    Parse htgroup text: C{group: user1 user2} lines, C{#} comment lines.
+
+    A group may span several lines; its members are merged in order.
+
+    @param source: the file name used in error messages.
+    @raise ConfigError: for a malformed line, as C{source:line: reason}.
+    """
+    groups: dict[str, dict[str, None]] = {}
+    for lineno, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        group, colon, members = line.partition(":")
+        group = group.strip()
+        if not colon:
+            raise ConfigError(f"{source}:{lineno}: expected 'group: members', found no ':'")
+        if not group:
+            raise ConfigError(f"{source}:{lineno}: empty group name before ':'")
+        if any(char.isspace() for char in group):
+            raise ConfigError(
+                f"{source}:{lineno}: group name {_quote(group)} contains whitespace"
+            )
+        merged = groups.setdefault(group, {})
+        for member in members.split():
+            merged[member] = None
+    return GroupMap({group: tuple(members) for group, members in groups.items()})
+
+
+def load_group_file(path: str | os.PathLike[str]) -> GroupMap:
+    """Read and parse an htgroup file (see L{parse_groups})."""
+    return parse_groups(_read_text(path), os.fspath(path))
+
+
+# --- access policy --------------------------------------------------------------
+
+
+class IAccessPolicy(Interface):
+    """Decides whether a session may use a privilege on a resource."""
+
+    def query_resource_access(auth_info: IAuthInfo, resource: str, privilege: str) -> bool:
+        """
+        True when C{auth_info} may exercise C{privilege} on C{resource}.
+
+        @param resource: a C{/}-separated path such as C{smtp/sender/alice}.
+        """
+
+
+@implementer(IAccessPolicy)
+@attrs.frozen
+class AllowAuthenticated:
+    """The policy without C{--acl}: any authenticated session may do anything."""
+
+    def query_resource_access(self, auth_info: IAuthInfo, resource: str, privilege: str) -> bool:
+        return auth_info.is_authenticated()
+
+
+# --- criteria -----------------------------------------------------------------
+
+
+@attrs.frozen
+class IndividualIdentity:
+    """C{Individual = "name"}: one of the session's identities is C{name}."""
+
+    name: str
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return self.name in auth_info.names()
+
+
+@attrs.frozen
+class GroupIdentity:
+    """C{Group = "name"}: the session is in group C{name}."""
+
+    name: str
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return self.name in auth_info.groups
+
+
+@attrs.frozen
+class AuthenticatedIdentity:
+    """C{Authenticated = {}}: the session has at least one identity."""
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return auth_info.is_authenticated()
+
+
+@attrs.frozen
+class UnauthenticatedIdentity:
+    """C{Unauthenticated = {}}: the session has no identity."""
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return not auth_info.is_authenticated()
+
+
+@attrs.frozen
+class AnyIdentity:
+    """C{Any = {}}: every session."""
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return True
+
+
+def _peer_ip(peer: str | None) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The peer's address, plus its IPv4 form when it is IPv4-mapped IPv6."""
+    if not isinstance(peer, str):
+        return []
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return []
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return [address, address.ipv4_mapped]
+    return [address]
+
+
+@attrs.frozen
+class MachineIdentity:
+    """C{Machine = "addr"} or C{"net/len"}: the peer address is in that network."""
+
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return any(address in self.network for address in _peer_ip(auth_info.peer_address))
+
+
+@attrs.frozen
+class AllOf:
+    """C{AllOf = [...]}: every criterion matches."""
+
+    criteria: tuple[Criterion, ...] = attrs.field(converter=tuple)
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return all(c.matches(auth_info) for c in self.criteria)
+
+
+@attrs.frozen
+class AnyOf:
+    """C{AnyOf = [...]}: at least one criterion matches."""
+
+    criteria: tuple[Criterion, ...] = attrs.field(converter=tuple)
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return any(c.matches(auth_info) for c in self.criteria)
+
+
+@attrs.frozen
+class Not:
+    """C{Not = {...}}: the criterion does not match."""
+
+    criterion: Criterion
+
+    def matches(self, auth_info: IAuthInfo) -> bool:
+        return not self.criterion.matches(auth_info)
+
+
+Criterion = Union[
+    IndividualIdentity,
+    GroupIdentity,
+    AuthenticatedIdentity,
+    UnauthenticatedIdentity,
+    AnyIdentity,
+    MachineIdentity,
+    AllOf,
+    AnyOf,
+    Not,
+]
+
+
+@attrs.frozen
+class Rule:
+    """One C{[[acl."resource"]]} entry: who it is about, for which privileges, and the verdict."""
+
+    allow: bool
+    privileges: frozenset[str] = attrs.field(converter=frozenset)
+    criterion: Criterion
+
+    def applies(self, auth_info: IAuthInfo, privilege: str) -> bool:
+        """True when this rule decides the query (privilege covered and criterion met)."""
+        covered = privilege in self.privileges or "*" in self.privileges
+        return covered and self.criterion.matches(auth_info)
+
+
+# --- ACL map ------------------------------------------------------------------
+
+
+def _resource_problem(resource: str) -> str | None:
+    if not resource:
+        return "empty resource name"
+    if "" in resource.split("/"):
+        return "empty path segment in resource name"
+    return None
+
+
+def _acl_entries(value: Mapping[str, Iterable[Rule]]) -> Mapping[str, tuple[Rule, ...]]:
+    if not isinstance(value, Mapping):
+        raise TypeError("acl must be a mapping of resource name to rules")
+    out: dict[str, tuple[Rule, ...]] = {}
+    for resource, rules in value.items():
+        if not isinstance(resource, str):
+            raise TypeError(f"resource names must be strings, not {resource!r}")
+        problem = _resource_problem(resource)
+        if problem:
+            raise ValueError(f"{problem}: {_quote(resource)}")
+        rules = tuple(rules)
+        if not all(isinstance(rule, Rule) for rule in rules):
+            raise TypeError(f"rules for {_quote(resource)} must be Rule instances")
+        out[resource] = rules
+    return MappingProxyType(out)
+
+
+_Pattern = tuple[tuple[str, ...], tuple[Rule, ...]]
+
+
+@implementer(IAccessPolicy)
+@attrs.frozen
+class AccessControlMap:
+    """
+    Resource name -> ordered rules, in file order; built by L{load_acl_file}.
+
+    A query for C{a/b/c} looks at C{a/b/c}, then C{a/b}, then C{a}; at each
+    level the exact key's rules come before those of matching C{*} keys. The
+    first rule that applies decides; none applying is a denial.
+    """
+
+    acl: Mapping[str, tuple[Rule, ...]] = attrs.field(converter=_acl_entries, hash=False)
+    _exact: Mapping[str, tuple[Rule, ...]] = attrs.field(
+        init=False, repr=False, eq=False, hash=False
+    )
+    _patterns: Mapping[int, tuple[_Pattern, ...]] = attrs.field(
+        init=False, repr=False, eq=False, hash=False
+    )
+
+    def __attrs_post_init__(self) -> None:
+        exact: dict[str, tuple[Rule, ...]] = {}
+        patterns: dict[int, list[_Pattern]] = {}
+        for resource, rules in self.acl.items():
+            segments = tuple(resource.split("/"))
+            if "*" in segments:
+                patterns.setdefault(len(segments), []).append((segments, rules))
+            else:
+                exact[resource] = rules
+        object.__setattr__(self, "_exact", exact)
+        object.__setattr__(self, "_patterns", {n: tuple(p) for n, p in patterns.items()})
+
+    def _candidates(self, segments: list[str]) -> Iterator[Rule]:
+        for depth in range(len(segments), 0, -1):
+            yield from self._exact.get("/".join(segments[:depth]), ())
+            for pattern, rules in self._patterns.get(depth, ()):
+                if all(p == "*" or p == s for p, s in zip(pattern, segments)):
+                    yield from rules
+
+    def query_resource_access(self, auth_info: IAuthInfo, resource: str, privilege: str) -> bool:
+        """
+        See L{IAccessPolicy}. A malformed resource name (empty, or with an
+        empty segment) is denied rather than matched against a parent.
+        """
+        if _resource_problem(resource):
+            return False
+        for rule in self._candidates(resource.split("/")):
+            if rule.applies(auth_info, privilege):
+                return rule.allow
+        return False
+
+
+# --- ACL file -----------------------------------------------------------------
+
+#: How deep C{criteria} may nest; keeps queries far from the recursion limit.
+MAX_CRITERIA_DEPTH = 32
+
+_KEY = r"""(?:[A-Za-z0-9_-]+|"(?:[^"\\\n]|\\.)*"|'[^'\n]*')"""
+_DOTTED = rf"{_KEY}(?:[ \t]*\.[ \t]*{_KEY})*"
+_ARRAY_HEADER = re.compile(rf"[ \t]*\[\[[ \t]*({_DOTTED})[ \t]*\]\]")
+_TABLE_HEADER = re.compile(rf"[ \t]*\[[ \t]*({_DOTTED})[ \t]*\]")
+_KEY_VALUE = re.compile(rf"[ \t]*({_DOTTED})[ \t]*=")
+
+
+def _key_path(dotted: str) -> tuple[str, ...] | None:
+    """Decode a TOML dotted key (quotes, escapes) by letting the TOML parser do it."""
+    try:
+        node: Any = tomllib.loads(f"{dotted} = 0")
+    except tomllib.TOMLDecodeError:
+        return None
+    path = []
+    while isinstance(node, dict) and len(node) == 1:
+        key, node = next(iter(node.items()))
+        path.append(key)
+    return tuple(path)
+
+
+@attrs.frozen
+class _Mention:
+    line: int
+    path: tuple[str, ...]
+    array_header: bool
+
+
+def _mentions(text: str) -> list[_Mention]:
+    """
+    Where keys are defined, by a line scan (tomllib reports no positions).
+
+    Good enough for error messages; a key-like line inside a multi-line string
+    can mislead it, which only costs a less precise line number.
+    """
+    found = []
+    table: tuple[str, ...] = ()
+    for lineno, line in enumerate(text.split("\n"), 1):
+        for pattern, header, array in (
+            (_ARRAY_HEADER, True, True),
+            (_TABLE_HEADER, True, False),
+            (_KEY_VALUE, False, False),
+        ):
+            match = pattern.match(line)
+            if match:
+                path = _key_path(match.group(1))
+                if path is None:
+                    break
+                if header:
+                    table = path
+                else:
+                    path = table + path
+                found.append(_Mention(lineno, path, array))
+                break
+    return found
+
+
+class _Invalid(Exception):
+    """A reason a value is unusable; the loader adds where it was."""
+
+
+_TOML_TYPES = {str: "a string", bool: "a boolean", int: "an integer", float: "a float",
+               list: "an array", dict: "a table"}
+
+
+def _kind(value: Any) -> str:
+    return _TOML_TYPES.get(type(value), "a date/time")
+
+
+def _only_key(value: Any, where: str, kinds: tuple[str, ...]) -> tuple[str, Any]:
+    expected = ", ".join(kinds)
+    if not isinstance(value, dict):
+        raise _Invalid(f"{where} must be a table with one of {expected}, not {_kind(value)}")
+    if len(value) != 1:
+        if not value:
+            raise _Invalid(f"{where} is empty; expected one of {expected}")
+        keys = ", ".join(sorted(value))
+        raise _Invalid(f"{where} must have exactly one key, not {len(value)} ({keys})")
+    ((key, inner),) = value.items()
+    if key not in kinds:
+        raise _Invalid(f"{where}: unknown key {_quote(key)} (expected one of {expected})")
+    return key, inner
+
+
+_IDENTITY_KINDS = ("Individual", "Group", "Authenticated", "Unauthenticated", "Any", "Machine")
+_UNIT_IDENTITIES = {
+    "Authenticated": AuthenticatedIdentity(),
+    "Unauthenticated": UnauthenticatedIdentity(),
+    "Any": AnyIdentity(),
+}
+
+
+def _identity(value: Any, where: str) -> Criterion:
+    kind, inner = _only_key(value, where, _IDENTITY_KINDS)
+    where = f"{where}.{kind}"
+    if kind in _UNIT_IDENTITIES:
+        if inner != {}:
+            found = "a non-empty table" if isinstance(inner, dict) else _kind(inner)
+            raise _Invalid(f"{where} must be an empty table {{}}, not {found}")
+        return _UNIT_IDENTITIES[kind]
+    if not isinstance(inner, str) or not inner:
+        found = "an empty string" if inner == "" else _kind(inner)
+        raise _Invalid(f"{where} must be a non-empty string, not {found}")
+    if kind == "Individual":
+        return IndividualIdentity(inner)
+    if kind == "Group":
+        return GroupIdentity(inner)
+    try:
+        return MachineIdentity(ipaddress.ip_network(inner))
+    except ValueError as e:
+        raise _Invalid(f"{where}: {_quote(inner)} is not an IP address or network ({e})") from None
+
+
+_CRITERIA_KINDS = ("Identity", "AllOf", "AnyOf", "Not")
+
+
+def _criterion(value: Any, where: str, depth: int = 1) -> Criterion:
+    if depth > MAX_CRITERIA_DEPTH:
+        raise _Invalid(f"{where}: criteria nested more than {MAX_CRITERIA_DEPTH} levels deep")
+    kind, inner = _only_key(value, where, _CRITERIA_KINDS)
+    where = f"{where}.{kind}"
+    if kind == "Identity":
+        return _identity(inner, where)
+    if kind == "Not":
+        return Not(_criterion(inner, where, depth + 1))
+    if not isinstance(inner, list) or not inner:
+        raise _Invalid(f"{where} must be a non-empty array of criteria tables")
+    items = (_criterion(item, f"{where} #{i}", depth + 1) for i, item in enumerate(inner, 1))
+    return AllOf(items) if kind == "AllOf" else AnyOf(items)
+
+
+_RULE_KEYS = ("allow", "privileges", "identity", "criteria")
+
+
+def _rule(value: Any) -> Rule:
+    if not isinstance(value, dict):
+        raise _Invalid(f"must be a table, not {_kind(value)}")
+    unknown = [key for key in value if key not in _RULE_KEYS]
+    if unknown:
+        names = ", ".join(_quote(key) for key in unknown)
+        raise _Invalid(f"unknown key {names} (expected {', '.join(_RULE_KEYS)})")
+    for required in ("allow", "privileges"):
+        if required not in value:
+            raise _Invalid(f"missing required key {_quote(required)}")
+    allow = value["allow"]
+    if not isinstance(allow, bool):
+        raise _Invalid(f"allow must be true or false, not {_kind(allow)}")
+    privileges = value["privileges"]
+    if not isinstance(privileges, list):
+        raise _Invalid(f"privileges must be an array of strings, not {_kind(privileges)}")
+    if not privileges:
+        raise _Invalid("privileges must not be empty")
+    for i, privilege in enumerate(privileges, 1):
+        if not isinstance(privilege, str) or not privilege:
+            found = "an empty string" if privilege == "" else _kind(privilege)
+            raise _Invalid(f"privileges #{i} must be a non-empty string, not {found}")
+    if ("identity" in value) == ("criteria" in value):
+        if "identity" in value:
+            raise _Invalid("has both identity and criteria; use one")
+        raise _Invalid("needs identity or criteria")
+    if "identity" in value:
+        criterion = _identity(value["identity"], "identity")
+    else:
+        criterion = _criterion(value["criteria"], "criteria")
+    return Rule(allow, privileges, criterion)
+
+
+class _Locator:
+    """Line numbers for error messages, scanned only when an error needs one."""
+
+    def __init__(self, text: str, source: str) -> None:
+        self._text = text
+        self._source = source
+        self._found: list[_Mention] | None = None
+
+    def _all(self) -> list[_Mention]:
+        if self._found is None:
+            self._found = _mentions(self._text)
+        return self._found
+
+    def _where(self, line: int | None) -> str:
+        return f"{self._source}:{line}" if line else self._source
+
+    def first(self, *path: str) -> str:
+        """
+        C{source:line} of the first mention of C{path} or a key below it;
+        failing that, of its nearest mentioned parent (an inline table).
+        """
+        for length in range(len(path), 0, -1):
+            for mention in self._all():
+                if mention.path[:length] == path[:length]:
+                    return self._where(mention.line)
+        return self._source
+
+    def rule(self, resource: str, n: int) -> str:
+        """C{source:line} of the C{n}th C{[[acl."resource"]]} header."""
+        headers = [m for m in self._all() if m.array_header and m.path == ("acl", resource)]
+        if len(headers) >= n:
+            return self._where(headers[n - 1].line)
+        return self.first("acl", resource)
+
+
+def parse_acl(text: str, source: str = "<string>") -> AccessControlMap:
+    """
+    Compile ACL TOML text (C{[[acl."resource"]]} entries) into an L{AccessControlMap}.
+
+    @param source: the file name used in error messages.
+    @raise ConfigError: for a TOML syntax error or any rule that is not exactly
+        the documented shape, naming the file, the rule's header line and why.
+    """
+    text = text.removeprefix("\ufeff")
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: values nested too deeply") from None
+    where = _Locator(text, source)
+    for key in document:
+        if key != "acl":
+            raise ConfigError(f"{where.first(key)}: unknown top-level key {_quote(key)}"
+                              " (only acl is allowed)")
+    acl = document.get("acl", {})
+    if not isinstance(acl, dict):
+        raise ConfigError(f"{where.first('acl')}: acl must be a table of arrays of tables,"
+                          f" not {_kind(acl)}")
+    compiled: dict[str, tuple[Rule, ...]] = {}
+    for resource, entries in acl.items():
+        label = f"acl {_quote(resource)}"
+        problem = _resource_problem(resource)
+        if problem:
+            raise ConfigError(f"{where.rule(resource, 1)}: {label}: {problem}")
+        if not isinstance(entries, list):
+            raise ConfigError(f"{where.rule(resource, 1)}: {label}: must be an array of tables"
+                              f" ([[acl.{_quote(resource)}]]), not {_kind(entries)}")
+        rules = []
+        for n, entry in enumerate(entries, 1):
+            try:
+                rules.append(_rule(entry))
+            except _Invalid as e:
+                raise ConfigError(f"{where.rule(resource, n)}: {label} rule {n}: {e}") from None
+        compiled[resource] = tuple(rules)
+    return AccessControlMap(compiled)
+
+
+def load_acl_file(path: str | os.PathLike[str]) -> AccessControlMap:
+    """Read and compile an ACL file (see L{parse_acl})."""
+    return parse_acl(_read_text(path), os.fspath(path))

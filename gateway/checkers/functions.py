@@ -1,0 +1,129 @@
+# -*- test-case-name: tests.test_checkers -*-
+"""
+Plain functions as checkers, with the seed signatures::
+
+    def auth_plain(authz, authc, password, conn_meta): ...   # smtp_server_auth_plain
+    def auth_basic(user, password, conn_meta): ...           # http_server_validate_auth_basic
+    def auth_socks(username, password, conn_meta): ...       # proxy_server_auth_rfc1929
+
+Like the Lua originals, a function may take fewer parameters (the trailing
+ones are not passed), and returns C{True}/C{False} or an AuthInfo-shaped dict.
+It may also return a Deferred or be a coroutine function.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
+from zope.interface import implementer
+
+from gateway.authinfo import AuthInfo
+from gateway.credentials import (
+    IConnectionCredentials,
+    IHTTPBasicCredentials,
+    IRFC1929Credentials,
+    ISASLCredentials,
+)
+
+_SASL_FIRST_NAMES = frozenset({"authz", "authzid", "authz_id"})
+
+
+def _arity(func: Callable[..., Any]) -> tuple[int, str | None]:
+    """How many positional arguments C{func} takes (4 for *args), and the first name."""
+    params = list(inspect.signature(func).parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 4, None
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required_kw = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
+    if required_kw:
+        raise TypeError(f"keyword-only parameters are not supported: {', '.join(required_kw)}")
+    if len(positional) < 2:
+        raise TypeError("a checker function takes at least (user, password)")
+    return len(positional), positional[0].name
+
+
+@implementer(ICredentialsChecker)
+class CallableChecker:
+    """
+    Adapt a function into an L{ICredentialsChecker}.
+
+    @param sasl: pass C{(authz, authc, password, conn_meta)} instead of
+        C{(username, password, conn_meta)}. By default this is chosen from the
+        function: four positional parameters, or a first one named C{authz}.
+    @param credentialInterfaces: which credentials the function is asked
+        about; by default every username/password credential of the gateway.
+    """
+
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        *,
+        sasl: bool | None = None,
+        credentialInterfaces: tuple[Any, ...] = (
+            ISASLCredentials,
+            IHTTPBasicCredentials,
+            IRFC1929Credentials,
+        ),
+    ) -> None:
+        self.func = func
+        self._nargs, first = _arity(func)
+        if sasl is None:
+            sasl = self._nargs >= 4 or first in _SASL_FIRST_NAMES
+        self.sasl = sasl
+        self.credentialInterfaces = credentialInterfaces
+
+    def __repr__(self) -> str:
+        name = getattr(self.func, "__qualname__", repr(self.func))
+        return f"<CallableChecker {name} sasl={self.sasl}>"
+
+    def _arguments(self, credentials: Any) -> tuple[Any, ...]:
+        meta = credentials.conn_meta if IConnectionCredentials.providedBy(credentials) else None
+        if self.sasl:
+            authz = getattr(credentials, "effective_authzid", credentials.username)
+            args = (authz, credentials.username, credentials.password, meta)
+        else:
+            args = (credentials.username, credentials.password, meta)
+        return args[: self._nargs]
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        d = defer.maybeDeferred(self.func, *self._arguments(credentials))
+        d.addCallback(self._awaited)
+        d.addCallback(self._interpret, credentials.username)
+        return d
+
+    @staticmethod
+    def _awaited(result: Any) -> Any:
+        if inspect.iscoroutine(result):
+            return defer.Deferred.fromCoroutine(result)
+        return result
+
+    def _interpret(self, result: Any, username: str) -> str | AuthInfo:
+        if result is True:
+            return username
+        if result is False or result is None:
+            raise UnauthorizedLogin()
+        if isinstance(result, (AuthInfo, Mapping)):
+            return AuthInfo.from_json_dict(result)
+        raise TypeError(
+            f"{self!r} returned {type(result).__name__}; expected bool or an AuthInfo-shaped dict"
+        )
+
+
+def smtp_server_auth_plain(func: Callable[..., Any]) -> CallableChecker:
+    """C{func(authz, authc, password, conn_meta)}, asked about SMTP AUTH only."""
+    return CallableChecker(func, sasl=True, credentialInterfaces=(ISASLCredentials,))
+
+
+def http_server_validate_auth_basic(func: Callable[..., Any]) -> CallableChecker:
+    """C{func(user, password, conn_meta)}, asked about HTTP Basic only."""
+    return CallableChecker(func, sasl=False, credentialInterfaces=(IHTTPBasicCredentials,))
+
+
+def proxy_server_auth_rfc1929(func: Callable[..., Any]) -> CallableChecker:
+    """C{func(username, password, conn_meta)}, asked about SOCKS5 RFC 1929 only."""
+    return CallableChecker(func, sasl=False, credentialInterfaces=(IRFC1929Credentials,))

@@ -1,0 +1,199 @@
+# -*- test-case-name: tests.test_realm -*-
+"""
+The one realm: whatever a checker returned becomes an L{IAuthInfo}, and the
+protocol avatars (message delivery, web resource, proxy session) are made
+from that AuthInfo.
+
+Front doors log in with L{login}, which passes the credentials as the mind so
+that the realm knows the identity context and the peer, and which emits one
+structured auth event per attempt (never with a secret).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface, implementer
+
+from gateway.aaa import NO_GROUPS, GroupMap
+from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
+from gateway.checkers import CheckerChain
+from gateway.credentials import IConnectionCredentials
+
+#: Makes a protocol avatar from the session's AuthInfo and the login's mind.
+AvatarFactory = Callable[[IAuthInfo, Any], Any]
+
+_log = Logger(namespace="gateway.auth")
+
+
+def _noop() -> None:
+    pass
+
+
+@implementer(IRealm)
+class Realm:
+    """
+    Maps every avatar id to an L{IAuthInfo}.
+
+    @param groups: the C{--groups} file; its groups are added for every
+        authenticated identity (not for a mere SMTP authorization identity).
+    @param avatar_factories: interface -> L{AvatarFactory}, filled in by the
+        front doors (see L{register_avatar}).
+    """
+
+    def __init__(
+        self,
+        groups: GroupMap = NO_GROUPS,
+        avatar_factories: Mapping[type[Interface], AvatarFactory] | None = None,
+    ) -> None:
+        self.groups = groups
+        self._factories: dict[type[Interface], AvatarFactory] = dict(avatar_factories or {})
+
+    def register_avatar(self, interface: type[Interface], factory: AvatarFactory) -> None:
+        self._factories[interface] = factory
+
+    def auth_info_for(self, avatar_id: Any, mind: Any = None) -> AuthInfo:
+        """
+        The session's AuthInfo for what a checker returned.
+
+        @raise UnauthorizedLogin: when it carries no identity (fail closed).
+        @raise TypeError: when the checker returned something unusable.
+        """
+        creds = mind if IConnectionCredentials.providedBy(mind) else None
+        if isinstance(avatar_id, bytes):
+            try:
+                avatar_id = avatar_id.decode("utf-8")
+            except UnicodeDecodeError:
+                raise TypeError("checker returned an avatar id that is not UTF-8") from None
+        if isinstance(avatar_id, str):
+            if not avatar_id:
+                raise UnauthorizedLogin()
+            identities: tuple[Identity, ...] = (
+                creds.identities_for(avatar_id)
+                if creds is not None
+                else (Identity(avatar_id, IdentityContext.GenericAuth),)
+            )
+            info = AuthInfo(identities=identities)
+        elif isinstance(avatar_id, (AuthInfo, Mapping)):
+            try:
+                info = AuthInfo.from_json_dict(avatar_id)
+            except ValueError as e:
+                raise TypeError(f"checker returned a malformed AuthInfo: {e}") from None
+        else:
+            raise TypeError(
+                f"checker returned {type(avatar_id).__name__}; "
+                "expected an avatar id (str/bytes), an AuthInfo or a dict"
+            )
+        if not info.is_authenticated():
+            raise UnauthorizedLogin()
+        if info.peer_address is None and creds is not None:
+            info = AuthInfo(info.identities, info.groups, creds.conn_meta.peer_address)
+        members = [
+            i.identity
+            for i in info.identities
+            if i.context is not IdentityContext.SmtpAuthPlainAuthorization
+        ]
+        return info.with_groups(self.groups.groups_for(members))
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: type[Interface]):
+        info = self.auth_info_for(avatarId, mind)
+        for interface in interfaces:
+            if interface is IAuthInfo:
+                return IAuthInfo, info, _noop
+            factory = self._factories.get(interface)
+            if factory is not None:
+                avatar = factory(info, mind)
+                return interface, avatar, getattr(avatar, "logout", _noop)
+        raise NotImplementedError(
+            f"no avatar for {', '.join(i.__name__ for i in interfaces)}"
+        )
+
+
+def make_portal(realm: IRealm, checkers: Iterable[ICredentialsChecker]) -> Portal:
+    """A Portal whose every credentials interface goes to one L{CheckerChain}."""
+    chain = CheckerChain(checkers)
+    return Portal(realm, [chain])
+
+
+def _redact(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[REDACTED]")
+    return text
+
+
+def secrets_of(credentials: Any) -> tuple[str, ...]:
+    """The secret strings carried by C{credentials}, for redaction."""
+    return tuple(
+        s
+        for s in (getattr(credentials, "password", None), getattr(credentials, "token", None))
+        if isinstance(s, str) and s
+    )
+
+
+def login(
+    portal: Portal, credentials: Any, *interfaces: type[Interface], log: Logger = _log
+) -> defer.Deferred[tuple[type[Interface], Any, Callable[[], None]]]:
+    """
+    C{portal.login} for the front doors: the credentials are the mind, the
+    default interface is L{IAuthInfo}, and one C{auth} event is logged with
+    protocol, mechanism, claimed identity, peer and outcome
+    (C{success} / C{failure} / C{error} / C{cancelled}).
+    """
+    meta = getattr(credentials, "conn_meta", None)
+    fields = dict(
+        protocol=getattr(meta, "protocol", None),
+        listener=getattr(meta, "listener", None),
+        mechanism=getattr(credentials, "mechanism", None),
+        identity=getattr(credentials, "claimed_identity", None),
+        peer=getattr(meta, "peer_address", None),
+        tls=getattr(meta, "tls", None),
+    )
+
+    def succeeded(result: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+        _, avatar, _ = result
+        info = avatar if IAuthInfo.providedBy(avatar) else None
+        log.info(
+            "auth success: {protocol} {mechanism} identity={identity!r} peer={peer}",
+            outcome="success",
+            identities=[i.to_json_dict() for i in info.identities] if info else None,
+            groups=list(info.groups) if info else None,
+            **fields,
+        )
+        return result
+
+    def failed(reason: Failure) -> Failure:
+        if reason.check(UnauthorizedLogin):
+            log.info(
+                "auth failure: {protocol} {mechanism} identity={identity!r} peer={peer}",
+                outcome="failure",
+                **fields,
+            )
+        elif reason.check(defer.CancelledError):
+            log.info(
+                "auth cancelled: {protocol} {mechanism} identity={identity!r} peer={peer}",
+                outcome="cancelled",
+                **fields,
+            )
+        else:
+            secrets = secrets_of(credentials)
+            log.error(
+                "auth error: {protocol} {mechanism} identity={identity!r} peer={peer}: "
+                "{error_type}: {error}\n{traceback}",
+                outcome="error",
+                error_type=reason.type.__name__,
+                error=_redact(str(reason.value), secrets),
+                traceback=_redact(reason.getTraceback(), secrets),
+                **fields,
+            )
+        return reason
+
+    d = portal.login(credentials, credentials, *(interfaces or (IAuthInfo,)))
+    return d.addCallbacks(succeeded, failed)

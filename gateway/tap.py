@@ -1,0 +1,245 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd authgateway}: the options and the one place that wires the
+authentication core to the front doors.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import attrs
+from twisted.application import service
+from twisted.cred import strcred
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import Portal
+from twisted.internet import endpoints, ssl
+from twisted.logger import Logger
+from twisted.python import usage
+from twisted.python.reflect import namedAny
+
+from gateway.aaa import (
+    NO_GROUPS,
+    AllowAuthenticated,
+    ConfigError,
+    IAccessPolicy,
+    load_acl_file,
+    load_group_file,
+)
+from gateway.checkers import CheckerLoadError, load_checker
+from gateway.credentials import IBearerToken
+from gateway.realm import Realm, make_portal
+from gateway.tls import CertificateError, ensure_certificate
+
+log = Logger()
+
+#: Listener option -> (default endpoint, dotted name of its service builder or
+#: None while that front door is not built). A builder is called as
+#: C{builder(core, endpoint, listener_name)} and returns an IService.
+FRONT_DOORS: dict[str, tuple[str, str | None]] = {
+    "smtp": ("tcp:2525:interface=127.0.0.1", None),
+    "smtps": ("none", None),
+    "http": ("tcp:8080:interface=127.0.0.1", None),
+    "socks": ("tcp:1080:interface=127.0.0.1", None),
+}
+
+
+@attrs.frozen
+class Core:
+    """The authentication core every front door is built on."""
+
+    reactor: Any
+    portal: Portal
+    realm: Realm
+    policy: IAccessPolicy
+    certificate: ssl.PrivateCertificate
+    data_dir: str
+
+
+class Options(usage.Options, strcred.AuthOptionMixin):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the authentication gateway: ESMTP submission, HTTP and SOCKS5 front "
+        "doors on one cred Portal. Listeners are endpoint strings "
+        "(e.g. tcp:2525:interface=127.0.0.1); the word 'none' disables one."
+    )
+    supportedInterfaces = (IUsernamePassword, IBearerToken)
+
+    def supportsInterface(self, interface: Any) -> bool:
+        # strcred only accepts exact matches; a checker for the gateway's
+        # per-protocol credentials (ISASLCredentials, ...) is just as usable.
+        return any(interface.isOrExtends(i) for i in self.supportedInterfaces)
+
+    optParameters = [
+        [name, None, default, f"{name.upper()} listener endpoint, or 'none'."]
+        for name, (default, _) in FRONT_DOORS.items()
+    ] + [
+        ["data-dir", None, "authgateway-data", "Directory for the spool, certificate and state."],
+        ["tls-cert", None, None, "PEM certificate (chain); default: self-signed under the data dir."],
+        ["tls-key", None, None, "PEM private key for --tls-cert (default: inside --tls-cert)."],
+        ["groups", None, None, "Group file, Apache htgroup format: 'group: user1 user2'."],
+        ["acl", None, None, "ACL file (TOML, KumoMTA [[acl.\"resource\"]] syntax)."],
+    ]
+
+    compData = usage.Completions(
+        optActions={
+            "data-dir": usage.CompleteDirs(),
+            "tls-cert": usage.CompleteFiles("*.pem"),
+            "tls-key": usage.CompleteFiles("*.pem"),
+            "groups": usage.CompleteFiles(),
+            "acl": usage.CompleteFiles("*.toml"),
+        }
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["credCheckers"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Under twistd (as a subcommand), a bad option ends the process with one
+        line on stderr instead of twistd's full usage text.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if getattr(self, "parent", None) is not None:
+                raise SystemExit(f"twistd authgateway: error: {e}") from None
+            raise
+
+    def opt_auth(self, description: str) -> None:
+        """
+        Add a checker: TYPE:ARGS with any strcred type (--help-auth lists them).
+        """
+        auth_type, _, arg = description.partition(":")
+        try:
+            factory = strcred.findCheckerFactory(auth_type)
+        except strcred.InvalidAuthType:
+            known = ", ".join(sorted(f.authType for f in strcred.findCheckerFactories()))
+            raise usage.UsageError(
+                f"--auth {auth_type}: unknown auth type (known: {known})"
+            ) from None
+        if auth_type == "file":
+            _check_readable(f"--auth file:{arg}", arg)
+        try:
+            checker = factory.generateChecker(arg)
+        except Exception as e:  # the message never repeats ARGS, which may hold passwords
+            raise usage.UsageError(f"--auth {auth_type}: {e}") from None
+        try:
+            self.addChecker(checker)
+        except strcred.UnsupportedInterfaces:
+            raise usage.UsageError(
+                f"--auth {auth_type}: checks credentials no front door of the gateway uses"
+            ) from None
+
+    def opt_checker(self, name: str) -> None:
+        """
+        Add a checker from Python: a dotted name of an ICredentialsChecker class,
+        instance or factory, or of a function (authz, authc, password, conn_meta) /
+        (user, password, conn_meta) returning bool or an AuthInfo-shaped dict.
+        """
+        try:
+            self.addChecker(load_checker(name))
+        except CheckerLoadError as e:
+            raise usage.UsageError(f"--checker: {e}") from None
+        except strcred.UnsupportedInterfaces:
+            raise usage.UsageError(
+                f"--checker {name}: checks credentials no front door of the gateway uses"
+            ) from None
+
+    def postOptions(self) -> None:
+        self["endpoints"] = {}
+        for name in FRONT_DOORS:
+            description = self[name].strip()
+            if description.lower() == "none":
+                continue
+            try:
+                endpoints.serverFromString(None, description)
+            except Exception as e:
+                raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
+            self["endpoints"][name] = description
+
+        if not self["credCheckers"]:
+            raise usage.UsageError(
+                "no authentication backend: give --auth TYPE:ARGS or --checker NAME"
+            )
+        if self["tls-key"] and not self["tls-cert"]:
+            raise usage.UsageError("--tls-key needs --tls-cert")
+
+        data_dir = self["data-dir"]
+        try:
+            os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise usage.UsageError(f"--data-dir {data_dir}: {e.strerror}") from None
+        try:
+            _, _, self["certificate"] = ensure_certificate(
+                data_dir, self["tls-cert"], self["tls-key"]
+            )
+        except CertificateError as e:
+            raise usage.UsageError(str(e)) from None
+
+        try:
+            self["groupMap"] = load_group_file(self["groups"]) if self["groups"] else NO_GROUPS
+            self["policy"] = load_acl_file(self["acl"]) if self["acl"] else AllowAuthenticated()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def _check_readable(what: str, path: str) -> None:
+    if not path:
+        raise usage.UsageError(f"{what}: a file name is required")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise usage.UsageError(f"{what}: {e.strerror}") from None
+
+
+class GatewayService(service.MultiService):
+    """The top service; says once that the gateway is up."""
+
+    def __init__(self, core: Core, listeners: list[str]) -> None:
+        super().__init__()
+        self.core = core
+        self.listeners = listeners
+
+    def startService(self) -> None:
+        super().startService()
+        log.info(
+            "authgateway started: data dir {data_dir}, listeners {listeners}",
+            data_dir=self.core.data_dir,
+            listeners=self.listeners or "none",
+        )
+
+
+def build_core(options: Options, reactor: Any) -> Core:
+    realm = Realm(groups=options.get("groupMap", NO_GROUPS))
+    portal = make_portal(realm, options["credCheckers"])
+    return Core(
+        reactor=reactor,
+        portal=portal,
+        realm=realm,
+        policy=options.get("policy") or AllowAuthenticated(),
+        certificate=options["certificate"],
+        data_dir=os.path.abspath(options["data-dir"]),
+    )
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    core = build_core(options, reactor)
+    started: list[str] = []
+    top = GatewayService(core, started)
+    for name, description in options["endpoints"].items():
+        builder = FRONT_DOORS[name][1]
+        if builder is None:
+            log.info("the {name} front door is not built yet: --{name} not started", name=name)
+            continue
+        endpoint = endpoints.serverFromString(reactor, description)
+        door = namedAny(builder)(core, endpoint, name)
+        door.setServiceParent(top)
+        started.append(f"{name}={description}")
+    return top
+

@@ -1,0 +1,141 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+The gateway's certificate: loaded from PEM files, or a self-signed pair
+generated once under the data directory for the default run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
+
+SELF_SIGNED_VALIDITY = datetime.timedelta(days=825)
+
+
+class CertificateError(Exception):
+    """A certificate or key that cannot be used; the message names the file."""
+
+
+def _write_private(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _certificate_hostname() -> str:
+    """This host's name if a certificate can carry it (ASCII, CN of 64 octets at most)."""
+    name = socket.getfqdn()
+    if name and name.isascii() and len(name) <= 64:
+        return name
+    return "localhost"
+
+
+def generate_self_signed(cert_path: str, key_path: str, hostname: str | None = None) -> None:
+    """
+    Write a self-signed ECDSA P-256 certificate for C{hostname} (default: this
+    host's name), also valid for localhost, 127.0.0.1 and ::1.
+    """
+    hostname = hostname or _certificate_hostname()
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    names: list[x509.GeneralName] = [x509.DNSName(n) for n in dict.fromkeys([hostname, "localhost"])]
+    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1")]
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + SELF_SIGNED_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CertificateError(f"cannot read TLS {what} {path}: {e.strerror}") from None
+
+
+def load_certificate(cert_path: str, key_path: str | None = None) -> ssl.PrivateCertificate:
+    """
+    Load a certificate (chain) and its private key from PEM files; with no
+    C{key_path} the key is expected in the certificate file.
+    """
+    cert_pem = _read(cert_path, "certificate")
+    key_pem = _read(key_path, "key") if key_path else cert_pem
+    where = cert_path if not key_path else f"{cert_path} / {key_path}"
+    try:
+        x509.load_pem_x509_certificates(cert_pem)
+    except ValueError:
+        raise CertificateError(f"{cert_path}: no PEM certificate found") from None
+    try:
+        serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as e:
+        raise CertificateError(
+            f"{key_path or cert_path}: no usable unencrypted PEM private key ({e})"
+        ) from None
+    try:
+        cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
+    except Exception as e:
+        raise CertificateError(f"{where}: cannot load certificate: {e}") from None
+    return cert
+
+
+def ensure_certificate(
+    data_dir: str, cert_path: str | None = None, key_path: str | None = None
+) -> tuple[str, str | None, ssl.PrivateCertificate]:
+    """
+    The certificate to serve: the given files, or a self-signed pair under
+    C{DATA_DIR/tls/} generated the first time. Returns (cert path, key path, cert).
+    """
+    if cert_path is None:
+        tls_dir = os.path.join(data_dir, "tls")
+        cert_path = os.path.join(tls_dir, "cert.pem")
+        key_path = os.path.join(tls_dir, "key.pem")
+        if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+            try:
+                os.makedirs(tls_dir, mode=0o700, exist_ok=True)
+                generate_self_signed(cert_path, key_path)
+            except OSError as e:
+                raise CertificateError(
+                    f"cannot write a self-signed certificate under {tls_dir}: {e.strerror}"
+                ) from None
+            except ValueError as e:
+                raise CertificateError(f"cannot make a self-signed certificate: {e}") from None
+    return cert_path, key_path, load_certificate(cert_path, key_path)

@@ -1,0 +1,753 @@
+"""
+Tests for L{gateway.aaa}: the htgroup file, the TOML ACL and the access policies.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import operator
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from gateway.aaa import (
+    NO_GROUPS,
+    AccessControlMap,
+    AllOf,
+    AllowAuthenticated,
+    AnyIdentity,
+    AnyOf,
+    ConfigError,
+    GroupIdentity,
+    GroupMap,
+    IAccessPolicy,
+    MachineIdentity,
+    Not,
+    Rule,
+    load_acl_file,
+    load_group_file,
+    parse_acl,
+    parse_groups,
+)
+from gateway.authinfo import AuthInfo, Identity, IdentityContext
+
+
+def info(*names: str, groups: tuple[str, ...] = (), peer: str | None = None) -> AuthInfo:
+    return AuthInfo(
+        identities=[Identity(n, IdentityContext.HttpBasicAuth) for n in names],
+        groups=groups,
+        peer_address=peer,
+    )
+
+
+ANON = info()
+
+
+def rule(resource: str, allow: bool, privileges: str, body: str) -> str:
+    """One C{[[acl."resource"]]} entry; C{privileges} is the TOML array text."""
+    return (
+        f'[[acl."{resource}"]]\n'
+        f"allow = {'true' if allow else 'false'}\n"
+        f"privileges = {privileges}\n"
+        f"{body}\n"
+    )
+
+
+def allow_if(body: str, resource: str = "r", privileges: str = '["p"]') -> AccessControlMap:
+    return parse_acl(rule(resource, True, privileges, body))
+
+
+class GroupFileTests(SynchronousTestCase):
+    def test_basic(self) -> None:
+        """Each C{group: users} line maps the group to its members, in order."""
+        groups = parse_groups("staff: daniel alice\nadmins: boss\n")
+        self.assertEqual(dict(groups.members), {"staff": ("daniel", "alice"), "admins": ("boss",)})
+        self.assertEqual(list(groups.members), ["staff", "admins"])
+        self.assertEqual(len(groups), 2)
+
+    def test_merge(self) -> None:
+        """A group over several lines has its members merged, order kept, no duplicates."""
+        groups = parse_groups("staff: a b\nother: x\nstaff: c a\nstaff: d\n")
+        self.assertEqual(groups.members["staff"], ("a", "b", "c", "d"))
+        self.assertEqual(list(groups.members), ["staff", "other"])
+
+    def test_comments_and_blank_lines(self) -> None:
+        """Whole-line comments (even indented) and blank lines are ignored."""
+        text = "# header\n\n   \n  # indented comment\nstaff: a\n\t\n#last: x\n"
+        self.assertEqual(dict(parse_groups(text).members), {"staff": ("a",)})
+
+    def test_whitespace(self) -> None:
+        """Members split on any whitespace; CRLF and space around the colon are fine."""
+        text = "staff :a\t b   c\r\n  admins:\tboss \r\n"
+        groups = parse_groups(text)
+        self.assertEqual(dict(groups.members), {"staff": ("a", "b", "c"), "admins": ("boss",)})
+
+    def test_hash_inside_line_is_a_member(self) -> None:
+        """Only whole lines are comments, as in Apache; a later C{#} is part of a name."""
+        self.assertEqual(parse_groups("staff: a #b\n").members["staff"], ("a", "#b"))
+
+    def test_empty_group(self) -> None:
+        """A group without members is allowed."""
+        groups = parse_groups("nobody:\nstaff: a\n")
+        self.assertEqual(groups.members["nobody"], ())
+        self.assertEqual(groups.groups_for(["a"]), ("staff",))
+
+    def test_bom(self) -> None:
+        """A leading byte order mark is not part of the first group name."""
+        self.assertEqual(list(parse_groups("\ufeffstaff: a").members), ["staff"])
+
+    def test_empty(self) -> None:
+        self.assertEqual(len(parse_groups("")), 0)
+        self.assertEqual(parse_groups("# nothing\n"), NO_GROUPS)
+
+    def test_groups_for(self) -> None:
+        """Groups of any of the names, in file order, each once."""
+        groups = parse_groups("a: x\nb: y z\nc: x y\nd: q\n")
+        self.assertEqual(groups.groups_for(["y", "x"]), ("a", "b", "c"))
+        self.assertEqual(groups.groups_for(frozenset({"z"})), ("b",))
+        self.assertEqual(groups.groups_for(["nobody"]), ())
+        self.assertEqual(groups.groups_for([]), ())
+        self.assertEqual(NO_GROUPS.groups_for(["x"]), ())
+
+    def test_groups_for_string(self) -> None:
+        """A bare string is a mistake, not a list of one-letter names."""
+        self.assertRaises(TypeError, parse_groups("a: x").groups_for, "x")
+
+    def test_from_mapping(self) -> None:
+        """A GroupMap can be built from a plain mapping (as L{gateway.testing} does)."""
+        groups = GroupMap({"mail": ["daniel", "daniel", "bob"]})
+        self.assertEqual(groups.members["mail"], ("daniel", "bob"))
+        self.assertEqual(groups, parse_groups("mail: daniel bob"))
+        self.assertRaises(TypeError, GroupMap, {"mail": "daniel"})
+        self.assertRaises(ValueError, GroupMap, {"": ["daniel"]})
+
+    def test_members_read_only(self) -> None:
+        groups = parse_groups("a: x")
+        self.assertRaises(TypeError, operator.setitem, groups.members, "b", ("y",))
+
+    def assertGroupError(self, text: str, prefix: str, reason: str) -> None:
+        message = str(self.assertRaises(ConfigError, parse_groups, text, "groups.txt"))
+        self.assertTrue(message.startswith(prefix), message)
+        self.assertIn(reason, message)
+        self.assertNotIn("\n", message)
+
+    def test_no_colon(self) -> None:
+        self.assertGroupError("ok: a\n\nstaff daniel\n", "groups.txt:3: ", "no ':'")
+
+    def test_empty_name(self) -> None:
+        self.assertGroupError("# c\n : daniel\n", "groups.txt:2: ", "empty group name")
+
+    def test_name_with_whitespace(self) -> None:
+        self.assertGroupError('my group: a\n', "groups.txt:1: ", '"my group" contains whitespace')
+
+    def test_default_source(self) -> None:
+        message = str(self.assertRaises(ConfigError, parse_groups, "oops"))
+        self.assertTrue(message.startswith("<string>:1: "), message)
+
+    def test_load_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("staff: daniel\n")
+        self.assertEqual(dict(load_group_file(path).members), {"staff": ("daniel",)})
+
+    def test_load_file_error_names_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("staff: daniel\nbroken\n")
+        message = str(self.assertRaises(ConfigError, load_group_file, path))
+        self.assertTrue(message.startswith(f"{path}:2: "), message)
+
+    def test_missing_file(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        message = str(self.assertRaises(ConfigError, load_group_file, path))
+        self.assertEqual(message, f"{path}: No such file or directory")
+
+    def test_directory(self) -> None:
+        path = self.mktemp()
+        os.mkdir(path)
+        message = str(self.assertRaises(ConfigError, load_group_file, path))
+        self.assertEqual(message, f"{path}: Is a directory")
+
+    def test_not_utf8(self) -> None:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"staff: a\nother: caf\xe9\n")
+        message = str(self.assertRaises(ConfigError, load_group_file, path))
+        self.assertTrue(message.startswith(f"{path}:2: "), message)
+        self.assertIn("UTF-8", message)
+
+
+class AllowAuthenticatedTests(SynchronousTestCase):
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(IAccessPolicy, AllowAuthenticated()))
+
+    def test_authenticated(self) -> None:
+        """Any resource and privilege: allowed exactly when authenticated."""
+        policy = AllowAuthenticated()
+        self.assertTrue(policy.query_resource_access(info("daniel"), "smtp/sender/x", "send"))
+        self.assertTrue(policy.query_resource_access(info("daniel"), "anything", "*"))
+        self.assertFalse(policy.query_resource_access(ANON, "smtp/sender/x", "send"))
+
+
+class IdentityTests(SynchronousTestCase):
+    def allowed(self, body: str, auth_info: AuthInfo) -> bool:
+        return allow_if(body).query_resource_access(auth_info, "r", "p")
+
+    def test_interface(self) -> None:
+        self.assertTrue(verifyObject(IAccessPolicy, parse_acl("")))
+
+    def test_individual(self) -> None:
+        """Individual matches any of the session's identity names."""
+        body = 'identity.Individual = "daniel"'
+        self.assertTrue(self.allowed(body, info("daniel")))
+        self.assertTrue(self.allowed(body, info("sales", "daniel")))
+        self.assertFalse(self.allowed(body, info("bob", groups=("daniel",))))
+        self.assertFalse(self.allowed(body, ANON))
+
+    def test_group(self) -> None:
+        body = 'identity.Group = "staff"'
+        self.assertTrue(self.allowed(body, info("a", groups=("x", "staff"))))
+        self.assertFalse(self.allowed(body, info("staff")))
+
+    def test_authenticated(self) -> None:
+        body = "identity.Authenticated = {}"
+        self.assertTrue(self.allowed(body, info("a")))
+        self.assertFalse(self.allowed(body, ANON))
+
+    def test_unauthenticated(self) -> None:
+        body = "identity.Unauthenticated = {}"
+        self.assertFalse(self.allowed(body, info("a")))
+        self.assertTrue(self.allowed(body, ANON))
+
+    def test_any(self) -> None:
+        body = "identity.Any = {}"
+        self.assertTrue(self.allowed(body, info("a")))
+        self.assertTrue(self.allowed(body, ANON))
+
+    def test_inline_table_form(self) -> None:
+        """C{identity = {Group = ...}} is the same as the dotted form."""
+        self.assertEqual(
+            allow_if('identity = { Group = "staff" }'), allow_if('identity.Group = "staff"')
+        )
+
+
+class MachineTests(SynchronousTestCase):
+    def allowed(self, machine: str, peer: str | None) -> bool:
+        policy = allow_if(f'identity.Machine = "{machine}"')
+        return policy.query_resource_access(info("a", peer=peer), "r", "p")
+
+    def test_ipv4_address(self) -> None:
+        self.assertTrue(self.allowed("192.0.2.7", "192.0.2.7"))
+        self.assertFalse(self.allowed("192.0.2.7", "192.0.2.8"))
+
+    def test_ipv4_network(self) -> None:
+        self.assertTrue(self.allowed("10.0.0.0/8", "10.200.3.4"))
+        self.assertFalse(self.allowed("10.0.0.0/8", "11.0.0.1"))
+
+    def test_ipv6(self) -> None:
+        self.assertTrue(self.allowed("2001:db8::/32", "2001:db8:1::5"))
+        self.assertFalse(self.allowed("2001:db8::/32", "2001:db9::5"))
+        self.assertTrue(self.allowed("::1", "::1"))
+        self.assertTrue(self.allowed("fe80::/10", "fe80::1%eth0"))
+
+    def test_ipv4_mapped(self) -> None:
+        """An IPv4-mapped IPv6 peer matches IPv4 networks (and still the mapped range)."""
+        self.assertTrue(self.allowed("10.0.0.0/8", "::ffff:10.1.2.3"))
+        self.assertFalse(self.allowed("10.0.0.0/8", "::ffff:11.1.2.3"))
+        self.assertTrue(self.allowed("::ffff:0:0/96", "::ffff:10.1.2.3"))
+
+    def test_version_mismatch(self) -> None:
+        self.assertFalse(self.allowed("::/0", "10.1.2.3"))
+        self.assertFalse(self.allowed("0.0.0.0/0", "2001:db8::1"))
+
+    def test_no_or_bad_peer(self) -> None:
+        """No peer address, or one that is not an IP address, never matches."""
+        self.assertFalse(self.allowed("0.0.0.0/0", None))
+        self.assertFalse(self.allowed("0.0.0.0/0", "not-an-ip"))
+        self.assertFalse(self.allowed("0.0.0.0/0", "10.1.2.3:25"))
+        self.assertFalse(self.allowed("0.0.0.0/0", ""))
+
+    def test_compiled(self) -> None:
+        """The network is parsed at load time."""
+        (compiled,) = allow_if('identity.Machine = "10.0.0.0/8"').acl["r"]
+        self.assertEqual(compiled.criterion, MachineIdentity(ipaddress.ip_network("10.0.0.0/8")))
+
+
+class CriteriaTests(SynchronousTestCase):
+    def allowed(self, criteria: str, auth_info: AuthInfo) -> bool:
+        policy = allow_if(f"criteria = {criteria}")
+        return policy.query_resource_access(auth_info, "r", "p")
+
+    def test_identity(self) -> None:
+        criteria = '{ Identity = { Group = "staff" } }'
+        self.assertTrue(self.allowed(criteria, info("a", groups=("staff",))))
+        self.assertFalse(self.allowed(criteria, info("a")))
+
+    def test_all_of(self) -> None:
+        criteria = '{ AllOf = [ {Identity = {Group = "staff"}}, {Identity = {Individual = "a"}} ] }'
+        self.assertTrue(self.allowed(criteria, info("a", groups=("staff",))))
+        self.assertFalse(self.allowed(criteria, info("b", groups=("staff",))))
+        self.assertFalse(self.allowed(criteria, info("a")))
+
+    def test_any_of(self) -> None:
+        criteria = '{ AnyOf = [ {Identity = {Group = "staff"}}, {Identity = {Individual = "a"}} ] }'
+        self.assertTrue(self.allowed(criteria, info("a")))
+        self.assertTrue(self.allowed(criteria, info("b", groups=("staff",))))
+        self.assertFalse(self.allowed(criteria, info("b")))
+
+    def test_not(self) -> None:
+        criteria = '{ Not = { Identity = { Machine = "10.0.0.0/8" } } }'
+        self.assertTrue(self.allowed(criteria, info("a", peer="192.0.2.1")))
+        self.assertTrue(self.allowed(criteria, info("a")))
+        self.assertFalse(self.allowed(criteria, info("a", peer="10.0.0.1")))
+
+    def test_nested(self) -> None:
+        """Staff from the office network, or boss from anywhere, unless an intern."""
+        criteria = """{ AllOf = [
+            { AnyOf = [
+                { AllOf = [ {Identity = {Group = "staff"}},
+                            {Identity = {Machine = "192.0.2.0/24"}} ] },
+                { Identity = { Individual = "boss" } } ] },
+            { Not = { Not = { Not = { Identity = { Group = "interns" } } } } } ] }"""
+        self.assertTrue(self.allowed(criteria, info("a", groups=("staff",), peer="192.0.2.9")))
+        self.assertFalse(self.allowed(criteria, info("a", groups=("staff",), peer="198.51.100.1")))
+        self.assertTrue(self.allowed(criteria, info("boss", peer="198.51.100.1")))
+        self.assertFalse(self.allowed(criteria, info("boss", groups=("interns",))))
+        self.assertFalse(
+            self.allowed(criteria, info("a", groups=("staff", "interns"), peer="192.0.2.9"))
+        )
+
+    def test_dotted_form(self) -> None:
+        """The brief's example: C{criteria.AnyOf = [...]}."""
+        policy = parse_acl(
+            '[[acl."http/*/admin"]]\nallow = false\nprivileges = ["GET", "POST"]\n'
+            'criteria.AnyOf = [ {Identity = { Group = "interns" }},'
+            ' {Not = {Identity = {Machine = "10.0.0.0/8"}}} ]\n'
+            '[[acl."http/*/admin"]]\nallow = true\nprivileges = ["*"]\nidentity.Any = {}\n'
+        )
+        def query(auth_info: AuthInfo, privilege: str) -> bool:
+            return policy.query_resource_access(auth_info, "http/x/admin", privilege)
+
+        self.assertFalse(query(info("a", peer="192.0.2.1"), "GET"))
+        self.assertFalse(query(info("a", groups=("interns",), peer="10.0.0.1"), "POST"))
+        self.assertTrue(query(info("a", peer="10.0.0.1"), "GET"))
+        self.assertTrue(query(info("a", peer="192.0.2.1"), "PUT"))
+
+    def test_compiled_shape(self) -> None:
+        (compiled,) = allow_if(
+            'criteria.AllOf = [{Identity = {Any = {}}}, {AnyOf = [{Not = {Identity = {Group = "g"}}}]}]'
+        ).acl["r"]
+        self.assertEqual(
+            compiled,
+            Rule(True, frozenset({"p"}), AllOf((AnyIdentity(), AnyOf((Not(GroupIdentity("g")),))))),
+        )
+
+
+class PrivilegeTests(SynchronousTestCase):
+    def test_listed(self) -> None:
+        """A rule only decides for the privileges it lists (case-sensitively)."""
+        policy = allow_if("identity.Any = {}", privileges='["GET", "POST"]')
+        self.assertTrue(policy.query_resource_access(ANON, "r", "GET"))
+        self.assertTrue(policy.query_resource_access(ANON, "r", "POST"))
+        self.assertFalse(policy.query_resource_access(ANON, "r", "get"))
+        self.assertFalse(policy.query_resource_access(ANON, "r", "PUT"))
+
+    def test_star(self) -> None:
+        """C{"*"} in the list covers any privilege."""
+        policy = allow_if("identity.Any = {}", privileges='["GET", "*"]')
+        for privilege in ("GET", "DELETE", "send", "*"):
+            self.assertTrue(policy.query_resource_access(ANON, "r", privilege))
+
+    def test_uncovered_rule_skipped(self) -> None:
+        """A matching rule for another privilege does not stop the search."""
+        policy = parse_acl(
+            rule("r", False, '["relay"]', "identity.Any = {}")
+            + rule("r", True, '["send", "relay"]', "identity.Any = {}")
+        )
+        self.assertTrue(policy.query_resource_access(ANON, "r", "send"))
+        self.assertFalse(policy.query_resource_access(ANON, "r", "relay"))
+
+
+class ResolutionTests(SynchronousTestCase):
+    def test_first_match_wins(self) -> None:
+        """Within a key, rules are tried in file order and the first that applies decides."""
+        policy = parse_acl(
+            rule("r", True, '["p"]', 'identity.Group = "vip"')
+            + rule("r", False, '["p"]', 'identity.Group = "staff"')
+            + rule("r", True, '["p"]', "identity.Authenticated = {}")
+        )
+        self.assertTrue(policy.query_resource_access(info("a", groups=("vip", "staff")), "r", "p"))
+        self.assertFalse(policy.query_resource_access(info("a", groups=("staff",)), "r", "p"))
+        self.assertTrue(policy.query_resource_access(info("a"), "r", "p"))
+        self.assertFalse(policy.query_resource_access(ANON, "r", "p"))
+
+    def test_default_deny(self) -> None:
+        """With an ACL, nothing applying is a denial; an empty ACL denies everything."""
+        policy = allow_if('identity.Group = "staff"', resource="smtp")
+        self.assertFalse(policy.query_resource_access(info("a"), "smtp", "p"))
+        self.assertFalse(policy.query_resource_access(info("a", groups=("staff",)), "http", "p"))
+        self.assertFalse(parse_acl("").query_resource_access(info("a"), "smtp", "p"))
+        self.assertFalse(parse_acl("# only a comment\n").query_resource_access(info("a"), "x", "p"))
+
+    def test_exact_before_wildcard(self) -> None:
+        """At one level the exact key comes first, even when a C{*} key is earlier in the file."""
+        policy = parse_acl(
+            rule("smtp/*", True, '["p"]', "identity.Any = {}")
+            + rule("smtp/relay", False, '["p"]', "identity.Any = {}")
+        )
+        self.assertFalse(policy.query_resource_access(ANON, "smtp/relay", "p"))
+        self.assertTrue(policy.query_resource_access(ANON, "smtp/sender", "p"))
+
+    def test_wildcards_in_file_order(self) -> None:
+        policy = parse_acl(
+            rule("*/b", False, '["p"]', "identity.Any = {}")
+            + rule("a/*", True, '["p"]', "identity.Any = {}")
+        )
+        self.assertFalse(policy.query_resource_access(ANON, "a/b", "p"))
+        self.assertTrue(policy.query_resource_access(ANON, "a/c", "p"))
+        reversed_policy = parse_acl(
+            rule("a/*", True, '["p"]', "identity.Any = {}")
+            + rule("*/b", False, '["p"]', "identity.Any = {}")
+        )
+        self.assertTrue(reversed_policy.query_resource_access(ANON, "a/b", "p"))
+
+    def test_wildcard_whole_segment(self) -> None:
+        """C{*} matches exactly one whole segment; other stars are literal."""
+        policy = parse_acl(
+            rule("http/*/admin", True, '["p"]', "identity.Any = {}")
+            + rule("x/b*", True, '["p"]', "identity.Any = {}")
+        )
+        self.assertTrue(policy.query_resource_access(ANON, "http/listener1/admin", "p"))
+        self.assertTrue(policy.query_resource_access(ANON, "http/listener1/admin/users", "p"))
+        self.assertFalse(policy.query_resource_access(ANON, "http/admin", "p"))
+        self.assertFalse(policy.query_resource_access(ANON, "http/a/b/admin", "p"))
+        self.assertFalse(policy.query_resource_access(ANON, "x/bc", "p"))
+        self.assertTrue(policy.query_resource_access(ANON, "x/b*", "p"))
+
+    def test_parent_applies_to_children(self) -> None:
+        """A rule on C{smtp} covers C{smtp/sender/x}; a child's rule does not cover its parent."""
+        policy = parse_acl(
+            rule("smtp", True, '["send"]', 'identity.Group = "staff"')
+            + rule("http/api", True, '["GET"]', "identity.Any = {}")
+        )
+        staff = info("a", groups=("staff",))
+        self.assertTrue(policy.query_resource_access(staff, "smtp/sender/x", "send"))
+        self.assertTrue(policy.query_resource_access(staff, "smtp", "send"))
+        self.assertFalse(policy.query_resource_access(staff, "smtp/sender/x", "relay"))
+        self.assertFalse(policy.query_resource_access(staff, "http", "GET"))
+        self.assertFalse(policy.query_resource_access(staff, "smtpx", "send"))
+
+    def test_specific_overrides_parent(self) -> None:
+        """A deeper deny wins over a parent's allow, for that subtree only."""
+        policy = parse_acl(
+            rule("smtp", True, '["*"]', "identity.Authenticated = {}")
+            + rule("smtp/sender/*", False, '["send"]', 'identity.Individual = "spammer"')
+        )
+        self.assertFalse(policy.query_resource_access(info("spammer"), "smtp/sender/x", "send"))
+        self.assertFalse(policy.query_resource_access(info("spammer"), "smtp/sender/x/y", "send"))
+        self.assertTrue(policy.query_resource_access(info("spammer"), "smtp/sender/x", "relay"))
+        self.assertTrue(policy.query_resource_access(info("spammer"), "smtp/sender", "send"))
+        self.assertTrue(policy.query_resource_access(info("daniel"), "smtp/sender/x", "send"))
+
+    def test_specific_allow_overrides_parent_deny(self) -> None:
+        policy = parse_acl(
+            rule("http", False, '["*"]', "identity.Any = {}")
+            + rule("http/public", True, '["GET"]', "identity.Any = {}")
+        )
+        self.assertTrue(policy.query_resource_access(ANON, "http/public/index", "GET"))
+        self.assertFalse(policy.query_resource_access(ANON, "http/public/index", "POST"))
+        self.assertFalse(policy.query_resource_access(ANON, "http/private", "GET"))
+
+    def test_malformed_query_resource_denied(self) -> None:
+        """An empty name or empty segment is denied, not matched against a parent."""
+        policy = allow_if("identity.Any = {}", resource="a")
+        self.assertTrue(policy.query_resource_access(ANON, "a/b", "p"))
+        for resource in ("", "a//b", "a/", "/a", "/"):
+            self.assertFalse(policy.query_resource_access(ANON, resource, "p"), resource)
+
+    def test_key_syntaxes(self) -> None:
+        """Quoted, literal, spaced and bare header keys, inline arrays and [acl] tables."""
+        texts = [
+            "[[acl.smtp]]\nallow = true\nprivileges = ['p']\nidentity.Any = {}\n",
+            "[[ acl . 'smtp' ]]\nallow = true\nprivileges = ['p']\nidentity.Any = {}\n",
+            'acl.smtp = [{allow = true, privileges = ["p"], identity = {Any = {}}}]\n',
+            '[acl]\nsmtp = [{allow = true, privileges = ["p"], identity = {Any = {}}}]\n',
+        ]
+        expected = allow_if("identity.Any = {}", resource="smtp")
+        for text in texts:
+            self.assertEqual(parse_acl(text), expected, text)
+
+    def test_built_directly(self) -> None:
+        """An AccessControlMap can be built from Rule objects; bad resource names are refused."""
+        policy = AccessControlMap({"a/*": [Rule(True, ["x"], AnyIdentity())]})
+        self.assertTrue(policy.query_resource_access(ANON, "a/b", "x"))
+        self.assertIn("AnyIdentity()", repr(policy))
+        self.assertRaises(ValueError, AccessControlMap, {"a//b": []})
+        self.assertRaises(TypeError, AccessControlMap, {"a": ["not a rule"]})
+
+    def test_load_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(rule("smtp", True, '["send"]', 'identity.Group = "staff"'))
+        policy = load_acl_file(path)
+        self.assertIsInstance(policy, AccessControlMap)
+        self.assertTrue(policy.query_resource_access(info("a", groups=("staff",)), "smtp/x", "send"))
+
+
+class ACLErrorTests(SynchronousTestCase):
+    """Every malformed file names the file, the rule's header line and the reason."""
+
+    def load_error(self, text: str | bytes) -> tuple[str, str]:
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
+        message = str(self.assertRaises(ConfigError, load_acl_file, path))
+        self.assertNotIn("\n", message)
+        return path, message
+
+    def assertRuleError(
+        self, text: str, line: int, reason: str, resource: str = "r", n: int = 1
+    ) -> None:
+        path, message = self.load_error(text)
+        prefix = f'{path}:{line}: acl "{resource}" rule {n}: '
+        self.assertTrue(message.startswith(prefix), f"{message!r} does not start with {prefix!r}")
+        self.assertIn(reason, message)
+
+    def assertBodyError(self, body: str, reason: str, privileges: str = '["p"]') -> None:
+        """The bad rule is the second one, on line 6 after a comment and a good rule."""
+        text = "# acl\n" + rule("r", True, '["p"]', "identity.Any = {}") + rule(
+            "r", True, privileges, body
+        )
+        self.assertRuleError(text, 6, reason, n=2)
+
+    def test_unknown_rule_key(self) -> None:
+        self.assertBodyError('identity.Any = {}\nalow = true', 'unknown key "alow"')
+
+    def test_allow_type(self) -> None:
+        self.assertRuleError(
+            '[[acl."r"]]\nallow = "yes"\nprivileges = ["p"]\nidentity.Any = {}\n',
+            1, "allow must be true or false, not a string",
+        )
+
+    def test_missing_keys(self) -> None:
+        self.assertRuleError(
+            '\n[[acl."r"]]\nprivileges = ["p"]\nidentity.Any = {}\n', 2, 'missing required key "allow"'
+        )
+        self.assertRuleError(
+            '\n[[acl."r"]]\nallow = true\nidentity.Any = {}\n', 2, 'missing required key "privileges"'
+        )
+
+    def test_privileges(self) -> None:
+        self.assertBodyError("identity.Any = {}", "privileges must not be empty", privileges="[]")
+        self.assertBodyError("identity.Any = {}", "privileges must be an array", privileges='"p"')
+        self.assertBodyError(
+            "identity.Any = {}", "privileges #2 must be a non-empty string, not an integer",
+            privileges='["p", 1]',
+        )
+        self.assertBodyError(
+            "identity.Any = {}", "privileges #1 must be a non-empty string, not an empty string",
+            privileges='[""]',
+        )
+
+    def test_identity_and_criteria(self) -> None:
+        self.assertBodyError(
+            "identity.Any = {}\ncriteria.Identity.Any = {}", "has both identity and criteria"
+        )
+        self.assertBodyError("", "needs identity or criteria")
+
+    def test_identity_table(self) -> None:
+        self.assertBodyError('identity.Bogus = "x"', 'identity: unknown key "Bogus"')
+        self.assertBodyError(
+            'identity = {Group = "a", Individual = "b"}', "identity must have exactly one key, not 2"
+        )
+        self.assertBodyError("identity = {}", "identity is empty")
+        self.assertBodyError('identity = "Any"', "identity must be a table")
+
+    def test_identity_values(self) -> None:
+        self.assertBodyError('identity.Group = ""', "identity.Group must be a non-empty string")
+        self.assertBodyError(
+            "identity.Individual = 3", "identity.Individual must be a non-empty string"
+        )
+        self.assertBodyError(
+            "identity.Authenticated = true", "identity.Authenticated must be an empty table"
+        )
+        self.assertBodyError("identity.Any = {x = 1}", "identity.Any must be an empty table")
+
+    def test_machine(self) -> None:
+        self.assertBodyError(
+            'identity.Machine = "10.0.0.300"', 'identity.Machine: "10.0.0.300" is not an IP address'
+        )
+        self.assertBodyError('identity.Machine = "10.1.2.3/8"', "has host bits set")
+        self.assertBodyError('identity.Machine = "example.com"', "is not an IP address")
+        self.assertBodyError("identity.Machine = 10", "identity.Machine must be a non-empty string")
+
+    def test_criteria_table(self) -> None:
+        self.assertBodyError("criteria.Maybe = {}", 'criteria: unknown key "Maybe"')
+        self.assertBodyError(
+            "criteria = {Not = {Identity = {Any = {}}}, Identity = {Any = {}}}",
+            "criteria must have exactly one key",
+        )
+        self.assertBodyError(
+            "criteria.AnyOf = [{Identity = {Any = {}}}, {Not = {Identity = {Nobody = {}}}}]",
+            'criteria.AnyOf #2.Not.Identity: unknown key "Nobody"',
+        )
+        self.assertBodyError('criteria.Identity = {Group = "a", Any = {}}',
+                             "criteria.Identity must have exactly one key")
+
+    def test_criteria_values(self) -> None:
+        self.assertBodyError("criteria.AllOf = []", "criteria.AllOf must be a non-empty array")
+        self.assertBodyError("criteria.AnyOf = {}", "criteria.AnyOf must be a non-empty array")
+        self.assertBodyError("criteria.AllOf = [1]", "criteria.AllOf #1 must be a table")
+        self.assertBodyError('criteria.Not = "Any"', "criteria.Not must be a table")
+
+    def test_criteria_too_deep(self) -> None:
+        deep = "{Not = " * 40 + "{Identity = {Any = {}}}" + "}" * 40
+        self.assertBodyError(f"criteria = {deep}", "nested more than 32 levels deep")
+
+    def test_rule_counted_per_resource(self) -> None:
+        """Rule numbers count per resource; the line is that rule's own header."""
+        text = (
+            rule("a", True, '["p"]', "identity.Any = {}")
+            + rule("b", True, '["p"]', "identity.Any = {}")
+            + rule("a", True, '["p"]', "identity.Any = {}")
+            + rule("a", True, '["p"]', "identity.Whom = {}")
+        )
+        self.assertRuleError(text, 13, 'unknown key "Whom"', resource="a", n=3)
+
+    def test_header_syntaxes_located(self) -> None:
+        """Spaced, literal-quoted and bare headers are all found."""
+        good = "[[acl.r]]\nallow = true\nprivileges = ['p']\nidentity.Any = {}\n"
+        bad = "\n[[ acl . 'r' ]]  # second\nallow = 1\nprivileges = ['p']\nidentity.Any = {}\n"
+        self.assertRuleError(good + bad, 6, "allow must be true or false", n=2)
+        escaped = '[[acl."s\\u002Ft"]]\nallow = true\nprivileges = ["p"]\nidentity = 1\n'
+        self.assertRuleError("\n" + escaped, 2, "identity must be a table", resource="s/t")
+
+    def test_inline_rules_located(self) -> None:
+        """Without a header, the line is where the resource is first mentioned."""
+        self.assertRuleError(
+            '# x\n[acl]\nother = []\nr = [{allow = true, privileges = ["p"], identity = 1}]\n',
+            4, "identity must be a table",
+        )
+        self.assertRuleError(
+            '\nacl = { r = [ {allow = true, privileges = ["p"]} ] }\n', 2,
+            "needs identity or criteria",
+        )
+
+    def test_rule_not_a_table(self) -> None:
+        self.assertRuleError("\n\nacl.r = [1]\n", 3, "must be a table, not an integer")
+
+    def test_bad_resource_names(self) -> None:
+        """Empty names and empty segments are refused, at the header's line."""
+        for resource, reason in [
+            ("", "empty resource name"),
+            ("a//b", "empty path segment"),
+            ("/a", "empty path segment"),
+            ("a/", "empty path segment"),
+        ]:
+            path, message = self.load_error(
+                "# c\n" + rule(resource, True, '["p"]', "identity.Any = {}")
+            )
+            self.assertTrue(message.startswith(f'{path}:2: acl "{resource}": '), message)
+            self.assertIn(reason, message)
+
+    def test_resource_not_array(self) -> None:
+        path, message = self.load_error('\n[acl."r"]\nallow = true\n')
+        self.assertTrue(message.startswith(f'{path}:2: acl "r": '), message)
+        self.assertIn("must be an array of tables", message)
+
+    def test_acl_not_table(self) -> None:
+        path, message = self.load_error("# c\nacl = 1\n")
+        self.assertEqual(message, f"{path}:2: acl must be a table of arrays of tables, not an integer")
+
+    def test_unknown_top_level_key(self) -> None:
+        path, message = self.load_error(
+            rule("r", True, '["p"]', "identity.Any = {}") + '\n[acls."x"]\ny = 1\n'
+        )
+        self.assertEqual(message, f'{path}:6: unknown top-level key "acls" (only acl is allowed)')
+
+    def test_toml_syntax(self) -> None:
+        """TOML syntax errors keep tomllib's line and column."""
+        path, message = self.load_error(
+            '[[acl."r"]]\nallow = true\nprivileges = ["p" "q"]\nidentity.Any = {}\n'
+        )
+        self.assertTrue(message.startswith(f"{path}: "), message)
+        self.assertIn("line 3", message)
+
+    def test_toml_too_deep(self) -> None:
+        path, message = self.load_error("x = " + "[" * 3000 + "]" * 3000)
+        self.assertEqual(message, f"{path}: values nested too deeply")
+
+    def test_not_utf8(self) -> None:
+        path, message = self.load_error(b'# ok\n# caf\xe9\n[[acl."r"]]\n')
+        self.assertTrue(message.startswith(f"{path}:2: "), message)
+        self.assertIn("UTF-8", message)
+
+    def test_missing_file(self) -> None:
+        path = os.path.abspath(self.mktemp())
+        message = str(self.assertRaises(ConfigError, load_acl_file, path))
+        self.assertEqual(message, f"{path}: No such file or directory")
+
+    def test_unprintable_resource_quoted(self) -> None:
+        """A resource name with a newline still gives a one-line message."""
+        path, message = self.load_error('[[acl."a\\nb"]]\nallow = 1\nprivileges = ["p"]\n')
+        self.assertIn('acl "a\\nb" rule 1', message)
+
+    def test_default_source(self) -> None:
+        message = str(self.assertRaises(ConfigError, parse_acl, "x = 1"))
+        self.assertTrue(message.startswith("<string>:1: "), message)
+
+
+#: Pieces of plausible and implausible ACL files, to get past the TOML parser.
+ACL_FRAGMENTS = st.sampled_from([
+    '[[acl."a/b"]]', "[[acl.a]]", "[[ acl . '*/x' ]]", '[[acl.""]]', '[[acl."a//b"]]',
+    "[acl]", "[acl.a]", "acl = 1", "[other]", "x = 1",
+    "allow = true", "allow = false", 'allow = "yes"',
+    'privileges = ["send"]', 'privileges = ["*"]', "privileges = []", 'privileges = ["a", 1]',
+    'identity.Group = "g"', "identity.Any = {}", "identity.Authenticated = {x = 1}",
+    'identity.Machine = "10.0.0.0/8"', 'identity.Machine = "::ffff:0:0/96"', 'identity.Machine = "x"',
+    "identity = {}", 'identity.Individual = ""',
+    "criteria.Not = {Identity = {Any = {}}}", "criteria.AllOf = []",
+    'criteria.AnyOf = [{Identity = {Individual = "x"}}, 3]',
+    "criteria = {Not = {Not = {Identity = {Unauthenticated = {}}}}}",
+    'a = [{allow = false, privileges = ["*"], identity = {Authenticated = {}}}]',
+    '"a/*" = [{allow = true, privileges = ["p"], criteria = {AnyOf = [{Identity = {Any = {}}}]}}]',
+    "# comment", "", "[[", "]]", '"', "=",
+])
+
+GROUP_FRAGMENTS = st.sampled_from(["staff: a b", "staff:", ": a", "a b", "# c", "", "x:y:z", "\t"])
+
+
+class PropertyTests(SynchronousTestCase):
+    @settings(max_examples=200, deadline=None)
+    @given(st.one_of(st.text(), st.lists(st.one_of(ACL_FRAGMENTS, st.text(max_size=8)),
+                                         max_size=12).map("\n".join)))
+    def test_parse_acl_total(self, text: str) -> None:
+        """Any text is either an AccessControlMap or a one-line ConfigError."""
+        try:
+            policy = parse_acl(text, "f.toml")
+        except ConfigError as e:
+            self.assertTrue(str(e).startswith("f.toml"), str(e))
+            self.assertNotIn("\n", str(e))
+        else:
+            self.assertIsInstance(policy, AccessControlMap)
+            for resource in ("a", "a/b", "a/b/c", "x/y"):
+                self.assertIn(policy.query_resource_access(info("a"), resource, "send"), (True, False))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.one_of(st.text(), st.lists(st.one_of(GROUP_FRAGMENTS, st.text(max_size=8)),
+                                         max_size=12).map("\n".join)))
+    def test_parse_groups_total(self, text: str) -> None:
+        """Any text is either a GroupMap or a one-line ConfigError."""
+        try:
+            groups = parse_groups(text, "g.txt")
+        except ConfigError as e:
+            self.assertTrue(str(e).startswith("g.txt:"), str(e))
+            self.assertNotIn("\n", str(e))
+        else:
+            self.assertIsInstance(groups, GroupMap)
+            for group, members in groups.members.items():
+                for member in members:
+                    self.assertIn(group, groups.groups_for([member]))

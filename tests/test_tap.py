@@ -1,0 +1,250 @@
+"""
+Tests for L{gateway.tap} and the twistd plugin: discovery, options, errors as
+one line, the wired Portal, and a real C{twistd -n authgateway} run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from twisted.application.service import IServiceMaker, MultiService
+from twisted.cred.error import UnauthorizedLogin
+from twisted.plugin import IPlugin, getPlugins
+from twisted.python import usage
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from gateway import tap, testing
+from gateway.aaa import AccessControlMap, AllowAuthenticated
+from gateway.authinfo import AuthInfo
+from gateway.realm import login
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class PluginTests(SynchronousTestCase):
+    def test_found(self):
+        """twistd finds exactly one authgateway plugin, and it is ours."""
+        makers = [p for p in getPlugins(IServiceMaker) if p.tapname == "authgateway"]
+        self.assertEqual(len(makers), 1)
+        [maker] = makers
+        verifyObject(IServiceMaker, maker)
+        verifyObject(IPlugin, maker)
+        self.assertIsInstance(maker.options(), tap.Options)
+        self.assertIs(maker.makeService, tap.makeService)
+
+
+class OptionsTests(SynchronousTestCase):
+    def parse(self, *args, auth=("--auth", "memory:daniel:tiger")):
+        self.data = self.mktemp()
+        options = tap.Options()
+        options.parseOptions(["--data-dir", self.data, *auth, *args])
+        return options
+
+    def assertUsage(self, words, *args, **kw):
+        e = self.assertRaises(usage.UsageError, self.parse, *args, **kw)
+        self.assertIn(words, str(e))
+        self.assertNotIn("\n", str(e))
+        return str(e)
+
+    def test_defaults(self):
+        options = self.parse()
+        self.assertEqual(
+            options["endpoints"],
+            {
+                "smtp": "tcp:2525:interface=127.0.0.1",
+                "http": "tcp:8080:interface=127.0.0.1",
+                "socks": "tcp:1080:interface=127.0.0.1",
+            },
+        )
+        self.assertTrue(os.path.isfile(os.path.join(self.data, "tls", "cert.pem")))
+        self.assertEqual(os.stat(os.path.join(self.data, "tls", "key.pem")).st_mode & 0o777, 0o600)
+        self.assertIsInstance(options["policy"], AllowAuthenticated)
+
+    def test_none_disables(self):
+        options = self.parse("--smtp", "none", "--http", "NONE", "--smtps", "tcp:4650")
+        self.assertEqual(set(options["endpoints"]), {"smtps", "socks"})
+
+    def test_bad_endpoint(self):
+        self.assertUsage("--smtp 'tcp:notaport'", "--smtp", "tcp:notaport")
+        self.assertUsage("--socks 'bogus:1'", "--socks", "bogus:1")
+
+    def test_memory_authenticates(self):
+        core = tap.build_core(self.parse(), reactor=None)
+        _, info, _ = self.successResultOf(login(core.portal, testing.sasl_plain("daniel", "tiger")))
+        self.assertIsInstance(info, AuthInfo)
+        self.assertEqual(info.names(), {"daniel"})
+        self.failureResultOf(login(core.portal, testing.http_basic("daniel", "x")), UnauthorizedLogin)
+
+    def test_file_authenticates(self):
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("daniel:tiger\n")
+        core = tap.build_core(self.parse(auth=("--auth", f"file:{path}")), reactor=None)
+        _, info, _ = self.successResultOf(login(core.portal, testing.rfc1929("daniel", "tiger")))
+        self.assertEqual(info.names(), {"daniel"})
+
+    def test_several_backends(self):
+        """Repeated --auth/--checker all count, in order (the Portal keeps one per interface)."""
+        options = self.parse(
+            "--auth", "memory:bob:secret", "--checker", "tests.test_checkers.seed_proxy_auth",
+        )
+        core = tap.build_core(options, reactor=None)
+        for creds in (
+            testing.sasl_plain("daniel", "tiger"),
+            testing.http_basic("bob", "secret"),
+            testing.rfc1929("proxyuser", "secretpassword"),
+        ):
+            self.successResultOf(login(core.portal, creds))
+
+    def test_groups_and_acl(self):
+        groups, acl = self.mktemp(), self.mktemp()
+        with open(groups, "w") as f:
+            f.write("staff: daniel\n")
+        with open(acl, "w") as f:
+            f.write('[[acl."smtp"]]\nallow = true\nprivileges = ["send"]\nidentity.Group = "staff"\n')
+        options = self.parse("--groups", groups, "--acl", acl)
+        self.assertIsInstance(options["policy"], AccessControlMap)
+        core = tap.build_core(options, reactor=None)
+        _, info, _ = self.successResultOf(login(core.portal, testing.sasl_plain("daniel", "tiger")))
+        self.assertEqual(info.groups, ("staff",))
+        self.assertTrue(core.policy.query_resource_access(info, "smtp/sender/x", "send"))
+        self.assertFalse(core.policy.query_resource_access(info, "smtp/sender/x", "relay"))
+
+    def test_bad_values(self):
+        """Each bad value is one line naming the problem."""
+        missing = os.path.abspath(self.mktemp())
+        bad_groups = self.mktemp()
+        with open(bad_groups, "w") as f:
+            f.write("staff daniel\n")
+        bad_acl = self.mktemp()
+        with open(bad_acl, "w") as f:
+            f.write('[[acl."smtp"]]\nallow = "yes"\nprivileges = ["send"]\nidentity.Any = {}\n')
+        self.assertUsage("--auth bogus: unknown auth type (known:", "--auth", "bogus:x")
+        self.assertUsage(f"--auth file:{missing}: No such file or directory", "--auth", f"file:{missing}")
+        self.assertUsage("--auth file:: a file name is required", "--auth", "file:")
+        self.assertUsage("--checker: cannot import", "--checker", "no.such.Checker")
+        self.assertUsage(f"cannot read TLS certificate {missing}", "--tls-cert", missing)
+        self.assertUsage("--tls-key needs --tls-cert", "--tls-key", missing)
+        self.assertUsage(f"{bad_groups}:1:", "--groups", bad_groups)
+        self.assertUsage(f"{bad_acl}:1:", "--acl", bad_acl)
+        self.assertUsage(missing, "--acl", missing)
+        self.assertUsage(
+            "--auth anonymous: checks credentials no front door of the gateway uses",
+            "--auth", "anonymous",
+        )
+
+    def test_no_secret_in_errors(self):
+        message = self.assertUsage("--auth memory:", auth=("--auth", "memory:daniel:tiger:odd"))
+        self.assertNotIn("tiger", message)
+
+    def test_no_backend(self):
+        self.assertUsage("no authentication backend", auth=())
+
+    def test_data_dir_unusable(self):
+        blocker = self.mktemp()
+        open(blocker, "w").close()
+        options = tap.Options()
+        e = self.assertRaises(
+            usage.UsageError,
+            options.parseOptions,
+            ["--data-dir", os.path.join(blocker, "d"), "--auth", "memory:a:b"],
+        )
+        self.assertIn("--data-dir", str(e))
+
+    def test_one_line_under_twistd(self):
+        """As a twistd subcommand, a usage error exits with one line, not the help text."""
+        options = tap.Options()
+        options.parent = object()
+        e = self.assertRaises(SystemExit, options.parseOptions, ["--auth", "bogus:x"])
+        self.assertTrue(str(e.code).startswith("twistd authgateway: error: --auth bogus:"))
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_service(self):
+        options = tap.Options()
+        options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])
+        svc = tap.makeService(options, reactor=object())
+        self.assertIsInstance(svc, MultiService)
+        self.assertEqual(svc.core.data_dir, os.path.abspath(options["data-dir"]))
+        svc.startService()
+        self.assertTrue(svc.running)
+        svc.stopService()
+
+
+def _require_twistd():
+    if not os.path.exists(TWISTD):
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"{TWISTD} is missing")
+        raise SkipTest(f"no twistd next to {sys.executable}")
+
+
+class TwistdProcessTests(SynchronousTestCase):
+    """The real C{twistd authgateway}, run from an empty directory."""
+
+    def run_twistd(self, *args, logfile="-"):
+        _require_twistd()
+        self.cwd = os.path.abspath(self.mktemp())
+        os.makedirs(self.cwd)
+        proc = subprocess.Popen(
+            [TWISTD, "--pidfile=", "-n", f"--logfile={logfile}", "authgateway", *args],
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def wait_for_log(self, proc, path, text, timeout=30):
+        """Poll the log file until C{text} appears, the process ends, or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(path):
+                with open(path, encoding="utf-8") as f:
+                    if text in f.read():
+                        return
+            time.sleep(0.05)
+        proc.kill()
+        out, err = proc.communicate(timeout=30)
+        log = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+        self.fail(f"{text!r} not logged within {timeout}s:\n{log}{out}{err}")
+
+    def test_start_and_sigterm(self):
+        data = os.path.abspath(self.mktemp())
+        log = os.path.abspath(self.mktemp())
+        proc = self.run_twistd("--auth", "memory:daniel:tiger", "--data-dir", data,
+                               "--smtp", "none", "--http", "none", "--socks", "none",
+                               logfile=log)
+        self.wait_for_log(proc, log, "authgateway started")
+        self.assertTrue(os.path.isfile(os.path.join(data, "tls", "cert.pem")))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        with open(log, encoding="utf-8") as f:
+            logged = f.read()
+        # Twisted >= 19.7 re-raises the stopping signal once shut down cleanly.
+        self.assertIn(proc.returncode, (0, -signal.SIGTERM), logged + out + err)
+        self.assertIn("Server Shut Down", logged)
+        self.assertIn("Main loop terminated", logged)
+        self.assertNotIn("Traceback", logged + out + err)
+        self.assertNotIn("tiger", logged + out + err)
+
+    def test_bad_option_one_line(self):
+        proc = self.run_twistd("--auth", "bogus:x")
+        out, err = proc.communicate(timeout=60)
+        self.assertNotEqual(proc.returncode, 0)
+        self.assertEqual(out, "")
+        self.assertEqual(err.count("\n"), 1, err)
+        self.assertIn("--auth bogus: unknown auth type", err)
+
+    def test_help(self):
+        proc = self.run_twistd("--help")
+        out, err = proc.communicate(timeout=60)
+        self.assertEqual(proc.returncode, 0, err)
+        for option in ("--smtp=", "--smtps=", "--http=", "--socks=", "--auth=", "--checker=",
+                       "--groups=", "--acl=", "--tls-cert=", "--tls-key=", "--data-dir="):
+            self.assertIn(option, out)

@@ -1,0 +1,308 @@
+"""
+Tests for L{gateway.tls}: self-signed generation, loading and the default
+certificate under the data directory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import stat
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet import ssl
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway import tls
+from gateway.tls import (
+    CertificateError,
+    ensure_certificate,
+    generate_self_signed,
+    load_certificate,
+)
+
+
+def _mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+class GenerateTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.cert_path = os.path.join(self.dir, "cert.pem")
+        self.key_path = os.path.join(self.dir, "key.pem")
+
+    def test_filesPrivate(self) -> None:
+        """The certificate and the key are written with mode 0600."""
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        self.assertEqual(_mode(self.cert_path), 0o600)
+        self.assertEqual(_mode(self.key_path), 0o600)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["cert.pem", "key.pem"])
+
+    def test_subjectAltNames(self) -> None:
+        """The SANs are the host name, localhost, 127.0.0.1 and ::1."""
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        cert = x509.load_pem_x509_certificate(_read(self.cert_path))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(
+            san.get_values_for_type(x509.DNSName), ["gw.example.test", "localhost"]
+        )
+        self.assertEqual(
+            san.get_values_for_type(x509.IPAddress),
+            [ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")],
+        )
+        cn = cert.subject.get_attributes_for_oid(x509.oid.NameOID.COMMON_NAME)
+        self.assertEqual([a.value for a in cn], ["gw.example.test"])
+        self.assertEqual(cert.issuer, cert.subject)
+
+    def test_localhostNotDuplicated(self) -> None:
+        """With host name C{localhost} the DNS SAN appears once."""
+        generate_self_signed(self.cert_path, self.key_path, "localhost")
+        cert = x509.load_pem_x509_certificate(_read(self.cert_path))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(san.get_values_for_type(x509.DNSName), ["localhost"])
+
+    def test_defaultHostname(self) -> None:
+        """Without a host name the FQDN of this host is used."""
+        self.patch(socket, "getfqdn", lambda *a: "fqdn.example.test")
+        generate_self_signed(self.cert_path, self.key_path)
+        cert = x509.load_pem_x509_certificate(_read(self.cert_path))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertEqual(
+            san.get_values_for_type(x509.DNSName), ["fqdn.example.test", "localhost"]
+        )
+
+    def test_ecKeyMatchingCertificate(self) -> None:
+        """The key is an unencrypted EC P-256 key matching the certificate."""
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        key = serialization.load_pem_private_key(_read(self.key_path), password=None)
+        self.assertIsInstance(key, ec.EllipticCurvePrivateKey)
+        self.assertIsInstance(key.curve, ec.SECP256R1)
+        cert = x509.load_pem_x509_certificate(_read(self.cert_path))
+        self.assertEqual(cert.public_key(), key.public_key())
+
+    def test_serverCertificate(self) -> None:
+        """The certificate is a non-CA server certificate valid now."""
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        cert = x509.load_pem_x509_certificate(_read(self.cert_path))
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+        self.assertFalse(bc.value.ca)
+        self.assertTrue(bc.critical)
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        self.assertEqual(list(eku), [x509.oid.ExtendedKeyUsageOID.SERVER_AUTH])
+        validity = cert.not_valid_after_utc - cert.not_valid_before_utc
+        self.assertGreater(validity, tls.SELF_SIGNED_VALIDITY)
+
+    def test_overwriteKeepsModeAndLeavesNoTemp(self) -> None:
+        """Regenerating over world-readable files leaves 0600 files and no temp files."""
+        for p in (self.cert_path, self.key_path):
+            _write(p, b"old")
+            os.chmod(p, 0o644)
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        self.assertEqual((_mode(self.cert_path), _mode(self.key_path)), (0o600, 0o600))
+        self.assertEqual(sorted(os.listdir(self.dir)), ["cert.pem", "key.pem"])
+        self.assertTrue(_read(self.cert_path).startswith(b"-----BEGIN CERTIFICATE-----"))
+
+
+class LoadTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = self.mktemp()
+        os.makedirs(self.dir)
+        self.cert_path = os.path.join(self.dir, "cert.pem")
+        self.key_path = os.path.join(self.dir, "key.pem")
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+
+    def _serial(self) -> int:
+        return x509.load_pem_x509_certificate(_read(self.cert_path)).serial_number
+
+    def test_loadPair(self) -> None:
+        """A certificate and key file load into a matching PrivateCertificate."""
+        cert = load_certificate(self.cert_path, self.key_path)
+        self.assertIsInstance(cert, ssl.PrivateCertificate)
+        self.assertEqual(cert.original.get_serial_number(), self._serial())
+        self.assertTrue(cert.privateKey.matches(cert.getPublicKey()))
+
+    def test_loadCombined(self) -> None:
+        """With no key path the key is read from the certificate file."""
+        combined = _write(
+            os.path.join(self.dir, "combined.pem"),
+            _read(self.cert_path) + _read(self.key_path),
+        )
+        cert = load_certificate(combined)
+        self.assertEqual(cert.original.get_serial_number(), self._serial())
+
+    def test_loadCombinedKeyFirst(self) -> None:
+        """A combined file may hold the key before the certificate."""
+        combined = _write(
+            os.path.join(self.dir, "combined.pem"),
+            _read(self.key_path) + _read(self.cert_path),
+        )
+        cert = load_certificate(combined, None)
+        self.assertEqual(cert.original.get_serial_number(), self._serial())
+
+    def test_missingCertificateFile(self) -> None:
+        """A missing certificate file is a CertificateError naming it."""
+        missing = os.path.join(self.dir, "nope.pem")
+        e = self.assertRaises(CertificateError, load_certificate, missing, self.key_path)
+        self.assertIn(missing, str(e))
+        self.assertIn("No such file", str(e))
+
+    def test_missingKeyFile(self) -> None:
+        """A missing key file is a CertificateError naming it."""
+        missing = os.path.join(self.dir, "nokey.pem")
+        e = self.assertRaises(CertificateError, load_certificate, self.cert_path, missing)
+        self.assertIn(missing, str(e))
+        self.assertIn("key", str(e))
+
+    def test_noCertificate(self) -> None:
+        """A file without a PEM certificate is a CertificateError naming it."""
+        junk = _write(os.path.join(self.dir, "junk.pem"), b"hello, not a certificate\n")
+        e = self.assertRaises(CertificateError, load_certificate, junk, self.key_path)
+        self.assertIn(junk, str(e))
+        self.assertIn("no PEM certificate", str(e))
+
+    def test_keyOnlyAsCertificate(self) -> None:
+        """A key file given as the certificate is a CertificateError naming it."""
+        e = self.assertRaises(CertificateError, load_certificate, self.key_path)
+        self.assertIn(self.key_path, str(e))
+        self.assertIn("no PEM certificate", str(e))
+
+    def test_keyNotAKey(self) -> None:
+        """A key file holding no private key is a CertificateError naming it."""
+        e = self.assertRaises(
+            CertificateError, load_certificate, self.cert_path, self.cert_path
+        )
+        self.assertIn(self.cert_path, str(e))
+        self.assertIn("private key", str(e))
+        junk = _write(os.path.join(self.dir, "junk.key"), b"not a key")
+        e = self.assertRaises(CertificateError, load_certificate, self.cert_path, junk)
+        self.assertTrue(str(e).startswith(junk + ":"), str(e))
+
+    def test_certificateWithoutKey(self) -> None:
+        """A certificate file with no key and no key path is a CertificateError naming it."""
+        e = self.assertRaises(CertificateError, load_certificate, self.cert_path)
+        self.assertTrue(str(e).startswith(self.cert_path + ":"), str(e))
+        self.assertIn("private key", str(e))
+
+    def test_keyMismatch(self) -> None:
+        """A key that does not match the certificate is a CertificateError naming both files."""
+        other_cert = os.path.join(self.dir, "other-cert.pem")
+        other_key = os.path.join(self.dir, "other-key.pem")
+        generate_self_signed(other_cert, other_key, "other.example.test")
+        e = self.assertRaises(CertificateError, load_certificate, self.cert_path, other_key)
+        self.assertIn(self.cert_path, str(e))
+        self.assertIn(other_key, str(e))
+        self.assertIn("cannot load certificate", str(e))
+
+
+class EnsureTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.data_dir = self.mktemp()
+        self.tls_dir = os.path.join(self.data_dir, "tls")
+
+    def test_generatesOnce(self) -> None:
+        """The first call generates a pair under DATA_DIR/tls; the second reuses it."""
+        cert_path, key_path, cert = ensure_certificate(self.data_dir)
+        self.assertEqual(
+            (cert_path, key_path),
+            (os.path.join(self.tls_dir, "cert.pem"), os.path.join(self.tls_dir, "key.pem")),
+        )
+        self.assertIsInstance(cert, ssl.PrivateCertificate)
+        self.assertEqual(_mode(self.tls_dir), 0o700)
+        self.assertEqual((_mode(cert_path), _mode(key_path)), (0o600, 0o600))
+        before = (_read(cert_path), _read(key_path))
+
+        again = ensure_certificate(self.data_dir)
+        self.assertEqual(again[:2], (cert_path, key_path))
+        self.assertEqual((_read(cert_path), _read(key_path)), before)
+        self.assertEqual(
+            again[2].original.get_serial_number(), cert.original.get_serial_number()
+        )
+        self.assertEqual(sorted(os.listdir(self.tls_dir)), ["cert.pem", "key.pem"])
+
+    def test_regeneratesWhenKeyMissing(self) -> None:
+        """If only the certificate is left, a new pair is generated."""
+        cert_path, key_path, _ = ensure_certificate(self.data_dir)
+        old = _read(cert_path)
+        os.unlink(key_path)
+        ensure_certificate(self.data_dir)
+        self.assertTrue(os.path.exists(key_path))
+        self.assertNotEqual(_read(cert_path), old)
+
+    def test_givenFiles(self) -> None:
+        """Given files are loaded as they are and nothing is generated."""
+        os.makedirs(self.data_dir)
+        cert_path = os.path.join(self.data_dir, "mine.pem")
+        key_path = os.path.join(self.data_dir, "mine.key")
+        generate_self_signed(cert_path, key_path, "mine.example.test")
+        result = ensure_certificate(self.data_dir, cert_path, key_path)
+        self.assertEqual(result[:2], (cert_path, key_path))
+        self.assertEqual(result[2].getSubject().commonName, b"mine.example.test")
+        self.assertFalse(os.path.exists(self.tls_dir))
+
+    def test_givenCombinedFile(self) -> None:
+        """A given combined file with no key path is loaded; the key path stays None."""
+        os.makedirs(self.data_dir)
+        cert_path = os.path.join(self.data_dir, "c.pem")
+        key_path = os.path.join(self.data_dir, "k.pem")
+        generate_self_signed(cert_path, key_path, "mine.example.test")
+        combined = _write(os.path.join(self.data_dir, "both.pem"), _read(cert_path) + _read(key_path))
+        result = ensure_certificate(self.data_dir, combined)
+        self.assertEqual(result[:2], (combined, None))
+        self.assertFalse(os.path.exists(self.tls_dir))
+
+    def test_givenBrokenFile(self) -> None:
+        """A given file that does not load is a CertificateError, not a fallback."""
+        missing = os.path.join(self.data_dir, "missing.pem")
+        e = self.assertRaises(CertificateError, ensure_certificate, self.data_dir, missing)
+        self.assertIn(missing, str(e))
+        self.assertFalse(os.path.exists(self.tls_dir))
+
+    def test_unwritableDirectory(self) -> None:
+        """A data directory that cannot be written is a CertificateError naming the tls dir."""
+        if os.geteuid() == 0:
+            raise self.skipTest("root ignores directory permissions")
+        os.makedirs(self.data_dir)
+        os.chmod(self.data_dir, 0o500)
+        self.addCleanup(os.chmod, self.data_dir, 0o700)
+        e = self.assertRaises(CertificateError, ensure_certificate, self.data_dir)
+        self.assertIn(self.tls_dir, str(e))
+        self.assertIn("Permission denied", str(e))
+
+    def test_dataDirUnderFile(self) -> None:
+        """A data directory beneath a regular file is a CertificateError naming the tls dir."""
+        parent = _write(self.mktemp(), b"a regular file")
+        data_dir = os.path.join(parent, "data")
+        e = self.assertRaises(CertificateError, ensure_certificate, data_dir)
+        self.assertIn(os.path.join(data_dir, "tls"), str(e))
+        self.assertIn("Not a directory", str(e))
+
+    def test_longHostName(self) -> None:
+        """
+        A host FQDN too long for a certificate CN (over 64 characters) does not
+        escape as a bare ValueError: the default certificate is still made, or
+        the failure is a CertificateError.
+        """
+        self.patch(socket, "getfqdn", lambda *a: "h" * 60 + ".example.test")
+        try:
+            cert_path, _, cert = ensure_certificate(self.data_dir)
+        except CertificateError:
+            return
+        parsed = x509.load_pem_x509_certificate(_read(cert_path))
+        san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        self.assertIn("localhost", san.get_values_for_type(x509.DNSName))
