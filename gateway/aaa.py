@@ -20,6 +20,7 @@ import attrs
 from zope.interface import Interface, implementer
 
 from gateway.authinfo import IAuthInfo
+from gateway.meta import ip_or_none
 
 try:
     import tomllib
@@ -225,16 +226,9 @@ class AnyIdentity:
 
 
 def _peer_ip(peer: str | None) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The peer's address, plus its IPv4 form when it is IPv4-mapped IPv6."""
-    if not isinstance(peer, str):
-        return []
-    try:
-        address = ipaddress.ip_address(peer)
-    except ValueError:
-        return []
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return [address, address.ipv4_mapped]
-    return [address]
+    """The peer's address (AuthInfo keeps it canonical: IPv4-mapped folded to IPv4)."""
+    ip = ip_or_none(peer) if isinstance(peer, str) else None
+    return [ipaddress.ip_address(ip)] if ip is not None else []
 
 
 @attrs.frozen
@@ -474,7 +468,9 @@ def _only_key(value: Any, where: str, kinds: tuple[str, ...]) -> tuple[str, Any]
     return key, inner
 
 
-_IDENTITY_KINDS = ("Individual", "Group", "Authenticated", "Unauthenticated", "Any", "Machine")
+_IDENTITY_KINDS = (
+    "Individual", "Group", "Authenticated", "Unauthenticated", "Any", "Machine", "MachineSet",
+)
 _UNIT_IDENTITIES = {
     "Authenticated": AuthenticatedIdentity(),
     "Unauthenticated": UnauthenticatedIdentity(),
@@ -490,6 +486,11 @@ def _identity(value: Any, where: str) -> Criterion:
             found = "a non-empty table" if isinstance(inner, dict) else _kind(inner)
             raise _Invalid(f"{where} must be an empty table {{}}, not {found}")
         return _UNIT_IDENTITIES[kind]
+    if kind == "MachineSet":
+        if not isinstance(inner, list) or not inner:
+            found = "an empty array" if inner == [] else _kind(inner)
+            raise _Invalid(f"{where} must be a non-empty array of addresses, not {found}")
+        return AnyOf(tuple(_machine(item, f"{where}[{i}]") for i, item in enumerate(inner)))
     if not isinstance(inner, str) or not inner:
         found = "an empty string" if inner == "" else _kind(inner)
         raise _Invalid(f"{where} must be a non-empty string, not {found}")
@@ -497,6 +498,12 @@ def _identity(value: Any, where: str) -> Criterion:
         return IndividualIdentity(inner)
     if kind == "Group":
         return GroupIdentity(inner)
+    return _machine(inner, where)
+
+
+def _machine(inner: Any, where: str) -> MachineIdentity:
+    if not isinstance(inner, str):
+        raise _Invalid(f"{where} must be a string, not {_kind(inner)}")
     try:
         return MachineIdentity(ipaddress.ip_network(inner))
     except ValueError as e:

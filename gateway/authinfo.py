@@ -19,6 +19,11 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface, implementer
 
+from gateway.meta import ip_or_none
+
+#: The longest AuthInfo JSON text accepted (a checker's answer, not a file).
+MAX_JSON = 65536
+
 
 class IdentityContext(str, enum.Enum):
     """Where an identity came from (the seven contexts of KumoMTA)."""
@@ -48,6 +53,10 @@ def _to_identity_name(value: str | bytes) -> str:
         value = value.decode("utf-8")
     if not isinstance(value, str):
         raise TypeError(f"identity must be a string, not {type(value).__name__}")
+    if not value:
+        raise ValueError("identity must not be empty")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError("identity must not contain control characters")
     return value
 
 
@@ -106,9 +115,14 @@ def _groups(value: Iterable[str]) -> tuple[str, ...]:
 
 
 def _peer(value: str | None) -> str | None:
-    if value is not None and not isinstance(value, str):
+    if value is None:
+        return None
+    if not isinstance(value, str):
         raise TypeError("peer_address must be a string or null")
-    return value
+    ip = ip_or_none(value)
+    if ip is None:
+        raise ValueError(f"peer_address must be an IP address, not {value[:64]!r}")
+    return ip
 
 
 def _empty_if_absent(value: Any) -> Any:
@@ -185,14 +199,16 @@ class AuthInfo:
                 groups=_empty_if_absent(data.get("groups")),
                 peer_address=data.get("peer_address"),
             )
-        except (TypeError, UnicodeDecodeError) as e:
+        except (TypeError, ValueError) as e:  # UnicodeDecodeError is a ValueError
             raise ValueError(f"malformed AuthInfo: {e}") from None
 
     @classmethod
     def from_json(cls, text: str | bytes) -> AuthInfo:
+        if len(text) > MAX_JSON:
+            raise ValueError(f"AuthInfo JSON is longer than {MAX_JSON} characters")
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
             raise ValueError(f"AuthInfo is not valid JSON: {e}") from None
         return cls.from_json_dict(data)
 

@@ -11,10 +11,11 @@ Reprs never show a password or token.
 from __future__ import annotations
 
 import hmac
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 from twisted.cred.credentials import ICredentials, IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, implementer
 
 from gateway.authinfo import Identity, IdentityContext
@@ -59,17 +60,27 @@ class IBearerToken(IConnectionCredentials):
         """Constant-time comparison with a stored token."""
 
 
-def _text(what: str):
+#: The longest user name, authzid or password accepted (RFC 4616 and RFC 1929
+#: allow 255 octets; HTTP has no limit, so leave room).
+MAX_FIELD = 1024
+#: The longest bearer token accepted (JWTs can be large).
+MAX_TOKEN = 8192
+
+
+def _text(what: str, limit: int = MAX_FIELD):
     def convert(value: str | bytes) -> str:
         if isinstance(value, bytes):
             try:
-                return value.decode("utf-8")
+                value = value.decode("utf-8")
             except UnicodeDecodeError:
-                pass
-            # Raised outside the handler: the decode error holds the secret bytes.
-            raise ValueError(f"{what} is not valid UTF-8")
+                value = None
+            if value is None:
+                # Raised outside the handler: the decode error holds the secret bytes.
+                raise ValueError(f"{what} is not valid UTF-8")
         if not isinstance(value, str):
             raise TypeError(f"{what} must be str or bytes")
+        if len(value) > limit:
+            raise ValueError(f"{what} is longer than {limit} characters")
         return value
 
     return convert
@@ -160,7 +171,7 @@ class RFC1929Credentials(UsernamePassword):
 class BearerToken:
     """An HTTP Bearer token (or an SMTP OAUTHBEARER/XOAUTH2 one)."""
 
-    token: str = attrs.field(converter=_text("token"), repr=False)
+    token: str = attrs.field(converter=_text("token", MAX_TOKEN), repr=False)
     conn_meta: ConnectionMeta = attrs.field(factory=lambda: ConnectionMeta("generic"))
     mechanism: str = "Bearer"
 
@@ -172,3 +183,54 @@ class BearerToken:
 
     def identities_for(self, avatar_id: str) -> tuple[Identity, ...]:
         return (Identity(avatar_id, self.context),)
+
+
+def identities_of(
+    credentials: Any, avatar_id: str, *, authzid_approved: bool = False
+) -> tuple[Identity, ...]:
+    """
+    The identities a login as C{avatar_id} with C{credentials} proves, in the
+    context of the credentials' protocol (C{GenericAuth} for credentials that
+    do not come from a front door).
+
+    @param authzid_approved: the checker saw the SASL authzid and accepted
+        that C{avatar_id} acts as it (a four-argument seed function).
+    @raise UnauthorizedLogin: SASL credentials asking to act as someone else
+        (an authzid other than C{avatar_id}) that no checker approved: an
+        unchecked authzid must never become an identity (RFC 4616 section 2).
+    """
+    authzid = getattr(credentials, "authzid", "")
+    if authzid and authzid != avatar_id and not authzid_approved:
+        raise UnauthorizedLogin()
+    if IConnectionCredentials.providedBy(credentials):
+        return credentials.identities_for(avatar_id)
+    return (Identity(avatar_id, IdentityContext.GenericAuth),)
+
+
+def secrets_of(credentials: Any) -> tuple[str, ...]:
+    """The secret strings carried by C{credentials}."""
+    return tuple(
+        s
+        for s in (getattr(credentials, "password", None), getattr(credentials, "token", None))
+        if isinstance(s, str) and s
+    )
+
+
+def _spellings(secret: str) -> set[str]:
+    """How a secret may appear in an exception's text: as is, or escaped by repr."""
+    raw = secret.encode("utf-8", "surrogatepass")
+    return {secret, repr(secret)[1:-1], repr(raw)[2:-1], raw.decode("latin-1")} - {""}
+
+
+def safe_message(error: BaseException, secrets: tuple[str, ...]) -> str:
+    """
+    An exception's message for a log line, or a placeholder when any
+    spelling of a secret occurs in it. Never a partial redaction: replacing
+    the secret inside other text would reveal it (a password "defer" would
+    turn "twisted/internet/defer.py" into a hint).
+    """
+    text, shown = str(error), repr(error)
+    for secret in secrets:
+        if any(form in text or form in shown for form in _spellings(secret)):
+            return "(message withheld: it may contain the credentials)"
+    return text[:500]

@@ -14,8 +14,8 @@ import ipaddress
 from typing import Any
 
 import attrs
-from twisted.internet.interfaces import IAddress, ISSLTransport, ITransport
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.interfaces import IAddress, ISSLTransport, ITransport
 
 
 def _split_address(address: IAddress | None) -> tuple[str | None, int | None]:
@@ -41,6 +41,16 @@ def normalize_ip(host: str | None) -> str | None:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return str(ip.ipv4_mapped)
     return str(ip)
+
+
+def ip_or_none(host: str | None) -> str | None:
+    """The canonical text of C{host} if it is an IP address, else None."""
+    host = normalize_ip(host)
+    try:
+        ipaddress.ip_address(host or "")
+    except ValueError:
+        return None
+    return host
 
 
 @attrs.define(eq=False)

@@ -11,11 +11,13 @@ structured auth event per attempt (never with a secret).
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import attrs
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -23,9 +25,22 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from gateway.aaa import NO_GROUPS, GroupMap
-from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
+from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.checkers import CheckerChain
-from gateway.credentials import IConnectionCredentials
+from gateway.checkers.pipeline import (
+    AuthBackendError,
+    TemporaryFailure,
+    Throttle,
+    Throttled,
+    ThrottlingChecker,
+)
+from gateway.credentials import (
+    IConnectionCredentials,
+    identities_of,
+    safe_message,
+    secrets_of,
+)
+from gateway.meta import ip_or_none
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.
 AvatarFactory = Callable[[IAuthInfo, Any], Any]
@@ -75,12 +90,7 @@ class Realm:
         if isinstance(avatar_id, str):
             if not avatar_id:
                 raise UnauthorizedLogin()
-            identities: tuple[Identity, ...] = (
-                creds.identities_for(avatar_id)
-                if creds is not None
-                else (Identity(avatar_id, IdentityContext.GenericAuth),)
-            )
-            info = AuthInfo(identities=identities)
+            info = AuthInfo(identities=identities_of(creds, avatar_id))
         elif isinstance(avatar_id, (AuthInfo, Mapping)):
             try:
                 info = AuthInfo.from_json_dict(avatar_id)
@@ -93,8 +103,9 @@ class Realm:
             )
         if not info.is_authenticated():
             raise UnauthorizedLogin()
-        if info.peer_address is None and creds is not None:
-            info = AuthInfo(info.identities, info.groups, creds.conn_meta.peer_address)
+        peer = ip_or_none(creds.conn_meta.peer_address) if creds is not None else None
+        if peer is not None:  # the connection's own peer wins, as KumoMTA's set_peer_address
+            info = attrs.evolve(info, peer_address=peer)
         members = [
             i.identity
             for i in info.identities
@@ -116,26 +127,25 @@ class Realm:
         )
 
 
-def make_portal(realm: IRealm, checkers: Iterable[ICredentialsChecker]) -> Portal:
-    """A Portal whose every credentials interface goes to one L{CheckerChain}."""
-    chain = CheckerChain(checkers)
-    return Portal(realm, [chain])
+def make_portal(
+    realm: IRealm, checkers: Iterable[ICredentialsChecker], throttle: Throttle | None = None
+) -> Portal:
+    """
+    A Portal whose every credentials interface goes to one L{CheckerChain},
+    behind the shared failure L{Throttle} when one is given.
+    """
+    checker: ICredentialsChecker = CheckerChain(checkers)
+    if throttle is not None:
+        checker = ThrottlingChecker(checker, throttle)
+    return Portal(realm, [checker])
 
 
-def _redact(text: str, secrets: tuple[str, ...]) -> str:
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "[REDACTED]")
-    return text
-
-
-def secrets_of(credentials: Any) -> tuple[str, ...]:
-    """The secret strings carried by C{credentials}, for redaction."""
-    return tuple(
-        s
-        for s in (getattr(credentials, "password", None), getattr(credentials, "token", None))
-        if isinstance(s, str) and s
+def _frames(reason: Failure) -> str:
+    """Where the error happened: file, line and function only, no values."""
+    summary = traceback.StackSummary.from_list(
+        [(filename, line, function, None) for function, filename, line, *_ in reason.frames]
     )
+    return "".join(summary.format())
 
 
 def login(
@@ -144,24 +154,31 @@ def login(
     """
     C{portal.login} for the front doors: the credentials are the mind, the
     default interface is L{IAuthInfo}, and one C{auth} event is logged with
-    protocol, mechanism, claimed identity, peer and outcome
-    (C{success} / C{failure} / C{error} / C{cancelled}).
+    protocol, mechanism, claimed identity, peer and outcome: C{success},
+    C{failure}, C{throttled}, C{temporary}, C{unsupported}, C{error} or
+    C{cancelled}. No event, and no failure it returns, carries a secret.
+
+    @return: a Deferred firing with C{(interface, avatar, logout)}, or failing
+        with L{UnauthorizedLogin} (wrong credentials), a L{TemporaryFailure}
+        (L{Throttled}, L{PoolFull}, or L{AuthBackendError} for any checker
+        error), L{UnhandledCredentials} or C{CancelledError}.
     """
     meta = getattr(credentials, "conn_meta", None)
-    fields = dict(
-        protocol=getattr(meta, "protocol", None),
-        listener=getattr(meta, "listener", None),
-        mechanism=getattr(credentials, "mechanism", None),
-        identity=getattr(credentials, "claimed_identity", None),
-        peer=getattr(meta, "peer_address", None),
-        tls=getattr(meta, "tls", None),
-    )
+    fields = {
+        "protocol": getattr(meta, "protocol", None),
+        "listener": getattr(meta, "listener", None),
+        "mechanism": getattr(credentials, "mechanism", None),
+        "identity": getattr(credentials, "claimed_identity", None),
+        "peer": getattr(meta, "peer_address", None),
+        "tls": getattr(meta, "tls", None),
+    }
+    what = "{protocol} {mechanism} identity={identity!r} peer={peer}"
 
     def succeeded(result: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         _, avatar, _ = result
-        info = avatar if IAuthInfo.providedBy(avatar) else None
+        info = avatar if IAuthInfo.providedBy(avatar) else getattr(avatar, "auth_info", None)
         log.info(
-            "auth success: {protocol} {mechanism} identity={identity!r} peer={peer}",
+            "auth success: " + what,
             outcome="success",
             identities=[i.to_json_dict() for i in info.identities] if info else None,
             groups=list(info.groups) if info else None,
@@ -171,29 +188,29 @@ def login(
 
     def failed(reason: Failure) -> Failure:
         if reason.check(UnauthorizedLogin):
-            log.info(
-                "auth failure: {protocol} {mechanism} identity={identity!r} peer={peer}",
-                outcome="failure",
-                **fields,
-            )
-        elif reason.check(defer.CancelledError):
-            log.info(
-                "auth cancelled: {protocol} {mechanism} identity={identity!r} peer={peer}",
-                outcome="cancelled",
-                **fields,
-            )
-        else:
-            secrets = secrets_of(credentials)
-            log.error(
-                "auth error: {protocol} {mechanism} identity={identity!r} peer={peer}: "
-                "{error_type}: {error}\n{traceback}",
-                outcome="error",
-                error_type=reason.type.__name__,
-                error=_redact(str(reason.value), secrets),
-                traceback=_redact(reason.getTraceback(), secrets),
-                **fields,
-            )
-        return reason
+            log.info("auth failure: " + what, outcome="failure", **fields)
+            return Failure(UnauthorizedLogin())  # a checker's message stays here
+        if reason.check(defer.CancelledError):
+            log.info("auth cancelled: " + what, outcome="cancelled", **fields)
+            return reason
+        if reason.check(UnhandledCredentials):
+            log.warn("auth unsupported: " + what + ": no checker handles it",
+                     outcome="unsupported", **fields)
+            return reason
+        why = safe_message(reason.value, secrets_of(credentials))
+        if reason.check(TemporaryFailure):
+            outcome = "throttled" if reason.check(Throttled) else "temporary"
+            log.warn("auth deferred: " + what + ": {why}", outcome=outcome, why=why, **fields)
+            return reason
+        log.error(
+            "auth error: " + what + ": {error_type}: {error}\n{traceback}",
+            outcome="error",
+            error_type=reason.type.__name__,
+            error=why,
+            traceback=_frames(reason),
+            **fields,
+        )
+        return Failure(AuthBackendError())
 
     d = portal.login(credentials, credentials, *(interfaces or (IAuthInfo,)))
     return d.addCallbacks(succeeded, failed)

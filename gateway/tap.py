@@ -6,7 +6,10 @@ authentication core to the front doors.
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -27,7 +30,8 @@ from gateway.aaa import (
     load_acl_file,
     load_group_file,
 )
-from gateway.checkers import CheckerLoadError, load_checker
+from gateway.checkers import CheckerLoadError, hashes, load_checker
+from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.tls import CertificateError, ensure_certificate
@@ -55,6 +59,34 @@ class Core:
     policy: IAccessPolicy
     certificate: ssl.PrivateCertificate
     data_dir: str
+    hash_pool: HashPool
+    verifier: Verifier
+    throttle: Throttle
+
+
+def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], Any]:
+    """An option coercer: a number of C{kind} above 0 (or at least 0)."""
+
+    def coerce(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise ValueError(f"--{option} {text!r}: must be {wanted}")
+        return value
+
+    wanted = f"{'a whole number' if kind is int else 'a number'} {'>= 0' if zero else '> 0'}"
+    coerce.coerceDoc = f"Must be {wanted}."  # type: ignore[attr-defined]
+    return coerce
+
+
+def _number(option: str, default: Any, doc: str, kind: type, zero: bool = False) -> list[Any]:
+    return [option, None, default, doc, _positive(option, kind, zero)]
+
+
+#: --auth types whose ARGS are file names, safe to show in an error.
+_PATH_ARGS = frozenset({"file", "htpasswd", "tokens", "sshkey"})
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -80,6 +112,21 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["tls-key", None, None, "PEM private key for --tls-cert (default: inside --tls-cert)."],
         ["groups", None, None, "Group file, Apache htgroup format: 'group: user1 user2'."],
         ["acl", None, None, "ACL file (TOML, KumoMTA [[acl.\"resource\"]] syntax)."],
+        # The verification pipeline: throttle -> checkers -> cache -> hash pool.
+        _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
+        _number("hash-queue", 64,
+                "Hash verifications waiting or running before new ones fail temporarily.", int),
+        _number("cache-ttl", 300.0, "Seconds a verified password stays cached (0: no cache).",
+                float, zero=True),
+        _number("cache-size", 10000, "Verified passwords cached at most (LRU).", int),
+        _number("max-failures", 5,
+                "Failed logins per peer (IPv6 /64) or user name before refusing it.", int),
+        _number("failure-window", 60.0, "Seconds over which failed logins are counted.", float),
+        _number("failure-delay", 0.5,
+                "Seconds before answering a failed login; doubles with each failure.",
+                float, zero=True),
+        _number("failure-delay-max", 15.0, "Cap of the failure delay in seconds.",
+                float, zero=True),
     ]
 
     compData = usage.Completions(
@@ -122,10 +169,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ) from None
         if auth_type == "file":
             _check_readable(f"--auth file:{arg}", arg)
+        if auth_type == "memory" and not arg:
+            raise usage.UsageError("--auth memory: give USER:PASSWORD[:USER:PASSWORD...]")
         try:
             checker = factory.generateChecker(arg)
-        except Exception as e:  # the message never repeats ARGS, which may hold passwords
-            raise usage.UsageError(f"--auth {auth_type}: {e}") from None
+        except Exception as e:
+            message = str(e)
+            # ARGS may hold passwords (memory:USER:PASSWORD): never echo them.
+            if auth_type not in _PATH_ARGS and any(
+                piece in message for piece in re.split("[:=,]", arg) if piece
+            ):
+                message = "bad arguments (not shown: they may hold passwords)"
+            raise usage.UsageError(f"--auth {auth_type}: {message}") from None
         try:
             self.addChecker(checker)
         except strcred.UnsupportedInterfaces:
@@ -164,9 +219,21 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(
                 "no authentication backend: give --auth TYPE:ARGS or --checker NAME"
             )
+        if self["failure-delay-max"] < self["failure-delay"]:
+            raise usage.UsageError("--failure-delay-max must not be below --failure-delay")
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
 
+        try:
+            self["groupMap"] = load_group_file(self["groups"]) if self["groups"] else NO_GROUPS
+        except ConfigError as e:
+            raise usage.UsageError(f"--groups: {e}") from None
+        try:
+            self["policy"] = load_acl_file(self["acl"]) if self["acl"] else AllowAuthenticated()
+        except ConfigError as e:
+            raise usage.UsageError(f"--acl: {e}") from None
+
+        # Only now, with every option valid, write to the disk.
         data_dir = self["data-dir"]
         try:
             os.makedirs(data_dir, mode=0o700, exist_ok=True)
@@ -177,12 +244,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 data_dir, self["tls-cert"], self["tls-key"]
             )
         except CertificateError as e:
-            raise usage.UsageError(str(e)) from None
-
-        try:
-            self["groupMap"] = load_group_file(self["groups"]) if self["groups"] else NO_GROUPS
-            self["policy"] = load_acl_file(self["acl"]) if self["acl"] else AllowAuthenticated()
-        except ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
 
@@ -214,15 +275,31 @@ class GatewayService(service.MultiService):
 
 
 def build_core(options: Options, reactor: Any) -> Core:
-    realm = Realm(groups=options.get("groupMap", NO_GROUPS))
-    portal = make_portal(realm, options["credCheckers"])
+    realm = Realm(groups=options["groupMap"])
+    hash_pool = HashPool(reactor, options["hash-threads"], options["hash-queue"])
+    verifier = Verifier(
+        hashes.verify, hash_pool, reactor, options["cache-ttl"], options["cache-size"]
+    )
+    for checker in options["credCheckers"]:
+        if IHashingChecker.providedBy(checker):
+            checker.use_verifier(verifier)
+    throttle = Throttle(
+        reactor,
+        max_failures=options["max-failures"],
+        window=options["failure-window"],
+        delay=options["failure-delay"],
+        max_delay=options["failure-delay-max"],
+    )
     return Core(
         reactor=reactor,
-        portal=portal,
+        portal=make_portal(realm, options["credCheckers"], throttle),
         realm=realm,
-        policy=options.get("policy") or AllowAuthenticated(),
+        policy=options["policy"],
         certificate=options["certificate"],
         data_dir=os.path.abspath(options["data-dir"]),
+        hash_pool=hash_pool,
+        verifier=verifier,
+        throttle=throttle,
     )
 
 
@@ -232,6 +309,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     core = build_core(options, reactor)
     started: list[str] = []
     top = GatewayService(core, started)
+    core.hash_pool.setServiceParent(top)
     for name, description in options["endpoints"].items():
         builder = FRONT_DOORS[name][1]
         if builder is None:

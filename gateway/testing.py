@@ -7,9 +7,9 @@ Helpers for unit-testing your own checker under C{trial}.
 
     class MyCheckerTests(SynchronousTestCase):
         def test_daniel(self):
-            creds = testing.sasl_plain("daniel", "tiger")
+            creds = testing.http_basic("daniel", "tiger")
             info = self.successResultOf(testing.authenticate(MyChecker(), creds))
-            testing.assert_auth_info(self, info, ["daniel"], groups=["staff"])
+            testing.assert_auth_info(self, info, [("daniel", "HttpBasicAuth")], groups=["staff"])
 
 L{authenticate} runs the same Portal, checker chain and realm as the gateway,
 so what you assert is what the front doors will see.
@@ -33,7 +33,7 @@ from gateway.credentials import (
     SASLCredentials,
 )
 from gateway.meta import ConnectionMeta
-from gateway.realm import Realm, login, make_portal
+from gateway.realm import Realm, make_portal
 
 _DEFAULT_PORTS = {"smtp": 587, "http": 443, "socks": 1080}
 
@@ -93,7 +93,9 @@ def authenticate(
     """
     Log in through a Portal like the gateway's and fire with the session's
     L{AuthInfo}; fails with C{UnauthorizedLogin} exactly when the gateway
-    would answer 535 / 401 / RFC 1929 status 1.
+    would answer 535 / 401 / RFC 1929 status 1. Any other error of the
+    checker or the realm fails as itself, for the test to see (the gateway
+    logs it and answers with a temporary failure).
 
     @param groups: a L{GroupMap} or a plain C{{group: [members]}} mapping,
         standing in for the C{--groups} file.
@@ -102,7 +104,8 @@ def authenticate(
         groups = GroupMap({g: tuple(m) for g, m in groups.items()})
     checkers = [checker] if ICredentialsChecker.providedBy(checker) else list(checker)
     portal = make_portal(Realm(groups=groups), checkers)
-    return login(portal, credentials, IAuthInfo).addCallback(lambda result: result[1])
+    d = portal.login(credentials, credentials, IAuthInfo)
+    return d.addCallback(lambda result: result[1])
 
 
 def assert_auth_info(

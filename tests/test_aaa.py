@@ -11,6 +11,7 @@ import os
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gateway.aaa import (
@@ -32,7 +33,7 @@ from gateway.aaa import (
     parse_acl,
     parse_groups,
 )
-from gateway.authinfo import AuthInfo, Identity, IdentityContext
+from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
 
 
 def info(*names: str, groups: tuple[str, ...] = (), peer: str | None = None) -> AuthInfo:
@@ -257,7 +258,13 @@ class MachineTests(SynchronousTestCase):
         """An IPv4-mapped IPv6 peer matches IPv4 networks (and still the mapped range)."""
         self.assertTrue(self.allowed("10.0.0.0/8", "::ffff:10.1.2.3"))
         self.assertFalse(self.allowed("10.0.0.0/8", "::ffff:11.1.2.3"))
-        self.assertTrue(self.allowed("::ffff:0:0/96", "::ffff:10.1.2.3"))
+        self.assertFalse(self.allowed("::ffff:0:0/96", "::ffff:10.1.2.3"))  # AuthInfo folds it
+
+    def test_machine_set(self) -> None:
+        """KumoMTA's C{MachineSet}: any of several addresses or networks."""
+        policy = allow_if('identity.MachineSet = ["192.0.2.7", "10.0.0.0/8"]')
+        for peer, allowed in (("192.0.2.7", True), ("10.9.9.9", True), ("192.0.2.8", False), (None, False)):
+            self.assertEqual(policy.query_resource_access(info("a", peer=peer), "r", "p"), allowed)
 
     def test_version_mismatch(self) -> None:
         self.assertFalse(self.allowed("::/0", "10.1.2.3"))
@@ -266,9 +273,18 @@ class MachineTests(SynchronousTestCase):
     def test_no_or_bad_peer(self) -> None:
         """No peer address, or one that is not an IP address, never matches."""
         self.assertFalse(self.allowed("0.0.0.0/0", None))
-        self.assertFalse(self.allowed("0.0.0.0/0", "not-an-ip"))
-        self.assertFalse(self.allowed("0.0.0.0/0", "10.1.2.3:25"))
-        self.assertFalse(self.allowed("0.0.0.0/0", ""))
+
+        @implementer(IAuthInfo)
+        class Loose:  # another IAuthInfo provider, not validated like AuthInfo
+            identities = (Identity("a"),)
+            groups = ()
+
+            def __init__(self, peer):
+                self.peer_address = peer
+
+        policy = allow_if('identity.Machine = "0.0.0.0/0"')
+        for peer in ("not-an-ip", "10.1.2.3:25", "", 7):
+            self.assertFalse(policy.query_resource_access(Loose(peer), "r", "p"))
 
     def test_compiled(self) -> None:
         """The network is parsed at load time."""
@@ -583,6 +599,12 @@ class ACLErrorTests(SynchronousTestCase):
         self.assertBodyError('identity.Machine = "10.1.2.3/8"', "has host bits set")
         self.assertBodyError('identity.Machine = "example.com"', "is not an IP address")
         self.assertBodyError("identity.Machine = 10", "identity.Machine must be a non-empty string")
+        self.assertBodyError("identity.MachineSet = []", "identity.MachineSet must be a non-empty array")
+        self.assertBodyError('identity.MachineSet = "10.0.0.1"', "identity.MachineSet must be a non-empty array")
+        self.assertBodyError(
+            'identity.MachineSet = ["10.0.0.1", "bogus"]', 'identity.MachineSet[1]: "bogus" is not an IP'
+        )
+        self.assertBodyError("identity.MachineSet = [1]", "identity.MachineSet[0] must be a string")
 
     def test_criteria_table(self) -> None:
         self.assertBodyError("criteria.Maybe = {}", 'criteria: unknown key "Maybe"')

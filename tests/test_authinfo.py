@@ -185,6 +185,25 @@ class AuthInfoTests(SynchronousTestCase):
         only_groups = AuthInfo.from_json_dict({"groups": ["g"]})
         self.assertEqual((only_groups.identities, only_groups.groups), ((), ("g",)))
 
+    def test_badIdentityNames(self) -> None:
+        """Empty names and control characters are refused: they would pass as logins or forge log lines."""
+        for name in ("", "bob\nauth success", "a\x00b", "del\x7f"):
+            self.assertRaises(ValueError, AuthInfo.from_json_dict, {"identities": [{"identity": name}]})
+
+    def test_peerAddressIsAnIP(self) -> None:
+        """peer_address is an IP address (KumoMTA's IpAddr), canonicalised."""
+        info = AuthInfo.from_json_dict({"peer_address": "::ffff:192.0.2.1"})
+        self.assertEqual(info.peer_address, "192.0.2.1")
+        self.assertEqual(AuthInfo(peer_address="2001:DB8::1").peer_address, "2001:db8::1")
+        for bad in ("not an ip", "/run/authgateway.sock", ""):
+            self.assertRaises(ValueError, AuthInfo.from_json_dict, {"peer_address": bad})
+
+    def test_hugeOrDeepJson(self) -> None:
+        """Oversized or deeply nested JSON is a ValueError, not a crash."""
+        self.assertRaises(ValueError, AuthInfo.from_json, "[" * 100000)
+        self.assertRaises(ValueError, AuthInfo.from_json, "[" * 5000 + "]" * 5000)
+        self.assertRaises(ValueError, AuthInfo.from_json, '{"groups": ["' + "g" * 70000 + '"]}')
+
     def test_identityContextOptional(self) -> None:
         """An identity object without a context gets C{GenericAuth}."""
         info = AuthInfo.from_json_dict({"identities": [{"identity": "alice"}]})
@@ -371,11 +390,12 @@ class MalformedAuthInfoTests(SynchronousTestCase):
         )
 
 
+_names = st.text(st.characters(min_codepoint=0x20, blacklist_characters="\x7f"), min_size=1)
 _identities = st.lists(
-    st.builds(Identity, st.text(), st.sampled_from(IdentityContext)), max_size=5
+    st.builds(Identity, _names, st.sampled_from(IdentityContext)), max_size=5
 )
 _groups = st.lists(st.text(min_size=1), max_size=6)
-_peers = st.none() | st.text()
+_peers = st.none() | st.ip_addresses().map(str)
 
 
 class AuthInfoPropertyTests(SynchronousTestCase):

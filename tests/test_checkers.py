@@ -7,15 +7,20 @@ C{--checker} name loading.
 from __future__ import annotations
 
 from twisted.cred import strcred
-from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gateway import testing
+from gateway.authinfo import IdentityContext
 from gateway.checkers import (
     CallableChecker,
     CheckerChain,
@@ -76,8 +81,12 @@ class CheckerChainTests(SynchronousTestCase):
         self.failureResultOf(self.check(chain), OSError)
 
     def test_success_after_outage(self):
-        chain = CheckerChain([FixedChecker(OSError("db down")), FixedChecker("second")])
-        self.assertEqual(self.successResultOf(self.check(chain)), "second")
+        """The next checker answers; the outage is still logged, without the password."""
+        chain = CheckerChain([FixedChecker(OSError("db down for tiger")), FixedChecker("second")])
+        with capturedLogs() as events:
+            self.assertEqual(self.successResultOf(self.check(chain)), "second")
+        [event] = events
+        self.assertIn("failed: OSError: (message withheld", formatEvent(event))
 
     def test_only_matching_checkers_asked(self):
         socks_only = FixedChecker("socks", (IRFC1929Credentials,))
@@ -192,6 +201,10 @@ def seed_auth_basic(user, password):
     return {"identities": [{"identity": user, "context": "HttpBasicAuth"}], "groups": entry["groups"]}
 
 
+def five_arguments(a, b, c, d, e):
+    return True
+
+
 def seed_proxy_auth(username, password, conn_meta):
     password_database = {"proxyuser": "secretpassword"}
     if password == "":
@@ -247,6 +260,21 @@ class CallableCheckerTests(SynchronousTestCase):
             groups=["group1", "group2"],
             peer_address="192.0.2.10",
         )
+
+    def test_authzid_approval(self):
+        """A function that sees authz approves it by accepting; one that does not, cannot."""
+        creds = testing.sasl_plain("daniel", "tiger", authzid="boss")
+        sees = CallableChecker(lambda authz, authc, password, meta: authz == "boss")
+        info = self.successResultOf(testing.authenticate(sees, creds))
+        self.assertEqual(info.identity_for(IdentityContext.SmtpAuthPlainAuthorization), "boss")
+        blind = CallableChecker(lambda user, password, meta: True)
+        self.failureResultOf(testing.authenticate(blind, creds), UnauthorizedLogin)
+
+    def test_sasl_detection_counts_required(self):
+        """Optional trailing parameters do not make a function SASL-style."""
+        self.assertFalse(CallableChecker(lambda user, password, meta=None, extra=None: True).sasl)
+        self.assertTrue(CallableChecker(lambda a, b, c, d: True).sasl)
+        self.assertTrue(CallableChecker(lambda authz, authc: True).sasl)
 
     def test_empty_authz_is_authc(self):
         seen = []
@@ -304,10 +332,14 @@ class CallableCheckerTests(SynchronousTestCase):
         self.assertIn("expected bool", str(f.value))
 
     def test_malformed_dict(self):
+        """The realm validates a returned dict as for any checker: an error, not a login."""
         checker = CallableChecker(lambda u, p: {"identity": u})
-        self.failureResultOf(testing.authenticate(checker, testing.http_basic("u", "p")), ValueError)
+        f = self.failureResultOf(testing.authenticate(checker, testing.http_basic("u", "p")), TypeError)
+        self.assertIn("malformed AuthInfo", str(f.value))
 
     def test_signature_errors(self):
+        self.assertRaises(TypeError, CallableChecker, lambda a, b, c, d, e: True)
+        self.assertRaises(TypeError, CallableChecker, max)  # no readable signature
         self.assertRaises(TypeError, CallableChecker, lambda password: True)
         self.assertRaises(TypeError, CallableChecker, lambda u, p, *, realm: True)
 
@@ -354,6 +386,8 @@ class LoadCheckerTests(SynchronousTestCase):
             ("tests.test_checkers.not_a_checker_factory", "not an ICredentialsChecker"),
             ("tests.test_checkers.broken_factory", "failed to start: config missing"),
             ("tests.test_checkers.PASSWORD_DATABASE", "neither a checker nor a callable"),
+            ("builtins.max", "signature cannot be read"),
+            ("tests.test_checkers.five_arguments", "requires 5 arguments"),
         ]:
             e = self.assertRaises(CheckerLoadError, load_checker, name)
             self.assertIn(words, str(e))

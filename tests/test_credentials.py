@@ -4,6 +4,7 @@ Tests for L{gateway.meta} (connection metadata) and L{gateway.credentials}.
 
 from __future__ import annotations
 
+import attrs
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.interfaces import ISSLTransport
@@ -59,22 +60,16 @@ class NormalizeIPTests(SynchronousTestCase):
         self.assertIsNone(normalize_ip(None))
 
 
+def _fields(meta: ConnectionMeta) -> tuple[object, ...]:
+    return attrs.astuple(meta, recurse=False)
+
+
 class ConnectionMetaTests(SynchronousTestCase):
     def test_defaults(self) -> None:
         """Only the protocol is required; the rest defaults to None/False/{}."""
         meta = ConnectionMeta("smtp")
         self.assertEqual(
-            (
-                meta.protocol,
-                meta.listener,
-                meta.peer_address,
-                meta.peer_port,
-                meta.local_address,
-                meta.local_port,
-                meta.tls,
-                meta.helo,
-                meta.state,
-            ),
+            _fields(meta),
             ("smtp", None, None, None, None, None, False, None, {}),
         )
 
@@ -100,17 +95,7 @@ class ConnectionMetaTests(SynchronousTestCase):
         )
         meta = ConnectionMeta.from_transport("smtp", transport, listener="submission")
         self.assertEqual(
-            (
-                meta.protocol,
-                meta.listener,
-                meta.peer_address,
-                meta.peer_port,
-                meta.local_address,
-                meta.local_port,
-                meta.tls,
-                meta.helo,
-                meta.state,
-            ),
+            _fields(meta),
             ("smtp", "submission", "192.0.2.9", 40000, "127.0.0.1", 587, False, None, {}),
         )
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import IRealm
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, implementer
@@ -20,6 +20,13 @@ from gateway import testing
 from gateway.aaa import parse_groups
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.checkers import CallableChecker
+from gateway.checkers.pipeline import (
+    AuthBackendError,
+    PoolFull,
+    TemporaryFailure,
+    Throttle,
+    Throttled,
+)
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, login, make_portal
 
@@ -54,10 +61,23 @@ class AuthInfoForTests(SynchronousTestCase):
                 self.assertEqual(info.peer_address, "192.0.2.10")
                 self.assertEqual(info.groups, ("staff", "sales"))
 
-    def test_authzid_kept_without_its_groups(self):
-        """An authorization identity is recorded but earns no group membership."""
+    def test_unapproved_authzid_refused(self):
+        """A bare avatar id does not approve acting as another authzid (RFC 4616)."""
         creds = testing.sasl_plain("daniel", "pw", authzid="boss")
-        info = self.realm.auth_info_for("daniel", creds)
+        self.assertRaises(UnauthorizedLogin, self.realm.auth_info_for, "daniel", creds)
+        same = testing.sasl_plain("daniel", "pw", authzid="daniel")
+        self.assertEqual(self.realm.auth_info_for("daniel", same).names(), {"daniel"})
+
+    def test_authzid_kept_without_its_groups(self):
+        """An approved authorization identity is recorded but earns no group membership."""
+        creds = testing.sasl_plain("daniel", "pw", authzid="boss")
+        value = {
+            "identities": [
+                {"identity": "boss", "context": "SmtpAuthPlainAuthorization"},
+                {"identity": "daniel", "context": "SmtpAuthPlainAuthentication"},
+            ]
+        }
+        info = self.realm.auth_info_for(value, creds)
         self.assertEqual(
             self.pairs(info),
             [("boss", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
@@ -81,10 +101,14 @@ class AuthInfoForTests(SynchronousTestCase):
             self.assertEqual(info.groups, ("premium-tier", "sales"))
             self.assertEqual(info.peer_address, "198.51.100.7")
 
-    def test_checker_peer_address_kept(self):
+    def test_connection_peer_wins(self):
+        """The connection's peer replaces a checker's peer_address; without one it is kept."""
         value = {"identities": [{"identity": "x"}], "peer_address": "203.0.113.9"}
         info = self.realm.auth_info_for(value, testing.http_basic("x", "pw"))
+        self.assertEqual(info.peer_address, "192.0.2.10")
+        info = self.realm.auth_info_for(value, testing.http_basic("x", "pw", peer="/run/sock"))
         self.assertEqual(info.peer_address, "203.0.113.9")
+        self.assertEqual(self.realm.auth_info_for(value).peer_address, "203.0.113.9")
 
     def test_fail_closed(self):
         """No identity means no login, whatever shape the checker chose."""
@@ -210,15 +234,69 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual((event["outcome"], event["identity"], event["mechanism"]), ("failure", "bob", "Basic"))
         self.assertNoSecret()
 
-    def test_error_event_redacted(self):
+    def test_error_event_withheld(self):
+        """A checker error naming the password: the event says where, never what."""
         portal = self.portal(SecretLeakingChecker())
-        self.failureResultOf(login(portal, testing.rfc1929("bob", SECRET), log=self.log), ValueError)
+        f = self.failureResultOf(login(portal, testing.rfc1929("bob", SECRET), log=self.log), AuthBackendError)
+        self.assertIsInstance(f.value, TemporaryFailure)
+        self.assertNotIn(SECRET, f.getTraceback())  # what the front door gets is clean too
         [event] = self.events
         self.assertEqual((event["outcome"], event["error_type"]), ("error", "ValueError"))
-        self.assertIn("backend refused bob/[REDACTED]", event["error"])
+        self.assertIn("message withheld", event["error"])
+        self.assertIn("requestAvatarId", event["traceback"])
         self.assertNoSecret()
 
-    def test_token_redacted(self):
+    def test_error_message_kept_when_clean(self):
+        @implementer(ICredentialsChecker)
+        class Down:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                raise ConnectionError("ldap.example: connection refused")
+
+        self.failureResultOf(login(self.portal(Down()), testing.rfc1929("bob", SECRET), log=self.log), AuthBackendError)
+        self.assertEqual(self.events[0]["error"], "ldap.example: connection refused")
+
+    def test_no_partial_redaction(self):
+        """A password that is a common word does not turn file names into hints."""
+        @implementer(ICredentialsChecker)
+        class Down:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                raise ConnectionError("see twisted/internet/defer.py")
+
+        self.failureResultOf(login(self.portal(Down()), testing.rfc1929("bob", "defer"), log=self.log), AuthBackendError)
+        self.assertIn("message withheld", self.events[0]["error"])
+        self.assertNotIn("[REDACTED]", formatEvent(self.events[0]))
+
+    def test_escaped_secret_withheld(self):
+        """The bytes repr of a non-ASCII password is caught too."""
+        password = "p\u00e4ssw\u00f6rt\tx"
+
+        @implementer(ICredentialsChecker)
+        class Leaky:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                raise ValueError(credentials.password.encode("utf-8"))
+
+        self.failureResultOf(login(self.portal(Leaky()), testing.rfc1929("bob", password), log=self.log), AuthBackendError)
+        self.assertIn("message withheld", self.events[0]["error"])
+
+    def test_checker_failure_message_dropped(self):
+        """UnauthorizedLogin reaches the front door without the checker's text."""
+        @implementer(ICredentialsChecker)
+        class Chatty:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                raise UnauthorizedLogin(f"wrong password {credentials.password}")
+
+        f = self.failureResultOf(login(self.portal(Chatty()), testing.rfc1929("bob", SECRET), log=self.log), UnauthorizedLogin)
+        self.assertNotIn(SECRET, f.getTraceback())
+
+    def test_token_withheld(self):
         @implementer(ICredentialsChecker)
         class TokenLeaker:
             credentialInterfaces = (IBearerToken,)
@@ -227,9 +305,29 @@ class LoginTests(SynchronousTestCase):
                 raise KeyError(credentials.token)
 
         portal = self.portal(TokenLeaker())
-        self.failureResultOf(login(portal, testing.bearer(SECRET), log=self.log), KeyError)
+        self.failureResultOf(login(portal, testing.bearer(SECRET), log=self.log), AuthBackendError)
         self.assertEqual(self.events[0]["identity"], None)
         self.assertNoSecret()
+
+    def test_unsupported_event(self):
+        f = self.failureResultOf(
+            login(self.portal(CallableChecker(lambda u, p: True)), testing.bearer(SECRET), log=self.log),
+            UnhandledCredentials,
+        )
+        self.assertEqual(self.events[0]["outcome"], "unsupported")
+        self.assertNotIn("Traceback", formatEvent(self.events[0]))
+        self.assertNotIn(SECRET, f.getTraceback())
+
+    def test_front_door_avatar_event_has_identities(self):
+        """A protocol avatar exposing auth_info still gets its identities logged."""
+        class IWidget(Interface):
+            pass
+
+        realm = Realm()
+        realm.register_avatar(IWidget, lambda info, mind: type("Avatar", (), {"auth_info": info})())
+        portal = make_portal(realm, [CallableChecker(lambda u, p: True)])
+        self.successResultOf(login(portal, testing.http_basic("bob", SECRET), IWidget, log=self.log))
+        self.assertEqual(self.events[0]["identities"], [{"identity": "bob", "context": "HttpBasicAuth"}])
 
     def test_cancelled_event(self):
         checker = PendingChecker()
@@ -237,3 +335,30 @@ class LoginTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
         self.assertEqual(self.events[0]["outcome"], "cancelled")
+
+    def test_throttled_event(self):
+        """With a throttle, the Nth failure is refused; the event says so without a traceback."""
+        clock = task.Clock()
+        throttle = Throttle(clock, max_failures=1, delay=0, max_delay=0)
+        portal = make_portal(Realm(), [CallableChecker(lambda u, p: False)], throttle=throttle)
+        creds = testing.http_basic("bob", SECRET, peer="198.51.100.1")
+        self.failureResultOf(login(portal, creds, log=self.log), UnauthorizedLogin)
+        self.failureResultOf(login(portal, creds, log=self.log), Throttled)
+        self.assertEqual([e["outcome"] for e in self.events], ["failure", "throttled"])
+        self.assertNotIn("Traceback", formatEvent(self.events[1]))
+        self.assertIn("too many failed logins", formatEvent(self.events[1]))
+        self.assertNoSecret()
+
+    def test_temporary_event(self):
+        @implementer(ICredentialsChecker)
+        class Busy:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                raise PoolFull()
+
+        self.failureResultOf(login(self.portal(Busy()), testing.rfc1929("bob", SECRET), log=self.log), PoolFull)
+        self.assertEqual(self.events[0]["outcome"], "temporary")
+        self.assertEqual(formatEvent(self.events[0]),
+                         "auth deferred: socks RFC1929 identity='bob' peer=192.0.2.10: "
+                         "password verification queue is full")

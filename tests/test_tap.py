@@ -13,6 +13,7 @@ import time
 
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import task
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
@@ -74,17 +75,21 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsage("--socks 'bogus:1'", "--socks", "bogus:1")
 
     def test_memory_authenticates(self):
-        core = tap.build_core(self.parse(), reactor=None)
+        clock = task.Clock()
+        core = tap.build_core(self.parse(), reactor=clock)
         _, info, _ = self.successResultOf(login(core.portal, testing.sasl_plain("daniel", "tiger")))
         self.assertIsInstance(info, AuthInfo)
         self.assertEqual(info.names(), {"daniel"})
-        self.failureResultOf(login(core.portal, testing.http_basic("daniel", "x")), UnauthorizedLogin)
+        d = login(core.portal, testing.http_basic("daniel", "x"))
+        self.assertNoResult(d)  # the throttle delays every failure
+        clock.advance(0.5)
+        self.failureResultOf(d, UnauthorizedLogin)
 
     def test_file_authenticates(self):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("daniel:tiger\n")
-        core = tap.build_core(self.parse(auth=("--auth", f"file:{path}")), reactor=None)
+        core = tap.build_core(self.parse(auth=("--auth", f"file:{path}")), reactor=task.Clock())
         _, info, _ = self.successResultOf(login(core.portal, testing.rfc1929("daniel", "tiger")))
         self.assertEqual(info.names(), {"daniel"})
 
@@ -93,7 +98,7 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse(
             "--auth", "memory:bob:secret", "--checker", "tests.test_checkers.seed_proxy_auth",
         )
-        core = tap.build_core(options, reactor=None)
+        core = tap.build_core(options, reactor=task.Clock())
         for creds in (
             testing.sasl_plain("daniel", "tiger"),
             testing.http_basic("bob", "secret"),
@@ -109,7 +114,7 @@ class OptionsTests(SynchronousTestCase):
             f.write('[[acl."smtp"]]\nallow = true\nprivileges = ["send"]\nidentity.Group = "staff"\n')
         options = self.parse("--groups", groups, "--acl", acl)
         self.assertIsInstance(options["policy"], AccessControlMap)
-        core = tap.build_core(options, reactor=None)
+        core = tap.build_core(options, reactor=task.Clock())
         _, info, _ = self.successResultOf(login(core.portal, testing.sasl_plain("daniel", "tiger")))
         self.assertEqual(info.groups, ("staff",))
         self.assertTrue(core.policy.query_resource_access(info, "smtp/sender/x", "send"))

@@ -18,6 +18,7 @@ from twisted.cred.checkers import FilePasswordDB, ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.reflect import namedAny
 from zope.interface import implementer
@@ -28,14 +29,17 @@ from gateway.checkers.functions import (
     proxy_server_auth_rfc1929,
     smtp_server_auth_plain,
 )
+from gateway.credentials import safe_message, secrets_of
+
+log = Logger()
 
 __all__ = [
     "CallableChecker",
     "CheckerChain",
     "CheckerLoadError",
+    "http_server_validate_auth_basic",
     "load_checker",
     "native_checker",
-    "http_server_validate_auth_basic",
     "proxy_server_auth_rfc1929",
     "smtp_server_auth_plain",
 ]
@@ -84,8 +88,14 @@ class CheckerChain:
                 continue
             except defer.CancelledError:
                 raise
-            except Exception:
+            except Exception as e:
                 error = error or Failure()
+                log.warn(
+                    "checker {checker!r} failed: {error_type}: {error}",
+                    checker=checker,
+                    error_type=type(e).__name__,
+                    error=safe_message(e, secrets_of(credentials)),
+                )
                 continue
             if result is None or result is False:
                 continue

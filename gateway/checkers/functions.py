@@ -28,23 +28,34 @@ from gateway.credentials import (
     IHTTPBasicCredentials,
     IRFC1929Credentials,
     ISASLCredentials,
+    identities_of,
 )
 
 _SASL_FIRST_NAMES = frozenset({"authz", "authzid", "authz_id"})
 
 
-def _arity(func: Callable[..., Any]) -> tuple[int, str | None]:
-    """How many positional arguments C{func} takes (4 for *args), and the first name."""
-    params = list(inspect.signature(func).parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return 4, None
+def _arity(func: Callable[..., Any]) -> tuple[int, int, str | None]:
+    """
+    How many positional arguments C{func} accepts (4 for *args), how many it
+    requires, and the name of the first one.
+
+    @raise TypeError: when the function cannot be called as a checker.
+    """
+    try:
+        params = list(inspect.signature(func).parameters.values())
+    except (TypeError, ValueError):
+        raise TypeError("its signature cannot be read") from None
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = sum(p.default is p.empty for p in positional)
     required_kw = [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.default is p.empty]
     if required_kw:
         raise TypeError(f"keyword-only parameters are not supported: {', '.join(required_kw)}")
-    if len(positional) < 2:
+    if required > 4:
+        raise TypeError(f"it requires {required} arguments; a checker gets at most 4")
+    accepted = 4 if any(p.kind is p.VAR_POSITIONAL for p in params) else min(len(positional), 4)
+    if accepted < 2:
         raise TypeError("a checker function takes at least (user, password)")
-    return len(positional), positional[0].name
+    return accepted, required, positional[0].name if positional else None
 
 
 @implementer(ICredentialsChecker)
@@ -71,9 +82,9 @@ class CallableChecker:
         ),
     ) -> None:
         self.func = func
-        self._nargs, first = _arity(func)
+        self._nargs, required, first = _arity(func)
         if sasl is None:
-            sasl = self._nargs >= 4 or first in _SASL_FIRST_NAMES
+            sasl = required == 4 or first in _SASL_FIRST_NAMES
         self.sasl = sasl
         self.credentialInterfaces = credentialInterfaces
 
@@ -92,23 +103,20 @@ class CallableChecker:
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
         d = defer.maybeDeferred(self.func, *self._arguments(credentials))
-        d.addCallback(self._awaited)
-        d.addCallback(self._interpret, credentials.username)
-        return d
+        return d.addCallback(self._interpret, credentials)
 
-    @staticmethod
-    def _awaited(result: Any) -> Any:
-        if inspect.iscoroutine(result):
-            return defer.Deferred.fromCoroutine(result)
-        return result
-
-    def _interpret(self, result: Any, username: str) -> str | AuthInfo:
+    def _interpret(self, result: Any, credentials: Any) -> str | AuthInfo | Mapping[str, Any]:
         if result is True:
-            return username
+            if self.sasl:
+                # The function saw the authzid and accepted it too.
+                return AuthInfo(
+                    identities_of(credentials, credentials.username, authzid_approved=True)
+                )
+            return credentials.username
         if result is False or result is None:
             raise UnauthorizedLogin()
         if isinstance(result, (AuthInfo, Mapping)):
-            return AuthInfo.from_json_dict(result)
+            return result  # the realm validates it, as for any checker
         raise TypeError(
             f"{self!r} returned {type(result).__name__}; expected bool or an AuthInfo-shaped dict"
         )

@@ -1,0 +1,368 @@
+# -*- test-case-name: tests.test_pipeline -*-
+"""
+The verification pipeline every front door shares:
+
+    throttle  ->  checkers  ->  cache  ->  hash in a bounded thread pool
+
+L{ThrottlingChecker} refuses a throttled peer or user before any checker
+runs and delays every failure; L{Verifier} runs password-hash verifications
+in a L{HashPool} (never on the reactor thread), caches successes and lets
+concurrent identical checks share one verification.
+
+A L{TemporaryFailure} is not a wrong password: the front doors answer it with
+454 4.7.0 (SMTP), 503 or 429 (HTTP) or close (SOCKS).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from twisted.application import service
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Interface, implementer
+
+_T = TypeVar("_T")
+
+log = Logger()
+
+
+class TemporaryFailure(Exception):
+    """The check could not be done now; the client may try again later."""
+
+
+class AuthBackendError(TemporaryFailure):
+    """A checker failed (an outage, a bug); its details went to the log only."""
+
+    def __init__(self) -> None:
+        super().__init__("the authentication backend failed")
+
+
+class PoolFull(TemporaryFailure):
+    """Too many hash verifications are already waiting for a thread."""
+
+    def __init__(self) -> None:
+        super().__init__("password verification queue is full")
+
+
+class Throttled(TemporaryFailure):
+    """Too many recent failures from this peer or for this user."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"too many failed logins; retry in {retry_after:.0f}s")
+        #: Seconds until the oldest counted failure leaves the window.
+        self.retry_after = retry_after
+
+
+class IHashingChecker(Interface):
+    """A checker whose verifications the service routes through its L{Verifier}."""
+
+    def use_verifier(verifier: Verifier) -> None:
+        """Verify hashes through C{verifier} from now on."""
+
+
+class HashPool(service.Service):
+    """
+    A thread pool for blocking hash verifications, started and stopped with
+    the service, with a bound on the verifications waiting for a thread.
+
+    @param threads: worker threads (bcrypt, argon2 and SHA-crypt release the
+        GIL, so one per core pays).
+    @param max_pending: verifications queued or running before L{run}
+        answers L{PoolFull} at once instead of adding latency.
+    """
+
+    name = "hash-pool"
+
+    def __init__(self, reactor: Any, threads: int = 2, max_pending: int = 64) -> None:
+        if threads < 1 or max_pending < 1:
+            raise ValueError("a hash pool needs at least one thread and one slot")
+        self.reactor = reactor
+        self.max_pending = max_pending
+        self.pending = 0
+        self.threadpool = ThreadPool(minthreads=threads, maxthreads=threads, name="authgateway-hash")
+
+    def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        if self.pending >= self.max_pending:
+            return defer.fail(PoolFull())
+        self.pending += 1
+
+        def done(result: Any) -> Any:
+            self.pending -= 1
+            return result
+
+        return deferToThreadPool(self.reactor, self.threadpool, f, *args).addBoth(done)
+
+    def startService(self) -> None:
+        super().startService()
+        self.threadpool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        # Waits for running hashes (bounded by the slowest hash, ~1 s).
+        self.threadpool.stop()
+
+
+class InlinePool:
+    """Runs verifications in the caller's thread: for unit tests only."""
+
+    def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        return defer.maybeDeferred(f, *args)
+
+
+def _length_prefixed(*parts: str) -> bytes:
+    out = bytearray()
+    for part in parts:
+        data = part.encode("utf-8", "surrogatepass")
+        out += len(data).to_bytes(8, "big") + data
+    return bytes(out)
+
+
+class Verifier:
+    """
+    Verify passwords against stored hashes through a pool, with a cache.
+
+    Successes are cached for C{ttl} seconds under HMAC(per-process random key,
+    length-prefixed user, password, stored hash): the key is unambiguous, and a
+    password change (a new stored hash) misses by construction. Failures are
+    not cached. Concurrent identical verifications share one pool job; each
+    caller gets its own Deferred, so one caller cancelling does not cancel
+    the others.
+
+    @param verify: C{verify(password, stored) -> bool}, blocking.
+    """
+
+    def __init__(
+        self,
+        verify: Callable[[str, str], bool],
+        pool: Any = None,
+        clock: IReactorTime | None = None,
+        ttl: float = 300.0,
+        max_entries: int = 10000,
+    ) -> None:
+        self._verify = verify
+        self.pool = pool if pool is not None else InlinePool()
+        self.clock = clock if clock is not None else _MONOTONIC
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self._key = secrets.token_bytes(32)
+        self._cache: OrderedDict[bytes, float] = OrderedDict()
+        self._inflight: dict[bytes, list[defer.Deferred[bool]]] = {}
+        self.hits = self.misses = self.coalesced = 0
+
+    def __repr__(self) -> str:
+        return f"<Verifier cached={len(self._cache)} inflight={len(self._inflight)}>"
+
+    def _cache_key(self, user: str, password: str, stored: str) -> bytes:
+        return hmac.new(self._key, _length_prefixed(user, password, stored), hashlib.sha256).digest()
+
+    def verify(self, user: str, password: str, stored: str) -> defer.Deferred[bool]:
+        key = self._cache_key(user, password, stored)
+        now = self.clock.seconds()
+        expires = self._cache.get(key)
+        if expires is not None:
+            if expires > now:
+                self._cache.move_to_end(key)
+                self.hits += 1
+                return defer.succeed(True)
+            del self._cache[key]
+        mine: defer.Deferred[bool] = defer.Deferred()
+        waiters = self._inflight.get(key)
+        if waiters is not None:
+            self.coalesced += 1
+            waiters.append(mine)
+        else:
+            self.misses += 1
+            self._inflight[key] = [mine]
+            self.pool.run(self._verify, password, stored).addBoth(self._settled, key)
+        return mine
+
+    def _settled(self, result: Any, key: bytes) -> None:
+        waiters = self._inflight.pop(key)
+        if result is True and self.ttl > 0:
+            self._cache[key] = self.clock.seconds() + self.ttl
+            self._cache.move_to_end(key)
+            while len(self._cache) > self.max_entries:
+                self._cache.popitem(last=False)
+        for d in waiters:
+            if not d.called:  # a caller may have cancelled its wait
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+class _Monotonic:
+    """The clock used when none is injected (a checker outside the service)."""
+
+    seconds = staticmethod(time.monotonic)
+
+
+_MONOTONIC = _Monotonic()
+
+
+def peer_key(address: str | None) -> str | None:
+    """
+    The throttling key of a peer address: the address itself for IPv4, its
+    /64 for IPv6 (one host usually owns a whole /64).
+    """
+    if not address:
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if ip.version == 6:
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class Throttle:
+    """
+    Failed logins counted per peer (IPv6 by /64) and per user name in a
+    sliding window. After C{max_failures} within C{window} seconds, further
+    attempts from that peer or for that user are refused (L{Throttled})
+    until the oldest failure leaves the window. Each failure is answered
+    after a delay that starts at C{delay} and doubles with every counted
+    failure, up to C{max_delay} (as Dovecot does). At most C{max_keys} peers
+    and users are tracked; the least recently failed are forgotten first.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        max_failures: int = 5,
+        window: float = 60.0,
+        delay: float = 0.5,
+        max_delay: float = 15.0,
+        max_keys: int = 100_000,
+    ) -> None:
+        if max_failures < 1 or window <= 0 or delay < 0 or max_delay < delay:
+            raise ValueError("throttle limits must be positive, with max_delay >= delay")
+        self.clock = clock
+        self.max_failures = max_failures
+        self.window = window
+        self.delay = delay
+        self.max_delay = max_delay
+        self.max_keys = max_keys
+        self._windows: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+
+    @staticmethod
+    def keys_for(peer: str | None, user: str | None) -> list[tuple[str, str]]:
+        keys = []
+        peer = peer_key(peer)
+        if peer is not None:
+            keys.append(("peer", peer))
+        if user:
+            keys.append(("user", user.casefold()))
+        return keys
+
+    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+        failures = self._windows.get(key)
+        if failures is None:
+            return deque()
+        while failures and failures[0] <= now - self.window:
+            failures.popleft()
+        if not failures:
+            del self._windows[key]
+        return failures
+
+    def check(self, peer: str | None, user: str | None) -> None:
+        """
+        @raise Throttled: when the peer or the user has used up its failures.
+        """
+        now = self.clock.seconds()
+        retry = 0.0
+        for key in self.keys_for(peer, user):
+            failures = self._recent(key, now)
+            if len(failures) >= self.max_failures:
+                retry = max(retry, failures[0] + self.window - now)
+        if retry > 0:
+            raise Throttled(retry)
+
+    def failed(self, peer: str | None, user: str | None) -> float:
+        """Count a failure; return how long to wait before answering it."""
+        now = self.clock.seconds()
+        counted = 0
+        for key in self.keys_for(peer, user):
+            failures = self._recent(key, now)
+            if key not in self._windows:
+                failures = self._windows[key] = deque(maxlen=self.max_failures)
+            failures.append(now)
+            self._windows.move_to_end(key)
+            counted = max(counted, len(failures))
+        while len(self._windows) > self.max_keys:
+            self._windows.popitem(last=False)
+        if not counted or not self.delay:
+            return 0.0
+        return min(self.delay * 2 ** (counted - 1), self.max_delay)
+
+    def succeeded(self, user: str | None) -> None:
+        """A correct password clears that user's count (not the peer's)."""
+        if user:
+            self._windows.pop(("user", user.casefold()), None)
+
+
+def _claimed_user(credentials: Any) -> str | None:
+    user = getattr(credentials, "claimed_identity", None) or getattr(credentials, "username", None)
+    if isinstance(user, bytes):
+        user = user.decode("utf-8", "replace")
+    return user if isinstance(user, str) else None
+
+
+@implementer(ICredentialsChecker)
+class ThrottlingChecker:
+    """
+    The first stage of every login: refuse throttled peers and users before
+    any checker (and so any hashing) runs; count failures and answer each one
+    only after the throttle's growing delay. Successful logins are never
+    delayed.
+    """
+
+    def __init__(self, checker: ICredentialsChecker, throttle: Throttle) -> None:
+        self.checker = checker
+        self.throttle = throttle
+
+    @property
+    def credentialInterfaces(self) -> tuple[Any, ...]:
+        return tuple(self.checker.credentialInterfaces)
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        meta = getattr(credentials, "conn_meta", None)
+        peer = getattr(meta, "peer_address", None)
+        user = _claimed_user(credentials)
+        try:
+            self.throttle.check(peer, user)
+        except Throttled:
+            return defer.fail()
+
+        def succeeded(result: Any) -> Any:
+            self.throttle.succeeded(user)
+            return result
+
+        def failed(reason: Failure) -> Any:
+            if not reason.check(UnauthorizedLogin):
+                return reason
+            delay = self.throttle.failed(peer, user)
+            if not delay:
+                return reason
+            return task.deferLater(self.throttle.clock, delay, reason.raiseException)
+
+        d = defer.maybeDeferred(self.checker.requestAvatarId, credentials)
+        return d.addCallbacks(succeeded, failed)

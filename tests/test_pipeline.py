@@ -1,0 +1,351 @@
+"""
+Tests for L{gateway.checkers.pipeline}: the bounded hash pool, the
+verification cache with coalescing, and failure throttling.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, reactor, task
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
+from gateway import testing
+from gateway.checkers.pipeline import (
+    HashPool,
+    PoolFull,
+    TemporaryFailure,
+    Throttle,
+    Throttled,
+    ThrottlingChecker,
+    Verifier,
+    peer_key,
+)
+
+
+class ManualPool:
+    """A pool whose jobs finish when the test says so."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def run(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def finish_all(self):
+        jobs, self.jobs = self.jobs, []
+        for f, args, d in jobs:
+            d.callback(f(*args))
+
+
+def plain_verify(password, stored):
+    return password == stored
+
+
+class HashPoolTests(TestCase):
+    def test_runs_off_the_reactor_thread(self):
+        pool = HashPool(reactor, threads=2, max_pending=4)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        d = pool.run(lambda: threading.current_thread() is threading.main_thread())
+        d.addCallback(self.assertFalse)
+        return d
+
+    @defer.inlineCallbacks
+    def test_full_is_a_temporary_failure(self):
+        """Past max_pending, run() fails at once; queued jobs still finish."""
+        pool = HashPool(reactor, threads=1, max_pending=2)
+        first, second = pool.run(lambda: 1), pool.run(lambda: 2)  # not started: both wait
+        self.assertEqual(pool.pending, 2)
+        full = self.failureResultOf(pool.run(lambda: 3), PoolFull)
+        self.assertIsInstance(full.value, TemporaryFailure)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        self.assertEqual((yield first), 1)
+        self.assertEqual((yield second), 2)
+        self.assertEqual(pool.pending, 0)
+        self.assertEqual((yield pool.run(lambda: 4)), 4)
+
+    @defer.inlineCallbacks
+    def test_errors_release_the_slot(self):
+        pool = HashPool(reactor, threads=1, max_pending=1)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        yield self.assertFailure(pool.run(lambda: 1 / 0), ZeroDivisionError)
+        self.assertEqual(pool.pending, 0)
+
+    def test_stop_stops_threads(self):
+        pool = HashPool(reactor, threads=1)
+        pool.startService()
+        self.assertTrue(pool.threadpool.started)
+        pool.stopService()
+        self.assertFalse(pool.threadpool.started)
+
+    def test_bad_limits(self):
+        self.assertRaises(ValueError, HashPool, reactor, threads=0)
+        self.assertRaises(ValueError, HashPool, reactor, max_pending=0)
+
+
+class VerifierTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.pool = ManualPool()
+        self.verifier = Verifier(plain_verify, self.pool, self.clock, ttl=300, max_entries=3)
+
+    def verify(self, user="daniel", password="tiger", stored="tiger"):
+        return self.verifier.verify(user, password, stored)
+
+    def test_success_cached(self):
+        d = self.verify()
+        self.assertNoResult(d)
+        self.pool.finish_all()
+        self.assertIs(self.successResultOf(d), True)
+        self.assertIs(self.successResultOf(self.verify()), True)
+        self.assertEqual((self.verifier.misses, self.verifier.hits), (1, 1))
+        self.assertEqual(self.pool.jobs, [])
+
+    def test_failure_not_cached(self):
+        for _ in range(2):
+            d = self.verify(password="lion")
+            self.pool.finish_all()
+            self.assertIs(self.successResultOf(d), False)
+        self.assertEqual((self.verifier.misses, self.verifier.hits), (2, 0))
+
+    def test_errors_not_cached(self):
+        d = self.verify()
+        _, _, job = self.pool.jobs.pop()
+        job.errback(PoolFull())
+        self.failureResultOf(d, PoolFull)
+        self.verify()
+        self.assertEqual(len(self.pool.jobs), 1)
+
+    def test_ttl(self):
+        self.verify()
+        self.pool.finish_all()
+        self.clock.advance(299)
+        self.successResultOf(self.verify())
+        self.clock.advance(1)
+        self.assertNoResult(self.verify())
+        self.assertEqual(len(self.pool.jobs), 1)
+
+    def test_new_hash_invalidates(self):
+        """A password change stores a new hash: the old entry cannot match."""
+        self.verify(stored="tiger")
+        self.pool.finish_all()
+        self.assertNoResult(self.verify(stored="tiger-rehashed"))
+
+    def test_lru_bound(self):
+        for user in "abcd":
+            self.verify(user=user)
+        self.pool.finish_all()
+        self.successResultOf(self.verify(user="d"))
+        self.assertNoResult(self.verify(user="a"))  # evicted: oldest of four in three slots
+
+    def test_lru_refreshes_on_hit(self):
+        for user in "abc":
+            self.verify(user=user)
+        self.pool.finish_all()
+        self.successResultOf(self.verify(user="a"))
+        self.verify(user="d")
+        self.pool.finish_all()
+        self.successResultOf(self.verify(user="a"))
+        self.assertNoResult(self.verify(user="b"))
+
+    def test_key_unambiguous(self):
+        """Shifting characters between user, password and hash never hits another entry."""
+        self.verifier.verify("ab", "c", "c")
+        self.pool.finish_all()
+        for user, password, stored in [("a", "bc", "c"), ("abc", "", "c"), ("ab", "cc", "")]:
+            self.assertNoResult(self.verifier.verify(user, password, stored))
+        self.assertEqual(self.verifier.hits, 0)
+
+    def test_coalescing(self):
+        """Identical concurrent checks share one job; different ones do not."""
+        a, b = self.verify(), self.verify()
+        other = self.verify(password="lion")
+        self.assertEqual(len(self.pool.jobs), 2)
+        self.assertEqual(self.verifier.coalesced, 1)
+        self.pool.finish_all()
+        self.assertEqual(
+            [self.successResultOf(a), self.successResultOf(b), self.successResultOf(other)],
+            [True, True, False],
+        )
+
+    def test_coalesced_failure_reaches_everyone(self):
+        a, b = self.verify(), self.verify()
+        _, _, job = self.pool.jobs.pop()
+        job.errback(ZeroDivisionError())
+        self.failureResultOf(a, ZeroDivisionError)
+        self.failureResultOf(b, ZeroDivisionError)
+
+    def test_cancel_one_waiter(self):
+        """One caller going away does not cancel the shared verification."""
+        a, b = self.verify(), self.verify()
+        a.cancel()
+        self.failureResultOf(a, defer.CancelledError)
+        self.pool.finish_all()
+        self.assertIs(self.successResultOf(b), True)
+        self.successResultOf(self.verify())  # and the success was cached
+
+    def test_repr_has_no_secret(self):
+        self.verify()
+        self.assertNotIn("tiger", repr(self.verifier))
+
+    def test_inline_default(self):
+        verifier = Verifier(plain_verify)
+        self.assertIs(self.successResultOf(verifier.verify("u", "p", "p")), True)
+        self.assertIs(self.successResultOf(verifier.verify("u", "p", "p")), True)
+        self.assertEqual(verifier.hits, 1)
+
+
+class PeerKeyTests(SynchronousTestCase):
+    def test_keys(self):
+        self.assertEqual(peer_key("192.0.2.1"), "192.0.2.1")
+        self.assertEqual(peer_key("2001:db8:1:2:3:4:5:6"), "2001:db8:1:2::/64")
+        self.assertEqual(peer_key("2001:db8:1:2::9"), "2001:db8:1:2::/64")
+        self.assertEqual(peer_key(None), None)
+        self.assertEqual(peer_key("/run/sock"), "/run/sock")
+
+
+class ThrottleTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.throttle = Throttle(self.clock, max_failures=3, window=60, delay=0.5, max_delay=3)
+
+    def test_window(self):
+        for _ in range(3):
+            self.throttle.check("192.0.2.1", "daniel")
+            self.clock.advance(10)
+            self.throttle.failed("192.0.2.1", "daniel")
+        e = self.assertRaises(Throttled, self.throttle.check, "192.0.2.1", None)
+        self.assertEqual(e.retry_after, 40)  # first failure at t=10 leaves at t=70; now t=30
+        self.assertIsInstance(e, TemporaryFailure)
+        self.assertRaises(Throttled, self.throttle.check, "198.51.100.7", "Daniel")  # user, any peer
+        self.throttle.check("198.51.100.7", "bob")  # others unaffected
+        self.clock.advance(39.9)
+        self.assertRaises(Throttled, self.throttle.check, "192.0.2.1", None)
+        self.clock.advance(0.1)
+        self.throttle.check("192.0.2.1", "daniel")  # the oldest failure left: 2 in window
+
+    def test_ipv6_by_64(self):
+        for i in range(3):
+            self.throttle.failed(f"2001:db8::{i + 1}", None)
+        self.assertRaises(Throttled, self.throttle.check, "2001:db8::ffff", None)
+        self.throttle.check("2001:db8:0:1::1", None)
+
+    def test_delays_double_and_cap(self):
+        throttle = Throttle(self.clock, max_failures=10, delay=0.5, max_delay=15)
+        delays = [throttle.failed("192.0.2.1", None) for _ in range(8)]
+        self.assertEqual(delays, [0.5, 1, 2, 4, 8, 15, 15, 15])
+
+    def test_delay_follows_worst_key(self):
+        """A fresh peer guessing a much-guessed user still waits long."""
+        self.throttle.failed("192.0.2.1", "daniel")
+        self.throttle.failed("192.0.2.2", "daniel")
+        self.assertEqual(self.throttle.failed("192.0.2.3", "daniel"), 2)
+
+    def test_success_clears_user_not_peer(self):
+        for _ in range(3):
+            self.throttle.failed("192.0.2.1", "daniel")
+        self.throttle.succeeded("DANIEL")
+        self.throttle.check("198.51.100.7", "daniel")
+        self.assertRaises(Throttled, self.throttle.check, "192.0.2.1", "bob")
+
+    def test_bounded_keys(self):
+        throttle = Throttle(self.clock, max_failures=1, max_keys=10)
+        for i in range(100):
+            throttle.failed(f"10.0.0.{i}", None)
+        self.assertEqual(len(throttle._windows), 10)
+        throttle.check("10.0.0.0", None)  # forgotten
+        self.assertRaises(Throttled, throttle.check, "10.0.0.99", None)
+
+    def test_zero_delay(self):
+        throttle = Throttle(self.clock, delay=0, max_delay=0)
+        self.assertEqual(throttle.failed("192.0.2.1", None), 0)
+
+    def test_bad_limits(self):
+        for kw in ({"max_failures": 0}, {"window": 0}, {"delay": -1}, {"delay": 2, "max_delay": 1}):
+            self.assertRaises(ValueError, Throttle, self.clock, **kw)
+
+
+@implementer(ICredentialsChecker)
+class CountingChecker:
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, outcome):
+        self.outcome = outcome
+        self.calls = 0
+
+    def requestAvatarId(self, credentials):
+        self.calls += 1
+        if isinstance(self.outcome, Exception):
+            return defer.fail(self.outcome)
+        return defer.succeed(self.outcome)
+
+
+class ThrottlingCheckerTests(SynchronousTestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.throttle = Throttle(self.clock, max_failures=2, window=60, delay=0.5, max_delay=15)
+
+    def checker(self, outcome):
+        inner = CountingChecker(outcome)
+        return inner, ThrottlingChecker(inner, self.throttle)
+
+    def creds(self, user="daniel", peer="192.0.2.1"):
+        return testing.sasl_plain(user, "tiger", peer=peer)
+
+    def test_interface(self):
+        _, checker = self.checker("daniel")
+        verifyObject(ICredentialsChecker, checker)
+        self.assertEqual(checker.credentialInterfaces, (IUsernamePassword,))
+
+    def test_success_not_delayed(self):
+        _, checker = self.checker("daniel")
+        self.assertEqual(self.successResultOf(checker.requestAvatarId(self.creds())), "daniel")
+
+    def test_failure_delayed_then_refused(self):
+        inner, checker = self.checker(UnauthorizedLogin())
+        d = checker.requestAvatarId(self.creds())
+        self.assertNoResult(d)
+        self.clock.advance(0.5)
+        self.failureResultOf(d, UnauthorizedLogin)
+        d = checker.requestAvatarId(self.creds())
+        self.clock.advance(0.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)
+        self.failureResultOf(d, UnauthorizedLogin)
+        # Third attempt: refused before the checker (and any hashing) runs.
+        f = self.failureResultOf(checker.requestAvatarId(self.creds(peer="198.51.100.7")), Throttled)
+        self.assertEqual(inner.calls, 2)
+        self.assertGreater(f.value.retry_after, 58)
+
+    def test_delayed_failure_cancellable(self):
+        _, checker = self.checker(UnauthorizedLogin())
+        d = checker.requestAvatarId(self.creds())
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_outage_not_counted(self):
+        inner, checker = self.checker(ZeroDivisionError())
+        for _ in range(3):
+            self.failureResultOf(checker.requestAvatarId(self.creds()), ZeroDivisionError)
+        self.assertEqual(inner.calls, 3)
+
+    def test_tokens_throttled_by_peer(self):
+        _, checker = self.checker(UnauthorizedLogin())
+        for _ in range(2):
+            d = checker.requestAvatarId(testing.bearer("nope", peer="192.0.2.1"))
+            self.clock.advance(15)
+            self.failureResultOf(d, UnauthorizedLogin)
+        self.failureResultOf(
+            checker.requestAvatarId(testing.bearer("nope", peer="192.0.2.1")), Throttled
+        )
