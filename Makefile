@@ -15,7 +15,7 @@ run: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e .
 	$(BIN)/python -m gateway.demo $(DATA_DIR)
 	$(BIN)/twistd --pidfile= -n authgateway --data-dir $(DATA_DIR) \
-		--auth file:$(DATA_DIR)/demo-users.txt
+		--auth htpasswd:$(DATA_DIR)/users.htpasswd
 
 test: $(BIN)/python
 	$(BIN)/python -m pip install --quiet -e '.[test]'

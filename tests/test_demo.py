@@ -13,6 +13,8 @@ import sys
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import demo
+from gateway.checkers import hashes
+from gateway.checkers.htpasswd import parse_htpasswd
 
 
 def _mode(path: str) -> int:
@@ -27,41 +29,51 @@ def _read(path: str) -> bytes:
 class PrepareTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.data_dir = self.mktemp()
-        self.users = os.path.join(self.data_dir, "demo-users.txt")
+        self.users = os.path.join(self.data_dir, "users.htpasswd")
         self.cert = os.path.join(self.data_dir, "tls", "cert.pem")
         self.key = os.path.join(self.data_dir, "tls", "key.pem")
 
-    def _password(self) -> str:
-        match = re.fullmatch(r"demo:([A-Za-z0-9_-]+)\n", _read(self.users).decode("ascii"))
-        self.assertIsNotNone(match, _read(self.users))
+    def _password(self, out: str) -> str:
+        match = re.search(r"shown only now: ([A-Za-z0-9_-]+)\n", out)
+        self.assertIsNotNone(match, out)
         return match.group(1)
 
+    def _check(self, password: str) -> None:
+        """The htpasswd file holds a bcrypt hash of the password, never the password."""
+        text = _read(self.users).decode("utf-8")
+        self.assertNotIn(password, text)
+        table = parse_htpasswd(text)
+        self.assertEqual(table.entries["demo"].scheme, "bcrypt")
+        self.assertEqual(table.entries["demo"].groups, ("demo",))
+        self.assertTrue(hashes.verify(password, table.entries["demo"].hash))
+
     def test_firstRun(self) -> None:
-        """The first run creates the certificate and a 0600 users file C{demo:<password>}."""
+        """The first run creates the certificate and a 0600 htpasswd file with a bcrypt demo user."""
         out = io.StringIO()
         self.assertEqual(demo.prepare(self.data_dir, out=out), self.users)
         self.assertEqual(_mode(self.data_dir), 0o700)
         self.assertTrue(os.path.isfile(self.cert))
         self.assertTrue(os.path.isfile(self.key))
         self.assertEqual(_mode(self.users), 0o600)
-        password = self._password()
+        password = self._password(out.getvalue())
         self.assertGreaterEqual(len(password), 24)
         self.assertEqual(out.getvalue().count(password), 1)
         self.assertIn(self.cert, out.getvalue())
+        self._check(password)
 
     def test_passwordsDiffer(self) -> None:
         """Two fresh data directories get different generated passwords."""
-        demo.prepare(self.data_dir, out=io.StringIO())
-        first = self._password()
-        self.data_dir = self.mktemp()
-        self.users = os.path.join(self.data_dir, "demo-users.txt")
-        demo.prepare(self.data_dir, out=io.StringIO())
-        self.assertNotEqual(self._password(), first)
+        out = io.StringIO()
+        demo.prepare(self.data_dir, out=out)
+        out2 = io.StringIO()
+        demo.prepare(self.mktemp(), out=out2)
+        self.assertNotEqual(self._password(out2.getvalue()), self._password(out.getvalue()))
 
     def test_secondRun(self) -> None:
         """A second run neither prints the password nor changes the users file or certificate."""
-        demo.prepare(self.data_dir, out=io.StringIO())
-        password = self._password()
+        first = io.StringIO()
+        demo.prepare(self.data_dir, out=first)
+        password = self._password(first.getvalue())
         before = (_read(self.users), _read(self.cert), _read(self.key))
 
         out = io.StringIO()
@@ -74,9 +86,10 @@ class PrepareTests(SynchronousTestCase):
     def test_existingDirectory(self) -> None:
         """An existing empty data directory is filled in."""
         os.makedirs(self.data_dir)
-        demo.prepare(self.data_dir, out=io.StringIO())
+        out = io.StringIO()
+        demo.prepare(self.data_dir, out=out)
         self.assertTrue(os.path.isfile(self.cert))
-        self._password()
+        self._check(self._password(out.getvalue()))
 
 
 class MainTests(SynchronousTestCase):
@@ -116,6 +129,7 @@ class MainTests(SynchronousTestCase):
         data_dir = self.mktemp()
         self.assertEqual(demo.main([data_dir]), 0)
         self.assertEqual(self.stderr.getvalue(), "")
-        with open(os.path.join(data_dir, "demo-users.txt")) as f:
-            password = f.read().strip().split(":", 1)[1]
-        self.assertEqual(stdout.getvalue().count(password), 1)
+        password = re.search(r"shown only now: (\S+)", stdout.getvalue()).group(1)
+        with open(os.path.join(data_dir, "users.htpasswd")) as f:
+            entry = parse_htpasswd(f.read()).entries["demo"]
+        self.assertTrue(hashes.verify(password, entry.hash))

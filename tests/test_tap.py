@@ -9,19 +9,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import task
+from twisted.internet import defer, reactor, task
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from gateway import tap, testing
 from gateway.aaa import AccessControlMap, AllowAuthenticated
 from gateway.authinfo import AuthInfo
+from gateway.checkers import hashes
+from gateway.checkers.files import atomic_write
 from gateway.realm import login
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -132,6 +135,9 @@ class OptionsTests(SynchronousTestCase):
         self.assertUsage("--auth bogus: unknown auth type (known:", "--auth", "bogus:x")
         self.assertUsage(f"--auth file:{missing}: No such file or directory", "--auth", f"file:{missing}")
         self.assertUsage("--auth file:: a file name is required", "--auth", "file:")
+        self.assertUsage(f"--auth htpasswd: {missing}: No such file", "--auth", f"htpasswd:{missing}")
+        self.assertUsage("--auth tokens: a file name is required", "--auth", "tokens:")
+        self.assertUsage("--auth memory: give USER:PASSWORD", "--auth", "memory:")
         self.assertUsage("--checker: cannot import", "--checker", "no.such.Checker")
         self.assertUsage(f"cannot read TLS certificate {missing}", "--tls-cert", missing)
         self.assertUsage("--tls-key needs --tls-cert", "--tls-key", missing)
@@ -179,6 +185,61 @@ class MakeServiceTests(SynchronousTestCase):
         svc.startService()
         self.assertTrue(svc.running)
         svc.stopService()
+
+
+class PipelineWiringTests(TestCase):
+    """The service owns the hash pool; htpasswd checkers verify through it."""
+
+    def setUp(self):
+        self.htpasswd = self.mktemp()
+        atomic_write(self.htpasswd, f"daniel:{hashes.make_hash('tiger', 'bcrypt', cost=4)}\n")
+
+    def options(self, *args):
+        options = tap.Options()
+        options.parseOptions(
+            ["--data-dir", self.mktemp(), "--auth", f"htpasswd:{self.htpasswd}", *args]
+        )
+        return options
+
+    def test_pipeline_options(self):
+        options = self.options(
+            "--hash-threads", "3", "--hash-queue", "7", "--cache-ttl", "0", "--cache-size", "5",
+            "--max-failures", "2", "--failure-window", "9", "--failure-delay", "0",
+            "--failure-delay-max", "0",
+        )
+        core = tap.build_core(options, reactor=task.Clock())
+        self.assertEqual(core.hash_pool.threadpool.max, 3)
+        self.assertEqual(core.hash_pool.max_pending, 7)
+        self.assertEqual((core.verifier.ttl, core.verifier.max_entries), (0, 5))
+        self.assertEqual((core.throttle.max_failures, core.throttle.window), (2, 9))
+        [checker] = options["credCheckers"]
+        self.assertIs(checker.verifier, core.verifier)
+
+    def test_bad_pipeline_options(self):
+        for args, words in [
+            (("--hash-queue", "0"), "--hash-queue '0': must be a whole number > 0"),
+            (("--cache-ttl", "soon"), "--cache-ttl 'soon': must be a number >= 0"),
+            (("--failure-delay", "2", "--failure-delay-max", "1"), "--failure-delay-max must not"),
+        ]:
+            e = self.assertRaises(usage.UsageError, self.options, *args)
+            self.assertIn(words, str(e))
+
+    @defer.inlineCallbacks
+    def test_verification_off_the_reactor_thread(self):
+        svc = tap.makeService(self.options(), reactor=reactor)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        self.assertTrue(svc.core.hash_pool.running)
+        threads_seen = []
+        verify = svc.core.verifier._verify
+        svc.core.verifier._verify = lambda *a: threads_seen.append(threading.current_thread()) or verify(*a)
+        _, info, _ = yield login(svc.core.portal, testing.http_basic("daniel", "tiger"))
+        self.assertEqual(info.names(), {"daniel"})
+        self.assertNotIn(threading.main_thread(), threads_seen)
+        self.assertEqual(len(threads_seen), 1)
+        yield login(svc.core.portal, testing.http_basic("daniel", "tiger"))
+        self.assertEqual(len(threads_seen), 1)  # cached
+        self.assertEqual(svc.core.verifier.hits, 1)
 
 
 def _require_twistd():

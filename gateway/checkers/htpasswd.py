@@ -1,0 +1,345 @@
+# -*- test-case-name: tests.test_stores -*-
+"""
+Apache/nginx htpasswd files: C{user:hash} lines, parsed into an immutable
+L{PasswordTable}, and the rewrites behind C{authgateway user add/del/list}.
+
+nginx allows a third, free-form field; when it starts with C{groups=} we read
+it as a comma-separated group list. A line that cannot be used is skipped and
+reported as C{PATH:LINE: reason}; it never stops the other users, and its hash
+is never shown. As in Apache, the first line naming a user wins.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.strcred import ICheckerFactory
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from gateway.authinfo import AuthInfo
+from gateway.checkers import hashes
+from gateway.checkers.files import (
+    MAX_LINE,
+    StoreError,
+    WatchedFile,
+    append_line,
+    atomic_write,
+    check_groups,
+    check_user_name,
+    directory_of,
+    locked,
+    parse_groups_field,
+    quote,
+    read_existing,
+    read_text,
+    split_bom,
+    split_lines,
+)
+from gateway.checkers.pipeline import IHashingChecker, Verifier
+from gateway.credentials import identities_of
+
+_GROUPS = "groups="
+
+_log = Logger()
+
+
+@attrs.frozen
+class PasswordEntry:
+    """One user of an htpasswd file; the repr leaves the hash out."""
+
+    user: str
+    hash: str = attrs.field(repr=False)
+    groups: tuple[str, ...] = ()
+    lineno: int = 0
+
+    @property
+    def scheme(self) -> str:
+        """The hash scheme, such as C{bcrypt} or C{apr1}."""
+        return hashes.scheme_of(self.hash)
+
+
+def _entries(value: Mapping[str, PasswordEntry]) -> Mapping[str, PasswordEntry]:
+    return MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class PasswordTable:
+    """The usable entries of one htpasswd file, and what was wrong with the rest."""
+
+    path: str
+    entries: Mapping[str, PasswordEntry] = attrs.field(converter=_entries, hash=False)
+    problems: tuple[str, ...] = ()
+
+    @property
+    def legacy(self) -> frozenset[str]:
+        """The weak schemes in use (apr1, sha1, ...): users to re-add with bcrypt."""
+        return frozenset(e.scheme for e in self.entries.values()) & hashes.LEGACY_SCHEMES
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def _user_field(line: str) -> str | None:
+    """The user a line names, or C{None} for blank, comment, overlong or colon-less lines."""
+    line = line.removesuffix("\n")
+    if len(line) > MAX_LINE:
+        return None
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    user, colon, _ = line.partition(":")
+    return user if colon and user else None
+
+
+def parse_htpasswd(text: str, path: str = "<htpasswd>") -> PasswordTable:
+    """
+    Parse htpasswd text. Blank and C{#} lines are ignored, CRLF is accepted.
+
+    @param path: the file name used in problem reports.
+    """
+    entries: dict[str, PasswordEntry] = {}
+    first_line: dict[str, int] = {}
+    problems: list[str] = []
+    for lineno, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        if len(raw) > MAX_LINE:
+            problems.append(f"{path}:{lineno}: line longer than {MAX_LINE} characters")
+            continue
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, colon, rest = line.partition(":")
+        if not colon:
+            problems.append(f"{path}:{lineno}: no ':' between user name and hash")
+            continue
+        if not user:
+            problems.append(f"{path}:{lineno}: empty user name")
+            continue
+        if user in first_line:
+            problems.append(
+                f"{path}:{lineno}: duplicate user {quote(user)} "
+                f"(line {first_line[user]} wins)"
+            )
+            continue
+        first_line[user] = lineno
+        hash_, _, comment = rest.partition(":")
+        if not hash_:
+            problems.append(f"{path}:{lineno}: empty hash for user {quote(user)}")
+            continue
+        try:
+            hashes.scheme_of(hash_)
+        except hashes.UnsupportedHash as e:
+            problems.append(f"{path}:{lineno}: user {quote(user)}: {e}")
+            continue
+        groups: tuple[str, ...] = ()
+        if comment.startswith(_GROUPS):
+            groups, problem = parse_groups_field(comment[len(_GROUPS) :])
+            if problem:
+                problems.append(f"{path}:{lineno}: user {quote(user)}: {problem}")
+                continue
+        entries[user] = PasswordEntry(user, hash_, groups, lineno)
+    return PasswordTable(path, entries, tuple(problems))
+
+
+def add_user(
+    path: str | os.PathLike[str],
+    user: str,
+    password: str,
+    *,
+    groups: Iterable[str] = (),
+    scheme: str = "bcrypt",
+    cost: int | None = None,
+) -> bool:
+    """
+    Add C{user} to the htpasswd file at C{path}, creating the file if needed.
+    The hash is computed before the file is locked.
+
+    @return: whether the file was created.
+    @raise StoreError: bad user or group name, user already present, bad
+        scheme/cost/password, or the file or its directory cannot be used.
+    """
+    name = os.fspath(path)
+    check_user_name(user)
+    group_names = check_groups(groups)
+    directory = directory_of(name)
+    if not os.path.isdir(directory):
+        raise StoreError(f"{directory}: no such directory")
+    _refuse_duplicate(name, read_existing(name), user)
+    try:
+        password.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoreError("password is not valid Unicode") from None
+    try:
+        stored = hashes.make_hash(password, scheme, cost=cost)
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+    line = f"{user}:{stored}"
+    if group_names:
+        line += f":{_GROUPS}{','.join(group_names)}"
+    with locked(name):
+        text = read_existing(name)
+        _refuse_duplicate(name, text, user)
+        bom, body = split_bom(text or "")
+        atomic_write(name, bom + append_line(body, line))
+    return text is None
+
+
+def _refuse_duplicate(name: str, text: str | None, user: str) -> None:
+    if text is None:
+        return
+    _, body = split_bom(text)
+    if any(_user_field(line) == user for line in split_lines(body)):
+        raise StoreError(f"{name}: user {quote(user)} already exists")
+
+
+def delete_user(path: str | os.PathLike[str], user: str) -> None:
+    """
+    Remove every line naming C{user} (a later duplicate must not take over).
+
+    @raise StoreError: the file is missing or has no such user.
+    """
+    name = os.fspath(path)
+    with locked(name):
+        bom, body = split_bom(read_text(name))
+        lines = split_lines(body)
+        kept = [line for line in lines if _user_field(line) != user]
+        if len(kept) == len(lines):
+            raise StoreError(f"{name}: no user {quote(user)}")
+        atomic_write(name, bom + "".join(kept))
+
+
+def list_users(path: str | os.PathLike[str]) -> PasswordTable:
+    """
+    Read and parse the htpasswd file at C{path}.
+
+    @raise StoreError: the file is missing or unreadable.
+    """
+    name = os.fspath(path)
+    return parse_htpasswd(read_text(name), name)
+
+
+@implementer(ICredentialsChecker, IHashingChecker)
+class HtpasswdChecker:
+    """
+    C{--auth htpasswd:PATH}: users of an Apache/nginx htpasswd file.
+
+    Verification goes through a L{Verifier}: in the gateway, the service's
+    (a bounded thread pool and a success cache); standalone, an inline one.
+    An unknown user is verified against a dummy hash with the cost of the
+    file's most common one, so that it costs what a wrong password costs.
+    The file is re-read when it changes; problems are logged, never fatal.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        verifier: Verifier | None = None,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.verifier = verifier if verifier is not None else Verifier(hashes.verify)
+        self._legacy_warned = False
+        self._dummy: tuple[str, str] | None = None  # (cost_of, dummy hash)
+        self.file = WatchedFile(path, self._load, now)
+
+    def __repr__(self) -> str:
+        return f"<HtpasswdChecker {self.file.path!r}>"
+
+    def use_verifier(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+
+    def _load(self, text: str, path: str) -> PasswordTable:
+        table = parse_htpasswd(text, path)
+        for problem in table.problems:
+            _log.warn("{problem}; line skipped", problem=problem)
+        if table.legacy and not self._legacy_warned:
+            self._legacy_warned = True
+            _log.warn(
+                "{path}: weak legacy hashes in use ({schemes}); re-add those users "
+                "with 'authgateway user add' (bcrypt)",
+                path=path,
+                schemes=", ".join(sorted(table.legacy)),
+            )
+        self._refresh_dummy(table)
+        return table
+
+    def _refresh_dummy(self, table: PasswordTable) -> None:
+        costs = Counter(hashes.cost_of(e.hash) for e in table.entries.values())
+        if not costs:
+            self._dummy = None
+            return
+        cost = costs.most_common(1)[0][0]
+        if self._dummy is not None and self._dummy[0] == cost:
+            return
+        template = next(e.hash for e in table.entries.values() if hashes.cost_of(e.hash) == cost)
+        if self._dummy is None:
+            # First load, at start-up: hashing here blocks nothing yet.
+            self._dummy = (cost, hashes.dummy_like(template))
+            return
+
+        def ready(dummy: str) -> None:
+            self._dummy = (cost, dummy)
+
+        # A reload inside the running gateway: make it in the pool, keep the
+        # old dummy meanwhile.
+        self.verifier.pool.run(hashes.dummy_like, template).addCallbacks(
+            ready, lambda f: _log.failure("cannot make a dummy hash for {path}", f, path=table.path)
+        )
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        table = self.file.current()
+        user, password = credentials.username, credentials.password
+        if isinstance(user, bytes) or isinstance(password, bytes):
+            try:
+                user, password = _text(user), _text(password)
+            except UnicodeDecodeError:
+                return defer.fail(UnauthorizedLogin())
+        entry = table.entries.get(user)
+        if entry is not None:
+            stored = entry.hash
+        elif self._dummy is not None:
+            stored = self._dummy[1]
+        else:  # an empty file: nobody to pretend to be
+            return defer.fail(UnauthorizedLogin())
+
+        def verified(ok: bool) -> AuthInfo:
+            if not ok or entry is None:
+                raise UnauthorizedLogin()
+            return AuthInfo(identities_of(credentials, entry.user), entry.groups)
+
+        return self.verifier.verify(user, password, stored).addCallback(verified)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+@implementer(ICheckerFactory, IPlugin)
+class HtpasswdCheckerFactory:
+    """The C{--auth htpasswd:PATH} plugin."""
+
+    authType = "htpasswd"
+    argStringFormat = "PATH"
+    authHelp = (
+        "An Apache/nginx htpasswd file (bcrypt, argon2id, SHA-crypt; legacy apr1, "
+        "{SHA}, {SSHA} with a warning). A third field 'groups=a,b' gives groups. "
+        "Re-read when it changes; manage it with 'authgateway user'."
+    )
+    credentialInterfaces = (IUsernamePassword,)
+
+    def generateChecker(self, argstring: str) -> HtpasswdChecker:
+        if not argstring:
+            raise StoreError("a file name is required")
+        return HtpasswdChecker(argstring)
