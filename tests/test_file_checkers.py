@@ -19,12 +19,33 @@ from gateway import testing
 from gateway.checkers import hashes
 from gateway.checkers.files import StoreError, WatchedFile, atomic_write
 from gateway.checkers.htpasswd import HtpasswdChecker, add_user, delete_user
-from gateway.checkers.pipeline import IHashingChecker, Verifier
+from gateway.checkers.pipeline import IHashingChecker, InlinePool, Verifier
 from gateway.checkers.tokens import TokenChecker, add_token, revoke
 
 # Cheap hashes keep the module fast; bcrypt cost 4 is the minimum.
 DANIEL = hashes.make_hash("tiger", "bcrypt", cost=4)
 BOB = hashes.make_hash("secret", "bcrypt", cost=4)
+
+
+def inline():
+    return Verifier(hashes.verify, InlinePool())
+
+
+class ManualPool:
+    """A pool whose jobs run when the test says so."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def run(self, f, *args):
+        d = defer.Deferred()
+        self.jobs.append((f, args, d))
+        return d
+
+    def finish_all(self):
+        jobs, self.jobs = self.jobs, []
+        for f, args, d in jobs:
+            d.callback(f(*args))
 
 
 class RecordingPool:
@@ -51,7 +72,7 @@ class WatchedFileTests(SynchronousTestCase):
         return text.strip()
 
     def watched(self):
-        return WatchedFile(self.path, self.parse, self.clock.seconds, interval=1.0)
+        return WatchedFile(self.path, self.parse, now=self.clock.seconds, interval=1.0)
 
     def test_reload_after_interval(self):
         watched = self.watched()
@@ -170,7 +191,7 @@ class HtpasswdCheckerTests(SynchronousTestCase):
         path = self.mktemp()
         atomic_write(path, "old:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n")
         with capturedLogs() as events:
-            checker = HtpasswdChecker(path, now=self.clock.seconds)
+            checker = HtpasswdChecker(path, inline(), now=self.clock.seconds)
             atomic_write(path, "old:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\nnew:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n")
             self.clock.advance(1)
             checker.file.current()
@@ -182,17 +203,92 @@ class HtpasswdCheckerTests(SynchronousTestCase):
     def test_empty_file(self):
         path = self.mktemp()
         atomic_write(path, "# nobody yet\n")
-        checker = HtpasswdChecker(path)
+        checker = HtpasswdChecker(path, inline())
         self.failureResultOf(
             testing.authenticate(checker, testing.http_basic("a", "b")), UnauthorizedLogin
         )
 
-    def test_dummy_remade_in_pool_when_cost_changes(self):
-        atomic_write(self.path, f"carol:{hashes.make_hash('pw', 'bcrypt', cost=5)}\n")
+
+
+class ReloadInPoolTests(SynchronousTestCase):
+    """In the running gateway, reloads and new dummy hashes are made in the pool."""
+
+    def setUp(self):
+        self.clock = task.Clock()
+        self.path = self.mktemp()
+        atomic_write(self.path, f"daniel:{DANIEL}\n")
+        self.pool = ManualPool()
+        self.checker = HtpasswdChecker(
+            self.path, Verifier(hashes.verify, self.pool), now=self.clock.seconds
+        )
+
+    def reload(self):
         self.clock.advance(1)
         self.checker.file.current()
-        self.failureResultOf(self.login("mallory", "x"), UnauthorizedLogin)
-        self.assertEqual(hashes.cost_of(self.pool.stored[-1]), "bcrypt cost 5")
+
+    def jobs(self):
+        return [f for f, _, _ in self.pool.jobs]
+
+    def test_reload_read_in_pool(self):
+        atomic_write(self.path, f"carol:{BOB}\n")
+        self.reload()
+        self.assertEqual(len(self.pool.jobs), 1)  # the read and parse
+        self.assertIn("daniel", self.checker.file.current().entries)  # old table meanwhile
+        self.clock.advance(5)
+        self.checker.file.current()
+        self.assertEqual(len(self.pool.jobs), 1)  # one reload at a time
+        self.pool.finish_all()
+        self.assertEqual(set(self.checker.file.current().entries), {"carol"})
+
+    def test_dummy_remade_in_pool_when_cost_changes(self):
+        old_dummy = self.checker._dummy[1]
+        atomic_write(self.path, f"carol:{hashes.make_hash('pw', 'bcrypt', cost=5)}\n")
+        self.reload()
+        self.pool.finish_all()  # the read; it queues the new dummy
+        self.assertEqual(self.jobs(), [hashes.dummy_like])
+        d = testing.authenticate(self.checker, testing.http_basic("mallory", "x"))
+        self.assertEqual(self.pool.jobs[-1][1][1], old_dummy)  # the old one meanwhile
+        self.pool.finish_all()
+        self.failureResultOf(d, UnauthorizedLogin)
+        d = testing.authenticate(self.checker, testing.http_basic("mallory", "x"))
+        self.assertEqual(hashes.cost_of(self.pool.jobs[-1][1][1]), "bcrypt cost 5")
+        self.pool.finish_all()
+        self.failureResultOf(d, UnauthorizedLogin)
+
+    def test_first_user_after_empty_file(self):
+        """From an empty file to a first user, the dummy is not hashed inline."""
+        atomic_write(self.path, "")
+        self.reload()
+        self.pool.finish_all()
+        self.assertIsNone(self.checker._dummy)
+        atomic_write(self.path, f"daniel:{DANIEL}\n")
+        self.reload()
+        self.pool.finish_all()  # the read
+        self.assertEqual(self.jobs(), [hashes.dummy_like])
+        self.pool.finish_all()
+        self.assertEqual(hashes.cost_of(self.checker._dummy[1]), "bcrypt cost 4")
+
+    def test_stale_dummy_discarded(self):
+        """Two quick cost changes: the dummy of the older file never wins."""
+        cost5 = hashes.make_hash("pw", "bcrypt", cost=5)
+        atomic_write(self.path, f"a:{cost5}\n")
+        self.reload()
+        self.pool.finish_all()  # the read; queues the cost-5 dummy
+        [(_, _, late)] = self.pool.jobs
+        self.pool.jobs.clear()
+        atomic_write(self.path, f"b:{hashes.make_hash('pw', 'bcrypt', cost=6)}\n")
+        self.reload()
+        self.pool.finish_all()  # the read; queues the cost-6 dummy
+        self.pool.finish_all()
+        late.callback(hashes.dummy_like(cost5))  # the older job finishes last
+        self.assertEqual(hashes.cost_of(self.checker._dummy[1]), "bcrypt cost 6")
+
+    def test_default_verifier_off_the_reactor(self):
+        """Outside the gateway's service (another twistd plugin), hashing uses the reactor's pool."""
+        from twisted.internet import reactor
+
+        checker = HtpasswdChecker(self.path)
+        self.assertIs(checker.verifier.pool.threadpool, reactor.getThreadPool())
 
 
 class TokenCheckerTests(SynchronousTestCase):

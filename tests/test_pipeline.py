@@ -19,6 +19,7 @@ from gateway import testing
 from gateway.checkers.pipeline import (
     HashPool,
     PoolFull,
+    ShuttingDown,
     TemporaryFailure,
     Throttle,
     Throttled,
@@ -80,6 +81,35 @@ class HashPoolTests(TestCase):
         self.addCleanup(pool.stopService)
         yield self.assertFailure(pool.run(lambda: 1 / 0), ZeroDivisionError)
         self.assertEqual(pool.pending, 0)
+
+    @defer.inlineCallbacks
+    def test_stop_drops_queued_jobs(self):
+        """Stopping waits for the running hash only; queued ones fail, unrun."""
+        pool = HashPool(reactor, threads=1, max_pending=10)
+        pool.startService()
+        started, release = threading.Event(), threading.Event()
+        ran = []
+
+        def slow():
+            started.set()
+            release.wait(10)
+            return "first"
+
+        first = pool.run(slow)
+        queued = [pool.run(ran.append, i) for i in range(5)]
+        self.assertTrue(started.wait(10))
+        threading.Timer(0.05, release.set).start()
+        pool.stopService()
+        self.assertEqual((yield first), "first")
+        for d in queued:
+            yield self.assertFailure(d, ShuttingDown)
+        self.assertEqual(ran, [])
+        self.failureResultOf(pool.run(ran.append, 9), ShuttingDown)
+
+    def test_shared_pool(self):
+        pool = HashPool.shared(max_pending=3)
+        self.assertIs(pool.threadpool, reactor.getThreadPool())
+        self.assertFalse(pool._own)  # never started or stopped by us
 
     def test_stop_stops_threads(self):
         pool = HashPool(reactor, threads=1)
@@ -266,6 +296,11 @@ class ThrottleTests(SynchronousTestCase):
         throttle.check("10.0.0.0", None)  # forgotten
         self.assertRaises(Throttled, throttle.check, "10.0.0.99", None)
 
+    def test_user_keys_are_digests(self):
+        """A long user name is not kept: the key has a fixed size."""
+        [(kind, key)] = Throttle.keys_for(None, "x" * 1000)
+        self.assertEqual((kind, len(key)), ("user", 16))
+
     def test_zero_delay(self):
         throttle = Throttle(self.clock, delay=0, max_delay=0)
         self.assertEqual(throttle.failed("192.0.2.1", None), 0)
@@ -326,6 +361,37 @@ class ThrottlingCheckerTests(SynchronousTestCase):
         f = self.failureResultOf(checker.requestAvatarId(self.creds(peer="198.51.100.7")), Throttled)
         self.assertEqual(inner.calls, 2)
         self.assertGreater(f.value.retry_after, 58)
+
+    def test_concurrent_attempts_count(self):
+        """Guesses in flight count against the limit: no racing past the throttle."""
+        pending = []
+
+        @implementer(ICredentialsChecker)
+        class Slow:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                pending.append(defer.Deferred())
+                return pending[-1]
+
+        checker = ThrottlingChecker(Slow(), self.throttle)
+        attempts = [checker.requestAvatarId(self.creds(user=f"u{i}")) for i in range(5)]
+        self.assertEqual(len(pending), 2)  # max_failures=2: the rest refused at once
+        for d in attempts[2:]:
+            self.assertLessEqual(self.failureResultOf(d, Throttled).value.retry_after, 1)
+        for d in pending:
+            d.errback(UnauthorizedLogin())
+        self.clock.advance(15)
+        for d in attempts[:2]:
+            self.failureResultOf(d, UnauthorizedLogin)
+        self.failureResultOf(checker.requestAvatarId(self.creds(user="other")), Throttled)
+        self.assertEqual(self.throttle._inflight, {})
+
+    def test_success_releases_slot(self):
+        _, checker = self.checker("daniel")
+        for _ in range(5):
+            self.successResultOf(checker.requestAvatarId(self.creds()))
+        self.assertEqual(self.throttle._inflight, {})
 
     def test_delayed_failure_cancellable(self):
         _, checker = self.checker(UnauthorizedLogin())

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from twisted.logger import Logger
 
@@ -61,6 +61,11 @@ def read_text(path: str | os.PathLike[str]) -> str:
             data = f.read()
     except OSError as e:
         raise StoreError(f"{name}: {_reason(e)}") from None
+    return decode_utf8(data, name)
+
+
+def decode_utf8(data: bytes, name: str) -> str:
+    """C{data} as text, or L{StoreError} naming the first bad line of C{name}."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -252,28 +257,41 @@ class WatchedFile(Generic[_T]):
     running gateway picks up C{authgateway user add} without a restart.
 
     L{current} looks at the file at most every C{interval} seconds; a change
-    is a new inode (an atomic rename), size or modification time. When a
-    reload fails (the file vanished, is unreadable or not UTF-8), the last
-    good value stays in use and the error is logged once.
+    is a new inode (an atomic rename), size or modification time. A reload
+    reads and parses in C{loader} (a thread pool, so that a large file never
+    stalls the reactor) and swaps the new value in when it is ready; until
+    then, and when a reload fails (the file vanished, is unreadable or not
+    UTF-8), the last good value stays in use and the error is logged once.
 
-    @param parse: C{parse(text, path)}, the value's constructor.
+    @param parse: C{parse(text, path)}, the value's constructor; it runs in
+        the loader's thread, so it must not touch shared state.
+    @param on_load: called with each new value, in the reactor thread, before
+        it is used (to log the file's problems, for instance).
+    @param loader: C{loader(f, *args) -> Deferred}; None reads inline.
     @param now: the clock, C{time.monotonic} unless a test injects one.
-    @raise StoreError: when the first read fails.
+    @raise StoreError: when the first read (always inline) fails.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         parse: Callable[[str, str], _T],
+        on_load: Callable[[_T], None] | None = None,
+        loader: Callable[..., Any] | None = None,
         now: Callable[[], float] = time.monotonic,
         interval: float = 1.0,
     ) -> None:
         self.path = os.fspath(path)
         self._parse = parse
+        self._on_load = on_load or (lambda value: None)
+        self.loader = loader
         self._now = now
         self.interval = interval
         self._failing: str | None = None
-        self._signature, self.value = self._read()
+        self._loading = False
+        self._signature, value = self._read()
+        self._on_load(value)
+        self.value = value
         self._checked = now()
 
     def __repr__(self) -> str:
@@ -292,31 +310,46 @@ class WatchedFile(Generic[_T]):
             raise StoreError(f"{self.path}: {_reason(e)}") from None
         if len(data) > MAX_FILE:
             raise StoreError(f"{self.path}: larger than {MAX_FILE} bytes")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            line = data.count(b"\n", 0, e.start) + 1
-            raise StoreError(f"{self.path}:{line}: not valid UTF-8") from None
-        return signature, self._parse(text, self.path)
+        return signature, self._parse(decode_utf8(data, self.path), self.path)
 
     def current(self) -> _T:
-        """The value, re-read first if the file changed since the last look."""
+        """The value; starts a reload first if the file changed since the last look."""
         now = self._now()
-        if now - self._checked < self.interval:
+        if self._loading or now - self._checked < self.interval:
             return self.value
         self._checked = now
         try:
             changed = self._signature_of(os.stat(self.path)) != self._signature
-            if changed:
-                self._signature, self.value = self._read()
-        except (OSError, StoreError) as e:
-            message = str(e) if isinstance(e, StoreError) else f"{self.path}: {_reason(e)}"
-            if message != self._failing:
-                _log.error("cannot reload {problem}; still using the last good version",
-                           problem=message)
-                self._failing = message
+        except OSError as e:
+            self._failed(f"{self.path}: {_reason(e)}")
             return self.value
-        if changed:
-            _log.info("reloaded {path}", path=self.path)
-        self._failing = None
+        if not changed:
+            self._failing = None
+        elif self.loader is None:
+            try:
+                self._loaded(self._read())
+            except StoreError as e:
+                self._failed(str(e))
+        else:
+            self._loading = True
+            d = self.loader(self._read)
+            d.addCallback(self._loaded)
+            d.addErrback(lambda f: self._failed(str(f.value)))
+            d.addBoth(self._done_loading)
         return self.value
+
+    def _loaded(self, read: tuple[tuple[int, ...], _T]) -> None:
+        self._signature, value = read
+        self._on_load(value)
+        self.value = value
+        self._failing = None
+        _log.info("reloaded {path}", path=self.path)
+
+    def _failed(self, problem: str) -> None:
+        if problem != self._failing:
+            _log.error("cannot reload {problem}; still using the last good version",
+                       problem=problem)
+            self._failing = problem
+
+    def _done_loading(self, _: Any) -> None:
+        self._loading = False

@@ -47,7 +47,7 @@ from gateway.checkers.files import (
     split_bom,
     split_lines,
 )
-from gateway.checkers.pipeline import IHashingChecker, Verifier
+from gateway.checkers.pipeline import HashPool, IHashingChecker, Verifier
 from gateway.credentials import identities_of
 
 _GROUPS = "groups="
@@ -63,11 +63,14 @@ class PasswordEntry:
     hash: str = attrs.field(repr=False)
     groups: tuple[str, ...] = ()
     lineno: int = 0
-
-    @property
-    def scheme(self) -> str:
-        """The hash scheme, such as C{bcrypt} or C{apr1}."""
-        return hashes.scheme_of(self.hash)
+    #: The hash scheme, such as C{bcrypt} or C{apr1}, and its work factor
+    #: (L{hashes.cost_of}); worked out once, when the line is read.
+    scheme: str = attrs.field(
+        default=attrs.Factory(lambda self: hashes.scheme_of(self.hash), takes_self=True)
+    )
+    cost: str = attrs.field(
+        default=attrs.Factory(lambda self: hashes.cost_of(self.hash), takes_self=True)
+    )
 
 
 def _entries(value: Mapping[str, PasswordEntry]) -> Mapping[str, PasswordEntry]:
@@ -138,7 +141,7 @@ def parse_htpasswd(text: str, path: str = "<htpasswd>") -> PasswordTable:
             problems.append(f"{path}:{lineno}: empty hash for user {quote(user)}")
             continue
         try:
-            hashes.scheme_of(hash_)
+            scheme = hashes.scheme_of(hash_)
         except hashes.UnsupportedHash as e:
             problems.append(f"{path}:{lineno}: user {quote(user)}: {e}")
             continue
@@ -148,7 +151,7 @@ def parse_htpasswd(text: str, path: str = "<htpasswd>") -> PasswordTable:
             if problem:
                 problems.append(f"{path}:{lineno}: user {quote(user)}: {problem}")
                 continue
-        entries[user] = PasswordEntry(user, hash_, groups, lineno)
+        entries[user] = PasswordEntry(user, hash_, groups, lineno, scheme)
     return PasswordTable(path, entries, tuple(problems))
 
 
@@ -235,7 +238,8 @@ class HtpasswdChecker:
     C{--auth htpasswd:PATH}: users of an Apache/nginx htpasswd file.
 
     Verification goes through a L{Verifier}: in the gateway, the service's
-    (a bounded thread pool and a success cache); standalone, an inline one.
+    (its bounded thread pool and cache); elsewhere, one on the reactor's
+    thread pool (L{HashPool.shared}). Tests may pass an inline one.
     An unknown user is verified against a dummy hash with the cost of the
     file's most common one, so that it costs what a wrong password costs.
     The file is re-read when it changes; problems are logged, never fatal.
@@ -249,10 +253,15 @@ class HtpasswdChecker:
         verifier: Verifier | None = None,
         now: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.verifier = verifier if verifier is not None else Verifier(hashes.verify)
+        if verifier is None:  # the gateway's service replaces it (use_verifier)
+            verifier = Verifier(hashes.verify, HashPool.shared())
+        self.verifier = verifier
         self._legacy_warned = False
-        self._dummy: tuple[str, str] | None = None  # (cost_of, dummy hash)
-        self.file = WatchedFile(path, self._load, now)
+        self._dummy: tuple[str, str] | None = None  # (cost, dummy hash)
+        self._generation = 0
+        self._started = False
+        self.file = WatchedFile(path, parse_htpasswd, self._loaded, self._in_pool, now)
+        self._started = True
 
     def __repr__(self) -> str:
         return f"<HtpasswdChecker {self.file.path!r}>"
@@ -260,8 +269,10 @@ class HtpasswdChecker:
     def use_verifier(self, verifier: Verifier) -> None:
         self.verifier = verifier
 
-    def _load(self, text: str, path: str) -> PasswordTable:
-        table = parse_htpasswd(text, path)
+    def _in_pool(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
+        return self.verifier.pool.run(f, *args)
+
+    def _loaded(self, table: PasswordTable) -> None:
         for problem in table.problems:
             _log.warn("{problem}; line skipped", problem=problem)
         if table.legacy and not self._legacy_warned:
@@ -269,32 +280,34 @@ class HtpasswdChecker:
             _log.warn(
                 "{path}: weak legacy hashes in use ({schemes}); re-add those users "
                 "with 'authgateway user add' (bcrypt)",
-                path=path,
+                path=table.path,
                 schemes=", ".join(sorted(table.legacy)),
             )
         self._refresh_dummy(table)
-        return table
 
     def _refresh_dummy(self, table: PasswordTable) -> None:
-        costs = Counter(hashes.cost_of(e.hash) for e in table.entries.values())
+        """Keep a dummy hash with the cost most of the file's users have."""
+        self._generation += 1
+        costs = Counter(e.cost for e in table.entries.values())
         if not costs:
             self._dummy = None
             return
         cost = costs.most_common(1)[0][0]
         if self._dummy is not None and self._dummy[0] == cost:
             return
-        template = next(e.hash for e in table.entries.values() if hashes.cost_of(e.hash) == cost)
-        if self._dummy is None:
-            # First load, at start-up: hashing here blocks nothing yet.
+        template = next(e.hash for e in table.entries.values() if e.cost == cost)
+        if not self._started:
+            # The first load, while the options are read: nothing to block yet.
             self._dummy = (cost, hashes.dummy_like(template))
             return
+        generation = self._generation
 
         def ready(dummy: str) -> None:
-            self._dummy = (cost, dummy)
+            if generation == self._generation:  # no newer file since
+                self._dummy = (cost, dummy)
 
-        # A reload inside the running gateway: make it in the pool, keep the
-        # old dummy meanwhile.
-        self.verifier.pool.run(hashes.dummy_like, template).addCallbacks(
+        # In the running gateway: make it in the pool, keep the old one meanwhile.
+        self._in_pool(hashes.dummy_like, template).addCallbacks(
             ready, lambda f: _log.failure("cannot make a dummy hash for {path}", f, path=table.path)
         )
 

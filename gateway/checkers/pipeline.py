@@ -30,14 +30,12 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
 _T = TypeVar("_T")
 
-log = Logger()
 
 
 class TemporaryFailure(Exception):
@@ -74,6 +72,13 @@ class IHashingChecker(Interface):
         """Verify hashes through C{verifier} from now on."""
 
 
+class ShuttingDown(TemporaryFailure):
+    """The gateway is stopping; queued verifications are dropped, not run."""
+
+    def __init__(self) -> None:
+        super().__init__("the gateway is shutting down")
+
+
 class HashPool(service.Service):
     """
     A thread pool for blocking hash verifications, started and stopped with
@@ -83,37 +88,71 @@ class HashPool(service.Service):
         GIL, so one per core pays).
     @param max_pending: verifications queued or running before L{run}
         answers L{PoolFull} at once instead of adding latency.
+    @param threadpool: run in this pool instead of one of our own (which is
+        then neither started nor stopped by us).
     """
 
     name = "hash-pool"
 
-    def __init__(self, reactor: Any, threads: int = 2, max_pending: int = 64) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        threads: int = 2,
+        max_pending: int = 64,
+        threadpool: ThreadPool | None = None,
+    ) -> None:
         if threads < 1 or max_pending < 1:
             raise ValueError("a hash pool needs at least one thread and one slot")
         self.reactor = reactor
         self.max_pending = max_pending
         self.pending = 0
-        self.threadpool = ThreadPool(minthreads=threads, maxthreads=threads, name="authgateway-hash")
+        self._own = threadpool is None
+        self._stopping = False
+        self.threadpool = threadpool or ThreadPool(
+            minthreads=threads, maxthreads=threads, name="authgateway-hash"
+        )
+
+    @classmethod
+    def shared(cls, max_pending: int = 64) -> HashPool:
+        """
+        A bounded pool on the global reactor's thread pool: what a hashing
+        checker uses when no service gave it one (for instance
+        C{--auth htpasswd:} under another twistd plugin).
+        """
+        from twisted.internet import reactor
+
+        return cls(reactor, max_pending=max_pending, threadpool=reactor.getThreadPool())
 
     def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        if self._stopping:
+            return defer.fail(ShuttingDown())
         if self.pending >= self.max_pending:
             return defer.fail(PoolFull())
         self.pending += 1
+
+        def job() -> _T:
+            if self._stopping:  # queued when the service stopped: drop it
+                raise ShuttingDown()
+            return f(*args)
 
         def done(result: Any) -> Any:
             self.pending -= 1
             return result
 
-        return deferToThreadPool(self.reactor, self.threadpool, f, *args).addBoth(done)
+        return deferToThreadPool(self.reactor, self.threadpool, job).addBoth(done)
 
     def startService(self) -> None:
         super().startService()
-        self.threadpool.start()
+        self._stopping = False
+        if self._own:
+            self.threadpool.start()
 
     def stopService(self) -> None:
         super().stopService()
-        # Waits for running hashes (bounded by the slowest hash, ~1 s).
-        self.threadpool.stop()
+        self._stopping = True
+        if self._own:
+            # Waits only for the hashes already running; queued jobs are dropped.
+            self.threadpool.stop()
 
 
 class InlinePool:
@@ -233,15 +272,20 @@ def peer_key(address: str | None) -> str | None:
     return str(ip)
 
 
+_Key = tuple[str, Any]
+
+
 class Throttle:
     """
     Failed logins counted per peer (IPv6 by /64) and per user name in a
-    sliding window. After C{max_failures} within C{window} seconds, further
-    attempts from that peer or for that user are refused (L{Throttled})
-    until the oldest failure leaves the window. Each failure is answered
-    after a delay that starts at C{delay} and doubles with every counted
-    failure, up to C{max_delay} (as Dovecot does). At most C{max_keys} peers
-    and users are tracked; the least recently failed are forgotten first.
+    sliding window. Once the failures in C{window} seconds plus the attempts
+    still being checked reach C{max_failures}, further attempts from that
+    peer or for that user are refused (L{Throttled}) until the oldest failure
+    leaves the window: concurrent guesses count as much as sequential ones.
+    Each failure is answered after a delay that starts at C{delay} and
+    doubles with every counted failure, up to C{max_delay} (as Dovecot does;
+    with the default five failures the fifth waits 8 s). At most C{max_keys}
+    peers and users are remembered; the least recently failed go first.
     """
 
     def __init__(
@@ -253,7 +297,7 @@ class Throttle:
         max_delay: float = 15.0,
         max_keys: int = 100_000,
     ) -> None:
-        if max_failures < 1 or window <= 0 or delay < 0 or max_delay < delay:
+        if max_failures < 1 or window <= 0 or delay < 0 or max_delay < delay or max_keys < 1:
             raise ValueError("throttle limits must be positive, with max_delay >= delay")
         self.clock = clock
         self.max_failures = max_failures
@@ -261,19 +305,21 @@ class Throttle:
         self.delay = delay
         self.max_delay = max_delay
         self.max_keys = max_keys
-        self._windows: OrderedDict[tuple[str, str], deque[float]] = OrderedDict()
+        self._windows: OrderedDict[_Key, deque[float]] = OrderedDict()
+        self._inflight: dict[_Key, int] = {}
 
     @staticmethod
-    def keys_for(peer: str | None, user: str | None) -> list[tuple[str, str]]:
-        keys = []
+    def keys_for(peer: str | None, user: str | None) -> list[_Key]:
+        keys: list[_Key] = []
         peer = peer_key(peer)
         if peer is not None:
             keys.append(("peer", peer))
         if user:
-            keys.append(("user", user.casefold()))
+            # A fixed-size digest: user names may be long, and are not kept.
+            keys.append(("user", hashlib.blake2b(user.casefold().encode(), digest_size=16).digest()))
         return keys
 
-    def _recent(self, key: tuple[str, str], now: float) -> deque[float]:
+    def _recent(self, key: _Key, now: float) -> deque[float]:
         failures = self._windows.get(key)
         if failures is None:
             return deque()
@@ -285,7 +331,7 @@ class Throttle:
 
     def check(self, peer: str | None, user: str | None) -> None:
         """
-        @raise Throttled: when the peer or the user has used up its failures.
+        @raise Throttled: when the peer or the user has used up its attempts.
         """
         now = self.clock.seconds()
         retry = 0.0
@@ -293,8 +339,21 @@ class Throttle:
             failures = self._recent(key, now)
             if len(failures) >= self.max_failures:
                 retry = max(retry, failures[0] + self.window - now)
+            elif len(failures) + self._inflight.get(key, 0) >= self.max_failures:
+                retry = max(retry, 1.0)  # until one of the attempts in flight ends
         if retry > 0:
             raise Throttled(retry)
+
+    def reserve(self, peer: str | None, user: str | None) -> None:
+        """Count an attempt as in flight until L{release}."""
+        for key in self.keys_for(peer, user):
+            self._inflight[key] = self._inflight.get(key, 0) + 1
+
+    def release(self, peer: str | None, user: str | None) -> None:
+        for key in self.keys_for(peer, user):
+            left = self._inflight.pop(key, 1) - 1
+            if left > 0:
+                self._inflight[key] = left
 
     def failed(self, peer: str | None, user: str | None) -> float:
         """Count a failure; return how long to wait before answering it."""
@@ -315,8 +374,8 @@ class Throttle:
 
     def succeeded(self, user: str | None) -> None:
         """A correct password clears that user's count (not the peer's)."""
-        if user:
-            self._windows.pop(("user", user.casefold()), None)
+        for key in self.keys_for(None, user):
+            self._windows.pop(key, None)
 
 
 def _claimed_user(credentials: Any) -> str | None:
@@ -349,14 +408,17 @@ class ThrottlingChecker:
         user = _claimed_user(credentials)
         try:
             self.throttle.check(peer, user)
-        except Throttled:
-            return defer.fail()
+        except Throttled as e:
+            return defer.fail(e)
+        self.throttle.reserve(peer, user)
 
         def succeeded(result: Any) -> Any:
+            self.throttle.release(peer, user)
             self.throttle.succeeded(user)
             return result
 
         def failed(reason: Failure) -> Any:
+            self.throttle.release(peer, user)
             if not reason.check(UnauthorizedLogin):
                 return reason
             delay = self.throttle.failed(peer, user)

@@ -310,17 +310,15 @@ class TokenChecker:
     def __init__(
         self, path: str | os.PathLike[str], now: Callable[[], float] = time.monotonic
     ) -> None:
-        self.file = WatchedFile(path, self._load, now)
+        self.file = WatchedFile(path, parse_tokens, self._loaded, now=now)
 
     def __repr__(self) -> str:
         return f"<TokenChecker {self.file.path!r}>"
 
     @staticmethod
-    def _load(text: str, path: str) -> TokenTable:
-        table = parse_tokens(text, path)
+    def _loaded(table: TokenTable) -> None:
         for problem in table.problems:
             _log.warn("{problem}; line skipped", problem=problem)
-        return table
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthInfo]:
         entry = self.file.current().lookup(credentials.token)
