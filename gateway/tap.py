@@ -122,6 +122,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("max-failures", 5,
                 "Failed logins per peer (IPv6 /64) or user name before refusing it.", int),
         _number("failure-window", 60.0, "Seconds over which failed logins are counted.", float),
+        _number("throttle-keys", 100_000,
+                "Peers and user names the throttle remembers (least recently failed go first).",
+                int),
         _number("failure-delay", 0.5,
                 "Seconds before answering a failed login; doubles with each failure.",
                 float, zero=True),
@@ -289,6 +292,7 @@ def build_core(options: Options, reactor: Any) -> Core:
         window=options["failure-window"],
         delay=options["failure-delay"],
         max_delay=options["failure-delay-max"],
+        max_keys=options["throttle-keys"],
     )
     return Core(
         reactor=reactor,

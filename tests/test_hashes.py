@@ -255,6 +255,21 @@ class RejectionTests(SynchronousTestCase):
         for stored, reason in REJECTED:
             self.assert_rejected(scheme_of, stored, reason)
 
+    def test_work_factor_limits(self) -> None:
+        """A line asking for minutes or gigabytes per check is refused when read."""
+        bcrypt18 = "$2b$18$" + "a" * 21 + "." + "b" * 31
+        argon_big = "$argon2id$v=19$m=4194304,t=3,p=4$c2FsdHNhbHQ$" + "A" * 43
+        argon_slow = "$argon2id$v=19$m=65536,t=100,p=4$c2FsdHNhbHQ$" + "A" * 43
+        sha_slow = "$6$rounds=50000000$salt$" + "a" * 86
+        for stored, reason in [
+            (bcrypt18, "bcrypt cost 18 is above the limit of 17"),
+            (argon_big, "argon2id memory (m, KiB) 4194304 is above the limit"),
+            (argon_slow, "argon2id time cost (t) 100 is above the limit"),
+            (sha_slow, "sha512-crypt rounds 50000000 are above the limit"),
+        ]:
+            self.assert_rejected(scheme_of, stored, reason)
+            self.assert_rejected(dummy_like, stored, reason)
+
     def test_verify(self) -> None:
         for stored, reason in REJECTED:
             self.assert_rejected(lambda s: verify(ASCII_PW, s), stored, reason)

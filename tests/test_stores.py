@@ -14,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gateway.checkers import files, hashes, tokens
 from gateway.checkers.files import StoreError, atomic_write, locked, read_text
@@ -136,6 +136,29 @@ class AtomicWriteTests(SynchronousTestCase):
         self.assertRaises(KeyboardInterrupt, atomic_write, self.path, "new\n")
         self.assertEqual(_read(self.path), b"old\n")
         self.assertEqual(self.leftovers(), [])
+
+    def test_keeps_owner(self) -> None:
+        """A rewrite by root keeps the file's owner and group (mode 0600)."""
+        if os.getuid() != 0:
+            raise SkipTest("changing a file's owner needs root")
+        atomic_write(self.path, "old\n")
+        os.chown(self.path, 65534, 65534)
+        atomic_write(self.path, "new\n")
+        st = os.stat(self.path)
+        self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (65534, 65534, 0o600))
+
+    def test_symlink_kept(self) -> None:
+        """Writing through a symlink replaces its target and keeps the link."""
+        real_dir = os.path.abspath(self.mktemp())
+        os.makedirs(real_dir)
+        target = os.path.join(real_dir, "users")
+        atomic_write(target, "old\n")
+        os.symlink(target, self.path)
+        atomic_write(self.path, "new\n")
+        self.assertTrue(os.path.islink(self.path))
+        with open(target) as f:
+            self.assertEqual(f.read(), "new\n")
+        self.assertEqual(os.listdir(real_dir), ["users"])
 
     def test_missing_directory(self) -> None:
         path = os.path.join(self.directory, "nope", "store")
@@ -717,10 +740,10 @@ class TokenStoreTests(SynchronousTestCase):
     def test_revoke_by_clear_token(self) -> None:
         token, entry = add_token(self.path, "alice")
         add_token(self.path, "bob")
-        self.assertEqual(revoke(self.path, token), [entry])
-        e = self.assertRaises(StoreError, revoke, self.path, token)
-        self.assertNotIn(token, str(e))
-        self.assertNotIn(token[len(TOKEN_PREFIX):], str(e))
+        self.assertEqual(revoke(self.path, f" {token}\n"), [entry])  # pasted with blanks
+        for pasted in (token, f" {token}", f"Bearer {token}"):
+            e = self.assertRaises(StoreError, revoke, self.path, pasted)
+            self.assertNotIn(token[len(TOKEN_PREFIX):], str(e))
 
     def test_revoke_no_match(self) -> None:
         add_token(self.path, "alice")

@@ -205,13 +205,15 @@ class PipelineWiringTests(TestCase):
         options = self.options(
             "--hash-threads", "3", "--hash-queue", "7", "--cache-ttl", "0", "--cache-size", "5",
             "--max-failures", "2", "--failure-window", "9", "--failure-delay", "0",
-            "--failure-delay-max", "0",
+            "--failure-delay-max", "0", "--throttle-keys", "11",
         )
         core = tap.build_core(options, reactor=task.Clock())
         self.assertEqual(core.hash_pool.threadpool.max, 3)
         self.assertEqual(core.hash_pool.max_pending, 7)
         self.assertEqual((core.verifier.ttl, core.verifier.max_entries), (0, 5))
-        self.assertEqual((core.throttle.max_failures, core.throttle.window), (2, 9))
+        self.assertEqual(
+            (core.throttle.max_failures, core.throttle.window, core.throttle.max_keys), (2, 9, 11)
+        )
         [checker] = options["credCheckers"]
         self.assertIs(checker.verifier, core.verifier)
 

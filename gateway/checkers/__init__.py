@@ -29,6 +29,7 @@ from gateway.checkers.functions import (
     proxy_server_auth_rfc1929,
     smtp_server_auth_plain,
 )
+from gateway.checkers.pipeline import TemporaryFailure
 from gateway.credentials import safe_message, secrets_of
 
 log = Logger()
@@ -90,6 +91,8 @@ class CheckerChain:
                 raise
             except Exception as e:
                 error = error or Failure()
+                if isinstance(e, TemporaryFailure):  # throttled, pool full: logged once, later
+                    continue
                 log.warn(
                     "checker {checker!r} failed: {error_type}: {error}",
                     checker=checker,

@@ -100,20 +100,27 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
     @raise StoreError: when the file cannot be written.
     """
     name = os.fspath(path)
-    directory = directory_of(name)
+    target = os.path.realpath(name)  # a symlink stays one; its target is replaced
+    directory = os.path.dirname(target)
+    try:
+        owner = os.stat(target)
+    except OSError:
+        owner = None
     try:
         fd, temp = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(name)}.", suffix=".tmp"
+            dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".tmp"
         )
     except OSError as e:
-        raise StoreError(f"{directory}: {_reason(e)}") from None
+        raise StoreError(f"{directory_of(name)}: {_reason(e)}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
             os.fchmod(f.fileno(), mode)
-        os.replace(temp, name)
+            if owner is not None:
+                _keep_owner(f.fileno(), owner)
+        os.replace(temp, target)
     except BaseException as e:
         try:
             os.unlink(temp)
@@ -125,7 +132,19 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
     try:
         _fsync_directory(directory)
     except OSError as e:
-        raise StoreError(f"{directory}: cannot sync: {_reason(e)}") from None
+        raise StoreError(f"{directory_of(name)}: cannot sync: {_reason(e)}") from None
+
+
+def _keep_owner(fd: int, previous: os.stat_result) -> None:
+    """
+    Give the new file the old one's owner and group, so that a rewrite by
+    root (C{sudo authgateway user del}) stays readable by a gateway running
+    as its own user. Without the right to do so, the file stays ours.
+    """
+    try:
+        os.fchown(fd, previous.st_uid, previous.st_gid)
+    except PermissionError:
+        pass
 
 
 @contextmanager
@@ -138,11 +157,11 @@ def locked(path: str | os.PathLike[str]) -> Iterator[None]:
 
     @raise StoreError: when the directory cannot be opened.
     """
-    directory = directory_of(path)
+    directory = os.path.dirname(os.path.realpath(path))  # where atomic_write writes
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:
-        raise StoreError(f"{directory}: {_reason(e)}") from None
+        raise StoreError(f"{directory_of(path)}: {_reason(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield

@@ -68,6 +68,15 @@ _SHA_CRYPT_IMPLICIT_ROUNDS = 5000
 _SHA_CRYPT_ROUNDS = range(1000, 999_999_999 + 1)
 _BCRYPT_COSTS = range(4, 31 + 1)
 
+# Work factors a stored hash may ask for. Anything above makes every login
+# (and every unknown-user check, through the dummy hash) hold a hash thread
+# for seconds or gigabytes: one bad line would be a denial of service.
+MAX_BCRYPT_COST = 17  # htpasswd's own maximum; ~10 s here
+MAX_SHA_CRYPT_ROUNDS = 2_000_000  # ~1.2 s here
+MAX_ARGON2_MEMORY_KIB = 1024 * 1024  # 1 GiB
+MAX_ARGON2_TIME = 32
+MAX_ARGON2_PARALLELISM = 16
+
 # The schemes whose writers are C programs that stop at a NUL byte: a password
 # containing one can never be the password the hash was made from.
 _C_STRING_SCHEMES = frozenset({"bcrypt", "sha256-crypt", "sha512-crypt", "apr1"})
@@ -152,6 +161,8 @@ def _parse(stored: str) -> _Parsed:
         cost = int(m.group(2))
         if cost not in _BCRYPT_COSTS:
             raise UnsupportedHash("malformed bcrypt hash (cost must be 04 to 31)")
+        if cost > MAX_BCRYPT_COST:
+            raise UnsupportedHash(f"bcrypt cost {cost} is above the limit of {MAX_BCRYPT_COST}")
         return _Parsed("bcrypt", cost, f"bcrypt cost {cost}")
 
     if stored.startswith(("$argon2id$", "$argon2i$")):
@@ -160,6 +171,13 @@ def _parse(stored: str) -> _Parsed:
         if m is None:
             raise UnsupportedHash(f"malformed {scheme} hash")
         memory, time, parallelism = m.group(2, 3, 4)
+        for value, limit, what in (
+            (memory, MAX_ARGON2_MEMORY_KIB, "memory (m, KiB)"),
+            (time, MAX_ARGON2_TIME, "time cost (t)"),
+            (parallelism, MAX_ARGON2_PARALLELISM, "parallelism (p)"),
+        ):
+            if int(value) > limit:
+                raise UnsupportedHash(f"{scheme} {what} {int(value)} is above the limit of {limit}")
         description = f"{scheme} t={int(time)} m={int(memory)} p={int(parallelism)}"
         return _Parsed(scheme, 0, description)
 
@@ -176,6 +194,10 @@ def _parse(stored: str) -> _Parsed:
                 raise UnsupportedHash(
                     f"malformed {scheme} hash (rounds must be 1000 to 999999999)"
                 )
+        if rounds > MAX_SHA_CRYPT_ROUNDS:
+            raise UnsupportedHash(
+                f"{scheme} rounds {rounds} are above the limit of {MAX_SHA_CRYPT_ROUNDS}"
+            )
         return _Parsed(scheme, rounds, f"{scheme} rounds {rounds}")
 
     if stored.startswith("$apr1$"):
@@ -347,18 +369,20 @@ def make_hash(password: str, scheme: str = "bcrypt", *, cost: int | None = None)
             )
         rounds = _BCRYPT_DEFAULT_COST
         if cost is not None:
-            rounds = _check_cost(cost, _BCRYPT_COSTS, "bcrypt cost")
+            rounds = _check_cost(cost, range(4, MAX_BCRYPT_COST + 1), "bcrypt cost")
         salt = bcrypt.gensalt(rounds=rounds, prefix=b"2b")
         return bcrypt.hashpw(secret, salt).decode("ascii")
     if scheme == "argon2id":
         hasher = _ARGON2
         if cost is not None:
-            time_cost = _check_cost(cost, range(1, 2**32), "argon2id time cost")
+            time_cost = _check_cost(cost, range(1, MAX_ARGON2_TIME + 1), "argon2id time cost")
             hasher = argon2.PasswordHasher(time_cost=time_cost)
         return hasher.hash(secret)
     rounds = _SHA512_DEFAULT_ROUNDS
     if cost is not None:
-        rounds = _check_cost(cost, _SHA_CRYPT_ROUNDS, "sha512-crypt rounds")
+        rounds = _check_cost(
+            cost, range(1000, MAX_SHA_CRYPT_ROUNDS + 1), "sha512-crypt rounds"
+        )
     return sha512_crypt.using(rounds=rounds).hash(secret)
 
 

@@ -260,8 +260,8 @@ def revoke(path: str | os.PathLike[str], user_or_prefix: str) -> list[TokenEntry
         text = read_text(name)
         table = parse_tokens(text, name)
         targets = list(table.for_user(key))
-        if not targets and key.startswith(TOKEN_PREFIX):
-            entry = table.lookup(key)
+        if not targets and TOKEN_PREFIX in key:  # a pasted token: never echo it
+            entry = table.lookup(key.strip())
             if entry is None:
                 raise StoreError(f"{name}: no such token (the token is not shown)")
             targets = [entry]
