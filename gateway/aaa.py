@@ -21,6 +21,7 @@ from zope.interface import Interface, implementer
 
 from gateway.authinfo import IAuthInfo
 from gateway.meta import ip_or_none
+from gateway.text import quote as _quote
 
 try:
     import tomllib
@@ -30,19 +31,6 @@ except ImportError:  # Python < 3.11
 
 class ConfigError(Exception):
     """A group or ACL file cannot be used; the message is one line naming file, line and reason."""
-
-
-def _quote(text: str) -> str:
-    """C{text} double-quoted, with anything that could break a one-line message escaped."""
-    out = []
-    for char in text:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif char.isprintable():
-            out.append(char)
-        else:
-            out.append(repr(char)[1:-1])
-    return '"' + "".join(out) + '"'
 
 
 def _read_text(path: str | os.PathLike[str]) -> str:

@@ -21,6 +21,7 @@ from gateway.checkers.files import StoreError, WatchedFile, atomic_write
 from gateway.checkers.htpasswd import HtpasswdChecker, add_user, delete_user
 from gateway.checkers.pipeline import IHashingChecker, InlinePool, Verifier
 from gateway.checkers.tokens import TokenChecker, add_token, revoke
+from tests.support import ManualPool
 
 # Cheap hashes keep the module fast; bcrypt cost 4 is the minimum.
 DANIEL = hashes.make_hash("tiger", "bcrypt", cost=4)
@@ -29,23 +30,6 @@ BOB = hashes.make_hash("secret", "bcrypt", cost=4)
 
 def inline():
     return Verifier(hashes.verify, InlinePool())
-
-
-class ManualPool:
-    """A pool whose jobs run when the test says so."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def run(self, f, *args):
-        d = defer.Deferred()
-        self.jobs.append((f, args, d))
-        return d
-
-    def finish_all(self):
-        jobs, self.jobs = self.jobs, []
-        for f, args, d in jobs:
-            d.callback(f(*args))
 
 
 class RecordingPool:

@@ -27,23 +27,7 @@ from gateway.checkers.pipeline import (
     Verifier,
     peer_key,
 )
-
-
-class ManualPool:
-    """A pool whose jobs finish when the test says so."""
-
-    def __init__(self):
-        self.jobs = []
-
-    def run(self, f, *args):
-        d = defer.Deferred()
-        self.jobs.append((f, args, d))
-        return d
-
-    def finish_all(self):
-        jobs, self.jobs = self.jobs, []
-        for f, args, d in jobs:
-            d.callback(f(*args))
+from tests.support import ManualPool
 
 
 def plain_verify(password, stored):

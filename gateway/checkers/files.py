@@ -14,14 +14,20 @@ import fcntl
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from twisted.logger import Logger
 
+from gateway.text import quote
+
 #: Longest line the parsers accept; anything longer is reported and skipped.
 MAX_LINE = 8192
+
+#: Largest password or token file read (a million bcrypt users is ~70 MB).
+MAX_FILE = 128 * 1024 * 1024
 
 #: Longest user name accepted by the stores, in UTF-8 bytes.
 MAX_USER_BYTES = 255
@@ -29,19 +35,6 @@ MAX_USER_BYTES = 255
 
 class StoreError(Exception):
     """A store cannot be read or changed; the message is one line, free of secrets."""
-
-
-def quote(text: str) -> str:
-    """C{text} double-quoted, with anything that could break a one-line message escaped."""
-    out = []
-    for char in text:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif char.isprintable():
-            out.append(char)
-        else:
-            out.append(repr(char)[1:-1])
-    return '"' + "".join(out) + '"'
 
 
 def directory_of(path: str | os.PathLike[str]) -> str:
@@ -53,15 +46,23 @@ def _reason(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
+def _read_bytes(name: str) -> tuple[os.stat_result, bytes]:
+    """The file's status and contents (at most L{MAX_FILE} bytes), or L{StoreError}."""
+    try:
+        with open(name, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read(MAX_FILE + 1)
+    except OSError as e:
+        raise StoreError(f"{name}: {_reason(e)}") from None
+    if len(data) > MAX_FILE:
+        raise StoreError(f"{name}: larger than {MAX_FILE} bytes")
+    return st, data
+
+
 def read_text(path: str | os.PathLike[str]) -> str:
     """The UTF-8 contents of C{path}, or L{StoreError} saying why not."""
     name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise StoreError(f"{name}: {_reason(e)}") from None
-    return decode_utf8(data, name)
+    return decode_utf8(_read_bytes(name)[1], name)
 
 
 def decode_utf8(data: bytes, name: str) -> str:
@@ -133,6 +134,41 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
         _fsync_directory(directory)
     except OSError as e:
         raise StoreError(f"{directory_of(name)}: cannot sync: {_reason(e)}") from None
+
+
+def frozen(mapping: Mapping[str, _V]) -> Mapping[str, _V]:
+    """A read-only copy: the tables of the stores are shared, never changed."""
+    return MappingProxyType(dict(mapping))
+
+
+def records(text: str, path: str, problems: list[str]) -> Iterator[tuple[int, str]]:
+    """
+    The numbered lines of a store's text that hold something: a byte-order
+    mark, blank and C{#} lines are passed over, CRLF is accepted, and an
+    overlong line is reported into C{problems} and skipped.
+    """
+    for lineno, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
+        if len(raw) > MAX_LINE:
+            problems.append(f"{path}:{lineno}: line longer than {MAX_LINE} characters")
+            continue
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            yield lineno, line
+
+
+def first_field(line: str) -> str | None:
+    """
+    The key a raw line of a store starts with (user or digest), or C{None}
+    for blank, comment, overlong or colon-less lines: what a rewrite matches.
+    """
+    line = line.removesuffix("\n")
+    if len(line) > MAX_LINE:
+        return None
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    key, colon, _ = line.partition(":")
+    return key if colon and key else None
 
 
 def _keep_owner(fd: int, previous: os.stat_result) -> None:
@@ -263,10 +299,8 @@ def parse_groups_field(field: str) -> tuple[tuple[str, ...], str | None]:
     return tuple(names), None
 
 
-#: Largest password or token file read (a million bcrypt users is ~70 MB).
-MAX_FILE = 128 * 1024 * 1024
-
 _T = TypeVar("_T")
+_V = TypeVar("_V")
 _log = Logger()
 
 
@@ -321,15 +355,8 @@ class WatchedFile(Generic[_T]):
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _read(self) -> tuple[tuple[int, ...], _T]:
-        try:
-            with open(self.path, "rb") as f:
-                signature = self._signature_of(os.fstat(f.fileno()))
-                data = f.read(MAX_FILE + 1)
-        except OSError as e:
-            raise StoreError(f"{self.path}: {_reason(e)}") from None
-        if len(data) > MAX_FILE:
-            raise StoreError(f"{self.path}: larger than {MAX_FILE} bytes")
-        return signature, self._parse(decode_utf8(data, self.path), self.path)
+        st, data = _read_bytes(self.path)
+        return self._signature_of(st), self._parse(decode_utf8(data, self.path), self.path)
 
     def current(self) -> _T:
         """The value; starts a reload first if the file changed since the last look."""

@@ -15,7 +15,6 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
-from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -31,7 +30,6 @@ from zope.interface import implementer
 from gateway.authinfo import AuthInfo
 from gateway.checkers import hashes
 from gateway.checkers.files import (
-    MAX_LINE,
     StoreError,
     WatchedFile,
     append_line,
@@ -39,16 +37,19 @@ from gateway.checkers.files import (
     check_groups,
     check_user_name,
     directory_of,
+    first_field,
+    frozen,
     locked,
     parse_groups_field,
-    quote,
     read_existing,
     read_text,
+    records,
     split_bom,
     split_lines,
 )
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Verifier
 from gateway.credentials import identities_of
+from gateway.text import quote
 
 _GROUPS = "groups="
 
@@ -73,16 +74,12 @@ class PasswordEntry:
     )
 
 
-def _entries(value: Mapping[str, PasswordEntry]) -> Mapping[str, PasswordEntry]:
-    return MappingProxyType(dict(value))
-
-
 @attrs.frozen
 class PasswordTable:
     """The usable entries of one htpasswd file, and what was wrong with the rest."""
 
     path: str
-    entries: Mapping[str, PasswordEntry] = attrs.field(converter=_entries, hash=False)
+    entries: Mapping[str, PasswordEntry] = attrs.field(converter=frozen, hash=False)
     problems: tuple[str, ...] = ()
 
     @property
@@ -94,18 +91,6 @@ class PasswordTable:
         return len(self.entries)
 
 
-def _user_field(line: str) -> str | None:
-    """The user a line names, or C{None} for blank, comment, overlong or colon-less lines."""
-    line = line.removesuffix("\n")
-    if len(line) > MAX_LINE:
-        return None
-    line = line.strip()
-    if not line or line.startswith("#"):
-        return None
-    user, colon, _ = line.partition(":")
-    return user if colon and user else None
-
-
 def parse_htpasswd(text: str, path: str = "<htpasswd>") -> PasswordTable:
     """
     Parse htpasswd text. Blank and C{#} lines are ignored, CRLF is accepted.
@@ -115,13 +100,7 @@ def parse_htpasswd(text: str, path: str = "<htpasswd>") -> PasswordTable:
     entries: dict[str, PasswordEntry] = {}
     first_line: dict[str, int] = {}
     problems: list[str] = []
-    for lineno, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
-        if len(raw) > MAX_LINE:
-            problems.append(f"{path}:{lineno}: line longer than {MAX_LINE} characters")
-            continue
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for lineno, line in records(text, path, problems):
         user, colon, rest = line.partition(":")
         if not colon:
             problems.append(f"{path}:{lineno}: no ':' between user name and hash")
@@ -202,7 +181,7 @@ def _refuse_duplicate(name: str, text: str | None, user: str) -> None:
     if text is None:
         return
     _, body = split_bom(text)
-    if any(_user_field(line) == user for line in split_lines(body)):
+    if any(first_field(line) == user for line in split_lines(body)):
         raise StoreError(f"{name}: user {quote(user)} already exists")
 
 
@@ -216,7 +195,7 @@ def delete_user(path: str | os.PathLike[str], user: str) -> None:
     with locked(name):
         bom, body = split_bom(read_text(name))
         lines = split_lines(body)
-        kept = [line for line in lines if _user_field(line) != user]
+        kept = [line for line in lines if first_field(line) != user]
         if len(kept) == len(lines):
             raise StoreError(f"{name}: no user {quote(user)}")
         atomic_write(name, bom + "".join(kept))

@@ -18,7 +18,6 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
-from types import MappingProxyType
 from typing import Any
 
 import attrs
@@ -32,22 +31,24 @@ from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo
 from gateway.checkers.files import (
-    MAX_LINE,
     StoreError,
     WatchedFile,
     append_line,
     atomic_write,
     check_groups,
     check_user_name,
+    first_field,
+    frozen,
     locked,
     parse_groups_field,
-    quote,
     read_existing,
     read_text,
+    records,
     split_bom,
     split_lines,
 )
 from gateway.credentials import IBearerToken, identities_of
+from gateway.text import quote
 
 _log = Logger()
 
@@ -109,17 +110,13 @@ class TokenEntry:
         )
 
 
-def _entries(value: Mapping[str, TokenEntry]) -> Mapping[str, TokenEntry]:
-    return MappingProxyType(dict(value))
-
-
 @attrs.frozen
 class TokenTable:
     """The usable tokens of one file, by digest, and what was wrong with the rest."""
 
     path: str
     by_digest: Mapping[str, TokenEntry] = attrs.field(
-        converter=_entries, hash=False, repr=False
+        converter=frozen, hash=False, repr=False
     )
     problems: tuple[str, ...] = ()
 
@@ -163,13 +160,7 @@ def parse_tokens(text: str, path: str = "<tokens>") -> TokenTable:
     """
     entries: dict[str, TokenEntry] = {}
     problems: list[str] = []
-    for lineno, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
-        if len(raw) > MAX_LINE:
-            problems.append(f"{path}:{lineno}: line longer than {MAX_LINE} characters")
-            continue
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    for lineno, line in records(text, path, problems):
         fields = line.split(":", 3)  # CREATED has colons of its own
         if len(fields) != 4:
             problems.append(
@@ -203,17 +194,6 @@ def parse_tokens(text: str, path: str = "<tokens>") -> TokenTable:
     return TokenTable(path, entries, tuple(problems))
 
 
-def _digest_field(line: str) -> str | None:
-    """The first field of a token line, or C{None} for blank, comment and overlong lines."""
-    line = line.removesuffix("\n")
-    if len(line) > MAX_LINE:
-        return None
-    line = line.strip()
-    if not line or line.startswith("#"):
-        return None
-    return line.partition(":")[0]
-
-
 def add_token(
     path: str | os.PathLike[str],
     user: str,
@@ -234,7 +214,7 @@ def add_token(
     created = _timestamp((now or _utcnow)())
     with locked(name):
         bom, body = split_bom(read_existing(name) or "")
-        taken = {_digest_field(line) for line in split_lines(body)}
+        taken = {first_field(line) for line in split_lines(body)}
         token = new_token()
         while token_digest(token) in taken:  # pragma: no cover - 2**-256
             token = new_token()
@@ -282,7 +262,7 @@ def revoke(path: str | os.PathLike[str], user_or_prefix: str) -> list[TokenEntry
                 )
         revoked = {e.digest for e in targets}
         bom, body = split_bom(text)
-        kept = [line for line in split_lines(body) if _digest_field(line) not in revoked]
+        kept = [line for line in split_lines(body) if first_field(line) not in revoked]
         atomic_write(name, bom + "".join(kept))
     return targets
 
