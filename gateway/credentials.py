@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 
 import attrs
 from twisted.cred.credentials import ICredentials, IUsernamePassword
-from twisted.cred.error import UnauthorizedLogin
 from zope.interface import Attribute, implementer
 
 from gateway.authinfo import Identity, IdentityContext
@@ -193,15 +192,16 @@ def identities_of(
     context of the credentials' protocol (C{GenericAuth} for credentials that
     do not come from a front door).
 
-    @param authzid_approved: the checker saw the SASL authzid and accepted
-        that C{avatar_id} acts as it (a four-argument seed function).
-    @raise UnauthorizedLogin: SASL credentials asking to act as someone else
-        (an authzid other than C{avatar_id}) that no checker approved: an
-        unchecked authzid must never become an identity (RFC 4616 section 2).
+    SASL credentials asking to act as someone else (an authzid other than
+    C{avatar_id}) get the authorization identity only when
+    C{authzid_approved} (the checker saw the authzid and accepted it);
+    otherwise just the authentication identity, and the realm decides
+    (L{gateway.realm.Realm}: the ACL may grant it, else the login fails).
+    An unchecked authzid never becomes an identity (RFC 4616 section 2).
     """
     authzid = getattr(credentials, "authzid", "")
     if authzid and authzid != avatar_id and not authzid_approved:
-        raise UnauthorizedLogin()
+        return (Identity(avatar_id, IdentityContext.SmtpAuthPlainAuthentication),)
     if IConnectionCredentials.providedBy(credentials):
         return credentials.identities_for(avatar_id)
     return (Identity(avatar_id, IdentityContext.GenericAuth),)

@@ -25,10 +25,11 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from gateway.aaa import NO_GROUPS, GroupMap
-from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
+from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
 from gateway.checkers import CheckerChain
 from gateway.checkers.pipeline import (
     AuthBackendError,
+    Reject,
     TemporaryFailure,
     Throttle,
     Throttled,
@@ -67,9 +68,11 @@ class Realm:
         self,
         groups: GroupMap = NO_GROUPS,
         avatar_factories: Mapping[type[Interface], AvatarFactory] | None = None,
+        authorize: Callable[[AuthInfo, str], bool] | None = None,
     ) -> None:
         self.groups = groups
         self._factories: dict[type[Interface], AvatarFactory] = dict(avatar_factories or {})
+        self.authorize = authorize
 
     def register_avatar(self, interface: type[Interface], factory: AvatarFactory) -> None:
         self._factories[interface] = factory
@@ -103,6 +106,7 @@ class Realm:
             )
         if not info.is_authenticated():
             raise UnauthorizedLogin()
+        info = self._authorization(info, creds)
         peer = ip_or_none(creds.conn_meta.peer_address) if creds is not None else None
         if peer is not None:  # the connection's own peer wins, as KumoMTA's set_peer_address
             info = attrs.evolve(info, peer_address=peer)
@@ -112,6 +116,23 @@ class Realm:
             if i.context is not IdentityContext.SmtpAuthPlainAuthorization
         ]
         return info.with_groups(self.groups.groups_for(members))
+
+    def _authorization(self, info: AuthInfo, creds: Any) -> AuthInfo:
+        """
+        An SMTP client asking to act as another identity (a foreign authzid)
+        gets it when the checker listed it, or when C{authorize(info,
+        authzid)} grants it; otherwise the login fails.
+        """
+        authzid = getattr(creds, "authzid", "")
+        if not authzid or info.identity_for(IdentityContext.SmtpAuthPlainAuthorization):
+            return info
+        authn = info.identity_for(IdentityContext.SmtpAuthPlainAuthentication)
+        if authzid == authn:
+            return info
+        if self.authorize is None or not self.authorize(info, authzid):
+            raise UnauthorizedLogin()
+        granted = Identity(authzid, IdentityContext.SmtpAuthPlainAuthorization)
+        return attrs.evolve(info, identities=(granted, *info.identities))
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: type[Interface]):
         info = self.auth_info_for(avatarId, mind)
@@ -187,6 +208,12 @@ def login(
         return result
 
     def failed(reason: Failure) -> Failure:
+        if reason.check(Reject):
+            log.info("auth failure: " + what + ": rejected with {code}", outcome="failure",
+                     code=reason.value.code, **fields)
+            if safe_message(reason.value, secrets_of(credentials)) != str(reason.value):
+                return Failure(UnauthorizedLogin())  # its text would tell the secret
+            return reason
         if reason.check(UnauthorizedLogin):
             log.info("auth failure: " + what, outcome="failure", **fields)
             return Failure(UnauthorizedLogin())  # a checker's message stays here

@@ -68,6 +68,26 @@ class AuthInfoForTests(SynchronousTestCase):
         same = testing.sasl_plain("daniel", "pw", authzid="daniel")
         self.assertEqual(self.realm.auth_info_for("daniel", same).names(), {"daniel"})
 
+    def test_authzid_granted_by_policy(self):
+        """Without the checker's approval, the realm's authorize hook may grant an authzid."""
+        asked = []
+
+        def authorize(info, authzid):
+            asked.append((sorted(info.names()), authzid))
+            return authzid == "sales@example.com"
+
+        realm = Realm(authorize=authorize)
+        creds = testing.sasl_plain("daniel", "pw", authzid="sales@example.com")
+        info = realm.auth_info_for("daniel", creds)
+        self.assertEqual(
+            self.pairs(info),
+            [("sales@example.com", "SmtpAuthPlainAuthorization"),
+             ("daniel", "SmtpAuthPlainAuthentication")],
+        )
+        self.assertEqual(asked, [(["daniel"], "sales@example.com")])
+        boss = testing.sasl_plain("daniel", "pw", authzid="boss")
+        self.assertRaises(UnauthorizedLogin, realm.auth_info_for, "daniel", boss)
+
     def test_authzid_kept_without_its_groups(self):
         """An approved authorization identity is recorded but earns no group membership."""
         creds = testing.sasl_plain("daniel", "pw", authzid="boss")

@@ -29,13 +29,14 @@ from gateway.checkers.functions import (
     proxy_server_auth_rfc1929,
     smtp_server_auth_plain,
 )
-from gateway.checkers.pipeline import TemporaryFailure
+from gateway.checkers.pipeline import Reject, TemporaryFailure
 from gateway.credentials import safe_message, secrets_of
 
 log = Logger()
 
 __all__ = [
     "CallableChecker",
+    "Reject",
     "CheckerChain",
     "CheckerLoadError",
     "http_server_validate_auth_basic",
@@ -85,6 +86,8 @@ class CheckerChain:
         for checker in candidates:
             try:
                 result = yield defer.maybeDeferred(checker.requestAvatarId, credentials)
+            except Reject:
+                raise  # the checker chose the answer: no other checker may override it
             except UnauthorizedLogin:
                 continue
             except defer.CancelledError:

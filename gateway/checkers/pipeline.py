@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import time
 from collections import OrderedDict, deque
@@ -63,6 +64,29 @@ class Throttled(TemporaryFailure):
         super().__init__(f"too many failed logins; retry in {retry_after:.0f}s")
         #: Seconds until the oldest counted failure leaves the window.
         self.retry_after = retry_after
+
+
+class Reject(UnauthorizedLogin):
+    """
+    A checker's own answer to a failed login (the Halon seed's Reject): the
+    front door replies with exactly this code, enhanced code and text, and
+    closes the connection when C{disconnect} is set. It counts as a failure
+    and stops the checker chain. The text goes to the client: no secrets.
+    """
+
+    def __init__(
+        self, code: int = 535, enhanced: str = "5.7.8", text: str = "Authentication failed",
+        disconnect: bool = False,
+    ) -> None:
+        if not (400 <= code <= 599) or not re.fullmatch(r"[45]\.\d{1,3}\.\d{1,3}", enhanced):
+            raise ValueError("a rejection needs a 4xx/5xx code and an enhanced code like 5.7.8")
+        if str(code)[0] != enhanced[0] or any(c in text for c in "\r\n"):
+            raise ValueError("code and enhanced code must agree; the text is one line")
+        super().__init__(text)
+        self.code = code
+        self.enhanced = enhanced
+        self.text = text
+        self.disconnect = disconnect
 
 
 class IHashingChecker(Interface):

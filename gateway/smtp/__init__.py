@@ -1,0 +1,1 @@
+"""The ESMTP submission front door."""

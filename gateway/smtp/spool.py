@@ -1,0 +1,355 @@
+# -*- test-case-name: tests.test_spool -*-
+"""
+The durable spool of accepted messages: each message is a file C{<id>.eml}
+next to its metadata C{<id>.json} (who sent it, from where, over what).
+
+A message is streamed to a hidden temporary file while DATA arrives; on
+L{SpoolWriter.finish} it is fsynced and renamed, then the metadata is
+written the same way and renamed last, and the directory is fsynced, all
+before the server answers 250. A message is complete exactly when its
+C{.json} exists; a failure removes everything the writer created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import IO, Any
+
+import attrs
+from twisted.internet import defer, threads
+from twisted.internet.defer import Deferred
+
+from gateway.authinfo import AuthInfo, IdentityContext
+
+#: The protocol words of RFC 3848, as written in C{Received: ... with}.
+PROTOCOLS = frozenset({"ESMTPSA", "ESMTPA", "ESMTPS", "ESMTP"})
+
+#: Buffer of the message file: few system calls, bounded memory.
+WRITE_BUFFER = 64 * 1024
+
+#: UTC time to the second, then 64 random bits: sortable and unique.
+_ID = re.compile(r"\A[0-9]{8}T[0-9]{6}Z-[0-9a-f]{16}\Z")
+
+#: How often L{Spool.open} draws a new id when the temporary name is taken.
+_OPEN_ATTEMPTS = 5
+
+
+class SpoolError(Exception):
+    """A message cannot be spooled or read; one line, never any message content."""
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, OSError):
+        return os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
+    return type(e).__name__
+
+
+def _addresses(value: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)):
+        raise TypeError("rcpt_to must be a collection of addresses, not one string")
+    return tuple(value)
+
+
+def _read_only(value: Mapping[str, str] | None) -> Mapping[str, str] | None:
+    return None if value is None else MappingProxyType(dict(value))
+
+
+@attrs.frozen
+class Envelope:
+    """Everything known about a message besides its bytes, as the protocol saw it."""
+
+    mail_from: str
+    rcpt_to: tuple[str, ...] = attrs.field(converter=_addresses)
+    helo: str | None
+    auth_info: AuthInfo | None
+    peer_address: str | None
+    peer_port: int | None
+    local_address: str | None
+    local_port: int | None
+    tls: Mapping[str, str] | None = attrs.field(converter=_read_only)
+    protocol: str = attrs.field(validator=attrs.validators.in_(PROTOCOLS))
+    mail_auth: str | None = None
+
+    @property
+    def authz_id(self) -> str | None:
+        """The identity the client acts as (AUTH PLAIN's authzid, or its authcid)."""
+        if self.auth_info is None:
+            return None
+        return self.auth_info.identity_for(IdentityContext.SmtpAuthPlainAuthorization)
+
+    @property
+    def authn_id(self) -> str | None:
+        """The identity whose password was checked."""
+        if self.auth_info is None:
+            return None
+        return self.auth_info.identity_for(IdentityContext.SmtpAuthPlainAuthentication)
+
+
+def _utc_text(when: datetime) -> str:
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def metadata(id: str, envelope: Envelope, size: int, received_at: datetime) -> dict[str, Any]:
+    """The JSON object stored next to message C{id}."""
+    return {
+        "id": id,
+        "received_at": _utc_text(received_at),
+        "protocol": envelope.protocol,
+        "helo": envelope.helo,
+        "mail_from": envelope.mail_from,
+        "rcpt_to": list(envelope.rcpt_to),
+        "mail_auth": envelope.mail_auth,
+        "authz_id": envelope.authz_id,
+        "authn_id": envelope.authn_id,
+        "auth_info": None if envelope.auth_info is None else envelope.auth_info.to_json_dict(),
+        "peer": {"address": envelope.peer_address, "port": envelope.peer_port},
+        "local": {"address": envelope.local_address, "port": envelope.local_port},
+        "tls": None if envelope.tls is None else dict(envelope.tls),
+        "size": size,
+    }
+
+
+def _encode(data: dict[str, Any]) -> bytes:
+    """UTF-8 JSON; strings that are not valid Unicode (lone surrogates) are escaped."""
+    try:
+        return json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data).encode("ascii")
+
+
+def _new_id() -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return f"{stamp}-{secrets.token_hex(8)}"
+
+
+def _create(path: str) -> int:
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+
+def _fsync_directory(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class Spool:
+    """
+    A directory of accepted messages.
+
+    @param directory: created (mode 0700, parents too) when missing.
+    @param reactor: whose thread pool runs the blocking work by default; the
+        global reactor, imported when first needed, if None.
+    @param threadpool_runner: C{runner(f, *args) -> Deferred} running the
+        fsyncs and renames off the reactor thread; tests pass a synchronous one.
+    @raise SpoolError: when the directory cannot be created.
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        reactor: Any = None,
+        threadpool_runner: Callable[..., Deferred[Any]] | None = None,
+    ) -> None:
+        self.directory = os.fspath(directory)
+        self._reactor = reactor
+        self._runner = threadpool_runner
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise SpoolError(f"{self.directory}: cannot create the spool: {_reason(e)}") from None
+
+    def __repr__(self) -> str:
+        return f"<Spool {self.directory!r}>"
+
+    def run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        """C{f(*args)} in the runner: the thread pool unless one was injected."""
+        if self._runner is None:
+            reactor = self._reactor
+            if reactor is None:
+                from twisted.internet import reactor  # type: ignore[no-redef]
+            self._runner = lambda f, *args: threads.deferToThreadPool(
+                reactor, reactor.getThreadPool(), f, *args
+            )
+        return self._runner(f, *args)
+
+    def open(self) -> SpoolWriter:
+        """
+        Start a new message: its hidden temporary file is created at once.
+
+        @raise SpoolError: when the file cannot be created (answer 451).
+        """
+        for _ in range(_OPEN_ATTEMPTS):
+            id = _new_id()
+            temp = os.path.join(self.directory, f".{id}.eml.tmp")
+            try:
+                fd = _create(temp)
+            except FileExistsError:
+                continue
+            except OSError as e:
+                raise SpoolError(f"{self.directory}: cannot spool a message: {_reason(e)}") from None
+            return SpoolWriter(self, id, os.fdopen(fd, "wb", buffering=WRITE_BUFFER))
+        raise SpoolError(f"{self.directory}: cannot spool a message: no free name")
+
+    def ids(self) -> list[str]:
+        """The ids of the complete messages, oldest first."""
+        try:
+            names = os.listdir(self.directory)
+        except OSError as e:
+            raise SpoolError(f"{self.directory}: cannot list the spool: {_reason(e)}") from None
+        present = set(names)
+        found = []
+        for name in names:
+            id, dot, extension = name.partition(".")
+            if dot and extension == "json" and _ID.match(id) and f"{id}.eml" in present:
+                found.append(id)
+        return sorted(found)
+
+    def load(self, id: str) -> tuple[bytes, dict[str, Any]]:
+        """
+        The bytes and metadata of message C{id}, for tests and tools; the whole
+        message is read into memory.
+
+        @raise SpoolError: unknown or malformed id, or unreadable files.
+        """
+        if not isinstance(id, str) or not _ID.match(id):
+            raise SpoolError(f"{self.directory}: not a message id: {str(id)[:64]!r}")
+        base = os.path.join(self.directory, id)
+        try:
+            with open(base + ".json", "rb") as f:
+                meta = json.loads(f.read())
+            with open(base + ".eml", "rb") as f:
+                message = f.read()
+        except OSError as e:
+            raise SpoolError(f"{self.directory}: cannot read message {id}: {_reason(e)}") from None
+        except ValueError:
+            raise SpoolError(f"{self.directory}: metadata of {id} is not valid JSON") from None
+        return message, meta
+
+
+class SpoolWriter:
+    """
+    One message on its way into the spool: L{write} each chunk, then
+    L{finish} or L{abort}. Use it from the reactor thread only.
+
+    @ivar id: the message's id, chosen by L{Spool.open}.
+    @ivar size: the bytes written so far.
+    """
+
+    def __init__(self, spool: Spool, id: str, file: IO[bytes]) -> None:
+        self.id = id
+        self.size = 0
+        self._spool = spool
+        self._file = file
+        self._error: BaseException | None = None
+        self._closed = False
+        base = os.path.join(spool.directory, id)
+        self._temp = os.path.join(spool.directory, f".{id}.eml.tmp")
+        self._message = base + ".eml"
+        self._meta_temp = os.path.join(spool.directory, f".{id}.json.tmp")
+        self._meta = base + ".json"
+
+    def __repr__(self) -> str:
+        return f"<SpoolWriter {self.id} size={self.size}>"
+
+    def write(self, data: bytes) -> None:
+        """
+        Append C{data} (un-dot-stuffed, CRLF line ends) to the message. An
+        error is kept for L{finish} to report; writes after it, or after
+        L{finish} or L{abort}, are ignored.
+        """
+        if self._closed or self._error is not None:
+            return
+        try:
+            self._file.write(data)
+        except OSError as e:
+            self._error = e
+            return
+        self.size += len(data)
+
+    def finish(self, envelope: Envelope, received_at: datetime | None = None) -> Deferred[str]:
+        """
+        Make the message durable and visible with its metadata.
+
+        @param received_at: when the message was received; now if None.
+        @return: fires with L{id} once the message, its metadata and the
+            directory are fsynced, or fails with L{SpoolError} after removing
+            every file this writer created.
+        """
+        if self._closed:
+            return defer.fail(SpoolError(f"{self._spool.directory}: message {self.id} "
+                                         "was already finished or aborted"))
+        self._closed = True
+        if received_at is None:
+            received_at = datetime.now(timezone.utc)
+        try:
+            meta = _encode(metadata(self.id, envelope, self.size, received_at))
+        except BaseException:
+            self._clean_up()
+            raise
+        return self._spool.run(self._commit, meta)
+
+    def _commit(self, meta: bytes) -> str:
+        """The blocking part of L{finish}, in the runner's thread."""
+        try:
+            if self._error is not None:
+                raise self._error
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            os.replace(self._temp, self._message)
+            fd = _create(self._meta_temp)
+            with os.fdopen(fd, "wb") as f:
+                f.write(meta)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(self._meta_temp, self._meta)
+            _fsync_directory(self._spool.directory)
+        except BaseException as e:
+            self._clean_up()
+            if isinstance(e, Exception):
+                raise SpoolError(f"{self._spool.directory}: cannot spool message {self.id}: "
+                                 f"{_reason(e)}") from None
+            raise
+        return self.id
+
+    def abort(self) -> None:
+        """
+        Drop the message (client gone, too big, RSET). Idempotent; after
+        L{finish}, a no-op: the message is then committed or cleaned up by it.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._clean_up()
+
+    def _clean_up(self) -> None:
+        """Close the file and remove everything this writer created; best effort."""
+        try:
+            self._file.close()
+        except Exception:
+            pass
+        # The metadata first: while it exists, the message counts as complete.
+        for path in (self._meta, self._meta_temp, self._message, self._temp):
+            try:
+                _remove(path)
+            except OSError:
+                pass
