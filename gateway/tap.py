@@ -6,9 +6,11 @@ authentication core to the front doors.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -24,16 +26,21 @@ from twisted.python.reflect import namedAny
 
 from gateway.aaa import (
     NO_GROUPS,
+    AccessControlMap,
     AllowAuthenticated,
     ConfigError,
     IAccessPolicy,
     load_acl_file,
     load_group_file,
 )
+from gateway.authinfo import AuthInfo
 from gateway.checkers import CheckerLoadError, hashes, load_checker
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
+from gateway.smtp import sasl
+from gateway.smtp.server import SMTPSettings
+from gateway.smtp.spool import Spool
 from gateway.tls import CertificateError, ensure_certificate
 
 log = Logger()
@@ -42,8 +49,8 @@ log = Logger()
 #: None while that front door is not built). A builder is called as
 #: C{builder(core, endpoint, listener_name)} and returns an IService.
 FRONT_DOORS: dict[str, tuple[str, str | None]] = {
-    "smtp": ("tcp:2525:interface=127.0.0.1", None),
-    "smtps": ("none", None),
+    "smtp": ("tcp:2525:interface=127.0.0.1", "gateway.smtp.server.build_smtp"),
+    "smtps": ("none", "gateway.smtp.server.build_smtp"),
     "http": ("tcp:8080:interface=127.0.0.1", None),
     "socks": ("tcp:1080:interface=127.0.0.1", None),
 }
@@ -62,6 +69,8 @@ class Core:
     hash_pool: HashPool
     verifier: Verifier
     throttle: Throttle
+    spool: Spool
+    smtp: SMTPSettings
 
 
 def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], Any]:
@@ -130,6 +139,22 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 float, zero=True),
         _number("failure-delay-max", 15.0, "Cap of the failure delay in seconds.",
                 float, zero=True),
+        # SMTP submission.
+        ["spool", None, None, "Where accepted messages are stored (default: DATA_DIR/spool)."],
+        ["smtp-hostname", None, None, "The name in the greeting and Received headers (default: FQDN)."],
+        _number("smtp-max-size", 35 * 1024 * 1024, "Largest message in octets (SIZE).", int),
+        _number("smtp-max-recipients", 100, "Recipients per message.", int),
+        _number("smtp-timeout", 300.0, "Idle seconds before an SMTP session is closed.", float),
+        ["smtp-mechanisms", None, "PLAIN,LOGIN",
+         "SASL mechanisms offered, in order (built-in PLAIN, LOGIN and any --smtp-mechanism)."],
+    ]
+
+    optFlags = [
+        ["smtp-insecure-auth", None,
+         "Offer PLAIN/LOGIN without TLS (for testing on loopback only)."],
+        ["smtp-sender-binding", None,
+         "Authenticated users may only use MAIL FROM addresses the ACL grants "
+         "(resource smtp/sender/DOMAIN/LOCAL, privilege send)."],
     ]
 
     compData = usage.Completions(
@@ -191,6 +216,45 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 f"--auth {auth_type}: checks credentials no front door of the gateway uses"
             ) from None
 
+    def opt_smtp_mechanism(self, spec: str) -> None:
+        """
+        Add a SASL mechanism: NAME=dotted.Name of a Twisted IChallengeResponse
+        class (repeatable); list NAME in --smtp-mechanisms to offer it.
+        """
+        try:
+            name, factory = sasl.load_mechanism(spec)
+        except ValueError as e:
+            raise usage.UsageError(f"--smtp-mechanism {e}") from None
+        self.setdefault("extraMechanisms", {})[name] = factory
+
+    def opt_smtp_trusted_network(self, cidr: str) -> None:
+        """A network (CIDR) whose clients may submit without AUTH (repeatable)."""
+        try:
+            network = ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--smtp-trusted-network {cidr!r}: {e}") from None
+        self.setdefault("trustedNetworks", []).append(network)
+
+    def _smtp_settings(self) -> SMTPSettings:
+        known = {**sasl.BUILTIN, **self.get("extraMechanisms", {})}
+        mechanisms = {}
+        for name in filter(None, (n.strip().upper() for n in self["smtp-mechanisms"].split(","))):
+            if name not in known:
+                raise usage.UsageError(
+                    f"--smtp-mechanisms: unknown mechanism {name!r} (known: {', '.join(known)})"
+                )
+            mechanisms[name] = known[name]
+        return SMTPSettings(
+            hostname=self["smtp-hostname"] or socket.getfqdn(),
+            mechanisms=mechanisms,
+            max_size=self["smtp-max-size"],
+            max_recipients=self["smtp-max-recipients"],
+            timeout=self["smtp-timeout"],
+            insecure_auth=bool(self["smtp-insecure-auth"]),
+            trusted_networks=tuple(self.get("trustedNetworks", ())),
+            sender_binding=bool(self["smtp-sender-binding"]),
+        )
+
     def opt_checker(self, name: str) -> None:
         """
         Add a checker from Python: a dotted name of an ICredentialsChecker class,
@@ -226,6 +290,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--failure-delay-max must not be below --failure-delay")
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
+        self["smtpSettings"] = self._smtp_settings()
 
         try:
             self["groupMap"] = load_group_file(self["groups"]) if self["groups"] else NO_GROUPS
@@ -248,6 +313,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         except CertificateError as e:
             raise usage.UsageError(str(e)) from None
+        try:
+            self["spoolDir"] = self["spool"] or os.path.join(data_dir, "spool")
+            os.makedirs(self["spoolDir"], mode=0o700, exist_ok=True)
+        except OSError as e:
+            raise usage.UsageError(f"--spool {self['spoolDir']}: {e.strerror}") from None
 
 
 def _check_readable(what: str, path: str) -> None:
@@ -278,7 +348,15 @@ class GatewayService(service.MultiService):
 
 
 def build_core(options: Options, reactor: Any) -> Core:
-    realm = Realm(groups=options["groupMap"])
+    policy = options["policy"]
+
+    def authorize(info: AuthInfo, authzid: str) -> bool:
+        """Acting as another SMTP identity needs an ACL grant (never by default)."""
+        return isinstance(policy, AccessControlMap) and policy.query_resource_access(
+            info, f"smtp/authz/{authzid}", "authorize"
+        )
+
+    realm = Realm(groups=options["groupMap"], authorize=authorize)
     hash_pool = HashPool(reactor, options["hash-threads"], options["hash-queue"])
     verifier = Verifier(
         hashes.verify, hash_pool, reactor, options["cache-ttl"], options["cache-size"]
@@ -298,12 +376,14 @@ def build_core(options: Options, reactor: Any) -> Core:
         reactor=reactor,
         portal=make_portal(realm, options["credCheckers"], throttle),
         realm=realm,
-        policy=options["policy"],
+        policy=policy,
         certificate=options["certificate"],
         data_dir=os.path.abspath(options["data-dir"]),
         hash_pool=hash_pool,
         verifier=verifier,
         throttle=throttle,
+        spool=Spool(options["spoolDir"], reactor=reactor),
+        smtp=options["smtpSettings"],
     )
 
 

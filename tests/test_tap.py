@@ -15,6 +15,7 @@ import time
 from twisted.application.service import IServiceMaker, MultiService
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task
+from twisted.internet.testing import MemoryReactorClock
 from twisted.plugin import IPlugin, getPlugins
 from twisted.python import usage
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
@@ -26,6 +27,7 @@ from gateway.authinfo import AuthInfo
 from gateway.checkers import hashes
 from gateway.checkers.files import atomic_write
 from gateway.realm import login
+from gateway.smtp.server import SubmissionFactory
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -179,12 +181,16 @@ class MakeServiceTests(SynchronousTestCase):
     def test_service(self):
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])
-        svc = tap.makeService(options, reactor=object())
+        reactor = MemoryReactorClock()
+        svc = tap.makeService(options, reactor=reactor)
         self.assertIsInstance(svc, MultiService)
         self.assertEqual(svc.core.data_dir, os.path.abspath(options["data-dir"]))
+        self.addCleanup(svc.stopService)
         svc.startService()
         self.assertTrue(svc.running)
-        svc.stopService()
+        [(port, factory, _, interface)] = reactor.tcpServers
+        self.assertEqual((port, interface), (2525, "127.0.0.1"))  # the default --smtp
+        self.assertIsInstance(factory, SubmissionFactory)
 
 
 class PipelineWiringTests(TestCase):
@@ -197,7 +203,8 @@ class PipelineWiringTests(TestCase):
     def options(self, *args):
         options = tap.Options()
         options.parseOptions(
-            ["--data-dir", self.mktemp(), "--auth", f"htpasswd:{self.htpasswd}", *args]
+            ["--data-dir", self.mktemp(), "--smtp", "none", "--auth", f"htpasswd:{self.htpasswd}",
+             *args]
         )
         return options
 

@@ -15,11 +15,13 @@ A L{TemporaryFailure} is not a wrong password: the front doors answer it with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import ipaddress
 import re
 import secrets
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -132,9 +134,12 @@ class HashPool(service.Service):
         self.pending = 0
         self._own = threadpool is None
         self._stopping = False
-        self.threadpool = threadpool or ThreadPool(
-            minthreads=threads, maxthreads=threads, name="authgateway-hash"
-        )
+        if threadpool is None:
+            threadpool = ThreadPool(minthreads=threads, maxthreads=threads, name="authgateway-hash")
+            # Hashing keeps no state worth waiting for: a pool that was never
+            # stopped (a failed start) must not hold the process open.
+            threadpool.threadFactory = functools.partial(threading.Thread, daemon=True)
+        self.threadpool = threadpool
 
     @classmethod
     def shared(cls, max_pending: int = 64) -> HashPool:

@@ -345,7 +345,7 @@ class SpoolWriter:
         """Close the file and remove everything this writer created; best effort."""
         try:
             self._file.close()
-        except Exception:
+        except OSError:
             pass
         # The metadata first: while it exists, the message counts as complete.
         for path in (self._meta, self._meta_temp, self._message, self._temp):

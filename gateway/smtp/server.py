@@ -1,0 +1,688 @@
+# -*- test-case-name: tests.test_smtp_server -*-
+"""
+The ESMTP submission server: Twisted's L{smtp.ESMTP} with what a submission
+front door needs and stock Twisted gets wrong (see
+shared/reference/smtp-auth.md): AUTH only under TLS, PLAIN keeping the
+authzid, strict base64, STARTTLS that forgets everything said before it,
+replies in order under pipelining, enhanced status codes, 454 for backend
+failures, bounded lines, messages and waits, and a durable spool that
+records who sent each message.
+
+Lines end with CRLF only: a bare LF never ends a line, so a message cannot
+smuggle a second one past the end-of-data marker.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+from twisted.application import internet
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer, interfaces, protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+from gateway.aaa import IAccessPolicy
+from gateway.authinfo import AuthInfo, IAuthInfo
+from gateway.checkers.pipeline import Reject, TemporaryFailure
+from gateway.meta import ConnectionMeta
+from gateway.realm import login
+from gateway.smtp import sasl
+from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter
+
+log = Logger()
+
+COMMAND, AUTH, DATA = "COMMAND", "AUTH", "DATA"
+
+#: A command or AUTH line (RFC 4954 allows 12288 octets for AUTH).
+MAX_COMMAND_LINE = sasl.MAX_AUTH_LINE
+#: A text line of a message, without its CRLF (RFC 5321 section 4.5.3.1.6).
+MAX_DATA_LINE = 998
+#: Pipelined input held while a reply is pending, before we stop reading.
+MAX_PENDING_INPUT = 64 * 1024
+
+
+@attrs.frozen
+class SMTPSettings:
+    """What the operator chose for the SMTP listeners."""
+
+    hostname: str = attrs.field(factory=socket.getfqdn)
+    #: Offered mechanisms, in order: name -> IChallengeResponse factory.
+    mechanisms: Mapping[str, Any] = attrs.field(factory=lambda: dict(sasl.BUILTIN))
+    max_size: int = 35 * 1024 * 1024
+    max_recipients: int = 100
+    timeout: float = 300.0
+    #: Offer plaintext mechanisms without TLS (never by default).
+    insecure_auth: bool = False
+    #: Peers that may submit without authenticating.
+    trusted_networks: tuple[Any, ...] = ()
+    #: Authenticated identities may use only MAIL FROM addresses the ACL grants.
+    sender_binding: bool = False
+    max_auth_failures: int = 3
+
+
+class SubmissionFactory(protocol.ServerFactory):
+    """Builds a L{SubmissionServer} per connection, sharing the core."""
+
+    def __init__(
+        self,
+        portal: Any,
+        policy: IAccessPolicy,
+        spool: Spool,
+        settings: SMTPSettings,
+        listener: str,
+        tls: Any = None,
+        implicit_tls: bool = False,
+    ) -> None:
+        self.portal = portal
+        self.policy = policy
+        self.spool = spool
+        self.settings = settings
+        self.listener = listener
+        self.tls = tls  # a context factory for STARTTLS, or None
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr: Any) -> SubmissionServer:
+        proto = SubmissionServer(self)
+        proto.factory = self
+        return proto
+
+
+def _xtext(value: bytes) -> str:
+    """Decode an RFC 3461 xtext parameter value (C{+XX} escapes)."""
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        if value[i : i + 1] == b"+":
+            out.append(int(value[i + 1 : i + 3], 16))  # ValueError when malformed
+            i += 3
+        else:
+            out.append(value[i])
+            i += 1
+    return out.decode("utf-8")
+
+
+class SubmissionServer(smtp.ESMTP):
+    """One submission session. Replies carry RFC 3463 enhanced codes."""
+
+    def __init__(self, factory: SubmissionFactory) -> None:
+        super().__init__(chal={}, contextFactory=factory.tls)
+        self.factory = factory
+        self.settings = factory.settings
+        self.portal = factory.portal
+        self.host = self.settings.hostname.encode("idna")
+        self.timeout = self.settings.timeout
+        self._buffer = b""
+        self._skipping = False  # discarding the rest of an overlong line
+        self._busy = False  # a reply is pending: later lines wait
+        self._paused = False
+        self._mode = COMMAND
+        self._reset_session()
+
+    # -- session state ----------------------------------------------------
+
+    def _reset_session(self) -> None:
+        """Back to the state right after the greeting (also after STARTTLS)."""
+        self._ehlo = False
+        self._helo_name: str | None = None
+        self.auth_info: AuthInfo | None = None
+        self._auth_failures = 0
+        self._mechanism: Any = None
+        self._reset_transaction()
+
+    def _reset_transaction(self) -> None:
+        self._from: str | None = None
+        self._mail_auth: str | None = None
+        self._to: list[str] = []
+        self._writer: SpoolWriter | None = None
+        self._data_error: tuple[int, str, str] | None = None
+
+    def connectionMade(self) -> None:
+        self.meta = ConnectionMeta.from_transport("smtp", self.transport, listener=self.factory.listener)
+        self.canStartTLS = (
+            interfaces.ITLSTransport.providedBy(self.transport)
+            and self.ctx is not None
+            and not self.meta.tls
+        )
+        self._helo = (None, (self.meta.peer_address or "").encode())
+        self.setTimeout(self.timeout)
+        self.sendCode(220, self.host + b" ESMTP authgateway")
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+        self._mechanism = None
+
+    def timeoutConnection(self) -> None:
+        self.reply(421, "4.4.2", f"{self.settings.hostname} Idle timeout, closing connection")
+        self.transport.loseConnection()
+
+    def reply(self, code: int, enhanced: str, text: str) -> None:
+        self.sendCode(code, f"{enhanced} {text}".encode())
+
+    # -- input: CRLF lines, bounded, one at a time --------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        self._process()
+
+    def _limit(self) -> int:
+        return MAX_DATA_LINE if self._mode == DATA else MAX_COMMAND_LINE
+
+    def _process(self) -> None:
+        while not self._busy and not self.transport.disconnecting:
+            end = self._buffer.find(b"\r\n")
+            if end < 0:
+                if len(self._buffer) > self._limit():
+                    self._overlong()
+                    self._buffer = b""
+                break
+            line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            if self._skipping:  # the tail of an overlong line
+                self._skipping = False
+                continue
+            if len(line) > self._limit():
+                self._overlong()
+                self._skipping = False
+                continue
+            self.resetTimeout()
+            self._line(line)
+        if self._busy and len(self._buffer) > MAX_PENDING_INPUT and not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
+
+    def _overlong(self) -> None:
+        self._skipping = True
+        if self._mode == DATA:
+            self._data_error = (500, "5.5.6", "Line too long")
+            self._discard_message()
+            return
+        if self._mode == AUTH:
+            self._mode, self._mechanism = COMMAND, None
+        self.reply(500, "5.5.6", "Line too long")
+
+    def _line(self, line: bytes) -> None:
+        if self._mode == DATA:
+            self._data_line(line)
+        elif self._mode == AUTH:
+            self._auth_response(line)
+        else:
+            self.state_COMMAND(line)
+
+    def _wait(self, d: defer.Deferred[Any]) -> None:
+        """Hold every later line until C{d} has replied (RFC 2920 ordering)."""
+        self._busy = True
+
+        def done(result: Any) -> None:
+            self._busy = False
+            if self._paused:
+                self._paused = False
+                self.transport.resumeProducing()
+            if result is not None and isinstance(result, Failure):
+                log.failure("SMTP handler failed", result)
+            self._process()
+
+        d.addBoth(done)
+
+    # -- commands -------------------------------------------------------------
+
+    def sendSyntaxError(self) -> None:
+        self.reply(500, "5.5.2", "Error: bad syntax")
+
+    def do_UNKNOWN(self, rest: bytes) -> None:
+        self.reply(500, "5.5.2", "Command not recognized")
+
+    def extensions(self) -> dict[bytes, list[bytes] | None]:
+        ext: dict[bytes, list[bytes] | None] = {
+            b"PIPELINING": None,
+            b"ENHANCEDSTATUSCODES": None,
+            b"8BITMIME": None,
+            b"SIZE": [str(self.settings.max_size).encode()],
+        }
+        if self.canStartTLS:
+            ext[b"STARTTLS"] = None
+        offered = self._offered()
+        if offered and self.auth_info is None:
+            ext[b"AUTH"] = [name.encode() for name in offered]
+        return ext
+
+    def _offered(self) -> list[str]:
+        """The mechanisms on offer now: plaintext ones only under TLS."""
+        tls_ok = self.meta.tls or self.settings.insecure_auth
+        return [
+            name
+            for name, factory in self.settings.mechanisms.items()
+            if tls_ok or not sasl.is_plaintext(factory)
+        ]
+
+    def do_EHLO(self, rest: bytes) -> None:
+        if not rest.strip():
+            self.reply(501, "5.5.4", "Syntax: EHLO hostname")
+            return
+        self._greeted(rest, ehlo=True)
+        peer = (self.meta.peer_address or "unknown").encode()
+        self.sendCode(250, self.host + b" Hello " + peer + b"\n" + self.listExtensions())
+
+    def do_HELO(self, rest: bytes) -> None:
+        if not rest.strip():
+            self.reply(501, "5.5.4", "Syntax: HELO hostname")
+            return
+        self._greeted(rest, ehlo=False)
+        self.sendCode(250, self.host)
+
+    def _greeted(self, rest: bytes, ehlo: bool) -> None:
+        name = rest.strip().split()[0].decode("utf-8", "replace")[:255]
+        self._helo_name = self.meta.helo = name
+        self._helo = (name.encode(), (self.meta.peer_address or "").encode())
+        self._ehlo = ehlo
+        self._abort_transaction()
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self.reply(250, "2.0.0", "OK")
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._abort_transaction()
+        self.reply(250, "2.0.0", "Reset state")
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self.reply(221, "2.0.0", "Bye")
+        self.transport.loseConnection()
+
+    def do_VRFY(self, rest: bytes) -> None:
+        if not self._may_submit():
+            self.reply(530, "5.7.0", "Authentication required")
+            return
+        self.reply(252, "2.5.0", "Cannot VRFY user; try RCPT")
+
+    do_EXPN = do_VRFY
+
+    def do_HELP(self, rest: bytes) -> None:
+        self.reply(214, "2.0.0", "See RFC 5321 and RFC 4954")
+
+    def _abort_transaction(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+        self._reset_transaction()
+
+    # -- STARTTLS ---------------------------------------------------------------
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        if rest.strip():
+            self.reply(501, "5.5.4", "Syntax: STARTTLS (no parameters)")
+        elif self.meta.tls:
+            self.reply(503, "5.5.1", "TLS already active")
+        elif not self.canStartTLS:
+            self.reply(454, "4.7.0", "TLS not available")
+        else:
+            self.reply(220, "2.0.0", "Ready to start TLS")
+            # Whatever the client sent after STARTTLS in plaintext is dropped
+            # (CVE-2011-0411), and everything said before is forgotten.
+            self._buffer = b""
+            self._skipping = False
+            self._reset_session()
+            self.transport.startTLS(self.ctx)
+            self.meta.tls = True
+            self.meta.helo = None
+            self.canStartTLS = False
+
+    # -- AUTH -------------------------------------------------------------------
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        parts = rest.split(None, 1)
+        if not self._ehlo:
+            self.reply(503, "5.5.1", "Send EHLO first")
+        elif self.auth_info is not None:
+            self.reply(503, "5.5.1", "Already authenticated")
+        elif self._from is not None:
+            self.reply(503, "5.5.1", "AUTH not permitted during a mail transaction")
+        elif not parts:
+            self.reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        else:
+            name = parts[0].decode("ascii", "replace").upper()
+            factory = self.settings.mechanisms.get(name)
+            if factory is None:
+                self.reply(504, "5.5.4", "Unrecognized authentication type")
+            elif name not in self._offered():
+                self.reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            else:
+                self._start_auth(factory, parts[1] if len(parts) > 1 else None)
+
+    def _start_auth(self, factory: Any, initial: bytes | None) -> None:
+        try:
+            mechanism = factory()
+        except Exception:  # noqa: BLE001 - a plug-in mechanism that cannot start
+            log.failure("SASL mechanism {factory!r} failed to start", factory=factory)
+            self.reply(454, "4.7.0", "Temporary authentication failure")
+            return
+        self._mechanism = mechanism
+        self._mode = AUTH
+        if initial is None:
+            self._challenge()
+            return
+        if not getattr(mechanism, "initial_response", None) and mechanism.getChallenge():
+            if not isinstance(mechanism, sasl.Login):
+                self._auth_error(sasl.SASLError(501, "5.7.0", "Initial response not allowed"))
+                return
+        self._respond(initial, initial=True)
+
+    def _challenge(self) -> None:
+        self.sendCode(334, sasl.encode(self._mechanism.getChallenge()))
+
+    def _auth_response(self, line: bytes) -> None:
+        self._respond(line.strip(), initial=False)
+
+    def _respond(self, line: bytes, initial: bool) -> None:
+        mechanism = self._mechanism
+        try:
+            mechanism.setResponse(sasl.decode(line, initial=initial))
+        except sasl.SASLError as e:
+            self._auth_error(e)
+            return
+        except Exception:  # noqa: BLE001 - a plug-in mechanism's parse error
+            self._auth_error(sasl.malformed())
+            return
+        if mechanism.moreChallenges():
+            self._challenge()
+            return
+        self._mode, self._mechanism = COMMAND, None
+        credentials = sasl.credentials_of(mechanism, self.meta)
+        d = login(self.portal, credentials, IAuthInfo)
+        d.addCallbacks(self._authenticated, self._auth_failed)
+        self._wait(d)
+
+    def _auth_error(self, error: sasl.SASLError) -> None:
+        self._mode, self._mechanism = COMMAND, None
+        self.reply(error.code, error.enhanced, error.text)
+
+    def _authenticated(self, result: tuple[Any, Any, Any]) -> None:
+        _, info, _ = result
+        self.auth_info = info
+        self.authenticated = True
+        self.reply(235, "2.7.0", "Authentication successful")
+
+    def _auth_failed(self, reason: Failure) -> None:
+        if reason.check(Reject):
+            rejection = reason.value
+            self._auth_failures += 1
+            self.reply(rejection.code, rejection.enhanced, rejection.text)
+            if rejection.disconnect:
+                self.transport.loseConnection()
+                return
+        elif reason.check(UnauthorizedLogin):
+            self._auth_failures += 1
+            self.reply(535, "5.7.8", "Authentication credentials invalid")
+        elif reason.check(defer.CancelledError):
+            return
+        elif reason.check(TemporaryFailure, UnhandledCredentials):
+            self.reply(454, "4.7.0", "Temporary authentication failure")
+        else:  # login() turns checker errors into AuthBackendError; anything else is ours
+            log.failure("SMTP login failed", reason)
+            self.reply(454, "4.7.0", "Temporary authentication failure")
+        if self._auth_failures >= self.settings.max_auth_failures:
+            self.reply(421, "4.7.0", "Too many failed authentications, closing connection")
+            self.transport.loseConnection()
+
+    # -- the transaction ----------------------------------------------------
+
+    def _may_submit(self) -> bool:
+        if self.auth_info is not None:
+            return True
+        peer = self.meta.peer_address
+        if not peer or not self.settings.trusted_networks:
+            return False
+        try:
+            address = ipaddress.ip_address(peer)
+        except ValueError:
+            return False
+        return any(address in network for network in self.settings.trusted_networks)
+
+    def do_MAIL(self, rest: bytes) -> None:
+        if not self._may_submit():
+            self.reply(530, "5.7.0", "Authentication required")
+            return
+        if self._helo_name is None:
+            self.reply(503, "5.5.1", "Send HELO/EHLO first")
+            return
+        if self._from is not None:
+            self.reply(503, "5.5.1", "Nested MAIL command")
+            return
+        m = self.mail_re.match(rest)
+        if m is None:
+            self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
+            return
+        try:
+            params = self._mail_parameters(m.group("opts") or b"")
+        except _ParameterError as e:
+            self.reply(e.code, e.enhanced, e.text)
+            return
+        path = m.group("path")
+        if path == b"<>":
+            sender = ""
+        else:
+            try:
+                sender = str(smtp.Address(path, self.host))
+            except smtp.AddressError:
+                self.reply(553, "5.1.7", "Bad sender address syntax")
+                return
+        if self.settings.sender_binding and not self._sender_allowed(sender):
+            self.reply(553, "5.7.1", "Sender address not allowed for this identity")
+            return
+        self._from = sender
+        self._mail_auth = params.get("AUTH")
+        self.reply(250, "2.1.0", "Sender OK")
+
+    def _mail_parameters(self, opts: bytes) -> dict[str, str]:
+        params: dict[str, str] = {}
+        for item in opts.split():
+            key, _, value = item.partition(b"=")
+            name = key.decode("ascii", "replace").upper()
+            if name in params:
+                raise _ParameterError(503, "5.5.4", f"Duplicate {name} parameter")
+            if name == "SIZE":
+                if not value.isdigit():
+                    raise _ParameterError(501, "5.5.4", "Syntax: SIZE=<octets>")
+                if int(value) > self.settings.max_size:
+                    raise _ParameterError(552, "5.3.4", "Message size exceeds fixed limit")
+            elif name == "BODY":
+                if value.upper() not in (b"7BIT", b"8BITMIME"):
+                    raise _ParameterError(501, "5.5.4", "Syntax: BODY=7BIT|8BITMIME")
+            elif name == "AUTH":
+                try:
+                    value = _xtext(value).encode()
+                except (ValueError, UnicodeDecodeError):
+                    raise _ParameterError(501, "5.5.4", "Syntax: AUTH=<xtext>") from None
+            else:
+                raise _ParameterError(555, "5.5.4", f"Unsupported parameter {name[:32]}")
+            params[name] = value.decode("utf-8", "replace")
+        return params
+
+    def _sender_allowed(self, sender: str) -> bool:
+        """C{smtp/sender/DOMAIN/LOCAL} with privilege C{send}, for the session's identity."""
+        if self.auth_info is None:  # a trusted network: no identity to bind
+            return True
+        local, _, domain = sender.rpartition("@")
+        if not sender or not local or "/" in sender:
+            return False
+        resource = f"smtp/sender/{domain.lower()}/{local}"
+        return self.factory.policy.query_resource_access(self.auth_info, resource, "send")
+
+    def do_RCPT(self, rest: bytes) -> None:
+        if not self._may_submit():
+            self.reply(530, "5.7.0", "Authentication required")
+            return
+        if self._from is None:
+            self.reply(503, "5.5.1", "Need MAIL before RCPT")
+            return
+        m = self.rcpt_re.match(rest)
+        if m is None:
+            self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+            return
+        if m.group("opts"):
+            self.reply(555, "5.5.4", "RCPT parameters are not supported")
+            return
+        try:
+            recipient = str(smtp.Address(m.group("path"), self.host))
+        except smtp.AddressError:
+            self.reply(553, "5.1.3", "Bad recipient address syntax")
+            return
+        if len(self._to) >= self.settings.max_recipients:
+            self.reply(452, "4.5.3", "Too many recipients")
+            return
+        self._to.append(recipient)
+        self.reply(250, "2.1.5", "Recipient OK")
+
+    def do_DATA(self, rest: bytes) -> None:
+        if not self._may_submit():
+            self.reply(530, "5.7.0", "Authentication required")
+            return
+        if rest.strip():
+            self.reply(501, "5.5.4", "Syntax: DATA (no parameters)")
+            return
+        if self._from is None or not self._to:
+            self.reply(503, "5.5.1", "Need MAIL and RCPT before DATA")
+            return
+        try:
+            self._writer = self.factory.spool.open()
+        except SpoolError as e:
+            log.error("cannot open a spool file: {error}", error=str(e))
+            self.reply(451, "4.3.0", "Requested action aborted: local error in processing")
+            return
+        self._mode = DATA
+        self._data_error = None
+        self._writer.write(self._received_header(self._writer.id))
+        self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
+
+    def _data_line(self, line: bytes) -> None:
+        if line == b".":
+            self._end_of_data()
+            return
+        if line.startswith(b"."):
+            line = line[1:]
+        if self._writer is None:  # already failed: read to the end
+            return
+        if self._writer.size + len(line) + 2 > self.settings.max_size:
+            self._data_error = (552, "5.3.4", "Message size exceeds fixed limit")
+            self._discard_message()
+            return
+        self._writer.write(line + b"\r\n")
+
+    def _discard_message(self) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
+
+    def _end_of_data(self) -> None:
+        self._mode = COMMAND
+        writer, error = self._writer, self._data_error
+        envelope = self._envelope() if writer is not None else None
+        self._reset_transaction()
+        if error is not None or writer is None:
+            self.reply(*(error or (451, "4.3.0", "Requested action aborted")))
+            return
+        d = writer.finish(envelope)
+
+        def stored(message_id: str) -> None:
+            log.info(
+                "message {id} accepted from {authn} ({peer}) for {count} recipient(s)",
+                id=message_id,
+                authn=envelope.authn_id,
+                peer=envelope.peer_address,
+                count=len(envelope.rcpt_to),
+            )
+            self.reply(250, "2.0.0", f"Ok: queued as {message_id}")
+
+        def failed(reason: Failure) -> None:
+            log.error("cannot spool a message: {error}", error=str(reason.value))
+            self.reply(451, "4.3.0", "Requested action aborted: local error in processing")
+
+        d.addCallbacks(stored, failed)
+        self._wait(d)
+
+    # -- what gets recorded -----------------------------------------------
+
+    def _protocol_word(self) -> str:
+        """RFC 3848: ESMTP plus S for TLS and A for authenticated."""
+        return "ESMTP" + ("S" if self.meta.tls else "") + ("A" if self.auth_info else "")
+
+    def _tls_info(self) -> dict[str, str] | None:
+        if not self.meta.tls:
+            return None
+        try:
+            connection = self.transport.getHandle()
+            return {
+                "version": connection.get_protocol_version_name(),
+                "cipher": connection.get_cipher_name(),
+            }
+        except Exception:  # noqa: BLE001 - a transport without an OpenSSL handle
+            return {}
+
+    def _envelope(self) -> Envelope:
+        return Envelope(
+            mail_from=self._from or "",
+            rcpt_to=tuple(self._to),
+            helo=self._helo_name,
+            auth_info=self.auth_info,
+            peer_address=self.meta.peer_address,
+            peer_port=self.meta.peer_port,
+            local_address=self.meta.local_address,
+            local_port=self.meta.local_port,
+            tls=self._tls_info(),
+            protocol=self._protocol_word(),
+            mail_auth=self._mail_auth,
+        )
+
+    def _received_header(self, message_id: str) -> bytes:
+        peer = self.meta.peer_address or "unknown"
+        tls = self._tls_info()
+        using = f"\r\n\t(using {tls['version']} with cipher {tls['cipher']})" if tls else ""
+        date = smtp.rfc822date().decode()
+        for_ = f"\r\n\tfor <{self._to[0]}>" if len(self._to) == 1 else ""
+        return (
+            f"Received: from {self._helo_name} ([{peer}]){using}\r\n"
+            f"\tby {self.settings.hostname} (authgateway) with {self._protocol_word()}"
+            f" id {message_id}{for_}; {date}\r\n"
+        ).encode("utf-8", "replace")
+
+    # Stock handlers this server replaces; never reached.
+    def state_AUTH(self, response: bytes | None) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+
+class _ParameterError(Exception):
+    def __init__(self, code: int, enhanced: str, text: str) -> None:
+        super().__init__(text)
+        self.code, self.enhanced, self.text = code, enhanced, text
+
+
+def build_smtp(core: Any, endpoint: Any, listener: str) -> internet.StreamServerEndpointService:
+    """The C{--smtp} (STARTTLS) and C{--smtps} (implicit TLS) listeners."""
+    implicit = listener == "smtps"
+    tls = core.certificate.options()
+    factory: protocol.Factory = SubmissionFactory(
+        core.portal,
+        core.policy,
+        core.spool,
+        core.smtp,
+        listener,
+        tls=None if implicit else tls,
+        implicit_tls=implicit,
+    )
+    if implicit:
+        factory = TLSMemoryBIOFactory(tls, False, factory)
+    return internet.StreamServerEndpointService(endpoint, factory)
+
+
+__all__ = [
+    "SMTPSettings",
+    "SubmissionFactory",
+    "SubmissionServer",
+    "build_smtp",
+]
