@@ -151,6 +151,32 @@ class OptionsTests(SynchronousTestCase):
             "--auth", "anonymous",
         )
 
+    def test_smtp_options(self):
+        options = self.parse(
+            "--smtp-hostname", "mx.test", "--smtp-max-size", "1000", "--smtp-max-recipients", "3",
+            "--smtp-timeout", "9", "--smtp-mechanism", "CRAM-MD5=twisted.cred.credentials.CramMD5Credentials",
+            "--smtp-mechanisms", "login,cram-md5", "--smtp-trusted-network", "10.0.0.0/8",
+            "--smtp-insecure-auth", "--smtp-sender-binding",
+        )
+        settings = options["smtpSettings"]
+        self.assertEqual(list(settings.mechanisms), ["LOGIN", "CRAM-MD5"])
+        self.assertEqual(
+            (settings.hostname, settings.max_size, settings.max_recipients, settings.timeout),
+            ("mx.test", 1000, 3, 9.0),
+        )
+        self.assertEqual([str(n) for n in settings.trusted_networks], ["10.0.0.0/8"])
+        self.assertTrue(settings.insecure_auth and settings.sender_binding)
+        self.assertTrue(os.path.isdir(os.path.join(self.data, "spool")))
+        defaults = self.parse()["smtpSettings"]
+        self.assertEqual(list(defaults.mechanisms), ["PLAIN", "LOGIN"])
+        self.assertFalse(defaults.insecure_auth or defaults.sender_binding)
+
+    def test_bad_smtp_options(self):
+        self.assertUsage("--smtp-mechanisms: unknown mechanism 'XOAUTH9'", "--smtp-mechanisms", "PLAIN,XOAUTH9")
+        self.assertUsage("--smtp-mechanism 'CRAM': expected NAME=dotted.Name", "--smtp-mechanism", "CRAM")
+        self.assertUsage("--smtp-trusted-network 'ten'", "--smtp-trusted-network", "ten")
+        self.assertUsage("--smtp-max-size '0'", "--smtp-max-size", "0")
+
     def test_no_secret_in_errors(self):
         message = self.assertUsage("--auth memory:", auth=("--auth", "memory:daniel:tiger:odd"))
         self.assertNotIn("tiger", message)

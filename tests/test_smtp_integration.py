@@ -1,0 +1,185 @@
+"""
+Loopback integration tests of the SMTP front door: the real service started
+by C{makeService}, talked to by clients we did not write: Python's
+C{smtplib} (STARTTLS + PLAIN, LOGIN, implicit TLS) and C{swaks}.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+
+from twisted.internet import defer, reactor, threads
+from twisted.trial.unittest import SkipTest, TestCase
+
+from gateway import tap
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _client_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the gateway's self-signed certificate
+    return context
+
+
+MESSAGE = "Subject: integration\r\n\r\nhello\r\n.starts with a dot\r\n"
+
+
+class GatewayMixin:
+    """Starts the gateway with --auth memory:daniel:tiger on free loopback ports."""
+
+    def start(self, *extra: str):
+        self.smtp_port, self.smtps_port = _free_port(), _free_port()
+        self.data = os.path.abspath(self.mktemp())
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", self.data, "--auth", "memory:daniel:tiger",
+            "--smtp", f"tcp:{self.smtp_port}:interface=127.0.0.1",
+            "--smtps", f"tcp:{self.smtps_port}:interface=127.0.0.1",
+            "--http", "none", "--socks", "none", "--smtp-hostname", "mx.test",
+            "--failure-delay", "0", "--failure-delay-max", "0", *extra,
+        ])
+        self.service = tap.makeService(options, reactor=reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+        self.spool = self.service.core.spool
+
+    def stored(self):
+        return [self.spool.load(i) for i in self.spool.ids()]
+
+
+class SmtplibTests(GatewayMixin, TestCase):
+    timeout = 60
+
+    def setUp(self):
+        self.start()
+
+    @defer.inlineCallbacks
+    def test_starttls_plain(self):
+        def session():
+            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=20) as client:
+                client.ehlo("client.test")
+                self.assertFalse(client.has_extn("auth"))  # no AUTH before TLS
+                client.starttls(context=_client_tls())
+                client.ehlo("client.test")
+                self.assertEqual(client.esmtp_features["auth"].split(), ["PLAIN", "LOGIN"])
+                self.assertNotIn("starttls", client.esmtp_features)
+                client.login("daniel", "tiger")  # smtplib tries PLAIN first
+                return client.sendmail("daniel@example.com", ["bob@example.org"], MESSAGE)
+
+        refused = yield threads.deferToThread(session)
+        self.assertEqual(refused, {})
+        [(message, meta)] = self.stored()
+        self.assertIn(b"with ESMTPSA", message)
+        self.assertIn(b"\r\n.starts with a dot\r\n", message)
+        self.assertEqual((meta["authz_id"], meta["authn_id"]), ("daniel", "daniel"))
+        self.assertEqual(meta["mail_from"], "daniel@example.com")
+        self.assertEqual(meta["rcpt_to"], ["bob@example.org"])
+        self.assertEqual(meta["helo"], "client.test")
+        self.assertEqual(meta["protocol"], "ESMTPSA")
+        self.assertTrue(meta["tls"]["version"].startswith("TLS"))
+
+    @defer.inlineCallbacks
+    def test_login_mechanism(self):
+        def session():
+            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=20) as client:
+                client.starttls(context=_client_tls())
+                client.ehlo("client.test")
+                client.user, client.password = "daniel", "tiger"
+                code, _ = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+                return code
+
+        self.assertEqual((yield threads.deferToThread(session)), 235)
+
+    @defer.inlineCallbacks
+    def test_implicit_tls(self):
+        def session():
+            with smtplib.SMTP_SSL("127.0.0.1", self.smtps_port, timeout=20,
+                                  context=_client_tls()) as client:
+                client.ehlo("client.test")
+                features = dict(client.esmtp_features)
+                client.login("daniel", "tiger")
+                client.sendmail("daniel@example.com", ["carol@example.org"], MESSAGE)
+                return features
+
+        features = yield threads.deferToThread(session)
+        self.assertIn("auth", features)  # at once on port 465 (aiosmtpd#281)
+        self.assertNotIn("starttls", features)
+        [(_, meta)] = self.stored()
+        self.assertEqual(meta["protocol"], "ESMTPSA")
+
+    @defer.inlineCallbacks
+    def test_wrong_password_and_unauthenticated(self):
+        def session():
+            with smtplib.SMTP("127.0.0.1", self.smtp_port, timeout=20) as client:
+                client.starttls(context=_client_tls())
+                client.ehlo("client.test")
+                try:
+                    client.login("daniel", "lion")
+                except smtplib.SMTPAuthenticationError as e:
+                    failure = (e.smtp_code, e.smtp_error)
+                mail = client.mail("daniel@example.com")
+                return failure, mail
+
+        failure, mail = yield threads.deferToThread(session)
+        self.assertEqual(failure, (535, b"5.7.8 Authentication credentials invalid"))
+        self.assertEqual(mail, (530, b"5.7.0 Authentication required"))
+        self.assertEqual(self.stored(), [])
+
+
+class SwaksTests(GatewayMixin, TestCase):
+    timeout = 60
+
+    def setUp(self):
+        if shutil.which("swaks") is None:
+            if os.environ.get("CI") == "true":
+                raise AssertionError("swaks is missing (Debian package swaks)")
+            raise SkipTest("swaks is not installed (Debian package swaks)")
+        self.start()
+
+    def swaks(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["swaks", "--server", "127.0.0.1", "--from", "daniel@example.com",
+             "--to", "bob@example.org", "--helo", "swaks.test", "--timeout", "20", *args],
+            capture_output=True, text=True, timeout=60,
+        )
+
+    @defer.inlineCallbacks
+    def test_starttls_auth_plain(self):
+        result = yield threads.deferToThread(
+            self.swaks, "--port", str(self.smtp_port), "--tls", "--auth", "PLAIN",
+            "--auth-user", "daniel", "--auth-password", "tiger",
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("235 2.7.0", result.stdout)
+        [(message, meta)] = self.stored()
+        self.assertEqual((meta["authn_id"], meta["helo"]), ("daniel", "swaks.test"))
+        self.assertIn(b"with ESMTPSA", message)
+
+    @defer.inlineCallbacks
+    def test_implicit_tls_auth_login(self):
+        result = yield threads.deferToThread(
+            self.swaks, "--port", str(self.smtps_port), "--tls-on-connect", "--auth", "LOGIN",
+            "--auth-user", "daniel", "--auth-password", "tiger",
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertEqual(len(self.stored()), 1)
+
+    @defer.inlineCallbacks
+    def test_plaintext_auth_refused(self):
+        result = yield threads.deferToThread(
+            self.swaks, "--port", str(self.smtp_port), "--auth", "PLAIN",
+            "--auth-user", "daniel", "--auth-password", "tiger",
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertEqual(self.stored(), [])
