@@ -176,9 +176,10 @@ def main() -> None:
     )
     os.makedirs(os.path.join(tmp, "aio"))
     aio = subprocess.Popen(
-        [sys.executable, "-W", "ignore::DeprecationWarning", "-c", AIOSMTPD_SERVER, str(aio_port),
+        [sys.executable, "-W", "ignore", "-c", AIOSMTPD_SERVER, str(aio_port),
          os.path.join(tmp, "aio")],
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,  # aiosmtpd warns about its own deprecated login_data
     )
     try:
         wait_port(gw_port, gateway)

@@ -281,8 +281,36 @@ class SpoolTests(SynchronousTestCase):
         writer.abort()  # a vanished client does not undo a finish under way
         writer.write(b"ignored")
         [(f, args)] = jobs
-        self.assertEqual(f(*args), writer.id)
+        self.assertEqual(f(*args), [writer.id])  # one batch of one
         self.assertEqual(spool.load(writer.id)[0], MESSAGE)
+
+    def test_group_commit(self) -> None:
+        """Messages finished while a batch is written go together: one trip, one directory fsync."""
+        jobs: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+        def later(f: Any, *args: Any) -> defer.Deferred[Any]:
+            jobs.append((f, args, defer.Deferred()))
+            return jobs[-1][2]
+
+        spool = Spool(self.directory, threadpool_runner=later)
+        writers = [spool.open() for _ in range(4)]
+        for w in writers:
+            w.write(MESSAGE)
+        first = writers[0].finish(envelope(), RECEIVED)
+        rest = [w.finish(envelope(), RECEIVED) for w in writers[1:]]
+        self.assertEqual(len(jobs), 1)  # the others wait for the batch in flight
+        f, args, d = jobs.pop()
+        d.callback(f(*args))
+        self.assertEqual(self.successResultOf(first), writers[0].id)
+        [(f, args, d)] = jobs
+        self.assertEqual(len(args[1]), 3)
+        synced: list[int] = []
+        real = os.fsync
+        self.patch(os, "fsync", lambda fd: synced.append(fd) or real(fd))
+        d.callback(f(*args))
+        self.assertEqual(len(synced), 3 * 2 + 1)  # file + metadata each, one directory
+        self.assertEqual([self.successResultOf(x) for x in rest], [w.id for w in writers[1:]])
+        self.assertEqual(spool.ids(), sorted(w.id for w in writers))
 
     def test_fsync(self) -> None:
         """The message and metadata are fsynced, then the directory, after both renames."""

@@ -25,6 +25,7 @@ from typing import IO, Any
 import attrs
 from twisted.internet import defer, threads
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
 from gateway.authinfo import AuthInfo, IdentityContext
 
@@ -172,6 +173,8 @@ class Spool:
         self.directory = os.fspath(directory)
         self._reactor = reactor
         self._runner = threadpool_runner
+        self._queue: list[tuple[SpoolWriter, bytes, Deferred[str]]] = []
+        self._committing = False
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as e:
@@ -190,6 +193,37 @@ class Spool:
                 reactor, reactor.getThreadPool(), f, *args
             )
         return self._runner(f, *args)
+
+    def _commit(self, writer: SpoolWriter, meta: bytes) -> Deferred[str]:
+        """
+        Queue a finished message for the committer. Messages finished while
+        a batch is being written form the next batch: one trip to the thread
+        and one directory fsync for all of them (group commit).
+        """
+        d: Deferred[str] = Deferred()
+        self._queue.append((writer, meta, d))
+        if not self._committing:
+            self._next_batch()
+        return d
+
+    def _next_batch(self) -> None:
+        batch, self._queue = self._queue, []
+        if not batch:
+            self._committing = False
+            return
+        self._committing = True
+        jobs = [(writer, meta) for writer, meta, _ in batch]
+        self.run(_commit_batch, self.directory, jobs).addBoth(self._batch_done, batch)
+
+    def _batch_done(self, results: Any, batch: list[tuple[Any, bytes, Deferred[str]]]) -> None:
+        if isinstance(results, Failure):  # the runner itself failed
+            results = [SpoolError(f"{self.directory}: cannot spool: {results.value}")] * len(batch)
+        for (_, _, d), result in zip(batch, results):
+            if isinstance(result, BaseException):
+                d.errback(Failure(result))
+            else:
+                d.callback(result)
+        self._next_batch()
 
     def open(self) -> SpoolWriter:
         """
@@ -243,6 +277,31 @@ class Spool:
         except ValueError:
             raise SpoolError(f"{self.directory}: metadata of {id} is not valid JSON") from None
         return message, meta
+
+
+def _commit_batch(directory: str, jobs: list[tuple[SpoolWriter, bytes]]) -> list[Any]:
+    """
+    Write each message and its metadata (fsynced, renamed), then fsync the
+    directory once for all. Returns, per job, its id or the L{SpoolError};
+    if the directory cannot be synced, every message of the batch is removed.
+    """
+    results: list[Any] = []
+    for writer, meta in jobs:
+        try:
+            writer._write_files(meta)
+        except Exception as e:  # noqa: BLE001 - reported per message
+            results.append(writer._failed(e))
+        else:
+            results.append(writer.id)
+    if any(isinstance(r, str) for r in results):
+        try:
+            _fsync_directory(directory)
+        except Exception as e:  # noqa: BLE001
+            results = [
+                writer._failed(e) if isinstance(r, str) else r
+                for (writer, _), r in zip(jobs, results)
+            ]
+    return results
 
 
 class SpoolWriter:
@@ -305,31 +364,26 @@ class SpoolWriter:
         except BaseException:
             self._clean_up()
             raise
-        return self._spool.run(self._commit, meta)
+        return self._spool._commit(self, meta)
 
-    def _commit(self, meta: bytes) -> str:
-        """The blocking part of L{finish}, in the runner's thread."""
-        try:
-            if self._error is not None:
-                raise self._error
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            os.replace(self._temp, self._message)
-            fd = _create(self._meta_temp)
-            with os.fdopen(fd, "wb") as f:
-                f.write(meta)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(self._meta_temp, self._meta)
-            _fsync_directory(self._spool.directory)
-        except BaseException as e:
-            self._clean_up()
-            if isinstance(e, Exception):
-                raise SpoolError(f"{self._spool.directory}: cannot spool message {self.id}: "
-                                 f"{_reason(e)}") from None
-            raise
-        return self.id
+    def _write_files(self, meta: bytes) -> None:
+        """The blocking part of L{finish}, in the committer's thread."""
+        if self._error is not None:
+            raise self._error
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._temp, self._message)
+        fd = _create(self._meta_temp)
+        with os.fdopen(fd, "wb") as f:
+            f.write(meta)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(self._meta_temp, self._meta)
+
+    def _failed(self, e: BaseException) -> SpoolError:
+        self._clean_up()
+        return SpoolError(f"{self._spool.directory}: cannot spool message {self.id}: {_reason(e)}")
 
     def abort(self) -> None:
         """
