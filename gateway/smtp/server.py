@@ -121,6 +121,8 @@ class SubmissionServer(smtp.ESMTP):
         self._buffer = b""
         self._skipping = False  # discarding the rest of an overlong line
         self._busy = False  # a reply is pending: later lines wait
+        self._pending: defer.Deferred[Any] | None = None
+        self._lost = False
         self._paused = False
         self._mode = COMMAND
         self._reset_session()
@@ -155,7 +157,10 @@ class SubmissionServer(smtp.ESMTP):
         self.sendCode(220, self.host + b" ESMTP authgateway")
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._lost = True
         self.setTimeout(None)
+        if self._pending is not None:
+            self._pending.cancel()  # a login still running: the client is gone
         if self._writer is not None:
             self._writer.abort()
             self._writer = None
@@ -174,22 +179,28 @@ class SubmissionServer(smtp.ESMTP):
         self._buffer += data
         self._process()
 
-    def _limit(self) -> int:
-        return MAX_DATA_LINE if self._mode == DATA else MAX_COMMAND_LINE
+    def _too_long(self, line: bytes) -> bool:
+        if self._mode != DATA:
+            return len(line) > MAX_COMMAND_LINE
+        # RFC 5321 4.5.3.1.6: a dot added by dot-stuffing does not count.
+        return len(line) > MAX_DATA_LINE + line.startswith(b".")
 
     def _process(self) -> None:
-        while not self._busy and not self.transport.disconnecting:
+        while not self._busy and not self._lost and not self.transport.disconnecting:
             end = self._buffer.find(b"\r\n")
             if end < 0:
-                if len(self._buffer) > self._limit():
-                    self._overlong()
-                    self._buffer = b""
+                # A partial line: a CR at its end may be half of the CRLF.
+                pending = self._buffer[:-1] if self._buffer.endswith(b"\r") else self._buffer
+                if self._too_long(pending):
+                    if not self._skipping:
+                        self._overlong()
+                    self._buffer = self._buffer[len(pending):]
                 break
             line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
             if self._skipping:  # the tail of an overlong line
                 self._skipping = False
                 continue
-            if len(line) > self._limit():
+            if self._too_long(line):
                 self._overlong()
                 self._skipping = False
                 continue
@@ -220,9 +231,11 @@ class SubmissionServer(smtp.ESMTP):
     def _wait(self, d: defer.Deferred[Any]) -> None:
         """Hold every later line until C{d} has replied (RFC 2920 ordering)."""
         self._busy = True
+        self._pending = d
 
         def done(result: Any) -> None:
             self._busy = False
+            self._pending = None
             if self._paused:
                 self._paused = False
                 self.transport.resumeProducing()
@@ -233,6 +246,11 @@ class SubmissionServer(smtp.ESMTP):
         d.addBoth(done)
 
     # -- commands -------------------------------------------------------------
+
+    def lookupMethod(self, command: bytes) -> Any:
+        if not command.isascii():
+            return None  # do_UNKNOWN
+        return super().lookupMethod(command)
 
     def sendSyntaxError(self) -> None:
         self.reply(500, "5.5.2", "Error: bad syntax")
@@ -557,6 +575,7 @@ class SubmissionServer(smtp.ESMTP):
             return
         self._mode = DATA
         self._data_error = None
+        self._data_size = 0
         self._writer.write(self._received_header(self._writer.id))
         self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
 
@@ -568,7 +587,8 @@ class SubmissionServer(smtp.ESMTP):
             line = line[1:]
         if self._writer is None:  # already failed: read to the end
             return
-        if self._writer.size + len(line) + 2 > self.settings.max_size:
+        self._data_size += len(line) + 2
+        if self._data_size > self.settings.max_size:  # the message itself, as SIZE counts
             self._data_error = (552, "5.3.4", "Message size exceeds fixed limit")
             self._discard_message()
             return
@@ -587,7 +607,7 @@ class SubmissionServer(smtp.ESMTP):
         if error is not None or writer is None:
             self.reply(*(error or (451, "4.3.0", "Requested action aborted")))
             return
-        d = writer.finish(envelope)
+        d = defer.maybeDeferred(writer.finish, envelope)
 
         def stored(message_id: str) -> None:
             log.info(

@@ -213,11 +213,12 @@ class Spool:
             return
         self._committing = True
         jobs = [(writer, meta) for writer, meta, _ in batch]
-        self.run(_commit_batch, self.directory, jobs).addBoth(self._batch_done, batch)
+        d = defer.maybeDeferred(self.run, _commit_batch, self.directory, jobs)
+        d.addBoth(self._batch_done, batch)
 
     def _batch_done(self, results: Any, batch: list[tuple[Any, bytes, Deferred[str]]]) -> None:
-        if isinstance(results, Failure):  # the runner itself failed
-            results = [SpoolError(f"{self.directory}: cannot spool: {results.value}")] * len(batch)
+        if isinstance(results, Failure):  # the runner itself failed: nothing was committed
+            results = [writer._failed(results.value) for writer, _, _ in batch]
         for (_, _, d), result in zip(batch, results):
             if isinstance(result, BaseException):
                 d.errback(Failure(result))

@@ -1,0 +1,1275 @@
+"""
+Tests for L{gateway.smtp.server}: the submission server driven line by line
+through a L{StringTransport}, with a real Portal, realm and spool. One test
+per row of the reply-code table and per STARTTLS rule of
+shared/reference/smtp-auth.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import ipaddress
+import os
+from hashlib import md5
+from typing import Any
+
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.credentials import CramMD5Credentials
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, interfaces
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.mail.interfaces import IChallengeResponse
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import Interface, implementer
+
+from gateway import aaa
+from gateway.checkers import smtp_server_auth_plain
+from gateway.checkers.pipeline import PoolFull, Reject, Throttled
+from gateway.credentials import ISASLCredentials
+from gateway.realm import Realm, make_portal
+from gateway.smtp import sasl
+from gateway.smtp import spool as spool_module
+from gateway.smtp.server import MAX_COMMAND_LINE, SMTPSettings, SubmissionFactory
+from gateway.smtp.spool import Spool
+
+PEER = IPv4Address("TCP", "192.0.2.7", 40000)
+HOST = IPv4Address("TCP", "198.51.100.1", 587)
+CONTEXT = object()  # stands in for the certificate's TLS context factory
+TLS_VERSION, TLS_CIPHER = "TLSv1.3", "TLS_AES_256_GCM_SHA384"
+
+
+def b64(data: bytes | str) -> bytes:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data)
+
+
+def plain(authcid: str = "daniel", password: str = "tiger", authzid: str = "") -> bytes:
+    return b64(f"{authzid}\0{authcid}\0{password}")
+
+
+def memory_db(user: str, password: str) -> InMemoryUsernamePasswordDatabaseDontUse:
+    """Users keyed by C{str}, as C{--auth memory:USER:PASSWORD} (Twisted's strcred) stores them."""
+    db = InMemoryUsernamePasswordDatabaseDontUse()
+    db.addUser(user, password)
+    return db
+
+
+def sync_runner(f: Any, *args: Any) -> defer.Deferred[Any]:
+    return defer.maybeDeferred(f, *args)
+
+
+class _FakeTLSConnection:
+    def get_protocol_version_name(self) -> str:
+        return TLS_VERSION
+
+    def get_cipher_name(self) -> str:
+        return TLS_CIPHER
+
+
+@implementer(interfaces.ITLSTransport)
+class StartTLSTransport(StringTransport):
+    """A cleartext connection that can switch to TLS: records the context."""
+
+    def __init__(self) -> None:
+        super().__init__(hostAddress=HOST, peerAddress=PEER)
+        self.tls_context: Any = None
+        self.tls_started = False
+
+    def startTLS(self, ctx: Any, normal: bool = True) -> None:
+        self.tls_context = ctx
+        self.tls_started = True
+
+    def getHandle(self) -> _FakeTLSConnection:
+        return _FakeTLSConnection()
+
+
+@implementer(interfaces.ISSLTransport)
+class ImplicitTLSTransport(StringTransport):
+    """A connection that is TLS from the first byte (the C{--smtps} listener)."""
+
+    def __init__(self) -> None:
+        super().__init__(hostAddress=IPv4Address("TCP", "198.51.100.1", 465), peerAddress=PEER)
+
+    def getHandle(self) -> _FakeTLSConnection:
+        return _FakeTLSConnection()
+
+    def getPeerCertificate(self) -> None:
+        return None
+
+
+class PlainTransport(StringTransport):
+    """A cleartext connection that cannot do TLS at all."""
+
+    def __init__(self) -> None:
+        super().__init__(hostAddress=HOST, peerAddress=PEER)
+
+
+class ITokenCredentials(Interface):
+    """What the test mechanism TOKEN hands to the Portal."""
+
+
+@implementer(IChallengeResponse, ITokenCredentials)
+class TokenMechanism:
+    """A client-first plug-in mechanism that sends no password (offered without TLS)."""
+
+    plaintext = False
+
+    def __init__(self) -> None:
+        self.response: bytes | None = None
+
+    def getChallenge(self) -> bytes:
+        return b""
+
+    def setResponse(self, response: bytes) -> None:
+        self.response = response
+
+    def moreChallenges(self) -> bool:
+        return self.response is None
+
+
+@implementer(ICredentialsChecker)
+class TokenChecker:
+    """Accepts the empty token as C{guest}; records what it was asked."""
+
+    credentialInterfaces = (ITokenCredentials,)
+
+    def __init__(self) -> None:
+        self.seen: list[bytes | None] = []
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        self.seen.append(credentials.response)
+        if credentials.response == b"":
+            return defer.succeed("guest")
+        return defer.fail(UnauthorizedLogin())
+
+
+@implementer(ICredentialsChecker)
+class PendingChecker:
+    """Answers with Deferreds the test fires; records cancellations."""
+
+    credentialInterfaces = (ISASLCredentials,)
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, defer.Deferred[Any]]] = []
+        self.cancelled: list[Any] = []
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred(lambda _: self.cancelled.append(credentials))
+        self.calls.append((credentials, d))
+        return d
+
+
+@implementer(ICredentialsChecker)
+class FailingChecker:
+    """Fails every SASL login with the given exception."""
+
+    credentialInterfaces = (ISASLCredentials,)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        return defer.fail(self.error)
+
+
+class Client:
+    """Feeds bytes to the server and collects its reply lines."""
+
+    def __init__(self, proto: Any, transport: StringTransport) -> None:
+        self.proto = proto
+        self.transport = transport
+
+    def send(self, data: bytes) -> list[bytes]:
+        self.proto.dataReceived(data)
+        return self.read()
+
+    def read(self) -> list[bytes]:
+        out = self.transport.value()
+        self.transport.clear()
+        lines = out.split(b"\r\n")
+        assert lines[-1] == b"", f"reply not CRLF-terminated: {out!r}"
+        return lines[:-1]
+
+    @property
+    def closed(self) -> bool:
+        return bool(self.transport.disconnecting)
+
+
+def finals(lines: list[bytes]) -> list[bytes]:
+    """The last line of each reply (C{NNN text}, not C{NNN-text})."""
+    return [line for line in lines if line[3:4] != b"-"]
+
+
+class ServerTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.directory = self.mktemp()
+        self.spool = Spool(self.directory, threadpool_runner=sync_runner)
+        self.db = memory_db("daniel", "tiger")
+
+    def connect(
+        self,
+        kind: str = "starttls",
+        checkers: list[Any] | None = None,
+        realm: Realm | None = None,
+        policy: Any = None,
+        tls: Any = CONTEXT,
+        **settings: Any,
+    ) -> Client:
+        """A session on a new connection, past the 220 greeting."""
+        settings.setdefault("hostname", "mx.test")
+        portal = make_portal(realm or Realm(), [self.db] if checkers is None else checkers)
+        implicit = kind == "implicit"
+        self.factory = SubmissionFactory(
+            portal,
+            policy or aaa.AllowAuthenticated(),
+            self.spool,
+            SMTPSettings(**settings),
+            "smtps" if implicit else "smtp",
+            tls=None if implicit else tls,
+            implicit_tls=implicit,
+        )
+        transport = {
+            "starttls": StartTLSTransport,
+            "implicit": ImplicitTLSTransport,
+            "plain": PlainTransport,
+        }[kind]()
+        proto = self.factory.buildProtocol(PEER)
+        proto.callLater = self.clock.callLater
+        proto.makeConnection(transport)
+        client = Client(proto, transport)
+        self.assertEqual(client.read(), [b"220 mx.test ESMTP authgateway"])
+        return client
+
+    def assertReplies(self, lines: list[bytes], expected: list[bytes]) -> None:
+        """One reply per expected prefix, in order (e.g. C{b"250 2.1.0"})."""
+        got = finals(lines)
+        self.assertEqual(len(got), len(expected), lines)
+        for line, prefix in zip(got, expected):
+            self.assertTrue(line.startswith(prefix), f"{line!r} does not start with {prefix!r}")
+
+    def ehlo(self, client: Client) -> list[bytes]:
+        lines = client.send(b"EHLO client.example\r\n")
+        self.assertTrue(lines[-1].startswith(b"250 "), lines)
+        return lines
+
+    def tls_session(self, **kwargs: Any) -> Client:
+        """Implicit TLS, EHLO done, not authenticated."""
+        client = self.connect("implicit", **kwargs)
+        self.ehlo(client)
+        return client
+
+    def authenticated(self, **kwargs: Any) -> Client:
+        """Implicit TLS, EHLO done, authenticated as daniel."""
+        client = self.tls_session(**kwargs)
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+        return client
+
+    def trusted_session(self, kind: str = "starttls", **kwargs: Any) -> Client:
+        """A peer in trusted_networks, EHLO done, not authenticated."""
+        client = self.connect(
+            kind, trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),), **kwargs
+        )
+        self.ehlo(client)
+        return client
+
+    def extensions(self, lines: list[bytes]) -> list[bytes]:
+        return [line[4:] for line in lines[1:]]
+
+    def stored(self) -> list[tuple[bytes, dict[str, Any]]]:
+        return [self.spool.load(id) for id in self.spool.ids()]
+
+    def assertNothingStored(self) -> None:
+        self.assertEqual(self.spool.ids(), [])
+        self.assertEqual(os.listdir(self.directory), [])
+
+    def start_data(self, client: Client) -> None:
+        self.assertReplies(
+            client.send(b"MAIL FROM:<daniel@example.com>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"354 2.0.0"],
+        )
+
+
+class GreetingAndBasicsTests(ServerTestCase):
+    def test_ehlo_extensions_starttls_listener(self) -> None:
+        """Before TLS: STARTTLS, ENHANCEDSTATUSCODES, PIPELINING, 8BITMIME, SIZE; no AUTH."""
+        client = self.connect(max_size=1000)
+        lines = self.ehlo(client)
+        self.assertEqual(lines[0], b"250-mx.test Hello 192.0.2.7")
+        ext = self.extensions(lines)
+        for name in (b"STARTTLS", b"ENHANCEDSTATUSCODES", b"PIPELINING", b"8BITMIME", b"SIZE 1000"):
+            self.assertIn(name, ext)
+        self.assertFalse([e for e in ext if e.startswith(b"AUTH")])
+
+    def test_ehlo_implicit_tls_advertises_auth_at_once(self) -> None:
+        """On the C{--smtps} listener AUTH is offered in the first EHLO, STARTTLS never."""
+        ext = self.extensions(self.ehlo(self.connect("implicit")))
+        self.assertIn(b"AUTH PLAIN LOGIN", ext)
+        self.assertNotIn(b"STARTTLS", ext)
+
+    def test_ehlo_insecure_auth_advertises_before_tls(self) -> None:
+        ext = self.extensions(self.ehlo(self.connect(insecure_auth=True)))
+        self.assertIn(b"AUTH PLAIN LOGIN", ext)
+
+    def test_ehlo_non_plaintext_mechanism_before_tls(self) -> None:
+        """A mechanism that sends no password may be offered in cleartext; PLAIN may not."""
+        mechanisms = dict(sasl.BUILTIN, TOKEN=TokenMechanism)
+        ext = self.extensions(self.ehlo(self.connect(mechanisms=mechanisms)))
+        self.assertIn(b"AUTH TOKEN", ext)
+
+    def test_ehlo_without_name(self) -> None:
+        self.assertReplies(self.connect().send(b"EHLO\r\n"), [b"501 5.5.4"])
+
+    def test_helo(self) -> None:
+        client = self.connect()
+        self.assertEqual(client.send(b"HELO client.example\r\n"), [b"250 mx.test"])
+        self.assertReplies(client.send(b"HELO\r\n"), [b"501 5.5.4"])
+
+    def test_noop_rset_help_quit(self) -> None:
+        client = self.connect()
+        self.assertReplies(
+            client.send(b"NOOP\r\nRSET\r\nHELP\r\n"), [b"250 2.0.0", b"250 2.0.0", b"214 2.0.0"]
+        )
+        self.assertFalse(client.closed)
+        self.assertReplies(client.send(b"QUIT\r\nNOOP\r\n"), [b"221 2.0.0"])
+        self.assertTrue(client.closed)
+
+    def test_commands_case_insensitive(self) -> None:
+        client = self.connect("implicit")
+        self.assertReplies(client.send(b"ehlo client.example\r\n"), [b"250 "])
+        self.assertReplies(client.send(b"noop\r\n"), [b"250 2.0.0"])
+
+    def test_unknown_command(self) -> None:
+        client = self.connect()
+        self.assertReplies(client.send(b"FROB x\r\n"), [b"500 5.5.2"])
+        self.assertReplies(client.send(b"   \r\n"), [b"500 5.5.2"])
+        self.assertFalse(client.closed)
+
+    def test_unknown_non_ascii_command(self) -> None:
+        """Bytes that are not ASCII in the verb are an unknown command, not a crash."""
+        client = self.connect()
+        self.assertReplies(client.send(b"\xff\xfe x\r\nNOOP\r\n"), [b"500 5.5.2", b"250 2.0.0"])
+
+    def test_vrfy_requires_auth(self) -> None:
+        self.assertReplies(self.tls_session().send(b"VRFY daniel\r\n"), [b"530 5.7.0"])
+        self.assertReplies(self.authenticated().send(b"VRFY daniel\r\n"), [b"252 2.5.0"])
+
+    def test_overlong_command(self) -> None:
+        """A command line over the limit: 500 5.5.6, and the session goes on."""
+        client = self.connect()
+        self.assertReplies(
+            client.send(b"NOOP " + b"x" * MAX_COMMAND_LINE + b"\r\nNOOP\r\n"),
+            [b"500 5.5.6", b"250 2.0.0"],
+        )
+
+    def test_overlong_command_streamed(self) -> None:
+        """An overlong line arriving in several large segments gets exactly one reply."""
+        client = self.connect()
+        replies = client.send(b"NOOP " + b"x" * (MAX_COMMAND_LINE + 10))
+        replies += client.send(b"x" * (MAX_COMMAND_LINE + 10))
+        replies += client.send(b"x" * 10 + b"\r\nNOOP\r\n")
+        self.assertReplies(replies, [b"500 5.5.6", b"250 2.0.0"])
+
+    def test_idle_timeout(self) -> None:
+        client = self.connect(timeout=30)
+        self.clock.advance(29)
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+        self.clock.advance(29)
+        self.assertFalse(client.closed)
+        self.clock.advance(1)
+        self.assertReplies(client.read(), [b"421 4.4.2"])
+        self.assertTrue(client.closed)
+
+
+class StartTLSTests(ServerTestCase):
+    def test_starttls(self) -> None:
+        client = self.connect()
+        self.ehlo(client)
+        self.assertReplies(client.send(b"STARTTLS\r\n"), [b"220 2.0.0"])
+        self.assertTrue(client.transport.tls_started)
+        self.assertIs(client.transport.tls_context, CONTEXT)
+
+    def test_starttls_with_parameters(self) -> None:
+        client = self.connect()
+        self.ehlo(client)
+        self.assertReplies(client.send(b"STARTTLS now\r\n"), [b"501 5.5.4"])
+        self.assertFalse(client.transport.tls_started)
+
+    def test_starttls_when_tls_active(self) -> None:
+        self.assertReplies(self.tls_session().send(b"STARTTLS\r\n"), [b"503 5.5.1"])
+
+    def test_starttls_twice(self) -> None:
+        client = self.connect()
+        self.ehlo(client)
+        client.send(b"STARTTLS\r\n")
+        self.ehlo(client)
+        self.assertReplies(client.send(b"STARTTLS\r\n"), [b"503 5.5.1"])
+
+    def test_starttls_without_context(self) -> None:
+        client = self.connect(tls=None)
+        self.assertNotIn(b"STARTTLS", self.extensions(self.ehlo(client)))
+        self.assertReplies(client.send(b"STARTTLS\r\n"), [b"454 4.7.0"])
+
+    def test_starttls_transport_cannot(self) -> None:
+        client = self.connect("plain")
+        self.assertNotIn(b"STARTTLS", self.extensions(self.ehlo(client)))
+        self.assertReplies(client.send(b"STARTTLS\r\n"), [b"454 4.7.0"])
+
+    def test_not_readvertised_auth_advertised_after_tls(self) -> None:
+        client = self.connect()
+        self.ehlo(client)
+        client.send(b"STARTTLS\r\n")
+        ext = self.extensions(self.ehlo(client))
+        self.assertNotIn(b"STARTTLS", ext)
+        self.assertIn(b"AUTH PLAIN LOGIN", ext)
+
+    def test_pipelined_plaintext_discarded(self) -> None:
+        """C{STARTTLS\\r\\nRSET\\r\\n} in one segment: RSET never runs (CVE-2011-0411)."""
+        client = self.connect()
+        self.ehlo(client)
+        self.assertReplies(client.send(b"STARTTLS\r\nRSET\r\n"), [b"220 2.0.0"])
+        self.assertEqual(client.read(), [])
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_pipelined_ehlo_discarded(self) -> None:
+        """An EHLO injected after STARTTLS does not count: AUTH still needs a new EHLO."""
+        client = self.connect()
+        self.ehlo(client)
+        lines = client.send(b"STARTTLS\r\nEHLO injected\r\nAUTH PLAIN " + plain() + b"\r\n")
+        self.assertReplies(lines, [b"220 2.0.0"])
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"503 5.5.1"])
+
+    def test_ehlo_required_after_starttls(self) -> None:
+        client = self.connect()
+        self.ehlo(client)
+        client.send(b"STARTTLS\r\n")
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"503 5.5.1"])
+        self.ehlo(client)
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+
+    def test_authentication_forgotten(self) -> None:
+        """A cleartext login (insecure_auth) does not survive STARTTLS."""
+        client = self.connect(insecure_auth=True)
+        self.ehlo(client)
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+        client.send(b"STARTTLS\r\n")
+        self.assertIn(b"AUTH PLAIN LOGIN", self.extensions(self.ehlo(client)))
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"530 5.7.0"])
+
+    def test_transaction_forgotten(self) -> None:
+        client = self.trusted_session()
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"250 2.1.0"])
+        client.send(b"STARTTLS\r\n")
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"503 5.5.1"])
+        self.ehlo(client)
+        self.assertReplies(client.send(b"RCPT TO:<c@d.example>\r\n"), [b"503 5.5.1"])
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"250 2.1.0"])
+
+    def test_plaintext_mechanism_before_tls(self) -> None:
+        client = self.connect()
+        self.ehlo(client)
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"538 5.7.11"])
+        self.assertReplies(client.send(b"AUTH LOGIN\r\n"), [b"538 5.7.11"])
+        self.assertFalse(client.closed)
+
+    def test_insecure_auth_accepts_plain_before_tls(self) -> None:
+        client = self.connect(insecure_auth=True)
+        self.ehlo(client)
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+
+
+class AuthExchangeTests(ServerTestCase):
+    def test_plain_initial_response(self) -> None:
+        client = self.tls_session()
+        self.assertEqual(
+            client.send(b"AUTH PLAIN " + plain() + b"\r\n"),
+            [b"235 2.7.0 Authentication successful"],
+        )
+        self.assertNotIn(b"AUTH PLAIN", b"\n".join(self.ehlo(client)))
+
+    def test_plain_empty_challenge(self) -> None:
+        """Without an initial response PLAIN sends C{334 } with its trailing space."""
+        client = self.tls_session()
+        self.assertEqual(client.send(b"AUTH PLAIN\r\n"), [b"334 "])
+        self.assertReplies(client.send(plain() + b"\r\n"), [b"235 2.7.0"])
+
+    def test_login_challenges(self) -> None:
+        client = self.tls_session()
+        self.assertEqual(client.send(b"AUTH LOGIN\r\n"), [b"334 " + b64("Username:")])
+        self.assertEqual(client.send(b64("daniel") + b"\r\n"), [b"334 " + b64("Password:")])
+        self.assertReplies(client.send(b64("tiger") + b"\r\n"), [b"235 2.7.0"])
+
+    def test_login_initial_response(self) -> None:
+        client = self.tls_session()
+        self.assertEqual(
+            client.send(b"AUTH LOGIN " + b64("daniel") + b"\r\n"), [b"334 " + b64("Password:")]
+        )
+        self.assertReplies(client.send(b64("tiger") + b"\r\n"), [b"235 2.7.0"])
+
+    def test_mechanism_case_insensitive(self) -> None:
+        client = self.tls_session()
+        self.assertReplies(client.send(b"auth plain " + plain() + b"\r\n"), [b"235 2.7.0"])
+
+    def test_mixed_case_login(self) -> None:
+        client = self.tls_session()
+        self.assertEqual(client.send(b"AUTH LoGiN\r\n"), [b"334 " + b64("Username:")])
+
+    def test_cancel(self) -> None:
+        client = self.tls_session()
+        client.send(b"AUTH PLAIN\r\n")
+        self.assertReplies(client.send(b"*\r\n"), [b"501 5.7.0"])
+        client.send(b"AUTH LOGIN\r\n")
+        client.send(b64("daniel") + b"\r\n")
+        self.assertReplies(client.send(b"*\r\n"), [b"501 5.7.0"])
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+
+    def test_cancel_initial_response(self) -> None:
+        self.assertReplies(self.tls_session().send(b"AUTH PLAIN *\r\n"), [b"501 5.7.0"])
+
+    def test_bad_base64(self) -> None:
+        client = self.tls_session()
+        for bad in (b"!!" + plain() + b"!!", b"ZGFu\x00", b"ZGFuaWVs=", b"ZGF=uaWVs", b"Zm9v Zg=="):
+            self.assertReplies(client.send(b"AUTH PLAIN " + bad + b"\r\n"), [b"501 5.5.2"])
+        client.send(b"AUTH PLAIN\r\n")
+        self.assertReplies(client.send(b"!!" + plain() + b"!!\r\n"), [b"501 5.5.2"])
+        self.assertIsNone(client.proto.auth_info)
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+
+    def test_bare_auth(self) -> None:
+        """C{AUTH} alone: 501 5.5.4 and the connection stays usable (twisted#7753)."""
+        client = self.tls_session()
+        self.assertReplies(client.send(b"AUTH\r\n"), [b"501 5.5.4"])
+        self.assertReplies(client.send(b"AUTH  \r\n"), [b"501 5.5.4"])
+        self.assertFalse(client.closed)
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+
+    def test_unknown_mechanism(self) -> None:
+        client = self.tls_session()
+        self.assertReplies(client.send(b"AUTH GSSAPI\r\n"), [b"504 5.5.4"])
+        self.assertReplies(client.send(b"AUTH \xff\r\n"), [b"504 5.5.4"])
+
+    def test_excluded_mechanism(self) -> None:
+        client = self.connect("implicit", mechanisms={"PLAIN": sasl.Plain})
+        ext = self.extensions(self.ehlo(client))
+        self.assertIn(b"AUTH PLAIN", ext)
+        self.assertReplies(client.send(b"AUTH LOGIN\r\n"), [b"504 5.5.4"])
+
+    def test_already_authenticated(self) -> None:
+        client = self.authenticated()
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"503 5.5.1"])
+
+    def test_auth_inside_transaction(self) -> None:
+        client = self.trusted_session("implicit")
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"250 2.1.0"])
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"503 5.5.1"])
+        self.assertIsNone(client.proto.auth_info)
+
+    def test_auth_before_ehlo(self) -> None:
+        client = self.connect("implicit")
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"503 5.5.1"])
+        client.send(b"HELO client.example\r\n")
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"503 5.5.1"])
+
+    def test_bad_credentials(self) -> None:
+        client = self.tls_session()
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain(password="lion") + b"\r\n"), [b"535 5.7.8"]
+        )
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain(authcid="nobody") + b"\r\n"), [b"535 5.7.8"]
+        )
+        self.assertFalse(client.closed)
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"530 5.7.0"])
+
+    def test_three_failures_close(self) -> None:
+        client = self.tls_session()
+        bad = b"AUTH PLAIN " + plain(password="lion") + b"\r\n"
+        self.assertReplies(client.send(bad + bad), [b"535 5.7.8", b"535 5.7.8"])
+        self.assertFalse(client.closed)
+        self.assertReplies(client.send(bad + b"NOOP\r\n"), [b"535 5.7.8", b"421 4.7.0"])
+        self.assertTrue(client.closed)
+
+    def test_empty_initial_response(self) -> None:
+        """C{=} is a zero-length initial response, handed to the mechanism as such."""
+        checker = TokenChecker()
+        mechanisms = dict(sasl.BUILTIN, TOKEN=TokenMechanism)
+        client = self.connect(mechanisms=mechanisms, checkers=[self.db, checker])
+        self.ehlo(client)
+        self.assertReplies(client.send(b"AUTH TOKEN =\r\n"), [b"235 2.7.0"])
+        self.assertEqual(checker.seen, [b""])
+        self.assertEqual(client.proto.auth_info.identities[0].identity, "guest")
+
+    def test_empty_response_after_challenge(self) -> None:
+        """An empty line answering C{334 } is a zero-length response."""
+        checker = TokenChecker()
+        mechanisms = dict(sasl.BUILTIN, TOKEN=TokenMechanism)
+        client = self.connect(mechanisms=mechanisms, checkers=[self.db, checker])
+        self.ehlo(client)
+        self.assertEqual(client.send(b"AUTH TOKEN\r\n"), [b"334 "])
+        self.assertReplies(client.send(b"\r\n"), [b"235 2.7.0"])
+        self.assertEqual(checker.seen, [b""])
+
+    def test_empty_initial_response_plain(self) -> None:
+        """For PLAIN, an empty response is malformed."""
+        self.assertReplies(self.tls_session().send(b"AUTH PLAIN =\r\n"), [b"501 5.5.2"])
+
+    def test_plain_field_limits(self) -> None:
+        client = self.tls_session()
+        long = "d" * 256
+        for response in (
+            plain(authcid=long),
+            plain(password=long),
+            plain(authzid=long),
+            b64(b"\0dani\xffel\0tiger"),
+            b64(b"\0daniel\0ti\xc3ger"),
+            b64(b"daniel\0tiger"),
+            b64(b"\0\0tiger"),
+        ):
+            self.assertReplies(client.send(b"AUTH PLAIN " + response + b"\r\n"), [b"501 5.5.2"])
+        self.assertFalse(client.closed)
+
+    def test_plain_field_255_octets(self) -> None:
+        """255 octets of UTF-8 (multi-byte characters) are within the limit."""
+        password = "\u00e9" * 127 + "x"  # 255 octets
+        self.db = memory_db("daniel", password)
+        client = self.tls_session()
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain(password=password) + b"\r\n"), [b"235 2.7.0"]
+        )
+
+    def test_auth_line_limit(self) -> None:
+        """An AUTH line of 12288 octets is read (and judged); a longer one is 500 5.5.6."""
+        client = self.tls_session()
+        prefix = b"AUTH PLAIN "
+        fits = prefix + b"QUJD" * ((MAX_COMMAND_LINE - len(prefix)) // 4)
+        fits += b"A" * (MAX_COMMAND_LINE - len(fits))
+        self.assertEqual(len(fits), MAX_COMMAND_LINE)
+        self.assertReplies(client.send(fits + b"\r\n"), [b"501 5.5.2"])
+        self.assertReplies(client.send(fits + b"AAAA\r\nNOOP\r\n"), [b"500 5.5.6", b"250 2.0.0"])
+
+    def test_overlong_response(self) -> None:
+        """A challenge response over 12288 octets ends the exchange with 500 5.5.6."""
+        client = self.tls_session()
+        self.assertEqual(client.send(b"AUTH PLAIN\r\n"), [b"334 "])
+        self.assertReplies(
+            client.send(b"QUJD" * (MAX_COMMAND_LINE // 4 + 1) + b"\r\nNOOP\r\n"),
+            [b"500 5.5.6", b"250 2.0.0"],
+        )
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+
+    def test_initial_response_server_first(self) -> None:
+        """A server-first plug-in mechanism (CRAM-MD5) refuses an initial response."""
+        mechanisms = dict(sasl.BUILTIN, **{"CRAM-MD5": CramMD5Credentials})
+        client = self.connect("implicit", mechanisms=mechanisms)
+        self.assertIn(b"AUTH PLAIN LOGIN CRAM-MD5", self.extensions(self.ehlo(client)))
+        self.assertReplies(
+            client.send(b"AUTH CRAM-MD5 " + b64("daniel x") + b"\r\n"), [b"501 5.7.0"]
+        )
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_plugin_mechanism_exchange(self) -> None:
+        """CRAM-MD5 registered by name: challenge, response, 235."""
+        self.db.addUser(b"daniel", b"tiger")  # CramMD5Credentials carries a bytes username
+        client = self.connect("implicit", mechanisms={"CRAM-MD5": CramMD5Credentials})
+        self.ehlo(client)
+        (line,) = client.send(b"AUTH cram-md5\r\n")
+        self.assertTrue(line.startswith(b"334 "), line)
+        challenge = base64.b64decode(line[4:])
+        digest = hmac.HMAC(b"tiger", challenge, digestmod=md5).hexdigest()
+        self.assertReplies(client.send(b64("daniel " + digest) + b"\r\n"), [b"235 2.7.0"])
+        self.assertEqual(client.proto.auth_info.identities[0].identity, "daniel")
+
+    def test_mechanism_that_cannot_start(self) -> None:
+        def broken() -> None:
+            raise RuntimeError("no")
+
+        broken.plaintext = False  # type: ignore[attr-defined]
+        client = self.connect("implicit", mechanisms={"BROKEN": broken})
+        self.ehlo(client)
+        self.assertReplies(client.send(b"AUTH BROKEN\r\n"), [b"454 4.7.0"])
+        self.flushLoggedErrors(RuntimeError)
+
+
+class CheckerOutcomeTests(ServerTestCase):
+    def outcome(self, error: Exception) -> Client:
+        client = self.tls_session(checkers=[FailingChecker(error)])
+        self.result = client.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        return client
+
+    def test_backend_error(self) -> None:
+        """Any exception but UnauthorizedLogin is a temporary failure: 454, not 451."""
+        client = self.outcome(RuntimeError("database down"))
+        self.assertReplies(self.result, [b"454 4.7.0"])
+        self.assertNotIn(b"database", b"".join(self.result))
+        self.assertFalse(client.closed)
+
+    def test_throttled(self) -> None:
+        self.outcome(Throttled(30))
+        self.assertReplies(self.result, [b"454 4.7.0"])
+
+    def test_pool_full(self) -> None:
+        self.outcome(PoolFull())
+        self.assertReplies(self.result, [b"454 4.7.0"])
+
+    def test_temporary_failures_do_not_count(self) -> None:
+        client = self.outcome(PoolFull())
+        for _ in range(3):
+            self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"454 4.7.0"])
+        self.assertFalse(client.closed)
+
+    def test_unhandled_credentials(self) -> None:
+        """No checker for the credentials: 454."""
+        client = self.tls_session(checkers=[TokenChecker()])
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"454 4.7.0"])
+
+    def test_reject_own_code(self) -> None:
+        client = self.outcome(Reject(432, "4.7.12", "A password transition is needed"))
+        self.assertEqual(self.result, [b"432 4.7.12 A password transition is needed"])
+        self.assertFalse(client.closed)
+
+    def test_reject_disconnect(self) -> None:
+        client = self.outcome(
+            Reject(534, "5.7.9", "Authentication mechanism is too weak", disconnect=True)
+        )
+        self.assertEqual(self.result, [b"534 5.7.9 Authentication mechanism is too weak"])
+        self.assertTrue(client.closed)
+
+    def test_reject_counts_as_failure(self) -> None:
+        client = self.outcome(Reject(535, "5.7.8", "No such mailbox"))
+        client.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"535 5.7.8", b"421 4.7.0"]
+        )
+        self.assertTrue(client.closed)
+
+    def test_reject_text_with_password_withheld(self) -> None:
+        """A rejection whose text holds the password is answered as a plain 535."""
+        self.outcome(Reject(550, "5.7.1", "password tiger is wrong"))
+        self.assertReplies(self.result, [b"535 5.7.8"])
+        self.assertNotIn(b"tiger", b"".join(self.result))
+
+
+class AuthorizationIdentityTests(ServerTestCase):
+    def identities(self, client: Client) -> list[tuple[str, str]]:
+        return [(i.identity, i.context.value) for i in client.proto.auth_info.identities]
+
+    def test_empty_authzid_is_authcid(self) -> None:
+        client = self.authenticated()
+        self.assertEqual(
+            self.identities(client),
+            [("daniel", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+        )
+
+    def test_authzid_equal_to_authcid(self) -> None:
+        client = self.tls_session()
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain(authzid="daniel") + b"\r\n"), [b"235 2.7.0"]
+        )
+
+    def test_foreign_authzid_refused(self) -> None:
+        client = self.tls_session()
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain(authzid="sales") + b"\r\n"), [b"535 5.7.8"]
+        )
+        self.assertIsNone(client.proto.auth_info)
+
+    def test_seed_function_sees_both_and_approves(self) -> None:
+        calls = []
+
+        def auth_plain(authz: str, authc: str, password: str, conn_meta: Any) -> bool:
+            calls.append((authz, authc, password, conn_meta.tls, conn_meta.peer_address,
+                          conn_meta.helo))
+            return authc == "daniel" and password == "tiger" and authz in ("daniel", "sales")
+
+        client = self.tls_session(checkers=[smtp_server_auth_plain(auth_plain)])
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain(authzid="sales") + b"\r\n"), [b"235 2.7.0"]
+        )
+        self.assertEqual(calls, [("sales", "daniel", "tiger", True, "192.0.2.7", "client.example")])
+        self.assertEqual(
+            self.identities(client),
+            [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+        )
+
+    def test_seed_function_empty_authzid(self) -> None:
+        calls = []
+
+        def auth_plain(authz: str, authc: str, password: str, conn_meta: Any) -> bool:
+            calls.append((authz, authc))
+            return password == "tiger"
+
+        client = self.tls_session(checkers=[smtp_server_auth_plain(auth_plain)])
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+        self.assertEqual(calls, [("daniel", "daniel")])
+
+    def test_seed_function_refuses_authzid(self) -> None:
+        def auth_plain(authz: str, authc: str, password: str, conn_meta: Any) -> bool:
+            return authz == authc and password == "tiger"
+
+        client = self.tls_session(checkers=[smtp_server_auth_plain(auth_plain)])
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain(authzid="sales") + b"\r\n"), [b"535 5.7.8"]
+        )
+
+    def test_realm_authorize_grants(self) -> None:
+        asked = []
+
+        def authorize(info: Any, authzid: str) -> bool:
+            asked.append((sorted(info.names()), authzid))
+            return authzid == "sales"
+
+        client = self.tls_session(realm=Realm(authorize=authorize))
+        self.assertReplies(
+            client.send(b"AUTH PLAIN " + plain(authzid="sales") + b"\r\n"), [b"235 2.7.0"]
+        )
+        self.assertEqual(asked, [(["daniel"], "sales")])
+        self.assertEqual(
+            self.identities(client),
+            [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+        )
+        self.assertReplies(
+            self.tls_session(realm=Realm(authorize=authorize)).send(
+                b"AUTH PLAIN " + plain(authzid="boss") + b"\r\n"
+            ),
+            [b"535 5.7.8"],
+        )
+
+    def test_metadata_records_both(self) -> None:
+        client = self.tls_session(realm=Realm(authorize=lambda info, authzid: True))
+        client.send(b"AUTH PLAIN " + plain(authzid="sales") + b"\r\n")
+        self.start_data(client)
+        self.assertReplies(client.send(b"hi\r\n.\r\n"), [b"250 2.0.0"])
+        ((_, meta),) = self.stored()
+        self.assertEqual((meta["authz_id"], meta["authn_id"]), ("sales", "daniel"))
+
+
+class PipeliningTests(ServerTestCase):
+    def test_replies_wait_for_login(self) -> None:
+        checker = PendingChecker()
+        client = self.tls_session(checkers=[checker])
+        lines = client.send(
+            b"AUTH PLAIN " + plain() + b"\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
+        )
+        self.assertEqual(lines, [])
+        self.assertEqual(client.send(b"NOOP\r\n"), [])
+        ((credentials, d),) = checker.calls
+        self.assertEqual((credentials.username, credentials.authzid), ("daniel", ""))
+        d.callback("daniel")
+        self.assertReplies(
+            client.read(), [b"235 2.7.0", b"250 2.1.0", b"250 2.1.5", b"250 2.0.0"]
+        )
+
+    def test_failed_login_then_pipelined(self) -> None:
+        checker = PendingChecker()
+        client = self.tls_session(checkers=[checker])
+        self.assertEqual(
+            client.send(b"AUTH PLAIN " + plain() + b"\r\nMAIL FROM:<a@b.example>\r\n"), []
+        )
+        checker.calls[0][1].errback(UnauthorizedLogin())
+        self.assertReplies(client.read(), [b"535 5.7.8", b"530 5.7.0"])
+
+    def test_pending_input_bounded(self) -> None:
+        """While a login is pending and much input is queued, the server stops reading."""
+        checker = PendingChecker()
+        client = self.tls_session(checkers=[checker])
+        client.send(b"AUTH PLAIN " + plain() + b"\r\n" + b"NOOP\r\n" * 20000)
+        self.assertEqual(client.transport.producerState, "paused")
+        checker.calls[0][1].callback("daniel")
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(len(finals(client.read())), 20001)
+
+    def test_disconnect_during_pending_login(self) -> None:
+        """The client leaving cancels the login; nothing more is written or run."""
+        checker = PendingChecker()
+        client = self.tls_session(checkers=[checker])
+        client.send(b"AUTH PLAIN " + plain() + b"\r\nMAIL FROM:<a@b.example>\r\n")
+        ((credentials, d),) = checker.calls
+        client.proto.connectionLost(Exception("gone"))
+        self.assertEqual(checker.cancelled, [credentials])
+        if not d.called:
+            d.callback("daniel")
+        self.assertEqual(client.read(), [])
+        self.assertIsNone(client.proto.auth_info)
+
+
+class TransactionTests(ServerTestCase):
+    def test_auth_required(self) -> None:
+        client = self.tls_session()
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"),
+            [b"530 5.7.0", b"530 5.7.0", b"530 5.7.0"],
+        )
+
+    def test_untrusted_peer_needs_auth(self) -> None:
+        client = self.connect(
+            "implicit", trusted_networks=(ipaddress.ip_network("203.0.113.0/24"),)
+        )
+        self.ehlo(client)
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"530 5.7.0"])
+
+    def test_trusted_network(self) -> None:
+        client = self.trusted_session()
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"354 2.0.0"],
+        )
+        self.assertReplies(client.send(b"hello\r\n.\r\n"), [b"250 2.0.0"])
+        ((message, meta),) = self.stored()
+        self.assertIn(b" with ESMTP id ", message)
+        self.assertIsNone(meta["authz_id"])
+        self.assertIsNone(meta["auth_info"])
+
+    def test_mail_before_helo(self) -> None:
+        client = self.connect(trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),))
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"503 5.5.1"])
+
+    def test_nested_mail(self) -> None:
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example>\r\nMAIL FROM:<e@f.example>\r\n"),
+            [b"250 2.1.0", b"503 5.5.1"],
+        )
+
+    def test_rset_ends_transaction(self) -> None:
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example>\r\nRSET\r\nRCPT TO:<c@d.example>\r\n"
+                        b"MAIL FROM:<e@f.example>\r\n"),
+            [b"250 2.1.0", b"250 2.0.0", b"503 5.5.1", b"250 2.1.0"],
+        )
+
+    def test_null_sender(self) -> None:
+        self.assertReplies(self.authenticated().send(b"MAIL FROM:<>\r\n"), [b"250 2.1.0"])
+
+    def test_mail_syntax(self) -> None:
+        self.assertReplies(self.authenticated().send(b"MAIL TO:<a@b.example>\r\n"), [b"501 5.5.4"])
+
+    def test_size_parameter(self) -> None:
+        client = self.authenticated(max_size=1000)
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example> SIZE=1001\r\n"), [b"552 5.3.4"]
+        )
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example> SIZE=x\r\n"), [b"501 5.5.4"])
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME\r\n"), [b"250 2.1.0"]
+        )
+
+    def test_duplicate_parameter(self) -> None:
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example> AUTH=<> auth=a@b.example\r\n"), [b"503 5.5.4"]
+        )
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example> SIZE=1 SIZE=2\r\n"), [b"503 5.5.4"]
+        )
+
+    def test_unknown_parameter(self) -> None:
+        client = self.authenticated()
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example> FROB=1\r\n"), [b"555 5.5.4"])
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example>\r\n"), [b"250 2.1.0"])
+        self.assertReplies(client.send(b"RCPT TO:<c@d.example> NOTIFY=NEVER\r\n"), [b"555 5.5.4"])
+
+    def test_mail_auth_parameter(self) -> None:
+        """C{AUTH=<xtext>} (RFC 4954 section 5) is decoded and kept in the metadata."""
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b"MAIL FROM:<daniel@example.com> AUTH=daniel+2Bx@example.com\r\n"
+                        b"RCPT TO:<a@example.net>\r\nDATA\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"354 2.0.0"],
+        )
+        self.assertReplies(client.send(b"hi\r\n.\r\n"), [b"250 2.0.0"])
+        ((_, meta),) = self.stored()
+        self.assertEqual(meta["mail_auth"], "daniel+x@example.com")
+
+    def test_mail_auth_empty_and_malformed(self) -> None:
+        client = self.authenticated()
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example> AUTH=<>\r\n"), [b"250 2.1.0"])
+        client.send(b"RSET\r\n")
+        self.assertReplies(client.send(b"MAIL FROM:<a@b.example> AUTH=a+zz\r\n"), [b"501 5.5.4"])
+
+    def test_rcpt_before_mail(self) -> None:
+        self.assertReplies(self.authenticated().send(b"RCPT TO:<c@d.example>\r\n"), [b"503 5.5.1"])
+
+    def test_too_many_recipients(self) -> None:
+        client = self.authenticated(max_recipients=2)
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c1@d.example>\r\n"
+                        b"RCPT TO:<c2@d.example>\r\nRCPT TO:<c3@d.example>\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"250 2.1.5", b"452 4.5.3"],
+        )
+
+    def test_data_without_rcpt(self) -> None:
+        client = self.authenticated()
+        self.assertReplies(client.send(b"DATA\r\n"), [b"503 5.5.1"])
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example>\r\nDATA\r\n"), [b"250 2.1.0", b"503 5.5.1"]
+        )
+        self.assertNothingStored()
+
+    def test_sender_binding(self) -> None:
+        acl = aaa.parse_acl(
+            '[[acl."smtp/sender/example.com/daniel"]]\n'
+            "allow = true\n"
+            'privileges = ["send"]\n'
+            'identity.Individual = "daniel"\n'
+        )
+        client = self.authenticated(policy=acl, sender_binding=True)
+        self.assertReplies(client.send(b"MAIL FROM:<boss@example.com>\r\n"), [b"553 5.7.1"])
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@other.example>\r\n"), [b"553 5.7.1"])
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@Example.COM>\r\n"), [b"250 2.1.0"])
+
+    def test_sender_binding_off(self) -> None:
+        acl = aaa.parse_acl("")
+        client = self.authenticated(policy=acl)
+        self.assertReplies(client.send(b"MAIL FROM:<boss@example.com>\r\n"), [b"250 2.1.0"])
+
+
+class DataTests(ServerTestCase):
+    def test_message_stored(self) -> None:
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b"MAIL FROM:<daniel@example.com>\r\nRCPT TO:<a@example.net>\r\n"
+                        b"RCPT TO:<b@example.org>\r\nDATA\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"250 2.1.5", b"354 2.0.0"],
+        )
+        (line,) = client.send(b"Subject: hi\r\n\r\n..leading dot\r\n..\r\nend\r\n.\r\n")
+        self.assertTrue(line.startswith(b"250 2.0.0 "), line)
+        (id,) = self.spool.ids()
+        self.assertIn(id.encode(), line)
+        message, meta = self.spool.load(id)
+        header, _, body = message.partition(b"Subject: hi\r\n")
+        self.assertTrue(header.startswith(b"Received: from client.example ([192.0.2.7])"), header)
+        self.assertIn(f"by mx.test (authgateway) with ESMTPSA id {id}".encode(), header)
+        self.assertIn(TLS_VERSION.encode(), header)
+        self.assertEqual(body, b"\r\n.leading dot\r\n.\r\nend\r\n")
+        self.assertEqual(meta["id"], id)
+        self.assertEqual(meta["authz_id"], "daniel")
+        self.assertEqual(meta["authn_id"], "daniel")
+        self.assertEqual(meta["mail_from"], "daniel@example.com")
+        self.assertEqual(meta["rcpt_to"], ["a@example.net", "b@example.org"])
+        self.assertEqual(meta["helo"], "client.example")
+        self.assertEqual(meta["peer"], {"address": "192.0.2.7", "port": 40000})
+        self.assertEqual(meta["local"], {"address": "198.51.100.1", "port": 465})
+        self.assertEqual(meta["protocol"], "ESMTPSA")
+        self.assertEqual(meta["tls"], {"version": TLS_VERSION, "cipher": TLS_CIPHER})
+        self.assertIsNone(meta["mail_auth"])
+        self.assertEqual(
+            meta["auth_info"]["identities"],
+            [
+                {"identity": "daniel", "context": "SmtpAuthPlainAuthorization"},
+                {"identity": "daniel", "context": "SmtpAuthPlainAuthentication"},
+            ],
+        )
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_two_messages_one_session(self) -> None:
+        client = self.authenticated()
+        for _ in range(2):
+            self.start_data(client)
+            self.assertReplies(client.send(b"hi\r\n.\r\n"), [b"250 2.0.0"])
+        self.assertEqual(len(self.spool.ids()), 2)
+
+    def test_pipelined_data(self) -> None:
+        client = self.tls_session()
+        lines = client.send(
+            b"AUTH PLAIN " + plain() + b"\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"
+            b"DATA\r\nhello\r\n.\r\nQUIT\r\n"
+        )
+        self.assertReplies(
+            lines, [b"235 2.7.0", b"250 2.1.0", b"250 2.1.5", b"354 2.0.0", b"250 2.0.0", b"221"]
+        )
+        self.assertEqual(len(self.spool.ids()), 1)
+
+    def test_received_esmtpa(self) -> None:
+        """Authenticated in cleartext (insecure_auth): C{with ESMTPA}, no TLS in the metadata."""
+        client = self.connect(insecure_auth=True)
+        self.ehlo(client)
+        client.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.start_data(client)
+        client.send(b"hi\r\n.\r\n")
+        ((message, meta),) = self.stored()
+        self.assertIn(b" with ESMTPA id ", message)
+        self.assertEqual(meta["protocol"], "ESMTPA")
+        self.assertIsNone(meta["tls"])
+
+    def test_received_esmtps(self) -> None:
+        """TLS without authentication (a trusted peer): C{with ESMTPS}."""
+        client = self.trusted_session("implicit")
+        self.start_data(client)
+        client.send(b"hi\r\n.\r\n")
+        ((message, meta),) = self.stored()
+        self.assertIn(b" with ESMTPS id ", message)
+        self.assertEqual(meta["protocol"], "ESMTPS")
+
+    def test_received_esmtpsa_after_starttls(self) -> None:
+        client = self.connect()
+        self.ehlo(client)
+        client.send(b"STARTTLS\r\n")
+        client.send(b"EHLO after.example\r\n")
+        client.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.start_data(client)
+        self.assertReplies(client.send(b"hi\r\n.\r\n"), [b"250 2.0.0"])
+        ((message, meta),) = self.stored()
+        self.assertIn(b" with ESMTPSA id ", message)
+        self.assertEqual(meta["helo"], "after.example")
+        self.assertEqual(meta["tls"], {"version": TLS_VERSION, "cipher": TLS_CIPHER})
+
+    def test_message_too_big(self) -> None:
+        client = self.authenticated(max_size=1000)
+        self.start_data(client)
+        self.assertReplies(
+            client.send(b"x" * 98 + b"\r\n") + client.send((b"y" * 98 + b"\r\n") * 20),
+            [],
+        )
+        self.assertReplies(client.send(b".\r\n"), [b"552 5.3.4"])
+        self.assertNothingStored()
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_message_of_exactly_max_size(self) -> None:
+        """RFC 1870: the message the client sends is measured, not our Received header."""
+        client = self.authenticated(max_size=1000)
+        self.start_data(client)
+        self.assertReplies(client.send((b"z" * 98 + b"\r\n") * 10 + b".\r\n"), [b"250 2.0.0"])
+
+    def test_data_line_too_long(self) -> None:
+        client = self.authenticated()
+        self.start_data(client)
+        self.assertReplies(
+            client.send(b"ok\r\n" + b"x" * 999 + b"\r\nmore\r\n.\r\n"), [b"500 5.5.6"]
+        )
+        self.assertNothingStored()
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_data_line_too_long_streamed(self) -> None:
+        client = self.authenticated()
+        self.start_data(client)
+        replies = client.send(b"x" * 2000) + client.send(b"x" * 2000 + b"\r\n.\r\n")
+        self.assertReplies(replies, [b"500 5.5.6"])
+        self.assertNothingStored()
+
+    def test_data_line_998_octets(self) -> None:
+        client = self.authenticated()
+        self.start_data(client)
+        self.assertReplies(client.send(b"x" * 998 + b"\r\n.\r\n"), [b"250 2.0.0"])
+
+    def test_data_line_998_octets_split_before_lf(self) -> None:
+        """A line of 998 octets whose CR and LF arrive in different segments is fine."""
+        client = self.authenticated()
+        self.start_data(client)
+        self.assertEqual(client.send(b"x" * 998 + b"\r"), [])
+        self.assertReplies(client.send(b"\n.\r\n"), [b"250 2.0.0"])
+        ((message, _),) = self.stored()
+        self.assertTrue(message.endswith(b"\r\n" + b"x" * 998 + b"\r\n"))
+
+    def test_data_line_998_octets_dot_stuffed(self) -> None:
+        """The duplicated leading dot is not counted in the 1000 octets (RFC 5321 4.5.3.1.6)."""
+        client = self.authenticated()
+        self.start_data(client)
+        self.assertReplies(client.send(b".." + b"x" * 997 + b"\r\n.\r\n"), [b"250 2.0.0"])
+        ((message, _),) = self.stored()
+        self.assertTrue(message.endswith(b"\r\n." + b"x" * 997 + b"\r\n"))
+
+    def test_bare_lf_does_not_end_data(self) -> None:
+        """C{\\n.\\n} (and C{\\r\\n.\\n}) inside DATA is content: no SMTP smuggling."""
+        client = self.authenticated()
+        self.start_data(client)
+        smuggled = (
+            b"one\n.\nMAIL FROM:<evil@x.example>\nRCPT TO:<v@y.example>\nDATA\nevil\r\n"
+            b".\nMAIL FROM:<evil@x.example>\r\n"
+        )
+        self.assertEqual(client.send(smuggled), [])
+        self.assertReplies(client.send(b".\r\n"), [b"250 2.0.0"])
+        ((message, meta),) = self.stored()
+        # Only the dot-stuffing of the line ".\nMAIL ..." is undone.
+        self.assertTrue(message.endswith(smuggled.replace(b"\r\n.\n", b"\r\n\n")), message)
+        self.assertEqual(meta["rcpt_to"], ["a@example.net"])
+
+    def test_spool_commit_fails(self) -> None:
+        """The fsync fails: 451 4.3.0 and no file left, complete or partial."""
+
+        def broken(directory: str) -> None:
+            raise OSError(5, "Input/output error")
+
+        self.patch(spool_module, "_fsync_directory", broken)
+        client = self.authenticated()
+        self.start_data(client)
+        self.assertReplies(client.send(b"hi\r\n.\r\n"), [b"451 4.3.0"])
+        self.assertNothingStored()
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_spool_runner_raises(self) -> None:
+        """
+        The runner itself raises: 451 4.3.0, nothing visible, and the session
+        and the spool go on (the next message is stored).
+        """
+        calls = []
+
+        def runner(f: Any, *args: Any) -> defer.Deferred[Any]:
+            calls.append(f)
+            if len(calls) == 1:
+                raise RuntimeError("thread pool is gone")
+            return defer.maybeDeferred(f, *args)
+
+        self.spool = Spool(self.directory, threadpool_runner=runner)
+        client = self.authenticated()
+        self.start_data(client)
+        self.assertReplies(client.send(b"hi\r\n.\r\nNOOP\r\n"), [b"451 4.3.0", b"250 2.0.0"])
+        self.assertEqual(self.spool.ids(), [])
+        self.flushLoggedErrors(RuntimeError)
+        self.start_data(client)
+        self.assertReplies(client.send(b"again\r\n.\r\n"), [b"250 2.0.0"])
+        self.assertEqual(len(self.spool.ids()), 1)
+
+    def test_spool_runner_fails(self) -> None:
+        """The runner fails without running the commit: 451 4.3.0 and no file left behind."""
+
+        def runner(f: Any, *args: Any) -> defer.Deferred[Any]:
+            return defer.fail(RuntimeError("thread pool is gone"))
+
+        self.spool = Spool(self.directory, threadpool_runner=runner)
+        client = self.authenticated()
+        self.start_data(client)
+        self.assertReplies(client.send(b"hi\r\n.\r\nNOOP\r\n"), [b"451 4.3.0", b"250 2.0.0"])
+        self.assertNothingStored()
+
+    def test_spool_cannot_open(self) -> None:
+        def refuse(path: str) -> int:
+            raise OSError(28, "No space left on device")
+
+        self.patch(spool_module, "_create", refuse)
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\nDATA\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"451 4.3.0"],
+        )
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_disconnect_during_data(self) -> None:
+        client = self.authenticated()
+        self.start_data(client)
+        client.send(b"partial message\r\n")
+        client.proto.connectionLost(Exception("gone"))
+        self.assertNothingStored()
+
+    def test_spool_commit_pending_keeps_order(self) -> None:
+        """While the spool commits, pipelined commands wait for the 250."""
+        jobs: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []
+
+        def runner(f: Any, *args: Any) -> defer.Deferred[Any]:
+            d: defer.Deferred[Any] = defer.Deferred()
+            jobs.append((f, args, d))
+            return d
+
+        self.spool = Spool(self.directory, threadpool_runner=runner)
+        client = self.authenticated()
+        self.start_data(client)
+        self.assertEqual(client.send(b"hi\r\n.\r\nNOOP\r\n"), [])
+        ((f, args, d),) = jobs
+        d.callback(f(*args))
+        self.assertReplies(client.read(), [b"250 2.0.0 Ok", b"250 2.0.0"])
