@@ -1086,6 +1086,19 @@ class DataTests(ServerTestCase):
         )
         self.assertEqual(len(self.spool.ids()), 1)
 
+    def test_no_header_injection_through_rcpt(self) -> None:
+        """A recipient with a bare LF never reaches the Received header."""
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b'MAIL FROM:<daniel@example.com>\r\nRCPT TO:<"x\nX-Injected: 1"@example.net>\r\n'
+                        b"DATA\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"354 2.0.0"],
+        )
+        client.send(b"hi\r\n.\r\n")
+        ((message, meta),) = self.stored()
+        self.assertNotIn(b"X-Injected", message)
+        self.assertEqual(meta["rcpt_to"], ['"x\nX-Injected: 1"@example.net'])  # kept as given, in JSON
+
     def test_received_esmtpa(self) -> None:
         """Authenticated in cleartext (insecure_auth): C{with ESMTPA}, no TLS in the metadata."""
         client = self.connect(insecure_auth=True)

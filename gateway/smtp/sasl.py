@@ -101,6 +101,7 @@ class Plain:
 
     name = "PLAIN"
     plaintext = True
+    initial_response = True
 
     def __init__(self) -> None:
         self._fields: tuple[str, str, str] | None = None
@@ -140,6 +141,8 @@ class Login:
 
     name = "LOGIN"
     plaintext = True
+    #: Clients (smtplib among them) send the user name with the AUTH command.
+    initial_response = True
 
     def __init__(self) -> None:
         self._user: str | None = None

@@ -315,8 +315,7 @@ class SubmissionServer(smtp.ESMTP):
         self.transport.loseConnection()
 
     def do_VRFY(self, rest: bytes) -> None:
-        if not self._may_submit():
-            self.reply(530, "5.7.0", "Authentication required")
+        if self._refused():
             return
         self.reply(252, "2.5.0", "Cannot VRFY user; try RCPT")
 
@@ -385,10 +384,10 @@ class SubmissionServer(smtp.ESMTP):
         if initial is None:
             self._challenge()
             return
-        if not getattr(mechanism, "initial_response", None) and mechanism.getChallenge():
-            if not isinstance(mechanism, sasl.Login):
-                self._auth_error(sasl.SASLError(501, "5.7.0", "Initial response not allowed"))
-                return
+        if not getattr(mechanism, "initial_response", False) and mechanism.getChallenge():
+            # A server-first mechanism (CRAM-MD5): the client must wait for the challenge.
+            self._auth_error(sasl.SASLError(501, "5.7.0", "Initial response not allowed"))
+            return
         self._respond(initial, initial=True)
 
     def _challenge(self) -> None:
@@ -462,9 +461,15 @@ class SubmissionServer(smtp.ESMTP):
             return False
         return any(address in network for network in self.settings.trusted_networks)
 
+    def _refused(self) -> bool:
+        """Answer 530 when this session may not submit (yet)."""
+        if self._may_submit():
+            return False
+        self.reply(530, "5.7.0", "Authentication required")
+        return True
+
     def do_MAIL(self, rest: bytes) -> None:
-        if not self._may_submit():
-            self.reply(530, "5.7.0", "Authentication required")
+        if self._refused():
             return
         if self._helo_name is None:
             self.reply(503, "5.5.1", "Send HELO/EHLO first")
@@ -533,8 +538,7 @@ class SubmissionServer(smtp.ESMTP):
         return self.factory.policy.query_resource_access(self.auth_info, resource, "send")
 
     def do_RCPT(self, rest: bytes) -> None:
-        if not self._may_submit():
-            self.reply(530, "5.7.0", "Authentication required")
+        if self._refused():
             return
         if self._from is None:
             self.reply(503, "5.5.1", "Need MAIL before RCPT")
@@ -558,8 +562,7 @@ class SubmissionServer(smtp.ESMTP):
         self.reply(250, "2.1.5", "Recipient OK")
 
     def do_DATA(self, rest: bytes) -> None:
-        if not self._may_submit():
-            self.reply(530, "5.7.0", "Authentication required")
+        if self._refused():
             return
         if rest.strip():
             self.reply(501, "5.5.4", "Syntax: DATA (no parameters)")
@@ -664,16 +667,13 @@ class SubmissionServer(smtp.ESMTP):
         tls = self._tls_info()
         using = f"\r\n\t(using {tls['version']} with cipher {tls['cipher']})" if tls else ""
         date = smtp.rfc822date().decode()
-        for_ = f"\r\n\tfor <{self._to[0]}>" if len(self._to) == 1 else ""
+        single = len(self._to) == 1 and self._to[0].isprintable()  # no header injection
+        for_ = f"\r\n\tfor <{self._to[0]}>" if single else ""
         return (
             f"Received: from {self._helo_name} ([{peer}]){using}\r\n"
             f"\tby {self.settings.hostname} (authgateway) with {self._protocol_word()}"
             f" id {message_id}{for_}; {date}\r\n"
         ).encode("utf-8", "replace")
-
-    # Stock handlers this server replaces; never reached.
-    def state_AUTH(self, response: bytes | None) -> None:  # pragma: no cover
-        raise NotImplementedError
 
 
 class _ParameterError(Exception):
