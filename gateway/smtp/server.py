@@ -623,6 +623,8 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(250, "2.0.0", f"Ok: queued as {message_id}")
 
         def failed(reason: Failure) -> None:
+            if reason.check(defer.CancelledError):  # the client left; the commit goes on
+                return
             log.error("cannot spool a message: {error}", error=str(reason.value))
             self.reply(451, "4.3.0", "Requested action aborted: local error in processing")
 
