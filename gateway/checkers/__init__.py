@@ -75,13 +75,19 @@ class CheckerChain:
             if any(i.providedBy(credentials) for i in c.credentialInterfaces)
         ]
 
-    @defer.inlineCallbacks
-    def requestAvatarId(self, credentials: object):
+    def requestAvatarId(self, credentials: object) -> defer.Deferred[Any]:
         candidates = self._checkers_for(credentials)
         if not candidates:
-            raise UnhandledCredentials(
+            return defer.fail(UnhandledCredentials(
                 f"no checker handles {type(credentials).__name__} credentials"
-            )
+            ))
+        if len(candidates) == 1:  # the common case, without the loop's overhead
+            d = defer.maybeDeferred(candidates[0].requestAvatarId, credentials)
+            return d.addCallback(_accepted)
+        return self._ask_each(candidates, credentials)
+
+    @defer.inlineCallbacks
+    def _ask_each(self, candidates: list[ICredentialsChecker], credentials: object):
         error: Failure | None = None
         for checker in candidates:
             try:
@@ -109,6 +115,12 @@ class CheckerChain:
         if error is not None:
             error.raiseException()
         raise UnauthorizedLogin()
+
+
+def _accepted(result: Any) -> Any:
+    if result is None or result is False:
+        raise UnauthorizedLogin()
+    return result
 
 
 @implementer(IUsernamePassword)
