@@ -10,6 +10,7 @@ and may keep per-session data in L{ConnectionMeta.state}.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
@@ -27,6 +28,7 @@ def _split_address(address: IAddress | None) -> tuple[str | None, int | None]:
     return None, None
 
 
+@functools.lru_cache(maxsize=4096)  # peers repeat; parsing is most of a cheap login's cost
 def normalize_ip(host: str | None) -> str | None:
     """
     The canonical text of an IP address (IPv4-mapped IPv6 folded to IPv4,
@@ -43,6 +45,7 @@ def normalize_ip(host: str | None) -> str | None:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=4096)
 def ip_or_none(host: str | None) -> str | None:
     """The canonical text of C{host} if it is an IP address, else None."""
     host = normalize_ip(host)

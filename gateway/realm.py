@@ -107,15 +107,21 @@ class Realm:
         if not info.is_authenticated():
             raise UnauthorizedLogin()
         info = self._authorization(info, creds)
+        # The connection's own peer wins, as KumoMTA's set_peer_address.
         peer = ip_or_none(creds.conn_meta.peer_address) if creds is not None else None
-        if peer is not None:  # the connection's own peer wins, as KumoMTA's set_peer_address
-            info = attrs.evolve(info, peer_address=peer)
         members = [
             i.identity
             for i in info.identities
             if i.context is not IdentityContext.SmtpAuthPlainAuthorization
         ]
-        return info.with_groups(self.groups.groups_for(members))
+        groups = self.groups.groups_for(members)
+        if (peer is None or peer == info.peer_address) and not groups:
+            return info
+        return attrs.evolve(
+            info,
+            peer_address=peer if peer is not None else info.peer_address,
+            groups=(*info.groups, *groups),
+        )
 
     def _authorization(self, info: AuthInfo, creds: Any) -> AuthInfo:
         """

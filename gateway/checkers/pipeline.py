@@ -285,6 +285,7 @@ class _Monotonic:
 _MONOTONIC = _Monotonic()
 
 
+@functools.lru_cache(maxsize=4096)
 def peer_key(address: str | None) -> str | None:
     """
     The throttling key of a peer address: the address itself for IPv4, its
@@ -338,7 +339,8 @@ class Throttle:
         self._inflight: dict[_Key, int] = {}
 
     @staticmethod
-    def keys_for(peer: str | None, user: str | None) -> list[_Key]:
+    @functools.lru_cache(maxsize=4096)  # asked four times per login
+    def keys_for(peer: str | None, user: str | None) -> tuple[_Key, ...]:
         keys: list[_Key] = []
         peer = peer_key(peer)
         if peer is not None:
@@ -346,7 +348,7 @@ class Throttle:
         if user:
             # A fixed-size digest: user names may be long, and are not kept.
             keys.append(("user", hashlib.blake2b(user.casefold().encode(), digest_size=16).digest()))
-        return keys
+        return tuple(keys)
 
     def _recent(self, key: _Key, now: float) -> deque[float]:
         failures = self._windows.get(key)
