@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,6 +21,8 @@ import attrs
 from zope.interface import Attribute, Interface, implementer
 
 from gateway.meta import ip_or_none
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: The longest AuthInfo JSON text accepted (a checker's answer, not a file).
 MAX_JSON = 65536
@@ -55,7 +58,7 @@ def _to_identity_name(value: str | bytes) -> str:
         raise TypeError(f"identity must be a string, not {type(value).__name__}")
     if not value:
         raise ValueError("identity must not be empty")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise ValueError("identity must not contain control characters")
     return value
 

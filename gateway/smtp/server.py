@@ -171,7 +171,8 @@ class SubmissionServer(smtp.ESMTP):
         self.transport.loseConnection()
 
     def reply(self, code: int, enhanced: str, text: str) -> None:
-        self.sendCode(code, f"{enhanced} {text}".encode())
+        """A one-line reply with its enhanced status code."""
+        self.transport.write(f"{code} {enhanced} {text}\r\n".encode())
 
     # -- input: CRLF lines, bounded, one at a time --------------------------
 
@@ -186,6 +187,8 @@ class SubmissionServer(smtp.ESMTP):
         return len(line) > MAX_DATA_LINE + line.startswith(b".")
 
     def _process(self) -> None:
+        if b"\r\n" in self._buffer:
+            self.resetTimeout()  # once per read, not per line
         while not self._busy and not self._lost and not self.transport.disconnecting:
             end = self._buffer.find(b"\r\n")
             if end < 0:
@@ -204,7 +207,6 @@ class SubmissionServer(smtp.ESMTP):
                 self._overlong()
                 self._skipping = False
                 continue
-            self.resetTimeout()
             self._line(line)
         if self._busy and len(self._buffer) > MAX_PENDING_INPUT and not self._paused:
             self._paused = True
