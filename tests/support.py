@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer
+from zope.interface import implementer
 
 
 class ManualPool:
@@ -20,3 +23,19 @@ class ManualPool:
         jobs, self.jobs = self.jobs, []
         for f, args, d in jobs:
             d.callback(f(*args))
+
+
+@implementer(ICredentialsChecker)
+class FixedChecker:
+    """Answers every credential with a fixed outcome and counts the calls."""
+
+    def __init__(self, outcome, interfaces=(IUsernamePassword,)):
+        self.outcome = outcome
+        self.credentialInterfaces = interfaces
+        self.calls = 0
+
+    def requestAvatarId(self, credentials):
+        self.calls += 1
+        if isinstance(self.outcome, Exception):
+            return defer.fail(self.outcome)
+        return defer.succeed(self.outcome)

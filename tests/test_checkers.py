@@ -31,22 +31,7 @@ from gateway.checkers import (
     smtp_server_auth_plain,
 )
 from gateway.credentials import IRFC1929Credentials, ISASLCredentials
-
-
-@implementer(ICredentialsChecker)
-class FixedChecker:
-    """Answers every credential with a fixed outcome and counts the calls."""
-
-    def __init__(self, outcome, interfaces=(IUsernamePassword,)):
-        self.outcome = outcome
-        self.credentialInterfaces = interfaces
-        self.calls = 0
-
-    def requestAvatarId(self, credentials):
-        self.calls += 1
-        if isinstance(self.outcome, Exception):
-            return defer.fail(self.outcome)
-        return defer.succeed(self.outcome)
+from tests.support import FixedChecker
 
 
 class CheckerChainTests(SynchronousTestCase):

@@ -27,7 +27,7 @@ from gateway.checkers.pipeline import (
     Verifier,
     peer_key,
 )
-from tests.support import ManualPool
+from tests.support import FixedChecker, ManualPool
 
 
 def plain_verify(password, stored):
@@ -294,28 +294,13 @@ class ThrottleTests(SynchronousTestCase):
             self.assertRaises(ValueError, Throttle, self.clock, **kw)
 
 
-@implementer(ICredentialsChecker)
-class CountingChecker:
-    credentialInterfaces = (IUsernamePassword,)
-
-    def __init__(self, outcome):
-        self.outcome = outcome
-        self.calls = 0
-
-    def requestAvatarId(self, credentials):
-        self.calls += 1
-        if isinstance(self.outcome, Exception):
-            return defer.fail(self.outcome)
-        return defer.succeed(self.outcome)
-
-
 class ThrottlingCheckerTests(SynchronousTestCase):
     def setUp(self):
         self.clock = task.Clock()
         self.throttle = Throttle(self.clock, max_failures=2, window=60, delay=0.5, max_delay=15)
 
     def checker(self, outcome):
-        inner = CountingChecker(outcome)
+        inner = FixedChecker(outcome)
         return inner, ThrottlingChecker(inner, self.throttle)
 
     def creds(self, user="daniel", peer="192.0.2.1"):
