@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_stores -*-
-"""Text helpers for one-line, user-facing error messages."""
+"""Text helpers: quoting for one-line error messages, UTC timestamps."""
 
 from __future__ import annotations
+
+from datetime import datetime, timezone
 
 
 def quote(text: str) -> str:
@@ -15,3 +17,10 @@ def quote(text: str) -> str:
         else:
             out.append(repr(char)[1:-1])
     return '"' + "".join(out) + '"'
+
+
+def utc_timestamp(when: datetime) -> str:
+    """ISO-8601 UTC to the second, like C{2026-11-23T15:04:05Z}; naive means UTC."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

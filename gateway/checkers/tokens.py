@@ -48,7 +48,7 @@ from gateway.checkers.files import (
     split_lines,
 )
 from gateway.credentials import IBearerToken, identities_of
-from gateway.text import quote
+from gateway.text import quote, utc_timestamp
 
 _log = Logger()
 
@@ -76,12 +76,6 @@ def new_token() -> str:
 def token_digest(token: str) -> str:
     """The stored form of C{token}: the hex SHA-256 of its UTF-8 bytes."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
-
-
-def _timestamp(when: datetime) -> str:
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _utcnow() -> datetime:
@@ -211,7 +205,7 @@ def add_token(
     name = os.fspath(path)
     check_user_name(user)
     group_names = check_groups(groups)
-    created = _timestamp((now or _utcnow)())
+    created = utc_timestamp((now or _utcnow)())
     with locked(name):
         bom, body = split_bom(read_existing(name) or "")
         taken = {first_field(line) for line in split_lines(body)}

@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from gateway.authinfo import AuthInfo, IdentityContext
+from gateway.text import utc_timestamp
 
 #: The protocol words of RFC 3848, as written in C{Received: ... with}.
 PROTOCOLS = frozenset({"ESMTPSA", "ESMTPA", "ESMTPS", "ESMTP"})
@@ -93,17 +94,11 @@ class Envelope:
         return self.auth_info.identity_for(IdentityContext.SmtpAuthPlainAuthentication)
 
 
-def _utc_text(when: datetime) -> str:
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def metadata(id: str, envelope: Envelope, size: int, received_at: datetime) -> dict[str, Any]:
     """The JSON object stored next to message C{id}."""
     return {
         "id": id,
-        "received_at": _utc_text(received_at),
+        "received_at": utc_timestamp(received_at),
         "protocol": envelope.protocol,
         "helo": envelope.helo,
         "mail_from": envelope.mail_from,
