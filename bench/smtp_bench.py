@@ -67,6 +67,44 @@ AIOSMTPD_SERVER = textwrap.dedent(
 )
 
 
+# The floor: a Twisted server that answers the same dialogue with canned
+# replies and does nothing else (no parsing, auth, spool or log): what a
+# one-process Twisted server spends per session before doing any work.
+FLOOR_SERVER = textwrap.dedent(
+    r"""
+    import sys
+    from twisted.internet import protocol, reactor
+
+    REPLIES = {b"EHLO": b"250-bench\r\n250 AUTH PLAIN\r\n", b"AUTH": b"235 2.7.0 OK\r\n",
+               b"MAIL": b"250 2.1.0 OK\r\n", b"RCPT": b"250 2.1.5 OK\r\n",
+               b"DATA": b"354 2.0.0 Go\r\n", b"QUIT": b"221 2.0.0 Bye\r\n"}
+
+    class Canned(protocol.Protocol):
+        def connectionMade(self):
+            self.buffer, self.data = b"", False
+            self.transport.write(b"220 bench ESMTP\r\n")
+
+        def dataReceived(self, data):
+            self.buffer += data
+            while (end := self.buffer.find(b"\r\n")) >= 0:
+                line, self.buffer = self.buffer[:end], self.buffer[end + 2:]
+                if self.data:
+                    if line == b".":
+                        self.data = False
+                        self.transport.write(b"250 2.0.0 Queued\r\n")
+                    continue
+                verb = line[:4].upper()
+                self.transport.write(REPLIES.get(verb, b"500 5.5.2 Unknown\r\n"))
+                self.data = verb == b"DATA"
+                if verb == b"QUIT":
+                    self.transport.loseConnection()
+
+    reactor.listenTCP(int(sys.argv[1]), protocol.Factory.forProtocol(Canned), interface="127.0.0.1")
+    reactor.run()
+    """
+)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -155,7 +193,8 @@ def measure(name: str, port: int, server: subprocess.Popen, clients: int, second
     done, wall, client_cpu = int(out[0]), float(out[1]), float(out[2])
     rate = done / wall
     print(f"{name:<22} {clients:>3} clients  {rate:8.1f} sessions/s   "
-          f"server CPU {server_cpu / wall * 100:5.1f}%   client CPU {client_cpu / wall * 100:5.1f}%")
+          f"server CPU {server_cpu / wall * 100:5.1f}% ({server_cpu / done * 1e6:4.0f} us/session)   "
+          f"client CPU {client_cpu / wall * 100:5.1f}%")
     return rate
 
 
@@ -167,7 +206,7 @@ def main() -> None:
     shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
     tmp = tempfile.mkdtemp(prefix="authgateway-smtp-bench-", dir=shm)
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    gw_port, aio_port = free_port(), free_port()
+    gw_port, aio_port, floor_port = free_port(), free_port(), free_port()
     gateway = subprocess.Popen(
         [twistd, "--pidfile=", "-n", "--logfile", os.path.join(tmp, "gw.log"), "authgateway",
          "--data-dir", os.path.join(tmp, "gw"), "--auth", "memory:daniel:tiger",
@@ -181,16 +220,19 @@ def main() -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,  # aiosmtpd warns about its own deprecated login_data
     )
+    floor = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(floor_port)])
     try:
         wait_port(gw_port, gateway)
         wait_port(aio_port, aio)
+        wait_port(floor_port, floor)
         print(f"{os.cpu_count()} CPUs; {args.seconds:.0f} s per run; spools on {shm or tmp}")
         for clients in (int(c) for c in args.clients.split(",")):
             ours = measure("authgateway", gw_port, gateway, clients, args.seconds)
             theirs = measure("aiosmtpd 1.4.6", aio_port, aio, clients, args.seconds)
-            print(f"{'':<22} {clients:>3} clients  ratio {ours / theirs:.2f}x")
+            measure("bare Twisted (floor)", floor_port, floor, clients, args.seconds)
+            print(f"{'':<22} {clients:>3} clients  ratio authgateway/aiosmtpd {ours / theirs:.2f}x")
     finally:
-        for proc in (gateway, aio):
+        for proc in (gateway, aio, floor):
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(10)
