@@ -23,6 +23,7 @@ from twisted.internet import endpoints, ssl
 from twisted.logger import Logger
 from twisted.python import usage
 from twisted.python.reflect import namedAny
+from twisted.web.resource import IResource
 
 from gateway.aaa import (
     NO_GROUPS,
@@ -42,6 +43,8 @@ from gateway.smtp import sasl
 from gateway.smtp.server import SMTPSettings
 from gateway.smtp.spool import Spool
 from gateway.tls import CertificateError, ensure_certificate
+from gateway.web.guard import HTTPSettings
+from gateway.web.resources import WebApp
 
 log = Logger()
 
@@ -51,7 +54,8 @@ log = Logger()
 FRONT_DOORS: dict[str, tuple[str, str | None]] = {
     "smtp": ("tcp:2525:interface=127.0.0.1", "gateway.smtp.server.build_smtp"),
     "smtps": ("none", "gateway.smtp.server.build_smtp"),
-    "http": ("tcp:8080:interface=127.0.0.1", None),
+    "http": ("tcp:8080:interface=127.0.0.1", "gateway.web.server.build_http"),
+    "https": ("none", "gateway.web.server.build_http"),
     "socks": ("tcp:1080:interface=127.0.0.1", None),
 }
 
@@ -71,6 +75,7 @@ class Core:
     throttle: Throttle
     spool: Spool
     smtp: SMTPSettings
+    web: WebApp
 
 
 def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], Any]:
@@ -147,6 +152,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("smtp-timeout", 300.0, "Idle seconds before an SMTP session is closed.", float),
         ["smtp-mechanisms", None, "PLAIN,LOGIN",
          "SASL mechanisms offered, in order (built-in PLAIN, LOGIN and any --smtp-mechanism)."],
+        # HTTP.
+        ["http-realm", None, "authgateway", "The realm in WWW-Authenticate challenges."],
+        ["http-upstream", None, None,
+         "Reverse-proxy every other authenticated request to this http(s):// URL."],
+        ["http-upstream-ca", None, None,
+         "PEM CA certificates for an https upstream (default: the system's)."],
+        _number("http-upstream-timeout", 60.0,
+                "Seconds to wait for the upstream's response headers (then 504).", float),
+        _number("http-max-body", 64 * 1024, "Largest request body for /whoami and /auth.", int),
+        _number("http-max-upstream-body", 100 * 1024 * 1024,
+                "Largest request body passed to the upstream.", int),
+        _number("http-timeout", 60.0, "Idle seconds before an HTTP connection is closed.", float),
     ]
 
     optFlags = [
@@ -155,6 +172,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["smtp-sender-binding", None,
          "Authenticated users may only use MAIL FROM addresses the ACL grants "
          "(resource smtp/sender/DOMAIN/LOCAL, privilege send)."],
+        ["http-insecure-basic", None,
+         "Accept HTTP Basic over plain HTTP from peers other than loopback."],
+        ["http-forward-authorization", None,
+         "Pass the client's Authorization header to the upstream (dropped by default)."],
     ]
 
     compData = usage.Completions(
@@ -235,6 +256,41 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"--smtp-trusted-network {cidr!r}: {e}") from None
         self.setdefault("trustedNetworks", []).append(network)
 
+    def opt_http_trusted_proxy(self, cidr: str) -> None:
+        """
+        A proxy network (CIDR) whose X-Forwarded-* and X-Original-* headers
+        are believed (repeatable).
+        """
+        try:
+            network = ipaddress.ip_network(cidr.strip(), strict=False)
+        except ValueError as e:
+            raise usage.UsageError(f"--http-trusted-proxy {cidr!r}: {e}") from None
+        self.setdefault("trustedProxies", []).append(network)
+
+    def _http_settings(self) -> HTTPSettings:
+        upstream = self["http-upstream"]
+        if upstream is not None:
+            from gateway.web.proxy import check_upstream
+
+            try:
+                check_upstream(upstream)
+            except ValueError as e:
+                raise usage.UsageError(f"--http-upstream: {e}") from None
+        if self["http-upstream-ca"]:
+            _check_readable("--http-upstream-ca", self["http-upstream-ca"])
+        return HTTPSettings(
+            realm=self["http-realm"],
+            insecure_basic=bool(self["http-insecure-basic"]),
+            trusted_proxies=tuple(self.get("trustedProxies", ())),
+            max_body=self["http-max-body"],
+            max_upstream_body=self["http-max-upstream-body"],
+            timeout=self["http-timeout"],
+            upstream=upstream,
+            upstream_timeout=self["http-upstream-timeout"],
+            forward_authorization=bool(self["http-forward-authorization"]),
+            upstream_ca=self["http-upstream-ca"],
+        )
+
     def _smtp_settings(self) -> SMTPSettings:
         known = {**sasl.BUILTIN, **self.get("extraMechanisms", {})}
         mechanisms = {}
@@ -291,6 +347,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         self["smtpSettings"] = self._smtp_settings()
+        self["httpSettings"] = self._http_settings()
 
         try:
             self["groupMap"] = load_group_file(self["groups"]) if self["groups"] else NO_GROUPS
@@ -364,6 +421,8 @@ def build_core(options: Options, reactor: Any) -> Core:
     for checker in options["credCheckers"]:
         if IHashingChecker.providedBy(checker):
             checker.use_verifier(verifier)
+    web = WebApp(policy, options["httpSettings"], _upstream_proxy(options["httpSettings"], reactor))
+    realm.register_avatar(IResource, web.avatar)
     throttle = Throttle(
         reactor,
         max_failures=options["max-failures"],
@@ -384,6 +443,21 @@ def build_core(options: Options, reactor: Any) -> Core:
         throttle=throttle,
         spool=Spool(options["spoolDir"], reactor=reactor),
         smtp=options["smtpSettings"],
+        web=web,
+    )
+
+
+def _upstream_proxy(settings: HTTPSettings, reactor: Any) -> Any:
+    if settings.upstream is None:
+        return None
+    from gateway.web.proxy import UpstreamProxy
+
+    return UpstreamProxy(
+        settings.upstream,
+        reactor,
+        timeout=settings.upstream_timeout,
+        forward_authorization=settings.forward_authorization,
+        ca_file=settings.upstream_ca,
     )
 
 

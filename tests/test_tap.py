@@ -28,6 +28,7 @@ from gateway.checkers import hashes
 from gateway.checkers.files import atomic_write
 from gateway.realm import login
 from gateway.smtp.server import SubmissionFactory
+from gateway.web.server import GatewaySite
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -214,9 +215,11 @@ class MakeServiceTests(SynchronousTestCase):
         self.addCleanup(svc.stopService)
         svc.startService()
         self.assertTrue(svc.running)
-        [(port, factory, _, interface)] = reactor.tcpServers
-        self.assertEqual((port, interface), (2525, "127.0.0.1"))  # the default --smtp
-        self.assertIsInstance(factory, SubmissionFactory)
+        listening = {port: (factory, interface) for port, factory, _, interface in reactor.tcpServers}
+        self.assertEqual(sorted(listening), [2525, 8080])  # the default --smtp and --http
+        self.assertEqual({interface for _, interface in listening.values()}, {"127.0.0.1"})
+        self.assertIsInstance(listening[2525][0], SubmissionFactory)
+        self.assertIsInstance(listening[8080][0], GatewaySite)
 
 
 class PipelineWiringTests(TestCase):

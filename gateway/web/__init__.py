@@ -1,0 +1,1 @@
+"""The HTTP front door: Basic/Bearer guard, whoami, forward-auth and reverse proxy."""

@@ -1,0 +1,367 @@
+# -*- test-case-name: tests.test_web_guard -*-
+"""
+The HTTP guard: Basic (RFC 7617) and Bearer (RFC 6750) authentication in
+front of a resource tree, through the gateway's Portal.
+
+C{twisted.web.guard} answers 401 for everything, has no charset, no Bearer
+and gives checkers no peer address. L{Guard} answers the exact status of
+shared/reference/http-auth.md instead: 401 with one challenge per scheme on
+offer, C{error="invalid_token"} for a bad Bearer token, 400
+C{error="invalid_request"} for a malformed one, 429 with C{Retry-After} when
+throttled, 503 when the backend fails, and C{Cache-Control: no-store} on all
+of them. The avatar is the resource tree the realm builds for the session's
+AuthInfo (L{gateway.web.resources}).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import math
+import re
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
+
+import attrs
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web import resource, server, util
+from twisted.web.iweb import ICredentialFactory
+from zope.interface import implementer
+
+from gateway.checkers.pipeline import TemporaryFailure, Throttled
+from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
+from gateway.meta import ConnectionMeta, ip_or_none
+from gateway.realm import login
+
+log = Logger()
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: RFC 6750 section 2.1 b64token (RFC 7235 token68).
+_TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
+#: The longest Authorization header value read at all.
+MAX_AUTHORIZATION = 4 * MAX_TOKEN
+
+
+@attrs.frozen
+class HTTPSettings:
+    """What the operator chose for the HTTP listeners."""
+
+    realm: str = "authgateway"
+    #: Accept Basic over plain HTTP from peers other than loopback.
+    insecure_basic: bool = False
+    #: Proxies whose X-Forwarded-* / X-Original-* headers are believed.
+    trusted_proxies: tuple[Network, ...] = ()
+    #: Largest request body for the gateway's own resources (/whoami, /auth).
+    max_body: int = 64 * 1024
+    #: Largest request body passed to the upstream.
+    max_upstream_body: int = 100 * 1024 * 1024
+    #: Idle seconds before a connection is closed.
+    timeout: float = 60.0
+    #: The reverse-proxy upstream URL, or None.
+    upstream: str | None = None
+    upstream_timeout: float = 60.0
+    forward_authorization: bool = False
+    upstream_ca: str | None = None
+
+
+class MalformedCredentials(Exception):
+    """An Authorization header that breaks the scheme's syntax (400)."""
+
+
+def quote(value: str) -> str:
+    """An RFC 9110 quoted-string."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _in(address: str | None, networks: Sequence[Network]) -> bool:
+    if not address or not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def _header(request: server.Request, name: bytes) -> bytes | None:
+    """A header sent at most once; L{MalformedCredentials} when repeated."""
+    values = request.requestHeaders.getRawHeaders(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise MalformedCredentials(f"more than one {name.decode()} header")
+    return values[0]
+
+
+def client_of(request: server.Request, settings: HTTPSettings) -> tuple[str | None, bool]:
+    """
+    The client's address and whether it used TLS. From a trusted proxy these
+    come from X-Forwarded-For (the rightmost address that is not a trusted
+    proxy) and X-Forwarded-Proto; from anyone else, from the connection.
+    """
+    peer = getattr(request.getClientAddress(), "host", None)
+    peer = ip_or_none(peer) or peer
+    secure = request.isSecure()
+    if not _in(peer, settings.trusted_proxies):
+        return peer, secure
+    forwarded = b",".join(request.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
+    for hop in reversed(forwarded.split(b",")):
+        address = ip_or_none(hop.strip().decode("latin-1"))
+        if address is None:
+            break  # garbage: stop at the last address we can vouch for
+        peer = address
+        if not _in(address, settings.trusted_proxies):
+            break
+    proto = _last(request, b"x-forwarded-proto")
+    if proto is not None:
+        secure = proto.strip().lower() == b"https"
+    return peer, secure
+
+
+def _last(request: server.Request, name: bytes) -> bytes | None:
+    values = request.requestHeaders.getRawHeaders(name)
+    return values[-1] if values else None
+
+
+def meta_of(request: server.Request, settings: HTTPSettings, listener: str | None) -> ConnectionMeta:
+    """The L{ConnectionMeta} of one request (HTTP has one per request)."""
+    peer, secure = client_of(request, settings)
+    host = request.getHost()
+    return ConnectionMeta(
+        protocol="http",
+        listener=listener,
+        peer_address=peer,
+        local_address=getattr(host, "host", None),
+        local_port=getattr(host, "port", None),
+        tls=secure,
+    )
+
+
+def basic_allowed(meta: ConnectionMeta, settings: HTTPSettings) -> bool:
+    """Basic sends the password in clear: only over TLS or from loopback, unless allowed."""
+    if meta.tls or settings.insecure_basic:
+        return True
+    address = ip_or_none(meta.peer_address)
+    return address is not None and ipaddress.ip_address(address).is_loopback
+
+
+@implementer(ICredentialFactory)
+class BasicCredentialFactory:
+    """RFC 7617 Basic with C{charset="UTF-8"}; decoding is strict."""
+
+    scheme = b"basic"
+
+    def __init__(self, realm: str) -> None:
+        self.realm = realm
+
+    def challenge(self, error: str | None = None) -> str:
+        return f"Basic realm={quote(self.realm)}, charset=\"UTF-8\""
+
+    def getChallenge(self, request: Any) -> dict[str, str]:
+        return {"realm": self.realm, "charset": "UTF-8"}
+
+    def decode(self, response: bytes, request: Any) -> HTTPBasicCredentials:
+        """
+        @raise UnauthorizedLogin: bad base64, no colon, not UTF-8 or too
+            long: a failed login (401), never an error page.
+        """
+        try:
+            raw = base64.b64decode(response.strip(), validate=True)
+            user, colon, password = raw.decode("utf-8").partition(":")
+        except (binascii.Error, ValueError):
+            raise UnauthorizedLogin("undecodable Basic credentials") from None
+        if not colon or not user or len(user) > MAX_FIELD or len(password) > MAX_FIELD:
+            raise UnauthorizedLogin("malformed Basic credentials")
+        return HTTPBasicCredentials(
+            unicodedata.normalize("NFC", user), password, conn_meta=request.gateway_meta
+        )
+
+
+@implementer(ICredentialFactory)
+class BearerCredentialFactory:
+    """RFC 6750 Bearer tokens from the Authorization header."""
+
+    scheme = b"bearer"
+
+    def __init__(self, realm: str) -> None:
+        self.realm = realm
+
+    def challenge(self, error: str | None = None) -> str:
+        text = f"Bearer realm={quote(self.realm)}"
+        return text + (f', error="{error}"' if error else "")
+
+    def getChallenge(self, request: Any) -> dict[str, str]:
+        return {"realm": self.realm}
+
+    def decode(self, response: bytes, request: Any) -> BearerToken:
+        """@raise MalformedCredentials: not a b64token, or too long (400)."""
+        token = response.strip()
+        if len(token) > MAX_TOKEN or not _TOKEN68.fullmatch(token):
+            raise MalformedCredentials("malformed Bearer token")
+        return BearerToken(token.decode("ascii"), conn_meta=request.gateway_meta)
+
+
+def schemes_for(portal: Any, realm: str) -> list[Any]:
+    """The credential factories whose credentials some checker can check."""
+    interfaces = portal.listCredentialsInterfaces()
+    factories: list[Any] = []
+    if any(i.implementedBy(HTTPBasicCredentials) for i in interfaces):
+        factories.append(BasicCredentialFactory(realm))
+    if any(i.implementedBy(BearerToken) for i in interfaces):
+        factories.append(BearerCredentialFactory(realm))
+    return factories
+
+
+class Refusal(resource.Resource):
+    """
+    A 4xx/5xx answer of the guard: status, challenges, extra headers and a
+    one-line text body, never cached.
+    """
+
+    isLeaf = True
+
+    def __init__(
+        self,
+        code: int,
+        text: str,
+        challenges: Sequence[str] = (),
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        super().__init__()
+        self.code, self.text, self.challenges, self.headers = code, text, challenges, headers
+
+    def __repr__(self) -> str:
+        return f"<Refusal {self.code} {self.text!r}>"
+
+    def render(self, request: server.Request) -> bytes:
+        refuse(request, self.code, self.text, self.challenges, self.headers)
+        return b"" if request.method == b"HEAD" else (self.text + "\n").encode()
+
+
+def refuse(
+    request: server.Request,
+    code: int,
+    text: str,
+    challenges: Sequence[str] = (),
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Status and headers of a refusal; the caller writes the body."""
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    for challenge in challenges:
+        request.responseHeaders.addRawHeader(b"www-authenticate", challenge.encode())
+    for name, value in headers:
+        request.setHeader(name, value)
+
+
+class Guard(resource.Resource):
+    """
+    Authenticates every request and renders the avatar resource the realm
+    builds for it (an C{IResource} avatar; see L{gateway.web.resources}).
+
+    A login still running when the client goes away is cancelled.
+    """
+
+    isLeaf = False
+
+    def __init__(self, portal: Any, settings: HTTPSettings, listener: str | None = None) -> None:
+        super().__init__()
+        self.portal = portal
+        self.settings = settings
+        self.listener = listener
+        self.factories = schemes_for(portal, settings.realm)
+
+    def getChildWithDefault(self, path: bytes, request: server.Request) -> resource.IResource:
+        request.postpath.insert(0, request.prepath.pop())  # transparent: consume nothing
+        return self._resource_for(request)
+
+    def render(self, request: server.Request) -> Any:
+        return self._resource_for(request).render(request)
+
+    def challenges(self, meta: ConnectionMeta, error: str | None = None) -> list[str]:
+        """One challenge per scheme usable on this request."""
+        return [
+            f.challenge(error if f.scheme == b"bearer" else None)
+            for f in self.factories
+            if f.scheme != b"basic" or basic_allowed(meta, self.settings)
+        ]
+
+    def _unauthorized(self, meta: ConnectionMeta, error: str | None = None) -> resource.IResource:
+        challenges = self.challenges(meta, error)
+        if not challenges:  # Basic only, over plain HTTP from afar
+            return Refusal(403, "HTTPS is required for Basic authentication")
+        return Refusal(401, "Authentication required", challenges)
+
+    def _resource_for(self, request: server.Request) -> resource.IResource:
+        meta = request.gateway_meta = meta_of(request, self.settings, self.listener)
+        try:
+            credentials = self._credentials(request, meta)
+        except MalformedCredentials as e:
+            challenges = [
+                f.challenge("invalid_request") for f in self.factories if f.scheme == b"bearer"
+            ]
+            return Refusal(400, f"Bad request: {e}", challenges)
+        except UnauthorizedLogin:
+            return self._unauthorized(meta)
+        if credentials is None:
+            return self._unauthorized(meta)
+        if isinstance(credentials, Refusal):
+            return credentials
+        d = login(self.portal, credentials, resource.IResource)
+        request.notifyFinish().addErrback(lambda _: d.cancel())
+        d.addCallbacks(
+            self._succeeded, self._failed, callbackArgs=(request,), errbackArgs=(meta, credentials)
+        )
+        return util.DeferredResource(d)
+
+    def _credentials(self, request: server.Request, meta: ConnectionMeta) -> Any:
+        if b"access_token" in request.args:  # RFC 6750 2.3: not accepted here
+            raise MalformedCredentials("send the token in the Authorization header")
+        header = _header(request, b"authorization")
+        if header is None:
+            return None
+        if len(header) > MAX_AUTHORIZATION:
+            raise MalformedCredentials("Authorization header too long")
+        scheme, _, rest = header.strip().partition(b" ")
+        scheme = scheme.lower()
+        for factory in self.factories:
+            if factory.scheme == scheme:
+                break
+        else:
+            return None  # a scheme we do not offer: the challenges say which we do
+        if scheme == b"basic" and not basic_allowed(meta, self.settings):
+            return Refusal(403, "HTTPS is required for Basic authentication")
+        return factory.decode(rest, request)
+
+    def _succeeded(self, result: tuple[Any, Any, Any], request: server.Request) -> Any:
+        _, avatar, logout = result
+        request.notifyFinish().addBoth(lambda _: logout())
+        return avatar
+
+    def _failed(self, reason: Failure, meta: ConnectionMeta, credentials: Any) -> Any:
+        if reason.check(defer.CancelledError):
+            return _Gone()  # the client left while its login ran: nothing to send
+        if reason.check(UnauthorizedLogin, UnhandledCredentials):
+            bearer = not IUsernamePassword.providedBy(credentials)
+            return self._unauthorized(meta, "invalid_token" if bearer else None)
+        if reason.check(Throttled):
+            retry = str(max(1, math.ceil(reason.value.retry_after))).encode()
+            return Refusal(429, "Too many failed logins", headers=[(b"retry-after", retry)])
+        if not reason.check(TemporaryFailure):
+            log.failure("HTTP login failed", reason)
+        return Refusal(503, "Authentication temporarily unavailable", headers=[(b"retry-after", b"1")])
+
+
+class _Gone(resource.Resource):
+    isLeaf = True
+
+    def render(self, request: server.Request) -> Any:
+        return server.NOT_DONE_YET

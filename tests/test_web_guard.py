@@ -1,0 +1,518 @@
+"""
+The HTTP guard, whoami, forward-auth and the site's bounds: every row of the
+status table in shared/reference/http-auth.md, driven through the real
+L{GatewaySite} over a C{StringTransport}, one raw HTTP request at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.resource import IResource
+from zope.interface import directlyProvides, implementer
+
+from gateway.aaa import AllowAuthenticated, parse_groups
+from gateway.checkers.pipeline import Throttle
+from gateway.credentials import IBearerToken
+from gateway.realm import Realm, make_portal
+from gateway.web.guard import Guard, HTTPSettings
+from gateway.web.resources import WebApp, resource_name
+from gateway.web.server import GatewaySite
+from tests.support import FixedChecker
+
+TOKEN = "tok-3f9a.Zz_~+/="
+
+
+@implementer(ICredentialsChecker)
+class TokenTable:
+    credentialInterfaces = (IBearerToken,)
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def requestAvatarId(self, credentials):
+        for token, user in self.tokens.items():
+            if credentials.checkToken(token):
+                return defer.succeed(user)
+        return defer.fail(UnauthorizedLogin())
+
+
+class Policy:
+    """Allows everything except the listed (resource, privilege) pairs; records queries."""
+
+    def __init__(self, *denied):
+        self.denied = set(denied)
+        self.queries = []
+
+    def query_resource_access(self, auth_info, resource, privilege):
+        self.queries.append((resource, privilege))
+        return (resource, privilege) not in self.denied
+
+
+class FakeUpstream:
+    def __init__(self):
+        self.calls = []
+
+    def render(self, request, identity, groups):
+        self.calls.append((request.uri, identity, tuple(groups)))
+        return b"proxied"
+
+
+def users():
+    checker = InMemoryUsernamePasswordDatabaseDontUse()
+    checker.addUser("daniel", "tiger")  # str keys, as --auth memory: stores them
+    checker.addUser("jürgen", "pässwörd")
+    return checker
+
+
+def basic(user, password):
+    return b"Basic " + base64.b64encode(f"{user}:{password}".encode())
+
+
+class Response:
+    def __init__(self, raw):
+        self.raw = raw
+        if not raw:
+            self.code = None
+            return
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        self.code = int(lines[0].split()[1])
+        self.headers = [tuple(x.strip() for x in line.split(b":", 1)) for line in lines[1:]]
+
+    def all(self, name):
+        return [v.decode() for n, v in self.headers if n.lower() == name.lower().encode()]
+
+    def one(self, name):
+        values = self.all(name)
+        return values[0] if values else None
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class GuardTestCase(SynchronousTestCase):
+    def make(self, checkers=None, policy=None, upstream=None, groups=None, throttle=None, **settings):
+        self.clock = task.Clock()
+        self.settings = HTTPSettings(**settings)
+        self.realm = Realm(groups=groups) if groups is not None else Realm()
+        self.policy = policy or AllowAuthenticated()
+        app = WebApp(self.policy, self.settings, upstream)
+        self.realm.register_avatar(IResource, app.avatar)
+        if checkers is None:
+            checkers = [users()]
+        self.portal = make_portal(self.realm, checkers, throttle)
+        self.site = GatewaySite(Guard(self.portal, self.settings, "http"), self.settings, self.clock)
+
+    def connect(self, peer="127.0.0.1", tls=False):
+        address = (IPv6Address if ":" in peer else IPv4Address)("TCP", peer, 40000)
+        channel = self.site.buildProtocol(address)
+        transport = StringTransport(peerAddress=address, hostAddress=IPv4Address("TCP", "127.0.0.1", 8080))
+        if tls:
+            directlyProvides(transport, ISSLTransport)  # a TCP transport too
+            transport.setTcpNoDelay = lambda enabled: None
+        channel.makeConnection(transport)
+        self.addCleanup(lambda: channel.connectionLost(Failure(ConnectionDone())))
+        return channel, transport
+
+    def request(self, path=b"/whoami", headers=(), method=b"GET", body=b"", peer="127.0.0.1",
+                tls=False, authorization=None):
+        channel, transport = self.connect(peer, tls)
+        lines = [method + b" " + path + b" HTTP/1.1", b"Host: gw.test"]
+        if authorization is not None:
+            lines.append(b"Authorization: " + authorization)
+        lines += [name + b": " + value for name, value in headers]
+        if body:
+            lines.append(b"Content-Length: " + str(len(body)).encode())
+        channel.dataReceived(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        self.channel, self.transport = channel, transport
+        return Response(transport.value())
+
+
+class ChallengeTests(GuardTestCase):
+    def test_no_credentials(self):
+        self.make()
+        r = self.request()
+        self.assertEqual(r.code, 401)
+        self.assertEqual(r.all("WWW-Authenticate"), ['Basic realm="authgateway", charset="UTF-8"'])
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+
+    def test_one_challenge_per_scheme(self):
+        self.make(checkers=[users(),
+                            TokenTable({TOKEN: "ci-bot"})], realm='we "quote"')
+        r = self.request()
+        self.assertEqual(r.code, 401)
+        self.assertEqual(r.all("WWW-Authenticate"), [
+            'Basic realm="we \\"quote\\"", charset="UTF-8"', 'Bearer realm="we \\"quote\\""',
+        ])
+
+    def test_bearer_only(self):
+        self.make(checkers=[TokenTable({TOKEN: "ci-bot"})])
+        r = self.request(authorization=basic("daniel", "tiger"))  # a scheme not on offer
+        self.assertEqual(r.code, 401)
+        self.assertEqual(r.all("WWW-Authenticate"), ['Bearer realm="authgateway"'])
+
+
+class BasicTests(GuardTestCase):
+    def setUp(self):
+        self.make()
+
+    def test_whoami(self):
+        r = self.request(authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.one("Content-Type"), "application/json")
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+        self.assertEqual(r.json(), {
+            "identities": [{"identity": "daniel", "context": "HttpBasicAuth"}],
+            "groups": [],
+            "peer_address": "127.0.0.1",
+        })
+
+    def test_utf8_user(self):
+        r = self.request(authorization=basic("jürgen", "pässwörd"))
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.json()["identities"][0]["identity"], "jürgen")
+
+    def test_nfc(self):
+        """A decomposed user name is the same user (RFC 7617 charset=UTF-8: NFC)."""
+        r = self.request(authorization=basic("ju\u0308rgen", "pässwörd"))
+        self.assertEqual(r.code, 200)
+
+    def test_scheme_case_insensitive(self):
+        for scheme in (b"basic", b"BASIC", b"bAsIc"):
+            auth = scheme + basic("daniel", "tiger")[5:]
+            self.assertEqual(self.request(authorization=auth).code, 200)
+
+    def test_wrong_password(self):
+        r = self.request(authorization=basic("daniel", "lion"))
+        self.assertEqual(r.code, 401)
+        self.assertEqual(r.all("WWW-Authenticate"), ['Basic realm="authgateway", charset="UTF-8"'])
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+        self.assertEqual(self.request(authorization=basic("nobody", "tiger")).code, 401)
+
+    def test_undecodable(self):
+        """Bad base64, no colon, not UTF-8, empty: a failed login, never a 500."""
+        for value in (b"Basic !!!", b"Basic " + base64.b64encode(b"daniel"),
+                      b"Basic " + base64.b64encode(b"\xff\xfe:x"), b"Basic", b"Basic ZGFu aWVs",
+                      b"Basic " + base64.b64encode(b":tiger")):
+            r = self.request(authorization=value)
+            self.assertEqual(r.code, 401, value)
+            self.assertEqual(r.one("Cache-Control"), "no-store")
+
+    def test_no_secret_logged(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.request(authorization=basic("daniel", "s3cret-pw"))
+        self.request(authorization=basic("daniel", "tiger"))
+        self.assertTrue(events)
+        text = repr(events)
+        self.assertNotIn("s3cret-pw", text)
+        self.assertNotIn("tiger", text)
+
+    def test_method_not_allowed(self):
+        r = self.request(method=b"POST", authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 405)
+        self.assertEqual(set(r.one("Allow").split(", ")), {"GET", "HEAD"})
+
+
+class PlainHTTPTests(GuardTestCase):
+    """Basic over plain HTTP: loopback only, unless allowed."""
+
+    def test_remote_plain_refused_unchecked(self):
+        checker = FixedChecker("daniel")
+        self.make(checkers=[checker])
+        r = self.request(peer="203.0.113.9", authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 403)
+        self.assertEqual(checker.calls, 0)
+        self.assertEqual(self.request(peer="203.0.113.9").code, 403)  # no challenge to offer
+
+    def test_remote_plain_bearer_still_offered(self):
+        self.make(checkers=[users(),
+                            TokenTable({TOKEN: "ci-bot"})])
+        r = self.request(peer="203.0.113.9")
+        self.assertEqual(r.code, 401)
+        self.assertEqual(r.all("WWW-Authenticate"), ['Bearer realm="authgateway"'])
+
+    def test_remote_tls(self):
+        self.make()
+        r = self.request(peer="203.0.113.9", tls=True, authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.json()["peer_address"], "203.0.113.9")
+
+    def test_ipv6_loopback(self):
+        self.make()
+        self.assertEqual(self.request(peer="::1", authorization=basic("daniel", "tiger")).code, 200)
+
+    def test_insecure_allowed(self):
+        self.make(insecure_basic=True)
+        r = self.request(peer="203.0.113.9", authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 200)
+
+    def test_trusted_proxy_forwarded_https(self):
+        self.make(trusted_proxies=(_net("192.0.2.1/32"),))
+        headers = [(b"X-Forwarded-For", b"198.51.100.7"), (b"X-Forwarded-Proto", b"https")]
+        r = self.request(peer="192.0.2.1", headers=headers, authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.json()["peer_address"], "198.51.100.7")
+        headers[1] = (b"X-Forwarded-Proto", b"http")
+        r = self.request(peer="192.0.2.1", headers=headers, authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 403)
+
+    def test_forwarded_headers_ignored_from_others(self):
+        self.make(insecure_basic=True)
+        headers = [(b"X-Forwarded-For", b"198.51.100.7"), (b"X-Forwarded-Proto", b"https")]
+        r = self.request(peer="203.0.113.9", headers=headers, authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.json()["peer_address"], "203.0.113.9")
+
+    def test_forwarded_for_rightmost_untrusted(self):
+        """A client cannot pick its address: the rightmost hop not a trusted proxy wins."""
+        self.make(trusted_proxies=(_net("192.0.2.0/24"),))
+        headers = [(b"X-Forwarded-For", b"10.9.9.9, 198.51.100.7, 192.0.2.5"),
+                   (b"X-Forwarded-Proto", b"https")]
+        r = self.request(peer="192.0.2.1", headers=headers, authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.json()["peer_address"], "198.51.100.7")
+
+
+class BearerTests(GuardTestCase):
+    def setUp(self):
+        self.make(checkers=[users(),
+                            TokenTable({TOKEN: "ci-bot"})])
+
+    def test_valid(self):
+        r = self.request(authorization=b"Bearer " + TOKEN.encode())
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.json()["identities"], [{"identity": "ci-bot", "context": "BearerToken"}])
+        self.assertEqual(self.request(authorization=b"bearer " + TOKEN.encode()).code, 200)
+
+    def test_invalid_token(self):
+        r = self.request(authorization=b"Bearer wrong-token")
+        self.assertEqual(r.code, 401)
+        self.assertIn('Bearer realm="authgateway", error="invalid_token"', r.all("WWW-Authenticate"))
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+
+    def test_malformed(self):
+        for value in (b"Bearer a b", b"Bearer", b"Bearer =abc", b"Bearer t\xc3\xa9"):
+            r = self.request(authorization=value)
+            self.assertEqual(r.code, 400, value)
+            self.assertEqual(r.all("WWW-Authenticate"),
+                             ['Bearer realm="authgateway", error="invalid_request"'])
+            self.assertEqual(r.one("Cache-Control"), "no-store")
+
+    def test_two_methods(self):
+        """A token in the query as well as (or instead of) the header: 400."""
+        r = self.request(path=b"/whoami?access_token=" + TOKEN.encode(),
+                         authorization=b"Bearer " + TOKEN.encode())
+        self.assertEqual(r.code, 400)
+        r = self.request(path=b"/whoami?access_token=x")
+        self.assertEqual(r.code, 400)
+
+    def test_two_headers(self):
+        r = self.request(headers=[(b"Authorization", b"Bearer " + TOKEN.encode())],
+                         authorization=b"Bearer " + TOKEN.encode())
+        self.assertEqual(r.code, 400)
+
+
+class OutcomeTests(GuardTestCase):
+    def test_throttled(self):
+        throttle = Throttle(task.Clock(), max_failures=1, window=60, delay=0, max_delay=0)
+        self.make(throttle=throttle)
+        self.assertEqual(self.request(authorization=basic("daniel", "lion")).code, 401)
+        r = self.request(authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 429)
+        self.assertEqual(r.one("Retry-After"), "60")
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+
+    def test_backend_failure(self):
+        self.make(checkers=[FixedChecker(RuntimeError("database down"))])
+        r = self.request(authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 503)
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+        self.assertNotIn(b"database", r.raw)
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_client_leaves_during_login(self):
+        cancelled = []
+        pending = defer.Deferred(canceller=cancelled.append)
+
+        @implementer(ICredentialsChecker)
+        class Slow:
+            credentialInterfaces = FixedChecker("x").credentialInterfaces
+
+            def requestAvatarId(self, credentials):
+                return pending
+
+        self.make(checkers=[Slow()])
+        r = self.request(authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.raw, b"")
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(cancelled, [pending])
+        self.assertEqual(self.transport.value(), b"")
+
+
+class ForwardAuthTests(GuardTestCase):
+    def setUp(self):
+        self.make(policy=Policy(("http/app.test/admin", "post"), ("http/gw.test/auth", "get")),
+                  groups=parse_groups("staff: daniel\nops: daniel\n"),
+                  trusted_proxies=(_net("127.0.0.0/8"),))
+
+    def test_allowed(self):
+        r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"), headers=[
+            (b"X-Original-URL", b"https://App.Test:8443/admin/x?y=1"),
+            (b"X-Original-Method", b"GET")])
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.one("Remote-User"), "daniel")
+        self.assertEqual(r.one("Remote-Groups"), "staff,ops")
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+        self.assertEqual(self.policy.queries[-1], ("http/app.test/admin/x", "get"))
+
+    def test_denied(self):
+        r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"), headers=[
+            (b"X-Forwarded-Method", b"POST"), (b"X-Forwarded-Proto", b"https"),
+            (b"X-Forwarded-Host", b"app.test"), (b"X-Forwarded-Uri", b"/admin/../admin/?q")])
+        self.assertEqual(r.code, 403)
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+        self.assertIsNone(r.one("Remote-User"))
+        self.assertEqual(self.policy.queries[-1], ("http/app.test/admin", "post"))
+
+    def test_unauthenticated(self):
+        r = self.request(path=b"/auth", headers=[(b"X-Original-URL", b"https://app.test/")])
+        self.assertEqual(r.code, 401)
+        self.assertEqual(r.all("WWW-Authenticate"), ['Basic realm="authgateway", charset="UTF-8"'])
+
+    def test_bad_original_url(self):
+        r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"),
+                         headers=[(b"X-Original-URL", b"/relative")])
+        self.assertEqual(r.code, 400)
+
+    def test_untrusted_peer_checks_itself(self):
+        """From a peer that is not a trusted proxy the forwarded headers mean nothing."""
+        r = self.request(path=b"/auth", peer="203.0.113.9", tls=True,
+                         authorization=basic("daniel", "tiger"),
+                         headers=[(b"X-Original-URL", b"https://app.test/")])
+        self.assertEqual(r.code, 403)  # http/gw.test/auth get is denied
+        self.assertEqual(self.policy.queries[-1], ("http/gw.test/auth", "get"))
+
+    def test_bearer_insufficient_scope(self):
+        self.make(checkers=[TokenTable({TOKEN: "ci-bot"})], policy=Policy(("http/gw.test/auth", "get")))
+        r = self.request(path=b"/auth", authorization=b"Bearer " + TOKEN.encode())
+        self.assertEqual(r.code, 403)
+        self.assertEqual(r.all("WWW-Authenticate"),
+                         ['Bearer realm="authgateway", error="insufficient_scope"'])
+
+
+class UpstreamTests(GuardTestCase):
+    def test_no_upstream(self):
+        self.make()
+        self.assertEqual(self.request(path=b"/app", authorization=basic("daniel", "tiger")).code, 404)
+
+    def test_proxied_with_identity(self):
+        upstream = FakeUpstream()
+        self.make(upstream=upstream, groups=parse_groups("staff: daniel\n"))
+        r = self.request(path=b"/app/x?y=1", authorization=basic("daniel", "tiger"))
+        self.assertEqual((r.code, r.body), (200, b"proxied"))
+        self.assertEqual(upstream.calls, [(b"/app/x?y=1", "daniel", ("staff",))])
+        self.request(path=b"/", authorization=basic("daniel", "tiger"))
+        self.assertEqual(upstream.calls[-1][0], b"/")
+
+    def test_denied_not_proxied(self):
+        upstream = FakeUpstream()
+        self.make(upstream=upstream, policy=Policy(("http/gw.test/private", "get")))
+        r = self.request(path=b"/private/../private/%2e%2e/private", authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 403)
+        self.assertEqual(upstream.calls, [])
+
+    def test_unauthenticated_not_proxied(self):
+        upstream = FakeUpstream()
+        self.make(upstream=upstream)
+        self.assertEqual(self.request(path=b"/app").code, 401)
+        self.assertEqual(upstream.calls, [])
+
+
+class BoundsTests(GuardTestCase):
+    def test_body_limit_own_resources(self):
+        self.make(max_body=10)
+        r = self.request(method=b"GET", body=b"x" * 11, authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 413)
+        r = self.request(path=b"/auth", body=b"x" * 10, authorization=basic("daniel", "tiger"))
+        self.assertEqual(r.code, 200)
+
+    def test_body_limit_declared(self):
+        """A Content-Length above the limit: 413 at once, connection closed, body unread."""
+        self.make(upstream=FakeUpstream(), max_upstream_body=100)
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /app HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 101\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_body_limit_chunked(self):
+        self.make(upstream=FakeUpstream(), max_upstream_body=100)
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /app HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"64\r\n" + b"x" * 100 + b"\r\n")
+        self.assertEqual(transport.value(), b"")
+        channel.dataReceived(b"1\r\nx\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_too_many_headers(self):
+        self.make()
+        r = self.request(headers=[(b"X-H%d" % i, b"v") for i in range(101)])
+        self.assertEqual(r.code, 400)
+
+    def test_long_header_line(self):
+        self.make()
+        r = self.request(headers=[(b"X-Long", b"v" * 9000)])
+        self.assertEqual(r.code, 431)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_long_request_line(self):
+        self.make()
+        r = self.request(path=b"/" + b"x" * 9000)
+        self.assertEqual(r.code, 414)
+
+    def test_idle_timeout(self):
+        self.make(timeout=30)
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /whoami HTTP/1.1\r\n")
+        self.clock.advance(31)
+        self.assertTrue(transport.disconnecting or not transport.connected)
+
+
+class ResourceNameTests(SynchronousTestCase):
+    def test_names(self):
+        cases = {
+            (b"gw.test", b"/"): "http/gw.test",
+            (b"GW.Test:8080", b"/a/b"): "http/gw.test/a/b",
+            (b"gw.test.", b"/a//./b/"): "http/gw.test/a/b",
+            (b"gw.test", b"/a/../../b"): "http/gw.test/b",
+            (b"gw.test", b"/%61dmin/%2e%2e/x"): "http/gw.test/x",
+            (b"gw.test", b"/a%2Fb"): "http/gw.test/a/b",
+            (b"[::1]:8080", b"/x"): "http/::1/x",
+            ("bücher.test", b"/"): "http/bücher.test",
+        }
+        for (host, path), expected in cases.items():
+            self.assertEqual(resource_name(host, path), expected, (host, path))
+
+    def test_unusable_host(self):
+        for host in (None, b"", b"a/b", b"[::1", b"x\x00y"):
+            self.assertIsNone(resource_name(host, b"/"), host)
+
+
+def _net(text):
+    return ipaddress.ip_network(text)
