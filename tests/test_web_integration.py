@@ -1,0 +1,488 @@
+"""
+Loopback integration tests of the HTTP front door: the real service started
+by C{makeService}, talked to by clients we did not write: C{curl} directly,
+and C{curl} through C{nginx} with C{auth_request} pointing at C{/auth}
+(forward-auth) in front of a tiny upstream that echoes the headers it got.
+
+User and token files are made with the C{authgateway} command
+(L{gateway.cli.main}), the way an operator makes them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+from twisted.internet import defer, reactor, threads
+from twisted.trial.unittest import SkipTest, TestCase
+from twisted.web import resource, server
+
+from gateway import cli, tap
+
+CHALLENGE_BASIC = 'Basic realm="authgateway", charset="UTF-8"'
+CHALLENGE_BEARER = 'Bearer realm="authgateway"'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _require(tool: str, package: str) -> str:
+    """The path of C{tool}; a skip when it is missing, a failure on CI."""
+    path = shutil.which(tool)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            raise AssertionError(f"{tool} is missing (Debian package {package})")
+        raise SkipTest(f"{tool} is not installed (Debian package {package})")
+    return path
+
+
+def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"exited with status {proc.returncode} before listening")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+class Response:
+    """A response as curl printed it with C{-i}."""
+
+    def __init__(self, raw: bytes) -> None:
+        head, _, self.body = raw.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        self.status = int(lines[0].split()[1])
+        self.headers = [
+            (name.strip().lower(), value.strip())
+            for name, _, value in (line.partition(":") for line in lines[1:])
+        ]
+
+    def all(self, name: str) -> list[str]:
+        return [value for key, value in self.headers if key == name]
+
+    def one(self, name: str) -> str | None:
+        values = self.all(name)
+        assert len(values) <= 1, f"{name} sent {len(values)} times"
+        return values[0] if values else None
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.headers!r} {self.body[:200]!r}>"
+
+
+def curl(*args: str | bytes) -> Response:
+    """Run curl (blocking: call it through C{threads.deferToThread})."""
+    result = subprocess.run(
+        # -q first: ignore any ~/.curlrc; --noproxy: never an http_proxy from the environment.
+        ["curl", "-q", "--silent", "--show-error", "--include", "--noproxy", "*",
+         "--max-time", "20", *args],
+        capture_output=True, timeout=60, check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"curl failed ({result.returncode}): {result.stderr!r}")
+    return Response(result.stdout)
+
+
+def run_cli(*argv: str, stdin: str = "") -> str:
+    """The authgateway command in-process; its standard output."""
+    out, err = io.StringIO(), io.StringIO()
+    status = cli.main(list(argv), stdin=io.StringIO(stdin), stdout=out, stderr=err)
+    if status != 0:
+        raise AssertionError(f"authgateway {argv[:2]} failed: {err.getvalue()}")
+    return out.getvalue()
+
+
+class GatewayMixin:
+    """Starts the gateway's HTTP front door on a free loopback port; files in C{self.data}."""
+
+    def start(self, *extra: str) -> None:
+        self.http_port = _free_port()
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", self.data,
+            "--http", f"tcp:{self.http_port}:interface=127.0.0.1",
+            "--smtp", "none", "--socks", "none",
+            "--failure-delay", "0", "--failure-delay-max", "0", *extra,
+        ])
+        self.service = tap.makeService(options, reactor=reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def users(self) -> str:
+        """
+        An htpasswd file: daniel:tiger (bcrypt, group staff) and
+        jürgen:pässwörd (sha512-crypt).
+        """
+        os.makedirs(self.data, exist_ok=True)
+        path = os.path.join(self.data, "users.htpasswd")
+        run_cli("user", "add", path, "daniel", "--password-stdin", "--groups", "staff",
+                "--cost", "4", stdin="tiger\n")
+        run_cli("user", "add", path, "jürgen", "--password-stdin", "--scheme", "sha512-crypt",
+                "--cost", "1000", stdin="pässwörd\n")
+        return path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{path}"
+
+
+class CurlTests(GatewayMixin, TestCase):
+    """curl against the gateway's own resources, Basic and Bearer."""
+
+    timeout = 60
+
+    def setUp(self):
+        _require("curl", "curl")
+        self.data = os.path.abspath(self.mktemp())
+        users = self.users()
+        tokens = os.path.join(self.data, "tokens.txt")
+        self.token = run_cli("token", "add", tokens, "daniel", "--groups", "deploy").strip()
+        self.start("--auth", f"htpasswd:{users}", "--auth", f"tokens:{tokens}")
+
+    def assertRefused(self, response: Response, status: int) -> None:
+        self.assertEqual(response.status, status, response)
+        self.assertEqual(response.one("cache-control"), "no-store")
+
+    @defer.inlineCallbacks
+    def test_basic_whoami(self):
+        response = yield threads.deferToThread(curl, "-u", "daniel:tiger", self.url("/whoami"))
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual(response.one("content-type"), "application/json")
+        self.assertEqual(response.one("cache-control"), "no-store")
+        self.assertEqual(response.json(), {
+            "identities": [{"identity": "daniel", "context": "HttpBasicAuth"}],
+            "groups": ["staff"],
+            "peer_address": "127.0.0.1",
+        })
+
+    @defer.inlineCallbacks
+    def test_utf8_user_and_password(self):
+        # Bytes, so the arguments reach curl as UTF-8 whatever the locale.
+        response = yield threads.deferToThread(
+            curl, b"-u", "jürgen:pässwörd".encode(), self.url("/whoami")
+        )
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual(response.json()["identities"],
+                         [{"identity": "jürgen", "context": "HttpBasicAuth"}])
+
+    @defer.inlineCallbacks
+    def test_utf8_wrong_password(self):
+        response = yield threads.deferToThread(
+            curl, b"-u", "jürgen:passwörd".encode(), self.url("/whoami")
+        )
+        self.assertRefused(response, 401)
+
+    @defer.inlineCallbacks
+    def test_bearer_token(self):
+        response = yield threads.deferToThread(
+            curl, "-H", f"Authorization: Bearer {self.token}", self.url("/whoami")
+        )
+        self.assertEqual(response.status, 200, response)
+        self.assertEqual(response.json(), {
+            "identities": [{"identity": "daniel", "context": "BearerToken"}],
+            "groups": ["deploy"],
+            "peer_address": "127.0.0.1",
+        })
+
+    @defer.inlineCallbacks
+    def test_bad_bearer_token(self):
+        forged = self.token[:-4] + ("AAAA" if not self.token.endswith("AAAA") else "BBBB")
+        response = yield threads.deferToThread(
+            curl, "-H", f"Authorization: Bearer {forged}", self.url("/whoami")
+        )
+        self.assertRefused(response, 401)
+        self.assertIn(f'{CHALLENGE_BEARER}, error="invalid_token"',
+                      response.all("www-authenticate"))
+        self.assertNotIn(self.token.encode(), response.body)
+
+    @defer.inlineCallbacks
+    def test_wrong_password(self):
+        response = yield threads.deferToThread(curl, "-u", "daniel:lion", self.url("/whoami"))
+        self.assertRefused(response, 401)
+        self.assertEqual(response.all("www-authenticate"), [CHALLENGE_BASIC, CHALLENGE_BEARER])
+
+    @defer.inlineCallbacks
+    def test_unknown_user(self):
+        response = yield threads.deferToThread(curl, "-u", "mallory:tiger", self.url("/whoami"))
+        self.assertRefused(response, 401)
+
+    @defer.inlineCallbacks
+    def test_no_credentials(self):
+        response = yield threads.deferToThread(curl, self.url("/whoami"))
+        self.assertRefused(response, 401)
+        self.assertEqual(response.all("www-authenticate"), [CHALLENGE_BASIC, CHALLENGE_BEARER])
+
+    @defer.inlineCallbacks
+    def test_malformed_bearer(self):
+        response = yield threads.deferToThread(
+            curl, "-H", "Authorization: Bearer a b", self.url("/whoami")
+        )
+        self.assertRefused(response, 400)
+        self.assertEqual(response.all("www-authenticate"),
+                         [f'{CHALLENGE_BEARER}, error="invalid_request"'])
+
+    @defer.inlineCallbacks
+    def test_basic_not_base64(self):
+        # Undecodable Basic credentials are a failed login, not a bad request.
+        response = yield threads.deferToThread(
+            curl, "-H", "Authorization: Basic !!!", self.url("/whoami")
+        )
+        self.assertRefused(response, 401)
+        self.assertEqual(response.all("www-authenticate"), [CHALLENGE_BASIC, CHALLENGE_BEARER])
+
+    @defer.inlineCallbacks
+    def test_two_authorization_headers(self):
+        response = yield threads.deferToThread(
+            curl, "-H", f"Authorization: Bearer {self.token}",
+            "-H", "Authorization: Basic ZGFuaWVsOnRpZ2Vy", self.url("/whoami"),
+        )
+        self.assertRefused(response, 400)
+        self.assertIn(f'{CHALLENGE_BEARER}, error="invalid_request"',
+                      response.all("www-authenticate"))
+
+    @defer.inlineCallbacks
+    def test_token_in_query_refused(self):
+        response = yield threads.deferToThread(
+            curl, self.url(f"/whoami?access_token={self.token}")
+        )
+        self.assertRefused(response, 400)
+
+
+class EchoHeaders(resource.Resource):
+    """The upstream: every request's method, path and headers as JSON."""
+
+    isLeaf = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict] = []
+
+    def render(self, request):
+        seen = {
+            "method": request.method.decode(),
+            "path": request.uri.decode("latin-1"),
+            "headers": [
+                [name.decode("latin-1"), value.decode("latin-1")]
+                for name, values in request.requestHeaders.getAllRawHeaders()
+                for value in values
+            ],
+        }
+        self.seen.append(seen)
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps(seen).encode()
+
+
+def _normal(name: str) -> str:
+    """A header name as a proxy or CGI might fold it."""
+    return name.lower().replace("_", "-").replace(".", "-")
+
+
+NGINX_CONF = """\
+daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log {tmp}/access.log;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    # nginx's defaults, stated: header names with "_" or "." are dropped.
+    underscores_in_headers off;
+    ignore_invalid_headers on;
+
+    server {{
+        listen 127.0.0.1:{port};
+        server_name localhost;
+
+        location / {{
+            auth_request /_auth;
+            auth_request_set $auth_user $upstream_http_remote_user;
+            auth_request_set $auth_groups $upstream_http_remote_groups;
+            proxy_set_header Remote-User $auth_user;
+            proxy_set_header Remote-Groups $auth_groups;
+            proxy_pass http://127.0.0.1:{upstream};
+        }}
+
+        # auth_request copies the subrequest's WWW-Authenticate onto a 401
+        # by itself (nginx 1.22: the first one only).
+        location = /_auth {{
+            internal;
+            proxy_pass http://127.0.0.1:{gateway}/auth;
+            proxy_pass_request_body off;
+            proxy_set_header Content-Length "";
+            proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
+            proxy_set_header X-Original-Method $request_method;
+            proxy_set_header X-Forwarded-For $remote_addr;
+        }}
+    }}
+}}
+"""
+
+ACL = """\
+[[acl."http/127.0.0.1/secret"]]
+allow = false
+privileges = ["*"]
+identity.Individual = "daniel"
+
+[[acl."http"]]
+allow = true
+privileges = ["*"]
+identity.Authenticated = {}
+"""
+
+
+class NginxForwardAuthTests(GatewayMixin, TestCase):
+    """nginx auth_request -> the gateway's /auth, in front of an echoing upstream."""
+
+    timeout = 60
+
+    def setUp(self):
+        _require("curl", "curl")
+        self.nginx = _require("nginx", "nginx")
+        self.data = os.path.abspath(self.mktemp())
+        users = self.users()
+        acl = os.path.join(self.data, "acl.toml")
+        with open(acl, "w") as f:
+            f.write(ACL)
+        self.start("--auth", f"htpasswd:{users}", "--acl", acl,
+                   "--http-trusted-proxy", "127.0.0.1/32")
+
+        self.upstream = EchoHeaders()
+        site = server.Site(self.upstream)
+        site.log = lambda request: None
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.upstream_port = port.getHost().port
+        return self.start_nginx()
+
+    @defer.inlineCallbacks
+    def start_nginx(self):
+        tmp = os.path.abspath(self.mktemp())
+        os.makedirs(tmp)
+        self.nginx_port = _free_port()
+        conf = os.path.join(tmp, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write(NGINX_CONF.format(tmp=tmp, port=self.nginx_port,
+                                      upstream=self.upstream_port, gateway=self.http_port))
+        self.nginx_error_log = os.path.join(tmp, "error.log")
+        proc = subprocess.Popen(
+            [self.nginx, "-p", tmp, "-c", conf, "-e", self.nginx_error_log],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group, killed as one at the end
+        )
+        self.addCleanup(threads.deferToThread, self.stop_nginx, proc)
+        try:
+            yield threads.deferToThread(_wait_port, self.nginx_port, proc)
+        except AssertionError as e:
+            raise AssertionError(f"nginx: {e}: {self.error_log()}") from None
+
+    def stop_nginx(self, proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        proc.stderr.close()
+        try:  # nothing of that process group may outlive the test
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("nginx left processes behind")
+
+    def error_log(self) -> str:
+        try:
+            with open(self.nginx_error_log, errors="replace") as f:
+                return f.read()[-2000:]
+        except OSError:
+            return "(no error log)"
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.nginx_port}{path}"
+
+    SPOOFED = ("Remote-User: mallory", "REMOTE-USER: x", "Remote_User: x", "remote.user: x",
+               "Remote-Groups: admin", "remote_groups: admin")
+
+    def spoofing(self) -> list[str]:
+        args = []
+        for header in self.SPOOFED:
+            args += ["-H", header]
+        return args
+
+    @defer.inlineCallbacks
+    def test_basic_reaches_upstream_with_remote_user(self):
+        response = yield threads.deferToThread(
+            curl, "-u", "daniel:tiger", *self.spoofing(), self.url("/app/page?q=1")
+        )
+        self.assertEqual(response.status, 200, (response, self.error_log()))
+        [seen] = self.upstream.seen
+        self.assertEqual(response.json(), seen)
+        self.assertEqual((seen["method"], seen["path"]), ("GET", "/app/page?q=1"))
+        by_name: dict[str, list[str]] = {}
+        for name, value in seen["headers"]:
+            by_name.setdefault(_normal(name), []).append(value)
+        self.assertEqual(by_name["remote-user"], ["daniel"])
+        self.assertEqual(by_name["remote-groups"], ["staff"])
+        for name, values in by_name.items():
+            for value in values:
+                self.assertNotIn(value.strip(), ("mallory", "x", "admin"), (name, seen))
+
+    @defer.inlineCallbacks
+    def test_wrong_password(self):
+        response = yield threads.deferToThread(
+            curl, "-u", "daniel:lion", *self.spoofing(), self.url("/")
+        )
+        self.assertEqual(response.status, 401, response)
+        self.assertEqual(response.all("www-authenticate"), [CHALLENGE_BASIC])
+        self.assertEqual(self.upstream.seen, [])
+
+    @defer.inlineCallbacks
+    def test_no_credentials(self):
+        response = yield threads.deferToThread(curl, *self.spoofing(), self.url("/"))
+        self.assertEqual(response.status, 401, response)
+        self.assertEqual(response.all("www-authenticate"), [CHALLENGE_BASIC])
+        self.assertEqual(self.upstream.seen, [])
+
+    @defer.inlineCallbacks
+    def test_acl(self):
+        secret = yield threads.deferToThread(curl, "-u", "daniel:tiger", self.url("/secret"))
+        below = yield threads.deferToThread(curl, "-u", "daniel:tiger", self.url("/secret/x"))
+        dotted = yield threads.deferToThread(
+            curl, "--path-as-is", "-u", "daniel:tiger", self.url("/public/../secret")
+        )
+        root = yield threads.deferToThread(curl, "-u", "daniel:tiger", self.url("/"))
+        other = yield threads.deferToThread(curl, "-u", "jürgen:pässwörd".encode(),
+                                            self.url("/secret"))
+        self.assertEqual(
+            [r.status for r in (secret, below, dotted, root, other)],
+            [403, 403, 403, 200, 200],
+            (secret, below, dotted, root, other),
+        )
+        self.assertEqual([s["path"] for s in self.upstream.seen], ["/", "/secret"])
+        users = [
+            value for seen in self.upstream.seen for name, value in seen["headers"]
+            if _normal(name) == "remote-user"
+        ]
+        # Header values travel as bytes: nginx passes the gateway's UTF-8 through.
+        self.assertEqual(users, ["daniel", "jürgen".encode().decode("latin-1")])
