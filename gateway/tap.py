@@ -404,6 +404,17 @@ class GatewayService(service.MultiService):
         )
 
 
+class _OnStop(service.Service):
+    """Runs C{stop} (which may return a Deferred) when the gateway stops."""
+
+    def __init__(self, stop: Callable[[], Any]) -> None:
+        self._stop = stop
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._stop()
+
+
 def build_core(options: Options, reactor: Any) -> Core:
     policy = options["policy"]
 
@@ -468,6 +479,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     started: list[str] = []
     top = GatewayService(core, started)
     core.hash_pool.setServiceParent(top)
+    if core.web.proxy is not None:
+        _OnStop(core.web.proxy.close).setServiceParent(top)
     for name, description in options["endpoints"].items():
         builder = FRONT_DOORS[name][1]
         if builder is None:
