@@ -27,7 +27,6 @@ from twisted.web.resource import IResource
 
 from gateway.aaa import (
     NO_GROUPS,
-    AccessControlMap,
     AllowAuthenticated,
     ConfigError,
     IAccessPolicy,
@@ -42,6 +41,8 @@ from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
 from gateway.smtp.server import SMTPSettings
 from gateway.smtp.spool import Spool
+from gateway.socks.rules import AllowRule
+from gateway.socks.server import SOCKSSettings
 from gateway.tls import CertificateError, ensure_certificate
 from gateway.web.guard import HTTPSettings
 from gateway.web.resources import WebApp
@@ -56,7 +57,8 @@ FRONT_DOORS: dict[str, tuple[str, str | None]] = {
     "smtps": ("none", "gateway.smtp.server.build_smtp"),
     "http": ("tcp:8080:interface=127.0.0.1", "gateway.web.server.build_http"),
     "https": ("none", "gateway.web.server.build_http"),
-    "socks": ("tcp:1080:interface=127.0.0.1", None),
+    "socks": ("tcp:1080:interface=127.0.0.1", "gateway.socks.server.build_socks"),
+    "socks-tls": ("none", "gateway.socks.server.build_socks"),
 }
 
 
@@ -68,6 +70,8 @@ class Core:
     portal: Portal
     realm: Realm
     policy: IAccessPolicy
+    #: The --acl policy, or None without an ACL file.
+    acl: IAccessPolicy | None
     certificate: ssl.PrivateCertificate
     data_dir: str
     hash_pool: HashPool
@@ -76,6 +80,7 @@ class Core:
     spool: Spool
     smtp: SMTPSettings
     web: WebApp
+    socks: SOCKSSettings
 
 
 def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], Any]:
@@ -164,6 +169,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("http-max-upstream-body", 100 * 1024 * 1024,
                 "Largest request body passed to the upstream.", int),
         _number("http-timeout", 60.0, "Idle seconds before an HTTP connection is closed.", float),
+        # SOCKS5.
+        ["socks-auth", None, "required",
+         "required: clients must log in (RFC 1929); optional: no-authentication is accepted too."],
+        _number("socks-negotiation-timeout", 10.0,
+                "Seconds from connect until the request is answered.", float),
+        _number("socks-connect-timeout", 15.0,
+                "Seconds for name resolution and the outbound connect (then reply 06).", float),
+        _number("socks-idle-timeout", 600.0,
+                "Seconds without a byte either way before a tunnel is closed (0: never).",
+                float, zero=True),
+        _number("socks-max-sessions-per-peer", 64, "Concurrent SOCKS sessions per client address.", int),
+        _number("socks-max-sessions-per-user", 256, "Concurrent SOCKS sessions per user.", int),
+        _number("socks-max-pending-logins", 256, "SOCKS logins in flight at once.", int),
     ]
 
     optFlags = [
@@ -267,6 +285,32 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"--http-trusted-proxy {cidr!r}: {e}") from None
         self.setdefault("trustedProxies", []).append(network)
 
+    def opt_socks_allow(self, rule: str) -> None:
+        """
+        Widen the SOCKS destination rules for everyone: a CIDR or host name
+        (.example.com: and its subdomains), optional :port or :first-last;
+        IPv6 in brackets (repeatable).
+        """
+        try:
+            self.setdefault("socksAllow", []).append(AllowRule.parse(rule))
+        except ValueError as e:
+            raise usage.UsageError(f"--socks-allow {e}") from None
+
+    def _socks_settings(self) -> SOCKSSettings:
+        mode = self["socks-auth"].strip().lower()
+        if mode not in ("required", "optional"):
+            raise usage.UsageError(f"--socks-auth {self['socks-auth']!r}: required or optional")
+        return SOCKSSettings(
+            auth_required=mode == "required",
+            allow=tuple(self.get("socksAllow", ())),
+            negotiation_timeout=self["socks-negotiation-timeout"],
+            connect_timeout=self["socks-connect-timeout"],
+            idle_timeout=self["socks-idle-timeout"],
+            max_sessions_per_peer=self["socks-max-sessions-per-peer"],
+            max_sessions_per_user=self["socks-max-sessions-per-user"],
+            max_pending_logins=self["socks-max-pending-logins"],
+        )
+
     def _http_settings(self) -> HTTPSettings:
         upstream = self["http-upstream"]
         if upstream is not None:
@@ -348,6 +392,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError("--tls-key needs --tls-cert")
         self["smtpSettings"] = self._smtp_settings()
         self["httpSettings"] = self._http_settings()
+        self["socksSettings"] = self._socks_settings()
 
         try:
             self["groupMap"] = load_group_file(self["groups"]) if self["groups"] else NO_GROUPS
@@ -417,10 +462,11 @@ class _OnStop(service.Service):
 
 def build_core(options: Options, reactor: Any) -> Core:
     policy = options["policy"]
+    acl = policy if options["acl"] else None
 
     def authorize(info: AuthInfo, authzid: str) -> bool:
         """Acting as another SMTP identity needs an ACL grant (never by default)."""
-        return isinstance(policy, AccessControlMap) and policy.query_resource_access(
+        return acl is not None and acl.query_resource_access(
             info, f"smtp/authz/{authzid}", "authorize"
         )
 
@@ -447,6 +493,7 @@ def build_core(options: Options, reactor: Any) -> Core:
         portal=make_portal(realm, options["credCheckers"], throttle),
         realm=realm,
         policy=policy,
+        acl=acl,
         certificate=options["certificate"],
         data_dir=os.path.abspath(options["data-dir"]),
         hash_pool=hash_pool,
@@ -455,6 +502,7 @@ def build_core(options: Options, reactor: Any) -> Core:
         spool=Spool(options["spoolDir"], reactor=reactor),
         smtp=options["smtpSettings"],
         web=web,
+        socks=options["socksSettings"],
     )
 
 

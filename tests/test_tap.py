@@ -28,6 +28,7 @@ from gateway.checkers import hashes
 from gateway.checkers.files import atomic_write
 from gateway.realm import login
 from gateway.smtp.server import SubmissionFactory
+from gateway.socks.server import SOCKSFactory
 from gateway.web.server import GatewaySite
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -216,10 +217,11 @@ class MakeServiceTests(SynchronousTestCase):
         svc.startService()
         self.assertTrue(svc.running)
         listening = {port: (factory, interface) for port, factory, _, interface in reactor.tcpServers}
-        self.assertEqual(sorted(listening), [2525, 8080])  # the default --smtp and --http
+        self.assertEqual(sorted(listening), [1080, 2525, 8080])  # default --socks, --smtp, --http
         self.assertEqual({interface for _, interface in listening.values()}, {"127.0.0.1"})
         self.assertIsInstance(listening[2525][0], SubmissionFactory)
         self.assertIsInstance(listening[8080][0], GatewaySite)
+        self.assertIsInstance(listening[1080][0], SOCKSFactory)
 
 
 class PipelineWiringTests(TestCase):

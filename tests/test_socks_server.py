@@ -1,0 +1,578 @@
+"""
+The SOCKS5 protocol: method selection, RFC 1929 logins, every reply code,
+destination rules, KumoMTA's BIND-then-CONNECT, timeouts, bounds and the
+relay, driven through C{StringTransport} and C{MemoryReactorClock}.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.internet import defer, error
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
+
+from gateway.checkers.functions import CallableChecker
+from gateway.realm import Realm, make_portal
+from gateway.socks.rules import AllowRule
+from gateway.socks.server import SOCKSFactory, SOCKSSettings
+from tests.support import FixedChecker
+
+PUBLIC = "93.184.216.34"
+
+
+@implementer(IHostnameResolver)
+class FakeResolver:
+    def __init__(self, names):
+        self.names = names
+        self.asked = []
+
+    def resolveHostName(self, receiver, hostName, portNumber=0, addressTypes=None,
+                        transportSemantics="TCP"):
+        self.asked.append(hostName)
+
+        @implementer(IHostResolution)
+        class Resolution:
+            name = hostName
+
+        receiver.resolutionBegan(Resolution())
+        for address in self.names.get(hostName, ()):
+            kind = IPv6Address if ":" in address else IPv4Address
+            receiver.addressResolved(kind("TCP", address, portNumber))
+        receiver.resolutionComplete()
+
+
+class Policy:
+    def __init__(self, *denied):
+        self.denied = set(denied)
+        self.queries = []
+
+    def query_resource_access(self, info, resource, privilege):
+        self.queries.append((resource, privilege))
+        return (resource, privilege) not in self.denied
+
+
+class HalfCloseTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self):
+        self.write_closed = True
+
+
+def users():
+    checker = InMemoryUsernamePasswordDatabaseDontUse()
+    checker.addUser("daniel", "tiger")
+    return checker
+
+
+def greeting(*methods):
+    return bytes([5, len(methods), *methods])
+
+
+def userpass(user=b"daniel", password=b"tiger"):
+    return bytes([1, len(user)]) + user + bytes([len(password)]) + password
+
+
+def request(host, port, command=1):
+    if isinstance(host, bytes):
+        addr = b"\x03" + bytes([len(host)]) + host
+    elif ":" in host:
+        addr = b"\x04" + socket.inet_pton(socket.AF_INET6, host)
+    else:
+        addr = b"\x01" + socket.inet_aton(host)
+    return bytes([5, command, 0]) + addr + struct.pack("!H", port)
+
+
+def reply(code, host="0.0.0.0", port=0):
+    if ":" in host:
+        return bytes([5, code, 0, 4]) + socket.inet_pton(socket.AF_INET6, host) + struct.pack("!H", port)
+    return bytes([5, code, 0, 1]) + socket.inet_aton(host) + struct.pack("!H", port)
+
+
+class SOCKSTestCase(SynchronousTestCase):
+    def make(self, checkers=None, acl=None, names=None, groups=None, **settings):
+        self.reactor = MemoryReactorClock()
+        self.reactor.nameResolver = FakeResolver(names or {})
+        realm = Realm(groups=groups) if groups is not None else Realm()
+        portal = make_portal(realm, checkers if checkers is not None else [users()])
+        self.factory = SOCKSFactory(portal, acl, SOCKSSettings(**settings), self.reactor)
+
+    def connect(self, peer="192.0.2.10"):
+        proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 50000))
+        transport = HalfCloseTransport(
+            hostAddress=IPv4Address("TCP", "127.0.0.1", 1080),
+            peerAddress=IPv4Address("TCP", peer, 50000),
+        )
+        proto.makeConnection(transport)
+        self.proto, self.transport = proto, transport
+        return proto, transport
+
+    def send(self, data):
+        self.transport.clear()
+        self.proto.dataReceived(data)
+        return self.transport.value()
+
+    def login(self, peer="192.0.2.10"):
+        self.connect(peer)
+        self.assertEqual(self.send(greeting(0, 2)), b"\x05\x02")
+        self.assertEqual(self.send(userpass()), b"\x01\x00")
+
+    def outbound(self, local=("198.51.100.1", 40000)):
+        """Complete the last outbound connect; returns (protocol, transport)."""
+        host, port, factory, _timeout, _bind = self.reactor.tcpClients[-1]
+        kind = IPv6Address if ":" in host else IPv4Address
+        proto = factory.buildProtocol(kind("TCP", host, port))
+        transport = HalfCloseTransport(
+            hostAddress=kind("TCP", *local) if ":" not in host else IPv6Address("TCP", "2001:db8::5", 40000),
+            peerAddress=kind("TCP", host, port),
+        )
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def fail_outbound(self, exception):
+        _, _, factory, _, _ = self.reactor.tcpClients[-1]
+        factory.clientConnectionFailed(self.reactor.connectors[-1], Failure(exception))
+
+    def closed(self):
+        return self.transport.disconnecting or not self.transport.connected
+
+
+class NegotiationTests(SOCKSTestCase):
+    def test_userpass_preferred(self):
+        self.make(auth_required=False)
+        self.connect()
+        self.assertEqual(self.send(greeting(0, 2)), b"\x05\x02")
+
+    def test_only_no_auth_refused(self):
+        """ssh -D style clients: 05 FF, close, and a reason that says so."""
+        self.make()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.connect()
+        self.assertEqual(self.send(greeting(0)), b"\x05\xff")
+        self.assertTrue(self.closed())
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertIn("ssh -D", "".join(str(e.get("reason")) for e in events))
+
+    def test_no_methods(self):
+        self.make()
+        self.connect()
+        self.assertEqual(self.send(b"\x05\x00"), b"\x05\xff")
+        self.assertTrue(self.closed())
+
+    def test_optional_no_auth(self):
+        self.make(auth_required=False)
+        self.connect()
+        self.assertEqual(self.send(greeting(0)), b"\x05\x00")
+        self.send(request(PUBLIC, 443))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], (PUBLIC, 443))
+
+    def test_bad_version(self):
+        self.make()
+        self.connect()
+        self.assertEqual(self.send(b"\x04\x01\x00\x50"), b"")
+        self.assertTrue(self.closed())
+
+    def test_wrong_password(self):
+        self.make()
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass(password=b"lion")), b"\x01\x01")
+        self.assertTrue(self.closed())
+
+    def test_empty_password_refused_by_checker(self):
+        """proxychains sends PLEN=0: parsed, and the checker says no."""
+        self.make()
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass(password=b"")), b"\x01\x01")
+
+    def test_not_utf8(self):
+        self.make()
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass(user=b"\xff\xfe")), b"\x01\x01")
+
+    def test_checker_error_fails_closed(self):
+        self.make(checkers=[FixedChecker(RuntimeError("db down tiger"))])
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass()), b"\x01\x01")
+        self.assertTrue(self.closed())
+        self.flushLoggedErrors()
+
+    def test_no_identities_fails_closed(self):
+        self.make(checkers=[FixedChecker({"identities": [], "groups": ["g"]})])
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass()), b"\x01\x01")
+
+    def test_merged_handshake(self):
+        """Greeting, login, request and early data in one segment (microsocks#105)."""
+        self.make()
+        self.connect()
+        out = self.send(greeting(2) + userpass() + request(PUBLIC, 80) + b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual(out, b"\x05\x02\x01\x00")
+        _proto, transport = self.outbound()
+        self.assertEqual(transport.value(), b"GET / HTTP/1.0\r\n\r\n")
+        self.assertEqual(self.transport.value()[4:], reply(0, "198.51.100.1", 40000))
+
+    def test_split_handshake(self):
+        self.make()
+        self.connect()
+        data = greeting(2) + userpass() + request(b"example.com", 443)
+        self.factory.reactor.nameResolver.names["example.com"] = [PUBLIC]
+        out = b""
+        for i in range(len(data)):
+            self.proto.dataReceived(data[i:i + 1])
+        out = self.transport.value()
+        self.assertEqual(out, b"\x05\x02\x01\x00")
+        self.assertEqual(self.reactor.tcpClients[-1][:2], (PUBLIC, 443))
+
+    def test_negotiation_timeout(self):
+        self.make(negotiation_timeout=10)
+        self.connect()
+        self.send(greeting(2)[:1])
+        self.reactor.advance(10)
+        self.assertTrue(self.transport.disconnecting or self.transport.connected is False)
+
+    def test_pending_login_cancelled(self):
+        pending = []
+
+        class Slow(FixedChecker):
+            def requestAvatarId(self, credentials):
+                d = defer.Deferred(canceller=pending.append)
+                return d
+
+        self.make(checkers=[Slow("x")])
+        self.connect()
+        self.send(greeting(2) + userpass())
+        self.assertEqual(self.factory.pending_logins, 1)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(pending), 1)
+        self.assertEqual(self.factory.pending_logins, 0)
+
+    def test_pending_logins_capped(self):
+        class Slow(FixedChecker):
+            def requestAvatarId(self, credentials):
+                return defer.Deferred()
+
+        self.make(checkers=[Slow("x")], max_pending_logins=1)
+        self.connect()
+        self.send(greeting(2) + userpass())
+        first = self.proto
+        self.connect()
+        self.assertEqual(self.send(greeting(2) + userpass()), b"\x05\x02\x01\x01")
+        self.assertTrue(self.closed())
+        first.connectionLost(Failure(error.ConnectionDone()))
+
+
+class SeedCheckerTests(SOCKSTestCase):
+    """The seed's Lua examples as Python checkers."""
+
+    def test_inline_password_table(self):
+        def auth(username, password, conn_meta):
+            password_database = {"proxyuser": "secretpassword"}
+            if password == "":
+                return False
+            return password_database.get(username) == password
+
+        self.make(checkers=[CallableChecker(auth)])
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass(b"proxyuser", b"secretpassword")), b"\x01\x00")
+        self.assertEqual(self.proto.info.identities[0].context.value, "ProxyAuthRfc1929")
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass(b"proxyuser", b"")), b"\x01\x01")
+
+    def test_auth_info_with_groups(self):
+        database = {"proxyuser": {"password": "secretpassword",
+                                  "groups": ["proxy-users", "premium-tier"]}}
+
+        def auth(username, password, conn_meta):
+            entry = database.get(username)
+            if not entry or entry["password"] != password:
+                return False
+            return {"identities": [{"identity": username, "context": "ProxyAuthRfc1929"}],
+                    "groups": entry["groups"]}
+
+        self.make(checkers=[CallableChecker(auth)])
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass(b"proxyuser", b"secretpassword")), b"\x01\x00")
+        self.assertEqual(self.proto.info.groups, ("proxy-users", "premium-tier"))
+        self.assertEqual(self.proto.info.peer_address, "192.0.2.10")
+
+
+class ReplyTests(SOCKSTestCase):
+    def setUp(self):
+        self.make(names={"example.com": [PUBLIC], "v6.example": ["2606:4700::1111"],
+                         "rebind.example": [PUBLIC, "127.0.0.1"]})
+
+    def test_connect_ipv4(self):
+        self.login()
+        self.assertEqual(self.send(request(PUBLIC, 443)), b"")
+        host, port, _, timeout, bind = self.reactor.tcpClients[-1]
+        self.assertEqual((host, port, timeout, bind), (PUBLIC, 443, 15.0, None))
+        proto, remote = self.outbound()
+        self.assertEqual(self.transport.value(), reply(0, "198.51.100.1", 40000))
+        self.send(b"ping")
+        self.assertEqual(remote.value(), b"ping")
+        proto.dataReceived(b"pong")
+        self.assertEqual(self.transport.value(), b"pong")
+        self.assertIs(self.transport.producer, remote)
+        self.assertIs(remote.producer, self.transport)
+
+    def test_connect_ipv6(self):
+        self.login()
+        self.send(request("2606:4700::1111", 443))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("2606:4700::1111", 443))
+        self.outbound()
+        self.assertEqual(self.transport.value(), reply(0, "2001:db8::5", 40000))
+
+    def test_connect_name(self):
+        self.login()
+        self.send(request(b"example.com", 443))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], (PUBLIC, 443))
+
+    def test_not_allowed_private(self):
+        for host in ("127.0.0.1", "10.1.2.3", "169.254.169.254", "::1", "::ffff:192.168.0.1"):
+            self.login()
+            self.assertEqual(self.send(request(host, 80)), reply(2), host)
+            self.assertTrue(self.closed())
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_not_allowed_port_25(self):
+        self.login()
+        self.assertEqual(self.send(request(PUBLIC, 25)), reply(2))
+
+    def test_not_allowed_rebinding(self):
+        self.login()
+        self.assertEqual(self.send(request(b"rebind.example", 80)), reply(2))
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_name_as_address_checked(self):
+        self.login()
+        self.assertEqual(self.send(request(b"127.0.0.1", 80)), reply(2))
+
+    def test_dns_failure(self):
+        self.login()
+        self.assertEqual(self.send(request(b"nowhere.example", 80)), reply(4))
+
+    def test_connect_errors(self):
+        cases = [
+            (error.NoRouteError(), 3),
+            (error.ConnectError(osError=113, string="no route to host"), 4),
+            (error.ConnectionRefusedError(), 5),
+            (error.TimeoutError(), 6),
+            (error.ConnectError(string="other"), 1),
+        ]
+        for exception, code in cases:
+            self.login()
+            self.send(request(PUBLIC, 443))
+            self.fail_outbound(exception)
+            self.assertEqual(self.transport.value(), reply(code), exception)
+            self.assertTrue(self.closed())
+
+    def test_udp_associate(self):
+        self.login()
+        self.assertEqual(self.send(request(PUBLIC, 53, command=3)), reply(7))
+        self.assertTrue(self.closed())
+
+    def test_unknown_command(self):
+        self.login()
+        self.assertEqual(self.send(request(PUBLIC, 53, command=9)), reply(7))
+
+    def test_address_type(self):
+        self.login()
+        self.assertEqual(self.send(b"\x05\x01\x00\x05"), reply(8))
+        self.assertTrue(self.closed())
+
+    def test_malformed_request(self):
+        self.login()
+        self.assertEqual(self.send(b"\x05\x01\x07\x01\x01\x02\x03\x04\x00\x50"), reply(1))
+
+    def test_own_host(self):
+        """An address of the gateway's host (seen after connecting) is refused."""
+        self.login()
+        self.send(request(PUBLIC, 8080))
+        _, remote = self.outbound(local=(PUBLIC, 40000))
+        self.assertEqual(self.transport.value(), reply(2))
+        self.assertTrue(remote.disconnecting)
+
+    def test_client_leaves_while_connecting(self):
+        self.login()
+        self.send(request(PUBLIC, 443))
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+
+
+class AllowAndACLTests(SOCKSTestCase):
+    def test_socks_allow(self):
+        self.make(allow=(AllowRule.parse("10.0.0.0/8:443"),))
+        self.login()
+        self.send(request("10.1.2.3", 443))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("10.1.2.3", 443))
+
+    def test_acl_denies(self):
+        acl = Policy((f"socks/destination/{PUBLIC}/443", "connect"))
+        self.make(acl=acl, names={"example.com": [PUBLIC]})
+        self.login()
+        self.assertEqual(self.send(request(b"Example.COM", 443)), reply(2))
+        self.assertEqual(acl.queries, [("socks/destination/example.com/443", "connect"),
+                                       (f"socks/destination/{PUBLIC}/443", "connect")])
+
+    def test_acl_by_name(self):
+        acl = Policy(("socks/destination/example.com/443", "connect"))
+        self.make(acl=acl, names={"example.com": [PUBLIC]})
+        self.login()
+        self.assertEqual(self.send(request(b"example.com", 443)), reply(2))
+        self.assertEqual(self.reactor.nameResolver.asked, [])  # refused before resolving
+
+    def test_unauthenticated_with_acl(self):
+        """--socks-auth optional with an ACL: the ACL decides for anonymous sessions too."""
+        acl = Policy((f"socks/destination/{PUBLIC}/443", "connect"))
+        self.make(acl=acl, auth_required=False)
+        self.connect()
+        self.send(greeting(0))
+        self.assertEqual(self.send(request(PUBLIC, 443)), reply(2))
+
+
+class BindTests(SOCKSTestCase):
+    """KumoMTA's egress source: BIND with the source address, then CONNECT."""
+
+    def test_bind_then_connect(self):
+        self.make()
+        self.login()
+        out = self.send(request("127.0.0.1", 0, command=2))
+        self.assertEqual(out[:8], reply(0, "127.0.0.1", 0)[:8])
+        port = struct.unpack("!H", out[8:10])[0]
+        self.assertGreater(port, 0)
+        self.send(request(PUBLIC, 443))
+        self.assertEqual(self.reactor.tcpClients[-1][4], ("127.0.0.1", port))
+
+    def test_bind_twice(self):
+        self.make()
+        self.login()
+        self.send(request("127.0.0.1", 0, command=2))
+        self.assertEqual(self.send(request("127.0.0.1", 0, command=2)), reply(1))
+
+    def test_bind_name(self):
+        self.make()
+        self.login()
+        self.assertEqual(self.send(request(b"localhost", 0, command=2)), reply(8))
+
+    def test_bind_not_local(self):
+        self.make()
+        self.login()
+        self.assertEqual(self.send(request("192.0.2.200", 0, command=2)), reply(1))
+
+    def test_bind_acl(self):
+        acl = Policy(("socks/source/127.0.0.1", "bind"))
+        self.make(acl=acl)
+        self.login()
+        self.assertEqual(self.send(request("127.0.0.1", 0, command=2)), reply(2))
+
+    def test_bind_unauthenticated(self):
+        self.make(auth_required=False)
+        self.connect()
+        self.send(greeting(0))
+        self.assertEqual(self.send(request("127.0.0.1", 0, command=2)), reply(2))
+
+    def test_bind_family(self):
+        self.make()
+        self.login()
+        self.send(request("127.0.0.1", 0, command=2))
+        self.assertEqual(self.send(request("2606:4700::1111", 443)), reply(8))
+
+
+class RelayTests(SOCKSTestCase):
+    def setUp(self):
+        self.make(idle_timeout=30)
+        self.login()
+        self.send(request(PUBLIC, 443))
+        self.remote_proto, self.remote = self.outbound()
+
+    def test_half_close_client(self):
+        self.proto.readConnectionLost()
+        self.assertTrue(self.remote.write_closed)
+        self.assertFalse(self.closed())
+        self.remote_proto.dataReceived(b"late answer")
+        self.assertIn(b"late answer", self.transport.value())
+        self.remote_proto.readConnectionLost()
+        self.assertTrue(self.closed())
+
+    def test_half_close_remote(self):
+        self.remote_proto.readConnectionLost()
+        self.assertTrue(self.transport.write_closed)
+        self.send(b"more")
+        self.assertEqual(self.remote.value(), b"more")
+
+    def test_remote_closes(self):
+        self.remote_proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(self.closed())
+
+    def test_client_closes(self):
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(self.remote.disconnecting)
+
+    def test_idle_timeout(self):
+        self.reactor.advance(20)
+        self.send(b"x")
+        self.reactor.advance(20)
+        self.assertFalse(self.closed())
+        self.reactor.advance(31)
+        self.assertTrue(self.closed())
+
+    def test_session_event(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.send(b"12345")
+        self.remote_proto.dataReceived(b"123")
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        [event] = [e for e in events if e.get("log_format", "").startswith("socks session")]
+        self.assertEqual((event["up"], event["down"], event["reply"], event["command"]),
+                         (5, 3, 0, "CONNECT"))
+        self.assertEqual(event["destination"], f"{PUBLIC}:443")
+        self.assertNotIn("tiger", repr(events))
+
+
+class BoundsTests(SOCKSTestCase):
+    def test_sessions_per_peer(self):
+        self.make(max_sessions_per_peer=2)
+        self.connect()
+        self.connect()
+        self.assertIsNone(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.10", 1)))
+        self.assertIsNotNone(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.11", 1)))
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertIsNotNone(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.10", 1)))
+
+    def test_sessions_per_user(self):
+        self.make(max_sessions_per_user=1)
+        self.login(peer="192.0.2.10")
+        first = self.proto
+        self.connect(peer="192.0.2.11")
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass()), b"\x01\x01")
+        first.connectionLost(Failure(error.ConnectionDone()))
+        self.login(peer="192.0.2.12")
+
+    def test_garbage(self):
+        self.make()
+        self.connect()
+        self.send(b"\x05\x02\x02\x00")
+        self.assertEqual(self.send(b"\x02" * 600), b"")
+        self.assertTrue(self.closed())
+
+
+
