@@ -45,7 +45,7 @@ from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSSettings
 from gateway.tls import CertificateError, ensure_certificate
 from gateway.web.guard import HTTPSettings
-from gateway.web.resources import WebApp
+from gateway.web.resources import WebApp, canonical_host
 
 log = Logger()
 
@@ -190,8 +190,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["smtp-sender-binding", None,
          "Authenticated users may only use MAIL FROM addresses the ACL grants "
          "(resource smtp/sender/DOMAIN/LOCAL, privilege send)."],
-        ["http-insecure-basic", None,
-         "Accept HTTP Basic over plain HTTP from peers other than loopback."],
+        ["http-insecure-auth", None,
+         "Accept Basic and Bearer credentials over plain HTTP from peers other than loopback."],
         ["http-forward-authorization", None,
          "Pass the client's Authorization header to the upstream (dropped by default)."],
     ]
@@ -274,6 +274,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise usage.UsageError(f"--smtp-trusted-network {cidr!r}: {e}") from None
         self.setdefault("trustedNetworks", []).append(network)
 
+    def opt_http_host(self, name: str) -> None:
+        """
+        A Host name the reverse proxy serves (repeatable); other Hosts get 421
+        and ACL resources use the Host. Without any, they use the upstream's host.
+        """
+        host = canonical_host(name)
+        if host is None:
+            raise usage.UsageError(f"--http-host {name!r}: not a host name")
+        self.setdefault("httpHosts", []).append(host)
+
     def opt_http_trusted_proxy(self, cidr: str) -> None:
         """
         A proxy network (CIDR) whose X-Forwarded-* and X-Original-* headers
@@ -324,7 +334,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             _check_readable("--http-upstream-ca", self["http-upstream-ca"])
         return HTTPSettings(
             realm=self["http-realm"],
-            insecure_basic=bool(self["http-insecure-basic"]),
+            insecure_auth=bool(self["http-insecure-auth"]),
+            hosts=tuple(self.get("httpHosts", ())),
             trusted_proxies=tuple(self.get("trustedProxies", ())),
             max_body=self["http-max-body"],
             max_upstream_body=self["http-max-upstream-body"],

@@ -31,7 +31,7 @@ from gateway.checkers.pipeline import Throttle
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.web.guard import Guard, HTTPSettings
-from gateway.web.resources import WebApp, resource_name
+from gateway.web.resources import WebApp, parse_target, resource_name
 from gateway.web.server import GatewaySite
 from tests.support import FixedChecker
 
@@ -68,8 +68,8 @@ class FakeUpstream:
     def __init__(self):
         self.calls = []
 
-    def render(self, request, identity, groups):
-        self.calls.append((request.uri, identity, tuple(groups)))
+    def render(self, request, identity, groups, target):
+        self.calls.append((target, identity, tuple(groups)))
         return b"proxied"
 
 
@@ -107,12 +107,12 @@ class Response:
 
 
 class GuardTestCase(SynchronousTestCase):
-    def make(self, checkers=None, policy=None, upstream=None, groups=None, throttle=None, **settings):
+    def make(self, checkers=None, policy=None, proxy=None, groups=None, throttle=None, **settings):
         self.clock = task.Clock()
         self.settings = HTTPSettings(**settings)
         self.realm = Realm(groups=groups) if groups is not None else Realm()
         self.policy = policy or AllowAuthenticated()
-        app = WebApp(self.policy, self.settings, upstream)
+        app = WebApp(self.policy, self.settings, proxy)
         self.realm.register_avatar(IResource, app.avatar)
         if checkers is None:
             checkers = [users()]
@@ -133,7 +133,9 @@ class GuardTestCase(SynchronousTestCase):
     def request(self, path=b"/whoami", headers=(), method=b"GET", body=b"", peer="127.0.0.1",
                 tls=False, authorization=None):
         channel, transport = self.connect(peer, tls)
-        lines = [method + b" " + path + b" HTTP/1.1", b"Host: gw.test"]
+        lines = [method + b" " + path + b" HTTP/1.1"]
+        if not any(name.lower() == b"host" for name, _ in headers):
+            lines.append(b"Host: gw.test")
         if authorization is not None:
             lines.append(b"Authorization: " + authorization)
         lines += [name + b": " + value for name, value in headers]
@@ -229,6 +231,32 @@ class BasicTests(GuardTestCase):
         r = self.request(method=b"POST", authorization=basic("daniel", "tiger"))
         self.assertEqual(r.code, 405)
         self.assertEqual(set(r.one("Allow").split(", ")), {"GET", "HEAD"})
+        self.assertEqual(r.one("Cache-Control"), "no-store")
+
+    def test_non_canonical_base64(self):
+        encoded = base64.b64encode(b"daniel:tiger")
+        for value in (encoded + b"====", encoded[:-1] + b"h"):
+            self.assertEqual(self.request(authorization=b"Basic " + value).code, 401, value)
+
+    def test_name_longer_after_nfc(self):
+        """NFC can lengthen a name past the limit: a failed login, not a 500."""
+        r = self.request(authorization=basic("\u0958" * 1000, "x"))
+        self.assertEqual(r.code, 401)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_head_refusal(self):
+        r = self.request(method=b"HEAD")
+        self.assertEqual(r.code, 401)
+        self.assertEqual(r.one("Content-Length"), "24")
+        self.assertEqual(r.body, b"")
+
+    def test_form_body_not_parsed(self):
+        """A form field named access_token is not a token (only the query is read)."""
+        self.make(max_body=10 ** 6)
+        body = b"access_token=x&" + b"a&" * 1000
+        r = self.request(path=b"/auth", method=b"POST", body=body, authorization=basic("daniel", "tiger"),
+                         headers=[(b"Content-Type", b"application/x-www-form-urlencoded")])
+        self.assertEqual(r.code, 200)
 
 
 class PlainHTTPTests(GuardTestCase):
@@ -242,12 +270,13 @@ class PlainHTTPTests(GuardTestCase):
         self.assertEqual(checker.calls, 0)
         self.assertEqual(self.request(peer="203.0.113.9").code, 403)  # no challenge to offer
 
-    def test_remote_plain_bearer_still_offered(self):
-        self.make(checkers=[users(),
-                            TokenTable({TOKEN: "ci-bot"})])
-        r = self.request(peer="203.0.113.9")
-        self.assertEqual(r.code, 401)
-        self.assertEqual(r.all("WWW-Authenticate"), ['Bearer realm="authgateway"'])
+    def test_remote_plain_bearer_refused_too(self):
+        """RFC 6750 5.3: a bearer token is a password too."""
+        checker = TokenTable({TOKEN: "ci-bot"})
+        self.make(checkers=[users(), checker])
+        r = self.request(peer="203.0.113.9", authorization=b"Bearer " + TOKEN.encode())
+        self.assertEqual(r.code, 403)
+        self.assertEqual(self.request(peer="203.0.113.9").code, 403)
 
     def test_remote_tls(self):
         self.make()
@@ -260,7 +289,7 @@ class PlainHTTPTests(GuardTestCase):
         self.assertEqual(self.request(peer="::1", authorization=basic("daniel", "tiger")).code, 200)
 
     def test_insecure_allowed(self):
-        self.make(insecure_basic=True)
+        self.make(insecure_auth=True)
         r = self.request(peer="203.0.113.9", authorization=basic("daniel", "tiger"))
         self.assertEqual(r.code, 200)
 
@@ -275,7 +304,7 @@ class PlainHTTPTests(GuardTestCase):
         self.assertEqual(r.code, 403)
 
     def test_forwarded_headers_ignored_from_others(self):
-        self.make(insecure_basic=True)
+        self.make(insecure_auth=True)
         headers = [(b"X-Forwarded-For", b"198.51.100.7"), (b"X-Forwarded-Proto", b"https")]
         r = self.request(peer="203.0.113.9", headers=headers, authorization=basic("daniel", "tiger"))
         self.assertEqual(r.json()["peer_address"], "203.0.113.9")
@@ -400,13 +429,44 @@ class ForwardAuthTests(GuardTestCase):
                          headers=[(b"X-Original-URL", b"/relative")])
         self.assertEqual(r.code, 400)
 
+    def test_untrusted_peer_with_forwarded_target(self):
+        """Forwarded target headers from a peer that is not a trusted proxy: 403, unchecked."""
+        for header in (b"X-Original-URL", b"X-Forwarded-Uri"):
+            r = self.request(path=b"/auth", peer="203.0.113.9", tls=True,
+                             authorization=basic("daniel", "tiger"),
+                             headers=[(header, b"https://app.test/")])
+            self.assertEqual(r.code, 403)
+        self.assertEqual(self.policy.queries, [])
+
     def test_untrusted_peer_checks_itself(self):
-        """From a peer that is not a trusted proxy the forwarded headers mean nothing."""
         r = self.request(path=b"/auth", peer="203.0.113.9", tls=True,
-                         authorization=basic("daniel", "tiger"),
-                         headers=[(b"X-Original-URL", b"https://app.test/")])
+                         authorization=basic("daniel", "tiger"))
         self.assertEqual(r.code, 403)  # http/gw.test/auth get is denied
         self.assertEqual(self.policy.queries[-1], ("http/gw.test/auth", "get"))
+
+    def test_mapped_trusted_proxy(self):
+        """A dual-stack listener sees the proxy as ::ffff:127.0.0.1: still trusted."""
+        r = self.request(path=b"/auth", peer="::ffff:127.0.0.1", authorization=basic("daniel", "tiger"),
+                         headers=[(b"X-Original-URL", b"https://app.test/admin")])
+        self.assertEqual(r.code, 200)
+        self.assertEqual(self.policy.queries[-1], ("http/app.test/admin", "get"))
+
+    def test_both_conventions(self):
+        """A client adds the convention its proxy does not set: refused, never mixed."""
+        r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"), headers=[
+            (b"X-Forwarded-Uri", b"/admin"), (b"X-Forwarded-Method", b"POST"),
+            (b"X-Forwarded-Host", b"app.test"), (b"X-Original-URL", b"http://app.test/hello")])
+        self.assertEqual(r.code, 400)
+
+    def test_network_path_uri(self):
+        r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"), headers=[
+            (b"X-Forwarded-Host", b"app.test"), (b"X-Forwarded-Uri", b"//admin/secret")])
+        self.assertEqual(r.code, 400)
+
+    def test_repeated_forwarded_header(self):
+        r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"), headers=[
+            (b"X-Original-URL", b"http://app.test/hello"), (b"X-Original-URL", b"http://app.test/admin")])
+        self.assertEqual(r.code, 400)
 
     def test_bearer_insufficient_scope(self):
         self.make(checkers=[TokenTable({TOKEN: "ci-bot"})], policy=Policy(("http/gw.test/auth", "get")))
@@ -417,31 +477,63 @@ class ForwardAuthTests(GuardTestCase):
 
 
 class UpstreamTests(GuardTestCase):
+    def proxied(self, **kwargs):
+        self.upstream = FakeUpstream()
+        kwargs.setdefault("upstream", "http://app.internal:3000")
+        self.make(proxy=self.upstream, **kwargs)
+
+    def get(self, path, **kwargs):
+        return self.request(path=path, authorization=basic("daniel", "tiger"), **kwargs)
+
     def test_no_upstream(self):
         self.make()
-        self.assertEqual(self.request(path=b"/app", authorization=basic("daniel", "tiger")).code, 404)
+        self.assertEqual(self.get(b"/app").code, 404)
 
     def test_proxied_with_identity(self):
-        upstream = FakeUpstream()
-        self.make(upstream=upstream, groups=parse_groups("staff: daniel\n"))
-        r = self.request(path=b"/app/x?y=1", authorization=basic("daniel", "tiger"))
+        self.proxied(groups=parse_groups("staff: daniel\n"))
+        r = self.get(b"/app/x?y=1")
         self.assertEqual((r.code, r.body), (200, b"proxied"))
-        self.assertEqual(upstream.calls, [(b"/app/x?y=1", "daniel", ("staff",))])
-        self.request(path=b"/", authorization=basic("daniel", "tiger"))
-        self.assertEqual(upstream.calls[-1][0], b"/")
+        self.assertEqual(self.upstream.calls, [(b"/app/x?y=1", "daniel", ("staff",))])
+        self.get(b"/")
+        self.assertEqual(self.upstream.calls[-1][0], b"/")
+
+    def test_upstream_gets_what_the_acl_saw(self):
+        self.proxied()
+        self.get(b"/admin/../hello/./x?q=..")
+        self.assertEqual(self.upstream.calls[-1][0], b"/hello/x?q=..")
 
     def test_denied_not_proxied(self):
-        upstream = FakeUpstream()
-        self.make(upstream=upstream, policy=Policy(("http/gw.test/private", "get")))
-        r = self.request(path=b"/private/../private/%2e%2e/private", authorization=basic("daniel", "tiger"))
-        self.assertEqual(r.code, 403)
-        self.assertEqual(upstream.calls, [])
+        self.proxied(policy=Policy(("http/app.internal/private", "get")))
+        for path in (b"/private", b"/private/../private/%2e%2e/private", b"/x/../private"):
+            self.assertEqual(self.get(path).code, 403, path)
+        self.assertEqual(self.upstream.calls, [])
+
+    def test_ambiguous_target_refused(self):
+        self.proxied(policy=Policy(("http/app.internal/admin", "get")))
+        for path in (b"/admin%2fx", b"/admin;x", b"/admin#x", b"http://other/admin", b"//admin"):
+            r = self.get(path)
+            self.assertEqual(r.code, 400, path)
+            self.assertEqual(r.one("Cache-Control"), "no-store")
+        self.assertEqual(self.upstream.calls, [])
+
+    def test_host_cannot_pick_the_rules(self):
+        """With one upstream and no --http-host, the Host header is not the ACL's host."""
+        self.proxied(policy=Policy(("http/app.internal/admin", "get")))
+        for host in (b"whatever", b"127.0.0.01", b"app.internal."):
+            r = self.get(b"/admin", headers=[(b"Host", host)])
+            self.assertEqual(r.code, 403, host)
+        self.assertEqual(self.policy.queries[-1], ("http/app.internal/admin", "get"))
+
+    def test_served_hosts(self):
+        self.proxied(hosts=("app.example.com",), policy=Policy(("http/app.example.com/admin", "get")))
+        self.assertEqual(self.get(b"/x", headers=[(b"Host", b"other.test")]).code, 421)
+        self.assertEqual(self.get(b"/admin", headers=[(b"Host", b"APP.example.com:443")]).code, 403)
+        self.assertEqual(self.get(b"/x", headers=[(b"Host", b"app.example.com")]).code, 200)
 
     def test_unauthenticated_not_proxied(self):
-        upstream = FakeUpstream()
-        self.make(upstream=upstream)
+        self.proxied()
         self.assertEqual(self.request(path=b"/app").code, 401)
-        self.assertEqual(upstream.calls, [])
+        self.assertEqual(self.upstream.calls, [])
 
 
 class BoundsTests(GuardTestCase):
@@ -452,16 +544,25 @@ class BoundsTests(GuardTestCase):
         r = self.request(path=b"/auth", body=b"x" * 10, authorization=basic("daniel", "tiger"))
         self.assertEqual(r.code, 200)
 
+    def test_body_limit_without_upstream(self):
+        """Without an upstream, the small limit applies before anything is read."""
+        self.make(max_body=10)
+        channel, transport = self.connect()
+        channel.dataReceived(b"POST /x HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 11\r\n"
+                             b"Expect: 100-continue\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertNotIn(b"100 Continue", transport.value())
+
     def test_body_limit_declared(self):
         """A Content-Length above the limit: 413 at once, connection closed, body unread."""
-        self.make(upstream=FakeUpstream(), max_upstream_body=100)
+        self.make(proxy=FakeUpstream(), upstream="http://up.test", max_upstream_body=100)
         channel, transport = self.connect()
         channel.dataReceived(b"POST /app HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 101\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
         self.assertTrue(transport.disconnecting)
 
     def test_body_limit_chunked(self):
-        self.make(upstream=FakeUpstream(), max_upstream_body=100)
+        self.make(proxy=FakeUpstream(), upstream="http://up.test", max_upstream_body=100)
         channel, transport = self.connect()
         channel.dataReceived(b"POST /app HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n")
         channel.dataReceived(b"64\r\n" + b"x" * 100 + b"\r\n")
@@ -502,7 +603,7 @@ class ResourceNameTests(SynchronousTestCase):
             (b"gw.test.", b"/a//./b/"): "http/gw.test/a/b",
             (b"gw.test", b"/a/../../b"): "http/gw.test/b",
             (b"gw.test", b"/%61dmin/%2e%2e/x"): "http/gw.test/x",
-            (b"gw.test", b"/a%2Fb"): "http/gw.test/a/b",
+            (b"gw.test", b"/a%20b/c"): "http/gw.test/a b/c",
             (b"[::1]:8080", b"/x"): "http/::1/x",
             ("bücher.test", b"/"): "http/bücher.test",
         }
@@ -510,9 +611,50 @@ class ResourceNameTests(SynchronousTestCase):
             self.assertEqual(resource_name(host, path), expected, (host, path))
 
     def test_unusable_host(self):
-        for host in (None, b"", b"a/b", b"[::1", b"x\x00y"):
+        for host in (None, b"", b"a/b", b"[::1", b"x\x00y", b"a b"):
             self.assertIsNone(resource_name(host, b"/"), host)
+
+    def test_ambiguous_paths(self):
+        for path in (b"/a%2Fb", b"/a%2fb", b"/a%5Cb", b"/a\\b", b"/admin;x", b"/a#b", b"//admin/x",
+                     b"admin", b"http://x/admin"):
+            self.assertIsNone(resource_name(b"gw.test", path), path)
+
+    def test_forwarded_target(self):
+        cases = {
+            b"/": b"/",
+            b"/a/./b/../c?x=/../y": b"/a/c?x=/../y",
+            b"/admin/../hello": b"/hello",
+            b"/%2e%2e/%2E/a/": b"/a/",
+            b"/a/b/..": b"/a/",
+            b"/a%20b": b"/a%20b",
+        }
+        for target, forwarded in cases.items():
+            self.assertEqual(parse_target(target).forwarded, forwarded, target)
 
 
 def _net(text):
     return ipaddress.ip_network(text)
+
+
+class HeaderDeadlineTests(GuardTestCase):
+    def test_trickled_headers(self):
+        """A byte every few seconds keeps the idle timer alive, not the header deadline."""
+        self.make(timeout=30)
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /whoami HTTP/1.1\r\n")
+        for _ in range(8):
+            self.clock.advance(4)
+            channel.dataReceived(b"X-A: b\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+        self.assertTrue(transport.disconnecting)
+
+    def test_keep_alive_request_gets_a_new_deadline(self):
+        self.make(timeout=30)
+        channel, transport = self.connect()
+        request = b"GET /whoami HTTP/1.1\r\nHost: gw.test\r\nAuthorization: " + basic("daniel", "tiger")
+        channel.dataReceived(request + b"\r\n\r\n")
+        self.clock.advance(20)
+        channel.dataReceived(request + b"\r\n\r\n")
+        self.clock.advance(20)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 2)
+        self.assertFalse(transport.disconnecting)

@@ -18,7 +18,8 @@ import treq
 from twisted.internet import defer, error, reactor, ssl, task
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.internet.task import deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import capturedLogs, formatEvent
 from twisted.protocols.policies import WrappingFactory
@@ -39,6 +40,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import directlyProvides, implementer
 
+from gateway.meta import ConnectionMeta
 from gateway.web.proxy import (
     IDENTITY_HEADERS,
     UpstreamProxy,
@@ -138,13 +140,16 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, proxy, identity="daniel", groups=("staff",)):
+    def __init__(self, proxy, identity="daniel", groups=("staff",), meta=None):
         super().__init__()
         self.proxy = proxy
         self.identity = identity
         self.groups = list(groups)
+        self.meta = meta  # as the guard sets it: the client seen through a trusted proxy
 
     def render(self, request):
+        if self.meta is not None:
+            request.gateway_meta, request.gateway_via_proxy = self.meta, True
         return self.proxy.render(request, self.identity, self.groups)
 
 
@@ -205,12 +210,12 @@ class ProxyMixin:
 
     upstream = "http://upstream.test:8080/app"
 
-    def serve(self, identity="daniel", groups=("staff",), secure=False, **kwargs):
+    def serve(self, identity="daniel", groups=("staff",), secure=False, meta=None, **kwargs):
         self.clock = MemoryReactorClock()
         self.agent = FakeAgent()
         kwargs.setdefault("timeout", 10)
         self.proxy = UpstreamProxy(self.upstream, self.clock, agent=self.agent, **kwargs)
-        self.site = Site(ProxyResource(self.proxy, identity, groups), reactor=self.clock)
+        self.site = Site(ProxyResource(self.proxy, identity, groups, meta), reactor=self.clock)
         self.transport = StringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 443 if secure else 80),
             peerAddress=IPv4Address("TCP", "198.51.100.7", 50123),
@@ -394,10 +399,27 @@ class UpstreamRequestTests(ProxyMixin, TestCase):
                                   (b"X-Forwarded-Host", b"evil.test"),
                                   (b"X_Forwarded_Host", b"evil.test"),
                                   (b"X-Real-IP", b"203.0.113.9")])
-        self.assertEqual(call.header(b"x-forwarded-for"), [b"203.0.113.9, 10.0.0.1, 198.51.100.7"])
+        # From a client (not a trusted proxy): its X-Forwarded-* are not believed.
+        self.assertEqual(call.header(b"x-forwarded-for"), [b"198.51.100.7"])
         self.assertEqual(call.header(b"x-forwarded-proto"), [b"http"])
         self.assertEqual(call.header(b"x-forwarded-host"), [b"gateway.test"])
         self.assertEqual(call.header(b"x-real-ip"), [b"198.51.100.7"])
+
+    def test_forwarded_headers_via_trusted_proxy(self):
+        """Behind a trusted proxy: its chain is kept, the client and scheme come from the guard."""
+        self.serve(meta=ConnectionMeta("http", peer_address="203.0.113.9", tls=True))
+        call = self.send(headers=[(b"X-Forwarded-For", b"203.0.113.9"),
+                                  (b"X-Forwarded-Proto", b"https")])
+        self.assertEqual(call.header(b"x-forwarded-for"), [b"203.0.113.9, 198.51.100.7"])
+        self.assertEqual(call.header(b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(call.header(b"x-real-ip"), [b"203.0.113.9"])
+
+    def test_other_conventions_dropped(self):
+        names = [b"Forwarded", b"X-Forwarded-Port", b"X-Forwarded-Prefix", b"X-Original-URL",
+                 b"X-Original-Method", b"X-Rewrite-URL", b"X-Forwarded-Uri", b"x_original_url"]
+        call = self.send(headers=[(name, b"/admin") for name in names])
+        for name in names:
+            self.assertIsNone(call.header(name), name)
         values = [v for _, vs in call.headers.getAllRawHeaders() for v in vs]
         self.assertNotIn(b"evil.test", b"".join(values))
 
@@ -845,6 +867,27 @@ class LoopbackTests(TestCase):
         self.assertEqual(response.code, 502)
         self.assertEqual(response.headers.getRawHeaders(b"cache-control"), [b"no-store"])
         yield response.content()
+
+    @defer.inlineCallbacks
+    def test_client_gone_closes_upstream_connection(self):
+        """An upstream that accepted but never answers: a departed client frees its connection."""
+        upstream = ServerFactory()
+        lost = defer.Deferred()
+
+        class Silent(Protocol):
+            def connectionLost(self, reason):
+                lost.callback(None)
+
+        upstream.protocol = Silent
+        port = reactor.listenTCP(0, upstream, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.start_proxy(f"http://127.0.0.1:{port.getHost().port}")
+        answered = self.client.get(self.proxy_url + "/")
+        yield deferLater(reactor, 0.3, lambda: None)  # the proxy has connected upstream
+        answered.cancel()
+        answered.addErrback(lambda f: f.trap(defer.CancelledError, ResponseNeverReceived))
+        yield answered
+        yield lost.addTimeout(3, reactor)
 
     def tls_upstream(self):
         from gateway.tls import generate_self_signed

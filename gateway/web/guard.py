@@ -54,8 +54,10 @@ class HTTPSettings:
     """What the operator chose for the HTTP listeners."""
 
     realm: str = "authgateway"
-    #: Accept Basic over plain HTTP from peers other than loopback.
-    insecure_basic: bool = False
+    #: Accept credentials over plain HTTP from peers other than loopback.
+    insecure_auth: bool = False
+    #: The Host names the reverse proxy serves (others: 421); with none, any.
+    hosts: tuple[str, ...] = ()
     #: Proxies whose X-Forwarded-* / X-Original-* headers are believed.
     trusted_proxies: tuple[Network, ...] = ()
     #: Largest request body for the gateway's own resources (/whoami, /auth).
@@ -75,29 +77,37 @@ class MalformedCredentials(Exception):
     """An Authorization header that breaks the scheme's syntax (400)."""
 
 
-def quote(value: str) -> str:
+def quoted_string(value: str) -> str:
     """An RFC 9110 quoted-string."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _in(address: str | None, networks: Sequence[Network]) -> bool:
-    if not address or not networks:
+def in_networks(address: str | None, networks: Sequence[Network]) -> bool:
+    """Whether C{address} (any spelling, IPv4-mapped included) is in one of C{networks}."""
+    address = ip_or_none(address)
+    if address is None or not networks:
         return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
+    ip = ipaddress.ip_address(address)
     return any(ip in network for network in networks)
 
 
-def _header(request: server.Request, name: bytes) -> bytes | None:
-    """A header sent at most once; L{MalformedCredentials} when repeated."""
+def header(request: server.Request, name: bytes, *, once: bool = False) -> bytes | None:
+    """
+    The last value of a request header, or None.
+
+    @param once: the header may appear at most once (L{ValueError} otherwise).
+    """
     values = request.requestHeaders.getRawHeaders(name)
     if not values:
         return None
-    if len(values) > 1:
-        raise MalformedCredentials(f"more than one {name.decode()} header")
-    return values[0]
+    if once and len(values) > 1:
+        raise ValueError(f"more than one {name.decode()} header")
+    return values[-1].strip()
+
+
+def via_trusted_proxy(request: server.Request, settings: HTTPSettings) -> bool:
+    """Whether the request comes from a C{--http-trusted-proxy} address."""
+    return in_networks(getattr(request.getClientAddress(), "host", None), settings.trusted_proxies)
 
 
 def client_of(request: server.Request, settings: HTTPSettings) -> tuple[str | None, bool]:
@@ -109,7 +119,7 @@ def client_of(request: server.Request, settings: HTTPSettings) -> tuple[str | No
     peer = getattr(request.getClientAddress(), "host", None)
     peer = ip_or_none(peer) or peer
     secure = request.isSecure()
-    if not _in(peer, settings.trusted_proxies):
+    if not via_trusted_proxy(request, settings):
         return peer, secure
     forwarded = b",".join(request.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
     for hop in reversed(forwarded.split(b",")):
@@ -117,17 +127,12 @@ def client_of(request: server.Request, settings: HTTPSettings) -> tuple[str | No
         if address is None:
             break  # garbage: stop at the last address we can vouch for
         peer = address
-        if not _in(address, settings.trusted_proxies):
+        if not in_networks(address, settings.trusted_proxies):
             break
-    proto = _last(request, b"x-forwarded-proto")
+    proto = header(request, b"x-forwarded-proto")
     if proto is not None:
-        secure = proto.strip().lower() == b"https"
+        secure = proto.lower() == b"https"
     return peer, secure
-
-
-def _last(request: server.Request, name: bytes) -> bytes | None:
-    values = request.requestHeaders.getRawHeaders(name)
-    return values[-1] if values else None
 
 
 def meta_of(request: server.Request, settings: HTTPSettings, listener: str | None) -> ConnectionMeta:
@@ -144,9 +149,13 @@ def meta_of(request: server.Request, settings: HTTPSettings, listener: str | Non
     )
 
 
-def basic_allowed(meta: ConnectionMeta, settings: HTTPSettings) -> bool:
-    """Basic sends the password in clear: only over TLS or from loopback, unless allowed."""
-    if meta.tls or settings.insecure_basic:
+def credentials_allowed(meta: ConnectionMeta, settings: HTTPSettings) -> bool:
+    """
+    Passwords and tokens travel in clear over plain HTTP: accepted only over
+    TLS (or from a trusted proxy that says the client used it) or from
+    loopback, unless the operator allows it (RFC 7617 4, RFC 6750 5.3).
+    """
+    if meta.tls or settings.insecure_auth:
         return True
     address = ip_or_none(meta.peer_address)
     return address is not None and ipaddress.ip_address(address).is_loopback
@@ -162,7 +171,7 @@ class BasicCredentialFactory:
         self.realm = realm
 
     def challenge(self, error: str | None = None) -> str:
-        return f"Basic realm={quote(self.realm)}, charset=\"UTF-8\""
+        return f"Basic realm={quoted_string(self.realm)}, charset=\"UTF-8\""
 
     def getChallenge(self, request: Any) -> dict[str, str]:
         return {"realm": self.realm, "charset": "UTF-8"}
@@ -172,16 +181,21 @@ class BasicCredentialFactory:
         @raise UnauthorizedLogin: bad base64, no colon, not UTF-8 or too
             long: a failed login (401), never an error page.
         """
+        encoded = response.strip()
         try:
-            raw = base64.b64decode(response.strip(), validate=True)
+            raw = base64.b64decode(encoded, validate=True)
             user, colon, password = raw.decode("utf-8").partition(":")
         except (binascii.Error, ValueError):
             raise UnauthorizedLogin("undecodable Basic credentials") from None
+        if base64.b64encode(raw) != encoded:  # extra padding, non-canonical bits
+            raise UnauthorizedLogin("non-canonical base64 in Basic credentials")
+        user = unicodedata.normalize("NFC", user)
         if not colon or not user or len(user) > MAX_FIELD or len(password) > MAX_FIELD:
             raise UnauthorizedLogin("malformed Basic credentials")
-        return HTTPBasicCredentials(
-            unicodedata.normalize("NFC", user), password, conn_meta=request.gateway_meta
-        )
+        try:
+            return HTTPBasicCredentials(user, password, conn_meta=request.gateway_meta)
+        except (TypeError, ValueError):
+            raise UnauthorizedLogin("unusable Basic credentials") from None
 
 
 @implementer(ICredentialFactory)
@@ -194,7 +208,7 @@ class BearerCredentialFactory:
         self.realm = realm
 
     def challenge(self, error: str | None = None) -> str:
-        text = f"Bearer realm={quote(self.realm)}"
+        text = f"Bearer realm={quoted_string(self.realm)}"
         return text + (f', error="{error}"' if error else "")
 
     def getChallenge(self, request: Any) -> dict[str, str]:
@@ -219,11 +233,29 @@ def schemes_for(portal: Any, realm: str) -> list[Any]:
     return factories
 
 
+def refusal(
+    request: server.Request,
+    code: int,
+    text: str,
+    challenges: Sequence[str] = (),
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> bytes:
+    """
+    Set the status and headers of a 4xx/5xx answer (never cached) and return
+    its one-line text body.
+    """
+    request.setResponseCode(code)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"cache-control", b"no-store")
+    for challenge in challenges:
+        request.responseHeaders.addRawHeader(b"www-authenticate", challenge.encode())
+    for name, value in headers:
+        request.setHeader(name, value)
+    return (text + "\n").encode()
+
+
 class Refusal(resource.Resource):
-    """
-    A 4xx/5xx answer of the guard: status, challenges, extra headers and a
-    one-line text body, never cached.
-    """
+    """A resource answering with L{refusal}, whatever the method."""
 
     isLeaf = True
 
@@ -241,25 +273,7 @@ class Refusal(resource.Resource):
         return f"<Refusal {self.code} {self.text!r}>"
 
     def render(self, request: server.Request) -> bytes:
-        refuse(request, self.code, self.text, self.challenges, self.headers)
-        return b"" if request.method == b"HEAD" else (self.text + "\n").encode()
-
-
-def refuse(
-    request: server.Request,
-    code: int,
-    text: str,
-    challenges: Sequence[str] = (),
-    headers: Sequence[tuple[bytes, bytes]] = (),
-) -> None:
-    """Status and headers of a refusal; the caller writes the body."""
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    for challenge in challenges:
-        request.responseHeaders.addRawHeader(b"www-authenticate", challenge.encode())
-    for name, value in headers:
-        request.setHeader(name, value)
+        return refusal(request, self.code, self.text, self.challenges, self.headers)
 
 
 class Guard(resource.Resource):
@@ -283,24 +297,17 @@ class Guard(resource.Resource):
         request.postpath.insert(0, request.prepath.pop())  # transparent: consume nothing
         return self._resource_for(request)
 
-    def render(self, request: server.Request) -> Any:
-        return self._resource_for(request).render(request)
-
-    def challenges(self, meta: ConnectionMeta, error: str | None = None) -> list[str]:
-        """One challenge per scheme usable on this request."""
-        return [
-            f.challenge(error if f.scheme == b"bearer" else None)
-            for f in self.factories
-            if f.scheme != b"basic" or basic_allowed(meta, self.settings)
-        ]
+    def challenges(self, error: str | None = None) -> list[str]:
+        """One challenge per scheme on offer; C{error} goes to Bearer's."""
+        return [f.challenge(error if f.scheme == b"bearer" else None) for f in self.factories]
 
     def _unauthorized(self, meta: ConnectionMeta, error: str | None = None) -> resource.IResource:
-        challenges = self.challenges(meta, error)
-        if not challenges:  # Basic only, over plain HTTP from afar
-            return Refusal(403, "HTTPS is required for Basic authentication")
-        return Refusal(401, "Authentication required", challenges)
+        if not credentials_allowed(meta, self.settings):  # nothing may be sent here
+            return Refusal(403, "HTTPS is required for authentication")
+        return Refusal(401, "Authentication required", self.challenges(error))
 
     def _resource_for(self, request: server.Request) -> resource.IResource:
+        request.gateway_via_proxy = via_trusted_proxy(request, self.settings)
         meta = request.gateway_meta = meta_of(request, self.settings, self.listener)
         try:
             credentials = self._credentials(request, meta)
@@ -323,22 +330,25 @@ class Guard(resource.Resource):
         return util.DeferredResource(d)
 
     def _credentials(self, request: server.Request, meta: ConnectionMeta) -> Any:
-        if b"access_token" in request.args:  # RFC 6750 2.3: not accepted here
+        if b"access_token" in request.args:  # the query only: RFC 6750 2.3 is not accepted
             raise MalformedCredentials("send the token in the Authorization header")
-        header = _header(request, b"authorization")
-        if header is None:
+        try:
+            value = header(request, b"authorization", once=True)
+        except ValueError as e:
+            raise MalformedCredentials(str(e)) from None
+        if value is None:
             return None
-        if len(header) > MAX_AUTHORIZATION:
+        if len(value) > MAX_AUTHORIZATION:
             raise MalformedCredentials("Authorization header too long")
-        scheme, _, rest = header.strip().partition(b" ")
+        scheme, _, rest = value.partition(b" ")
         scheme = scheme.lower()
         for factory in self.factories:
             if factory.scheme == scheme:
                 break
         else:
             return None  # a scheme we do not offer: the challenges say which we do
-        if scheme == b"basic" and not basic_allowed(meta, self.settings):
-            return Refusal(403, "HTTPS is required for Basic authentication")
+        if not credentials_allowed(meta, self.settings):
+            return Refusal(403, "HTTPS is required for authentication")  # not checked
         return factory.decode(rest, request)
 
     def _succeeded(self, result: tuple[Any, Any, Any], request: server.Request) -> Any:

@@ -46,6 +46,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET
 
 from gateway.text import quote
+from gateway.web.guard import refusal
 
 _log = Logger()
 
@@ -100,6 +101,12 @@ HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset({
 _REPLACED_REQUEST_HEADERS = frozenset({
     b"host", b"content-length", b"expect",
     b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"x-real-ip",
+    # What a client could use to tell the upstream another story about the
+    # request: other proxies' conventions, never believed from a client.
+    b"forwarded", b"x-forwarded-port", b"x-forwarded-prefix", b"x-forwarded-server",
+    b"x-forwarded-uri", b"x-forwarded-method", b"x-forwarded-scheme", b"x-forwarded-ssl",
+    b"x-original-url", b"x-original-uri", b"x-original-method", b"x-original-host",
+    b"x-rewrite-url", b"x-client-ip", b"true-client-ip", b"x-scheme", b"front-end-https",
 })
 
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -292,17 +299,22 @@ class UpstreamProxy:
             return succeed(None)
         return self.pool.closeCachedConnections()
 
-    def render(self, request: Any, identity: str, groups: Sequence[str]) -> int:
+    def render(
+        self, request: Any, identity: str, groups: Sequence[str], target: bytes | None = None
+    ) -> int:
         """
-        Proxy `request` (a twisted.web.server.Request whose body is fully in request.content)
-        to the upstream and return NOT_DONE_YET.
+        Proxy C{request} (a twisted.web.server.Request whose body is fully in
+        C{request.content}) to the upstream and return C{NOT_DONE_YET}.
 
-        L{ValueError} if C{identity} is empty or holds a control character,
-        or a group holds a control character or a comma.
+        @param target: the origin-form target to request (path and query), as
+            the front door checked it; by default the request's own.
+        @raise ValueError: if C{identity} is empty or holds a control
+            character, or a group holds a control character or a comma.
         """
         headers = self.upstream_headers(request, identity, groups)
         exchange = _Exchange(request, self._reactor, self._timeout)
-        target = _origin_form(request.uri)
+        if target is None:
+            target = _origin_form(request.uri)
         if target is None:
             exchange.fail(http.BAD_REQUEST, "the request target is not a path")
             return NOT_DONE_YET
@@ -340,19 +352,26 @@ class UpstreamProxy:
         out.setRawHeaders(b"Remote-User", [identity.encode("utf-8")])
         out.setRawHeaders(b"Remote-Groups", [",".join(groups).encode("utf-8")])
 
+        # The client as the front door saw it (through a trusted proxy: the
+        # proxy's X-Forwarded-For and -Proto, which are then kept).
+        meta = getattr(request, "gateway_meta", None)
+        via_proxy = getattr(request, "gateway_via_proxy", False)
         forwarded_for = [
             hop.strip()
-            for value in inbound.getRawHeaders(b"x-forwarded-for", [])
+            for value in (inbound.getRawHeaders(b"x-forwarded-for", []) if via_proxy else [])
             for hop in value.split(b",")
             if hop.strip()
         ]
         peer = getattr(request.getClientAddress(), "host", None)
+        client = meta.peer_address if meta is not None else peer
         if peer:
             forwarded_for.append(peer.encode("ascii"))
-            out.setRawHeaders(b"X-Real-IP", [peer.encode("ascii")])
+        if client:
+            out.setRawHeaders(b"X-Real-IP", [client.encode("ascii")])
         if forwarded_for:
             out.setRawHeaders(b"X-Forwarded-For", [b", ".join(forwarded_for)])
-        out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if request.isSecure() else b"http"])
+        secure = meta.tls if meta is not None else request.isSecure()
+        out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if secure else b"http"])
         host = inbound.getRawHeaders(b"host")
         if host:
             out.setRawHeaders(b"X-Forwarded-Host", [host[-1]])
@@ -416,11 +435,9 @@ class _Exchange:
             return
         self._closed = True
         request = self._request
-        request.setResponseCode(code)
-        body = f"{http.RESPONSES.get(code, b'Error').decode('ascii')}: {message}\n".encode()
-        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        status = http.RESPONSES.get(code, b"Error").decode("ascii")
+        body = refusal(request, code, f"{status}: {message}")
         request.setHeader(b"Content-Length", b"%d" % len(body))
-        request.setHeader(b"Cache-Control", b"no-store")
         request.write(body)
         request.finish()
 
@@ -442,7 +459,9 @@ class _Exchange:
         self._closed = self._client_gone = True
         self._stop_timer()
         _log.info("proxy: client went away during {method} {path}", **self._what)
-        if self._upstream_request is not None and not self._upstream_request.called:
+        if self._upstream_request is not None:
+            # Even when it has "fired" with a chained Deferred (connected, no
+            # response yet): cancelling it is what closes that connection.
             self._upstream_request.cancel()
         if self._body_producer is not None:
             self._body_producer.stopProducing()

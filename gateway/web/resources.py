@@ -8,32 +8,88 @@ realm builds for a session's AuthInfo.
   Caddy C{forward_auth}: 200 with C{Remote-User} / C{Remote-Groups}, or 403.
 - anything else: the reverse proxy to C{--http-upstream}, or 404 without one.
 
-Access to paths is the ACL's: resource C{http/HOST/SEGMENT/...} (the host in
-lower case without port, the path percent-decoded with dot segments
-resolved), privilege the lower-case method (C{get}, C{post}, ...).
+Access to paths is the ACL's: resource C{http/HOST/SEGMENT/...}, privilege
+the lower-case method (C{get}, C{post}, ...). The path is percent-decoded
+and its dot segments resolved, and the proxy forwards exactly the segments
+the ACL saw; a target the two could read differently (an encoded C{/} or
+C{\\}, a C{;} path parameter, a fragment) is refused with 400. HOST is the
+forwarded host for C{/auth}; for the reverse proxy it is the request's Host
+when C{--http-host} lists it (another Host gets 421), else the upstream's
+host name: with one upstream, a client-chosen Host must not pick the rules.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import urllib.parse
 from typing import Any
 
+import attrs
 from twisted.web import resource, server
 
 from gateway.aaa import IAccessPolicy
 from gateway.authinfo import AuthInfo
-from gateway.web.guard import HTTPSettings, _in, quote, refuse
+from gateway.web.guard import HTTPSettings, header, quoted_string, refusal
 
 #: The gateway's own paths; everything else goes to the upstream.
 WHOAMI, AUTH = b"whoami", b"auth"
 
+#: Forward-auth target headers of each convention.
+_NGINX = (b"x-original-url", b"x-original-method")
+_TRAEFIK = (b"x-forwarded-uri", b"x-forwarded-method", b"x-forwarded-host")
 
-def resource_name(host: str | bytes | None, path: bytes) -> str | None:
+#: In a path: encoded separators, backslashes and path parameters, which
+#: upstreams read in ways the ACL cannot follow.
+_AMBIGUOUS = re.compile(rb"%2f|%5c|\\|;", re.IGNORECASE)
+
+
+class BadTarget(ValueError):
+    """A request target the gateway will not route (400)."""
+
+
+@attrs.frozen
+class Target:
+    """A request target as the ACL sees it and as the upstream will get it."""
+
+    segments: tuple[str, ...]
+    #: Origin form (path and query) with the dot segments resolved.
+    forwarded: bytes
+
+
+def parse_target(target: bytes) -> Target:
     """
-    The ACL resource of a request for C{path} (no query) on C{host}, or
-    None when the host is unusable (which is a denial).
+    An origin-form target (C{/path?query}), its dot segments resolved.
+
+    @raise BadTarget: not origin form, a fragment, or an ambiguous path.
     """
+    if not target.startswith(b"/") or target.startswith(b"//"):
+        raise BadTarget("the request target must be a path")
+    if b"#" in target:
+        raise BadTarget("a fragment in the request target")
+    path, question, query = target.partition(b"?")
+    if _AMBIGUOUS.search(path):
+        raise BadTarget("an encoded '/' or '\\', or a ';' in the path")
+    raw: list[bytes] = []
+    segments: list[str] = []
+    for part in path.split(b"/")[1:]:
+        decoded = urllib.parse.unquote_to_bytes(part).decode("utf-8", "replace")
+        if decoded in ("", "."):
+            continue
+        if decoded == "..":
+            if raw:
+                raw.pop()
+                segments.pop()
+            continue
+        raw.append(part)
+        segments.append(decoded)
+    trailing = b"/" if path.endswith((b"/", b"/.", b"/..")) and raw else b""
+    forwarded = b"/" + b"/".join(raw) + trailing + (question + query)
+    return Target(tuple(segments), forwarded)
+
+
+def canonical_host(host: str | bytes | None) -> str | None:
+    """A Host value in lower case without port or final dot, or None when unusable."""
     if isinstance(host, bytes):
         host = host.decode("latin-1")
     host = (host or "").strip().lower()
@@ -42,19 +98,24 @@ def resource_name(host: str | bytes | None, path: bytes) -> str | None:
     elif host.count(":") == 1:
         host = host.split(":", 1)[0]
     host = host.rstrip(".")
-    if not host or "/" in host or not host.isprintable():
+    if not host or "/" in host or not host.isprintable() or " " in host:
         return None
-    segments: list[str] = []
-    decoded = urllib.parse.unquote_to_bytes(path).decode("utf-8", "replace")
-    for segment in decoded.split("/"):
-        if segment in ("", "."):
-            continue
-        if segment == "..":
-            if segments:
-                segments.pop()
-            continue
-        segments.append(segment)
-    return "/".join(["http", host, *segments])
+    return host
+
+
+def resource_name(host: str | bytes | None, path: bytes) -> str | None:
+    """
+    The ACL resource of C{path} (no query) on C{host}, or None when the host
+    is unusable (which is a denial).
+    """
+    name = canonical_host(host)
+    if name is None:
+        return None
+    try:
+        target = parse_target(path or b"/")
+    except BadTarget:
+        return None
+    return "/".join(["http", name, *target.segments])
 
 
 def identity_name(info: AuthInfo, credentials: Any) -> str:
@@ -71,39 +132,38 @@ class WebApp:
         self.policy = policy
         self.settings = settings
         self.proxy = proxy
+        upstream = urllib.parse.urlsplit(settings.upstream) if settings.upstream else None
+        self.upstream_host = canonical_host(upstream.hostname) if upstream else None
 
     def avatar(self, info: AuthInfo, credentials: Any) -> resource.IResource:
         return Session(self, info, credentials)
 
-    def allowed(self, session: Session, host: Any, path: bytes, method: bytes) -> bool:
-        name = resource_name(host, path)
+    def allowed(self, session: Session, host: Any, target: Target, method: bytes) -> bool:
+        name = canonical_host(host)
+        if name is None:
+            return False
         privilege = method.decode("latin-1").lower()
-        return name is not None and self.policy.query_resource_access(session.info, name, privilege)
+        resource = "/".join(["http", name, *target.segments])
+        return self.policy.query_resource_access(session.info, resource, privilege)
 
 
 def forbid(request: server.Request, session: Session) -> bytes:
     """403; a Bearer caller is also told C{insufficient_scope} (RFC 6750 3.1)."""
     challenges = []
     if getattr(session.credentials, "mechanism", None) == "Bearer":
-        realm = quote(session.app.settings.realm)
+        realm = quoted_string(session.app.settings.realm)
         challenges.append(f'Bearer realm={realm}, error="insufficient_scope"')
-    refuse(request, 403, "Forbidden", challenges)
-    return b"Forbidden\n"
+    return refusal(request, 403, "Forbidden", challenges)
 
 
 def too_large(request: server.Request, session: Session) -> bool:
-    """Answer 413 when the body is above the limit for the gateway's own resources."""
+    """Whether the body is above the limit for the gateway's own resources."""
     content = request.content
     if content is None:
         return False
     size = content.seek(0, 2)
     content.seek(0)
-    if size <= session.app.settings.max_body:
-        return False
-    refuse(request, 413, "Request body too large")
-    request.write(b"Request body too large\n")
-    request.finish()
-    return True
+    return size > session.app.settings.max_body
 
 
 class Session(resource.Resource):
@@ -127,107 +187,119 @@ class Session(resource.Resource):
                 return ForwardAuth(self)
         return Upstream(self)
 
-    def render(self, request: server.Request) -> Any:
-        return Upstream(self).render(request)
 
-
-class Whoami(resource.Resource):
-    """C{GET /whoami}: the caller's AuthInfo."""
-
+class _Leaf(resource.Resource):
     isLeaf = True
 
     def __init__(self, session: Session) -> None:
         super().__init__()
         self.session = session
 
-    def render_GET(self, request: server.Request) -> Any:
+
+class Whoami(_Leaf):
+    """C{GET /whoami}: the caller's AuthInfo."""
+
+    def render(self, request: server.Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            return refusal(request, 405, "Method not allowed", headers=[(b"allow", b"GET, HEAD")])
         if too_large(request, self.session):
-            return server.NOT_DONE_YET
+            return refusal(request, 413, "Request body too large")
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(self.session.info.to_json_dict()).encode() + b"\n"
 
-    render_HEAD = render_GET
 
-
-class ForwardAuth(resource.Resource):
+class ForwardAuth(_Leaf):
     """
     C{/auth}: is the original request allowed? Its method, host and path
     come from C{X-Original-URL} / C{X-Original-Method} (nginx) or
     C{X-Forwarded-Method/Host/Uri} (Traefik, Caddy), believed only from a
-    C{--http-trusted-proxy}; otherwise the request to C{/auth} itself is
-    what gets checked.
+    C{--http-trusted-proxy}. Both conventions at once is a 400 (a client can
+    add the one its proxy does not set); either from another peer is a 403.
+    Without them the request to C{/auth} itself is checked.
     """
 
-    isLeaf = True
-
-    def __init__(self, session: Session) -> None:
-        super().__init__()
-        self.session = session
-
-    def render(self, request: server.Request) -> Any:
+    def render(self, request: server.Request) -> bytes:
         session = self.session
         if too_large(request, session):
-            return server.NOT_DONE_YET
+            return refusal(request, 413, "Request body too large")
         try:
-            method, host, path = self.target(request)
-        except ValueError as e:
-            refuse(request, 400, f"Bad forwarded request: {e}")
-            return f"Bad forwarded request: {e}\n".encode()
-        if not session.app.allowed(session, host, path, method):
+            method, host, target = self.target(request)
+        except BadTarget as e:
+            return refusal(request, 400, f"Bad forwarded request: {e}")
+        except PermissionError:
+            return refusal(request, 403, "Forwarded request from an untrusted peer")
+        if not session.app.allowed(session, host, target, method):
             return forbid(request, session)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"remote-user", identity_name(session.info, session.credentials).encode())
         request.setHeader(b"remote-groups", ",".join(session.info.groups).encode())
         return b""
 
-    def target(self, request: server.Request) -> tuple[bytes, Any, bytes]:
+    def target(self, request: server.Request) -> tuple[bytes, Any, Target]:
         """
-        (method, host, path) of the request being authorised.
+        (method, host, target) of the request being authorised.
 
-        @raise ValueError: a trusted proxy sent an unusable URL.
+        @raise BadTarget: unusable or contradictory forwarded headers.
+        @raise PermissionError: forwarded headers from an untrusted peer.
         """
-        peer = getattr(request.getClientAddress(), "host", None)
-        own = (request.method, request.getHeader(b"host"), request.path)
-        if not _in(peer, self.session.app.settings.trusted_proxies):
-            return own
         headers = request.requestHeaders
+        nginx = any(headers.hasHeader(name) for name in _NGINX)
+        traefik = any(headers.hasHeader(name) for name in _TRAEFIK)
+        if not (nginx or traefik):
+            return request.method, header(request, b"host"), parse_target(request.uri)
+        if not request.gateway_via_proxy:
+            raise PermissionError()
+        if nginx and traefik:
+            raise BadTarget("both X-Original-* and X-Forwarded-Method/Host/Uri")
+        try:
+            if nginx:
+                return self._nginx(request)
+            return self._traefik(request)
+        except ValueError as e:  # also a header sent twice
+            raise BadTarget(str(e)) from None
 
-        def one(name: bytes) -> bytes | None:
-            values = headers.getRawHeaders(name)
-            return values[-1].strip() if values else None
+    @staticmethod
+    def _nginx(request: server.Request) -> tuple[bytes, Any, Target]:
+        url = header(request, b"x-original-url", once=True)
+        if url is None:
+            raise BadTarget("X-Original-Method without X-Original-URL")
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() not in (b"http", b"https") or not parts.netloc or b"@" in parts.netloc:
+            raise BadTarget("X-Original-URL is not an absolute http(s) URL")
+        if parts.fragment or url.endswith(b"#"):
+            raise BadTarget("a fragment in X-Original-URL")
+        origin = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
+        method = header(request, b"x-original-method", once=True) or b"GET"
+        return method, parts.netloc, parse_target(origin)
 
-        method = one(b"x-original-method") or one(b"x-forwarded-method") or b"GET"
-        url = one(b"x-original-url")
-        if url is not None:
-            parts = urllib.parse.urlsplit(url)
-            if parts.scheme not in (b"http", b"https") or not parts.netloc:
-                raise ValueError("X-Original-URL is not an absolute http(s) URL")
-            return method, parts.netloc.rpartition(b"@")[2], parts.path or b"/"
-        host = one(b"x-forwarded-host")
-        uri = one(b"x-forwarded-uri")
-        if host is None and uri is None:
-            return own
-        path = urllib.parse.urlsplit(uri or b"/").path or b"/"
-        return method, host or request.getHeader(b"host"), path
+    @staticmethod
+    def _traefik(request: server.Request) -> tuple[bytes, Any, Target]:
+        method = header(request, b"x-forwarded-method", once=True) or b"GET"
+        host = header(request, b"x-forwarded-host", once=True) or header(request, b"host")
+        uri = header(request, b"x-forwarded-uri", once=True) or b"/"
+        return method, host, parse_target(uri)
 
 
-class Upstream(resource.Resource):
+class Upstream(_Leaf):
     """Every other path: the ACL, then the reverse proxy (404 without one)."""
-
-    isLeaf = True
-
-    def __init__(self, session: Session) -> None:
-        super().__init__()
-        self.session = session
 
     def render(self, request: server.Request) -> Any:
         session = self.session
-        proxy = session.app.proxy
-        if proxy is None:
-            refuse(request, 404, "Not found")
-            return b"Not found\n"
-        if not session.app.allowed(session, request.getHeader(b"host"), request.path, request.method):
+        app = session.app
+        if app.proxy is None:
+            return refusal(request, 404, "Not found")
+        try:
+            target = parse_target(request.uri)
+        except BadTarget as e:
+            return refusal(request, 400, f"Bad request: {e}")
+        if app.settings.hosts:
+            host = canonical_host(header(request, b"host"))
+            if host not in app.settings.hosts:
+                return refusal(request, 421, "Misdirected request: not a host served here")
+        else:
+            host = app.upstream_host
+        if not app.allowed(session, host, target, request.method):
             return forbid(request, session)
         name = identity_name(session.info, session.credentials)
-        return proxy.render(request, name, session.info.groups)
+        return app.proxy.render(request, name, session.info.groups, target.forwarded)

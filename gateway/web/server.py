@@ -26,17 +26,18 @@ MAX_HEADER_BYTES = 32 * 1024
 
 class GatewayRequest(server.Request):
     """
-    A request whose body may not exceed the site's upstream limit: above it
-    the client gets 413 at once and the connection is closed, so nothing
-    beyond the limit is read or stored. (The gateway's own resources have a
-    smaller limit, checked when they render.)
+    A request whose body may not exceed the site's limit (the upstream's,
+    or the gateway's own without an upstream): above it the client gets 413
+    at once and the connection is closed, so nothing beyond the limit is read
+    or stored.
     """
 
     _body_size = 0
     _refused = False
 
     def _limit(self) -> int:
-        return self.channel.site.settings.max_upstream_body  # type: ignore[no-any-return]
+        settings = self.channel.site.settings
+        return settings.max_upstream_body if settings.upstream else settings.max_body
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
@@ -54,6 +55,7 @@ class GatewayRequest(server.Request):
 
     def _too_large(self) -> None:
         self._refused = True
+        self.requestHeaders.removeHeader(b"expect")  # no "100 Continue" after the 413
         self.channel.transport.write(_TOO_LARGE)
         self.channel.loseConnection()
 
@@ -75,13 +77,56 @@ def _refusal(status: bytes, text: bytes) -> bytes:
 
 _TOO_LARGE = _refusal(b"413 Content Too Large", b"Request body too large")
 _URI_TOO_LONG = _refusal(b"414 URI Too Long", b"Request line too long")
+_TOO_SLOW = _refusal(b"408 Request Timeout", b"Request headers not received in time")
 _HEADER_TOO_LONG = _refusal(b"431 Request Header Fields Too Large", b"Header line too long")
 
 
 class GatewayChannel(http.HTTPChannel):
+    """
+    Twisted's channel with the gateway's header bounds, and a deadline for a
+    request's line and headers (the site's timeout, from the moment the
+    channel is ready for the request): the idle timer restarts with every
+    byte, so a client trickling headers would otherwise hold the connection.
+    """
+
     MAX_LENGTH = MAX_LINE
     maxHeaders = MAX_HEADERS
     totalHeadersSize = MAX_HEADER_BYTES
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        self._stop_deadline()
+        if self.timeOut:
+            self._deadline = self.callLater(self.timeOut, self._headers_too_slow)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._deadline = None
+        if self.transport.disconnecting:  # the idle timer was first
+            return
+        self.transport.write(_TOO_SLOW)
+        self.loseConnection()
+
+    def allHeadersReceived(self) -> None:
+        self._stop_deadline()
+        super().allHeadersReceived()
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)
+        if not self.requests and self.transport is not None and not self.transport.disconnecting:
+            self._start_deadline()  # ready for the next request on this connection
+
+    def connectionLost(self, reason: Any) -> None:
+        self._stop_deadline()
+        super().connectionLost(reason)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """An overlong request line (414) or header line (431), then close."""
@@ -91,14 +136,20 @@ class GatewayChannel(http.HTTPChannel):
 
 
 class GatewaySite(server.Site):
-    """A Site with the gateway's bounds and without an access log."""
+    """
+    A Site with the gateway's bounds and without an access log. Form bodies
+    are never parsed into C{request.args}: nothing here reads them, and the
+    parsing would be unauthenticated work (only the query is parsed).
+    """
 
     protocol = GatewayChannel
     requestFactory = GatewayRequest
     displayTracebacks = False
 
     def __init__(self, resource: Any, settings: HTTPSettings, reactor: Any = None) -> None:
-        super().__init__(resource, timeout=settings.timeout, reactor=reactor)
+        super().__init__(
+            resource, timeout=settings.timeout, reactor=reactor, parsePOSTFormSubmission=False
+        )
         self.settings = settings
 
     def log(self, request: server.Request) -> None:
