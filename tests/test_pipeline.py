@@ -10,7 +10,8 @@ import threading
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor, task, threads
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -65,6 +66,34 @@ class HashPoolTests(TestCase):
         self.addCleanup(pool.stopService)
         yield self.assertFailure(pool.run(lambda: 1 / 0), ZeroDivisionError)
         self.assertEqual(pool.pending, 0)
+
+    @defer.inlineCallbacks
+    def test_cancel_keeps_the_slot_until_done(self):
+        """A caller that leaves gets CancelledError at once; the running hash keeps its slot."""
+        pool = HashPool(reactor, threads=1, max_pending=2)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        started, release = threading.Event(), threading.Event()
+        ran = []
+
+        def slow():
+            started.set()
+            release.wait(10)
+            return "slow"
+
+        running = pool.run(slow)
+        queued = pool.run(ran.append, "queued")
+        yield threads.deferToThread(started.wait, 10)
+        running.cancel()
+        queued.cancel()
+        self.failureResultOf(running, defer.CancelledError)
+        self.failureResultOf(queued, defer.CancelledError)
+        self.assertEqual(pool.pending, 2)  # both still owned by the pool
+        self.failureResultOf(pool.run(lambda: 3), PoolFull)
+        release.set()
+        while pool.pending:
+            yield deferLater(reactor, 0.01, lambda: None)
+        self.assertEqual(ran, [])  # the queued job was dropped, never run
 
     @defer.inlineCallbacks
     def test_stop_drops_queued_jobs(self):

@@ -81,6 +81,15 @@ class AllowTests(SynchronousTestCase):
         self.assertTrue(rules.permits("CORP.example.", [ip("10.0.0.5")], 443))
         self.assertFalse(rules.permits("wiki.corp.example", [ip("10.0.0.5")], 80))
         self.assertFalse(rules.permits("evilcorp.example", [ip("10.0.0.5")], 443))
-        self.assertTrue(rules.permits("db.test", [ip("127.0.0.1")], 5432))
-        self.assertFalse(rules.permits("x.db.test", [ip("127.0.0.1")], 5432))
+        self.assertTrue(rules.permits("db.test", [ip("192.168.3.4")], 5432))
+        self.assertFalse(rules.permits("x.db.test", [ip("192.168.3.4")], 5432))
+
+    def test_names_never_open_loopback_or_metadata(self):
+        """A DNS record under an allowed name cannot point the proxy at itself or the metadata service."""
+        rules = DestinationRules((AllowRule.parse(".corp.example"),))
+        for address in ("127.0.0.1", "169.254.169.254", "::1", "::ffff:127.0.0.1", "fe80::1",
+                        "0.0.0.0", "224.0.0.1"):
+            self.assertFalse(rules.permits("x.corp.example", [ip(address)], 80), address)
+        both = DestinationRules((AllowRule.parse(".corp.example"), AllowRule.parse("127.0.0.1:5432")))
+        self.assertTrue(both.permits("db.corp.example", [ip("127.0.0.1")], 5432))
         self.assertFalse(rules.permits(None, [ip("10.0.0.5")], 443))  # the name rule needs the name

@@ -12,12 +12,17 @@ import struct
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IHostnameResolver, IHostResolution
+from twisted.internet.interfaces import (
+    IHostnameResolver,
+    IHostResolution,
+    ISSLTransport,
+    ITCPTransport,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer
 
 from gateway.checkers.functions import CallableChecker
 from gateway.realm import Realm, make_portal
@@ -59,6 +64,7 @@ class Policy:
         return (resource, privilege) not in self.denied
 
 
+@implementer(ITCPTransport)
 class HalfCloseTransport(StringTransport):
     write_closed = False
 
@@ -451,28 +457,33 @@ class BindTests(SOCKSTestCase):
     """KumoMTA's egress source: BIND with the source address, then CONNECT."""
 
     def test_bind_then_connect(self):
+        self.make(acl=Policy())
+        self.login()
+        self.assertEqual(self.send(request("127.0.0.1", 0, command=2)), reply(0, "127.0.0.1", 0))
+        self.send(request(PUBLIC, 443))
+        self.assertEqual(self.reactor.tcpClients[-1][4], ("127.0.0.1", 0))
+        self.outbound()
+        self.assertEqual(self.transport.value()[-10:], reply(0, "198.51.100.1", 40000))
+
+    def test_bind_without_acl(self):
+        """Only an ACL grant lets a client choose the source address."""
         self.make()
         self.login()
-        out = self.send(request("127.0.0.1", 0, command=2))
-        self.assertEqual(out[:8], reply(0, "127.0.0.1", 0)[:8])
-        port = struct.unpack("!H", out[8:10])[0]
-        self.assertGreater(port, 0)
-        self.send(request(PUBLIC, 443))
-        self.assertEqual(self.reactor.tcpClients[-1][4], ("127.0.0.1", port))
+        self.assertEqual(self.send(request("127.0.0.1", 0, command=2)), reply(2))
 
     def test_bind_twice(self):
-        self.make()
+        self.make(acl=Policy())
         self.login()
         self.send(request("127.0.0.1", 0, command=2))
         self.assertEqual(self.send(request("127.0.0.1", 0, command=2)), reply(1))
 
     def test_bind_name(self):
-        self.make()
+        self.make(acl=Policy())
         self.login()
         self.assertEqual(self.send(request(b"localhost", 0, command=2)), reply(8))
 
     def test_bind_not_local(self):
-        self.make()
+        self.make(acl=Policy())
         self.login()
         self.assertEqual(self.send(request("192.0.2.200", 0, command=2)), reply(1))
 
@@ -483,13 +494,13 @@ class BindTests(SOCKSTestCase):
         self.assertEqual(self.send(request("127.0.0.1", 0, command=2)), reply(2))
 
     def test_bind_unauthenticated(self):
-        self.make(auth_required=False)
+        self.make(auth_required=False, acl=Policy())
         self.connect()
         self.send(greeting(0))
         self.assertEqual(self.send(request("127.0.0.1", 0, command=2)), reply(2))
 
     def test_bind_family(self):
-        self.make()
+        self.make(acl=Policy())
         self.login()
         self.send(request("127.0.0.1", 0, command=2))
         self.assertEqual(self.send(request("2606:4700::1111", 443)), reply(8))
@@ -576,3 +587,98 @@ class BoundsTests(SOCKSTestCase):
 
 
 
+
+
+class ReviewFixTests(SOCKSTestCase):
+    """Paths an independent review found open."""
+
+    def test_pipelined_connect_cancellable(self):
+        """Greeting, login and CONNECT in one segment, then the client leaves: the connect stops."""
+        self.make()
+        self.connect()
+        self.send(greeting(2) + userpass() + request(PUBLIC, 443))
+        self.assertIsNotNone(self.proto._pending)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+
+    def test_connect_timeout_is_06(self):
+        """The negotiation timer stops at the request; the connect timer answers 06."""
+        self.make(negotiation_timeout=10, connect_timeout=15)
+        self.login()
+        self.send(request(PUBLIC, 443))
+        self.reactor.advance(12)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.closed())
+        self.reactor.advance(4)
+        self.assertEqual(self.transport.value(), reply(6))
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 1)  # no second attempt
+
+    def test_resolution_timeout_is_06(self):
+        class Silent:
+            def resolveHostName(self, receiver, *args, **kwargs):
+                pass  # never answers
+
+        self.make(connect_timeout=15)
+        self.reactor.nameResolver = Silent()
+        self.login()
+        self.send(request(b"slow.example", 443))
+        self.reactor.advance(15)
+        self.assertEqual(self.transport.value(), reply(6))
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual([e["reason"] for e in events if "reason" in e], ["connect timeout"])
+
+    def test_names_made_canonical(self):
+        acl = Policy(("socks/destination/example.com/443", "connect"))
+        self.make(acl=acl, names={"example.com": [PUBLIC]})
+        self.login()
+        self.assertEqual(self.send(request(b"EXAMPLE.com.", 443)), reply(2))
+        self.assertEqual(acl.queries[-1], ("socks/destination/example.com/443", "connect"))
+        for name in (b"x/443", b"a b", b"fe80::1%lo", b"*.example.com", b"a..b"):
+            self.login()
+            self.assertEqual(self.send(request(name, 22)), reply(1), name)
+
+    def test_ipv4_mapped_is_ipv4(self):
+        acl = Policy((f"socks/destination/{PUBLIC}/443", "connect"))
+        self.make(acl=acl)
+        self.login()
+        self.assertEqual(self.send(request(f"::ffff:{PUBLIC}", 443)), reply(2))
+        self.make()
+        self.login()
+        self.send(request(f"::ffff:{PUBLIC}", 443))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], (PUBLIC, 443))
+
+    def test_tls_half_close_is_a_close(self):
+        """TLS has no half-close: the end of the client's input closes the tunnel's other side."""
+        self.make()
+        self.login()
+        self.send(request(PUBLIC, 443))
+        _remote_proto, remote = self.outbound()
+        directlyProvides(remote, ISSLTransport)
+        self.proto.readConnectionLost()
+        self.assertTrue(remote.disconnecting)
+        self.assertFalse(remote.write_closed)
+
+    def test_outbound_aborted_after_grace(self):
+        """A destination that never reads cannot hold the tunnel after the client left."""
+        self.make(close_grace=10)
+        self.login()
+        self.send(request(PUBLIC, 443))
+        _, remote = self.outbound()
+        remote.abortConnection = lambda: setattr(remote, "aborted", True)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(remote.disconnecting)
+        self.reactor.advance(10)
+        self.assertTrue(getattr(remote, "aborted", False))
+
+    def test_peers_counted_by_prefix(self):
+        """IPv6 peers count per /64, and a mapped IPv4 peer as itself."""
+        self.make(max_sessions_per_peer=1)
+        first = self.factory.buildProtocol(IPv6Address("TCP", "2001:db8::1", 1))
+        first.makeConnection(HalfCloseTransport(peerAddress=IPv6Address("TCP", "2001:db8::1", 1)))
+        self.assertIsNone(self.factory.buildProtocol(IPv6Address("TCP", "2001:db8::2", 1)))
+        self.connect(peer="192.0.2.10")
+        self.assertIsNone(self.factory.buildProtocol(IPv6Address("TCP", "::ffff:192.0.2.10", 1)))

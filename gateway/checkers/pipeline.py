@@ -158,17 +158,27 @@ class HashPool(service.Service):
         if self.pending >= self.max_pending:
             return defer.fail(PoolFull())
         self.pending += 1
+        cancelled: list[Any] = []
 
         def job() -> _T:
             if self._stopping:  # queued when the service stopped: drop it
                 raise ShuttingDown()
+            if cancelled:  # its caller left before a thread took it
+                raise defer.CancelledError()
             return f(*args)
 
-        def done(result: Any) -> Any:
-            self.pending -= 1
-            return result
+        # Cancelling answers the caller at once, but the slot stays taken
+        # until the thread is done with the job: a client that hangs up
+        # cannot free the bound while the hash still runs.
+        outcome: defer.Deferred[_T] = defer.Deferred(canceller=cancelled.append)
 
-        return deferToThreadPool(self.reactor, self.threadpool, job).addBoth(done)
+        def done(result: Any) -> None:
+            self.pending -= 1
+            if not outcome.called:
+                outcome.callback(result)  # a Failure errbacks
+
+        deferToThreadPool(self.reactor, self.threadpool, job).addBoth(done)
+        return outcome
 
     def startService(self) -> None:
         super().startService()

@@ -13,8 +13,10 @@ once connected, when it sees that it reached itself, unless a rule names them.
 C{--socks-allow RULE} widens this for everyone: a CIDR or a host name, each
 with an optional C{:port} or C{:first-last} (IPv6 CIDRs in brackets:
 C{[2001:db8::/32]:443}). A host-name rule matches the name the client asked
-for (exactly, or every subdomain with a leading dot: C{.example.com}), and
-then every address it resolves to. The networks are written out here rather
+for (exactly, or every subdomain with a leading dot: C{.example.com}) and
+then allows what it resolves to, except loopback, link-local (cloud
+metadata), unspecified and multicast addresses: a DNS record must not open
+those, only a CIDR rule can. The networks are written out here rather
 than taken from C{ipaddress}' C{is_private} / C{is_global}, which were wrong
 before Python 3.12.4 (CVE-2024-4032).
 """
@@ -81,6 +83,23 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     if address in _6TO4:
         return ipaddress.IPv4Address((int(address) >> 80) & 0xFFFFFFFF)
     return None
+
+
+_NEVER_BY_NAME = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        "0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
+        "::/128", "::1/128", "fe80::/10", "ff00::/8",
+    )
+)
+
+
+def _sensitive(address: IPAddress) -> bool:
+    """Loopback, link-local, unspecified or multicast, in any IPv6 disguise."""
+    inner = embedded_ipv4(address)
+    if inner is not None:
+        return _sensitive(inner)
+    return any(address in n for n in _NEVER_BY_NAME if n.version == address.version)
 
 
 def is_public(address: IPAddress) -> bool:
@@ -182,7 +201,10 @@ class DestinationRules:
         if not addresses:
             return False
         if name is not None and any(r.covers_name(name, port) for r in self.allow):
-            return True
+            return all(
+                not _sensitive(a) or any(r.covers_address(a, port) for r in self.allow)
+                for a in addresses
+            )
         return all(self._permits_address(a, port) for a in addresses)
 
     def allows_local(self, address: IPAddress, port: int) -> bool:

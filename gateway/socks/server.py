@@ -13,15 +13,18 @@ goes to a checked address. BIND is KumoMTA's egress-source exchange (BIND
 with the wanted local source address, then CONNECT on the same session);
 UDP ASSOCIATE and any other command get 07.
 
-Each session ends with one C{socks session} log event: peer, identity,
-command, destination, address, reply, bytes each way, duration and the
-reason it ended. Never the password.
+Timers: negotiation (connect until the request arrives), then connect
+(resolution plus the outbound connect: reply 06 when it expires), then
+idle in the relay. Each session ends with one C{socks session} log event:
+peer, identity, command, destination, address, reply, bytes each way,
+duration and the reason it ended. Never the password.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import re
 import socket
 from collections import Counter
 from typing import Any
@@ -36,16 +39,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
+from gateway.checkers.pipeline import peer_key
 from gateway.credentials import RFC1929Credentials
-from gateway.meta import ConnectionMeta
+from gateway.meta import ConnectionMeta, normalize_ip
 from gateway.realm import login
 from gateway.socks import codec
 from gateway.socks.codec import Reply
-from gateway.socks.rules import AllowRule, DestinationRules
+from gateway.socks.rules import AllowRule, DestinationRules, IPAddress
 
 log = Logger()
 
 _COMMANDS = {codec.CONNECT: "CONNECT", codec.BIND: "BIND", codec.UDP_ASSOCIATE: "UDP_ASSOCIATE"}
+#: A host name: dot-separated labels of letters, digits, "-" and "_" (IDN as xn--).
+_HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 
 
 @attrs.frozen
@@ -58,9 +64,11 @@ class SOCKSSettings:
     connect_timeout: float = 15.0
     #: Seconds without a byte either way before a relayed session is closed (0: never).
     idle_timeout: float = 600.0
-    max_sessions_per_peer: int = 64
-    max_sessions_per_user: int = 256
+    max_sessions_per_peer: int = 256
+    max_sessions_per_user: int = 1024
     max_pending_logins: int = 256
+    #: Seconds a closing side may take to flush before it is aborted.
+    close_grace: float = 10.0
 
 
 @implementer(interfaces.IResolutionReceiver)
@@ -101,14 +109,57 @@ def connect_reply(reason: Failure) -> Reply:
     return Reply.GENERAL_FAILURE
 
 
+def plain_address(text: str) -> IPAddress | None:
+    """
+    An IP address from a request (IPv4-mapped IPv6 as the IPv4 it is), or
+    None when C{text} is not one. Scoped IPv6 addresses are not addresses here.
+    """
+    if "%" in text:
+        return None
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def canonical_name(text: str) -> str | None:
+    """A host name in lower case without its final dot, or None when it is not one."""
+    name = text.lower().removesuffix(".")
+    return name if len(name) <= 253 and _HOSTNAME.fullmatch(name) else None
+
+
+def is_local(address: IPAddress) -> bool:
+    """Whether C{address} belongs to this host (it can be bound)."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((str(address), 0))
+    except OSError:
+        return False
+    return True
+
+
+def _half_close(transport: Any) -> None:
+    """Pass an end of input on: a TCP half-close, or a full close under TLS (no half-close)."""
+    if interfaces.ISSLTransport.providedBy(transport) or not interfaces.ITCPTransport.providedBy(
+        transport
+    ):
+        transport.loseConnection()
+    else:
+        transport.loseWriteConnection()
+
+
 class SOCKSFactory(protocol.ServerFactory):
     """
     Shares the core between sessions and keeps the counts the bounds need:
-    sessions per peer address and per user, logins in flight.
+    sessions per peer (IPv6 by /64) and per user, logins in flight.
 
     @param acl: the C{--acl} policy, or None without one (then the
         destination rules alone decide, also for unauthenticated sessions
-        under C{--socks-auth optional}).
+        under C{--socks-auth optional}, and BIND is refused).
     """
 
     def __init__(
@@ -128,33 +179,45 @@ class SOCKSFactory(protocol.ServerFactory):
         self.per_peer: Counter[str] = Counter()
         self.per_user: Counter[str] = Counter()
         self.pending_logins = 0
+        #: Outbound connections open (a client's may outlive it while it drains).
+        self.outbound_open = 0
 
     def buildProtocol(self, addr: Any) -> SOCKSServer | None:
-        peer = getattr(addr, "host", None) or "?"
-        if self.per_peer[peer] >= self.settings.max_sessions_per_peer:
-            log.warn("socks: refused a connection from {peer}: too many sessions", peer=peer)
+        key = peer_key(normalize_ip(getattr(addr, "host", None))) or "?"
+        if self.per_peer[key] >= self.settings.max_sessions_per_peer:
+            log.warn("socks: refused a connection from {peer}: too many sessions", peer=key)
             return None
-        proto = SOCKSServer(self)
+        proto = SOCKSServer(self, key)
         proto.factory = self
         return proto
+
+    @staticmethod
+    def release(counter: Counter[str], key: str) -> None:
+        counter[key] -= 1
+        if counter[key] <= 0:
+            del counter[key]
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
 class SOCKSServer(protocol.Protocol):
     """One SOCKS5 session: negotiation, then relay."""
 
-    def __init__(self, factory: SOCKSFactory) -> None:
+    def __init__(self, factory: SOCKSFactory, peer_key: str = "?") -> None:
         self.factory = factory
         self.settings = factory.settings
         self.reactor = factory.reactor
+        self.peer_key = peer_key
         self.codec = codec.ServerCodec()
         self.info: AuthInfo | None = None
         self.outbound: _Outbound | None = None
         self._pending: defer.Deferred[Any] | None = None
         self._timer: Any = None
+        self._abort: Any = None
+        self._expired = False  # the connect timer fired
         self._source: tuple[str, int] | None = None  # BIND's egress source
         self._gone = False
         self._counted_user: str | None = None
+        self._active = False
         # What the session log says.
         self.command: str | None = None
         self.destination: str | None = None
@@ -162,32 +225,29 @@ class SOCKSServer(protocol.Protocol):
         self.reply: int | None = None
         self.up = self.down = 0
         self.reason = "client closed"
-        self._active = False
 
     # -- connection -------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.meta = ConnectionMeta.from_transport("socks", self.transport, self.factory.listener)
         self.peer = self.meta.peer_address or "?"
-        self.factory.per_peer[self.peer] += 1
+        self.factory.per_peer[self.peer_key] += 1
         self.started = self.reactor.seconds()
-        self._timer = self.reactor.callLater(self.settings.negotiation_timeout, self._timed_out)
+        self._start_timer(self.settings.negotiation_timeout, self._negotiation_expired)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._gone = True
         self._cancel_timer()
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         if self._pending is not None:
             self._pending.cancel()
         factory = self.factory
-        factory.per_peer[self.peer] -= 1
-        if not factory.per_peer[self.peer]:
-            del factory.per_peer[self.peer]
+        factory.release(factory.per_peer, self.peer_key)
         if self._counted_user is not None:
-            factory.per_user[self._counted_user] -= 1
-            if not factory.per_user[self._counted_user]:
-                del factory.per_user[self._counted_user]
-        if self.outbound is not None and self.outbound.transport is not None:
-            self.outbound.transport.loseConnection()
+            factory.release(factory.per_user, self._counted_user)
+        if self.outbound is not None:
+            self.outbound.close()
         self._log_session()
 
     def _log_session(self) -> None:
@@ -211,29 +271,53 @@ class SOCKSServer(protocol.Protocol):
 
     def _close(self, reason: str) -> None:
         self.reason = reason
-        self.transport.loseConnection()
+        if self._abort is None and not self._gone:
+            # Close once the buffer drains, abort if it does not. The timer
+            # first: losing the connection may call connectionLost at once.
+            self._abort = self.reactor.callLater(
+                self.settings.close_grace, self.transport.abortConnection
+            )
+            self.transport.loseConnection()
+
+    # -- timers -----------------------------------------------------------
+
+    def _start_timer(self, seconds: float, expired: Any) -> None:
+        self._cancel_timer()
+        self._timer = self.reactor.callLater(seconds, expired)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
-    def _timed_out(self) -> None:
+    def _negotiation_expired(self) -> None:
         self._timer = None
-        if self.outbound is not None and self.outbound.transport is not None:
-            self.reason = "idle timeout"
-            self.transport.abortConnection()
-            return
         self.reason = "negotiation timeout"
         if self._pending is not None:
             self._pending.cancel()
+        self.transport.abortConnection()
+
+    def _connect_expired(self) -> None:
+        """Resolution and connect took too long: 06, whatever was still running."""
+        self._timer = None
+        self._expired = True
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def _idle_check(self) -> None:
+        if self._active:
+            self._active = False
+            self._start_timer(self.settings.idle_timeout, self._idle_check)
+            return
+        self._timer = None
+        self.reason = "idle timeout"
         self.transport.abortConnection()
 
     # -- input ------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
         outbound = self.outbound
-        if outbound is not None and outbound.transport is not None:
+        if outbound is not None:
             self.up += len(data)
             self._active = True
             outbound.transport.write(data)
@@ -245,41 +329,42 @@ class SOCKSServer(protocol.Protocol):
             events = self.codec.receive_data(data)
         except codec.ProtocolError as e:
             if e.reply is not None:  # a malformed request still gets its REP
-                self.transport.write(self._reply_bytes(e.reply))
+                self.reply = int(e.reply)
+                self.transport.write(codec.encode_reply(e.reply))
             self._close(f"protocol error: {e}")
             return
         for event in events:
             if self._gone or self.transport.disconnecting:
                 return
-            self._event(event)
+            if isinstance(event, codec.Greeting):
+                self._greeting(event)
+            elif isinstance(event, codec.UserPass):
+                self._login(event)
+            elif isinstance(event, codec.Request):
+                self._request(event)
+            elif isinstance(event, codec.Data):  # early bytes, now that the tunnel is up
+                self.dataReceived(event.data)
 
-    def _event(self, event: Any) -> None:
-        if isinstance(event, codec.Greeting):
-            self._greeting(event)
-        elif isinstance(event, codec.UserPass):
-            self._login(event)
-        elif isinstance(event, codec.Request):
-            self._request(event)
-        elif isinstance(event, codec.Data):  # early bytes, now that the tunnel is up
-            self.up += len(event.data)
-            self.outbound.transport.write(event.data)  # type: ignore[union-attr]
-
-    def _wait(self, d: defer.Deferred[Any]) -> None:
-        """Read nothing more until C{d} has answered (early data stays bounded)."""
+    def _wait(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+        """
+        Read nothing more until C{d} has fired (early data stays bounded);
+        call it before adding the callbacks that act on the result.
+        """
         self._pending = d
         paused = []
 
         def done(result: Any) -> Any:
-            self._pending = None
+            if self._pending is d:
+                self._pending = None
             if paused and not self._gone and not self.transport.disconnecting:
                 self.transport.resumeProducing()
             return result
 
         d.addBoth(done)
-        d.addErrback(self._bug)
         if self._pending is d:  # still running: stop reading meanwhile
             paused.append(True)
             self.transport.pauseProducing()
+        return d
 
     def _bug(self, reason: Failure) -> None:
         log.failure("socks session failed", reason)
@@ -316,15 +401,15 @@ class SOCKSServer(protocol.Protocol):
             self._auth_failed("credentials not valid UTF-8")
             return
         factory.pending_logins += 1
-        d = login(factory.portal, credentials, IAuthInfo)
 
         def settled(result: Any) -> Any:
             factory.pending_logins -= 1
             return result
 
+        d = self._wait(login(factory.portal, credentials, IAuthInfo))
         d.addBoth(settled)
         d.addCallbacks(self._authenticated, self._login_failed)
-        self._wait(d)
+        d.addErrback(self._bug)
 
     def _authenticated(self, result: tuple[Any, Any, Any]) -> None:
         _, info, _ = result
@@ -357,20 +442,20 @@ class SOCKSServer(protocol.Protocol):
         self.command = _COMMANDS.get(request.command, f"0x{request.command:02x}")
         self.destination = f"{request.host}:{request.port}"
         if request.command == codec.CONNECT:
-            self._wait(defer.ensureDeferred(self._connect(request)))
+            self._start_timer(self.settings.connect_timeout, self._connect_expired)
+            d = self._wait(defer.ensureDeferred(self._connect(request)))
+            d.addErrback(self._connect_failed)
+            d.addErrback(self._bug)
         elif request.command == codec.BIND:
             self._bind(request)
         else:
             self._refuse(Reply.COMMAND_NOT_SUPPORTED, "command not supported")
 
     def _refuse(self, reply: Reply, why: str) -> None:
+        self._cancel_timer()
         self.reply = int(reply)
         self.transport.write(self.codec.send_reply(reply))
         self._close(why)
-
-    def _reply_bytes(self, reply: Reply) -> bytes:
-        self.reply = int(reply)
-        return codec.encode_reply(reply)
 
     def _acl_allows(self, resource: str, privilege: str) -> bool:
         acl = self.factory.acl
@@ -383,74 +468,77 @@ class SOCKSServer(protocol.Protocol):
         if self._source is not None:
             self._refuse(Reply.GENERAL_FAILURE, "a second BIND")
             return
-        try:
-            source = ipaddress.ip_address(request.host)
-        except ValueError:
+        source = plain_address(request.host)
+        if source is None:
             self._refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "BIND needs an IP address")
             return
-        if not self.info or not self.info.is_authenticated() or not self._acl_allows(
-            f"socks/source/{source}", "bind"
+        acl = self.factory.acl  # only an ACL grant lets a client pick the source
+        if (
+            acl is None
+            or self.info is None
+            or not self.info.is_authenticated()
+            or not acl.query_resource_access(self.info, f"socks/source/{source}", "bind")
         ):
             self._refuse(Reply.NOT_ALLOWED, f"source {source} not allowed")
             return
-        family = socket.AF_INET6 if source.version == 6 else socket.AF_INET
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                probe.bind((str(source), request.port))
-                port = probe.getsockname()[1]
-        except OSError as e:
-            self._refuse(Reply.GENERAL_FAILURE, f"cannot bind {source}: {e.strerror}")
+        if not is_local(source):
+            self._refuse(Reply.GENERAL_FAILURE, f"source {source} is not an address of this host")
             return
-        self._source = (str(source), port)
+        self._source = (str(source), request.port)
         self.reply = int(Reply.SUCCEEDED)
-        self.transport.write(self.codec.send_reply(Reply.SUCCEEDED, str(source), port))
+        self.transport.write(self.codec.send_reply(Reply.SUCCEEDED, str(source), request.port))
         self._feed(b"")
 
     async def _connect(self, request: codec.Request) -> None:
         name: str | None = None
-        try:
-            addresses = [ipaddress.ip_address(request.host)]
-        except ValueError:
-            name = request.host.lower()  # DNS names are case-insensitive
-        if name is not None:
+        address = plain_address(request.host)
+        if address is not None:
+            addresses = [address]
+        else:
+            name = canonical_name(request.host)
+            if name is None:
+                self._refuse(Reply.GENERAL_FAILURE, "not a host name")
+                return
             if not self._destination_acl(name, request.port):
                 self._refuse(Reply.NOT_ALLOWED, "destination not allowed by the ACL")
                 return
             try:
-                found = await self._with_timeout(resolve(self.reactor, name, request.port))
+                found = await resolve(self.reactor, name, request.port)
+            except (defer.CancelledError, error.ConnectingCancelledError):
+                raise
             except Exception:  # noqa: BLE001 - every resolver failure is "host unreachable"
                 found = []
-            if self._gone:
-                return
             addresses = []
             for text in found:
-                address = ipaddress.ip_address(text.split("%", 1)[0])
-                if address not in addresses:
-                    addresses.append(address)
+                resolved = plain_address(text.split("%", 1)[0])
+                if resolved is not None and resolved not in addresses:
+                    addresses.append(resolved)
             if not addresses:
                 self._refuse(Reply.HOST_UNREACHABLE, f"cannot resolve {name}")
                 return
         if self._source is not None:  # the egress source decides the family
-            source_version = ipaddress.ip_address(self._source[0]).version
-            addresses = [a for a in addresses if a.version == source_version]
+            family = ipaddress.ip_address(self._source[0]).version
+            addresses = [a for a in addresses if a.version == family]
             if not addresses:
                 self._refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "no address of the source's family")
                 return
-        if not self.factory.rules.permits(name, addresses, request.port) or not all(
-            self._destination_acl(str(a), request.port) for a in addresses
+        self.address = str(addresses[0])
+        port = request.port
+        rules = self.factory.rules
+        if not rules.permits(name, addresses, port) or not all(
+            self._destination_acl(str(a), port) for a in addresses
         ):
-            self.address = str(addresses[0])
             self._refuse(Reply.NOT_ALLOWED, "destination not allowed")
             return
-        await self._open(addresses, request.port)
+        if any(is_local(a) and not rules.allows_local(a, port) for a in addresses):
+            self._refuse(Reply.NOT_ALLOWED, "destination is the gateway's own host")
+            return
+        await self._open(addresses, port)
 
     def _destination_acl(self, host: str, port: int) -> bool:
-        return self._acl_allows(f"socks/destination/{host.lower()}/{port}", "connect")
+        return self._acl_allows(f"socks/destination/{host}/{port}", "connect")
 
-    def _with_timeout(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
-        return d.addTimeout(self.settings.connect_timeout, self.reactor)
-
-    async def _open(self, addresses: list[Any], port: int) -> None:
+    async def _open(self, addresses: list[IPAddress], port: int) -> None:
         reply: Reply = Reply.HOST_UNREACHABLE
         for address in addresses:
             self.address = str(address)
@@ -462,31 +550,30 @@ class SOCKSServer(protocol.Protocol):
                 str(address),
                 port,
                 timeout=self.settings.connect_timeout,
-                bindAddress=self._source,
+                bindAddress=self._source,  # only for an egress source: no bind before connect
             )
             try:
                 outbound = await endpoint.connect(_OutboundFactory(self))
-            except defer.CancelledError:
-                return
+            except (defer.CancelledError, error.ConnectingCancelledError):
+                raise
             except Exception:  # noqa: BLE001 - mapped to a reply code
                 reply = connect_reply(Failure())
-                if self._gone:
-                    return
                 continue
-            if self._gone:
-                outbound.transport.loseConnection()
-                return
             self._connected(outbound)
             return
         self._refuse(reply, f"connect failed: {reply.name.lower()}")
 
+    def _connect_failed(self, reason: Failure) -> None:
+        reason.trap(defer.CancelledError, error.ConnectingCancelledError)
+        if self._expired and not self._gone:
+            self._refuse(Reply.TTL_EXPIRED, "connect timeout")
+
     def _connected(self, outbound: _Outbound) -> None:
         here, there = outbound.transport.getHost(), outbound.transport.getPeer()
-        if there.host == here.host and not self.factory.rules.allows_local(
-            ipaddress.ip_address(there.host), there.port
-        ):
-            # An address of this very host (its listeners, its other services).
-            outbound.transport.loseConnection()
+        local = plain_address(there.host) if there.host == here.host else None
+        if local is not None and not self.factory.rules.allows_local(local, there.port):
+            # Reached this host after all (a second line behind the check before connecting).
+            outbound.transport.abortConnection()
             self._refuse(Reply.NOT_ALLOWED, "destination is the gateway's own host")
             return
         self.outbound = outbound
@@ -497,38 +584,24 @@ class SOCKSServer(protocol.Protocol):
         self.transport.registerProducer(outbound.transport, True)
         outbound.transport.registerProducer(self.transport, True)
         if self.settings.idle_timeout:
-            self._timer = self.reactor.callLater(self.settings.idle_timeout, self._idle_check)
+            self._start_timer(self.settings.idle_timeout, self._idle_check)
         self._feed(b"")  # bytes the client sent after its request
-
-    def _idle_check(self) -> None:
-        if self._active:
-            self._active = False
-            self._timer = self.reactor.callLater(self.settings.idle_timeout, self._idle_check)
-        else:
-            self._timed_out()
 
     # -- relay ------------------------------------------------------------
 
     def readConnectionLost(self) -> None:
         """The client finished sending: pass the half-close on."""
         outbound = self.outbound
-        if outbound is None or outbound.transport is None:
-            self.transport.loseConnection()
+        if outbound is None:
+            self._close("client closed")
             return
-        self._half_close(outbound.transport)
+        _half_close(outbound.transport)
         outbound.client_done = True
         if outbound.remote_done:
             self._close("both sides finished")
 
     def writeConnectionLost(self) -> None:
         pass
-
-    @staticmethod
-    def _half_close(transport: Any) -> None:
-        if hasattr(transport, "loseWriteConnection"):
-            transport.loseWriteConnection()
-        else:
-            transport.loseConnection()
 
 
 @implementer(interfaces.IHalfCloseableProtocol)
@@ -539,6 +612,11 @@ class _Outbound(protocol.Protocol):
         self.server = server
         self.client_done = False
         self.remote_done = False
+        self.lost = False
+        self._abort: Any = None
+
+    def connectionMade(self) -> None:
+        self.server.factory.outbound_open += 1
 
     def dataReceived(self, data: bytes) -> None:
         server = self.server
@@ -551,19 +629,31 @@ class _Outbound(protocol.Protocol):
         server = self.server
         if server.outbound is not self:
             return
-        SOCKSServer._half_close(server.transport)
+        _half_close(server.transport)
         if self.client_done:
             server._close("both sides finished")
 
     def writeConnectionLost(self) -> None:
         pass
 
+    def close(self) -> None:
+        """As L{SOCKSServer._close}: drain, or abort after the grace period."""
+        if self._abort is None and self.transport is not None and not self.lost:
+            server = self.server
+            self._abort = server.reactor.callLater(
+                server.settings.close_grace, self.transport.abortConnection
+            )
+            self.transport.loseConnection()
+
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.lost = True
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
         server = self.server
+        server.factory.outbound_open -= 1
         if server.outbound is self and not server._gone:
-            if not (self.client_done and self.remote_done):
-                server.reason = "destination closed"
-            server.transport.loseConnection()
+            server._close("both sides finished" if self.client_done and self.remote_done
+                          else "destination closed")
 
 
 class _OutboundFactory(protocol.Factory):
