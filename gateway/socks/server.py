@@ -215,7 +215,7 @@ class SOCKSFactory(protocol.ServerFactory):
     def buildProtocol(self, addr: Any) -> SOCKSServer | None:
         key = peer_key(normalize_ip(getattr(addr, "host", None))) or "?"
         if self.per_peer[key] >= self.settings.max_sessions_per_peer:
-            log.warning("socks: refused a connection from {peer}: too many sessions", peer=key)
+            log.warn("socks: refused a connection from {peer}: too many sessions", peer=key)
             return None
         proto = SOCKSServer(self, key)
         proto.factory = self
