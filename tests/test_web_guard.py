@@ -23,6 +23,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web import server
 from twisted.web.resource import IResource
 from zope.interface import directlyProvides, implementer
 
@@ -68,7 +69,7 @@ class FakeUpstream:
     def __init__(self):
         self.calls = []
 
-    def render(self, request, identity, groups, target):
+    def render(self, request, identity, groups, target, body=None):
         self.calls.append((target, identity, tuple(groups)))
         return b"proxied"
 
@@ -658,3 +659,111 @@ class HeaderDeadlineTests(GuardTestCase):
         self.clock.advance(20)
         self.assertEqual(transport.value().count(b"HTTP/1.1 200 "), 2)
         self.assertFalse(transport.disconnecting)
+
+
+class ListConsumer:
+    def __init__(self):
+        self.chunks = []
+
+    def write(self, data):
+        self.chunks.append(data)
+
+
+class CapturingUpstream:
+    """Takes the body producer the way the Agent would, when the test says so."""
+
+    def __init__(self):
+        self.calls = []
+
+    def render(self, request, identity, groups, target, body=None):
+        self.calls.append((request, body))
+        return server.NOT_DONE_YET
+
+
+class StreamingTests(GuardTestCase):
+    def setUp(self):
+        self.upstream = CapturingUpstream()
+        self.make(proxy=self.upstream, upstream="http://up.test")
+
+    def head(self, length=b"200000", auth=None):
+        auth = auth or basic("daniel", "tiger")
+        channel, transport = self.connect()
+        framing = (b"Content-Length: " + length) if length else b"Transfer-Encoding: chunked"
+        channel.dataReceived(b"PUT /f HTTP/1.1\r\nHost: up.test\r\nAuthorization: " + auth
+                             + b"\r\n" + framing + b"\r\n\r\n")
+        return channel, transport
+
+    def test_processed_before_the_body(self):
+        channel, transport = self.head()
+        [(request, body)] = self.upstream.calls
+        self.assertEqual(body.length, 200000)
+        consumer = ListConsumer()
+        finished = body.startProducing(consumer)
+        channel.dataReceived(b"a" * 100000)
+        self.assertEqual(b"".join(consumer.chunks), b"a" * 100000)
+        body.pauseProducing()  # the upstream is slow
+        self.assertEqual(transport.producerState, "paused")
+        channel.dataReceived(b"b" * 50000)  # already read: kept, and reading stays paused
+        self.assertEqual(len(b"".join(consumer.chunks)), 100000)
+        body.resumeProducing()
+        self.assertEqual(transport.producerState, "producing")
+        channel.dataReceived(b"c" * 50000)
+        self.assertEqual(b"".join(consumer.chunks), b"a" * 100000 + b"b" * 50000 + b"c" * 50000)
+        self.assertIsNone(self.successResultOf(finished))
+        request.content.seek(0)
+        self.assertEqual(request.content.read(), b"")  # nothing spooled
+
+    def test_chunked(self):
+        channel, _ = self.head(length=b"")
+        [(_, body)] = self.upstream.calls
+        consumer = ListConsumer()
+        finished = body.startProducing(consumer)
+        channel.dataReceived(b"5\r\nhello\r\n0\r\n\r\n")
+        self.assertEqual(b"".join(consumer.chunks), b"hello")
+        self.successResultOf(finished)
+
+    def test_login_pending_holds_reading(self):
+        pending = defer.Deferred()
+
+        @implementer(ICredentialsChecker)
+        class Slow:
+            credentialInterfaces = FixedChecker("x").credentialInterfaces
+
+            def requestAvatarId(self, credentials):
+                return pending
+
+        self.make(checkers=[Slow()], proxy=self.upstream, upstream="http://up.test")
+        channel, transport = self.head()
+        self.assertEqual(transport.producerState, "paused")
+        channel.dataReceived(b"x" * 1000)  # in flight already
+        self.assertEqual(self.upstream.calls, [])
+        pending.callback("daniel")
+        [(_, body)] = self.upstream.calls
+        consumer = ListConsumer()
+        body.startProducing(consumer)
+        self.assertEqual(b"".join(consumer.chunks), b"x" * 1000)
+        self.assertEqual(transport.producerState, "producing")
+
+    def test_refused_takes_the_usual_path(self):
+        channel, transport = self.head(auth=basic("daniel", "lion"))
+        self.assertEqual(self.upstream.calls, [])
+        self.assertEqual(transport.value(), b"")  # answered once the body is in
+        channel.dataReceived(b"z" * 200000)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "))
+
+    def test_answer_before_the_body_closes(self):
+        """An answer before the whole body: the rest must never be read as a request."""
+        channel, transport = self.head()
+        [(request, body)] = self.upstream.calls
+        channel.dataReceived(b"a" * 1000)
+        request.setResponseCode(413)
+        request.finish()
+        self.assertTrue(transport.disconnecting)
+
+    def test_small_bodies_not_streamed(self):
+        channel, transport = self.head(length=b"10")
+        self.assertEqual(self.upstream.calls, [])
+        channel.dataReceived(b"0123456789")
+        [(request, body)] = self.upstream.calls
+        self.assertIsNone(body)
+        self.assertEqual(request.content.read(), b"0123456789")

@@ -10,6 +10,8 @@ User and token files are made with the C{authgateway} command
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import io
 import json
 import os
@@ -17,9 +19,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 
-from twisted.internet import defer, reactor, threads
+from twisted.internet import defer, protocol, reactor, threads
 from twisted.trial.unittest import SkipTest, TestCase
 from twisted.web import resource, server
 
@@ -486,3 +489,102 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
         ]
         # Header values travel as bytes: nginx passes the gateway's UTF-8 through.
         self.assertEqual(users, ["daniel", "jürgen".encode().decode("latin-1")])
+
+
+class CountingUpstream(protocol.Protocol):
+    """
+    A raw HTTP/1.1 upstream: counts body bytes as they arrive (twisted.web
+    would wait for the whole body) and answers with their SHA-256 once
+    Content-Length bytes are in.
+    """
+
+    def connectionMade(self):
+        self.head, self.body, self.expected = b"", hashlib.sha256(), None
+        self.factory.connections += 1
+
+    def dataReceived(self, data):
+        if self.expected is None:
+            self.head += data
+            if b"\r\n\r\n" not in self.head:
+                return
+            self.head, _, data = self.head.partition(b"\r\n\r\n")
+            headers = dict(
+                line.split(b":", 1) for line in self.head.split(b"\r\n")[1:] if b":" in line
+            )
+            lowered = {k.strip().lower(): v.strip() for k, v in headers.items()}
+            self.factory.heads.append(lowered)
+            self.expected, self.seen = int(lowered[b"content-length"]), 0
+        self.seen += len(data)
+        self.body.update(data)
+        self.factory.progress(self.seen)
+        if self.seen >= self.expected:
+            digest = self.body.hexdigest().encode()
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(digest), digest))
+            self.expected = None
+            self.head = b""
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One HTTP/1.1 response with a Content-Length, read from a blocking socket."""
+    answer = b""
+    while True:
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        if sep:
+            length = [int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")]
+            if length and len(body) >= length[0]:
+                return answer
+        chunk = sock.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
+
+
+class StreamingUploadTests(GatewayMixin, TestCase):
+    """A large request body reaches the upstream while the client is still sending it."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.data = os.path.abspath(self.mktemp())
+        self.upstream = protocol.ServerFactory.forProtocol(CountingUpstream)
+        self.upstream.heads, self.upstream.connections = [], 0
+        self.first_part = threading.Event()
+        self.upstream.progress = lambda seen: seen >= 200_000 and self.first_part.set()
+        port = reactor.listenTCP(0, self.upstream, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.start("--auth", "memory:daniel:tiger",
+                   "--http-upstream", f"http://127.0.0.1:{port.getHost().port}")
+
+    def upload(self, authorization: bytes, body: bytes, pause_after: int | None) -> bytes:
+        """Send the request; after C{pause_after} body bytes wait for the upstream to see them."""
+        with socket.create_connection(("127.0.0.1", self.http_port), timeout=20) as sock:
+            sock.sendall(b"PUT /files/big HTTP/1.1\r\nHost: app.test\r\nAuthorization: "
+                         + authorization + b"\r\nContent-Length: %d\r\n\r\n" % len(body))
+            if pause_after is not None:
+                sock.sendall(body[:pause_after])
+                self.streamed = self.first_part.wait(10)
+                sock.sendall(body[pause_after:])
+            else:
+                sock.sendall(body)
+            return read_response(sock)
+
+    @defer.inlineCallbacks
+    def test_body_streams(self):
+        body = os.urandom(1_000_000)
+        auth = b"Basic " + base64.b64encode(b"daniel:tiger")
+        answer = yield threads.deferToThread(self.upload, auth, body, 200_000)
+        self.assertTrue(self.streamed, "the upstream saw nothing before the whole body was sent")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200"), answer[:200])
+        self.assertEqual(answer.partition(b"\r\n\r\n")[2][:64], hashlib.sha256(body).hexdigest().encode())
+        [head] = self.upstream.heads
+        self.assertEqual(head[b"remote-user"], b"daniel")
+        self.assertNotIn(b"authorization", head)
+
+    @defer.inlineCallbacks
+    def test_refused_upload_never_reaches_upstream(self):
+        body = os.urandom(300_000)
+        auth = b"Basic " + base64.b64encode(b"daniel:lion")
+        answer = yield threads.deferToThread(self.upload, auth, body, None)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 401"), answer[:200])
+        self.assertEqual(self.upstream.connections, 0)

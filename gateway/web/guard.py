@@ -307,6 +307,21 @@ class Guard(resource.Resource):
         return Refusal(401, "Authentication required", self.challenges(error))
 
     def _resource_for(self, request: server.Request) -> resource.IResource:
+        decided = self.decide(request)
+        if isinstance(decided, defer.Deferred):
+            return util.DeferredResource(decided)
+        return decided
+
+    def decide(self, request: server.Request) -> Any:
+        """
+        What the request gets: a L{Refusal}, or (through a Deferred, since
+        logging in takes time) the realm's avatar or a refusal. Decided once
+        per request: a request whose upload started streaming before its
+        body arrived (L{gateway.web.server.GatewayRequest}) keeps its answer.
+        """
+        decided = getattr(request, "gateway_decision", None)
+        if decided is not None:
+            return decided
         request.gateway_via_proxy = via_trusted_proxy(request, self.settings)
         meta = request.gateway_meta = meta_of(request, self.settings, self.listener)
         try:
@@ -327,7 +342,7 @@ class Guard(resource.Resource):
         d.addCallbacks(
             self._succeeded, self._failed, callbackArgs=(request,), errbackArgs=(meta, credentials)
         )
-        return util.DeferredResource(d)
+        return d
 
     def _credentials(self, request: server.Request, meta: ConnectionMeta) -> Any:
         if b"access_token" in request.args:  # the query only: RFC 6750 2.3 is not accepted

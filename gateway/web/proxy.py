@@ -300,14 +300,20 @@ class UpstreamProxy:
         return self.pool.closeCachedConnections()
 
     def render(
-        self, request: Any, identity: str, groups: Sequence[str], target: bytes | None = None
+        self,
+        request: Any,
+        identity: str,
+        groups: Sequence[str],
+        target: bytes | None = None,
+        body: IBodyProducer | None = None,
     ) -> int:
         """
-        Proxy C{request} (a twisted.web.server.Request whose body is fully in
-        C{request.content}) to the upstream and return C{NOT_DONE_YET}.
+        Proxy C{request} to the upstream and return C{NOT_DONE_YET}.
 
         @param target: the origin-form target to request (path and query), as
             the front door checked it; by default the request's own.
+        @param body: the request body as it arrives; by default the body
+            twisted.web has received in full (C{request.content}).
         @raise ValueError: if C{identity} is empty or holds a control
             character, or a group holds a control character or a comma.
         """
@@ -318,9 +324,9 @@ class UpstreamProxy:
         if target is None:
             exchange.fail(http.BAD_REQUEST, "the request target is not a path")
             return NOT_DONE_YET
-        exchange.start(
-            self._agent, request.method, self._base + target, headers, self._body(request)
-        )
+        if body is None:
+            body = self._body(request)
+        exchange.start(self._agent, request.method, self._base + target, headers, body)
         return NOT_DONE_YET
 
     def upstream_headers(self, request: Any, identity: str, groups: Sequence[str]) -> Headers:

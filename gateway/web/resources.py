@@ -302,4 +302,5 @@ class Upstream(_Leaf):
         if not app.allowed(session, host, target, request.method):
             return forbid(request, session)
         name = identity_name(session.info, session.credentials)
-        return app.proxy.render(request, name, session.info.groups, target.forwarded)
+        upload = getattr(request, "gateway_upload", None)  # a body still arriving
+        return app.proxy.render(request, name, session.info.groups, target.forwarded, upload)

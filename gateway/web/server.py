@@ -12,10 +12,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.application import internet
+from twisted.internet import defer
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http, server
+from twisted.web.http import parse_qs
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
 
-from gateway.web.guard import Guard, HTTPSettings
+from gateway.web.guard import Guard, HTTPSettings, Refusal
 
 #: The longest request line or header line.
 MAX_LINE = 8192
@@ -24,16 +28,109 @@ MAX_HEADERS = 100
 #: Request line plus all headers.
 MAX_HEADER_BYTES = 32 * 1024
 
+#: Request bodies above this size (and chunked ones) stream to the upstream.
+STREAM_ABOVE = 64 * 1024
+
+
+@implementer(IBodyProducer)
+class Upload:
+    """
+    A request body streamed to the upstream as it arrives, with
+    backpressure: while the upstream takes no more, the client's connection
+    is not read (at most one read's worth waits here).
+    """
+
+    def __init__(self, request: GatewayRequest, length: int | None) -> None:
+        self.length: Any = UNKNOWN_LENGTH if length is None else length
+        self.request = request
+        self.done = False  # the whole body has arrived
+        self._queue: list[bytes] = []
+        self._consumer: Any = None
+        self._paused = False
+        self._stopped = False
+        self._finished: defer.Deferred[None] = defer.Deferred()
+
+    def hold(self) -> None:
+        """Stop reading the client."""
+        transport = self.request.channel.transport
+        if transport is not None:
+            transport.pauseProducing()
+
+    def release(self) -> None:
+        """Read the client again."""
+        transport = self.request.channel.transport
+        if transport is not None:
+            transport.resumeProducing()
+
+    def take(self) -> list[bytes]:
+        """What waits here, now the caller's."""
+        queue, self._queue = self._queue, []
+        return queue
+
+    def data(self, chunk: bytes) -> None:
+        if self._stopped:
+            return
+        if self._consumer is None or self._paused:
+            self._queue.append(chunk)
+            self.hold()  # the transport may have resumed itself meanwhile
+        else:
+            self._consumer.write(chunk)
+
+    def received(self) -> None:
+        self.done = True
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._consumer is None or self._paused or self._stopped:
+            return
+        for chunk in self.take():
+            self._consumer.write(chunk)
+        if not self.done:
+            self.release()
+        elif not self._finished.called:
+            self._finished.callback(None)
+
+    # IBodyProducer, for the upstream request
+
+    def startProducing(self, consumer: Any) -> defer.Deferred[None]:
+        self._consumer = consumer
+        self._flush()
+        return self._finished
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.hold()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._flush()
+
+    def stopProducing(self) -> None:
+        """The upstream request is over: drop the rest (its Deferred never fires)."""
+        self._stopped = True
+        self._queue = []
+
+
 class GatewayRequest(server.Request):
     """
     A request whose body may not exceed the site's limit (the upstream's,
     or the gateway's own without an upstream): above it the client gets 413
     at once and the connection is closed, so nothing beyond the limit is read
     or stored.
+
+    With an upstream, a body above L{STREAM_ABOVE} (or chunked) is not
+    received first: once the headers are in, the request is authenticated
+    (reading pauses meanwhile) and, if it is let through, processed at once,
+    its body following as an L{Upload}. A refused request takes the usual
+    path: its body is read, within the limit, and the refusal answered.
     """
 
     _body_size = 0
     _refused = False
+    #: The body being streamed (the request is processed), or being held
+    #: while the login runs.
+    gateway_upload: Upload | None = None
+    _waiting: Upload | None = None
 
     def _limit(self) -> int:
         settings = self.channel.site.settings
@@ -43,6 +140,42 @@ class GatewayRequest(server.Request):
         if length is not None and length > self._limit():
             self._too_large()
         super().gotLength(length)
+        if not self._refused and self.channel.site.settings.upstream and (
+            length is None or length > STREAM_ABOVE
+        ):
+            self._decide_early(length)
+
+    def _decide_early(self, length: int | None) -> None:
+        channel = self.channel
+        # What requestReceived sets, all known once the headers are in.
+        self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
+        self.path, _, query = self.uri.partition(b"?")
+        self.args = parse_qs(query, 1)
+        if self.path in (b"/whoami", b"/auth"):  # the gateway's own: small bodies, read first
+            return
+        upload = self._waiting = Upload(self, length)
+        upload.hold()
+        decided = channel.site.resource.decide(self)
+        d = decided if isinstance(decided, defer.Deferred) else defer.succeed(decided)
+        d.addCallback(self._decided, upload)
+        d.addErrback(self.processingFailed)
+
+    def _decided(self, decision: Any, upload: Upload) -> None:
+        self._waiting = None
+        self.gateway_decision = decision
+        if self._refused or self.channel is None:
+            return
+        if isinstance(decision, Refusal):  # the usual path, from what arrived so far
+            for chunk in upload.take():
+                super().handleContentChunk(chunk)
+            if upload.done:
+                self.content.seek(0)
+                self.process()
+            else:
+                upload.release()
+            return
+        self.gateway_upload = upload
+        self.process()
 
     def handleContentChunk(self, data: bytes) -> None:
         if self._refused:
@@ -51,7 +184,11 @@ class GatewayRequest(server.Request):
         if self._body_size > self._limit():
             self._too_large()
             return
-        super().handleContentChunk(data)
+        upload = self.gateway_upload or self._waiting
+        if upload is not None:
+            upload.data(data)
+        else:
+            super().handleContentChunk(data)
 
     def _too_large(self) -> None:
         self._refused = True
@@ -62,7 +199,19 @@ class GatewayRequest(server.Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:  # already answered; the connection is closing
             return
+        upload = self.gateway_upload or self._waiting
+        if upload is not None:  # being processed, or decided any moment
+            upload.received()
+            return
         super().requestReceived(command, path, version)
+
+    def finish(self) -> None:
+        upload = self.gateway_upload
+        if upload is not None and not upload.done:
+            # Answered before the body was in: the rest of it must never be
+            # read as a next request.
+            self.channel.persistent = False
+        super().finish()
 
 
 def _refusal(status: bytes, text: bytes) -> bytes:
