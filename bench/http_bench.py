@@ -48,13 +48,13 @@ import os
 import re
 import resource
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+
+from benchlib import children_of, cpu_seconds, free_port, stop, wait_port
 
 USERS = {
     # name: (password, authgateway user add options)
@@ -95,58 +95,14 @@ NGINX_CONF = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def authorization(user: str) -> str:
     password = USERS[user][0]
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if int(_stat_fields(int(entry))[1]) == pid:
-                    found.append(int(entry))
-            except (OSError, IndexError):
-                pass  # gone meanwhile
-    return found
-
-
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """User + system CPU of C{pid} (and, with C{children}, its live children)."""
-    pids = [pid, *(_children(pid) if children else ())]
-    ticks = 0
-    for p in pids:
-        try:
-            fields = _stat_fields(p)
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with status {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("server did not start")
 
 
 def get(port: int, user: str | None) -> int:
@@ -201,21 +157,6 @@ def measure(name: str, port: int, server: subprocess.Popen, user: str, connectio
     return rate
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL to its whole process group (nginx's workers too)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait(10)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -261,7 +202,7 @@ def main() -> None:
         procs.append(nginx)
         wait_port(gw_port, gateway)
         wait_port(nginx_port, nginx)
-        workers = len(_children(nginx.pid))
+        workers = len(children_of(nginx.pid))
         print(f"{os.cpu_count()} CPUs; wrk -t2 -c{args.connections}, {args.seconds:g} s per run; "
               f"keep-alive; nginx {workers} workers")
         for user in USERS:

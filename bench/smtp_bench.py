@@ -25,12 +25,13 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
+
+from benchlib import cpu_seconds, free_port, wait_port
 
 BODY = ("Subject: bench\r\n\r\n" + ("x" * 76 + "\r\n") * 13).encode()  # ~1 KB
 AUTH = base64.b64encode(b"\0daniel\0tiger")
@@ -105,11 +106,6 @@ FLOOR_SERVER = textwrap.dedent(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 async def expect(reader: asyncio.StreamReader, code: bytes) -> None:
     while True:
@@ -164,23 +160,6 @@ def client_main(port: int, clients: int, seconds: float) -> None:
     print(f"{done} {wall} {cpu}")
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.communicate()}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("server did not start")
 
 
 def measure(name: str, port: int, server: subprocess.Popen, clients: int, seconds: float) -> float:

@@ -51,7 +51,6 @@ import os
 import pwd
 import resource
 import shutil
-import signal
 import socket
 import struct
 import subprocess
@@ -60,6 +59,8 @@ import tempfile
 import textwrap
 import threading
 import time
+
+from benchlib import children_of, cpu_seconds, free_port, stop, wait_port
 
 USER, PASSWORD = "daniel", "tiger"
 SYSTEM_USER, SYSTEM_PASSWORD = "authgw-bench", "bench-password-1928"
@@ -84,11 +85,6 @@ DANTE_CONF = textwrap.dedent(
     """
 )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def greeting() -> bytes:
@@ -323,52 +319,8 @@ def bulk_client(proxy_port: int, source_port: int, tunnels: int, total: int, sec
 # -- the conductor ------------------------------------------------------------
 
 
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if int(_stat_fields(int(entry))[1]) == pid:
-                    found.append(int(entry))
-            except (OSError, IndexError):
-                pass  # gone meanwhile
-    return found
-
-
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """
-    User + system CPU of C{pid}; with C{children}, also of its live children
-    and of those it has reaped (Dante replaces its children as it goes).
-    """
-    pids = [pid, *(_children(pid) if children else ())]
-    ticks = 0
-    for p in pids:
-        try:
-            fields = _stat_fields(p)
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-        if children and p == pid:
-            ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with status {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("server did not start")
 
 
 class Server:
@@ -445,21 +397,6 @@ def measure_bulk(name: str, server: Server | None, source_port: int, tunnels: in
           f"source CPU {source_cpu / elapsed * 100:5.1f}%{short}")
     return rate
 
-
-def stop(proc: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL to its whole process group (Dante's children too)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    if proc.poll() is None:
-        proc.wait(10)
 
 
 def version(package: str) -> str:
@@ -551,7 +488,7 @@ def main() -> None:
             server.check(echo_port)
         print(f"{os.cpu_count()} CPUs; sessions: {args.seconds:g} s per run; bulk: "
               f"{args.bulk_mib} MiB per run (at most {args.seconds:g} s); dante "
-              f"{len(_children(dante.pid))} child processes")
+              f"{len(children_of(dante.pid))} child processes")
         print("sessions: greeting, RFC 1929 login, CONNECT, 64 bytes echoed, close")
         rates: dict[tuple[str, object], float] = {}
         for server in servers:

@@ -7,22 +7,15 @@ C{smtplib} (STARTTLS + PLAIN, LOGIN, implicit TLS) and C{swaks}.
 from __future__ import annotations
 
 import os
-import shutil
 import smtplib
-import socket
 import ssl
 import subprocess
 
 from twisted.internet import defer, reactor, threads
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 
 from gateway import tap
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import free_port, require_tool
 
 
 def _client_tls() -> ssl.SSLContext:
@@ -39,7 +32,7 @@ class GatewayMixin:
     """Starts the gateway with --auth memory:daniel:tiger on free loopback ports."""
 
     def start(self, *extra: str):
-        self.smtp_port, self.smtps_port = _free_port(), _free_port()
+        self.smtp_port, self.smtps_port = free_port(), free_port()
         self.data = os.path.abspath(self.mktemp())
         options = tap.Options()
         options.parseOptions([
@@ -141,10 +134,7 @@ class SwaksTests(GatewayMixin, TestCase):
     timeout = 60
 
     def setUp(self):
-        if shutil.which("swaks") is None:
-            if os.environ.get("CI") == "true":
-                raise AssertionError("swaks is missing (Debian package swaks)")
-            raise SkipTest("swaks is not installed (Debian package swaks)")
+        require_tool("swaks", "swaks")
         self.start()
 
     def swaks(self, *args: str) -> subprocess.CompletedProcess:

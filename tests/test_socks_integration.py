@@ -17,10 +17,8 @@ servers must have closed: no dirty reactor.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -29,43 +27,17 @@ import time
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.protocols import policies, wire
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from gateway import tap
+from tests.support import free_port, require_module, require_tool
 
 BODY = b"hello through the SOCKS5 front door\n" * 10
 USER, PASSWORD = b"daniel", b"tiger"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _require(tool: str, package: str) -> str:
-    """The path of C{tool}; a skip when it is missing, a failure on CI."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"{tool} is missing (Debian package {package})")
-        raise SkipTest(f"{tool} is not installed (Debian package {package})")
-    return path
-
-
-def _require_module(module: str, package: str):
-    """The module C{module}; a skip when it is missing, a failure on CI."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            raise AssertionError(
-                f"Python module {module} is missing (PyPI package {package})"
-            ) from None
-        raise SkipTest(
-            f"Python module {module} is not installed (PyPI package {package})"
-        ) from None
 
 
 # -- a raw SOCKS5 client (blocking: run it through threads.deferToThread) ----
@@ -162,7 +134,7 @@ class GatewayMixin:
         return port.getHost().port, wrapper
 
     def start(self, *allow: str) -> None:
-        self.socks_port = _free_port()
+        self.socks_port = free_port()
         options = tap.Options()
         arguments = [
             "--data-dir", os.path.abspath(self.mktemp()), "--auth", "memory:daniel:tiger",
@@ -239,7 +211,7 @@ class CurlTests(LocalServersMixin, TestCase):
     timeout = 60
 
     def setUp(self):
-        _require("curl", "curl")
+        require_tool("curl", "curl")
         super().setUp()
 
     def proxy(self) -> str:
@@ -313,7 +285,7 @@ class PySocksTests(LocalServersMixin, TestCase):
     timeout = 60
 
     def setUp(self):
-        self.socks = _require_module("socks", "PySocks")
+        self.socks = require_module("socks", "PySocks")
         super().setUp()
 
     def echo(self, host: str, rdns: bool, password: str = "tiger") -> tuple[bytes, tuple]:
@@ -455,7 +427,7 @@ class RawClientTests(LocalServersMixin, TestCase):
     @defer.inlineCallbacks
     def test_refused_loopback_port(self):
         # A loopback port no --socks-allow rule names (nothing needs to listen there).
-        other = _free_port()
+        other = free_port()
         for request in (connect_ipv4("127.0.0.1", other), connect_name("localhost", other)):
             rep, after = yield threads.deferToThread(self.refused, request)
             self.assertEqual((rep, after), (2, b""), request)

@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -23,29 +22,16 @@ import threading
 import time
 
 from twisted.internet import defer, protocol, reactor, threads
-from twisted.trial.unittest import SkipTest, TestCase
+from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from gateway import cli, tap
+from tests.support import free_port, require_tool
 
 CHALLENGE_BASIC = 'Basic realm="authgateway", charset="UTF-8"'
 CHALLENGE_BEARER = 'Bearer realm="authgateway"'
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _require(tool: str, package: str) -> str:
-    """The path of C{tool}; a skip when it is missing, a failure on CI."""
-    path = shutil.which(tool)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"{tool} is missing (Debian package {package})")
-        raise SkipTest(f"{tool} is not installed (Debian package {package})")
-    return path
 
 
 def _wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 15) -> None:
@@ -114,7 +100,7 @@ class GatewayMixin:
     """Starts the gateway's HTTP front door on a free loopback port; files in C{self.data}."""
 
     def start(self, *extra: str) -> None:
-        self.http_port = _free_port()
+        self.http_port = free_port()
         options = tap.Options()
         options.parseOptions([
             "--data-dir", self.data,
@@ -149,7 +135,7 @@ class CurlTests(GatewayMixin, TestCase):
     timeout = 60
 
     def setUp(self):
-        _require("curl", "curl")
+        require_tool("curl", "curl")
         self.data = os.path.abspath(self.mktemp())
         users = self.users()
         tokens = os.path.join(self.data, "tokens.txt")
@@ -359,8 +345,8 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
     timeout = 60
 
     def setUp(self):
-        _require("curl", "curl")
-        self.nginx = _require("nginx", "nginx")
+        require_tool("curl", "curl")
+        self.nginx = require_tool("nginx", "nginx")
         self.data = os.path.abspath(self.mktemp())
         users = self.users()
         acl = os.path.join(self.data, "acl.toml")
@@ -381,7 +367,7 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
     def start_nginx(self):
         tmp = os.path.abspath(self.mktemp())
         os.makedirs(tmp)
-        self.nginx_port = _free_port()
+        self.nginx_port = free_port()
         conf = os.path.join(tmp, "nginx.conf")
         with open(conf, "w") as f:
             f.write(NGINX_CONF.format(tmp=tmp, port=self.nginx_port,
