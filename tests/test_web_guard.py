@@ -767,3 +767,34 @@ class StreamingTests(GuardTestCase):
         [(request, body)] = self.upstream.calls
         self.assertIsNone(body)
         self.assertEqual(request.content.read(), b"0123456789")
+
+    def test_expect_continue_before_an_early_answer(self):
+        """A decision made while the headers are handled: 100 Continue first, and once."""
+        channel, transport = self.connect()
+        channel.dataReceived(b"PUT /a#b HTTP/1.1\r\nHost: up.test\r\nAuthorization: "
+                             + basic("daniel", "tiger") + b"\r\nExpect: 100-continue\r\n"
+                             b"Content-Length: 100000\r\n\r\n")
+        out = transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 400 "), out[:80])
+        self.assertEqual(out.count(b"100 Continue"), 1)
+        self.assertTrue(transport.disconnecting)  # the body never came: not a next request
+
+    def test_chunked_get_not_streamed(self):
+        channel, transport = self.connect()
+        channel.dataReceived(b"GET /f HTTP/1.1\r\nHost: up.test\r\nAuthorization: "
+                             + basic("daniel", "tiger") + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        self.assertEqual(self.upstream.calls, [])
+        channel.dataReceived(b"0\r\n\r\n")
+        [(request, body)] = self.upstream.calls
+        self.assertIsNone(body)
+
+    def test_decision_error_closes(self):
+        """A failure before the body is in answers 500 and never reads the rest as a request."""
+        def broken(request):
+            raise RuntimeError("boom")
+
+        self.site.resource.decide = broken
+        channel, transport = self.head()
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 500 "))
+        self.assertTrue(transport.disconnecting)
+        self.flushLoggedErrors(RuntimeError)

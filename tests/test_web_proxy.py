@@ -651,6 +651,23 @@ class FailureTests(ProxyMixin, TestCase):
         self.assertTrue(call.cancelled)
         self.assertGatewayError(504)
 
+    def test_timeout_counts_from_the_body_sent(self):
+        """A slow upload is not a slow upstream: the clock starts once the body is out."""
+        call = self.send(method=b"POST", body=b"x" * 1000)
+        self.clock.advance(30)  # the body is still being written (the Agent has not started it)
+        self.assertFalse(call.cancelled)
+        consumed = []
+        sent = call.body.startProducing(type("C", (), {"write": lambda self, d: consumed.append(d)})())
+        self.clock.advance(0)  # the cooperator's turn
+        self.clock.advance(0)
+        self.successResultOf(sent)
+        self.assertEqual(b"".join(consumed), b"x" * 1000)
+        self.clock.advance(9.9)
+        self.assertFalse(call.cancelled)
+        self.clock.advance(0.1)
+        self.assertTrue(call.cancelled)
+        self.assertGatewayError(504)
+
     def test_timeout_only_for_response_head(self):
         call = self.send()
         self.clock.advance(5)

@@ -158,6 +158,7 @@ def relay(transport: Any, data: bytes) -> None:
     """
     if (
         type(transport) in _PLAIN_TCP
+        and not getattr(transport, "TLS", True)  # not after a startTLS
         and not getattr(transport, "dataBuffer", True)
         and not getattr(transport, "_tempDataLen", True)
         and transport.connected
@@ -386,7 +387,9 @@ class SOCKSServer(protocol.Protocol):
         def done(result: Any) -> Any:
             if self._pending is d:
                 self._pending = None
-            if paused and not self._gone and not self.transport.disconnecting:
+            outbound = self.outbound  # a new tunnel may have paused us since: it decides
+            blocked = outbound is not None and getattr(outbound.transport, "producerPaused", False)
+            if paused and not blocked and not self._gone and not self.transport.disconnecting:
                 self.transport.resumeProducing()
             return result
 
@@ -570,6 +573,8 @@ class SOCKSServer(protocol.Protocol):
 
     async def _open(self, addresses: list[IPAddress], port: int) -> None:
         reply: Reply = Reply.HOST_UNREACHABLE
+        # One black-holed address must not use the whole budget: share it.
+        each = max(1.0, self.settings.connect_timeout / len(addresses))
         for address in addresses:
             self.address = str(address)
             endpoint_class = (
@@ -579,7 +584,7 @@ class SOCKSServer(protocol.Protocol):
                 self.reactor,
                 str(address),
                 port,
-                timeout=self.settings.connect_timeout,
+                timeout=each,
                 bindAddress=self._source,  # only for an egress source: no bind before connect
             )
             try:

@@ -44,6 +44,7 @@ from twisted.web.client import (
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET
+from zope.interface import implementer
 
 from gateway.text import quote
 from gateway.web.guard import refusal
@@ -402,10 +403,40 @@ class UpstreamProxy:
         return FileBodyProducer(content, cooperator=self._cooperator)
 
 
+@implementer(IBodyProducer)
+class _Sent:
+    """
+    A request body that says when it has all been sent: the response
+    timeout counts from then, not while a slow client is still uploading.
+    """
+
+    def __init__(self, body: IBodyProducer, sent: Any) -> None:
+        self._body = body
+        self._sent = sent
+        self.length = body.length
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        return self._body.startProducing(consumer).addCallback(self._done)
+
+    def _done(self, result: Any) -> Any:
+        self._sent()
+        return result
+
+    def pauseProducing(self) -> None:
+        self._body.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._body.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._body.stopProducing()
+
+
 class _Exchange:
     """
-    One proxied request: waits (up to the timeout) for the upstream's response
-    head, copies it to the client, then streams the body.
+    One proxied request: waits (up to the timeout, from when the request
+    has been sent) for the upstream's response head, copies it to the
+    client, then streams the body.
 
     C{_closed} becomes true once the client response is finished or aborted,
     or the client has gone: nothing is written after that.
@@ -429,7 +460,10 @@ class _Exchange:
     def start(self, agent: IAgent, method: bytes, url: bytes, headers: Headers,
               body: IBodyProducer | None) -> None:
         """Send the request upstream and arrange for the response or the failure to be relayed."""
-        self._timer = self._reactor.callLater(self._timeout, self._time_out)
+        if body is None:
+            self._start_timer()
+        else:  # the connect has its own timeout (the Agent's); the upload takes its time
+            body = _Sent(body, self._start_timer)
         d = self._upstream_request = maybeDeferred(agent.request, method, url, headers, body)
         d.addCallbacks(self._got_response, self._no_response)
         d.addErrback(self._bug)
@@ -446,6 +480,10 @@ class _Exchange:
         request.setHeader(b"Content-Length", b"%d" % len(body))
         request.write(body)
         request.finish()
+
+    def _start_timer(self) -> None:
+        if not self._closed:
+            self._timer = self._reactor.callLater(self._timeout, self._time_out)
 
     def _stop_timer(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -10,6 +10,7 @@ parameter), and every authentication already logs one C{auth} event.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from twisted.application import internet
 from twisted.internet import defer
@@ -28,8 +29,9 @@ MAX_HEADERS = 100
 #: Request line plus all headers.
 MAX_HEADER_BYTES = 32 * 1024
 
-#: Request bodies above this size (and chunked ones) stream to the upstream.
+#: Request bodies above this size (and chunked ones of these methods) stream to the upstream.
 STREAM_ABOVE = 64 * 1024
+_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
 @implementer(IBodyProducer)
@@ -81,10 +83,12 @@ class Upload:
         self._flush()
 
     def _flush(self) -> None:
-        if self._consumer is None or self._paused or self._stopped:
+        if self._consumer is None or self._stopped:
             return
-        for chunk in self.take():
-            self._consumer.write(chunk)
+        while self._queue and not self._paused:  # a write may pause us
+            self._consumer.write(self._queue.pop(0))
+        if self._paused or self._queue:
+            return
         if not self.done:
             self.release()
         elif not self._finished.called:
@@ -127,6 +131,7 @@ class GatewayRequest(server.Request):
 
     _body_size = 0
     _refused = False
+    _in_headers = False
     #: The body being streamed (the request is processed), or being held
     #: while the login runs.
     gateway_upload: Upload | None = None
@@ -141,7 +146,8 @@ class GatewayRequest(server.Request):
             self._too_large()
         super().gotLength(length)
         if not self._refused and self.channel.site.settings.upstream and (
-            length is None or length > STREAM_ABOVE
+            (length is None and self.channel._command in _BODY_METHODS)
+            or (length is not None and length > STREAM_ABOVE)
         ):
             self._decide_early(length)
 
@@ -151,14 +157,20 @@ class GatewayRequest(server.Request):
         self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
         self.path, _, query = self.uri.partition(b"?")
         self.args = parse_qs(query, 1)
-        if self.path in (b"/whoami", b"/auth"):  # the gateway's own: small bodies, read first
+        if unquote_to_bytes(self.path) in (b"/whoami", b"/auth"):  # the gateway's own: read first
             return
         upload = self._waiting = Upload(self, length)
         upload.hold()
-        decided = channel.site.resource.decide(self)
-        d = decided if isinstance(decided, defer.Deferred) else defer.succeed(decided)
+        self._in_headers = True  # a decision made now comes before Twisted's "100 Continue"
+        d = defer.maybeDeferred(channel.site.resource.decide, self)
         d.addCallback(self._decided, upload)
-        d.addErrback(self.processingFailed)
+        d.addErrback(self._failed_early)
+        self._in_headers = False
+
+    def _failed_early(self, reason: Any) -> None:
+        self.channel.persistent = False  # the body may still come: never as a next request
+        self.site = self.channel.site  # what process() would have set
+        self.processingFailed(reason)
 
     def _decided(self, decision: Any, upload: Upload) -> None:
         self._waiting = None
@@ -175,6 +187,13 @@ class GatewayRequest(server.Request):
                 upload.release()
             return
         self.gateway_upload = upload
+        if self.requestHeaders.hasHeader(b"expect"):
+            # Twisted answers Expect only after gotLength, which may be too
+            # late (after a final response): answer it here, once.
+            expect = self.requestHeaders.getRawHeaders(b"expect")[0].lower()
+            self.requestHeaders.removeHeader(b"expect")
+            if self._in_headers and expect == b"100-continue" and self.clientproto == b"HTTP/1.1":
+                self.channel.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self.process()
 
     def handleContentChunk(self, data: bytes) -> None:
@@ -206,7 +225,7 @@ class GatewayRequest(server.Request):
         super().requestReceived(command, path, version)
 
     def finish(self) -> None:
-        upload = self.gateway_upload
+        upload = self.gateway_upload or self._waiting
         if upload is not None and not upload.done:
             # Answered before the body was in: the rest of it must never be
             # read as a next request.
