@@ -122,7 +122,8 @@ class GatewayRequest(server.Request):
     at once and the connection is closed, so nothing beyond the limit is read
     or stored.
 
-    With an upstream, a body above L{STREAM_ABOVE} (or chunked) is not
+    With an upstream, a body above L{STREAM_ABOVE} (or a chunked POST, PUT
+    or PATCH) is not
     received first: once the headers are in, the request is authenticated
     (reading pauses meanwhile) and, if it is let through, processed at once,
     its body following as an L{Upload}. A refused request takes the usual
