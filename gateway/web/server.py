@@ -123,11 +123,11 @@ class GatewayRequest(server.Request):
     or stored.
 
     With an upstream, a body above L{STREAM_ABOVE} (or a chunked POST, PUT
-    or PATCH) is not
-    received first: once the headers are in, the request is authenticated
-    (reading pauses meanwhile) and, if it is let through, processed at once,
-    its body following as an L{Upload}. A refused request takes the usual
-    path: its body is read, within the limit, and the refusal answered.
+    or PATCH) is not received first: once the headers are in, the request
+    is authenticated (reading pauses meanwhile) and, if it is let through,
+    processed at once, its body following as an L{Upload}. A refused request
+    takes the usual path: its body is read, within the limit, and the
+    refusal answered.
     """
 
     _body_size = 0
