@@ -14,6 +14,8 @@ import os
 from hashlib import md5
 from typing import Any
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import (
     ICredentialsChecker,
     InMemoryUsernamePasswordDatabaseDontUse,
@@ -1286,3 +1288,67 @@ class DataTests(ServerTestCase):
         ((f, args, d),) = jobs
         d.callback(f(*args))
         self.assertReplies(client.read(), [b"250 2.0.0 Ok", b"250 2.0.0"])
+
+
+_TEXT_LINE = st.lists(st.sampled_from([b".", b"x", b"\n", b"\r", b" ", b"\xc3\xa9"]), max_size=12).map(
+    b"".join
+).filter(lambda line: b"\r\n" not in line and not line.endswith(b"\r"))
+
+
+class DataBlockTests(ServerTestCase):
+    """
+    Message text is taken a block at a time when it can be: the stored
+    message is the same however the text arrives (one segment, byte by
+    byte, any split), dot-unstuffed line by line.
+    """
+
+    def deliver(self, wire: bytes, cuts: list[int]) -> tuple[list[bytes], bytes | None]:
+        before = set(self.spool.ids())
+        client = self.authenticated()
+        self.start_data(client)
+        replies: list[bytes] = []
+        for piece in _pieces(wire, cuts):
+            replies += client.send(piece)
+        new = [id for id in self.spool.ids() if id not in before]
+        return finals(replies), (self.spool.load(new[0])[0] if new else None)
+
+    @settings(max_examples=150, deadline=None)
+    @given(lines=st.lists(_TEXT_LINE, max_size=20), cuts=st.lists(st.integers(0, 400), max_size=8))
+    def test_any_split_same_message(self, lines, cuts):
+        wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+        wire += b".\r\n"
+        replies, message = self.deliver(wire, cuts)
+        self.assertEqual([r[:9] for r in replies], [b"250 2.0.0"])
+        body = b"".join(line + b"\r\n" for line in lines)
+        _, one_by_one = self.deliver(wire, list(range(len(wire))))
+        for stored in (message, one_by_one):
+            self.assertTrue(stored.endswith(body), (stored, body))
+            header = stored[: len(stored) - len(body)].split(b"\r\n")  # nothing but the header
+            self.assertEqual(header[-1], b"")
+            self.assertTrue(header[0].startswith(b"Received: "))
+            self.assertTrue(all(line.startswith(b"\t") for line in header[1:-1]), header)
+
+    def test_long_line_in_a_block(self):
+        """A block with a line too long goes line by line: 500 5.5.6, nothing stored."""
+        replies, message = self.deliver(b"a\r\n" * 50 + b"x" * 1000 + b"\r\n" + b"b\r\n" * 50
+                                        + b".\r\n", [])
+        self.assertEqual([r[:9] for r in replies], [b"500 5.5.6"])
+        self.assertIsNone(message)
+
+    def test_size_limit_in_a_block(self):
+        client = self.authenticated(max_size=1000)
+        self.start_data(client)
+        self.assertReplies(client.send(b"z" * 98 + b"\r\n" * 1 + (b"y" * 98 + b"\r\n") * 20 + b".\r\n"),
+                           [b"552 5.3.4"])
+        self.assertNothingStored()
+
+    def test_end_marker_lookalikes(self):
+        """C{..} is a stuffed dot, C{\\r\\n.x} a stuffed line; only C{\\r\\n.\\r\\n} ends the text."""
+        replies, message = self.deliver(b"a\r\n..\r\n.x\r\n...\r\n.\r\nNOOP\r\n", [])
+        self.assertEqual([r[:9] for r in replies], [b"250 2.0.0", b"250 2.0.0"])
+        self.assertTrue(message.endswith(b"\r\na\r\n.\r\nx\r\n..\r\n"), message)
+
+
+def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c for c in cuts if 0 < c < len(data)})
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
