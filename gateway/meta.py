@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
@@ -54,6 +55,18 @@ def ip_or_none(host: str | None) -> str | None:
     except ValueError:
         return None
     return host
+
+
+def in_networks(
+    address: str | None,
+    networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+) -> bool:
+    """Whether C{address} (any spelling, IPv4-mapped included) is in one of C{networks}."""
+    address = ip_or_none(address)
+    if address is None or not networks:
+        return False
+    ip = ipaddress.ip_address(address)
+    return any(ip in network for network in networks)
 
 
 @attrs.define(eq=False)

@@ -268,11 +268,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def opt_smtp_trusted_network(self, cidr: str) -> None:
         """A network (CIDR) whose clients may submit without AUTH (repeatable)."""
-        try:
-            network = ipaddress.ip_network(cidr.strip(), strict=False)
-        except ValueError as e:
-            raise usage.UsageError(f"--smtp-trusted-network {cidr!r}: {e}") from None
-        self.setdefault("trustedNetworks", []).append(network)
+        self.setdefault("trustedNetworks", []).append(_network("smtp-trusted-network", cidr))
 
     def opt_http_host(self, name: str) -> None:
         """
@@ -289,11 +285,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         A proxy network (CIDR) whose X-Forwarded-* and X-Original-* headers
         are believed (repeatable).
         """
-        try:
-            network = ipaddress.ip_network(cidr.strip(), strict=False)
-        except ValueError as e:
-            raise usage.UsageError(f"--http-trusted-proxy {cidr!r}: {e}") from None
-        self.setdefault("trustedProxies", []).append(network)
+        self.setdefault("trustedProxies", []).append(_network("http-trusted-proxy", cidr))
 
     def opt_socks_allow(self, rule: str) -> None:
         """
@@ -431,6 +423,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             os.makedirs(self["spoolDir"], mode=0o700, exist_ok=True)
         except OSError as e:
             raise usage.UsageError(f"--spool {self['spoolDir']}: {e.strerror}") from None
+
+
+def _network(option: str, cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """A CIDR option's network; a usage error naming the option otherwise."""
+    try:
+        return ipaddress.ip_network(cidr.strip(), strict=False)
+    except ValueError as e:
+        raise usage.UsageError(f"--{option} {cidr!r}: {e}") from None
 
 
 def _check_readable(what: str, path: str) -> None:

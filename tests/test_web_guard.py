@@ -32,7 +32,8 @@ from gateway.checkers.pipeline import Throttle
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.web.guard import Guard, HTTPSettings
-from gateway.web.resources import WebApp, parse_target, resource_name
+from gateway.web.resources import BadTarget, WebApp, parse_target
+from gateway.web.resources import resource_name as resource_of
 from gateway.web.server import GatewaySite
 from tests.support import FixedChecker
 
@@ -594,6 +595,14 @@ class BoundsTests(GuardTestCase):
         channel.dataReceived(b"GET /whoami HTTP/1.1\r\n")
         self.clock.advance(31)
         self.assertTrue(transport.disconnecting or not transport.connected)
+
+
+def resource_name(host, path):
+    """The ACL resource of a request target, None when it is refused (400) or the host unusable."""
+    try:
+        return resource_of(host, parse_target(path))
+    except BadTarget:
+        return None
 
 
 class ResourceNameTests(SynchronousTestCase):

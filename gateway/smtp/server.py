@@ -14,7 +14,6 @@ smuggle a second one past the end-of-data marker.
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -31,7 +30,7 @@ from twisted.python.failure import Failure
 from gateway.aaa import IAccessPolicy
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.checkers.pipeline import Reject, TemporaryFailure
-from gateway.meta import ConnectionMeta
+from gateway.meta import ConnectionMeta, in_networks
 from gateway.realm import login
 from gateway.smtp import sasl
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter
@@ -456,14 +455,7 @@ class SubmissionServer(smtp.ESMTP):
     def _may_submit(self) -> bool:
         if self.auth_info is not None:
             return True
-        peer = self.meta.peer_address
-        if not peer or not self.settings.trusted_networks:
-            return False
-        try:
-            address = ipaddress.ip_address(peer)
-        except ValueError:
-            return False
-        return any(address in network for network in self.settings.trusted_networks)
+        return in_networks(self.meta.peer_address, self.settings.trusted_networks)
 
     def _refused(self) -> bool:
         """Answer 530 when this session may not submit (yet)."""

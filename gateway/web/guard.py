@@ -36,7 +36,7 @@ from zope.interface import implementer
 
 from gateway.checkers.pipeline import TemporaryFailure, Throttled
 from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
-from gateway.meta import ConnectionMeta, ip_or_none
+from gateway.meta import ConnectionMeta, in_networks, ip_or_none
 from gateway.realm import login
 
 log = Logger()
@@ -80,15 +80,6 @@ class MalformedCredentials(Exception):
 def quoted_string(value: str) -> str:
     """An RFC 9110 quoted-string."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def in_networks(address: str | None, networks: Sequence[Network]) -> bool:
-    """Whether C{address} (any spelling, IPv4-mapped included) is in one of C{networks}."""
-    address = ip_or_none(address)
-    if address is None or not networks:
-        return False
-    ip = ipaddress.ip_address(address)
-    return any(ip in network for network in networks)
 
 
 def header(request: server.Request, name: bytes, *, once: bool = False) -> bytes | None:

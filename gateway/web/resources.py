@@ -103,17 +103,13 @@ def canonical_host(host: str | bytes | None) -> str | None:
     return host
 
 
-def resource_name(host: str | bytes | None, path: bytes) -> str | None:
+def resource_name(host: str | bytes | None, target: Target) -> str | None:
     """
-    The ACL resource of C{path} (no query) on C{host}, or None when the host
-    is unusable (which is a denial).
+    The ACL resource of C{target} on C{host}, or None when the host is
+    unusable (which is a denial).
     """
     name = canonical_host(host)
     if name is None:
-        return None
-    try:
-        target = parse_target(path or b"/")
-    except BadTarget:
         return None
     return "/".join(["http", name, *target.segments])
 
@@ -139,11 +135,10 @@ class WebApp:
         return Session(self, info, credentials)
 
     def allowed(self, session: Session, host: Any, target: Target, method: bytes) -> bool:
-        name = canonical_host(host)
-        if name is None:
+        resource = resource_name(host, target)
+        if resource is None:
             return False
         privilege = method.decode("latin-1").lower()
-        resource = "/".join(["http", name, *target.segments])
         return self.policy.query_resource_access(session.info, resource, privilege)
 
 
