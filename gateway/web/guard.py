@@ -101,16 +101,19 @@ def via_trusted_proxy(request: server.Request, settings: HTTPSettings) -> bool:
     return in_networks(getattr(request.getClientAddress(), "host", None), settings.trusted_proxies)
 
 
-def client_of(request: server.Request, settings: HTTPSettings) -> tuple[str | None, bool]:
+def client_of(
+    request: server.Request, settings: HTTPSettings, via_proxy: bool
+) -> tuple[str | None, bool]:
     """
-    The client's address and whether it used TLS. From a trusted proxy these
-    come from X-Forwarded-For (the rightmost address that is not a trusted
-    proxy) and X-Forwarded-Proto; from anyone else, from the connection.
+    The client's address and whether it used TLS. From a trusted proxy
+    (C{via_proxy}: L{via_trusted_proxy}) these come from X-Forwarded-For (the
+    rightmost address that is not a trusted proxy) and X-Forwarded-Proto;
+    from anyone else, from the connection.
     """
     peer = getattr(request.getClientAddress(), "host", None)
     peer = ip_or_none(peer) or peer
     secure = request.isSecure()
-    if not via_trusted_proxy(request, settings):
+    if not via_proxy:
         return peer, secure
     forwarded = b",".join(request.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
     for hop in reversed(forwarded.split(b",")):
@@ -126,9 +129,11 @@ def client_of(request: server.Request, settings: HTTPSettings) -> tuple[str | No
     return peer, secure
 
 
-def meta_of(request: server.Request, settings: HTTPSettings, listener: str | None) -> ConnectionMeta:
+def meta_of(
+    request: server.Request, settings: HTTPSettings, listener: str | None, via_proxy: bool
+) -> ConnectionMeta:
     """The L{ConnectionMeta} of one request (HTTP has one per request)."""
-    peer, secure = client_of(request, settings)
+    peer, secure = client_of(request, settings, via_proxy)
     host = request.getHost()
     return ConnectionMeta(
         protocol="http",
@@ -313,8 +318,8 @@ class Guard(resource.Resource):
         decided = getattr(request, "gateway_decision", None)
         if decided is not None:
             return decided
-        request.gateway_via_proxy = via_trusted_proxy(request, self.settings)
-        meta = request.gateway_meta = meta_of(request, self.settings, self.listener)
+        via = request.gateway_via_proxy = via_trusted_proxy(request, self.settings)
+        meta = request.gateway_meta = meta_of(request, self.settings, self.listener, via)
         try:
             credentials = self._credentials(request, meta)
         except MalformedCredentials as e:
