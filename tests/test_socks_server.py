@@ -9,6 +9,8 @@ from __future__ import annotations
 import socket
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, error, protocol, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -863,3 +865,38 @@ class BindPortTests(SOCKSTestCase):
                         "identity.Authenticated = {}\n")
         self.make(acl=acl)
         self.assertEqual(self.bind(25), reply(2))
+
+
+class LibcAgreementTests(SynchronousTestCase):
+    """What getaddrinfo reads as an IP literal never passes as a host name."""
+
+    @staticmethod
+    def numeric(text):
+        try:
+            found = socket.getaddrinfo(text, 80, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError, ValueError):
+            return None
+        return found[0][4][0]
+
+    def check(self, text):
+        from gateway.socks.server import canonical_name, plain_address
+
+        literal = self.numeric(text)
+        if literal is not None and "%" not in text:
+            address = plain_address(text)
+            self.assertIsNotNone(address, text)
+            self.assertEqual(str(address), str(plain_address(literal)), text)
+        name = canonical_name(text)
+        if name is not None:
+            self.assertIsNone(self.numeric(name), text)
+            self.assertIsNone(self.numeric(name + "."), text)
+
+    def test_examples(self):
+        for text in ("127.1", "2130706433", "0x7f.1", "0177.0.0.1", "0", "0x", "1.2.3", "1..2",
+                     "0xffffffff", "00000000000000000001", "127.0.0.1.", "example.com", "0e1"):
+            self.check(text)
+
+    @given(st.text(alphabet="0123456789abcdefxX.", max_size=24))
+    @settings(max_examples=500, deadline=None)
+    def test_numeric_alphabet(self, text):
+        self.check(text)
