@@ -26,6 +26,9 @@ record must not open those, only a CIDR rule can. The networks are written
 out here rather than taken from C{ipaddress}' C{is_private} / C{is_global},
 which were wrong before Python 3.12.4 (CVE-2024-4032) and know no metadata
 addresses.
+
+BIND (KumoMTA's egress source) may pick a privileged source port (1-1023)
+only with an ACL rule whose key names that port (L{source_port_named}).
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ SPECIAL_V4: tuple[Special, ...] = (
     Special("169.254.0.0/16", "Link Local (cloud metadata 169.254.169.254)", "RFC 3927",
             sensitive=True),
     Special("172.16.0.0/12", "Private-Use", "RFC 1918"),
-    Special("192.0.0.0/24", "IETF Protocol Assignments", "RFC 6890", reachable=None),
+    Special("192.0.0.0/24", "IETF Protocol Assignments", "RFC 6890"),
     Special("192.0.0.0/29", "IPv4 Service Continuity Prefix", "RFC 7335"),
     Special("192.0.0.8/32", "IPv4 dummy address", "RFC 7600"),
     Special("192.0.0.9/32", "Port Control Protocol Anycast", "RFC 7723", reachable=True),
@@ -215,7 +218,6 @@ def is_sensitive(address: IPAddress) -> bool:
     if any(address in n for n in _V6_SENSITIVE):
         return True
     return any(is_sensitive(inner) for inner in embedded_ipv4s(address))
-
 
 
 def is_public(address: IPAddress) -> bool:
