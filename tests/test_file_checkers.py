@@ -6,6 +6,7 @@ C{--auth tokens:PATH}, with reloading, the dummy-hash path and the plugins.
 from __future__ import annotations
 
 import os
+import threading
 from collections import Counter
 
 from twisted.cred import strcred
@@ -14,7 +15,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from gateway import testing
@@ -22,7 +23,14 @@ from gateway.checkers import hashes
 from gateway.checkers import files
 from gateway.checkers.files import IReloadable, StoreError, WatchedFile, atomic_write
 from gateway.checkers.htpasswd import HtpasswdChecker, add_user, delete_user
-from gateway.checkers.pipeline import IHashingChecker, InlinePool, Verifier
+from gateway.checkers.pipeline import (
+    HashPool,
+    IHashingChecker,
+    InlinePool,
+    PoolFull,
+    ShuttingDown,
+    Verifier,
+)
 from gateway.checkers.tokens import TokenChecker, add_token, revoke
 from tests.support import ManualPool
 
@@ -480,3 +488,36 @@ class PluginTests(SynchronousTestCase):
             self.assertEqual(factory.authType, name)
             self.assertRaises(StoreError, factory.generateChecker, "")
             self.assertRaises(StoreError, factory.generateChecker, self.mktemp())
+
+
+class HashPoolLoadTests(TestCase):
+    """L{HashPool.load}: the reload thread, outside the hash queue's bound."""
+
+    @defer.inlineCallbacks
+    def test_load_while_hash_queue_full(self):
+        from twisted.internet import reactor
+
+        pool = HashPool(reactor, threads=1, max_pending=1)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        busy = pool.run(release.wait, 30)
+        self.failureResultOf(pool.run(int), PoolFull)
+        names = yield pool.load(lambda: threading.current_thread().name)
+        self.assertIn("authgateway-load", names)
+        self.assertEqual(pool.pending, 1)  # the load took no slot
+        release.set()
+        yield busy
+
+    def test_stopped_pool_refuses_loads(self):
+        pool = HashPool(task.Clock(), threads=1)
+        pool.startService()
+        self.assertTrue(pool.loader.started)
+        pool.stopService()
+        self.assertFalse(pool.loader.started)
+        self.failureResultOf(pool.load(int), ShuttingDown)
+
+    def test_shared_pool_loads_in_the_given_pool(self):
+        pool = HashPool.shared()
+        self.assertIs(pool.loader, pool.threadpool)
