@@ -215,6 +215,31 @@ class AtomicWriteTests(SynchronousTestCase):
         self.assertEqual(len(set(names)), 2)
         self.assertTrue(all(name.startswith(".store.") for name in names))
 
+    def test_link_swapped_in_before_reading(self) -> None:
+        """A link planted after the early check is not read through either."""
+        from gateway.checkers import htpasswd as htpasswd_module
+
+        self.patch(htpasswd_module, "check_rewritable", lambda name: None)
+        self.patch(tokens, "check_rewritable", lambda name: None)
+        target = self.victim()
+        for rewrite in (
+            lambda: add_user(self.path, "mallory", PASSWORD, **CHEAP),
+            lambda: delete_user(self.path, "root"),
+            lambda: add_token(self.path, "mallory"),
+            lambda: revoke(self.path, "root"),
+        ):
+            e = self.assertRaises(StoreError, rewrite)
+            self.assertIn("symbolic link", str(e))
+        self.assertEqual((_read(target), _mode(target)), (b"root:x\n", 0o640))
+        self.assertTrue(os.path.islink(self.path))
+
+    def test_fifo_not_read(self) -> None:
+        """A FIFO at a store's path is an error at once, for readers too, not a hang."""
+        os.mkfifo(self.path)
+        for read in (read_text, list_users, list_tokens, lambda p: delete_user(p, "x")):
+            e = self.assertRaises(StoreError, read, self.path)
+            self.assertIn("not a regular file", str(e))
+
     def test_rewriters_refuse_symlinks_before_reading(self) -> None:
         """add/del/token add/revoke refuse a linked store without reading its target."""
         target = self.victim()

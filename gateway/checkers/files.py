@@ -52,11 +52,26 @@ def _reason(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
-def _read_bytes(name: str) -> tuple[os.stat_result, bytes]:
-    """The file's status and contents (at most L{MAX_FILE} bytes), or L{StoreError}."""
+def _read_bytes(name: str, follow_links: bool = True) -> tuple[os.stat_result, bytes]:
+    """
+    The file's status and contents (at most L{MAX_FILE} bytes), or L{StoreError}.
+    Only a regular file is read (a FIFO would block); with C{follow_links}
+    false, a symbolic link is refused as L{atomic_write} refuses it.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_links:
+        flags |= os.O_NOFOLLOW
     try:
-        with open(name, "rb") as f:
+        fd = os.open(name, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow_links and os.path.islink(name):
+            _refuse_link(name, os.lstat(name))
+        raise StoreError(f"{name}: {_reason(e)}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{name}: not a regular file")
             data = f.read(MAX_FILE + 1)
     except OSError as e:
         raise StoreError(f"{name}: {_reason(e)}") from None
@@ -65,10 +80,14 @@ def _read_bytes(name: str) -> tuple[os.stat_result, bytes]:
     return st, data
 
 
-def read_text(path: str | os.PathLike[str]) -> str:
-    """The UTF-8 contents of C{path}, or L{StoreError} saying why not."""
+def read_text(path: str | os.PathLike[str], follow_links: bool = True) -> str:
+    """
+    The UTF-8 contents of C{path}, or L{StoreError} saying why not. Rewrites
+    read with C{follow_links=False}: what they write back is then never the
+    contents of a link's target.
+    """
     name = os.fspath(path)
-    return decode_utf8(_read_bytes(name)[1], name)
+    return decode_utf8(_read_bytes(name, follow_links)[1], name)
 
 
 def decode_utf8(data: bytes, name: str) -> str:
@@ -80,10 +99,10 @@ def decode_utf8(data: bytes, name: str) -> str:
         raise StoreError(f"{name}:{line}: not valid UTF-8") from None
 
 
-def read_existing(path: str | os.PathLike[str]) -> str | None:
+def read_existing(path: str | os.PathLike[str], follow_links: bool = True) -> str | None:
     """Like L{read_text}, but C{None} when C{path} does not exist."""
     try:
-        return read_text(path)
+        return read_text(path, follow_links)
     except StoreError:
         if not os.path.lexists(path):
             return None

@@ -158,7 +158,7 @@ def add_user(
     if not os.path.isdir(directory):
         raise StoreError(f"{directory}: no such directory")
     check_rewritable(name)
-    _refuse_duplicate(name, read_existing(name), user)
+    _refuse_duplicate(name, read_existing(name, follow_links=False), user)
     try:
         password.encode("utf-8")
     except UnicodeEncodeError:
@@ -171,7 +171,7 @@ def add_user(
     if group_names:
         line += f":{_GROUPS}{','.join(group_names)}"
     with locked(name):
-        text = read_existing(name)
+        text = read_existing(name, follow_links=False)
         _refuse_duplicate(name, text, user)
         bom, body = split_bom(text or "")
         atomic_write(name, bom + append_line(body, line))
@@ -195,7 +195,7 @@ def delete_user(path: str | os.PathLike[str], user: str) -> None:
     name = os.fspath(path)
     check_rewritable(name)
     with locked(name):
-        bom, body = split_bom(read_text(name))
+        bom, body = split_bom(read_text(name, follow_links=False))
         lines = split_lines(body)
         kept = [line for line in lines if first_field(line) != user]
         if len(kept) == len(lines):

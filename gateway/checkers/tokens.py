@@ -209,7 +209,7 @@ def add_token(
     created = utc_timestamp((now or _utcnow)())
     check_rewritable(name)
     with locked(name):
-        bom, body = split_bom(read_existing(name) or "")
+        bom, body = split_bom(read_existing(name, follow_links=False) or "")
         taken = {first_field(line) for line in split_lines(body)}
         token = new_token()
         while token_digest(token) in taken:  # pragma: no cover - 2**-256
@@ -234,7 +234,7 @@ def revoke(path: str | os.PathLike[str], user_or_prefix: str) -> list[TokenEntry
     key = user_or_prefix
     check_rewritable(name)
     with locked(name):
-        text = read_text(name)
+        text = read_text(name, follow_links=False)
         table = parse_tokens(text, name)
         targets = list(table.for_user(key))
         if not targets and TOKEN_PREFIX in key:  # a pasted token: never echo it
