@@ -36,6 +36,7 @@ from gateway.aaa import (
 )
 from gateway.authinfo import AuthInfo
 from gateway.checkers import CheckerLoadError, hashes, load_checker
+from gateway.checkers.files import IReloadable
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
@@ -519,6 +520,8 @@ def build_core(options: Options, reactor: Any) -> Core:
     for checker in options["credCheckers"]:
         if IHashingChecker.providedBy(checker):
             checker.use_verifier(verifier)
+        if IReloadable.providedBy(checker):  # file reloads in the pool's own thread
+            checker.use_loader(hash_pool.load, reactor)
     web = WebApp(policy, options["httpSettings"], _upstream_proxy(options["httpSettings"], reactor))
     realm.register_avatar(IResource, web.avatar)
     throttle = Throttle(
