@@ -104,6 +104,88 @@ class AuthInfoForTests(SynchronousTestCase):
         )
         self.assertNotIn("admins", info.groups)
 
+    def test_checker_cannot_replace_the_authzid(self):
+        """
+        A checker's authorization identity is its approval of exactly the
+        authzid requested (with none, of an identity that proved itself);
+        any other one fails the login instead of replacing the request.
+        """
+
+        def names(authz):
+            return {"identities": [
+                {"identity": authz, "context": "SmtpAuthPlainAuthorization"},
+                {"identity": "daniel", "context": "SmtpAuthPlainAuthentication"},
+            ]}
+
+        granting = Realm(authorize=lambda info, authzid: True)
+        for realm in (self.realm, granting):
+            for requested, listed in [("sales", "boss"), ("", "boss"), ("daniel", "boss"),
+                                      ("sales", "daniel")]:
+                creds = testing.sasl_plain("daniel", "pw", authzid=requested)
+                self.assertRaises(UnauthorizedLogin, realm.auth_info_for, names(listed), creds)
+            creds = testing.sasl_plain("daniel", "pw", authzid="sales")
+            self.assertEqual(
+                self.pairs(realm.auth_info_for(names("sales"), creds)),
+                [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+            )
+            for requested in ("", "daniel"):
+                creds = testing.sasl_plain("daniel", "pw", authzid=requested)
+                self.assertEqual(realm.auth_info_for(names("daniel"), creds).names(), {"daniel"})
+
+    def test_authorization_identity_without_sasl(self):
+        """
+        HTTP, SOCKS and Bearer logins have no authzid: an authorization
+        identity from their checker must be one of the proved identities.
+        """
+        value = {"identities": [
+            {"identity": "ceo", "context": "SmtpAuthPlainAuthorization"},
+            {"identity": "daniel", "context": "HttpBasicAuth"},
+        ]}
+        for creds in (testing.http_basic("daniel", "pw"), testing.rfc1929("daniel", "pw"),
+                      testing.bearer("tok"), None):
+            self.assertRaises(UnauthorizedLogin, self.realm.auth_info_for, value, creds)
+        same = {"identities": [
+            {"identity": "daniel", "context": "SmtpAuthPlainAuthorization"},
+            {"identity": "daniel", "context": "HttpBasicAuth"},
+        ]}
+        self.assertEqual(self.realm.auth_info_for(same, testing.http_basic("daniel", "pw")).names(),
+                         {"daniel"})
+
+    def test_only_authorization_identities(self):
+        """An AuthInfo naming whom to act as but nobody who proved it is no login."""
+        value = {"identities": [{"identity": "sales", "context": "SmtpAuthPlainAuthorization"}]}
+        for authzid in ("sales", ""):
+            creds = testing.sasl_plain("daniel", "pw", authzid=authzid)
+            self.assertRaises(UnauthorizedLogin, self.realm.auth_info_for, value, creds)
+
+    def test_authorize_sees_groups_and_peer(self):
+        """The authorize hook sees the C{--groups} groups and the connection's peer."""
+        asked = []
+
+        def authorize(info, authzid):
+            asked.append((info.groups, info.peer_address, self.pairs(info)))
+            return "staff" in info.groups
+
+        realm = Realm(groups=GROUPS, authorize=authorize)
+        creds = testing.sasl_plain("daniel", "pw", authzid="sales", peer="192.0.2.99")
+        info = realm.auth_info_for("daniel", creds)
+        self.assertEqual(asked, [(("staff", "sales"), "192.0.2.99",
+                                  [("daniel", "SmtpAuthPlainAuthentication")])])
+        self.assertEqual(
+            self.pairs(info),
+            [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+        )
+        self.assertEqual(info.groups, ("staff", "sales"))
+        self.assertRaises(UnauthorizedLogin, realm.auth_info_for, "proxyuser",
+                          testing.sasl_plain("proxyuser", "pw", authzid="daniel"))
+
+    def test_authzid_never_an_identity(self):
+        """An authzid with control characters is a failed login, not a checker error."""
+        realm = Realm(authorize=lambda info, authzid: True)
+        for authzid in ("a\x01b", "ceo\r\nX-Injected: 1", "\x7f"):
+            creds = testing.sasl_plain("daniel", "pw", authzid=authzid)
+            self.assertRaises(UnauthorizedLogin, realm.auth_info_for, "daniel", creds)
+
     def test_no_mind(self):
         info = self.realm.auth_info_for("daniel", None)
         self.assertEqual(self.pairs(info), [("daniel", "GenericAuth")])
