@@ -183,7 +183,10 @@ def authz_grants(policy: IAccessPolicy | None) -> Callable[[IAuthInfo, str], boo
     SMTP identity needs privilege C{authorize} on L{authz_resource}; without
     an ACL (C{None}) nobody may. The hook is asked about the identities that
     proved themselves (the authorization identity is not in the session yet).
+    L{AllowAuthenticated}, the policy without C{--acl}, grants nothing either.
     """
+    if isinstance(policy, AllowAuthenticated):
+        policy = None
 
     def authorize(auth_info: IAuthInfo, authzid: str) -> bool:
         resource = authz_resource(authzid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -18,9 +19,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from gateway import aaa
+from gateway import aaa, tap, testing
 from gateway.checkers import CallableChecker, smtp_server_auth_plain
-from gateway.realm import Realm, make_portal
+from gateway.realm import Realm, login, make_portal
 from gateway.smtp.server import SMTPSettings, SubmissionFactory
 from gateway.smtp.spool import Spool
 
@@ -194,3 +195,40 @@ class ActingAsSomeoneElseTests(SynchronousTestCase):
             self.assertEqual(
                 self.send(b"AUTH PLAIN " + plain(requested) + b"\r\n"), [b"535 5.7.8"], requested
             )
+
+
+class GatewayWiringTests(SynchronousTestCase):
+    """C{twistd authgateway --checker ... --acl ...}: the realm's hook is the ACL's authz grant."""
+
+    def core(self, acl_text: str | None) -> Any:
+        args = ["--data-dir", self.mktemp(), "--checker", "tests.test_authz.auth_plain"]
+        if acl_text is not None:
+            path = self.mktemp()
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(acl_text)
+            args += ["--acl", path]
+        options = tap.Options()
+        options.parseOptions(args)
+        self.clock = Clock()
+        return tap.build_core(options, reactor=self.clock)
+
+    def login(self, core: Any, authzid: str) -> Any:
+        d = login(core.portal, testing.sasl_plain("daniel", "tiger", authzid=authzid))
+        self.clock.advance(60)  # failures are answered after the throttle's delay
+        return d
+
+    def test_grant_through_the_acl_file(self) -> None:
+        core = self.core(SENDERS + AUTHZ_CEO)
+        _, info, _ = self.successResultOf(self.login(core, "ceo"))
+        self.assertEqual(
+            [(i.identity, i.context.value) for i in info.identities],
+            [("ceo", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+        )
+        self.failureResultOf(self.login(core, "boss"), UnauthorizedLogin)
+        self.failureResultOf(self.login(core, "ceo/x"), UnauthorizedLogin)
+
+    def test_no_acl_no_grant(self) -> None:
+        core = self.core(None)
+        self.failureResultOf(self.login(core, "ceo"), UnauthorizedLogin)
+        _, info, _ = self.successResultOf(self.login(core, ""))
+        self.assertEqual(info.names(), {"daniel"})
