@@ -9,6 +9,8 @@ were approved.
 from __future__ import annotations
 
 import base64
+import os
+import re
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -232,3 +234,33 @@ class GatewayWiringTests(SynchronousTestCase):
         self.failureResultOf(self.login(core, "ceo"), UnauthorizedLogin)
         _, info, _ = self.successResultOf(self.login(core, ""))
         self.assertEqual(info.names(), {"daniel"})
+
+
+class ReadmeACLTests(SynchronousTestCase):
+    """The README's authz example ACL ("Groups and ACL") does what the text says."""
+
+    def acl(self) -> aaa.AccessControlMap:
+        readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+        with open(readme, encoding="utf-8") as f:
+            blocks = re.findall(r"```toml\n(.*?)```", f.read(), re.S)
+        (block,) = [b for b in blocks if "smtp/authz/ceo" in b]
+        return aaa.parse_acl(block, "README.md")
+
+    def test_example(self) -> None:
+        acl = self.acl()
+        realm = Realm(authorize=aaa.authz_grants(acl))
+
+        def session(authcid: str, authzid: str = "") -> Any:
+            return realm.auth_info_for(authcid, testing.sasl_plain(authcid, "pw", authzid))
+
+        def may_send(info: Any, local: str) -> bool:
+            return acl.query_resource_access(info, f"smtp/sender/example.com/{local}", "send")
+
+        as_ceo = session("daniel", "ceo")
+        self.assertTrue(may_send(as_ceo, "ceo"))
+        self.assertFalse(may_send(as_ceo, "daniel"))
+        self.assertTrue(may_send(session("daniel"), "daniel"))
+        self.assertFalse(may_send(session("daniel"), "ceo"))
+        self.assertTrue(may_send(session("ceo"), "ceo"))
+        self.assertRaises(UnauthorizedLogin, session, "mallory", "ceo")
+        self.assertRaises(UnauthorizedLogin, session, "ceo", "daniel")

@@ -9,7 +9,7 @@ import os
 import re
 import sys
 
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -109,6 +109,40 @@ class ReadmeExampleTests(SynchronousTestCase):
         socks = load_checker("seedcheckers.auth_socks")
         info = self.successResultOf(testing.authenticate(plain, testing.sasl_plain("daniel", "tiger")))
         self.assertEqual(info.names(), {"daniel"})
+        for authcid, password in [("daniel", "lion"), ("daniel", ""), ("bob", ""), ("", "")]:
+            self.failureResultOf(
+                testing.authenticate(plain, testing.sasl_plain(authcid, password)), UnauthorizedLogin
+            )
+        self.failureResultOf(
+            testing.authenticate(plain, testing.http_basic("daniel", "tiger")), UnhandledCredentials
+        )
+
+    def test_seed_function_authzid(self):
+        """
+        The README's auth_plain cannot be talked into acting as anyone
+        (issue 11: C{ceo NUL daniel NUL tiger}); its explicit grant works.
+        """
+        plain = load_checker("seedcheckers.auth_plain")
+        for authzid, authcid, password in [
+            ("ceo", "daniel", "tiger"), ("alice", "daniel", "tiger"), ("ceo", "alice", "lion"),
+        ]:
+            creds = testing.sasl_plain(authcid, password, authzid)
+            self.failureResultOf(testing.authenticate(plain, creds), UnauthorizedLogin)
+        info = self.successResultOf(
+            testing.authenticate(plain, testing.sasl_plain("alice", "lion", "daniel"))
+        )
+        testing.assert_auth_info(
+            self, info,
+            [("daniel", "SmtpAuthPlainAuthorization"), ("alice", "SmtpAuthPlainAuthentication")],
+        )
+        info = self.successResultOf(
+            testing.authenticate(plain, testing.sasl_plain("alice", "lion", "alice"))
+        )
+        self.assertEqual(info.names(), {"alice"})
+
+    def test_seed_socks(self):
+        plain = load_checker("seedcheckers.auth_plain")
+        socks = load_checker("seedcheckers.auth_socks")
         info = self.successResultOf(
             testing.authenticate([plain, socks], testing.rfc1929("proxyuser", "secretpassword"))
         )
