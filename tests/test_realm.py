@@ -6,6 +6,8 @@ protocol avatars come from that AuthInfo; login events carry no secret.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -18,7 +20,7 @@ from zope.interface.verify import verifyObject
 
 from gateway import testing
 from gateway.aaa import parse_groups
-from gateway.authinfo import AuthInfo, IAuthInfo
+from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.checkers import CallableChecker
 from gateway.checkers.pipeline import (
     AuthBackendError,
@@ -464,3 +466,63 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual(formatEvent(self.events[0]),
                          "auth deferred: socks RFC1929 identity='bob' peer=192.0.2.10: "
                          "password verification queue is full")
+
+
+NAMES = st.sampled_from(["", "daniel", "ceo", "sales", "a/b"])
+CONTEXTS = st.sampled_from(list(IdentityContext))
+
+
+class AuthorizationPropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(
+        authzid=NAMES,
+        authcid=NAMES.filter(bool),
+        result=st.one_of(
+            NAMES.filter(bool),
+            st.lists(st.tuples(NAMES.filter(bool), CONTEXTS), max_size=3).map(
+                lambda ids: {"identities": [{"identity": n, "context": c.value} for n, c in ids]}
+            ),
+        ),
+        grants=st.frozensets(NAMES.filter(bool)),
+        protocol=st.sampled_from(["smtp", "http", "socks"]),
+    )
+    def test_no_unapproved_authorization(self, authzid, authcid, result, grants, protocol):
+        """
+        Whatever a checker returns, a session acts only as an identity that
+        proved itself, as the authzid the checker named, or as one the hook
+        granted; never as an authzid the client merely asked for.
+        """
+        asked = []
+
+        def authorize(info, name):
+            asked.append(name)
+            return name in grants
+
+        if protocol == "smtp":
+            creds = testing.sasl_plain(authcid, "pw", authzid)
+        elif protocol == "http":
+            creds = testing.http_basic(authcid, "pw")
+        else:
+            creds = testing.rfc1929(authcid, "pw")
+        try:
+            info = Realm(authorize=authorize).auth_info_for(result, creds)
+        except UnauthorizedLogin:
+            return
+        authz = {i.identity for i in info.identities
+                 if i.context is IdentityContext.SmtpAuthPlainAuthorization}
+        proven = {i.identity for i in info.identities
+                  if i.context is not IdentityContext.SmtpAuthPlainAuthorization}
+        self.assertTrue(proven)
+        listed = isinstance(result, dict) and any(
+            i["identity"] == authzid and i["context"] == "SmtpAuthPlainAuthorization"
+            for i in result["identities"]
+        )
+        for name in authz:
+            requested = authzid if protocol == "smtp" else ""
+            if requested:
+                self.assertEqual(name, requested)
+                self.assertTrue(name in proven or listed or name in asked and name in grants)
+            else:
+                self.assertIn(name, proven)
+        if protocol != "smtp":
+            self.assertEqual(asked, [])

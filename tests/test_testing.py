@@ -14,6 +14,7 @@ from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
+from gateway.aaa import parse_acl
 from gateway.checkers import CallableChecker, load_checker
 from gateway.credentials import (
     BearerToken,
@@ -59,6 +60,25 @@ class HelperTests(SynchronousTestCase):
         for password in ("one", "two"):
             self.successResultOf(testing.authenticate(checkers, testing.http_basic("u", password)))
         self.failureResultOf(testing.authenticate(checkers, testing.http_basic("u", "x")), UnauthorizedLogin)
+
+    def test_authenticate_with_acl(self):
+        """The ACL's C{smtp/authz} grant, as the gateway's C{--acl} applies it."""
+        acl = parse_acl(
+            '[[acl."smtp/authz/sales"]]\nallow = true\nprivileges = ["authorize"]\n'
+            'identity.Group = "staff"\n'
+        )
+        checker = CallableChecker(lambda authz, authc, password, meta: password == "tiger")
+        creds = testing.sasl_plain("daniel", "tiger", "sales")
+        self.failureResultOf(testing.authenticate(checker, creds), UnauthorizedLogin)
+        self.failureResultOf(testing.authenticate(checker, creds, acl=acl), UnauthorizedLogin)
+        info = self.successResultOf(
+            testing.authenticate(checker, creds, groups={"staff": ["daniel"]}, acl=acl)
+        )
+        testing.assert_auth_info(
+            self, info,
+            [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+            groups=["staff"],
+        )
 
     def test_assert_auth_info_fails(self):
         """The assertion helper really fails on a mismatch."""
