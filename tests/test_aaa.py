@@ -463,6 +463,7 @@ class AuthzGrantTests(SynchronousTestCase):
         assistant = AuthInfo(identities=smtp(None, "alice").identities, groups=["assistants"])
         self.assertTrue(authorize(assistant, "boss"))
         self.assertTrue(authorize(assistant, "*"))  # a name like any other
+        self.assertFalse(authorize(daniel, "*"))  # not a wildcard in a query
         for name in ("ceo/x", "boss/x", "x/ceo", ""):
             self.assertFalse(authorize(daniel, name), name)
             self.assertFalse(authorize(assistant, name), name)
