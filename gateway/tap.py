@@ -36,6 +36,7 @@ from gateway.aaa import (
 from gateway.authinfo import AuthInfo
 from gateway.checkers import CheckerLoadError, hashes, load_checker
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
+from gateway.connections import Connections, ListenSettings, with_backlog
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
@@ -81,6 +82,8 @@ class Core:
     smtp: SMTPSettings
     web: WebApp
     socks: SOCKSSettings
+    #: Connections per peer and the process-wide descriptor budget.
+    connections: Connections = attrs.field(factory=Connections)
 
 
 def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], Any]:
@@ -102,6 +105,11 @@ def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], An
 
 def _number(option: str, default: Any, doc: str, kind: type, zero: bool = False) -> list[Any]:
     return [option, None, default, doc, _positive(option, kind, zero)]
+
+
+def _default(settings: type, name: str) -> Any:
+    """The default of a settings class attribute: the one source of an option's default."""
+    return attrs.fields_dict(settings)[name].default
 
 
 #: --auth types whose ARGS are file names, safe to show in an error.
@@ -131,6 +139,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["tls-key", None, None, "PEM private key for --tls-cert (default: inside --tls-cert)."],
         ["groups", None, None, "Group file, Apache htgroup format: 'group: user1 user2'."],
         ["acl", None, None, "ACL file (TOML, KumoMTA [[acl.\"resource\"]] syntax)."],
+        _number("listen-backlog", _default(ListenSettings, "backlog"),
+                "Accept queue of listeners whose endpoint sets no backlog=.", int),
+        _number("tls-handshake-timeout", _default(ListenSettings, "handshake_timeout"),
+                "Seconds a client of an implicit-TLS listener has to finish the handshake.",
+                float),
         # The verification pipeline: throttle -> checkers -> cache -> hash pool.
         _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
         _number("hash-queue", 64,
@@ -155,6 +168,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("smtp-max-size", 35 * 1024 * 1024, "Largest message in octets (SIZE).", int),
         _number("smtp-max-recipients", 100, "Recipients per message.", int),
         _number("smtp-timeout", 300.0, "Idle seconds before an SMTP session is closed.", float),
+        _number("smtp-max-connections-per-peer", _default(SMTPSettings, "max_connections_per_peer"),
+                "Connections per client address (IPv6 /64) on --smtp and --smtps together.", int),
         ["smtp-mechanisms", None, "PLAIN,LOGIN",
          "SASL mechanisms offered, in order (built-in PLAIN, LOGIN and any --smtp-mechanism)."],
         # HTTP.
@@ -169,6 +184,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("http-max-upstream-body", 100 * 1024 * 1024,
                 "Largest request body passed to the upstream.", int),
         _number("http-timeout", 60.0, "Idle seconds before an HTTP connection is closed.", float),
+        _number("http-max-connections-per-peer", _default(HTTPSettings, "max_connections_per_peer"),
+                "Connections per client address (IPv6 /64) on --http and --https together.", int),
         # SOCKS5.
         ["socks-auth", None, "required",
          "required: clients must log in (RFC 1929); optional: no-authentication is accepted too."],
@@ -179,7 +196,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("socks-idle-timeout", 600.0,
                 "Seconds without a byte either way before a tunnel is closed (0: never).",
                 float, zero=True),
-        _number("socks-max-sessions-per-peer", 64, "Concurrent SOCKS sessions per client address.", int),
+        _number("socks-max-sessions-per-peer", _default(SOCKSSettings, "max_sessions_per_peer"),
+                "Concurrent SOCKS sessions per client address (IPv6 /64).", int),
         _number("socks-max-sessions-per-user", 256, "Concurrent SOCKS sessions per user.", int),
         _number("socks-max-pending-logins", 256, "SOCKS logins in flight at once.", int),
     ]
@@ -336,6 +354,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             upstream_timeout=self["http-upstream-timeout"],
             forward_authorization=bool(self["http-forward-authorization"]),
             upstream_ca=self["http-upstream-ca"],
+            max_connections_per_peer=self["http-max-connections-per-peer"],
         )
 
     def _smtp_settings(self) -> SMTPSettings:
@@ -356,6 +375,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             insecure_auth=bool(self["smtp-insecure-auth"]),
             trusted_networks=tuple(self.get("trustedNetworks", ())),
             sender_binding=bool(self["smtp-sender-binding"]),
+            max_connections_per_peer=self["smtp-max-connections-per-peer"],
         )
 
     def opt_checker(self, name: str) -> None:
@@ -380,10 +400,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if description.lower() == "none":
                 continue
             try:
-                endpoints.serverFromString(None, description)
+                endpoints.serverFromString(None, with_backlog(description, self["listen-backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
             self["endpoints"][name] = description
+        self["listenSettings"] = ListenSettings(
+            backlog=self["listen-backlog"], handshake_timeout=self["tls-handshake-timeout"]
+        )
 
         if not self["credCheckers"]:
             raise usage.UsageError(
@@ -452,6 +475,8 @@ class GatewayService(service.MultiService):
         self.listeners = listeners
 
     def startService(self) -> None:
+        # Before the listeners: the budget must be known at the first accept.
+        self.core.connections.start()
         super().startService()
         log.info(
             "authgateway started: data dir {data_dir}, listeners {listeners}",
@@ -514,6 +539,7 @@ def build_core(options: Options, reactor: Any) -> Core:
         smtp=options["smtpSettings"],
         web=web,
         socks=options["socksSettings"],
+        connections=Connections(options["listenSettings"]),
     )
 
 
@@ -545,7 +571,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         if builder is None:
             log.info("the {name} front door is not built yet: --{name} not started", name=name)
             continue
-        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(
+            reactor, with_backlog(description, options["listen-backlog"])
+        )
+        if description.lower().startswith("haproxy:"):
+            core.connections.behind_proxy.add(name)  # the peer at accept is the proxy
         door = namedAny(builder)(core, endpoint, name)
         door.setServiceParent(top)
         started.append(f"{name}={description}")
