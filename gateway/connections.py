@@ -413,6 +413,10 @@ class LimitedFactory(protocol.Factory):
     def doStop(self) -> None:
         self.wrappedFactory.doStop()
 
+    def logPrefix(self) -> str:
+        wrapped = interfaces.ILoggingContext(self.wrappedFactory, None)
+        return wrapped.logPrefix() if wrapped is not None else type(self.wrappedFactory).__name__
+
     def buildProtocol(self, addr: Any) -> Any:
         limit = self.limit
         peer = ip_or_none(getattr(addr, "host", None))

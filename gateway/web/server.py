@@ -330,8 +330,10 @@ RETRY_AFTER = 5
 
 
 def _busy(text: bytes) -> bytes:
+    """A 503 refusal with C{Retry-After}."""
     response = _refusal(b"503 Service Unavailable", text)
-    return response.replace(b"Connection: close\r\n", b"Connection: close\r\nRetry-After: %d\r\n" % RETRY_AFTER)
+    retry = b"Retry-After: %d\r\n" % RETRY_AFTER
+    return response.replace(b"Connection: close\r\n", b"Connection: close\r\n" + retry)
 
 
 #: The refusals of a connection over a bound (gateway.connections).
