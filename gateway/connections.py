@@ -46,6 +46,9 @@ log = Logger()
 
 #: Bytes a lingering refusal reads (and drops) before it closes at once.
 MAX_LINGER_INPUT = 64 * 1024
+#: Refusals one peer may have lingering at once; more are closed at once,
+#: so a peer at its cap cannot hold descriptors by connecting again and again.
+MAX_LINGER_PER_PEER = 4
 #: A hard limit of "unlimited" is raised to this many descriptors at most.
 NOFILE_UNLIMITED = 1 << 20
 
@@ -182,6 +185,8 @@ class PeerLimit:
         #: Networks without a cap (trusted proxies, trusted SMTP networks).
         self.exempt = exempt
         self.counts: Counter[str] = Counter()
+        #: Refusals still lingering, per peer key.
+        self.lingering: Counter[str | None] = Counter()
         self._warned: set[str] = set()
 
     def check(self, peer: str | None, key: str | None, capped: bool = True) -> Refused | None:
@@ -205,6 +210,20 @@ class PeerLimit:
         if not self.connections.has_room(self.weight):
             return Refused.BUSY
         return None
+
+    def may_linger(self, key: str | None) -> bool:
+        """Whether a refusal for C{key} may linger (then it is counted until it ends)."""
+        if self.lingering[key] >= MAX_LINGER_PER_PEER or not self.connections.has_room(1):
+            return False
+        self.lingering[key] += 1
+        self.connections.open += 1
+        return True
+
+    def done_lingering(self, key: str | None) -> None:
+        self.connections.open -= 1
+        self.lingering[key] -= 1
+        if self.lingering[key] <= 0:
+            del self.lingering[key]
 
     def take(self, key: str | None) -> None:
         if key is not None:
@@ -338,27 +357,27 @@ class HandshakeDeadlineFactory(protocol.Factory):
 @implementer(interfaces.IHalfCloseableProtocol)
 class _Refuser(protocol.Protocol):
     """
-    Writes a refusal and closes. Where the budget allows, it half-closes and
-    lingers (reading and dropping at most L{MAX_LINGER_INPUT} bytes) for a
-    moment, so that a client which already sent its request reads the answer
-    instead of a reset.
+    Writes a refusal and closes. Where the budget allows (and the peer has
+    few refusals lingering), it half-closes and lingers, reading and dropping
+    at most L{MAX_LINGER_INPUT} bytes, for a moment: a client which already
+    sent its request then reads the answer instead of a reset.
     """
 
-    def __init__(self, message: bytes, connections: Connections, reactor: Any) -> None:
+    def __init__(self, message: bytes, limit: PeerLimit, key: str | None, reactor: Any) -> None:
         self.message = message
-        self.connections = connections
+        self.limit = limit
+        self.key = key
         self.reactor = reactor
         self._timer: Any = None
-        self._counted = False
+        self._lingering = False
         self._dropped = 0
 
     def connectionMade(self) -> None:
         self.transport.write(self.message)
-        linger = self.connections.settings.refusal_linger
+        linger = self.limit.connections.settings.refusal_linger
         half_close = getattr(self.transport, "loseWriteConnection", None)
-        if linger > 0 and half_close is not None and self.connections.has_room(1):
-            self._counted = True
-            self.connections.open += 1
+        if linger > 0 and half_close is not None and self.limit.may_linger(self.key):
+            self._lingering = True
             self._timer = self.reactor.callLater(linger, self.transport.abortConnection)
             half_close()
         else:
@@ -378,9 +397,9 @@ class _Refuser(protocol.Protocol):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if self._counted:
-            self._counted = False
-            self.connections.open -= 1
+        if self._lingering:
+            self._lingering = False
+            self.limit.done_lingering(self.key)
 
 
 class LimitedFactory(protocol.Factory):
@@ -426,7 +445,7 @@ class LimitedFactory(protocol.Factory):
         if refused is not None:
             if self.refusals is None:
                 return None
-            return _Refuser(self.refusals[refused], limit.connections, self.reactor)
+            return _Refuser(self.refusals[refused], limit, key, self.reactor)
         proto = self.wrappedFactory.buildProtocol(addr)
         if proto is None:
             return None

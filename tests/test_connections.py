@@ -133,6 +133,20 @@ class PeerCapTests(SynchronousTestCase):
         refused3.readConnectionLost()
         self.assertTrue(t3.disconnecting)
 
+    def test_lingering_refusals_per_peer(self):
+        """A peer at its cap connecting again and again holds at most a few lingering refusals."""
+        self.connect()
+        self.connect()
+        refusals = [self.connect() for _ in range(10)]
+        lingering = [t for _, t in refusals if not t.disconnecting]
+        self.assertEqual(len(lingering), 4)
+        self.assertTrue(all(t.value() == b"peer\r\n" for _, t in refusals))
+        self.assertEqual(self.connections.open, 2 * 2 + 4)
+        for proto, _ in refusals:
+            proto.connectionLost(Failure(protocol.connectionDone))
+        self.assertEqual(self.connections.open, 2 * 2)
+        self.assertEqual(self.limit.lingering, {})
+
     def test_ipv6_by_prefix(self):
         """IPv6 peers count per /64; an IPv4-mapped peer counts as its IPv4 address."""
         self.connect("2001:db8::1")
