@@ -140,9 +140,18 @@ class Connections:
         return self.open + sum(count() for count in self._sources)
 
     def has_room(self, weight: int) -> bool:
-        """Whether C{weight} more descriptors fit in the budget."""
-        if self.budget is None or self.in_use() + weight <= self.budget:
+        """
+        Whether C{weight} more descriptors fit in the budget. Logs once when
+        the budget is used up, and once when a tenth of it is free again.
+        """
+        if self.budget is None:
+            return True
+        in_use = self.in_use()
+        if self._warned_busy and in_use < self.budget * 0.9:
             self._warned_busy = False
+            log.info("accepting new connections again: {in_use} of {budget} descriptors in use",
+                     in_use=in_use, budget=self.budget)
+        if in_use + weight <= self.budget:
             return True
         if not self._warned_busy:
             self._warned_busy = True
@@ -200,7 +209,7 @@ class PeerLimit:
             and self.counts[key] >= self.max_per_peer
             and not in_networks(peer, self.exempt)
         ):
-            if key not in self._warned:  # once while the peer stays at its cap
+            if key not in self._warned:  # once until all its connections are gone
                 self._warned.add(key)
                 log.warn(
                     "{door}: refusing connections from {peer}: {count} open, its limit",
@@ -236,7 +245,7 @@ class PeerLimit:
             self.counts[key] -= 1
             if self.counts[key] <= 0:
                 del self.counts[key]
-            self._warned.discard(key)
+                self._warned.discard(key)  # logged again only once it has left
 
 
 class _Forwarding:

@@ -78,11 +78,14 @@ class PeerCapTests(SynchronousTestCase):
         self.connections = Connections(ListenSettings(refusal_linger=2.0))
         self.limit = self.connections.door("smtp", 2, weight=2)
         self.factory = LimitedFactory(Factory(), self.limit, self.clock, REFUSALS, "smtp")
+        self.held = []
 
     def connect(self, host="192.0.2.10", factory=None):
         proto = (factory or self.factory).buildProtocol(peer(host))
         transport = HalfCloseTransport(peerAddress=peer(host))
         proto.makeConnection(transport)
+        if hasattr(proto, "wrapped"):
+            self.held.append(proto)
         return proto, transport
 
     def test_cap_then_refusal(self):
@@ -243,11 +246,15 @@ class PeerCapTests(SynchronousTestCase):
         self.connect()
         for _ in range(5):
             self.connect()
+        first.connectionLost(Failure(protocol.connectionDone))  # cycling at the cap
+        self.connect()
+        self.connect()
         refusals = [e for e in events if "refusing connections" in e.get("log_format", "")]
         self.assertEqual(len(refusals), 1)
-        first.connectionLost(Failure(protocol.connectionDone))
-        self.connect()
-        self.connect()
+        for proto in list(self.held):
+            proto.connectionLost(Failure(protocol.connectionDone))
+        for _ in range(3):
+            self.connect()
         refusals = [e for e in events if "refusing connections" in e.get("log_format", "")]
         self.assertEqual(len(refusals), 2)
 
@@ -290,6 +297,24 @@ class BudgetTests(SynchronousTestCase):
         self.outbound = 0
         served, transport = self.connect(self.smtp, "192.0.2.3")
         self.assertTrue(served.wrapped.made)
+
+    def test_busy_logged_once_per_episode(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.connections.budget = 20
+        held = [self.connect(self.smtp, f"192.0.2.{i}")[0] for i in range(10)]
+        for _ in range(3):  # full; one leaves, one comes in, full again
+            self.connect(self.smtp, "192.0.2.99")
+            held.pop().connectionLost(Failure(protocol.connectionDone))
+            held.append(self.connect(self.smtp, "192.0.2.98")[0])
+        busy = [e for e in events if "refusing new" in e.get("log_format", "")]
+        self.assertEqual(len(busy), 1)
+        for proto in held[:2]:
+            proto.connectionLost(Failure(protocol.connectionDone))
+        self.connect(self.smtp, "192.0.2.97")
+        again = [e for e in events if "again" in e.get("log_format", "")]
+        self.assertEqual(len(again), 1)
 
     def test_budget_for(self):
         self.assertEqual(budget_for(1024, 64), 1024 - 102)
