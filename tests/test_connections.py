@@ -33,7 +33,7 @@ from gateway.connections import (
     with_backlog,
 )
 from gateway.socks.server import SOCKSServer
-from tests.support import free_port
+from tests.support import free_port, require_tool
 
 SMTP_REFUSAL = b"421 4.7.0 Too many connections from your address\r\n"
 REFUSALS = {Refused.PEER: b"peer\r\n", Refused.BUSY: b"busy\r\n"}
@@ -704,3 +704,30 @@ class RealSocketTests(TestCase):
 
         line = yield self.run_client(later)
         self.assertTrue(line.startswith(b"220 "))
+
+
+class BacklogSocketTests(TestCase):
+    """The listening sockets themselves, as the kernel reports them (ss, iproute2)."""
+
+    def test_listening_backlog(self):
+        import subprocess
+
+        ss = require_tool("ss", "iproute2")
+        smtp, http = free_port(), free_port()
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", os.path.abspath(self.mktemp()), "--auth", "memory:a:b",
+            "--smtp", f"tcp:{smtp}:interface=127.0.0.1",
+            "--http", f"tcp:{http}:interface=127.0.0.1:backlog=10", "--socks", "none",
+        ])
+        service = tap.makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+        with open("/proc/sys/net/core/somaxconn") as f:
+            somaxconn = int(f.read())
+        backlogs = {}
+        for port in (smtp, http):
+            out = subprocess.run([ss, "-ltnH", f"sport = :{port}"], capture_output=True,
+                                 text=True, check=True).stdout.split()
+            backlogs[port] = int(out[2])  # Send-Q of a listening socket: its backlog
+        self.assertEqual(backlogs, {smtp: min(1024, somaxconn), http: 10})
