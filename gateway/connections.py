@@ -124,9 +124,13 @@ class Connections:
         #: Listeners behind a PROXY-protocol endpoint: the peer at accept is the proxy.
         self.behind_proxy: set[str] = set()
         self._warned_busy = False
+        self._started = False
 
     def start(self, resource: Any = _resource) -> None:
-        """Raise the descriptor limit and derive the budget (unless one was given)."""
+        """Raise the descriptor limit and derive the budget (unless one was given); once."""
+        if self._started:
+            return
+        self._started = True
         soft, _ = raise_nofile_limit(resource)
         if self.budget is None and soft != resource.RLIM_INFINITY:
             self.budget = budget_for(soft, self.settings.fd_reserve)

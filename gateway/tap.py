@@ -474,9 +474,14 @@ class GatewayService(service.MultiService):
         self.core = core
         self.listeners = listeners
 
-    def startService(self) -> None:
-        # Before the listeners: the budget must be known at the first accept.
+    def privilegedStartService(self) -> None:
+        # Before the listeners (twistd listens here): the budget must be known
+        # at the first accept.
         self.core.connections.start()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self.core.connections.start()  # when started without twistd
         super().startService()
         log.info(
             "authgateway started: data dir {data_dir}, listeners {listeners}",

@@ -365,6 +365,8 @@ class NofileTests(SynchronousTestCase):
         connections = Connections(ListenSettings(fd_reserve=100))
         connections.start(FakeResource(256, 2048))
         self.assertEqual(connections.budget, 2048 - 204)
+        connections.start(FakeResource(256, 4096))  # once: twistd's privileged start, then start
+        self.assertEqual(connections.budget, 2048 - 204)
         injected = Connections(budget=3)
         injected.start(FakeResource(256, 2048))
         self.assertEqual(injected.budget, 3)
