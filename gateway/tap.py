@@ -39,6 +39,7 @@ from gateway.authinfo import AuthInfo
 from gateway.checkers import CheckerLoadError, hashes, load_checker
 from gateway.checkers.files import IReloadable
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
+from gateway.connections import Connections, ListenSettings, with_backlog
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
@@ -84,6 +85,8 @@ class Core:
     smtp: SMTPSettings
     web: WebApp
     socks: SOCKSSettings
+    #: Connections per peer and the process-wide descriptor budget.
+    connections: Connections = attrs.field(factory=Connections)
 
 
 def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], Any]:
@@ -149,6 +152,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["tls-key", None, None, "PEM private key for --tls-cert (default: inside --tls-cert)."],
         ["groups", None, None, "Group file, Apache htgroup format: 'group: user1 user2'."],
         ["acl", None, None, "ACL file (TOML, KumoMTA [[acl.\"resource\"]] syntax)."],
+        _number("listen-backlog", default_of(ListenSettings, "backlog"),
+                "Accept queue of listeners whose endpoint sets no backlog=.", int),
+        _number("tls-handshake-timeout", default_of(ListenSettings, "handshake_timeout"),
+                "Seconds a client of an implicit-TLS listener has to finish the handshake.",
+                float),
         # The verification pipeline: throttle -> checkers -> cache -> hash pool.
         _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
         _number("hash-queue", default_of(HashPool, "max_pending"),
@@ -180,6 +188,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Recipients per message.", int),
         _number("smtp-timeout", default_of(SMTPSettings, "timeout"),
                 "Idle seconds before an SMTP session is closed.", float),
+        _number("smtp-max-connections-per-peer",
+                default_of(SMTPSettings, "max_connections_per_peer"),
+                "Connections per client address (IPv6 /64) on --smtp and --smtps together.", int),
         ["smtp-mechanisms", None, ",".join(default_of(SMTPSettings, "mechanisms")),
          "SASL mechanisms offered, in order (built-in PLAIN, LOGIN and any --smtp-mechanism)."],
         # HTTP.
@@ -196,6 +207,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Largest request body passed to the upstream.", int),
         _number("http-timeout", default_of(HTTPSettings, "timeout"),
                 "Idle seconds before an HTTP connection is closed.", float),
+        _number("http-max-connections-per-peer",
+                default_of(HTTPSettings, "max_connections_per_peer"),
+                "Connections per client address (IPv6 /64) on --http and --https together.", int),
         # SOCKS5.
         ["socks-auth", None, "required" if default_of(SOCKSSettings, "auth_required") else "optional",
          "required: clients must log in (RFC 1929); optional: no-authentication is accepted too."],
@@ -207,7 +221,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Seconds without a byte either way before a tunnel is closed (0: never).",
                 float, zero=True),
         _number("socks-max-sessions-per-peer", default_of(SOCKSSettings, "max_sessions_per_peer"),
-                "Concurrent SOCKS sessions per client address.", int),
+                "Concurrent SOCKS sessions per client address (IPv6 /64).", int),
         _number("socks-max-sessions-per-user", default_of(SOCKSSettings, "max_sessions_per_user"),
                 "Concurrent SOCKS sessions per user.", int),
         _number("socks-max-pending-logins", default_of(SOCKSSettings, "max_pending_logins"),
@@ -368,6 +382,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             upstream_timeout=self["http-upstream-timeout"],
             forward_authorization=bool(self["http-forward-authorization"]),
             upstream_ca=self["http-upstream-ca"],
+            max_connections_per_peer=self["http-max-connections-per-peer"],
         )
 
     def _smtp_settings(self) -> SMTPSettings:
@@ -388,6 +403,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             insecure_auth=bool(self["smtp-insecure-auth"]),
             trusted_networks=tuple(self.get("trustedNetworks", ())),
             sender_binding=bool(self["smtp-sender-binding"]),
+            max_connections_per_peer=self["smtp-max-connections-per-peer"],
         )
 
     def opt_checker(self, name: str) -> None:
@@ -412,10 +428,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if description.lower() == "none":
                 continue
             try:
-                endpoints.serverFromString(None, description)
+                endpoints.serverFromString(None, with_backlog(description, self["listen-backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
             self["endpoints"][name] = description
+        self["listenSettings"] = ListenSettings(
+            backlog=self["listen-backlog"], handshake_timeout=self["tls-handshake-timeout"]
+        )
 
         if not self["credCheckers"]:
             raise usage.UsageError(
@@ -483,7 +502,14 @@ class GatewayService(service.MultiService):
         self.core = core
         self.listeners = listeners
 
+    def privilegedStartService(self) -> None:
+        # Before the listeners (twistd listens here): the budget must be known
+        # at the first accept.
+        self.core.connections.start()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self.core.connections.start()  # when started without twistd
         super().startService()
         log.info(
             "authgateway started: data dir {data_dir}, listeners {listeners}",
@@ -543,6 +569,7 @@ def build_core(options: Options, reactor: Any) -> Core:
         smtp=options["smtpSettings"],
         web=web,
         socks=options["socksSettings"],
+        connections=Connections(options["listenSettings"]),
     )
 
 
@@ -574,7 +601,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         if builder is None:
             log.info("the {name} front door is not built yet: --{name} not started", name=name)
             continue
-        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(
+            reactor, with_backlog(description, options["listen-backlog"])
+        )
+        if description.lower().startswith("haproxy:"):
+            core.connections.behind_proxy.add(name)  # the peer at accept is the proxy
         door = namedAny(builder)(core, endpoint, name)
         door.setServiceParent(top)
         started.append(f"{name}={description}")

@@ -71,6 +71,9 @@ class HTTPSettings:
     upstream_timeout: float = 60.0
     forward_authorization: bool = False
     upstream_ca: str | None = None
+    #: Connections one peer (IPv6 by /64) may hold on --http and --https
+    #: together; trusted proxies are exempt.
+    max_connections_per_peer: int = 128
 
 
 class MalformedCredentials(Exception):

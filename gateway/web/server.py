@@ -14,12 +14,12 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.application import internet
 from twisted.internet import defer
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http, server
 from twisted.web.http import parse_qs
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from gateway.connections import Refused, limit_connections
 from gateway.web.guard import Guard, HTTPSettings, Refusal
 
 #: The longest request line or header line.
@@ -325,13 +325,46 @@ class GatewaySite(server.Site):
         pass
 
 
+#: Retry-After of a refused connection (seconds).
+RETRY_AFTER = 5
+
+
+def _busy(text: bytes) -> bytes:
+    """A 503 refusal with C{Retry-After}."""
+    response = _refusal(b"503 Service Unavailable", text)
+    retry = b"Retry-After: %d\r\n" % RETRY_AFTER
+    return response.replace(b"Connection: close\r\n", b"Connection: close\r\n" + retry)
+
+
+#: The refusals of a connection over a bound (gateway.connections).
+_REFUSALS = {
+    Refused.PEER: _busy(b"Too many connections from your address"),
+    Refused.BUSY: _busy(b"Too many connections, try again later"),
+}
+
+
 def build_http(core: Any, endpoint: Any, listener: str) -> internet.StreamServerEndpointService:
-    """The C{--http} (plain) and C{--https} (TLS with the gateway's certificate) listeners."""
+    """
+    The C{--http} (plain) and C{--https} (TLS with the gateway's certificate)
+    listeners: one connection cap per peer for both (trusted proxies exempt);
+    a peer over it gets 503 on C{--http}, and is closed before the handshake
+    on C{--https}.
+    """
     settings = core.web.settings
-    factory: Any = GatewaySite(Guard(core.portal, settings, listener), settings, core.reactor)
-    if listener == "https":
-        factory = TLSMemoryBIOFactory(core.certificate.options(), False, factory)
-    return internet.StreamServerEndpointService(endpoint, factory)
+    site = GatewaySite(Guard(core.portal, settings, listener), settings, core.reactor)
+    limited = limit_connections(
+        core,
+        site,
+        "http",
+        listener,
+        settings.max_connections_per_peer,
+        # The socket, a request body file and, with an upstream, its connection.
+        weight=3 if settings.upstream else 2,
+        exempt=settings.trusted_proxies,
+        refusals=_REFUSALS,
+        tls=core.certificate.options() if listener == "https" else None,
+    )
+    return internet.StreamServerEndpointService(endpoint, limited)
 
 
 __all__ = ["GatewayRequest", "GatewaySite", "build_http"]
