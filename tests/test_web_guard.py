@@ -32,7 +32,7 @@ from gateway.checkers.pipeline import Throttle
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.web.guard import Guard, HTTPSettings
-from gateway.web.resources import BadTarget, WebApp, parse_target
+from gateway.web.resources import BadTarget, WebApp, forwarded_host, parse_target
 from gateway.web.resources import resource_name as resource_of
 from gateway.web.server import GatewaySite
 from tests.support import FixedChecker
@@ -597,10 +597,10 @@ class BoundsTests(GuardTestCase):
         self.assertTrue(transport.disconnecting or not transport.connected)
 
 
-def resource_name(host, path):
+def resource_name(host, path, case_sensitive=False):
     """The ACL resource of a request target, None when it is refused (400) or the host unusable."""
     try:
-        return resource_of(host, parse_target(path))
+        return resource_of(forwarded_host(host), parse_target(path), case_sensitive)
     except BadTarget:
         return None
 
@@ -614,15 +614,26 @@ class ResourceNameTests(SynchronousTestCase):
             (b"gw.test", b"/a/../../b"): "http/gw.test/b",
             (b"gw.test", b"/%61dmin/%2e%2e/x"): "http/gw.test/x",
             (b"gw.test", b"/a%20b/c"): "http/gw.test/a b/c",
-            (b"[::1]:8080", b"/x"): "http/::1/x",
-            ("bücher.test", b"/"): "http/bücher.test",
+            (b"[::1]:8080", b"/x"): "http/[::1]/x",
+            (b"[0:0::1]", b"/x"): "http/[::1]/x",
+            (b"XN--BCHER-KVA.test", b"/"): "http/xn--bcher-kva.test",
+            (b"gw.test", b"/ADMIN"): "http/gw.test/admin",
+            (b"gw.test", b"/Admin/Users"): "http/gw.test/admin/users",
+            (b"gw.test", b"/%41dmin"): "http/gw.test/admin",
         }
         for (host, path), expected in cases.items():
             self.assertEqual(resource_name(host, path), expected, (host, path))
 
     def test_unusable_host(self):
-        for host in (None, b"", b"a/b", b"[::1", b"x\x00y", b"a b"):
+        for host in (None, b"", b"a/b", b"[::1", b"x\x00y", b"a b", b"::1", b"127.1",
+                     b"0x7f.0.0.1", b"0177.0.0.1", b"a_b.test", b"x:1:2", b"x:", b"x:99999",
+                     b"a%2eb", b"u@x", b"x\\y", b"[fe80::1%25eth0]", b"a..b", b".", b"-a.test",
+                     "bücher.test".encode()):  # a Host is ASCII (RFC 9110 uri-host)
             self.assertIsNone(resource_name(host, b"/"), host)
+
+    def test_case_sensitive(self):
+        self.assertEqual(resource_name(b"GW.test", b"/Admin", case_sensitive=True),
+                         "http/gw.test/Admin")
 
     def test_ambiguous_paths(self):
         for path in (b"/a%2Fb", b"/a%2fb", b"/a%5Cb", b"/a\\b", b"/admin;x", b"/a#b", b"//admin/x",

@@ -71,6 +71,10 @@ class HTTPSettings:
     upstream_timeout: float = 60.0
     forward_authorization: bool = False
     upstream_ca: str | None = None
+    #: Match the ACL's HTTP paths with regard to case (default: lower-cased).
+    case_sensitive_paths: bool = False
+    #: Pass X-HTTP-Method-Override and kin upstream (the ACL then checks them too).
+    keep_method_override: bool = False
 
 
 class MalformedCredentials(Exception):
