@@ -46,7 +46,7 @@ from gateway.socks.server import SOCKSSettings
 from gateway.meta import canonical_host
 from gateway.tls import CertificateError, ensure_certificate
 from gateway.web.guard import HTTPSettings
-from gateway.web.resources import WebApp, check_acl_keys
+from gateway.web.resources import WebApp, check_acl_keys, upstream_host
 
 log = Logger()
 
@@ -283,7 +283,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """
         host = canonical_host(name)
         if host is None:
-            raise usage.UsageError(f"--http-host {name!r}: not a host name")
+            raise usage.UsageError(
+                f"--http-host {name!r}: not a host name or IP literal (IPv6 in brackets)"
+            )
         self.setdefault("httpHosts", []).append(host)
 
     def opt_http_trusted_proxy(self, cidr: str) -> None:
@@ -328,6 +330,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 check_upstream(upstream)
             except ValueError as e:
                 raise usage.UsageError(f"--http-upstream: {e}") from None
+            if not self.get("httpHosts") and upstream_host(upstream) is None:
+                raise usage.UsageError(
+                    "--http-upstream: its host is not a DNS name or IP literal, so it cannot"
+                    " name ACL resources; give --http-host NAME for the names clients use"
+                )
         if self["http-upstream-ca"]:
             _check_readable("--http-upstream-ca", self["http-upstream-ca"])
         return HTTPSettings(

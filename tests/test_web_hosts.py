@@ -322,3 +322,38 @@ class OriginalURLTests(SynchronousTestCase):
         self.assertEqual(again, (host, target))
         for c in (b"@", b"\\", b"#", b" "):
             self.assertNotIn(c, url)
+
+
+class OptionTests(SynchronousTestCase):
+    def parse(self, *argv):
+        options = tap.Options()
+        options.parseOptions(["--auth", "memory:daniel:tiger", "--data-dir", self.mktemp(), *argv])
+        return options
+
+    def test_http_host_canonical(self):
+        options = self.parse("--http-host", "App.Example.com.", "--http-host", "[0::1]")
+        self.assertEqual(options["httpSettings"].hosts, ("app.example.com", "[::1]"))
+        for bad in ("::1", "127.1", "a_b", "x:80", "u@x"):
+            e = self.assertRaises(usage.UsageError, self.parse, "--http-host", bad)
+            self.assertIn("not a host name", str(e))
+
+    def test_upstream_host_names_resources(self):
+        from gateway.web.resources import WebApp, upstream_host
+
+        self.assertEqual(upstream_host("http://[::1]:3000/x"), "[::1]")
+        self.assertEqual(upstream_host("http://App.Internal:3000"), "app.internal")
+        settings = self.parse("--http-upstream", "http://[::1]:3000")["httpSettings"]
+        self.assertEqual(WebApp(None, settings).upstream_host, "[::1]")
+
+    def test_upstream_without_canonical_host(self):
+        """my_app (a Docker name) cannot name resources: say so, instead of 403 for everything."""
+        e = self.assertRaises(usage.UsageError, self.parse, "--http-upstream", "http://my_app:3000")
+        self.assertIn("--http-host", str(e))
+        self.parse("--http-upstream", "http://my_app:3000", "--http-host", "app.example.com")
+
+    def test_flags(self):
+        settings = self.parse()["httpSettings"]
+        self.assertFalse(settings.case_sensitive_paths or settings.keep_method_override)
+        settings = self.parse("--http-case-sensitive-paths", "--http-keep-method-override")[
+            "httpSettings"]
+        self.assertTrue(settings.case_sensitive_paths and settings.keep_method_override)

@@ -9,13 +9,18 @@ realm builds for a session's AuthInfo.
 - anything else: the reverse proxy to C{--http-upstream}, or 404 without one.
 
 Access to paths is the ACL's: resource C{http/HOST/SEGMENT/...}, privilege
-the lower-case method (C{get}, C{post}, ...). The path is percent-decoded
-and its dot segments resolved, and the proxy forwards exactly the segments
-the ACL saw; a target the two could read differently (an encoded C{/} or
-C{\\}, a C{;} path parameter, a fragment) is refused with 400. HOST is the
-forwarded host for C{/auth}; for the reverse proxy it is the request's Host
-when C{--http-host} lists it (another Host gets 421), else the upstream's
-host name: with one upstream, a client-chosen Host must not pick the rules.
+the lower-case method (C{get}, C{post}, ...) and any method override. The
+path is percent-decoded, its dot segments resolved and (unless
+C{--http-case-sensitive-paths}) lower-cased, and the proxy forwards exactly
+the segments the ACL saw; a target the two could read differently (an
+encoded C{/} or C{\\}, a C{;} path parameter, a fragment) is refused with
+400. HOST is canonical (L{gateway.meta.parse_host}), read strictly from
+C{X-Original-URL}, C{X-Forwarded-Host} or Host (anything ambiguous: 400).
+For C{/auth} it is the forwarded host, which must be one C{--http-host}
+lists when any is (else 403); for the reverse proxy it is the request's
+Host when C{--http-host} lists it (another Host gets 421), else the
+upstream's host name: with one upstream, a client-chosen Host must not pick
+the rules.
 """
 
 from __future__ import annotations
@@ -198,6 +203,12 @@ def method_overrides(request: server.Request) -> list[bytes]:
     return methods
 
 
+def upstream_host(url: str) -> str | None:
+    """The canonical host of an upstream URL, None when it has none (C{my_app})."""
+    name = urllib.parse.urlsplit(url).hostname or ""
+    return canonical_host(f"[{name}]" if ":" in name else name)
+
+
 def identity_name(info: AuthInfo, credentials: Any) -> str:
     """The name for C{Remote-User}: the identity proved by these credentials."""
     context = getattr(credentials, "context", None)
@@ -212,10 +223,7 @@ class WebApp:
         self.policy = policy
         self.settings = settings
         self.proxy = proxy
-        self.upstream_host: str | None = None
-        if settings.upstream:
-            name = urllib.parse.urlsplit(settings.upstream).hostname or ""
-            self.upstream_host = canonical_host(f"[{name}]" if ":" in name else name)
+        self.upstream_host = upstream_host(settings.upstream) if settings.upstream else None
 
     def avatar(self, info: AuthInfo, credentials: Any) -> resource.IResource:
         return Session(self, info, credentials)
