@@ -564,9 +564,10 @@ class BoundsTests(GuardTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_body_limit_chunked(self):
-        self.make(proxy=FakeUpstream(), upstream="http://up.test", max_upstream_body=100)
+        self.make(proxy=CapturingUpstream(), upstream="http://up.test", max_upstream_body=100)
         channel, transport = self.connect()
-        channel.dataReceived(b"POST /app HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"POST /app HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n"
+                             b"Authorization: " + basic("daniel", "tiger") + b"\r\n\r\n")
         channel.dataReceived(b"64\r\n" + b"x" * 100 + b"\r\n")
         self.assertEqual(transport.value(), b"")
         channel.dataReceived(b"1\r\nx\r\n")
@@ -764,12 +765,14 @@ class StreamingTests(GuardTestCase):
         self.assertEqual(b"".join(consumer.chunks), b"x" * 1000)
         self.assertEqual(transport.producerState, "producing")
 
-    def test_refused_takes_the_usual_path(self):
+    def test_refused_before_the_body(self):
+        """Issue 11 item 5: a refused upload is answered at once, its body never read."""
         channel, transport = self.head(auth=basic("daniel", "lion"))
         self.assertEqual(self.upstream.calls, [])
-        self.assertEqual(transport.value(), b"")  # answered once the body is in
-        channel.dataReceived(b"z" * 200000)
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "), transport.value())
+        self.assertTrue(transport.disconnecting)  # a real transport stops reading now
+        channel.dataReceived(b"z" * 200000)  # already in flight: dropped
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
 
     def test_answer_before_the_body_closes(self):
         """An answer before the whole body: the rest must never be read as a request."""
@@ -799,14 +802,17 @@ class StreamingTests(GuardTestCase):
         self.assertEqual(out.count(b"100 Continue"), 1)
         self.assertTrue(transport.disconnecting)  # the body never came: not a next request
 
-    def test_chunked_get_not_streamed(self):
+    def test_chunked_get_decided_early(self):
+        """Any chunked body is decided before it is read, whatever the method."""
         channel, transport = self.connect()
         channel.dataReceived(b"GET /f HTTP/1.1\r\nHost: up.test\r\nAuthorization: "
                              + basic("daniel", "tiger") + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
-        self.assertEqual(self.upstream.calls, [])
-        channel.dataReceived(b"0\r\n\r\n")
         [(request, body)] = self.upstream.calls
-        self.assertIsNone(body)
+        consumer = ListConsumer()
+        finished = body.startProducing(consumer)
+        channel.dataReceived(b"0\r\n\r\n")
+        self.successResultOf(finished)
+        self.assertEqual(consumer.chunks, [])
 
     def test_decision_error_closes(self):
         """A failure before the body is in answers 500 and never reads the rest as a request."""
