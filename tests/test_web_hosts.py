@@ -301,6 +301,7 @@ class OriginalURLTests(SynchronousTestCase):
                          ("app.example.com", ("a", "c"), b"/a/c?q=/../x"))
 
     @given(st.binary(max_size=60))
+    @example(b"HTTP://A/@")
     @settings(max_examples=500, deadline=None)
     def test_any_bytes(self, url):
         self._round_trip(url)
@@ -320,7 +321,9 @@ class OriginalURLTests(SynchronousTestCase):
         self.assertEqual(canonical_host(host), host)
         again = parse_original_url(b"http://" + host.encode() + target.forwarded)
         self.assertEqual(again, (host, target))
-        for c in (b"@", b"\\", b"#", b" "):
+        authority = url.partition(b"://")[2].partition(b"/")[0]
+        self.assertNotIn(b"@", authority)  # "@" is fine in a path, never userinfo
+        for c in (b"\\", b"#", b" "):
             self.assertNotIn(c, url)
 
 
