@@ -638,7 +638,7 @@ class ResourceNameTests(SynchronousTestCase):
 
     def test_ambiguous_paths(self):
         for path in (b"/a%2Fb", b"/a%2fb", b"/a%5Cb", b"/a\\b", b"/admin;x", b"/a#b", b"//admin/x",
-                     b"admin", b"http://x/admin"):
+                     b"admin", b"http://x/admin", b"/%ff", b"/adm%c3in"):
             self.assertIsNone(resource_name(b"gw.test", path), path)
 
     def test_forwarded_target(self):

@@ -71,7 +71,8 @@ def parse_target(target: bytes) -> Target:
     """
     An origin-form target (C{/path?query}), its dot segments resolved.
 
-    @raise BadTarget: not origin form, a fragment, or an ambiguous path.
+    @raise BadTarget: not origin form, a fragment, or an ambiguous path
+        (an encoded separator, a path parameter, bytes that are not UTF-8).
     """
     if not target.startswith(b"/") or target.startswith(b"//"):
         raise BadTarget("the request target must be a path")
@@ -83,7 +84,10 @@ def parse_target(target: bytes) -> Target:
     raw: list[bytes] = []
     segments: list[str] = []
     for part in path.split(b"/")[1:]:
-        decoded = urllib.parse.unquote_to_bytes(part).decode("utf-8", "replace")
+        try:
+            decoded = urllib.parse.unquote_to_bytes(part).decode("utf-8")
+        except UnicodeDecodeError:  # "%ff" and "%fe" would both read as U+FFFD
+            raise BadTarget("a path that is not UTF-8 once percent-decoded") from None
         if decoded in ("", "."):
             continue
         if decoded == "..":
