@@ -56,7 +56,8 @@ class HTTPSettings:
     realm: str = "authgateway"
     #: Accept credentials over plain HTTP from peers other than loopback.
     insecure_auth: bool = False
-    #: The Host names the reverse proxy serves (others: 421); with none, any.
+    #: The canonical hosts the reverse proxy and /auth serve (others: 421,
+    #: /auth: 403); with none, any.
     hosts: tuple[str, ...] = ()
     #: Proxies whose X-Forwarded-* / X-Original-* headers are believed.
     trusted_proxies: tuple[Network, ...] = ()
