@@ -360,3 +360,21 @@ class OptionTests(SynchronousTestCase):
         settings = self.parse("--http-case-sensitive-paths", "--http-keep-method-override")[
             "httpSettings"]
         self.assertTrue(settings.case_sensitive_paths and settings.keep_method_override)
+
+
+class WarningTests(SynchronousTestCase):
+    def test_trusted_proxy_without_hosts_warns(self):
+        from twisted.logger import globalLogPublisher
+
+        from gateway.web.guard import HTTPSettings
+        from gateway.web.resources import WebApp
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        proxies = (ipaddress.ip_network("127.0.0.1/32"),)
+        WebApp(None, HTTPSettings(trusted_proxies=proxies, hosts=("app.example.com",)))
+        self.assertEqual(events, [])
+        WebApp(None, HTTPSettings(trusted_proxies=proxies))
+        [event] = events
+        self.assertIn("--http-host", event["log_format"])

@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
 from twisted.web import resource, server
 
 from gateway.aaa import IAccessPolicy
@@ -39,6 +40,8 @@ from gateway.authinfo import AuthInfo
 from gateway.meta import BadHost, canonical_host, split_authority
 from gateway.web.guard import HTTPSettings, header, quoted_string, refusal
 from gateway.web.proxy import METHOD_OVERRIDE_HEADERS, normalise_header_name
+
+log = Logger()
 
 #: The gateway's own paths; everything else goes to the upstream.
 WHOAMI, AUTH = b"whoami", b"auth"
@@ -228,6 +231,11 @@ class WebApp:
         self.settings = settings
         self.proxy = proxy
         self.upstream_host = upstream_host(settings.upstream) if settings.upstream else None
+        if settings.trusted_proxies and not settings.hosts:
+            log.warn(
+                "HTTP: --http-trusted-proxy without --http-host: /auth checks whatever host"
+                " the proxy forwards; list the hosts it serves with --http-host"
+            )
 
     def avatar(self, info: AuthInfo, credentials: Any) -> resource.IResource:
         return Session(self, info, credentials)
