@@ -308,7 +308,7 @@ class OriginalURLTests(SynchronousTestCase):
 
     @given(st.from_regex(
         rb"\A[hH][tT][tT][pP][sS]?://[a-zA-Z0-9.:@\[\]%\\?#/_-]{0,25}[/?#]?[a-zA-Z0-9./?#%;\\]{0,15}\Z"))
-    @settings(max_examples=1000, deadline=None)
+    @settings(max_examples=500, deadline=None)
     def test_near_misses(self, url):
         self._round_trip(url)
 
