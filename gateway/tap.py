@@ -47,9 +47,10 @@ from gateway.smtp.server import SMTPSettings
 from gateway.smtp.spool import Spool
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSSettings
+from gateway.meta import canonical_host
 from gateway.tls import CertificateError, ensure_certificate
 from gateway.web.guard import HTTPSettings
-from gateway.web.resources import WebApp, canonical_host
+from gateway.web.resources import WebApp, check_acl_keys, upstream_host
 
 log = Logger()
 
@@ -238,6 +239,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "Accept Basic and Bearer credentials over plain HTTP from peers other than loopback."],
         ["http-forward-authorization", None,
          "Pass the client's Authorization header to the upstream (dropped by default)."],
+        ["http-case-sensitive-paths", None,
+         "Match HTTP paths in the ACL with regard to case (by default they are lower-cased)."],
+        ["http-keep-method-override", None,
+         "Pass X-HTTP-Method-Override and kin upstream; the ACL then checks their methods too."],
     ]
 
     compData = usage.Completions(
@@ -318,12 +323,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def opt_http_host(self, name: str) -> None:
         """
-        A Host name the reverse proxy serves (repeatable); other Hosts get 421
-        and ACL resources use the Host. Without any, they use the upstream's host.
+        A Host name the reverse proxy and /auth serve (repeatable); other Hosts
+        get 421 (/auth: 403) and ACL resources use the Host. Without any, they
+        use the upstream's host.
         """
         host = canonical_host(name)
         if host is None:
-            raise usage.UsageError(f"--http-host {name!r}: not a host name")
+            raise usage.UsageError(
+                f"--http-host {name!r}: not a host name or IP literal (IPv6 in brackets)"
+            )
         self.setdefault("httpHosts", []).append(host)
 
     def opt_http_trusted_proxy(self, cidr: str) -> None:
@@ -368,6 +376,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 check_upstream(upstream)
             except ValueError as e:
                 raise usage.UsageError(f"--http-upstream: {e}") from None
+            if not self.get("httpHosts") and upstream_host(upstream) is None:
+                raise usage.UsageError(
+                    "--http-upstream: its host is not a DNS name or IP literal, so it cannot"
+                    " name ACL resources; give --http-host NAME for the names clients use"
+                )
         if self["http-upstream-ca"]:
             _check_readable("--http-upstream-ca", self["http-upstream-ca"])
         return HTTPSettings(
@@ -383,6 +396,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             forward_authorization=bool(self["http-forward-authorization"]),
             upstream_ca=self["http-upstream-ca"],
             max_connections_per_peer=self["http-max-connections-per-peer"],
+            case_sensitive_paths=bool(self["http-case-sensitive-paths"]),
+            keep_method_override=bool(self["http-keep-method-override"]),
         )
 
     def _smtp_settings(self) -> SMTPSettings:
@@ -455,6 +470,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         try:
             self["policy"] = load_acl_file(self["acl"]) if self["acl"] else AllowAuthenticated()
         except ConfigError as e:
+            raise usage.UsageError(f"--acl: {e}") from None
+        try:
+            check_acl_keys(self["policy"], self["httpSettings"].case_sensitive_paths)
+        except ValueError as e:
             raise usage.UsageError(f"--acl: {e}") from None
 
         # Only now, with every option valid, write to the disk.
@@ -584,6 +603,7 @@ def _upstream_proxy(settings: HTTPSettings, reactor: Any) -> Any:
         timeout=settings.upstream_timeout,
         forward_authorization=settings.forward_authorization,
         ca_file=settings.upstream_ca,
+        keep_method_override=settings.keep_method_override,
     )
 
 
