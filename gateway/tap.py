@@ -138,16 +138,23 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("cache-ttl", 300.0, "Seconds a verified password stays cached (0: no cache).",
                 float, zero=True),
         _number("cache-size", 10000, "Verified passwords cached at most (LRU).", int),
-        _number("max-failures", 5,
-                "Failed logins per peer (IPv6 /64) or user name before refusing it.", int),
-        _number("failure-window", 60.0, "Seconds over which failed logins are counted.", float),
-        _number("throttle-keys", 100_000,
-                "Peers and user names the throttle remembers (least recently failed go first).",
+        _number("max-failures", Throttle.max_failures,
+                "Failed logins for one user from one peer (IPv6 /64) before refusing that pair.",
                 int),
-        _number("failure-delay", 0.5,
+        _number("max-peer-failures", Throttle.max_peer_failures,
+                "Failed logins from one peer (IPv6 /64), any user, before refusing the peer.", int),
+        _number("max-user-failures", Throttle.max_user_failures,
+                "Failed logins for one user from all peers before its attempts are delayed "
+                "(never refused).", int),
+        _number("failure-window", Throttle.window,
+                "Seconds over which failed logins are counted.", float),
+        _number("throttle-keys", Throttle.max_keys,
+                "Counters and known devices the throttle remembers (least recently used go first).",
+                int),
+        _number("failure-delay", Throttle.delay,
                 "Seconds before answering a failed login; doubles with each failure.",
                 float, zero=True),
-        _number("failure-delay-max", 15.0, "Cap of the failure delay in seconds.",
+        _number("failure-delay-max", Throttle.max_delay, "Cap of the failure delay in seconds.",
                 float, zero=True),
         # SMTP submission.
         ["spool", None, None, "Where accepted messages are stored (default: DATA_DIR/spool)."],
@@ -391,6 +398,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         if self["failure-delay-max"] < self["failure-delay"]:
             raise usage.UsageError("--failure-delay-max must not be below --failure-delay")
+        for option in ("max-peer-failures", "max-user-failures"):
+            if self[option] < self["max-failures"]:
+                raise usage.UsageError(f"--{option} must not be below --max-failures")
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         self["smtpSettings"] = self._smtp_settings()
@@ -494,6 +504,8 @@ def build_core(options: Options, reactor: Any) -> Core:
     throttle = Throttle(
         reactor,
         max_failures=options["max-failures"],
+        max_peer_failures=options["max-peer-failures"],
+        max_user_failures=options["max-user-failures"],
         window=options["failure-window"],
         delay=options["failure-delay"],
         max_delay=options["failure-delay-max"],
