@@ -547,6 +547,7 @@ class ThrottlingCheckerTests(SynchronousTestCase):
         for d in waiting:
             self.assertNoResult(d)
             d.cancel()
+            self.failureResultOf(d, defer.CancelledError)
 
     def test_concurrent_attempts_count(self):
         """Guesses in flight count against their peer: no racing past the throttle."""

@@ -38,12 +38,18 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
+from gateway.ratelog import LogRateLimiter
+
 _T = TypeVar("_T")
 
 
 
 class TemporaryFailure(Exception):
     """The check could not be done now; the client may try again later."""
+
+    #: How many refusals like this one went unlogged before it; C{None}: do
+    #: not log this one (a flood a L{LogRateLimiter} is keeping out of the log).
+    log_suppressed: int | None = 0
 
 
 class AuthBackendError(TemporaryFailure):
@@ -141,6 +147,8 @@ class HashPool(service.Service):
             # stopped (a failed start) must not hold the process open.
             threadpool.threadFactory = functools.partial(threading.Thread, daemon=True)
         self.threadpool = threadpool
+        #: A full queue under a flood is logged once a minute, not per login.
+        self.full_log = LogRateLimiter(reactor)
 
     @classmethod
     def shared(cls, max_pending: int = 64) -> HashPool:
@@ -157,7 +165,9 @@ class HashPool(service.Service):
         if self._stopping:
             return defer.fail(ShuttingDown())
         if self.pending >= self.max_pending:
-            return defer.fail(PoolFull())
+            full = PoolFull()
+            full.log_suppressed = self.full_log.admit("full")
+            return defer.fail(full)
         self.pending += 1
         cancelled: list[Any] = []
 
@@ -398,6 +408,8 @@ class Throttle:
         self._inflight: dict[_Key, int] = {}
         #: Pair key -> when it stops being a known device.
         self._known: OrderedDict[_Key, float] = OrderedDict()
+        #: Refusals are logged once a minute per peer, not per attempt.
+        self.refusal_log = LogRateLimiter(clock, max_keys=min(max_keys, 10_000))
 
     @staticmethod
     @functools.lru_cache(maxsize=4096)  # asked several times per login
@@ -460,7 +472,9 @@ class Throttle:
             elif len(failures) + self._inflight.get(key, 0) >= limit:
                 retry = max(retry, 1.0)  # until one of the attempts in flight ends
         if retry > 0:
-            raise Throttled(retry)
+            refused = Throttled(retry)
+            refused.log_suppressed = self.refusal_log.admit(peer_key(peer))
+            raise refused
         return wait
 
     def _is_known(self, keys: tuple[_Key, ...], now: float) -> bool:

@@ -42,6 +42,7 @@ from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.checkers.pipeline import peer_key
 from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta, normalize_ip
+from gateway.ratelog import LogRateLimiter
 from gateway.realm import login
 from gateway.socks import codec
 from gateway.socks.codec import Reply
@@ -212,11 +213,12 @@ class SOCKSFactory(protocol.ServerFactory):
         self.pending_logins = 0
         #: Outbound connections open (a client's may outlive it while it drains).
         self.outbound_open = 0
+        self.refusal_log = LogRateLimiter(reactor)  # one line a minute per flooding peer
 
     def buildProtocol(self, addr: Any) -> SOCKSServer | None:
         key = peer_key(normalize_ip(getattr(addr, "host", None))) or "?"
         if self.per_peer[key] >= self.settings.max_sessions_per_peer:
-            log.warn("socks: refused a connection from {peer}: too many sessions", peer=key)
+            self.refusal_log.warn(log, key, "socks: refused a connection from {peer}: too many sessions", peer=key)
             return None
         proto = SOCKSServer(self, key)
         proto.factory = self
