@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -32,8 +32,8 @@ ATTACKER = "192.0.2.66"
 ALICE = "198.51.100.7"
 
 
-def peer(host: str, port: int = 40000) -> IPv4Address:
-    return IPv4Address("TCP", host, port)
+def peer(host: str, port: int = 40000) -> IPv4Address | IPv6Address:
+    return (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
 
 
 class LockoutMixin:
@@ -69,6 +69,13 @@ class LockoutMixin:
             self.assertEqual(self.answered(self.attempt(ATTACKER, "guess")), "wrong")
         self.assertEqual(self.attempt(ATTACKER, "wonderland").answer(), "refused")
         self.assertEqual(self.attempt(ALICE, "wonderland").answer(), "ok")
+
+    def test_dual_stack_peers_are_distinct(self) -> None:
+        """On a dual-stack listener IPv4 clients arrive IPv4-mapped: still one peer each."""
+        for _ in range(Throttle.max_failures):
+            self.assertEqual(self.answered(self.attempt("::ffff:" + ATTACKER, "guess")), "wrong")
+        self.assertEqual(self.attempt("::ffff:" + ATTACKER, "wonderland").answer(), "refused")
+        self.assertEqual(self.attempt("::ffff:" + ALICE, "wonderland").answer(), "ok")
 
     def test_distributed_guessing_is_slowed(self) -> None:
         """

@@ -256,6 +256,12 @@ class PeerKeyTests(SynchronousTestCase):
         self.assertEqual(peer_key(None), None)
         self.assertEqual(peer_key("/run/sock"), "/run/sock")
 
+    def test_dual_stack(self):
+        """IPv4 clients of a dual-stack listener are each their own peer, not all of ::/64."""
+        self.assertEqual(peer_key("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(peer_key("::FFFF:198.51.100.7"), "198.51.100.7")
+        self.assertEqual(peer_key("fe80::1%eth0"), "fe80::/64")
+
 
 class ThrottleTests(SynchronousTestCase):
     def setUp(self):
@@ -411,6 +417,16 @@ class ThrottleTests(SynchronousTestCase):
         self.throttle.failed("192.0.2.1", "secret-user-name")
         self.throttle.succeeded("192.0.2.1", "secret-user-name")
         self.assertNotIn("secret-user-name", repr(self.throttle.__dict__))
+
+    def test_spellings_of_one_user_count_together(self):
+        """Case, Unicode forms and spaces do not give a guesser more attempts."""
+        spellings = ["Jürgen", "ju\u0308rgen", "JÜRGEN", "\uff2a\u00fcrgen", " jürgen "]
+        keys = {Throttle.keys_for("192.0.2.1", name) for name in spellings}
+        self.assertEqual(len(keys), 1)
+        for name in spellings[:3]:
+            self.throttle.failed("192.0.2.1", name)
+        self.assertRaises(Throttled, self.throttle.check, "192.0.2.1", spellings[3])
+        self.assertNotEqual(Throttle.keys_for("192.0.2.1", "jurgen"), keys.pop())
 
     def test_no_peer(self):
         """Without a peer address (a UNIX socket) all clients are one peer for a user."""

@@ -24,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -38,6 +39,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
+from gateway.meta import normalize_ip
 from gateway.ratelog import LogRateLimiter
 
 _T = TypeVar("_T")
@@ -309,13 +311,14 @@ _MONOTONIC = _Monotonic()
 @functools.lru_cache(maxsize=4096)
 def peer_key(address: str | None) -> str | None:
     """
-    The throttling key of a peer address: the address itself for IPv4, its
-    /64 for IPv6 (one host usually owns a whole /64).
+    The throttling key of a peer address: the address itself for IPv4 (also
+    when IPv4-mapped, as on a dual-stack listener), its /64 for IPv6 (one
+    host usually owns a whole /64; the scope is dropped).
     """
     if not address:
         return None
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(normalize_ip(address) or "")
     except ValueError:
         return address
     if ip.version == 6:
@@ -331,6 +334,16 @@ _DIGEST_KEY = secrets.token_bytes(32)
 
 def _digest(*parts: str) -> bytes:
     return hashlib.blake2b(_length_prefixed(*parts), digest_size=16, key=_DIGEST_KEY).digest()
+
+
+def _fold(user: str) -> str:
+    """
+    One counter for every spelling a checker might take for the same user
+    (case, Unicode compatibility forms, surrounding spaces): counting two
+    users as one only costs delays, counting one as two would double a
+    guesser's attempts.
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", user).casefold()).strip()
 
 
 class Throttle:
@@ -424,7 +437,7 @@ class Throttle:
         if peer is not None:
             keys.append(("peer", peer))
         if user:
-            name = user.casefold()
+            name = _fold(user)
             keys.append(("pair", _digest(name, peer or "")))
             keys.append(("user", _digest(name)))
         return tuple(keys)
