@@ -6,6 +6,7 @@ authentication core to the front doors.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import math
 import os
@@ -35,6 +36,7 @@ from gateway.aaa import (
 )
 from gateway.authinfo import AuthInfo
 from gateway.checkers import CheckerLoadError, hashes, load_checker
+from gateway.checkers.files import IReloadable
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
@@ -104,6 +106,21 @@ def _number(option: str, default: Any, doc: str, kind: type, zero: bool = False)
     return [option, None, default, doc, _positive(option, kind, zero)]
 
 
+def default_of(owner: Any, name: str) -> Any:
+    """
+    The default of C{name} in C{owner}: an attrs settings class's field or a
+    constructor's keyword argument. Options take their defaults from here, so
+    each default is written once, where the value is used.
+    """
+    if attrs.has(owner):
+        default = getattr(attrs.fields(owner), name).default
+        return default.factory() if isinstance(default, attrs.Factory) else default
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{owner.__name__}({name}) has no default")
+    return default
+
+
 #: --auth types whose ARGS are file names, safe to show in an error.
 _PATH_ARGS = frozenset({"file", "htpasswd", "tokens", "sshkey"})
 
@@ -133,62 +150,73 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["acl", None, None, "ACL file (TOML, KumoMTA [[acl.\"resource\"]] syntax)."],
         # The verification pipeline: throttle -> checkers -> cache -> hash pool.
         _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
-        _number("hash-queue", 64,
+        _number("hash-queue", default_of(HashPool, "max_pending"),
                 "Hash verifications waiting or running before new ones fail temporarily.", int),
-        _number("cache-ttl", 300.0, "Seconds a verified password stays cached (0: no cache).",
+        _number("cache-ttl", default_of(Verifier, "ttl"),
+                "Seconds a verified password stays cached (0: no cache).",
                 float, zero=True),
-        _number("cache-size", 10000, "Verified passwords cached at most (LRU).", int),
-        _number("max-failures", Throttle.max_failures,
+        _number("cache-size", default_of(Verifier, "max_entries"),
+                "Verified passwords cached at most (LRU).", int),
+        _number("max-failures", default_of(Throttle, "max_failures"),
                 "Failed logins for one user from one peer (IPv6 /64) before refusing that pair.",
                 int),
-        _number("max-peer-failures", Throttle.max_peer_failures,
+        _number("max-peer-failures", default_of(Throttle, "max_peer_failures"),
                 "Failed logins from one peer (IPv6 /64), any user, before refusing the peer.", int),
-        _number("max-user-failures", Throttle.max_user_failures,
+        _number("max-user-failures", default_of(Throttle, "max_user_failures"),
                 "Failed logins for one user from all peers before its attempts are delayed "
                 "(never refused).", int),
-        _number("failure-window", Throttle.window,
+        _number("failure-window", default_of(Throttle, "window"),
                 "Seconds over which failed logins are counted.", float),
-        _number("throttle-keys", Throttle.max_keys,
+        _number("throttle-keys", default_of(Throttle, "max_keys"),
                 "Counters and known devices the throttle remembers (least recently used go first).",
                 int),
-        _number("failure-delay", Throttle.delay,
+        _number("failure-delay", default_of(Throttle, "delay"),
                 "Seconds before answering a failed login; doubles with each failure.",
                 float, zero=True),
-        _number("failure-delay-max", Throttle.max_delay, "Cap of the failure delay in seconds.",
+        _number("failure-delay-max", default_of(Throttle, "max_delay"),
+                "Cap of the failure delay in seconds.",
                 float, zero=True),
         # SMTP submission.
         ["spool", None, None, "Where accepted messages are stored (default: DATA_DIR/spool)."],
         ["smtp-hostname", None, None, "The name in the greeting and Received headers (default: FQDN)."],
-        _number("smtp-max-size", 35 * 1024 * 1024, "Largest message in octets (SIZE).", int),
-        _number("smtp-max-recipients", 100, "Recipients per message.", int),
-        _number("smtp-timeout", 300.0, "Idle seconds before an SMTP session is closed.", float),
-        ["smtp-mechanisms", None, "PLAIN,LOGIN",
+        _number("smtp-max-size", default_of(SMTPSettings, "max_size"),
+                "Largest message in octets (SIZE).", int),
+        _number("smtp-max-recipients", default_of(SMTPSettings, "max_recipients"),
+                "Recipients per message.", int),
+        _number("smtp-timeout", default_of(SMTPSettings, "timeout"),
+                "Idle seconds before an SMTP session is closed.", float),
+        ["smtp-mechanisms", None, ",".join(default_of(SMTPSettings, "mechanisms")),
          "SASL mechanisms offered, in order (built-in PLAIN, LOGIN and any --smtp-mechanism)."],
         # HTTP.
-        ["http-realm", None, "authgateway", "The realm in WWW-Authenticate challenges."],
+        ["http-realm", None, default_of(HTTPSettings, "realm"), "The realm in WWW-Authenticate challenges."],
         ["http-upstream", None, None,
          "Reverse-proxy every other authenticated request to this http(s):// URL."],
         ["http-upstream-ca", None, None,
          "PEM CA certificates for an https upstream (default: the system's)."],
-        _number("http-upstream-timeout", 60.0,
+        _number("http-upstream-timeout", default_of(HTTPSettings, "upstream_timeout"),
                 "Seconds to wait for the upstream's response headers (then 504).", float),
-        _number("http-max-body", 64 * 1024, "Largest request body for /whoami and /auth.", int),
-        _number("http-max-upstream-body", 100 * 1024 * 1024,
+        _number("http-max-body", default_of(HTTPSettings, "max_body"),
+                "Largest request body for /whoami and /auth.", int),
+        _number("http-max-upstream-body", default_of(HTTPSettings, "max_upstream_body"),
                 "Largest request body passed to the upstream.", int),
-        _number("http-timeout", 60.0, "Idle seconds before an HTTP connection is closed.", float),
+        _number("http-timeout", default_of(HTTPSettings, "timeout"),
+                "Idle seconds before an HTTP connection is closed.", float),
         # SOCKS5.
-        ["socks-auth", None, "required",
+        ["socks-auth", None, "required" if default_of(SOCKSSettings, "auth_required") else "optional",
          "required: clients must log in (RFC 1929); optional: no-authentication is accepted too."],
-        _number("socks-negotiation-timeout", 10.0,
+        _number("socks-negotiation-timeout", default_of(SOCKSSettings, "negotiation_timeout"),
                 "Seconds from connect until the request is answered.", float),
-        _number("socks-connect-timeout", 15.0,
+        _number("socks-connect-timeout", default_of(SOCKSSettings, "connect_timeout"),
                 "Seconds for name resolution and the outbound connect (then reply 06).", float),
-        _number("socks-idle-timeout", 600.0,
+        _number("socks-idle-timeout", default_of(SOCKSSettings, "idle_timeout"),
                 "Seconds without a byte either way before a tunnel is closed (0: never).",
                 float, zero=True),
-        _number("socks-max-sessions-per-peer", 64, "Concurrent SOCKS sessions per client address.", int),
-        _number("socks-max-sessions-per-user", 256, "Concurrent SOCKS sessions per user.", int),
-        _number("socks-max-pending-logins", 256, "SOCKS logins in flight at once.", int),
+        _number("socks-max-sessions-per-peer", default_of(SOCKSSettings, "max_sessions_per_peer"),
+                "Concurrent SOCKS sessions per client address.", int),
+        _number("socks-max-sessions-per-user", default_of(SOCKSSettings, "max_sessions_per_user"),
+                "Concurrent SOCKS sessions per user.", int),
+        _number("socks-max-pending-logins", default_of(SOCKSSettings, "max_pending_logins"),
+                "SOCKS logins in flight at once.", int),
     ]
 
     optFlags = [
@@ -216,6 +244,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()
         self["credCheckers"] = []
+        # --help shows opt_* docstrings as written: fold their indentation.
+        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items()}
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
@@ -499,6 +529,8 @@ def build_core(options: Options, reactor: Any) -> Core:
     for checker in options["credCheckers"]:
         if IHashingChecker.providedBy(checker):
             checker.use_verifier(verifier)
+        if IReloadable.providedBy(checker):  # file reloads in the pool's own thread
+            checker.use_loader(hash_pool.load, reactor)
     web = WebApp(policy, options["httpSettings"], _upstream_proxy(options["httpSettings"], reactor))
     realm.register_avatar(IResource, web.avatar)
     throttle = Throttle(
