@@ -7,26 +7,34 @@ for her waits before it is checked) but not refused.
 
 The core is built from the command-line options on a L{MemoryReactorClock},
 so the throttle's delays run on a clock the tests advance; the front doors
-are driven through L{StringTransport} from chosen peer addresses.
+are driven through L{StringTransport} from chosen peer addresses. The
+reproduction itself runs on loopback sockets too (L{LoopbackTests}).
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
+import os
+import smtplib
+import socket
 from typing import Any
 
+from twisted.internet import defer, reactor, threads
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.python.failure import Failure
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import tap
 from gateway.checkers.pipeline import Throttle
 from gateway.smtp.server import build_smtp
 from gateway.socks.server import build_socks
 from gateway.web.server import build_http
+from tests.support import free_port
 
 ATTACKER = "192.0.2.66"
 ALICE = "198.51.100.7"
@@ -217,3 +225,99 @@ class OptionTests(SynchronousTestCase):
         for option in ("--max-peer-failures", "--max-user-failures"):
             e = self.assertRaises(usage.UsageError, self.options, "--max-failures", "6", option, "5")
             self.assertIn(f"{option} must not be below --max-failures", str(e))
+
+
+class LoopbackTests(TestCase):
+    """
+    The reproduction on real sockets: the gateway as C{twistd authgateway}
+    builds it, a guesser at 127.0.0.2 and alice at 127.0.0.1, with C{smtplib},
+    C{http.client} and a raw RFC 1929 client.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.ports = {name: free_port() for name in ("smtp", "http", "socks")}
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", os.path.abspath(self.mktemp()), "--auth", "memory:alice:wonderland",
+            *(arg for name, port in self.ports.items()
+              for arg in (f"--{name}", f"tcp:{port}:interface=127.0.0.1")),
+            "--smtp-insecure-auth", "--smtp-hostname", "mx.test",
+            "--failure-delay", "0", "--failure-delay-max", "0",
+        ])
+        self.service = tap.makeService(options, reactor=reactor)
+        self.service.startService()
+        self.addCleanup(self.service.stopService)
+
+    def http(self, source: str, password: str) -> int:
+        connection = http.client.HTTPConnection(
+            "127.0.0.1", self.ports["http"], timeout=20, source_address=(source, 0)
+        )
+        try:
+            token = base64.b64encode(f"alice:{password}".encode()).decode()
+            connection.request("GET", "/whoami", headers={"Authorization": f"Basic {token}"})
+            return connection.getresponse().status
+        finally:
+            connection.close()
+
+    def smtp(self, source: str, password: str) -> int:
+        with smtplib.SMTP("127.0.0.1", self.ports["smtp"], timeout=20,
+                          source_address=(source, 0)) as client:
+            client.ehlo("client.test")
+            client.user, client.password = "alice", password
+            try:
+                code, _ = client.auth("PLAIN", client.auth_plain)
+            except smtplib.SMTPAuthenticationError as e:
+                code = e.smtp_code
+            return code
+
+    def socks(self, source: str, password: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.ports["socks"]), timeout=20,
+                                      source_address=(source, 0)) as s:
+            s.sendall(b"\x05\x01\x02")
+            assert s.recv(2) == b"\x05\x02"
+            secret = password.encode()
+            s.sendall(b"\x01\x05alice" + bytes([len(secret)]) + secret)
+            return s.recv(2)
+
+    @defer.inlineCallbacks
+    def test_guesser_does_not_lock_out_alice(self):
+        for door, guesser, wrong, right, refused in [
+            (self.http, "127.0.0.2", 401, 200, 429),
+            (self.smtp, "127.0.0.3", 535, 235, 454),
+            (self.socks, "127.0.0.4", b"\x01\x01", b"\x01\x00", b"\x01\x01"),
+        ]:
+            for _ in range(Throttle.max_failures):
+                self.assertEqual((yield threads.deferToThread(door, guesser, "guess")), wrong)
+            self.assertEqual((yield threads.deferToThread(door, guesser, "wonderland")), refused)
+            self.assertEqual((yield threads.deferToThread(door, "127.0.0.1", "wonderland")), right)
+            # Alice's login forgave nothing of the guesser's: still refused.
+            self.assertEqual((yield threads.deferToThread(door, guesser, "wonderland")), refused)
+
+    @defer.inlineCallbacks
+    def test_throttled_flood_is_not_a_log_flood(self):
+        """200 throttled requests on one keep-alive connection: one log line for them."""
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def flood() -> list[int]:
+            connection = http.client.HTTPConnection(
+                "127.0.0.1", self.ports["http"], timeout=20, source_address=("127.0.0.2", 0)
+            )
+            token = base64.b64encode(b"alice:guess").decode()
+            statuses = []
+            for _ in range(Throttle.max_failures + 200):
+                connection.request("GET", "/whoami", headers={"Authorization": f"Basic {token}"})
+                response = connection.getresponse()
+                response.read()
+                statuses.append(response.status)
+            connection.close()
+            return statuses
+
+        statuses = yield threads.deferToThread(flood)
+        self.assertEqual(statuses, [401] * Throttle.max_failures + [429] * 200)
+        outcomes = [e.get("outcome") for e in events if e.get("log_namespace") == "gateway.auth"]
+        self.assertEqual(outcomes.count("failure"), Throttle.max_failures)
+        self.assertEqual(outcomes.count("throttled"), 1)
