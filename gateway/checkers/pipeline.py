@@ -415,7 +415,8 @@ class Throttle:
     C{max_delay} (as Dovecot does). A success clears its pair's failures,
     also from its peer's count (they were that user's own mistakes). At most
     C{max_keys} counters and known devices are remembered each; the least
-    recently used go first. User names are kept only as keyed digests.
+    recently used go first. The counters keep user names only as keyed
+    digests.
 
     The class attributes are the defaults (C{twistd authgateway} takes its
     option defaults from them).
