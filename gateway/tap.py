@@ -31,6 +31,7 @@ from gateway.aaa import (
     AllowAuthenticated,
     ConfigError,
     IAccessPolicy,
+    authz_grants,
     load_acl_file,
     load_group_file,
 )
@@ -515,13 +516,8 @@ def build_core(options: Options, reactor: Any) -> Core:
     policy = options["policy"]
     acl = policy if options["acl"] else None
 
-    def authorize(info: AuthInfo, authzid: str) -> bool:
-        """Acting as another SMTP identity needs an ACL grant (never by default)."""
-        return acl is not None and acl.query_resource_access(
-            info, f"smtp/authz/{authzid}", "authorize"
-        )
-
-    realm = Realm(groups=options["groupMap"], authorize=authorize)
+    # Acting as another SMTP identity needs an ACL grant (never by default).
+    realm = Realm(groups=options["groupMap"], authorize=authz_grants(acl))
     hash_pool = HashPool(reactor, options["hash-threads"], options["hash-queue"])
     verifier = Verifier(
         hashes.verify, hash_pool, reactor, options["cache-ttl"], options["cache-size"]
