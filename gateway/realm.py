@@ -6,7 +6,8 @@ from that AuthInfo.
 
 Front doors log in with L{login}, which passes the credentials as the mind so
 that the realm knows the identity context and the peer, and which emits one
-structured auth event per attempt (never with a secret).
+structured auth event per attempt (never with a secret), except for floods of
+refusals (throttled, queue full), logged now and then with a count.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from gateway.credentials import (
     secrets_of,
 )
 from gateway.meta import ip_or_none
+from gateway.ratelog import suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.
 AvatarFactory = Callable[[IAuthInfo, Any], Any]
@@ -215,6 +217,9 @@ def login(
     protocol, mechanism, claimed identity, peer and outcome: C{success},
     C{failure}, C{throttled}, C{temporary}, C{unsupported}, C{error} or
     C{cancelled}. No event, and no failure it returns, carries a secret.
+    Refusals a client can repeat at will (L{Throttled}, L{PoolFull}) are
+    logged at most once a minute per peer (or queue), the line saying in
+    C{suppressed} how many were left out since the last one.
 
     @return: a Deferred firing with C{(interface, avatar, logout)}, or failing
         with L{UnauthorizedLogin} (wrong credentials), a L{TemporaryFailure}
@@ -264,7 +269,12 @@ def login(
         why = safe_message(reason.value, secrets_of(credentials))
         if reason.check(TemporaryFailure):
             outcome = "throttled" if reason.check(Throttled) else "temporary"
-            log.warn("auth deferred: " + what + ": {why}", outcome=outcome, why=why, **fields)
+            # A flood of refusals (throttled, queue full) gets a line now and
+            # then, saying how many were left out; every other outcome one each.
+            suppressed = reason.value.log_suppressed
+            if suppressed is not None:
+                log.warn("auth deferred: " + what + ": {why}" + suppressed_note(suppressed),
+                         outcome=outcome, why=why, suppressed=suppressed, **fields)
             return reason
         log.error(
             "auth error: " + what + ": {error_type}: {error}\n{traceback}",

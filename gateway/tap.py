@@ -35,7 +35,6 @@ from gateway.aaa import (
     load_acl_file,
     load_group_file,
 )
-from gateway.authinfo import AuthInfo
 from gateway.checkers import CheckerLoadError, hashes, load_checker
 from gateway.checkers.files import IReloadable
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
@@ -168,11 +167,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("cache-size", default_of(Verifier, "max_entries"),
                 "Verified passwords cached at most (LRU).", int),
         _number("max-failures", default_of(Throttle, "max_failures"),
-                "Failed logins per peer (IPv6 /64) or user name before refusing it.", int),
+                "Failed logins for one user from one peer (IPv6 /64) before refusing that pair.",
+                int),
+        _number("max-peer-failures", default_of(Throttle, "max_peer_failures"),
+                "Failed logins from one peer (IPv6 /64), any user, before refusing the peer.", int),
+        _number("max-user-failures", default_of(Throttle, "max_user_failures"),
+                "Failed logins for one user from all peers before its attempts are delayed "
+                "(never refused).", int),
         _number("failure-window", default_of(Throttle, "window"),
                 "Seconds over which failed logins are counted.", float),
         _number("throttle-keys", default_of(Throttle, "max_keys"),
-                "Peers and user names the throttle remembers (least recently failed go first).",
+                "Counters and known devices the throttle remembers (least recently used go first).",
                 int),
         _number("failure-delay", default_of(Throttle, "delay"),
                 "Seconds before answering a failed login; doubles with each failure.",
@@ -457,6 +462,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         if self["failure-delay-max"] < self["failure-delay"]:
             raise usage.UsageError("--failure-delay-max must not be below --failure-delay")
+        for option in ("max-peer-failures", "max-user-failures"):
+            if self[option] < self["max-failures"]:
+                raise usage.UsageError(f"--{option} must not be below --max-failures")
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         self["smtpSettings"] = self._smtp_settings()
@@ -568,6 +576,8 @@ def build_core(options: Options, reactor: Any) -> Core:
     throttle = Throttle(
         reactor,
         max_failures=options["max-failures"],
+        max_peer_failures=options["max-peer-failures"],
+        max_user_failures=options["max-user-failures"],
         window=options["failure-window"],
         delay=options["failure-delay"],
         max_delay=options["failure-delay-max"],

@@ -4,8 +4,9 @@ The verification pipeline every front door shares:
 
     throttle  ->  checkers  ->  cache  ->  hash in a bounded thread pool
 
-L{ThrottlingChecker} refuses a throttled peer or user before any checker
-runs and delays every failure; L{Verifier} runs password-hash verifications
+L{ThrottlingChecker} refuses a throttled peer or (user, peer) pair before
+any checker runs, holds back attempts for a much-guessed user and delays
+every failure; L{Verifier} runs password-hash verifications
 in a L{HashPool} (never on the reactor thread), caches successes and lets
 concurrent identical checks share one verification.
 
@@ -23,6 +24,7 @@ import re
 import secrets
 import threading
 import time
+import unicodedata
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -37,12 +39,19 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
+from gateway.meta import normalize_ip
+from gateway.ratelog import LogRateLimiter
+
 _T = TypeVar("_T")
 
 
 
 class TemporaryFailure(Exception):
     """The check could not be done now; the client may try again later."""
+
+    #: How many refusals like this one went unlogged before it; C{None}: do
+    #: not log this one (a flood a L{LogRateLimiter} is keeping out of the log).
+    log_suppressed: int | None = 0
 
 
 class AuthBackendError(TemporaryFailure):
@@ -60,7 +69,7 @@ class PoolFull(TemporaryFailure):
 
 
 class Throttled(TemporaryFailure):
-    """Too many recent failures from this peer or for this user."""
+    """Too many recent failures from this peer, or for this user from this peer."""
 
     def __init__(self, retry_after: float) -> None:
         super().__init__(f"too many failed logins; retry in {retry_after:.0f}s")
@@ -145,6 +154,8 @@ class HashPool(service.Service):
         self.threadpool = threadpool
         #: The one thread reading and parsing changed password and token files.
         self.loader = loader
+        #: A full queue under a flood is logged once a minute, not per login.
+        self.full_log = LogRateLimiter(reactor)
 
     @classmethod
     def shared(cls, max_pending: int = 64) -> HashPool:
@@ -161,7 +172,9 @@ class HashPool(service.Service):
         if self._stopping:
             return defer.fail(ShuttingDown())
         if self.pending >= self.max_pending:
-            return defer.fail(PoolFull())
+            full = PoolFull()
+            full.log_suppressed = self.full_log.admit("full")
+            return defer.fail(full)
         self.pending += 1
         cancelled: list[Any] = []
 
@@ -344,13 +357,14 @@ _MONOTONIC = _Monotonic()
 @functools.lru_cache(maxsize=4096)
 def peer_key(address: str | None) -> str | None:
     """
-    The throttling key of a peer address: the address itself for IPv4, its
-    /64 for IPv6 (one host usually owns a whole /64).
+    The throttling key of a peer address: the address itself for IPv4 (also
+    when IPv4-mapped, as on a dual-stack listener), its /64 for IPv6 (one
+    host usually owns a whole /64; the scope is dropped).
     """
     if not address:
         return None
     try:
-        ip = ipaddress.ip_address(address)
+        ip = ipaddress.ip_address(normalize_ip(address) or "")
     except ValueError:
         return address
     if ip.version == 6:
@@ -360,109 +374,233 @@ def peer_key(address: str | None) -> str | None:
 
 _Key = tuple[str, Any]
 
+#: Keys the user-name digests: names are not kept, and not guessable from a memory dump.
+_DIGEST_KEY = secrets.token_bytes(32)
+
+
+def _digest(*parts: str) -> bytes:
+    return hashlib.blake2b(_length_prefixed(*parts), digest_size=16, key=_DIGEST_KEY).digest()
+
+
+def _fold(user: str) -> str:
+    """
+    One counter for every spelling a checker might take for the same user
+    (case, Unicode compatibility forms, surrounding spaces): counting two
+    users as one only costs delays, counting one as two would double a
+    guesser's attempts.
+    """
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", user).casefold()).strip()
+
 
 class Throttle:
     """
-    Failed logins counted per peer (IPv6 by /64) and per user name in a
-    sliding window. Once the failures in C{window} seconds plus the attempts
-    still being checked reach C{max_failures}, further attempts from that
-    peer or for that user are refused (L{Throttled}) until the oldest failure
-    leaves the window: concurrent guesses count as much as sequential ones.
+    Failed logins counted in a sliding window of C{window} seconds, so that
+    a guesser can deny only itself:
+
+      - per peer (IPv6 by /64) and per (user, peer) pair, hard limits: once
+        the failures plus the attempts still being checked reach
+        C{max_peer_failures} (peer) or C{max_failures} (pair), further
+        attempts are refused (L{Throttled}) until the oldest failure leaves
+        the window; concurrent guesses count as much as sequential ones.
+      - per user across all peers, a soft ceiling: once C{max_user_failures}
+        failures for one user are in the window, every attempt for that user
+        waits before it is checked (C{delay}, doubling with each further
+        failure, up to C{max_delay}), whatever the password: distributed
+        guessing slows down, the right password still gets in. Peers that
+        logged in as that user within C{known_for} seconds ("known devices")
+        do not wait.
+
     Each failure is answered after a delay that starts at C{delay} and
-    doubles with every counted failure, up to C{max_delay} (as Dovecot does;
-    with the default five failures the fifth waits 8 s). At most C{max_keys}
-    peers and users are remembered; the least recently failed go first.
+    doubles with every failure counted for its peer or pair, up to
+    C{max_delay} (as Dovecot does). A success clears its pair's failures,
+    also from its peer's count (they were that user's own mistakes). At most
+    C{max_keys} counters and known devices are remembered each; the least
+    recently used go first. The counters keep user names only as keyed
+    digests.
+
+    The class attributes are the defaults (C{twistd authgateway} takes its
+    option defaults from them).
     """
+
+    max_failures = 5
+    max_peer_failures = 10
+    max_user_failures = 20
+    window = 60.0
+    delay = 0.5
+    max_delay = 15.0
+    max_keys = 100_000
+    #: Seconds a peer stays a known device of a user after a successful login.
+    known_for = 7 * 24 * 3600.0
 
     def __init__(
         self,
         clock: IReactorTime,
-        max_failures: int = 5,
-        window: float = 60.0,
-        delay: float = 0.5,
-        max_delay: float = 15.0,
-        max_keys: int = 100_000,
+        max_failures: int = max_failures,
+        window: float = window,
+        delay: float = delay,
+        max_delay: float = max_delay,
+        max_keys: int = max_keys,
+        max_peer_failures: int = max_peer_failures,
+        max_user_failures: int = max_user_failures,
     ) -> None:
-        if max_failures < 1 or window <= 0 or delay < 0 or max_delay < delay or max_keys < 1:
+        if (
+            max_failures < 1 or max_peer_failures < 1 or max_user_failures < 1
+            or window <= 0 or delay < 0 or max_delay < delay or max_keys < 1
+        ):
             raise ValueError("throttle limits must be positive, with max_delay >= delay")
+        # The peer and user limits are never below the pair's (a caller that
+        # raises max_failures alone keeps a coherent throttle).
+        max_peer_failures = max(max_peer_failures, max_failures)
+        max_user_failures = max(max_user_failures, max_failures)
         self.clock = clock
         self.max_failures = max_failures
+        self.max_peer_failures = max_peer_failures
+        self.max_user_failures = max_user_failures
         self.window = window
         self.delay = delay
         self.max_delay = max_delay
         self.max_keys = max_keys
-        self._windows: OrderedDict[_Key, deque[float]] = OrderedDict()
+        self._limits = {"peer": max_peer_failures, "pair": max_failures}
+        #: Failure times per key; a peer's entries are (time, pair key).
+        self._windows: OrderedDict[_Key, deque[Any]] = OrderedDict()
         self._inflight: dict[_Key, int] = {}
+        #: Pair key -> when it stops being a known device.
+        self._known: OrderedDict[_Key, float] = OrderedDict()
+        #: Refusals are logged once a minute per peer, not per attempt.
+        self.refusal_log = LogRateLimiter(clock, max_keys=min(max_keys, 10_000))
 
     @staticmethod
-    @functools.lru_cache(maxsize=4096)  # asked four times per login
+    @functools.lru_cache(maxsize=4096)  # asked several times per login
     def keys_for(peer: str | None, user: str | None) -> tuple[_Key, ...]:
+        """
+        The counters of an attempt: C{("peer", key)}, C{("pair", digest)},
+        C{("user", digest)}, each present when its parts are known. Without a
+        peer address (a UNIX socket) every client counts as one peer.
+        """
         keys: list[_Key] = []
         peer = peer_key(peer)
         if peer is not None:
             keys.append(("peer", peer))
         if user:
-            # A fixed-size digest: user names may be long, and are not kept.
-            keys.append(("user", hashlib.blake2b(user.casefold().encode(), digest_size=16).digest()))
+            name = _fold(user)
+            keys.append(("pair", _digest(name, peer or "")))
+            keys.append(("user", _digest(name)))
         return tuple(keys)
 
-    def _recent(self, key: _Key, now: float) -> deque[float]:
+    def _recent(self, key: _Key, now: float) -> deque[Any]:
         failures = self._windows.get(key)
         if failures is None:
             return deque()
-        while failures and failures[0] <= now - self.window:
-            failures.popleft()
+        cutoff = now - self.window
+        if key[0] == "peer":
+            while failures and failures[0][0] <= cutoff:
+                failures.popleft()
+        else:
+            while failures and failures[0] <= cutoff:
+                failures.popleft()
         if not failures:
             del self._windows[key]
         return failures
 
-    def check(self, peer: str | None, user: str | None) -> None:
+    @staticmethod
+    def _time(entry: Any) -> float:
+        return entry[0] if isinstance(entry, tuple) else entry
+
+    def check(self, peer: str | None, user: str | None) -> float:
         """
-        @raise Throttled: when the peer or the user has used up its attempts.
+        Whether an attempt may be checked now.
+
+        @return: seconds to wait before checking it (the user's ceiling).
+        @raise Throttled: when the peer or the (user, peer) pair has used up
+            its attempts.
         """
         now = self.clock.seconds()
         retry = 0.0
-        for key in self.keys_for(peer, user):
+        wait = 0.0
+        keys = self.keys_for(peer, user)
+        for key in keys:
             failures = self._recent(key, now)
-            if len(failures) >= self.max_failures:
-                retry = max(retry, failures[0] + self.window - now)
-            elif len(failures) + self._inflight.get(key, 0) >= self.max_failures:
+            limit = self._limits.get(key[0])
+            if limit is None:  # the user: a ceiling that delays, never refuses
+                excess = len(failures) - self.max_user_failures
+                if excess >= 0 and self.delay and not self._is_known(keys, now):
+                    wait = min(self.delay * 2 ** excess, self.max_delay)
+            elif len(failures) >= limit:
+                retry = max(retry, self._time(failures[0]) + self.window - now)
+            elif len(failures) + self._inflight.get(key, 0) >= limit:
                 retry = max(retry, 1.0)  # until one of the attempts in flight ends
         if retry > 0:
-            raise Throttled(retry)
+            refused = Throttled(retry)
+            refused.log_suppressed = self.refusal_log.admit(peer_key(peer))
+            raise refused
+        return wait
+
+    def _is_known(self, keys: tuple[_Key, ...], now: float) -> bool:
+        for key in keys:
+            if key[0] == "pair":
+                until = self._known.get(key)
+                if until is not None and until > now:
+                    return True
+        return False
 
     def reserve(self, peer: str | None, user: str | None) -> None:
-        """Count an attempt as in flight until L{release}."""
+        """Count an attempt against its peer and pair as in flight until L{release}."""
         for key in self.keys_for(peer, user):
-            self._inflight[key] = self._inflight.get(key, 0) + 1
+            if key[0] != "user":  # others' attempts in flight must not refuse a user
+                self._inflight[key] = self._inflight.get(key, 0) + 1
 
     def release(self, peer: str | None, user: str | None) -> None:
         for key in self.keys_for(peer, user):
-            left = self._inflight.pop(key, 1) - 1
-            if left > 0:
-                self._inflight[key] = left
+            if key[0] != "user":
+                left = self._inflight.pop(key, 1) - 1
+                if left > 0:
+                    self._inflight[key] = left
 
     def failed(self, peer: str | None, user: str | None) -> float:
         """Count a failure; return how long to wait before answering it."""
         now = self.clock.seconds()
+        keys = self.keys_for(peer, user)
+        pair = next((key for key in keys if key[0] == "pair"), None)
         counted = 0
-        for key in self.keys_for(peer, user):
+        for key in keys:
             failures = self._recent(key, now)
             if key not in self._windows:
-                failures = self._windows[key] = deque(maxlen=self.max_failures)
-            failures.append(now)
+                size = self._limits.get(key[0], self.max_user_failures + 32)
+                failures = self._windows[key] = deque(maxlen=size)
+            failures.append((now, pair) if key[0] == "peer" else now)
             self._windows.move_to_end(key)
-            counted = max(counted, len(failures))
+            if key[0] != "user":  # the user's ceiling delays before the check instead
+                counted = max(counted, len(failures))
         while len(self._windows) > self.max_keys:
             self._windows.popitem(last=False)
         if not counted or not self.delay:
             return 0.0
         return min(self.delay * 2 ** (counted - 1), self.max_delay)
 
-    def succeeded(self, user: str | None) -> None:
-        """A correct password clears that user's count (not the peer's)."""
-        for key in self.keys_for(None, user):
-            self._windows.pop(key, None)
+    def succeeded(self, peer: str | None, user: str | None) -> None:
+        """
+        A correct password: the pair's failures are forgiven (in the peer's
+        count too) and the peer becomes a known device of the user. The
+        user's count stays: it is what slows a distributed guesser down.
+        """
+        keys = self.keys_for(peer, user)
+        pair = next((key for key in keys if key[0] == "pair"), None)
+        if pair is None:
+            return
+        self._windows.pop(pair, None)
+        for key in keys:
+            failures = self._windows.get(key)
+            if key[0] == "peer" and failures is not None:
+                kept = [entry for entry in failures if entry[1] != pair]
+                if len(kept) != len(failures):
+                    failures.clear()
+                    failures.extend(kept)
+                    if not failures:
+                        del self._windows[key]
+        self._known[pair] = self.clock.seconds() + self.known_for
+        self._known.move_to_end(pair)
+        while len(self._known) > self.max_keys:
+            self._known.popitem(last=False)
 
 
 def _claimed_user(credentials: Any) -> str | None:
@@ -475,10 +613,11 @@ def _claimed_user(credentials: Any) -> str | None:
 @implementer(ICredentialsChecker)
 class ThrottlingChecker:
     """
-    The first stage of every login: refuse throttled peers and users before
-    any checker (and so any hashing) runs; count failures and answer each one
-    only after the throttle's growing delay. Successful logins are never
-    delayed.
+    The first stage of every login: refuse throttled peers and pairs before
+    any checker (and so any hashing) runs; hold back attempts for a user past
+    its ceiling before checking them; count failures and answer each one only
+    after the throttle's growing delay. A success is never delayed after its
+    check.
     """
 
     def __init__(self, checker: ICredentialsChecker, throttle: Throttle) -> None:
@@ -494,14 +633,15 @@ class ThrottlingChecker:
         peer = getattr(meta, "peer_address", None)
         user = _claimed_user(credentials)
         try:
-            self.throttle.check(peer, user)
+            wait = self.throttle.check(peer, user)
         except Throttled as e:
             return defer.fail(e)
+        # Held until the answer: waiting attempts count against the peer too.
         self.throttle.reserve(peer, user)
 
         def succeeded(result: Any) -> Any:
             self.throttle.release(peer, user)
-            self.throttle.succeeded(user)
+            self.throttle.succeeded(peer, user)
             return result
 
         def failed(reason: Failure) -> Any:
@@ -513,5 +653,10 @@ class ThrottlingChecker:
                 return reason
             return task.deferLater(self.throttle.clock, delay, reason.raiseException)
 
-        d = defer.maybeDeferred(self.checker.requestAvatarId, credentials)
+        if wait:
+            # Before the check, whatever the password: an answer that came
+            # sooner for the right one would tell it.
+            d = task.deferLater(self.throttle.clock, wait, self.checker.requestAvatarId, credentials)
+        else:
+            d = defer.maybeDeferred(self.checker.requestAvatarId, credentials)
         return d.addCallbacks(succeeded, failed)
