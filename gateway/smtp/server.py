@@ -582,6 +582,7 @@ class SubmissionServer(smtp.ESMTP):
     def _auth_error(self, error: sasl.SASLError) -> None:
         self._mode, self._mechanism = COMMAND, None
         self.reply(error.code, error.enhanced, error.text)
+        self._check_junk()  # the AUTH command of an exchange that led to no login
 
     def _authenticated(self, result: tuple[Any, Any, Any]) -> None:
         _, info, _ = result
