@@ -155,6 +155,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("smtp-max-size", 35 * 1024 * 1024, "Largest message in octets (SIZE).", int),
         _number("smtp-max-recipients", 100, "Recipients per message.", int),
         _number("smtp-timeout", 300.0, "Idle seconds before an SMTP session is closed.", float),
+        _number("smtp-auth-deadline", attrs.fields(SMTPSettings).auth_deadline.default,
+                "Seconds from the greeting until AUTH for peers outside the trusted networks.",
+                float),
+        _number("smtp-junk-commands", attrs.fields(SMTPSettings).junk_commands.default,
+                "Commands that lead nowhere (NOOP, RSET, HELP, unknown...) allowed before AUTH.",
+                int, zero=True),
         ["smtp-mechanisms", None, "PLAIN,LOGIN",
          "SASL mechanisms offered, in order (built-in PLAIN, LOGIN and any --smtp-mechanism)."],
         # HTTP.
@@ -356,6 +362,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             insecure_auth=bool(self["smtp-insecure-auth"]),
             trusted_networks=tuple(self.get("trustedNetworks", ())),
             sender_binding=bool(self["smtp-sender-binding"]),
+            auth_deadline=self["smtp-auth-deadline"],
+            junk_commands=self["smtp-junk-commands"],
         )
 
     def opt_checker(self, name: str) -> None:

@@ -1401,14 +1401,20 @@ class BackpressureTests(ServerTestCase):
         self.assertTrue(interfaces.IPushProducer.providedBy(client.proto))
 
     def test_write_pause_stops_answering_and_reading(self) -> None:
-        """pauseProducing from the transport: buffered lines wait, reading stops; resume goes on."""
-        client = self.connect()
+        """
+        pauseProducing from the transport: lines wait unanswered, reading stops
+        once MAX_PENDING_INPUT waits; resume answers them and reads again.
+        """
+        client = self.trusted_session()
         client.proto.pauseProducing()
-        self.assertEqual(client.transport.producerState, "paused")
         self.assertEqual(client.send(b"NOOP\r\nHELP\r\n"), [])
+        self.assertEqual(client.transport.producerState, "producing")
+        count = MAX_PENDING_INPUT // 6
+        self.assertEqual(client.send(b"NOOP\r\n" * count), [])
+        self.assertEqual(client.transport.producerState, "paused")
         client.proto.resumeProducing()
         self.assertEqual(client.transport.producerState, "producing")
-        self.assertReplies(client.read(), [b"250 2.0.0", b"214 2.0.0"])
+        self.assertReplies(client.read(), [b"250 2.0.0", b"214 2.0.0"] + [b"250 2.0.0"] * count)
 
     def buffering(self, buffer_size: int) -> Client:
         """A new session of C{self.factory} over a L{BufferingTransport}, past the greeting."""
@@ -1423,14 +1429,15 @@ class BackpressureTests(ServerTestCase):
         """Many EHLO lines at once: answering stops at the buffer bound, and goes on when drained."""
         self.connect(trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),))  # EHLO is no junk
         client = self.buffering(4096)
-        client.proto.dataReceived(b"EHLO client.example\r\n" * 1000)
+        count = MAX_PENDING_INPUT // 21 + 1000  # more than MAX_PENDING_INPUT unanswered
+        client.proto.dataReceived(b"EHLO client.example\r\n" * count)
         self.assertEqual(client.transport.producerState, "paused")
         self.assertLess(len(client.transport.value()), 4096 + 1024)
         total = 0
         while client.transport.producer_paused:
             total += client.transport.drain().count(b"\r\n250 ")
         total += client.transport.value().count(b"\r\n250 ")
-        self.assertEqual(total, 1000)
+        self.assertEqual(total, count)
         self.assertEqual(client.transport.producerState, "producing")
 
     def test_pending_reply_and_write_pause_are_separate_reasons(self) -> None:
@@ -1452,7 +1459,7 @@ class BackpressureTests(ServerTestCase):
         self.assertEqual(len(finals(client.read())), MAX_PENDING_INPUT // 6 + 1)
 
     def test_input_bounded_when_transport_ignores_pause(self) -> None:
-        client = self.connect()
+        client = self.trusted_session()
         client.proto.pauseProducing()
         client.proto.dataReceived(b"NOOP\r\n" * (MAX_BUFFERED_INPUT // 6 + 1))
         self.assertReplies(client.read(), [b"421 4.7.0"])

@@ -128,8 +128,8 @@ class SubmissionServer(smtp.ESMTP):
 
     It is the streaming producer of its own transport: when the transport's
     write buffer is full (a client that sends commands and does not read the
-    replies), it stops reading and stops answering buffered lines until the
-    buffer drains.
+    replies), it stops answering until the buffer drains, and stops reading
+    once L{MAX_PENDING_INPUT} waits, as while a reply is pending.
     """
 
     def __init__(self, factory: SubmissionFactory) -> None:
@@ -284,7 +284,7 @@ class SubmissionServer(smtp.ESMTP):
     # -- backpressure: IPushProducer, called by the transport ----------------
 
     def pauseProducing(self) -> None:
-        """The transport's write buffer is full: stop reading and answering."""
+        """The transport's write buffer is full: stop answering (and soon reading)."""
         self._output_paused = True
         self._update_reading()
 
@@ -298,13 +298,18 @@ class SubmissionServer(smtp.ESMTP):
 
     def _update_reading(self) -> None:
         """
-        Reading is paused while either holds: the write buffer is full, or a
-        reply is pending with much input already queued. One reason never
-        resumes what the other paused.
+        Reading is paused while lines are not answered, for either reason (a
+        full write buffer, a pending reply), and much input already waits;
+        one reason ending never resumes reading while the other holds.
+
+        A full write buffer does not stop reading at once: a TLS layer pauses
+        its producer while its handshake is unfinished (our greeting, on
+        C{--smtps}, is written before it), and the handshake needs reading.
         """
         if self._lost or self._closing:
             return
-        want = self._output_paused or (self._busy and len(self._buffer) > MAX_PENDING_INPUT)
+        waiting = self._busy or self._output_paused
+        want = waiting and len(self._buffer) > MAX_PENDING_INPUT
         if want != self._reading_paused:
             self._reading_paused = want
             if want:
