@@ -1492,6 +1492,17 @@ class BackpressureTests(ServerTestCase):
         self.clock.advance(CLOSE_GRACE)
         self.assertTrue(client.transport.disconnected)
 
+    def test_lines_unanswered_do_not_reset_idle_timer(self) -> None:
+        """A client that sends a line now and then but never reads is idle all the same."""
+        client = self.trusted_session(timeout=30)
+        client.proto.pauseProducing()
+        for _ in range(2):
+            self.clock.advance(14)
+            client.proto.dataReceived(b"NOOP\r\n")
+        self.clock.advance(2)
+        self.assertReplies(client.read(), [b"421 4.4.2"])
+        self.assertTrue(client.closed)
+
     def test_starttls_starts_unpaused(self) -> None:
         """
         Twisted's startTLS re-registers the producer with a fresh TLS layer

@@ -337,8 +337,10 @@ class SubmissionServer(smtp.ESMTP):
         return len(line) > MAX_DATA_LINE + line.startswith(b".")
 
     def _process(self) -> None:
-        if b"\r\n" in self._buffer:
-            self.resetTimeout()  # once per read, not per line
+        if b"\r\n" in self._buffer and not self._output_paused:
+            # Once per read, not per line; and not while the client leaves our
+            # replies unread: sending without reading is no sign of life.
+            self.resetTimeout()
         while (
             not self._busy
             and not self._output_paused
