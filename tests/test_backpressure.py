@@ -45,11 +45,12 @@ def _client_tls() -> ssl.SSLContext:
     return context
 
 
-def _connect(port: int) -> socket.socket:
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
     """A blocking socket with a small receive buffer (set before connect)."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.settimeout(10)
+    sock.bind((source, 0))
     sock.connect(("127.0.0.1", port))
     return sock
 
@@ -75,7 +76,7 @@ def _flood(sock: Any, chunk: bytes) -> int:
         while chunk and sent < FLOOD:
             sock.sendall(chunk)
             sent += len(chunk)
-    except (socket.timeout, ssl.SSLError, BlockingIOError):
+    except (socket.timeout, ssl.SSLError, BlockingIOError, ConnectionError):  # stalled, or closed
         pass
     return sent
 
@@ -83,7 +84,7 @@ def _flood(sock: Any, chunk: bytes) -> int:
 def _buffered(transport: tcp.Server) -> int:
     """Bytes the server holds for its client: the write buffer and a TLS layer's."""
     size = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    proto = transport.protocol
+    proto = getattr(transport, "protocol", None)  # gone once the connection is lost
     while proto is not None:
         size += sum(map(len, getattr(proto, "_appSendBuffer", [])))
         proto = getattr(proto, "wrappedProtocol", None)
@@ -167,8 +168,9 @@ class BackpressureTests(TestCase):
               for arg in (f"--{name}", f"tcp:{port}:interface=127.0.0.1")),
             "--smtp-hostname", "mx.test",
             # Repeated EHLO is junk before AUTH: flood from a trusted client,
-            # which has no junk budget, to reach the write buffer.
-            "--smtp-trusted-network", "127.0.0.0/8",
+            # which has no junk budget, to reach the write buffer; 127.0.0.2
+            # is an untrusted one.
+            "--smtp-trusted-network", "127.0.0.1/32",
             "--socks-allow", f"127.0.0.1:{self.talker_port}",
             "--failure-delay", "0", "--failure-delay-max", "0",
         ])
@@ -196,7 +198,6 @@ class BackpressureTests(TestCase):
         held = _buffered(server)
         self.assertLess(held, BOUND, f"{held} bytes held for a client that does not read"
                                      f" ({sent} bytes sent)")
-        self.assertTrue(server.connected)
         return server
 
     @defer.inlineCallbacks
@@ -229,6 +230,22 @@ class BackpressureTests(TestCase):
         sock = yield threads.deferToThread(prelude)
         server = yield self.check_bounded(sock, b"EHLO client.test\r\n" * 4096)
         self.assertLess(len(_innermost(server)._buffer), BOUND)
+        self.assertEqual((yield self.smtp_served()), 250)
+
+    @defer.inlineCallbacks
+    def test_smtp_unauthenticated_ehlo_flood(self) -> Any:
+        """The reported case: an untrusted client meets the junk limit, and is closed."""
+
+        def prelude() -> socket.socket:
+            sock = _connect(self.ports["smtp"], source="127.0.0.2")
+            _read_reply(sock)
+            return sock
+
+        sock = yield threads.deferToThread(prelude)
+        server = yield self.check_bounded(
+            sock, b"EHLO client.test\r\n" * 4096, settled=lambda server: server.disconnecting
+        )
+        self.assertTrue(server.disconnecting)  # aborted after CLOSE_GRACE if it never reads
         self.assertEqual((yield self.smtp_served()), 250)
 
     @defer.inlineCallbacks
