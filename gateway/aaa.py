@@ -12,14 +12,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Union
 
 import attrs
 from zope.interface import Interface, implementer
 
-from gateway.authinfo import IAuthInfo
+from gateway.authinfo import IAuthInfo, Identity, IdentityContext
 from gateway.meta import ip_or_none
 from gateway.text import quote as _quote
 
@@ -166,17 +166,79 @@ class AllowAuthenticated:
         return auth_info.is_authenticated()
 
 
+def authz_resource(authzid: str) -> str | None:
+    """
+    The ACL resource that grants acting as C{authzid}: C{smtp/authz/<authzid>},
+    or None when the name would not be exactly one resource segment (a C{/}
+    would let a grant for C{ceo} cover C{ceo/x}, as the query walks up).
+    """
+    if not authzid or "/" in authzid:
+        return None
+    return f"smtp/authz/{authzid}"
+
+
+def authz_grants(policy: IAccessPolicy | None) -> Callable[[IAuthInfo, str], bool]:
+    """
+    The realm's C{authorize} hook from the C{--acl} policy: acting as another
+    SMTP identity needs privilege C{authorize} on L{authz_resource}; without
+    an ACL (C{None}) nobody may. The hook is asked about the identities that
+    proved themselves (the authorization identity is not in the session yet).
+    L{AllowAuthenticated}, the policy without C{--acl}, grants nothing either.
+    """
+    if isinstance(policy, AllowAuthenticated):
+        policy = None
+
+    def authorize(auth_info: IAuthInfo, authzid: str) -> bool:
+        resource = authz_resource(authzid)
+        return (
+            policy is not None
+            and resource is not None
+            and policy.query_resource_access(auth_info, resource, "authorize")
+        )
+
+    return authorize
+
+
 # --- criteria -----------------------------------------------------------------
+
+
+def acting_names(auth_info: IAuthInfo) -> frozenset[str]:
+    """
+    The names a session acts as. An SMTP session with an authorization
+    identity acts as that identity (the authzid, once approved), not as the
+    authentication identity that proved it; any other identity acts as itself.
+    Without an authorization identity, every identity counts.
+    """
+    identities = auth_info.identities
+    if any(i.context is IdentityContext.SmtpAuthPlainAuthorization for i in identities):
+        return frozenset(
+            i.identity
+            for i in identities
+            if i.context is not IdentityContext.SmtpAuthPlainAuthentication
+        )
+    return frozenset(i.identity for i in identities)
 
 
 @attrs.frozen
 class IndividualIdentity:
-    """C{Individual = "name"}: one of the session's identities is C{name}."""
+    """
+    C{Individual = "name"}: the session acts as C{name} (L{acting_names}).
+
+    C{Individual = {identity = "name", context = "Context"}}: the session has
+    the identity C{name} in exactly that context, e.g. the SMTP
+    authentication identity (who proved) or authorization identity (whom the
+    session acts as).
+    """
 
     name: str
+    context: IdentityContext | None = None
 
     def matches(self, auth_info: IAuthInfo) -> bool:
-        return self.name in auth_info.names()
+        if self.context is None:
+            return self.name in acting_names(auth_info)
+        return any(
+            i.identity == self.name and i.context is self.context for i in auth_info.identities
+        )
 
 
 @attrs.frozen
@@ -474,6 +536,8 @@ def _identity(value: Any, where: str) -> Criterion:
             found = "a non-empty table" if isinstance(inner, dict) else _kind(inner)
             raise _Invalid(f"{where} must be an empty table {{}}, not {found}")
         return _UNIT_IDENTITIES[kind]
+    if kind == "Individual" and isinstance(inner, dict):
+        return _individual_in_context(inner, where)
     if kind == "MachineSet":
         if not isinstance(inner, list) or not inner:
             found = "an empty array" if inner == [] else _kind(inner)
@@ -481,12 +545,38 @@ def _identity(value: Any, where: str) -> Criterion:
         return AnyOf(tuple(_machine(item, f"{where}[{i}]") for i, item in enumerate(inner)))
     if not isinstance(inner, str) or not inner:
         found = "an empty string" if inner == "" else _kind(inner)
-        raise _Invalid(f"{where} must be a non-empty string, not {found}")
+        shape = " or an {identity, context} table" if kind == "Individual" else ""
+        raise _Invalid(f"{where} must be a non-empty string{shape}, not {found}")
     if kind == "Individual":
         return IndividualIdentity(inner)
     if kind == "Group":
         return GroupIdentity(inner)
     return _machine(inner, where)
+
+
+_INDIVIDUAL_KEYS = ("identity", "context")
+
+
+def _individual_in_context(value: dict[str, Any], where: str) -> IndividualIdentity:
+    """C{Individual = {identity = "name", context = "Context"}}: both keys required."""
+    unknown = [key for key in value if key not in _INDIVIDUAL_KEYS]
+    if unknown:
+        names = ", ".join(_quote(key) for key in unknown)
+        raise _Invalid(f"{where}: unknown key {names} (expected identity, context)")
+    for required in _INDIVIDUAL_KEYS:
+        if required not in value:
+            raise _Invalid(f"{where}: missing required key {_quote(required)}")
+    name, context = value["identity"], value["context"]
+    if not isinstance(name, str) or not name:
+        found = "an empty string" if name == "" else _kind(name)
+        raise _Invalid(f"{where}.identity must be a non-empty string, not {found}")
+    if not isinstance(context, str):
+        raise _Invalid(f"{where}.context must be a string, not {_kind(context)}")
+    try:
+        identity = Identity(name, context)
+    except ValueError as e:
+        raise _Invalid(f"{where}: {e}") from None
+    return IndividualIdentity(identity.identity, identity.context)
 
 
 def _machine(inner: Any, where: str) -> MachineIdentity:

@@ -144,11 +144,15 @@ class SASLCredentials(UsernamePassword):
         return self.authzid or self.username
 
     def identities_for(self, avatar_id: str) -> tuple[Identity, ...]:
-        authz = self.authzid or avatar_id
-        return (
-            Identity(authz, IdentityContext.SmtpAuthPlainAuthorization),
-            Identity(avatar_id, IdentityContext.SmtpAuthPlainAuthentication),
-        )
+        """
+        The authorization and authentication identities of C{avatar_id}; only
+        the authentication identity when the client asked to act as someone
+        else, since nothing has approved that yet (see L{identities_of}).
+        """
+        authn = Identity(avatar_id, IdentityContext.SmtpAuthPlainAuthentication)
+        if self.authzid and self.authzid != avatar_id:
+            return (authn,)
+        return (Identity(avatar_id, IdentityContext.SmtpAuthPlainAuthorization), authn)
 
 
 @implementer(IHTTPBasicCredentials)
@@ -184,6 +188,11 @@ class BearerToken:
         return (Identity(avatar_id, self.context),)
 
 
+def requested_authzid(credentials: Any) -> str:
+    """The authzid SASL credentials ask for ("" for none, and for other credentials)."""
+    return credentials.authzid if ISASLCredentials.providedBy(credentials) else ""
+
+
 def identities_of(
     credentials: Any, avatar_id: str, *, authzid_approved: bool = False
 ) -> tuple[Identity, ...]:
@@ -194,17 +203,19 @@ def identities_of(
 
     SASL credentials asking to act as someone else (an authzid other than
     C{avatar_id}) get the authorization identity only when
-    C{authzid_approved} (the checker saw the authzid and accepted it);
-    otherwise just the authentication identity, and the realm decides
-    (L{gateway.realm.Realm}: the ACL may grant it, else the login fails).
-    An unchecked authzid never becomes an identity (RFC 4616 section 2).
+    C{authzid_approved}: pass it only after your own code decided that
+    C{avatar_id} may act as that authzid. Otherwise they get just the
+    authentication identity, and the realm decides (L{gateway.realm.Realm}:
+    the ACL may grant it, else the login fails). An unchecked authzid never
+    becomes an identity (RFC 4616 section 2).
     """
-    authzid = getattr(credentials, "authzid", "")
-    if authzid and authzid != avatar_id and not authzid_approved:
-        return (Identity(avatar_id, IdentityContext.SmtpAuthPlainAuthentication),)
-    if IConnectionCredentials.providedBy(credentials):
-        return credentials.identities_for(avatar_id)
-    return (Identity(avatar_id, IdentityContext.GenericAuth),)
+    if not IConnectionCredentials.providedBy(credentials):
+        return (Identity(avatar_id, IdentityContext.GenericAuth),)
+    identities = tuple(credentials.identities_for(avatar_id))
+    authzid = requested_authzid(credentials)
+    if authzid_approved and authzid and authzid != avatar_id:
+        return (Identity(authzid, IdentityContext.SmtpAuthPlainAuthorization), *identities)
+    return identities
 
 
 def secrets_of(credentials: Any) -> tuple[str, ...]:

@@ -38,6 +38,7 @@ from gateway.checkers.pipeline import (
 from gateway.credentials import (
     IConnectionCredentials,
     identities_of,
+    requested_authzid,
     safe_message,
     secrets_of,
 )
@@ -81,7 +82,8 @@ class Realm:
         """
         The session's AuthInfo for what a checker returned.
 
-        @raise UnauthorizedLogin: when it carries no identity (fail closed).
+        @raise UnauthorizedLogin: when it carries no identity that proved
+            itself (fail closed), or an authorization identity nothing approved.
         @raise TypeError: when the checker returned something unusable.
         """
         creds = mind if IConnectionCredentials.providedBy(mind) else None
@@ -106,7 +108,7 @@ class Realm:
             )
         if not info.is_authenticated():
             raise UnauthorizedLogin()
-        info = self._authorization(info, creds)
+        pending = self._authorization(info, creds)
         # The connection's own peer wins, as KumoMTA's set_peer_address.
         peer = ip_or_none(creds.conn_meta.peer_address) if creds is not None else None
         members = [
@@ -115,30 +117,59 @@ class Realm:
             if i.context is not IdentityContext.SmtpAuthPlainAuthorization
         ]
         groups = self.groups.groups_for(members)
-        if (peer is None or peer == info.peer_address) and not groups:
+        if (peer is not None and peer != info.peer_address) or groups:
+            info = attrs.evolve(
+                info,
+                peer_address=peer if peer is not None else info.peer_address,
+                groups=(*info.groups, *groups),
+            )
+        if pending is None:
             return info
-        return attrs.evolve(
-            info,
-            peer_address=peer if peer is not None else info.peer_address,
-            groups=(*info.groups, *groups),
-        )
-
-    def _authorization(self, info: AuthInfo, creds: Any) -> AuthInfo:
-        """
-        An SMTP client asking to act as another identity (a foreign authzid)
-        gets it when the checker listed it, or when C{authorize(info,
-        authzid)} grants it; otherwise the login fails.
-        """
-        authzid = getattr(creds, "authzid", "")
-        if not authzid or info.identity_for(IdentityContext.SmtpAuthPlainAuthorization):
-            return info
-        authn = info.identity_for(IdentityContext.SmtpAuthPlainAuthentication)
-        if authzid == authn:
-            return info
-        if self.authorize is None or not self.authorize(info, authzid):
+        # Asked with the session as it proved itself: groups and peer included,
+        # the authorization identity not yet.
+        if self.authorize is None or not self.authorize(info, pending):
             raise UnauthorizedLogin()
-        granted = Identity(authzid, IdentityContext.SmtpAuthPlainAuthorization)
+        granted = Identity(pending, IdentityContext.SmtpAuthPlainAuthorization)
         return attrs.evolve(info, identities=(granted, *info.identities))
+
+    def _authorization(self, info: AuthInfo, creds: Any) -> str | None:
+        """
+        Check the authorization identities of C{info} against what the client
+        asked for, and return the authzid that still needs the C{authorize}
+        hook's grant (None when nothing is left to grant).
+
+        An authorization identity in a checker's AuthInfo is the checker's
+        approval of exactly the requested authzid (with none requested: of
+        one of the identities that proved themselves); naming any other one
+        fails the login rather than silently replacing what the client asked
+        for. A session must also have an identity that proved itself.
+
+        @raise UnauthorizedLogin: when an identity is not approved.
+        """
+        authz = {
+            i.identity
+            for i in info.identities
+            if i.context is IdentityContext.SmtpAuthPlainAuthorization
+        }
+        proven = {
+            i.identity
+            for i in info.identities
+            if i.context is not IdentityContext.SmtpAuthPlainAuthorization
+        }
+        if not proven:
+            raise UnauthorizedLogin()
+        requested = requested_authzid(creds)
+        if authz:
+            if not authz <= ({requested} if requested else proven):
+                raise UnauthorizedLogin()
+            return None
+        if not requested or requested in proven:
+            return None
+        try:
+            Identity(requested, IdentityContext.SmtpAuthPlainAuthorization)
+        except ValueError:  # control characters: it can never be an identity
+            raise UnauthorizedLogin() from None
+        return requested
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: type[Interface]):
         info = self.auth_info_for(avatarId, mind)

@@ -6,6 +6,7 @@ authentication core to the front doors.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import math
 import os
@@ -30,11 +31,13 @@ from gateway.aaa import (
     AllowAuthenticated,
     ConfigError,
     IAccessPolicy,
+    authz_grants,
     load_acl_file,
     load_group_file,
 )
 from gateway.authinfo import AuthInfo
 from gateway.checkers import CheckerLoadError, hashes, load_checker
+from gateway.checkers.files import IReloadable
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
@@ -104,6 +107,21 @@ def _number(option: str, default: Any, doc: str, kind: type, zero: bool = False)
     return [option, None, default, doc, _positive(option, kind, zero)]
 
 
+def default_of(owner: Any, name: str) -> Any:
+    """
+    The default of C{name} in C{owner}: an attrs settings class's field or a
+    constructor's keyword argument. Options take their defaults from here, so
+    each default is written once, where the value is used.
+    """
+    if attrs.has(owner):
+        default = getattr(attrs.fields(owner), name).default
+        return default.factory() if isinstance(default, attrs.Factory) else default
+    default = inspect.signature(owner).parameters[name].default
+    if default is inspect.Parameter.empty:
+        raise TypeError(f"{owner.__name__}({name}) has no default")
+    return default
+
+
 #: --auth types whose ARGS are file names, safe to show in an error.
 _PATH_ARGS = frozenset({"file", "htpasswd", "tokens", "sshkey"})
 
@@ -133,61 +151,73 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["acl", None, None, "ACL file (TOML, KumoMTA [[acl.\"resource\"]] syntax)."],
         # The verification pipeline: throttle -> checkers -> cache -> hash pool.
         _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
-        _number("hash-queue", 64,
+        _number("hash-queue", default_of(HashPool, "max_pending"),
                 "Hash verifications waiting or running before new ones fail temporarily.", int),
-        _number("cache-ttl", 300.0, "Seconds a verified password stays cached (0: no cache).",
+        _number("cache-ttl", default_of(Verifier, "ttl"),
+                "Seconds a verified password stays cached (0: no cache).",
                 float, zero=True),
-        _number("cache-size", 10000, "Verified passwords cached at most (LRU).", int),
-        _number("max-failures", 5,
+        _number("cache-size", default_of(Verifier, "max_entries"),
+                "Verified passwords cached at most (LRU).", int),
+        _number("max-failures", default_of(Throttle, "max_failures"),
                 "Failed logins per peer (IPv6 /64) or user name before refusing it.", int),
-        _number("failure-window", 60.0, "Seconds over which failed logins are counted.", float),
-        _number("throttle-keys", 100_000,
+        _number("failure-window", default_of(Throttle, "window"),
+                "Seconds over which failed logins are counted.", float),
+        _number("throttle-keys", default_of(Throttle, "max_keys"),
                 "Peers and user names the throttle remembers (least recently failed go first).",
                 int),
-        _number("failure-delay", 0.5,
+        _number("failure-delay", default_of(Throttle, "delay"),
                 "Seconds before answering a failed login; doubles with each failure.",
                 float, zero=True),
-        _number("failure-delay-max", 15.0, "Cap of the failure delay in seconds.",
+        _number("failure-delay-max", default_of(Throttle, "max_delay"),
+                "Cap of the failure delay in seconds.",
                 float, zero=True),
         # SMTP submission.
         ["spool", None, None, "Where accepted messages are stored (default: DATA_DIR/spool)."],
         ["smtp-hostname", None, None, "The name in the greeting and Received headers (default: FQDN)."],
-        _number("smtp-max-size", 35 * 1024 * 1024, "Largest message in octets (SIZE).", int),
-        _number("smtp-max-recipients", 100, "Recipients per message.", int),
-        _number("smtp-timeout", 300.0, "Idle seconds before an SMTP session is closed.", float),
-        _number("smtp-auth-deadline", attrs.fields(SMTPSettings).auth_deadline.default,
+        _number("smtp-max-size", default_of(SMTPSettings, "max_size"),
+                "Largest message in octets (SIZE).", int),
+        _number("smtp-max-recipients", default_of(SMTPSettings, "max_recipients"),
+                "Recipients per message.", int),
+        _number("smtp-timeout", default_of(SMTPSettings, "timeout"),
+                "Idle seconds before an SMTP session is closed.", float),
+        _number("smtp-auth-deadline", default_of(SMTPSettings, "auth_deadline"),
                 "Seconds from the greeting until AUTH for peers outside the trusted networks.",
                 float),
-        _number("smtp-junk-commands", attrs.fields(SMTPSettings).junk_commands.default,
+        _number("smtp-junk-commands", default_of(SMTPSettings, "junk_commands"),
                 "Commands that lead nowhere (NOOP, RSET, HELP, unknown...) allowed before AUTH.",
                 int, zero=True),
-        ["smtp-mechanisms", None, "PLAIN,LOGIN",
+        ["smtp-mechanisms", None, ",".join(default_of(SMTPSettings, "mechanisms")),
          "SASL mechanisms offered, in order (built-in PLAIN, LOGIN and any --smtp-mechanism)."],
         # HTTP.
-        ["http-realm", None, "authgateway", "The realm in WWW-Authenticate challenges."],
+        ["http-realm", None, default_of(HTTPSettings, "realm"), "The realm in WWW-Authenticate challenges."],
         ["http-upstream", None, None,
          "Reverse-proxy every other authenticated request to this http(s):// URL."],
         ["http-upstream-ca", None, None,
          "PEM CA certificates for an https upstream (default: the system's)."],
-        _number("http-upstream-timeout", 60.0,
+        _number("http-upstream-timeout", default_of(HTTPSettings, "upstream_timeout"),
                 "Seconds to wait for the upstream's response headers (then 504).", float),
-        _number("http-max-body", 64 * 1024, "Largest request body for /whoami and /auth.", int),
-        _number("http-max-upstream-body", 100 * 1024 * 1024,
+        _number("http-max-body", default_of(HTTPSettings, "max_body"),
+                "Largest request body for /whoami and /auth.", int),
+        _number("http-max-upstream-body", default_of(HTTPSettings, "max_upstream_body"),
                 "Largest request body passed to the upstream.", int),
-        _number("http-timeout", 60.0, "Idle seconds before an HTTP connection is closed.", float),
+        _number("http-timeout", default_of(HTTPSettings, "timeout"),
+                "Idle seconds before an HTTP connection is closed.", float),
         # SOCKS5.
-        ["socks-auth", None, "required",
+        ["socks-auth", None, "required" if default_of(SOCKSSettings, "auth_required") else "optional",
          "required: clients must log in (RFC 1929); optional: no-authentication is accepted too."],
-        _number("socks-negotiation-timeout", 10.0,
+        _number("socks-negotiation-timeout", default_of(SOCKSSettings, "negotiation_timeout"),
                 "Seconds from connect until the request is answered.", float),
-        _number("socks-connect-timeout", 15.0,
+        _number("socks-connect-timeout", default_of(SOCKSSettings, "connect_timeout"),
                 "Seconds for name resolution and the outbound connect (then reply 06).", float),
-        _number("socks-idle-timeout", 600.0,
+        _number("socks-idle-timeout", default_of(SOCKSSettings, "idle_timeout"),
                 "Seconds without a byte either way before a tunnel is closed (0: never).",
                 float, zero=True),
-        _number("socks-max-sessions-per-peer", 64, "Concurrent SOCKS sessions per client address.", int),
-        _number("socks-max-sessions-per-user", 256, "Concurrent SOCKS sessions per user.", int),
-        _number("socks-max-pending-logins", 256, "SOCKS logins in flight at once.", int),
+        _number("socks-max-sessions-per-peer", default_of(SOCKSSettings, "max_sessions_per_peer"),
+                "Concurrent SOCKS sessions per client address.", int),
+        _number("socks-max-sessions-per-user", default_of(SOCKSSettings, "max_sessions_per_user"),
+                "Concurrent SOCKS sessions per user.", int),
+        _number("socks-max-pending-logins", default_of(SOCKSSettings, "max_pending_logins"),
+                "SOCKS logins in flight at once.", int),
     ]
 
     optFlags = [
@@ -215,6 +245,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()
         self["credCheckers"] = []
+        # --help shows opt_* docstrings as written: fold their indentation.
+        self.docs = {name: " ".join(doc.split()) for name, doc in self.docs.items()}
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
@@ -483,13 +515,8 @@ def build_core(options: Options, reactor: Any) -> Core:
     policy = options["policy"]
     acl = policy if options["acl"] else None
 
-    def authorize(info: AuthInfo, authzid: str) -> bool:
-        """Acting as another SMTP identity needs an ACL grant (never by default)."""
-        return acl is not None and acl.query_resource_access(
-            info, f"smtp/authz/{authzid}", "authorize"
-        )
-
-    realm = Realm(groups=options["groupMap"], authorize=authorize)
+    # Acting as another SMTP identity needs an ACL grant (never by default).
+    realm = Realm(groups=options["groupMap"], authorize=authz_grants(acl))
     hash_pool = HashPool(reactor, options["hash-threads"], options["hash-queue"])
     verifier = Verifier(
         hashes.verify, hash_pool, reactor, options["cache-ttl"], options["cache-size"]
@@ -497,6 +524,8 @@ def build_core(options: Options, reactor: Any) -> Core:
     for checker in options["credCheckers"]:
         if IHashingChecker.providedBy(checker):
             checker.use_verifier(verifier)
+        if IReloadable.providedBy(checker):  # file reloads in the pool's own thread
+            checker.use_loader(hash_pool.load, reactor)
     web = WebApp(policy, options["httpSettings"], _upstream_proxy(options["httpSettings"], reactor))
     realm.register_avatar(IResource, web.avatar)
     throttle = Throttle(

@@ -24,7 +24,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.aaa import NO_GROUPS, GroupMap
+from gateway.aaa import NO_GROUPS, GroupMap, IAccessPolicy, authz_grants
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.credentials import (
     BearerToken,
@@ -89,6 +89,7 @@ def authenticate(
     checker: ICredentialsChecker | Iterable[ICredentialsChecker],
     credentials: Any,
     groups: GroupMap | Mapping[str, Iterable[str]] = NO_GROUPS,
+    acl: IAccessPolicy | None = None,
 ) -> defer.Deferred[AuthInfo]:
     """
     Log in through a Portal like the gateway's and fire with the session's
@@ -99,11 +100,14 @@ def authenticate(
 
     @param groups: a L{GroupMap} or a plain C{{group: [members]}} mapping,
         standing in for the C{--groups} file.
+    @param acl: the C{--acl} policy (L{gateway.aaa.parse_acl}), whose
+        C{smtp/authz/<authzid>} grants let an SMTP login act as someone else;
+        without one, as without C{--acl}, nobody may.
     """
     if not isinstance(groups, GroupMap):
         groups = GroupMap({g: tuple(m) for g, m in groups.items()})
     checkers = [checker] if ICredentialsChecker.providedBy(checker) else list(checker)
-    portal = make_portal(Realm(groups=groups), checkers)
+    portal = make_portal(Realm(groups=groups, authorize=authz_grants(acl)), checkers)
     d = portal.login(credentials, credentials, IAuthInfo)
     return d.addCallback(lambda result: result[1])
 

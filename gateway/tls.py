@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import os
 import socket
+import tempfile
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -25,8 +26,14 @@ class CertificateError(Exception):
 
 
 def _write_private(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """
+    Replace C{path} with C{data}, mode 0600: written to an unpredictable name
+    made exclusively in the same directory (C{mkstemp}: O_EXCL, O_NOFOLLOW),
+    synced, renamed over C{path}, then the directory synced. A symlink
+    planted at C{path} is replaced by the rename, never written through.
+    """
+    directory = os.path.dirname(path) or os.curdir
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -34,9 +41,16 @@ def _write_private(path: str, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
         raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _certificate_hostname() -> str:

@@ -25,9 +25,13 @@ from gateway.aaa import (
     GroupIdentity,
     GroupMap,
     IAccessPolicy,
+    IndividualIdentity,
     MachineIdentity,
     Not,
     Rule,
+    acting_names,
+    authz_grants,
+    authz_resource,
     load_acl_file,
     load_group_file,
     parse_acl,
@@ -45,6 +49,14 @@ def info(*names: str, groups: tuple[str, ...] = (), peer: str | None = None) -> 
 
 
 ANON = info()
+
+
+def smtp(authz: str | None, authn: str) -> AuthInfo:
+    """An SMTP session: C{authn} proved itself and acts as C{authz} (None: no authorization identity)."""
+    identities = [Identity(authn, IdentityContext.SmtpAuthPlainAuthentication)]
+    if authz is not None:
+        identities.insert(0, Identity(authz, IdentityContext.SmtpAuthPlainAuthorization))
+    return AuthInfo(identities=identities)
 
 
 def rule(resource: str, allow: bool, privileges: str, body: str) -> str:
@@ -201,12 +213,50 @@ class IdentityTests(SynchronousTestCase):
         self.assertTrue(verifyObject(IAccessPolicy, parse_acl("")))
 
     def test_individual(self) -> None:
-        """Individual matches any of the session's identity names."""
+        """Individual matches any of the session's identity names (no SMTP authzid here)."""
         body = 'identity.Individual = "daniel"'
         self.assertTrue(self.allowed(body, info("daniel")))
         self.assertTrue(self.allowed(body, info("sales", "daniel")))
         self.assertFalse(self.allowed(body, info("bob", groups=("daniel",))))
         self.assertFalse(self.allowed(body, ANON))
+
+    def test_individual_is_whom_the_session_acts_as(self) -> None:
+        """
+        In an SMTP session acting as someone else, a plain Individual matches
+        the authorization identity (sender binding: who the session acts as),
+        not the authentication identity that proved it.
+        """
+        body = 'identity.Individual = "daniel"'
+        self.assertFalse(self.allowed(body, smtp("ceo", "daniel")))
+        self.assertTrue(self.allowed(body, smtp("daniel", "daniel")))
+        self.assertTrue(self.allowed(body, smtp(None, "daniel")))
+        self.assertTrue(self.allowed('identity.Individual = "ceo"', smtp("ceo", "daniel")))
+        self.assertEqual(acting_names(smtp("ceo", "daniel")), {"ceo"})
+        self.assertEqual(acting_names(smtp(None, "daniel")), {"daniel"})
+        self.assertEqual(acting_names(info("a", "b")), {"a", "b"})
+        self.assertEqual(acting_names(ANON), frozenset())
+
+    def test_individual_in_context(self) -> None:
+        """C{Individual = {identity, context}} matches that identity in that context only."""
+        authn = 'identity.Individual = { identity = "daniel", context = "SmtpAuthPlainAuthentication" }'
+        authz = 'identity.Individual = { identity = "daniel", context = "SmtpAuthPlainAuthorization" }'
+        basic = 'identity.Individual = { identity = "daniel", context = "HttpBasicAuth" }'
+        self.assertTrue(self.allowed(authn, smtp("ceo", "daniel")))
+        self.assertFalse(self.allowed(authz, smtp("ceo", "daniel")))
+        self.assertTrue(self.allowed(authz, smtp("daniel", "boss")))
+        self.assertFalse(self.allowed(authn, smtp("daniel", "boss")))
+        self.assertFalse(self.allowed(authn, info("daniel")))
+        self.assertTrue(self.allowed(basic, info("daniel")))
+        self.assertFalse(self.allowed(basic, smtp("daniel", "daniel")))
+        self.assertFalse(self.allowed(basic, ANON))
+        self.assertEqual(
+            allow_if(basic),
+            allow_if('criteria.Identity.Individual = {context = "HttpBasicAuth", identity = "daniel"}'),
+        )
+        self.assertEqual(
+            allow_if(authn).acl["r"][0].criterion,
+            IndividualIdentity("daniel", IdentityContext.SmtpAuthPlainAuthentication),
+        )
 
     def test_group(self) -> None:
         body = 'identity.Group = "staff"'
@@ -385,6 +435,43 @@ class PrivilegeTests(SynchronousTestCase):
         )
         self.assertTrue(policy.query_resource_access(ANON, "r", "send"))
         self.assertFalse(policy.query_resource_access(ANON, "r", "relay"))
+
+
+class AuthzGrantTests(SynchronousTestCase):
+    """C{authz_grants}: the realm's hook for acting as another SMTP identity."""
+
+    ACL = (
+        rule("smtp/authz/ceo", True, '["authorize"]',
+             'identity.Individual = { identity = "daniel", context = "SmtpAuthPlainAuthentication" }')
+        + rule("smtp/authz/*", True, '["authorize"]', 'identity.Group = "assistants"')
+        + rule("smtp/authz/boss", True, '["send"]', "identity.Any = {}")
+    )
+
+    def test_resource(self) -> None:
+        self.assertEqual(authz_resource("ceo"), "smtp/authz/ceo")
+        self.assertEqual(authz_resource("sales@example.com"), "smtp/authz/sales@example.com")
+        for bad in ("", "/", "ceo/x", "a//b", "/ceo", "ceo/"):
+            self.assertIsNone(authz_resource(bad), bad)
+
+    def test_grants(self) -> None:
+        authorize = authz_grants(parse_acl(self.ACL))
+        daniel = smtp(None, "daniel")
+        self.assertTrue(authorize(daniel, "ceo"))
+        self.assertFalse(authorize(daniel, "boss"))  # privilege send, not authorize
+        self.assertFalse(authorize(smtp(None, "ceo"), "ceo"))
+        self.assertFalse(authorize(info("daniel"), "ceo"))  # HttpBasicAuth did not prove it
+        assistant = AuthInfo(identities=smtp(None, "alice").identities, groups=["assistants"])
+        self.assertTrue(authorize(assistant, "boss"))
+        self.assertTrue(authorize(assistant, "*"))  # a name like any other
+        self.assertFalse(authorize(daniel, "*"))  # not a wildcard in a query
+        for name in ("ceo/x", "boss/x", "x/ceo", ""):
+            self.assertFalse(authorize(daniel, name), name)
+            self.assertFalse(authorize(assistant, name), name)
+
+    def test_without_acl(self) -> None:
+        """Without C{--acl} nobody may act as someone else."""
+        self.assertFalse(authz_grants(None)(smtp(None, "daniel"), "ceo"))
+        self.assertFalse(authz_grants(AllowAuthenticated())(smtp(None, "daniel"), "ceo"))
 
 
 class ResolutionTests(SynchronousTestCase):
@@ -592,6 +679,36 @@ class ACLErrorTests(SynchronousTestCase):
         )
         self.assertBodyError("identity.Any = {x = 1}", "identity.Any must be an empty table")
 
+    def test_individual_in_context_errors(self) -> None:
+        """The {identity, context} form: both keys, a known context, a usable name."""
+        for table, reason in [
+            ('{ identity = "d", context = "Bogus" }',
+             "identity.Individual: unknown identity context 'Bogus' (known: SmtpAuthPlainAuthorization,"),
+            ('{ identity = "d", context = "smtpauthplainauthentication" }', "unknown identity context"),
+            ('{ identity = "d", context = "" }', "unknown identity context"),
+            ('{ identity = "d", context = 3 }', "identity.Individual.context must be a string, not an integer"),
+            ('{ identity = "d" }', 'identity.Individual: missing required key "context"'),
+            ('{ context = "HttpBasicAuth" }', 'identity.Individual: missing required key "identity"'),
+            ('{ identity = "d", context = "HttpBasicAuth", group = "g" }',
+             'identity.Individual: unknown key "group" (expected identity, context)'),
+            ("{}", 'identity.Individual: missing required key "identity"'),
+            ('{ identity = "", context = "HttpBasicAuth" }',
+             "identity.Individual.identity must be a non-empty string, not an empty string"),
+            ('{ identity = ["d"], context = "HttpBasicAuth" }',
+             "identity.Individual.identity must be a non-empty string, not an array"),
+            ('{ identity = "a\\u0001b", context = "HttpBasicAuth" }',
+             "identity.Individual: identity must not contain control characters"),
+        ]:
+            self.assertBodyError(f"identity.Individual = {table}", reason)
+        self.assertBodyError(
+            'criteria.Not.Identity.Individual = { identity = "d", context = "Nope" }',
+            "criteria.Not.Identity.Individual: unknown identity context 'Nope'",
+        )
+        self.assertBodyError(
+            "identity.Individual = []",
+            "identity.Individual must be a non-empty string or an {identity, context} table",
+        )
+
     def test_machine(self) -> None:
         self.assertBodyError(
             'identity.Machine = "10.0.0.300"', 'identity.Machine: "10.0.0.300" is not an IP address'
@@ -731,6 +848,9 @@ ACL_FRAGMENTS = st.sampled_from([
     'identity.Group = "g"', "identity.Any = {}", "identity.Authenticated = {x = 1}",
     'identity.Machine = "10.0.0.0/8"', 'identity.Machine = "::ffff:0:0/96"', 'identity.Machine = "x"',
     "identity = {}", 'identity.Individual = ""',
+    'identity.Individual = {identity = "a", context = "SmtpAuthPlainAuthentication"}',
+    'identity.Individual = {identity = "a", context = "Bogus"}', 'identity.Individual = {identity = "a"}',
+    'criteria.Identity.Individual = {identity = "a", context = "HttpBasicAuth", x = 1}',
     "criteria.Not = {Identity = {Any = {}}}", "criteria.AllOf = []",
     'criteria.AnyOf = [{Identity = {Individual = "x"}}, 3]',
     "criteria = {Not = {Not = {Identity = {Unauthenticated = {}}}}}",

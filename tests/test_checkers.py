@@ -247,13 +247,54 @@ class CallableCheckerTests(SynchronousTestCase):
         )
 
     def test_authzid_approval(self):
-        """A function that sees authz approves it by accepting; one that does not, cannot."""
+        """
+        True approves the authentication identity only, even from a function
+        that saw the authzid (issue 11: the seed's auth_plain never looks at
+        it); a function grants an authzid by returning an AuthInfo naming it.
+        """
         creds = testing.sasl_plain("daniel", "tiger", authzid="boss")
-        sees = CallableChecker(lambda authz, authc, password, meta: authz == "boss")
-        info = self.successResultOf(testing.authenticate(sees, creds))
+        for checker in (
+            CallableChecker(lambda authz, authc, password, meta: authz == "boss"),
+            smtp_server_auth_plain(seed_auth_plain),
+            CallableChecker(seed_auth_plain),
+            CallableChecker(lambda user, password, meta: True),
+        ):
+            self.failureResultOf(testing.authenticate(checker, creds), UnauthorizedLogin)
+
+        def grants(authz, authc, password, meta):
+            if authc != "daniel" or password != "tiger":
+                return False
+            if authz == "boss":
+                return {"identities": [
+                    {"identity": "boss", "context": "SmtpAuthPlainAuthorization"},
+                    {"identity": "daniel", "context": "SmtpAuthPlainAuthentication"},
+                ]}
+            return True
+
+        info = self.successResultOf(testing.authenticate(CallableChecker(grants), creds))
         self.assertEqual(info.identity_for(IdentityContext.SmtpAuthPlainAuthorization), "boss")
-        blind = CallableChecker(lambda user, password, meta: True)
-        self.failureResultOf(testing.authenticate(blind, creds), UnauthorizedLogin)
+        self.assertEqual(info.identity_for(IdentityContext.SmtpAuthPlainAuthentication), "daniel")
+        other = testing.sasl_plain("daniel", "tiger", authzid="sales")
+        self.failureResultOf(testing.authenticate(CallableChecker(grants), other), UnauthorizedLogin)
+
+    def test_true_for_other_protocols(self):
+        """
+        A SASL-style function asked about HTTP Basic or SOCKS (no authzid)
+        gets the user name as authz, and True gives that protocol's identity.
+        """
+        seen = []
+
+        def check(authz, authc, password, meta):
+            seen.append(authz)
+            return True
+
+        for creds, context in [
+            (testing.http_basic("daniel", "tiger"), "HttpBasicAuth"),
+            (testing.rfc1929("daniel", "tiger"), "ProxyAuthRfc1929"),
+        ]:
+            info = self.successResultOf(testing.authenticate(CallableChecker(check), creds))
+            testing.assert_auth_info(self, info, [("daniel", context)])
+        self.assertEqual(seen, ["daniel", "daniel"])
 
     def test_sasl_detection_counts_required(self):
         """Optional trailing parameters do not make a function SASL-style."""

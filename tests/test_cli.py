@@ -11,11 +11,15 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, reactor
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
-from gateway import cli
+from gateway import cli, realm, tap, testing
 from gateway.checkers import hashes, htpasswd, tokens
+from gateway.checkers.pipeline import PoolFull
 
 PASSWORD = "Tr0ub4dor&3-cli"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -502,3 +506,135 @@ class ApacheHtpasswdTests(SynchronousTestCase):
         self.assertEqual(code, 0)
         self.assertEqual(self.verify("alice", PASSWORD), 0)
         self.assertEqual(self.verify("alice", PASSWORD + "x"), 3)
+
+
+class SymlinkedStoreTests(CommandTestCase):
+    """
+    A store that is a symbolic link is refused by every rewriting command:
+    a link planted by whoever can write the data directory must not make
+    C{sudo authgateway user add} replace its target (think /etc/shadow).
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        elsewhere = os.path.abspath(self.mktemp())
+        os.mkdir(elsewhere)
+        self.victim = os.path.join(elsewhere, "shadow")
+        with open(self.victim, "w") as f:
+            f.write("root:x\n")
+        os.chmod(self.victim, 0o640)
+
+    def assertRefused(self, link: str, *argv: str, stdin: str = "") -> None:
+        code, out, err = self.run_cli(*argv, stdin=stdin)
+        self.assertEqual((code, out), (1, ""), err)
+        self.assertIn(f"{link} is a symbolic link (to {self.victim})", err)
+        self.assertIn("give the real path", err)
+        self.assertEqual(_read(self.victim), "root:x\n")
+        self.assertEqual(os.stat(self.victim).st_mode & 0o777, 0o640)
+
+    def test_every_rewrite_refused(self) -> None:
+        for link in (self.users, self.tokens):
+            os.symlink(self.victim, link)
+        self.assertRefused(
+            self.users, "user", "add", self.users, "mallory", "--password-stdin", "--cost", "4",
+            stdin=PASSWORD + "\n",
+        )
+        self.assertRefused(self.users, "user", "del", self.users, "root")
+        self.assertRefused(self.tokens, "token", "add", self.tokens, "mallory")
+        self.assertRefused(self.tokens, "token", "revoke", self.tokens, "root")
+
+    def test_dangling_link_not_created(self) -> None:
+        os.unlink(self.victim)
+        os.symlink(self.victim, self.users)
+        self.assertEqual(self.add()[0], 1)
+        self.assertFalse(os.path.lexists(self.victim))
+
+    def test_real_path_works_and_link_reads(self) -> None:
+        """The operator rewrites the real file; the link still reads (user list, the gateway)."""
+        os.unlink(self.victim)
+        os.symlink(self.victim, self.users)
+        real = self.users
+        self.users = self.victim
+        self.assertEqual(self.add()[0], 0)
+        code, out, _ = self.run_cli("user", "list", real)
+        self.assertEqual(code, 0)
+        self.assertIn("alice", out)
+
+
+class RunningGatewayTests(TestCase):
+    """
+    C{authgateway user/token ...} against the files a running gateway's
+    checkers watch (wired by L{tap.build_core}, hash pool started): the very
+    next login sees the change, even while the hash queue is full.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.mkdir(directory)
+        self.users = os.path.join(directory, "users")
+        self.tokens = os.path.join(directory, "tokens")
+        self.cli("user", "add", self.users, "bob", "--password-stdin", "--cost", "4",
+                 stdin=PASSWORD + "\n")
+        self.bot_token = self.cli("token", "add", self.tokens, "bot").strip()
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", os.path.join(directory, "data"),
+            "--auth", f"htpasswd:{self.users}", "--auth", f"tokens:{self.tokens}",
+            "--hash-threads", "1", "--hash-queue", "1", "--failure-delay", "0",
+        ])
+        self.htpasswd, self.token_checker = options["credCheckers"]
+        self.core = tap.build_core(options, reactor)
+        self.core.hash_pool.startService()
+        self.addCleanup(self.core.hash_pool.stopService)
+
+    def cli(self, *argv: str, stdin: str = "") -> str:
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(list(argv), stdin=io.StringIO(stdin), stdout=out, stderr=err)
+        self.assertEqual(code, 0, err.getvalue())
+        return out.getvalue()
+
+    def login(self, creds: object) -> defer.Deferred:
+        return realm.login(self.core.portal, creds)
+
+    def test_wired_to_the_reload_thread(self) -> None:
+        for checker in (self.htpasswd, self.token_checker):
+            self.assertEqual(checker.file.loader, self.core.hash_pool.load)
+            self.assertIs(checker.file.clock, reactor)
+
+    @defer.inlineCallbacks
+    def test_user_add_then_del(self):
+        self.cli("user", "add", self.users, "alice", "--password-stdin", "--cost", "4",
+                 stdin=PASSWORD + "\n")
+        _, info, _ = yield self.login(testing.http_basic("alice", PASSWORD))
+        self.assertEqual(info.names(), {"alice"})
+        yield self.login(testing.http_basic("bob", PASSWORD))
+        self.cli("user", "del", self.users, "bob")
+        yield self.assertFailure(self.login(testing.http_basic("bob", PASSWORD)), UnauthorizedLogin)
+
+    @defer.inlineCallbacks
+    def test_token_add_then_revoke(self):
+        token = self.cli("token", "add", self.tokens, "ci").strip()
+        _, info, _ = yield self.login(testing.bearer(token))
+        self.assertEqual(info.names(), {"ci"})
+        self.cli("token", "revoke", self.tokens, "ci")
+        yield self.assertFailure(self.login(testing.bearer(token)), UnauthorizedLogin)
+
+    @defer.inlineCallbacks
+    def test_reload_while_hash_queue_full(self):
+        """A full hash queue neither delays nor refuses the reloads."""
+        release = threading.Event()
+        self.addCleanup(release.set)
+        busy = self.core.hash_pool.run(release.wait, 30)
+        self.assertEqual(self.core.hash_pool.pending, self.core.hash_pool.max_pending)
+        token = self.cli("token", "add", self.tokens, "ci").strip()
+        _, info, _ = yield self.login(testing.bearer(token))
+        self.assertEqual(info.names(), {"ci"})
+        self.cli("user", "add", self.users, "carol", "--password-stdin", "--cost", "5",
+                 stdin=PASSWORD + "\n")
+        yield self.assertFailure(self.login(testing.http_basic("carol", PASSWORD)), PoolFull)
+        self.assertIn("carol", self.htpasswd.table.entries)  # reloaded all the same
+        self.assertIn("bcrypt cost 5", self.htpasswd.file.value.dummies)
+        release.set()
+        yield busy
+        _, info, _ = yield self.login(testing.http_basic("carol", PASSWORD))
+        self.assertEqual(info.names(), {"carol"})

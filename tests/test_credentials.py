@@ -26,6 +26,7 @@ from gateway.credentials import (
     SASLCredentials,
     UsernamePassword,
     constant_time_equal,
+    identities_of,
 )
 from gateway.meta import ConnectionMeta, normalize_ip
 
@@ -330,14 +331,57 @@ class IdentityTests(SynchronousTestCase):
         )
 
     def test_saslExplicitAuthzid(self) -> None:
-        """An explicit authzid is kept as the authorization identity."""
+        """
+        A foreign authzid is not an identity of the avatar: C{identities_for}
+        gives the authentication identity only; an authzid equal to the avatar
+        id gives both.
+        """
         creds = SASLCredentials("alice", "pw", authzid="sales")
         self.assertEqual(
             creds.identities_for("alice"),
+            (Identity("alice", IdentityContext.SmtpAuthPlainAuthentication),),
+        )
+        self.assertEqual(
+            SASLCredentials("alice", "pw", authzid="alice").identities_for("alice"),
+            (
+                Identity("alice", IdentityContext.SmtpAuthPlainAuthorization),
+                Identity("alice", IdentityContext.SmtpAuthPlainAuthentication),
+            ),
+        )
+
+    def test_identitiesOfApproval(self) -> None:
+        """
+        L{identities_of} adds a foreign authzid only when the caller approved
+        it; credentials of other protocols have no authzid to approve.
+        """
+        creds = SASLCredentials("alice", "pw", authzid="sales")
+        self.assertEqual(
+            identities_of(creds, "alice"),
+            (Identity("alice", IdentityContext.SmtpAuthPlainAuthentication),),
+        )
+        self.assertEqual(
+            identities_of(creds, "alice", authzid_approved=True),
             (
                 Identity("sales", IdentityContext.SmtpAuthPlainAuthorization),
                 Identity("alice", IdentityContext.SmtpAuthPlainAuthentication),
             ),
+        )
+        for other in (HTTPBasicCredentials("alice", "pw"), RFC1929Credentials("alice", "pw")):
+            self.assertEqual(
+                identities_of(other, "alice", authzid_approved=True),
+                (Identity("alice", other.context),),
+            )
+        self.assertEqual(
+            identities_of(BearerToken("t"), "alice", authzid_approved=True),
+            (Identity("alice", IdentityContext.BearerToken),),
+        )
+
+        class NotOurs:
+            authzid = "sales"
+
+        self.assertEqual(
+            identities_of(NotOurs(), "alice", authzid_approved=True),
+            (Identity("alice", IdentityContext.GenericAuth),),
         )
 
     def test_effectiveAuthzid(self) -> None:

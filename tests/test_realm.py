@@ -6,6 +6,8 @@ protocol avatars come from that AuthInfo; login events carry no secret.
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -18,7 +20,7 @@ from zope.interface.verify import verifyObject
 
 from gateway import testing
 from gateway.aaa import parse_groups
-from gateway.authinfo import AuthInfo, IAuthInfo
+from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.checkers import CallableChecker
 from gateway.checkers.pipeline import (
     AuthBackendError,
@@ -103,6 +105,88 @@ class AuthInfoForTests(SynchronousTestCase):
             [("boss", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
         )
         self.assertNotIn("admins", info.groups)
+
+    def test_checker_cannot_replace_the_authzid(self):
+        """
+        A checker's authorization identity is its approval of exactly the
+        authzid requested (with none, of an identity that proved itself);
+        any other one fails the login instead of replacing the request.
+        """
+
+        def names(authz):
+            return {"identities": [
+                {"identity": authz, "context": "SmtpAuthPlainAuthorization"},
+                {"identity": "daniel", "context": "SmtpAuthPlainAuthentication"},
+            ]}
+
+        granting = Realm(authorize=lambda info, authzid: True)
+        for realm in (self.realm, granting):
+            for requested, listed in [("sales", "boss"), ("", "boss"), ("daniel", "boss"),
+                                      ("sales", "daniel")]:
+                creds = testing.sasl_plain("daniel", "pw", authzid=requested)
+                self.assertRaises(UnauthorizedLogin, realm.auth_info_for, names(listed), creds)
+            creds = testing.sasl_plain("daniel", "pw", authzid="sales")
+            self.assertEqual(
+                self.pairs(realm.auth_info_for(names("sales"), creds)),
+                [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+            )
+            for requested in ("", "daniel"):
+                creds = testing.sasl_plain("daniel", "pw", authzid=requested)
+                self.assertEqual(realm.auth_info_for(names("daniel"), creds).names(), {"daniel"})
+
+    def test_authorization_identity_without_sasl(self):
+        """
+        HTTP, SOCKS and Bearer logins have no authzid: an authorization
+        identity from their checker must be one of the proved identities.
+        """
+        value = {"identities": [
+            {"identity": "ceo", "context": "SmtpAuthPlainAuthorization"},
+            {"identity": "daniel", "context": "HttpBasicAuth"},
+        ]}
+        for creds in (testing.http_basic("daniel", "pw"), testing.rfc1929("daniel", "pw"),
+                      testing.bearer("tok"), None):
+            self.assertRaises(UnauthorizedLogin, self.realm.auth_info_for, value, creds)
+        same = {"identities": [
+            {"identity": "daniel", "context": "SmtpAuthPlainAuthorization"},
+            {"identity": "daniel", "context": "HttpBasicAuth"},
+        ]}
+        self.assertEqual(self.realm.auth_info_for(same, testing.http_basic("daniel", "pw")).names(),
+                         {"daniel"})
+
+    def test_only_authorization_identities(self):
+        """An AuthInfo naming whom to act as but nobody who proved it is no login."""
+        value = {"identities": [{"identity": "sales", "context": "SmtpAuthPlainAuthorization"}]}
+        for authzid in ("sales", ""):
+            creds = testing.sasl_plain("daniel", "pw", authzid=authzid)
+            self.assertRaises(UnauthorizedLogin, self.realm.auth_info_for, value, creds)
+
+    def test_authorize_sees_groups_and_peer(self):
+        """The authorize hook sees the C{--groups} groups and the connection's peer."""
+        asked = []
+
+        def authorize(info, authzid):
+            asked.append((info.groups, info.peer_address, self.pairs(info)))
+            return "staff" in info.groups
+
+        realm = Realm(groups=GROUPS, authorize=authorize)
+        creds = testing.sasl_plain("daniel", "pw", authzid="sales", peer="192.0.2.99")
+        info = realm.auth_info_for("daniel", creds)
+        self.assertEqual(asked, [(("staff", "sales"), "192.0.2.99",
+                                  [("daniel", "SmtpAuthPlainAuthentication")])])
+        self.assertEqual(
+            self.pairs(info),
+            [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+        )
+        self.assertEqual(info.groups, ("staff", "sales"))
+        self.assertRaises(UnauthorizedLogin, realm.auth_info_for, "proxyuser",
+                          testing.sasl_plain("proxyuser", "pw", authzid="daniel"))
+
+    def test_authzid_never_an_identity(self):
+        """An authzid with control characters is a failed login, not a checker error."""
+        realm = Realm(authorize=lambda info, authzid: True)
+        for authzid in ("a\x01b", "ceo\r\nX-Injected: 1", "\x7f"):
+            creds = testing.sasl_plain("daniel", "pw", authzid=authzid)
+            self.assertRaises(UnauthorizedLogin, realm.auth_info_for, "daniel", creds)
 
     def test_no_mind(self):
         info = self.realm.auth_info_for("daniel", None)
@@ -382,3 +466,63 @@ class LoginTests(SynchronousTestCase):
         self.assertEqual(formatEvent(self.events[0]),
                          "auth deferred: socks RFC1929 identity='bob' peer=192.0.2.10: "
                          "password verification queue is full")
+
+
+NAMES = st.sampled_from(["", "daniel", "ceo", "sales", "a/b"])
+CONTEXTS = st.sampled_from(list(IdentityContext))
+
+
+class AuthorizationPropertyTests(SynchronousTestCase):
+    @settings(max_examples=300, deadline=None)
+    @given(
+        authzid=NAMES,
+        authcid=NAMES.filter(bool),
+        result=st.one_of(
+            NAMES.filter(bool),
+            st.lists(st.tuples(NAMES.filter(bool), CONTEXTS), max_size=3).map(
+                lambda ids: {"identities": [{"identity": n, "context": c.value} for n, c in ids]}
+            ),
+        ),
+        grants=st.frozensets(NAMES.filter(bool)),
+        protocol=st.sampled_from(["smtp", "http", "socks"]),
+    )
+    def test_no_unapproved_authorization(self, authzid, authcid, result, grants, protocol):
+        """
+        Whatever a checker returns, a session acts only as an identity that
+        proved itself, as the authzid the checker named, or as one the hook
+        granted; never as an authzid the client merely asked for.
+        """
+        asked = []
+
+        def authorize(info, name):
+            asked.append(name)
+            return name in grants
+
+        if protocol == "smtp":
+            creds = testing.sasl_plain(authcid, "pw", authzid)
+        elif protocol == "http":
+            creds = testing.http_basic(authcid, "pw")
+        else:
+            creds = testing.rfc1929(authcid, "pw")
+        try:
+            info = Realm(authorize=authorize).auth_info_for(result, creds)
+        except UnauthorizedLogin:
+            return
+        authz = {i.identity for i in info.identities
+                 if i.context is IdentityContext.SmtpAuthPlainAuthorization}
+        proven = {i.identity for i in info.identities
+                  if i.context is not IdentityContext.SmtpAuthPlainAuthorization}
+        self.assertTrue(proven)
+        listed = isinstance(result, dict) and any(
+            i["identity"] == authzid and i["context"] == "SmtpAuthPlainAuthorization"
+            for i in result["identities"]
+        )
+        for name in authz:
+            requested = authzid if protocol == "smtp" else ""
+            if requested:
+                self.assertEqual(name, requested)
+                self.assertTrue(name in proven or listed or name in asked and name in grants)
+            else:
+                self.assertIn(name, proven)
+        if protocol != "smtp":
+            self.assertEqual(asked, [])

@@ -791,10 +791,17 @@ class AuthorizationIdentityTests(ServerTestCase):
     def test_seed_function_sees_both_and_approves(self) -> None:
         calls = []
 
-        def auth_plain(authz: str, authc: str, password: str, conn_meta: Any) -> bool:
+        def auth_plain(authz: str, authc: str, password: str, conn_meta: Any) -> Any:
             calls.append((authz, authc, password, conn_meta.tls, conn_meta.peer_address,
                           conn_meta.helo))
-            return authc == "daniel" and password == "tiger" and authz in ("daniel", "sales")
+            if authc != "daniel" or password != "tiger":
+                return False
+            if authz == "sales":  # True would approve daniel only (issue 11 item 7)
+                return {"identities": [
+                    {"identity": "sales", "context": "SmtpAuthPlainAuthorization"},
+                    {"identity": "daniel", "context": "SmtpAuthPlainAuthentication"},
+                ]}
+            return authz == "daniel"
 
         client = self.tls_session(checkers=[smtp_server_auth_plain(auth_plain)])
         self.assertReplies(

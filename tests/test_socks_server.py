@@ -9,6 +9,8 @@ from __future__ import annotations
 import socket
 import struct
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.internet import defer, error, protocol, tcp
 from twisted.internet.address import IPv4Address, IPv6Address
@@ -724,3 +726,177 @@ class RelayWriteTests(SynchronousTestCase):
             self.transport.doWrite()
             received += self.read_all()
         self.assertEqual(received, big + b"tail")
+
+
+class SpecialDestinationTests(SOCKSTestCase):
+    """Issue 11 item 9: special-purpose addresses and names libc reads as addresses."""
+
+    def test_name_rule_never_opens_special_addresses(self):
+        """A DNS answer under an allowed name cannot reach metadata or loopback in disguise."""
+        names = {
+            "imds.corp.example": ["fd00:ec2::254"],
+            "ali.corp.example": ["100.100.100.200"],
+            "azure.corp.example": ["168.63.129.16"],
+            "oracle.corp.example": ["192.0.0.192"],
+            "compat.corp.example": ["::7f00:1"],
+            "teredo.corp.example": ["2001:0:5db8:d822::5601:ff00"],  # client 169.254.0.255
+            "nat64.corp.example": ["64:ff9b:1::a9fe:a9fe"],
+            "siit.corp.example": ["::ffff:0:7f00:1"],
+            "scoped.corp.example": ["fe80::1%eth0"],
+        }
+        self.make(allow=(AllowRule.parse(".corp.example"),), names=names)
+        for name in names:
+            self.login()
+            self.assertEqual(self.send(request(name.encode(), 80)), reply(2), name)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_cidr_rule_opens_metadata(self):
+        """An operator who really wants one names it with a CIDR."""
+        self.make(allow=(AllowRule.parse("[fd00:ec2::254]:80"), AllowRule.parse(".corp.example")),
+                  names={"imds.corp.example": ["fd00:ec2::254"]})
+        self.login()
+        self.send(request(b"imds.corp.example", 80))
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("fd00:ec2::254", 80))
+
+    def test_azure_wire_server_refused_by_default(self):
+        self.make()
+        self.login()
+        self.assertEqual(self.send(request("168.63.129.16", 80)), reply(2))
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_libc_literal_names_are_addresses(self):
+        """getaddrinfo reads 127.1, 2130706433, 0x7f.1, 0177.0.0.1 and 0 as IPv4: so do we."""
+        self.make(names={})
+        for name in (b"127.1", b"2130706433", b"0x7f.1", b"0X7F000001", b"0177.0.0.1", b"0",
+                     b"0.0"):
+            self.login()
+            self.assertEqual(self.send(request(name, 80)), reply(2), name)
+        self.assertEqual(self.reactor.nameResolver.asked, [])
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_libc_literal_checked_as_that_address(self):
+        """The ACL sees the address, and the connection goes to it without a lookup."""
+        acl = Policy()
+        self.make(acl=acl, allow=(AllowRule.parse("10.0.0.0/8:443"),))
+        self.login()
+        self.send(request(b"167772165", 443))  # 10.0.0.5
+        self.assertEqual(self.reactor.tcpClients[-1][:2], ("10.0.0.5", 443))
+        self.assertEqual(acl.queries, [("socks/destination/10.0.0.5/443", "connect")])
+        self.assertEqual(self.reactor.nameResolver.asked, [])
+
+    def test_literal_with_final_dot_or_zone(self):
+        """Neither a host name nor an address: 01, never resolved."""
+        self.make(names={"127.0.0.1": ["127.0.0.1"]})
+        for name in (b"127.0.0.1.", b"2130706433.", b"fe80::1%eth0", b"::1%lo", b"[::1]"):
+            self.login()
+            self.assertEqual(self.send(request(name, 80)), reply(1), name)
+        self.assertEqual(self.reactor.nameResolver.asked, [])
+
+
+PORT_ACL = """
+[[acl."socks/destination"]]
+allow = true
+privileges = ["connect"]
+identity.Authenticated = {}
+
+[[acl."socks/source/127.0.0.1"]]
+allow = true
+privileges = ["*"]
+identity.Authenticated = {}
+
+[[acl."socks/source/127.0.0.1/*"]]
+allow = true
+privileges = ["bind"]
+identity.Authenticated = {}
+
+[[acl."socks/source/*/25"]]
+allow = true
+privileges = ["bind"]
+identity.Authenticated = {}
+
+[[acl."socks/source/127.0.0.1/587"]]
+allow = true
+privileges = ["bind"]
+identity.Group = "nobody"
+
+[[acl."socks/source/127.0.0.1/465"]]
+allow = false
+privileges = ["bind"]
+identity.Authenticated = {}
+
+[[acl."socks/source/*/465"]]
+allow = true
+privileges = ["bind"]
+identity.Authenticated = {}
+"""
+
+
+class BindPortTests(SOCKSTestCase):
+    """Issue 11 item 9: BIND does not hand out privileged source ports."""
+
+    def bind(self, port, host="127.0.0.1"):
+        self.login()
+        return self.send(request(host, port, command=2))
+
+    def test_privileged_refused_with_an_address_grant(self):
+        self.make(acl=Policy())  # allows every resource, names no port
+        for port in (1, 22, 25, 80, 1023):
+            self.assertEqual(self.bind(port), reply(2), port)
+        self.assertEqual(self.bind(0), reply(0, "127.0.0.1", 0))
+        self.assertEqual(self.bind(1024), reply(0, "127.0.0.1", 1024))
+
+    def test_privileged_needs_a_rule_naming_the_port(self):
+        from gateway.aaa import parse_acl
+
+        self.make(acl=parse_acl(PORT_ACL))
+        self.assertEqual(self.bind(25), reply(0, "127.0.0.1", 25))  # socks/source/*/25
+        self.assertEqual(self.bind(80), reply(2))  # the address grant and a "*" port do not count
+        self.assertEqual(self.bind(587), reply(2))  # named, but for someone else
+        self.assertEqual(self.bind(465), reply(2))  # the exact key denies first
+        self.assertEqual(self.bind(2525), reply(0, "127.0.0.1", 2525))
+        self.send(request(PUBLIC, 443))
+        self.assertEqual(self.reactor.tcpClients[-1][4], ("127.0.0.1", 2525))
+
+    def test_privileged_port_without_address_grant(self):
+        """Naming the port is not enough: the address grant is still needed."""
+        from gateway.aaa import parse_acl
+
+        acl = parse_acl('[[acl."socks/source/*/25"]]\nallow = true\nprivileges = ["bind"]\n'
+                        "identity.Authenticated = {}\n")
+        self.make(acl=acl)
+        self.assertEqual(self.bind(25), reply(2))
+
+
+class LibcAgreementTests(SynchronousTestCase):
+    """What getaddrinfo reads as an IP literal never passes as a host name."""
+
+    @staticmethod
+    def numeric(text):
+        try:
+            found = socket.getaddrinfo(text, 80, 0, socket.SOCK_STREAM, 0, socket.AI_NUMERICHOST)
+        except (socket.gaierror, UnicodeError, ValueError):
+            return None
+        return found[0][4][0]
+
+    def check(self, text):
+        from gateway.socks.server import canonical_name, plain_address
+
+        literal = self.numeric(text)
+        if literal is not None and "%" not in text:
+            address = plain_address(text)
+            self.assertIsNotNone(address, text)
+            self.assertEqual(str(address), str(plain_address(literal)), text)
+        name = canonical_name(text)
+        if name is not None:
+            self.assertIsNone(self.numeric(name), text)
+            self.assertIsNone(self.numeric(name + "."), text)
+
+    def test_examples(self):
+        for text in ("127.1", "2130706433", "0x7f.1", "0177.0.0.1", "0", "0x", "1.2.3", "1..2",
+                     "0xffffffff", "00000000000000000001", "127.0.0.1.", "example.com", "0e1"):
+            self.check(text)
+
+    @given(st.text(alphabet="0123456789abcdefxX.", max_size=24))
+    @settings(max_examples=500, deadline=None)
+    def test_numeric_alphabet(self, text):
+        self.check(text)

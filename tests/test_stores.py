@@ -105,7 +105,7 @@ class AtomicWriteTests(SynchronousTestCase):
     def test_failed_rename_keeps_old_file(self) -> None:
         _write(self.path, "old\n")
 
-        def replace(src, dst):
+        def replace(src, dst, **kw):
             raise OSError(28, os.strerror(28))
 
         self.patch(os, "replace", replace)
@@ -147,18 +147,111 @@ class AtomicWriteTests(SynchronousTestCase):
         st = os.stat(self.path)
         self.assertEqual((st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)), (65534, 65534, 0o600))
 
-    def test_symlink_kept(self) -> None:
-        """Writing through a symlink replaces its target and keeps the link."""
+    def victim(self) -> str:
+        """A file elsewhere (think /etc/shadow) with a link to it at the store's path."""
         real_dir = os.path.abspath(self.mktemp())
         os.makedirs(real_dir)
-        target = os.path.join(real_dir, "users")
-        atomic_write(target, "old\n")
+        target = os.path.join(real_dir, "shadow")
+        _write(target, "root:x\n", mode=0o640)
         os.symlink(target, self.path)
-        atomic_write(self.path, "new\n")
+        return target
+
+    def test_symlink_refused(self) -> None:
+        """A symlinked store is never written through: an error names the real path."""
+        target = self.victim()
+        e = self.assertRaises(StoreError, atomic_write, self.path, "new\n")
+        self.assertIn("symbolic link", str(e))
+        self.assertIn(target, str(e))
+        self.assertEqual((_read(target), _mode(target)), (b"root:x\n", 0o640))
         self.assertTrue(os.path.islink(self.path))
-        with open(target) as f:
-            self.assertEqual(f.read(), "new\n")
-        self.assertEqual(os.listdir(real_dir), ["users"])
+        self.assertEqual(self.leftovers(), [])
+
+    def test_dangling_symlink_refused(self) -> None:
+        """A link to a file that does not exist yet does not create it."""
+        target = os.path.join(os.path.abspath(self.mktemp()), "cron")
+        os.makedirs(os.path.dirname(target))
+        os.symlink(target, self.path)
+        self.assertRaises(StoreError, atomic_write, self.path, "new\n")
+        self.assertFalse(os.path.lexists(target))
+
+    def test_not_a_regular_file(self) -> None:
+        os.mkfifo(self.path)
+        e = self.assertRaises(StoreError, atomic_write, self.path, "new\n")
+        self.assertIn("not a regular file", str(e))
+
+    def test_link_swapped_in_after_the_check(self) -> None:
+        """A link planted between the check and the rename is replaced, not followed."""
+        _write(self.path, "old\n")
+        real_dir = os.path.abspath(self.mktemp())
+        os.makedirs(real_dir)
+        target = os.path.join(real_dir, "shadow")
+        _write(target, "root:x\n", mode=0o640)
+        real_create = files._create_temporary
+
+        def create(dir_fd: int, base: str) -> tuple[int, str]:
+            os.unlink(self.path)
+            os.symlink(target, self.path)
+            return real_create(dir_fd, base)
+
+        self.patch(files, "_create_temporary", create)
+        atomic_write(self.path, "new\n")
+        self.assertFalse(os.path.islink(self.path))
+        self.assertEqual(_read(self.path), b"new\n")
+        self.assertEqual((_read(target), _mode(target)), (b"root:x\n", 0o640))
+
+    def test_temporary_names_unpredictable(self) -> None:
+        """A file planted at a temporary name is neither followed nor reused."""
+        names: list[str] = []
+        real_create = files._create_temporary
+
+        def create(dir_fd: int, base: str) -> tuple[int, str]:
+            fd, name = real_create(dir_fd, base)
+            names.append(name)
+            return fd, name
+
+        self.patch(files, "_create_temporary", create)
+        atomic_write(self.path, "one\n")
+        atomic_write(self.path, "two\n")
+        self.assertEqual(len(set(names)), 2)
+        self.assertTrue(all(name.startswith(".store.") for name in names))
+
+    def test_link_swapped_in_before_reading(self) -> None:
+        """A link planted after the early check is not read through either."""
+        from gateway.checkers import htpasswd as htpasswd_module
+
+        self.patch(htpasswd_module, "check_rewritable", lambda name: None)
+        self.patch(tokens, "check_rewritable", lambda name: None)
+        target = self.victim()
+        for rewrite in (
+            lambda: add_user(self.path, "mallory", PASSWORD, **CHEAP),
+            lambda: delete_user(self.path, "root"),
+            lambda: add_token(self.path, "mallory"),
+            lambda: revoke(self.path, "root"),
+        ):
+            e = self.assertRaises(StoreError, rewrite)
+            self.assertIn("symbolic link", str(e))
+        self.assertEqual((_read(target), _mode(target)), (b"root:x\n", 0o640))
+        self.assertTrue(os.path.islink(self.path))
+
+    def test_fifo_not_read(self) -> None:
+        """A FIFO at a store's path is an error at once, for readers too, not a hang."""
+        os.mkfifo(self.path)
+        for read in (read_text, list_users, list_tokens, lambda p: delete_user(p, "x")):
+            e = self.assertRaises(StoreError, read, self.path)
+            self.assertIn("not a regular file", str(e))
+
+    def test_rewriters_refuse_symlinks_before_reading(self) -> None:
+        """add/del/token add/revoke refuse a linked store without reading its target."""
+        target = self.victim()
+        for rewrite in (
+            lambda: add_user(self.path, "mallory", PASSWORD, **CHEAP),
+            lambda: delete_user(self.path, "root"),
+            lambda: add_token(self.path, "mallory"),
+            lambda: revoke(self.path, "root"),
+        ):
+            e = self.assertRaises(StoreError, rewrite)
+            self.assertIn("symbolic link", str(e))
+        self.assertEqual((_read(target), _mode(target)), (b"root:x\n", 0o640))
 
     def test_missing_directory(self) -> None:
         path = os.path.join(self.directory, "nope", "store")

@@ -9,11 +9,12 @@ import os
 import re
 import sys
 
-from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
+from gateway.aaa import parse_acl
 from gateway.checkers import CallableChecker, load_checker
 from gateway.credentials import (
     BearerToken,
@@ -59,6 +60,25 @@ class HelperTests(SynchronousTestCase):
         for password in ("one", "two"):
             self.successResultOf(testing.authenticate(checkers, testing.http_basic("u", password)))
         self.failureResultOf(testing.authenticate(checkers, testing.http_basic("u", "x")), UnauthorizedLogin)
+
+    def test_authenticate_with_acl(self):
+        """The ACL's C{smtp/authz} grant, as the gateway's C{--acl} applies it."""
+        acl = parse_acl(
+            '[[acl."smtp/authz/sales"]]\nallow = true\nprivileges = ["authorize"]\n'
+            'identity.Group = "staff"\n'
+        )
+        checker = CallableChecker(lambda authz, authc, password, meta: password == "tiger")
+        creds = testing.sasl_plain("daniel", "tiger", "sales")
+        self.failureResultOf(testing.authenticate(checker, creds), UnauthorizedLogin)
+        self.failureResultOf(testing.authenticate(checker, creds, acl=acl), UnauthorizedLogin)
+        info = self.successResultOf(
+            testing.authenticate(checker, creds, groups={"staff": ["daniel"]}, acl=acl)
+        )
+        testing.assert_auth_info(
+            self, info,
+            [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+            groups=["staff"],
+        )
 
     def test_assert_auth_info_fails(self):
         """The assertion helper really fails on a mismatch."""
@@ -109,6 +129,40 @@ class ReadmeExampleTests(SynchronousTestCase):
         socks = load_checker("seedcheckers.auth_socks")
         info = self.successResultOf(testing.authenticate(plain, testing.sasl_plain("daniel", "tiger")))
         self.assertEqual(info.names(), {"daniel"})
+        for authcid, password in [("daniel", "lion"), ("daniel", ""), ("bob", ""), ("", "")]:
+            self.failureResultOf(
+                testing.authenticate(plain, testing.sasl_plain(authcid, password)), UnauthorizedLogin
+            )
+        self.failureResultOf(
+            testing.authenticate(plain, testing.http_basic("daniel", "tiger")), UnhandledCredentials
+        )
+
+    def test_seed_function_authzid(self):
+        """
+        The README's auth_plain cannot be talked into acting as anyone
+        (issue 11: C{ceo NUL daniel NUL tiger}); its explicit grant works.
+        """
+        plain = load_checker("seedcheckers.auth_plain")
+        for authzid, authcid, password in [
+            ("ceo", "daniel", "tiger"), ("alice", "daniel", "tiger"), ("ceo", "alice", "lion"),
+        ]:
+            creds = testing.sasl_plain(authcid, password, authzid)
+            self.failureResultOf(testing.authenticate(plain, creds), UnauthorizedLogin)
+        info = self.successResultOf(
+            testing.authenticate(plain, testing.sasl_plain("alice", "lion", "daniel"))
+        )
+        testing.assert_auth_info(
+            self, info,
+            [("daniel", "SmtpAuthPlainAuthorization"), ("alice", "SmtpAuthPlainAuthentication")],
+        )
+        info = self.successResultOf(
+            testing.authenticate(plain, testing.sasl_plain("alice", "lion", "alice"))
+        )
+        self.assertEqual(info.names(), {"alice"})
+
+    def test_seed_socks(self):
+        plain = load_checker("seedcheckers.auth_plain")
+        socks = load_checker("seedcheckers.auth_socks")
         info = self.successResultOf(
             testing.authenticate([plain, socks], testing.rfc1929("proxyuser", "secretpassword"))
         )

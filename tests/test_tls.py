@@ -119,6 +119,61 @@ class GenerateTests(SynchronousTestCase):
         self.assertTrue(_read(self.cert_path).startswith(b"-----BEGIN CERTIFICATE-----"))
 
 
+    def victim(self) -> str:
+        """A file outside the certificate directory that must not change."""
+        other = os.path.abspath(self.mktemp())
+        os.makedirs(other)
+        return _write(os.path.join(other, "victim"), b"precious\n")
+
+    def test_plantedTemporaryNameNotFollowed(self) -> None:
+        """Symlinks planted at the old predictable temporary names are not written through."""
+        victim = self.victim()
+        for path in (self.cert_path, self.key_path):
+            os.symlink(victim, f"{path}.tmp{os.getpid()}")
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        self.assertEqual(_read(victim), b"precious\n")
+        load_certificate(self.cert_path, self.key_path)
+
+    def test_symlinkAtTargetReplacedNotFollowed(self) -> None:
+        """A symlink at the key's own path is replaced by the new file, never written through."""
+        victim = self.victim()
+        os.symlink(victim, self.key_path)
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        self.assertEqual(_read(victim), b"precious\n")
+        self.assertFalse(os.path.islink(self.key_path))
+        self.assertEqual(_mode(self.key_path), 0o600)
+
+    def test_temporaryNamesUnpredictable(self) -> None:
+        """Temporary files come from mkstemp in the same directory."""
+        made: list[str] = []
+        real = tls.tempfile.mkstemp
+
+        def mkstemp(**kw: str) -> tuple[int, str]:
+            fd, name = real(**kw)
+            made.append(name)
+            return fd, name
+
+        self.patch(tls.tempfile, "mkstemp", mkstemp)
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        self.assertEqual(len(made), 2)
+        for name in made:
+            self.assertEqual(os.path.dirname(name), os.path.abspath(self.dir))
+            self.assertNotIn(str(os.getpid()), os.path.basename(name))
+        self.assertEqual(sorted(os.listdir(self.dir)), ["cert.pem", "key.pem"])
+
+    def test_directorySynced(self) -> None:
+        synced: list[bool] = []
+        real = os.fsync
+
+        def fsync(fd: int) -> None:
+            synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+            real(fd)
+
+        self.patch(os, "fsync", fsync)
+        generate_self_signed(self.cert_path, self.key_path, "gw.example.test")
+        self.assertEqual(synced, [False, True, False, True])
+
+
 class LoadTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.dir = self.mktemp()

@@ -10,16 +10,22 @@ the new one.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
-import tempfile
+import secrets
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Interface
 
 from gateway.text import quote
 
@@ -46,11 +52,26 @@ def _reason(e: OSError) -> str:
     return os.strerror(e.errno) if e.errno else str(e)
 
 
-def _read_bytes(name: str) -> tuple[os.stat_result, bytes]:
-    """The file's status and contents (at most L{MAX_FILE} bytes), or L{StoreError}."""
+def _read_bytes(name: str, follow_links: bool = True) -> tuple[os.stat_result, bytes]:
+    """
+    The file's status and contents (at most L{MAX_FILE} bytes), or L{StoreError}.
+    Only a regular file is read (a FIFO would block); with C{follow_links}
+    false, a symbolic link is refused as L{atomic_write} refuses it.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+    if not follow_links:
+        flags |= os.O_NOFOLLOW
     try:
-        with open(name, "rb") as f:
+        fd = os.open(name, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow_links and os.path.islink(name):
+            _refuse_link(name, os.lstat(name))
+        raise StoreError(f"{name}: {_reason(e)}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{name}: not a regular file")
             data = f.read(MAX_FILE + 1)
     except OSError as e:
         raise StoreError(f"{name}: {_reason(e)}") from None
@@ -59,10 +80,14 @@ def _read_bytes(name: str) -> tuple[os.stat_result, bytes]:
     return st, data
 
 
-def read_text(path: str | os.PathLike[str]) -> str:
-    """The UTF-8 contents of C{path}, or L{StoreError} saying why not."""
+def read_text(path: str | os.PathLike[str], follow_links: bool = True) -> str:
+    """
+    The UTF-8 contents of C{path}, or L{StoreError} saying why not. Rewrites
+    read with C{follow_links=False}: what they write back is then never the
+    contents of a link's target.
+    """
     name = os.fspath(path)
-    return decode_utf8(_read_bytes(name)[1], name)
+    return decode_utf8(_read_bytes(name, follow_links)[1], name)
 
 
 def decode_utf8(data: bytes, name: str) -> str:
@@ -74,22 +99,54 @@ def decode_utf8(data: bytes, name: str) -> str:
         raise StoreError(f"{name}:{line}: not valid UTF-8") from None
 
 
-def read_existing(path: str | os.PathLike[str]) -> str | None:
+def read_existing(path: str | os.PathLike[str], follow_links: bool = True) -> str | None:
     """Like L{read_text}, but C{None} when C{path} does not exist."""
     try:
-        return read_text(path)
+        return read_text(path, follow_links)
     except StoreError:
         if not os.path.lexists(path):
             return None
         raise
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+def _refuse_link(name: str, st: os.stat_result) -> None:
+    """Refuse to rewrite a store that is not a plain file (a symlink above all)."""
+    if stat.S_ISLNK(st.st_mode):
+        raise StoreError(
+            f"{name} is a symbolic link (to {os.path.realpath(name)}); a store is never "
+            "rewritten through a link: give the real path"
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise StoreError(f"{name}: not a regular file")
+
+
+def check_rewritable(path: str | os.PathLike[str]) -> None:
+    """
+    Refuse early, before reading, a store that L{atomic_write} would refuse:
+    an existing C{path} that is a symbolic link or not a regular file.
+
+    @raise StoreError: saying why, and naming the link's real path.
+    """
+    name = os.fspath(path)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        st = os.lstat(name)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StoreError(f"{name}: {_reason(e)}") from None
+    _refuse_link(name, st)
+
+
+def _create_temporary(dir_fd: int, base: str) -> tuple[int, str]:
+    """A new file with an unpredictable name next to C{base}, made with O_EXCL and O_NOFOLLOW."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        temp = f".{base}.{secrets.token_hex(8)}.tmp"
+        try:
+            return os.open(temp, flags, 0o600, dir_fd=dir_fd), temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary name")
 
 
 def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> None:
@@ -98,42 +155,57 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
     directory and renaming it over C{path}; on any failure the old file is left
     as it was and the temporary file is removed.
 
-    @raise StoreError: when the file cannot be written.
+    C{path} itself must not be a symbolic link: a link planted by whoever can
+    write the store's directory would otherwise make C{sudo authgateway user
+    add} replace (and chmod) its target, such as /etc/shadow. The directory is
+    opened once and every step works relative to it, so a link swapped in
+    after the check is replaced by the rename, never followed.
+
+    @raise StoreError: when the file cannot be written or is a symbolic link.
     """
     name = os.fspath(path)
-    target = os.path.realpath(name)  # a symlink stays one; its target is replaced
-    directory = os.path.dirname(target)
+    directory = directory_of(name)
+    base = os.path.basename(name)
     try:
-        owner = os.stat(target)
-    except OSError:
-        owner = None
-    try:
-        fd, temp = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(target)}.", suffix=".tmp"
-        )
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise StoreError(f"{directory_of(name)}: {_reason(e)}") from None
+        raise StoreError(f"{directory}: {_reason(e)}") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), mode)
-            if owner is not None:
-                _keep_owner(f.fileno(), owner)
-        os.replace(temp, target)
-    except BaseException as e:
         try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise StoreError(f"{name}: cannot write: {_reason(e)}") from None
-        raise
-    try:
-        _fsync_directory(directory)
-    except OSError as e:
-        raise StoreError(f"{directory_of(name)}: cannot sync: {_reason(e)}") from None
+            previous: os.stat_result | None = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            previous = None
+        except OSError as e:
+            raise StoreError(f"{name}: {_reason(e)}") from None
+        if previous is not None:
+            _refuse_link(name, previous)
+        try:
+            fd, temp = _create_temporary(dir_fd, base)
+        except OSError as e:
+            raise StoreError(f"{directory}: {_reason(e)}") from None
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), mode)
+                if previous is not None:
+                    _keep_owner(f.fileno(), previous)
+            os.replace(temp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException as e:
+            try:
+                os.unlink(temp, dir_fd=dir_fd)
+            except OSError:
+                pass
+            if isinstance(e, OSError):
+                raise StoreError(f"{name}: cannot write: {_reason(e)}") from None
+            raise
+        try:
+            os.fsync(dir_fd)
+        except OSError as e:
+            raise StoreError(f"{directory}: cannot sync: {_reason(e)}") from None
+    finally:
+        os.close(dir_fd)
 
 
 def frozen(mapping: Mapping[str, _V]) -> Mapping[str, _V]:
@@ -193,11 +265,11 @@ def locked(path: str | os.PathLike[str]) -> Iterator[None]:
 
     @raise StoreError: when the directory cannot be opened.
     """
-    directory = os.path.dirname(os.path.realpath(path))  # where atomic_write writes
+    directory = directory_of(path)  # where atomic_write writes (a link is never followed)
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise StoreError(f"{directory_of(path)}: {_reason(e)}") from None
+        raise StoreError(f"{directory}: {_reason(e)}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -304,24 +376,46 @@ _V = TypeVar("_V")
 _log = Logger()
 
 
+class IReloadable(Interface):
+    """A checker serving a L{WatchedFile}: the service says where reloads run."""
+
+    def use_loader(load: Callable[..., defer.Deferred[Any]], clock: IReactorTime) -> None:
+        """Read and parse changed files through C{load(f) -> Deferred}, waiting on C{clock}."""
+
+
+#: How long a login waits for a reload it noticed before using the old value.
+RELOAD_WAIT = 5.0
+
+#: How long after a failed reload the same (unchanged) file is tried again.
+RELOAD_RETRY = 5.0
+
+
+def _inline(f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+    return defer.maybeDeferred(f, *args)
+
+
 class WatchedFile(Generic[_T]):
     """
     A file parsed into a value and parsed again when it changes, so that a
-    running gateway picks up C{authgateway user add} without a restart.
+    running gateway picks up C{authgateway user add} at the very next login.
 
-    L{current} looks at the file at most every C{interval} seconds; a change
-    is a new inode (an atomic rename), size or modification time. A reload
-    reads and parses in C{loader} (a thread pool, so that a large file never
-    stalls the reactor) and swaps the new value in when it is ready; until
-    then, and when a reload fails (the file vanished, is unreadable or not
-    UTF-8), the last good value stays in use and the error is logged once.
+    L{current} looks at the file (one C{stat}) on every call; a change is a
+    new inode (an atomic rename), size or modification time. Once a change is
+    noticed, the callers wait for the reload (all of them for the same one),
+    each at most C{wait} seconds, after which it gets the old value and a
+    warning is logged. A reload reads and parses through C{loader} (the
+    service's reload thread, so that a large file never stalls the reactor
+    and a full hash queue never delays it); inline when there is none. When a
+    reload fails (the file vanished, is unreadable or not UTF-8), the last
+    good value stays in use, the error is logged once, and the same file is
+    tried again only after C{retry} seconds or once it changes again.
 
     @param parse: C{parse(text, path)}, the value's constructor; it runs in
-        the loader's thread, so it must not touch shared state.
+        the loader's thread, so it may read but must not change shared state.
     @param on_load: called with each new value, in the reactor thread, before
         it is used (to log the file's problems, for instance).
-    @param loader: C{loader(f, *args) -> Deferred}; None reads inline.
-    @param now: the clock, C{time.monotonic} unless a test injects one.
+    @param loader: C{loader(f) -> Deferred}; None reads inline.
+    @param clock: needed with a C{loader}, to bound the wait.
     @raise StoreError: when the first read (always inline) fails.
     """
 
@@ -330,25 +424,37 @@ class WatchedFile(Generic[_T]):
         path: str | os.PathLike[str],
         parse: Callable[[str, str], _T],
         on_load: Callable[[_T], None] | None = None,
-        loader: Callable[..., Any] | None = None,
-        now: Callable[[], float] = time.monotonic,
-        interval: float = 1.0,
+        loader: Callable[..., defer.Deferred[Any]] | None = None,
+        clock: IReactorTime | None = None,
+        wait: float = RELOAD_WAIT,
+        retry: float = RELOAD_RETRY,
     ) -> None:
+        if loader is not None and clock is None:
+            raise ValueError("a loader needs a clock to bound the wait for it")
         self.path = os.fspath(path)
         self._parse = parse
         self._on_load = on_load or (lambda value: None)
         self.loader = loader
-        self._now = now
-        self.interval = interval
+        self.clock = clock
+        self.wait = wait
+        self.retry = retry
         self._failing: str | None = None
+        self._failed_signature: tuple[int, ...] | None = None
+        self._retry_at = 0.0
         self._loading = False
+        self._waiters: dict[defer.Deferred[_T], Any] = {}
+        self._slow_logged = False
         self._signature, value = self._read()
         self._on_load(value)
         self.value = value
-        self._checked = now()
 
     def __repr__(self) -> str:
         return f"<WatchedFile {self.path!r}>"
+
+    def use_loader(self, loader: Callable[..., defer.Deferred[Any]], clock: IReactorTime) -> None:
+        """Reload through C{loader} from now on, waiting at most C{wait} seconds of C{clock}."""
+        self.loader = loader
+        self.clock = clock
 
     @staticmethod
     def _signature_of(st: os.stat_result) -> tuple[int, ...]:
@@ -358,44 +464,100 @@ class WatchedFile(Generic[_T]):
         st, data = _read_bytes(self.path)
         return self._signature_of(st), self._parse(decode_utf8(data, self.path), self.path)
 
-    def current(self) -> _T:
-        """The value; starts a reload first if the file changed since the last look."""
-        now = self._now()
-        if self._loading or now - self._checked < self.interval:
-            return self.value
-        self._checked = now
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else time.monotonic()
+
+    def _changed(self) -> bool:
+        """Whether the file differs from the value in use and deserves a read now."""
         try:
-            changed = self._signature_of(os.stat(self.path)) != self._signature
+            signature = self._signature_of(os.stat(self.path))
         except OSError as e:
             self._failed(f"{self.path}: {_reason(e)}")
-            return self.value
-        if not changed:
+            return False
+        if signature == self._signature:
             self._failing = None
-        elif self.loader is None:
-            try:
-                self._loaded(self._read())
-            except StoreError as e:
-                self._failed(str(e))
-        else:
-            self._loading = True
-            d = self.loader(self._read)
-            d.addCallback(self._loaded)
-            d.addErrback(lambda f: self._failed(str(f.value)))
-            d.addBoth(self._done_loading)
-        return self.value
+            return False
+        return signature != self._failed_signature or self._now() >= self._retry_at
+
+    def current(self) -> defer.Deferred[_T]:
+        """
+        The value, reloaded first if the file changed: a Deferred that has
+        fired already unless a reload is under way.
+        """
+        if not self._loading:
+            if not self._changed():
+                return defer.succeed(self.value)
+            self._start()
+            if not self._loading:  # done inline
+                return defer.succeed(self.value)
+        return self._wait()
+
+    def _start(self) -> None:
+        self._loading = True
+        self._slow_logged = False
+        run = self.loader or _inline
+        try:
+            d = run(self._read)
+        except Exception:
+            d = defer.fail()
+        d.addCallbacks(self._loaded, self._load_failed)
+        d.addBoth(self._settle)
+
+    def _wait(self) -> defer.Deferred[_T]:
+        d: defer.Deferred[_T] = defer.Deferred(canceller=self._forget)
+        assert self.clock is not None  # a reload still running has a loader, so a clock
+        self._waiters[d] = self.clock.callLater(self.wait, self._too_slow, d)
+        return d
+
+    def _forget(self, d: defer.Deferred[_T]) -> None:
+        timer = self._waiters.pop(d, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _too_slow(self, d: defer.Deferred[_T]) -> None:
+        del self._waiters[d]
+        if not self._slow_logged:
+            self._slow_logged = True
+            _log.warn(
+                "reloading {path} takes longer than {wait}s; answering from the previous version",
+                path=self.path, wait=self.wait,
+            )
+        d.callback(self.value)
 
     def _loaded(self, read: tuple[tuple[int, ...], _T]) -> None:
         self._signature, value = read
         self._on_load(value)
         self.value = value
         self._failing = None
+        self._failed_signature = None
         _log.info("reloaded {path}", path=self.path)
+
+    def _load_failed(self, reason: Failure) -> None:
+        try:
+            self._failed_signature = self._signature_of(os.stat(self.path))
+        except OSError:
+            self._failed_signature = None
+        self._retry_at = self._now() + self.retry
+        if reason.check(StoreError):
+            self._failed(str(reason.value))
+        else:  # no message: a parser's exception could quote a line of the file
+            self._failed(f"{self.path}: unexpected {reason.type.__name__}")
+
+    def _settle(self, _: Any) -> None:
+        self._loading = False
+        if not self._waiters:
+            return
+        if self._changed():  # changed again while it was read: the waiters want that one
+            self._start()
+            return
+        waiters, self._waiters = self._waiters, {}
+        for d, timer in waiters.items():
+            if timer.active():
+                timer.cancel()
+            d.callback(self.value)
 
     def _failed(self, problem: str) -> None:
         if problem != self._failing:
             _log.error("cannot reload {problem}; still using the last good version",
                        problem=problem)
             self._failing = problem
-
-    def _done_loading(self, _: Any) -> None:
-        self._loading = False

@@ -9,6 +9,10 @@ Plain functions as checkers, with the seed signatures::
 Like the Lua originals, a function may take fewer parameters (the trailing
 ones are not passed), and returns C{True}/C{False} or an AuthInfo-shaped dict.
 It may also return a Deferred or be a coroutine function.
+
+C{True} approves the authentication identity (the user whose password was
+checked), never the authzid an SMTP client asked for: acting as someone else
+needs an AuthInfo naming that authorization identity, or an ACL grant.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from gateway.credentials import (
     IHTTPBasicCredentials,
     IRFC1929Credentials,
     ISASLCredentials,
-    identities_of,
 )
 
 _SASL_FIRST_NAMES = frozenset({"authz", "authzid", "authz_id"})
@@ -107,11 +110,9 @@ class CallableChecker:
 
     def _interpret(self, result: Any, credentials: Any) -> str | AuthInfo | Mapping[str, Any]:
         if result is True:
-            if self.sasl:
-                # The function saw the authzid and accepted it too.
-                return AuthInfo(
-                    identities_of(credentials, credentials.username, authzid_approved=True)
-                )
+            # True approves the authentication identity only, even when the
+            # function saw the authzid: the realm then asks the ACL about a
+            # foreign one. Granting it takes an AuthInfo that names it.
             return credentials.username
         if result is False or result is None:
             raise UnauthorizedLogin()

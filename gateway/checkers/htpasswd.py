@@ -12,8 +12,6 @@ is never shown. As in Apache, the first line naming a user wins.
 from __future__ import annotations
 
 import os
-import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -30,11 +28,13 @@ from zope.interface import implementer
 from gateway.authinfo import AuthInfo
 from gateway.checkers import hashes
 from gateway.checkers.files import (
+    IReloadable,
     StoreError,
     WatchedFile,
     append_line,
     atomic_write,
     check_groups,
+    check_rewritable,
     check_user_name,
     directory_of,
     first_field,
@@ -157,7 +157,8 @@ def add_user(
     directory = directory_of(name)
     if not os.path.isdir(directory):
         raise StoreError(f"{directory}: no such directory")
-    _refuse_duplicate(name, read_existing(name), user)
+    check_rewritable(name)
+    _refuse_duplicate(name, read_existing(name, follow_links=False), user)
     try:
         password.encode("utf-8")
     except UnicodeEncodeError:
@@ -170,7 +171,7 @@ def add_user(
     if group_names:
         line += f":{_GROUPS}{','.join(group_names)}"
     with locked(name):
-        text = read_existing(name)
+        text = read_existing(name, follow_links=False)
         _refuse_duplicate(name, text, user)
         bom, body = split_bom(text or "")
         atomic_write(name, bom + append_line(body, line))
@@ -192,8 +193,9 @@ def delete_user(path: str | os.PathLike[str], user: str) -> None:
     @raise StoreError: the file is missing or has no such user.
     """
     name = os.fspath(path)
+    check_rewritable(name)
     with locked(name):
-        bom, body = split_bom(read_text(name))
+        bom, body = split_bom(read_text(name, follow_links=False))
         lines = split_lines(body)
         kept = [line for line in lines if first_field(line) != user]
         if len(kept) == len(lines):
@@ -211,7 +213,20 @@ def list_users(path: str | os.PathLike[str]) -> PasswordTable:
     return parse_htpasswd(read_text(name), name)
 
 
-@implementer(ICredentialsChecker, IHashingChecker)
+#: More distinct hash costs than this in one file earn a warning: every
+#: login verifies one hash of each.
+MANY_COST_CLASSES = 3
+
+
+@attrs.frozen
+class _Served:
+    """A parsed file and one dummy hash per cost class (L{hashes.cost_of}) in it."""
+
+    table: PasswordTable
+    dummies: Mapping[str, str] = attrs.field(converter=frozen, repr=False)
+
+
+@implementer(ICredentialsChecker, IHashingChecker, IReloadable)
 class HtpasswdChecker:
     """
     C{--auth htpasswd:PATH}: users of an Apache/nginx htpasswd file.
@@ -219,9 +234,17 @@ class HtpasswdChecker:
     Verification goes through a L{Verifier}: in the gateway, the service's
     (its bounded thread pool and cache); elsewhere, one on the reactor's
     thread pool (L{HashPool.shared}). Tests may pass an inline one.
-    An unknown user is verified against a dummy hash with the cost of the
-    file's most common one, so that it costs what a wrong password costs.
-    The file is re-read when it changes; problems are logged, never fatal.
+
+    Every login costs the same whoever it names: the file's hashes fall into
+    cost classes (bcrypt cost 12, {SHA}, ...), and each login verifies exactly
+    one hash of every class in one pool job: the user's own hash for its
+    class and a dummy for each other class (an unknown user: a dummy of every
+    class). In a file mixing bcrypt and {SHA}, a known {SHA} user therefore
+    costs a bcrypt too, and an unknown one no less than a known bcrypt user.
+
+    The file is looked at on every login and reloaded once it changes (in the
+    service's reload thread, inline for a checker used on its own); problems
+    are logged, never fatal.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -230,17 +253,16 @@ class HtpasswdChecker:
         self,
         path: str | os.PathLike[str],
         verifier: Verifier | None = None,
-        now: Callable[[], float] = time.monotonic,
+        loader: Callable[..., defer.Deferred[Any]] | None = None,
+        clock: Any = None,
     ) -> None:
         if verifier is None:  # the gateway's service replaces it (use_verifier)
             verifier = Verifier(hashes.verify, HashPool.shared())
         self.verifier = verifier
         self._legacy_warned = False
-        self._dummy: tuple[str, str] | None = None  # (cost, dummy hash)
-        self._generation = 0
-        self._started = False
-        self.file = WatchedFile(path, parse_htpasswd, self._loaded, self._in_pool, now)
-        self._started = True
+        self._classes_warned = False
+        self._dummies: Mapping[str, str] = {}
+        self.file = WatchedFile(path, self._parse, self._loaded, loader, clock)
 
     def __repr__(self) -> str:
         return f"<HtpasswdChecker {self.file.path!r}>"
@@ -248,10 +270,28 @@ class HtpasswdChecker:
     def use_verifier(self, verifier: Verifier) -> None:
         self.verifier = verifier
 
-    def _in_pool(self, f: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
-        return self.verifier.pool.run(f, *args)
+    def use_loader(self, load: Callable[..., defer.Deferred[Any]], clock: Any) -> None:
+        self.file.use_loader(load, clock)
 
-    def _loaded(self, table: PasswordTable) -> None:
+    def _parse(self, text: str, path: str) -> _Served:
+        """
+        Parse and make the dummies of new cost classes (in the reload thread:
+        a bcrypt dummy takes as long as a login); known classes keep theirs.
+        """
+        table = parse_htpasswd(text, path)
+        known = self._dummies
+        templates: dict[str, str] = {}
+        for entry in table.entries.values():
+            templates.setdefault(entry.cost, entry.hash)
+        dummies = {
+            cost: known.get(cost) or hashes.dummy_like(template)
+            for cost, template in templates.items()
+        }
+        return _Served(table, dummies)
+
+    def _loaded(self, served: _Served) -> None:
+        table = served.table
+        self._dummies = served.dummies
         for problem in table.problems:
             _log.warn("{problem}; line skipped", problem=problem)
         if table.legacy and not self._legacy_warned:
@@ -262,56 +302,47 @@ class HtpasswdChecker:
                 path=table.path,
                 schemes=", ".join(sorted(table.legacy)),
             )
-        self._refresh_dummy(table)
+        if len(served.dummies) > MANY_COST_CLASSES and not self._classes_warned:
+            self._classes_warned = True
+            _log.warn(
+                "{path}: {count} different hash costs ({costs}); every login verifies one "
+                "hash of each so that unknown users cost what known ones do: re-add users "
+                "with one scheme and cost",
+                path=table.path,
+                count=len(served.dummies),
+                costs=", ".join(sorted(served.dummies)),
+            )
 
-    def _refresh_dummy(self, table: PasswordTable) -> None:
-        """Keep a dummy hash with the cost most of the file's users have."""
-        self._generation += 1
-        costs = Counter(e.cost for e in table.entries.values())
-        if not costs:
-            self._dummy = None
-            return
-        cost = costs.most_common(1)[0][0]
-        if self._dummy is not None and self._dummy[0] == cost:
-            return
-        template = next(e.hash for e in table.entries.values() if e.cost == cost)
-        if not self._started:
-            # The first load, while the options are read: nothing to block yet.
-            self._dummy = (cost, hashes.dummy_like(template))
-            return
-        generation = self._generation
-
-        def ready(dummy: str) -> None:
-            if generation == self._generation:  # no newer file since
-                self._dummy = (cost, dummy)
-
-        # In the running gateway: make it in the pool, keep the old one meanwhile.
-        self._in_pool(hashes.dummy_like, template).addCallbacks(
-            ready, lambda f: _log.failure("cannot make a dummy hash for {path}", f, path=table.path)
-        )
+    @property
+    def table(self) -> PasswordTable:
+        """The table in use now (without looking for a change)."""
+        return self.file.value.table
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
-        table = self.file.current()
         user, password = credentials.username, credentials.password
         if isinstance(user, bytes) or isinstance(password, bytes):
             try:
                 user, password = _text(user), _text(password)
             except UnicodeDecodeError:
                 return defer.fail(UnauthorizedLogin())
-        entry = table.entries.get(user)
+        return self.file.current().addCallback(self._check, credentials, user, password)
+
+    def _check(self, served: _Served, credentials: Any, user: str, password: str) -> Any:
+        entry = served.table.entries.get(user)
         if entry is not None:
             stored = entry.hash
-        elif self._dummy is not None:
-            stored = self._dummy[1]
+            decoys = [dummy for cost, dummy in served.dummies.items() if cost != entry.cost]
+        elif served.dummies:
+            stored, *decoys = served.dummies.values()
         else:  # an empty file: nobody to pretend to be
-            return defer.fail(UnauthorizedLogin())
+            raise UnauthorizedLogin()
 
         def verified(ok: bool) -> AuthInfo:
             if not ok or entry is None:
                 raise UnauthorizedLogin()
             return AuthInfo(identities_of(credentials, entry.user), entry.groups)
 
-        return self.verifier.verify(user, password, stored).addCallback(verified)
+        return self.verifier.verify(user, password, stored, decoys).addCallback(verified)
 
 
 def _text(value: str | bytes) -> str:

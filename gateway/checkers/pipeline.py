@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from twisted.application import service
@@ -116,6 +116,9 @@ class HashPool(service.Service):
         answers L{PoolFull} at once instead of adding latency.
     @param threadpool: run in this pool instead of one of our own (which is
         then neither started nor stopped by us).
+
+    File reloads (L{load}) have a thread of their own, outside the bound:
+    a queue full of hashes must neither delay nor refuse them.
     """
 
     name = "hash-pool"
@@ -135,11 +138,13 @@ class HashPool(service.Service):
         self._own = threadpool is None
         self._stopping = False
         if threadpool is None:
-            threadpool = ThreadPool(minthreads=threads, maxthreads=threads, name="authgateway-hash")
-            # Hashing keeps no state worth waiting for: a pool that was never
-            # stopped (a failed start) must not hold the process open.
-            threadpool.threadFactory = functools.partial(threading.Thread, daemon=True)
+            threadpool = _daemon_pool(threads, "authgateway-hash")
+            loader = _daemon_pool(1, "authgateway-load")
+        else:
+            loader = threadpool
         self.threadpool = threadpool
+        #: The one thread reading and parsing changed password and token files.
+        self.loader = loader
 
     @classmethod
     def shared(cls, max_pending: int = 64) -> HashPool:
@@ -180,18 +185,38 @@ class HashPool(service.Service):
         deferToThreadPool(self.reactor, self.threadpool, job).addBoth(done)
         return outcome
 
+    def load(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """
+        Run a file reload in the reload thread: never counted against
+        C{max_pending}, never queued behind hashes.
+        """
+        if self._stopping:
+            return defer.fail(ShuttingDown())
+        return deferToThreadPool(self.reactor, self.loader, f, *args)
+
     def startService(self) -> None:
         super().startService()
         self._stopping = False
         if self._own:
             self.threadpool.start()
+            self.loader.start()
 
     def stopService(self) -> None:
         super().stopService()
         self._stopping = True
         if self._own:
-            # Waits only for the hashes already running; queued jobs are dropped.
+            # Waits only for the hashes (and the reload) already running;
+            # queued jobs are dropped.
             self.threadpool.stop()
+            self.loader.stop()
+
+
+def _daemon_pool(threads: int, name: str) -> ThreadPool:
+    pool = ThreadPool(minthreads=threads, maxthreads=threads, name=name)
+    # Hashing and reading keep no state worth waiting for: a pool that was
+    # never stopped (a failed start) must not hold the process open.
+    pool.threadFactory = functools.partial(threading.Thread, daemon=True)
+    return pool
 
 
 class InlinePool:
@@ -220,6 +245,10 @@ class Verifier:
     caller gets its own Deferred, so one caller cancelling does not cancel
     the others.
 
+    A verification may bring I{decoys}: hashes checked in the same pool job
+    after the real one, their verdicts ignored, so that every login of a
+    store does the same work whoever it names (see L{HtpasswdChecker}).
+
     @param verify: C{verify(password, stored) -> bool}, blocking.
     """
 
@@ -247,7 +276,13 @@ class Verifier:
     def _cache_key(self, user: str, password: str, stored: str) -> bytes:
         return hmac.new(self._key, _length_prefixed(user, password, stored), hashlib.sha256).digest()
 
-    def verify(self, user: str, password: str, stored: str) -> defer.Deferred[bool]:
+    def verify(
+        self, user: str, password: str, stored: str, decoys: Sequence[str] = ()
+    ) -> defer.Deferred[bool]:
+        """
+        Whether C{password} matches C{stored}, after also checking it against
+        each of C{decoys} (whose verdicts are ignored) in the same pool job.
+        """
         key = self._cache_key(user, password, stored)
         now = self.clock.seconds()
         expires = self._cache.get(key)
@@ -265,8 +300,19 @@ class Verifier:
         else:
             self.misses += 1
             self._inflight[key] = [mine]
-            self.pool.run(self._verify, password, stored).addBoth(self._settled, key)
+            job = self.pool.run(self._verify_with_decoys, password, stored, tuple(decoys))
+            job.addBoth(self._settled, key)
         return mine
+
+    def _verify_with_decoys(self, password: str, stored: str, decoys: tuple[str, ...]) -> bool:
+        """Blocking: the verdict on C{stored}; the decoys only cost their time."""
+        verdict = self._verify(password, stored)
+        for decoy in decoys:
+            try:
+                self._verify(password, decoy)
+            except Exception:  # a decoy's problem is not the login's
+                pass
+        return verdict
 
     def _settled(self, result: Any, key: bytes) -> None:
         waiters = self._inflight.pop(key)

@@ -15,7 +15,6 @@ import hmac
 import os
 import re
 import secrets
-import time
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -31,11 +30,13 @@ from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo
 from gateway.checkers.files import (
+    IReloadable,
     StoreError,
     WatchedFile,
     append_line,
     atomic_write,
     check_groups,
+    check_rewritable,
     check_user_name,
     first_field,
     frozen,
@@ -206,8 +207,9 @@ def add_token(
     check_user_name(user)
     group_names = check_groups(groups)
     created = utc_timestamp((now or _utcnow)())
+    check_rewritable(name)
     with locked(name):
-        bom, body = split_bom(read_existing(name) or "")
+        bom, body = split_bom(read_existing(name, follow_links=False) or "")
         taken = {first_field(line) for line in split_lines(body)}
         token = new_token()
         while token_digest(token) in taken:  # pragma: no cover - 2**-256
@@ -230,8 +232,9 @@ def revoke(path: str | os.PathLike[str], user_or_prefix: str) -> list[TokenEntry
     """
     name = os.fspath(path)
     key = user_or_prefix
+    check_rewritable(name)
     with locked(name):
-        text = read_text(name)
+        text = read_text(name, follow_links=False)
         table = parse_tokens(text, name)
         targets = list(table.for_user(key))
         if not targets and TOKEN_PREFIX in key:  # a pasted token: never echo it
@@ -271,23 +274,31 @@ def list_tokens(path: str | os.PathLike[str]) -> TokenTable:
     return parse_tokens(read_text(name), name)
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, IReloadable)
 class TokenChecker:
     """
     C{--auth tokens:PATH}: Bearer tokens (HTTP now, SMTP OAUTHBEARER/XOAUTH2
     later) looked up by SHA-256 digest. Hashing a token costs microseconds,
-    so it runs inline. The file is re-read when it changes.
+    so it runs inline. The file is looked at on every login and reloaded once
+    it changes, in the service's reload thread (a token file may be large),
+    inline for a checker used on its own.
     """
 
     credentialInterfaces = (IBearerToken,)
 
     def __init__(
-        self, path: str | os.PathLike[str], now: Callable[[], float] = time.monotonic
+        self,
+        path: str | os.PathLike[str],
+        loader: Callable[..., defer.Deferred[Any]] | None = None,
+        clock: Any = None,
     ) -> None:
-        self.file = WatchedFile(path, parse_tokens, self._loaded, now=now)
+        self.file = WatchedFile(path, parse_tokens, self._loaded, loader, clock)
 
     def __repr__(self) -> str:
         return f"<TokenChecker {self.file.path!r}>"
+
+    def use_loader(self, load: Callable[..., defer.Deferred[Any]], clock: Any) -> None:
+        self.file.use_loader(load, clock)
 
     @staticmethod
     def _loaded(table: TokenTable) -> None:
@@ -295,10 +306,13 @@ class TokenChecker:
             _log.warn("{problem}; line skipped", problem=problem)
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthInfo]:
-        entry = self.file.current().lookup(credentials.token)
-        if entry is None:
-            return defer.fail(UnauthorizedLogin())
-        return defer.succeed(AuthInfo(identities_of(credentials, entry.user), entry.groups))
+        def look_up(table: TokenTable) -> AuthInfo:
+            entry = table.lookup(credentials.token)
+            if entry is None:
+                raise UnauthorizedLogin()
+            return AuthInfo(identities_of(credentials, entry.user), entry.groups)
+
+        return self.file.current().addCallback(look_up)
 
 
 @implementer(ICheckerFactory, IPlugin)

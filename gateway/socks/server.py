@@ -45,7 +45,14 @@ from gateway.meta import ConnectionMeta, normalize_ip
 from gateway.realm import login
 from gateway.socks import codec
 from gateway.socks.codec import Reply
-from gateway.socks.rules import AllowRule, DestinationRules, IPAddress
+from gateway.socks.rules import (
+    PRIVILEGED_PORTS,
+    AllowRule,
+    DestinationRules,
+    IPAddress,
+    libc_ipv4,
+    source_port_named,
+)
 
 log = Logger()
 
@@ -112,23 +119,31 @@ def connect_reply(reason: Failure) -> Reply:
 def plain_address(text: str) -> IPAddress | None:
     """
     An IP address from a request (IPv4-mapped IPv6 as the IPv4 it is), or
-    None when C{text} is not one. Scoped IPv6 addresses are not addresses here.
+    None when C{text} is not one. Scoped IPv6 addresses are not addresses
+    here. A name that C{getaddrinfo} would take as an IPv4 literal
+    (L{libc_ipv4}) is that address: checked, and connected to, as the
+    address it is, never as a name.
     """
     if "%" in text:
         return None
     try:
         address = ipaddress.ip_address(text)
     except ValueError:
-        return None
+        return libc_ipv4(text)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
 
 
 def canonical_name(text: str) -> str | None:
-    """A host name in lower case without its final dot, or None when it is not one."""
+    """
+    A host name in lower case without its final dot, or None when it is not
+    one (an IP literal with a final dot, C{127.0.0.1.}, is neither).
+    """
     name = text.lower().removesuffix(".")
-    return name if len(name) <= 253 and _HOSTNAME.fullmatch(name) else None
+    if len(name) > 253 or not _HOSTNAME.fullmatch(name) or plain_address(name) is not None:
+        return None
+    return name
 
 
 def is_local(address: IPAddress) -> bool:
@@ -497,7 +512,11 @@ class SOCKSServer(protocol.Protocol):
         return acl.query_resource_access(self.info, resource, privilege)
 
     def _bind(self, request: codec.Request) -> None:
-        """KumoMTA's egress source: BIND names the local address CONNECT will use."""
+        """
+        KumoMTA's egress source: BIND names the local address (and port, 0 for
+        any) CONNECT will use. Needs C{bind} on C{socks/source/ADDRESS}; a port
+        below 1024 also a rule naming it (L{source_port_named}).
+        """
         if self._source is not None:
             self._refuse(Reply.GENERAL_FAILURE, "a second BIND")
             return
@@ -513,6 +532,12 @@ class SOCKSServer(protocol.Protocol):
             or not acl.query_resource_access(self.info, f"socks/source/{source}", "bind")
         ):
             self._refuse(Reply.NOT_ALLOWED, f"source {source} not allowed")
+            return
+        port = request.port
+        if port in PRIVILEGED_PORTS and not source_port_named(acl, self.info, str(source), port):
+            # A privileged source port (a service's own, or what a peer trusts as
+            # such) needs a grant naming that port; 0 stays "any port".
+            self._refuse(Reply.NOT_ALLOWED, f"source port {port} not allowed")
             return
         if not is_local(source):
             self._refuse(Reply.GENERAL_FAILURE, f"source {source} is not an address of this host")
