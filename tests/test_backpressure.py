@@ -153,7 +153,9 @@ class BackpressureTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.ports = {name: free_port() for name in ("smtp", "smtps", "http", "socks")}
+        self.ports = {
+            name: free_port() for name in ("smtp", "smtps", "http", "https", "socks", "socks-tls")
+        }
         talker = protocol.ServerFactory()
         talker.protocol = _Talker
         talker.connections = set()
@@ -278,32 +280,55 @@ class BackpressureTests(TestCase):
 
     # -- HTTP ------------------------------------------------------------------
 
-    @defer.inlineCallbacks
-    def test_http_pipelined_whoami(self) -> Any:
-        """Twisted's HTTPChannel pauses on a full write buffer: proven here."""
-        request = (
-            b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic "
-            + base64.b64encode(b"daniel:tiger")
-            + b"\r\n\r\n"
-        )
-        sock = yield threads.deferToThread(_connect, self.ports["http"])
-        yield self.check_bounded(sock, request * 512)
+    WHOAMI = (
+        b"GET /whoami HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic "
+        + base64.b64encode(b"daniel:tiger")
+        + b"\r\n\r\n"
+    )
 
+    def http_served(self) -> Any:
         def other() -> bytes:
             with _connect(self.ports["http"]) as s:
-                s.sendall(request.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n"))
+                s.sendall(self.WHOAMI.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nConnection: close\r\n"))
                 return s.recv(12)
 
-        self.assertEqual((yield threads.deferToThread(other)), b"HTTP/1.1 200")
+        return threads.deferToThread(other)
+
+    @defer.inlineCallbacks
+    def test_http_pipelined_whoami(self) -> Any:
+        """
+        Pipelined requests from a client that never reads: Twisted's channel
+        alone kept reading and answering them (GatewayChannel.pauseProducing).
+        """
+        sock = yield threads.deferToThread(_connect, self.ports["http"])
+        yield self.check_bounded(sock, self.WHOAMI * 512)
+        self.assertEqual((yield self.http_served()), b"HTTP/1.1 200")
+
+    @defer.inlineCallbacks
+    def test_https_pipelined_whoami(self) -> Any:
+        def prelude() -> Any:
+            return _client_tls().wrap_socket(_connect(self.ports["https"]))
+
+        sock = yield threads.deferToThread(prelude)
+        yield self.check_bounded(sock, self.WHOAMI * 512)
+        self.assertEqual((yield self.http_served()), b"HTTP/1.1 200")
 
     # -- SOCKS ---------------------------------------------------------------
 
-    @defer.inlineCallbacks
     def test_socks_tunnel_to_a_talker(self) -> Any:
         """The relay pauses the outbound side while the client does not read."""
+        return self.socks_tunnel("socks")
 
-        def handshake() -> socket.socket:
-            sock = _connect(self.ports["socks"])
+    def test_socks_tls_tunnel_to_a_talker(self) -> Any:
+        """The same through the TLS layer (no fast path: Twisted's writes)."""
+        return self.socks_tunnel("socks-tls")
+
+    @defer.inlineCallbacks
+    def socks_tunnel(self, door: str) -> Any:
+        def handshake() -> Any:
+            sock = _connect(self.ports[door])
+            if door == "socks-tls":
+                sock = _client_tls().wrap_socket(sock)
             sock.sendall(b"\x05\x01\x02")
             assert sock.recv(2) == b"\x05\x02"
             sock.sendall(b"\x01\x06daniel\x05tiger")
