@@ -410,21 +410,33 @@ class AccessControlMap:
         object.__setattr__(self, "_exact", exact)
         object.__setattr__(self, "_patterns", {n: tuple(p) for n, p in patterns.items()})
 
-    def _candidates(self, segments: list[str]) -> Iterator[Rule]:
+    def _candidates(self, segments: list[str]) -> Iterator[tuple[tuple[str, ...], Rule]]:
         for depth in range(len(segments), 0, -1):
-            yield from self._exact.get("/".join(segments[:depth]), ())
+            key = tuple(segments[:depth])
+            for rule in self._exact.get("/".join(key), ()):
+                yield key, rule
             for pattern, rules in self._patterns.get(depth, ()):
                 if all(p == "*" or p == s for p, s in zip(pattern, segments)):
-                    yield from rules
+                    for rule in rules:
+                        yield pattern, rule
+
+    def rules_for(self, resource: str) -> Iterator[tuple[tuple[str, ...], Rule]]:
+        """
+        (key as segments, rule) for every rule a query for C{resource} looks
+        at, in query order: for a caller that must know whether a grant was
+        written for this very resource or for a parent of it. A malformed
+        resource name (empty, or with an empty segment) has none.
+        """
+        if _resource_problem(resource):
+            return iter(())
+        return self._candidates(resource.split("/"))
 
     def query_resource_access(self, auth_info: IAuthInfo, resource: str, privilege: str) -> bool:
         """
         See L{IAccessPolicy}. A malformed resource name (empty, or with an
         empty segment) is denied rather than matched against a parent.
         """
-        if _resource_problem(resource):
-            return False
-        for rule in self._candidates(resource.split("/")):
+        for _, rule in self.rules_for(resource):
             if rule.applies(auth_info, privilege):
                 return rule.allow
         return False

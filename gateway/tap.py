@@ -39,6 +39,7 @@ from gateway.authinfo import AuthInfo
 from gateway.checkers import CheckerLoadError, hashes, load_checker
 from gateway.checkers.files import IReloadable
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
+from gateway.connections import Connections, ListenSettings, with_backlog
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
@@ -46,9 +47,10 @@ from gateway.smtp.server import SMTPSettings
 from gateway.smtp.spool import Spool
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSSettings
+from gateway.meta import canonical_host
 from gateway.tls import CertificateError, ensure_certificate
 from gateway.web.guard import HTTPSettings
-from gateway.web.resources import WebApp, canonical_host
+from gateway.web.resources import WebApp, check_acl_keys, upstream_host
 
 log = Logger()
 
@@ -84,6 +86,8 @@ class Core:
     smtp: SMTPSettings
     web: WebApp
     socks: SOCKSSettings
+    #: Connections per peer and the process-wide descriptor budget.
+    connections: Connections = attrs.field(factory=Connections)
 
 
 def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], Any]:
@@ -149,6 +153,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["tls-key", None, None, "PEM private key for --tls-cert (default: inside --tls-cert)."],
         ["groups", None, None, "Group file, Apache htgroup format: 'group: user1 user2'."],
         ["acl", None, None, "ACL file (TOML, KumoMTA [[acl.\"resource\"]] syntax)."],
+        _number("listen-backlog", default_of(ListenSettings, "backlog"),
+                "Accept queue of listeners whose endpoint sets no backlog=.", int),
+        _number("tls-handshake-timeout", default_of(ListenSettings, "handshake_timeout"),
+                "Seconds a client of an implicit-TLS listener has to finish the handshake.",
+                float),
         # The verification pipeline: throttle -> checkers -> cache -> hash pool.
         _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
         _number("hash-queue", default_of(HashPool, "max_pending"),
@@ -186,6 +195,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("smtp-junk-commands", default_of(SMTPSettings, "junk_commands"),
                 "Commands that lead nowhere (NOOP, RSET, HELP, unknown...) allowed before AUTH.",
                 int, zero=True),
+        _number("smtp-max-connections-per-peer",
+                default_of(SMTPSettings, "max_connections_per_peer"),
+                "Connections per client address (IPv6 /64) on --smtp and --smtps together.", int),
         ["smtp-mechanisms", None, ",".join(default_of(SMTPSettings, "mechanisms")),
          "SASL mechanisms offered, in order (built-in PLAIN, LOGIN and any --smtp-mechanism)."],
         # HTTP.
@@ -202,6 +214,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Largest request body passed to the upstream.", int),
         _number("http-timeout", default_of(HTTPSettings, "timeout"),
                 "Idle seconds before an HTTP connection is closed.", float),
+        _number("http-max-connections-per-peer",
+                default_of(HTTPSettings, "max_connections_per_peer"),
+                "Connections per client address (IPv6 /64) on --http and --https together.", int),
         # SOCKS5.
         ["socks-auth", None, "required" if default_of(SOCKSSettings, "auth_required") else "optional",
          "required: clients must log in (RFC 1929); optional: no-authentication is accepted too."],
@@ -213,7 +228,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Seconds without a byte either way before a tunnel is closed (0: never).",
                 float, zero=True),
         _number("socks-max-sessions-per-peer", default_of(SOCKSSettings, "max_sessions_per_peer"),
-                "Concurrent SOCKS sessions per client address.", int),
+                "Concurrent SOCKS sessions per client address (IPv6 /64).", int),
         _number("socks-max-sessions-per-user", default_of(SOCKSSettings, "max_sessions_per_user"),
                 "Concurrent SOCKS sessions per user.", int),
         _number("socks-max-pending-logins", default_of(SOCKSSettings, "max_pending_logins"),
@@ -230,6 +245,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "Accept Basic and Bearer credentials over plain HTTP from peers other than loopback."],
         ["http-forward-authorization", None,
          "Pass the client's Authorization header to the upstream (dropped by default)."],
+        ["http-case-sensitive-paths", None,
+         "Match HTTP paths in the ACL with regard to case (by default they are lower-cased)."],
+        ["http-keep-method-override", None,
+         "Pass X-HTTP-Method-Override and kin upstream; the ACL then checks their methods too."],
     ]
 
     compData = usage.Completions(
@@ -310,12 +329,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def opt_http_host(self, name: str) -> None:
         """
-        A Host name the reverse proxy serves (repeatable); other Hosts get 421
-        and ACL resources use the Host. Without any, they use the upstream's host.
+        A Host name the reverse proxy and /auth serve (repeatable); other Hosts
+        get 421 (/auth: 403) and ACL resources use the Host. Without any, they
+        use the upstream's host.
         """
         host = canonical_host(name)
         if host is None:
-            raise usage.UsageError(f"--http-host {name!r}: not a host name")
+            raise usage.UsageError(
+                f"--http-host {name!r}: not a host name or IP literal (IPv6 in brackets)"
+            )
         self.setdefault("httpHosts", []).append(host)
 
     def opt_http_trusted_proxy(self, cidr: str) -> None:
@@ -360,6 +382,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 check_upstream(upstream)
             except ValueError as e:
                 raise usage.UsageError(f"--http-upstream: {e}") from None
+            if not self.get("httpHosts") and upstream_host(upstream) is None:
+                raise usage.UsageError(
+                    "--http-upstream: its host is not a DNS name or IP literal, so it cannot"
+                    " name ACL resources; give --http-host NAME for the names clients use"
+                )
         if self["http-upstream-ca"]:
             _check_readable("--http-upstream-ca", self["http-upstream-ca"])
         return HTTPSettings(
@@ -374,6 +401,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             upstream_timeout=self["http-upstream-timeout"],
             forward_authorization=bool(self["http-forward-authorization"]),
             upstream_ca=self["http-upstream-ca"],
+            max_connections_per_peer=self["http-max-connections-per-peer"],
+            case_sensitive_paths=bool(self["http-case-sensitive-paths"]),
+            keep_method_override=bool(self["http-keep-method-override"]),
         )
 
     def _smtp_settings(self) -> SMTPSettings:
@@ -396,6 +426,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             sender_binding=bool(self["smtp-sender-binding"]),
             auth_deadline=self["smtp-auth-deadline"],
             junk_commands=self["smtp-junk-commands"],
+            max_connections_per_peer=self["smtp-max-connections-per-peer"],
         )
 
     def opt_checker(self, name: str) -> None:
@@ -420,10 +451,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if description.lower() == "none":
                 continue
             try:
-                endpoints.serverFromString(None, description)
+                endpoints.serverFromString(None, with_backlog(description, self["listen-backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
             self["endpoints"][name] = description
+        self["listenSettings"] = ListenSettings(
+            backlog=self["listen-backlog"], handshake_timeout=self["tls-handshake-timeout"]
+        )
 
         if not self["credCheckers"]:
             raise usage.UsageError(
@@ -444,6 +478,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         try:
             self["policy"] = load_acl_file(self["acl"]) if self["acl"] else AllowAuthenticated()
         except ConfigError as e:
+            raise usage.UsageError(f"--acl: {e}") from None
+        try:
+            check_acl_keys(self["policy"], self["httpSettings"].case_sensitive_paths)
+        except ValueError as e:
             raise usage.UsageError(f"--acl: {e}") from None
 
         # Only now, with every option valid, write to the disk.
@@ -491,7 +529,14 @@ class GatewayService(service.MultiService):
         self.core = core
         self.listeners = listeners
 
+    def privilegedStartService(self) -> None:
+        # Before the listeners (twistd listens here): the budget must be known
+        # at the first accept.
+        self.core.connections.start()
+        super().privilegedStartService()
+
     def startService(self) -> None:
+        self.core.connections.start()  # when started without twistd
         super().startService()
         log.info(
             "authgateway started: data dir {data_dir}, listeners {listeners}",
@@ -551,6 +596,7 @@ def build_core(options: Options, reactor: Any) -> Core:
         smtp=options["smtpSettings"],
         web=web,
         socks=options["socksSettings"],
+        connections=Connections(options["listenSettings"]),
     )
 
 
@@ -565,6 +611,7 @@ def _upstream_proxy(settings: HTTPSettings, reactor: Any) -> Any:
         timeout=settings.upstream_timeout,
         forward_authorization=settings.forward_authorization,
         ca_file=settings.upstream_ca,
+        keep_method_override=settings.keep_method_override,
     )
 
 
@@ -582,7 +629,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         if builder is None:
             log.info("the {name} front door is not built yet: --{name} not started", name=name)
             continue
-        endpoint = endpoints.serverFromString(reactor, description)
+        endpoint = endpoints.serverFromString(
+            reactor, with_backlog(description, options["listen-backlog"])
+        )
+        if description.lower().startswith("haproxy:"):
+            core.connections.behind_proxy.add(name)  # the peer at accept is the proxy
         door = namedAny(builder)(core, endpoint, name)
         door.setServiceParent(top)
         started.append(f"{name}={description}")

@@ -85,7 +85,8 @@ class BindTests(GatewayMixin, TestCase):
         ])
         self.service = tap.makeService(options, reactor=reactor)
         [door] = [s for s in self.service if isinstance(s, StreamServerEndpointService)]
-        self.socks_factory = door.factory
+        self.socks_limit = door.factory.limit  # the per-peer cap around the SOCKS factory
+        self.socks_factory = door.factory.wrappedFactory
         self.service.startService()
         self.addCleanup(self.service.stopService)
         self.addCleanup(self.quiet)

@@ -147,7 +147,8 @@ class GatewayMixin:
         options.parseOptions(arguments)
         self.service = tap.makeService(options, reactor=reactor)
         [door] = [s for s in self.service if isinstance(s, StreamServerEndpointService)]
-        self.socks_factory = door.factory
+        self.socks_limit = door.factory.limit
+        self.socks_factory = door.factory.wrappedFactory
         self.service.startService()
         self.addCleanup(self.service.stopService)
         # Runs first (cleanups are LIFO): no session left before the listeners stop.
@@ -157,11 +158,11 @@ class GatewayMixin:
     def quiet(self, timeout: float = 10):
         """Wait until every SOCKS session, outbound and local server connection has closed."""
         end = time.monotonic() + timeout
-        factory = self.socks_factory
-        while factory.per_peer or factory.outbound_open or any(w.protocols for w in self.wrappers):
+        factory, sessions = self.socks_factory, self.socks_limit.counts
+        while sessions or factory.outbound_open or any(w.protocols for w in self.wrappers):
             if time.monotonic() > end:
                 raise AssertionError(
-                    f"still open after {timeout} s: sessions {dict(factory.per_peer)}, "
+                    f"still open after {timeout} s: sessions {dict(sessions)}, "
                     f"outbound {factory.outbound_open}, "
                     f"server connections {[len(w.protocols) for w in self.wrappers]}"
                 )

@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides, implementer
 
+from gateway.connections import Connections, LimitedFactory
 from gateway.checkers.functions import CallableChecker
 from gateway.realm import Realm, make_portal
 from gateway.socks.rules import AllowRule
@@ -111,6 +112,12 @@ class SOCKSTestCase(SynchronousTestCase):
         realm = Realm(groups=groups) if groups is not None else Realm()
         portal = make_portal(realm, checkers if checkers is not None else [users()])
         self.factory = SOCKSFactory(portal, acl, SOCKSSettings(**settings), self.reactor)
+
+    def limited(self, max_per_peer):
+        """The factory as build_socks listens with it: sessions per peer capped."""
+        self.factory = LimitedFactory(
+            self.factory, Connections().door("socks", max_per_peer), self.reactor
+        )
 
     def connect(self, peer="192.0.2.10"):
         proto = self.factory.buildProtocol(IPv4Address("TCP", peer, 50000))
@@ -562,7 +569,8 @@ class RelayTests(SOCKSTestCase):
 
 class BoundsTests(SOCKSTestCase):
     def test_sessions_per_peer(self):
-        self.make(max_sessions_per_peer=2)
+        self.make()
+        self.limited(2)
         self.connect()
         self.connect()
         self.assertIsNone(self.factory.buildProtocol(IPv4Address("TCP", "192.0.2.10", 1)))
@@ -678,7 +686,8 @@ class ReviewFixTests(SOCKSTestCase):
 
     def test_peers_counted_by_prefix(self):
         """IPv6 peers count per /64, and a mapped IPv4 peer as itself."""
-        self.make(max_sessions_per_peer=1)
+        self.make()
+        self.limited(1)
         first = self.factory.buildProtocol(IPv6Address("TCP", "2001:db8::1", 1))
         first.makeConnection(HalfCloseTransport(peerAddress=IPv6Address("TCP", "2001:db8::1", 1)))
         self.assertIsNone(self.factory.buildProtocol(IPv6Address("TCP", "2001:db8::2", 1)))

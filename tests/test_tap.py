@@ -219,9 +219,10 @@ class MakeServiceTests(SynchronousTestCase):
         listening = {port: (factory, interface) for port, factory, _, interface in reactor.tcpServers}
         self.assertEqual(sorted(listening), [1080, 2525, 8080])  # default --socks, --smtp, --http
         self.assertEqual({interface for _, interface in listening.values()}, {"127.0.0.1"})
-        self.assertIsInstance(listening[2525][0], SubmissionFactory)
-        self.assertIsInstance(listening[8080][0], GatewaySite)
-        self.assertIsInstance(listening[1080][0], SOCKSFactory)
+        inner = {port: factory.wrappedFactory for port, (factory, _) in listening.items()}
+        self.assertIsInstance(inner[2525], SubmissionFactory)
+        self.assertIsInstance(inner[8080], GatewaySite)
+        self.assertIsInstance(inner[1080], SOCKSFactory)
 
 
 class PipelineWiringTests(TestCase):

@@ -32,7 +32,7 @@ from gateway.checkers.pipeline import Throttle
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.web.guard import Guard, HTTPSettings
-from gateway.web.resources import BadTarget, WebApp, parse_target
+from gateway.web.resources import BadTarget, WebApp, forwarded_host, parse_target
 from gateway.web.resources import resource_name as resource_of
 from gateway.web.server import GatewaySite
 from tests.support import FixedChecker
@@ -564,9 +564,10 @@ class BoundsTests(GuardTestCase):
         self.assertTrue(transport.disconnecting)
 
     def test_body_limit_chunked(self):
-        self.make(proxy=FakeUpstream(), upstream="http://up.test", max_upstream_body=100)
+        self.make(proxy=CapturingUpstream(), upstream="http://up.test", max_upstream_body=100)
         channel, transport = self.connect()
-        channel.dataReceived(b"POST /app HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n")
+        channel.dataReceived(b"POST /app HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n"
+                             b"Authorization: " + basic("daniel", "tiger") + b"\r\n\r\n")
         channel.dataReceived(b"64\r\n" + b"x" * 100 + b"\r\n")
         self.assertEqual(transport.value(), b"")
         channel.dataReceived(b"1\r\nx\r\n")
@@ -597,10 +598,10 @@ class BoundsTests(GuardTestCase):
         self.assertTrue(transport.disconnecting or not transport.connected)
 
 
-def resource_name(host, path):
+def resource_name(host, path, case_sensitive=False):
     """The ACL resource of a request target, None when it is refused (400) or the host unusable."""
     try:
-        return resource_of(host, parse_target(path))
+        return resource_of(forwarded_host(host), parse_target(path), case_sensitive)
     except BadTarget:
         return None
 
@@ -614,19 +615,30 @@ class ResourceNameTests(SynchronousTestCase):
             (b"gw.test", b"/a/../../b"): "http/gw.test/b",
             (b"gw.test", b"/%61dmin/%2e%2e/x"): "http/gw.test/x",
             (b"gw.test", b"/a%20b/c"): "http/gw.test/a b/c",
-            (b"[::1]:8080", b"/x"): "http/::1/x",
-            ("bücher.test", b"/"): "http/bücher.test",
+            (b"[::1]:8080", b"/x"): "http/[::1]/x",
+            (b"[0:0::1]", b"/x"): "http/[::1]/x",
+            (b"XN--BCHER-KVA.test", b"/"): "http/xn--bcher-kva.test",
+            (b"gw.test", b"/ADMIN"): "http/gw.test/admin",
+            (b"gw.test", b"/Admin/Users"): "http/gw.test/admin/users",
+            (b"gw.test", b"/%41dmin"): "http/gw.test/admin",
         }
         for (host, path), expected in cases.items():
             self.assertEqual(resource_name(host, path), expected, (host, path))
 
     def test_unusable_host(self):
-        for host in (None, b"", b"a/b", b"[::1", b"x\x00y", b"a b"):
+        for host in (None, b"", b"a/b", b"[::1", b"x\x00y", b"a b", b"::1", b"127.1",
+                     b"0x7f.0.0.1", b"0177.0.0.1", b"a_b.test", b"x:1:2", b"x:", b"x:99999",
+                     b"a%2eb", b"u@x", b"x\\y", b"[fe80::1%25eth0]", b"a..b", b".", b"-a.test",
+                     "bücher.test".encode()):  # a Host is ASCII (RFC 9110 uri-host)
             self.assertIsNone(resource_name(host, b"/"), host)
+
+    def test_case_sensitive(self):
+        self.assertEqual(resource_name(b"GW.test", b"/Admin", case_sensitive=True),
+                         "http/gw.test/Admin")
 
     def test_ambiguous_paths(self):
         for path in (b"/a%2Fb", b"/a%2fb", b"/a%5Cb", b"/a\\b", b"/admin;x", b"/a#b", b"//admin/x",
-                     b"admin", b"http://x/admin"):
+                     b"admin", b"http://x/admin", b"/%ff", b"/adm%c3in"):
             self.assertIsNone(resource_name(b"gw.test", path), path)
 
     def test_forwarded_target(self):
@@ -753,12 +765,14 @@ class StreamingTests(GuardTestCase):
         self.assertEqual(b"".join(consumer.chunks), b"x" * 1000)
         self.assertEqual(transport.producerState, "producing")
 
-    def test_refused_takes_the_usual_path(self):
+    def test_refused_before_the_body(self):
+        """Issue 11 item 5: a refused upload is answered at once, its body never read."""
         channel, transport = self.head(auth=basic("daniel", "lion"))
         self.assertEqual(self.upstream.calls, [])
-        self.assertEqual(transport.value(), b"")  # answered once the body is in
-        channel.dataReceived(b"z" * 200000)
-        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 401 "), transport.value())
+        self.assertTrue(transport.disconnecting)  # a real transport stops reading now
+        channel.dataReceived(b"z" * 200000)  # already in flight: dropped
+        self.assertEqual(transport.value().count(b"HTTP/1.1 "), 1)
 
     def test_answer_before_the_body_closes(self):
         """An answer before the whole body: the rest must never be read as a request."""
@@ -788,14 +802,17 @@ class StreamingTests(GuardTestCase):
         self.assertEqual(out.count(b"100 Continue"), 1)
         self.assertTrue(transport.disconnecting)  # the body never came: not a next request
 
-    def test_chunked_get_not_streamed(self):
+    def test_chunked_get_decided_early(self):
+        """Any chunked body is decided before it is read, whatever the method."""
         channel, transport = self.connect()
         channel.dataReceived(b"GET /f HTTP/1.1\r\nHost: up.test\r\nAuthorization: "
                              + basic("daniel", "tiger") + b"\r\nTransfer-Encoding: chunked\r\n\r\n")
-        self.assertEqual(self.upstream.calls, [])
-        channel.dataReceived(b"0\r\n\r\n")
         [(request, body)] = self.upstream.calls
-        self.assertIsNone(body)
+        consumer = ListConsumer()
+        finished = body.startProducing(consumer)
+        channel.dataReceived(b"0\r\n\r\n")
+        self.successResultOf(finished)
+        self.assertEqual(consumer.chunks, [])
 
     def test_decision_error_closes(self):
         """A failure before the body is in answers 500 and never reads the rest as a request."""

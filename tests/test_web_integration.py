@@ -300,7 +300,7 @@ http {{
 
     server {{
         listen 127.0.0.1:{port};
-        server_name localhost;
+        server_name app.example.com;
 
         location / {{
             auth_request /_auth;
@@ -318,7 +318,7 @@ http {{
             proxy_pass http://127.0.0.1:{gateway}/auth;
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URL $scheme://$http_host$request_uri;
+            proxy_set_header X-Original-URL {original_url};
             proxy_set_header X-Original-Method $request_method;
             proxy_set_header X-Forwarded-For $remote_addr;
         }}
@@ -326,15 +326,18 @@ http {{
 }}
 """
 
+#: The README's X-Original-URL: the server_name nginx matched, never the client's Host.
+README_ORIGINAL_URL = "$scheme://$server_name$request_uri"
+
 ACL = """\
-[[acl."http/127.0.0.1/secret"]]
+[[acl."http/app.example.com/secret"]]
 allow = false
 privileges = ["*"]
 identity.Individual = "daniel"
 
 [[acl."http"]]
 allow = true
-privileges = ["*"]
+privileges = ["get", "head", "post"]
 identity.Authenticated = {}
 """
 
@@ -353,7 +356,7 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
         with open(acl, "w") as f:
             f.write(ACL)
         self.start("--auth", f"htpasswd:{users}", "--acl", acl,
-                   "--http-trusted-proxy", "127.0.0.1/32")
+                   "--http-trusted-proxy", "127.0.0.1/32", "--http-host", "app.example.com")
 
         self.upstream = EchoHeaders()
         site = server.Site(self.upstream)
@@ -364,13 +367,13 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
         return self.start_nginx()
 
     @defer.inlineCallbacks
-    def start_nginx(self):
+    def start_nginx(self, original_url: str = README_ORIGINAL_URL):
         tmp = os.path.abspath(self.mktemp())
         os.makedirs(tmp)
         self.nginx_port = free_port()
         conf = os.path.join(tmp, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(tmp=tmp, port=self.nginx_port,
+            f.write(NGINX_CONF.format(tmp=tmp, port=self.nginx_port, original_url=original_url,
                                       upstream=self.upstream_port, gateway=self.http_port))
         self.nginx_error_log = os.path.join(tmp, "error.log")
         proc = subprocess.Popen(
@@ -475,6 +478,62 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
         ]
         # Header values travel as bytes: nginx passes the gateway's UTF-8 through.
         self.assertEqual(users, ["daniel", "jürgen".encode().decode("latin-1")])
+
+    def refused(self, *args: str):
+        return threads.deferToThread(curl, "--path-as-is", "-u", "daniel:tiger", *args)
+
+    @defer.inlineCallbacks
+    def test_host_cannot_pick_the_rules(self):
+        """
+        Issue 11 item 1: the client's Host (or an absolute-form target) must
+        not choose which host's rules apply; nor may other spellings of the
+        path (item 2: case, which Express ignores).
+        """
+        attempts = [
+            ("-H", "Host: x", "--request-target", "http://app.example.com/secret"),
+            ("-H", "Host: x", "--request-target", "/secret"),
+            ("--request-target", "http://x/secret"),
+            ("--request-target", "http://APP.example.com./secret"),
+            ("--request-target", "/SECRET"),
+            ("--request-target", "/Secret/x"),
+            ("--request-target", "/%53ecret"),
+        ]
+        for args in attempts:
+            response = yield self.refused(*args, self.url("/"))
+            self.assertEqual(response.status, 403, (args, response, self.error_log()))
+        # Parsers disagree on a query right after the authority: refused
+        # (/auth answers 400, which nginx turns into a 500), never let through.
+        response = yield self.refused("--request-target", "http://app.example.com?/secret",
+                                      self.url("/"))
+        self.assertEqual(response.status, 500, response)
+        self.assertEqual(self.upstream.seen, [])
+
+    @defer.inlineCallbacks
+    def test_method_override_checked(self):
+        """
+        Issue 11 item 2: nginx hands the client's headers to /auth and the
+        upstream may obey X-HTTP-Method-Override: the ACL must grant it too.
+        """
+        for name in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"):
+            response = yield self.refused("-X", "POST", "-H", f"{name}: DELETE",
+                                          self.url("/public"))
+            self.assertEqual(response.status, 403, (name, response))
+        self.assertEqual(self.upstream.seen, [])
+        response = yield self.refused("-X", "POST", self.url("/public"))
+        self.assertEqual(response.status, 200, response)
+
+    @defer.inlineCallbacks
+    def test_old_snippet_host_not_served(self):
+        """
+        With the old snippet's $http_host, --http-host still stops a Host the
+        gateway does not serve from picking the rules.
+        """
+        yield self.start_nginx("$scheme://$http_host$request_uri")
+        response = yield self.refused("-H", "Host: x", self.url("/secret"))
+        self.assertEqual(response.status, 403, response)
+        response = yield self.refused("-H", "Host: app.example.com:1:2", self.url("/secret"))
+        self.assertEqual(response.status, 500, response)  # /auth: 400
+        self.assertEqual(self.upstream.seen, [])
 
 
 class CountingUpstream(protocol.Protocol):

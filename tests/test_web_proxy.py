@@ -43,6 +43,7 @@ from zope.interface import directlyProvides, implementer
 from gateway.meta import ConnectionMeta
 from gateway.web.proxy import (
     IDENTITY_HEADERS,
+    METHOD_OVERRIDE_HEADERS,
     UpstreamProxy,
     _origin_form,
     normalise_header_name,
@@ -140,16 +141,19 @@ class ProxyResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, proxy, identity="daniel", groups=("staff",), meta=None):
+    def __init__(self, proxy, identity="daniel", groups=("staff",), meta=None, host=None):
         super().__init__()
         self.proxy = proxy
         self.identity = identity
         self.groups = list(groups)
         self.meta = meta  # as the guard sets it: the client seen through a trusted proxy
+        self.host = host  # as the guard sets it: a --http-host name the ACL used
 
     def render(self, request):
         if self.meta is not None:
             request.gateway_meta, request.gateway_via_proxy = self.meta, True
+        if self.host is not None:
+            request.gateway_host = self.host
         return self.proxy.render(request, self.identity, self.groups)
 
 
@@ -210,12 +214,13 @@ class ProxyMixin:
 
     upstream = "http://upstream.test:8080/app"
 
-    def serve(self, identity="daniel", groups=("staff",), secure=False, meta=None, **kwargs):
+    def serve(self, identity="daniel", groups=("staff",), secure=False, meta=None, host=None,
+              **kwargs):
         self.clock = MemoryReactorClock()
         self.agent = FakeAgent()
         kwargs.setdefault("timeout", 10)
         self.proxy = UpstreamProxy(self.upstream, self.clock, agent=self.agent, **kwargs)
-        self.site = Site(ProxyResource(self.proxy, identity, groups, meta), reactor=self.clock)
+        self.site = Site(ProxyResource(self.proxy, identity, groups, meta, host), reactor=self.clock)
         self.transport = StringTransport(
             hostAddress=IPv4Address("TCP", "192.0.2.1", 443 if secure else 80),
             peerAddress=IPv4Address("TCP", "198.51.100.7", 50123),
@@ -402,8 +407,41 @@ class UpstreamRequestTests(ProxyMixin, TestCase):
         # From a client (not a trusted proxy): its X-Forwarded-* are not believed.
         self.assertEqual(call.header(b"x-forwarded-for"), [b"198.51.100.7"])
         self.assertEqual(call.header(b"x-forwarded-proto"), [b"http"])
-        self.assertEqual(call.header(b"x-forwarded-host"), [b"gateway.test"])
         self.assertEqual(call.header(b"x-real-ip"), [b"198.51.100.7"])
+        # No host was checked (no --http-host): none is vouched for.
+        self.assertIsNone(call.header(b"x-forwarded-host"))
+        self.assertIsNone(call.header(b"x_forwarded_host"))
+
+    def test_forwarded_host_is_the_checked_host(self):
+        """
+        Issue 11 item 9: the upstream builds links (password resets) from
+        X-Forwarded-Host, so it gets the canonical host the ACL used, never
+        the client's Host or X-Forwarded-Host.
+        """
+        self.serve(host="app.example.com")
+        call = self.send(headers=[(b"X-Forwarded-Host", b"evil.example/reset?"),
+                                  (b"x.forwarded.host", b"evil.example"),
+                                  (b"X-Forwarded-Host", b"app.example.com, evil.example")])
+        self.assertEqual(call.header(b"x-forwarded-host"), [b"app.example.com"])
+        names = [normalise_header_name(n) for n, _ in call.headers.getAllRawHeaders()]
+        self.assertEqual(names.count(b"x-forwarded-host"), 1)
+
+    def test_method_override_stripped(self):
+        """Issue 11 item 2: the upstream must not act on a method the ACL did not check."""
+        spellings = [b"X-HTTP-Method-Override", b"x_http_method_override", b"X-HTTP-Method",
+                     b"X-Method-Override", b"x.method.override", b"X_HTTP_METHOD"]
+        call = self.send(b"POST", b"/x", body=b"a",
+                         headers=[(name, b"DELETE") for name in spellings])
+        self.assertEqual(call.method, b"POST")
+        for name, values in call.headers.getAllRawHeaders():
+            self.assertNotIn(normalise_header_name(name), METHOD_OVERRIDE_HEADERS, name)
+            self.assertNotIn(b"DELETE", values, name)
+
+    def test_method_override_kept_when_asked(self):
+        self.serve(keep_method_override=True)
+        call = self.send(b"POST", b"/x", body=b"a",
+                         headers=[(b"X-HTTP-Method-Override", b"DELETE")])
+        self.assertEqual(call.header(b"x-http-method-override"), [b"DELETE"])
 
     def test_forwarded_headers_via_trusted_proxy(self):
         """Behind a trusted proxy: its chain is kept, the client and scheme come from the guard."""
@@ -824,7 +862,7 @@ class LoopbackTests(TestCase):
         self.assertEqual(sorted(identity), [("remote-groups", "staff"), ("remote-user", "daniel")])
         self.assertNotIn("authorization", dict(headers))
         self.assertEqual(dict(headers)["x-forwarded-for"], "127.0.0.1")
-        self.assertEqual(dict(headers)["x-forwarded-host"], self.proxy_url[len("http://"):])
+        self.assertNotIn("x-forwarded-host", dict(headers))  # no checked host to vouch for
         self.assertEqual(seen["uri"], "/base/who?x=1")
 
     @defer.inlineCallbacks

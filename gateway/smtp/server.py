@@ -24,13 +24,13 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.aaa import IAccessPolicy
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.checkers.pipeline import Reject, TemporaryFailure
+from gateway.connections import Refused, limit_connections
 from gateway.meta import ConnectionMeta, in_networks
 from gateway.realm import login
 from gateway.smtp import sasl
@@ -78,6 +78,8 @@ class SMTPSettings:
     #: repeated EHLO, a failed STARTTLS or AUTH exchange...) allowed before it
     #: (Postfix's smtpd_junk_command_limit), for a peer that needs AUTH.
     junk_commands: int = 20
+    #: Connections one peer (IPv6 by /64) may hold on --smtp and --smtps together.
+    max_connections_per_peer: int = 50
 
 
 class SubmissionFactory(protocol.ServerFactory):
@@ -898,11 +900,23 @@ class _ParameterError(Exception):
         self.code, self.enhanced, self.text = code, enhanced, text
 
 
+#: The refusals of a connection over a bound (gateway.connections).
+_REFUSALS = {
+    Refused.PEER: b"421 4.7.0 Too many connections from your address\r\n",
+    Refused.BUSY: b"421 4.3.2 Too many connections, try again later\r\n",
+}
+
+
 def build_smtp(core: Any, endpoint: Any, listener: str) -> internet.StreamServerEndpointService:
-    """The C{--smtp} (STARTTLS) and C{--smtps} (implicit TLS) listeners."""
+    """
+    The C{--smtp} (STARTTLS) and C{--smtps} (implicit TLS) listeners: one
+    connection cap per peer for both (trusted networks exempt); a peer over
+    it gets C{421 4.7.0} on C{--smtp}, and is closed before the handshake
+    on C{--smtps}.
+    """
     implicit = listener == "smtps"
     tls = core.certificate.options()
-    factory: protocol.Factory = SubmissionFactory(
+    factory = SubmissionFactory(
         core.portal,
         core.policy,
         core.spool,
@@ -911,9 +925,18 @@ def build_smtp(core: Any, endpoint: Any, listener: str) -> internet.StreamServer
         tls=None if implicit else tls,
         implicit_tls=implicit,
     )
-    if implicit:
-        factory = TLSMemoryBIOFactory(tls, False, factory)
-    return internet.StreamServerEndpointService(endpoint, factory)
+    limited = limit_connections(
+        core,
+        factory,
+        "smtp",
+        listener,
+        core.smtp.max_connections_per_peer,
+        weight=2,  # the socket and, during DATA, a spool file
+        exempt=core.smtp.trusted_networks,
+        refusals=_REFUSALS,
+        tls=tls if implicit else None,
+    )
+    return internet.StreamServerEndpointService(endpoint, limited)
 
 
 __all__ = [

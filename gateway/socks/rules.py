@@ -366,9 +366,8 @@ def source_port_named(acl: Any, auth_info: Any, address: str, port: int) -> bool
     """
     Whether the ACL grants C{bind} on C{socks/source/ADDRESS/PORT} through a
     rule whose key names PORT (C{socks/source/ADDRESS/PORT}, or C{*} in place
-    of the address or another segment, never of the port). Keys are taken in
-    the ACL's own order (the exact key, then C{*} keys in file order); the
-    first rule that applies decides, and the ordinary walk must agree.
+    of the address, never of the port): the first such rule that applies
+    decides, and the ordinary query must agree.
 
     A parent grant (C{socks/source/ADDRESS}, C{socks}) or a C{*} port does not
     count: privileged ports are never opened by a grant written for
@@ -380,18 +379,8 @@ def source_port_named(acl: Any, auth_info: Any, address: str, port: int) -> bool
     resource = f"socks/source/{address}/{port}"
     if not acl.query_resource_access(auth_info, resource, "bind"):
         return False
-    segments = resource.split("/")
-    exact = acl.acl.get(resource, ())
-    patterns = [
-        rules
-        for key, rules in acl.acl.items()
-        if "*" in (parts := key.split("/"))
-        and len(parts) == len(segments)
-        and parts[-1] == segments[-1]
-        and all(p in ("*", s) for p, s in zip(parts, segments))
-    ]
-    for rules in (exact, *patterns):
-        for rule in rules:
-            if rule.applies(auth_info, "bind"):
-                return bool(rule.allow)
+    depth = resource.count("/") + 1
+    for key, rule in acl.rules_for(resource):
+        if len(key) == depth and key[-1] == str(port) and rule.applies(auth_info, "bind"):
+            return bool(rule.allow)
     return False

@@ -34,12 +34,12 @@ from twisted.application import internet
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, endpoints, error, interfaces, protocol, tcp
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.checkers.pipeline import peer_key
+from gateway.connections import limit_connections
 from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta, normalize_ip
 from gateway.realm import login
@@ -201,7 +201,8 @@ def _half_close(transport: Any) -> None:
 class SOCKSFactory(protocol.ServerFactory):
     """
     Shares the core between sessions and keeps the counts the bounds need:
-    sessions per peer (IPv6 by /64) and per user, logins in flight.
+    sessions per user, logins in flight, outbound connections. Sessions per
+    peer are capped by the L{gateway.connections.LimitedFactory} around it.
 
     @param acl: the C{--acl} policy, or None without one (then the
         destination rules alone decide, also for unauthenticated sessions
@@ -222,18 +223,14 @@ class SOCKSFactory(protocol.ServerFactory):
         self.reactor = reactor
         self.listener = listener
         self.rules = DestinationRules(settings.allow)
-        self.per_peer: Counter[str] = Counter()
         self.per_user: Counter[str] = Counter()
         self.pending_logins = 0
         #: Outbound connections open (a client's may outlive it while it drains).
         self.outbound_open = 0
 
-    def buildProtocol(self, addr: Any) -> SOCKSServer | None:
-        key = peer_key(normalize_ip(getattr(addr, "host", None))) or "?"
-        if self.per_peer[key] >= self.settings.max_sessions_per_peer:
-            log.warn("socks: refused a connection from {peer}: too many sessions", peer=key)
-            return None
-        proto = SOCKSServer(self, key)
+    def buildProtocol(self, addr: Any) -> SOCKSServer:
+        # Sessions per peer are capped around this factory (gateway.connections).
+        proto = SOCKSServer(self, peer_key(normalize_ip(getattr(addr, "host", None))) or "?")
         proto.factory = self
         return proto
 
@@ -277,7 +274,6 @@ class SOCKSServer(protocol.Protocol):
     def connectionMade(self) -> None:
         self.meta = ConnectionMeta.from_transport("socks", self.transport, self.factory.listener)
         self.peer = self.meta.peer_address or "?"
-        self.factory.per_peer[self.peer_key] += 1
         self.started = self.reactor.seconds()
         self._start_timer(self.settings.negotiation_timeout, self._negotiation_expired)
 
@@ -289,7 +285,6 @@ class SOCKSServer(protocol.Protocol):
         if self._pending is not None:
             self._pending.cancel()
         factory = self.factory
-        factory.release(factory.per_peer, self.peer_key)
         if self._counted_user is not None:
             factory.release(factory.per_user, self._counted_user)
         if self.outbound is not None:
@@ -727,11 +722,22 @@ class _OutboundFactory(protocol.Factory):
 
 
 def build_socks(core: Any, endpoint: Any, listener: str) -> internet.StreamServerEndpointService:
-    """The C{--socks} (plain) and C{--socks-tls} (TLS with the gateway's certificate) listeners."""
-    factory: Any = SOCKSFactory(core.portal, core.acl, core.socks, core.reactor, listener)
-    if listener == "socks-tls":
-        factory = TLSMemoryBIOFactory(core.certificate.options(), False, factory)
-    return internet.StreamServerEndpointService(endpoint, factory)
+    """
+    The C{--socks} (plain) and C{--socks-tls} (TLS with the gateway's
+    certificate) listeners; one session cap per peer for both, a peer over
+    it is closed (before the handshake under TLS).
+    """
+    factory = SOCKSFactory(core.portal, core.acl, core.socks, core.reactor, listener)
+    core.connections.add_source(lambda: factory.outbound_open)
+    limited = limit_connections(
+        core,
+        factory,
+        "socks",
+        listener,
+        core.socks.max_sessions_per_peer,
+        tls=core.certificate.options() if listener == "socks-tls" else None,
+    )
+    return internet.StreamServerEndpointService(endpoint, limited)
 
 
 __all__ = ["SOCKSFactory", "SOCKSServer", "SOCKSSettings", "build_socks", "resolve"]

@@ -56,7 +56,8 @@ class HTTPSettings:
     realm: str = "authgateway"
     #: Accept credentials over plain HTTP from peers other than loopback.
     insecure_auth: bool = False
-    #: The Host names the reverse proxy serves (others: 421); with none, any.
+    #: The canonical hosts the reverse proxy and /auth serve (others: 421,
+    #: /auth: 403); with none, any.
     hosts: tuple[str, ...] = ()
     #: Proxies whose X-Forwarded-* / X-Original-* headers are believed.
     trusted_proxies: tuple[Network, ...] = ()
@@ -71,6 +72,13 @@ class HTTPSettings:
     upstream_timeout: float = 60.0
     forward_authorization: bool = False
     upstream_ca: str | None = None
+    #: Connections one peer (IPv6 by /64) may hold on --http and --https
+    #: together; trusted proxies are exempt.
+    max_connections_per_peer: int = 128
+    #: Match the ACL's HTTP paths with regard to case (default: lower-cased).
+    case_sensitive_paths: bool = False
+    #: Pass X-HTTP-Method-Override and kin upstream (the ACL then checks them too).
+    keep_method_override: bool = False
 
 
 class MalformedCredentials(Exception):

@@ -88,6 +88,14 @@ IDENTITY_HEADERS: frozenset[str] = frozenset({
 
 _IDENTITY_HEADER_BYTES = frozenset(name.encode("ascii") for name in IDENTITY_HEADERS)
 
+#: Header names (normalised) with which a client asks frameworks (Express's
+#: method-override, Spring's HiddenHttpMethodFilter kin, Rails, ...) to act
+#: on another method than the one the ACL checked: removed before proxying
+#: unless the operator keeps them (the ACL then checks their methods too).
+METHOD_OVERRIDE_HEADERS: frozenset[bytes] = frozenset({
+    b"x-http-method-override", b"x-http-method", b"x-method-override",
+})
+
 #: Hop-by-hop headers (RFC 9110 section 7.6.1, plus the historical
 #: Proxy-Connection and "Trailers"), lower case.  Never forwarded either way.
 HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset({
@@ -254,6 +262,7 @@ class UpstreamProxy:
         forward_authorization: bool = False,
         agent: IAgent | None = None,
         ca_file: str | None = None,
+        keep_method_override: bool = False,
     ) -> None:
         """
         upstream: 'http://host:port[/prefix]' or 'https://...'.  ValueError
@@ -265,6 +274,9 @@ class UpstreamProxy:
 
         forward_authorization: send the client's Authorization header on;
         by default it is dropped, since it holds the gateway credential.
+
+        keep_method_override: send X-HTTP-Method-Override and kin on (the
+        caller's ACL must then have checked their methods); dropped by default.
 
         agent: injectable IAgent for tests; default an Agent with a persistent
         HTTPConnectionPool, and for https a BrowserLikePolicyForHTTPS
@@ -280,6 +292,7 @@ class UpstreamProxy:
         self._reactor = reactor
         self._timeout = timeout
         self._forward_authorization = forward_authorization
+        self._keep_method_override = keep_method_override
         self._cooperator = task.Cooperator(scheduler=lambda work: reactor.callLater(0, work))
         #: The connection pool of the default agent; L{None} when one was injected.
         self.pool: HTTPConnectionPool | None = None
@@ -334,7 +347,9 @@ class UpstreamProxy:
         """
         The headers to send upstream for C{request}: its own, less hop-by-hop,
         identity, framing and (unless configured) C{Authorization} headers,
-        plus the identity and the C{X-Forwarded-*} set.
+        plus the identity and the C{X-Forwarded-*} set. Method-override
+        headers are dropped unless kept; C{X-Forwarded-Host} is the host the
+        front door checked (C{request.gateway_host}), never the client's.
         """
         if not identity:
             raise ValueError("empty identity; refusing to proxy")
@@ -348,6 +363,8 @@ class UpstreamProxy:
         dropped = set(HOP_BY_HOP_HEADERS | _REPLACED_REQUEST_HEADERS | _IDENTITY_HEADER_BYTES)
         if not self._forward_authorization:
             dropped.add(b"authorization")
+        if not self._keep_method_override:
+            dropped.update(METHOD_OVERRIDE_HEADERS)
         for value in inbound.getRawHeaders(b"connection", []):
             dropped.update(normalise_header_name(n) for n in value.split(b",") if n.strip())
 
@@ -379,9 +396,11 @@ class UpstreamProxy:
             out.setRawHeaders(b"X-Forwarded-For", [b", ".join(forwarded_for)])
         secure = meta.tls if meta is not None else request.isSecure()
         out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if secure else b"http"])
-        host = inbound.getRawHeaders(b"host")
+        # Only a host the front door checked (a --http-host name, canonical):
+        # applications build absolute links (password resets) from it.
+        host = getattr(request, "gateway_host", None)
         if host:
-            out.setRawHeaders(b"X-Forwarded-Host", [host[-1]])
+            out.setRawHeaders(b"X-Forwarded-Host", [host.encode("ascii")])
         return out
 
     def _body(self, request: Any) -> IBodyProducer | None:

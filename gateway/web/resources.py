@@ -9,13 +9,18 @@ realm builds for a session's AuthInfo.
 - anything else: the reverse proxy to C{--http-upstream}, or 404 without one.
 
 Access to paths is the ACL's: resource C{http/HOST/SEGMENT/...}, privilege
-the lower-case method (C{get}, C{post}, ...). The path is percent-decoded
-and its dot segments resolved, and the proxy forwards exactly the segments
-the ACL saw; a target the two could read differently (an encoded C{/} or
-C{\\}, a C{;} path parameter, a fragment) is refused with 400. HOST is the
-forwarded host for C{/auth}; for the reverse proxy it is the request's Host
-when C{--http-host} lists it (another Host gets 421), else the upstream's
-host name: with one upstream, a client-chosen Host must not pick the rules.
+the lower-case method (C{get}, C{post}, ...) and any method override. The
+path is percent-decoded, its dot segments resolved and (unless
+C{--http-case-sensitive-paths}) lower-cased, and the proxy forwards exactly
+the segments the ACL saw; a target the two could read differently (an
+encoded C{/} or C{\\}, a C{;} path parameter, a fragment) is refused with
+400. HOST is canonical (L{gateway.meta.parse_host}), read strictly from
+C{X-Original-URL}, C{X-Forwarded-Host} or Host (anything ambiguous: 400).
+For C{/auth} it is the forwarded host, which must be one C{--http-host}
+lists when any is (else 403); for the reverse proxy it is the request's
+Host when C{--http-host} lists it (another Host gets 421), else the
+upstream's host name: with one upstream, a client-chosen Host must not pick
+the rules.
 """
 
 from __future__ import annotations
@@ -23,14 +28,20 @@ from __future__ import annotations
 import json
 import re
 import urllib.parse
+from collections.abc import Iterable
 from typing import Any
 
 import attrs
+from twisted.logger import Logger
 from twisted.web import resource, server
 
 from gateway.aaa import IAccessPolicy
 from gateway.authinfo import AuthInfo
+from gateway.meta import BadHost, canonical_host, split_authority
 from gateway.web.guard import HTTPSettings, header, quoted_string, refusal
+from gateway.web.proxy import METHOD_OVERRIDE_HEADERS, normalise_header_name
+
+log = Logger()
 
 #: The gateway's own paths; everything else goes to the upstream.
 WHOAMI, AUTH = b"whoami", b"auth"
@@ -42,6 +53,8 @@ _TRAEFIK = (b"x-forwarded-uri", b"x-forwarded-method", b"x-forwarded-host")
 #: In a path: encoded separators, backslashes and path parameters, which
 #: upstreams read in ways the ACL cannot follow.
 _AMBIGUOUS = re.compile(rb"%2f|%5c|\\|;", re.IGNORECASE)
+#: An HTTP method (RFC 9110 token).
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
 
 
 class BadTarget(ValueError):
@@ -61,7 +74,8 @@ def parse_target(target: bytes) -> Target:
     """
     An origin-form target (C{/path?query}), its dot segments resolved.
 
-    @raise BadTarget: not origin form, a fragment, or an ambiguous path.
+    @raise BadTarget: not origin form, a fragment, or an ambiguous path
+        (an encoded separator, a path parameter, bytes that are not UTF-8).
     """
     if not target.startswith(b"/") or target.startswith(b"//"):
         raise BadTarget("the request target must be a path")
@@ -73,7 +87,10 @@ def parse_target(target: bytes) -> Target:
     raw: list[bytes] = []
     segments: list[str] = []
     for part in path.split(b"/")[1:]:
-        decoded = urllib.parse.unquote_to_bytes(part).decode("utf-8", "replace")
+        try:
+            decoded = urllib.parse.unquote_to_bytes(part).decode("utf-8")
+        except UnicodeDecodeError:  # "%ff" and "%fe" would both read as U+FFFD
+            raise BadTarget("a path that is not UTF-8 once percent-decoded") from None
         if decoded in ("", "."):
             continue
         if decoded == "..":
@@ -88,30 +105,115 @@ def parse_target(target: bytes) -> Target:
     return Target(tuple(segments), forwarded)
 
 
-def canonical_host(host: str | bytes | None) -> str | None:
-    """A Host value in lower case without port or final dot, or None when unusable."""
-    if isinstance(host, bytes):
-        host = host.decode("latin-1")
-    host = (host or "").strip().lower()
-    if host.startswith("["):  # [v6]:port
-        host = host[1 : host.find("]")] if "]" in host else ""
-    elif host.count(":") == 1:
-        host = host.split(":", 1)[0]
-    host = host.rstrip(".")
-    if not host or "/" in host or not host.isprintable() or " " in host:
-        return None
-    return host
+def parse_original_url(url: bytes) -> tuple[str, Target]:
+    """
+    The host and target of an absolute C{http(s)://} URL (RFC 3986), read
+    strictly: printable ASCII only, no backslash, no userinfo, a canonical
+    host (L{gateway.meta.parse_host}), a port of digits only, and a path
+    right after the authority. C{http://host?/admin} is a URL whose path is
+    empty and whose query is C{/admin}; parsers disagree on such URLs, so it
+    is refused like every other ambiguity.
+
+    @raise BadTarget: anything else.
+    """
+    if not all(0x21 <= b < 0x7F for b in url):
+        raise BadTarget("a blank, control or non-ASCII byte in the URL")
+    if b"\\" in url:
+        raise BadTarget("a backslash in the URL")
+    if b"#" in url:
+        raise BadTarget("a fragment in the URL")
+    scheme, sep, rest = url.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        raise BadTarget("not an absolute http(s) URL")
+    cut = len(rest)
+    for delimiter in (b"/", b"?"):
+        found = rest.find(delimiter)
+        if found >= 0:
+            cut = min(cut, found)
+    authority, origin = rest[:cut], rest[cut:]
+    if not origin.startswith(b"/"):
+        raise BadTarget("no path after the URL's authority")
+    try:
+        host, _ = split_authority(authority)
+    except BadHost as e:
+        raise BadTarget(f"URL host: {e}") from None
+    return host, parse_target(origin)
 
 
-def resource_name(host: str | bytes | None, target: Target) -> str | None:
+def forwarded_host(value: bytes | None) -> str:
     """
-    The ACL resource of C{target} on C{host}, or None when the host is
-    unusable (which is a denial).
+    The canonical host of a C{Host} or C{X-Forwarded-Host} value (port dropped).
+
+    @raise BadTarget: missing, a list, or not a host.
     """
-    name = canonical_host(host)
-    if name is None:
+    if value is None:
+        raise BadTarget("no host")
+    try:
+        return split_authority(value)[0]
+    except BadHost as e:
+        raise BadTarget(f"host: {e}") from None
+
+
+def resource_name(host: str | None, target: Target, case_sensitive: bool = False) -> str | None:
+    """
+    The ACL resource of C{target} on the canonical C{host}, or None when
+    there is no host (which is a denial). Unless C{case_sensitive}, the path
+    is lower-cased: upstreams that route without regard to case (Express
+    by default, IIS) must not reach C{/ADMIN} where C{/admin} is denied.
+    """
+    if host is None:
         return None
-    return "/".join(["http", name, *target.segments])
+    segments = target.segments if case_sensitive else [s.lower() for s in target.segments]
+    return "/".join(["http", host, *segments])
+
+
+def check_acl_keys(policy: Any, case_sensitive: bool = False) -> None:
+    """
+    Refuse C{http/...} ACL keys that could never match: a host that is not
+    in canonical form (C{App.Test}, C{bücher.test} for C{xn--bcher-kva.test},
+    C{::1} for C{[::1]}), or, with paths matched in lower case (the
+    default), a path with upper case in it.
+
+    @raise ValueError: naming the first such key.
+    """
+    for key in getattr(policy, "acl", {}):
+        if key != "http" and not key.startswith("http/"):
+            continue
+        host = key.split("/")[1] if "/" in key else "*"
+        if host != "*" and canonical_host(host) != host:
+            canonical = canonical_host(host)
+            hint = f"write {canonical!r}" if canonical else "not a host name or IP literal"
+            raise ValueError(f"{key!r}: the host is not in canonical form ({hint})")
+        if not case_sensitive and key != key.lower():
+            raise ValueError(
+                f"{key!r}: HTTP paths are matched in lower case; write the key in lower case"
+                " (or give --http-case-sensitive-paths)"
+            )
+
+
+def method_overrides(request: server.Request) -> list[bytes]:
+    """
+    The methods a request asks its upstream to use instead of its own
+    (C{X-HTTP-Method-Override} and kin, under any spelling).
+
+    @raise BadTarget: a value that is not a method token.
+    """
+    methods = []
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        if normalise_header_name(name) in METHOD_OVERRIDE_HEADERS:
+            for value in values:
+                for method in value.split(b","):
+                    method = method.strip()
+                    if not _TOKEN.fullmatch(method):
+                        raise BadTarget("a method override that is not a method")
+                    methods.append(method)
+    return methods
+
+
+def upstream_host(url: str) -> str | None:
+    """The canonical host of an upstream URL, None when it has none (C{my_app})."""
+    name = urllib.parse.urlsplit(url).hostname or ""
+    return canonical_host(f"[{name}]" if ":" in name else name)
 
 
 def identity_name(info: AuthInfo, credentials: Any) -> str:
@@ -128,18 +230,31 @@ class WebApp:
         self.policy = policy
         self.settings = settings
         self.proxy = proxy
-        upstream = urllib.parse.urlsplit(settings.upstream) if settings.upstream else None
-        self.upstream_host = canonical_host(upstream.hostname) if upstream else None
+        self.upstream_host = upstream_host(settings.upstream) if settings.upstream else None
+        if settings.trusted_proxies and not settings.hosts:
+            log.warn(
+                "HTTP: --http-trusted-proxy without --http-host: /auth checks whatever host"
+                " the proxy forwards; list the hosts it serves with --http-host"
+            )
 
     def avatar(self, info: AuthInfo, credentials: Any) -> resource.IResource:
         return Session(self, info, credentials)
 
-    def allowed(self, session: Session, host: Any, target: Target, method: bytes) -> bool:
-        resource = resource_name(host, target)
+    def served(self, host: str) -> bool:
+        """Whether C{host} (canonical) is one C{--http-host} lists, or none is listed."""
+        return not self.settings.hosts or host in self.settings.hosts
+
+    def allowed(
+        self, session: Session, host: str | None, target: Target, methods: Iterable[bytes]
+    ) -> bool:
+        """Whether the ACL grants every one of C{methods} on C{target} at C{host}."""
+        resource = resource_name(host, target, self.settings.case_sensitive_paths)
         if resource is None:
             return False
-        privilege = method.decode("latin-1").lower()
-        return self.policy.query_resource_access(session.info, resource, privilege)
+        return all(
+            self.policy.query_resource_access(session.info, resource, m.decode("latin-1").lower())
+            for m in methods
+        )
 
 
 def forbid(request: server.Request, session: Session) -> bytes:
@@ -220,20 +335,25 @@ class ForwardAuth(_Leaf):
             return refusal(request, 413, "Request body too large")
         try:
             method, host, target = self.target(request)
+            # nginx and Traefik pass the client's headers to /auth, and the
+            # upstream may obey an override: the ACL must grant it as well.
+            methods = [method, *method_overrides(request)]
         except BadTarget as e:
             return refusal(request, 400, f"Bad forwarded request: {e}")
         except PermissionError:
             return refusal(request, 403, "Forwarded request from an untrusted peer")
-        if not session.app.allowed(session, host, target, method):
+        if not session.app.served(host):
+            return refusal(request, 403, "Forwarded host not served here")
+        if not session.app.allowed(session, host, target, methods):
             return forbid(request, session)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"remote-user", identity_name(session.info, session.credentials).encode())
         request.setHeader(b"remote-groups", ",".join(session.info.groups).encode())
         return b""
 
-    def target(self, request: server.Request) -> tuple[bytes, Any, Target]:
+    def target(self, request: server.Request) -> tuple[bytes, str, Target]:
         """
-        (method, host, target) of the request being authorised.
+        (method, canonical host, target) of the request being authorised.
 
         @raise BadTarget: unusable or contradictory forwarded headers.
         @raise PermissionError: forwarded headers from an untrusted peer.
@@ -241,37 +361,42 @@ class ForwardAuth(_Leaf):
         headers = request.requestHeaders
         nginx = any(headers.hasHeader(name) for name in _NGINX)
         traefik = any(headers.hasHeader(name) for name in _TRAEFIK)
-        if not (nginx or traefik):
-            return request.method, header(request, b"host"), parse_target(request.uri)
-        if not request.gateway_via_proxy:
-            raise PermissionError()
-        if nginx and traefik:
-            raise BadTarget("both X-Original-* and X-Forwarded-Method/Host/Uri")
         try:
+            if not (nginx or traefik):
+                host = forwarded_host(header(request, b"host", once=True))
+                return request.method, host, parse_target(request.uri)
+            if not request.gateway_via_proxy:
+                raise PermissionError()
+            if nginx and traefik:
+                raise BadTarget("both X-Original-* and X-Forwarded-Method/Host/Uri")
             if nginx:
                 return self._nginx(request)
             return self._traefik(request)
-        except ValueError as e:  # also a header sent twice
+        except BadTarget:
+            raise
+        except ValueError as e:  # a header sent twice
             raise BadTarget(str(e)) from None
 
     @staticmethod
-    def _nginx(request: server.Request) -> tuple[bytes, Any, Target]:
+    def _method(request: server.Request, name: bytes) -> bytes:
+        method = header(request, name, once=True) or b"GET"
+        if not _TOKEN.fullmatch(method):
+            raise BadTarget(f"{name.decode()} is not a method")
+        return method
+
+    @classmethod
+    def _nginx(cls, request: server.Request) -> tuple[bytes, str, Target]:
         url = header(request, b"x-original-url", once=True)
         if url is None:
             raise BadTarget("X-Original-Method without X-Original-URL")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme.lower() not in (b"http", b"https") or not parts.netloc or b"@" in parts.netloc:
-            raise BadTarget("X-Original-URL is not an absolute http(s) URL")
-        if parts.fragment or url.endswith(b"#"):
-            raise BadTarget("a fragment in X-Original-URL")
-        origin = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
-        method = header(request, b"x-original-method", once=True) or b"GET"
-        return method, parts.netloc, parse_target(origin)
+        host, target = parse_original_url(url)
+        return cls._method(request, b"x-original-method"), host, target
 
-    @staticmethod
-    def _traefik(request: server.Request) -> tuple[bytes, Any, Target]:
-        method = header(request, b"x-forwarded-method", once=True) or b"GET"
-        host = header(request, b"x-forwarded-host", once=True) or header(request, b"host")
+    @classmethod
+    def _traefik(cls, request: server.Request) -> tuple[bytes, str, Target]:
+        method = cls._method(request, b"x-forwarded-method")
+        value = header(request, b"x-forwarded-host", once=True)
+        host = forwarded_host(value if value is not None else header(request, b"host", once=True))
         uri = header(request, b"x-forwarded-uri", once=True) or b"/"
         return method, host, parse_target(uri)
 
@@ -289,12 +414,22 @@ class Upstream(_Leaf):
         except BadTarget as e:
             return refusal(request, 400, f"Bad request: {e}")
         if app.settings.hosts:
-            host = canonical_host(header(request, b"host"))
-            if host not in app.settings.hosts:
+            try:
+                host = forwarded_host(header(request, b"host", once=True))
+            except ValueError as e:  # BadTarget too
+                return refusal(request, 400, f"Bad request: {e}")
+            if not app.served(host):
                 return refusal(request, 421, "Misdirected request: not a host served here")
+            request.gateway_host = host  # the upstream's X-Forwarded-Host
         else:
             host = app.upstream_host
-        if not app.allowed(session, host, target, request.method):
+        methods = [request.method]
+        if app.settings.keep_method_override:
+            try:
+                methods += method_overrides(request)
+            except BadTarget as e:
+                return refusal(request, 400, f"Bad request: {e}")
+        if not app.allowed(session, host, target, methods):
             return forbid(request, session)
         name = identity_name(session.info, session.credentials)
         upload = getattr(request, "gateway_upload", None)  # a body still arriving

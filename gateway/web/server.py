@@ -14,12 +14,12 @@ from urllib.parse import unquote_to_bytes
 
 from twisted.application import internet
 from twisted.internet import defer
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http, server
 from twisted.web.http import parse_qs
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from gateway.connections import Refused, limit_connections
 from gateway.web.guard import Guard, HTTPSettings, Refusal
 
 #: The longest request line or header line.
@@ -29,9 +29,11 @@ MAX_HEADERS = 100
 #: Request line plus all headers.
 MAX_HEADER_BYTES = 32 * 1024
 
-#: Request bodies above this size (and chunked ones of these methods) stream to the upstream.
+#: Proxied request bodies above this size or --http-max-body (and chunked ones)
+#: are decided before they are read, and streamed to the upstream.
 STREAM_ABOVE = 64 * 1024
-_BODY_METHODS = frozenset({b"POST", b"PUT", b"PATCH"})
+#: The gateway's own resources: their bodies are read first, within --http-max-body.
+_OWN_PATHS = frozenset({b"/whoami", b"/auth"})
 
 
 @implementer(IBodyProducer)
@@ -117,22 +119,26 @@ class Upload:
 
 class GatewayRequest(server.Request):
     """
-    A request whose body may not exceed the site's limit (the upstream's,
-    or the gateway's own without an upstream): above it the client gets 413
-    at once and the connection is closed, so nothing beyond the limit is read
-    or stored.
+    A request whose body may not exceed its limit (the upstream's for a
+    proxied path, else the gateway's own C{--http-max-body}): above it the
+    client gets 413 at once and the connection is closed, so nothing beyond
+    the limit is read or stored.
 
-    With an upstream, a body above L{STREAM_ABOVE} (or a chunked POST, PUT
-    or PATCH) is not received first: once the headers are in, the request
-    is authenticated (reading pauses meanwhile) and, if it is let through,
-    processed at once, its body following as an L{Upload}. A refused request
-    takes the usual path: its body is read, within the limit, and the
-    refusal answered.
+    With an upstream, a proxied request whose body is above
+    C{--http-max-body} (or L{STREAM_ABOVE}), or chunked, is decided before
+    any of its body is read: once the headers are in, the request is
+    authenticated (reading pauses meanwhile). A refusal (401, 403, 429, ...)
+    is answered at once and the connection closed, its body never read; a
+    request let through is processed at once, its body following as an
+    L{Upload}. An unauthenticated client can thus make the gateway read at
+    most C{--http-max-body} octets of body.
     """
 
     _body_size = 0
     _refused = False
     _in_headers = False
+    #: The target is one of the gateway's own resources (read first, small limit).
+    _own = False
     #: The body being streamed (the request is processed), or being held
     #: while the login runs.
     gateway_upload: Upload | None = None
@@ -140,26 +146,35 @@ class GatewayRequest(server.Request):
 
     def _limit(self) -> int:
         settings = self.channel.site.settings
-        return settings.max_upstream_body if settings.upstream else settings.max_body
+        if settings.upstream and not self._own:
+            return settings.max_upstream_body
+        return settings.max_body
 
     def gotLength(self, length: int | None) -> None:
-        if length is not None and length > self._limit():
-            self._too_large()
-        super().gotLength(length)
-        if not self._refused and self.channel.site.settings.upstream and (
-            (length is None and self.channel._command in _BODY_METHODS)
-            or (length is not None and length > STREAM_ABOVE)
-        ):
-            self._decide_early(length)
-
-    def _decide_early(self, length: int | None) -> None:
         channel = self.channel
+        settings = channel.site.settings
         # What requestReceived sets, all known once the headers are in.
         self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
         self.path, _, query = self.uri.partition(b"?")
-        self.args = parse_qs(query, 1)
-        if unquote_to_bytes(self.path) in (b"/whoami", b"/auth"):  # the gateway's own: read first
+        self._own = unquote_to_bytes(self.path) in _OWN_PATHS
+        if length is not None and length > self._limit():
+            self._too_large()
+        super().gotLength(length)
+        if self._refused or not settings.upstream or self._own:
             return
+        if length is None or length > min(settings.max_body, STREAM_ABOVE):
+            self.args = parse_qs(query, 1)
+            self._decide_early(length)
+
+    def reads_body_first(self) -> bool:
+        """Whether the body is read before the request is decided (not streamed or refused)."""
+        return not (
+            self._refused or self.finished or self.gateway_upload is not None
+            or self._waiting is not None
+        )
+
+    def _decide_early(self, length: int | None) -> None:
+        channel = self.channel
         upload = self._waiting = Upload(self, length)
         upload.hold()
         self._in_headers = True  # a decision made now comes before Twisted's "100 Continue"
@@ -178,14 +193,14 @@ class GatewayRequest(server.Request):
         self.gateway_decision = decision
         if self._refused or self.channel is None:
             return
-        if isinstance(decision, Refusal):  # the usual path, from what arrived so far
-            for chunk in upload.take():
-                super().handleContentChunk(chunk)
-            if upload.done:
-                self.content.seek(0)
-                self.process()
-            else:
-                upload.release()
+        if isinstance(decision, Refusal):
+            # Refused before its body: answered now, the connection closed
+            # after the answer, and not one more octet of the body read.
+            upload.stopProducing()
+            self.requestHeaders.removeHeader(b"expect")  # nothing to continue
+            self.gateway_upload = upload
+            self.channel.persistent = False
+            self.process()
             return
         self.gateway_upload = upload
         if self.requestHeaders.hasHeader(b"expect"):
@@ -198,7 +213,7 @@ class GatewayRequest(server.Request):
         self.process()
 
     def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
+        if self._refused or self.finished:  # answered: the rest is not read
             return
         self._body_size += len(data)
         if self._body_size > self._limit():
@@ -247,15 +262,20 @@ def _refusal(status: bytes, text: bytes) -> bytes:
 _TOO_LARGE = _refusal(b"413 Content Too Large", b"Request body too large")
 _URI_TOO_LONG = _refusal(b"414 URI Too Long", b"Request line too long")
 _TOO_SLOW = _refusal(b"408 Request Timeout", b"Request headers not received in time")
+_BODY_TOO_SLOW = _refusal(b"408 Request Timeout", b"Request body not received in time")
 _HEADER_TOO_LONG = _refusal(b"431 Request Header Fields Too Large", b"Header line too long")
 
 
 class GatewayChannel(http.HTTPChannel):
     """
-    Twisted's channel with the gateway's header bounds, and a deadline for a
-    request's line and headers (the site's timeout, from the moment the
-    channel is ready for the request): the idle timer restarts with every
-    byte, so a client trickling headers would otherwise hold the connection.
+    Twisted's channel with the gateway's header bounds, and deadlines (the
+    site's timeout each): for a request's line and headers, from the moment
+    the channel is ready for the request, and for a body the gateway reads
+    before deciding (at most C{--http-max-body}), from the end of the
+    headers. The idle timer restarts with every byte, so a client trickling
+    headers or a body would otherwise hold the connection. A body streamed
+    to the upstream once the request is let through is bounded by the idle
+    timeout only: it may be large, and it is authenticated.
     """
 
     MAX_LENGTH = MAX_LINE
@@ -267,26 +287,45 @@ class GatewayChannel(http.HTTPChannel):
         super().connectionMade()
         self._start_deadline()
 
-    def _start_deadline(self) -> None:
+    def dataReceived(self, data: bytes) -> None:
+        if self.transport.disconnecting and not self.requests:
+            # Answered and closing (a request refused before its body): what
+            # was already in flight is neither a body nor a next request.
+            return
+        super().dataReceived(data)
+
+    def _start_deadline(self, answer: bytes = _TOO_SLOW) -> None:
         self._stop_deadline()
         if self.timeOut:
-            self._deadline = self.callLater(self.timeOut, self._headers_too_slow)
+            self._deadline = self.callLater(self.timeOut, self._too_slow, answer)
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
 
-    def _headers_too_slow(self) -> None:
+    def _too_slow(self, answer: bytes) -> None:
         self._deadline = None
         if self.transport.disconnecting:  # the idle timer was first
             return
-        self.transport.write(_TOO_SLOW)
+        self.transport.write(answer)
         self.loseConnection()
 
     def allHeadersReceived(self) -> None:
         self._stop_deadline()
         super().allHeadersReceived()
+        request = self.requests[-1] if self.requests else None
+        if (
+            self.length != 0
+            and isinstance(request, GatewayRequest)
+            and request.reads_body_first()
+            and not self.transport.disconnecting
+        ):
+            self._start_deadline(_BODY_TOO_SLOW)
+
+    def allContentReceived(self) -> None:
+        self._stop_deadline()
+        super().allContentReceived()
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)
@@ -338,13 +377,46 @@ class GatewaySite(server.Site):
         pass
 
 
+#: Retry-After of a refused connection (seconds).
+RETRY_AFTER = 5
+
+
+def _busy(text: bytes) -> bytes:
+    """A 503 refusal with C{Retry-After}."""
+    response = _refusal(b"503 Service Unavailable", text)
+    retry = b"Retry-After: %d\r\n" % RETRY_AFTER
+    return response.replace(b"Connection: close\r\n", b"Connection: close\r\n" + retry)
+
+
+#: The refusals of a connection over a bound (gateway.connections).
+_REFUSALS = {
+    Refused.PEER: _busy(b"Too many connections from your address"),
+    Refused.BUSY: _busy(b"Too many connections, try again later"),
+}
+
+
 def build_http(core: Any, endpoint: Any, listener: str) -> internet.StreamServerEndpointService:
-    """The C{--http} (plain) and C{--https} (TLS with the gateway's certificate) listeners."""
+    """
+    The C{--http} (plain) and C{--https} (TLS with the gateway's certificate)
+    listeners: one connection cap per peer for both (trusted proxies exempt);
+    a peer over it gets 503 on C{--http}, and is closed before the handshake
+    on C{--https}.
+    """
     settings = core.web.settings
-    factory: Any = GatewaySite(Guard(core.portal, settings, listener), settings, core.reactor)
-    if listener == "https":
-        factory = TLSMemoryBIOFactory(core.certificate.options(), False, factory)
-    return internet.StreamServerEndpointService(endpoint, factory)
+    site = GatewaySite(Guard(core.portal, settings, listener), settings, core.reactor)
+    limited = limit_connections(
+        core,
+        site,
+        "http",
+        listener,
+        settings.max_connections_per_peer,
+        # The socket, a request body file and, with an upstream, its connection.
+        weight=3 if settings.upstream else 2,
+        exempt=settings.trusted_proxies,
+        refusals=_REFUSALS,
+        tls=core.certificate.options() if listener == "https" else None,
+    )
+    return internet.StreamServerEndpointService(endpoint, limited)
 
 
 __all__ = ["GatewayRequest", "GatewaySite", "build_http"]
