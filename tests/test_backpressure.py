@@ -22,9 +22,9 @@ import time
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor, task, tcp, threads
+from twisted.internet.interfaces import IPushProducer
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from gateway import tap
 from tests.support import free_port
