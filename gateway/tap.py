@@ -194,6 +194,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Recipients per message.", int),
         _number("smtp-timeout", default_of(SMTPSettings, "timeout"),
                 "Idle seconds before an SMTP session is closed.", float),
+        _number("smtp-auth-deadline", default_of(SMTPSettings, "auth_deadline"),
+                "Seconds from the greeting until AUTH for peers outside the trusted networks.",
+                float),
+        _number("smtp-junk-commands", default_of(SMTPSettings, "junk_commands"),
+                "Commands that lead nowhere (NOOP, RSET, HELP, unknown...) allowed before AUTH.",
+                int, zero=True),
         _number("smtp-max-connections-per-peer",
                 default_of(SMTPSettings, "max_connections_per_peer"),
                 "Connections per client address (IPv6 /64) on --smtp and --smtps together.", int),
@@ -423,6 +429,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             insecure_auth=bool(self["smtp-insecure-auth"]),
             trusted_networks=tuple(self.get("trustedNetworks", ())),
             sender_binding=bool(self["smtp-sender-binding"]),
+            auth_deadline=self["smtp-auth-deadline"],
+            junk_commands=self["smtp-junk-commands"],
             max_connections_per_peer=self["smtp-max-connections-per-peer"],
         )
 

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import os
 import smtplib
+import socket
 import ssl
 import subprocess
+import time
 
 from twisted.internet import defer, reactor, threads
 from twisted.trial.unittest import TestCase
 
 from gateway import tap
+from gateway.smtp.server import SMTPSettings
 from tests.support import free_port, require_tool
 
 
@@ -173,3 +176,69 @@ class SwaksTests(GatewayMixin, TestCase):
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertEqual(self.stored(), [])
+
+
+class UnauthenticatedLimitsTests(GatewayMixin, TestCase):
+    """Issue 11 item 4 over a real socket: NOOP no longer keeps an unauthenticated session."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.start("--smtp-auth-deadline", "1", "--smtp-junk-commands", "3")
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.smtp_port), timeout=10)
+        self.assertTrue(sock.recv(1024).startswith(b"220 "))
+        return sock
+
+    @staticmethod
+    def read_to_close(sock: socket.socket) -> list[bytes]:
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+        return data.split(b"\r\n")[:-1]
+
+    @defer.inlineCallbacks
+    def test_noop_loop_hits_junk_limit(self):
+        def session():
+            with self.connect() as sock:
+                sock.sendall(b"EHLO client.test\r\n")
+                sock.sendall(b"NOOP\r\n" * 10)
+                return self.read_to_close(sock)
+
+        lines = yield threads.deferToThread(session)
+        finals = [line for line in lines if line[3:4] == b" "]
+        self.assertEqual(finals[1:4], [b"250 2.0.0 OK"] * 3)
+        self.assertEqual(
+            finals[4:],
+            [b"250 2.0.0 OK",
+             b"421 4.7.0 mx.test Too many commands without authentication, closing connection"],
+        )
+
+    @defer.inlineCallbacks
+    def test_noop_does_not_outlive_auth_deadline(self):
+        def session():
+            with self.connect() as sock:
+                started = time.monotonic()
+                for _ in range(2):  # activity resets the idle timer, not the deadline
+                    sock.sendall(b"NOOP\r\n")
+                    self.assertEqual(sock.recv(1024), b"250 2.0.0 OK\r\n")
+                    time.sleep(0.3)
+                lines = self.read_to_close(sock)
+                return lines, time.monotonic() - started
+
+        lines, elapsed = yield threads.deferToThread(session)
+        self.assertEqual(
+            lines, [b"421 4.7.0 mx.test Authentication took too long, closing connection"]
+        )
+        self.assertGreaterEqual(elapsed, 0.9)
+
+    def test_option_defaults_from_settings(self):
+        settings = self.service.core.smtp
+        self.assertEqual((settings.auth_deadline, settings.junk_commands), (1.0, 3))
+        options = tap.Options()
+        options.parseOptions(["--data-dir", os.path.abspath(self.mktemp()),
+                              "--auth", "memory:daniel:tiger"])
+        defaults = SMTPSettings()
+        self.assertEqual(options["smtpSettings"].auth_deadline, defaults.auth_deadline)
+        self.assertEqual(options["smtpSettings"].junk_commands, defaults.junk_commands)

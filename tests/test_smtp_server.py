@@ -37,7 +37,14 @@ from gateway.credentials import ISASLCredentials
 from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
 from gateway.smtp import spool as spool_module
-from gateway.smtp.server import MAX_COMMAND_LINE, SMTPSettings, SubmissionFactory
+from gateway.smtp.server import (
+    CLOSE_GRACE,
+    MAX_BUFFERED_INPUT,
+    MAX_COMMAND_LINE,
+    MAX_PENDING_INPUT,
+    SMTPSettings,
+    SubmissionFactory,
+)
 from gateway.smtp.spool import Spool
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
@@ -1359,3 +1366,317 @@ class DataBlockTests(ServerTestCase):
 def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c for c in cuts if 0 < c < len(data)})
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+class BufferingTransport(StartTLSTransport):
+    """
+    Like Twisted's FileDescriptor: a write that takes the buffer above
+    C{buffer_size} pauses the registered streaming producer; L{drain} empties
+    the buffer and resumes it.
+    """
+
+    def __init__(self, buffer_size: int) -> None:
+        super().__init__()
+        self.buffer_size = buffer_size
+        self.producer_paused = False
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and len(self.value()) > self.buffer_size:
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.producer is not None and self.producer_paused:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+
+class BackpressureTests(ServerTestCase):
+    """Issue 11 item 3: a client that sends and never reads cannot grow the write buffer."""
+
+    def test_registered_as_streaming_producer(self) -> None:
+        client = self.connect()
+        self.assertIs(client.transport.producer, client.proto)
+        self.assertTrue(client.transport.streaming)
+        self.assertTrue(interfaces.IPushProducer.providedBy(client.proto))
+
+    def test_write_pause_stops_answering_and_reading(self) -> None:
+        """
+        pauseProducing from the transport: lines wait unanswered, reading stops
+        once MAX_PENDING_INPUT waits; resume answers them and reads again.
+        """
+        client = self.trusted_session()
+        client.proto.pauseProducing()
+        self.assertEqual(client.send(b"NOOP\r\nHELP\r\n"), [])
+        self.assertEqual(client.transport.producerState, "producing")
+        count = MAX_PENDING_INPUT // 6
+        self.assertEqual(client.send(b"NOOP\r\n" * count), [])
+        self.assertEqual(client.transport.producerState, "paused")
+        client.proto.resumeProducing()
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertReplies(client.read(), [b"250 2.0.0", b"214 2.0.0"] + [b"250 2.0.0"] * count)
+
+    def buffering(self, buffer_size: int) -> Client:
+        """A new session of C{self.factory} over a L{BufferingTransport}, past the greeting."""
+        transport = BufferingTransport(buffer_size)
+        proto = self.factory.buildProtocol(PEER)
+        proto.callLater = self.clock.callLater
+        proto.makeConnection(transport)
+        self.assertTrue(transport.drain().startswith(b"220 "))
+        return Client(proto, transport)
+
+    def test_ehlo_flood_bounded(self) -> None:
+        """Many EHLO lines at once: answering stops at the buffer bound, and goes on when drained."""
+        self.connect(trusted_networks=(ipaddress.ip_network("192.0.2.0/24"),))  # EHLO is no junk
+        client = self.buffering(4096)
+        count = MAX_PENDING_INPUT // 21 + 1000  # more than MAX_PENDING_INPUT unanswered
+        client.proto.dataReceived(b"EHLO client.example\r\n" * count)
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertLess(len(client.transport.value()), 4096 + 1024)
+        total = 0
+        while client.transport.producer_paused:
+            total += client.transport.drain().count(b"\r\n250 ")
+        total += client.transport.value().count(b"\r\n250 ")
+        self.assertEqual(total, count)
+        self.assertEqual(client.transport.producerState, "producing")
+
+    def test_pending_reply_and_write_pause_are_separate_reasons(self) -> None:
+        """A drained write buffer does not resume reading while a reply is pending, nor the reverse."""
+        checker = PendingChecker()
+        client = self.tls_session(checkers=[checker])
+        client.send(b"AUTH PLAIN " + plain() + b"\r\n" + b"NOOP\r\n" * (MAX_PENDING_INPUT // 6 + 1))
+        self.assertEqual(client.transport.producerState, "paused")
+        client.proto.pauseProducing()
+        client.proto.resumeProducing()  # the write buffer drained: the login is still pending
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertEqual(client.read(), [])
+        client.proto.pauseProducing()  # full again
+        checker.calls[0][1].callback("daniel")  # the login ends: the write buffer is still full
+        self.assertEqual(client.transport.producerState, "paused")
+        self.assertReplies(client.read(), [b"235 2.7.0"])
+        client.proto.resumeProducing()
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(len(finals(client.read())), MAX_PENDING_INPUT // 6 + 1)
+
+    def test_input_bounded_when_transport_ignores_pause(self) -> None:
+        client = self.trusted_session()
+        client.proto.pauseProducing()
+        client.proto.dataReceived(b"NOOP\r\n" * (MAX_BUFFERED_INPUT // 6 + 1))
+        self.assertReplies(client.read(), [b"421 4.7.0"])
+        self.assertTrue(client.closed)
+        self.assertEqual(client.proto._buffer, b"")
+
+    def test_close_unregisters_then_aborts_a_client_that_does_not_read(self) -> None:
+        """A registered producer would keep TCP and TLS transports from closing."""
+        client = self.connect()
+        client.proto.pauseProducing()
+        client.proto.resumeProducing()
+        self.assertReplies(client.send(b"QUIT\r\n"), [b"221 2.0.0"])
+        self.assertIsNone(client.transport.producer)
+        self.assertTrue(client.closed)
+        self.assertFalse(client.transport.disconnected)
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(client.transport.disconnected)  # abortConnection
+
+    def test_close_grace_cancelled_when_lost(self) -> None:
+        client = self.connect()
+        client.send(b"QUIT\r\n")
+        client.proto.connectionLost(Exception("closed"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_idle_timeout_aborts_a_client_that_does_not_read(self) -> None:
+        client = self.connect(timeout=30)
+        client.proto.pauseProducing()
+        self.clock.advance(30)
+        self.assertReplies(client.read(), [b"421 4.4.2"])
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(client.transport.disconnected)
+
+    def test_lines_unanswered_do_not_reset_idle_timer(self) -> None:
+        """A client that sends a line now and then but never reads is idle all the same."""
+        client = self.trusted_session(timeout=30)
+        client.proto.pauseProducing()
+        for _ in range(2):
+            self.clock.advance(14)
+            client.proto.dataReceived(b"NOOP\r\n")
+        self.clock.advance(2)
+        self.assertReplies(client.read(), [b"421 4.4.2"])
+        self.assertTrue(client.closed)
+
+    def test_starttls_starts_unpaused(self) -> None:
+        """
+        Twisted's startTLS re-registers the producer with a fresh TLS layer
+        that will not resume a pause from before: the session must not stay
+        paused for ever when the 220 filled the buffer.
+        """
+        self.connect()
+        client = self.buffering(0)
+        client.proto.dataReceived(b"EHLO client.example\r\n")
+        client.transport.drain()
+        client.proto.dataReceived(b"STARTTLS\r\n")
+        self.assertTrue(client.transport.tls_started)
+        self.assertReplies(client.read(), [b"220 2.0.0"])
+        self.assertTrue(client.transport.producer_paused)
+        client.transport.producer_paused = False  # what the new TLS layer knows
+        client.proto.dataReceived(b"EHLO client.example\r\n")
+        self.assertTrue(finals(client.read())[-1].startswith(b"250 "))
+
+
+class AuthDeadlineTests(ServerTestCase):
+    """Issue 11 item 4: NOOP no longer keeps an unauthenticated session for ever."""
+
+    def test_deadline_despite_activity(self) -> None:
+        client = self.connect(auth_deadline=10, timeout=300)
+        for _ in range(3):
+            self.clock.advance(3)
+            self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+        self.clock.advance(1)
+        self.assertEqual(client.read(), [b"421 4.7.0 mx.test Authentication took too long, closing connection"])
+        self.assertTrue(client.closed)
+        self.assertEqual(client.send(b"NOOP\r\n"), [])
+
+    def test_deadline_during_auth_exchange(self) -> None:
+        client = self.tls_session(auth_deadline=10)
+        self.assertReplies(client.send(b"AUTH LOGIN\r\n"), [b"334 "])
+        self.clock.advance(10)
+        self.assertReplies(client.read(), [b"421 4.7.0"])
+        self.assertTrue(client.closed)
+
+    def test_deadline_ends_with_auth(self) -> None:
+        client = self.authenticated(auth_deadline=10, timeout=300)
+        self.clock.advance(100)
+        self.assertEqual(client.read(), [])
+        self.assertFalse(client.closed)
+
+    def test_trusted_network_has_no_deadline(self) -> None:
+        client = self.trusted_session(auth_deadline=10, timeout=300)
+        self.clock.advance(100)
+        self.assertFalse(client.closed)
+
+    def test_deadline_again_after_starttls_forgets_auth(self) -> None:
+        client = self.connect(auth_deadline=10, timeout=300, insecure_auth=True)
+        self.ehlo(client)
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain() + b"\r\n"), [b"235 2.7.0"])
+        self.assertReplies(client.send(b"STARTTLS\r\n"), [b"220 2.0.0"])
+        self.clock.advance(10)
+        self.assertReplies(client.read(), [b"421 4.7.0"])
+
+    def test_deadline_then_silent_client_aborted(self) -> None:
+        client = self.connect(auth_deadline=10)
+        client.proto.pauseProducing()
+        self.clock.advance(10)
+        self.clock.advance(CLOSE_GRACE)
+        self.assertTrue(client.transport.disconnected)
+
+
+class JunkCommandTests(ServerTestCase):
+    """Issue 11 item 4: commands that lead nowhere before AUTH are limited (smtpd_junk_command_limit)."""
+
+    JUNK = [
+        b"NOOP", b"RSET", b"HELP", b"VRFY daniel", b"EXPN staff", b"FROB", b"", b"EHLO again.example",
+        b"HELO again.example", b"STARTTLS x", b"AUTH", b"AUTH FROB", b"MAIL FROM:<a@b.example>",
+        b"RCPT TO:<a@b.example>", b"DATA", b"AUTH LOGIN\r\n*", b"AUTH PLAIN\r\n%%%",
+    ]
+
+    def test_each_kind_counts(self) -> None:
+        for junk in self.JUNK:
+            client = self.tls_session(junk_commands=2)
+            for _ in range(2):
+                client.send(junk + b"\r\n")
+            self.assertFalse(client.closed, junk)
+            lines = client.send(junk + b"\r\n")
+            self.assertEqual(
+                lines[-1],
+                b"421 4.7.0 mx.test Too many commands without authentication, closing connection",
+                junk,
+            )
+            self.assertTrue(client.closed, junk)
+
+    def test_overlong_lines_count(self) -> None:
+        client = self.tls_session(junk_commands=1)
+        client.send(b"NOOP " + b"x" * MAX_COMMAND_LINE + b"\r\n")
+        lines = client.send(b"NOOP " + b"x" * MAX_COMMAND_LINE + b"\r\n")
+        self.assertReplies(lines, [b"500 5.5.6", b"421 4.7.0"])
+
+    def test_the_way_to_auth_is_not_junk(self) -> None:
+        """EHLO, STARTTLS, EHLO again, AUTH, and failed logins (counted apart) cost nothing."""
+        client = self.connect(junk_commands=1)
+        self.ehlo(client)
+        self.assertReplies(client.send(b"STARTTLS\r\n"), [b"220 2.0.0"])
+        self.ehlo(client)
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+        self.assertReplies(client.send(b"AUTH PLAIN " + plain(password="x") + b"\r\n"), [b"535 5.7.8"])
+        self.assertReplies(client.send(b"AUTH LOGIN\r\n"), [b"334 "])
+        self.assertReplies(client.send(b64("daniel") + b"\r\n"), [b"334 "])
+        self.assertReplies(client.send(b64("tiger") + b"\r\n"), [b"235 2.7.0"])
+        self.assertReplies(client.send(b"NOOP\r\n" * 30), [b"250 2.0.0"] * 30)
+        self.assertFalse(client.closed)
+
+    def test_not_reset_by_starttls(self) -> None:
+        client = self.connect(junk_commands=2)
+        self.ehlo(client)
+        client.send(b"NOOP\r\nNOOP\r\n")
+        self.assertReplies(client.send(b"STARTTLS\r\n"), [b"220 2.0.0"])
+        self.ehlo(client)
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0", b"421 4.7.0"])
+
+    def test_trusted_network_not_limited(self) -> None:
+        client = self.trusted_session(junk_commands=1)
+        self.assertReplies(client.send(b"NOOP\r\n" * 5), [b"250 2.0.0"] * 5)
+        self.assertFalse(client.closed)
+
+
+class MailAuthParameterTests(ServerTestCase):
+    """Issue 11 item 9: C{MAIL FROM AUTH=} is believed only from an authenticated client."""
+
+    def send_one(self, client: Client, mail: bytes) -> dict[str, Any]:
+        self.assertReplies(
+            client.send(mail + b"\r\nRCPT TO:<a@example.net>\r\nDATA\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"354 2.0.0"],
+        )
+        self.assertReplies(client.send(b"hi\r\n.\r\n"), [b"250 2.0.0"])
+        (id,) = self.spool.ids()
+        _, meta = self.spool.load(id)
+        return meta
+
+    def test_trusted_network_is_null(self) -> None:
+        meta = self.send_one(self.trusted_session(), b"MAIL FROM:<app@example.com> AUTH=ceo@example.com")
+        self.assertEqual(meta["mail_auth"], "<>")
+        self.assertIsNone(meta["auth_info"])
+
+    def test_trusted_network_without_parameter(self) -> None:
+        meta = self.send_one(self.trusted_session(), b"MAIL FROM:<app@example.com>")
+        self.assertIsNone(meta["mail_auth"])
+
+    def test_authenticated_kept(self) -> None:
+        meta = self.send_one(self.authenticated(), b"MAIL FROM:<daniel@example.com> AUTH=list@example.com")
+        self.assertEqual(meta["mail_auth"], "list@example.com")
+
+    def test_sender_binding_applies_to_the_auth_mailbox(self) -> None:
+        acl = aaa.parse_acl(
+            '[[acl."smtp/sender/example.com/daniel"]]\n'
+            "allow = true\n"
+            'privileges = ["send"]\n'
+            'identity.Individual = "daniel"\n'
+        )
+        client = self.authenticated(policy=acl, sender_binding=True)
+        meta = self.send_one(client, b"MAIL FROM:<daniel@example.com> AUTH=ceo@example.com")
+        self.assertEqual(meta["mail_auth"], "<>")
+
+    def test_sender_binding_own_mailbox_kept(self) -> None:
+        acl = aaa.parse_acl(
+            '[[acl."smtp/sender/example.com/daniel"]]\n'
+            "allow = true\n"
+            'privileges = ["send"]\n'
+            'identity.Individual = "daniel"\n'
+        )
+        client = self.authenticated(policy=acl, sender_binding=True)
+        meta = self.send_one(client, b"MAIL FROM:<daniel@example.com> AUTH=daniel@example.com")
+        self.assertEqual(meta["mail_auth"], "daniel@example.com")

@@ -25,6 +25,7 @@ from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from gateway.aaa import IAccessPolicy
 from gateway.authinfo import AuthInfo, IAuthInfo
@@ -45,6 +46,12 @@ MAX_COMMAND_LINE = sasl.MAX_AUTH_LINE
 MAX_DATA_LINE = 998
 #: Pipelined input held while a reply is pending, before we stop reading.
 MAX_PENDING_INPUT = 64 * 1024
+#: Input held at most, whatever the reason (a transport delivers one more read
+#: after it is paused; more than this means it ignored the pause).
+MAX_BUFFERED_INPUT = 4 * MAX_PENDING_INPUT
+#: Seconds a closing connection may take to flush its last replies to a client
+#: that does not read them, before it is aborted.
+CLOSE_GRACE = 15.0
 
 
 @attrs.frozen
@@ -64,6 +71,13 @@ class SMTPSettings:
     #: Authenticated identities may use only MAIL FROM addresses the ACL grants.
     sender_binding: bool = False
     max_auth_failures: int = 3
+    #: Seconds from the greeting until a successful AUTH, for a peer that may
+    #: not submit without one (not for trusted networks).
+    auth_deadline: float = 120.0
+    #: Commands that do not lead to AUTH (NOOP, RSET, HELP, VRFY, unknown, a
+    #: repeated EHLO, a failed STARTTLS or AUTH exchange...) allowed before it
+    #: (Postfix's smtpd_junk_command_limit), for a peer that needs AUTH.
+    junk_commands: int = 20
     #: Connections one peer (IPv6 by /64) may hold on --smtp and --smtps together.
     max_connections_per_peer: int = 50
 
@@ -109,8 +123,16 @@ def _xtext(value: bytes) -> str:
     return out.decode("utf-8")
 
 
+@implementer(interfaces.IPushProducer)
 class SubmissionServer(smtp.ESMTP):
-    """One submission session. Replies carry RFC 3463 enhanced codes."""
+    """
+    One submission session. Replies carry RFC 3463 enhanced codes.
+
+    It is the streaming producer of its own transport: when the transport's
+    write buffer is full (a client that sends commands and does not read the
+    replies), it stops answering until the buffer drains, and stops reading
+    once L{MAX_PENDING_INPUT} waits, as while a reply is pending.
+    """
 
     def __init__(self, factory: SubmissionFactory) -> None:
         super().__init__(chal={}, contextFactory=factory.tls)
@@ -124,7 +146,15 @@ class SubmissionServer(smtp.ESMTP):
         self._busy = False  # a reply is pending: later lines wait
         self._pending: defer.Deferred[Any] | None = None
         self._lost = False
-        self._paused = False
+        self._closing = False  # _close() was called: nothing more is answered
+        self._output_paused = False  # the transport's write buffer is full
+        self._reading_paused = False  # we told the transport to stop reading
+        self._registered = False  # registered as the transport's producer
+        self._abort_call: Any = None
+        self._deadline_call: Any = None
+        #: Commands that led nowhere while AUTH is needed; never reset (not by
+        #: STARTTLS either), so a client cannot start over.
+        self._junk = 0
         self._mode = COMMAND
         self._reset_session()
 
@@ -154,12 +184,19 @@ class SubmissionServer(smtp.ESMTP):
             and not self.meta.tls
         )
         self._helo = (None, (self.meta.peer_address or "").encode())
+        self.transport.registerProducer(self, True)
+        self._registered = True
         self.setTimeout(self.timeout)
+        self._start_auth_deadline()
         self.sendCode(220, self.host + b" ESMTP authgateway")
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
         self.setTimeout(None)
+        self._cancel_auth_deadline()
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         if self._pending is not None:
             self._pending.cancel()  # a login still running: the client is gone
         if self._writer is not None:
@@ -169,17 +206,131 @@ class SubmissionServer(smtp.ESMTP):
 
     def timeoutConnection(self) -> None:
         self.reply(421, "4.4.2", f"{self.settings.hostname} Idle timeout, closing connection")
-        self.transport.loseConnection()
+        self._close()
 
     def reply(self, code: int, enhanced: str, text: str) -> None:
-        """A one-line reply with its enhanced status code."""
+        """A one-line reply with its enhanced status code (none once closing)."""
+        if self._closing:
+            return
         self.transport.write(f"{code} {enhanced} {text}\r\n".encode())
+
+    def _close(self) -> None:
+        """
+        Close once the replies written so far are sent; a client that does not
+        read them is cut off after L{CLOSE_GRACE} seconds. Nothing more is
+        answered.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        self.setTimeout(None)
+        self._cancel_auth_deadline()
+        if self._registered:
+            # A registered (and maybe paused) producer keeps TCP and TLS
+            # transports from closing: they wait for it to unregister.
+            self._registered = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+        if not self._lost:
+            self._abort_call = self.callLater(CLOSE_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if not self._lost:
+            self.transport.abortConnection()
+
+    # -- the unauthenticated session: a deadline and a junk command budget ---
+
+    def _start_auth_deadline(self) -> None:
+        if self._deadline_call is None and not self._may_submit():
+            self._deadline_call = self.callLater(
+                self.settings.auth_deadline, self._auth_deadline_passed
+            )
+
+    def _cancel_auth_deadline(self) -> None:
+        if self._deadline_call is not None and self._deadline_call.active():
+            self._deadline_call.cancel()
+        self._deadline_call = None
+
+    def _auth_deadline_passed(self) -> None:
+        self._deadline_call = None
+        if self._may_submit() or self._closing or self._lost:
+            return
+        self.reply(
+            421, "4.7.0",
+            f"{self.settings.hostname} Authentication took too long, closing connection",
+        )
+        self._close()
+
+    def _count_junk(self) -> bool:
+        """Count one command that needed AUTH and led nowhere; True when counted."""
+        if self._may_submit():
+            return False
+        self._junk += 1
+        return True
+
+    def _not_junk(self) -> None:
+        """The command just counted led towards AUTH after all (EHLO, STARTTLS, a login)."""
+        if not self._may_submit() and self._junk > 0:
+            self._junk -= 1
+
+    def _check_junk(self) -> None:
+        if self._junk > self.settings.junk_commands and not self._closing:
+            self.reply(
+                421, "4.7.0",
+                f"{self.settings.hostname} Too many commands without authentication,"
+                " closing connection",
+            )
+            self._close()
+
+    # -- backpressure: IPushProducer, called by the transport ----------------
+
+    def pauseProducing(self) -> None:
+        """The transport's write buffer is full: stop answering (and soon reading)."""
+        self._output_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        """The transport's write buffer drained: answer what is buffered, read on."""
+        self._output_paused = False
+        self._process()
+
+    def stopProducing(self) -> None:
+        self._output_paused = True
+
+    def _update_reading(self) -> None:
+        """
+        Reading is paused while lines are not answered, for either reason (a
+        full write buffer, a pending reply), and much input already waits;
+        one reason ending never resumes reading while the other holds.
+
+        A full write buffer does not stop reading at once: a TLS layer pauses
+        its producer while its handshake is unfinished (our greeting, on
+        C{--smtps}, is written before it), and the handshake needs reading.
+        """
+        if self._lost or self._closing:
+            return
+        waiting = self._busy or self._output_paused
+        want = waiting and len(self._buffer) > MAX_PENDING_INPUT
+        if want != self._reading_paused:
+            self._reading_paused = want
+            if want:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     # -- input: CRLF lines, bounded, one at a time --------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
         self._buffer += data
         self._process()
+        if len(self._buffer) > MAX_BUFFERED_INPUT and not self._closing:
+            # Only a transport that ignores pauseProducing gets here.
+            self._buffer = b""
+            self.reply(421, "4.7.0", f"{self.settings.hostname} Too much input, closing connection")
+            self._close()
 
     def _too_long(self, line: bytes) -> bool:
         if self._mode != DATA:
@@ -188,9 +339,17 @@ class SubmissionServer(smtp.ESMTP):
         return len(line) > MAX_DATA_LINE + line.startswith(b".")
 
     def _process(self) -> None:
-        if b"\r\n" in self._buffer:
-            self.resetTimeout()  # once per read, not per line
-        while not self._busy and not self._lost and not self.transport.disconnecting:
+        if b"\r\n" in self._buffer and not self._output_paused:
+            # Once per read, not per line; and not while the client leaves our
+            # replies unread: sending without reading is no sign of life.
+            self.resetTimeout()
+        while (
+            not self._busy
+            and not self._output_paused
+            and not self._closing
+            and not self._lost
+            and not self.transport.disconnecting
+        ):
             if self._mode == DATA and not self._skipping and self._data_block():
                 continue
             end = self._buffer.find(b"\r\n")
@@ -211,9 +370,7 @@ class SubmissionServer(smtp.ESMTP):
                 self._skipping = False
                 continue
             self._line(line)
-        if self._busy and len(self._buffer) > MAX_PENDING_INPUT and not self._paused:
-            self._paused = True
-            self.transport.pauseProducing()
+        self._update_reading()
 
     def _overlong(self) -> None:
         self._skipping = True
@@ -223,7 +380,10 @@ class SubmissionServer(smtp.ESMTP):
             return
         if self._mode == AUTH:
             self._mode, self._mechanism = COMMAND, None
+        counted = self._count_junk()
         self.reply(500, "5.5.6", "Line too long")
+        if counted:
+            self._check_junk()
 
     def _line(self, line: bytes) -> None:
         if self._mode == DATA:
@@ -231,7 +391,10 @@ class SubmissionServer(smtp.ESMTP):
         elif self._mode == AUTH:
             self._auth_response(line)
         else:
+            counted = self._count_junk()
             self.state_COMMAND(line)
+            if counted and self._mode == COMMAND:
+                self._check_junk()
 
     def _wait(self, d: defer.Deferred[Any]) -> None:
         """Hold every later line until C{d} has replied (RFC 2920 ordering)."""
@@ -241,9 +404,6 @@ class SubmissionServer(smtp.ESMTP):
         def done(result: Any) -> None:
             self._busy = False
             self._pending = None
-            if self._paused:
-                self._paused = False
-                self.transport.resumeProducing()
             if result is not None and isinstance(result, Failure):
                 log.failure("SMTP handler failed", result)
             self._process()
@@ -302,6 +462,8 @@ class SubmissionServer(smtp.ESMTP):
         self.sendCode(250, self.host)
 
     def _greeted(self, rest: bytes, ehlo: bool) -> None:
+        if self._helo_name is None:
+            self._not_junk()  # the first greeting (again after STARTTLS) is no junk
         name = rest.strip().split()[0].decode("utf-8", "replace")[:255]
         self._helo_name = self.meta.helo = name
         self._helo = (name.encode(), (self.meta.peer_address or "").encode())
@@ -317,7 +479,7 @@ class SubmissionServer(smtp.ESMTP):
 
     def do_QUIT(self, rest: bytes) -> None:
         self.reply(221, "2.0.0", "Bye")
-        self.transport.loseConnection()
+        self._close()
 
     def do_VRFY(self, rest: bytes) -> None:
         if self._refused():
@@ -349,11 +511,16 @@ class SubmissionServer(smtp.ESMTP):
             # (CVE-2011-0411), and everything said before is forgotten.
             self._buffer = b""
             self._skipping = False
+            self._not_junk()
             self._reset_session()
             self.transport.startTLS(self.ctx)
             self.meta.tls = True
             self.meta.helo = None
             self.canStartTLS = False
+            # startTLS re-registered us with the TLS layer, which starts
+            # unpaused and pauses us again if its buffer fills.
+            self._output_paused = False
+            self._start_auth_deadline()  # again, if an AUTH before TLS had ended it
 
     # -- AUTH -------------------------------------------------------------------
 
@@ -415,6 +582,7 @@ class SubmissionServer(smtp.ESMTP):
             self._challenge()
             return
         self._mode, self._mechanism = COMMAND, None
+        self._not_junk()  # a login attempt: counted by max_auth_failures instead
         credentials = sasl.credentials_of(mechanism, self.meta)
         d = login(self.portal, credentials, IAuthInfo)
         d.addCallbacks(self._authenticated, self._auth_failed)
@@ -423,11 +591,13 @@ class SubmissionServer(smtp.ESMTP):
     def _auth_error(self, error: sasl.SASLError) -> None:
         self._mode, self._mechanism = COMMAND, None
         self.reply(error.code, error.enhanced, error.text)
+        self._check_junk()  # the AUTH command of an exchange that led to no login
 
     def _authenticated(self, result: tuple[Any, Any, Any]) -> None:
         _, info, _ = result
         self.auth_info = info
         self.authenticated = True
+        self._cancel_auth_deadline()
         self.reply(235, "2.7.0", "Authentication successful")
 
     def _auth_failed(self, reason: Failure) -> None:
@@ -436,7 +606,7 @@ class SubmissionServer(smtp.ESMTP):
             self._auth_failures += 1
             self.reply(rejection.code, rejection.enhanced, rejection.text)
             if rejection.disconnect:
-                self.transport.loseConnection()
+                self._close()
                 return
         elif reason.check(UnauthorizedLogin):
             self._auth_failures += 1
@@ -450,7 +620,7 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(454, "4.7.0", "Temporary authentication failure")
         if self._auth_failures >= self.settings.max_auth_failures:
             self.reply(421, "4.7.0", "Too many failed authentications, closing connection")
-            self.transport.loseConnection()
+            self._close()
 
     # -- the transaction ----------------------------------------------------
 
@@ -497,8 +667,23 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(553, "5.7.1", "Sender address not allowed for this identity")
             return
         self._from = sender
-        self._mail_auth = params.get("AUTH")
+        self._mail_auth = self._trusted_mail_auth(params.get("AUTH"))
         self.reply(250, "2.1.0", "Sender OK")
+
+    def _trusted_mail_auth(self, mailbox: str | None) -> str | None:
+        """
+        The C{AUTH=} mailbox to record (RFC 4954 section 5): as given only from
+        an authenticated session, and with sender binding only a mailbox the
+        identity may also use as MAIL FROM; otherwise C{<>}, as if the client
+        had sent C{AUTH=<>}. None when the parameter was not given.
+        """
+        if mailbox is None or mailbox == "<>":
+            return mailbox
+        if self.auth_info is None:  # a trusted network: nobody vouches for it
+            return "<>"
+        if self.settings.sender_binding and not self._sender_allowed(mailbox):
+            return "<>"
+        return mailbox
 
     def _mail_parameters(self, opts: bytes) -> dict[str, str]:
         params: dict[str, str] = {}

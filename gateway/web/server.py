@@ -336,6 +336,19 @@ class GatewayChannel(http.HTTPChannel):
         self._stop_deadline()
         super().connectionLost(reason)
 
+    def pauseProducing(self) -> None:
+        """
+        The write buffer is full: stop reading, also while a request is being
+        answered. Twisted's channel does not then, and while it waits for the
+        transport it stops pausing for pipelined input either: a client that
+        pipelines requests and never reads had every one read and answered
+        into the buffer (issue 11 item 3). requestDone, or resumeProducing
+        between requests, resumes reading.
+        """
+        super().pauseProducing()
+        if self._handlingRequest:
+            self._networkProducer.pauseProducing()
+
     def lineLengthExceeded(self, line: bytes) -> None:
         """An overlong request line (414) or header line (431), then close."""
         first = getattr(self, "_HTTPChannel__first_line", 1)
