@@ -345,8 +345,12 @@ class BackpressureTests(TestCase):
             lambda: _wait(lambda: not self.talker.connections, "the talker to close", 5)
         )
         sock = yield threads.deferToThread(handshake)
+        # Through the client's session: a paused outbound connection with
+        # nothing to write is in neither of the reactor's lists.
+        server = yield _wait(lambda: _server_side(sock.getsockname()[1]), "the client's session")
         outbound = yield _wait(
-            lambda: _server_side(self.talker_port, tcp.Client), "the relay's outbound connection"
+            lambda: getattr(_innermost(server).outbound, "transport", None),
+            "the relay's outbound connection",
         )
         # The client sends nothing more: the talker writes, the client never
         # reads; settled once the relay stops reading the talker.

@@ -140,7 +140,7 @@ class SMTPLockoutTests(LockoutMixin, SynchronousTestCase):
 
     def attempt(self, host: str, password: str) -> Any:
         proto = self.factory.buildProtocol(peer(host))
-        proto.callLater = self.reactor.callLater
+        getattr(proto, "wrapped", proto).callLater = self.reactor.callLater  # inside the per-peer cap
         transport = StringTransport(peerAddress=peer(host), hostAddress=peer("127.0.0.1", 2525))
         proto.makeConnection(transport)
         proto.dataReceived(b"EHLO client.example\r\n")
