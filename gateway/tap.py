@@ -36,6 +36,7 @@ from gateway.aaa import (
     load_group_file,
 )
 from gateway.checkers import CheckerLoadError, hashes, load_checker
+from gateway.checkers.plainfile import PlainFileChecker
 from gateway.checkers.files import IReloadable
 from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
 from gateway.connections import Connections, ListenSettings, with_backlog
@@ -300,8 +301,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             _check_readable(f"--auth file:{arg}", arg)
         if auth_type == "memory" and not arg:
             raise usage.UsageError("--auth memory: give USER:PASSWORD[:USER:PASSWORD...]")
+        # Twisted's file: checker (FilePasswordDB) reads the whole file on the
+        # reactor thread at every login: ours reads it when it changes.
+        generate = PlainFileChecker if auth_type == "file" else factory.generateChecker
         try:
-            checker = factory.generateChecker(arg)
+            checker = generate(arg)
         except Exception as e:
             message = str(e)
             # ARGS may hold passwords (memory:USER:PASSWORD): never echo them.
