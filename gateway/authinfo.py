@@ -22,7 +22,6 @@ from zope.interface import Attribute, Interface, implementer
 
 from gateway.meta import ip_or_none
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: The longest AuthInfo JSON text accepted (a checker's answer, not a file).
 MAX_JSON = 65536
@@ -58,8 +57,8 @@ def _to_identity_name(value: str | bytes) -> str:
         raise TypeError(f"identity must be a string, not {type(value).__name__}")
     if not value:
         raise ValueError("identity must not be empty")
-    if _CONTROL.search(value):
-        raise ValueError("identity must not contain control characters")
+    if not value.isprintable():  # controls, C1, line/paragraph separators, bidi and zero-width marks
+        raise ValueError("identity must not contain control or invisible characters")
     return value
 
 
@@ -113,6 +112,8 @@ def _groups(value: Iterable[str]) -> tuple[str, ...]:
     for group in value:
         if not isinstance(group, str) or not group:
             raise TypeError(f"group names must be non-empty strings, not {group!r}")
+        if not group.isprintable():  # they become header values (Remote-Groups) and log text
+            raise ValueError("group names must not contain control or invisible characters")
         out[group] = None
     return tuple(out)
 

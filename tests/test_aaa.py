@@ -697,7 +697,7 @@ class ACLErrorTests(SynchronousTestCase):
             ('{ identity = ["d"], context = "HttpBasicAuth" }',
              "identity.Individual.identity must be a non-empty string, not an array"),
             ('{ identity = "a\\u0001b", context = "HttpBasicAuth" }',
-             "identity.Individual: identity must not contain control characters"),
+             "identity.Individual: identity must not contain control or invisible characters"),
         ]:
             self.assertBodyError(f"identity.Individual = {table}", reason)
         self.assertBodyError(

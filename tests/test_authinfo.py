@@ -187,8 +187,16 @@ class AuthInfoTests(SynchronousTestCase):
 
     def test_badIdentityNames(self) -> None:
         """Empty names and control characters are refused: they would pass as logins or forge log lines."""
-        for name in ("", "bob\nauth success", "a\x00b", "del\x7f"):
+        for name in ("", "bob\nauth success", "a\x00b", "del\x7f", "c1\x85line", "sep\u2028x",
+                     "bidi\u202egnp.exe", "zero\u200bwidth"):
             self.assertRaises(ValueError, AuthInfo.from_json_dict, {"identities": [{"identity": name}]})
+        self.assertEqual(AuthInfo.from_json_dict({"identities": [{"identity": "Zoë Ågren"}]}).names(),
+                         {"Zoë Ågren"})
+
+    def test_badGroupNames(self) -> None:
+        """Group names become Remote-Groups header values and log text: printable only."""
+        for name in ("admins\r\nX-Injected: 1", "a\x85b", "sep\u2028x"):
+            self.assertRaises(ValueError, AuthInfo.from_json_dict, {"groups": [name]})
 
     def test_peerAddressIsAnIP(self) -> None:
         """peer_address is an IP address (KumoMTA's IpAddr), canonicalised."""
@@ -390,11 +398,13 @@ class MalformedAuthInfoTests(SynchronousTestCase):
         )
 
 
-_names = st.text(st.characters(min_codepoint=0x20, blacklist_characters="\x7f"), min_size=1)
+#: Printable text: what identity and group names may hold.
+_names = st.text(st.characters(blacklist_categories=("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"))
+                 | st.just(" "), min_size=1)
 _identities = st.lists(
     st.builds(Identity, _names, st.sampled_from(IdentityContext)), max_size=5
 )
-_groups = st.lists(st.text(min_size=1), max_size=6)
+_groups = st.lists(_names, max_size=6)
 _peers = st.none() | st.ip_addresses().map(str)
 
 
