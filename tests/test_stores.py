@@ -72,6 +72,61 @@ APR1 = "$apr1$abcdefgh$" + "b" * 22
 SHA1 = "{SHA}" + "W6ph5Mm5Pz8GgiULbPgzG37mj9g="
 
 
+
+class DirectoryLinkTests(SynchronousTestCase):
+    """
+    A store's directory reached through a link owned by someone else (the
+    owner of a data directory, planting C{linkdir -> /etc}) is refused;
+    links owned by root or by the user running the command are followed.
+    """
+
+    def setUp(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("giving a link to another owner needs root")
+        base = os.path.abspath(self.mktemp())
+        self.victim = os.path.join(base, "victim")
+        os.makedirs(self.victim)
+        _write(os.path.join(self.victim, "users"), "keep:me\n", mode=0o644)
+        self.link = os.path.join(base, "linkdir")
+        os.symlink(self.victim, self.link)
+
+    def planted(self, path: str | None = None) -> None:
+        os.lchown(path or self.link, 4242, 4242)
+
+    def test_untrusted_link_refused(self) -> None:
+        self.planted()
+        target = os.path.join(self.link, "users")
+        for attempt in (lambda: atomic_write(target, "x\n"), lambda: locked(target).__enter__(),
+                        lambda: files.check_rewritable(target)):
+            e = self.assertRaises(StoreError, attempt)
+            self.assertIn("owned by uid 4242", str(e))
+        self.assertEqual(_read(os.path.join(self.victim, "users")), b"keep:me\n")
+        self.assertEqual(_mode(os.path.join(self.victim, "users")), 0o644)
+
+    def test_through_a_trusted_link_to_an_untrusted_one(self) -> None:
+        """A link of ours pointing into a path that holds a planted link: refused too."""
+        self.planted()
+        ours = os.path.join(os.path.dirname(self.link), "ours")
+        os.symlink(os.path.join(self.link, "."), ours)
+        self.assertRaises(StoreError, atomic_write, os.path.join(ours, "users"), "x\n")
+
+    def test_own_link_followed(self) -> None:
+        atomic_write(os.path.join(self.link, "users"), "new:one\n")
+        self.assertEqual(_read(os.path.join(self.victim, "users")), b"new:one\n")
+
+    def test_cli_refuses(self) -> None:
+        import io
+
+        from gateway import cli
+
+        self.planted()
+        err = io.StringIO()
+        code = cli.main(["user", "add", os.path.join(self.link, "users"), "z", "--password-stdin"],
+                        stdin=io.StringIO("pw-z-12345\n"), stdout=io.StringIO(), stderr=err)
+        self.assertNotEqual(code, 0)
+        self.assertIn("symbolic link owned by uid 4242", err.getvalue())
+        self.assertEqual(_read(os.path.join(self.victim, "users")), b"keep:me\n")
+
 class AtomicWriteTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.path = _dir_with(self)

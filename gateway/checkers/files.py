@@ -120,6 +120,72 @@ def _refuse_link(name: str, st: os.stat_result) -> None:
         raise StoreError(f"{name}: not a regular file")
 
 
+#: Symbolic links followed at most while checking a store's directory.
+MAX_LINKS = 40
+
+
+def _check_links(directory: str) -> None:
+    """
+    Refuse a directory reached through a symbolic link owned by anyone but
+    root or the user running this: whoever owns such a link (the service
+    user owning a data directory, say) could point a rewrite by root at
+    /etc. The path is resolved component by component, as the kernel does,
+    so a trusted link to a place holding an untrusted one is caught too.
+    """
+    trusted = {0, os.geteuid()}
+    pending = os.path.abspath(directory).split(os.sep)[1:]
+    resolved, links = os.sep, 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            resolved = os.path.dirname(resolved)
+            continue
+        candidate = os.path.join(resolved, part)
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return  # missing or unreadable: opening it fails with the reason
+        if not stat.S_ISLNK(st.st_mode):
+            resolved = candidate
+            continue
+        if st.st_uid not in trusted:
+            raise StoreError(
+                f"{directory}: {candidate} is a symbolic link owned by uid {st.st_uid}; a store"
+                " is rewritten only through links owned by root or by you: give the real path"
+            )
+        links += 1
+        if links > MAX_LINKS:
+            raise StoreError(f"{directory}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        if target.startswith(os.sep):
+            resolved = os.sep
+        pending[:0] = target.split(os.sep)
+
+
+def _open_directory(directory: str) -> int:
+    """
+    The store's directory, opened: only through trusted links
+    (L{_check_links}), checked again once open so that a link swapped in
+    (and out) meanwhile is caught.
+    """
+    _check_links(directory)
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StoreError(f"{directory}: {_reason(e)}") from None
+    try:
+        _check_links(directory)
+        opened, now = os.fstat(fd), os.stat(directory)
+        if (opened.st_dev, opened.st_ino) != (now.st_dev, now.st_ino):
+            raise StoreError(f"{directory}: changed while it was being opened")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def check_rewritable(path: str | os.PathLike[str]) -> None:
     """
     Refuse early, before reading, a store that L{atomic_write} would refuse:
@@ -128,6 +194,7 @@ def check_rewritable(path: str | os.PathLike[str]) -> None:
     @raise StoreError: saying why, and naming the link's real path.
     """
     name = os.fspath(path)
+    _check_links(directory_of(name))
     try:
         st = os.lstat(name)
     except FileNotFoundError:
@@ -157,7 +224,8 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
 
     C{path} itself must not be a symbolic link: a link planted by whoever can
     write the store's directory would otherwise make C{sudo authgateway user
-    add} replace (and chmod) its target, such as /etc/shadow. The directory is
+    add} replace (and chmod) its target, such as /etc/shadow; its directory
+    is reached through links owned by root or the user only. The directory is
     opened once and every step works relative to it, so a link swapped in
     after the check is replaced by the rename, never followed.
 
@@ -166,10 +234,7 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
     name = os.fspath(path)
     directory = directory_of(name)
     base = os.path.basename(name)
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StoreError(f"{directory}: {_reason(e)}") from None
+    dir_fd = _open_directory(directory)
     try:
         try:
             previous: os.stat_result | None = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
@@ -265,11 +330,7 @@ def locked(path: str | os.PathLike[str]) -> Iterator[None]:
 
     @raise StoreError: when the directory cannot be opened.
     """
-    directory = directory_of(path)  # where atomic_write writes (a link is never followed)
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as e:
-        raise StoreError(f"{directory}: {_reason(e)}") from None
+    fd = _open_directory(directory_of(path))  # where atomic_write writes
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
