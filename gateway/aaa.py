@@ -180,23 +180,51 @@ def authz_resource(authzid: str) -> str | None:
 def authz_grants(policy: IAccessPolicy | None) -> Callable[[IAuthInfo, str], bool]:
     """
     The realm's C{authorize} hook from the C{--acl} policy: acting as another
-    SMTP identity needs privilege C{authorize} on L{authz_resource}; without
-    an ACL (C{None}) nobody may. The hook is asked about the identities that
-    proved themselves (the authorization identity is not in the session yet).
-    L{AllowAuthenticated}, the policy without C{--acl}, grants nothing either.
+    SMTP identity needs privilege C{authorize} on L{authz_resource}, granted
+    by a rule written for it (L{written_grant}: a parent C{smtp} rule or a
+    C{"*"} privilege never grants it); without an ACL (C{None}) nobody may.
+    The hook is asked about the identities that proved themselves (the
+    authorization identity is not in the session yet). L{AllowAuthenticated},
+    the policy without C{--acl}, grants nothing either.
     """
-    if isinstance(policy, AllowAuthenticated):
-        policy = None
 
     def authorize(auth_info: IAuthInfo, authzid: str) -> bool:
         resource = authz_resource(authzid)
-        return (
-            policy is not None
-            and resource is not None
-            and policy.query_resource_access(auth_info, resource, "authorize")
-        )
+        return resource is not None and written_grant(policy, auth_info, resource, "authorize")
 
     return authorize
+
+
+def written_grant(
+    policy: IAccessPolicy | None,
+    auth_info: IAuthInfo,
+    resource: str,
+    privilege: str,
+    *,
+    literal_last: bool = False,
+) -> bool:
+    """
+    Whether the ACL grants C{privilege} on C{resource} through a rule written
+    for it: a key of the resource's own depth (its exact key, or C{*} in
+    place of some segments; with C{literal_last}, never of the last one) that
+    names C{privilege} itself, not C{"*"}. The first such rule that applies
+    decides, and the ordinary query must agree. For grants too strong to
+    come from a broad rule written for something else ("authenticated users
+    may use SMTP"): acting as another identity, a privileged source port.
+    Only an L{AccessControlMap} can say where a grant came from, so any other
+    policy grants nothing here.
+    """
+    if not isinstance(policy, AccessControlMap):
+        return False
+    if not policy.query_resource_access(auth_info, resource, privilege):
+        return False
+    segments = resource.split("/")
+    for key, rule in policy.rules_for(resource):
+        if len(key) != len(segments) or (literal_last and key[-1] != segments[-1]):
+            continue
+        if privilege in rule.privileges and rule.criterion.matches(auth_info):
+            return rule.allow
+    return False
 
 
 # --- criteria -----------------------------------------------------------------

@@ -154,7 +154,7 @@ class ActingAsSomeoneElseTests(SynchronousTestCase):
         """A grant for ceo is not one for C{ceo/x} (the ACL walks up resource paths)."""
         self.session(smtp_server_auth_plain(auth_plain), SENDERS + AUTHZ_CEO)
         self.assertEqual(self.send(b"AUTH PLAIN " + plain("ceo/x") + b"\r\n"), [b"535 5.7.8"])
-        everyone = grant("smtp/authz", "authorize", "identity.Authenticated = {}")
+        everyone = grant("smtp/authz/*", "authorize", "identity.Authenticated = {}")
         for authzid in ("ceo/x", "ceo//x", "/", "a\x01b", "ceo\r\nX: y"):
             # Not a name one resource segment can grant, or never an identity: 535, not 454.
             self.session(smtp_server_auth_plain(auth_plain), everyone)
@@ -163,6 +163,24 @@ class ActingAsSomeoneElseTests(SynchronousTestCase):
             )
         self.session(smtp_server_auth_plain(auth_plain), everyone)
         self.assertEqual(self.send(b"AUTH PLAIN " + plain("ceo") + b"\r\n"), [b"235 2.7.0"])
+
+    def test_broad_rules_never_grant(self) -> None:
+        """
+        "Authenticated users may use SMTP" (a parent key, a C{*} key at another
+        depth, a C{"*"} privilege) is no grant to act as anyone: only a rule
+        written for C{smtp/authz/<authzid>} (or C{smtp/authz/*}) naming
+        C{authorize} is.
+        """
+        for broad in (
+            grant("smtp", "*", "identity.Authenticated = {}"),
+            grant("smtp/*", "*", "identity.Authenticated = {}"),
+            grant("smtp/authz", "authorize", "identity.Authenticated = {}"),
+            grant("smtp/authz/*", "*", "identity.Authenticated = {}"),
+            grant("smtp/authz/ceo", "*", "identity.Authenticated = {}"),
+        ):
+            self.session(smtp_server_auth_plain(auth_plain), broad + SENDERS)
+            self.assertEqual(self.send(b"AUTH PLAIN " + plain("ceo") + b"\r\n"), [b"535 5.7.8"],
+                             broad)
 
     def test_function_grant(self) -> None:
         """A function that decided daniel may act as ceo returns an AuthInfo naming ceo."""

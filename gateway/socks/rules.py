@@ -41,7 +41,7 @@ from typing import Any
 
 import attrs
 
-from gateway.aaa import AccessControlMap
+from gateway.aaa import written_grant
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -365,22 +365,11 @@ PRIVILEGED_PORTS = range(1, 1024)
 def source_port_named(acl: Any, auth_info: Any, address: str, port: int) -> bool:
     """
     Whether the ACL grants C{bind} on C{socks/source/ADDRESS/PORT} through a
-    rule whose key names PORT (C{socks/source/ADDRESS/PORT}, or C{*} in place
-    of the address, never of the port): the first such rule that applies
-    decides, and the ordinary query must agree.
-
-    A parent grant (C{socks/source/ADDRESS}, C{socks}) or a C{*} port does not
-    count: privileged ports are never opened by a grant written for
-    addresses. Only an L{AccessControlMap} can say which key a grant came
-    from, so any other policy never opens a privileged port.
+    rule written for that port (L{written_grant}: its key names PORT, with
+    C{*} allowed in place of the address, and the rule names C{bind}). A
+    parent grant (C{socks/source/ADDRESS}, C{socks}), a C{*} port or a
+    C{"*"} privilege does not count: privileged ports are never opened by a
+    grant written for addresses.
     """
-    if not isinstance(acl, AccessControlMap):
-        return False
-    resource = f"socks/source/{address}/{port}"
-    if not acl.query_resource_access(auth_info, resource, "bind"):
-        return False
-    depth = resource.count("/") + 1
-    for key, rule in acl.rules_for(resource):
-        if len(key) == depth and key[-1] == str(port) and rule.applies(auth_info, "bind"):
-            return bool(rule.allow)
-    return False
+    return written_grant(acl, auth_info, f"socks/source/{address}/{port}", "bind",
+                         literal_last=True)
