@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import enum
 import json
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 

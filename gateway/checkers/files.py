@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from gateway.text import quote
 
@@ -622,3 +622,34 @@ class WatchedFile(Generic[_T]):
             _log.error("cannot reload {problem}; still using the last good version",
                        problem=problem)
             self._failing = problem
+
+
+@implementer(IReloadable)
+class FileChecker(Generic[_T]):
+    """
+    What the checkers of the stores share: a L{WatchedFile} parsed by
+    L{parse}, reloaded through the service's loader (L{IReloadable}), and the
+    problems of each new table logged (lines skipped, never fatal).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        loader: Callable[..., defer.Deferred[Any]] | None = None,
+        clock: Any = None,
+    ) -> None:
+        self.file: WatchedFile[_T] = WatchedFile(path, self.parse, self._loaded, loader, clock)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.file.path!r}>"
+
+    def parse(self, text: str, path: str) -> _T:
+        """The table of C{text}; runs in the loader's thread."""
+        raise NotImplementedError
+
+    def use_loader(self, load: Callable[..., defer.Deferred[Any]], clock: IReactorTime) -> None:
+        self.file.use_loader(load, clock)
+
+    def _loaded(self, table: _T) -> None:
+        for problem in getattr(table, "problems", ()):
+            _log.warn("{problem}; line skipped", problem=problem)

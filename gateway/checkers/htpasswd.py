@@ -28,9 +28,8 @@ from zope.interface import implementer
 from gateway.authinfo import AuthInfo
 from gateway.checkers import hashes
 from gateway.checkers.files import (
-    IReloadable,
+    FileChecker,
     StoreError,
-    WatchedFile,
     append_line,
     atomic_write,
     check_groups,
@@ -226,8 +225,8 @@ class _Served:
     dummies: Mapping[str, str] = attrs.field(converter=frozen, repr=False)
 
 
-@implementer(ICredentialsChecker, IHashingChecker, IReloadable)
-class HtpasswdChecker:
+@implementer(ICredentialsChecker, IHashingChecker)
+class HtpasswdChecker(FileChecker[_Served]):
     """
     C{--auth htpasswd:PATH}: users of an Apache/nginx htpasswd file.
 
@@ -262,18 +261,12 @@ class HtpasswdChecker:
         self._legacy_warned = False
         self._classes_warned = False
         self._dummies: Mapping[str, str] = {}
-        self.file = WatchedFile(path, self._parse, self._loaded, loader, clock)
-
-    def __repr__(self) -> str:
-        return f"<HtpasswdChecker {self.file.path!r}>"
+        super().__init__(path, loader, clock)
 
     def use_verifier(self, verifier: Verifier) -> None:
         self.verifier = verifier
 
-    def use_loader(self, load: Callable[..., defer.Deferred[Any]], clock: Any) -> None:
-        self.file.use_loader(load, clock)
-
-    def _parse(self, text: str, path: str) -> _Served:
+    def parse(self, text: str, path: str) -> _Served:
         """
         Parse and make the dummies of new cost classes (in the reload thread:
         a bcrypt dummy takes as long as a login); known classes keep theirs.
@@ -292,8 +285,7 @@ class HtpasswdChecker:
     def _loaded(self, served: _Served) -> None:
         table = served.table
         self._dummies = served.dummies
-        for problem in table.problems:
-            _log.warn("{problem}; line skipped", problem=problem)
+        super()._loaded(table)
         if table.legacy and not self._legacy_warned:
             self._legacy_warned = True
             _log.warn(

@@ -14,9 +14,8 @@ comparison whether or not the user exists.
 
 from __future__ import annotations
 
-import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import attrs
@@ -24,13 +23,11 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernameHashedPassword, IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
-from gateway.checkers.files import IReloadable, WatchedFile, frozen, records
+from gateway.checkers.files import FileChecker, frozen, records
 from gateway.text import quote
 
-_log = Logger()
 
 
 @attrs.frozen
@@ -58,8 +55,8 @@ def parse_plain(text: str, path: str = "<file>") -> PlainTable:
     return PlainTable(path, passwords, tuple(problems))
 
 
-@implementer(ICredentialsChecker, IReloadable)
-class PlainFileChecker:
+@implementer(ICredentialsChecker)
+class PlainFileChecker(FileChecker[PlainTable]):
     """
     Users of a clear-text C{user:password} file. Also answers
     C{IUsernameHashedPassword} credentials (CRAM-MD5 and kin), which need
@@ -67,27 +64,9 @@ class PlainFileChecker:
     """
 
     credentialInterfaces = (IUsernamePassword, IUsernameHashedPassword)
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        loader: Callable[..., defer.Deferred[Any]] | None = None,
-        clock: Any = None,
-    ) -> None:
-        self.file = WatchedFile(path, parse_plain, self._loaded, loader, clock)
-        #: What an unknown user's password is compared with.
-        self._nobody = secrets.token_urlsafe(32)
-
-    def __repr__(self) -> str:
-        return f"<PlainFileChecker {self.file.path!r}>"
-
-    def use_loader(self, load: Callable[..., defer.Deferred[Any]], clock: Any) -> None:
-        self.file.use_loader(load, clock)
-
-    @staticmethod
-    def _loaded(table: PlainTable) -> None:
-        for problem in table.problems:
-            _log.warn("{problem}; line skipped", problem=problem)
+    parse = staticmethod(parse_plain)
+    #: What an unknown user's password is compared with.
+    _nobody = secrets.token_urlsafe(32)
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[str]:
         def check(table: PlainTable) -> str:

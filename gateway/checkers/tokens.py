@@ -24,15 +24,13 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.strcred import ICheckerFactory
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo
 from gateway.checkers.files import (
-    IReloadable,
+    FileChecker,
     StoreError,
-    WatchedFile,
     append_line,
     atomic_write,
     check_groups,
@@ -51,7 +49,6 @@ from gateway.checkers.files import (
 from gateway.credentials import IBearerToken, identities_of
 from gateway.text import quote, utc_timestamp
 
-_log = Logger()
 
 TOKEN_PREFIX = "agw_"
 
@@ -274,8 +271,8 @@ def list_tokens(path: str | os.PathLike[str]) -> TokenTable:
     return parse_tokens(read_text(name), name)
 
 
-@implementer(ICredentialsChecker, IReloadable)
-class TokenChecker:
+@implementer(ICredentialsChecker)
+class TokenChecker(FileChecker[TokenTable]):
     """
     C{--auth tokens:PATH}: Bearer tokens (HTTP now, SMTP OAUTHBEARER/XOAUTH2
     later) looked up by SHA-256 digest. Hashing a token costs microseconds,
@@ -285,25 +282,7 @@ class TokenChecker:
     """
 
     credentialInterfaces = (IBearerToken,)
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        loader: Callable[..., defer.Deferred[Any]] | None = None,
-        clock: Any = None,
-    ) -> None:
-        self.file = WatchedFile(path, parse_tokens, self._loaded, loader, clock)
-
-    def __repr__(self) -> str:
-        return f"<TokenChecker {self.file.path!r}>"
-
-    def use_loader(self, load: Callable[..., defer.Deferred[Any]], clock: Any) -> None:
-        self.file.use_loader(load, clock)
-
-    @staticmethod
-    def _loaded(table: TokenTable) -> None:
-        for problem in table.problems:
-            _log.warn("{problem}; line skipped", problem=problem)
+    parse = staticmethod(parse_tokens)
 
     def requestAvatarId(self, credentials: Any) -> defer.Deferred[AuthInfo]:
         def look_up(table: TokenTable) -> AuthInfo:
