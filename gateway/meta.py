@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,6 +132,39 @@ class BadHost(ValueError):
     """A host that is neither a DNS host name nor an IP literal."""
 
 
+def _has_ascii_letter(text: str) -> bool:
+    return any("a" <= c <= "z" or "A" <= c <= "Z" for c in text)
+
+
+@functools.lru_cache(maxsize=4096)
+def folds_to_ascii(char: str) -> bool:
+    """
+    Whether a non-ASCII character becomes an ASCII letter under some case
+    mapping (C{upper()}, C{lower()}, C{casefold()}): the dotless and dotted
+    Turkish I (U+0131, U+0130), the long s, the Kelvin sign, ligatures such
+    as U+FB00, and U+00DF (C{SS}). Java's C{equalsIgnoreCase}, .NET's
+    OrdinalIgnoreCase and Go's C{EqualFold} match C{admın} with C{ADMIN}
+    while a comparison in lower case does not, so names holding one cannot
+    be matched the way such a server would.
+    """
+    if char.isascii():
+        return False
+    return any(_has_ascii_letter(f(char)) for f in (str.upper, str.lower, str.casefold))
+
+
+@functools.lru_cache(maxsize=4096)
+def compatible_with_ascii(char: str) -> bool:
+    """
+    Whether a non-ASCII character's compatibility form (NFKC) holds an ASCII
+    character: fullwidth letters, U+FF0F (a fullwidth C{/}), U+2024 (a dot
+    leader), superscript digits, ligatures. Servers that normalise (NFKC, or
+    Windows' "best fit" conversion to a code page) read them as ASCII.
+    """
+    if char.isascii():
+        return False
+    return any(c.isascii() for c in unicodedata.normalize("NFKC", char))
+
+
 def parse_host(host: str | bytes) -> str:
     """
     The canonical form of a host (no port): a DNS host name as lower-case
@@ -175,9 +209,14 @@ def parse_host(host: str | bytes) -> str:
     for label in labels:
         if label.startswith("xn--") or label[2:4] == "--":
             try:
-                idna.decode(label)  # a valid A-label, not any "xn--" string
+                unicode = idna.decode(label)  # a valid A-label, not any "xn--" string
             except (idna.IDNAError, UnicodeError, ValueError):
                 raise BadHost("a host name label that is not valid IDNA") from None
+            if any(folds_to_ascii(c) for c in unicode):
+                # xn--admn-kxa.test is "admın.test": a case-insensitive
+                # comparison, or transitional IDNA (straße -> strasse),
+                # reads another host than the ACL.
+                raise BadHost("a host name with a letter that another case mapping reads as ASCII")
     return name
 
 

@@ -396,6 +396,10 @@ class OutcomeTests(GuardTestCase):
         self.assertEqual(self.transport.value(), b"")
 
 
+#: What every trusted proxy must send: who the client is, and that it used TLS.
+CLIENT = [(b"X-Forwarded-For", b"198.51.100.7"), (b"X-Forwarded-Proto", b"https")]
+
+
 class ForwardAuthTests(GuardTestCase):
     def setUp(self):
         self.make(policy=Policy(("http/app.test/admin", "post"), ("http/gw.test/auth", "get")),
@@ -405,7 +409,7 @@ class ForwardAuthTests(GuardTestCase):
     def test_allowed(self):
         r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"), headers=[
             (b"X-Original-URL", b"https://App.Test:8443/admin/x?y=1"),
-            (b"X-Original-Method", b"GET")])
+            (b"X-Original-Method", b"GET"), *CLIENT])
         self.assertEqual(r.code, 200)
         self.assertEqual(r.one("Remote-User"), "daniel")
         self.assertEqual(r.one("Remote-Groups"), "staff,ops")
@@ -415,14 +419,16 @@ class ForwardAuthTests(GuardTestCase):
     def test_denied(self):
         r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"), headers=[
             (b"X-Forwarded-Method", b"POST"), (b"X-Forwarded-Proto", b"https"),
-            (b"X-Forwarded-Host", b"app.test"), (b"X-Forwarded-Uri", b"/admin/../admin/?q")])
+            (b"X-Forwarded-Host", b"app.test"), (b"X-Forwarded-Uri", b"/admin/../admin/?q"),
+            *CLIENT])
         self.assertEqual(r.code, 403)
         self.assertEqual(r.one("Cache-Control"), "no-store")
         self.assertIsNone(r.one("Remote-User"))
         self.assertEqual(self.policy.queries[-1], ("http/app.test/admin", "post"))
 
     def test_unauthenticated(self):
-        r = self.request(path=b"/auth", headers=[(b"X-Original-URL", b"https://app.test/")])
+        r = self.request(path=b"/auth", headers=[
+            (b"X-Original-URL", b"https://app.test/"), (b"X-Original-Method", b"GET"), *CLIENT])
         self.assertEqual(r.code, 401)
         self.assertEqual(r.all("WWW-Authenticate"), ['Basic realm="authgateway", charset="UTF-8"'])
 
@@ -449,7 +455,8 @@ class ForwardAuthTests(GuardTestCase):
     def test_mapped_trusted_proxy(self):
         """A dual-stack listener sees the proxy as ::ffff:127.0.0.1: still trusted."""
         r = self.request(path=b"/auth", peer="::ffff:127.0.0.1", authorization=basic("daniel", "tiger"),
-                         headers=[(b"X-Original-URL", b"https://app.test/admin")])
+                         headers=[(b"X-Original-URL", b"https://app.test/admin"),
+                                  (b"X-Original-Method", b"GET"), *CLIENT])
         self.assertEqual(r.code, 200)
         self.assertEqual(self.policy.queries[-1], ("http/app.test/admin", "get"))
 

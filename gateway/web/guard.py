@@ -81,6 +81,10 @@ class HTTPSettings:
     keep_method_override: bool = False
 
 
+class BadForwarding(ValueError):
+    """A trusted proxy's request that does not say who the client is (400)."""
+
+
 class MalformedCredentials(Exception):
     """An Authorization header that breaks the scheme's syntax (400)."""
 
@@ -117,17 +121,24 @@ def client_of(
     (C{via_proxy}: L{via_trusted_proxy}) these come from X-Forwarded-For (the
     rightmost address that is not a trusted proxy) and X-Forwarded-Proto;
     from anyone else, from the connection.
+
+    @raise BadForwarding: a trusted proxy sent no X-Forwarded-For, or one
+        whose hops end in something that is not an address before reaching
+        one that is not a trusted proxy: the client would be the proxy, and
+        every client would share its throttling and per-peer accounting.
     """
     peer = getattr(request.getClientAddress(), "host", None)
     peer = ip_or_none(peer) or peer
     secure = request.isSecure()
     if not via_proxy:
         return peer, secure
-    forwarded = b",".join(request.requestHeaders.getRawHeaders(b"x-forwarded-for", []))
-    for hop in reversed(forwarded.split(b",")):
+    values = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
+    if not values:
+        raise BadForwarding("no X-Forwarded-For from the trusted proxy")
+    for hop in reversed(b",".join(values).split(b",")):
         address = ip_or_none(hop.strip().decode("latin-1"))
-        if address is None:
-            break  # garbage: stop at the last address we can vouch for
+        if address is None:  # garbage where the proxy's own entry should be
+            raise BadForwarding("an X-Forwarded-For without the client's address")
         peer = address
         if not in_networks(address, settings.trusted_proxies):
             break
@@ -327,7 +338,10 @@ class Guard(resource.Resource):
         if decided is not None:
             return decided
         via = request.gateway_via_proxy = via_trusted_proxy(request, self.settings)
-        meta = request.gateway_meta = meta_of(request, self.settings, self.listener, via)
+        try:
+            meta = request.gateway_meta = meta_of(request, self.settings, self.listener, via)
+        except BadForwarding as e:
+            return Refusal(400, f"Bad request: {e}")
         try:
             credentials = self._credentials(request, meta)
         except MalformedCredentials as e:

@@ -37,7 +37,13 @@ from twisted.web import resource, server
 
 from gateway.aaa import IAccessPolicy
 from gateway.authinfo import AuthInfo
-from gateway.meta import BadHost, canonical_host, split_authority
+from gateway.meta import (
+    BadHost,
+    canonical_host,
+    compatible_with_ascii,
+    folds_to_ascii,
+    split_authority,
+)
 from gateway.web.guard import HTTPSettings, header, quoted_string, refusal
 from gateway.web.proxy import METHOD_OVERRIDE_HEADERS, normalise_header_name
 
@@ -49,6 +55,15 @@ WHOAMI, AUTH = b"whoami", b"auth"
 #: Forward-auth target headers of each convention.
 _NGINX = (b"x-original-url", b"x-original-method")
 _TRAEFIK = (b"x-forwarded-uri", b"x-forwarded-method", b"x-forwarded-host")
+#: Other proxies' ways of passing the original target (normalised names,
+#: L{normalise_header_name}), which the gateway does not read. nginx's own
+#: documentation sends C{X-Original-URI}: were it ignored, C{/auth} would
+#: check the request to C{/auth} and let every path through.
+LOOKALIKE_TARGET_HEADERS = frozenset({
+    b"x-original-uri", b"x-original-path", b"x-original-host", b"x-original-request-uri",
+    b"x-forwarded-prefix", b"x-forwarded-path", b"x-forwarded-url", b"x-forwarded-request-uri",
+    b"x-rewrite-url", b"x-envoy-original-path", b"x-envoy-original-url", b"x-request-uri",
+})
 
 #: In a path: encoded separators, backslashes and path parameters, which
 #: upstreams read in ways the ACL cannot follow.
@@ -70,12 +85,38 @@ class Target:
     forwarded: bytes
 
 
-def parse_target(target: bytes) -> Target:
+def check_segment(segment: str, case_sensitive: bool = False) -> None:
     """
-    An origin-form target (C{/path?query}), its dot segments resolved.
+    Refuse a decoded path segment that some upstream reads as another one:
+    a control or invisible character (C{/admin%00}, C{%0a}, U+00A0, U+200B:
+    not C{str.isprintable}), a final C{.} or blank (IIS and Windows drop
+    them: C{/admin.} is C{/admin}), a character whose compatibility form
+    holds ASCII (fullwidth letters, U+FF0F), and, unless C{case_sensitive},
+    a character that a case mapping turns into an ASCII letter
+    (L{gateway.meta.folds_to_ascii}: C{admın} is C{ADMIN} to Java).
+
+    @raise BadTarget: naming the rule, not the segment.
+    """
+    if not segment.isprintable():
+        raise BadTarget("a control or invisible character in the path")
+    if segment.endswith((".", " ")):
+        raise BadTarget("a path segment ending in '.' or a blank")
+    if segment.isascii():
+        return
+    if any(compatible_with_ascii(c) for c in segment):
+        raise BadTarget("a character in the path that normalisation (NFKC) makes ASCII")
+    if not case_sensitive and any(folds_to_ascii(c) for c in segment):
+        raise BadTarget("a character in the path that a case mapping makes an ASCII letter")
+
+
+def parse_target(target: bytes, case_sensitive: bool = False) -> Target:
+    """
+    An origin-form target (C{/path?query}), its dot segments resolved, each
+    segment acceptable to L{check_segment}.
 
     @raise BadTarget: not origin form, a fragment, or an ambiguous path
-        (an encoded separator, a path parameter, bytes that are not UTF-8).
+        (an encoded separator, a path parameter, bytes that are not UTF-8,
+        a segment L{check_segment} refuses).
     """
     if not target.startswith(b"/") or target.startswith(b"//"):
         raise BadTarget("the request target must be a path")
@@ -98,6 +139,7 @@ def parse_target(target: bytes) -> Target:
                 raw.pop()
                 segments.pop()
             continue
+        check_segment(decoded, case_sensitive)
         raw.append(part)
         segments.append(decoded)
     trailing = b"/" if path.endswith((b"/", b"/.", b"/..")) and raw else b""
@@ -105,7 +147,7 @@ def parse_target(target: bytes) -> Target:
     return Target(tuple(segments), forwarded)
 
 
-def parse_original_url(url: bytes) -> tuple[str, Target]:
+def parse_original_url(url: bytes, case_sensitive: bool = False) -> tuple[str, Target]:
     """
     The host and target of an absolute C{http(s)://} URL (RFC 3986), read
     strictly: printable ASCII only, no backslash, no userinfo, a canonical
@@ -137,7 +179,7 @@ def parse_original_url(url: bytes) -> tuple[str, Target]:
         host, _ = split_authority(authority)
     except BadHost as e:
         raise BadTarget(f"URL host: {e}") from None
-    return host, parse_target(origin)
+    return host, parse_target(origin, case_sensitive)
 
 
 def forwarded_host(value: bytes | None) -> str:
@@ -158,13 +200,23 @@ def resource_name(host: str | None, target: Target, case_sensitive: bool = False
     """
     The ACL resource of C{target} on the canonical C{host}, or None when
     there is no host (which is a denial). Unless C{case_sensitive}, the path
-    is lower-cased: upstreams that route without regard to case (Express
-    by default, IIS) must not reach C{/ADMIN} where C{/admin} is denied.
+    is folded (L{fold_case}): upstreams that route without regard to case
+    (Express by default, IIS) must not reach C{/ADMIN} where C{/admin} is
+    denied.
     """
     if host is None:
         return None
-    segments = target.segments if case_sensitive else [s.lower() for s in target.segments]
+    segments = target.segments if case_sensitive else [fold_case(s) for s in target.segments]
     return "/".join(["http", host, *segments])
+
+
+def fold_case(text: str) -> str:
+    """
+    C{text} in lower case the way per-character case-insensitive comparisons
+    see it (Java's C{equalsIgnoreCase} compares upper case, then lower case):
+    C{ς}, C{σ} and C{Σ} are one letter, as are C{ϐ} and C{β}.
+    """
+    return text.upper().lower()
 
 
 def check_acl_keys(policy: Any, case_sensitive: bool = False) -> None:
@@ -184,7 +236,7 @@ def check_acl_keys(policy: Any, case_sensitive: bool = False) -> None:
             canonical = canonical_host(host)
             hint = f"write {canonical!r}" if canonical else "not a host name or IP literal"
             raise ValueError(f"{key!r}: the host is not in canonical form ({hint})")
-        if not case_sensitive and key != key.lower():
+        if not case_sensitive and key != fold_case(key):
             raise ValueError(
                 f"{key!r}: HTTP paths are matched in lower case; write the key in lower case"
                 " (or give --http-case-sensitive-paths)"
@@ -324,9 +376,13 @@ class ForwardAuth(_Leaf):
     C{/auth}: is the original request allowed? Its method, host and path
     come from C{X-Original-URL} / C{X-Original-Method} (nginx) or
     C{X-Forwarded-Method/Host/Uri} (Traefik, Caddy), believed only from a
-    C{--http-trusted-proxy}. Both conventions at once is a 400 (a client can
-    add the one its proxy does not set); either from another peer is a 403.
-    Without them the request to C{/auth} itself is checked.
+    C{--http-trusted-proxy}, which must send every header of one convention
+    (else 400: a missing method is not a GET, a missing URI not C{/}). Both
+    conventions at once is a 400 (a client can add the one its proxy does
+    not set); either from another peer is a 403. Only a peer that is not a
+    trusted proxy may ask about its own request to C{/auth}. Another
+    proxy's target headers (L{LOOKALIKE_TARGET_HEADERS}) are a 400 from
+    anyone: the gateway would check something else than they say.
     """
 
     def render(self, request: server.Request) -> bytes:
@@ -359,46 +415,66 @@ class ForwardAuth(_Leaf):
         @raise PermissionError: forwarded headers from an untrusted peer.
         """
         headers = request.requestHeaders
+        lookalikes = sorted({
+            normalised.decode("ascii") for normalised in map(
+                normalise_header_name, (name for name, _ in headers.getAllRawHeaders())
+            ) if normalised in LOOKALIKE_TARGET_HEADERS
+        })
+        if lookalikes:
+            raise BadTarget(
+                f"{', '.join(lookalikes)} not read here: send X-Original-URL and"
+                " X-Original-Method, or X-Forwarded-Method, -Host and -Uri"
+            )
         nginx = any(headers.hasHeader(name) for name in _NGINX)
         traefik = any(headers.hasHeader(name) for name in _TRAEFIK)
+        case_sensitive = self.session.app.settings.case_sensitive_paths
         try:
             if not (nginx or traefik):
+                if request.gateway_via_proxy:  # never the request to /auth itself
+                    raise BadTarget(
+                        "no X-Original-URL and X-Original-Method, nor X-Forwarded-Method,"
+                        " -Host and -Uri from the proxy"
+                    )
                 host = forwarded_host(header(request, b"host", once=True))
-                return request.method, host, parse_target(request.uri)
+                return request.method, host, parse_target(request.uri, case_sensitive)
             if not request.gateway_via_proxy:
                 raise PermissionError()
             if nginx and traefik:
                 raise BadTarget("both X-Original-* and X-Forwarded-Method/Host/Uri")
             if nginx:
-                return self._nginx(request)
-            return self._traefik(request)
+                return self._nginx(request, case_sensitive)
+            return self._traefik(request, case_sensitive)
         except BadTarget:
             raise
         except ValueError as e:  # a header sent twice
             raise BadTarget(str(e)) from None
 
     @staticmethod
-    def _method(request: server.Request, name: bytes) -> bytes:
-        method = header(request, name, once=True) or b"GET"
+    def _required(request: server.Request, name: bytes) -> bytes:
+        """The one value of a forwarded header the convention requires."""
+        value = header(request, name, once=True)
+        if not value:  # missing or empty: never a default (GET, /, the Host)
+            raise BadTarget(f"no {name.decode()} from the proxy")
+        return value
+
+    @classmethod
+    def _method(cls, request: server.Request, name: bytes) -> bytes:
+        method = cls._required(request, name)
         if not _TOKEN.fullmatch(method):
             raise BadTarget(f"{name.decode()} is not a method")
         return method
 
     @classmethod
-    def _nginx(cls, request: server.Request) -> tuple[bytes, str, Target]:
-        url = header(request, b"x-original-url", once=True)
-        if url is None:
-            raise BadTarget("X-Original-Method without X-Original-URL")
-        host, target = parse_original_url(url)
+    def _nginx(cls, request: server.Request, case_sensitive: bool) -> tuple[bytes, str, Target]:
+        host, target = parse_original_url(cls._required(request, b"x-original-url"), case_sensitive)
         return cls._method(request, b"x-original-method"), host, target
 
     @classmethod
-    def _traefik(cls, request: server.Request) -> tuple[bytes, str, Target]:
+    def _traefik(cls, request: server.Request, case_sensitive: bool) -> tuple[bytes, str, Target]:
         method = cls._method(request, b"x-forwarded-method")
-        value = header(request, b"x-forwarded-host", once=True)
-        host = forwarded_host(value if value is not None else header(request, b"host", once=True))
-        uri = header(request, b"x-forwarded-uri", once=True) or b"/"
-        return method, host, parse_target(uri)
+        host = forwarded_host(cls._required(request, b"x-forwarded-host"))
+        uri = cls._required(request, b"x-forwarded-uri")
+        return method, host, parse_target(uri, case_sensitive)
 
 
 class Upstream(_Leaf):
@@ -410,7 +486,7 @@ class Upstream(_Leaf):
         if app.proxy is None:
             return refusal(request, 404, "Not found")
         try:
-            target = parse_target(request.uri)
+            target = parse_target(request.uri, app.settings.case_sensitive_paths)
         except BadTarget as e:
             return refusal(request, 400, f"Bad request: {e}")
         if app.settings.hosts:
