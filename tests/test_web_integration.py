@@ -318,9 +318,7 @@ http {{
             proxy_pass http://127.0.0.1:{gateway}/auth;
             proxy_pass_request_body off;
             proxy_set_header Content-Length "";
-            proxy_set_header X-Original-URL {original_url};
-            proxy_set_header X-Original-Method $request_method;
-            proxy_set_header X-Forwarded-For $remote_addr;
+{auth_headers}
         }}
     }}
 }}
@@ -328,6 +326,17 @@ http {{
 
 #: The README's X-Original-URL: the server_name nginx matched, never the client's Host.
 README_ORIGINAL_URL = "$scheme://$server_name$request_uri"
+
+#: The README's target headers for /auth (X-Original-URL filled in).
+README_AUTH_HEADERS = """\
+            proxy_set_header X-Original-URL {original_url};
+            proxy_set_header X-Original-Method $request_method;
+            proxy_set_header X-Forwarded-For $remote_addr;"""
+
+#: nginx's own documentation (ngx_http_auth_request_module): X-Original-URI
+#: only, a header the gateway does not read, and no X-Forwarded-For.
+NGINX_DOCS_AUTH_HEADERS = """\
+            proxy_set_header X-Original-URI $request_uri;"""
 
 ACL = """\
 [[acl."http/app.example.com/secret"]]
@@ -342,12 +351,10 @@ identity.Authenticated = {}
 """
 
 
-class NginxForwardAuthTests(GatewayMixin, TestCase):
-    """nginx auth_request -> the gateway's /auth, in front of an echoing upstream."""
+class NginxMixin(GatewayMixin):
+    """The gateway (C{ACL}, the C{users} file), an echoing upstream and nginx in front."""
 
-    timeout = 60
-
-    def setUp(self):
+    def start_stack(self, *gateway_options: str) -> None:
         require_tool("curl", "curl")
         self.nginx = require_tool("nginx", "nginx")
         self.data = os.path.abspath(self.mktemp())
@@ -355,8 +362,7 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
         acl = os.path.join(self.data, "acl.toml")
         with open(acl, "w") as f:
             f.write(ACL)
-        self.start("--auth", f"htpasswd:{users}", "--acl", acl,
-                   "--http-trusted-proxy", "127.0.0.1/32", "--http-host", "app.example.com")
+        self.start("--auth", f"htpasswd:{users}", "--acl", acl, *gateway_options)
 
         self.upstream = EchoHeaders()
         site = server.Site(self.upstream)
@@ -364,17 +370,19 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
         port = reactor.listenTCP(0, site, interface="127.0.0.1")
         self.addCleanup(port.stopListening)
         self.upstream_port = port.getHost().port
-        return self.start_nginx()
 
     @defer.inlineCallbacks
-    def start_nginx(self, original_url: str = README_ORIGINAL_URL):
+    def start_nginx(self, original_url: str = README_ORIGINAL_URL,
+                    auth_headers: str = README_AUTH_HEADERS):
         tmp = os.path.abspath(self.mktemp())
         os.makedirs(tmp)
         self.nginx_port = free_port()
         conf = os.path.join(tmp, "nginx.conf")
         with open(conf, "w") as f:
-            f.write(NGINX_CONF.format(tmp=tmp, port=self.nginx_port, original_url=original_url,
-                                      upstream=self.upstream_port, gateway=self.http_port))
+            f.write(NGINX_CONF.format(
+                tmp=tmp, port=self.nginx_port, upstream=self.upstream_port, gateway=self.http_port,
+                auth_headers=auth_headers.format(original_url=original_url),
+            ))
         self.nginx_error_log = os.path.join(tmp, "error.log")
         proc = subprocess.Popen(
             [self.nginx, "-p", tmp, "-c", conf, "-e", self.nginx_error_log],
@@ -412,6 +420,16 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.nginx_port}{path}"
+
+
+class NginxForwardAuthTests(NginxMixin, TestCase):
+    """nginx auth_request -> the gateway's /auth, in front of an echoing upstream."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.start_stack("--http-trusted-proxy", "127.0.0.1/32", "--http-host", "app.example.com")
+        return self.start_nginx()
 
     SPOOFED = ("Remote-User: mallory", "REMOTE-USER: x", "Remote_User: x", "remote.user: x",
                "Remote-Groups: admin", "remote_groups: admin")
@@ -534,6 +552,57 @@ class NginxForwardAuthTests(GatewayMixin, TestCase):
         response = yield self.refused("-H", "Host: app.example.com:1:2", self.url("/secret"))
         self.assertEqual(response.status, 500, response)  # /auth: 400
         self.assertEqual(self.upstream.seen, [])
+
+
+class NginxIncompleteTargetTests(NginxMixin, TestCase):
+    """
+    Review finding 1 and 2 through the real nginx: /auth told less than the
+    whole original request fails closed (400, which nginx answers as 500),
+    never checks the request to /auth itself or assumes GET.
+    """
+
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def assertClosed(self, *args: str):
+        response = yield threads.deferToThread(
+            curl, "-u", "daniel:tiger", *args
+        )
+        self.assertEqual(response.status, 500, (args, response, self.error_log()))
+        self.assertEqual(self.upstream.seen, [])
+
+    @defer.inlineCallbacks
+    def test_nginx_docs_snippet_trusted(self):
+        """nginx's documented snippet (X-Original-URI only, no Host line) behind a trusted proxy."""
+        self.start_stack("--http-trusted-proxy", "127.0.0.1/32")
+        yield self.start_nginx(auth_headers=NGINX_DOCS_AUTH_HEADERS)
+        yield self.assertClosed(self.url("/secret"))
+
+    @defer.inlineCallbacks
+    def test_nginx_docs_snippet_untrusted(self):
+        """The same snippet, the operator having forgotten --http-trusted-proxy."""
+        self.start_stack()
+        yield self.start_nginx(auth_headers=NGINX_DOCS_AUTH_HEADERS)
+        yield self.assertClosed(self.url("/secret"))
+
+    @defer.inlineCallbacks
+    def test_original_uri_with_host(self):
+        """The reviewer's variant: X-Original-URI, Host $host and X-Forwarded-For, --http-host."""
+        self.start_stack("--http-trusted-proxy", "127.0.0.1/32", "--http-host", "app.example.com")
+        yield self.start_nginx(auth_headers=NGINX_DOCS_AUTH_HEADERS + """
+            proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;""")
+        yield self.assertClosed("-H", "Host: app.example.com", self.url("/secret"))
+
+    @defer.inlineCallbacks
+    def test_no_original_method(self):
+        """The README snippet without X-Original-Method: a PUT is not checked as a GET."""
+        self.start_stack("--http-trusted-proxy", "127.0.0.1/32", "--http-host", "app.example.com")
+        yield self.start_nginx(auth_headers="""\
+            proxy_set_header X-Original-URL $scheme://$server_name$request_uri;
+            proxy_set_header X-Forwarded-For $remote_addr;""")
+        for method in ("PUT", "DELETE"):
+            yield self.assertClosed("-X", method, self.url("/public"))
 
 
 class CountingUpstream(protocol.Protocol):
