@@ -21,7 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from gateway import tap
 from gateway.aaa import parse_acl, parse_groups
 from gateway.meta import BadHost, parse_host
-from gateway.web.resources import BadTarget, parse_target, resource_name
+from gateway.web.resources import BadTarget, check_acl_keys, parse_target, resource_name
 from tests.test_web_guard import FakeUpstream, GuardTestCase, basic
 from tests.test_web_hosts import ACL
 
@@ -273,3 +273,19 @@ class JavaCaseTests(SynchronousTestCase):
                 return
             names.append(resource_name("app.example.com", target))
         self.assertEqual(names[0], names[1], (first, second))
+
+
+class ACLKeySegmentTests(SynchronousTestCase):
+    """A key no request can reach any more (its segment is refused) stops the start."""
+
+    def test_refused(self):
+        for path in ("admin.", "adm\u0131n", "\uff41dmin", "admin\u00a0"):
+            acl = parse_acl(f'[[acl."http/app.example.com/{path}"]]\nallow = false\n'
+                            'privileges = ["*"]\nidentity.Any = {}\n')
+            e = self.assertRaises(ValueError, check_acl_keys, acl)
+            self.assertIn("no request reaches it", str(e))
+
+    def test_case_sensitive(self):
+        acl = parse_acl('[[acl."http/app.example.com/adm\u0131n"]]\nallow = false\n'
+                        'privileges = ["*"]\nidentity.Any = {}\n')
+        check_acl_keys(acl, case_sensitive=True)

@@ -223,8 +223,9 @@ def check_acl_keys(policy: Any, case_sensitive: bool = False) -> None:
     """
     Refuse C{http/...} ACL keys that could never match: a host that is not
     in canonical form (C{App.Test}, C{bücher.test} for C{xn--bcher-kva.test},
-    C{::1} for C{[::1]}), or, with paths matched in lower case (the
-    default), a path with upper case in it.
+    C{::1} for C{[::1]}), a path segment L{check_segment} refuses in
+    requests (C{admin.}, C{adm\u0131n}), or, with paths matched in lower case
+    (the default), a path with upper case in it.
 
     @raise ValueError: naming the first such key.
     """
@@ -236,6 +237,11 @@ def check_acl_keys(policy: Any, case_sensitive: bool = False) -> None:
             canonical = canonical_host(host)
             hint = f"write {canonical!r}" if canonical else "not a host name or IP literal"
             raise ValueError(f"{key!r}: the host is not in canonical form ({hint})")
+        for segment in key.split("/")[2:]:
+            try:
+                check_segment(segment, case_sensitive)
+            except BadTarget as e:
+                raise ValueError(f"{key!r}: no request reaches it ({e})") from None
         if not case_sensitive and key != fold_case(key):
             raise ValueError(
                 f"{key!r}: HTTP paths are matched in lower case; write the key in lower case"
