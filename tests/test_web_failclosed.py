@@ -10,8 +10,6 @@ every bypass below was a 200 before.
 from __future__ import annotations
 
 import ipaddress
-import sys
-import unicodedata
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -153,8 +151,9 @@ class PathSpellingTests(GuardTestCase):
 
     def proxied(self, **kwargs):
         self.upstream = FakeUpstream()
-        self.make(proxy=self.upstream, policy=parse_acl(ACL), upstream="http://app.example.com:3000",
-                  groups=parse_groups("admins: jürgen\n"), trusted_proxies=PROXY, **kwargs)
+        self.make(proxy=self.upstream, policy=parse_acl(ACL),
+                  upstream="http://app.example.com:3000", groups=parse_groups("admins: jürgen\n"),
+                  trusted_proxies=PROXY, **kwargs)
 
     def get(self, target, headers=()):
         return self.request(path=target, authorization=basic("daniel", "tiger"), peer="203.0.113.9",

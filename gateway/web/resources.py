@@ -13,9 +13,11 @@ the lower-case method (C{get}, C{post}, ...) and any method override. The
 path is percent-decoded, its dot segments resolved and (unless
 C{--http-case-sensitive-paths}) lower-cased, and the proxy forwards exactly
 the segments the ACL saw; a target the two could read differently (an
-encoded C{/} or C{\\}, a C{;} path parameter, a fragment) is refused with
-400. HOST is canonical (L{gateway.meta.parse_host}), read strictly from
-C{X-Original-URL}, C{X-Forwarded-Host} or Host (anything ambiguous: 400).
+encoded C{/} or C{\\}, a C{;} path parameter, a fragment, a segment
+L{check_segment} refuses: a control, a final dot, a letter another server
+folds to ASCII) is refused with 400. HOST is canonical
+(L{gateway.meta.parse_host}), read strictly from C{X-Original-URL},
+C{X-Forwarded-Host} or Host (anything ambiguous: 400).
 For C{/auth} it is the forwarded host, which must be one C{--http-host}
 lists when any is (else 403); for the reverse proxy it is the request's
 Host when C{--http-host} lists it (another Host gets 421), else the
