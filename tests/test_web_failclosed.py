@@ -122,6 +122,15 @@ class ForwardedForTests(GuardTestCase):
         self.assertEqual(r.code, 200)
         self.assertEqual(r.json()["peer_address"], "198.51.100.7")
 
+    def test_proto_over_tls(self):
+        """Over TLS, the proxy must say whether its client used TLS; over plain HTTP it may not."""
+        r = self.whoami([(b"X-Forwarded-For", b"127.0.0.9")])
+        self.assertEqual(r.code, 400)
+        self.assertIn(b"X-Forwarded-Proto", r.body)
+        r = self.request(authorization=basic("daniel", "tiger"),
+                         headers=[(b"X-Forwarded-For", b"127.0.0.9")])
+        self.assertEqual(r.code, 200)
+
     def test_others_need_none(self):
         self.assertEqual(self.whoami([], peer="203.0.113.9").code, 200)
 
@@ -137,6 +146,7 @@ REFUSED_TARGETS = [
     b"/admin%00", b"/admin%00.json", b"/admin%0a", b"/admin%0d%0ax", b"/admin%09",
     b"/admin%7f", b"/admin%c2%85", b"/admin%c2%a0", b"/%e2%80%8badmin", b"/admin%e2%80%ae",
     b"/admin%ef%bb%bf", b"/admin.", b"/admin%2e", b"/admin...", b"/admin%20", b"/admin./x",
+    b"/admin::$DATA", b"/admin::%24DATA", b"/admin:$i30:$INDEX_ALLOCATION/x",
 ]
 
 
@@ -184,6 +194,16 @@ class PathSpellingTests(GuardTestCase):
         for path in ("/\u015fi\u015f", "/\u00c7ALI\u015eMA/\u00f6\u011fe", "/caf\u00e9",
                      "/\u0431\u0443\u043a\u0432\u044b", "/\u65e5\u672c", "/admin.json", "/a.b/c"):
             self.assertEqual(self.get(encode_path(path)).code, 200, path)
+
+    def test_composed_and_decomposed(self):
+        """A rule for NFC 'café' covers 'cafe' + U+0301, which macOS file systems store."""
+        self.upstream = FakeUpstream()
+        acl = ACL.replace("http/app.example.com/admin", "http/app.example.com/caf\u00e9")
+        self.make(proxy=self.upstream, policy=parse_acl(acl),
+                  upstream="http://app.example.com:3000")
+        for path in (b"/caf%C3%A9", b"/cafe%CC%81", b"/CAFE%CC%81"):
+            self.assertEqual(self.get(path).code, 403, path)
+        self.assertEqual(self.upstream.calls, [])
 
     def test_case_sensitive_lifts_case_rule_only(self):
         self.proxied(case_sensitive_paths=True)
@@ -278,11 +298,17 @@ class ACLKeySegmentTests(SynchronousTestCase):
     """A key no request can reach any more (its segment is refused) stops the start."""
 
     def test_refused(self):
-        for path in ("admin.", "adm\u0131n", "\uff41dmin", "admin\u00a0"):
+        for path in ("admin.", "adm\u0131n", "\uff41dmin", "admin\u00a0", "x::$DATA"):
             acl = parse_acl(f'[[acl."http/app.example.com/{path}"]]\nallow = false\n'
                             'privileges = ["*"]\nidentity.Any = {}\n')
             e = self.assertRaises(ValueError, check_acl_keys, acl)
             self.assertIn("no request reaches it", str(e))
+
+    def test_not_nfc(self):
+        acl = parse_acl('[[acl."http/app.example.com/cafe\u0301"]]\nallow = false\n'
+                        'privileges = ["*"]\nidentity.Any = {}\n')
+        e = self.assertRaises(ValueError, check_acl_keys, acl, case_sensitive=True)
+        self.assertIn("NFC", str(e))
 
     def test_case_sensitive(self):
         acl = parse_acl('[[acl."http/app.example.com/adm\u0131n"]]\nallow = false\n'

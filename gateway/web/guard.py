@@ -125,7 +125,9 @@ def client_of(
     @raise BadForwarding: a trusted proxy sent no X-Forwarded-For, or one
         whose hops end in something that is not an address before reaching
         one that is not a trusted proxy: the client would be the proxy, and
-        every client would share its throttling and per-peer accounting.
+        every client would share its throttling and per-peer accounting. Or
+        it came over TLS without X-Forwarded-Proto: its client would count
+        as having used TLS.
     """
     peer = getattr(request.getClientAddress(), "host", None)
     peer = ip_or_none(peer) or peer
@@ -145,6 +147,8 @@ def client_of(
     proto = header(request, b"x-forwarded-proto")
     if proto is not None:
         secure = proto.lower() == b"https"
+    elif secure:  # the proxy's own TLS says nothing about its client's
+        raise BadForwarding("no X-Forwarded-Proto from the trusted proxy")
     return peer, secure
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 import urllib.parse
 from collections.abc import Iterable
 from typing import Any
@@ -92,7 +93,7 @@ def check_segment(segment: str, case_sensitive: bool = False) -> None:
     Refuse a decoded path segment that some upstream reads as another one:
     a control or invisible character (C{/admin%00}, C{%0a}, U+00A0, U+200B:
     not C{str.isprintable}), a final C{.} or blank (IIS and Windows drop
-    them: C{/admin.} is C{/admin}), a character whose compatibility form
+    them: C{/admin.} is C{/admin}), an NTFS stream (C{::$DATA}), a character whose compatibility form
     holds ASCII (fullwidth letters, U+FF0F), and, unless C{case_sensitive},
     a character that a case mapping turns into an ASCII letter
     (L{gateway.meta.folds_to_ascii}: C{admın} is C{ADMIN} to Java).
@@ -103,6 +104,8 @@ def check_segment(segment: str, case_sensitive: bool = False) -> None:
         raise BadTarget("a control or invisible character in the path")
     if segment.endswith((".", " ")):
         raise BadTarget("a path segment ending in '.' or a blank")
+    if ":$" in segment:  # NTFS streams: IIS serves admin.aspx::$DATA as admin.aspx's source
+        raise BadTarget("an NTFS stream name (':$') in the path")
     if segment.isascii():
         return
     if any(compatible_with_ascii(c) for c in segment):
@@ -208,7 +211,8 @@ def resource_name(host: str | None, target: Target, case_sensitive: bool = False
     """
     if host is None:
         return None
-    segments = target.segments if case_sensitive else [fold_case(s) for s in target.segments]
+    fold = compose if case_sensitive else fold_case
+    segments = [fold(s) for s in target.segments]
     return "/".join(["http", host, *segments])
 
 
@@ -216,9 +220,18 @@ def fold_case(text: str) -> str:
     """
     C{text} in lower case the way per-character case-insensitive comparisons
     see it (Java's C{equalsIgnoreCase} compares upper case, then lower case):
-    C{ς}, C{σ} and C{Σ} are one letter, as are C{ϐ} and C{β}.
+    C{ς}, C{σ} and C{Σ} are one letter, as are C{ϐ} and C{β}; then NFC
+    (L{compose}).
     """
-    return text.upper().lower()
+    return compose(text.upper().lower())
+
+
+def compose(text: str) -> str:
+    """
+    C{text} in NFC: C{café} written with a combining accent (as macOS file
+    systems store it) names what C{café} names, so a rule for one covers both.
+    """
+    return unicodedata.normalize("NFC", text)
 
 
 def check_acl_keys(policy: Any, case_sensitive: bool = False) -> None:
@@ -244,6 +257,8 @@ def check_acl_keys(policy: Any, case_sensitive: bool = False) -> None:
                 check_segment(segment, case_sensitive)
             except BadTarget as e:
                 raise ValueError(f"{key!r}: no request reaches it ({e})") from None
+        if key != compose(key):
+            raise ValueError(f"{key!r}: HTTP paths are matched in NFC; write the key in NFC")
         if not case_sensitive and key != fold_case(key):
             raise ValueError(
                 f"{key!r}: HTTP paths are matched in lower case; write the key in lower case"
