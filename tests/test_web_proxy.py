@@ -461,6 +461,14 @@ class UpstreamRequestTests(ProxyMixin, TestCase):
         values = [v for _, vs in call.headers.getAllRawHeaders() for v in vs]
         self.assertNotIn(b"evil.test", b"".join(values))
 
+    def test_target_lookalikes_dropped(self):
+        """Every header /auth refuses as a look-alike target is not passed upstream either."""
+        names = [b"X-Forwarded-Path", b"X-Envoy-Original-Path", b"X-Original-Path",
+                 b"X-Forwarded-Url", b"X-Request-URI", b"X.Original.Request.URI"]
+        call = self.send(headers=[(name, b"/admin") for name in names])
+        for name in names:
+            self.assertIsNone(call.header(name), name)
+
     def test_forwarded_proto_https(self):
         self.serve(secure=True)
         call = self.send()

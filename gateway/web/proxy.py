@@ -96,6 +96,17 @@ METHOD_OVERRIDE_HEADERS: frozenset[bytes] = frozenset({
     b"x-http-method-override", b"x-http-method", b"x-method-override",
 })
 
+#: Other proxies' ways of passing the original target (normalised names,
+#: L{normalise_header_name}), which the gateway does not read. nginx's own
+#: documentation sends C{X-Original-URI}: were it ignored, C{/auth} would
+#: check the request to C{/auth} and let every path through (/auth refuses
+#: them); an upstream may route by them (the reverse proxy drops them).
+LOOKALIKE_TARGET_HEADERS = frozenset({
+    b"x-original-uri", b"x-original-path", b"x-original-host", b"x-original-request-uri",
+    b"x-forwarded-prefix", b"x-forwarded-path", b"x-forwarded-url", b"x-forwarded-request-uri",
+    b"x-rewrite-url", b"x-envoy-original-path", b"x-envoy-original-url", b"x-request-uri",
+})
+
 #: Hop-by-hop headers (RFC 9110 section 7.6.1, plus the historical
 #: Proxy-Connection and "Trailers"), lower case.  Never forwarded either way.
 HOP_BY_HOP_HEADERS: frozenset[bytes] = frozenset({
@@ -360,7 +371,10 @@ class UpstreamProxy:
                 raise ValueError("group name contains a comma; refusing to proxy")
 
         inbound: Headers = request.requestHeaders
-        dropped = set(HOP_BY_HOP_HEADERS | _REPLACED_REQUEST_HEADERS | _IDENTITY_HEADER_BYTES)
+        dropped = set(
+            HOP_BY_HOP_HEADERS | _REPLACED_REQUEST_HEADERS | _IDENTITY_HEADER_BYTES
+            | LOOKALIKE_TARGET_HEADERS
+        )
         if not self._forward_authorization:
             dropped.add(b"authorization")
         if not self._keep_method_override:

@@ -48,7 +48,11 @@ from gateway.meta import (
     split_authority,
 )
 from gateway.web.guard import HTTPSettings, header, quoted_string, refusal
-from gateway.web.proxy import METHOD_OVERRIDE_HEADERS, normalise_header_name
+from gateway.web.proxy import (
+    LOOKALIKE_TARGET_HEADERS,
+    METHOD_OVERRIDE_HEADERS,
+    normalise_header_name,
+)
 
 log = Logger()
 
@@ -58,15 +62,6 @@ WHOAMI, AUTH = b"whoami", b"auth"
 #: Forward-auth target headers of each convention.
 _NGINX = (b"x-original-url", b"x-original-method")
 _TRAEFIK = (b"x-forwarded-uri", b"x-forwarded-method", b"x-forwarded-host")
-#: Other proxies' ways of passing the original target (normalised names,
-#: L{normalise_header_name}), which the gateway does not read. nginx's own
-#: documentation sends C{X-Original-URI}: were it ignored, C{/auth} would
-#: check the request to C{/auth} and let every path through.
-LOOKALIKE_TARGET_HEADERS = frozenset({
-    b"x-original-uri", b"x-original-path", b"x-original-host", b"x-original-request-uri",
-    b"x-forwarded-prefix", b"x-forwarded-path", b"x-forwarded-url", b"x-forwarded-request-uri",
-    b"x-rewrite-url", b"x-envoy-original-path", b"x-envoy-original-url", b"x-request-uri",
-})
 
 #: In a path: encoded separators, backslashes and path parameters, which
 #: upstreams read in ways the ACL cannot follow.
