@@ -10,6 +10,7 @@ every bypass below was a 200 before.
 from __future__ import annotations
 
 import ipaddress
+import unicodedata
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -314,3 +315,28 @@ class ACLKeySegmentTests(SynchronousTestCase):
         acl = parse_acl('[[acl."http/app.example.com/adm\u0131n"]]\nallow = false\n'
                         'privileges = ["*"]\nidentity.Any = {}\n')
         check_acl_keys(acl, case_sensitive=True)
+
+
+class ParseTargetPropertyTests(SynchronousTestCase):
+    """parse_target on any bytes: BadTarget, or segments with no character another server folds."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.one_of(st.sampled_from(["/", ".", "%00", "%2e", " ", "%20", ":$"]),
+                              st.text(min_size=1, max_size=3)), max_size=8),
+           st.booleans())
+    def test_any_target(self, parts, case_sensitive):
+        raw = "/" + "".join(parts)
+        try:
+            target = parse_target(raw.encode("utf-8", "surrogatepass"), case_sensitive)
+        except BadTarget:
+            return
+        for segment in target.segments:
+            self.assertTrue(segment.isprintable(), segment)
+            self.assertFalse(segment.endswith((".", " ")), segment)
+            self.assertTrue(all(
+                c.isascii() or not any(x.isascii() for x in unicodedata.normalize("NFKC", c))
+                for c in segment
+            ), segment)
+            if not case_sensitive:
+                self.assertTrue(all(c.isascii() or not any(
+                    x.isascii() for x in c.upper() + c.lower() + c.casefold()) for c in segment))
