@@ -213,7 +213,7 @@ def parse_host(host: str | bytes) -> str:
             except (idna.IDNAError, UnicodeError, ValueError):
                 raise BadHost("a host name label that is not valid IDNA") from None
             if any(folds_to_ascii(c) for c in unicode):
-                # xn--admn-kxa.test is "admın.test": a case-insensitive
+                # xn--admn-nza.test is "admın.test": a case-insensitive
                 # comparison, or transitional IDNA (straße -> strasse),
                 # reads another host than the ACL.
                 raise BadHost("a host name with a letter that another case mapping reads as ASCII")

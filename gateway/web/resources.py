@@ -88,10 +88,11 @@ def check_segment(segment: str, case_sensitive: bool = False) -> None:
     Refuse a decoded path segment that some upstream reads as another one:
     a control or invisible character (C{/admin%00}, C{%0a}, U+00A0, U+200B:
     not C{str.isprintable}), a final C{.} or blank (IIS and Windows drop
-    them: C{/admin.} is C{/admin}), an NTFS stream (C{::$DATA}), a character whose compatibility form
-    holds ASCII (fullwidth letters, U+FF0F), and, unless C{case_sensitive},
-    a character that a case mapping turns into an ASCII letter
-    (L{gateway.meta.folds_to_ascii}: C{admın} is C{ADMIN} to Java).
+    them: C{/admin.} is C{/admin}), an NTFS stream (C{::$DATA}), a
+    character whose compatibility form holds ASCII (fullwidth letters,
+    U+FF0F), and, unless C{case_sensitive}, a character that a case mapping
+    turns into an ASCII letter (L{gateway.meta.folds_to_ascii}: C{admın} is
+    C{ADMIN} to Java).
 
     @raise BadTarget: naming the rule, not the segment.
     """
@@ -234,7 +235,7 @@ def check_acl_keys(policy: Any, case_sensitive: bool = False) -> None:
     Refuse C{http/...} ACL keys that could never match: a host that is not
     in canonical form (C{App.Test}, C{bücher.test} for C{xn--bcher-kva.test},
     C{::1} for C{[::1]}), a path segment L{check_segment} refuses in
-    requests (C{admin.}, C{adm\u0131n}), or, with paths matched in lower case
+    requests (C{admin.}, C{admın}), or, with paths matched in lower case
     (the default), a path with upper case in it.
 
     @raise ValueError: naming the first such key.
