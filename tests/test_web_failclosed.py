@@ -148,6 +148,7 @@ REFUSED_TARGETS = [
     b"/admin%7f", b"/admin%c2%85", b"/admin%c2%a0", b"/%e2%80%8badmin", b"/admin%e2%80%ae",
     b"/admin%ef%bb%bf", b"/admin.", b"/admin%2e", b"/admin...", b"/admin%20", b"/admin./x",
     b"/admin::$DATA", b"/admin::%24DATA", b"/admin:$i30:$INDEX_ALLOCATION/x",
+    b"/adm%cd%8fin", b"/admin%e3%85%a4", b"/admin%ef%b8%8f", b"/admin%f3%a0%84%80",
 ]
 
 

@@ -66,6 +66,13 @@ _TRAEFIK = (b"x-forwarded-uri", b"x-forwarded-method", b"x-forwarded-host")
 #: In a path: encoded separators, backslashes and path parameters, which
 #: upstreams read in ways the ACL cannot follow.
 _AMBIGUOUS = re.compile(rb"%2f|%5c|\\|;", re.IGNORECASE)
+#: Default-ignorable characters that C{str.isprintable} lets through (a
+#: combining grapheme joiner, Hangul fillers, variation selectors): invisible,
+#: and dropped by NFKC_Casefold.
+_INVISIBLE = re.compile(
+    "[\u034f\u115f\u1160\u17b4\u17b5\u180b-\u180f\u3164\ufe00-\ufe0f\uffa0"
+    "\U000e0100-\U000e01ef]"
+)
 #: An HTTP method (RFC 9110 token).
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,32}")
 
@@ -96,7 +103,7 @@ def check_segment(segment: str, case_sensitive: bool = False) -> None:
 
     @raise BadTarget: naming the rule, not the segment.
     """
-    if not segment.isprintable():
+    if not segment.isprintable() or _INVISIBLE.search(segment):
         raise BadTarget("a control or invisible character in the path")
     if segment.endswith((".", " ")):
         raise BadTarget("a path segment ending in '.' or a blank")
