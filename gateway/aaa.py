@@ -202,12 +202,14 @@ def written_grant(
     privilege: str,
     *,
     literal_last: bool = False,
+    min_depth: int | None = None,
 ) -> bool:
     """
     Whether the ACL grants C{privilege} on C{resource} through a rule written
     for it: a key of the resource's own depth (its exact key, or C{*} in
-    place of some segments; with C{literal_last}, never of the last one) that
-    names C{privilege} itself, not C{"*"}. The first such rule that applies
+    place of some segments; with C{literal_last}, never of the last one; with
+    C{min_depth}, a parent key at least that deep counts too) that names
+    C{privilege} itself, not C{"*"}. The first such rule that applies
     decides, and the ordinary query must agree. For grants too strong to
     come from a broad rule written for something else ("authenticated users
     may use SMTP"): acting as another identity, a privileged source port.
@@ -219,8 +221,11 @@ def written_grant(
     if not policy.query_resource_access(auth_info, resource, privilege):
         return False
     segments = resource.split("/")
+    deepest = len(segments)
     for key, rule in policy.rules_for(resource):
-        if len(key) != len(segments) or (literal_last and key[-1] != segments[-1]):
+        if not (min_depth or deepest) <= len(key) <= deepest:
+            continue
+        if literal_last and (len(key) != deepest or key[-1] != segments[-1]):
             continue
         if privilege in rule.privileges and rule.criterion.matches(auth_info):
             return rule.allow
