@@ -186,6 +186,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("failure-delay-max", default_of(Throttle, "max_delay"),
                 "Cap of the failure delay in seconds.",
                 float, zero=True),
+        _number("user-delay-max", default_of(Throttle, "max_user_delay"),
+                "Cap in seconds of the wait before checking a login for a user past "
+                "--max-user-failures.", float, zero=True),
         # SMTP submission.
         ["spool", None, None, "Where accepted messages are stored (default: DATA_DIR/spool)."],
         ["smtp-hostname", None, None, "The name in the greeting and Received headers (default: FQDN)."],
@@ -227,7 +230,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["socks-auth", None, "required" if default_of(SOCKSSettings, "auth_required") else "optional",
          "required: clients must log in (RFC 1929); optional: no-authentication is accepted too."],
         _number("socks-negotiation-timeout", default_of(SOCKSSettings, "negotiation_timeout"),
-                "Seconds from connect until the request is answered.", float),
+                "Seconds from connect until the request is answered (a login's own time excluded).",
+                float),
+        _number("socks-login-timeout", default_of(SOCKSSettings, "login_timeout"),
+                "Seconds a SOCKS login (throttle wait, check, failure delay) may take.", float),
         _number("socks-connect-timeout", default_of(SOCKSSettings, "connect_timeout"),
                 "Seconds for name resolution and the outbound connect (then reply 06).", float),
         _number("socks-idle-timeout", default_of(SOCKSSettings, "idle_timeout"),
@@ -375,6 +381,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             auth_required=mode == "required",
             allow=tuple(self.get("socksAllow", ())),
             negotiation_timeout=self["socks-negotiation-timeout"],
+            login_timeout=self["socks-login-timeout"],
             connect_timeout=self["socks-connect-timeout"],
             idle_timeout=self["socks-idle-timeout"],
             max_sessions_per_peer=self["socks-max-sessions-per-peer"],
@@ -594,6 +601,7 @@ def build_core(options: Options, reactor: Any) -> Core:
         delay=options["failure-delay"],
         max_delay=options["failure-delay-max"],
         max_keys=options["throttle-keys"],
+        max_user_delay=options["user-delay-max"],
     )
     return Core(
         reactor=reactor,

@@ -103,6 +103,26 @@ class LockoutMixin:
         # Alice's peer is now a known device: no wait from there.
         self.assertEqual(self.attempt(ALICE, "wonderland").answer(), "ok")
 
+    def test_ceiling_wait_within_every_deadline(self):
+        """
+        25 wrong passwords for alice from 5 peers (each at its pair limit):
+        her right password from a clean peer gets in within --user-delay-max
+        (3 s), well below SOCKS's 10 s negotiation timeout, on every front
+        door. Before, the wait grew to --failure-delay-max (15 s) and SOCKS's
+        negotiation timer aborted the login the gateway itself was delaying.
+        """
+        guesses = [self.attempt(f"10.0.{i}.1", "guess")
+                   for i in range(5) for _ in range(Throttle.max_failures)]  # all at once
+        for _ in range(120):  # 30 s: all answered, well inside the failure window
+            self.wait(0.25)
+        self.assertEqual([g.answer() for g in guesses], ["wrong"] * 25)
+        right = self.attempt(ALICE, "wonderland")
+        waited = 0.0
+        while right.answer() is None and waited < 3.0:  # the README's --user-delay-max
+            self.reactor.advance(0.25)
+            waited += 0.25
+        self.assertEqual(right.answer(), "ok")
+
 
 class HTTPBasicLockoutTests(LockoutMixin, SynchronousTestCase):
     def setUp(self) -> None:

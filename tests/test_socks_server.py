@@ -259,6 +259,57 @@ class NegotiationTests(SOCKSTestCase):
         self.reactor.advance(10)
         self.assertTrue(self.transport.disconnecting or self.transport.connected is False)
 
+    def slow_checker(self, seconds):
+        """A checker answering "daniel" after C{seconds} on the test's clock (a throttle wait)."""
+        test = self
+
+        class Slow(FixedChecker):
+            def requestAvatarId(self, credentials):
+                from twisted.internet import task
+                return task.deferLater(test.reactor, seconds, lambda: "daniel")
+
+        return Slow("daniel")
+
+    def test_login_does_not_spend_the_negotiation_time(self):
+        """
+        A login the gateway holds for 12 s (a throttle wait) is not aborted by
+        the 10 s negotiation timer: the timer stops while the login runs and
+        resumes, with what was left of it, once it is answered.
+        """
+        self.make(checkers=[self.slow_checker(12)], negotiation_timeout=10)
+        self.reactor.advance(0)
+        self.connect()
+        self.reactor.advance(4)  # the client's own time counts
+        self.send(greeting(2) + userpass())
+        self.transport.clear()
+        self.reactor.advance(12)
+        self.assertEqual(self.transport.value(), b"\x01\x00")
+        self.assertFalse(self.closed())
+        self.reactor.advance(5.9)
+        self.assertFalse(self.closed())
+        self.reactor.advance(0.1)  # 4 + 6: the negotiation's 10 s are used up
+        self.assertTrue(self.closed())
+        self.assertEqual(self.proto.reason, "negotiation timeout")
+
+    def test_login_timeout(self):
+        """A login still running after --socks-login-timeout is cancelled and the session closed."""
+        pending = []
+
+        class Stuck(FixedChecker):
+            def requestAvatarId(self, credentials):
+                return defer.Deferred(canceller=pending.append)
+
+        self.make(checkers=[Stuck("x")], negotiation_timeout=10, login_timeout=30)
+        self.connect()
+        self.send(greeting(2) + userpass())
+        self.reactor.advance(29.9)
+        self.assertFalse(self.closed())
+        self.reactor.advance(0.1)
+        self.assertTrue(self.closed())
+        self.assertEqual(len(pending), 1)
+        self.assertEqual(self.proto.reason, "login timeout")
+        self.assertEqual(self.factory.pending_logins, 0)
+
     def test_pending_login_cancelled(self):
         pending = []
 

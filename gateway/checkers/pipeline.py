@@ -405,10 +405,12 @@ class Throttle:
       - per user across all peers, a soft ceiling: once C{max_user_failures}
         failures for one user are in the window, every attempt for that user
         waits before it is checked (C{delay}, doubling with each further
-        failure, up to C{max_delay}), whatever the password: distributed
+        failure, up to C{max_user_delay}), whatever the password: distributed
         guessing slows down, the right password still gets in. Peers that
         logged in as that user within C{known_for} seconds ("known devices")
-        do not wait.
+        do not wait. The wait has a cap of its own, well below every front
+        door's deadline (SOCKS negotiation 10 s, HTTP clients' own timeouts):
+        a wait that outlasted them would deny the user it exists to let in.
 
     Each failure is answered after a delay that starts at C{delay} and
     doubles with every failure counted for its peer or pair, up to
@@ -428,6 +430,8 @@ class Throttle:
     window = 60.0
     delay = 0.5
     max_delay = 15.0
+    #: Cap of the user ceiling's wait before a check (the right password waits it too).
+    max_user_delay = 3.0
     max_keys = 100_000
     #: Seconds a peer stays a known device of a user after a successful login.
     known_for = 7 * 24 * 3600.0
@@ -442,10 +446,12 @@ class Throttle:
         max_keys: int = max_keys,
         max_peer_failures: int = max_peer_failures,
         max_user_failures: int = max_user_failures,
+        max_user_delay: float = max_user_delay,
     ) -> None:
         if (
             max_failures < 1 or max_peer_failures < 1 or max_user_failures < 1
             or window <= 0 or delay < 0 or max_delay < delay or max_keys < 1
+            or max_user_delay < 0
         ):
             raise ValueError("throttle limits must be positive, with max_delay >= delay")
         # The peer and user limits are never below the pair's (a caller that
@@ -459,6 +465,7 @@ class Throttle:
         self.window = window
         self.delay = delay
         self.max_delay = max_delay
+        self.max_user_delay = max_user_delay
         self.max_keys = max_keys
         self._limits = {"peer": max_peer_failures, "pair": max_failures}
         #: Failure times per key; a peer's entries are (time, pair key).
@@ -524,7 +531,7 @@ class Throttle:
             if limit is None:  # the user: a ceiling that delays, never refuses
                 excess = len(failures) - self.max_user_failures
                 if excess >= 0 and self.delay and not self._is_known(keys, now):
-                    wait = min(self.delay * 2 ** excess, self.max_delay)
+                    wait = min(self.delay * 2 ** excess, self.max_delay, self.max_user_delay)
             elif len(failures) >= limit:
                 retry = max(retry, self._time(failures[0]) + self.window - now)
             elif len(failures) + self._inflight.get(key, 0) >= limit:

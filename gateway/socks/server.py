@@ -13,7 +13,8 @@ goes to a checked address. BIND is KumoMTA's egress-source exchange (BIND
 with the wanted local source address, then CONNECT on the same session);
 UDP ASSOCIATE and any other command get 07.
 
-Timers: negotiation (connect until the request arrives), then connect
+Timers: negotiation (connect until the request arrives; suspended while a
+login runs, which has its own login deadline instead), then connect
 (resolution plus the outbound connect: reply 06 when it expires), then
 idle in the relay. Each session ends with one C{socks session} log event:
 peer, identity, command, destination, address, reply, bytes each way,
@@ -68,6 +69,11 @@ class SOCKSSettings:
     auth_required: bool = True
     allow: tuple[AllowRule, ...] = ()
     negotiation_timeout: float = 10.0
+    #: Seconds one login may take in the gateway (throttle wait, checkers,
+    #: failure delay); the negotiation timer is suspended meanwhile. Above
+    #: Throttle.max_delay + Throttle.max_user_delay, so that the gateway never
+    #: times out a login it is itself delaying.
+    login_timeout: float = 30.0
     connect_timeout: float = 15.0
     #: Seconds without a byte either way before a relayed session is closed (0: never).
     idle_timeout: float = 600.0
@@ -331,6 +337,21 @@ class SOCKSServer(protocol.Protocol):
             self._timer.cancel()
         self._timer = None
 
+    def _suspend_timer(self) -> float:
+        """Stop the running timer; return the seconds it had left."""
+        timer = self._timer
+        left = timer.getTime() - self.reactor.seconds() if timer is not None and timer.active() else 0.0
+        self._cancel_timer()
+        return left
+
+    def _login_expired(self) -> None:
+        self._timer = None
+        self.reason = "login timeout"
+        if self._pending is not None:
+            self._pending.cancel()
+        if not self._gone:
+            self.transport.abortConnection()
+
     def _negotiation_expired(self) -> None:
         self._timer = None
         self.reason = "negotiation timeout"
@@ -444,9 +465,15 @@ class SOCKSServer(protocol.Protocol):
             self._auth_failed("credentials not valid UTF-8")
             return
         factory.pending_logins += 1
+        # The gateway's own time (throttle wait, hashing, failure delay) is
+        # not the client's: the negotiation timer stops, a login deadline runs.
+        negotiation_left = self._suspend_timer()
+        self._start_timer(self.settings.login_timeout, self._login_expired)
 
         def settled(result: Any) -> Any:
             factory.pending_logins -= 1
+            if not self._gone:
+                self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
             return result
 
         d = self._wait(login(factory.portal, credentials, IAuthInfo))
