@@ -563,13 +563,22 @@ class Throttle:
                 if left > 0:
                     self._inflight[key] = left
 
-    def failed(self, peer: str | None, user: str | None) -> float:
-        """Count a failure; return how long to wait before answering it."""
+    def failed(self, peer: str | None, user: str | None, across_peers: bool = True) -> float:
+        """
+        Count a failure; return how long to wait before answering it.
+
+        @param across_peers: count it for the user across peers too; not for
+            an attempt its client abandoned (or one over its peer's share of
+            the hash queue): those are the peer's doing, and must not bring
+            the user's ceiling closer for everyone else.
+        """
         now = self.clock.seconds()
         keys = self.keys_for(peer, user)
         pair = next((key for key in keys if key[0] == "pair"), None)
         counted = 0
         for key in keys:
+            if key[0] == "user" and not across_peers:
+                continue
             failures = self._recent(key, now)
             if key not in self._windows:
                 size = self._limits.get(key[0], self.max_user_failures + 32)
@@ -653,6 +662,12 @@ class ThrottlingChecker:
 
         def failed(reason: Failure) -> Any:
             self.throttle.release(peer, user)
+            if reason.check(defer.CancelledError):
+                # The client left (or a front door's timer ended it) while the
+                # attempt waited or was checked: without counting it, hanging
+                # up would be a free retry. Its peer and pair pay, not the user.
+                self.throttle.failed(peer, user, across_peers=False)
+                return reason
             if not reason.check(UnauthorizedLogin):
                 return reason
             delay = self.throttle.failed(peer, user)
