@@ -162,6 +162,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
         _number("hash-queue", default_of(HashPool, "max_pending"),
                 "Hash verifications waiting or running before new ones fail temporarily.", int),
+        _number("hash-queue-per-peer", default_of(HashPool, "max_pending_per_peer"),
+                "Hash verifications one client address (IPv6 /64) may have in the queue.", int),
+        _number("hash-queue-per-network", default_of(HashPool, "max_pending_per_network"),
+                "Hash verifications one network (IPv4 /24, IPv6 /48) may have in the queue.", int),
+        _number("hash-queue-known", default_of(HashPool, "known_reserve"),
+                "Places in the hash queue kept for known devices (at most a quarter of it).",
+                int, zero=True),
         _number("cache-ttl", default_of(Verifier, "ttl"),
                 "Seconds a verified password stays cached (0: no cache).",
                 float, zero=True),
@@ -581,7 +588,12 @@ def build_core(options: Options, reactor: Any) -> Core:
 
     # Acting as another SMTP identity needs an ACL grant (never by default).
     realm = Realm(groups=options["groupMap"], authorize=authz_grants(acl))
-    hash_pool = HashPool(reactor, options["hash-threads"], options["hash-queue"])
+    hash_pool = HashPool(
+        reactor, options["hash-threads"], options["hash-queue"],
+        max_pending_per_peer=options["hash-queue-per-peer"],
+        max_pending_per_network=options["hash-queue-per-network"],
+        known_reserve=options["hash-queue-known"],
+    )
     verifier = Verifier(
         hashes.verify, hash_pool, reactor, options["cache-ttl"], options["cache-size"]
     )

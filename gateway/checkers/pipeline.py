@@ -16,6 +16,7 @@ A L{TemporaryFailure} is not a wrong password: the front doors answer it with
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import hmac
@@ -25,7 +26,7 @@ import secrets
 import threading
 import time
 import unicodedata
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -66,6 +67,23 @@ class PoolFull(TemporaryFailure):
 
     def __init__(self) -> None:
         super().__init__("password verification queue is full")
+
+
+class PeerShareFull(PoolFull):
+    """
+    This peer (IPv6 /64) or its network (IPv4 /24, IPv6 /48) already has its
+    share of the hash queue: counted against the peer, as a failure would be.
+    """
+
+    def __init__(self) -> None:
+        TemporaryFailure.__init__(self, "this address's share of the verification queue is full")
+
+
+#: The attempt whose checkers are running: (peer address, known device),
+#: set by L{ThrottlingChecker} around its checkers, read by L{HashPool.run}.
+current_attempt: contextvars.ContextVar[tuple[str | None, bool] | None] = contextvars.ContextVar(
+    "current_attempt", default=None
+)
 
 
 class Throttled(TemporaryFailure):
@@ -125,6 +143,20 @@ class HashPool(service.Service):
         answers L{PoolFull} at once instead of adding latency.
     @param threadpool: run in this pool instead of one of our own (which is
         then neither started nor stopped by us).
+    @param max_pending_per_peer: verifications one peer (IPv4 address, IPv6
+        /64) may have queued or running; past it, L{PeerShareFull}.
+    @param max_pending_per_network: the same for its network (IPv4 /24, IPv6
+        /48): many addresses of one network are still one share.
+    @param known_reserve: slots only known devices (a peer with a recent
+        success for the user it names) may take: returning users are served
+        while strangers fill the rest. Known devices are not held to the
+        peer and network shares (an MTA fleet behind one address).
+
+    The shares apply to verifications started by a L{ThrottlingChecker}
+    (which says whose they are, see L{current_attempt}); others (a checker
+    under another plugin, one that first waited for a reload) have no share
+    but are strangers': the reserve stays free. Small pools keep their shares coherent: the
+    reserve is at most a quarter of C{max_pending}, a share at least one.
 
     File reloads (L{load}) have a thread of their own, outside the bound:
     a queue full of hashes must neither delay nor refuse them.
@@ -138,12 +170,24 @@ class HashPool(service.Service):
         threads: int = 2,
         max_pending: int = 64,
         threadpool: ThreadPool | None = None,
+        max_pending_per_peer: int = 2,
+        max_pending_per_network: int = 8,
+        known_reserve: int = 16,
     ) -> None:
-        if threads < 1 or max_pending < 1:
+        if (
+            threads < 1 or max_pending < 1 or max_pending_per_peer < 1
+            or max_pending_per_network < 1 or known_reserve < 0
+        ):
             raise ValueError("a hash pool needs at least one thread and one slot")
         self.reactor = reactor
         self.max_pending = max_pending
+        self.known_reserve = min(known_reserve, max_pending // 4)
+        self.max_pending_per_peer = max_pending_per_peer
+        self.max_pending_per_network = max(max_pending_per_network, max_pending_per_peer)
         self.pending = 0
+        #: Verifications queued or running per peer key and per network key.
+        self._by_peer: Counter[str] = Counter()
+        self._by_network: Counter[str] = Counter()
         self._own = threadpool is None
         self._stopping = False
         if threadpool is None:
@@ -169,13 +213,32 @@ class HashPool(service.Service):
         return cls(reactor, max_pending=max_pending, threadpool=reactor.getThreadPool())
 
     def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """
+        Run C{f(*args)} in a hash thread, or fail at once with L{PoolFull}
+        (the queue, or its part for strangers, is full) or L{PeerShareFull}
+        (the attempt's peer or network has its share already).
+        """
         if self._stopping:
             return defer.fail(ShuttingDown())
-        if self.pending >= self.max_pending:
+        attempt = current_attempt.get()
+        peer, known = attempt if attempt is not None else (None, False)
+        keys = network_keys(peer) if attempt is not None else ()
+        limit = self.max_pending if known else self.max_pending - self.known_reserve
+        if self.pending >= limit:
             full = PoolFull()
             full.log_suppressed = self.full_log.admit("full")
             return defer.fail(full)
+        if keys and not known and (
+            self._by_peer[keys[0]] >= self.max_pending_per_peer
+            or self._by_network[keys[1]] >= self.max_pending_per_network
+        ):
+            share = PeerShareFull()
+            share.log_suppressed = self.full_log.admit(("share", keys[1]))
+            return defer.fail(share)
         self.pending += 1
+        if keys:
+            self._by_peer[keys[0]] += 1
+            self._by_network[keys[1]] += 1
         cancelled: list[Any] = []
 
         def job() -> _T:
@@ -192,6 +255,9 @@ class HashPool(service.Service):
 
         def done(result: Any) -> None:
             self.pending -= 1
+            if keys:
+                _decrement(self._by_peer, keys[0])
+                _decrement(self._by_network, keys[1])
             if not outcome.called:
                 outcome.callback(result)  # a Failure errbacks
 
@@ -222,6 +288,12 @@ class HashPool(service.Service):
             # queued jobs are dropped.
             self.threadpool.stop()
             self.loader.stop()
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _daemon_pool(threads: int, name: str) -> ThreadPool:
@@ -370,6 +442,22 @@ def peer_key(address: str | None) -> str | None:
     if ip.version == 6:
         return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+@functools.lru_cache(maxsize=4096)
+def network_keys(address: str | None) -> tuple[str, str]:
+    """
+    The keys of a peer's shares: its own (L{peer_key}: the IPv4 address, the
+    IPv6 /64) and its network's (the IPv4 /24, the IPv6 /48). A peer without
+    an address (a UNIX socket) is one peer, "?".
+    """
+    own = peer_key(address) or "?"
+    try:
+        ip = ipaddress.ip_address(normalize_ip(address) or "")
+    except ValueError:
+        return own, own
+    prefix = 48 if ip.version == 6 else 24
+    return own, str(ipaddress.ip_network((ip, prefix), strict=False))
 
 
 _Key = tuple[str, Any]
@@ -542,6 +630,10 @@ class Throttle:
             raise refused
         return wait
 
+    def is_known(self, peer: str | None, user: str | None) -> bool:
+        """Whether C{peer} logged in as C{user} within C{known_for} seconds (a known device)."""
+        return self._is_known(self.keys_for(peer, user), self.clock.seconds())
+
     def _is_known(self, keys: tuple[_Key, ...], now: float) -> bool:
         for key in keys:
             if key[0] == "pair":
@@ -662,10 +754,11 @@ class ThrottlingChecker:
 
         def failed(reason: Failure) -> Any:
             self.throttle.release(peer, user)
-            if reason.check(defer.CancelledError):
+            if reason.check(defer.CancelledError, PeerShareFull):
                 # The client left (or a front door's timer ended it) while the
                 # attempt waited or was checked: without counting it, hanging
-                # up would be a free retry. Its peer and pair pay, not the user.
+                # up would be a free retry; a peer over its share of the hash
+                # queue would retry at will. Its peer and pair pay, not the user.
                 self.throttle.failed(peer, user, across_peers=False)
                 return reason
             if not reason.check(UnauthorizedLogin):
@@ -675,10 +768,18 @@ class ThrottlingChecker:
                 return reason
             return task.deferLater(self.throttle.clock, delay, reason.raiseException)
 
+        def check() -> defer.Deferred[Any]:
+            # The hash pool gives each peer a share, and known devices a reserve.
+            token = current_attempt.set((peer, self.throttle.is_known(peer, user)))
+            try:
+                return defer.maybeDeferred(self.checker.requestAvatarId, credentials)
+            finally:
+                current_attempt.reset(token)
+
         if wait:
             # Before the check, whatever the password: an answer that came
             # sooner for the right one would tell it.
-            d = task.deferLater(self.throttle.clock, wait, self.checker.requestAvatarId, credentials)
+            d = task.deferLater(self.throttle.clock, wait, check)
         else:
-            d = defer.maybeDeferred(self.checker.requestAvatarId, credentials)
+            d = check()
         return d.addCallbacks(succeeded, failed)
