@@ -251,7 +251,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("socks-max-sessions-per-user", default_of(SOCKSSettings, "max_sessions_per_user"),
                 "Concurrent SOCKS sessions per user.", int),
         _number("socks-max-pending-logins", default_of(SOCKSSettings, "max_pending_logins"),
-                "SOCKS logins in flight at once.", int),
+                "SOCKS logins in flight at once, all clients together (a memory bound).", int),
+        _number("socks-max-pending-logins-per-peer",
+                default_of(SOCKSSettings, "max_pending_logins_per_peer"),
+                "SOCKS logins in flight per client address (IPv6 /64).", int),
+        _number("socks-max-pending-logins-per-network",
+                default_of(SOCKSSettings, "max_pending_logins_per_network"),
+                "SOCKS logins in flight per network (IPv4 /24, IPv6 /48).", int),
     ]
 
     optFlags = [
@@ -394,6 +400,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             max_sessions_per_peer=self["socks-max-sessions-per-peer"],
             max_sessions_per_user=self["socks-max-sessions-per-user"],
             max_pending_logins=self["socks-max-pending-logins"],
+            max_pending_logins_per_peer=self["socks-max-pending-logins-per-peer"],
+            max_pending_logins_per_network=self["socks-max-pending-logins-per-network"],
         )
 
     def _http_settings(self) -> HTTPSettings:

@@ -341,6 +341,64 @@ class NegotiationTests(SOCKSTestCase):
         first.connectionLost(Failure(error.ConnectionDone()))
 
 
+class PendingLoginShareTests(SOCKSTestCase):
+    """Logins in flight per peer and per network: many peers at their share, a clean peer still logs in."""
+
+    def stuck(self):
+        test = self
+
+        class Stuck(FixedChecker):
+            def requestAvatarId(self, credentials):
+                if credentials.password == b"tiger" or credentials.password == "tiger":
+                    return defer.succeed("daniel")
+                return defer.Deferred()  # a login parked in the throttle
+
+        return Stuck("x")
+
+    def park(self, peer, n):
+        """C{n} logins from C{peer} that stay in flight; return the answers."""
+        answers = []
+        for _ in range(n):
+            self.connect(peer)
+            answers.append(self.send(greeting(2) + userpass(password=b"guess")))
+        return answers
+
+    def test_peer_share(self):
+        self.make(checkers=[self.stuck()])
+        self.assertEqual(self.park("192.0.2.1", 5), [b"\x05\x02"] * 4 + [b"\x05\x02\x01\x01"])
+        self.assertTrue(self.closed())
+
+    def test_ipv6_peer_is_its_64(self):
+        self.make(checkers=[self.stuck()])
+        answers = [self.park(f"2001:db8::{i}", 1)[0] for i in range(1, 6)]
+        self.assertEqual(answers, [b"\x05\x02"] * 4 + [b"\x05\x02\x01\x01"])
+
+    def test_network_share(self):
+        self.make(checkers=[self.stuck()])
+        answers = [a for i in range(1, 6) for a in self.park(f"192.0.2.{i}", 4)]
+        self.assertEqual(answers, [b"\x05\x02"] * 16 + [b"\x05\x02\x01\x01"] * 4)
+
+    def test_many_peers_at_their_share_a_clean_peer_logs_in(self):
+        """
+        80 peers in 20 networks, each at its share (320 logins in flight):
+        before, 256 logins in flight from ~52 peers refused everyone.
+        """
+        self.make(checkers=[self.stuck()])
+        for n in range(20):
+            for i in range(1, 5):
+                self.park(f"10.{n}.0.{i}", 4)
+        self.assertEqual(self.factory.pending_logins, 20 * 16)
+        self.connect("198.51.100.7")
+        self.assertEqual(self.send(greeting(2) + userpass()), b"\x05\x02\x01\x00")
+
+    def test_share_released(self):
+        self.make(checkers=[self.stuck()])
+        self.park("192.0.2.1", 4)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.park("192.0.2.1", 1), [b"\x05\x02"])
+        self.assertTrue(self.factory.pending_by_peer)
+
+
 class SeedCheckerTests(SOCKSTestCase):
     """The seed's Lua examples as Python checkers."""
 

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
-from gateway.checkers.pipeline import peer_key
+from gateway.checkers.pipeline import network_keys, peer_key
 from gateway.connections import limit_connections
 from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta, normalize_ip
@@ -79,7 +79,13 @@ class SOCKSSettings:
     idle_timeout: float = 600.0
     max_sessions_per_peer: int = 256
     max_sessions_per_user: int = 1024
-    max_pending_logins: int = 256
+    #: Logins in flight at once, all peers together: a memory bound only; the
+    #: shares below keep a few peers from taking it.
+    max_pending_logins: int = 1024
+    #: Logins in flight per client address (IPv6 /64), waits in the throttle included.
+    max_pending_logins_per_peer: int = 4
+    #: Logins in flight per network (IPv4 /24, IPv6 /48).
+    max_pending_logins_per_network: int = 16
     #: Seconds a closing side may take to flush before it is aborted.
     close_grace: float = 10.0
 
@@ -231,6 +237,9 @@ class SOCKSFactory(protocol.ServerFactory):
         self.rules = DestinationRules(settings.allow)
         self.per_user: Counter[str] = Counter()
         self.pending_logins = 0
+        #: Logins in flight per peer key and per network key (see L{network_keys}).
+        self.pending_by_peer: Counter[str] = Counter()
+        self.pending_by_network: Counter[str] = Counter()
         #: Outbound connections open (a client's may outlive it while it drains).
         self.outbound_open = 0
 
@@ -456,8 +465,16 @@ class SOCKSServer(protocol.Protocol):
 
     def _login(self, event: codec.UserPass) -> None:
         factory = self.factory
-        if factory.pending_logins >= self.settings.max_pending_logins:
+        settings = self.settings
+        own, network = network_keys(self.meta.peer_address)
+        if factory.pending_logins >= settings.max_pending_logins:
             self._auth_failed("too many logins in flight")
+            return
+        if factory.pending_by_peer[own] >= settings.max_pending_logins_per_peer:
+            self._auth_failed("too many logins in flight from this address")
+            return
+        if factory.pending_by_network[network] >= settings.max_pending_logins_per_network:
+            self._auth_failed(f"too many logins in flight from {network}")
             return
         try:
             credentials = RFC1929Credentials(event.username, event.password, conn_meta=self.meta)
@@ -465,6 +482,8 @@ class SOCKSServer(protocol.Protocol):
             self._auth_failed("credentials not valid UTF-8")
             return
         factory.pending_logins += 1
+        factory.pending_by_peer[own] += 1
+        factory.pending_by_network[network] += 1
         # The gateway's own time (throttle wait, hashing, failure delay) is
         # not the client's: the negotiation timer stops, a login deadline runs.
         negotiation_left = self._suspend_timer()
@@ -472,6 +491,8 @@ class SOCKSServer(protocol.Protocol):
 
         def settled(result: Any) -> Any:
             factory.pending_logins -= 1
+            factory.release(factory.pending_by_peer, own)
+            factory.release(factory.pending_by_network, network)
             if not self._gone:
                 self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
             return result
