@@ -260,7 +260,12 @@ def login(
             log.info("auth failure: " + what, outcome="failure", **fields)
             return Failure(UnauthorizedLogin())  # a checker's message stays here
         if reason.check(defer.CancelledError):
-            log.info("auth cancelled: " + what, outcome="cancelled", **fields)
+            # A client can abandon attempts at will: the throttle rate-limits
+            # these lines per peer (log_suppressed None: leave this one out).
+            suppressed = getattr(reason.value, "log_suppressed", 0)
+            if suppressed is not None:
+                log.info("auth cancelled: " + what + suppressed_note(suppressed),
+                         outcome="cancelled", suppressed=suppressed, **fields)
             return reason
         if reason.check(UnhandledCredentials):
             log.warn("auth unsupported: " + what + ": no checker handles it",

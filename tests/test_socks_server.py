@@ -21,7 +21,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides, implementer
@@ -397,6 +397,55 @@ class PendingLoginShareTests(SOCKSTestCase):
         self.proto.connectionLost(Failure(error.ConnectionDone()))
         self.assertEqual(self.park("192.0.2.1", 1), [b"\x05\x02"])
         self.assertTrue(self.factory.pending_by_peer)
+
+
+class SessionLogFloodTests(SOCKSTestCase):
+    """
+    Sessions that never authenticated are logged once a minute per peer: 2000
+    connect, C{05 01 00}, close loops from one peer used to add ~1300 lines.
+    Authenticated sessions keep one line each.
+    """
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def sessions(self):
+        return [e for e in self.events if e.get("log_format", "").startswith("socks session")]
+
+    def test_unauthenticated_sessions_rate_limited(self):
+        self.make()
+        for _ in range(2000):
+            self.connect("192.0.2.1")
+            self.send(b"\x05\x01\x00")
+            self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.sessions()), 1)
+        self.connect("2001:db8::1")  # another peer: its own line
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.sessions()), 2)
+        self.reactor.advance(60)
+        self.connect("192.0.2.1")
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        [*_, last] = self.sessions()
+        self.assertEqual(last["suppressed"], 1999)
+        self.assertIn("(1999 more like it not logged)", formatEvent(last))
+
+    def test_failed_logins_rate_limited(self):
+        self.make()
+        for _ in range(20):
+            self.connect("192.0.2.1")
+            self.send(greeting(2) + userpass(password=b"wrong"))
+            self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.sessions()), 1)
+
+    def test_authenticated_sessions_one_line_each(self):
+        self.make()
+        for _ in range(20):
+            self.login("192.0.2.1")
+            self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.sessions()), 20)
+        self.assertEqual({e["identity"] for e in self.sessions()}, {"daniel"})
 
 
 class SeedCheckerTests(SOCKSTestCase):

@@ -43,6 +43,7 @@ from gateway.checkers.pipeline import network_keys, peer_key
 from gateway.connections import limit_connections
 from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta, normalize_ip
+from gateway.ratelog import LogRateLimiter, suppressed_note
 from gateway.realm import login
 from gateway.socks import codec
 from gateway.socks.codec import Reply
@@ -242,6 +243,8 @@ class SOCKSFactory(protocol.ServerFactory):
         self.pending_by_network: Counter[str] = Counter()
         #: Outbound connections open (a client's may outlive it while it drains).
         self.outbound_open = 0
+        #: Sessions that never authenticated are logged once a minute per peer.
+        self.unauthenticated_log = LogRateLimiter(reactor)
 
     def buildProtocol(self, addr: Any) -> SOCKSServer:
         # Sessions per peer are capped around this factory (gateway.connections).
@@ -307,12 +310,24 @@ class SOCKSServer(protocol.Protocol):
         self._log_session()
 
     def _log_session(self) -> None:
+        """
+        One line per session; for sessions that neither authenticated nor
+        opened a tunnel (connect-and-close loops cost an attacker nothing)
+        one line a minute per peer, saying how many were left out.
+        """
         identity = None
         if self.info is not None and self.info.identities:
             identity = self.info.identities[0].identity
+        suppressed = 0
+        if identity is None and self.reply != int(Reply.SUCCEEDED):
+            suppressed = self.factory.unauthenticated_log.admit(self.peer_key)
+            if suppressed is None:
+                return
         log.info(
             "socks session: peer={peer} identity={identity!r} {command} {destination} "
-            "({address}) reply={reply} up={up} down={down} {duration:.3f}s: {reason}",
+            "({address}) reply={reply} up={up} down={down} {duration:.3f}s: {reason}"
+            + suppressed_note(suppressed),
+            suppressed=suppressed,
             peer=self.peer,
             identity=identity,
             command=self.command,
