@@ -499,6 +499,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for option in ("max-peer-failures", "max-user-failures"):
             if self[option] < self["max-failures"]:
                 raise usage.UsageError(f"--{option} must not be below --max-failures")
+        if self["socks-login-timeout"] <= self["user-delay-max"]:
+            # The gateway must not time out a login it is itself delaying.
+            raise usage.UsageError("--socks-login-timeout must be above --user-delay-max")
+        if self["hash-queue-per-network"] < self["hash-queue-per-peer"]:
+            raise usage.UsageError("--hash-queue-per-network must not be below --hash-queue-per-peer")
+        if self["socks-max-pending-logins-per-network"] < self["socks-max-pending-logins-per-peer"]:
+            raise usage.UsageError(
+                "--socks-max-pending-logins-per-network must not be below "
+                "--socks-max-pending-logins-per-peer"
+            )
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         self["smtpSettings"] = self._smtp_settings()

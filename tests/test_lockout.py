@@ -227,7 +227,7 @@ class OptionTests(SynchronousTestCase):
     def test_defaults_from_the_throttle(self) -> None:
         core = tap.build_core(self.options(), MemoryReactorClock())
         for name in ("max_failures", "max_peer_failures", "max_user_failures", "window",
-                     "delay", "max_delay", "max_keys"):
+                     "delay", "max_delay", "max_keys", "max_user_delay"):
             self.assertEqual(getattr(core.throttle, name), getattr(Throttle, name))
 
     def test_options(self) -> None:
@@ -240,6 +240,28 @@ class OptionTests(SynchronousTestCase):
             (core.throttle.max_failures, core.throttle.max_peer_failures,
              core.throttle.max_user_failures), (3, 7, 40)
         )
+
+    def test_new_options(self) -> None:
+        core = tap.build_core(
+            self.options("--user-delay-max", "5", "--socks-login-timeout", "40",
+                         "--hash-queue-per-peer", "3", "--hash-queue-per-network", "9",
+                         "--hash-queue-known", "4", "--socks-max-pending-logins-per-peer", "2",
+                         "--socks-max-pending-logins-per-network", "6"),
+            MemoryReactorClock(),
+        )
+        self.assertEqual(core.throttle.max_user_delay, 5)
+        self.assertEqual(core.socks.login_timeout, 40)
+        pool = core.hash_pool
+        self.assertEqual((pool.max_pending_per_peer, pool.max_pending_per_network,
+                          pool.known_reserve), (3, 9, 4))
+        self.assertEqual((core.socks.max_pending_logins_per_peer,
+                          core.socks.max_pending_logins_per_network), (2, 6))
+
+    def test_login_timeout_above_the_ceiling_wait(self) -> None:
+        """The gateway must not time out a login it is itself delaying."""
+        e = self.assertRaises(usage.UsageError, self.options,
+                              "--user-delay-max", "30", "--socks-login-timeout", "30")
+        self.assertIn("--socks-login-timeout must be above --user-delay-max", str(e))
 
     def test_limits_below_the_pair_refused(self) -> None:
         for option in ("--max-peer-failures", "--max-user-failures"):
