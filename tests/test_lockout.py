@@ -199,6 +199,26 @@ class SOCKSLockoutTests(LockoutMixin, SynchronousTestCase):
         return _SOCKSAnswer(transport, self.reactor)
 
 
+    def test_hanging_up_is_no_free_retry(self) -> None:
+        """
+        Past alice's ceiling every attempt waits; a guesser that hangs up
+        during the wait and reconnects used to get a fresh attempt each time.
+        Abandoned attempts now count for its peer and pair: after
+        --max-failures of them it is refused, alice is not.
+        """
+        for i in range(Throttle.max_user_failures):
+            self.assertEqual(self.answered(self.attempt(f"10.0.{i}.1", "guess")), "wrong")
+        for _ in range(Throttle.max_failures):
+            proto = self.factory.buildProtocol(peer(ATTACKER))
+            transport = StringTransport(peerAddress=peer(ATTACKER), hostAddress=peer("127.0.0.1", 1080))
+            proto.makeConnection(transport)
+            proto.dataReceived(b"\x05\x01\x02\x01\x05alice\x05guess")
+            self.assertEqual(transport.value(), b"\x05\x02")  # waiting in the throttle
+            proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.attempt(ATTACKER, "guess").answer(), "refused")
+        self.assertEqual(self.answered(self.attempt(ALICE, "wonderland")), "ok")
+
+
 class _SOCKSAnswer:
     """RFC 1929 says only success or failure: a refusal is a failure without any delay."""
 
