@@ -508,7 +508,9 @@ class SOCKSServer(protocol.Protocol):
             factory.pending_logins -= 1
             factory.release(factory.pending_by_peer, own)
             factory.release(factory.pending_by_network, network)
-            if not self._gone:
+            self._cancel_timer()
+            if not self._gone and not isinstance(result, Failure):
+                # Logged in: the client's own time runs again (a failure closes).
                 self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
             return result
 
