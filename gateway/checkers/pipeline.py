@@ -760,10 +760,6 @@ class ThrottlingChecker:
                 # up would be a free retry; a peer over its share of the hash
                 # queue would retry at will. Its peer and pair pay, not the user.
                 self.throttle.failed(peer, user, across_peers=False)
-                # One log line a minute per peer for these too (see login()).
-                reason.value.log_suppressed = self.throttle.refusal_log.admit(
-                    (reason.type.__name__, peer_key(peer))
-                )
                 return reason
             if not reason.check(UnauthorizedLogin):
                 return reason
