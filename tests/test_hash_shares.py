@@ -95,7 +95,7 @@ class HashShareTests(SynchronousTestCase):
         ))
 
     def flood(self, peers: list[str]) -> list[Any]:
-        """Each peer sends as many uncached attempts as the throttle lets it (random users, passwords)."""
+        """Each peer sends as many uncached attempts as the throttle lets it (random passwords)."""
         out = []
         for peer in peers:
             for _ in range(Throttle.max_peer_failures):
@@ -113,7 +113,7 @@ class HashShareTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), "alice")
 
     def test_over_the_share_counts_against_the_peer(self):
-        """A peer over its share is answered at once and the refusals count: the throttle then refuses it."""
+        """A peer over its share is answered at once; that counts, and the throttle refuses it."""
         attempts = [self.attempt("192.0.2.1") for _ in range(Throttle.max_peer_failures)]
         over = [d for d in attempts if d.called]
         self.assertEqual(len(over), Throttle.max_peer_failures - 2)

@@ -210,7 +210,9 @@ class SOCKSLockoutTests(LockoutMixin, SynchronousTestCase):
             self.assertEqual(self.answered(self.attempt(f"10.0.{i}.1", "guess")), "wrong")
         for _ in range(Throttle.max_failures):
             proto = self.factory.buildProtocol(peer(ATTACKER))
-            transport = StringTransport(peerAddress=peer(ATTACKER), hostAddress=peer("127.0.0.1", 1080))
+            transport = StringTransport(
+                peerAddress=peer(ATTACKER), hostAddress=peer("127.0.0.1", 1080)
+            )
             proto.makeConnection(transport)
             proto.dataReceived(b"\x05\x01\x02\x01\x05alice\x05guess")
             self.assertEqual(transport.value(), b"\x05\x02")  # waiting in the throttle

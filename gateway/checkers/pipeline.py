@@ -5,10 +5,11 @@ The verification pipeline every front door shares:
     throttle  ->  checkers  ->  cache  ->  hash in a bounded thread pool
 
 L{ThrottlingChecker} refuses a throttled peer or (user, peer) pair before
-any checker runs, holds back attempts for a much-guessed user and delays
-every failure; L{Verifier} runs password-hash verifications
-in a L{HashPool} (never on the reactor thread), caches successes and lets
-concurrent identical checks share one verification.
+any checker runs, holds back attempts for a much-guessed user (for at most
+C{max_user_delay}) and delays every failure; L{Verifier} runs password-hash
+verifications in a L{HashPool} (never on the reactor thread, each peer and
+network within its share of the queue, with places kept for known devices),
+caches successes and lets concurrent identical checks share one verification.
 
 A L{TemporaryFailure} is not a wrong password: the front doors answer it with
 454 4.7.0 (SMTP), 503 or 429 (HTTP) or close (SOCKS).
@@ -155,8 +156,8 @@ class HashPool(service.Service):
     The shares apply to verifications started by a L{ThrottlingChecker}
     (which says whose they are, see L{current_attempt}); others (a checker
     under another plugin, one that first waited for a reload) have no share
-    but are strangers': the reserve stays free. Small pools keep their shares coherent: the
-    reserve is at most a quarter of C{max_pending}, a share at least one.
+    but are strangers': the reserve stays free. Small pools keep their shares
+    coherent: the reserve is at most a quarter of C{max_pending}.
 
     File reloads (L{load}) have a thread of their own, outside the bound:
     a queue full of hashes must neither delay nor refuse them.

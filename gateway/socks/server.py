@@ -18,7 +18,8 @@ login runs, which has its own login deadline instead), then connect
 (resolution plus the outbound connect: reply 06 when it expires), then
 idle in the relay. Each session ends with one C{socks session} log event:
 peer, identity, command, destination, address, reply, bytes each way,
-duration and the reason it ended. Never the password.
+duration and the reason it ended (for sessions that never authenticated,
+one a minute per peer). Never the password.
 """
 
 from __future__ import annotations
@@ -364,7 +365,9 @@ class SOCKSServer(protocol.Protocol):
     def _suspend_timer(self) -> float:
         """Stop the running timer; return the seconds it had left."""
         timer = self._timer
-        left = timer.getTime() - self.reactor.seconds() if timer is not None and timer.active() else 0.0
+        left = 0.0
+        if timer is not None and timer.active():
+            left = timer.getTime() - self.reactor.seconds()
         self._cancel_timer()
         return left
 
