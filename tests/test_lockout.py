@@ -18,6 +18,7 @@ import http.client
 import os
 import smtplib
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from twisted.internet import defer, reactor, threads
@@ -358,6 +359,39 @@ class LoopbackTests(TestCase):
             self.assertEqual((yield threads.deferToThread(door, "127.0.0.1", "wonderland")), right)
             # Alice's login forgave nothing of the guesser's: still refused.
             self.assertEqual((yield threads.deferToThread(door, guesser, "wonderland")), refused)
+
+    @defer.inlineCallbacks
+    def test_ceiling_wait_longer_than_socks_negotiation(self):
+        """
+        On real sockets: 28 wrong passwords for alice from 7 addresses, then
+        her right one from a clean address waits in the throttle (1.6 s here)
+        longer than the SOCKS negotiation timeout (1 s here) and still gets
+        in: the gateway does not time out a login it is itself delaying.
+        """
+        self.ports["socks"] = free_port()  # a gateway of its own, beside setUp's
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", os.path.abspath(self.mktemp()), "--auth", "memory:alice:wonderland",
+            "--socks", f"tcp:{self.ports['socks']}:interface=127.0.0.1",
+            "--failure-delay", "0.1", "--failure-delay-max", "2", "--user-delay-max", "1.6",
+            "--socks-negotiation-timeout", "1",
+        ])
+        service = tap.makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        def guesses() -> list[bytes]:
+            # Four at once from each of seven networks: within each address's
+            # (and network's) share of SOCKS logins in flight.
+            with ThreadPoolExecutor(28) as pool:
+                return list(pool.map(lambda i: self.socks(f"127.1.{i // 4 + 1}.1", "guess"),
+                                     range(28)))
+
+        self.assertEqual((yield threads.deferToThread(guesses)), [b"\x01\x01"] * 28)
+        started = reactor.seconds()
+        self.assertEqual((yield threads.deferToThread(self.socks, "127.0.0.1", "wonderland")),
+                         b"\x01\x00")
+        self.assertGreater(reactor.seconds() - started, 1.0)  # it did wait past the timeout
 
     @defer.inlineCallbacks
     def test_throttled_flood_is_not_a_log_flood(self):
