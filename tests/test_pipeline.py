@@ -579,6 +579,18 @@ class ThrottlingCheckerTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(checker.requestAvatarId(self.creds(peer="198.51.100.7"))),
                          "daniel")
 
+    def test_cancelled_during_the_failure_delay_counts_once(self):
+        """A failure already counted is not counted again when its client leaves during the delay."""
+        _, checker = self.checker(UnauthorizedLogin())
+        d = checker.requestAvatarId(self.creds())
+        self.assertNoResult(d)  # counted, waiting out its delay
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        d = checker.requestAvatarId(self.creds())  # the pair's second failure: not refused yet
+        self.clock.advance(15)
+        self.failureResultOf(d, UnauthorizedLogin)
+        self.failureResultOf(checker.requestAvatarId(self.creds()), Throttled)
+
     def test_cancelled_during_the_ceiling_wait_counts(self):
         _, checker = self.checker(UnauthorizedLogin())
         self.guessed(checker)
