@@ -35,6 +35,7 @@ from gateway.checkers.pipeline import (
     Throttle,
     Throttled,
     ThrottlingChecker,
+    peer_key,
 )
 from gateway.credentials import (
     IConnectionCredentials,
@@ -44,7 +45,7 @@ from gateway.credentials import (
     secrets_of,
 )
 from gateway.meta import ip_or_none
-from gateway.ratelog import suppressed_note
+from gateway.ratelog import LogRateLimiter, suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.
 AvatarFactory = Callable[[IAuthInfo, Any], Any]
@@ -197,7 +198,12 @@ def make_portal(
     checker: ICredentialsChecker = CheckerChain(checkers)
     if throttle is not None:
         checker = ThrottlingChecker(checker, throttle)
-    return Portal(realm, [checker])
+    portal = Portal(realm, [checker])
+    #: Outcomes a client can repeat at will without being throttled (hanging
+    #: up, unsupported credentials, input that makes a checker fail) are
+    #: logged by L{login} once a minute per peer and kind.
+    portal.log_limiter = LogRateLimiter(throttle.clock if throttle is not None else None)
+    return portal
 
 
 def _frames(reason: Failure) -> str:
@@ -219,7 +225,10 @@ def login(
     C{cancelled}. No event, and no failure it returns, carries a secret.
     Refusals a client can repeat at will (L{Throttled}, L{PoolFull}) are
     logged at most once a minute per peer (or queue), the line saying in
-    C{suppressed} how many were left out since the last one.
+    C{suppressed} how many were left out since the last one; so are, per
+    peer and kind, the outcomes no throttle counts or a client can cause
+    at will: C{cancelled}, C{unsupported} and C{error} (with a portal from
+    L{make_portal}).
 
     @return: a Deferred firing with C{(interface, avatar, logout)}, or failing
         with L{UnauthorizedLogin} (wrong credentials), a L{TemporaryFailure}
@@ -236,6 +245,11 @@ def login(
         "tls": getattr(meta, "tls", None),
     }
     what = "{protocol} {mechanism} identity={identity!r} peer={peer}"
+    limiter: LogRateLimiter | None = getattr(portal, "log_limiter", None)
+
+    def admit(kind: str) -> int | None:
+        """Whether this event gets a line (see L{make_portal}); the count left out."""
+        return limiter.admit((kind, peer_key(fields["peer"]))) if limiter is not None else 0
 
     def succeeded(result: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         _, avatar, _ = result
@@ -260,11 +274,17 @@ def login(
             log.info("auth failure: " + what, outcome="failure", **fields)
             return Failure(UnauthorizedLogin())  # a checker's message stays here
         if reason.check(defer.CancelledError):
-            log.info("auth cancelled: " + what, outcome="cancelled", **fields)
+            suppressed = admit("cancelled")  # a client can abandon attempts at will
+            if suppressed is not None:
+                log.info("auth cancelled: " + what + suppressed_note(suppressed),
+                         outcome="cancelled", suppressed=suppressed, **fields)
             return reason
         if reason.check(UnhandledCredentials):
-            log.warn("auth unsupported: " + what + ": no checker handles it",
-                     outcome="unsupported", **fields)
+            suppressed = admit("unsupported")  # no checker runs, no throttle counts
+            if suppressed is not None:
+                log.warn("auth unsupported: " + what + ": no checker handles it"
+                         + suppressed_note(suppressed),
+                         outcome="unsupported", suppressed=suppressed, **fields)
             return reason
         why = safe_message(reason.value, secrets_of(credentials))
         if reason.check(TemporaryFailure):
@@ -276,14 +296,20 @@ def login(
                 log.warn("auth deferred: " + what + ": {why}" + suppressed_note(suppressed),
                          outcome=outcome, why=why, suppressed=suppressed, **fields)
             return reason
-        log.error(
-            "auth error: " + what + ": {error_type}: {error}\n{traceback}",
-            outcome="error",
-            error_type=reason.type.__name__,
-            error=why,
-            traceback=_frames(reason),
-            **fields,
-        )
+        # Input that makes a checker fail can be sent at will (and an outage
+        # fails every login): one traceback a minute per peer and error type.
+        suppressed = admit("error " + reason.type.__name__)
+        if suppressed is not None:
+            log.error(
+                "auth error: " + what + ": {error_type}: {error}" + suppressed_note(suppressed)
+                + "\n{traceback}",
+                outcome="error",
+                error_type=reason.type.__name__,
+                error=why,
+                traceback=_frames(reason),
+                suppressed=suppressed,
+                **fields,
+            )
         return Failure(AuthBackendError())
 
     d = portal.login(credentials, credentials, *(interfaces or (IAuthInfo,)))

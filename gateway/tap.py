@@ -162,6 +162,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
         _number("hash-queue", default_of(HashPool, "max_pending"),
                 "Hash verifications waiting or running before new ones fail temporarily.", int),
+        _number("hash-queue-per-peer", default_of(HashPool, "max_pending_per_peer"),
+                "Hash verifications one client address (IPv6 /64) may have in the queue.", int),
+        _number("hash-queue-per-network", default_of(HashPool, "max_pending_per_network"),
+                "Hash verifications one network (IPv4 /24, IPv6 /48) may have in the queue.", int),
+        _number("hash-queue-known", default_of(HashPool, "known_reserve"),
+                "Places in the hash queue kept for known devices (at most a quarter of it).",
+                int, zero=True),
         _number("cache-ttl", default_of(Verifier, "ttl"),
                 "Seconds a verified password stays cached (0: no cache).",
                 float, zero=True),
@@ -186,6 +193,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("failure-delay-max", default_of(Throttle, "max_delay"),
                 "Cap of the failure delay in seconds.",
                 float, zero=True),
+        _number("user-delay-max", default_of(Throttle, "max_user_delay"),
+                "Cap in seconds of the wait before checking a login for a user past "
+                "--max-user-failures.", float, zero=True),
         # SMTP submission.
         ["spool", None, None, "Where accepted messages are stored (default: DATA_DIR/spool)."],
         ["smtp-hostname", None, None, "The name in the greeting and Received headers (default: FQDN)."],
@@ -227,7 +237,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["socks-auth", None, "required" if default_of(SOCKSSettings, "auth_required") else "optional",
          "required: clients must log in (RFC 1929); optional: no-authentication is accepted too."],
         _number("socks-negotiation-timeout", default_of(SOCKSSettings, "negotiation_timeout"),
-                "Seconds from connect until the request is answered.", float),
+                "Seconds from connect until the request is answered (a login's own time excluded).",
+                float),
+        _number("socks-login-timeout", default_of(SOCKSSettings, "login_timeout"),
+                "Seconds a SOCKS login (throttle wait, check, failure delay) may take.", float),
         _number("socks-connect-timeout", default_of(SOCKSSettings, "connect_timeout"),
                 "Seconds for name resolution and the outbound connect (then reply 06).", float),
         _number("socks-idle-timeout", default_of(SOCKSSettings, "idle_timeout"),
@@ -238,7 +251,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("socks-max-sessions-per-user", default_of(SOCKSSettings, "max_sessions_per_user"),
                 "Concurrent SOCKS sessions per user.", int),
         _number("socks-max-pending-logins", default_of(SOCKSSettings, "max_pending_logins"),
-                "SOCKS logins in flight at once.", int),
+                "SOCKS logins in flight at once, all clients together (a memory bound).", int),
+        _number("socks-max-pending-logins-per-peer",
+                default_of(SOCKSSettings, "max_pending_logins_per_peer"),
+                "SOCKS logins in flight per client address (IPv6 /64).", int),
+        _number("socks-max-pending-logins-per-network",
+                default_of(SOCKSSettings, "max_pending_logins_per_network"),
+                "SOCKS logins in flight per network (IPv4 /24, IPv6 /48).", int),
     ]
 
     optFlags = [
@@ -375,11 +394,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             auth_required=mode == "required",
             allow=tuple(self.get("socksAllow", ())),
             negotiation_timeout=self["socks-negotiation-timeout"],
+            login_timeout=self["socks-login-timeout"],
             connect_timeout=self["socks-connect-timeout"],
             idle_timeout=self["socks-idle-timeout"],
             max_sessions_per_peer=self["socks-max-sessions-per-peer"],
             max_sessions_per_user=self["socks-max-sessions-per-user"],
             max_pending_logins=self["socks-max-pending-logins"],
+            max_pending_logins_per_peer=self["socks-max-pending-logins-per-peer"],
+            max_pending_logins_per_network=self["socks-max-pending-logins-per-network"],
         )
 
     def _http_settings(self) -> HTTPSettings:
@@ -477,6 +499,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for option in ("max-peer-failures", "max-user-failures"):
             if self[option] < self["max-failures"]:
                 raise usage.UsageError(f"--{option} must not be below --max-failures")
+        if self["socks-login-timeout"] <= self["user-delay-max"]:
+            # The gateway must not time out a login it is itself delaying.
+            raise usage.UsageError("--socks-login-timeout must be above --user-delay-max")
+        if self["hash-queue-per-network"] < self["hash-queue-per-peer"]:
+            raise usage.UsageError("--hash-queue-per-network must not be below --hash-queue-per-peer")
+        if self["socks-max-pending-logins-per-network"] < self["socks-max-pending-logins-per-peer"]:
+            raise usage.UsageError(
+                "--socks-max-pending-logins-per-network must not be below "
+                "--socks-max-pending-logins-per-peer"
+            )
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         self["smtpSettings"] = self._smtp_settings()
@@ -574,7 +606,12 @@ def build_core(options: Options, reactor: Any) -> Core:
 
     # Acting as another SMTP identity needs an ACL grant (never by default).
     realm = Realm(groups=options["groupMap"], authorize=authz_grants(acl))
-    hash_pool = HashPool(reactor, options["hash-threads"], options["hash-queue"])
+    hash_pool = HashPool(
+        reactor, options["hash-threads"], options["hash-queue"],
+        max_pending_per_peer=options["hash-queue-per-peer"],
+        max_pending_per_network=options["hash-queue-per-network"],
+        known_reserve=options["hash-queue-known"],
+    )
     verifier = Verifier(
         hashes.verify, hash_pool, reactor, options["cache-ttl"], options["cache-size"]
     )
@@ -594,6 +631,7 @@ def build_core(options: Options, reactor: Any) -> Core:
         delay=options["failure-delay"],
         max_delay=options["failure-delay-max"],
         max_keys=options["throttle-keys"],
+        max_user_delay=options["user-delay-max"],
     )
     return Core(
         reactor=reactor,

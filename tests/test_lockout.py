@@ -18,6 +18,7 @@ import http.client
 import os
 import smtplib
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from twisted.internet import defer, reactor, threads
@@ -103,6 +104,26 @@ class LockoutMixin:
         # Alice's peer is now a known device: no wait from there.
         self.assertEqual(self.attempt(ALICE, "wonderland").answer(), "ok")
 
+    def test_ceiling_wait_within_every_deadline(self):
+        """
+        25 wrong passwords for alice from 5 peers (each at its pair limit):
+        her right password from a clean peer gets in within --user-delay-max
+        (3 s), well below SOCKS's 10 s negotiation timeout, on every front
+        door. Before, the wait grew to --failure-delay-max (15 s) and SOCKS's
+        negotiation timer aborted the login the gateway itself was delaying.
+        """
+        guesses = [self.attempt(f"10.0.{i}.1", "guess")
+                   for i in range(5) for _ in range(Throttle.max_failures)]  # all at once
+        for _ in range(120):  # 30 s: all answered, well inside the failure window
+            self.wait(0.25)
+        self.assertEqual([g.answer() for g in guesses], ["wrong"] * 25)
+        right = self.attempt(ALICE, "wonderland")
+        waited = 0.0
+        while right.answer() is None and waited < 3.0:  # the README's --user-delay-max
+            self.reactor.advance(0.25)
+            waited += 0.25
+        self.assertEqual(right.answer(), "ok")
+
 
 class HTTPBasicLockoutTests(LockoutMixin, SynchronousTestCase):
     def setUp(self) -> None:
@@ -179,6 +200,28 @@ class SOCKSLockoutTests(LockoutMixin, SynchronousTestCase):
         return _SOCKSAnswer(transport, self.reactor)
 
 
+    def test_hanging_up_is_no_free_retry(self) -> None:
+        """
+        Past alice's ceiling every attempt waits; a guesser that hangs up
+        during the wait and reconnects used to get a fresh attempt each time.
+        Abandoned attempts now count for its peer and pair: after
+        --max-failures of them it is refused, alice is not.
+        """
+        for i in range(Throttle.max_user_failures):
+            self.assertEqual(self.answered(self.attempt(f"10.0.{i}.1", "guess")), "wrong")
+        for _ in range(Throttle.max_failures):
+            proto = self.factory.buildProtocol(peer(ATTACKER))
+            transport = StringTransport(
+                peerAddress=peer(ATTACKER), hostAddress=peer("127.0.0.1", 1080)
+            )
+            proto.makeConnection(transport)
+            proto.dataReceived(b"\x05\x01\x02\x01\x05alice\x05guess")
+            self.assertEqual(transport.value(), b"\x05\x02")  # waiting in the throttle
+            proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.attempt(ATTACKER, "guess").answer(), "refused")
+        self.assertEqual(self.answered(self.attempt(ALICE, "wonderland")), "ok")
+
+
 class _SOCKSAnswer:
     """RFC 1929 says only success or failure: a refusal is a failure without any delay."""
 
@@ -207,7 +250,7 @@ class OptionTests(SynchronousTestCase):
     def test_defaults_from_the_throttle(self) -> None:
         core = tap.build_core(self.options(), MemoryReactorClock())
         for name in ("max_failures", "max_peer_failures", "max_user_failures", "window",
-                     "delay", "max_delay", "max_keys"):
+                     "delay", "max_delay", "max_keys", "max_user_delay"):
             self.assertEqual(getattr(core.throttle, name), getattr(Throttle, name))
 
     def test_options(self) -> None:
@@ -220,6 +263,28 @@ class OptionTests(SynchronousTestCase):
             (core.throttle.max_failures, core.throttle.max_peer_failures,
              core.throttle.max_user_failures), (3, 7, 40)
         )
+
+    def test_new_options(self) -> None:
+        core = tap.build_core(
+            self.options("--user-delay-max", "5", "--socks-login-timeout", "40",
+                         "--hash-queue-per-peer", "3", "--hash-queue-per-network", "9",
+                         "--hash-queue-known", "4", "--socks-max-pending-logins-per-peer", "2",
+                         "--socks-max-pending-logins-per-network", "6"),
+            MemoryReactorClock(),
+        )
+        self.assertEqual(core.throttle.max_user_delay, 5)
+        self.assertEqual(core.socks.login_timeout, 40)
+        pool = core.hash_pool
+        self.assertEqual((pool.max_pending_per_peer, pool.max_pending_per_network,
+                          pool.known_reserve), (3, 9, 4))
+        self.assertEqual((core.socks.max_pending_logins_per_peer,
+                          core.socks.max_pending_logins_per_network), (2, 6))
+
+    def test_login_timeout_above_the_ceiling_wait(self) -> None:
+        """The gateway must not time out a login it is itself delaying."""
+        e = self.assertRaises(usage.UsageError, self.options,
+                              "--user-delay-max", "30", "--socks-login-timeout", "30")
+        self.assertIn("--socks-login-timeout must be above --user-delay-max", str(e))
 
     def test_limits_below_the_pair_refused(self) -> None:
         for option in ("--max-peer-failures", "--max-user-failures"):
@@ -294,6 +359,39 @@ class LoopbackTests(TestCase):
             self.assertEqual((yield threads.deferToThread(door, "127.0.0.1", "wonderland")), right)
             # Alice's login forgave nothing of the guesser's: still refused.
             self.assertEqual((yield threads.deferToThread(door, guesser, "wonderland")), refused)
+
+    @defer.inlineCallbacks
+    def test_ceiling_wait_longer_than_socks_negotiation(self):
+        """
+        On real sockets: 28 wrong passwords for alice from 7 addresses, then
+        her right one from a clean address waits in the throttle (1.6 s here)
+        longer than the SOCKS negotiation timeout (1 s here) and still gets
+        in: the gateway does not time out a login it is itself delaying.
+        """
+        self.ports["socks"] = free_port()  # a gateway of its own, beside setUp's
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", os.path.abspath(self.mktemp()), "--auth", "memory:alice:wonderland",
+            "--socks", f"tcp:{self.ports['socks']}:interface=127.0.0.1",
+            "--failure-delay", "0.1", "--failure-delay-max", "2", "--user-delay-max", "1.6",
+            "--socks-negotiation-timeout", "1",
+        ])
+        service = tap.makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+        def guesses() -> list[bytes]:
+            # Four at once from each of seven networks: within each address's
+            # (and network's) share of SOCKS logins in flight.
+            with ThreadPoolExecutor(28) as pool:
+                return list(pool.map(lambda i: self.socks(f"127.1.{i // 4 + 1}.1", "guess"),
+                                     range(28)))
+
+        self.assertEqual((yield threads.deferToThread(guesses)), [b"\x01\x01"] * 28)
+        started = reactor.seconds()
+        self.assertEqual((yield threads.deferToThread(self.socks, "127.0.0.1", "wonderland")),
+                         b"\x01\x00")
+        self.assertGreater(reactor.seconds() - started, 1.0)  # it did wait past the timeout
 
     @defer.inlineCallbacks
     def test_throttled_flood_is_not_a_log_flood(self):

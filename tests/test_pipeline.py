@@ -554,6 +554,52 @@ class ThrottlingCheckerTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.throttle._inflight, {})
 
+    def test_cancelled_attempts_count_for_peer_and_pair(self):
+        """
+        An attempt its client abandons (during the ceiling's wait or during
+        the check) is a failure for its peer and pair: hanging up is no free
+        retry. It does not count for the user across peers.
+        """
+        pending = []
+
+        class Slow(FixedChecker):
+            def requestAvatarId(self, credentials):
+                return defer.Deferred(canceller=pending.append)
+
+        checker = ThrottlingChecker(Slow("daniel"), self.throttle)
+        for peer in ("192.0.2.1", "192.0.2.2"):
+            for _ in range(self.throttle.max_failures):
+                d = checker.requestAvatarId(self.creds(peer=peer))
+                d.cancel()
+                self.failureResultOf(d, defer.CancelledError)
+            self.failureResultOf(checker.requestAvatarId(self.creds(peer=peer)), Throttled)
+        # Four abandoned attempts for daniel, above his ceiling of 3 if they
+        # counted for him: a clean peer is neither refused nor held back.
+        inner, checker = self.checker("daniel")
+        self.assertEqual(self.successResultOf(checker.requestAvatarId(self.creds(peer="198.51.100.7"))),
+                         "daniel")
+
+    def test_cancelled_during_the_failure_delay_counts_once(self):
+        """A failure already counted is not counted again when its client leaves during the delay."""
+        _, checker = self.checker(UnauthorizedLogin())
+        d = checker.requestAvatarId(self.creds())
+        self.assertNoResult(d)  # counted, waiting out its delay
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        d = checker.requestAvatarId(self.creds())  # the pair's second failure: not refused yet
+        self.clock.advance(15)
+        self.failureResultOf(d, UnauthorizedLogin)
+        self.failureResultOf(checker.requestAvatarId(self.creds()), Throttled)
+
+    def test_cancelled_during_the_ceiling_wait_counts(self):
+        _, checker = self.checker(UnauthorizedLogin())
+        self.guessed(checker)
+        for _ in range(self.throttle.max_failures):
+            d = checker.requestAvatarId(self.creds(peer="10.0.0.99"))
+            d.cancel()
+            self.failureResultOf(d, defer.CancelledError)
+        self.failureResultOf(checker.requestAvatarId(self.creds(peer="10.0.0.99")), Throttled)
+
     def test_waiting_attempts_count_against_their_peer(self):
         """A guesser cannot pile up waiting attempts: they are in flight for its peer and pair."""
         _, checker = self.checker(UnauthorizedLogin())

@@ -440,6 +440,67 @@ class LoginTests(SynchronousTestCase):
         self.failureResultOf(d, defer.CancelledError)
         self.assertEqual(self.events[0]["outcome"], "cancelled")
 
+    def test_cancelled_events_rate_limited(self):
+        """
+        Abandoned attempts from one peer (connect, send credentials, hang up)
+        get one line a minute, the next saying how many were left out.
+        """
+        clock = task.Clock()
+        throttle = Throttle(clock, max_failures=100, max_peer_failures=100)
+        @implementer(ICredentialsChecker)
+        class Stuck:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                return defer.Deferred()
+
+        portal = make_portal(Realm(), [Stuck()], throttle=throttle)
+        for i in range(50):
+            d = login(portal, testing.rfc1929(f"user{i}", SECRET, peer="198.51.100.1"), log=self.log)
+            d.cancel()
+            self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual([e["outcome"] for e in self.events], ["cancelled"])
+        clock.advance(60)
+        d = login(portal, testing.rfc1929("bob", SECRET, peer="198.51.100.1"), log=self.log)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(len(self.events), 2)
+        self.assertIn("(49 more like it not logged)", formatEvent(self.events[1]))
+        # Another peer has its own line.
+        d = login(portal, testing.rfc1929("bob", SECRET, peer="198.51.100.2"), log=self.log)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(len(self.events), 3)
+        self.assertNoSecret()
+
+    def test_unsupported_and_error_events_rate_limited(self):
+        """
+        Credentials no checker handles (a Bearer token without a token store)
+        and input that makes a checker fail cost no throttle: their lines are
+        limited to one a minute per peer and kind.
+        """
+        clock = task.Clock()
+
+        @implementer(ICredentialsChecker)
+        class Broken:
+            credentialInterfaces = (IUsernamePassword,)
+
+            def requestAvatarId(self, credentials):
+                raise ValueError("backend down")
+
+        portal = make_portal(Realm(), [Broken()], throttle=Throttle(clock))
+        for _ in range(100):
+            self.failureResultOf(login(portal, testing.bearer(SECRET, peer="198.51.100.1"),
+                                       log=self.log), UnhandledCredentials)
+            self.failureResultOf(login(portal, testing.rfc1929("bob", SECRET, peer="198.51.100.1"),
+                                       log=self.log), AuthBackendError)
+        self.assertEqual([e["outcome"] for e in self.events], ["unsupported", "error"])
+        clock.advance(60)
+        self.failureResultOf(login(portal, testing.bearer(SECRET, peer="198.51.100.1"),
+                                   log=self.log), UnhandledCredentials)
+        self.assertIn("(99 more like it not logged)", formatEvent(self.events[-1]))
+        self.assertNoSecret()
+
     def test_throttled_event(self):
         """With a throttle, the Nth failure is refused; the event says so without a traceback."""
         clock = task.Clock()

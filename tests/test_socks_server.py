@@ -21,7 +21,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
 )
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides, implementer
@@ -259,6 +259,57 @@ class NegotiationTests(SOCKSTestCase):
         self.reactor.advance(10)
         self.assertTrue(self.transport.disconnecting or self.transport.connected is False)
 
+    def slow_checker(self, seconds):
+        """A checker answering "daniel" after C{seconds} on the test's clock (a throttle wait)."""
+        test = self
+
+        class Slow(FixedChecker):
+            def requestAvatarId(self, credentials):
+                from twisted.internet import task
+                return task.deferLater(test.reactor, seconds, lambda: "daniel")
+
+        return Slow("daniel")
+
+    def test_login_does_not_spend_the_negotiation_time(self):
+        """
+        A login the gateway holds for 12 s (a throttle wait) is not aborted by
+        the 10 s negotiation timer: the timer stops while the login runs and
+        resumes, with what was left of it, once it is answered.
+        """
+        self.make(checkers=[self.slow_checker(12)], negotiation_timeout=10)
+        self.reactor.advance(0)
+        self.connect()
+        self.reactor.advance(4)  # the client's own time counts
+        self.send(greeting(2) + userpass())
+        self.transport.clear()
+        self.reactor.advance(12)
+        self.assertEqual(self.transport.value(), b"\x01\x00")
+        self.assertFalse(self.closed())
+        self.reactor.advance(5.9)
+        self.assertFalse(self.closed())
+        self.reactor.advance(0.1)  # 4 + 6: the negotiation's 10 s are used up
+        self.assertTrue(self.closed())
+        self.assertEqual(self.proto.reason, "negotiation timeout")
+
+    def test_login_timeout(self):
+        """A login still running after --socks-login-timeout is cancelled and the session closed."""
+        pending = []
+
+        class Stuck(FixedChecker):
+            def requestAvatarId(self, credentials):
+                return defer.Deferred(canceller=pending.append)
+
+        self.make(checkers=[Stuck("x")], negotiation_timeout=10, login_timeout=30)
+        self.connect()
+        self.send(greeting(2) + userpass())
+        self.reactor.advance(29.9)
+        self.assertFalse(self.closed())
+        self.reactor.advance(0.1)
+        self.assertTrue(self.closed())
+        self.assertEqual(len(pending), 1)
+        self.assertEqual(self.proto.reason, "login timeout")
+        self.assertEqual(self.factory.pending_logins, 0)
+
     def test_pending_login_cancelled(self):
         pending = []
 
@@ -288,6 +339,113 @@ class NegotiationTests(SOCKSTestCase):
         self.assertEqual(self.send(greeting(2) + userpass()), b"\x05\x02\x01\x01")
         self.assertTrue(self.closed())
         first.connectionLost(Failure(error.ConnectionDone()))
+
+
+class PendingLoginShareTests(SOCKSTestCase):
+    """Logins in flight per peer and per network: many peers at their share, a clean peer still logs in."""
+
+    def stuck(self):
+        test = self
+
+        class Stuck(FixedChecker):
+            def requestAvatarId(self, credentials):
+                if credentials.password == b"tiger" or credentials.password == "tiger":
+                    return defer.succeed("daniel")
+                return defer.Deferred()  # a login parked in the throttle
+
+        return Stuck("x")
+
+    def park(self, peer, n):
+        """C{n} logins from C{peer} that stay in flight; return the answers."""
+        answers = []
+        for _ in range(n):
+            self.connect(peer)
+            answers.append(self.send(greeting(2) + userpass(password=b"guess")))
+        return answers
+
+    def test_peer_share(self):
+        self.make(checkers=[self.stuck()])
+        self.assertEqual(self.park("192.0.2.1", 5), [b"\x05\x02"] * 4 + [b"\x05\x02\x01\x01"])
+        self.assertTrue(self.closed())
+
+    def test_ipv6_peer_is_its_64(self):
+        self.make(checkers=[self.stuck()])
+        answers = [self.park(f"2001:db8::{i}", 1)[0] for i in range(1, 6)]
+        self.assertEqual(answers, [b"\x05\x02"] * 4 + [b"\x05\x02\x01\x01"])
+
+    def test_network_share(self):
+        self.make(checkers=[self.stuck()])
+        answers = [a for i in range(1, 6) for a in self.park(f"192.0.2.{i}", 4)]
+        self.assertEqual(answers, [b"\x05\x02"] * 16 + [b"\x05\x02\x01\x01"] * 4)
+
+    def test_many_peers_at_their_share_a_clean_peer_logs_in(self):
+        """
+        80 peers in 20 networks, each at its share (320 logins in flight):
+        before, 256 logins in flight from ~52 peers refused everyone.
+        """
+        self.make(checkers=[self.stuck()])
+        for n in range(20):
+            for i in range(1, 5):
+                self.park(f"10.{n}.0.{i}", 4)
+        self.assertEqual(self.factory.pending_logins, 20 * 16)
+        self.connect("198.51.100.7")
+        self.assertEqual(self.send(greeting(2) + userpass()), b"\x05\x02\x01\x00")
+
+    def test_share_released(self):
+        self.make(checkers=[self.stuck()])
+        self.park("192.0.2.1", 4)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.park("192.0.2.1", 1), [b"\x05\x02"])
+        self.assertTrue(self.factory.pending_by_peer)
+
+
+class SessionLogFloodTests(SOCKSTestCase):
+    """
+    Sessions that never authenticated are logged once a minute per peer: 2000
+    connect, C{05 01 00}, close loops from one peer used to add ~1300 lines.
+    Authenticated sessions keep one line each.
+    """
+
+    def setUp(self):
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def sessions(self):
+        return [e for e in self.events if e.get("log_format", "").startswith("socks session")]
+
+    def test_unauthenticated_sessions_rate_limited(self):
+        self.make()
+        for _ in range(2000):
+            self.connect("192.0.2.1")
+            self.send(b"\x05\x01\x00")
+            self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.sessions()), 1)
+        self.connect("2001:db8::1")  # another peer: its own line
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.sessions()), 2)
+        self.reactor.advance(60)
+        self.connect("192.0.2.1")
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        [*_, last] = self.sessions()
+        self.assertEqual(last["suppressed"], 1999)
+        self.assertIn("(1999 more like it not logged)", formatEvent(last))
+
+    def test_failed_logins_rate_limited(self):
+        self.make()
+        for _ in range(20):
+            self.connect("192.0.2.1")
+            self.send(greeting(2) + userpass(password=b"wrong"))
+            self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.sessions()), 1)
+
+    def test_authenticated_sessions_one_line_each(self):
+        self.make()
+        for _ in range(20):
+            self.login("192.0.2.1")
+            self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.sessions()), 20)
+        self.assertEqual({e["identity"] for e in self.sessions()}, {"daniel"})
 
 
 class SeedCheckerTests(SOCKSTestCase):

@@ -5,10 +5,11 @@ The verification pipeline every front door shares:
     throttle  ->  checkers  ->  cache  ->  hash in a bounded thread pool
 
 L{ThrottlingChecker} refuses a throttled peer or (user, peer) pair before
-any checker runs, holds back attempts for a much-guessed user and delays
-every failure; L{Verifier} runs password-hash verifications
-in a L{HashPool} (never on the reactor thread), caches successes and lets
-concurrent identical checks share one verification.
+any checker runs, holds back attempts for a much-guessed user (for at most
+C{max_user_delay}) and delays every failure; L{Verifier} runs password-hash
+verifications in a L{HashPool} (never on the reactor thread, each peer and
+network within its share of the queue, with places kept for known devices),
+caches successes and lets concurrent identical checks share one verification.
 
 A L{TemporaryFailure} is not a wrong password: the front doors answer it with
 454 4.7.0 (SMTP), 503 or 429 (HTTP) or close (SOCKS).
@@ -16,6 +17,7 @@ A L{TemporaryFailure} is not a wrong password: the front doors answer it with
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import hashlib
 import hmac
@@ -25,7 +27,7 @@ import secrets
 import threading
 import time
 import unicodedata
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -66,6 +68,23 @@ class PoolFull(TemporaryFailure):
 
     def __init__(self) -> None:
         super().__init__("password verification queue is full")
+
+
+class PeerShareFull(PoolFull):
+    """
+    This peer (IPv6 /64) or its network (IPv4 /24, IPv6 /48) already has its
+    share of the hash queue: counted against the peer, as a failure would be.
+    """
+
+    def __init__(self) -> None:
+        TemporaryFailure.__init__(self, "this address's share of the verification queue is full")
+
+
+#: The attempt whose checkers are running: (peer address, known device),
+#: set by L{ThrottlingChecker} around its checkers, read by L{HashPool.run}.
+current_attempt: contextvars.ContextVar[tuple[str | None, bool] | None] = contextvars.ContextVar(
+    "current_attempt", default=None
+)
 
 
 class Throttled(TemporaryFailure):
@@ -125,6 +144,20 @@ class HashPool(service.Service):
         answers L{PoolFull} at once instead of adding latency.
     @param threadpool: run in this pool instead of one of our own (which is
         then neither started nor stopped by us).
+    @param max_pending_per_peer: verifications one peer (IPv4 address, IPv6
+        /64) may have queued or running; past it, L{PeerShareFull}.
+    @param max_pending_per_network: the same for its network (IPv4 /24, IPv6
+        /48): many addresses of one network are still one share.
+    @param known_reserve: slots only known devices (a peer with a recent
+        success for the user it names) may take: returning users are served
+        while strangers fill the rest. Known devices are not held to the
+        peer and network shares (an MTA fleet behind one address).
+
+    The shares apply to verifications started by a L{ThrottlingChecker}
+    (which says whose they are, see L{current_attempt}); others (a checker
+    under another plugin, one that first waited for a reload) have no share
+    but are strangers': the reserve stays free. Small pools keep their shares
+    coherent: the reserve is at most a quarter of C{max_pending}.
 
     File reloads (L{load}) have a thread of their own, outside the bound:
     a queue full of hashes must neither delay nor refuse them.
@@ -138,12 +171,24 @@ class HashPool(service.Service):
         threads: int = 2,
         max_pending: int = 64,
         threadpool: ThreadPool | None = None,
+        max_pending_per_peer: int = 2,
+        max_pending_per_network: int = 8,
+        known_reserve: int = 16,
     ) -> None:
-        if threads < 1 or max_pending < 1:
+        if (
+            threads < 1 or max_pending < 1 or max_pending_per_peer < 1
+            or max_pending_per_network < 1 or known_reserve < 0
+        ):
             raise ValueError("a hash pool needs at least one thread and one slot")
         self.reactor = reactor
         self.max_pending = max_pending
+        self.known_reserve = min(known_reserve, max_pending // 4)
+        self.max_pending_per_peer = max_pending_per_peer
+        self.max_pending_per_network = max(max_pending_per_network, max_pending_per_peer)
         self.pending = 0
+        #: Verifications queued or running per peer key and per network key.
+        self._by_peer: Counter[str] = Counter()
+        self._by_network: Counter[str] = Counter()
         self._own = threadpool is None
         self._stopping = False
         if threadpool is None:
@@ -169,13 +214,32 @@ class HashPool(service.Service):
         return cls(reactor, max_pending=max_pending, threadpool=reactor.getThreadPool())
 
     def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
+        """
+        Run C{f(*args)} in a hash thread, or fail at once with L{PoolFull}
+        (the queue, or its part for strangers, is full) or L{PeerShareFull}
+        (the attempt's peer or network has its share already).
+        """
         if self._stopping:
             return defer.fail(ShuttingDown())
-        if self.pending >= self.max_pending:
+        attempt = current_attempt.get()
+        peer, known = attempt if attempt is not None else (None, False)
+        keys = network_keys(peer) if attempt is not None else ()
+        limit = self.max_pending if known else self.max_pending - self.known_reserve
+        if self.pending >= limit:
             full = PoolFull()
             full.log_suppressed = self.full_log.admit("full")
             return defer.fail(full)
+        if keys and not known and (
+            self._by_peer[keys[0]] >= self.max_pending_per_peer
+            or self._by_network[keys[1]] >= self.max_pending_per_network
+        ):
+            share = PeerShareFull()
+            share.log_suppressed = self.full_log.admit(("share", keys[1]))
+            return defer.fail(share)
         self.pending += 1
+        if keys:
+            self._by_peer[keys[0]] += 1
+            self._by_network[keys[1]] += 1
         cancelled: list[Any] = []
 
         def job() -> _T:
@@ -192,6 +256,9 @@ class HashPool(service.Service):
 
         def done(result: Any) -> None:
             self.pending -= 1
+            if keys:
+                _decrement(self._by_peer, keys[0])
+                _decrement(self._by_network, keys[1])
             if not outcome.called:
                 outcome.callback(result)  # a Failure errbacks
 
@@ -222,6 +289,12 @@ class HashPool(service.Service):
             # queued jobs are dropped.
             self.threadpool.stop()
             self.loader.stop()
+
+
+def _decrement(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _daemon_pool(threads: int, name: str) -> ThreadPool:
@@ -372,6 +445,22 @@ def peer_key(address: str | None) -> str | None:
     return str(ip)
 
 
+@functools.lru_cache(maxsize=4096)
+def network_keys(address: str | None) -> tuple[str, str]:
+    """
+    The keys of a peer's shares: its own (L{peer_key}: the IPv4 address, the
+    IPv6 /64) and its network's (the IPv4 /24, the IPv6 /48). A peer without
+    an address (a UNIX socket) is one peer, "?".
+    """
+    own = peer_key(address) or "?"
+    try:
+        ip = ipaddress.ip_address(normalize_ip(address) or "")
+    except ValueError:
+        return own, own
+    prefix = 48 if ip.version == 6 else 24
+    return own, str(ipaddress.ip_network((ip, prefix), strict=False))
+
+
 _Key = tuple[str, Any]
 
 #: Keys the user-name digests: names are not kept, and not guessable from a memory dump.
@@ -405,10 +494,12 @@ class Throttle:
       - per user across all peers, a soft ceiling: once C{max_user_failures}
         failures for one user are in the window, every attempt for that user
         waits before it is checked (C{delay}, doubling with each further
-        failure, up to C{max_delay}), whatever the password: distributed
+        failure, up to C{max_user_delay}), whatever the password: distributed
         guessing slows down, the right password still gets in. Peers that
         logged in as that user within C{known_for} seconds ("known devices")
-        do not wait.
+        do not wait. The wait has a cap of its own, well below every front
+        door's deadline (SOCKS negotiation 10 s, HTTP clients' own timeouts):
+        a wait that outlasted them would deny the user it exists to let in.
 
     Each failure is answered after a delay that starts at C{delay} and
     doubles with every failure counted for its peer or pair, up to
@@ -428,6 +519,8 @@ class Throttle:
     window = 60.0
     delay = 0.5
     max_delay = 15.0
+    #: Cap of the user ceiling's wait before a check (the right password waits it too).
+    max_user_delay = 3.0
     max_keys = 100_000
     #: Seconds a peer stays a known device of a user after a successful login.
     known_for = 7 * 24 * 3600.0
@@ -442,10 +535,12 @@ class Throttle:
         max_keys: int = max_keys,
         max_peer_failures: int = max_peer_failures,
         max_user_failures: int = max_user_failures,
+        max_user_delay: float = max_user_delay,
     ) -> None:
         if (
             max_failures < 1 or max_peer_failures < 1 or max_user_failures < 1
             or window <= 0 or delay < 0 or max_delay < delay or max_keys < 1
+            or max_user_delay < 0
         ):
             raise ValueError("throttle limits must be positive, with max_delay >= delay")
         # The peer and user limits are never below the pair's (a caller that
@@ -459,6 +554,7 @@ class Throttle:
         self.window = window
         self.delay = delay
         self.max_delay = max_delay
+        self.max_user_delay = max_user_delay
         self.max_keys = max_keys
         self._limits = {"peer": max_peer_failures, "pair": max_failures}
         #: Failure times per key; a peer's entries are (time, pair key).
@@ -524,7 +620,7 @@ class Throttle:
             if limit is None:  # the user: a ceiling that delays, never refuses
                 excess = len(failures) - self.max_user_failures
                 if excess >= 0 and self.delay and not self._is_known(keys, now):
-                    wait = min(self.delay * 2 ** excess, self.max_delay)
+                    wait = min(self.delay * 2 ** excess, self.max_delay, self.max_user_delay)
             elif len(failures) >= limit:
                 retry = max(retry, self._time(failures[0]) + self.window - now)
             elif len(failures) + self._inflight.get(key, 0) >= limit:
@@ -534,6 +630,10 @@ class Throttle:
             refused.log_suppressed = self.refusal_log.admit(peer_key(peer))
             raise refused
         return wait
+
+    def is_known(self, peer: str | None, user: str | None) -> bool:
+        """Whether C{peer} logged in as C{user} within C{known_for} seconds (a known device)."""
+        return self._is_known(self.keys_for(peer, user), self.clock.seconds())
 
     def _is_known(self, keys: tuple[_Key, ...], now: float) -> bool:
         for key in keys:
@@ -556,13 +656,22 @@ class Throttle:
                 if left > 0:
                     self._inflight[key] = left
 
-    def failed(self, peer: str | None, user: str | None) -> float:
-        """Count a failure; return how long to wait before answering it."""
+    def failed(self, peer: str | None, user: str | None, across_peers: bool = True) -> float:
+        """
+        Count a failure; return how long to wait before answering it.
+
+        @param across_peers: count it for the user across peers too; not for
+            an attempt its client abandoned (or one over its peer's share of
+            the hash queue): those are the peer's doing, and must not bring
+            the user's ceiling closer for everyone else.
+        """
         now = self.clock.seconds()
         keys = self.keys_for(peer, user)
         pair = next((key for key in keys if key[0] == "pair"), None)
         counted = 0
         for key in keys:
+            if key[0] == "user" and not across_peers:
+                continue
             failures = self._recent(key, now)
             if key not in self._windows:
                 size = self._limits.get(key[0], self.max_user_failures + 32)
@@ -646,6 +755,13 @@ class ThrottlingChecker:
 
         def failed(reason: Failure) -> Any:
             self.throttle.release(peer, user)
+            if reason.check(defer.CancelledError, PeerShareFull):
+                # The client left (or a front door's timer ended it) while the
+                # attempt waited or was checked: without counting it, hanging
+                # up would be a free retry; a peer over its share of the hash
+                # queue would retry at will. Its peer and pair pay, not the user.
+                self.throttle.failed(peer, user, across_peers=False)
+                return reason
             if not reason.check(UnauthorizedLogin):
                 return reason
             delay = self.throttle.failed(peer, user)
@@ -653,10 +769,18 @@ class ThrottlingChecker:
                 return reason
             return task.deferLater(self.throttle.clock, delay, reason.raiseException)
 
+        def check() -> defer.Deferred[Any]:
+            # The hash pool gives each peer a share, and known devices a reserve.
+            token = current_attempt.set((peer, self.throttle.is_known(peer, user)))
+            try:
+                return defer.maybeDeferred(self.checker.requestAvatarId, credentials)
+            finally:
+                current_attempt.reset(token)
+
         if wait:
             # Before the check, whatever the password: an answer that came
             # sooner for the right one would tell it.
-            d = task.deferLater(self.throttle.clock, wait, self.checker.requestAvatarId, credentials)
+            d = task.deferLater(self.throttle.clock, wait, check)
         else:
-            d = defer.maybeDeferred(self.checker.requestAvatarId, credentials)
+            d = check()
         return d.addCallbacks(succeeded, failed)

@@ -13,11 +13,13 @@ goes to a checked address. BIND is KumoMTA's egress-source exchange (BIND
 with the wanted local source address, then CONNECT on the same session);
 UDP ASSOCIATE and any other command get 07.
 
-Timers: negotiation (connect until the request arrives), then connect
+Timers: negotiation (connect until the request arrives; suspended while a
+login runs, which has its own login deadline instead), then connect
 (resolution plus the outbound connect: reply 06 when it expires), then
 idle in the relay. Each session ends with one C{socks session} log event:
 peer, identity, command, destination, address, reply, bytes each way,
-duration and the reason it ended. Never the password.
+duration and the reason it ended (for sessions that never authenticated,
+one a minute per peer). Never the password.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
-from gateway.checkers.pipeline import peer_key
+from gateway.checkers.pipeline import network_keys, peer_key
 from gateway.connections import limit_connections
 from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta, normalize_ip
+from gateway.ratelog import LogRateLimiter, suppressed_note
 from gateway.realm import login
 from gateway.socks import codec
 from gateway.socks.codec import Reply
@@ -68,12 +71,23 @@ class SOCKSSettings:
     auth_required: bool = True
     allow: tuple[AllowRule, ...] = ()
     negotiation_timeout: float = 10.0
+    #: Seconds one login may take in the gateway (throttle wait, checkers,
+    #: failure delay); the negotiation timer is suspended meanwhile. Above
+    #: Throttle.max_delay + Throttle.max_user_delay, so that the gateway never
+    #: times out a login it is itself delaying.
+    login_timeout: float = 30.0
     connect_timeout: float = 15.0
     #: Seconds without a byte either way before a relayed session is closed (0: never).
     idle_timeout: float = 600.0
     max_sessions_per_peer: int = 256
     max_sessions_per_user: int = 1024
-    max_pending_logins: int = 256
+    #: Logins in flight at once, all peers together: a memory bound only; the
+    #: shares below keep a few peers from taking it.
+    max_pending_logins: int = 1024
+    #: Logins in flight per client address (IPv6 /64), waits in the throttle included.
+    max_pending_logins_per_peer: int = 4
+    #: Logins in flight per network (IPv4 /24, IPv6 /48).
+    max_pending_logins_per_network: int = 16
     #: Seconds a closing side may take to flush before it is aborted.
     close_grace: float = 10.0
 
@@ -225,8 +239,13 @@ class SOCKSFactory(protocol.ServerFactory):
         self.rules = DestinationRules(settings.allow)
         self.per_user: Counter[str] = Counter()
         self.pending_logins = 0
+        #: Logins in flight per peer key and per network key (see L{network_keys}).
+        self.pending_by_peer: Counter[str] = Counter()
+        self.pending_by_network: Counter[str] = Counter()
         #: Outbound connections open (a client's may outlive it while it drains).
         self.outbound_open = 0
+        #: Sessions that never authenticated are logged once a minute per peer.
+        self.unauthenticated_log = LogRateLimiter(reactor)
 
     def buildProtocol(self, addr: Any) -> SOCKSServer:
         # Sessions per peer are capped around this factory (gateway.connections).
@@ -292,12 +311,24 @@ class SOCKSServer(protocol.Protocol):
         self._log_session()
 
     def _log_session(self) -> None:
+        """
+        One line per session; for sessions that neither authenticated nor
+        opened a tunnel (connect-and-close loops cost an attacker nothing)
+        one line a minute per peer, saying how many were left out.
+        """
         identity = None
         if self.info is not None and self.info.identities:
             identity = self.info.identities[0].identity
+        suppressed = 0
+        if identity is None and self.reply != int(Reply.SUCCEEDED):
+            suppressed = self.factory.unauthenticated_log.admit(self.peer_key)
+            if suppressed is None:
+                return
         log.info(
             "socks session: peer={peer} identity={identity!r} {command} {destination} "
-            "({address}) reply={reply} up={up} down={down} {duration:.3f}s: {reason}",
+            "({address}) reply={reply} up={up} down={down} {duration:.3f}s: {reason}"
+            + suppressed_note(suppressed),
+            suppressed=suppressed,
             peer=self.peer,
             identity=identity,
             command=self.command,
@@ -330,6 +361,23 @@ class SOCKSServer(protocol.Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+
+    def _suspend_timer(self) -> float:
+        """Stop the running timer; return the seconds it had left."""
+        timer = self._timer
+        left = 0.0
+        if timer is not None and timer.active():
+            left = timer.getTime() - self.reactor.seconds()
+        self._cancel_timer()
+        return left
+
+    def _login_expired(self) -> None:
+        self._timer = None
+        self.reason = "login timeout"
+        if self._pending is not None:
+            self._pending.cancel()
+        if not self._gone:
+            self.transport.abortConnection()
 
     def _negotiation_expired(self) -> None:
         self._timer = None
@@ -435,8 +483,16 @@ class SOCKSServer(protocol.Protocol):
 
     def _login(self, event: codec.UserPass) -> None:
         factory = self.factory
-        if factory.pending_logins >= self.settings.max_pending_logins:
+        settings = self.settings
+        own, network = network_keys(self.meta.peer_address)
+        if factory.pending_logins >= settings.max_pending_logins:
             self._auth_failed("too many logins in flight")
+            return
+        if factory.pending_by_peer[own] >= settings.max_pending_logins_per_peer:
+            self._auth_failed("too many logins in flight from this address")
+            return
+        if factory.pending_by_network[network] >= settings.max_pending_logins_per_network:
+            self._auth_failed(f"too many logins in flight from {network}")
             return
         try:
             credentials = RFC1929Credentials(event.username, event.password, conn_meta=self.meta)
@@ -444,9 +500,21 @@ class SOCKSServer(protocol.Protocol):
             self._auth_failed("credentials not valid UTF-8")
             return
         factory.pending_logins += 1
+        factory.pending_by_peer[own] += 1
+        factory.pending_by_network[network] += 1
+        # The gateway's own time (throttle wait, hashing, failure delay) is
+        # not the client's: the negotiation timer stops, a login deadline runs.
+        negotiation_left = self._suspend_timer()
+        self._start_timer(self.settings.login_timeout, self._login_expired)
 
         def settled(result: Any) -> Any:
             factory.pending_logins -= 1
+            factory.release(factory.pending_by_peer, own)
+            factory.release(factory.pending_by_network, network)
+            self._cancel_timer()
+            if not self._gone and not isinstance(result, Failure):
+                # Logged in: the client's own time runs again (a failure closes).
+                self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
             return result
 
         d = self._wait(login(factory.portal, credentials, IAuthInfo))
