@@ -6,6 +6,14 @@ Connection bounds shared by every front door.
   at once (C{--smtp-max-connections-per-peer}, ...). The C{smtp} and C{smtps}
   listeners are one front door for a peer's cap (likewise C{http}/C{https},
   C{socks}/C{socks-tls}): a second listener must not double the cap.
+- A cap on the connections one network prefix (IPv4 /24, IPv6 /48 by
+  default) holds on all front doors together: one customer's network is one
+  client, whichever addresses and front doors it spreads over.
+- A share of the budget for connections that have not authenticated yet
+  (and refusals lingering): half by default, and of that half, an equal part
+  reserved for each front door. Unauthenticated clients cannot take the room
+  of authenticated sessions, nor of new clients of another front door. A
+  front door says when a connection has authenticated with L{authenticated}.
 - A process-wide budget of file descriptors below C{RLIMIT_NOFILE} (whose
   soft limit is raised to the hard limit at start): once the descriptors
   the open connections may hold reach it, new connections are refused the
@@ -29,9 +37,12 @@ from __future__ import annotations
 
 import resource as _resource
 from collections import Counter
+from weakref import WeakKeyDictionary
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any
+
+import ipaddress
 
 import attrs
 from twisted.internet import interfaces, protocol
@@ -49,6 +60,8 @@ MAX_LINGER_INPUT = 64 * 1024
 #: Refusals one peer may have lingering at once; more are closed at once,
 #: so a peer at its cap cannot hold descriptors by connecting again and again.
 MAX_LINGER_PER_PEER = 4
+#: Refusals one network prefix may have lingering at once.
+MAX_LINGER_PER_PREFIX = 16
 #: A hard limit of "unlimited" is raised to this many descriptors at most.
 NOFILE_UNLIMITED = 1 << 20
 
@@ -67,6 +80,13 @@ class ListenSettings:
     fd_reserve: int = 64
     #: Seconds a refusal waits for the client to read it and close.
     refusal_linger: float = 2.0
+    #: Connections one network prefix may hold on all front doors together.
+    max_per_prefix: int = 512
+    #: The prefix lengths of a network for L{max_per_prefix}.
+    ipv4_prefix: int = 24
+    ipv6_prefix: int = 48
+    #: The part of the budget connections may hold before they authenticate.
+    unauthenticated_share: float = 0.5
 
 
 class Refused(Enum):
@@ -74,6 +94,27 @@ class Refused(Enum):
 
     PEER = "too many connections from this peer"
     BUSY = "the connection budget is used up"
+    PREFIX = "too many connections from this peer's network"
+    UNAUTHENTICATED = "the budget's share for unauthenticated connections is used up"
+
+
+#: The answer a front door gives for a reason it has no answer of its own for.
+_SAME_ANSWER = {Refused.PREFIX: Refused.PEER, Refused.UNAUTHENTICATED: Refused.BUSY}
+
+
+def prefix_key(address: str | None, ipv4: int = 24, ipv6: int = 48) -> str | None:
+    """
+    The network an address (already canonical, IPv4-mapped folded) counts
+    under for the per-prefix cap: its C{/ipv4} or C{/ipv6}; None for no IP.
+    """
+    if address is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    length = ipv4 if ip.version == 4 else ipv6
+    return str(ipaddress.ip_network((ip, length), strict=False))
 
 
 def raise_nofile_limit(resource: Any = _resource) -> tuple[int, int]:
@@ -112,6 +153,10 @@ class Connections:
     HTTP: the socket, a request body file and, with an upstream, the upstream
     connection). Outbound connections that outlive their client (SOCKS) are
     added through L{add_source}.
+
+    Connections are also counted per network prefix (all front doors
+    together) and, until they authenticate, per front door against the
+    unauthenticated share of the budget (see L{unauthenticated_room}).
     """
 
     def __init__(self, settings: ListenSettings = ListenSettings(), budget: int | None = None):
@@ -119,11 +164,19 @@ class Connections:
         self.budget = budget
         #: Weighted descriptors held by inbound connections and lingering refusals.
         self.open = 0
+        #: Weighted descriptors of unauthenticated connections and lingering refusals, per door.
+        self.unauthenticated: Counter[str] = Counter()
+        #: Connections per network prefix, all front doors together.
+        self.prefixes: Counter[str] = Counter()
+        #: Refusals lingering per network prefix.
+        self.lingering_prefixes: Counter[str | None] = Counter()
         self._sources: list[Callable[[], int]] = []
         self._doors: dict[str, PeerLimit] = {}
         #: Listeners behind a PROXY-protocol endpoint: the peer at accept is the proxy.
         self.behind_proxy: set[str] = set()
         self._warned_busy = False
+        self._warned_unauthenticated = False
+        self._warned_prefixes: set[str] = set()
         self._started = False
 
     def start(self, resource: Any = _resource) -> None:
@@ -142,6 +195,67 @@ class Connections:
 
     def in_use(self) -> int:
         return self.open + sum(count() for count in self._sources)
+
+    def prefix_of(self, peer: str | None) -> str | None:
+        """The network prefix C{peer} counts under (None: no IP address)."""
+        return prefix_key(peer, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
+
+    def prefix_full(self, prefix: str | None) -> bool:
+        """Whether network C{prefix} holds its cap of connections (logged once until it is empty)."""
+        if prefix is None or self.prefixes[prefix] < self.settings.max_per_prefix:
+            return False
+        if prefix not in self._warned_prefixes:
+            self._warned_prefixes.add(prefix)
+            log.warn(
+                "refusing connections from network {prefix}: {count} open, its limit",
+                prefix=prefix, count=self.prefixes[prefix],
+            )
+        return True
+
+    def take_prefix(self, prefix: str | None) -> None:
+        if prefix is not None:
+            self.prefixes[prefix] += 1
+
+    def release_prefix(self, prefix: str | None) -> None:
+        if prefix is not None:
+            self.prefixes[prefix] -= 1
+            if self.prefixes[prefix] <= 0:
+                del self.prefixes[prefix]
+                self._warned_prefixes.discard(prefix)
+
+    def unauthenticated_room(self, door: str, weight: int) -> bool:
+        """
+        Whether C{weight} more unauthenticated descriptors fit for front door
+        C{door}. Unauthenticated connections hold at most
+        C{unauthenticated_share} of the budget; half of that is split evenly
+        among the front doors, each one's own reserve, and the other half is
+        shared: a flood on one front door leaves the other doors' reserves.
+        Logs once when refusing, and once when there is room again.
+        """
+        if self.budget is None:
+            return True
+        share = int(self.budget * self.settings.unauthenticated_share)
+        doors = set(self._doors) | {door}
+        reserve = share // (2 * len(doors))
+        pool = share - reserve * len(doors)
+        own = self.unauthenticated[door]
+        if own + weight <= reserve:
+            fits = True
+        else:
+            overflow = sum(max(0, self.unauthenticated[d] - reserve) for d in doors)
+            more = max(0, own + weight - reserve) - max(0, own - reserve)
+            fits = overflow + more <= pool
+        if fits and self._warned_unauthenticated:
+            self._warned_unauthenticated = False
+            log.info("accepting unauthenticated connections again")
+        elif not fits and not self._warned_unauthenticated:
+            self._warned_unauthenticated = True
+            log.warn(
+                "refusing new connections on {door}: unauthenticated connections hold "
+                "their share of the budget ({share} of {budget} descriptors)",
+                door=door, share=share, budget=self.budget,
+            )
+        return fits
 
     def has_room(self, weight: int) -> bool:
         """
@@ -202,17 +316,23 @@ class PeerLimit:
         self.lingering: Counter[str | None] = Counter()
         self._warned: set[str] = set()
 
-    def check(self, peer: str | None, key: str | None, capped: bool = True) -> Refused | None:
+    def check(
+        self,
+        peer: str | None,
+        key: str | None,
+        capped: bool = True,
+        prefix: str | None = None,
+        trusted: bool | None = None,
+    ) -> Refused | None:
         """
         Why a new connection from C{peer} (an IP address, or None), counted
-        under C{key}, is refused; or None: it may come in.
+        under C{key} and network C{prefix}, is refused; or None: it may come
+        in. A C{trusted} connection (an exempt network: None, look it up)
+        counts as authenticated from the start.
         """
-        if (
-            capped
-            and key is not None
-            and self.counts[key] >= self.max_per_peer
-            and not in_networks(peer, self.exempt)
-        ):
+        if trusted is None:
+            trusted = in_networks(peer, self.exempt)
+        if capped and not trusted and key is not None and self.counts[key] >= self.max_per_peer:
             if key not in self._warned:  # once until all its connections are gone
                 self._warned.add(key)
                 log.warn(
@@ -220,36 +340,116 @@ class PeerLimit:
                     door=self.name, peer=key, count=self.counts[key],
                 )
             return Refused.PEER
+        if capped and not trusted and self.connections.prefix_full(prefix):
+            return Refused.PREFIX
         if not self.connections.has_room(self.weight):
             return Refused.BUSY
+        if not trusted and not self.connections.unauthenticated_room(self.name, self.weight):
+            return Refused.UNAUTHENTICATED
         return None
 
-    def may_linger(self, key: str | None) -> bool:
+    def may_linger(self, key: str | None, prefix: str | None = None) -> bool:
         """Whether a refusal for C{key} may linger (then it is counted until it ends)."""
-        if self.lingering[key] >= MAX_LINGER_PER_PEER or not self.connections.has_room(1):
+        connections = self.connections
+        if (
+            self.lingering[key] >= MAX_LINGER_PER_PEER
+            or (prefix is not None and connections.lingering_prefixes[prefix] >= MAX_LINGER_PER_PREFIX)
+            or not connections.has_room(1)
+            or not connections.unauthenticated_room(self.name, 1)
+        ):
             return False
         self.lingering[key] += 1
-        self.connections.open += 1
+        if prefix is not None:
+            connections.lingering_prefixes[prefix] += 1
+        connections.open += 1
+        connections.unauthenticated[self.name] += 1
         return True
 
-    def done_lingering(self, key: str | None) -> None:
-        self.connections.open -= 1
-        self.lingering[key] -= 1
-        if self.lingering[key] <= 0:
-            del self.lingering[key]
+    def done_lingering(self, key: str | None, prefix: str | None = None) -> None:
+        connections = self.connections
+        connections.open -= 1
+        _decrement(connections.unauthenticated, self.name, 1)
+        _decrement(self.lingering, key, 1)
+        if prefix is not None:
+            _decrement(connections.lingering_prefixes, prefix, 1)
 
-    def take(self, key: str | None) -> None:
+    def take(self, key: str | None, prefix: str | None = None, trusted: bool = False) -> Admission:
+        """Count a connection in; the L{Admission} that releases it."""
         if key is not None:
             self.counts[key] += 1
         self.connections.open += self.weight
+        self.connections.take_prefix(prefix)
+        admission = Admission(self, key, prefix)
+        if trusted:
+            admission.authenticated = True
+        else:
+            self.connections.unauthenticated[self.name] += self.weight
+        return admission
 
-    def release(self, key: str | None) -> None:
+    def release(self, key: str | None, prefix: str | None = None, authenticated: bool = True) -> None:
         self.connections.open -= self.weight
+        if not authenticated:
+            _decrement(self.connections.unauthenticated, self.name, self.weight)
+        self.connections.release_prefix(prefix)
         if key is not None:
             self.counts[key] -= 1
             if self.counts[key] <= 0:
                 del self.counts[key]
                 self._warned.discard(key)  # logged again only once it has left
+
+
+def _decrement(counter: Counter[Any], key: Any, amount: int) -> None:
+    counter[key] -= amount
+    if counter[key] <= 0:
+        del counter[key]
+
+
+@attrs.define(eq=False)
+class Admission:
+    """One counted connection: authenticated or not, released once."""
+
+    limit: PeerLimit
+    key: str | None
+    prefix: str | None
+    authenticated: bool = False
+    released: bool = False
+
+    def authenticate(self) -> None:
+        """The connection has authenticated: it leaves the unauthenticated share."""
+        if self.authenticated or self.released:
+            return
+        self.authenticated = True
+        _decrement(self.limit.connections.unauthenticated, self.limit.name, self.limit.weight)
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.limit.release(self.key, self.prefix, self.authenticated)
+
+
+#: The admission of each counted connection, by the transport it was made with.
+_ADMISSIONS: WeakKeyDictionary[Any, Admission] = WeakKeyDictionary()
+
+
+def authenticated(transport: Any) -> None:
+    """
+    A front door's call-in: the connection on C{transport} (a protocol's
+    own transport, TLS and PROXY-protocol layers included) has authenticated,
+    so it no longer counts against the unauthenticated share of the budget.
+    Safe to call more than once, and for connections that are not counted.
+    """
+    seen = 0
+    while transport is not None and seen < 8:
+        try:
+            admission = _ADMISSIONS.get(transport)
+        except TypeError:  # not weakly referenceable: not one of ours
+            admission = None
+        if admission is not None:
+            admission.authenticate()
+            return
+        transport = getattr(transport, "transport", None)
+        seen += 1
 
 
 class _Forwarding:
@@ -291,19 +491,27 @@ class _Forwarding:
 
 
 class _Counted(_Forwarding):
-    """A counted connection: releases its count once, when it ends."""
+    """
+    A counted connection: registers its transport for L{authenticated}, and
+    releases its count once, when it ends.
+    """
 
-    def __init__(self, wrapped: Any, release: Callable[[], None]) -> None:
+    def __init__(self, wrapped: Any, admission: Admission) -> None:
         super().__init__(wrapped)
-        self._release: Callable[[], None] | None = release
+        self.admission = admission
+
+    def makeConnection(self, transport: Any) -> None:
+        try:
+            _ADMISSIONS[transport] = self.admission
+        except TypeError:  # a transport without weak references: never "authenticated"
+            pass
+        super().makeConnection(transport)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        release, self._release = self._release, None
         try:
             self.wrapped.connectionLost(reason)
         finally:
-            if release is not None:
-                release()
+            self.admission.release()
 
 
 class _HandshakeDeadline(_Forwarding):
@@ -376,10 +584,14 @@ class _Refuser(protocol.Protocol):
     sent its request then reads the answer instead of a reset.
     """
 
-    def __init__(self, message: bytes, limit: PeerLimit, key: str | None, reactor: Any) -> None:
+    def __init__(
+        self, message: bytes, limit: PeerLimit, key: str | None, reactor: Any,
+        prefix: str | None = None,
+    ) -> None:
         self.message = message
         self.limit = limit
         self.key = key
+        self.prefix = prefix
         self.reactor = reactor
         self._timer: Any = None
         self._lingering = False
@@ -389,7 +601,7 @@ class _Refuser(protocol.Protocol):
         self.transport.write(self.message)
         linger = self.limit.connections.settings.refusal_linger
         half_close = getattr(self.transport, "loseWriteConnection", None)
-        if linger > 0 and half_close is not None and self.limit.may_linger(self.key):
+        if linger > 0 and half_close is not None and self.limit.may_linger(self.key, self.prefix):
             self._lingering = True
             self._timer = self.reactor.callLater(linger, self.transport.abortConnection)
             half_close()
@@ -412,7 +624,7 @@ class _Refuser(protocol.Protocol):
             self._timer.cancel()
         if self._lingering:
             self._lingering = False
-            self.limit.done_lingering(self.key)
+            self.limit.done_lingering(self.key, self.prefix)
 
 
 class LimitedFactory(protocol.Factory):
@@ -453,17 +665,20 @@ class LimitedFactory(protocol.Factory):
         limit = self.limit
         peer = ip_or_none(getattr(addr, "host", None))
         key = peer_key(peer)
+        prefix = limit.connections.prefix_of(peer)
         capped = self.listener not in limit.connections.behind_proxy
-        refused = limit.check(peer, key, capped)
+        trusted = capped and in_networks(peer, limit.exempt)
+        refused = limit.check(peer, key, capped, prefix, trusted)
         if refused is not None:
             if self.refusals is None:
                 return None
-            return _Refuser(self.refusals[refused], limit, key, self.reactor)
+            message = self.refusals.get(refused) or self.refusals[_SAME_ANSWER[refused]]
+            return _Refuser(message, limit, key, self.reactor, prefix)
         proto = self.wrappedFactory.buildProtocol(addr)
         if proto is None:
             return None
-        limit.take(key)
-        return _Counted(proto, lambda: limit.release(key))
+        # Trusted peers and the proxy of a PROXY-protocol listener fill no network's cap.
+        return _Counted(proto, limit.take(key, prefix if capped and not trusted else None, trusted))
 
 
 def limit_connections(
@@ -555,14 +770,17 @@ def with_backlog(description: str, backlog: int) -> str:
 
 
 __all__ = [
+    "Admission",
     "Connections",
     "HandshakeDeadlineFactory",
     "LimitedFactory",
     "ListenSettings",
     "PeerLimit",
     "Refused",
+    "authenticated",
     "budget_for",
     "limit_connections",
+    "prefix_key",
     "raise_nofile_limit",
     "with_backlog",
 ]

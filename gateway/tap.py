@@ -158,6 +158,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("tls-handshake-timeout", default_of(ListenSettings, "handshake_timeout"),
                 "Seconds a client of an implicit-TLS listener has to finish the handshake.",
                 float),
+        _number("max-connections-per-prefix", default_of(ListenSettings, "max_per_prefix"),
+                "Connections one network (--ipv4-prefix, --ipv6-prefix) may hold on all"
+                " front doors together.", int),
+        _number("ipv4-prefix", default_of(ListenSettings, "ipv4_prefix"),
+                "Prefix length of an IPv4 network for --max-connections-per-prefix (1-32).", int),
+        _number("ipv6-prefix", default_of(ListenSettings, "ipv6_prefix"),
+                "Prefix length of an IPv6 network for --max-connections-per-prefix (1-64).", int),
+        _number("unauthenticated-share", default_of(ListenSettings, "unauthenticated_share"),
+                "Part of the connection budget (0-1] connections may hold before they"
+                " authenticate.", float),
         # The verification pipeline: throttle -> checkers -> cache -> hash pool.
         _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
         _number("hash-queue", default_of(HashPool, "max_pending"),
@@ -486,8 +496,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
             self["endpoints"][name] = description
+        for option, top in (("ipv4-prefix", 32), ("ipv6-prefix", 64), ("unauthenticated-share", 1)):
+            if self[option] > top:
+                raise usage.UsageError(f"--{option} {self[option]}: must be at most {top}")
         self["listenSettings"] = ListenSettings(
-            backlog=self["listen-backlog"], handshake_timeout=self["tls-handshake-timeout"]
+            backlog=self["listen-backlog"],
+            handshake_timeout=self["tls-handshake-timeout"],
+            max_per_prefix=self["max-connections-per-prefix"],
+            ipv4_prefix=self["ipv4-prefix"],
+            ipv6_prefix=self["ipv6-prefix"],
+            unauthenticated_share=self["unauthenticated-share"],
         )
 
         if not self["credCheckers"]:

@@ -262,7 +262,10 @@ class PeerCapTests(SynchronousTestCase):
 class BudgetTests(SynchronousTestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()
-        self.connections = Connections(ListenSettings(refusal_linger=0), budget=5)
+        # The whole budget open to unauthenticated connections: the budget alone is tested.
+        self.connections = Connections(
+            ListenSettings(refusal_linger=0, unauthenticated_share=1.0), budget=5
+        )
         self.outbound = 0
         self.connections.add_source(lambda: self.outbound)
         self.smtp = LimitedFactory(
@@ -677,7 +680,7 @@ class RealSocketTests(TestCase):
     @defer.inlineCallbacks
     def test_budget(self):
         """With the budget used up, another peer gets the busy refusal; room again once one closes."""
-        self.start()
+        self.start("--unauthenticated-share", "1")
         self.connections.budget = 4  # two SMTP connections (two descriptors each)
 
         def client():

@@ -30,7 +30,7 @@ from zope.interface import implementer
 from gateway.aaa import IAccessPolicy
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.checkers.pipeline import Reject, TemporaryFailure
-from gateway.connections import Refused, limit_connections
+from gateway.connections import Refused, authenticated, limit_connections
 from gateway.meta import ConnectionMeta, in_networks
 from gateway.realm import login
 from gateway.smtp import sasl
@@ -597,6 +597,7 @@ class SubmissionServer(smtp.ESMTP):
         _, info, _ = result
         self.auth_info = info
         self.authenticated = True
+        authenticated(self.transport)  # out of the budget's unauthenticated share
         self._cancel_auth_deadline()
         self.reply(235, "2.7.0", "Authentication successful")
 

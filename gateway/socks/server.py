@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.checkers.pipeline import network_keys, peer_key
-from gateway.connections import limit_connections
+from gateway.connections import authenticated, limit_connections
 from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta, normalize_ip
 from gateway.ratelog import LogRateLimiter, suppressed_note
@@ -471,6 +471,7 @@ class SOCKSServer(protocol.Protocol):
         elif codec.NO_AUTH in greeting.methods and not self.settings.auth_required:
             self.transport.write(self.codec.send_method(codec.NO_AUTH))
             self.info = AuthInfo(peer_address=self.meta.peer_address)
+            authenticated(self.transport)  # no-auth allowed: out of the unauthenticated share
         else:
             self.transport.write(self.codec.send_method(codec.NO_ACCEPTABLE))
             if greeting.methods == (codec.NO_AUTH,):
@@ -531,6 +532,7 @@ class SOCKSServer(protocol.Protocol):
         self.factory.per_user[name] += 1
         self._counted_user = name
         self.info = info
+        authenticated(self.transport)  # out of the budget's unauthenticated share
         self.transport.write(self.codec.send_auth_result(True))
         self._feed(b"")
 

@@ -35,6 +35,7 @@ from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
 from gateway.checkers.pipeline import TemporaryFailure, Throttled
+from gateway.connections import authenticated
 from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
 from gateway.meta import ConnectionMeta, in_networks, ip_or_none
 from gateway.realm import login
@@ -390,6 +391,9 @@ class Guard(resource.Resource):
 
     def _succeeded(self, result: tuple[Any, Any, Any], request: server.Request) -> Any:
         _, avatar, logout = result
+        # The connection has carried an authenticated request: out of the
+        # budget's unauthenticated share.
+        authenticated(getattr(request.channel, "transport", None))
         request.notifyFinish().addBoth(lambda _: logout())
         return avatar
 
