@@ -6,7 +6,9 @@ backlog; units with in-memory transports, then real loopback sockets.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import smtplib
 import socket
 import ssl
 import types
@@ -27,8 +29,10 @@ from gateway.connections import (
     LimitedFactory,
     ListenSettings,
     Refused,
+    authenticated,
     budget_for,
     limit_connections,
+    prefix_key,
     raise_nofile_limit,
     with_backlog,
 )
@@ -323,6 +327,193 @@ class BudgetTests(SynchronousTestCase):
         self.assertEqual(budget_for(1024, 64), 1024 - 102)
         self.assertEqual(budget_for(256, 64), 192)
         self.assertEqual(budget_for(10, 64), 1)
+
+
+class PrefixCapTests(SynchronousTestCase):
+    """One network's connections on all front doors together are capped."""
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.connections = Connections(ListenSettings(refusal_linger=0, max_per_prefix=3))
+        self.smtp = LimitedFactory(
+            Factory(), self.connections.door("smtp", 2, weight=2), self.clock, REFUSALS, "smtp"
+        )
+        self.http = LimitedFactory(
+            Factory(),
+            self.connections.door("http", 2, weight=2, exempt=[ipaddress.ip_network("192.0.2.200/32")]),
+            self.clock, REFUSALS, "http",
+        )
+
+    def connect(self, factory, host):
+        proto = factory.buildProtocol(peer(host))
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_prefix_key(self):
+        self.assertEqual(prefix_key("192.0.2.77"), "192.0.2.0/24")
+        self.assertEqual(prefix_key("2001:db8:1:2:3::1"), "2001:db8:1::/48")
+        self.assertEqual(prefix_key("2001:db8:1:2ff:3::1", ipv6=56), "2001:db8:1:200::/56")
+        self.assertEqual(prefix_key("10.1.2.3", ipv4=16), "10.1.0.0/16")
+        self.assertIsNone(prefix_key(None))
+        self.assertIsNone(prefix_key("not an address"))
+
+    def test_one_network_on_all_doors(self):
+        """Addresses of one /24, each under its own cap, share the network's cap across doors."""
+        first, _ = self.connect(self.smtp, "192.0.2.1")
+        self.connect(self.smtp, "192.0.2.1")
+        self.connect(self.http, "192.0.2.2")
+        self.assertEqual(self.connections.prefixes, {"192.0.2.0/24": 3})
+        for factory, host in ((self.smtp, "192.0.2.3"), (self.http, "192.0.2.4")):
+            proto, transport = self.connect(factory, host)
+            self.assertEqual(transport.value(), b"peer\r\n")  # the door's answer for its peers
+            self.assertNotIsInstance(proto, type(first))
+        other, transport = self.connect(self.smtp, "198.51.100.1")  # another network
+        self.assertTrue(other.wrapped.made)
+        first.connectionLost(Failure(protocol.connectionDone))
+        again, _ = self.connect(self.http, "192.0.2.4")
+        self.assertTrue(again.wrapped.made)
+
+    def test_ipv6_by_48(self):
+        """/64s of one /48 share its cap; another /48 does not."""
+        for host in ("2001:db8:0:1::1", "2001:db8:0:2::1", "2001:db8:0:3::1"):
+            self.connect(self.smtp, host)
+        _, transport = self.connect(self.smtp, "2001:db8:0:4::1")
+        self.assertEqual(transport.value(), b"peer\r\n")
+        _, transport = self.connect(self.smtp, "::ffff:192.0.2.9")  # IPv4-mapped: its /24
+        other, transport = self.connect(self.smtp, "2001:db8:1::1")
+        self.assertTrue(other.wrapped.made)
+        self.assertEqual(self.connections.prefixes,
+                         {"2001:db8::/48": 3, "192.0.2.0/24": 1, "2001:db8:1::/48": 1})
+
+    def test_trusted_and_proxied_not_counted(self):
+        """Trusted networks and PROXY-protocol listeners neither fill nor hit a network's cap."""
+        for _ in range(5):
+            proto, _ = self.connect(self.http, "192.0.2.200")
+            self.assertTrue(proto.wrapped.made)
+        self.connections.behind_proxy.add("smtp")
+        for _ in range(2):
+            self.connect(self.smtp, "192.0.2.201")
+        self.assertEqual(self.connections.prefixes, {})
+
+    def test_logged_once_per_network(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for host in ("192.0.2.1", "192.0.2.2", "192.0.2.3", "192.0.2.4", "192.0.2.5"):
+            self.connect(self.smtp, host)
+        said = [e for e in events if "network" in e.get("log_format", "")]
+        self.assertEqual(len(said), 1)
+        self.assertEqual(said[0]["prefix"], "192.0.2.0/24")
+
+
+class UnauthenticatedShareTests(SynchronousTestCase):
+    """
+    Budget 40, share 0.5: 20 descriptors for unauthenticated connections; three
+    doors, a reserve of 20 // 6 = 3 each, 11 shared.
+    """
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.connections = Connections(ListenSettings(refusal_linger=2.0), budget=40)
+        self.smtp = LimitedFactory(
+            Factory(), self.connections.door("smtp", 100, weight=2), self.clock, REFUSALS, "smtp"
+        )
+        self.http = LimitedFactory(
+            Factory(), self.connections.door("http", 100, weight=2), self.clock, REFUSALS, "http"
+        )
+        self.socks = LimitedFactory(Factory(), self.connections.door("socks", 100), self.clock,
+                                    None, "socks")
+        self.net = 0
+
+    def connect(self, factory, host=None):
+        if host is None:  # every attacker from its own network: no other cap applies
+            self.net += 1
+            host = f"10.{self.net}.0.1"
+        proto = factory.buildProtocol(peer(host))
+        if proto is None:
+            return None, None
+        transport = HalfCloseTransport()
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def test_flood_on_one_door_leaves_the_others(self):
+        """Unauthenticated SMTP connections from many networks stop at the share; HTTP and SOCKS get in."""
+        held = [self.connect(self.smtp) for _ in range(7)]  # 3 reserved + 11 shared = 7 x 2
+        self.assertTrue(all(p.wrapped.made for p, _ in held))
+        _, transport = self.connect(self.smtp)
+        self.assertEqual(transport.value(), b"busy\r\n")
+        self.assertTrue(transport.disconnecting)  # no room in the share to linger either
+        self.assertEqual(self.connections.in_use(), 14)
+        web, transport = self.connect(self.http, "192.0.2.50")
+        self.assertTrue(web.wrapped.made)
+        socks, _ = self.connect(self.socks, "192.0.2.51")
+        self.assertTrue(socks.wrapped.made)
+        self.assertLessEqual(sum(self.connections.unauthenticated.values()), 20)
+
+    def test_authenticated_leave_the_share(self):
+        """Once a connection authenticates, its descriptors leave the share: room for new clients."""
+        held = [self.connect(self.smtp) for _ in range(7)]
+        for proto, transport in held:
+            authenticated(transport)
+            authenticated(transport)  # once only
+        self.assertEqual(self.connections.unauthenticated, {})
+        self.assertEqual(self.connections.open, 14)
+        fresh, _ = self.connect(self.smtp)
+        self.assertTrue(fresh.wrapped.made)
+        held[0][0].connectionLost(Failure(protocol.connectionDone))
+        authenticated(held[0][1])  # after the end: nothing to move
+        self.assertEqual(self.connections.unauthenticated, {"smtp": 2})
+        self.assertEqual(self.connections.open, 14)
+
+    def test_found_under_tls_and_proxy_layers(self):
+        """The call-in finds the connection from the protocol's own transport (a TLS layer above)."""
+        proto, transport = self.connect(self.smtp)
+        tls_layer = types.SimpleNamespace(transport=types.SimpleNamespace(transport=transport))
+        authenticated(tls_layer)
+        self.assertEqual(self.connections.unauthenticated, {})
+        authenticated(None)
+        authenticated(object())  # not ours: ignored
+        proto.connectionLost(Failure(protocol.connectionDone))
+        self.assertEqual((self.connections.open, self.connections.unauthenticated), (0, {}))
+
+    def test_unauthenticated_released(self):
+        """An unauthenticated connection that ends gives its share back."""
+        proto, _ = self.connect(self.http)
+        self.assertEqual(self.connections.unauthenticated, {"http": 2})
+        proto.connectionLost(Failure(protocol.connectionDone))
+        self.assertEqual(self.connections.unauthenticated, {})
+
+    def test_trusted_start_authenticated(self):
+        limit = self.connections.door("trusted", 100, exempt=[ipaddress.ip_network("192.0.2.0/24")])
+        factory = LimitedFactory(Factory(), limit, self.clock, REFUSALS, "trusted")
+        for _ in range(30):
+            proto, _ = self.connect(factory, "192.0.2.9")
+            self.assertTrue(proto.wrapped.made)
+        self.assertEqual(self.connections.unauthenticated, {})
+
+    def test_lingering_refusals_in_the_share(self):
+        """Refusals lingering count in the share, and per network: a /24 cannot hold many."""
+        limit = self.connections.door("smtp", 100)
+        limit.max_per_peer = 0  # every connection refused: only refusals
+        self.connections.budget = 200  # room: only the network's bound applies
+        refusals = [self.connect(self.smtp, f"192.0.2.{i + 1}") for i in range(40)]
+        self.assertEqual(self.connections.lingering_prefixes, {"192.0.2.0/24": 16})
+        self.assertEqual(self.connections.unauthenticated, {"smtp": 16})
+        self.end_lingering(refusals)
+        self.connections.budget = 40
+        refusals = [self.connect(self.smtp) for i in range(40)]
+        # 3 + 11 in the share at most, whatever the number of networks
+        self.assertEqual(self.connections.unauthenticated, {"smtp": 14})
+        self.end_lingering(refusals)
+
+    def end_lingering(self, refusals):
+        self.clock.advance(2.0)
+        for proto, transport in refusals:
+            if transport.aborted:
+                proto.connectionLost(Failure(protocol.connectionDone))
+        self.assertEqual((self.connections.open, self.connections.unauthenticated), (0, {}))
+        self.assertEqual(self.connections.lingering_prefixes, {})
 
 
 class FakeResource:
@@ -709,6 +900,103 @@ class RealSocketTests(TestCase):
 
         line = yield self.run_client(later)
         self.assertTrue(line.startswith(b"220 "))
+
+
+    @defer.inlineCallbacks
+    def test_one_network_cannot_crowd_out_another(self):
+        """
+        Peers of one /24, each at its own cap, stop at the network's cap: a
+        clean peer of another network is served (without the network cap,
+        they held the whole budget and it got 503).
+        """
+        self.start("--max-connections-per-prefix", "6", "--unauthenticated-share", "1")
+        self.connections.budget = 30  # 15 SMTP connections would fill it
+
+        held, out = [], {"smtp": [], "http": b""}
+        self.addCleanup(lambda: [s.close() for s in held])
+
+        def attackers():
+            for i in range(2, 10):  # 8 attackers x 2 connections
+                for _ in range(2):
+                    s = _open(self.smtp, f"127.0.0.{i}")
+                    line = _read_line(s)
+                    out["smtp"].append(line)
+                    if line.startswith(b"220 "):
+                        held.append(s)
+                    else:
+                        s.close()  # ends the refusal's linger
+
+        def clean():
+            web = _open(self.http, "127.0.1.1")
+            web.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            out["http"] = _read_until_closed(web)
+            web.close()
+            with _open(self.smtp, "127.0.1.1") as other:
+                out["smtp_other"] = _read_line(other)
+
+        yield self.run_client(attackers)
+        for _ in range(500):
+            if not self.connections.lingering_prefixes:
+                break
+            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield self.run_client(clean)
+        for s in held:
+            s.close()
+        served = [line for line in out["smtp"] if line.startswith(b"220 ")]
+        refused = [line for line in out["smtp"] if line not in served]
+        self.assertEqual(len(served), 6)
+        self.assertEqual(set(refused), {SMTP_REFUSAL})
+        self.assertTrue(out["http"].startswith(b"HTTP/1.1 401 "), out["http"][:80])
+        self.assertTrue(out["smtp_other"].startswith(b"220 "))
+        yield self.released()
+
+    @defer.inlineCallbacks
+    def test_unauthenticated_cannot_crowd_out(self):
+        """
+        Unauthenticated SMTP connections from many networks stop at their share
+        of the budget: a new HTTP client still gets in; SMTP, HTTP and SOCKS
+        sessions that authenticated leave the share (without the share, the
+        flood held the whole budget and HTTP answered 503).
+        """
+        self.start("--smtp-insecure-auth")
+        self.connections.budget = 48  # share 24; reserve 4 per door, 12 shared
+
+        def client():
+            held, out = [], {"flood": []}
+            smtp = smtplib.SMTP("127.0.0.1", self.smtp, source_address=("127.0.5.1", 0), timeout=10)
+            smtp.login("daniel", "tiger")
+            held.append(smtp.sock)
+            out["smtp_unauthenticated"] = dict(self.connections.unauthenticated)
+            for i in range(10, 20):  # 20 connections x 2 descriptors, 10 networks
+                for _ in range(2):
+                    s = _open(self.smtp, f"127.0.{i}.1")
+                    held.append(s)
+                    out["flood"].append(_read_line(s))
+            web = _open(self.http, "127.0.30.1")
+            held.append(web)
+            web.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\n"
+                        b"Authorization: Basic ZGFuaWVsOnRpZ2Vy\r\n\r\n")
+            out["http"] = web.recv(65536)
+            socks = _open(self.socks, "127.0.31.1")
+            held.append(socks)
+            socks.sendall(b"\x05\x01\x02")
+            out["socks_method"] = socks.recv(2)
+            socks.sendall(b"\x01\x06daniel\x05tiger")
+            out["socks_auth"] = socks.recv(2)
+            out["unauthenticated"] = dict(self.connections.unauthenticated)
+            return out, held
+
+        out, held = yield self.run_client(client)
+        for s in held:
+            self.addCleanup(s.close)
+        self.assertEqual(out["smtp_unauthenticated"], {})
+        served = [line for line in out["flood"] if line.startswith(b"220 ")]
+        self.assertEqual(len(served), 8)  # (4 + 12) / 2
+        self.assertEqual(set(out["flood"]) - set(served),
+                         {b"421 4.3.2 Too many connections, try again later\r\n"})
+        self.assertTrue(out["http"].startswith(b"HTTP/1.1 200 "), out["http"][:80])
+        self.assertEqual((out["socks_method"], out["socks_auth"]), (b"\x05\x02", b"\x01\x00"))
+        self.assertEqual(out["unauthenticated"], {"smtp": 16})  # the flood only
 
 
 class BacklogSocketTests(TestCase):
