@@ -967,7 +967,7 @@ class RealSocketTests(TestCase):
             smtp.login("daniel", "tiger")
             held.append(smtp.sock)
             out["smtp_unauthenticated"] = dict(self.connections.unauthenticated)
-            for i in range(10, 20):  # 20 connections x 2 descriptors, 10 networks
+            for i in range(10, 22):  # 24 connections x 2 descriptors, 12 networks
                 for _ in range(2):
                     s = _open(self.smtp, f"127.0.{i}.1")
                     held.append(s)
