@@ -223,14 +223,14 @@ class Connections:
                 del self.prefixes[prefix]
                 self._warned_prefixes.discard(prefix)
 
-    def unauthenticated_room(self, door: str, weight: int) -> bool:
+    def unauthenticated_room(self, door: str, weight: int, say: bool = True) -> bool:
         """
         Whether C{weight} more unauthenticated descriptors fit for front door
         C{door}. Unauthenticated connections hold at most
         C{unauthenticated_share} of the budget; half of that is split evenly
         among the front doors, each one's own reserve, and the other half is
         shared: a flood on one front door leaves the other doors' reserves.
-        Logs once when refusing, and once when there is room again.
+        Logs (when C{say}) once when refusing, and once when there is room again.
         """
         if self.budget is None:
             return True
@@ -245,6 +245,8 @@ class Connections:
             overflow = sum(max(0, self.unauthenticated[d] - reserve) for d in doors)
             more = max(0, own + weight - reserve) - max(0, own - reserve)
             fits = overflow + more <= pool
+        if not say:
+            return fits
         if fits and self._warned_unauthenticated:
             self._warned_unauthenticated = False
             log.info("accepting unauthenticated connections again")
@@ -355,7 +357,7 @@ class PeerLimit:
             self.lingering[key] >= MAX_LINGER_PER_PEER
             or (prefix is not None and connections.lingering_prefixes[prefix] >= MAX_LINGER_PER_PREFIX)
             or not connections.has_room(1)
-            or not connections.unauthenticated_room(self.name, 1)
+            or not connections.unauthenticated_room(self.name, 1, say=False)
         ):
             return False
         self.lingering[key] += 1

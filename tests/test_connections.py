@@ -680,8 +680,22 @@ class OptionTests(SynchronousTestCase):
              options["listenSettings"].handshake_timeout),
             (3, 4, 5, 2.5),
         )
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", self.mktemp(), "--auth", "memory:a:b",
+            "--max-connections-per-prefix", "7", "--ipv4-prefix", "16", "--ipv6-prefix", "56",
+            "--unauthenticated-share", "0.25",
+        ])
+        settings = options["listenSettings"]
+        self.assertEqual(
+            (settings.max_per_prefix, settings.ipv4_prefix, settings.ipv6_prefix,
+             settings.unauthenticated_share),
+            (7, 16, 56, 0.25),
+        )
         for bad in (["--smtp-max-connections-per-peer", "0"], ["--listen-backlog", "x"],
-                    ["--tls-handshake-timeout", "0"]):
+                    ["--tls-handshake-timeout", "0"], ["--max-connections-per-prefix", "0"],
+                    ["--ipv4-prefix", "33"], ["--ipv6-prefix", "65"], ["--ipv6-prefix", "0"],
+                    ["--unauthenticated-share", "0"], ["--unauthenticated-share", "1.5"]):
             self.assertRaises(Exception, tap.Options().parseOptions,
                               ["--data-dir", self.mktemp(), "--auth", "memory:a:b", *bad])
 
@@ -997,6 +1011,28 @@ class RealSocketTests(TestCase):
         self.assertTrue(out["http"].startswith(b"HTTP/1.1 200 "), out["http"][:80])
         self.assertEqual((out["socks_method"], out["socks_auth"]), (b"\x05\x02", b"\x01\x00"))
         self.assertEqual(out["unauthenticated"], {"smtp": 16})  # the flood only
+
+    @defer.inlineCallbacks
+    def test_authenticated_under_tls(self):
+        """SMTP sessions over implicit TLS and after STARTTLS leave the share once they log in."""
+        self.start()
+
+        def client():
+            out = {}
+            implicit = smtplib.SMTP_SSL("127.0.0.1", self.smtps, context=_client_tls(), timeout=10)
+            starttls = smtplib.SMTP("127.0.0.1", self.smtp, timeout=10)
+            starttls.starttls(context=_client_tls())
+            out["before"] = dict(self.connections.unauthenticated)
+            implicit.login("daniel", "tiger")
+            starttls.login("daniel", "tiger")
+            out["after"] = dict(self.connections.unauthenticated)
+            implicit.quit()
+            starttls.quit()
+            return out
+
+        out = yield self.run_client(client)
+        self.assertEqual(out, {"before": {"smtp": 4}, "after": {}})
+        yield self.released()
 
 
 class BacklogSocketTests(TestCase):
