@@ -14,6 +14,8 @@ Connection bounds shared by every front door.
   reserved for each front door. Unauthenticated clients cannot take the room
   of authenticated sessions, nor of new clients of another front door. A
   front door says when a connection has authenticated with L{authenticated}.
+  Past L{STRESS_LEVEL} of it, a front door's unauthenticated connections
+  older than C{--stress-timeout} are closed (Postfix's stress mode).
 - A process-wide budget of file descriptors below C{RLIMIT_NOFILE} (whose
   soft limit is raised to the hard limit at start): once the descriptors
   the open connections may hold reach it, new connections are refused the
@@ -62,6 +64,9 @@ MAX_LINGER_INPUT = 64 * 1024
 MAX_LINGER_PER_PEER = 4
 #: Refusals one network prefix may have lingering at once.
 MAX_LINGER_PER_PREFIX = 16
+#: The part of what a front door's unauthenticated connections may hold past
+#: which the oldest of them get L{ListenSettings.stress_timeout}.
+STRESS_LEVEL = 0.75
 #: A hard limit of "unlimited" is raised to this many descriptors at most.
 NOFILE_UNLIMITED = 1 << 20
 
@@ -87,6 +92,10 @@ class ListenSettings:
     ipv6_prefix: int = 48
     #: The part of the budget connections may hold before they authenticate.
     unauthenticated_share: float = 0.5
+    #: Under stress (a front door's unauthenticated connections past
+    #: L{STRESS_LEVEL} of what it may hold), its unauthenticated connections
+    #: older than this many seconds are closed to make room (Postfix's stress mode).
+    stress_timeout: float = 10.0
 
 
 class Refused(Enum):
@@ -177,6 +186,9 @@ class Connections:
         self._warned_busy = False
         self._warned_unauthenticated = False
         self._warned_prefixes: set[str] = set()
+        #: Unauthenticated admissions per door, oldest first (for stress mode).
+        self.waiting: dict[str, dict[Admission, None]] = {}
+        self._stressed: set[str] = set()
         self._started = False
 
     def start(self, resource: Any = _resource) -> None:
@@ -234,17 +246,7 @@ class Connections:
         """
         if self.budget is None:
             return True
-        share = int(self.budget * self.settings.unauthenticated_share)
-        doors = set(self._doors) | {door}
-        reserve = share // (2 * len(doors))
-        pool = share - reserve * len(doors)
-        own = self.unauthenticated[door]
-        if own + weight <= reserve:
-            fits = True
-        else:
-            overflow = sum(max(0, self.unauthenticated[d] - reserve) for d in doors)
-            more = max(0, own + weight - reserve) - max(0, own - reserve)
-            fits = overflow + more <= pool
+        fits = self.unauthenticated[door] + weight <= self._unauthenticated_limit(door)
         if not say:
             return fits
         if fits and self._warned_unauthenticated:
@@ -255,9 +257,53 @@ class Connections:
             log.warn(
                 "refusing new connections on {door}: unauthenticated connections hold "
                 "their share of the budget ({share} of {budget} descriptors)",
-                door=door, share=share, budget=self.budget,
+                door=door, share=int(self.budget * self.settings.unauthenticated_share),
+                budget=self.budget,
             )
         return fits
+
+    def _unauthenticated_limit(self, door: str) -> int:
+        """What C{door}'s unauthenticated connections may hold now: its reserve and what the others left of the pool."""
+        assert self.budget is not None
+        share = int(self.budget * self.settings.unauthenticated_share)
+        doors = set(self._doors) | {door}
+        reserve = share // (2 * len(doors))
+        pool = share - reserve * len(doors)
+        others = sum(max(0, self.unauthenticated[d] - reserve) for d in doors if d != door)
+        return reserve + max(0, pool - others)
+
+    def relieve(self, door: str, now: float) -> int:
+        """
+        Stress mode: when C{door}'s unauthenticated connections hold more than
+        L{STRESS_LEVEL} of what they may, close those of them older than
+        C{stress_timeout} (oldest first), so that a flood of idle connections
+        cannot hold the front door for a whole authentication deadline. The
+        number closed; logged once per episode.
+        """
+        if self.budget is None:
+            return 0
+        stressed = self.unauthenticated[door] > STRESS_LEVEL * self._unauthenticated_limit(door)
+        if not stressed:
+            if door in self._stressed:
+                self._stressed.discard(door)
+                log.info("{door}: stress mode off, unauthenticated connections below its level",
+                         door=door)
+            return 0
+        if door not in self._stressed:
+            self._stressed.add(door)
+            log.warn(
+                "{door}: under stress, closing unauthenticated connections older than "
+                "{timeout} s",
+                door=door, timeout=self.settings.stress_timeout,
+            )
+        closed = 0
+        deadline = now - self.settings.stress_timeout
+        for admission in list(self.waiting.get(door, {})):
+            if admission.since > deadline:
+                break  # the rest are younger
+            admission.shed()
+            closed += 1
+        return closed
 
     def has_room(self, weight: int) -> bool:
         """
@@ -375,17 +421,20 @@ class PeerLimit:
         if prefix is not None:
             _decrement(connections.lingering_prefixes, prefix, 1)
 
-    def take(self, key: str | None, prefix: str | None = None, trusted: bool = False) -> Admission:
-        """Count a connection in; the L{Admission} that releases it."""
+    def take(
+        self, key: str | None, prefix: str | None = None, trusted: bool = False, now: float = 0.0
+    ) -> Admission:
+        """Count a connection in (admitted at C{now}); the L{Admission} that releases it."""
         if key is not None:
             self.counts[key] += 1
         self.connections.open += self.weight
         self.connections.take_prefix(prefix)
-        admission = Admission(self, key, prefix)
+        admission = Admission(self, key, prefix, since=now)
         if trusted:
             admission.authenticated = True
         else:
             self.connections.unauthenticated[self.name] += self.weight
+            self.connections.waiting.setdefault(self.name, {})[admission] = None
         return admission
 
     def release(self, key: str | None, prefix: str | None = None, authenticated: bool = True) -> None:
@@ -415,18 +464,35 @@ class Admission:
     prefix: str | None
     authenticated: bool = False
     released: bool = False
+    #: When it was admitted (the reactor's clock).
+    since: float = 0.0
+    #: Its transport, once connected (closed by L{shed}).
+    transport: Any = None
+
+    def _stop_waiting(self) -> None:
+        self.limit.connections.waiting.get(self.limit.name, {}).pop(self, None)
 
     def authenticate(self) -> None:
         """The connection has authenticated: it leaves the unauthenticated share."""
         if self.authenticated or self.released:
             return
         self.authenticated = True
+        self._stop_waiting()
         _decrement(self.limit.connections.unauthenticated, self.limit.name, self.limit.weight)
+
+    def shed(self) -> None:
+        """Close the connection, unauthenticated, under stress (it is released when it ends)."""
+        self._stop_waiting()
+        if self.transport is not None and not self.released:
+            abort = getattr(self.transport, "abortConnection", None) or self.transport.loseConnection
+            abort()
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
+        self._stop_waiting()
+        self.transport = None
         self.limit.release(self.key, self.prefix, self.authenticated)
 
 
@@ -503,6 +569,8 @@ class _Counted(_Forwarding):
         self.admission = admission
 
     def makeConnection(self, transport: Any) -> None:
+        if not self.admission.released:
+            self.admission.transport = transport
         try:
             _ADMISSIONS[transport] = self.admission
         except TypeError:  # a transport without weak references: never "authenticated"
@@ -670,6 +738,8 @@ class LimitedFactory(protocol.Factory):
         prefix = limit.connections.prefix_of(peer)
         capped = self.listener not in limit.connections.behind_proxy
         trusted = capped and in_networks(peer, limit.exempt)
+        if not trusted:
+            limit.connections.relieve(limit.name, self.reactor.seconds())
         refused = limit.check(peer, key, capped, prefix, trusted)
         if refused is not None:
             if self.refusals is None:
@@ -680,7 +750,12 @@ class LimitedFactory(protocol.Factory):
         if proto is None:
             return None
         # Trusted peers and the proxy of a PROXY-protocol listener fill no network's cap.
-        return _Counted(proto, limit.take(key, prefix if capped and not trusted else None, trusted))
+        return _Counted(
+            proto,
+            limit.take(
+                key, prefix if capped and not trusted else None, trusted, self.reactor.seconds()
+            ),
+        )
 
 
 def limit_connections(

@@ -492,6 +492,36 @@ class UnauthenticatedShareTests(SynchronousTestCase):
             self.assertTrue(proto.wrapped.made)
         self.assertEqual(self.connections.unauthenticated, {})
 
+    def test_stress_closes_old_unauthenticated(self):
+        """
+        Past three quarters of what the door's unauthenticated connections may hold
+        (10.5 of 14), a new connection first closes the door's unauthenticated
+        connections older than the stress timeout, oldest first.
+        """
+        old = [self.connect(self.smtp) for _ in range(4)]
+        logged_in = self.connect(self.smtp)
+        authenticated(logged_in[1])
+        self.clock.advance(11)
+        young = [self.connect(self.smtp) for _ in range(2)]  # 12: past the level
+        web, web_transport = self.connect(self.http, "192.0.2.50")  # another door: not stressed
+        self.assertFalse(any(t.aborted for _, t in old + young + [logged_in]))
+        young.append(self.connect(self.smtp))  # relieves first, then comes in: 14, full
+        self.assertTrue(young[-1][0].wrapped.made)
+        self.assertEqual([t.aborted for _, t in old + young + [logged_in]],
+                         [True] * 4 + [False] * 4)
+        self.assertFalse(web_transport.aborted)
+        _, transport = self.connect(self.smtp)
+        self.assertEqual(transport.value(), b"busy\r\n")  # the old ones are still closing
+        for proto, _ in old:
+            proto.connectionLost(Failure(protocol.connectionDone))
+        fresh, _ = self.connect(self.smtp)
+        self.assertTrue(fresh.wrapped.made)
+        self.assertEqual(self.connections.unauthenticated, {"smtp": 8, "http": 2})
+        self.clock.advance(11)
+        self.connect(self.smtp)  # 10: below the level, the old ones are kept
+        self.assertFalse(any(t.aborted for _, t in young))
+        self.assertEqual(len(self.connections.waiting["smtp"]), 5)
+
     def test_lingering_refusals_in_the_share(self):
         """Refusals lingering count in the share, and per network: a /24 cannot hold many."""
         limit = self.connections.door("smtp", 100)
@@ -684,13 +714,13 @@ class OptionTests(SynchronousTestCase):
         options.parseOptions([
             "--data-dir", self.mktemp(), "--auth", "memory:a:b",
             "--max-connections-per-prefix", "7", "--ipv4-prefix", "16", "--ipv6-prefix", "56",
-            "--unauthenticated-share", "0.25",
+            "--unauthenticated-share", "0.25", "--stress-timeout", "3",
         ])
         settings = options["listenSettings"]
         self.assertEqual(
             (settings.max_per_prefix, settings.ipv4_prefix, settings.ipv6_prefix,
-             settings.unauthenticated_share),
-            (7, 16, 56, 0.25),
+             settings.unauthenticated_share, settings.stress_timeout),
+            (7, 16, 56, 0.25, 3.0),
         )
         for bad in (["--smtp-max-connections-per-peer", "0"], ["--listen-backlog", "x"],
                     ["--tls-handshake-timeout", "0"], ["--max-connections-per-prefix", "0"],
