@@ -213,7 +213,7 @@ class Connections:
         return prefix_key(peer, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
 
     def prefix_full(self, prefix: str | None) -> bool:
-        """Whether network C{prefix} holds its cap of connections (logged once until it is empty)."""
+        """Whether network C{prefix} holds its cap (logged once until it is empty)."""
         if prefix is None or self.prefixes[prefix] < self.settings.max_per_prefix:
             return False
         if prefix not in self._warned_prefixes:
@@ -263,7 +263,10 @@ class Connections:
         return fits
 
     def _unauthenticated_limit(self, door: str) -> int:
-        """What C{door}'s unauthenticated connections may hold now: its reserve and what the others left of the pool."""
+        """
+        What C{door}'s unauthenticated connections may hold now: its reserve
+        and what the other doors left of the shared pool.
+        """
         assert self.budget is not None
         share = int(self.budget * self.settings.unauthenticated_share)
         doors = set(self._doors) | {door}
@@ -401,7 +404,8 @@ class PeerLimit:
         connections = self.connections
         if (
             self.lingering[key] >= MAX_LINGER_PER_PEER
-            or (prefix is not None and connections.lingering_prefixes[prefix] >= MAX_LINGER_PER_PREFIX)
+            or (prefix is not None
+                and connections.lingering_prefixes[prefix] >= MAX_LINGER_PER_PREFIX)
             or not connections.has_room(1)
             or not connections.unauthenticated_room(self.name, 1, say=False)
         ):
@@ -437,7 +441,9 @@ class PeerLimit:
             self.connections.waiting.setdefault(self.name, {})[admission] = None
         return admission
 
-    def release(self, key: str | None, prefix: str | None = None, authenticated: bool = True) -> None:
+    def release(
+        self, key: str | None, prefix: str | None = None, authenticated: bool = True
+    ) -> None:
         self.connections.open -= self.weight
         if not authenticated:
             _decrement(self.connections.unauthenticated, self.name, self.weight)
@@ -484,8 +490,8 @@ class Admission:
         """Close the connection, unauthenticated, under stress (it is released when it ends)."""
         self._stop_waiting()
         if self.transport is not None and not self.released:
-            abort = getattr(self.transport, "abortConnection", None) or self.transport.loseConnection
-            abort()
+            abort = getattr(self.transport, "abortConnection", None)
+            (abort or self.transport.loseConnection)()
 
     def release(self) -> None:
         if self.released:

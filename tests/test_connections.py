@@ -340,7 +340,9 @@ class PrefixCapTests(SynchronousTestCase):
         )
         self.http = LimitedFactory(
             Factory(),
-            self.connections.door("http", 2, weight=2, exempt=[ipaddress.ip_network("192.0.2.200/32")]),
+            self.connections.door(
+                "http", 2, weight=2, exempt=[ipaddress.ip_network("192.0.2.200/32")]
+            ),
             self.clock, REFUSALS, "http",
         )
 
@@ -438,7 +440,7 @@ class UnauthenticatedShareTests(SynchronousTestCase):
         return proto, transport
 
     def test_flood_on_one_door_leaves_the_others(self):
-        """Unauthenticated SMTP connections from many networks stop at the share; HTTP and SOCKS get in."""
+        """Unauthenticated SMTP connections of many networks stop at the share; HTTP, SOCKS get in."""
         held = [self.connect(self.smtp) for _ in range(7)]  # 3 reserved + 11 shared = 7 x 2
         self.assertTrue(all(p.wrapped.made for p, _ in held))
         _, transport = self.connect(self.smtp)
@@ -452,7 +454,7 @@ class UnauthenticatedShareTests(SynchronousTestCase):
         self.assertLessEqual(sum(self.connections.unauthenticated.values()), 20)
 
     def test_authenticated_leave_the_share(self):
-        """Once a connection authenticates, its descriptors leave the share: room for new clients."""
+        """An authenticated connection's descriptors leave the share: room for new clients."""
         held = [self.connect(self.smtp) for _ in range(7)]
         for proto, transport in held:
             authenticated(transport)
@@ -467,7 +469,7 @@ class UnauthenticatedShareTests(SynchronousTestCase):
         self.assertEqual(self.connections.open, 14)
 
     def test_found_under_tls_and_proxy_layers(self):
-        """The call-in finds the connection from the protocol's own transport (a TLS layer above)."""
+        """The call-in finds the connection from the protocol's transport (a TLS layer above)."""
         proto, transport = self.connect(self.smtp)
         tls_layer = types.SimpleNamespace(transport=types.SimpleNamespace(transport=transport))
         authenticated(tls_layer)
