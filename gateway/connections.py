@@ -37,6 +37,7 @@ and a refused connection is never counted.
 
 from __future__ import annotations
 
+import ipaddress
 import resource as _resource
 from collections import Counter
 from weakref import WeakKeyDictionary

@@ -440,7 +440,7 @@ class UnauthenticatedShareTests(SynchronousTestCase):
         return proto, transport
 
     def test_flood_on_one_door_leaves_the_others(self):
-        """Unauthenticated SMTP connections of many networks stop at the share; HTTP, SOCKS get in."""
+        """Unauthenticated SMTP connections of many networks stop at the share; others get in."""
         held = [self.connect(self.smtp) for _ in range(7)]  # 3 reserved + 11 shared = 7 x 2
         self.assertTrue(all(p.wrapped.made for p, _ in held))
         _, transport = self.connect(self.smtp)
