@@ -40,12 +40,10 @@ from __future__ import annotations
 import ipaddress
 import resource as _resource
 from collections import Counter
-from weakref import WeakKeyDictionary
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from typing import Any
-
-import ipaddress
+from weakref import WeakKeyDictionary
 
 import attrs
 from twisted.internet import interfaces, protocol
