@@ -37,7 +37,6 @@ and a refused connection is never counted.
 
 from __future__ import annotations
 
-import ipaddress
 import resource as _resource
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +51,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, directlyProvides, implementer, providedBy
 
 from gateway.checkers.pipeline import peer_key
-from gateway.meta import in_networks, ip_or_none
+from gateway.meta import in_networks, ip_or_none, network_of
 
 log = Logger()
 
@@ -108,21 +107,6 @@ class Refused(Enum):
 
 #: The answer a front door gives for a reason it has no answer of its own for.
 _SAME_ANSWER = {Refused.PREFIX: Refused.PEER, Refused.UNAUTHENTICATED: Refused.BUSY}
-
-
-def prefix_key(address: str | None, ipv4: int = 24, ipv6: int = 48) -> str | None:
-    """
-    The network an address (already canonical, IPv4-mapped folded) counts
-    under for the per-prefix cap: its C{/ipv4} or C{/ipv6}; None for no IP.
-    """
-    if address is None:
-        return None
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    length = ipv4 if ip.version == 4 else ipv6
-    return str(ipaddress.ip_network((ip, length), strict=False))
 
 
 def raise_nofile_limit(resource: Any = _resource) -> tuple[int, int]:
@@ -209,7 +193,7 @@ class Connections:
 
     def prefix_of(self, peer: str | None) -> str | None:
         """The network prefix C{peer} counts under (None: no IP address)."""
-        return prefix_key(peer, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
+        return network_of(peer, self.settings.ipv4_prefix, self.settings.ipv6_prefix)
 
     def prefix_full(self, prefix: str | None) -> bool:
         """Whether network C{prefix} holds its cap (logged once until it is empty)."""
@@ -862,7 +846,6 @@ __all__ = [
     "authenticated",
     "budget_for",
     "limit_connections",
-    "prefix_key",
     "raise_nofile_limit",
     "with_backlog",
 ]

@@ -60,6 +60,22 @@ def ip_or_none(host: str | None) -> str | None:
     return host
 
 
+
+@functools.lru_cache(maxsize=4096)
+def network_of(address: str | None, ipv4: int = 24, ipv6: int = 48) -> str | None:
+    """
+    The network an address counts under when a few neighbours must not be
+    taken for many peers (connection caps, hash queue and login shares): its
+    IPv4 C{/ipv4} or IPv6 C{/ipv6} (IPv4-mapped folded, scope dropped); None
+    for no IP address.
+    """
+    ip = ip_or_none(address)
+    if ip is None:
+        return None
+    parsed = ipaddress.ip_address(ip)
+    length = ipv4 if parsed.version == 4 else ipv6
+    return str(ipaddress.ip_network((parsed, length), strict=False))
+
 def in_networks(
     address: str | None,
     networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],

@@ -32,10 +32,10 @@ from gateway.connections import (
     authenticated,
     budget_for,
     limit_connections,
-    prefix_key,
     raise_nofile_limit,
     with_backlog,
 )
+from gateway.meta import network_of
 from gateway.socks.server import SOCKSServer
 from tests.support import free_port, require_tool
 
@@ -352,13 +352,13 @@ class PrefixCapTests(SynchronousTestCase):
         proto.makeConnection(transport)
         return proto, transport
 
-    def test_prefix_key(self):
-        self.assertEqual(prefix_key("192.0.2.77"), "192.0.2.0/24")
-        self.assertEqual(prefix_key("2001:db8:1:2:3::1"), "2001:db8:1::/48")
-        self.assertEqual(prefix_key("2001:db8:1:2ff:3::1", ipv6=56), "2001:db8:1:200::/56")
-        self.assertEqual(prefix_key("10.1.2.3", ipv4=16), "10.1.0.0/16")
-        self.assertIsNone(prefix_key(None))
-        self.assertIsNone(prefix_key("not an address"))
+    def test_network_of(self):
+        self.assertEqual(network_of("192.0.2.77"), "192.0.2.0/24")
+        self.assertEqual(network_of("2001:db8:1:2:3::1"), "2001:db8:1::/48")
+        self.assertEqual(network_of("2001:db8:1:2ff:3::1", ipv6=56), "2001:db8:1:200::/56")
+        self.assertEqual(network_of("10.1.2.3", ipv4=16), "10.1.0.0/16")
+        self.assertIsNone(network_of(None))
+        self.assertIsNone(network_of("not an address"))
 
     def test_one_network_on_all_doors(self):
         """Addresses of one /24, each under its own cap, share the network's cap across doors."""

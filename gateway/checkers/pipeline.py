@@ -41,7 +41,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface, implementer
 
-from gateway.meta import normalize_ip
+from gateway.meta import network_of, normalize_ip
 from gateway.ratelog import LogRateLimiter
 
 _T = TypeVar("_T")
@@ -453,12 +453,7 @@ def network_keys(address: str | None) -> tuple[str, str]:
     an address (a UNIX socket) is one peer, "?".
     """
     own = peer_key(address) or "?"
-    try:
-        ip = ipaddress.ip_address(normalize_ip(address) or "")
-    except ValueError:
-        return own, own
-    prefix = 48 if ip.version == 6 else 24
-    return own, str(ipaddress.ip_network((ip, prefix), strict=False))
+    return own, network_of(address) or own
 
 
 _Key = tuple[str, Any]
