@@ -1363,6 +1363,96 @@ class DataBlockTests(ServerTestCase):
         self.assertTrue(message.endswith(b"\r\na\r\n.\r\nx\r\n..\r\n"), message)
 
 
+class LinearInputTests(ServerTestCase):
+    """
+    Taking lines is linear in the input, whatever the input is made of: a
+    line never costs a copy or a scan of everything after it (one pipelined
+    message of empty lines and one line too long held the reactor minutes).
+    The work is counted, not timed.
+    """
+
+    def unread(self, proto: Any) -> int:
+        return len(proto._buffer) - getattr(proto, "_pos", 0)
+
+    def count_block_scans(self, client: Client, budget: int) -> list[int]:
+        """Sum the input each C{_data_block} call may scan; fail once over C{budget}."""
+        proto, scanned = client.proto, [0]
+        original = proto._data_block
+
+        def counting() -> bool:
+            scanned[0] += self.unread(proto)
+            if scanned[0] > budget:
+                self.fail(f"scanned {scanned[0]} octets for {budget // 4} of input")
+            return original()
+
+        proto._data_block = counting
+        return scanned
+
+    def count_data_lines(self, client: Client) -> list[bytes]:
+        """The lines of message text that went line by line."""
+        proto, seen = client.proto, []
+        original = proto._data_line
+
+        def counting(line: bytes) -> None:
+            seen.append(line)
+            original(line)
+
+        proto._data_line = counting
+        return seen
+
+    def test_empty_lines_then_a_long_line_is_linear(self) -> None:
+        """256 KiB of empty lines, a 1000-octet line, C{.}: a few scans, not one per line."""
+        client = self.authenticated()
+        self.start_data(client)
+        wire = b"\r\n" * (128 * 1024 - 600) + b"x" * 1000 + b"\r\n.\r\n"
+        scanned = self.count_block_scans(client, 4 * len(wire))
+        by_line = self.count_data_lines(client)
+        self.assertReplies(client.send(wire), [b"500 5.5.6"])
+        self.assertLessEqual(scanned[0], 4 * len(wire))
+        self.assertEqual(by_line, [])
+        self.assertNothingStored()
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_many_long_lines_are_linear(self) -> None:
+        """Short and long lines alternating: still a bounded number of scans."""
+        client = self.authenticated()
+        self.start_data(client)
+        wire = (b"a\r\n" * 50 + b"y" * 1200 + b"\r\n") * 150 + b".\r\n"
+        self.count_block_scans(client, 4 * len(wire))
+        self.assertReplies(client.send(wire), [b"500 5.5.6"])
+        self.assertNothingStored()
+
+    def test_stuffed_999_octet_line_and_short_lines_in_one_block(self) -> None:
+        """A dot-stuffed line of 999 octets is not too long: the block path takes it with the rest."""
+        client = self.authenticated()
+        self.start_data(client)
+        by_line = self.count_data_lines(client)
+        stuffed = b"." + b"." + b"x" * 997
+        wire = b"a\r\n" * 200 + stuffed + b"\r\n" + b"b\r\n" * 200 + b".\r\n"
+        self.assertReplies(client.send(wire), [b"250 2.0.0"])
+        self.assertEqual(by_line, [])
+        ((message, _),) = self.stored()
+        self.assertTrue(message.endswith(b"a\r\n" * 200 + stuffed[1:] + b"\r\n" + b"b\r\n" * 200))
+
+    def test_pipelined_commands_do_not_copy_the_buffer(self) -> None:
+        """Each command line is taken without copying the lines after it."""
+        client = self.authenticated()
+        proto, copied, last = client.proto, [0], [None]
+        original = proto._line
+
+        def counting(line: bytes) -> None:
+            if proto._buffer is not last[0]:  # a new buffer object: a copy was made
+                last[0] = proto._buffer
+                copied[0] += len(proto._buffer)
+            original(line)
+
+        proto._line = counting
+        wire = b"NOOP\r\n" * 2000
+        replies = client.send(wire)
+        self.assertEqual(len(replies), 2000)
+        self.assertLessEqual(copied[0], 2 * len(wire))
+
+
 def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c for c in cuts if 0 < c < len(data)})
     return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
