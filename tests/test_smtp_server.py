@@ -1103,17 +1103,17 @@ class DataTests(ServerTestCase):
         self.assertEqual(len(self.spool.ids()), 1)
 
     def test_no_header_injection_through_rcpt(self) -> None:
-        """A recipient with a bare LF never reaches the Received header."""
+        """A recipient with a bare LF is refused: it never reaches the headers or the JSON."""
         client = self.authenticated()
         self.assertReplies(
             client.send(b'MAIL FROM:<daniel@example.com>\r\nRCPT TO:<"x\nX-Injected: 1"@example.net>\r\n'
-                        b"DATA\r\n"),
-            [b"250 2.1.0", b"250 2.1.5", b"354 2.0.0"],
+                        b"RCPT TO:<ok@example.net>\r\nDATA\r\n"),
+            [b"250 2.1.0", b"553 5.1.3", b"250 2.1.5", b"354 2.0.0"],
         )
         client.send(b"hi\r\n.\r\n")
         ((message, meta),) = self.stored()
         self.assertNotIn(b"X-Injected", message)
-        self.assertEqual(meta["rcpt_to"], ['"x\nX-Injected: 1"@example.net'])  # kept as given, in JSON
+        self.assertEqual(meta["rcpt_to"], ["ok@example.net"])
 
     def test_received_esmtpa(self) -> None:
         """Authenticated in cleartext (insecure_auth): C{with ESMTPA}, no TLS in the metadata."""
@@ -1205,7 +1205,11 @@ class DataTests(ServerTestCase):
         self.assertTrue(message.endswith(b"\r\n." + b"x" * 997 + b"\r\n"))
 
     def test_bare_lf_does_not_end_data(self) -> None:
-        """C{\\n.\\n} (and C{\\r\\n.\\n}) inside DATA is content: no SMTP smuggling."""
+        """
+        C{\\n.\\n} (and C{\\r\\n.\\n}) inside DATA neither ends the text nor
+        is stored for a next hop to misread: the message is refused with
+        C{554 5.6.11} at the real end of data, and nothing smuggled runs.
+        """
         client = self.authenticated()
         self.start_data(client)
         smuggled = (
@@ -1213,11 +1217,21 @@ class DataTests(ServerTestCase):
             b".\nMAIL FROM:<evil@x.example>\r\n"
         )
         self.assertEqual(client.send(smuggled), [])
-        self.assertReplies(client.send(b".\r\n"), [b"250 2.0.0"])
-        ((message, meta),) = self.stored()
-        # Only the dot-stuffing of the line ".\nMAIL ..." is undone.
-        self.assertTrue(message.endswith(smuggled.replace(b"\r\n.\n", b"\r\n\n")), message)
-        self.assertEqual(meta["rcpt_to"], ["a@example.net"])
+        self.assertReplies(client.send(b".\r\n"), [b"554 5.6.11"])
+        self.assertNothingStored()
+        self.assertReplies(client.send(b"RCPT TO:<a@example.net>\r\n"), [b"503 5.5.1"])
+
+    def test_bare_cr_or_lf_refused(self) -> None:
+        """A bare CR or LF anywhere in a line, in a block or line by line: 554 5.6.11."""
+        for text in (b"Subject: x\rBcc: evil@x\r\n\r\nhi\r\n", b"a\r\nb\nc\r\n", b"\n\r\n",
+                     b"a\r\r\n", b"x" * 997 + b"\n\r\n", b"." + b"y" * 998 + b"\r\n\r\r\n"):
+            for pieces in ([text + b".\r\n"], [bytes((c,)) for c in text + b".\r\n"]):
+                client = self.authenticated()
+                self.start_data(client)
+                replies = [line for piece in pieces for line in client.send(piece)]
+                self.assertReplies(replies, [b"554 5.6.11"])
+                self.assertNothingStored()
+                self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
 
     def test_spool_commit_fails(self) -> None:
         """The fsync fails: 451 4.3.0 and no file left, complete or partial."""
@@ -1329,12 +1343,19 @@ class DataBlockTests(ServerTestCase):
     @settings(max_examples=150, deadline=None)
     @given(lines=st.lists(_TEXT_LINE, max_size=20), cuts=st.lists(st.integers(0, 400), max_size=8))
     def test_any_split_same_message(self, lines, cuts):
+        """Stored the same way however split; refused alike when a line has a bare CR or LF."""
         wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
         wire += b".\r\n"
         replies, message = self.deliver(wire, cuts)
-        self.assertEqual([r[:9] for r in replies], [b"250 2.0.0"])
+        bare = any(b"\r" in line or b"\n" in line for line in lines)
+        self.assertEqual([r[:10] for r in replies], [b"554 5.6.11" if bare else b"250 2.0.0 "])
         body = b"".join(line + b"\r\n" for line in lines)
-        _, one_by_one = self.deliver(wire, list(range(len(wire))))
+        one_by_one_replies, one_by_one = self.deliver(wire, list(range(len(wire))))
+        self.assertEqual([r[:10] for r in one_by_one_replies], [r[:10] for r in replies])
+        if bare:
+            self.assertIsNone(message)
+            self.assertIsNone(one_by_one)
+            return
         for stored in (message, one_by_one):
             self.assertTrue(stored.endswith(body), (stored, body))
             header = stored[: len(stored) - len(body)].split(b"\r\n")  # nothing but the header
@@ -1361,6 +1382,99 @@ class DataBlockTests(ServerTestCase):
         replies, message = self.deliver(b"a\r\n..\r\n.x\r\n...\r\n.\r\nNOOP\r\n", [])
         self.assertEqual([r[:9] for r in replies], [b"250 2.0.0", b"250 2.0.0"])
         self.assertTrue(message.endswith(b"\r\na\r\n.\r\nx\r\n..\r\n"), message)
+
+
+class ClientTextTests(ServerTestCase):
+    """
+    What the client says that is recorded (the envelope, C{AUTH=}, the
+    HELO name) or echoed is held to RFC 5321 without SMTPUTF8: no control
+    character, NUL or 8-bit octet reaches the spool's JSON, the C{Received:}
+    header, a log line or a reply.
+    """
+
+    def test_sender_with_control_characters_refused(self) -> None:
+        client = self.authenticated()
+        for path in (b'<"x\nMAIL FROM:<ceo@example.com>"@example.com>', b'<"a\x00b"@example.com>',
+                     b'<"a\rb"@example.com>', b'<"a\tb"@example.com>', b'<"a\x7fb"@example.com>',
+                     b'<"\xc3\xa9"@example.com>', b"<a\\\x00b@example.com>", b'<a@"b\x01c">',
+                     b'<a@"b.example">', b"<a@b..example>"):
+            self.assertReplies(client.send(b"MAIL FROM:" + path + b"\r\n"), [b"553 5.1.7"])
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com>\r\n"), [b"250 2.1.0"])
+
+    def test_recipient_with_control_characters_refused(self) -> None:
+        client = self.authenticated()
+        client.send(b"MAIL FROM:<daniel@example.com>\r\n")
+        for path in (b'<"a\nDATA\n"@y.example>', b'<"a\x00b"@y.example>', b'<"a\rb"@y.example>',
+                     b'<"\x1b[31m"@y.example>',
+                     b"<\\\x80@y.example>"):
+            self.assertReplies(client.send(b"RCPT TO:" + path + b"\r\n"), [b"553 5.1.3"])
+        self.assertEqual(client.proto._to, [])
+
+    def test_rfc5321_addresses_still_taken(self) -> None:
+        """Quoted strings of printable text, quoted pairs, atoms and dots, a bare postmaster."""
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b'MAIL FROM:<"john doe"@example.com>\r\n'
+                        b"RCPT TO:<first.last+tag@sub.example.com>\r\n"
+                        b'RCPT TO:<"a\\ b(c)"@example.org>\r\n'
+                        b"RCPT TO:<postmaster>\r\nDATA\r\nhi\r\n.\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"250 2.1.5", b"250 2.1.5", b"354 2.0.0", b"250 2.0.0"],
+        )
+        ((_, meta),) = self.stored()
+        self.assertEqual(meta["mail_from"], '"john doe"@example.com')
+        self.assertEqual(
+            meta["rcpt_to"],
+            ["first.last+tag@sub.example.com", '"a\\ b(c)"@example.org', "postmaster@mx.test"],
+        )
+
+    def test_mail_auth_strict_xtext(self) -> None:
+        """C{+} and two upper-case hex digits only; the decoded value is C{<>} or a mailbox."""
+        client = self.authenticated()
+        for value in (b"x+0D+0AX-Injected:+20yes+00++A", b"a+0a@example.com", b"a+-1@example.com",
+                      b"a+2@example.com", b"a+@example.com", b"a=b@example.com", b"daniel",
+                      b"a+00b@example.com", b"%22a+0Ab%22@example.com", b"<a@example.com>",
+                      b"a\xc3\xa9@example.com", b"a@exa+20mple.com"):
+            self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> AUTH=" + value + b"\r\n"),
+                               [b"501 5.5.4"])
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> AUTH=a+2Bb@example.com\r\n"),
+                           [b"250 2.1.0"])
+        self.assertEqual(client.proto._mail_auth, "a+b@example.com")
+        client.send(b"RSET\r\n")
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> AUTH=+3C+3E\r\n"), [b"250 2.1.0"])
+        self.assertEqual(client.proto._mail_auth, "<>")
+
+    def test_parameter_names_not_echoed_unless_keywords(self) -> None:
+        client = self.authenticated()
+        lines = client.send(b"MAIL FROM:<daniel@example.com> \x1b[31m\x00=1\r\n")
+        self.assertReplies(lines, [b"501 5.5.4"])
+        self.assertTrue(all(line.isascii() and line.decode().isprintable() for line in lines), lines)
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> \xff=1\r\n"), [b"501 5.5.4"])
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> X-FROB=1\r\n"), [b"555 5.5.4"])
+
+    def test_helo_names(self) -> None:
+        """A domain or an address literal of printable ASCII, at most 255 octets; else 501 5.5.4."""
+        client = self.connect("implicit", junk_commands=100)
+        for command in (b"EHLO", b"HELO"):
+            for name in (b"evil\x00\x1b[31mhost(spoof", b"a(b)", b"host\x7f", b"h\xc3\xa9",
+                         b"[1.2.3.4", b"[a]b]", b"a..b", b".a", b"x" * 256, b'"q"'):
+                self.assertReplies(client.send(command + b" " + name + b" [6.6.6.6]\r\n"), [b"501 5.5.4"])
+        self.assertIsNone(client.proto._helo_name)
+        for name in (b"[IPv6:2001:db8::1]", b"[192.0.2.1]", b"host_name.example.", b"x" * 255):
+            self.assertReplies(client.send(b"EHLO " + name + b"\r\n"), [b"250"])
+            self.assertEqual(client.proto._helo_name, name.decode())
+
+    def test_received_header_printable(self) -> None:
+        client = self.connect("implicit")
+        self.assertReplies(client.send(b"EHLO evil\x00\x1b[31mhost(spoof [6.6.6.6])\r\n"),
+                           [b"501 5.5.4"])
+        self.assertReplies(client.send(b"EHLO [IPv6:2001:db8::1]\r\n"), [b"250"])
+        client.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.start_data(client)
+        client.send(b"hi\r\n.\r\n")
+        ((message, meta),) = self.stored()
+        header = message.split(b"\r\n\t")[0]
+        self.assertEqual(header, b"Received: from [IPv6:2001:db8::1] ([192.0.2.7])")
+        self.assertEqual(meta["helo"], "[IPv6:2001:db8::1]")
 
 
 class LinearInputTests(ServerTestCase):

@@ -14,6 +14,7 @@ smuggle a second one past the end-of-data marker.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -109,18 +110,74 @@ class SubmissionFactory(protocol.ServerFactory):
         return proto
 
 
-def _xtext(value: bytes) -> str:
-    """Decode an RFC 3461 xtext parameter value (C{+XX} escapes)."""
-    out = bytearray()
-    i = 0
-    while i < len(value):
-        if value[i : i + 1] == b"+":
-            out.append(int(value[i + 1 : i + 3], 16))  # ValueError when malformed
-            i += 3
-        else:
-            out.append(value[i])
-            i += 1
-    return out.decode("utf-8")
+#: A path as RFC 5321 writes it without SMTPUTF8: printable ASCII only (no
+#: control character, no NUL, no DEL, no 8-bit octet, quoted or not).
+_PRINTABLE_PATH = re.compile(rb"[\x20-\x7e]+")
+#: A local part: atoms and dots, or a quoted string of qtextSMTP and
+#: quoted-pairSMTP (RFC 5321 section 4.1.2).
+_LOCAL_PART = re.compile(
+    rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+    rb'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+)
+#: A domain: dot-separated labels of letters, digits, hyphens (and the
+#: underscores real host names carry).
+_DOMAIN = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+#: A HELO/EHLO name: a domain (a trailing dot allowed) or an address literal.
+_HELO_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[\x21-\x5a\x5e-\x7e]+\]")
+#: An RFC 3461 xtext: xchar (printable ASCII but C{+} and C{=}) or C{+} and
+#: two upper-case hex digits.
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+_XTEXT_HEXCHAR = re.compile(rb"\+([0-9A-F]{2})")
+#: An ESMTP parameter keyword (RFC 5321 section 4.1.2), safe to echo.
+_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+
+
+def _address(path: bytes, default_domain: bytes) -> str:
+    """
+    The mailbox of an RFC 5321 path (C{<local@domain>}), as recorded: parsed
+    by Twisted, then held to RFC 5321, which Twisted is not (it takes control
+    characters and NUL in quoted strings and after a backslash, the text that
+    then reaches the spool's JSON and headers). An empty C{default_domain}
+    requires a domain.
+
+    @raise smtp.AddressError: not a mailbox we take.
+    """
+    if not _PRINTABLE_PATH.fullmatch(path):
+        raise smtp.AddressError("not printable ASCII")
+    address = smtp.Address(path, default_domain)
+    if not _LOCAL_PART.fullmatch(address.local) or not _DOMAIN.fullmatch(address.domain):
+        raise smtp.AddressError("not an RFC 5321 mailbox")
+    return str(address)
+
+
+def _xtext(value: bytes) -> bytes:
+    """
+    Decode an RFC 3461 xtext parameter value: C{+} and two upper-case hex
+    digits stand for an octet; nothing else is an escape.
+
+    @raise ValueError: not xtext.
+    """
+    if not _XTEXT.fullmatch(value):
+        raise ValueError("not xtext")
+    return _XTEXT_HEXCHAR.sub(lambda m: bytes((int(m.group(1), 16),)), value)
+
+
+def _auth_mailbox(value: bytes) -> str:
+    """
+    The mailbox of a C{MAIL FROM} C{AUTH=} parameter (RFC 4954 section 5):
+    C{<>} or an addr-spec, once the xtext is decoded.
+
+    @raise ValueError: anything else.
+    """
+    mailbox = _xtext(value)
+    if mailbox == b"<>":
+        return "<>"
+    if b"<" in mailbox or b">" in mailbox:
+        raise ValueError("not an addr-spec")
+    try:
+        return _address(b"<" + mailbox + b">", b"")
+    except smtp.AddressError:
+        raise ValueError("not an addr-spec") from None
 
 
 @implementer(interfaces.IPushProducer)
@@ -468,28 +525,36 @@ class SubmissionServer(smtp.ESMTP):
         ]
 
     def do_EHLO(self, rest: bytes) -> None:
-        if not rest.strip():
-            self.reply(501, "5.5.4", "Syntax: EHLO hostname")
+        if not self._greeted(rest, ehlo=True):
+            self.reply(501, "5.5.4", "Syntax: EHLO domain or address literal")
             return
-        self._greeted(rest, ehlo=True)
         peer = (self.meta.peer_address or "unknown").encode()
         self.sendCode(250, self.host + b" Hello " + peer + b"\n" + self.listExtensions())
 
     def do_HELO(self, rest: bytes) -> None:
-        if not rest.strip():
-            self.reply(501, "5.5.4", "Syntax: HELO hostname")
+        if not self._greeted(rest, ehlo=False):
+            self.reply(501, "5.5.4", "Syntax: HELO domain or address literal")
             return
-        self._greeted(rest, ehlo=False)
         self.sendCode(250, self.host)
 
-    def _greeted(self, rest: bytes, ehlo: bool) -> None:
+    def _greeted(self, rest: bytes, ehlo: bool) -> bool:
+        """
+        Record the client's name, a domain or an address literal of at most
+        255 octets (it reaches the C{Received:} header, the spool's JSON and
+        the checkers' C{$senderhelo}); False, and nothing changed, for
+        anything else.
+        """
+        words = rest.split()
+        if not words or len(words[0]) > 255 or not _HELO_NAME.fullmatch(words[0]):
+            return False
         if self._helo_name is None:
             self._not_junk()  # the first greeting (again after STARTTLS) is no junk
-        name = rest.strip().split()[0].decode("utf-8", "replace")[:255]
+        name = words[0].decode("ascii")
         self._helo_name = self.meta.helo = name
         self._helo = (name.encode(), (self.meta.peer_address or "").encode())
         self._ehlo = ehlo
         self._abort_transaction()
+        return True
 
     def do_NOOP(self, rest: bytes) -> None:
         self.reply(250, "2.0.0", "OK")
@@ -679,7 +744,7 @@ class SubmissionServer(smtp.ESMTP):
             sender = ""
         else:
             try:
-                sender = str(smtp.Address(path, self.host))
+                sender = _address(path, self.host)
             except smtp.AddressError:
                 self.reply(553, "5.1.7", "Bad sender address syntax")
                 return
@@ -710,6 +775,8 @@ class SubmissionServer(smtp.ESMTP):
         for item in opts.split():
             key, _, value = item.partition(b"=")
             name = key.decode("ascii", "replace").upper()
+            if not _ESMTP_KEYWORD.fullmatch(name):  # echoed in replies: a keyword only
+                raise _ParameterError(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
             if name in params:
                 raise _ParameterError(503, "5.5.4", f"Duplicate {name} parameter")
             if name == "SIZE":
@@ -722,9 +789,9 @@ class SubmissionServer(smtp.ESMTP):
                     raise _ParameterError(501, "5.5.4", "Syntax: BODY=7BIT|8BITMIME")
             elif name == "AUTH":
                 try:
-                    value = _xtext(value).encode()
-                except (ValueError, UnicodeDecodeError):
-                    raise _ParameterError(501, "5.5.4", "Syntax: AUTH=<xtext>") from None
+                    value = _auth_mailbox(value).encode()
+                except ValueError:
+                    raise _ParameterError(501, "5.5.4", "Syntax: AUTH=<xtext mailbox or <>>") from None
             else:
                 raise _ParameterError(555, "5.5.4", f"Unsupported parameter {name[:32]}")
             params[name] = value.decode("utf-8", "replace")
@@ -754,7 +821,7 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(555, "5.5.4", "RCPT parameters are not supported")
             return
         try:
-            recipient = str(smtp.Address(m.group("path"), self.host))
+            recipient = _address(m.group("path"), self.host)
         except smtp.AddressError:
             self.reply(553, "5.1.3", "Bad recipient address syntax")
             return
@@ -834,6 +901,13 @@ class SubmissionServer(smtp.ESMTP):
     def _data_text(self, text: bytes) -> None:
         """Message text, dot-unstuffed, whole lines with their CRLFs."""
         if self._writer is None:  # already failed: read to the end
+            return
+        crlf = text.count(b"\r\n")
+        if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
+            # A bare CR or LF: a next hop that takes it for a line end could
+            # read an end of data (<LF>.<CR><LF>) and a smuggled message here.
+            self._data_error = (554, "5.6.11", "Bare <CR> or <LF> in message text")
+            self._discard_message()
             return
         self._data_size += len(text)
         if self._data_size > self.settings.max_size:  # the message itself, as SIZE counts
