@@ -1566,6 +1566,31 @@ class LinearInputTests(ServerTestCase):
         self.assertEqual(len(replies), 2000)
         self.assertLessEqual(copied[0], 2 * len(wire))
 
+    def test_line_an_octet_at_a_time_is_linear(self) -> None:
+        """
+        A 12000-octet command line arriving an octet per read: the buffer
+        is neither copied nor searched from the line's start at every read.
+        """
+        client = self.authenticated()
+        proto, scanned, copied = client.proto, [0], [0]
+
+        class Counting(bytearray):
+            def find(self, sub: Any, start: int = 0, *end: int) -> int:
+                scanned[0] += len(self) - start
+                return super().find(sub, start, *end)
+
+        if isinstance(proto._buffer, bytearray):  # searches counted where they can be
+            proto._buffer = Counting(proto._buffer)
+        last = proto._buffer
+        line = b"NOOP " + b"x" * 12000 + b"\r\n"
+        for i in range(len(line)):
+            proto.dataReceived(line[i : i + 1])
+            if proto._buffer is not last:  # a new buffer object: a copy was made
+                last = proto._buffer
+                copied[0] += len(last)
+        self.assertReplies(client.read(), [b"250 2.0.0"])
+        self.assertLessEqual(copied[0] + scanned[0], 4 * len(line))
+
 
 def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c for c in cuts if 0 < c < len(data)})

@@ -200,9 +200,12 @@ class SubmissionServer(smtp.ESMTP):
         self.timeout = self.settings.timeout
         #: Input received; what is before C{_pos} has been taken. Lines are
         #: taken by moving C{_pos}, never by copying the rest of the buffer,
-        #: which is compacted once per read (L{dataReceived}).
-        self._buffer = b""
+        #: which is compacted at most once per read (L{dataReceived}); a
+        #: read is appended in place. No CRLF starts before C{_scan} (a line
+        #: arriving an octet at a time is not searched again from its start).
+        self._buffer = bytearray()
         self._pos = 0
+        self._scan = 0
         self._skipping = False  # discarding the rest of an overlong line
         self._busy = False  # a reply is pending: later lines wait
         self._pending: defer.Deferred[Any] | None = None
@@ -387,14 +390,23 @@ class SubmissionServer(smtp.ESMTP):
         return len(self._buffer) - self._pos
 
     def _drop_input(self) -> None:
-        self._buffer, self._pos, self._skipping = b"", 0, False
+        self._buffer, self._pos, self._scan, self._skipping = bytearray(), 0, 0, False
+
+    def _find_line_end(self) -> int:
+        """Where the next CRLF starts, or -1; never searches the same octets twice."""
+        end = self._buffer.find(b"\r\n", max(self._pos, self._scan))
+        if end < 0:
+            self._scan = max(self._pos, len(self._buffer) - 1)  # a CR at the end may be half
+        return end
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        # The one copy of what is left per read: taking a line only moves _pos.
-        self._buffer = self._buffer[self._pos :] + data if self._pos else self._buffer + data
-        self._pos = 0
+        if self._pos:  # what was taken goes, once per read: taking a line only moves _pos
+            del self._buffer[: self._pos]
+            self._scan = max(0, self._scan - self._pos)
+            self._pos = 0
+        self._buffer += data
         self._process()
         if self._unread() > MAX_BUFFERED_INPUT and not self._closing:
             # Only a transport that ignores pauseProducing gets here.
@@ -416,7 +428,7 @@ class SubmissionServer(smtp.ESMTP):
         work is linear in the input however it is made (re-entered through
         L{_wait} when a reply is ready at once).
         """
-        if not self._output_paused and self._buffer.find(b"\r\n", self._pos) >= 0:
+        if not self._output_paused and self._find_line_end() >= 0:
             # Once per read, not per line; and not while the client leaves our
             # replies unread: sending without reading is no sign of life.
             self.resetTimeout()
@@ -430,7 +442,7 @@ class SubmissionServer(smtp.ESMTP):
             if self._mode == DATA and not self._skipping and self._data_block():
                 continue
             buffer, start = self._buffer, self._pos
-            end = buffer.find(b"\r\n", start)
+            end = self._find_line_end()
             if end < 0:
                 # A partial line: a CR at its end may be half of the CRLF.
                 length = len(buffer) - start - buffer.endswith(b"\r", start)
@@ -447,7 +459,7 @@ class SubmissionServer(smtp.ESMTP):
                 self._overlong()
                 self._skipping = False
                 continue
-            self._line(buffer[start:end])
+            self._line(bytes(buffer[start:end]))
         self._update_reading()
 
     def _overlong(self) -> None:
@@ -875,7 +887,7 @@ class SubmissionServer(smtp.ESMTP):
             if cut < start + 2:
                 return False
             after = cut
-        block = buffer[start:cut]
+        block = bytes(buffer[start:cut])
         if self._writer is not None:  # a message already refused needs no more checks
             lines = block.split(b"\r\n")
             if max(map(len, lines)) > MAX_DATA_LINE:
@@ -889,7 +901,7 @@ class SubmissionServer(smtp.ESMTP):
                     if first == 0:
                         return False
                     cut = start + sum(map(len, lines[:first])) + 2 * first
-                    block, after, end = buffer[start:cut], cut, -1
+                    block, after, end = block[: cut - start], cut, -1
         self._pos = after
         # Dot-unstuffing: every line loses one leading dot.
         text = (block[1:] if block.startswith(b".") else block).replace(b"\r\n.", b"\r\n")
