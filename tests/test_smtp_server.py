@@ -14,7 +14,7 @@ import os
 from hashlib import md5
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.cred.checkers import (
     ICredentialsChecker,
@@ -1363,6 +1363,31 @@ class DataBlockTests(ServerTestCase):
             self.assertTrue(header[0].startswith(b"Received: "))
             self.assertTrue(all(line.startswith(b"\t") for line in header[1:-1]), header)
 
+    @settings(max_examples=100, deadline=None)
+    @given(
+        lines=st.lists(
+            st.lists(st.sampled_from([b".", b"x", b"\n", b"\r", b"y" * 400]), max_size=4).map(b"".join),
+            max_size=10,
+        ).map(lambda lines: [line for line in lines if b"\r\n" not in line and not line.endswith(b"\r")]),
+        cuts=st.lists(st.integers(0, 5000), max_size=8),
+        max_size=st.integers(100, 4000),
+    )
+    @example(lines=[b"y" * 400] * 3 + [b"x\nx"], cuts=[], max_size=1000)
+    def test_any_split_same_outcome(self, lines, cuts, max_size):
+        """Lines too long, bare CR/LF, the size limit, in any order: the reply does not depend on the split."""
+        wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+        wire += b".\r\n"
+        outcomes = []
+        for pieces in (_pieces(wire, cuts), [wire], _pieces(wire, list(range(0, len(wire), 3)))):
+            client = self.authenticated(max_size=max_size)
+            self.start_data(client)
+            before = set(self.spool.ids())
+            replies = [line for piece in pieces for line in client.send(piece)]
+            stored = [self.spool.load(id)[0] for id in self.spool.ids() if id not in before]
+            outcomes.append(([r[:10] for r in finals(replies)], [_without_received(m) for m in stored]))
+        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual(outcomes[0], outcomes[2])
+
     def test_long_line_in_a_block(self):
         """A block with a line too long goes line by line: 500 5.5.6, nothing stored."""
         replies, message = self.deliver(b"a\r\n" * 50 + b"x" * 1000 + b"\r\n" + b"b\r\n" * 50
@@ -1375,6 +1400,16 @@ class DataBlockTests(ServerTestCase):
         self.start_data(client)
         self.assertReplies(client.send(b"z" * 98 + b"\r\n" * 1 + (b"y" * 98 + b"\r\n") * 20 + b".\r\n"),
                            [b"552 5.3.4"])
+        self.assertNothingStored()
+
+    def test_first_error_is_the_reply_however_split(self):
+        """Over the size, then a bare LF and a line too long: 552 5.3.4, in one read or streamed."""
+        wire = (b"y" * 98 + b"\r\n") * 12 + b"a\nb\r\n" + b"x" * 1500 + b"\r\n" + b".\r\n"
+        for cuts in ([], [len(wire) - 500], list(range(len(wire)))):
+            client = self.authenticated(max_size=1000)
+            self.start_data(client)
+            replies = [line for piece in _pieces(wire, cuts) for line in client.send(piece)]
+            self.assertReplies(replies, [b"552 5.3.4"])
         self.assertNothingStored()
 
     def test_end_marker_lookalikes(self):
@@ -1590,6 +1625,15 @@ class LinearInputTests(ServerTestCase):
                 copied[0] += len(last)
         self.assertReplies(client.read(), [b"250 2.0.0"])
         self.assertLessEqual(copied[0] + scanned[0], 4 * len(line))
+
+
+def _without_received(message: bytes) -> bytes:
+    """The message as the client sent it: our C{Received:} header (and its id) left out."""
+    lines = message.split(b"\r\n")
+    rest = 1
+    while lines[rest].startswith(b"\t"):
+        rest += 1
+    return b"\r\n".join(lines[rest:])
 
 
 def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -9,7 +9,10 @@ failures, bounded lines, messages and waits, and a durable spool that
 records who sent each message.
 
 Lines end with CRLF only: a bare LF never ends a line, so a message cannot
-smuggle a second one past the end-of-data marker.
+smuggle a second one past the end-of-data marker, and a message with a bare
+CR or LF is refused. What the client says that is recorded (the envelope,
+C{AUTH=}, the HELO name) is held to RFC 5321 without SMTPUTF8. Input is taken
+in time linear in its size.
 """
 
 from __future__ import annotations
@@ -178,6 +181,12 @@ def _auth_mailbox(value: bytes) -> str:
         return _address(b"<" + mailbox + b">", b"")
     except smtp.AddressError:
         raise ValueError("not an addr-spec") from None
+
+
+def _line_start(text: bytes, index: int) -> int:
+    """Where the CRLF-ended line holding C{text[index]} starts."""
+    cut = text.rfind(b"\r\n", 0, index)
+    return cut + 2 if cut >= 0 else 0
 
 
 @implementer(interfaces.IPushProducer)
@@ -465,8 +474,9 @@ class SubmissionServer(smtp.ESMTP):
     def _overlong(self) -> None:
         self._skipping = True
         if self._mode == DATA:
-            self._data_error = (500, "5.5.6", "Line too long")
-            self._discard_message()
+            if self._writer is not None:  # the first error is the reply, however the text is split
+                self._data_error = (500, "5.5.6", "Line too long")
+                self._discard_message()
             return
         if self._mode == AUTH:
             self._mode, self._mechanism = COMMAND, None
@@ -914,18 +924,25 @@ class SubmissionServer(smtp.ESMTP):
         """Message text, dot-unstuffed, whole lines with their CRLFs."""
         if self._writer is None:  # already failed: read to the end
             return
+        allowed = self.settings.max_size - self._data_size  # the message itself, as SIZE counts
+        over = len(text) > allowed
         crlf = text.count(b"\r\n")
         if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
             # A bare CR or LF: a next hop that takes it for a line end could
             # read an end of data (<LF>.<CR><LF>) and a smuggled message here.
-            self._data_error = (554, "5.6.11", "Bare <CR> or <LF> in message text")
-            self._discard_message()
-            return
-        self._data_size += len(text)
-        if self._data_size > self.settings.max_size:  # the message itself, as SIZE counts
+            # The error of the first line that has one is the reply, as line
+            # by line, however the text was split.
+            masked = text.replace(b"\r\n", b"  ")
+            bare = min(i for i in (masked.find(b"\r"), masked.find(b"\n")) if i >= 0)
+            if not over or _line_start(text, bare) <= _line_start(text, allowed):
+                self._data_error = (554, "5.6.11", "Bare <CR> or <LF> in message text")
+                self._discard_message()
+                return
+        if over:
             self._data_error = (552, "5.3.4", "Message size exceeds fixed limit")
             self._discard_message()
             return
+        self._data_size += len(text)
         self._writer.write(text)
 
     def _data_line(self, line: bytes) -> None:
