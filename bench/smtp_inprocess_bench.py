@@ -41,7 +41,8 @@ BODY = ("Subject: bench\r\n\r\n" + ("x" * 76 + "\r\n") * 13).encode()  # ~1 KB
 COMMANDS = [b"EHLO bench.test\r\n", b"AUTH PLAIN " + AUTH + b"\r\n",
             b"MAIL FROM:<daniel@example.com>\r\n", b"RCPT TO:<bob@example.org>\r\n", b"DATA\r\n"]
 BIG = (("y" * 78 + "\r\n") * 130_000).encode()  # ~10 MB
-EMPTY_THEN_LONG = b"\r\n" * (128 * 1024 - 600) + b"x" * 1000 + b"\r\n"  # + ".\r\nQUIT\r\n": < 256 KiB
+#: With the ".\r\nQUIT\r\n" session() adds, just under 256 KiB: one read.
+EMPTY_THEN_LONG = b"\r\n" * (128 * 1024 - 600) + b"x" * 1000 + b"\r\n"
 
 
 def factory(spool_dir: str) -> SubmissionFactory:

@@ -424,7 +424,7 @@ class SubmissionServer(smtp.ESMTP):
             self._close()
 
     def _too_long(self, length: int, stuffed: bool) -> bool:
-        """Whether a line of C{length} octets (C{stuffed}: it starts with a dot) is over the bound."""
+        """Whether a line of C{length} octets (C{stuffed}: starting with a dot) is too long."""
         if self._mode != DATA:
             return length > MAX_COMMAND_LINE
         # RFC 5321 4.5.3.1.6: a dot added by dot-stuffing does not count.
@@ -813,7 +813,9 @@ class SubmissionServer(smtp.ESMTP):
                 try:
                     value = _auth_mailbox(value).encode()
                 except ValueError:
-                    raise _ParameterError(501, "5.5.4", "Syntax: AUTH=<xtext mailbox or <>>") from None
+                    raise _ParameterError(
+                        501, "5.5.4", "Syntax: AUTH=<xtext mailbox or <>>"
+                    ) from None
             else:
                 raise _ParameterError(555, "5.5.4", f"Unsupported parameter {name[:32]}")
             params[name] = value.decode("utf-8", "replace")
@@ -904,7 +906,11 @@ class SubmissionServer(smtp.ESMTP):
                 # The first line too long (a stuffed dot does not count), if any:
                 # the lines before it are taken here, it goes line by line.
                 first = next(
-                    (i for i, line in enumerate(lines) if len(line) > MAX_DATA_LINE + line.startswith(b".")),
+                    (
+                        i
+                        for i, line in enumerate(lines)
+                        if len(line) > MAX_DATA_LINE + line.startswith(b".")
+                    ),
                     None,
                 )
                 if first is not None:
