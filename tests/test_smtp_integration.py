@@ -6,6 +6,7 @@ C{smtplib} (STARTTLS + PLAIN, LOGIN, implicit TLS) and C{swaks}.
 
 from __future__ import annotations
 
+import base64
 import os
 import smtplib
 import socket
@@ -242,3 +243,51 @@ class UnauthenticatedLimitsTests(GatewayMixin, TestCase):
         defaults = SMTPSettings()
         self.assertEqual(options["smtpSettings"].auth_deadline, defaults.auth_deadline)
         self.assertEqual(options["smtpSettings"].junk_commands, defaults.junk_commands)
+
+
+class PipelinedAttackTests(GatewayMixin, TestCase):
+    """The adversarial review's payloads over a real TLS socket, pipelined in one write."""
+
+    timeout = 60
+
+    def setUp(self):
+        self.start()
+
+    @defer.inlineCallbacks
+    def test_pipelined_refusals(self):
+        """
+        Empty lines then a line too long (taken in linear time: 500 5.5.6),
+        a message with a bare LF (554 5.6.11), a sender with a control
+        character (553 5.1.7), a HELO with one (501 5.5.4); then a good
+        message is stored and the session ends normally.
+        """
+        auth = base64.b64encode(b"\0daniel\0tiger")
+        envelope = b"MAIL FROM:<daniel@example.com>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n"
+        payload = (
+            b"EHLO client.test\r\nAUTH PLAIN " + auth + b"\r\n" + envelope
+            + b"\r\n" * 16384 + b"x" * 1000 + b"\r\n.\r\n"
+            + envelope + b"one\n.\nMAIL FROM:<evil@example.com>\r\n.\r\n"
+            + b'MAIL FROM:<"x\nMAIL FROM:<ceo@example.com>"@example.com>\r\n'
+            + b"EHLO evil\x00\x1b[31mhost(spoof\r\n"
+            + envelope + b"good\r\n.\r\nQUIT\r\n"
+        )
+
+        def session() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", self.smtps_port), timeout=20) as raw:
+                with _client_tls().wrap_socket(raw) as tls:
+                    tls.sendall(payload)
+                    received = b""
+                    while chunk := tls.recv(65536):
+                        received += chunk
+            return [line for line in received.split(b"\r\n") if line[3:4] == b" "]
+
+        replies = yield threads.deferToThread(session)
+        self.assertEqual(
+            [line[:10].strip() for line in replies],
+            [b"220 mx.tes", b"250 AUTH P", b"235 2.7.0", b"250 2.1.0", b"250 2.1.5", b"354 2.0.0",
+             b"500 5.5.6", b"250 2.1.0", b"250 2.1.5", b"354 2.0.0", b"554 5.6.11", b"553 5.1.7",
+             b"501 5.5.4", b"250 2.1.0", b"250 2.1.5", b"354 2.0.0", b"250 2.0.0", b"221 2.0.0"],
+        )
+        [(message, meta)] = self.stored()
+        self.assertTrue(message.endswith(b"\r\ngood\r\n"), message)
+        self.assertEqual(meta["helo"], "client.test")

@@ -14,7 +14,7 @@ import os
 from hashlib import md5
 from typing import Any
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.cred.checkers import (
     ICredentialsChecker,
@@ -1103,17 +1103,17 @@ class DataTests(ServerTestCase):
         self.assertEqual(len(self.spool.ids()), 1)
 
     def test_no_header_injection_through_rcpt(self) -> None:
-        """A recipient with a bare LF never reaches the Received header."""
+        """A recipient with a bare LF is refused: it never reaches the headers or the JSON."""
         client = self.authenticated()
         self.assertReplies(
             client.send(b'MAIL FROM:<daniel@example.com>\r\nRCPT TO:<"x\nX-Injected: 1"@example.net>\r\n'
-                        b"DATA\r\n"),
-            [b"250 2.1.0", b"250 2.1.5", b"354 2.0.0"],
+                        b"RCPT TO:<ok@example.net>\r\nDATA\r\n"),
+            [b"250 2.1.0", b"553 5.1.3", b"250 2.1.5", b"354 2.0.0"],
         )
         client.send(b"hi\r\n.\r\n")
         ((message, meta),) = self.stored()
         self.assertNotIn(b"X-Injected", message)
-        self.assertEqual(meta["rcpt_to"], ['"x\nX-Injected: 1"@example.net'])  # kept as given, in JSON
+        self.assertEqual(meta["rcpt_to"], ["ok@example.net"])
 
     def test_received_esmtpa(self) -> None:
         """Authenticated in cleartext (insecure_auth): C{with ESMTPA}, no TLS in the metadata."""
@@ -1205,7 +1205,11 @@ class DataTests(ServerTestCase):
         self.assertTrue(message.endswith(b"\r\n." + b"x" * 997 + b"\r\n"))
 
     def test_bare_lf_does_not_end_data(self) -> None:
-        """C{\\n.\\n} (and C{\\r\\n.\\n}) inside DATA is content: no SMTP smuggling."""
+        """
+        C{\\n.\\n} (and C{\\r\\n.\\n}) inside DATA neither ends the text nor
+        is stored for a next hop to misread: the message is refused with
+        C{554 5.6.11} at the real end of data, and nothing smuggled runs.
+        """
         client = self.authenticated()
         self.start_data(client)
         smuggled = (
@@ -1213,11 +1217,21 @@ class DataTests(ServerTestCase):
             b".\nMAIL FROM:<evil@x.example>\r\n"
         )
         self.assertEqual(client.send(smuggled), [])
-        self.assertReplies(client.send(b".\r\n"), [b"250 2.0.0"])
-        ((message, meta),) = self.stored()
-        # Only the dot-stuffing of the line ".\nMAIL ..." is undone.
-        self.assertTrue(message.endswith(smuggled.replace(b"\r\n.\n", b"\r\n\n")), message)
-        self.assertEqual(meta["rcpt_to"], ["a@example.net"])
+        self.assertReplies(client.send(b".\r\n"), [b"554 5.6.11"])
+        self.assertNothingStored()
+        self.assertReplies(client.send(b"RCPT TO:<a@example.net>\r\n"), [b"503 5.5.1"])
+
+    def test_bare_cr_or_lf_refused(self) -> None:
+        """A bare CR or LF anywhere in a line, in a block or line by line: 554 5.6.11."""
+        for text in (b"Subject: x\rBcc: evil@x\r\n\r\nhi\r\n", b"a\r\nb\nc\r\n", b"\n\r\n",
+                     b"a\r\r\n", b"x" * 997 + b"\n\r\n", b"." + b"y" * 998 + b"\r\n\r\r\n"):
+            for pieces in ([text + b".\r\n"], [bytes((c,)) for c in text + b".\r\n"]):
+                client = self.authenticated()
+                self.start_data(client)
+                replies = [line for piece in pieces for line in client.send(piece)]
+                self.assertReplies(replies, [b"554 5.6.11"])
+                self.assertNothingStored()
+                self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
 
     def test_spool_commit_fails(self) -> None:
         """The fsync fails: 451 4.3.0 and no file left, complete or partial."""
@@ -1329,18 +1343,54 @@ class DataBlockTests(ServerTestCase):
     @settings(max_examples=150, deadline=None)
     @given(lines=st.lists(_TEXT_LINE, max_size=20), cuts=st.lists(st.integers(0, 400), max_size=8))
     def test_any_split_same_message(self, lines, cuts):
+        """Stored the same way however split; refused alike when a line has a bare CR or LF."""
         wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
         wire += b".\r\n"
         replies, message = self.deliver(wire, cuts)
-        self.assertEqual([r[:9] for r in replies], [b"250 2.0.0"])
+        bare = any(b"\r" in line or b"\n" in line for line in lines)
+        self.assertEqual([r[:10] for r in replies], [b"554 5.6.11" if bare else b"250 2.0.0 "])
         body = b"".join(line + b"\r\n" for line in lines)
-        _, one_by_one = self.deliver(wire, list(range(len(wire))))
+        one_by_one_replies, one_by_one = self.deliver(wire, list(range(len(wire))))
+        self.assertEqual([r[:10] for r in one_by_one_replies], [r[:10] for r in replies])
+        if bare:
+            self.assertIsNone(message)
+            self.assertIsNone(one_by_one)
+            return
         for stored in (message, one_by_one):
             self.assertTrue(stored.endswith(body), (stored, body))
             header = stored[: len(stored) - len(body)].split(b"\r\n")  # nothing but the header
             self.assertEqual(header[-1], b"")
             self.assertTrue(header[0].startswith(b"Received: "))
             self.assertTrue(all(line.startswith(b"\t") for line in header[1:-1]), header)
+
+    @settings(max_examples=100, deadline=None)
+    @given(
+        lines=st.lists(
+            st.lists(st.sampled_from([b".", b"x", b"\n", b"\r", b"y" * 400]), max_size=4)
+            .map(b"".join)
+            .filter(lambda line: b"\r\n" not in line and not line.endswith(b"\r")),
+            max_size=10,
+        ),
+        cuts=st.lists(st.integers(0, 5000), max_size=8),
+        max_size=st.integers(100, 4000),
+    )
+    @example(lines=[b"y" * 400] * 3 + [b"x\nx"], cuts=[], max_size=1000)
+    def test_any_split_same_outcome(self, lines, cuts, max_size):
+        """Lines too long, bare CR/LF, the size limit, in any order: the split changes nothing."""
+        wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+        wire += b".\r\n"
+        outcomes = []
+        for pieces in (_pieces(wire, cuts), [wire], _pieces(wire, list(range(0, len(wire), 3)))):
+            client = self.authenticated(max_size=max_size)
+            self.start_data(client)
+            before = set(self.spool.ids())
+            replies = [line for piece in pieces for line in client.send(piece)]
+            stored = [self.spool.load(id)[0] for id in self.spool.ids() if id not in before]
+            outcomes.append(
+                ([r[:10] for r in finals(replies)], [_without_received(m) for m in stored])
+            )
+        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual(outcomes[0], outcomes[2])
 
     def test_long_line_in_a_block(self):
         """A block with a line too long goes line by line: 500 5.5.6, nothing stored."""
@@ -1356,11 +1406,240 @@ class DataBlockTests(ServerTestCase):
                            [b"552 5.3.4"])
         self.assertNothingStored()
 
+    def test_first_error_is_the_reply_however_split(self):
+        """Over the size, then a bare LF and a line too long: 552 5.3.4, in one read or streamed."""
+        wire = (b"y" * 98 + b"\r\n") * 12 + b"a\nb\r\n" + b"x" * 1500 + b"\r\n" + b".\r\n"
+        for cuts in ([], [len(wire) - 500], list(range(len(wire)))):
+            client = self.authenticated(max_size=1000)
+            self.start_data(client)
+            replies = [line for piece in _pieces(wire, cuts) for line in client.send(piece)]
+            self.assertReplies(replies, [b"552 5.3.4"])
+        self.assertNothingStored()
+
     def test_end_marker_lookalikes(self):
         """C{..} is a stuffed dot, C{\\r\\n.x} a stuffed line; only C{\\r\\n.\\r\\n} ends the text."""
         replies, message = self.deliver(b"a\r\n..\r\n.x\r\n...\r\n.\r\nNOOP\r\n", [])
         self.assertEqual([r[:9] for r in replies], [b"250 2.0.0", b"250 2.0.0"])
         self.assertTrue(message.endswith(b"\r\na\r\n.\r\nx\r\n..\r\n"), message)
+
+
+class ClientTextTests(ServerTestCase):
+    """
+    What the client says that is recorded (the envelope, C{AUTH=}, the
+    HELO name) or echoed is held to RFC 5321 without SMTPUTF8: no control
+    character, NUL or 8-bit octet reaches the spool's JSON, the C{Received:}
+    header, a log line or a reply.
+    """
+
+    def test_sender_with_control_characters_refused(self) -> None:
+        client = self.authenticated()
+        for path in (b'<"x\nMAIL FROM:<ceo@example.com>"@example.com>', b'<"a\x00b"@example.com>',
+                     b'<"a\rb"@example.com>', b'<"a\tb"@example.com>', b'<"a\x7fb"@example.com>',
+                     b'<"\xc3\xa9"@example.com>', b"<a\\\x00b@example.com>", b'<a@"b\x01c">',
+                     b'<a@"b.example">', b"<a@b..example>"):
+            self.assertReplies(client.send(b"MAIL FROM:" + path + b"\r\n"), [b"553 5.1.7"])
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com>\r\n"), [b"250 2.1.0"])
+
+    def test_recipient_with_control_characters_refused(self) -> None:
+        client = self.authenticated()
+        client.send(b"MAIL FROM:<daniel@example.com>\r\n")
+        for path in (b'<"a\nDATA\n"@y.example>', b'<"a\x00b"@y.example>', b'<"a\rb"@y.example>',
+                     b'<"\x1b[31m"@y.example>',
+                     b"<\\\x80@y.example>"):
+            self.assertReplies(client.send(b"RCPT TO:" + path + b"\r\n"), [b"553 5.1.3"])
+        self.assertEqual(client.proto._to, [])
+
+    def test_rfc5321_addresses_still_taken(self) -> None:
+        """Quoted strings of printable text, quoted pairs, atoms and dots, a bare postmaster."""
+        client = self.authenticated()
+        self.assertReplies(
+            client.send(b'MAIL FROM:<"john doe"@example.com>\r\n'
+                        b"RCPT TO:<first.last+tag@sub.example.com>\r\n"
+                        b'RCPT TO:<"a\\ b(c)"@example.org>\r\n'
+                        b"RCPT TO:<postmaster>\r\nDATA\r\nhi\r\n.\r\n"),
+            [b"250 2.1.0", b"250 2.1.5", b"250 2.1.5", b"250 2.1.5", b"354 2.0.0", b"250 2.0.0"],
+        )
+        ((_, meta),) = self.stored()
+        self.assertEqual(meta["mail_from"], '"john doe"@example.com')
+        self.assertEqual(
+            meta["rcpt_to"],
+            ["first.last+tag@sub.example.com", '"a\\ b(c)"@example.org', "postmaster@mx.test"],
+        )
+
+    def test_mail_auth_strict_xtext(self) -> None:
+        """C{+} and two upper-case hex digits only; the decoded value is C{<>} or a mailbox."""
+        client = self.authenticated()
+        for value in (b"x+0D+0AX-Injected:+20yes+00++A", b"a+0a@example.com", b"a+-1@example.com",
+                      b"a+2@example.com", b"a+@example.com", b"a=b@example.com", b"daniel",
+                      b"a+00b@example.com", b"%22a+0Ab%22@example.com", b"<a@example.com>",
+                      b"a\xc3\xa9@example.com", b"a@exa+20mple.com"):
+            self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> AUTH=" + value + b"\r\n"),
+                               [b"501 5.5.4"])
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> AUTH=a+2Bb@example.com\r\n"),
+                           [b"250 2.1.0"])
+        self.assertEqual(client.proto._mail_auth, "a+b@example.com")
+        client.send(b"RSET\r\n")
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> AUTH=+3C+3E\r\n"), [b"250 2.1.0"])
+        self.assertEqual(client.proto._mail_auth, "<>")
+
+    def test_parameter_names_not_echoed_unless_keywords(self) -> None:
+        client = self.authenticated()
+        lines = client.send(b"MAIL FROM:<daniel@example.com> \x1b[31m\x00=1\r\n")
+        self.assertReplies(lines, [b"501 5.5.4"])
+        self.assertTrue(all(line.isascii() and line.decode().isprintable() for line in lines), lines)
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> \xff=1\r\n"), [b"501 5.5.4"])
+        self.assertReplies(client.send(b"MAIL FROM:<daniel@example.com> X-FROB=1\r\n"), [b"555 5.5.4"])
+
+    def test_helo_names(self) -> None:
+        """A domain or an address literal of printable ASCII, at most 255 octets; else 501 5.5.4."""
+        client = self.connect("implicit", junk_commands=100)
+        for command in (b"EHLO", b"HELO"):
+            for name in (b"evil\x00\x1b[31mhost(spoof", b"a(b)", b"host\x7f", b"h\xc3\xa9",
+                         b"[1.2.3.4", b"[a]b]", b"a..b", b".a", b"x" * 256, b'"q"'):
+                self.assertReplies(
+                    client.send(command + b" " + name + b" [6.6.6.6]\r\n"), [b"501 5.5.4"]
+                )
+        self.assertIsNone(client.proto._helo_name)
+        for name in (b"[IPv6:2001:db8::1]", b"[192.0.2.1]", b"host_name.example.", b"x" * 255):
+            self.assertReplies(client.send(b"EHLO " + name + b"\r\n"), [b"250"])
+            self.assertEqual(client.proto._helo_name, name.decode())
+
+    def test_received_header_printable(self) -> None:
+        client = self.connect("implicit")
+        self.assertReplies(client.send(b"EHLO evil\x00\x1b[31mhost(spoof [6.6.6.6])\r\n"),
+                           [b"501 5.5.4"])
+        self.assertReplies(client.send(b"EHLO [IPv6:2001:db8::1]\r\n"), [b"250"])
+        client.send(b"AUTH PLAIN " + plain() + b"\r\n")
+        self.start_data(client)
+        client.send(b"hi\r\n.\r\n")
+        ((message, meta),) = self.stored()
+        header = message.split(b"\r\n\t")[0]
+        self.assertEqual(header, b"Received: from [IPv6:2001:db8::1] ([192.0.2.7])")
+        self.assertEqual(meta["helo"], "[IPv6:2001:db8::1]")
+
+
+class LinearInputTests(ServerTestCase):
+    """
+    Taking lines is linear in the input, whatever the input is made of: a
+    line never costs a copy or a scan of everything after it (one pipelined
+    message of empty lines and one line too long held the reactor minutes).
+    The work is counted, not timed.
+    """
+
+    def unread(self, proto: Any) -> int:
+        return len(proto._buffer) - getattr(proto, "_pos", 0)
+
+    def count_block_scans(self, client: Client, budget: int) -> list[int]:
+        """Sum the input each C{_data_block} call may scan; fail once over C{budget}."""
+        proto, scanned = client.proto, [0]
+        original = proto._data_block
+
+        def counting() -> bool:
+            scanned[0] += self.unread(proto)
+            if scanned[0] > budget:
+                self.fail(f"scanned {scanned[0]} octets for {budget // 4} of input")
+            return original()
+
+        proto._data_block = counting
+        return scanned
+
+    def count_data_lines(self, client: Client) -> list[bytes]:
+        """The lines of message text that went line by line."""
+        proto, seen = client.proto, []
+        original = proto._data_line
+
+        def counting(line: bytes) -> None:
+            seen.append(line)
+            original(line)
+
+        proto._data_line = counting
+        return seen
+
+    def test_empty_lines_then_a_long_line_is_linear(self) -> None:
+        """256 KiB of empty lines, a 1000-octet line, C{.}: a few scans, not one per line."""
+        client = self.authenticated()
+        self.start_data(client)
+        wire = b"\r\n" * (128 * 1024 - 600) + b"x" * 1000 + b"\r\n.\r\n"
+        scanned = self.count_block_scans(client, 4 * len(wire))
+        by_line = self.count_data_lines(client)
+        self.assertReplies(client.send(wire), [b"500 5.5.6"])
+        self.assertLessEqual(scanned[0], 4 * len(wire))
+        self.assertEqual(by_line, [])
+        self.assertNothingStored()
+        self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
+
+    def test_many_long_lines_are_linear(self) -> None:
+        """Short and long lines alternating: still a bounded number of scans."""
+        client = self.authenticated()
+        self.start_data(client)
+        wire = (b"a\r\n" * 50 + b"y" * 1200 + b"\r\n") * 150 + b".\r\n"
+        self.count_block_scans(client, 4 * len(wire))
+        self.assertReplies(client.send(wire), [b"500 5.5.6"])
+        self.assertNothingStored()
+
+    def test_stuffed_999_octet_line_and_short_lines_in_one_block(self) -> None:
+        """A dot-stuffed line of 999 octets is not too long: taken in a block with the rest."""
+        client = self.authenticated()
+        self.start_data(client)
+        by_line = self.count_data_lines(client)
+        stuffed = b"." + b"." + b"x" * 997
+        wire = b"a\r\n" * 200 + stuffed + b"\r\n" + b"b\r\n" * 200 + b".\r\n"
+        self.assertReplies(client.send(wire), [b"250 2.0.0"])
+        self.assertEqual(by_line, [])
+        ((message, _),) = self.stored()
+        self.assertTrue(message.endswith(b"a\r\n" * 200 + stuffed[1:] + b"\r\n" + b"b\r\n" * 200))
+
+    def test_pipelined_commands_do_not_copy_the_buffer(self) -> None:
+        """Each command line is taken without copying the lines after it."""
+        client = self.authenticated()
+        proto, copied, last = client.proto, [0], [None]
+        original = proto._line
+
+        def counting(line: bytes) -> None:
+            if proto._buffer is not last[0]:  # a new buffer object: a copy was made
+                last[0] = proto._buffer
+                copied[0] += len(proto._buffer)
+            original(line)
+
+        proto._line = counting
+        wire = b"NOOP\r\n" * 2000
+        replies = client.send(wire)
+        self.assertEqual(len(replies), 2000)
+        self.assertLessEqual(copied[0], 2 * len(wire))
+
+    def test_line_an_octet_at_a_time_is_linear(self) -> None:
+        """
+        A 12000-octet command line arriving an octet per read: the buffer
+        is neither copied nor searched from the line's start at every read.
+        """
+        client = self.authenticated()
+        proto, scanned, copied = client.proto, [0], [0]
+
+        class Counting(bytearray):
+            def find(self, sub: Any, start: int = 0, *end: int) -> int:
+                scanned[0] += len(self) - start
+                return super().find(sub, start, *end)
+
+        if isinstance(proto._buffer, bytearray):  # searches counted where they can be
+            proto._buffer = Counting(proto._buffer)
+        last = proto._buffer
+        line = b"NOOP " + b"x" * 12000 + b"\r\n"
+        for i in range(len(line)):
+            proto.dataReceived(line[i : i + 1])
+            if proto._buffer is not last:  # a new buffer object: a copy was made
+                last = proto._buffer
+                copied[0] += len(last)
+        self.assertReplies(client.read(), [b"250 2.0.0"])
+        self.assertLessEqual(copied[0] + scanned[0], 4 * len(line))
+
+
+def _without_received(message: bytes) -> bytes:
+    """The message as the client sent it: our C{Received:} header (and its id) left out."""
+    lines = message.split(b"\r\n")
+    rest = 1
+    while lines[rest].startswith(b"\t"):
+        rest += 1
+    return b"\r\n".join(lines[rest:])
 
 
 def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:

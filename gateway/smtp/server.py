@@ -9,11 +9,15 @@ failures, bounded lines, messages and waits, and a durable spool that
 records who sent each message.
 
 Lines end with CRLF only: a bare LF never ends a line, so a message cannot
-smuggle a second one past the end-of-data marker.
+smuggle a second one past the end-of-data marker, and a message with a bare
+CR or LF is refused. What the client says that is recorded (the envelope,
+C{AUTH=}, the HELO name) is held to RFC 5321 without SMTPUTF8. Input is taken
+in time linear in its size.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -109,18 +113,80 @@ class SubmissionFactory(protocol.ServerFactory):
         return proto
 
 
-def _xtext(value: bytes) -> str:
-    """Decode an RFC 3461 xtext parameter value (C{+XX} escapes)."""
-    out = bytearray()
-    i = 0
-    while i < len(value):
-        if value[i : i + 1] == b"+":
-            out.append(int(value[i + 1 : i + 3], 16))  # ValueError when malformed
-            i += 3
-        else:
-            out.append(value[i])
-            i += 1
-    return out.decode("utf-8")
+#: A path as RFC 5321 writes it without SMTPUTF8: printable ASCII only (no
+#: control character, no NUL, no DEL, no 8-bit octet, quoted or not).
+_PRINTABLE_PATH = re.compile(rb"[\x20-\x7e]+")
+#: A local part: atoms and dots, or a quoted string of qtextSMTP and
+#: quoted-pairSMTP (RFC 5321 section 4.1.2).
+_LOCAL_PART = re.compile(
+    rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+    rb'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
+)
+#: A domain: dot-separated labels of letters, digits, hyphens (and the
+#: underscores real host names carry).
+_DOMAIN = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+#: A HELO/EHLO name: a domain (a trailing dot allowed) or an address literal.
+_HELO_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[\x21-\x5a\x5e-\x7e]+\]")
+#: An RFC 3461 xtext: xchar (printable ASCII but C{+} and C{=}) or C{+} and
+#: two upper-case hex digits.
+_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
+_XTEXT_HEXCHAR = re.compile(rb"\+([0-9A-F]{2})")
+#: An ESMTP parameter keyword (RFC 5321 section 4.1.2), safe to echo.
+_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+
+
+def _address(path: bytes, default_domain: bytes) -> str:
+    """
+    The mailbox of an RFC 5321 path (C{<local@domain>}), as recorded: parsed
+    by Twisted, then held to RFC 5321, which Twisted is not (it takes control
+    characters and NUL in quoted strings and after a backslash, the text that
+    then reaches the spool's JSON and headers). An empty C{default_domain}
+    requires a domain.
+
+    @raise smtp.AddressError: not a mailbox we take.
+    """
+    if not _PRINTABLE_PATH.fullmatch(path):
+        raise smtp.AddressError("not printable ASCII")
+    address = smtp.Address(path, default_domain)
+    if not _LOCAL_PART.fullmatch(address.local) or not _DOMAIN.fullmatch(address.domain):
+        raise smtp.AddressError("not an RFC 5321 mailbox")
+    return str(address)
+
+
+def _xtext(value: bytes) -> bytes:
+    """
+    Decode an RFC 3461 xtext parameter value: C{+} and two upper-case hex
+    digits stand for an octet; nothing else is an escape.
+
+    @raise ValueError: not xtext.
+    """
+    if not _XTEXT.fullmatch(value):
+        raise ValueError("not xtext")
+    return _XTEXT_HEXCHAR.sub(lambda m: bytes((int(m.group(1), 16),)), value)
+
+
+def _auth_mailbox(value: bytes) -> str:
+    """
+    The mailbox of a C{MAIL FROM} C{AUTH=} parameter (RFC 4954 section 5):
+    C{<>} or an addr-spec, once the xtext is decoded.
+
+    @raise ValueError: anything else.
+    """
+    mailbox = _xtext(value)
+    if mailbox == b"<>":
+        return "<>"
+    if b"<" in mailbox or b">" in mailbox:
+        raise ValueError("not an addr-spec")
+    try:
+        return _address(b"<" + mailbox + b">", b"")
+    except smtp.AddressError:
+        raise ValueError("not an addr-spec") from None
+
+
+def _line_start(text: bytes, index: int) -> int:
+    """Where the CRLF-ended line holding C{text[index]} starts."""
+    cut = text.rfind(b"\r\n", 0, index)
+    return cut + 2 if cut >= 0 else 0
 
 
 @implementer(interfaces.IPushProducer)
@@ -141,7 +207,14 @@ class SubmissionServer(smtp.ESMTP):
         self.portal = factory.portal
         self.host = self.settings.hostname.encode("idna")
         self.timeout = self.settings.timeout
-        self._buffer = b""
+        #: Input received; what is before C{_pos} has been taken. Lines are
+        #: taken by moving C{_pos}, never by copying the rest of the buffer,
+        #: which is compacted at most once per read (L{dataReceived}); a
+        #: read is appended in place. No CRLF starts before C{_scan} (a line
+        #: arriving an octet at a time is not searched again from its start).
+        self._buffer = bytearray()
+        self._pos = 0
+        self._scan = 0
         self._skipping = False  # discarding the rest of an overlong line
         self._busy = False  # a reply is pending: later lines wait
         self._pending: defer.Deferred[Any] | None = None
@@ -311,7 +384,7 @@ class SubmissionServer(smtp.ESMTP):
         if self._lost or self._closing:
             return
         waiting = self._busy or self._output_paused
-        want = waiting and len(self._buffer) > MAX_PENDING_INPUT
+        want = waiting and self._unread() > MAX_PENDING_INPUT
         if want != self._reading_paused:
             self._reading_paused = want
             if want:
@@ -321,25 +394,50 @@ class SubmissionServer(smtp.ESMTP):
 
     # -- input: CRLF lines, bounded, one at a time --------------------------
 
+    def _unread(self) -> int:
+        """Octets received and not taken yet."""
+        return len(self._buffer) - self._pos
+
+    def _drop_input(self) -> None:
+        self._buffer, self._pos, self._scan, self._skipping = bytearray(), 0, 0, False
+
+    def _find_line_end(self) -> int:
+        """Where the next CRLF starts, or -1; never searches the same octets twice."""
+        end = self._buffer.find(b"\r\n", max(self._pos, self._scan))
+        if end < 0:
+            self._scan = max(self._pos, len(self._buffer) - 1)  # a CR at the end may be half
+        return end
+
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
+        if self._pos:  # what was taken goes, once per read: taking a line only moves _pos
+            del self._buffer[: self._pos]
+            self._scan = max(0, self._scan - self._pos)
+            self._pos = 0
         self._buffer += data
         self._process()
-        if len(self._buffer) > MAX_BUFFERED_INPUT and not self._closing:
+        if self._unread() > MAX_BUFFERED_INPUT and not self._closing:
             # Only a transport that ignores pauseProducing gets here.
-            self._buffer = b""
+            self._drop_input()
             self.reply(421, "4.7.0", f"{self.settings.hostname} Too much input, closing connection")
             self._close()
 
-    def _too_long(self, line: bytes) -> bool:
+    def _too_long(self, length: int, stuffed: bool) -> bool:
+        """Whether a line of C{length} octets (C{stuffed}: starting with a dot) is too long."""
         if self._mode != DATA:
-            return len(line) > MAX_COMMAND_LINE
+            return length > MAX_COMMAND_LINE
         # RFC 5321 4.5.3.1.6: a dot added by dot-stuffing does not count.
-        return len(line) > MAX_DATA_LINE + line.startswith(b".")
+        return length > MAX_DATA_LINE + stuffed
 
     def _process(self) -> None:
-        if b"\r\n" in self._buffer and not self._output_paused:
+        """
+        Take the complete lines received, in order, while nothing holds them.
+        Each line is found from C{_pos} on and C{_pos} moves past it, so the
+        work is linear in the input however it is made (re-entered through
+        L{_wait} when a reply is ready at once).
+        """
+        if not self._output_paused and self._find_line_end() >= 0:
             # Once per read, not per line; and not while the client leaves our
             # replies unread: sending without reading is no sign of life.
             self.resetTimeout()
@@ -352,31 +450,33 @@ class SubmissionServer(smtp.ESMTP):
         ):
             if self._mode == DATA and not self._skipping and self._data_block():
                 continue
-            end = self._buffer.find(b"\r\n")
+            buffer, start = self._buffer, self._pos
+            end = self._find_line_end()
             if end < 0:
                 # A partial line: a CR at its end may be half of the CRLF.
-                pending = self._buffer[:-1] if self._buffer.endswith(b"\r") else self._buffer
-                if self._too_long(pending):
+                length = len(buffer) - start - buffer.endswith(b"\r", start)
+                if self._too_long(length, buffer.startswith(b".", start)):
                     if not self._skipping:
                         self._overlong()
-                    self._buffer = self._buffer[len(pending):]
+                    self._pos = start + length
                 break
-            line, self._buffer = self._buffer[:end], self._buffer[end + 2 :]
+            self._pos = end + 2
             if self._skipping:  # the tail of an overlong line
                 self._skipping = False
                 continue
-            if self._too_long(line):
+            if self._too_long(end - start, buffer.startswith(b".", start)):
                 self._overlong()
                 self._skipping = False
                 continue
-            self._line(line)
+            self._line(bytes(buffer[start:end]))
         self._update_reading()
 
     def _overlong(self) -> None:
         self._skipping = True
         if self._mode == DATA:
-            self._data_error = (500, "5.5.6", "Line too long")
-            self._discard_message()
+            if self._writer is not None:  # the first error is the reply, however the text is split
+                self._data_error = (500, "5.5.6", "Line too long")
+                self._discard_message()
             return
         if self._mode == AUTH:
             self._mode, self._mechanism = COMMAND, None
@@ -447,28 +547,36 @@ class SubmissionServer(smtp.ESMTP):
         ]
 
     def do_EHLO(self, rest: bytes) -> None:
-        if not rest.strip():
-            self.reply(501, "5.5.4", "Syntax: EHLO hostname")
+        if not self._greeted(rest, ehlo=True):
+            self.reply(501, "5.5.4", "Syntax: EHLO domain or address literal")
             return
-        self._greeted(rest, ehlo=True)
         peer = (self.meta.peer_address or "unknown").encode()
         self.sendCode(250, self.host + b" Hello " + peer + b"\n" + self.listExtensions())
 
     def do_HELO(self, rest: bytes) -> None:
-        if not rest.strip():
-            self.reply(501, "5.5.4", "Syntax: HELO hostname")
+        if not self._greeted(rest, ehlo=False):
+            self.reply(501, "5.5.4", "Syntax: HELO domain or address literal")
             return
-        self._greeted(rest, ehlo=False)
         self.sendCode(250, self.host)
 
-    def _greeted(self, rest: bytes, ehlo: bool) -> None:
+    def _greeted(self, rest: bytes, ehlo: bool) -> bool:
+        """
+        Record the client's name, a domain or an address literal of at most
+        255 octets (it reaches the C{Received:} header, the spool's JSON and
+        the checkers' C{$senderhelo}); False, and nothing changed, for
+        anything else.
+        """
+        words = rest.split()
+        if not words or len(words[0]) > 255 or not _HELO_NAME.fullmatch(words[0]):
+            return False
         if self._helo_name is None:
             self._not_junk()  # the first greeting (again after STARTTLS) is no junk
-        name = rest.strip().split()[0].decode("utf-8", "replace")[:255]
+        name = words[0].decode("ascii")
         self._helo_name = self.meta.helo = name
         self._helo = (name.encode(), (self.meta.peer_address or "").encode())
         self._ehlo = ehlo
         self._abort_transaction()
+        return True
 
     def do_NOOP(self, rest: bytes) -> None:
         self.reply(250, "2.0.0", "OK")
@@ -509,8 +617,7 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(220, "2.0.0", "Ready to start TLS")
             # Whatever the client sent after STARTTLS in plaintext is dropped
             # (CVE-2011-0411), and everything said before is forgotten.
-            self._buffer = b""
-            self._skipping = False
+            self._drop_input()
             self._not_junk()
             self._reset_session()
             self.transport.startTLS(self.ctx)
@@ -660,7 +767,7 @@ class SubmissionServer(smtp.ESMTP):
             sender = ""
         else:
             try:
-                sender = str(smtp.Address(path, self.host))
+                sender = _address(path, self.host)
             except smtp.AddressError:
                 self.reply(553, "5.1.7", "Bad sender address syntax")
                 return
@@ -691,6 +798,8 @@ class SubmissionServer(smtp.ESMTP):
         for item in opts.split():
             key, _, value = item.partition(b"=")
             name = key.decode("ascii", "replace").upper()
+            if not _ESMTP_KEYWORD.fullmatch(name):  # echoed in replies: a keyword only
+                raise _ParameterError(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
             if name in params:
                 raise _ParameterError(503, "5.5.4", f"Duplicate {name} parameter")
             if name == "SIZE":
@@ -703,9 +812,11 @@ class SubmissionServer(smtp.ESMTP):
                     raise _ParameterError(501, "5.5.4", "Syntax: BODY=7BIT|8BITMIME")
             elif name == "AUTH":
                 try:
-                    value = _xtext(value).encode()
-                except (ValueError, UnicodeDecodeError):
-                    raise _ParameterError(501, "5.5.4", "Syntax: AUTH=<xtext>") from None
+                    value = _auth_mailbox(value).encode()
+                except ValueError:
+                    raise _ParameterError(
+                        501, "5.5.4", "Syntax: AUTH=<xtext mailbox or <>>"
+                    ) from None
             else:
                 raise _ParameterError(555, "5.5.4", f"Unsupported parameter {name[:32]}")
             params[name] = value.decode("utf-8", "replace")
@@ -735,7 +846,7 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(555, "5.5.4", "RCPT parameters are not supported")
             return
         try:
-            recipient = str(smtp.Address(m.group("path"), self.host))
+            recipient = _address(m.group("path"), self.host)
         except smtp.AddressError:
             self.reply(553, "5.1.3", "Bad recipient address syntax")
             return
@@ -768,28 +879,47 @@ class SubmissionServer(smtp.ESMTP):
 
     def _data_block(self) -> bool:
         """
-        Take every complete line of message text in the buffer at once, up to
-        and including the end-of-data line; False leaves the buffer to the
-        line-by-line path (no complete line yet, or a line too long, whose
-        precise handling is there). Same result, far fewer Python steps for
-        a message of many lines.
+        Take the complete lines of message text from C{_pos} on at once, up to
+        and including the end-of-data line; False leaves the next line to the
+        line-by-line path (no complete line yet, or the first line that is too
+        long, whose precise handling is there). Same result as line by line,
+        far fewer Python steps for a message of many lines; each call scans
+        what it takes, and a line too long is looked for once per block, so
+        the work stays linear in the input.
         """
-        buffer = self._buffer
-        if buffer.startswith(b".\r\n"):
-            self._buffer = buffer[3:]
+        buffer, start = self._buffer, self._pos
+        if buffer.startswith(b".\r\n", start):
+            self._pos = start + 3
             self._end_of_data()
             return True
-        end = buffer.find(b"\r\n.\r\n")
+        end = buffer.find(b"\r\n.\r\n", start)
         if end >= 0:
-            block, rest = buffer[: end + 2], buffer[end + 5 :]
+            cut, after = end + 2, end + 5
         else:
-            cut = buffer.rfind(b"\r\n")
-            if cut < 0:
+            cut = buffer.rfind(b"\r\n", start) + 2
+            if cut < start + 2:
                 return False
-            block, rest = buffer[: cut + 2], buffer[cut + 2 :]
-        if max(map(len, block.split(b"\r\n"))) > MAX_DATA_LINE:
-            return False  # maybe too long (a stuffed dot does not count): line by line
-        self._buffer = rest
+            after = cut
+        block = bytes(buffer[start:cut])
+        if self._writer is not None:  # a message already refused needs no more checks
+            lines = block.split(b"\r\n")
+            if max(map(len, lines)) > MAX_DATA_LINE:
+                # The first line too long (a stuffed dot does not count), if any:
+                # the lines before it are taken here, it goes line by line.
+                first = next(
+                    (
+                        i
+                        for i, line in enumerate(lines)
+                        if len(line) > MAX_DATA_LINE + line.startswith(b".")
+                    ),
+                    None,
+                )
+                if first is not None:
+                    if first == 0:
+                        return False
+                    cut = start + sum(map(len, lines[:first])) + 2 * first
+                    block, after, end = block[: cut - start], cut, -1
+        self._pos = after
         # Dot-unstuffing: every line loses one leading dot.
         text = (block[1:] if block.startswith(b".") else block).replace(b"\r\n.", b"\r\n")
         self._data_text(text)
@@ -801,11 +931,25 @@ class SubmissionServer(smtp.ESMTP):
         """Message text, dot-unstuffed, whole lines with their CRLFs."""
         if self._writer is None:  # already failed: read to the end
             return
-        self._data_size += len(text)
-        if self._data_size > self.settings.max_size:  # the message itself, as SIZE counts
+        allowed = self.settings.max_size - self._data_size  # the message itself, as SIZE counts
+        over = len(text) > allowed
+        crlf = text.count(b"\r\n")
+        if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
+            # A bare CR or LF: a next hop that takes it for a line end could
+            # read an end of data (<LF>.<CR><LF>) and a smuggled message here.
+            # The error of the first line that has one is the reply, as line
+            # by line, however the text was split.
+            masked = text.replace(b"\r\n", b"  ")
+            bare = min(i for i in (masked.find(b"\r"), masked.find(b"\n")) if i >= 0)
+            if not over or _line_start(text, bare) <= _line_start(text, allowed):
+                self._data_error = (554, "5.6.11", "Bare <CR> or <LF> in message text")
+                self._discard_message()
+                return
+        if over:
             self._data_error = (552, "5.3.4", "Message size exceeds fixed limit")
             self._discard_message()
             return
+        self._data_size += len(text)
         self._writer.write(text)
 
     def _data_line(self, line: bytes) -> None:
