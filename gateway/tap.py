@@ -533,6 +533,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
+        if self["smtp-sender-binding"] and not self["acl"]:
+            raise usage.UsageError("--smtp-sender-binding needs --acl: the ACL says who may send as whom")
         self["smtpSettings"] = self._smtp_settings()
         self["httpSettings"] = self._http_settings()
         self["socksSettings"] = self._socks_settings()

@@ -1040,6 +1040,23 @@ class TransactionTests(ServerTestCase):
         self.assertReplies(client.send(b"MAIL FROM:<daniel@other.example>\r\n"), [b"553 5.7.1"])
         self.assertReplies(client.send(b"MAIL FROM:<daniel@Example.COM>\r\n"), [b"250 2.1.0"])
 
+    def test_sender_binding_needs_a_sender_grant(self) -> None:
+        """
+        "Authenticated users may use SMTP" (a broad rule with privileges "*") is
+        no licence to send as anyone: only rules under C{smtp/sender/DOMAIN}
+        naming C{send} bind senders; a domain-wide grant still works.
+        """
+        broad = aaa.parse_acl(
+            '[[acl."smtp"]]\nallow = true\nprivileges = ["*"]\nidentity.Authenticated = {}\n'
+            '[[acl."smtp/sender/*"]]\nallow = true\nprivileges = ["*"]\n'
+            "identity.Authenticated = {}\n"
+            '[[acl."smtp/sender/example.org"]]\nallow = true\nprivileges = ["send"]\n'
+            'identity.Individual = "daniel"\n'
+        )
+        client = self.authenticated(policy=broad, sender_binding=True)
+        self.assertReplies(client.send(b"MAIL FROM:<ceo@example.com>\r\n"), [b"553 5.7.1"])
+        self.assertReplies(client.send(b"MAIL FROM:<anyone@example.org>\r\n"), [b"250 2.1.0"])
+
     def test_sender_binding_off(self) -> None:
         acl = aaa.parse_acl("")
         client = self.authenticated(policy=acl)

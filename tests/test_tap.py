@@ -154,7 +154,12 @@ class OptionsTests(SynchronousTestCase):
         )
 
     def test_smtp_options(self):
+        acl = self.mktemp()
+        with open(acl, "w") as f:
+            f.write("")
+        self.assertUsage("--smtp-sender-binding needs --acl", "--smtp-sender-binding")
         options = self.parse(
+            "--acl", acl,
             "--smtp-hostname", "mx.test", "--smtp-max-size", "1000", "--smtp-max-recipients", "3",
             "--smtp-timeout", "9", "--smtp-mechanism", "CRAM-MD5=twisted.cred.credentials.CramMD5Credentials",
             "--smtp-mechanisms", "login,cram-md5", "--smtp-trusted-network", "10.0.0.0/8",

@@ -31,7 +31,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.aaa import IAccessPolicy
+from gateway.aaa import IAccessPolicy, written_grant
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.checkers.pipeline import Reject, TemporaryFailure
 from gateway.connections import Refused, authenticated, limit_connections
@@ -830,7 +830,10 @@ class SubmissionServer(smtp.ESMTP):
         if not sender or not local or "/" in sender:
             return False
         resource = f"smtp/sender/{domain.lower()}/{local}"
-        return self.factory.policy.query_resource_access(self.auth_info, resource, "send")
+        # Granted for the address or its domain, naming "send": a broad rule
+        # ("authenticated users may use smtp", privileges "*") is no licence
+        # to send as anyone.
+        return written_grant(self.factory.policy, self.auth_info, resource, "send", min_depth=3)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._refused():
