@@ -8,7 +8,12 @@ Connection bounds shared by every front door.
   C{socks}/C{socks-tls}): a second listener must not double the cap.
 - A cap on the connections one network prefix (IPv4 /24, IPv6 /48 by
   default) holds on all front doors together: one customer's network is one
-  client, whichever addresses and front doors it spreads over.
+  client, whichever addresses and front doors it spreads over. A network at
+  its cap does not lock its other addresses out: a new connection from a
+  peer under its own cap first closes the network's oldest unauthenticated
+  connection of the peer holding the most (L{Connections.evictee}), so a few
+  addresses holding idle connections cannot refuse their neighbours, and
+  only authenticated sessions can hold a network's cap against newcomers.
 - A share of the budget for connections that have not authenticated yet
   (and refusals lingering): half by default, and of that half, an equal part
   reserved for each front door. Unauthenticated clients cannot take the room
@@ -83,8 +88,12 @@ class ListenSettings:
     fd_reserve: int = 64
     #: Seconds a refusal waits for the client to read it and close.
     refusal_linger: float = 2.0
-    #: Connections one network prefix may hold on all front doors together.
-    max_per_prefix: int = 512
+    #: Connections one network prefix may hold on all front doors together:
+    #: several addresses at every front door's per-peer cap (SMTP 50 + HTTP
+    #: 128 + SOCKS 256 = 434 per address; 2048 is more than four of them,
+    #: sixteen at the HTTP cap), so that a busy NAT'd network is not refused
+    #: while one network still cannot take a large budget alone.
+    max_per_prefix: int = 2048
     #: The prefix lengths of a network for L{max_per_prefix}.
     ipv4_prefix: int = 24
     ipv6_prefix: int = 48
@@ -162,6 +171,11 @@ class Connections:
         self.prefixes: Counter[str] = Counter()
         #: Refusals lingering per network prefix.
         self.lingering_prefixes: Counter[str | None] = Counter()
+        #: Unauthenticated admissions per network prefix and peer key, oldest
+        #: first (the ones a newcomer of a full network may close).
+        self.pending: dict[str, dict[str | None, dict[Admission, None]]] = {}
+        #: Networks in an episode of evictions: the number closed so far.
+        self._evicting: dict[str, int] = {}
         self._sources: list[Callable[[], int]] = []
         self._doors: dict[str, PeerLimit] = {}
         #: Listeners behind a PROXY-protocol endpoint: the peer at accept is the proxy.
@@ -217,6 +231,57 @@ class Connections:
             if self.prefixes[prefix] <= 0:
                 del self.prefixes[prefix]
                 self._warned_prefixes.discard(prefix)
+            if prefix in self._evicting and self.prefixes[prefix] < self.settings.max_per_prefix / 2:
+                log.info(
+                    "network {prefix} is below its limit again: {closed} unauthenticated "
+                    "connections were closed to admit others",
+                    prefix=prefix, closed=self._evicting.pop(prefix),
+                )
+
+    def evictee(self, prefix: str | None, key: str | None) -> Admission | None:
+        """
+        The connection a newcomer from peer C{key} of the full network
+        C{prefix} may close to come in: the oldest unauthenticated connection
+        of the network's peer holding the most unauthenticated connections
+        (ties: the one holding the oldest), on any front door; None when that
+        peer holds no more of them than C{key} itself (the newcomer is the
+        greediest: it is refused) or the network holds only authenticated ones.
+        """
+        peers = self.pending.get(prefix) if prefix is not None else None
+        if not peers:
+            return None
+        greediest, held = None, 0
+        for candidate, waiting in peers.items():
+            oldest = next(iter(waiting))
+            if greediest is None or (len(waiting), -oldest.since) > (held, -greediest.since):
+                greediest, held = oldest, len(waiting)
+        if greediest is None or held <= len(peers.get(key, ())):
+            return None
+        return greediest
+
+    def evict(self, admission: Admission) -> None:
+        """
+        Close C{admission} (unauthenticated) to make room in its full network:
+        its place in the network's count is given up at once (its descriptors
+        when it ends). Logged once per network and episode (until the network
+        falls below half its cap).
+        """
+        prefix = admission.prefix
+        if prefix is None:
+            return
+        if prefix not in self._evicting:
+            self._evicting[prefix] = 0
+            log.warn(
+                "network {prefix} holds its limit of {limit} connections: closing its "
+                "oldest unauthenticated connections (of the address holding the most) "
+                "to admit new clients",
+                prefix=prefix, limit=self.settings.max_per_prefix,
+            )
+        self._evicting[prefix] += 1
+        admission.shed()
+        if not admission.released:  # released when it ends, but without its network
+            admission.prefix = None
+            self.release_prefix(prefix)
 
     def unauthenticated_room(self, door: str, weight: int, say: bool = True) -> bool:
         """
@@ -362,7 +427,9 @@ class PeerLimit:
         Why a new connection from C{peer} (an IP address, or None), counted
         under C{key} and network C{prefix}, is refused; or None: it may come
         in. A C{trusted} connection (an exempt network: None, look it up)
-        counts as authenticated from the start.
+        counts as authenticated from the start. When the network is at its
+        cap, an admitted connection first closes the one L{Connections.evictee}
+        names; with none to close it is refused.
         """
         if trusted is None:
             trusted = in_networks(peer, self.exempt)
@@ -374,12 +441,18 @@ class PeerLimit:
                     door=self.name, peer=key, count=self.counts[key],
                 )
             return Refused.PEER
-        if capped and not trusted and self.connections.prefix_full(prefix):
-            return Refused.PREFIX
+        evictee = None
+        if capped and not trusted and prefix is not None:
+            if self.connections.prefixes[prefix] >= self.connections.settings.max_per_prefix:
+                evictee = self.connections.evictee(prefix, key)
+                if evictee is None and self.connections.prefix_full(prefix):
+                    return Refused.PREFIX
         if not self.connections.has_room(self.weight):
             return Refused.BUSY
         if not trusted and not self.connections.unauthenticated_room(self.name, self.weight):
             return Refused.UNAUTHENTICATED
+        if evictee is not None:
+            self.connections.evict(evictee)
         return None
 
     def may_linger(self, key: str | None, prefix: str | None = None) -> bool:
@@ -422,6 +495,9 @@ class PeerLimit:
         else:
             self.connections.unauthenticated[self.name] += self.weight
             self.connections.waiting.setdefault(self.name, {})[admission] = None
+            if prefix is not None:
+                peers = self.connections.pending.setdefault(prefix, {})
+                peers.setdefault(key, {})[admission] = None
         return admission
 
     def release(
@@ -459,7 +535,18 @@ class Admission:
     transport: Any = None
 
     def _stop_waiting(self) -> None:
-        self.limit.connections.waiting.get(self.limit.name, {}).pop(self, None)
+        """It is no longer a candidate for stress mode nor for a network's eviction."""
+        connections = self.limit.connections
+        connections.waiting.get(self.limit.name, {}).pop(self, None)
+        peers = connections.pending.get(self.prefix) if self.prefix is not None else None
+        if peers is not None:
+            waiting = peers.get(self.key)
+            if waiting is not None:
+                waiting.pop(self, None)
+                if not waiting:
+                    del peers[self.key]
+                    if not peers:
+                        del connections.pending[self.prefix]
 
     def authenticate(self) -> None:
         """The connection has authenticated: it leaves the unauthenticated share."""
