@@ -231,7 +231,8 @@ class Connections:
             if self.prefixes[prefix] <= 0:
                 del self.prefixes[prefix]
                 self._warned_prefixes.discard(prefix)
-            if prefix in self._evicting and self.prefixes[prefix] < self.settings.max_per_prefix / 2:
+            below_half = self.prefixes[prefix] < self.settings.max_per_prefix / 2
+            if prefix in self._evicting and below_half:
                 log.info(
                     "network {prefix} is below its limit again: {closed} unauthenticated "
                     "connections were closed to admit others",

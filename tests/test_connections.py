@@ -14,6 +14,8 @@ import socket
 import ssl
 import types
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer, interfaces, protocol, reactor, task, threads
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.endpoints import serverFromString
@@ -433,6 +435,12 @@ class NetworkEvictionTests(SynchronousTestCase):
     """
 
     def setUp(self):
+        self.build()
+        self.events = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def build(self):
         self.clock = MemoryReactorClock()
         self.connections = Connections(
             ListenSettings(refusal_linger=0, max_per_prefix=8), budget=18000
@@ -445,9 +453,6 @@ class NetworkEvictionTests(SynchronousTestCase):
         )
         self.socks = LimitedFactory(Factory(), self.connections.door("socks", 4), self.clock,
                                     None, "socks")
-        self.events = []
-        globalLogPublisher.addObserver(self.events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
 
     def connect(self, factory, host):
         self.clock.advance(1)  # each connection younger than the one before
@@ -564,6 +569,49 @@ class NetworkEvictionTests(SynchronousTestCase):
         self.connect(self.smtp, "192.0.2.250")
         said = [e for e in self.events if "network" in e.get("log_format", "")]
         self.assertEqual(len(said), 3)  # a new episode
+
+    def test_ipv6_peers_of_one_48(self):
+        """IPv6: /64s are the peers, the /48 the network; another /48 is untouched."""
+        other = self.connect(self.smtp, "2001:db8:1::1")
+        held = [self.connect(self.http, f"2001:db8:0:{i}::1") for i in range(4) for _ in range(2)]
+        fresh, _ = self.connect(self.http, "2001:db8:0:99::1")
+        self.assertTrue(fresh.wrapped.made)
+        self.assertEqual([t.aborted for _, t in held].count(True), 1)
+        self.assertFalse(other[1].aborted)
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from("cal"), st.integers(0, 5), st.integers(0, 2)),
+                    max_size=60))
+    def test_counts_stay_consistent(self, steps):
+        """
+        Any mix of connects (c), authentications (a) and ends (l): the network
+        never holds more than its cap, and everything is released exactly once.
+        """
+        self.build()
+        doors = (self.smtp, self.http, self.socks)
+        live = []
+        for op, who, door in steps:
+            if op == "c":
+                proto, transport = self.connect(doors[door], f"192.0.2.{who}")
+                if proto is not None and hasattr(proto, "admission"):
+                    live.append((proto, transport))
+            elif live:
+                proto, transport = live[(who * 7 + door) % len(live)]
+                if op == "a":
+                    authenticated(transport)
+                else:
+                    live.remove((proto, transport))
+                    proto.connectionLost(Failure(protocol.connectionDone))
+            self.assertLessEqual(self.connections.prefixes.get("192.0.2.0/24", 0), 8)
+            for proto, transport in list(live):
+                if transport.aborted:  # evicted: it ends
+                    live.remove((proto, transport))
+                    proto.connectionLost(Failure(protocol.connectionDone))
+        for proto, _ in live:
+            proto.connectionLost(Failure(protocol.connectionDone))
+        self.assertEqual((self.connections.open, self.connections.unauthenticated,
+                          self.connections.prefixes, self.connections.pending),
+                         (0, {}, {}, {}))
 
     def test_defaults_leave_room_for_several_peers(self):
         """The default network cap is several times what one address may hold on all doors."""
