@@ -18,6 +18,7 @@ from typing import Any
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
+from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
@@ -304,3 +305,34 @@ class SecondReviewTests(SynchronousTestCase):
         for d in attempts[2:]:  # 2 in flight + 3 refusals counted: the pair's 5
             self.assertIsNone(self.failureResultOf(d, PoolFull).check(NetworkShareFull))
         self.failureResultOf(self.attempt("192.0.2.1", "carol"), Throttled)
+
+    def test_abandoned_in_a_slow_queue_judged_by_its_verdict(self):
+        """
+        Neighbour of finding 2: carol's client gives up while her
+        verification waits behind others' jobs. Her right password is not
+        counted against her (no lockout, she stays a known device); a wrong
+        password abandoned the same way is counted once its hash says so.
+        """
+        self.login("198.51.100.7", "carol")
+        self.flood_strangers()
+        for _ in range(2 * Throttle.max_failures):
+            d = self.attempt("198.51.100.7", "carol", "carolpw")
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            self.threads.release_all()
+        self.assertEqual(self.throttle.check("198.51.100.7", "carol"), 0)
+        self.assertTrue(self.throttle.is_known("198.51.100.7", "carol"))
+        guesses = [self.attempt("198.51.100.8", "carol") for _ in range(2)]
+        for d in guesses:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.throttle.failed("198.51.100.8", "carol", across_peers=False), 0.5)
+        self.threads.release_all()  # the hashes say "wrong": both counted now
+        self.assertEqual(self.throttle.failed("198.51.100.8", "carol", across_peers=False), 4)
+
+    def flood_strangers(self) -> None:
+        for n in range(20):
+            for i in range(1, 5):
+                for _ in range(2):
+                    d = self.attempt(f"10.{n}.0.{i}", f"user{n}-{i}")
+                    d.addErrback(lambda f: f.trap(UnauthorizedLogin, PoolFull, Throttled))

@@ -92,13 +92,55 @@ class NetworkShareFull(PoolFull):
         TemporaryFailure.__init__(self, "this network's share of the verification queue is full")
 
 
-#: The attempt whose checkers are running: (peer address, known device),
-#: set by L{ThrottlingChecker} around its checkers, read by L{HashPool.run}.
-#: The second part is C{None} for a stranger, and the (pair, account)
-#: counter keys for a known device (its places in the reserve are counted
-#: per pair and per account).
-current_attempt: contextvars.ContextVar[tuple[str | None, tuple[Any, Any] | None] | None] = (
-    contextvars.ContextVar("current_attempt", default=None)
+class Attempt:
+    """
+    A login whose checkers are running, as the hash pool sees it: whose it
+    is, and the verifications it has queued or running, so that an attempt
+    its client abandons is judged by its verdict (see L{ThrottlingChecker}).
+
+    @ivar peer: the client's address.
+    @ivar known: C{None} for a stranger; for a known device, the (pair,
+        account) counter keys its places in the reserve are counted under.
+    """
+
+    __slots__ = ("peer", "known", "running", "_wrong", "_waiters")
+
+    def __init__(self, peer: str | None, known: tuple[Any, Any] | None = None) -> None:
+        self.peer = peer
+        self.known = known
+        #: Verifications queued or running for it.
+        self.running = 0
+        self._wrong = False
+        self._waiters: list[defer.Deferred[bool]] = []
+
+    def started(self) -> None:
+        self.running += 1
+
+    def settled(self, result: Any) -> None:
+        """One of its verifications ended with C{result} (C{False}: a wrong password)."""
+        self.running -= 1
+        self._wrong = self._wrong or result is False
+        if self.running <= 0:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(self._wrong)
+
+    def wrong(self) -> defer.Deferred[bool]:
+        """
+        Fires when its verifications have ended: whether one found a wrong
+        password (an error, or a job dropped unrun, is not one).
+        """
+        if self.running <= 0:
+            return defer.succeed(self._wrong)
+        d: defer.Deferred[bool] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+#: The attempt whose checkers are running, set by L{ThrottlingChecker}
+#: around its checkers, read by L{HashPool.run}.
+current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
+    "current_attempt", default=None
 )
 
 
@@ -250,7 +292,7 @@ class HashPool(service.Service):
         if self._stopping:
             return defer.fail(ShuttingDown())
         attempt = current_attempt.get()
-        peer, known = attempt if attempt is not None else (None, None)
+        peer, known = (attempt.peer, attempt.known) if attempt is not None else (None, None)
         keys = network_keys(peer) if attempt is not None else ()
         lane = None
         if known is not None:
@@ -275,6 +317,8 @@ class HashPool(service.Service):
                 share.log_suppressed = self.full_log.admit(("share", keys[1]))
                 return defer.fail(share)
         self.pending += 1
+        if attempt is not None:
+            attempt.started()
         # A known-lane job is counted in its pair's and account's places
         # only: strangers of its network must not be refused for it.
         if lane is not None:
@@ -305,6 +349,8 @@ class HashPool(service.Service):
             elif keys:
                 _decrement(self._by_peer, keys[0])
                 _decrement(self._by_network, keys[1])
+            if attempt is not None:
+                attempt.settled(result)
             if not outcome.called:
                 outcome.callback(result)  # a Failure errbacks
 
@@ -792,6 +838,7 @@ class ThrottlingChecker:
             return defer.fail(e)
         # Held until the answer: waiting attempts count against the peer too.
         self.throttle.reserve(peer, user)
+        attempt = Attempt(peer)
 
         def succeeded(result: Any) -> Any:
             self.throttle.release(peer, user)
@@ -800,6 +847,18 @@ class ThrottlingChecker:
 
         def failed(reason: Failure) -> Any:
             self.throttle.release(peer, user)
+            if reason.check(defer.CancelledError) and attempt.running:
+                # Abandoned while its verification waited in the hash queue
+                # (perhaps behind others' load) or ran: the verdict decides.
+                # A wrong password is charged to its peer and pair when the
+                # hash says so; the right one (its client gave up waiting)
+                # is not: a slow queue is others' doing.
+                def judged(wrong: bool) -> None:
+                    if wrong:
+                        self.throttle.failed(peer, user, across_peers=False)
+
+                attempt.wrong().addCallback(judged)
+                return reason
             if reason.check(defer.CancelledError, PeerShareFull):
                 # The client left (or a front door's timer ended it) while the
                 # attempt waited or was checked: without counting it, hanging
@@ -819,7 +878,8 @@ class ThrottlingChecker:
 
         def check() -> defer.Deferred[Any]:
             # The hash pool gives each peer a share, and known devices a reserve.
-            token = current_attempt.set((peer, self.throttle.known_keys(peer, user)))
+            attempt.known = self.throttle.known_keys(peer, user)
+            token = current_attempt.set(attempt)
             try:
                 return defer.maybeDeferred(self.checker.requestAvatarId, credentials)
             finally:
