@@ -252,7 +252,10 @@ class SecondReviewTests(SynchronousTestCase):
         self.failureResultOf(attempts[2], PoolFull)
 
     def test_one_known_lane_place_per_pair(self):
-        """Concurrent guesses from one known device: one takes the known lane, the rest are a stranger's."""
+        """
+        Concurrent guesses from one known device: one takes the known lane,
+        the rest are a stranger's.
+        """
         self.login("192.0.2.1", "mallory")
         self.guess(["192.0.2.1"], n=4)
         self.assertEqual(self.pool.pending, 3)
@@ -288,7 +291,10 @@ class SecondReviewTests(SynchronousTestCase):
         self.assertEqual(self.login("192.0.2.250", "carol"), "carol")
 
     def test_network_share_refusals_are_not_charged(self):
-        """Strangers only: the network's share refuses a neighbour without counting against her pair or peer."""
+        """
+        Strangers only: the network's share refuses a neighbour without
+        counting against her pair or peer.
+        """
         for i in range(1, 30):
             for _ in range(Throttle.max_peer_failures):
                 d = self.attempt(f"192.0.2.{i}", f"user{i}")
