@@ -18,11 +18,13 @@ from typing import Any
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
+from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
 from gateway.checkers.pipeline import (
     HashPool,
+    NetworkShareFull,
     PoolFull,
     Throttle,
     Throttled,
@@ -30,7 +32,7 @@ from gateway.checkers.pipeline import (
     Verifier,
 )
 
-PASSWORDS = {"alice": "wonderland"}
+PASSWORDS = {"alice": "wonderland", "mallory": "mallorypw", "carol": "carolpw"}
 
 
 class HeldThreads:
@@ -158,3 +160,185 @@ class HashShareTests(SynchronousTestCase):
         self.failureResultOf(self.pool.run(lambda: True), PoolFull)
         self.threads.release_all()
         self.assertEqual([self.successResultOf(d) for d in results], [True] * 48)
+
+
+class SecondReviewTests(SynchronousTestCase):
+    """
+    The second adversarial review of the core: one ordinary account used from
+    many addresses held the whole queue through the known-device lane
+    (finding 1), and a neighbour in the same /24 locked a user out because
+    refusals caused by the network's share were charged to her pair
+    (finding 2). Scaled-down versions of the reviewer's fill_known.py and
+    fill_net.py.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.threads = HeldThreads()
+        self.pool = HashPool(self.clock, max_pending=64, threadpool=self.threads)
+        # The reviewer ran with a short --cache-ttl: the right password is re-hashed.
+        self.verifier = Verifier(
+            lambda password, stored: password == stored, self.pool, self.clock, ttl=0
+        )
+        self.throttle = Throttle(self.clock)
+        self.checker = ThrottlingChecker(HashingChecker(self.verifier), self.throttle)
+        self.serial = 0
+
+    def attempt(self, peer: str, user: str, password: str = "") -> Any:
+        self.serial += 1
+        return self.checker.requestAvatarId(
+            testing.http_basic(user, password or f"wrong-{self.serial}", peer=peer)
+        )
+
+    def login(self, peer: str, user: str) -> Any:
+        d = self.attempt(peer, user, PASSWORDS[user])
+        self.threads.release_all()
+        return self.successResultOf(d)
+
+    def guess(self, peers: list[str], n: int = 4) -> list[Any]:
+        """Each peer sends C{n} concurrent wrong passwords for mallory (its own account)."""
+        out = []
+        for peer in peers:
+            for _ in range(n):
+                d = self.attempt(peer, "mallory")
+                d.addErrback(lambda f: f.trap(UnauthorizedLogin, PoolFull, Throttled))
+                out.append(d)
+        return out
+
+    def settle(self) -> None:
+        """The attack stops: the queue drains and every failure delay ends."""
+        self.threads.release_all()
+        self.clock.advance(Throttle.max_delay)
+
+    def test_one_account_does_not_hold_the_queue(self):
+        """
+        fill_known.py: mallory's account from 64 addresses (2 networks), each
+        a known device, 4 concurrent wrong passwords each, then the right
+        one, over and over. A new device (carol) and a returning user (alice)
+        still get a place, every round; mallory holds at most a quarter of
+        the reserve.
+        """
+        self.login("198.51.100.7", "alice")
+        peers = [f"10.0.{1 + i // 40}.{10 + i % 40}" for i in range(64)]
+        for peer in peers:
+            self.login(peer, "mallory")
+        for _ in range(3):
+            self.guess(peers)
+            new = self.attempt("203.0.113.5", "carol", "carolpw")
+            known = self.attempt("198.51.100.7", "alice", "wonderland")
+            self.assertNoResult(new)  # not refused: it has a place
+            # mallory: 4 known-lane places (a quarter of the reserve), 8 strangers' per network
+            self.assertLessEqual(self.pool.pending, 4 + 2 * 8 + 2)
+            self.assertLessEqual(max(self.pool._known_by_account.values()), 4)
+            self.threads.release_all()
+            self.assertEqual(self.successResultOf(new), "carol")
+            self.assertEqual(self.successResultOf(known), "alice")
+            self.clock.advance(Throttle.max_delay)
+            for peer in peers:  # the right password: known again, but the peer keeps its count
+                d = self.attempt(peer, "mallory", "mallorypw")
+                d.addErrback(lambda f: f.trap(Throttled))
+            self.threads.release_all()
+
+    def test_known_device_loses_the_reserve_at_its_first_failure(self):
+        """A known device's wrong password makes it a stranger: held to the shares again."""
+        self.login("192.0.2.1", "mallory")
+        first = self.attempt("192.0.2.1", "mallory")
+        self.threads.release_all()
+        self.clock.advance(Throttle.max_delay)
+        self.failureResultOf(first, UnauthorizedLogin)
+        self.assertFalse(self.throttle.is_known("192.0.2.1", "mallory"))
+        attempts = [self.attempt("192.0.2.1", "mallory") for _ in range(3)]
+        self.assertEqual(self.pool._by_peer["192.0.2.1"], 2)  # --hash-queue-per-peer 2
+        self.failureResultOf(attempts[2], PoolFull)
+
+    def test_one_known_lane_place_per_pair(self):
+        """
+        Concurrent guesses from one known device: one takes the known lane,
+        the rest are a stranger's.
+        """
+        self.login("192.0.2.1", "mallory")
+        self.guess(["192.0.2.1"], n=4)
+        self.assertEqual(self.pool.pending, 3)
+        self.assertEqual(self.pool._by_peer["192.0.2.1"], 2)
+        self.assertEqual(list(self.pool._known_by_pair.values()), [1])
+
+    def test_known_lane_not_in_the_network_share(self):
+        """A known device's verification is not counted against strangers of its network."""
+        for i in range(1, 5):
+            self.login(f"192.0.2.{i}", "mallory")
+        for i in range(1, 5):
+            self.attempt(f"192.0.2.{i}", "mallory")
+        self.assertEqual(self.pool.pending, 4)
+        self.assertEqual(dict(self.pool._by_network), {})
+
+    def test_neighbour_does_not_lock_carol_out(self):
+        """
+        fill_net.py: known devices of mallory and strangers in 192.0.2.0/24
+        keep the network's share full. carol, from a clean address of the
+        same /24, is refused for now (the network's load, not hers), but
+        nothing is counted against her: no 429 while it lasts, and the right
+        password gets in once the attack stops.
+        """
+        peers = [f"192.0.2.{10 + i}" for i in range(12)]
+        for peer in peers:
+            self.login(peer, "mallory")
+        self.guess(peers)
+        for _ in range(2 * Throttle.max_failures):
+            self.failureResultOf(self.attempt("192.0.2.250", "carol", "carolpw"), NetworkShareFull)
+        self.assertEqual(self.throttle.check("192.0.2.250", "carol"), 0)
+        self.assertEqual(self.pool._by_network["192.0.2.0/24"], 8)  # strangers' jobs only
+        self.settle()
+        self.assertEqual(self.login("192.0.2.250", "carol"), "carol")
+
+    def test_network_share_refusals_are_not_charged(self):
+        """
+        Strangers only: the network's share refuses a neighbour without
+        counting against her pair or peer.
+        """
+        for i in range(1, 30):
+            for _ in range(Throttle.max_peer_failures):
+                d = self.attempt(f"192.0.2.{i}", f"user{i}")
+                d.addErrback(lambda f: f.trap(UnauthorizedLogin, PoolFull, Throttled))
+        self.assertEqual(self.pool._by_network["192.0.2.0/24"], 8)
+        for _ in range(Throttle.max_peer_failures + 1):
+            self.failureResultOf(self.attempt("192.0.2.250", "carol", "carolpw"), NetworkShareFull)
+        self.settle()
+        self.assertEqual(self.login("192.0.2.250", "carol"), "carol")
+
+    def test_own_share_still_charged(self):
+        """A peer over its own share still pays, to its peer and pair (no free retries)."""
+        attempts = [self.attempt("192.0.2.1", "carol") for _ in range(Throttle.max_failures)]
+        for d in attempts[2:]:  # 2 in flight + 3 refusals counted: the pair's 5
+            self.assertIsNone(self.failureResultOf(d, PoolFull).check(NetworkShareFull))
+        self.failureResultOf(self.attempt("192.0.2.1", "carol"), Throttled)
+
+    def test_abandoned_in_a_slow_queue_judged_by_its_verdict(self):
+        """
+        Neighbour of finding 2: carol's client gives up while her
+        verification waits behind others' jobs. Her right password is not
+        counted against her (no lockout, she stays a known device); a wrong
+        password abandoned the same way is counted once its hash says so.
+        """
+        self.login("198.51.100.7", "carol")
+        self.flood_strangers()
+        for _ in range(2 * Throttle.max_failures):
+            d = self.attempt("198.51.100.7", "carol", "carolpw")
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            self.threads.release_all()
+        self.assertEqual(self.throttle.check("198.51.100.7", "carol"), 0)
+        self.assertTrue(self.throttle.is_known("198.51.100.7", "carol"))
+        guesses = [self.attempt("198.51.100.8", "carol") for _ in range(2)]
+        for d in guesses:
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.throttle.failed("198.51.100.8", "carol", across_peers=False), 0.5)
+        self.threads.release_all()  # the hashes say "wrong": both counted now
+        self.assertEqual(self.throttle.failed("198.51.100.8", "carol", across_peers=False), 4)
+
+    def flood_strangers(self) -> None:
+        for n in range(20):
+            for i in range(1, 5):
+                for _ in range(2):
+                    d = self.attempt(f"10.{n}.0.{i}", f"user{n}-{i}")
+                    d.addErrback(lambda f: f.trap(UnauthorizedLogin, PoolFull, Throttled))

@@ -358,17 +358,46 @@ class ThrottleTests(SynchronousTestCase):
         self.assertEqual(delays, [0.5, 1, 2, 4, 8, 15, 15, 15])
 
     def test_success_forgives_own_pair_only(self):
-        """The user's own mistakes leave the peer's count too; guesses at others stay."""
+        """
+        A success forgives its own pair; the peer's count keeps every failure
+        (core review 2 finding 1: forgiving it let wrong x4 + right cycle).
+        """
         for _ in range(2):
             self.throttle.failed("192.0.2.1", "daniel")
             self.throttle.failed("192.0.2.1", "bob")
         self.throttle.failed("192.0.2.1", "bob")
         self.assertRaises(Throttled, self.throttle.check, "192.0.2.1", "carol")  # peer 5 of 5
         self.throttle.succeeded("192.0.2.1", "DANIEL")
-        self.throttle.check("192.0.2.1", "carol")  # peer back to 3
-        self.assertRaises(Throttled, self.throttle.check, "192.0.2.1", "bob")
-        self.throttle.succeeded("192.0.2.1", "mallory")  # an attacker's own account
-        self.assertRaises(Throttled, self.throttle.check, "192.0.2.1", "bob")
+        self.assertRaises(Throttled, self.throttle.check, "192.0.2.1", "carol")  # peer still 5
+        self.clock.advance(61)
+        self.throttle.check("192.0.2.1", "carol")
+        self.throttle.check("192.0.2.1", "daniel")
+
+    def test_success_keeps_peer_count(self):
+        """wrong x4 + right from an account of one's own does not cycle: the peer is refused."""
+        throttle = Throttle(self.clock, max_failures=5, max_peer_failures=10)
+        refused = 0
+        for _ in range(5):
+            try:
+                for _ in range(4):
+                    throttle.check("192.0.2.1", "mallory")
+                    throttle.failed("192.0.2.1", "mallory")
+                throttle.check("192.0.2.1", "mallory")
+                throttle.succeeded("192.0.2.1", "mallory")
+            except Throttled:
+                refused += 1
+        self.assertEqual(refused, 3)
+
+    def test_failure_ends_known_device(self):
+        """A known device's first failure makes it a stranger until its next success."""
+        self.throttle.succeeded("192.0.2.1", "daniel")
+        self.assertTrue(self.throttle.is_known("192.0.2.1", "daniel"))
+        self.assertIsNotNone(self.throttle.known_keys("192.0.2.1", "daniel"))
+        self.throttle.failed("192.0.2.1", "daniel", across_peers=False)
+        self.assertFalse(self.throttle.is_known("192.0.2.1", "daniel"))
+        self.assertIsNone(self.throttle.known_keys("192.0.2.1", "daniel"))
+        self.throttle.succeeded("192.0.2.1", "daniel")
+        self.assertTrue(self.throttle.is_known("192.0.2.1", "daniel"))
 
     def test_success_keeps_user_count(self):
         """The real user logging in does not reset the ceiling for the guessers."""

@@ -72,17 +72,74 @@ class PoolFull(TemporaryFailure):
 
 class PeerShareFull(PoolFull):
     """
-    This peer (IPv6 /64) or its network (IPv4 /24, IPv6 /48) already has its
-    share of the hash queue: counted against the peer, as a failure would be.
+    This peer (IPv4 address, IPv6 /64) already has its share of the hash
+    queue: its own doing, so counted against the peer and pair, as a failure
+    would be.
     """
 
     def __init__(self) -> None:
         TemporaryFailure.__init__(self, "this address's share of the verification queue is full")
 
 
-#: The attempt whose checkers are running: (peer address, known device),
-#: set by L{ThrottlingChecker} around its checkers, read by L{HashPool.run}.
-current_attempt: contextvars.ContextVar[tuple[str | None, bool] | None] = contextvars.ContextVar(
+class NetworkShareFull(PoolFull):
+    """
+    This peer's network (IPv4 /24, IPv6 /48) already has its share of the
+    hash queue. Other addresses' load, not this peer's: never counted
+    against the peer or its pair (a neighbour must not lock a user out).
+    """
+
+    def __init__(self) -> None:
+        TemporaryFailure.__init__(self, "this network's share of the verification queue is full")
+
+
+class Attempt:
+    """
+    A login whose checkers are running, as the hash pool sees it: whose it
+    is, and the verifications it has queued or running, so that an attempt
+    its client abandons is judged by its verdict (see L{ThrottlingChecker}).
+
+    @ivar peer: the client's address.
+    @ivar known: C{None} for a stranger; for a known device, the (pair,
+        account) counter keys its places in the reserve are counted under.
+    """
+
+    __slots__ = ("peer", "known", "running", "_wrong", "_waiters")
+
+    def __init__(self, peer: str | None, known: tuple[Any, Any] | None = None) -> None:
+        self.peer = peer
+        self.known = known
+        #: Verifications queued or running for it.
+        self.running = 0
+        self._wrong = False
+        self._waiters: list[defer.Deferred[bool]] = []
+
+    def started(self) -> None:
+        self.running += 1
+
+    def settled(self, result: Any) -> None:
+        """One of its verifications ended with C{result} (C{False}: a wrong password)."""
+        self.running -= 1
+        self._wrong = self._wrong or result is False
+        if self.running <= 0:
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(self._wrong)
+
+    def wrong(self) -> defer.Deferred[bool]:
+        """
+        Fires when its verifications have ended: whether one found a wrong
+        password (an error, or a job dropped unrun, is not one).
+        """
+        if self.running <= 0:
+            return defer.succeed(self._wrong)
+        d: defer.Deferred[bool] = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+#: The attempt whose checkers are running, set by L{ThrottlingChecker}
+#: around its checkers, read by L{HashPool.run}.
+current_attempt: contextvars.ContextVar[Attempt | None] = contextvars.ContextVar(
     "current_attempt", default=None
 )
 
@@ -150,8 +207,15 @@ class HashPool(service.Service):
         /48): many addresses of one network are still one share.
     @param known_reserve: slots only known devices (a peer with a recent
         success for the user it names) may take: returning users are served
-        while strangers fill the rest. Known devices are not held to the
-        peer and network shares (an MTA fleet behind one address).
+        while strangers fill the rest. A known device's verification takes
+        the I{known lane} (the whole queue, not held to the peer and network
+        shares, nor counted in them) only while its (user, peer) pair has no
+        other one there and its account has fewer than C{known_per_account}
+        there: one account (an attacker's own, used from many addresses)
+        cannot hold the reserve. Past that it is a stranger's. The right
+        password needs no second place: identical checks share one
+        verification and successes are cached (an MTA fleet behind one
+        address).
 
     The shares apply to verifications started by a L{ThrottlingChecker}
     (which says whose they are, see L{current_attempt}); others (a checker
@@ -183,12 +247,17 @@ class HashPool(service.Service):
         self.reactor = reactor
         self.max_pending = max_pending
         self.known_reserve = min(known_reserve, max_pending // 4)
+        #: Known-lane places one account may hold at once: a quarter of the reserve.
+        self.known_per_account = max(1, self.known_reserve // 4)
         self.max_pending_per_peer = max_pending_per_peer
         self.max_pending_per_network = max(max_pending_per_network, max_pending_per_peer)
         self.pending = 0
         #: Verifications queued or running per peer key and per network key.
         self._by_peer: Counter[str] = Counter()
         self._by_network: Counter[str] = Counter()
+        #: Known-lane verifications per (user, peer) pair and per account.
+        self._known_by_pair: Counter[Any] = Counter()
+        self._known_by_account: Counter[Any] = Counter()
         self._own = threadpool is None
         self._stopping = False
         if threadpool is None:
@@ -216,28 +285,46 @@ class HashPool(service.Service):
     def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
         """
         Run C{f(*args)} in a hash thread, or fail at once with L{PoolFull}
-        (the queue, or its part for strangers, is full) or L{PeerShareFull}
-        (the attempt's peer or network has its share already).
+        (the queue, or its part for strangers, is full), L{PeerShareFull}
+        (the attempt's peer has its share already) or L{NetworkShareFull}
+        (its network has).
         """
         if self._stopping:
             return defer.fail(ShuttingDown())
         attempt = current_attempt.get()
-        peer, known = attempt if attempt is not None else (None, False)
+        peer, known = (attempt.peer, attempt.known) if attempt is not None else (None, None)
         keys = network_keys(peer) if attempt is not None else ()
-        limit = self.max_pending if known else self.max_pending - self.known_reserve
+        lane = None
+        if known is not None:
+            pair, account = known
+            if (
+                not self._known_by_pair[pair]
+                and self._known_by_account[account] < self.known_per_account
+            ):
+                lane = known
+        limit = self.max_pending if lane else self.max_pending - self.known_reserve
         if self.pending >= limit:
             full = PoolFull()
             full.log_suppressed = self.full_log.admit("full")
             return defer.fail(full)
-        if keys and not known and (
-            self._by_peer[keys[0]] >= self.max_pending_per_peer
-            or self._by_network[keys[1]] >= self.max_pending_per_network
-        ):
-            share = PeerShareFull()
-            share.log_suppressed = self.full_log.admit(("share", keys[1]))
-            return defer.fail(share)
+        if keys and lane is None:
+            share: PoolFull | None = None
+            if self._by_peer[keys[0]] >= self.max_pending_per_peer:
+                share = PeerShareFull()
+            elif self._by_network[keys[1]] >= self.max_pending_per_network:
+                share = NetworkShareFull()
+            if share is not None:
+                share.log_suppressed = self.full_log.admit(("share", keys[1]))
+                return defer.fail(share)
         self.pending += 1
-        if keys:
+        if attempt is not None:
+            attempt.started()
+        # A known-lane job is counted in its pair's and account's places
+        # only: strangers of its network must not be refused for it.
+        if lane is not None:
+            self._known_by_pair[lane[0]] += 1
+            self._known_by_account[lane[1]] += 1
+        elif keys:
             self._by_peer[keys[0]] += 1
             self._by_network[keys[1]] += 1
         cancelled: list[Any] = []
@@ -256,9 +343,14 @@ class HashPool(service.Service):
 
         def done(result: Any) -> None:
             self.pending -= 1
-            if keys:
+            if lane is not None:
+                _decrement(self._known_by_pair, lane[0])
+                _decrement(self._known_by_account, lane[1])
+            elif keys:
                 _decrement(self._by_peer, keys[0])
                 _decrement(self._by_network, keys[1])
+            if attempt is not None:
+                attempt.settled(result)
             if not outcome.called:
                 outcome.callback(result)  # a Failure errbacks
 
@@ -291,7 +383,7 @@ class HashPool(service.Service):
             self.loader.stop()
 
 
-def _decrement(counter: Counter[str], key: str) -> None:
+def _decrement(counter: Counter[Any], key: Any) -> None:
     counter[key] -= 1
     if counter[key] <= 0:
         del counter[key]
@@ -498,8 +590,11 @@ class Throttle:
 
     Each failure is answered after a delay that starts at C{delay} and
     doubles with every failure counted for its peer or pair, up to
-    C{max_delay} (as Dovecot does). A success clears its pair's failures,
-    also from its peer's count (they were that user's own mistakes). At most
+    C{max_delay} (as Dovecot does). A success clears its pair's failures
+    but not its peer's count (else wrong x4 + right from an account the
+    guesser owns would cycle forever), and makes the peer a known device of
+    the user until C{known_for} seconds pass or the pair's next failure (a
+    wrong password from a known device is no longer one's). At most
     C{max_keys} counters and known devices are remembered each; the least
     recently used go first. The counters keep user names only as keyed
     digests.
@@ -552,7 +647,7 @@ class Throttle:
         self.max_user_delay = max_user_delay
         self.max_keys = max_keys
         self._limits = {"peer": max_peer_failures, "pair": max_failures}
-        #: Failure times per key; a peer's entries are (time, pair key).
+        #: Failure times per key.
         self._windows: OrderedDict[_Key, deque[Any]] = OrderedDict()
         self._inflight: dict[_Key, int] = {}
         #: Pair key -> when it stops being a known device.
@@ -583,19 +678,11 @@ class Throttle:
         if failures is None:
             return deque()
         cutoff = now - self.window
-        if key[0] == "peer":
-            while failures and failures[0][0] <= cutoff:
-                failures.popleft()
-        else:
-            while failures and failures[0] <= cutoff:
-                failures.popleft()
+        while failures and failures[0] <= cutoff:
+            failures.popleft()
         if not failures:
             del self._windows[key]
         return failures
-
-    @staticmethod
-    def _time(entry: Any) -> float:
-        return entry[0] if isinstance(entry, tuple) else entry
 
     def check(self, peer: str | None, user: str | None) -> float:
         """
@@ -617,7 +704,7 @@ class Throttle:
                 if excess >= 0 and self.delay and not self._is_known(keys, now):
                     wait = min(self.delay * 2 ** excess, self.max_delay, self.max_user_delay)
             elif len(failures) >= limit:
-                retry = max(retry, self._time(failures[0]) + self.window - now)
+                retry = max(retry, failures[0] + self.window - now)
             elif len(failures) + self._inflight.get(key, 0) >= limit:
                 retry = max(retry, 1.0)  # until one of the attempts in flight ends
         if retry > 0:
@@ -629,6 +716,18 @@ class Throttle:
     def is_known(self, peer: str | None, user: str | None) -> bool:
         """Whether C{peer} logged in as C{user} within C{known_for} seconds (a known device)."""
         return self._is_known(self.keys_for(peer, user), self.clock.seconds())
+
+    def known_keys(self, peer: str | None, user: str | None) -> tuple[_Key, _Key] | None:
+        """
+        For a known device, the (pair, account) keys its verifications are
+        counted under in the hash queue's reserve; C{None} for a stranger.
+        """
+        keys = self.keys_for(peer, user)
+        if not self._is_known(keys, self.clock.seconds()):
+            return None
+        pair = next(key for key in keys if key[0] == "pair")
+        account = next(key for key in keys if key[0] == "user")
+        return pair, account
 
     def _is_known(self, keys: tuple[_Key, ...], now: float) -> bool:
         for key in keys:
@@ -662,7 +761,6 @@ class Throttle:
         """
         now = self.clock.seconds()
         keys = self.keys_for(peer, user)
-        pair = next((key for key in keys if key[0] == "pair"), None)
         counted = 0
         for key in keys:
             if key[0] == "user" and not across_peers:
@@ -671,8 +769,13 @@ class Throttle:
             if key not in self._windows:
                 size = self._limits.get(key[0], self.max_user_failures + 32)
                 failures = self._windows[key] = deque(maxlen=size)
-            failures.append((now, pair) if key[0] == "peer" else now)
+            failures.append(now)
             self._windows.move_to_end(key)
+            if key[0] == "pair":
+                # A failure ends known-device status until the next success:
+                # a pair that knew the password once does not keep the
+                # reserve (and the skipped shares) for guessing.
+                self._known.pop(key, None)
             if key[0] != "user":  # the user's ceiling delays before the check instead
                 counted = max(counted, len(failures))
         while len(self._windows) > self.max_keys:
@@ -683,24 +786,17 @@ class Throttle:
 
     def succeeded(self, peer: str | None, user: str | None) -> None:
         """
-        A correct password: the pair's failures are forgiven (in the peer's
-        count too) and the peer becomes a known device of the user. The
-        user's count stays: it is what slows a distributed guesser down.
+        A correct password: the pair's failures are forgiven and the peer
+        becomes a known device of the user. The peer's count stays (a success
+        costs no hashing when cached: forgiving the peer would let a guesser
+        with an account of its own cycle wrong x4 + right forever), and so
+        does the user's (it is what slows a distributed guesser down).
         """
         keys = self.keys_for(peer, user)
         pair = next((key for key in keys if key[0] == "pair"), None)
         if pair is None:
             return
         self._windows.pop(pair, None)
-        for key in keys:
-            failures = self._windows.get(key)
-            if key[0] == "peer" and failures is not None:
-                kept = [entry for entry in failures if entry[1] != pair]
-                if len(kept) != len(failures):
-                    failures.clear()
-                    failures.extend(kept)
-                    if not failures:
-                        del self._windows[key]
         self._known[pair] = self.clock.seconds() + self.known_for
         self._known.move_to_end(pair)
         while len(self._known) > self.max_keys:
@@ -742,6 +838,7 @@ class ThrottlingChecker:
             return defer.fail(e)
         # Held until the answer: waiting attempts count against the peer too.
         self.throttle.reserve(peer, user)
+        attempt = Attempt(peer)
 
         def succeeded(result: Any) -> Any:
             self.throttle.release(peer, user)
@@ -750,11 +847,26 @@ class ThrottlingChecker:
 
         def failed(reason: Failure) -> Any:
             self.throttle.release(peer, user)
+            if reason.check(defer.CancelledError) and attempt.running:
+                # Abandoned while its verification waited in the hash queue
+                # (perhaps behind others' load) or ran: the verdict decides.
+                # A wrong password is charged to its peer and pair when the
+                # hash says so; the right one (its client gave up waiting)
+                # is not: a slow queue is others' doing.
+                def judged(wrong: bool) -> None:
+                    if wrong:
+                        self.throttle.failed(peer, user, across_peers=False)
+
+                attempt.wrong().addCallback(judged)
+                return reason
             if reason.check(defer.CancelledError, PeerShareFull):
                 # The client left (or a front door's timer ended it) while the
                 # attempt waited or was checked: without counting it, hanging
-                # up would be a free retry; a peer over its share of the hash
-                # queue would retry at will. Its peer and pair pay, not the user.
+                # up would be a free retry; a peer over its own share of the
+                # hash queue would retry at will. Its peer and pair pay, not
+                # the user. A refusal caused by others' load (its network's
+                # share, a full queue: NetworkShareFull, PoolFull) is never
+                # counted: a neighbour must not lock a user out.
                 self.throttle.failed(peer, user, across_peers=False)
                 return reason
             if not reason.check(UnauthorizedLogin):
@@ -766,7 +878,8 @@ class ThrottlingChecker:
 
         def check() -> defer.Deferred[Any]:
             # The hash pool gives each peer a share, and known devices a reserve.
-            token = current_attempt.set((peer, self.throttle.is_known(peer, user)))
+            attempt.known = self.throttle.known_keys(peer, user)
+            token = current_attempt.set(attempt)
             try:
                 return defer.maybeDeferred(self.checker.requestAvatarId, credentials)
             finally:
