@@ -419,7 +419,7 @@ class ForwardAuthTests(GuardTestCase):
     def test_denied(self):
         r = self.request(path=b"/auth", authorization=basic("daniel", "tiger"), headers=[
             (b"X-Forwarded-Method", b"POST"), (b"X-Forwarded-Proto", b"https"),
-            (b"X-Forwarded-Host", b"app.test"), (b"X-Forwarded-Uri", b"/admin/../admin/?q"),
+            (b"X-Forwarded-Host", b"app.test"), (b"X-Forwarded-Uri", b"/admin/?q"),
             *CLIENT])
         self.assertEqual(r.code, 403)
         self.assertEqual(r.one("Cache-Control"), "no-store")

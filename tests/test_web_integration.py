@@ -484,9 +484,17 @@ class NginxForwardAuthTests(NginxMixin, TestCase):
         root = yield threads.deferToThread(curl, "-u", "daniel:tiger", self.url("/"))
         other = yield threads.deferToThread(curl, "-u", "jürgen:pässwörd".encode(),
                                             self.url("/secret"))
+        # The second review's bypass: the ACL checked a resolved /public while
+        # nginx sent /secret/../public to the upstream as written.
+        for raw in ("/secret/../public", "/secret/%2e%2e/public", "/secret//public"):
+            sneaked = yield threads.deferToThread(curl, "--path-as-is", "-u", "daniel:tiger",
+                                                  self.url(raw))
+            self.assertEqual(sneaked.status, 500, raw)
+        # nginx forwards /public/../secret as written: /auth refuses it (400,
+        # which nginx answers with 500) rather than checking a resolved path.
         self.assertEqual(
             [r.status for r in (secret, below, dotted, root, other)],
-            [403, 403, 403, 200, 200],
+            [403, 403, 500, 200, 200],
             (secret, below, dotted, root, other),
         )
         self.assertEqual([s["path"] for s in self.upstream.seen], ["/", "/secret"])

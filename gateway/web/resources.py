@@ -117,11 +117,16 @@ def check_segment(segment: str, case_sensitive: bool = False) -> None:
         raise BadTarget("a character in the path that a case mapping makes an ASCII letter")
 
 
-def parse_target(target: bytes, case_sensitive: bool = False) -> Target:
+def parse_target(target: bytes, case_sensitive: bool = False, literal: bool = False) -> Target:
     """
     An origin-form target (C{/path?query}), its dot segments resolved, each
     segment acceptable to L{check_segment}.
 
+    @param literal: the path is forwarded by someone else exactly as written
+        (forward-auth: nginx's C{proxy_pass} sends C{$request_uri} as the
+        client wrote it), so nothing may be resolved: a C{.} or C{..} segment,
+        plain or percent-encoded, or an empty one inside the path is refused
+        (C{/admin/../app} would be checked as C{/app} and reach C{/admin}).
     @raise BadTarget: not origin form, a fragment, or an ambiguous path
         (an encoded separator, a path parameter, bytes that are not UTF-8,
         a segment L{check_segment} refuses).
@@ -135,11 +140,14 @@ def parse_target(target: bytes, case_sensitive: bool = False) -> Target:
         raise BadTarget("an encoded '/' or '\\', or a ';' in the path")
     raw: list[bytes] = []
     segments: list[str] = []
-    for part in path.split(b"/")[1:]:
+    parts = path.split(b"/")[1:]
+    for index, part in enumerate(parts):
         try:
             decoded = urllib.parse.unquote_to_bytes(part).decode("utf-8")
         except UnicodeDecodeError:  # "%ff" and "%fe" would both read as U+FFFD
             raise BadTarget("a path that is not UTF-8 once percent-decoded") from None
+        if literal and (decoded in (".", "..") or (not decoded and index < len(parts) - 1)):
+            raise BadTarget("a '.', '..' or empty segment in a path forwarded as written")
         if decoded in ("", "."):
             continue
         if decoded == "..":
@@ -187,7 +195,7 @@ def parse_original_url(url: bytes, case_sensitive: bool = False) -> tuple[str, T
         host, _ = split_authority(authority)
     except BadHost as e:
         raise BadTarget(f"URL host: {e}") from None
-    return host, parse_target(origin, case_sensitive)
+    return host, parse_target(origin, case_sensitive, literal=True)
 
 
 def forwarded_host(value: bytes | None) -> str:
@@ -500,7 +508,7 @@ class ForwardAuth(_Leaf):
         method = cls._method(request, b"x-forwarded-method")
         host = forwarded_host(cls._required(request, b"x-forwarded-host"))
         uri = cls._required(request, b"x-forwarded-uri")
-        return method, host, parse_target(uri, case_sensitive)
+        return method, host, parse_target(uri, case_sensitive, literal=True)
 
 
 class Upstream(_Leaf):
