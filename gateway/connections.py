@@ -393,12 +393,17 @@ class Connections:
         if not prefixes:
             return None
         own = prefixes[prefix]
-        for greediest, held in prefixes.most_common():
+        for greediest, held in prefixes.most_common(4):  # a bounded search
             if held <= own + 1:
                 return None
-            for admission in self.waiting.get(door, {}):
-                if admission.prefix == greediest and not admission.logins:
-                    return admission
+            candidates = [
+                admission
+                for waiting in self.pending.get(greediest, {}).values()
+                for admission in waiting
+                if admission.limit.name == door and not admission.logins
+            ]
+            if candidates:
+                return min(candidates, key=lambda a: a.since)
         return None
 
     def _unauthenticated_limit(self, door: str) -> int:
