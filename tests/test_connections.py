@@ -1466,6 +1466,44 @@ class RealSocketTests(TestCase):
         self.assertEqual(out["unauthenticated"], {"smtp": 16})  # the flood only
 
     @defer.inlineCallbacks
+    def test_reconnecting_flood_leaves_a_clean_client_in(self):
+        """
+        The review's case over loopback: five networks reconnect to SMTP as
+        soon as they are refused; each holds at most its fair share of the
+        door's unauthenticated room, and a clean client of another network
+        gets its 220 and its login (on main: 421 4.3.2).
+        """
+        self.start("--smtp-insecure-auth", "--smtp-max-connections-per-peer", "50")
+        self.connections.budget = 48  # SMTP may hold 8 unauthenticated; a network 2
+        held = []
+        self.addCleanup(lambda: [s.close() for s in held])
+
+        def flood():
+            for _ in range(2):
+                for net in range(5):
+                    for host in range(1, 4):
+                        s = _open(self.smtp, f"127.0.{40 + net}.{host}")
+                        if _read_line(s).startswith(b"220 "):
+                            held.append(s)
+                        else:
+                            s.close()
+
+        def clean():
+            smtp = smtplib.SMTP("127.0.0.1", self.smtp, source_address=("127.0.60.1", 0),
+                                timeout=10)
+            try:
+                return smtp.login("daniel", "tiger")[0]
+            finally:
+                smtp.quit()
+
+        yield self.run_client(flood)
+        self.assertLessEqual(self.connections.unauthenticated["smtp"], 16)  # full
+        code = yield self.run_client(clean)
+        self.assertEqual(code, 235)
+        prefixes = self.connections.unauthenticated_prefixes["smtp"]
+        self.assertLessEqual(max(prefixes.values()), 2)
+
+    @defer.inlineCallbacks
     def test_authenticated_under_tls(self):
         """SMTP sessions over implicit TLS and after STARTTLS leave the share once they log in."""
         self.start()
