@@ -19,8 +19,13 @@ Connection bounds shared by every front door.
   reserved for each front door. Unauthenticated clients cannot take the room
   of authenticated sessions, nor of new clients of another front door. A
   front door says when a connection has authenticated with L{authenticated}.
-  Past L{STRESS_LEVEL} of it, a front door's unauthenticated connections
-  older than C{--stress-timeout} are closed (Postfix's stress mode).
+  Within a door's part, one peer may hold C{peer_fair_share} and one
+  network C{prefix_fair_share} (L{Connections.fair_share}). Past
+  L{STRESS_LEVEL} of it, a front door's unauthenticated connections idle
+  for C{--stress-timeout} are closed, greediest networks first (Postfix's
+  stress mode), and a newcomer finding it full closes one of the network
+  holding the most (L{Connections.door_evictee}). Connections with a login
+  running (L{login_running}, a front door's call-in) are never closed so.
 - A process-wide budget of file descriptors below C{RLIMIT_NOFILE} (whose
   soft limit is raised to the hard limit at start): once the descriptors
   the open connections may hold reach it, new connections are refused the
