@@ -441,7 +441,8 @@ class Connections:
         if not stressed:
             door_limit = self._doors.get(door)
             weight = door_limit.weight if door_limit is not None else 1
-            if door in self._stressed and self.unauthenticated[door] + weight <= REARM_LEVEL * level:
+            calm = self.unauthenticated[door] + weight <= REARM_LEVEL * level
+            if door in self._stressed and calm:
                 self._stressed.discard(door)
                 log.info("{door}: stress mode off, unauthenticated connections below its level",
                          door=door)
