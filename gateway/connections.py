@@ -19,8 +19,13 @@ Connection bounds shared by every front door.
   reserved for each front door. Unauthenticated clients cannot take the room
   of authenticated sessions, nor of new clients of another front door. A
   front door says when a connection has authenticated with L{authenticated}.
-  Past L{STRESS_LEVEL} of it, a front door's unauthenticated connections
-  older than C{--stress-timeout} are closed (Postfix's stress mode).
+  Within a door's part, one peer may hold C{peer_fair_share} and one
+  network C{prefix_fair_share} (L{Connections.fair_share}). Past
+  L{STRESS_LEVEL} of it, a front door's unauthenticated connections idle
+  for C{--stress-timeout} are closed, greediest networks first (Postfix's
+  stress mode), and a newcomer finding it full closes one of the network
+  holding the most (L{Connections.door_evictee}). Connections with a login
+  running (L{login_running}, a front door's call-in) are never closed so.
 - A process-wide budget of file descriptors below C{RLIMIT_NOFILE} (whose
   soft limit is raised to the hard limit at start): once the descriptors
   the open connections may hold reach it, new connections are refused the
@@ -72,6 +77,11 @@ MAX_LINGER_PER_PREFIX = 16
 STRESS_LEVEL = 0.75
 #: A hard limit of "unlimited" is raised to this many descriptors at most.
 NOFILE_UNLIMITED = 1 << 20
+#: A door refusing for its unauthenticated share (or under stress) logs
+#: that it is not once its unauthenticated connections, a newcomer
+#: included, are at most this part of its limit (of its stress level):
+#: one connection coming and going does not log a line each time.
+REARM_LEVEL = 0.9
 
 
 @attrs.frozen
@@ -103,6 +113,11 @@ class ListenSettings:
     #: L{STRESS_LEVEL} of what it may hold), its unauthenticated connections
     #: older than this many seconds are closed to make room (Postfix's stress mode).
     stress_timeout: float = 10.0
+    #: The most of a front door's unauthenticated room one peer (IPv6 /64)
+    #: may hold (at least one connection); more are refused.
+    peer_fair_share: float = 1 / 8
+    #: The most of it one network prefix may hold (at least one connection).
+    prefix_fair_share: float = 1 / 4
 
 
 class Refused(Enum):
@@ -181,7 +196,13 @@ class Connections:
         #: Listeners behind a PROXY-protocol endpoint: the peer at accept is the proxy.
         self.behind_proxy: set[str] = set()
         self._warned_busy = False
-        self._warned_unauthenticated = False
+        #: Doors refusing for their unauthenticated share: refusals since logged.
+        self._warned_unauthenticated: dict[str, int] = {}
+        #: Unauthenticated connections per door and peer key, and per door and
+        #: network prefix (connections, not descriptors), for the fair shares.
+        self.unauthenticated_peers: dict[str, Counter[str | None]] = {}
+        self.unauthenticated_prefixes: dict[str, Counter[str]] = {}
+        self._warned_fair: set[tuple[str, str | None]] = set()
         self._warned_prefixes: set[str] = set()
         #: Unauthenticated admissions per door, oldest first (for stress mode).
         self.waiting: dict[str, dict[Admission, None]] = {}
@@ -295,21 +316,100 @@ class Connections:
         """
         if self.budget is None:
             return True
-        fits = self.unauthenticated[door] + weight <= self._unauthenticated_limit(door)
+        limit = self._unauthenticated_limit(door)
+        fits = self.unauthenticated[door] + weight <= limit
         if not say:
             return fits
-        if fits and self._warned_unauthenticated:
-            self._warned_unauthenticated = False
-            log.info("accepting unauthenticated connections again")
-        elif not fits and not self._warned_unauthenticated:
-            self._warned_unauthenticated = True
+        warned = door in self._warned_unauthenticated
+        if fits and warned and self.unauthenticated[door] + weight <= REARM_LEVEL * limit:
+            log.info(
+                "{door}: accepting unauthenticated connections again ({refused} refused "
+                "meanwhile)",
+                door=door, refused=self._warned_unauthenticated.pop(door),
+            )
+        elif not fits and not warned:
+            self._warned_unauthenticated[door] = 1
             log.warn(
                 "refusing new connections on {door}: unauthenticated connections hold "
                 "their share of the budget ({share} of {budget} descriptors)",
                 door=door, share=int(self.budget * self.settings.unauthenticated_share),
                 budget=self.budget,
             )
+        elif not fits:
+            self._warned_unauthenticated[door] += 1
         return fits
+
+    def fair_share(
+        self, door: str, weight: int, key: str | None, prefix: str | None
+    ) -> Refused | None:
+        """
+        Whether one more unauthenticated connection of peer C{key} in network
+        C{prefix} stays within its fair part of C{door}'s unauthenticated
+        room (a peer C{peer_fair_share} of it, a network C{prefix_fair_share},
+        at least one connection each): None, or why not. Without it one
+        address, or a few networks, reconnecting as fast as they are closed
+        hold a door's whole room. Logged once per peer or network until it
+        holds none.
+        """
+        if self.budget is None or prefix is None:
+            return None
+        room = self._unauthenticated_limit(door) // max(1, weight)
+        peers = self.unauthenticated_peers.get(door, Counter())
+        prefixes = self.unauthenticated_prefixes.get(door, Counter())
+        peer_share, prefix_share = self.settings.peer_fair_share, self.settings.prefix_fair_share
+        if key is not None and peer_share < 1 and peers[key] >= max(1, int(room * peer_share)):
+            why, who, count = Refused.PEER, key, peers[key]
+        elif prefix_share < 1 and prefixes[prefix] >= max(1, int(room * prefix_share)):
+            why, who, count = Refused.PREFIX, prefix, prefixes[prefix]
+        else:
+            return None
+        if (door, who) not in self._warned_fair:
+            self._warned_fair.add((door, who))
+            log.warn(
+                "{door}: refusing connections from {who}: {count} unauthenticated "
+                "connections open, its fair share",
+                door=door, who=who, count=count,
+            )
+        return why
+
+    def _count_unauthenticated(self, admission: Admission, step: int) -> None:
+        """Count C{admission} in or out of its door's fair shares."""
+        door = admission.limit.name
+        peers = self.unauthenticated_peers.setdefault(door, Counter())
+        prefixes = self.unauthenticated_prefixes.setdefault(door, Counter())
+        for counter, who in ((peers, admission.key), (prefixes, admission.prefix)):
+            counter[who] += step
+            if counter[who] <= 0:
+                del counter[who]
+                self._warned_fair.discard((door, who))
+
+    def door_evictee(self, door: str, prefix: str | None) -> Admission | None:
+        """
+        Under stress, the connection a newcomer of network C{prefix} that
+        finds C{door}'s unauthenticated room full may close: the oldest
+        unauthenticated connection, with no login running, of the network
+        holding the most of them on C{door}, when that network holds at
+        least two more than the newcomer's (so equals do not close each other
+        in turn); else None. A reconnecting flood cannot keep a clean network out.
+        """
+        if prefix is None:
+            return None
+        prefixes = self.unauthenticated_prefixes.get(door)
+        if not prefixes:
+            return None
+        own = prefixes[prefix]
+        for greediest, held in prefixes.most_common(4):  # a bounded search
+            if held <= own + 1:
+                return None
+            candidates = [
+                admission
+                for waiting in self.pending.get(greediest, {}).values()
+                for admission in waiting
+                if admission.limit.name == door and not admission.logins
+            ]
+            if candidates:
+                return min(candidates, key=lambda a: a.since)
+        return None
 
     def _unauthenticated_limit(self, door: str) -> int:
         """
@@ -327,16 +427,22 @@ class Connections:
     def relieve(self, door: str, now: float) -> int:
         """
         Stress mode: when C{door}'s unauthenticated connections hold more than
-        L{STRESS_LEVEL} of what they may, close those of them older than
-        C{stress_timeout} (oldest first), so that a flood of idle connections
+        L{STRESS_LEVEL} of what they may, close those of them that have
+        received nothing for C{stress_timeout} and have no login running,
+        those of the networks holding the most first (then the oldest), until
+        the door is below the level again, so that a flood of idle connections
         cannot hold the front door for a whole authentication deadline. The
         number closed; logged once per episode.
         """
         if self.budget is None:
             return 0
-        stressed = self.unauthenticated[door] > STRESS_LEVEL * self._unauthenticated_limit(door)
+        level = STRESS_LEVEL * self._unauthenticated_limit(door)
+        stressed = self.unauthenticated[door] > level
         if not stressed:
-            if door in self._stressed:
+            door_limit = self._doors.get(door)
+            weight = door_limit.weight if door_limit is not None else 1
+            calm = self.unauthenticated[door] + weight <= REARM_LEVEL * level
+            if door in self._stressed and calm:
                 self._stressed.discard(door)
                 log.info("{door}: stress mode off, unauthenticated connections below its level",
                          door=door)
@@ -348,11 +454,18 @@ class Connections:
                 "{timeout} s",
                 door=door, timeout=self.settings.stress_timeout,
             )
-        closed = 0
         deadline = now - self.settings.stress_timeout
-        for admission in list(self.waiting.get(door, {})):
-            if admission.since > deadline:
-                break  # the rest are younger
+        prefixes = self.unauthenticated_prefixes.get(door, Counter())
+        idle = [
+            admission for admission in self.waiting.get(door, {})
+            if admission.last_input <= deadline and not admission.logins
+        ]
+        idle.sort(key=lambda a: (-prefixes[a.prefix] if a.prefix is not None else 0, a.since))
+        closed = 0
+        limit = self._unauthenticated_limit(door)
+        for admission in idle:
+            if self.unauthenticated[door] <= STRESS_LEVEL * limit:
+                break
             admission.shed()
             closed += 1
         return closed
@@ -448,12 +561,22 @@ class PeerLimit:
                 evictee = self.connections.evictee(prefix, key)
                 if evictee is None and self.connections.prefix_full(prefix):
                     return Refused.PREFIX
-        if not self.connections.has_room(self.weight):
+        connections = self.connections
+        if capped and not trusted:
+            unfair = connections.fair_share(self.name, self.weight, key, prefix)
+            if unfair is not None:
+                return unfair
+        if not connections.has_room(self.weight):
             return Refused.BUSY
-        if not trusted and not self.connections.unauthenticated_room(self.name, self.weight):
+        if not trusted and not connections.unauthenticated_room(self.name, self.weight, say=False):
+            # Under stress: a newcomer of a network holding less makes room.
+            crowding = connections.door_evictee(self.name, prefix) if capped else None
+            if crowding is not None and crowding is not evictee:
+                crowding.shed()
+        if not trusted and not connections.unauthenticated_room(self.name, self.weight):
             return Refused.UNAUTHENTICATED
         if evictee is not None:
-            self.connections.evict(evictee)
+            connections.evict(evictee)
         return None
 
     def may_linger(self, key: str | None, prefix: str | None = None) -> bool:
@@ -499,6 +622,8 @@ class PeerLimit:
             if prefix is not None:
                 peers = self.connections.pending.setdefault(prefix, {})
                 peers.setdefault(key, {})[admission] = None
+                admission.fair = True
+                self.connections._count_unauthenticated(admission, 1)
         return admission
 
     def release(
@@ -534,10 +659,19 @@ class Admission:
     since: float = 0.0
     #: Its transport, once connected (closed by L{shed}).
     transport: Any = None
+    #: When it last received bytes (the reactor's clock; admission at first).
+    last_input: float = attrs.field(default=attrs.Factory(lambda self: self.since, takes_self=True))
+    #: Logins running on it (L{login_running}): not closed under stress meanwhile.
+    logins: int = 0
+    #: Counted in its door's fair shares (unauthenticated, with a network).
+    fair: bool = False
 
     def _stop_waiting(self) -> None:
         """It is no longer a candidate for stress mode nor for a network's eviction."""
         connections = self.limit.connections
+        if self.fair:
+            self.fair = False
+            connections._count_unauthenticated(self, -1)
         connections.waiting.get(self.limit.name, {}).pop(self, None)
         peers = connections.pending.get(self.prefix) if self.prefix is not None else None
         if peers is not None:
@@ -558,11 +692,17 @@ class Admission:
         _decrement(self.limit.connections.unauthenticated, self.limit.name, self.limit.weight)
 
     def shed(self) -> None:
-        """Close the connection, unauthenticated, under stress (it is released when it ends)."""
+        """
+        Close the connection, unauthenticated, under stress or for a newcomer.
+        Its count is released at once (not when the abort ends it, on a later
+        reactor turn), so the newcomer it makes room for finds that room.
+        """
         self._stop_waiting()
-        if self.transport is not None and not self.released:
-            abort = getattr(self.transport, "abortConnection", None)
-            (abort or self.transport.loseConnection)()
+        transport = self.transport
+        if transport is not None and not self.released:
+            self.release()
+            abort = getattr(transport, "abortConnection", None)
+            (abort or transport.loseConnection)()
 
     def release(self) -> None:
         if self.released:
@@ -584,6 +724,13 @@ def authenticated(transport: Any) -> None:
     so it no longer counts against the unauthenticated share of the budget.
     Safe to call more than once, and for connections that are not counted.
     """
+    admission = _admission_of(transport)
+    if admission is not None:
+        admission.authenticate()
+
+
+def _admission_of(transport: Any) -> Admission | None:
+    """The admission of the counted connection under C{transport}, if any."""
     seen = 0
     while transport is not None and seen < 8:
         try:
@@ -591,10 +738,31 @@ def authenticated(transport: Any) -> None:
         except TypeError:  # not weakly referenceable: not one of ours
             admission = None
         if admission is not None:
-            admission.authenticate()
-            return
+            return admission
         transport = getattr(transport, "transport", None)
         seen += 1
+    return None
+
+
+def login_running(transport: Any, attempt: Any) -> Any:
+    """
+    A front door's call-in: a login (the Deferred C{attempt}) is running
+    on the connection on C{transport}; until it fires, stress mode and a
+    crowded door do not close that connection (closing would cancel the
+    attempt, which may count as a failure for its address and user).
+    C{attempt} is returned, with its result untouched.
+    """
+    admission = _admission_of(transport)
+    if admission is None or admission.released:
+        return attempt
+    admission.logins += 1
+
+    def done(result: Any) -> Any:
+        admission.logins -= 1
+        return result
+
+    attempt.addBoth(done)
+    return attempt
 
 
 class _Forwarding:
@@ -641,9 +809,15 @@ class _Counted(_Forwarding):
     releases its count once, when it ends.
     """
 
-    def __init__(self, wrapped: Any, admission: Admission) -> None:
+    def __init__(self, wrapped: Any, admission: Admission, clock: Any = None) -> None:
         super().__init__(wrapped)
         self.admission = admission
+        self.clock = clock
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.clock is not None:
+            self.admission.last_input = self.clock.seconds()
+        self.wrapped.dataReceived(data)
 
     def makeConnection(self, transport: Any) -> None:
         if not self.admission.released:
@@ -832,6 +1006,7 @@ class LimitedFactory(protocol.Factory):
             limit.take(
                 key, prefix if capped and not trusted else None, trusted, self.reactor.seconds()
             ),
+            self.reactor,
         )
 
 
@@ -934,6 +1109,7 @@ __all__ = [
     "authenticated",
     "budget_for",
     "limit_connections",
+    "login_running",
     "raise_nofile_limit",
     "with_backlog",
 ]

@@ -34,7 +34,7 @@ from zope.interface import implementer
 from gateway.aaa import IAccessPolicy, written_grant
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.checkers.pipeline import Reject, TemporaryFailure
-from gateway.connections import Refused, authenticated, limit_connections
+from gateway.connections import Refused, authenticated, limit_connections, login_running
 from gateway.meta import ConnectionMeta, in_networks
 from gateway.realm import login
 from gateway.smtp import sasl
@@ -691,7 +691,7 @@ class SubmissionServer(smtp.ESMTP):
         self._mode, self._mechanism = COMMAND, None
         self._not_junk()  # a login attempt: counted by max_auth_failures instead
         credentials = sasl.credentials_of(mechanism, self.meta)
-        d = login(self.portal, credentials, IAuthInfo)
+        d = login_running(self.transport, login(self.portal, credentials, IAuthInfo))
         d.addCallbacks(self._authenticated, self._auth_failed)
         self._wait(d)
 

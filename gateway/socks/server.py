@@ -41,7 +41,7 @@ from zope.interface import implementer
 
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.checkers.pipeline import network_keys, peer_key
-from gateway.connections import authenticated, limit_connections
+from gateway.connections import authenticated, limit_connections, login_running
 from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta, normalize_ip
 from gateway.ratelog import LogRateLimiter, suppressed_note
@@ -518,7 +518,7 @@ class SOCKSServer(protocol.Protocol):
                 self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
             return result
 
-        d = self._wait(login(factory.portal, credentials, IAuthInfo))
+        d = self._wait(login_running(self.transport, login(factory.portal, credentials, IAuthInfo)))
         d.addBoth(settled)
         d.addCallbacks(self._authenticated, self._login_failed)
         d.addErrback(self._bug)

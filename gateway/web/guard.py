@@ -35,7 +35,7 @@ from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
 from gateway.checkers.pipeline import TemporaryFailure, Throttled
-from gateway.connections import authenticated
+from gateway.connections import authenticated, login_running
 from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
 from gateway.meta import ConnectionMeta, in_networks, ip_or_none
 from gateway.realm import login
@@ -361,6 +361,7 @@ class Guard(resource.Resource):
         if isinstance(credentials, Refusal):
             return credentials
         d = login(self.portal, credentials, resource.IResource)
+        login_running(getattr(request.channel, "transport", None), d)  # not shed meanwhile
         request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addCallbacks(
             self._succeeded, self._failed, callbackArgs=(request,), errbackArgs=(meta, credentials)
