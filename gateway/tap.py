@@ -551,6 +551,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             check_acl_keys(self["policy"], self["httpSettings"].case_sensitive_paths)
         except ValueError as e:
             raise usage.UsageError(f"--acl: {e}") from None
+        for key in getattr(self["policy"], "acl", {}):
+            if key.startswith("smtp/sender/") and key != key.lower():
+                raise usage.UsageError(
+                    f"--acl: {key!r}: sender binding compares addresses in lower case;"
+                    " write smtp/sender keys in lower case"
+                )
 
         # Only now, with every option valid, write to the disk.
         data_dir = self["data-dir"]

@@ -972,9 +972,34 @@ class TransactionTests(ServerTestCase):
             client.send(b"MAIL FROM:<a@b.example> SIZE=1001\r\n"), [b"552 5.3.4"]
         )
         self.assertReplies(client.send(b"MAIL FROM:<a@b.example> SIZE=x\r\n"), [b"501 5.5.4"])
+        # Third review: 5000 digits made int() raise (CPython's 4300-digit
+        # limit), dropping the connection with a traceback in the log.
+        self.assertReplies(
+            client.send(b"MAIL FROM:<a@b.example> SIZE=" + b"9" * 5000 + b"\r\n"), [b"552 5.3.4"]
+        )
         self.assertReplies(
             client.send(b"MAIL FROM:<a@b.example> SIZE=1000 BODY=8BITMIME\r\n"), [b"250 2.1.0"]
         )
+
+    def test_bare_lf_in_a_command_never_reaches_the_expressions(self) -> None:
+        """
+        Third review: Twisted's MAIL/RCPT expressions backtrack quadratically on
+        a bare LF after the parameters (a second of reactor time per 12 KB
+        line). A command with a bare CR or LF is refused before any parsing.
+        """
+        client = self.authenticated()
+        client.send(b"MAIL FROM:<a@b.example>\r\n")
+        matched = []
+        rcpt_re = client.proto.rcpt_re
+        self.patch(type(client.proto), "rcpt_re", _Recording(rcpt_re, matched))
+        self.patch(type(client.proto), "mail_re", _Recording(client.proto.mail_re, matched))
+        line = b"RCPT TO:<a@b.example>" + b" " * 12000 + b"x\ny\r\n"
+        self.assertReplies(client.send(line * 3), [b"501 5.5.2"] * 3)
+        self.assertReplies(client.send(b"MAIL FROM:<c@d.example>" + b" " * 12000 + b"x\ny\r\n"),
+                           [b"501 5.5.2"])
+        self.assertEqual(matched, [])
+        self.assertReplies(client.send(b"RCPT TO:<ok@b.example>\r\n"), [b"250 2.1.5"])
+        self.assertEqual(len(matched), 1)
 
     def test_duplicate_parameter(self) -> None:
         client = self.authenticated()
@@ -1057,6 +1082,24 @@ class TransactionTests(ServerTestCase):
         self.assertReplies(client.send(b"MAIL FROM:<ceo@example.com>\r\n"), [b"553 5.7.1"])
         self.assertReplies(client.send(b"MAIL FROM:<anyone@example.org>\r\n"), [b"250 2.1.0"])
 
+    def test_sender_binding_canonical_local_part(self) -> None:
+        """
+        Third review: a quoted, escaped or re-cased spelling of a denied mailbox
+        is the same mailbox, and is denied too; a quoted form no key can name
+        is refused under binding.
+        """
+        acl = aaa.parse_acl(
+            '[[acl."smtp/sender/example.com/ceo"]]\nallow = false\nprivileges = ["send"]\n'
+            "identity.Any = {}\n"
+            '[[acl."smtp/sender/example.com"]]\nallow = true\nprivileges = ["send"]\n'
+            "identity.Authenticated = {}\n"
+        )
+        client = self.authenticated(policy=acl, sender_binding=True)
+        for sender in (b"ceo", b'"ceo"', b'"c\\eo"', b"CEO", b'"john doe"'):
+            self.assertReplies(client.send(b"MAIL FROM:<" + sender + b"@example.com>\r\n"),
+                               [b"553 5.7.1"])
+        self.assertReplies(client.send(b"MAIL FROM:<Daniel.K@Example.COM>\r\n"), [b"250 2.1.0"])
+
     def test_sender_binding_off(self) -> None:
         acl = aaa.parse_acl("")
         client = self.authenticated(policy=acl)
@@ -1125,7 +1168,7 @@ class DataTests(ServerTestCase):
         self.assertReplies(
             client.send(b'MAIL FROM:<daniel@example.com>\r\nRCPT TO:<"x\nX-Injected: 1"@example.net>\r\n'
                         b"RCPT TO:<ok@example.net>\r\nDATA\r\n"),
-            [b"250 2.1.0", b"553 5.1.3", b"250 2.1.5", b"354 2.0.0"],
+            [b"250 2.1.0", b"501 5.5.2", b"250 2.1.5", b"354 2.0.0"],
         )
         client.send(b"hi\r\n.\r\n")
         ((message, meta),) = self.stored()
@@ -1450,8 +1493,10 @@ class ClientTextTests(ServerTestCase):
 
     def test_sender_with_control_characters_refused(self) -> None:
         client = self.authenticated()
-        for path in (b'<"x\nMAIL FROM:<ceo@example.com>"@example.com>', b'<"a\x00b"@example.com>',
-                     b'<"a\rb"@example.com>', b'<"a\tb"@example.com>', b'<"a\x7fb"@example.com>',
+        for path in (b'<"x\nMAIL FROM:<ceo@example.com>"@example.com>', b'<"a\rb"@example.com>'):
+            # A bare CR or LF: no command at all (RFC 5321 2.3.8).
+            self.assertReplies(client.send(b"MAIL FROM:" + path + b"\r\n"), [b"501 5.5.2"])
+        for path in (b'<"a\x00b"@example.com>', b'<"a\tb"@example.com>', b'<"a\x7fb"@example.com>',
                      b'<"\xc3\xa9"@example.com>', b"<a\\\x00b@example.com>", b'<a@"b\x01c">',
                      b'<a@"b.example">', b"<a@b..example>"):
             self.assertReplies(client.send(b"MAIL FROM:" + path + b"\r\n"), [b"553 5.1.7"])
@@ -1460,9 +1505,9 @@ class ClientTextTests(ServerTestCase):
     def test_recipient_with_control_characters_refused(self) -> None:
         client = self.authenticated()
         client.send(b"MAIL FROM:<daniel@example.com>\r\n")
-        for path in (b'<"a\nDATA\n"@y.example>', b'<"a\x00b"@y.example>', b'<"a\rb"@y.example>',
-                     b'<"\x1b[31m"@y.example>',
-                     b"<\\\x80@y.example>"):
+        for path in (b'<"a\nDATA\n"@y.example>', b'<"a\rb"@y.example>'):
+            self.assertReplies(client.send(b"RCPT TO:" + path + b"\r\n"), [b"501 5.5.2"])
+        for path in (b'<"a\x00b"@y.example>', b'<"\x1b[31m"@y.example>', b"<\\\x80@y.example>"):
             self.assertReplies(client.send(b"RCPT TO:" + path + b"\r\n"), [b"553 5.1.3"])
         self.assertEqual(client.proto._to, [])
 
@@ -1520,6 +1565,15 @@ class ClientTextTests(ServerTestCase):
         for name in (b"[IPv6:2001:db8::1]", b"[192.0.2.1]", b"host_name.example.", b"x" * 255):
             self.assertReplies(client.send(b"EHLO " + name + b"\r\n"), [b"250"])
             self.assertEqual(client.proto._helo_name, name.decode())
+
+    def test_helo_address_literals_are_addresses(self) -> None:
+        """Third review: a general literal's parentheses and ';' would break the Received: comment."""
+        client = self.connect("implicit", junk_commands=100)
+        for name in (b"[10.0.0.1)(by:mx.trusted.example;Mon,1(Jan]", b"[x]", b"[IPv6:1.2.3.4]",
+                     b"[1.2.3.4.5]", b"[IPv6:fe80::1%eth0]", b"[2001:db8::1]"):
+            self.assertReplies(client.send(b"EHLO " + name + b"\r\n"), [b"501 5.5.4"])
+        for name in (b"[127.0.0.1]", b"[IPv6:::1]", b"[ipv6:2001:db8::1]"):
+            self.assertReplies(client.send(b"EHLO " + name + b"\r\n"), [b"250"])
 
     def test_received_header_printable(self) -> None:
         client = self.connect("implicit")
@@ -1976,3 +2030,14 @@ class MailAuthParameterTests(ServerTestCase):
         client = self.authenticated(policy=acl, sender_binding=True)
         meta = self.send_one(client, b"MAIL FROM:<daniel@example.com> AUTH=daniel@example.com")
         self.assertEqual(meta["mail_auth"], "daniel@example.com")
+
+
+class _Recording:
+    """A compiled expression that records what it is asked to match."""
+
+    def __init__(self, expression, seen):
+        self.expression, self.seen = expression, seen
+
+    def match(self, text):
+        self.seen.append(text)
+        return self.expression.match(text)

@@ -158,6 +158,11 @@ class OptionsTests(SynchronousTestCase):
         with open(acl, "w") as f:
             f.write("")
         self.assertUsage("--smtp-sender-binding needs --acl", "--smtp-sender-binding")
+        upper = self.mktemp()
+        with open(upper, "w") as f:
+            f.write('[[acl."smtp/sender/example.com/CEO"]]\nallow = false\nprivileges = ["send"]\n'
+                    "identity.Any = {}\n")
+        self.assertUsage("write smtp/sender keys in lower case", "--acl", upper)
         options = self.parse(
             "--acl", acl,
             "--smtp-hostname", "mx.test", "--smtp-max-size", "1000", "--smtp-max-recipients", "3",

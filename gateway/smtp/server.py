@@ -17,6 +17,7 @@ in time linear in its size.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 from collections.abc import Mapping
@@ -125,8 +126,46 @@ _LOCAL_PART = re.compile(
 #: A domain: dot-separated labels of letters, digits, hyphens (and the
 #: underscores real host names carry).
 _DOMAIN = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-#: A HELO/EHLO name: a domain (a trailing dot allowed) or an address literal.
-_HELO_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[\x21-\x5a\x5e-\x7e]+\]")
+#: A HELO/EHLO name that is a domain (a trailing dot allowed); address
+#: literals are read by L{_helo_name_ok}.
+_HELO_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
+#: An RFC 5321 Dot-string: the local part sender binding compares.
+_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+)*")
+
+
+def _helo_name_ok(word: bytes) -> bool:
+    """
+    A domain, or an IPv4 or IPv6 address literal (RFC 5321 4.1.3): the name
+    reaches the C{Received:} header, where a general literal's C{(}, C{)}
+    or C{;} would end the comment and hide the peer address.
+    """
+    if _HELO_NAME.fullmatch(word):
+        return True
+    if not (word.startswith(b"[") and word.endswith(b"]")):
+        return False
+    literal = word[1:-1].decode("ascii", "replace")
+    if literal[:5].lower() == "ipv6:":
+        literal, version = literal[5:], 6
+    else:
+        version = 4
+    try:
+        return ipaddress.ip_address(literal).version == version and "%" not in literal
+    except ValueError:
+        return False
+
+
+def _binding_local(local: str) -> str | None:
+    """
+    A local part as sender binding compares it: unquoted, its quoted pairs
+    resolved, in lower case (C{"ceo"}, C{"c\\eo"} and C{CEO} are one
+    mailbox for any real system); None when it is then no Dot-string
+    without a C{/} (no ACL key could name it the same way).
+    """
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local.lower() if _DOT_STRING.fullmatch(local) else None
+
+
 #: An RFC 3461 xtext: xchar (printable ASCII but C{+} and C{=}) or C{+} and
 #: two upper-case hex digits.
 _XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
@@ -492,7 +531,14 @@ class SubmissionServer(smtp.ESMTP):
             self._auth_response(line)
         else:
             counted = self._count_junk()
-            self.state_COMMAND(line)
+            if b"\n" in line or b"\r" in line:
+                # Only CRLF ends a line (RFC 5321 2.3.8); a bare CR or LF in a
+                # command is an error, and a bare LF made Twisted's MAIL/RCPT
+                # expressions backtrack quadratically (a second of reactor
+                # time per 12 KB line). Other bytes get each command's reply.
+                self.reply(501, "5.5.2", "Syntax error: bare CR or LF in command")
+            else:
+                self.state_COMMAND(line)
             if counted and self._mode == COMMAND:
                 self._check_junk()
 
@@ -567,7 +613,7 @@ class SubmissionServer(smtp.ESMTP):
         anything else.
         """
         words = rest.split()
-        if not words or len(words[0]) > 255 or not _HELO_NAME.fullmatch(words[0]):
+        if not words or len(words[0]) > 255 or not _helo_name_ok(words[0]):
             return False
         if self._helo_name is None:
             self._not_junk()  # the first greeting (again after STARTTLS) is no junk
@@ -805,7 +851,9 @@ class SubmissionServer(smtp.ESMTP):
             if name == "SIZE":
                 if not value.isdigit():
                     raise _ParameterError(501, "5.5.4", "Syntax: SIZE=<octets>")
-                if int(value) > self.settings.max_size:
+                # int() refuses 4300 digits and more (CPython's limit): a long
+                # value is simply too large.
+                if len(value) > 20 or int(value) > self.settings.max_size:
                     raise _ParameterError(552, "5.3.4", "Message size exceeds fixed limit")
             elif name == "BODY":
                 if value.upper() not in (b"7BIT", b"8BITMIME"):
@@ -827,7 +875,8 @@ class SubmissionServer(smtp.ESMTP):
         if self.auth_info is None:  # a trusted network: no identity to bind
             return True
         local, _, domain = sender.rpartition("@")
-        if not sender or not local or "/" in sender:
+        local = _binding_local(local)
+        if not sender or not local or "/" in domain:
             return False
         resource = f"smtp/sender/{domain.lower()}/{local}"
         # Granted for the address or its domain, naming "send": a broad rule
