@@ -274,7 +274,11 @@ class Connections:
             return None
         greediest, held = None, 0
         for candidate, waiting in peers.items():
-            oldest = next(iter(waiting))
+            # Never one whose login is running: closing it would cancel a
+            # password check the client is waiting for.
+            oldest = next((a for a in waiting if not a.logins), None)
+            if oldest is None:
+                continue
             if greediest is None or (len(waiting), -oldest.since) > (held, -greediest.since):
                 greediest, held = oldest, len(waiting)
         if greediest is None or held <= len(peers.get(key, ())):
@@ -428,7 +432,9 @@ class Connections:
         """
         Stress mode: when C{door}'s unauthenticated connections hold more than
         L{STRESS_LEVEL} of what they may, close those of them that have
-        received nothing for C{stress_timeout} and have no login running,
+        been open for C{stress_timeout} without logging in and have no login
+        running (their age, not their silence: a byte now and then must not
+        keep a connection that never logs in),
         those of the networks holding the most first (then the oldest), until
         the door is below the level again, so that a flood of idle connections
         cannot hold the front door for a whole authentication deadline. The
@@ -458,7 +464,7 @@ class Connections:
         prefixes = self.unauthenticated_prefixes.get(door, Counter())
         idle = [
             admission for admission in self.waiting.get(door, {})
-            if admission.last_input <= deadline and not admission.logins
+            if admission.since <= deadline and not admission.logins
         ]
         idle.sort(key=lambda a: (-prefixes[a.prefix] if a.prefix is not None else 0, a.since))
         closed = 0
@@ -660,7 +666,6 @@ class Admission:
     #: Its transport, once connected (closed by L{shed}).
     transport: Any = None
     #: When it last received bytes (the reactor's clock; admission at first).
-    last_input: float = attrs.field(default=attrs.Factory(lambda self: self.since, takes_self=True))
     #: Logins running on it (L{login_running}): not closed under stress meanwhile.
     logins: int = 0
     #: Counted in its door's fair shares (unauthenticated, with a network).
@@ -809,15 +814,9 @@ class _Counted(_Forwarding):
     releases its count once, when it ends.
     """
 
-    def __init__(self, wrapped: Any, admission: Admission, clock: Any = None) -> None:
+    def __init__(self, wrapped: Any, admission: Admission) -> None:
         super().__init__(wrapped)
         self.admission = admission
-        self.clock = clock
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.clock is not None:
-            self.admission.last_input = self.clock.seconds()
-        self.wrapped.dataReceived(data)
 
     def makeConnection(self, transport: Any) -> None:
         if not self.admission.released:
@@ -1006,7 +1005,6 @@ class LimitedFactory(protocol.Factory):
             limit.take(
                 key, prefix if capped and not trusted else None, trusted, self.reactor.seconds()
             ),
-            self.reactor,
         )
 
 

@@ -166,8 +166,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("ipv6-prefix", default_of(ListenSettings, "ipv6_prefix"),
                 "Prefix length of an IPv6 network for --max-connections-per-prefix (1-64).", int),
         _number("stress-timeout", default_of(ListenSettings, "stress_timeout"),
-                "Seconds an unauthenticated connection may stay idle while its front door is"
-                " under stress (its unauthenticated connections past 3/4 of their share).", float),
+                "Seconds an unauthenticated connection may stay open without logging in while"
+                " its front door is under stress (its unauthenticated connections past 3/4 of"
+                " their share).", float),
         _number("unauthenticated-share", default_of(ListenSettings, "unauthenticated_share"),
                 "Part of the connection budget (0-1] connections may hold before they"
                 " authenticate.", float),

@@ -480,6 +480,25 @@ class NetworkEvictionTests(SynchronousTestCase):
             if transport.aborted and not proto.admission.released:
                 proto.connectionLost(Failure(protocol.connectionDone))
 
+    def test_login_running_not_evicted(self):
+        """
+        Third review: the network cap's eviction closed a connection whose login
+        was running (cancelling a right password while the user's ceiling made it
+        wait), which counted against that user's pair. It now passes over it.
+        """
+        held = self.fill()
+        attempts = [defer.Deferred() for _ in held]
+        for (_, transport), d in zip(held, attempts):
+            login_running(transport, d)
+        proto, _ = self.connect(self.smtp, "192.0.2.250")
+        # Nobody to close: refused, and every login goes on.
+        self.assertFalse(getattr(getattr(proto, "wrapped", None), "made", False))
+        self.assertFalse(any(t.aborted for _, t in held))
+        attempts[0].callback(None)  # that login answered: its connection may go now
+        proto, _ = self.connect(self.smtp, "192.0.2.250")
+        self.assertTrue(proto.wrapped.made)
+        self.assertEqual([t.aborted for _, t in held], [True] + [False] * 7)
+
     def test_idle_addresses_cannot_refuse_their_network(self):
         """
         The review's case: clean addresses of the /24 get in on every door
@@ -719,7 +738,7 @@ class UnauthenticatedShareTests(SynchronousTestCase):
         """
         Past three quarters of what the door's unauthenticated connections may hold
         (10.5 of 14), a new connection first closes the door's unauthenticated
-        connections idle for the stress timeout, oldest first (all networks
+        connections open for the stress timeout, oldest first (all networks
         hold one), until the door is below the level; it then comes in at once.
         """
         old = [self.connect(self.smtp) for _ in range(4)]
@@ -742,14 +761,16 @@ class UnauthenticatedShareTests(SynchronousTestCase):
         self.assertEqual(self.connections.unauthenticated, {"smtp": 12, "http": 2})
         self.clock.advance(11)
         for proto, _ in young:
-            proto.dataReceived(b"EHLO x\r\n")  # not idle
-        self.connect(self.smtp)  # 12: an idle old one goes (10), the newcomer comes in
+            # A byte now and then keeps nothing (the third review's trickle):
+            # what counts is how long a connection has gone without logging in.
+            proto.dataReceived(b"EHLO x\r\n")
+        self.connect(self.smtp)  # 12: the oldest goes (10), the newcomer comes in
         self.assertEqual([t.aborted for _, t in old], [True, True, True, False])
         self.connect(self.smtp)
-        self.connect(self.smtp)  # only idle ones go: the last one is refused
+        self.connect(self.smtp)  # the talkative young ones go too, oldest first
         self.assertEqual([t.aborted for _, t in old], [True] * 4)
-        self.assertFalse(any(t.aborted for _, t in young))
-        self.assertEqual(self.connections.unauthenticated["smtp"], 14)
+        self.assertTrue(young[0][1].aborted)
+        self.assertFalse(logged_in[1].aborted)
 
     def test_newcomer_that_sheds_is_admitted(self):
         """
