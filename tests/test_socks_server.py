@@ -345,8 +345,6 @@ class PendingLoginShareTests(SOCKSTestCase):
     """Logins in flight per peer and per network: many peers at their share, a clean peer still logs in."""
 
     def stuck(self):
-        test = self
-
         class Stuck(FixedChecker):
             def requestAvatarId(self, credentials):
                 if credentials.password == b"tiger" or credentials.password == "tiger":
