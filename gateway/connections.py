@@ -770,6 +770,12 @@ def login_running(transport: Any, attempt: Any) -> Any:
     return attempt
 
 
+def _log_prefix(wrapped: Any) -> str:
+    """What a wrapper's log lines are prefixed with: the wrapped object's own prefix."""
+    context = interfaces.ILoggingContext(wrapped, None)
+    return context.logPrefix() if context is not None else type(wrapped).__name__
+
+
 class _Forwarding:
     """
     Stands between a transport and a protocol: the protocol gets the real
@@ -799,8 +805,7 @@ class _Forwarding:
         self.wrapped.writeConnectionLost()
 
     def logPrefix(self) -> str:
-        wrapped = interfaces.ILoggingContext(self.wrapped, None)
-        return wrapped.logPrefix() if wrapped is not None else type(self.wrapped).__name__
+        return _log_prefix(self.wrapped)
 
     def __getattr__(self, name: str) -> Any:
         if name == "wrapped":  # not set yet: no recursion
@@ -874,19 +879,25 @@ class _HandshakeDeadline(_Forwarding):
         underlying.abortConnection()
 
 
-class HandshakeDeadlineFactory(protocol.Factory):
-    """Wraps each protocol of C{wrapped} in a handshake deadline (put it inside TLS)."""
+class _WrapperFactory(protocol.Factory):
+    """A factory in front of C{wrappedFactory}: its start and stop are the wrapped one's."""
 
-    def __init__(self, wrapped: protocol.Factory, reactor: Any, timeout: float) -> None:
-        self.wrappedFactory = wrapped
-        self.reactor = reactor
-        self.timeout = timeout
+    wrappedFactory: protocol.Factory
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
 
     def doStop(self) -> None:
         self.wrappedFactory.doStop()
+
+
+class HandshakeDeadlineFactory(_WrapperFactory):
+    """Wraps each protocol of C{wrapped} in a handshake deadline (put it inside TLS)."""
+
+    def __init__(self, wrapped: protocol.Factory, reactor: Any, timeout: float) -> None:
+        self.wrappedFactory = wrapped
+        self.reactor = reactor
+        self.timeout = timeout
 
     def buildProtocol(self, addr: Any) -> Any:
         proto = self.wrappedFactory.buildProtocol(addr)
@@ -947,7 +958,7 @@ class _Refuser(protocol.Protocol):
             self.limit.done_lingering(self.key, self.prefix)
 
 
-class LimitedFactory(protocol.Factory):
+class LimitedFactory(_WrapperFactory):
     """
     Admits a connection to C{wrapped} when its peer is under the front
     door's cap and the budget has room; otherwise answers with
@@ -971,15 +982,8 @@ class LimitedFactory(protocol.Factory):
         self.refusals = refusals
         self.listener = listener
 
-    def doStart(self) -> None:
-        self.wrappedFactory.doStart()
-
-    def doStop(self) -> None:
-        self.wrappedFactory.doStop()
-
     def logPrefix(self) -> str:
-        wrapped = interfaces.ILoggingContext(self.wrappedFactory, None)
-        return wrapped.logPrefix() if wrapped is not None else type(self.wrappedFactory).__name__
+        return _log_prefix(self.wrappedFactory)
 
     def buildProtocol(self, addr: Any) -> Any:
         limit = self.limit
