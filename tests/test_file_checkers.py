@@ -15,6 +15,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 from twisted.logger import capturedLogs, formatEvent
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
@@ -425,13 +426,15 @@ class ReloadThreadTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertEqual(set(self.checker.file.value.dummies), {"bcrypt cost 4", "bcrypt cost 5"})
 
-    def test_default_verifier_off_the_reactor(self):
-        """Outside the gateway's service (another twistd plugin), hashing uses the reactor's pool."""
-        from twisted.internet import reactor
-
+    def test_default_verifier_inline(self):
+        """
+        On its own (no service gave it a Verifier), a checker verifies and
+        reloads inline, never through the global reactor's thread pool.
+        """
         checker = HtpasswdChecker(self.path)
-        self.assertIs(checker.verifier.pool.threadpool, reactor.getThreadPool())
+        self.assertIsInstance(checker.verifier.pool, InlinePool)
         self.assertIsNone(checker.file.loader)  # reloads inline: successResultOf works
+        self.successResultOf(testing.authenticate(checker, testing.http_basic("daniel", "tiger")))
 
 
 class TokenCheckerTests(SynchronousTestCase):
@@ -511,6 +514,6 @@ class HashPoolLoadTests(TestCase):
         self.assertFalse(pool.loader.started)
         self.failureResultOf(pool.load(int), ShuttingDown)
 
-    def test_shared_pool_loads_in_the_given_pool(self):
-        pool = HashPool.shared()
+    def test_given_pool_loads_in_it(self):
+        pool = HashPool(task.Clock(), threadpool=ThreadPool())
         self.assertIs(pool.loader, pool.threadpool)

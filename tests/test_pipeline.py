@@ -15,6 +15,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.task import deferLater
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -115,9 +116,10 @@ class HashPoolTests(TestCase):
         self.assertEqual(ran, [])
         self.failureResultOf(pool.run(ran.append, 9), ShuttingDown)
 
-    def test_shared_pool(self):
-        pool = HashPool.shared(max_pending=3)
-        self.assertIs(pool.threadpool, reactor.getThreadPool())
+    def test_given_pool(self):
+        given = ThreadPool()
+        pool = HashPool(reactor, max_pending=3, threadpool=given)
+        self.assertIs(pool.threadpool, given)
         self.assertFalse(pool._own)  # never started or stopped by us
 
     def test_stop_stops_threads(self):

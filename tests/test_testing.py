@@ -10,18 +10,23 @@ import re
 import sys
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.internet import task
 from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
-from gateway.acl import parse_acl
-from gateway.checkers import CallableChecker, load_checker
+from gateway.acl import AccessControlMap, parse_acl
+from gateway.authinfo import AuthInfo
+from gateway.checkers import CallableChecker, hashes, load_checker
+from gateway.checkers.hashing import InlinePool
+from gateway.checkers.htpasswd import HtpasswdChecker, add_user
 from gateway.credentials import (
     BearerToken,
     HTTPBasicCredentials,
     RFC1929Credentials,
     SASLCredentials,
 )
+from gateway.groups import ConfigError
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -93,6 +98,140 @@ class HelperTests(SynchronousTestCase):
             ((["u"],), {"peer_address": "192.0.2.11"}),
         ]:
             self.assertRaises(self.failureException, testing.assert_auth_info, self, info, *args, **kwargs)
+
+
+class HashingCheckerTests(SynchronousTestCase):
+    """A hashing checker in a unit test: no reactor, no thread, results at once."""
+
+    def setUp(self):
+        self.path = self.mktemp()
+        add_user(self.path, "daniel", "tiger", groups=["staff"], scheme="bcrypt", cost=4)
+
+    def test_htpasswd_checker_on_its_own(self):
+        """Built without a verifier (as a user's test would), it answers synchronously."""
+        checker = HtpasswdChecker(self.path)
+        info = self.successResultOf(
+            testing.authenticate(checker, testing.http_basic("daniel", "tiger"))
+        )
+        testing.assert_auth_info(self, info, [("daniel", "HttpBasicAuth")], groups=["staff"])
+        for user, password in [("daniel", "lion"), ("mallory", "tiger")]:
+            self.failureResultOf(
+                testing.authenticate(checker, testing.http_basic(user, password)), UnauthorizedLogin
+            )
+
+    def test_inline_verifier(self):
+        clock = task.Clock()
+        verifier = testing.inline_verifier(clock, ttl=60)
+        self.assertIsInstance(verifier.pool, InlinePool)
+        self.assertIs(verifier.clock, clock)
+        self.assertEqual(verifier.ttl, 60)
+        self.assertTrue(self.successResultOf(verifier.verify("u", "tiger", hashes.make_hash(
+            "tiger", "sha512-crypt", cost=1000))))
+        self.assertIsNot(testing.inline_verifier(), verifier)  # each test its own cache
+
+    def test_inline_verifier_cache(self):
+        """With a task.Clock, a test sees successes cached for ttl seconds, failures never."""
+        clock = task.Clock()
+        checker = HtpasswdChecker(self.path, verifier=testing.inline_verifier(clock, ttl=60))
+        right, wrong = testing.http_basic("daniel", "tiger"), testing.http_basic("daniel", "lion")
+        for _ in range(2):
+            self.successResultOf(testing.authenticate(checker, right))
+            self.failureResultOf(testing.authenticate(checker, wrong), UnauthorizedLogin)
+        self.assertEqual((checker.verifier.hits, checker.verifier.misses), (1, 3))
+        clock.advance(61)
+        self.successResultOf(testing.authenticate(checker, right))
+        self.assertEqual((checker.verifier.hits, checker.verifier.misses), (1, 4))
+
+
+class AuthorizeHookTests(SynchronousTestCase):
+    def setUp(self):
+        self.checker = CallableChecker(lambda authz, authc, password, meta: password == "tiger")
+        self.asked = []
+
+    def grant(self, info, authzid):
+        self.asked.append((sorted(info.names()), info.groups, authzid))
+        return authzid == "sales" and "staff" in info.groups
+
+    def test_grants_a_foreign_authzid(self):
+        creds = testing.sasl_plain("daniel", "tiger", "sales")
+        info = self.successResultOf(testing.authenticate(
+            self.checker, creds, groups={"staff": ["daniel"]}, authorize=self.grant
+        ))
+        testing.assert_auth_info(
+            self, info,
+            [("sales", "SmtpAuthPlainAuthorization"), ("daniel", "SmtpAuthPlainAuthentication")],
+            groups=["staff"],
+        )
+        # Asked about the session that proved itself: its groups, not the authzid yet.
+        self.assertEqual(self.asked, [(["daniel"], ("staff",), "sales")])
+
+    def test_refusal(self):
+        for authzid, groups in [("ceo", {"staff": ["daniel"]}), ("sales", {})]:
+            creds = testing.sasl_plain("daniel", "tiger", authzid)
+            self.failureResultOf(
+                testing.authenticate(self.checker, creds, groups=groups, authorize=self.grant),
+                UnauthorizedLogin,
+            )
+
+    def test_not_asked_without_a_foreign_authzid(self):
+        for authzid in ("", "daniel"):
+            creds = testing.sasl_plain("daniel", "tiger", authzid)
+            info = self.successResultOf(
+                testing.authenticate(self.checker, creds, authorize=self.grant)
+            )
+            self.assertEqual(info.names(), {"daniel"})
+        self.assertEqual(self.asked, [])
+
+    def test_acl_and_authorize(self):
+        creds = testing.sasl_plain("daniel", "tiger", "sales")
+        self.assertRaises(
+            TypeError, testing.authenticate, self.checker, creds,
+            acl=AccessControlMap({}), authorize=self.grant,
+        )
+
+
+class PolicyTests(SynchronousTestCase):
+    ACL = """
+        [[acl."socks/destination"]]
+        allow = true
+        privileges = ["connect"]
+        identity.Group = "premium-tier"
+
+        [[acl."smtp/authz/sales"]]
+        allow = true
+        privileges = ["authorize"]
+        identity.Individual = "daniel"
+    """
+
+    def test_query(self):
+        """Indented TOML, as in a test's triple-quoted string, parses as --acl would."""
+        policy = testing.policy(self.ACL)
+        self.assertEqual(policy, parse_acl(self.ACL.replace("\n        ", "\n")))
+        premium = AuthInfo.from_json_dict(
+            {"identities": [{"identity": "p", "context": "ProxyAuthRfc1929"}],
+             "groups": ["premium-tier"]}
+        )
+        basic = AuthInfo.from_json_dict({"identities": [{"identity": "b", "context": "ProxyAuthRfc1929"}]})
+        self.assertTrue(policy.query_resource_access(premium, "socks/destination", "connect"))
+        self.assertFalse(policy.query_resource_access(premium, "socks/destination", "bind"))
+        self.assertFalse(policy.query_resource_access(basic, "socks/destination", "connect"))
+
+    def test_as_acl(self):
+        checker = CallableChecker(lambda authz, authc, password, meta: password == "tiger")
+        acl = testing.policy(self.ACL)
+        info = self.successResultOf(
+            testing.authenticate(checker, testing.sasl_plain("daniel", "tiger", "sales"), acl=acl)
+        )
+        self.assertEqual(info.names(), {"sales", "daniel"})
+        self.failureResultOf(
+            testing.authenticate(checker, testing.sasl_plain("alice", "tiger", "sales"), acl=acl),
+            UnauthorizedLogin,
+        )
+
+    def test_malformed(self):
+        e = self.assertRaises(ConfigError, testing.policy, '[[acl."x"]]\nallow = true\n')
+        self.assertIn("<testing.policy>", str(e))
+        self.assertIn("privileges", str(e))
 
 
 class ReadmeExampleTests(SynchronousTestCase):
