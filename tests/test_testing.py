@@ -13,12 +13,13 @@ from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import task
 from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
 
 from gateway import testing
 from gateway.acl import AccessControlMap, parse_acl
 from gateway.authinfo import AuthInfo
 from gateway.checkers import CallableChecker, hashes, load_checker
-from gateway.checkers.hashing import InlinePool
+from gateway.checkers.hashing import IHashingChecker, InlinePool, Verifier
 from gateway.checkers.htpasswd import HtpasswdChecker, add_user
 from gateway.credentials import (
     BearerToken,
@@ -27,6 +28,7 @@ from gateway.credentials import (
     SASLCredentials,
 )
 from gateway.groups import ConfigError
+from tests.support import ManualPool
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -211,7 +213,9 @@ class PolicyTests(SynchronousTestCase):
             {"identities": [{"identity": "p", "context": "ProxyAuthRfc1929"}],
              "groups": ["premium-tier"]}
         )
-        basic = AuthInfo.from_json_dict({"identities": [{"identity": "b", "context": "ProxyAuthRfc1929"}]})
+        basic = AuthInfo.from_json_dict(
+            {"identities": [{"identity": "b", "context": "ProxyAuthRfc1929"}]}
+        )
         self.assertTrue(policy.query_resource_access(premium, "socks/destination", "connect"))
         self.assertFalse(policy.query_resource_access(premium, "socks/destination", "bind"))
         self.assertFalse(policy.query_resource_access(basic, "socks/destination", "connect"))
@@ -254,13 +258,32 @@ class ReadmeExampleTests(SynchronousTestCase):
         result = reporter.TestResult()
         suite.run(result)
         self.assertEqual(result.errors + result.failures, [])
-        self.assertEqual(result.testsRun, 4)
+        self.assertEqual(result.testsRun, 8)
         self.assertTrue(result.wasSuccessful())
 
     def test_loadable_with_checker_option(self):
         checker = load_checker("mychecker.OfficeChecker")
         creds = testing.sasl_plain("daniel", "tiger", peer="192.0.2.1")
         self.assertEqual(self.successResultOf(testing.authenticate(checker, creds)).groups, ("staff",))
+
+    def test_hashing_example_takes_the_services_verifier(self):
+        """
+        The README's DirectoryChecker verifies inline on its own, and takes
+        the Verifier the gateway's service hands it.
+        """
+        from mychecker import DirectoryChecker
+
+        checker = DirectoryChecker({"daniel": hashes.make_hash("tiger", "bcrypt", cost=4)})
+        verifyObject(IHashingChecker, checker)
+        self.assertIsInstance(checker.verifier.pool, InlinePool)
+        self.successResultOf(testing.authenticate(checker, testing.http_basic("daniel", "tiger")))
+        pool = ManualPool()
+        checker.use_verifier(Verifier(hashes.verify, pool))
+        d = testing.authenticate(checker, testing.http_basic("daniel", "tiger"))
+        self.assertNoResult(d)
+        self.assertEqual(len(pool.jobs), 1)
+        pool.finish_all()
+        self.successResultOf(d)
 
     def test_seed_functions(self):
         """The README's decorated seed callbacks authenticate their own protocol only."""

@@ -231,13 +231,14 @@ class HtpasswdChecker(FileChecker[_Served]):
     C{--auth htpasswd:PATH}: users of an Apache/nginx htpasswd file.
 
     Verification goes through a L{Verifier}: in the gateway, the service's
-    (its bounded L{gateway.checkers.hashing.HashPool} and cache, given by L{use_verifier}). A checker
-    built on its own (a unit test; strcred's C{--auth htpasswd:} until the
-    service hands it its own) verifies inline, in the caller's thread, so a
-    test sees the result at once; its file reload is inline too. Used under
-    another twistd plugin it would therefore hash on the reactor thread:
-    pass it C{Verifier(hashes.verify, pool)} with a started C{HashPool}
-    (a child service of that plugin's) instead.
+    (its bounded L{gateway.checkers.hashing.HashPool} and cache, given by
+    L{use_verifier}). A checker built on its own (a unit test; strcred's
+    C{--auth htpasswd:} until the service hands it its own) verifies inline,
+    in the caller's thread, so a test sees the result at once; its file
+    reload is inline too. Used under another twistd plugin it would
+    therefore hash on the reactor thread: pass it
+    C{Verifier(hashes.verify, pool)} with a started C{HashPool} (a child
+    service of that plugin's) instead.
 
     Every login costs the same whoever it names: the file's hashes fall into
     cost classes (bcrypt cost 12, {SHA}, ...), and each login verifies exactly
