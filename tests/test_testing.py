@@ -5,8 +5,10 @@ own trial test, exactly as the README shows them.
 
 from __future__ import annotations
 
+import ast
 import os
 import re
+import subprocess
 import sys
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -236,6 +238,90 @@ class PolicyTests(SynchronousTestCase):
         e = self.assertRaises(ConfigError, testing.policy, '[[acl."x"]]\nallow = true\n')
         self.assertIn("<testing.policy>", str(e))
         self.assertIn("privileges", str(e))
+
+
+GATEWAY = os.path.join(os.path.dirname(README), "gateway")
+
+#: Modules that may import the global reactor: twistd's entry point only
+#: (the spool's until its thread pool comes from the composition root).
+REACTOR_ALLOWED = {"tap.py", os.path.join("smtp", "spool.py")}
+
+
+def imports_global_reactor(source: str) -> bool:
+    """Whether Python source imports C{twisted.internet.reactor}, at any depth."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module == "twisted.internet":
+            if any(alias.name == "reactor" for alias in node.names):
+                return True
+        if isinstance(node, ast.ImportFrom) and node.module == "twisted.internet.reactor":
+            return True
+        if isinstance(node, ast.Import):
+            if any(alias.name == "twisted.internet.reactor" for alias in node.names):
+                return True
+    return False
+
+
+class NoHiddenReactorTests(SynchronousTestCase):
+    """Everything but twistd's entry point gets its reactor and thread pools passed in."""
+
+    def test_scanner(self):
+        for source in (
+            "from twisted.internet import defer, reactor",
+            "import twisted.internet.reactor",
+            "def f():\n    from twisted.internet import reactor\n",
+        ):
+            self.assertTrue(imports_global_reactor(source), source)
+        for source in ("from twisted.internet import defer", "reactor = None", "import twisted"):
+            self.assertFalse(imports_global_reactor(source), source)
+
+    def test_no_module_imports_the_global_reactor(self):
+        found = []
+        for directory, _, names in os.walk(GATEWAY):
+            for name in names:
+                path = os.path.join(directory, name)
+                relative = os.path.relpath(path, GATEWAY)
+                if name.endswith(".py") and relative not in REACTOR_ALLOWED:
+                    with open(path, encoding="utf-8") as f:
+                        if imports_global_reactor(f.read()):
+                            found.append(relative)
+        self.assertEqual(found, [])
+
+    def test_checker_test_installs_no_reactor(self):
+        """
+        A user's checker test (gateway.testing, the stores and strcred's
+        plugins, a login through each) never installs the global reactor.
+        """
+        code = (
+            "import sys\n"
+            "from gateway import testing\n"
+            "from gateway.checkers import load_checker\n"
+            "from gateway.checkers.htpasswd import HtpasswdChecker, add_user\n"
+            "from gateway.checkers.plainfile import PlainFileChecker\n"
+            "from gateway.checkers.tokens import TokenChecker, add_token\n"
+            "import twisted.plugins.authgateway_checkers\n"
+            "path = sys.argv[1]\n"
+            "add_user(path + '.htpasswd', 'daniel', 'tiger', scheme='bcrypt', cost=4)\n"
+            "token, _ = add_token(path + '.tokens', 'bot')\n"
+            "open(path + '.plain', 'w').write('daniel:tiger\\n')\n"
+            "results = []\n"
+            "for checker, creds in [\n"
+            "    (HtpasswdChecker(path + '.htpasswd'), testing.http_basic('daniel', 'tiger')),\n"
+            "    (TokenChecker(path + '.tokens'), testing.bearer(token)),\n"
+            "    (PlainFileChecker(path + '.plain'), testing.rfc1929('daniel', 'tiger')),\n"
+            "]:\n"
+            "    testing.authenticate(checker, creds).addBoth(results.append)\n"
+            "print(sorted(min(i.names()) for i in results),\n"
+            "      'twisted.internet.reactor' in sys.modules)\n"
+        )
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(README))
+        done = subprocess.run(
+            [sys.executable, "-c", code, os.path.join(directory, "store")],
+            capture_output=True, text=True, timeout=60, env=env,
+        )
+        self.assertEqual((done.returncode, done.stderr), (0, ""))
+        self.assertEqual(done.stdout.strip(), "['bot', 'daniel', 'daniel'] False")
 
 
 class ReadmeExampleTests(SynchronousTestCase):
