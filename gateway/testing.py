@@ -13,9 +13,9 @@ Helpers for unit-testing your own checker under C{trial}.
 
 L{authenticate} runs the same Portal, checker chain and realm as the gateway,
 so what you assert is what the front doors will see. Nothing here needs a
-reactor: a hashing checker is given L{inline_verifier} (its default too), a
-grant of a foreign SMTP authzid is a plain function (C{authorize=}), and an
-ACL is TOML text (L{policy}).
+reactor: a hashing checker verifies inline on its own (L{inline_verifier}
+with a C{task.Clock} shows its cache), a grant of a foreign SMTP authzid is a
+plain function (C{authorize=}), and an ACL is TOML text (L{policy}).
 """
 
 from __future__ import annotations
