@@ -242,9 +242,8 @@ class PolicyTests(SynchronousTestCase):
 
 GATEWAY = os.path.join(os.path.dirname(README), "gateway")
 
-#: Modules that may import the global reactor: twistd's entry point only
-#: (the spool's until its thread pool comes from the composition root).
-REACTOR_ALLOWED = {"tap.py", os.path.join("smtp", "spool.py")}
+#: Modules that may import the global reactor: twistd's entry point only.
+REACTOR_ALLOWED = {"tap.py"}
 
 
 def imports_global_reactor(source: str) -> bool:
