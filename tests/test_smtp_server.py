@@ -35,7 +35,7 @@ from gateway.checkers import smtp_server_auth_plain
 from gateway.checkers.pipeline import PoolFull, Reject, Throttled
 from gateway.credentials import ISASLCredentials
 from gateway.realm import Realm, make_portal
-from gateway.smtp import sasl
+from gateway.smtp import codec, sasl
 from gateway.smtp import spool as spool_module
 from gateway.smtp.server import (
     CLOSE_GRACE,
@@ -990,9 +990,8 @@ class TransactionTests(ServerTestCase):
         client = self.authenticated()
         client.send(b"MAIL FROM:<a@b.example>\r\n")
         matched = []
-        rcpt_re = client.proto.rcpt_re
-        self.patch(type(client.proto), "rcpt_re", _Recording(rcpt_re, matched))
-        self.patch(type(client.proto), "mail_re", _Recording(client.proto.mail_re, matched))
+        self.patch(codec, "_RCPT", _Recording(codec._RCPT, matched))
+        self.patch(codec, "_MAIL", _Recording(codec._MAIL, matched))
         line = b"RCPT TO:<a@b.example>" + b" " * 12000 + b"x\ny\r\n"
         self.assertReplies(client.send(line * 3), [b"501 5.5.2"] * 3)
         self.assertReplies(client.send(b"MAIL FROM:<c@d.example>" + b" " * 12000 + b"x\ny\r\n"),
@@ -1598,11 +1597,11 @@ class LinearInputTests(ServerTestCase):
     """
 
     def unread(self, proto: Any) -> int:
-        return len(proto._buffer) - getattr(proto, "_pos", 0)
+        return len(proto._buffer) - proto._pos
 
     def count_block_scans(self, client: Client, budget: int) -> list[int]:
         """Sum the input each C{_data_block} call may scan; fail once over C{budget}."""
-        proto, scanned = client.proto, [0]
+        proto, scanned = client.proto._codec, [0]
         original = proto._data_block
 
         def counting() -> bool:
@@ -1616,7 +1615,7 @@ class LinearInputTests(ServerTestCase):
 
     def count_data_lines(self, client: Client) -> list[bytes]:
         """The lines of message text that went line by line."""
-        proto, seen = client.proto, []
+        proto, seen = client.proto._codec, []
         original = proto._data_line
 
         def counting(line: bytes) -> None:
@@ -1663,7 +1662,7 @@ class LinearInputTests(ServerTestCase):
     def test_pipelined_commands_do_not_copy_the_buffer(self) -> None:
         """Each command line is taken without copying the lines after it."""
         client = self.authenticated()
-        proto, copied, last = client.proto, [0], [None]
+        proto, copied, last = client.proto._codec, [0], [None]
         original = proto._line
 
         def counting(line: bytes) -> None:
@@ -1684,7 +1683,7 @@ class LinearInputTests(ServerTestCase):
         is neither copied nor searched from the line's start at every read.
         """
         client = self.authenticated()
-        proto, scanned, copied = client.proto, [0], [0]
+        proto, scanned, copied = client.proto._codec, [0], [0]
 
         class Counting(bytearray):
             def find(self, sub: Any, start: int = 0, *end: int) -> int:
@@ -1696,7 +1695,7 @@ class LinearInputTests(ServerTestCase):
         last = proto._buffer
         line = b"NOOP " + b"x" * 12000 + b"\r\n"
         for i in range(len(line)):
-            proto.dataReceived(line[i : i + 1])
+            client.proto.dataReceived(line[i : i + 1])
             if proto._buffer is not last:  # a new buffer object: a copy was made
                 last = proto._buffer
                 copied[0] += len(last)
@@ -1821,7 +1820,7 @@ class BackpressureTests(ServerTestCase):
         client.proto.dataReceived(b"NOOP\r\n" * (MAX_BUFFERED_INPUT // 6 + 1))
         self.assertReplies(client.read(), [b"421 4.7.0"])
         self.assertTrue(client.closed)
-        self.assertEqual(client.proto._buffer, b"")
+        self.assertEqual(client.proto._codec._buffer, b"")
 
     def test_close_unregisters_then_aborts_a_client_that_does_not_read(self) -> None:
         """A registered producer would keep TCP and TLS transports from closing."""
