@@ -197,7 +197,8 @@ class ServerCodec:
             if end < 0:
                 # A partial line: a CR at its end may be half of the CRLF.
                 length = len(buffer) - start - buffer.endswith(b"\r", start)
-                if self._too_long(length, buffer.startswith(b".", start)):
+                # (No line of MAX_DATA_LINE octets is too long, whatever the mode.)
+                if length > MAX_DATA_LINE and self._too_long(length, buffer.startswith(b".", start)):
                     if not self._skipping:
                         self._overlong()
                     self._pos = start + length
@@ -206,10 +207,12 @@ class ServerCodec:
             if self._skipping:  # the tail of an overlong line
                 self._skipping = False
                 continue
-            if self._too_long(end - start, buffer.startswith(b".", start)):
+            if end - start > MAX_DATA_LINE and self._too_long(end - start, buffer.startswith(b".", start)):
                 self._overlong()
                 self._skipping = False
                 continue
+            if self.mode is Mode.COMMAND:  # the common case, without the queue
+                return _command(bytes(buffer[start:end]))
             self._line(bytes(buffer[start:end]))
         return events.popleft() if events else None
 
