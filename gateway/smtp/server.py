@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_smtp_server -*-
+# -*- test-case-name: tests.test_smtp_session,tests.test_smtp_auth,tests.test_smtp_transaction,tests.test_smtp_data,tests.test_smtp_limits -*-
 """
 The ESMTP submission server: a Twisted protocol around the sans-I/O
 L{gateway.smtp.codec}, with what a submission front door needs (see
