@@ -363,9 +363,8 @@ def reply(code: int, enhanced: str, text: str) -> bytes:
 
 def reply_lines(code: int, lines: list[bytes]) -> bytes:
     """A reply of one or more lines (C{NNN-} for all but the last), as for EHLO."""
-    last = len(lines) - 1
-    prefix, final = b"%d-" % code, b"%d " % code
-    return b"".join((final if i == last else prefix) + line + b"\r\n" for i, line in enumerate(lines))
+    head = b"%d-" % code
+    return b"".join([head + line + b"\r\n" for line in lines[:-1]]) + b"%d %s\r\n" % (code, lines[-1])
 
 
 # -- arguments ------------------------------------------------------------------
