@@ -22,7 +22,7 @@ from twisted.mail.interfaces import IChallengeResponse
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, implementer
 
-from gateway import aaa
+from gateway.acl import AllowAuthenticated
 from gateway.credentials import ISASLCredentials
 from gateway.realm import Realm, make_portal
 from gateway.smtp.server import SMTPSettings, SubmissionFactory
@@ -217,7 +217,7 @@ class ServerTestCase(SynchronousTestCase):
         implicit = kind == "implicit"
         self.factory = SubmissionFactory(
             portal,
-            policy or aaa.AllowAuthenticated(),
+            policy or AllowAuthenticated(),
             self.spool,
             SMTPSettings(**settings),
             "smtps" if implicit else "smtp",

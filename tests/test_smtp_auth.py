@@ -14,7 +14,7 @@ from typing import Any
 from twisted.cred.credentials import CramMD5Credentials
 
 from gateway.checkers import smtp_server_auth_plain
-from gateway.checkers.pipeline import PoolFull, Reject, Throttled
+from gateway.errors import PoolFull, Reject, Throttled
 from gateway.realm import Realm
 from gateway.smtp import sasl
 from gateway.smtp.server import CLOSE_GRACE, MAX_COMMAND_LINE

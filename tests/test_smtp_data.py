@@ -210,7 +210,7 @@ class DataTests(ServerTestCase):
         def broken(directory: str) -> None:
             raise OSError(5, "Input/output error")
 
-        self.patch(spool_module, "_fsync_directory", broken)
+        self.patch(spool_module, "fsync_directory", broken)
         client = self.authenticated()
         self.start_data(client)
         self.assertReplies(client.send(b"hi\r\n.\r\n"), [b"451 4.3.0"])

@@ -10,7 +10,7 @@ import ipaddress
 from typing import Any
 
 
-from gateway import aaa
+from gateway.acl import parse_acl
 from gateway.smtp import codec
 from tests.smtp_support import Client, ServerTestCase, plain
 
@@ -154,7 +154,7 @@ class TransactionTests(ServerTestCase):
         self.assertNothingStored()
 
     def test_sender_binding(self) -> None:
-        acl = aaa.parse_acl(
+        acl = parse_acl(
             '[[acl."smtp/sender/example.com/daniel"]]\n'
             "allow = true\n"
             'privileges = ["send"]\n'
@@ -171,7 +171,7 @@ class TransactionTests(ServerTestCase):
         no licence to send as anyone: only rules under C{smtp/sender/DOMAIN}
         naming C{send} bind senders; a domain-wide grant still works.
         """
-        broad = aaa.parse_acl(
+        broad = parse_acl(
             '[[acl."smtp"]]\nallow = true\nprivileges = ["*"]\nidentity.Authenticated = {}\n'
             '[[acl."smtp/sender/*"]]\nallow = true\nprivileges = ["*"]\n'
             "identity.Authenticated = {}\n"
@@ -188,7 +188,7 @@ class TransactionTests(ServerTestCase):
         is the same mailbox, and is denied too; a quoted form no key can name
         is refused under binding.
         """
-        acl = aaa.parse_acl(
+        acl = parse_acl(
             '[[acl."smtp/sender/example.com/ceo"]]\nallow = false\nprivileges = ["send"]\n'
             "identity.Any = {}\n"
             '[[acl."smtp/sender/example.com"]]\nallow = true\nprivileges = ["send"]\n'
@@ -201,7 +201,7 @@ class TransactionTests(ServerTestCase):
         self.assertReplies(client.send(b"MAIL FROM:<Daniel.K@Example.COM>\r\n"), [b"250 2.1.0"])
 
     def test_sender_binding_off(self) -> None:
-        acl = aaa.parse_acl("")
+        acl = parse_acl("")
         client = self.authenticated(policy=acl)
         self.assertReplies(client.send(b"MAIL FROM:<boss@example.com>\r\n"), [b"250 2.1.0"])
 
@@ -339,7 +339,7 @@ class MailAuthParameterTests(ServerTestCase):
         self.assertEqual(meta["mail_auth"], "list@example.com")
 
     def test_sender_binding_applies_to_the_auth_mailbox(self) -> None:
-        acl = aaa.parse_acl(
+        acl = parse_acl(
             '[[acl."smtp/sender/example.com/daniel"]]\n'
             "allow = true\n"
             'privileges = ["send"]\n'
@@ -350,7 +350,7 @@ class MailAuthParameterTests(ServerTestCase):
         self.assertEqual(meta["mail_auth"], "<>")
 
     def test_sender_binding_own_mailbox_kept(self) -> None:
-        acl = aaa.parse_acl(
+        acl = parse_acl(
             '[[acl."smtp/sender/example.com/daniel"]]\n'
             "allow = true\n"
             'privileges = ["send"]\n'
