@@ -15,7 +15,7 @@ to commands by itself at its end-of-data line::
 
     COMMAND -> Command | Malformed | LineTooLong
     AUTH    -> AuthResponse | LineTooLong
-    DATA    -> MessageText* [DataRefused MessageText*...] EndOfData  -> COMMAND
+    DATA    -> MessageText* [DataRefused] EndOfData  -> COMMAND
 
 Lines end with CRLF only: a bare LF never ends a line, so a message cannot
 smuggle a second one past the end-of-data marker; a command with a bare CR
@@ -94,7 +94,7 @@ class MessageText:
 
 @attrs.frozen
 class DataRefused:
-    """The message is refused (its text so far can go); text until the end is not given."""
+    """The message is refused (its text so far can go); no more text is given until the end."""
 
 
 @attrs.frozen
@@ -167,7 +167,7 @@ class ServerCodec:
         self._data_error = None
 
     def discard_input(self) -> None:
-        """Forget what was received and not taken (input pipelined before STARTTLS)."""
+        """Forget what was received and not taken (what was pipelined after STARTTLS)."""
         self._buffer, self._pos, self._scan, self._skipping = bytearray(), 0, 0, False
         self._events.clear()
 
