@@ -7,6 +7,8 @@ transport. The same input split anywhere gives the same events.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import Iterable
 
 from hypothesis import example, given, settings
@@ -137,6 +139,14 @@ class SplitAnywhereTests(SynchronousTestCase):
                 pass
             # What is held and not taken is one partial line, at most a bound (and its CR).
             self.assertLessEqual(c.buffered, MAX_COMMAND_LINE + 1)
+
+
+class SansIOTests(SynchronousTestCase):
+    def test_no_twisted(self) -> None:
+        """The codec imports nothing of Twisted: no transport, no reactor."""
+        code = "import sys, gateway.smtp.codec; print(sorted(m for m in sys.modules if m.startswith('twisted')))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        self.assertEqual(out.stdout.strip(), "[]")
 
 
 class CommandFramingTests(SynchronousTestCase):
