@@ -8,6 +8,8 @@ shared/reference/smtp-auth.md.
 
 from __future__ import annotations
 
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.cred.error import UnauthorizedLogin
 
 from gateway.smtp import sasl
@@ -17,7 +19,9 @@ from tests.smtp_support import (
     PendingChecker,
     ServerTestCase,
     TokenMechanism,
+    b64,
     finals,
+    memory_db,
     plain,
 )
 
@@ -257,3 +261,52 @@ class PipeliningTests(ServerTestCase):
             d.callback("daniel")
         self.assertEqual(client.read(), [])
         self.assertIsNone(client.proto.auth_info)
+
+
+#: Pieces of a pipelined session that switch the codec between commands, SASL
+#: responses and message text, some of them wrong.
+_SESSION_PIECES = st.sampled_from(
+    [
+        b"AUTH LOGIN\r\n" + b64("daniel") + b"\r\n" + b64("tiger") + b"\r\n",
+        b"AUTH LOGIN\r\n*\r\n",
+        b"AUTH PLAIN\r\n" + plain() + b"\r\n",
+        b"AUTH PLAIN " + plain(password="wrong") + b"\r\n",
+        b"MAIL FROM:<daniel@example.com>\r\n",
+        b"RCPT TO:<a@example.net>\r\n",
+        b"DATA\r\n",
+        b"Subject: x\r\n\r\n..dot\r\n.\r\n",
+        b"x" * 1200 + b"\r\n",
+        b"a\nb\r\n",
+        b"RSET\r\n",
+        b"NOOP\r\n",
+        b"\r\n",
+    ]
+)
+
+
+class SplitSessionTests(ServerTestCase):
+    """The codec's mode follows the server's replies however the input is cut into reads."""
+
+    def run_session(self, pieces: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        before = set(self.spool.ids())
+        client = self.tls_session(checkers=[memory_db("daniel", "tiger")], max_auth_failures=100)
+        replies = [line for piece in pieces for line in client.send(piece)]
+        stored = [self.spool.load(id)[0].partition(b"Subject")[2] for id in self.spool.ids() if id not in before]
+        return [line[:10] for line in finals(replies)], stored
+
+    @settings(max_examples=100, deadline=None)
+    @given(pieces=st.lists(_SESSION_PIECES, max_size=10), cuts=st.lists(st.integers(0, 3000), max_size=10))
+    @example(
+        pieces=[b"AUTH PLAIN\r\n" + plain() + b"\r\n", b"MAIL FROM:<daniel@example.com>\r\n",
+                b"RCPT TO:<a@example.net>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\n..dot\r\n.\r\n", b"NOOP\r\n"],
+        cuts=[5, 14, 40],
+    )
+    def test_any_split_same_replies(self, pieces: list[bytes], cuts: list[int]) -> None:
+        wire = b"".join(pieces)
+        points = sorted({c for c in cuts if 0 < c < len(wire)})
+        split = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
+        whole = self.run_session([wire])
+        if b"DATA\r\nSubject" in wire and b"235 2.7.0 " in whole[0] and b"354 2.0.0 " in whole[0]:
+            self.assertEqual(whole[1], [b": x\r\n\r\n.dot\r\n"])
+        self.assertEqual(self.run_session(split), whole)
+        self.assertEqual(self.run_session([wire[i : i + 1] for i in range(len(wire))]), whole)
