@@ -284,6 +284,16 @@ _SESSION_PIECES = st.sampled_from(
 )
 
 
+_SESSION = [
+    b"AUTH PLAIN\r\n" + plain() + b"\r\n",
+    b"MAIL FROM:<daniel@example.com>\r\n",
+    b"RCPT TO:<a@example.net>\r\n",
+    b"DATA\r\n",
+    b"Subject: x\r\n\r\n..dot\r\n.\r\n",
+    b"NOOP\r\n",
+]
+
+
 class SplitSessionTests(ServerTestCase):
     """The codec's mode follows the server's replies however the input is cut into reads."""
 
@@ -296,17 +306,20 @@ class SplitSessionTests(ServerTestCase):
 
     @settings(max_examples=100, deadline=None)
     @given(pieces=st.lists(_SESSION_PIECES, max_size=10), cuts=st.lists(st.integers(0, 3000), max_size=10))
-    @example(
-        pieces=[b"AUTH PLAIN\r\n" + plain() + b"\r\n", b"MAIL FROM:<daniel@example.com>\r\n",
-                b"RCPT TO:<a@example.net>\r\n", b"DATA\r\n", b"Subject: x\r\n\r\n..dot\r\n.\r\n", b"NOOP\r\n"],
-        cuts=[5, 14, 40],
-    )
+    @example(pieces=_SESSION, cuts=[5, 14, 40])
     def test_any_split_same_replies(self, pieces: list[bytes], cuts: list[int]) -> None:
         wire = b"".join(pieces)
         points = sorted({c for c in cuts if 0 < c < len(wire)})
         split = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True)]
         whole = self.run_session([wire])
-        if b"DATA\r\nSubject" in wire and b"235 2.7.0 " in whole[0] and b"354 2.0.0 " in whole[0]:
-            self.assertEqual(whole[1], [b": x\r\n\r\n.dot\r\n"])
         self.assertEqual(self.run_session(split), whole)
         self.assertEqual(self.run_session([wire[i : i + 1] for i in range(len(wire))]), whole)
+
+    def test_pipelined_session(self) -> None:
+        """The example above, in one read: a SASL response, then commands, then text, then commands."""
+        replies, stored = self.run_session([b"".join(_SESSION)])
+        self.assertEqual(
+            replies,
+            [b"334 ", b"235 2.7.0 ", b"250 2.1.0 ", b"250 2.1.5 ", b"354 2.0.0 ", b"250 2.0.0 ", b"250 2.0.0 "],
+        )
+        self.assertEqual(stored, [b": x\r\n\r\n.dot\r\n"])
