@@ -128,7 +128,9 @@ class SplitAnywhereTests(SynchronousTestCase):
         self.assertEqual(converse(wire[i : i + 1] for i in range(len(wire))), events_of(wire))
 
     @settings(max_examples=200, deadline=None)
-    @given(data=st.binary(max_size=3000), mode=st.sampled_from(list(Mode)), cuts=st.lists(st.integers(0, 3000)))
+    @given(
+        data=st.binary(max_size=3000), mode=st.sampled_from(list(Mode)), cuts=st.lists(st.integers(0, 3000))
+    )
     def test_arbitrary_bytes_never_raise(self, data: bytes, mode: Mode, cuts: list[int]) -> None:
         """Any octets, in any mode: events only, and nothing held beyond a bound."""
         c = ServerCodec()
@@ -144,7 +146,10 @@ class SplitAnywhereTests(SynchronousTestCase):
 class SansIOTests(SynchronousTestCase):
     def test_no_twisted(self) -> None:
         """The codec imports nothing of Twisted: no transport, no reactor."""
-        code = "import sys, gateway.smtp.codec; print(sorted(m for m in sys.modules if m.startswith('twisted')))"
+        code = (
+            "import sys, gateway.smtp.codec;"
+            " print(sorted(m for m in sys.modules if m.startswith('twisted')))"
+        )
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         self.assertEqual(out.stdout.strip(), "[]")
 
@@ -268,9 +273,12 @@ class MessageTextTests(SynchronousTestCase):
 
     def test_size_limit(self) -> None:
         self.assertEqual(
-            self.data(b"x" * 98 + b"\r\n.\r\n", max_size=100), [MessageText(b"x" * 98 + b"\r\n"), EndOfData(None)]
+            self.data(b"x" * 98 + b"\r\n.\r\n", max_size=100),
+            [MessageText(b"x" * 98 + b"\r\n"), EndOfData(None)],
         )
-        self.assertEqual(self.data(b"x" * 99 + b"\r\n.\r\n", max_size=100), [DataRefused(), EndOfData(codec.TOO_BIG)])
+        self.assertEqual(
+            self.data(b"x" * 99 + b"\r\n.\r\n", max_size=100), [DataRefused(), EndOfData(codec.TOO_BIG)]
+        )
 
     def test_first_error_is_the_reply(self) -> None:
         wire = (b"y" * 98 + b"\r\n") * 12 + b"a\nb\r\n" + b"x" * 1500 + b"\r\n" + b".\r\n"

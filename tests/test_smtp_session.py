@@ -301,7 +301,8 @@ class SplitSessionTests(ServerTestCase):
         before = set(self.spool.ids())
         client = self.tls_session(checkers=[memory_db("daniel", "tiger")], max_auth_failures=100)
         replies = [line for piece in pieces for line in client.send(piece)]
-        stored = [self.spool.load(id)[0].partition(b"Subject")[2] for id in self.spool.ids() if id not in before]
+        new = [id for id in self.spool.ids() if id not in before]
+        stored = [self.spool.load(id)[0].partition(b"Subject")[2] for id in new]
         return [line[:10] for line in finals(replies)], stored
 
     @settings(max_examples=100, deadline=None)
@@ -320,6 +321,7 @@ class SplitSessionTests(ServerTestCase):
         replies, stored = self.run_session([b"".join(_SESSION)])
         self.assertEqual(
             replies,
-            [b"334 ", b"235 2.7.0 ", b"250 2.1.0 ", b"250 2.1.5 ", b"354 2.0.0 ", b"250 2.0.0 ", b"250 2.0.0 "],
+            [b"334 ", b"235 2.7.0 ", b"250 2.1.0 ", b"250 2.1.5 ", b"354 2.0.0 ", b"250 2.0.0 ",
+             b"250 2.0.0 "],
         )
         self.assertEqual(stored, [b": x\r\n\r\n.dot\r\n"])
