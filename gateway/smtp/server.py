@@ -372,8 +372,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
 
     def _on_line_too_long(self, event: codec.LineTooLong) -> None:
         if self._codec.mode is codec.Mode.AUTH:
-            self._codec.expect_command()
-            self._mechanism = None
+            self._end_auth()
         self._on_malformed(codec.Malformed(*codec.LINE_TOO_LONG))
 
     def _on_auth_response(self, event: codec.AuthResponse) -> None:
@@ -702,7 +701,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         self._writer.write(self._received_header(self._writer.id))
         self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
 
-    def _end_of_data(self, event: codec.EndOfData) -> None:
+    def _on_end_of_data(self, event: codec.EndOfData) -> None:
         writer = self._writer
         envelope = self._envelope() if writer is not None else None
         self._reset_transaction()
@@ -791,7 +790,7 @@ _HANDLERS: dict[type, Any] = {
     codec.AuthResponse: SubmissionServer._on_auth_response,
     codec.MessageText: SubmissionServer._on_message_text,
     codec.DataRefused: SubmissionServer._on_data_refused,
-    codec.EndOfData: SubmissionServer._end_of_data,
+    codec.EndOfData: SubmissionServer._on_end_of_data,
 }
 
 
