@@ -19,8 +19,8 @@ from typing import Any, Union
 import attrs
 from zope.interface import Interface, implementer
 
+from gateway.addresses import ip_or_none
 from gateway.authinfo import IAuthInfo, Identity, IdentityContext
-from gateway.meta import ip_or_none
 from gateway.text import quote as _quote
 
 try:

@@ -35,10 +35,12 @@ from gateway.aaa import (
     load_acl_file,
     load_group_file,
 )
+from gateway.addresses import canonical_host
 from gateway.checkers import CheckerLoadError, hashes, load_checker
-from gateway.checkers.plainfile import PlainFileChecker
 from gateway.checkers.files import IReloadable
-from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
+from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
+from gateway.checkers.plainfile import PlainFileChecker
+from gateway.checkers.throttle import Throttle
 from gateway.connections import Connections, ListenSettings, with_backlog
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
@@ -47,7 +49,6 @@ from gateway.smtp.server import SMTPSettings
 from gateway.smtp.spool import Spool
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSSettings
-from gateway.meta import canonical_host
 from gateway.tls import CertificateError, ensure_certificate
 from gateway.web.guard import HTTPSettings
 from gateway.web.resources import WebApp, check_acl_keys, upstream_host

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import cli, realm, tap, testing
 from gateway.checkers import hashes, htpasswd, tokens
-from gateway.checkers.pipeline import PoolFull
+from gateway.errors import PoolFull
 from tests.support import planted_directory_link, require_tool, victim_file
 
 PASSWORD = "Tr0ub4dor&3-cli"

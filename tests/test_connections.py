@@ -15,7 +15,6 @@ import ssl
 import types
 
 import attrs
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, interfaces, protocol, reactor, task, threads
@@ -27,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import tap
+from gateway.addresses import network_of
 from gateway.connections import (
     NOFILE_UNLIMITED,
     Connections,
@@ -41,7 +41,6 @@ from gateway.connections import (
     raise_nofile_limit,
     with_backlog,
 )
-from gateway.meta import network_of
 from gateway.socks.server import SOCKSServer
 from tests.support import free_port, require_tool
 

@@ -30,7 +30,7 @@ from gateway.checkers.htpasswd import (
     list_users,
     parse_htpasswd,
 )
-from gateway.checkers.pipeline import IHashingChecker, InlinePool, Verifier
+from gateway.checkers.hashing import IHashingChecker, InlinePool, Verifier
 from tests.support import (
     CHEAP,
     PASSWORD,

@@ -32,8 +32,8 @@ from zope.interface import Interface, implementer
 
 from gateway import aaa
 from gateway.checkers import smtp_server_auth_plain
-from gateway.checkers.pipeline import PoolFull, Reject, Throttled
 from gateway.credentials import ISASLCredentials
+from gateway.errors import PoolFull, Reject, Throttled
 from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
 from gateway.smtp import spool as spool_module

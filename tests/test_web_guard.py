@@ -28,7 +28,7 @@ from twisted.web.resource import IResource
 from zope.interface import directlyProvides, implementer
 
 from gateway.aaa import AllowAuthenticated, parse_groups
-from gateway.checkers.pipeline import Throttle
+from gateway.checkers.throttle import Throttle
 from gateway.credentials import IBearerToken
 from gateway.realm import Realm, make_portal
 from gateway.web.guard import Guard, HTTPSettings

@@ -34,10 +34,11 @@ from twisted.web import resource, server, util
 from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
-from gateway.checkers.pipeline import TemporaryFailure, Throttled
+from gateway.addresses import in_networks, ip_or_none
 from gateway.connections import authenticated, login_running
 from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
-from gateway.meta import ConnectionMeta, in_networks, ip_or_none
+from gateway.errors import TemporaryFailure, Throttled
+from gateway.meta import ConnectionMeta
 from gateway.realm import login
 
 log = Logger()

@@ -39,14 +39,14 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from gateway.aaa import IAccessPolicy
-from gateway.authinfo import AuthInfo
-from gateway.meta import (
+from gateway.addresses import (
     BadHost,
     canonical_host,
     compatible_with_ascii,
     folds_to_ascii,
     split_authority,
 )
+from gateway.authinfo import AuthInfo
 from gateway.web.guard import HTTPSettings, header, quoted_string, refusal
 from gateway.web.proxy import (
     LOOKALIKE_TARGET_HEADERS,
