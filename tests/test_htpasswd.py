@@ -44,12 +44,12 @@ from tests.support import (
 # Cheap hashes keep the module fast; bcrypt cost 4 is the minimum.
 DANIEL = hashes.make_hash("tiger", "bcrypt", cost=4)
 BOB = hashes.make_hash("secret", "bcrypt", cost=4)
+#: {SHA} of "secret".
+SHA1 = "{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ="
 
-#: Valid hashes of each scheme, for the parser and the rewrites (their
-#: passwords are irrelevant there).
+#: Valid hashes for the parser and the rewrites, whose passwords do not matter.
 BCRYPT = DANIEL
 APR1 = "$apr1$abcdefgh$" + "b" * 22
-SHA1 = "{SHA}" + "W6ph5Mm5Pz8GgiULbPgzG37mj9g="
 
 
 def inline():
@@ -376,10 +376,10 @@ class HtpasswdCheckerTests(SynchronousTestCase):
 
     def test_legacy_warned_once(self):
         path = self.mktemp()
-        atomic_write(path, "old:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n")
+        atomic_write(path, f"old:{SHA1}\n")
         with capturedLogs() as events:
             checker = HtpasswdChecker(path, inline())
-            atomic_write(path, "old:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\nnew:{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=\n")
+            atomic_write(path, f"old:{SHA1}\nnew:{SHA1}\n")
             self.successResultOf(checker.file.current())
         warnings = [e for e in events if "weak legacy" in formatEvent(e)]
         self.assertEqual(len(warnings), 1)
@@ -399,7 +399,7 @@ class HtpasswdCheckerTests(SynchronousTestCase):
 MIXED = {
     "b4": (DANIEL, "tiger"),
     "b5": (hashes.make_hash("five", "bcrypt", cost=5), "five"),
-    "sha": ("{SHA}5en6G6MezRroT3XKqkdPOmY/BfQ=", "secret"),
+    "sha": (SHA1, "secret"),
     "crypt": (hashes.make_hash("six", "sha512-crypt", cost=1000), "six"),
 }
 
