@@ -154,6 +154,8 @@ class StrcredCheckerTests(SynchronousTestCase):
 
 
 class PluginTests(SynchronousTestCase):
+    """The gateway's own --auth types (twisted/plugins/authgateway_checkers.py)."""
+
     def test_found_by_strcred(self):
         for name in ("htpasswd", "tokens"):
             factory = strcred.findCheckerFactory(name)
