@@ -25,7 +25,6 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from gateway.aaa import NO_GROUPS, GroupMap
 from gateway.addresses import ip_or_none, peer_key
 from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
 from gateway.checkers import CheckerChain
@@ -38,6 +37,7 @@ from gateway.credentials import (
     secrets_of,
 )
 from gateway.errors import AuthBackendError, Reject, TemporaryFailure, Throttled
+from gateway.groups import NO_GROUPS, GroupMap
 from gateway.ratelog import LogRateLimiter, suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.

@@ -640,7 +640,7 @@ class NetworkEvictionTests(SynchronousTestCase):
         """The default network cap is several times what one address may hold on all doors."""
         from gateway.smtp.server import SMTPSettings
         from gateway.socks.server import SOCKSSettings
-        from gateway.web.guard import HTTPSettings
+        from gateway.web.settings import HTTPSettings
 
         one_address = (tap.default_of(SMTPSettings, "max_connections_per_peer")
                        + tap.default_of(HTTPSettings, "max_connections_per_peer")
@@ -1058,7 +1058,7 @@ class OptionTests(SynchronousTestCase):
     def test_defaults_from_settings(self):
         from gateway.smtp.server import SMTPSettings
         from gateway.socks.server import SOCKSSettings
-        from gateway.web.guard import HTTPSettings
+        from gateway.web.settings import HTTPSettings
 
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])

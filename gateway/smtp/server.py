@@ -32,7 +32,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.aaa import IAccessPolicy, written_grant
+from gateway.acl import IAccessPolicy, written_grant
 from gateway.addresses import in_networks
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.connections import Refused, authenticated, limit_connections, login_running

@@ -20,7 +20,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from gateway.connections import Refused, limit_connections
-from gateway.web.guard import Guard, HTTPSettings, Refusal
+from gateway.web.guard import Guard
+from gateway.web.messages import Refusal
+from gateway.web.settings import HTTPSettings
 
 #: The longest request line or header line.
 MAX_LINE = 8192
