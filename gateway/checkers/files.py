@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_stores -*-
+# -*- test-case-name: tests.test_files -*-
 """
 Storage shared by the password and token files: UTF-8 reads, atomic rewrites
 (temporary file, fsync, rename, fsync of the directory) and a lock that

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_stores -*-
+# -*- test-case-name: tests.test_htpasswd -*-
 """
 Apache/nginx htpasswd files: C{user:hash} lines, parsed into an immutable
 L{PasswordTable}, and the rewrites behind C{authgateway user add/del/list}.
