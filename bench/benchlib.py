@@ -167,13 +167,15 @@ class Bench:
         raise SystemExit(f"no RESULT from {' '.join(cmd)}:\n{done.stdout}{done.stderr}")
 
     def record(self, row: str, column: str, value: float, result: dict[str, Any],
-               unit: str, note: str = "") -> None:
-        """Prints one repetition's figure with each process's CPU and keeps it."""
+               unit: str, note: str = "", keep: bool = True) -> None:
+        """Prints one repetition's figure with each process's CPU and keeps it (if C{keep})."""
         server = result.get("server_cpu_pct")
         per = f" ({server / 100 * 1e6 / value:,.0f} us CPU/{unit})" if server and value else ""
         print(f"  {row:<26} {column:<14} {value:10,.1f}{per}   {cpu_line(result)}{note}",
               flush=True)
-        self.rows.setdefault((row, column), []).append(dict(result, value=value))
+        if keep:
+            self.rows.setdefault((row, column), []).append(
+                dict(result, value=value, unit=unit, other_cpu_pct=other_cpu(result)))
 
     def rest(self, share: float = 1.0) -> None:
         """
@@ -183,16 +185,16 @@ class Bench:
         if self.args.pause > 0 and share > 0:
             time.sleep(self.args.pause * share)
 
-    def summary(self, title: str, unit: str, ratios: Sequence[tuple[str, str]] = ()) -> None:
+    def summary(self, ratios: Sequence[tuple[str, str]] = ()) -> None:
         """
         The medians as a markdown table, one line per server and workload: the
-        figure, the server's CPU per C{unit}, and each process's CPU (% of one
-        core); then the asked (ours, theirs) ratios of medians per workload.
+        figure, the server's CPU per unit of work, and each process's CPU (% of
+        one core); then the asked (ours, theirs) ratios of medians per workload.
         """
         sink = any("aux_cpu_pct" in r for runs in self.rows.values() for r in runs)
-        print(f"\n{title}, medians of {self.args.reps} runs of {self.args.duration:g} s "
+        print(f"\nMedians of {self.args.reps} runs of {self.args.duration:g} s "
               f"(CPU in % of one core):\n")
-        print(f"| server | workload | {title} | server CPU/{unit} | server CPU | client CPU |"
+        print("| server | workload | figure | server CPU per unit | server CPU | client CPU |"
               + (" sink CPU |" if sink else "") + " other CPU |")
         print("|---|---|---:|---:|---:|---:|" + ("---:|" if sink else "") + "---:|")
         for (name, column), runs in self.rows.items():
@@ -202,7 +204,7 @@ class Bench:
             per = [r["server_cpu_pct"] / 100 * 1e6 / r["value"]
                    for r in runs if "server_cpu_pct" in r and r["value"]]
             cells = [name, column, f"{med('value'):,.0f}",
-                     f"{statistics.median(per):,.0f} us" if per else "",
+                     f"{statistics.median(per):,.0f} us/{runs[0]['unit']}" if per else "",
                      f"{med('server_cpu_pct'):.0f}%" if per else "",
                      f"{med('client_cpu_pct'):.0f}%"]
             if sink:
@@ -215,14 +217,26 @@ class Bench:
             for column in columns:
                 a, b = self.median(ours, column), self.median(theirs, column)
                 if a and b:
-                    parts.append(f"{column} {a / b:.2f}x")
+                    parts.append(f"{column}: {a / b:.2f}x")
             if parts:
-                print(f"\n{ours} / {theirs}: " + ", ".join(parts))
+                print(f"\n{ours} / {theirs}: " + "; ".join(parts))
         print(flush=True)
 
     def median(self, row: str, column: str) -> float | None:
         runs = self.rows.get((row, column))
         return statistics.median(r["value"] for r in runs) if runs else None
+
+
+def other_cpu(result: dict[str, Any]) -> float:
+    """
+    What the rest of the machine used over the window, % of one core: every
+    busy tick of /proc/stat (softirq included) less the server's, the
+    client's and the sink's. Computed rather than summed over processes,
+    where one process reaping another's children can count minutes at once.
+    """
+    busy = result["machine_busy_pct"] * result["ncpus"]
+    ours = sum(result.get(key, 0.0) for key in ("server_cpu_pct", "client_cpu_pct", "aux_cpu_pct"))
+    return max(0.0, busy - ours)
 
 
 def cpu_line(result: dict[str, Any]) -> str:
@@ -233,8 +247,7 @@ def cpu_line(result: dict[str, Any]) -> str:
     parts.append(f"client {result['client_cpu_pct']:.0f}%")
     if "aux_cpu_pct" in result:
         parts.append(f"sink {result['aux_cpu_pct']:.0f}%")
-    parts.append(f"other {result['other_cpu_pct']:.0f}%")
-    parts.append(f"softirq {result['softirq_cpu_pct']:.0f}%")
+    parts.append(f"other {other_cpu(result):.0f}% (softirq {result['softirq_cpu_pct']:.0f}%)")
     return "CPU " + ", ".join(parts)
 
 

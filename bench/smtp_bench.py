@@ -177,12 +177,11 @@ def main() -> None:
                         timeout=args.duration + 60)
                     errors = result["proto_errors"] + result["io_errors"] + result["connect_errors"]
                     note = f"   {errors} errors! {result['error_samples'][:1]}" if errors else ""
-                    column = f"{count} client{'s' if count > 1 else ''}"
+                    column = f"sessions/s, {count} client{'s' if count > 1 else ''}"
                     bench.record(name, column, result["rate_per_s"], result, "session", note)
                     # Fewer sessions leave fewer TIME_WAIT sockets: a shorter pause.
                     bench.rest(min(1.0, result["ok"] / 10000))
-        bench.summary("sessions/s", "session",
-                      [(name, servers[2][0]) for name, *_ in servers[:2]])
+        bench.summary([(name, servers[2][0]) for name, *_ in servers[:2]])
 
 
 if __name__ == "__main__":
