@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -147,9 +148,10 @@ class Bench:
 
     def gateway(self, name: str, *options: str, data_dir: str | None = None) -> subprocess.Popen:
         """authgateway under twistd with one log file, as in production."""
+        slug = re.sub(r"\W+", "-", name)
         return self.start([
-            TWISTD, "--pidfile=", "-n", "--logfile", os.path.join(self.tmp, f"{name}.log"),
-            "authgateway", "--data-dir", data_dir or os.path.join(self.tmp, name), *options,
+            TWISTD, "--pidfile=", "-n", "--logfile", os.path.join(self.tmp, f"{slug}.log"),
+            "authgateway", "--data-dir", data_dir or os.path.join(self.tmp, slug), *options,
         ])
 
     def sink(self, echo: int, discard: int) -> subprocess.Popen:
@@ -248,7 +250,10 @@ def cpu_line(result: dict[str, Any]) -> str:
     if "aux_cpu_pct" in result:
         parts.append(f"sink {result['aux_cpu_pct']:.0f}%")
     parts.append(f"other {other_cpu(result):.0f}% (softirq {result['softirq_cpu_pct']:.0f}%)")
-    return "CPU " + ", ".join(parts)
+    line = "CPU " + ", ".join(parts)
+    if "timewait_before" in result:
+        line += f"; {result['timewait_before']} sockets in TIME_WAIT before"
+    return line
 
 
 def build_loadgen() -> str:

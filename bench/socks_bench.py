@@ -3,7 +3,7 @@ SOCKS5 sessions per second and bulk throughput: the gateway next to Dante
 (danted) and microsocks, all with username/password (RFC 1929) logins, all
 started first and measured in one run with interleaved repetitions.
 
-    .venv/bin/python bench/socks_bench.py [--duration 10] [--reps 3] [--clients 50] [--bulk-mib 2048]
+    .venv/bin/python bench/socks_bench.py [--duration 10] [--reps 3] [--pause 65] [--clients 50]
 
 Needs C{danted} and C{microsocks} (Debian packages dante-server, microsocks)
 and root: Dante's C{username} method checks a system user, so the benchmark
@@ -18,8 +18,11 @@ on first use, or $LOADGEN), and its C{sink} is the target:
 
 - C{sessions}: C{--clients} connections, each in a loop: connect, greeting,
   RFC 1929 login, CONNECT to the sink's echo port, 64 bytes echoed, close.
-  Runs pause C{--pause} seconds in between so the TIME_WAIT sockets of one
-  run do not slow the next one's connects.
+  Runs pause C{--pause} seconds (default 65) in between, longer than
+  Linux keeps a socket in TIME_WAIT (60 s), so that every run starts with
+  none: Dante binds its outbound socket before connecting (C{bind} to the
+  C{external} address, port 0), a port search that slows down as TIME_WAIT
+  sockets pile up; the gateway and microsocks just connect.
 - C{bulk}: C{--bulk-mib} MiB from the load generator to the sink's discard
   port through 1 tunnel, then split over 4 concurrent tunnels (a run that
   takes more than two minutes fails and is not counted); C{direct-bulk}, the same bytes with
@@ -97,7 +100,7 @@ def check(bench: Bench, name: str, port: int, echo: int, user: str, password: st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_options(parser)
+    add_options(parser, pause=65)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--bulk-mib", type=int, default=2048,
                         help="MiB per bulk run, split over its tunnels (default %(default)s)")
