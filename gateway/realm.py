@@ -25,18 +25,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from gateway.aaa import NO_GROUPS, GroupMap
+from gateway.addresses import ip_or_none, peer_key
 from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
 from gateway.checkers import CheckerChain
-from gateway.checkers.pipeline import (
-    AuthBackendError,
-    Reject,
-    TemporaryFailure,
-    Throttle,
-    Throttled,
-    ThrottlingChecker,
-    peer_key,
-)
+from gateway.checkers.throttle import Throttle, ThrottlingChecker
 from gateway.credentials import (
     IConnectionCredentials,
     identities_of,
@@ -44,7 +36,8 @@ from gateway.credentials import (
     safe_message,
     secrets_of,
 )
-from gateway.meta import ip_or_none
+from gateway.errors import AuthBackendError, Reject, TemporaryFailure, Throttled
+from gateway.groups import NO_GROUPS, GroupMap
 from gateway.ratelog import LogRateLimiter, suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.
@@ -188,9 +181,24 @@ class Realm:
         )
 
 
+class GatewayPortal(Portal):
+    """
+    A Portal that also keeps the rate limit of L{login}'s log lines:
+    outcomes a client can repeat at will without being throttled (hanging
+    up, unsupported credentials, input that makes a checker fail) are
+    logged once a minute per peer and kind.
+    """
+
+    def __init__(
+        self, realm: IRealm, checkers: Iterable[ICredentialsChecker], log_limiter: LogRateLimiter
+    ) -> None:
+        super().__init__(realm, checkers)
+        self.log_limiter = log_limiter
+
+
 def make_portal(
     realm: IRealm, checkers: Iterable[ICredentialsChecker], throttle: Throttle | None = None
-) -> Portal:
+) -> GatewayPortal:
     """
     A Portal whose every credentials interface goes to one L{CheckerChain},
     behind the shared failure L{Throttle} when one is given.
@@ -198,12 +206,9 @@ def make_portal(
     checker: ICredentialsChecker = CheckerChain(checkers)
     if throttle is not None:
         checker = ThrottlingChecker(checker, throttle)
-    portal = Portal(realm, [checker])
-    #: Outcomes a client can repeat at will without being throttled (hanging
-    #: up, unsupported credentials, input that makes a checker fail) are
-    #: logged by L{login} once a minute per peer and kind.
-    portal.log_limiter = LogRateLimiter(throttle.clock if throttle is not None else None)
-    return portal
+    return GatewayPortal(
+        realm, [checker], LogRateLimiter(throttle.clock if throttle is not None else None)
+    )
 
 
 def _frames(reason: Failure) -> str:
@@ -245,7 +250,8 @@ def login(
         "tls": getattr(meta, "tls", None),
     }
     what = "{protocol} {mechanism} identity={identity!r} peer={peer}"
-    limiter: LogRateLimiter | None = getattr(portal, "log_limiter", None)
+    # A plain Portal (a user's own wiring) logs every event.
+    limiter = portal.log_limiter if isinstance(portal, GatewayPortal) else None
 
     def admit(kind: str) -> int | None:
         """Whether this event gets a line (see L{make_portal}); the count left out."""

@@ -23,11 +23,12 @@ from types import MappingProxyType
 from typing import IO, Any
 
 import attrs
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from gateway.authinfo import AuthInfo, IdentityContext
+from gateway.fileio import fsync_directory, reason
 from gateway.text import utc_timestamp
 
 #: The protocol words of RFC 3848, as written in C{Received: ... with}.
@@ -45,12 +46,6 @@ _OPEN_ATTEMPTS = 5
 
 class SpoolError(Exception):
     """A message cannot be spooled or read; one line, never any message content."""
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError):
-        return os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
-    return type(e).__name__
 
 
 def _addresses(value: Iterable[str]) -> tuple[str, ...]:
@@ -131,14 +126,6 @@ def _create(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -151,10 +138,9 @@ class Spool:
     A directory of accepted messages.
 
     @param directory: created (mode 0700, parents too) when missing.
-    @param reactor: whose thread pool runs the blocking work by default; the
-        global reactor, imported when first needed, if None.
     @param threadpool_runner: C{runner(f, *args) -> Deferred} running the
-        fsyncs and renames off the reactor thread; tests pass a synchronous one.
+        fsyncs and renames off the reactor thread (the gateway passes
+        C{deferToThreadPool} on its reactor's pool); tests pass a synchronous one.
     @raise SpoolError: when the directory cannot be created.
     """
 
@@ -162,31 +148,22 @@ class Spool:
         self,
         directory: str,
         *,
-        reactor: Any = None,
-        threadpool_runner: Callable[..., Deferred[Any]] | None = None,
+        threadpool_runner: Callable[..., Deferred[Any]],
     ) -> None:
         self.directory = os.fspath(directory)
-        self._reactor = reactor
         self._runner = threadpool_runner
         self._queue: list[tuple[SpoolWriter, bytes, Deferred[str]]] = []
         self._committing = False
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as e:
-            raise SpoolError(f"{self.directory}: cannot create the spool: {_reason(e)}") from None
+            raise SpoolError(f"{self.directory}: cannot create the spool: {reason(e)}") from None
 
     def __repr__(self) -> str:
         return f"<Spool {self.directory!r}>"
 
     def run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """C{f(*args)} in the runner: the thread pool unless one was injected."""
-        if self._runner is None:
-            reactor = self._reactor
-            if reactor is None:
-                from twisted.internet import reactor  # type: ignore[no-redef]
-            self._runner = lambda f, *args: threads.deferToThreadPool(
-                reactor, reactor.getThreadPool(), f, *args
-            )
+        """C{f(*args)} in the runner (off the reactor thread in the gateway)."""
         return self._runner(f, *args)
 
     def _commit(self, writer: SpoolWriter, meta: bytes) -> Deferred[str]:
@@ -235,7 +212,7 @@ class Spool:
             except FileExistsError:
                 continue
             except OSError as e:
-                raise SpoolError(f"{self.directory}: cannot spool a message: {_reason(e)}") from None
+                raise SpoolError(f"{self.directory}: cannot spool a message: {reason(e)}") from None
             return SpoolWriter(self, id, os.fdopen(fd, "wb", buffering=WRITE_BUFFER))
         raise SpoolError(f"{self.directory}: cannot spool a message: no free name")
 
@@ -244,7 +221,7 @@ class Spool:
         try:
             names = os.listdir(self.directory)
         except OSError as e:
-            raise SpoolError(f"{self.directory}: cannot list the spool: {_reason(e)}") from None
+            raise SpoolError(f"{self.directory}: cannot list the spool: {reason(e)}") from None
         present = set(names)
         found = []
         for name in names:
@@ -269,7 +246,7 @@ class Spool:
             with open(base + ".eml", "rb") as f:
                 message = f.read()
         except OSError as e:
-            raise SpoolError(f"{self.directory}: cannot read message {id}: {_reason(e)}") from None
+            raise SpoolError(f"{self.directory}: cannot read message {id}: {reason(e)}") from None
         except ValueError:
             raise SpoolError(f"{self.directory}: metadata of {id} is not valid JSON") from None
         return message, meta
@@ -291,7 +268,7 @@ def _commit_batch(directory: str, jobs: list[tuple[SpoolWriter, bytes]]) -> list
             results.append(writer.id)
     if any(isinstance(r, str) for r in results):
         try:
-            _fsync_directory(directory)
+            fsync_directory(directory)
         except Exception as e:  # noqa: BLE001
             results = [
                 writer._failed(e) if isinstance(r, str) else r
@@ -379,7 +356,7 @@ class SpoolWriter:
 
     def _failed(self, e: BaseException) -> SpoolError:
         self._clean_up()
-        return SpoolError(f"{self._spool.directory}: cannot spool message {self.id}: {_reason(e)}")
+        return SpoolError(f"{self._spool.directory}: cannot spool message {self.id}: {reason(e)}")
 
     def abort(self) -> None:
         """
