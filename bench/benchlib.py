@@ -276,7 +276,8 @@ def mount_type(path: str) -> str:
         for line in f:
             fields = line.split()
             point = fields[1]
-            if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > len(best):
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
                 best, kind = point, fields[2]
     return kind
 
