@@ -288,7 +288,8 @@ class NoHiddenReactorTests(SynchronousTestCase):
     def test_checker_test_installs_no_reactor(self):
         """
         A user's checker test (gateway.testing, the stores and strcred's
-        plugins, a login through each) never installs the global reactor.
+        plugins, a login through each) never installs the global reactor,
+        nor does importing the gateway's front doors (gateway.tap).
         """
         code = (
             "import sys\n"
@@ -298,6 +299,7 @@ class NoHiddenReactorTests(SynchronousTestCase):
             "from gateway.checkers.plainfile import PlainFileChecker\n"
             "from gateway.checkers.tokens import TokenChecker, add_token\n"
             "import twisted.plugins.authgateway_checkers\n"
+            "import gateway.tap\n"
             "path = sys.argv[1]\n"
             "add_user(path + '.htpasswd', 'daniel', 'tiger', scheme='bcrypt', cost=4)\n"
             "token, _ = add_token(path + '.tokens', 'bot')\n"
