@@ -1,16 +1,38 @@
 """
-What the benchmark scripts share: free loopback ports, waiting for a server,
-CPU accounting from /proc, and stopping a server with its children. The
-scripts run as C{python bench/NAME.py}, so this module is on their path.
+What the benchmark scripts share: the native load generator (built from
+../shared/bench/loadgen) and its RESULT line, starting and stopping the
+servers, free loopback ports, interleaved repetitions with their medians, and
+the markdown summary. The scripts run as C{python bench/NAME.py}, so this
+module is on their path.
+
+Every server-side figure comes from the load generator (or wrk run under
+C{loadgen exec}): a Python client on a 2-core machine saturates before a fast
+server does, and then the benchmark measures the client. The load generator
+prints each process's CPU over the measured window (100% = one core):
+the server's (its children included), its own ("client"), the sink's ("aux")
+and every other process's ("other"), so the bottleneck is visible.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import re
+import shutil
 import signal
 import socket
+import statistics
 import subprocess
+import sys
+import tempfile
 import time
+from collections.abc import Sequence
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADGEN_BUILD = os.path.join(ROOT, "..", "shared", "bench", "loadgen", "build.sh")
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
 
 def free_port() -> int:
@@ -33,42 +55,6 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
     raise SystemExit("server did not start")
 
 
-def _stat_fields(pid: int) -> list[str]:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def children_of(pid: int) -> list[int]:
-    """The live children of C{pid}."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if int(_stat_fields(int(entry))[1]) == pid:
-                    found.append(int(entry))
-            except (OSError, IndexError):
-                pass  # gone meanwhile
-    return found
-
-
-def cpu_seconds(pid: int, children: bool = False) -> float:
-    """
-    User + system CPU of C{pid}; with C{children}, also of its live children
-    and of those it has reaped (nginx and Dante replace children as they go).
-    """
-    pids = [pid, *(children_of(pid) if children else ())]
-    ticks = 0
-    for p in pids:
-        try:
-            fields = _stat_fields(p)
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])
-        if children and p == pid:
-            ticks += int(fields[13]) + int(fields[14])
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM, then SIGKILL to its whole process group (workers and children too)."""
     if proc.poll() is None:
@@ -83,3 +69,220 @@ def stop(proc: subprocess.Popen) -> None:
         pass
     if proc.poll() is None:
         proc.wait(10)
+
+
+def version(package: str) -> str:
+    """The upstream version of an installed Debian package, or "?"."""
+    return subprocess.run(
+        ["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True,
+        check=False,
+    ).stdout.split("+")[0].split("-")[0] or "?"
+
+
+def need_tools(*tools: tuple[str, str]) -> None:
+    """Exits naming the Debian package of the first (tool, package) not on the PATH."""
+    for tool, package in tools:
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (Debian package {package})")
+
+
+def add_options(parser: argparse.ArgumentParser, duration: float = 10, reps: int = 3,
+                pause: float = 20) -> None:
+    """The options every benchmark takes."""
+    parser.add_argument("--duration", type=float, default=duration,
+                        help="seconds measured per run (default %(default)s)")
+    parser.add_argument("--reps", type=int, default=reps,
+                        help="interleaved repetitions; the summary shows medians "
+                             "(default %(default)s)")
+    parser.add_argument("--pause", type=float, default=pause,
+                        help="seconds between session runs, for TIME_WAIT sockets "
+                             "(default %(default)s)")
+    parser.add_argument("--loadgen", default=os.environ.get("LOADGEN"),
+                        help="the loadgen binary (default: $LOADGEN, or build it with "
+                             "../shared/bench/loadgen/build.sh)")
+
+
+class Bench:
+    """
+    One benchmark run: the processes it started (stopped in reverse order at
+    the end, by their own PIDs and process groups only), its temporary
+    directories (removed), the load generator, and the figures of every
+    repetition.
+    """
+
+    def __init__(self, args: argparse.Namespace, prefix: str) -> None:
+        self.args = args
+        self.prefix = prefix
+        self.procs: list[subprocess.Popen] = []
+        self.dirs: list[str] = []
+        self.rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.loadgen = args.loadgen or build_loadgen()
+        self.shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.tmp = self.tempdir(self.shm)
+
+    def __enter__(self) -> Bench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+        for path in self.dirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def tempdir(self, parent: str | None) -> str:
+        path = tempfile.mkdtemp(prefix=f"authgateway-{self.prefix}-", dir=parent)
+        self.dirs.append(path)
+        return path
+
+    def start(self, argv: Sequence[str], log: str | None = None, **kwargs: Any) -> subprocess.Popen:
+        """A server in a session of its own, so that stopping it reaches its children."""
+        out = open(os.path.join(self.tmp, log), "w") if log else subprocess.DEVNULL
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out,
+                                    stderr=out, start_new_session=True, **kwargs)
+        finally:
+            if log:
+                out.close()
+        self.procs.append(proc)
+        return proc
+
+    def gateway(self, name: str, *options: str, data_dir: str | None = None) -> subprocess.Popen:
+        """authgateway under twistd with one log file, as in production."""
+        slug = re.sub(r"\W+", "-", name)
+        return self.start([
+            TWISTD, "--pidfile=", "-n", "--logfile", os.path.join(self.tmp, f"{slug}.log"),
+            "authgateway", "--data-dir", data_dir or os.path.join(self.tmp, slug), *options,
+        ])
+
+    def sink(self, echo: int, discard: int) -> subprocess.Popen:
+        """The loadgen's echo and discard servers; they end by themselves after an hour."""
+        return self.start([self.loadgen, "sink", "--echo", f"127.0.0.1:{echo}",
+                           "--discard", f"127.0.0.1:{discard}", "--lifetime", "3600"])
+
+    def run(self, *argv: object, timeout: float) -> tuple[dict[str, Any], str]:
+        """One loadgen command: its RESULT and everything it (or wrk) printed."""
+        cmd = [self.loadgen, *map(str, argv)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        for line in reversed(done.stdout.splitlines()):
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):]), done.stdout
+        raise SystemExit(f"no RESULT from {' '.join(cmd)}:\n{done.stdout}{done.stderr}")
+
+    def record(self, row: str, column: str, value: float, result: dict[str, Any],
+               unit: str, note: str = "", keep: bool = True) -> None:
+        """Prints one repetition's figure with each process's CPU and keeps it (if C{keep})."""
+        server = result.get("server_cpu_pct")
+        per = f" ({server / 100 * 1e6 / value:,.0f} us CPU/{unit})" if server and value else ""
+        print(f"  {row:<26} {column:<14} {value:10,.1f}{per}   {cpu_line(result)}{note}",
+              flush=True)
+        if keep:
+            self.rows.setdefault((row, column), []).append(
+                dict(result, value=value, unit=unit, other_cpu_pct=other_cpu(result)))
+
+    def rest(self, share: float = 1.0) -> None:
+        """
+        Lets the last run's TIME_WAIT sockets age before the next session run:
+        C{share} of C{--pause} (a run with few sessions leaves few sockets).
+        """
+        if self.args.pause > 0 and share > 0:
+            time.sleep(self.args.pause * share)
+
+    def summary(self, ratios: Sequence[tuple[str, str]] = ()) -> None:
+        """
+        The medians as a markdown table, one line per server and workload: the
+        figure, the server's CPU per unit of work, and each process's CPU (% of
+        one core); then the asked (ours, theirs) ratios of medians per workload.
+        """
+        sink = any("aux_cpu_pct" in r for runs in self.rows.values() for r in runs)
+        print(f"\nMedians of {self.args.reps} runs of {self.args.duration:g} s "
+              f"(CPU in % of one core):\n")
+        print("| server | workload | figure | server CPU per unit | server CPU | client CPU |"
+              + (" sink CPU |" if sink else "") + " other CPU |")
+        print("|---|---|---:|---:|---:|---:|" + ("---:|" if sink else "") + "---:|")
+        for (name, column), runs in self.rows.items():
+            def med(key: str) -> float:
+                return statistics.median(r.get(key, 0.0) for r in runs)
+
+            per = [r["server_cpu_pct"] / 100 * 1e6 / r["value"]
+                   for r in runs if "server_cpu_pct" in r and r["value"]]
+            cells = [name, column, f"{med('value'):,.0f}",
+                     f"{statistics.median(per):,.0f} us/{runs[0]['unit']}" if per else "",
+                     f"{med('server_cpu_pct'):.0f}%" if per else "",
+                     f"{med('client_cpu_pct'):.0f}%"]
+            if sink:
+                cells.append(f"{med('aux_cpu_pct'):.0f}%")
+            cells.append(f"{med('other_cpu_pct'):.0f}%")
+            print("| " + " | ".join(cells) + " |")
+        columns = list(dict.fromkeys(column for _, column in self.rows))
+        for ours, theirs in ratios:
+            parts = []
+            for column in columns:
+                a, b = self.median(ours, column), self.median(theirs, column)
+                if a and b:
+                    parts.append(f"{column}: {a / b:.2f}x")
+            if parts:
+                print(f"\n{ours} / {theirs}: " + "; ".join(parts))
+        print(flush=True)
+
+    def median(self, row: str, column: str) -> float | None:
+        runs = self.rows.get((row, column))
+        return statistics.median(r["value"] for r in runs) if runs else None
+
+
+def other_cpu(result: dict[str, Any]) -> float:
+    """
+    What the rest of the machine used over the window, % of one core: every
+    busy tick of /proc/stat (softirq included) less the server's, the
+    client's and the sink's. Computed rather than summed over processes,
+    where one process reaping another's children can count minutes at once.
+    """
+    busy = result["machine_busy_pct"] * result["ncpus"]
+    ours = sum(result.get(key, 0.0) for key in ("server_cpu_pct", "client_cpu_pct", "aux_cpu_pct"))
+    return max(0.0, busy - ours)
+
+
+def cpu_line(result: dict[str, Any]) -> str:
+    """Each process's CPU over the measured window, % of one core."""
+    parts = []
+    if "server_cpu_pct" in result:
+        parts.append(f"server {result['server_cpu_pct']:.0f}%")
+    parts.append(f"client {result['client_cpu_pct']:.0f}%")
+    if "aux_cpu_pct" in result:
+        parts.append(f"sink {result['aux_cpu_pct']:.0f}%")
+    parts.append(f"other {other_cpu(result):.0f}% (softirq {result['softirq_cpu_pct']:.0f}%)")
+    line = "CPU " + ", ".join(parts)
+    if "timewait_before" in result:
+        line += f"; {result['timewait_before']} sockets in TIME_WAIT before"
+    return line
+
+
+def build_loadgen() -> str:
+    """Builds the load generator offline (once; cargo keeps the build) and returns its path."""
+    if not os.path.exists(LOADGEN_BUILD):
+        raise SystemExit(f"{LOADGEN_BUILD} not found: pass --loadgen or set LOADGEN")
+    env = dict(os.environ)
+    env.setdefault("CARGO_TARGET_DIR", os.path.join(tempfile.gettempdir(),
+                                                    "authgateway-loadgen-target"))
+    out = subprocess.run([LOADGEN_BUILD], capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"building the loadgen failed:\n{out.stderr}")
+    return out.stdout.strip().splitlines()[-1]
+
+
+def mount_type(path: str) -> str:
+    """The file system type under C{path} ("tmpfs", "ext4", ...), from /proc/mounts."""
+    path, best, kind = os.path.realpath(path), "", "?"
+    with open("/proc/mounts") as f:
+        for line in f:
+            fields = line.split()
+            point = fields[1]
+            inside = path == point or path.startswith(point.rstrip("/") + "/")
+            if inside and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def header(what: str, args: argparse.Namespace) -> None:
+    print(f"{what}: {os.cpu_count()} CPUs, {args.duration:g} s per run, {args.reps} "
+          f"interleaved repetitions, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+          f"command: {' '.join([os.path.relpath(sys.executable, ROOT), *sys.argv])}", flush=True)

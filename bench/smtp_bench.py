@@ -1,40 +1,42 @@
 """
-Authenticated submission sessions per second (issue 4), the gateway next to
-aiosmtpd 1.4.6 in the same run.
+Authenticated submission sessions per second: the gateway (spool on tmpfs
+and spool on disk) next to aiosmtpd 1.4.6, all started first and measured in
+one run with interleaved repetitions.
 
     pip install aiosmtpd==1.4.6        # into the venv that runs the benchmark
-    .venv/bin/python bench/smtp_bench.py [--seconds 10] [--clients 1,50]
+    .venv/bin/python bench/smtp_bench.py [--duration 10] [--reps 3] [--clients 50,1]
 
-Each session: connect, EHLO, AUTH PLAIN with an initial response, MAIL, RCPT,
-a 1 KB message, QUIT, over loopback with plaintext AUTH allowed
-(--smtp-insecure-auth). Both servers run in their own process; the gateway
-authenticates with --auth memory:daniel:tiger and writes its spool (message +
-metadata, fsynced) to a tmpfs directory; aiosmtpd uses an equivalent
-in-memory authenticator and writes each message to a file in the same tmpfs.
-The load generator is an asyncio process of its own; its CPU time and the
-server's are printed so that it is clear which side is the bottleneck.
-Everything binds 127.0.0.1 and stops by itself.
+The load is the native load generator (../shared/bench/loadgen, built offline
+on first use, or $LOADGEN): each of C{--clients} connections in a loop does
+connect, banner, EHLO, AUTH PLAIN with an initial response, MAIL, RCPT, a
+1 KB message, QUIT and waits for the close, over loopback with plaintext AUTH
+allowed (C{--smtp-insecure-auth}). The gateway checks C{--auth
+memory:daniel:tiger} and commits each message to its spool (message and
+metadata, fsynced): one gateway on /dev/shm (tmpfs), one on /var/tmp (disk,
+or C{--disk-dir}). aiosmtpd uses an equivalent in-memory authenticator,
+C{auth_require_tls=False}, and writes each message to a file on tmpfs
+without fsync. C{--floor} adds a bare Twisted server answering the same
+dialogue with canned replies (no parsing, auth, spool or log).
+
+Each figure is printed with each process's CPU over the measured window (100%
+= one core) and the server's CPU per session; the end prints the medians as
+a markdown table. Before measuring, each server must refuse a wrong password
+and accept the right one. Runs pause C{--pause} seconds in between so the
+TIME_WAIT sockets of one run do not slow the next one's connects. Everything
+binds 127.0.0.1, stops by itself (only the processes it started) and removes
+its temporary directories.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
 import os
-import resource
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import textwrap
-import time
 
-from benchlib import cpu_seconds, free_port, wait_port
+from benchlib import Bench, add_options, free_port, header, mount_type, wait_port
 
-BODY = ("Subject: bench\r\n\r\n" + ("x" * 76 + "\r\n") * 13).encode()  # ~1 KB
-AUTH = base64.b64encode(b"\0daniel\0tiger")
+USER, PASSWORD = "daniel", "tiger"
 
 AIOSMTPD_SERVER = textwrap.dedent(
     """
@@ -59,14 +61,13 @@ AIOSMTPD_SERVER = textwrap.dedent(
         loop = asyncio.get_running_loop()
         server = await loop.create_server(
             lambda: SMTP(Handler(), authenticator=authenticator, auth_require_tls=False),
-            "127.0.0.1", int(sys.argv[1]))
+            "127.0.0.1", int(sys.argv[1]), backlog=1024)
         print("ready", flush=True)
         await server.serve_forever()
 
     asyncio.run(main())
     """
 )
-
 
 # The floor: a Twisted server that answers the same dialogue with canned
 # replies and does nothing else (no parsing, auth, spool or log): what a
@@ -100,128 +101,88 @@ FLOOR_SERVER = textwrap.dedent(
                 if verb == b"QUIT":
                     self.transport.loseConnection()
 
-    reactor.listenTCP(int(sys.argv[1]), protocol.Factory.forProtocol(Canned), interface="127.0.0.1")
+    reactor.listenTCP(int(sys.argv[1]), protocol.Factory.forProtocol(Canned), interface="127.0.0.1",
+                      backlog=1024)
     reactor.run()
     """
 )
 
 
-
-async def expect(reader: asyncio.StreamReader, code: bytes) -> None:
-    while True:
-        line = await reader.readline()
-        if not line.startswith(code):
-            raise RuntimeError(f"expected {code!r}, got {line!r}")
-        if line[3:4] == b" ":
-            return
-
-
-async def session(port: int) -> None:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    await expect(reader, b"220")
-    for command, code in (
-        (b"EHLO bench.test", b"250"),
-        (b"AUTH PLAIN " + AUTH, b"235"),
-        (b"MAIL FROM:<daniel@example.com>", b"250"),
-        (b"RCPT TO:<bob@example.org>", b"250"),
-        (b"DATA", b"354"),
-    ):
-        writer.write(command + b"\r\n")
-        await expect(reader, code)
-    writer.write(BODY + b".\r\n")
-    await expect(reader, b"250")
-    writer.write(b"QUIT\r\n")
-    await expect(reader, b"221")
-    writer.close()
-    await writer.wait_closed()
-
-
-async def load(port: int, clients: int, seconds: float) -> int:
-    done = 0
-    end = time.monotonic() + seconds
-
-    async def worker() -> None:
-        nonlocal done
-        while time.monotonic() < end:
-            await session(port)
-            done += 1
-
-    await asyncio.gather(*(worker() for _ in range(clients)))
-    return done
-
-
-def client_main(port: int, clients: int, seconds: float) -> None:
-    start = resource.getrusage(resource.RUSAGE_SELF)
-    t = time.monotonic()
-    done = asyncio.run(load(port, clients, seconds))
-    wall = time.monotonic() - t
-    end = resource.getrusage(resource.RUSAGE_SELF)
-    cpu = (end.ru_utime - start.ru_utime) + (end.ru_stime - start.ru_stime)
-    print(f"{done} {wall} {cpu}")
-
-
-
-
-def measure(name: str, port: int, server: subprocess.Popen, clients: int, seconds: float) -> float:
-    before = cpu_seconds(server.pid)
-    out = subprocess.run(
-        [sys.executable, __file__, "--client", str(port), str(clients), str(seconds)],
-        capture_output=True, text=True, check=True, timeout=seconds + 120,
-    ).stdout.split()
-    server_cpu = cpu_seconds(server.pid) - before
-    done, wall, client_cpu = int(out[0]), float(out[1]), float(out[2])
-    rate = done / wall
-    print(f"{name:<22} {clients:>3} clients  {rate:8.1f} sessions/s   "
-          f"server CPU {server_cpu / wall * 100:5.1f}% ({server_cpu / done * 1e6:4.0f} us/session)   "
-          f"client CPU {client_cpu / wall * 100:5.1f}%")
-    return rate
+def check(bench: Bench, name: str, port: int, floor: bool) -> None:
+    """A wrong password is refused (except by the floor); the right one gets a session through."""
+    common = ("smtp", f"127.0.0.1:{port}", "-c", 1, "-d", 5, "--warmup", 0,
+              "--max-sessions", 1, "--user", USER)
+    if not floor:
+        result, out = bench.run(*common, "--pass", "wrong-" + PASSWORD, timeout=30)
+        if result["ok"]:
+            raise SystemExit(f"{name}: a wrong password was accepted\n{out}")
+    result, out = bench.run(*common, "--pass", PASSWORD, timeout=30)
+    if result["ok"] != 1:
+        raise SystemExit(f"{name}: the session failed\n{out}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10)
-    parser.add_argument("--clients", default="1,50")
+    add_options(parser)
+    parser.add_argument("--clients", default="50,1",
+                        help="comma-separated connection counts (default %(default)s)")
+    parser.add_argument("--disk-dir", default="/var/tmp",
+                        help="where the on-disk spool goes (default %(default)s)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also measure a bare Twisted server with canned replies")
     args = parser.parse_args()
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    tmp = tempfile.mkdtemp(prefix="authgateway-smtp-bench-", dir=shm)
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    gw_port, aio_port, floor_port = free_port(), free_port(), free_port()
-    gateway = subprocess.Popen(
-        [twistd, "--pidfile=", "-n", "--logfile", os.path.join(tmp, "gw.log"), "authgateway",
-         "--data-dir", os.path.join(tmp, "gw"), "--auth", "memory:daniel:tiger",
-         "--smtp", f"tcp:{gw_port}:interface=127.0.0.1", "--smtp-insecure-auth",
-         "--http", "none", "--socks", "none"],
-    )
-    os.makedirs(os.path.join(tmp, "aio"))
-    aio = subprocess.Popen(
-        [sys.executable, "-W", "ignore", "-c", AIOSMTPD_SERVER, str(aio_port),
-         os.path.join(tmp, "aio")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # aiosmtpd warns about its own deprecated login_data
-    )
-    floor = subprocess.Popen([sys.executable, "-c", FLOOR_SERVER, str(floor_port)])
     try:
-        wait_port(gw_port, gateway)
-        wait_port(aio_port, aio)
-        wait_port(floor_port, floor)
-        print(f"{os.cpu_count()} CPUs; {args.seconds:.0f} s per run; spools on {shm or tmp}")
-        for clients in (int(c) for c in args.clients.split(",")):
-            ours = measure("authgateway", gw_port, gateway, clients, args.seconds)
-            theirs = measure("aiosmtpd 1.4.6", aio_port, aio, clients, args.seconds)
-            measure("bare Twisted (floor)", floor_port, floor, clients, args.seconds)
-            print(f"{'':<22} {clients:>3} clients  ratio authgateway/aiosmtpd {ours / theirs:.2f}x")
-    finally:
-        for proc in (gateway, aio, floor):
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(tmp, ignore_errors=True)
+        import aiosmtpd
+    except ImportError:
+        raise SystemExit("pip install aiosmtpd==1.4.6 into this venv") from None
+    clients = [int(c) for c in args.clients.split(",")]
+    with Bench(args, "smtp-bench") as bench:
+        disk = bench.tempdir(args.disk_dir)
+        servers: list[tuple[str, int, int, bool]] = []  # name, port, pid, is the floor
+
+        def gateway(name: str, data_dir: str) -> None:
+            port = free_port()
+            proc = bench.gateway(
+                name, "--auth", f"memory:{USER}:{PASSWORD}", "--smtp",
+                f"tcp:{port}:interface=127.0.0.1", "--smtp-insecure-auth",
+                "--http", "none", "--socks", "none", data_dir=data_dir)
+            wait_port(port, proc)
+            servers.append((name, port, proc.pid, False))
+
+        gateway(f"authgateway, spool {mount_type(bench.tmp)}", os.path.join(bench.tmp, "gw"))
+        gateway(f"authgateway, spool {mount_type(disk)}", os.path.join(disk, "gw"))
+        port = free_port()
+        os.makedirs(os.path.join(bench.tmp, "aio"))
+        proc = bench.start([sys.executable, "-W", "ignore", "-c", AIOSMTPD_SERVER, str(port),
+                            os.path.join(bench.tmp, "aio")])
+        wait_port(port, proc)
+        servers.append((f"aiosmtpd {aiosmtpd.__version__}", port, proc.pid, False))
+        if args.floor:
+            port = free_port()
+            proc = bench.start([sys.executable, "-c", FLOOR_SERVER, str(port)])
+            wait_port(port, proc)
+            servers.append(("bare Twisted (floor)", port, proc.pid, True))
+        for name, port, _, floor in servers:
+            check(bench, name, port, floor)
+
+        header("SMTP AUTH sessions", args)
+        print("session: connect, banner, EHLO, AUTH PLAIN, MAIL, RCPT, 1 KB DATA, QUIT, close")
+        for rep in range(args.reps):
+            print(f"repetition {rep + 1}", flush=True)
+            for count in clients:
+                for name, port, pid, _ in servers:
+                    result, _ = bench.run(
+                        "smtp", f"127.0.0.1:{port}", "-c", count, "-d", args.duration,
+                        "--warmup", 1, "--user", USER, "--pass", PASSWORD, "--server-pid", pid,
+                        timeout=args.duration + 60)
+                    errors = result["proto_errors"] + result["io_errors"] + result["connect_errors"]
+                    note = f"   {errors} errors! {result['error_samples'][:1]}" if errors else ""
+                    column = f"sessions/s, {count} client{'s' if count > 1 else ''}"
+                    bench.record(name, column, result["rate_per_s"], result, "session", note)
+                    # Fewer sessions leave fewer TIME_WAIT sockets: a shorter pause.
+                    bench.rest(min(1.0, result["ok"] / 10000))
+        bench.summary([(name, servers[2][0]) for name, *_ in servers[:2]])
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--client":
-        client_main(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))
-    else:
-        main()
+    main()
