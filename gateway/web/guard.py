@@ -22,7 +22,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.cred.credentials import IUsernamePassword
@@ -39,6 +39,9 @@ from gateway.connections import authenticated, login_running
 from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
 from gateway.meta import ConnectionMeta, in_networks, ip_or_none
 from gateway.realm import login
+
+if TYPE_CHECKING:
+    from gateway.web.server import GatewayRequest
 
 log = Logger()
 
@@ -332,14 +335,14 @@ class Guard(resource.Resource):
             return util.DeferredResource(decided)
         return decided
 
-    def decide(self, request: server.Request) -> Any:
+    def decide(self, request: GatewayRequest) -> Any:
         """
         What the request gets: a L{Refusal}, or (through a Deferred, since
         logging in takes time) the realm's avatar or a refusal. Decided once
         per request: a request whose upload started streaming before its
         body arrived (L{gateway.web.server.GatewayRequest}) keeps its answer.
         """
-        decided = getattr(request, "gateway_decision", None)
+        decided = request.gateway_decision
         if decided is not None:
             return decided
         via = request.gateway_via_proxy = via_trusted_proxy(request, self.settings)
