@@ -15,7 +15,6 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.trial.unittest import TestCase
 
 import gateway.web.server
-
 from tests.test_web_guard import CapturingUpstream, GuardTestCase, ListConsumer, basic
 from tests.test_web_integration import GatewayMixin
 
