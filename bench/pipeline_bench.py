@@ -34,8 +34,8 @@ from twisted.protocols.basic import LineReceiver
 from gateway import testing
 from gateway.checkers import hashes
 from gateway.checkers.files import atomic_write
+from gateway.checkers.hashing import HashPool, InlinePool, Verifier
 from gateway.checkers.htpasswd import HtpasswdChecker
-from gateway.checkers.pipeline import HashPool, InlinePool, Verifier
 from gateway.realm import Realm, make_portal
 
 

@@ -30,8 +30,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import LogPublisher, globalLogBeginner, textFileLogObserver
 
-from gateway.aaa import AllowAuthenticated
-from gateway.checkers.pipeline import Throttle
+from gateway.acl import AllowAuthenticated
+from gateway.checkers.throttle import Throttle
 from gateway.realm import Realm, make_portal
 from gateway.smtp.server import SMTPSettings, SubmissionFactory
 from gateway.smtp.spool import Spool

@@ -19,8 +19,7 @@ from typing import Any
 import attrs
 from zope.interface import Attribute, Interface, implementer
 
-from gateway.meta import ip_or_none
-
+from gateway.addresses import ip_or_none
 
 #: The longest AuthInfo JSON text accepted (a checker's answer, not a file).
 MAX_JSON = 65536

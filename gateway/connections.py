@@ -60,8 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, directlyProvides, implementer, providedBy
 
-from gateway.checkers.pipeline import peer_key
-from gateway.meta import in_networks, ip_or_none, network_of
+from gateway.addresses import in_networks, ip_or_none, network_of, peer_key
 
 log = Logger()
 

@@ -25,18 +25,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
-from gateway.aaa import NO_GROUPS, GroupMap
+from gateway.addresses import ip_or_none, peer_key
 from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
 from gateway.checkers import CheckerChain
-from gateway.checkers.pipeline import (
-    AuthBackendError,
-    Reject,
-    TemporaryFailure,
-    Throttle,
-    Throttled,
-    ThrottlingChecker,
-    peer_key,
-)
+from gateway.checkers.throttle import Throttle, ThrottlingChecker
 from gateway.credentials import (
     IConnectionCredentials,
     identities_of,
@@ -44,7 +36,8 @@ from gateway.credentials import (
     safe_message,
     secrets_of,
 )
-from gateway.meta import ip_or_none
+from gateway.errors import AuthBackendError, Reject, TemporaryFailure, Throttled
+from gateway.groups import NO_GROUPS, GroupMap
 from gateway.ratelog import LogRateLimiter, suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.

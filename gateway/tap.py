@@ -26,31 +26,25 @@ from twisted.python import usage
 from twisted.python.reflect import namedAny
 from twisted.web.resource import IResource
 
-from gateway.aaa import (
-    NO_GROUPS,
-    AllowAuthenticated,
-    ConfigError,
-    IAccessPolicy,
-    authz_grants,
-    load_acl_file,
-    load_group_file,
-)
+from gateway.acl import AllowAuthenticated, IAccessPolicy, authz_grants, load_acl_file
+from gateway.addresses import canonical_host
 from gateway.checkers import CheckerLoadError, hashes, load_checker
-from gateway.checkers.plainfile import PlainFileChecker
 from gateway.checkers.files import IReloadable
-from gateway.checkers.pipeline import HashPool, IHashingChecker, Throttle, Verifier
+from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
+from gateway.checkers.plainfile import PlainFileChecker
+from gateway.checkers.throttle import Throttle
 from gateway.connections import Connections, ListenSettings, with_backlog
 from gateway.credentials import IBearerToken
+from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
 from gateway.smtp.server import SMTPSettings
 from gateway.smtp.spool import Spool
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSSettings
-from gateway.meta import canonical_host
 from gateway.tls import CertificateError, ensure_certificate
-from gateway.web.guard import HTTPSettings
 from gateway.web.resources import WebApp, check_acl_keys, upstream_host
+from gateway.web.settings import HTTPSettings
 
 log = Logger()
 

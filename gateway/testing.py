@@ -24,7 +24,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.aaa import NO_GROUPS, GroupMap, IAccessPolicy, authz_grants
+from gateway.acl import IAccessPolicy, authz_grants
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.credentials import (
     BearerToken,
@@ -32,6 +32,7 @@ from gateway.credentials import (
     RFC1929Credentials,
     SASLCredentials,
 )
+from gateway.groups import NO_GROUPS, GroupMap
 from gateway.meta import ConnectionMeta
 from gateway.realm import Realm, make_portal
 
@@ -100,7 +101,7 @@ def authenticate(
 
     @param groups: a L{GroupMap} or a plain C{{group: [members]}} mapping,
         standing in for the C{--groups} file.
-    @param acl: the C{--acl} policy (L{gateway.aaa.parse_acl}), whose
+    @param acl: the C{--acl} policy (L{gateway.acl.parse_acl}), whose
         C{smtp/authz/<authzid>} grants let an SMTP login act as someone else;
         without one, as without C{--acl}, nobody may.
     """

@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 
+from gateway.fileio import fsync_directory
+
 SELF_SIGNED_VALIDITY = datetime.timedelta(days=825)
 
 
@@ -46,11 +48,7 @@ def _write_private(path: str, data: bytes) -> None:
         except OSError:
             pass
         raise
-    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(directory)
 
 
 def _certificate_hostname() -> str:

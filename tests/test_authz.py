@@ -21,7 +21,8 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
-from gateway import aaa, tap, testing
+from gateway import tap, testing
+from gateway.acl import AccessControlMap, AllowAuthenticated, authz_grants, parse_acl
 from gateway.checkers import CallableChecker, smtp_server_auth_plain
 from gateway.realm import Realm, login, make_portal
 from gateway.smtp.server import SMTPSettings, SubmissionFactory
@@ -75,12 +76,12 @@ class TLSTransport(StringTransport):
 class ActingAsSomeoneElseTests(SynchronousTestCase):
     def session(self, checker: Any, acl_text: str | None = None) -> Any:
         """An authenticated-capable SMTP session with sender binding; EHLO done."""
-        acl = aaa.parse_acl(acl_text, "acl.toml") if acl_text is not None else None
-        realm = Realm(authorize=aaa.authz_grants(acl))
+        acl = parse_acl(acl_text, "acl.toml") if acl_text is not None else None
+        realm = Realm(authorize=authz_grants(acl))
         spool = Spool(self.mktemp(), threadpool_runner=lambda f, *a: defer.maybeDeferred(f, *a))
         factory = SubmissionFactory(
             make_portal(realm, [checker]),
-            acl if acl is not None else aaa.AllowAuthenticated(),
+            acl if acl is not None else AllowAuthenticated(),
             spool,
             SMTPSettings(hostname="mx.test", sender_binding=acl is not None),
             "smtps",
@@ -257,16 +258,16 @@ class GatewayWiringTests(SynchronousTestCase):
 class ReadmeACLTests(SynchronousTestCase):
     """The README's authz example ACL ("Groups and ACL") does what the text says."""
 
-    def acl(self) -> aaa.AccessControlMap:
+    def acl(self) -> AccessControlMap:
         readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
         with open(readme, encoding="utf-8") as f:
             blocks = re.findall(r"```toml\n(.*?)```", f.read(), re.S)
         (block,) = [b for b in blocks if "smtp/authz/ceo" in b]
-        return aaa.parse_acl(block, "README.md")
+        return parse_acl(block, "README.md")
 
     def test_example(self) -> None:
         acl = self.acl()
-        realm = Realm(authorize=aaa.authz_grants(acl))
+        realm = Realm(authorize=authz_grants(acl))
 
         def session(authcid: str, authzid: str = "") -> Any:
             return realm.auth_info_for(authcid, testing.sasl_plain(authcid, "pw", authzid))

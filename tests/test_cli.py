@@ -19,7 +19,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from gateway import cli, realm, tap, testing
 from gateway.checkers import hashes, htpasswd, tokens
-from gateway.checkers.pipeline import PoolFull
+from gateway.errors import PoolFull
 
 PASSWORD = "Tr0ub4dor&3-cli"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

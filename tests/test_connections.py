@@ -15,7 +15,6 @@ import ssl
 import types
 
 import attrs
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer, interfaces, protocol, reactor, task, threads
@@ -27,6 +26,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import tap
+from gateway.addresses import network_of
 from gateway.connections import (
     NOFILE_UNLIMITED,
     Connections,
@@ -41,7 +41,6 @@ from gateway.connections import (
     raise_nofile_limit,
     with_backlog,
 )
-from gateway.meta import network_of
 from gateway.socks.server import SOCKSServer
 from tests.support import free_port, require_tool
 
@@ -641,7 +640,7 @@ class NetworkEvictionTests(SynchronousTestCase):
         """The default network cap is several times what one address may hold on all doors."""
         from gateway.smtp.server import SMTPSettings
         from gateway.socks.server import SOCKSSettings
-        from gateway.web.guard import HTTPSettings
+        from gateway.web.settings import HTTPSettings
 
         one_address = (tap.default_of(SMTPSettings, "max_connections_per_peer")
                        + tap.default_of(HTTPSettings, "max_connections_per_peer")
@@ -1059,7 +1058,7 @@ class OptionTests(SynchronousTestCase):
     def test_defaults_from_settings(self):
         from gateway.smtp.server import SMTPSettings
         from gateway.socks.server import SOCKSSettings
-        from gateway.web.guard import HTTPSettings
+        from gateway.web.settings import HTTPSettings
 
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides
 from zope.interface.verify import verifyObject
 
+from gateway.addresses import normalize_ip
 from gateway.authinfo import Identity, IdentityContext
 from gateway.credentials import (
     BearerToken,
@@ -28,7 +29,7 @@ from gateway.credentials import (
     constant_time_equal,
     identities_of,
 )
-from gateway.meta import ConnectionMeta, normalize_ip
+from gateway.meta import ConnectionMeta
 
 SECRET = "s3cr3t-Pa55"
 

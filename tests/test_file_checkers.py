@@ -19,19 +19,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from gateway import testing
-from gateway.checkers import hashes
-from gateway.checkers import files
+from gateway.checkers import files, hashes
 from gateway.checkers.files import IReloadable, StoreError, WatchedFile, atomic_write
+from gateway.checkers.hashing import HashPool, IHashingChecker, InlinePool, Verifier
 from gateway.checkers.htpasswd import HtpasswdChecker, add_user, delete_user
-from gateway.checkers.pipeline import (
-    HashPool,
-    IHashingChecker,
-    InlinePool,
-    PoolFull,
-    ShuttingDown,
-    Verifier,
-)
 from gateway.checkers.tokens import TokenChecker, add_token, revoke
+from gateway.errors import PoolFull, ShuttingDown
 from tests.support import ManualPool
 
 # Cheap hashes keep the module fast; bcrypt cost 4 is the minimum.

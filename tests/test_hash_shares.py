@@ -22,15 +22,9 @@ from twisted.internet.defer import CancelledError
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
-from gateway.checkers.pipeline import (
-    HashPool,
-    NetworkShareFull,
-    PoolFull,
-    Throttle,
-    Throttled,
-    ThrottlingChecker,
-    Verifier,
-)
+from gateway.checkers.hashing import HashPool, Verifier
+from gateway.checkers.throttle import Throttle, ThrottlingChecker
+from gateway.errors import NetworkShareFull, PoolFull, Throttled
 
 PASSWORDS = {"alice": "wonderland", "mallory": "mallorypw", "carol": "carolpw"}
 

@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import tap
-from gateway.checkers.pipeline import Throttle
+from gateway.checkers.throttle import Throttle
 from gateway.smtp.server import build_smtp
 from gateway.socks.server import build_socks
 from gateway.web.server import build_http

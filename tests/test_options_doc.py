@@ -112,7 +112,7 @@ class OptionTableTests(SynchronousTestCase):
 
 class DefaultOfTests(SynchronousTestCase):
     def test_settings_and_constructors(self) -> None:
-        from gateway.checkers.pipeline import Throttle
+        from gateway.checkers.throttle import Throttle
         from gateway.socks.server import SOCKSSettings
 
         self.assertEqual(tap.default_of(SOCKSSettings, "max_sessions_per_peer"),

@@ -1,5 +1,5 @@
 """
-Tests for L{gateway.checkers.pipeline}: the bounded hash pool, the
+Tests for L{gateway.checkers.hashing} and L{gateway.checkers.throttle}: the bounded hash pool, the
 verification cache with coalescing, and failure throttling.
 """
 
@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import threading
 
-from twisted.cred.checkers import ICredentialsChecker, InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.checkers import (
+    ICredentialsChecker,
+    InMemoryUsernamePasswordDatabaseDontUse,
+)
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task, threads
@@ -17,17 +20,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gateway import testing
-from gateway.checkers.pipeline import (
-    HashPool,
-    PoolFull,
-    ShuttingDown,
-    TemporaryFailure,
-    Throttle,
-    Throttled,
-    ThrottlingChecker,
-    Verifier,
-    peer_key,
-)
+from gateway.addresses import peer_key
+from gateway.checkers.hashing import HashPool, Verifier
+from gateway.checkers.throttle import Throttle, ThrottlingChecker
+from gateway.errors import PoolFull, ShuttingDown, TemporaryFailure, Throttled
 from tests.support import FixedChecker, ManualPool
 
 

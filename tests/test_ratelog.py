@@ -12,7 +12,9 @@ from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
-from gateway.checkers.pipeline import HashPool, PoolFull, Throttle, Throttled
+from gateway.checkers.hashing import HashPool
+from gateway.checkers.throttle import Throttle
+from gateway.errors import PoolFull, Throttled
 from gateway.ratelog import LogRateLimiter
 from gateway.realm import Realm, login, make_portal
 from tests.support import FixedChecker

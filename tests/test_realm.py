@@ -19,17 +19,12 @@ from zope.interface import Interface, implementer
 from zope.interface.verify import verifyObject
 
 from gateway import testing
-from gateway.aaa import parse_groups
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.checkers import CallableChecker
-from gateway.checkers.pipeline import (
-    AuthBackendError,
-    PoolFull,
-    TemporaryFailure,
-    Throttle,
-    Throttled,
-)
+from gateway.checkers.throttle import Throttle
 from gateway.credentials import IBearerToken
+from gateway.errors import AuthBackendError, PoolFull, TemporaryFailure, Throttled
+from gateway.groups import parse_groups
 from gateway.realm import Realm, login, make_portal
 
 GROUPS = parse_groups("staff: daniel\nadmins: boss\nsales: daniel proxyuser\n")

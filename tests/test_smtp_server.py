@@ -30,10 +30,10 @@ from twisted.mail.interfaces import IChallengeResponse
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import Interface, implementer
 
-from gateway import aaa
+from gateway.acl import AllowAuthenticated, parse_acl
 from gateway.checkers import smtp_server_auth_plain
-from gateway.checkers.pipeline import PoolFull, Reject, Throttled
 from gateway.credentials import ISASLCredentials
+from gateway.errors import PoolFull, Reject, Throttled
 from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
 from gateway.smtp import spool as spool_module
@@ -236,7 +236,7 @@ class ServerTestCase(SynchronousTestCase):
         implicit = kind == "implicit"
         self.factory = SubmissionFactory(
             portal,
-            policy or aaa.AllowAuthenticated(),
+            policy or AllowAuthenticated(),
             self.spool,
             SMTPSettings(**settings),
             "smtps" if implicit else "smtp",
@@ -1054,7 +1054,7 @@ class TransactionTests(ServerTestCase):
         self.assertNothingStored()
 
     def test_sender_binding(self) -> None:
-        acl = aaa.parse_acl(
+        acl = parse_acl(
             '[[acl."smtp/sender/example.com/daniel"]]\n'
             "allow = true\n"
             'privileges = ["send"]\n'
@@ -1071,7 +1071,7 @@ class TransactionTests(ServerTestCase):
         no licence to send as anyone: only rules under C{smtp/sender/DOMAIN}
         naming C{send} bind senders; a domain-wide grant still works.
         """
-        broad = aaa.parse_acl(
+        broad = parse_acl(
             '[[acl."smtp"]]\nallow = true\nprivileges = ["*"]\nidentity.Authenticated = {}\n'
             '[[acl."smtp/sender/*"]]\nallow = true\nprivileges = ["*"]\n'
             "identity.Authenticated = {}\n"
@@ -1088,7 +1088,7 @@ class TransactionTests(ServerTestCase):
         is the same mailbox, and is denied too; a quoted form no key can name
         is refused under binding.
         """
-        acl = aaa.parse_acl(
+        acl = parse_acl(
             '[[acl."smtp/sender/example.com/ceo"]]\nallow = false\nprivileges = ["send"]\n'
             "identity.Any = {}\n"
             '[[acl."smtp/sender/example.com"]]\nallow = true\nprivileges = ["send"]\n'
@@ -1101,7 +1101,7 @@ class TransactionTests(ServerTestCase):
         self.assertReplies(client.send(b"MAIL FROM:<Daniel.K@Example.COM>\r\n"), [b"250 2.1.0"])
 
     def test_sender_binding_off(self) -> None:
-        acl = aaa.parse_acl("")
+        acl = parse_acl("")
         client = self.authenticated(policy=acl)
         self.assertReplies(client.send(b"MAIL FROM:<boss@example.com>\r\n"), [b"250 2.1.0"])
 
@@ -1299,7 +1299,7 @@ class DataTests(ServerTestCase):
         def broken(directory: str) -> None:
             raise OSError(5, "Input/output error")
 
-        self.patch(spool_module, "_fsync_directory", broken)
+        self.patch(spool_module, "fsync_directory", broken)
         client = self.authenticated()
         self.start_data(client)
         self.assertReplies(client.send(b"hi\r\n.\r\n"), [b"451 4.3.0"])
@@ -2010,7 +2010,7 @@ class MailAuthParameterTests(ServerTestCase):
         self.assertEqual(meta["mail_auth"], "list@example.com")
 
     def test_sender_binding_applies_to_the_auth_mailbox(self) -> None:
-        acl = aaa.parse_acl(
+        acl = parse_acl(
             '[[acl."smtp/sender/example.com/daniel"]]\n'
             "allow = true\n"
             'privileges = ["send"]\n'
@@ -2021,7 +2021,7 @@ class MailAuthParameterTests(ServerTestCase):
         self.assertEqual(meta["mail_auth"], "<>")
 
     def test_sender_binding_own_mailbox_kept(self) -> None:
-        acl = aaa.parse_acl(
+        acl = parse_acl(
             '[[acl."smtp/sender/example.com/daniel"]]\n'
             "allow = true\n"
             'privileges = ["send"]\n'

@@ -26,8 +26,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides, implementer
 
-from gateway.connections import Connections, LimitedFactory
 from gateway.checkers.functions import CallableChecker
+from gateway.connections import Connections, LimitedFactory
 from gateway.realm import Realm, make_portal
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSFactory, SOCKSSettings
@@ -969,7 +969,7 @@ class BindPortTests(SOCKSTestCase):
         self.assertEqual(self.bind(1024), reply(0, "127.0.0.1", 1024))
 
     def test_privileged_needs_a_rule_naming_the_port(self):
-        from gateway.aaa import parse_acl
+        from gateway.acl import parse_acl
 
         self.make(acl=parse_acl(PORT_ACL))
         self.assertEqual(self.bind(25), reply(0, "127.0.0.1", 25))  # socks/source/*/25
@@ -982,7 +982,7 @@ class BindPortTests(SOCKSTestCase):
 
     def test_privileged_port_without_address_grant(self):
         """Naming the port is not enough: the address grant is still needed."""
-        from gateway.aaa import parse_acl
+        from gateway.acl import parse_acl
 
         acl = parse_acl('[[acl."socks/source/*/25"]]\nallow = true\nprivileges = ["bind"]\n'
                         "identity.Authenticated = {}\n")

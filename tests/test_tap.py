@@ -22,7 +22,7 @@ from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
 from gateway import tap, testing
-from gateway.aaa import AccessControlMap, AllowAuthenticated
+from gateway.acl import AccessControlMap, AllowAuthenticated
 from gateway.authinfo import AuthInfo
 from gateway.checkers import hashes
 from gateway.checkers.files import atomic_write

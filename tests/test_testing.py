@@ -14,7 +14,7 @@ from twisted.trial import reporter, runner
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
-from gateway.aaa import parse_acl
+from gateway.acl import parse_acl
 from gateway.checkers import CallableChecker, load_checker
 from gateway.credentials import (
     BearerToken,

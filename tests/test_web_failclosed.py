@@ -18,8 +18,9 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import tap
-from gateway.aaa import parse_acl, parse_groups
-from gateway.meta import BadHost, parse_host
+from gateway.acl import parse_acl
+from gateway.addresses import BadHost, parse_host
+from gateway.groups import parse_groups
 from gateway.web.resources import BadTarget, check_acl_keys, parse_target, resource_name
 from tests.test_web_guard import FakeUpstream, GuardTestCase, basic
 from tests.test_web_hosts import ACL

@@ -27,14 +27,16 @@ from twisted.web import server
 from twisted.web.resource import IResource
 from zope.interface import directlyProvides, implementer
 
-from gateway.aaa import AllowAuthenticated, parse_groups
-from gateway.checkers.pipeline import Throttle
+from gateway.acl import AllowAuthenticated
+from gateway.checkers.throttle import Throttle
 from gateway.credentials import IBearerToken
+from gateway.groups import parse_groups
 from gateway.realm import Realm, make_portal
-from gateway.web.guard import Guard, HTTPSettings
+from gateway.web.guard import Guard
 from gateway.web.resources import BadTarget, WebApp, forwarded_host, parse_target
 from gateway.web.resources import resource_name as resource_of
 from gateway.web.server import GatewaySite
+from gateway.web.settings import HTTPSettings
 from tests.support import FixedChecker
 
 TOKEN = "tok-3f9a.Zz_~+/="

@@ -1,6 +1,6 @@
 """
 Issue 11 items 1 and 2 at unit level: the one host canonicaliser
-(L{gateway.meta.parse_host}), the strict C{X-Original-URL} parser, C{/auth}
+(L{gateway.addresses.parse_host}), the strict C{X-Original-URL} parser, C{/auth}
 and the reverse proxy with C{--http-host}, case-folded ACL paths and
 method overrides, through the real L{GatewaySite} over a C{StringTransport}.
 """
@@ -11,12 +11,13 @@ import ipaddress
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SynchronousTestCase
 from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import tap
-from gateway.aaa import parse_acl, parse_groups
-from gateway.meta import BadHost, canonical_host, parse_host, split_authority
+from gateway.acl import parse_acl
+from gateway.addresses import BadHost, canonical_host, parse_host, split_authority
+from gateway.groups import parse_groups
 from gateway.web.resources import BadTarget, check_acl_keys, parse_original_url
 from tests.test_web_guard import FakeUpstream, GuardTestCase, basic
 
@@ -372,8 +373,8 @@ class WarningTests(SynchronousTestCase):
     def test_trusted_proxy_without_hosts_warns(self):
         from twisted.logger import globalLogPublisher
 
-        from gateway.web.guard import HTTPSettings
         from gateway.web.resources import WebApp
+        from gateway.web.settings import HTTPSettings
 
         events = []
         globalLogPublisher.addObserver(events.append)

@@ -29,8 +29,8 @@ from gateway.checkers.functions import (
     proxy_server_auth_rfc1929,
     smtp_server_auth_plain,
 )
-from gateway.checkers.pipeline import Reject, TemporaryFailure
 from gateway.credentials import safe_message, secrets_of
+from gateway.errors import Reject, TemporaryFailure
 
 log = Logger()
 

@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from gateway.fileio import reason
 from gateway.text import quote
 
 #: Longest line the parsers accept; anything longer is reported and skipped.
@@ -48,10 +49,6 @@ def directory_of(path: str | os.PathLike[str]) -> str:
     return os.path.dirname(os.fspath(path)) or os.curdir
 
 
-def _reason(e: OSError) -> str:
-    return os.strerror(e.errno) if e.errno else str(e)
-
-
 def _read_bytes(name: str, follow_links: bool = True) -> tuple[os.stat_result, bytes]:
     """
     The file's status and contents (at most L{MAX_FILE} bytes), or L{StoreError}.
@@ -66,7 +63,7 @@ def _read_bytes(name: str, follow_links: bool = True) -> tuple[os.stat_result, b
     except OSError as e:
         if e.errno == errno.ELOOP and not follow_links and os.path.islink(name):
             _refuse_link(name, os.lstat(name))
-        raise StoreError(f"{name}: {_reason(e)}") from None
+        raise StoreError(f"{name}: {reason(e)}") from None
     try:
         with os.fdopen(fd, "rb") as f:
             st = os.fstat(f.fileno())
@@ -74,7 +71,7 @@ def _read_bytes(name: str, follow_links: bool = True) -> tuple[os.stat_result, b
                 raise StoreError(f"{name}: not a regular file")
             data = f.read(MAX_FILE + 1)
     except OSError as e:
-        raise StoreError(f"{name}: {_reason(e)}") from None
+        raise StoreError(f"{name}: {reason(e)}") from None
     if len(data) > MAX_FILE:
         raise StoreError(f"{name}: larger than {MAX_FILE} bytes")
     return st, data
@@ -174,7 +171,7 @@ def _open_directory(directory: str) -> int:
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as e:
-        raise StoreError(f"{directory}: {_reason(e)}") from None
+        raise StoreError(f"{directory}: {reason(e)}") from None
     try:
         _check_links(directory)
         opened, now = os.fstat(fd), os.stat(directory)
@@ -200,7 +197,7 @@ def check_rewritable(path: str | os.PathLike[str]) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise StoreError(f"{name}: {_reason(e)}") from None
+        raise StoreError(f"{name}: {reason(e)}") from None
     _refuse_link(name, st)
 
 
@@ -241,13 +238,13 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
         except FileNotFoundError:
             previous = None
         except OSError as e:
-            raise StoreError(f"{name}: {_reason(e)}") from None
+            raise StoreError(f"{name}: {reason(e)}") from None
         if previous is not None:
             _refuse_link(name, previous)
         try:
             fd, temp = _create_temporary(dir_fd, base)
         except OSError as e:
-            raise StoreError(f"{directory}: {_reason(e)}") from None
+            raise StoreError(f"{directory}: {reason(e)}") from None
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data.encode("utf-8"))
@@ -263,12 +260,12 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
             except OSError:
                 pass
             if isinstance(e, OSError):
-                raise StoreError(f"{name}: cannot write: {_reason(e)}") from None
+                raise StoreError(f"{name}: cannot write: {reason(e)}") from None
             raise
         try:
             os.fsync(dir_fd)
         except OSError as e:
-            raise StoreError(f"{directory}: cannot sync: {_reason(e)}") from None
+            raise StoreError(f"{directory}: cannot sync: {reason(e)}") from None
     finally:
         os.close(dir_fd)
 
@@ -533,7 +530,7 @@ class WatchedFile(Generic[_T]):
         try:
             signature = self._signature_of(os.stat(self.path))
         except OSError as e:
-            self._failed(f"{self.path}: {_reason(e)}")
+            self._failed(f"{self.path}: {reason(e)}")
             return False
         if signature == self._signature:
             self._failing = None

@@ -46,7 +46,7 @@ from gateway.checkers.files import (
     split_bom,
     split_lines,
 )
-from gateway.checkers.pipeline import HashPool, IHashingChecker, Verifier
+from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
 from gateway.credentials import identities_of
 from gateway.text import quote
 

@@ -29,7 +29,6 @@ from gateway.checkers.files import FileChecker, frozen, records
 from gateway.text import quote
 
 
-
 @attrs.frozen
 class PlainTable:
     """User -> clear-text password; the first line naming a user wins."""

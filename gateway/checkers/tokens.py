@@ -46,14 +46,10 @@ from gateway.checkers.files import (
     split_bom,
     split_lines,
 )
-from gateway.credentials import IBearerToken, identities_of
+from gateway.credentials import MAX_TOKEN, IBearerToken, identities_of
 from gateway.text import quote, utc_timestamp
 
-
 TOKEN_PREFIX = "agw_"
-
-#: Presented tokens longer than this are refused without being hashed.
-MAX_TOKEN = 4096
 
 #: How many hex digits of the digest make a token id.
 TOKEN_ID_LENGTH = 12

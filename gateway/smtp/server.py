@@ -32,11 +32,12 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.aaa import IAccessPolicy, written_grant
+from gateway.acl import IAccessPolicy, written_grant
+from gateway.addresses import in_networks
 from gateway.authinfo import AuthInfo, IAuthInfo
-from gateway.checkers.pipeline import Reject, TemporaryFailure
 from gateway.connections import Refused, authenticated, limit_connections, login_running
-from gateway.meta import ConnectionMeta, in_networks
+from gateway.errors import Reject, TemporaryFailure
+from gateway.meta import ConnectionMeta
 from gateway.realm import login
 from gateway.smtp import sasl
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter

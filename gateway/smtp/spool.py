@@ -28,6 +28,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from gateway.authinfo import AuthInfo, IdentityContext
+from gateway.fileio import fsync_directory, reason
 from gateway.text import utc_timestamp
 
 #: The protocol words of RFC 3848, as written in C{Received: ... with}.
@@ -45,12 +46,6 @@ _OPEN_ATTEMPTS = 5
 
 class SpoolError(Exception):
     """A message cannot be spooled or read; one line, never any message content."""
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, OSError):
-        return os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
-    return type(e).__name__
 
 
 def _addresses(value: Iterable[str]) -> tuple[str, ...]:
@@ -131,14 +126,6 @@ def _create(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _remove(path: str) -> None:
     try:
         os.unlink(path)
@@ -173,7 +160,7 @@ class Spool:
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as e:
-            raise SpoolError(f"{self.directory}: cannot create the spool: {_reason(e)}") from None
+            raise SpoolError(f"{self.directory}: cannot create the spool: {reason(e)}") from None
 
     def __repr__(self) -> str:
         return f"<Spool {self.directory!r}>"
@@ -235,7 +222,7 @@ class Spool:
             except FileExistsError:
                 continue
             except OSError as e:
-                raise SpoolError(f"{self.directory}: cannot spool a message: {_reason(e)}") from None
+                raise SpoolError(f"{self.directory}: cannot spool a message: {reason(e)}") from None
             return SpoolWriter(self, id, os.fdopen(fd, "wb", buffering=WRITE_BUFFER))
         raise SpoolError(f"{self.directory}: cannot spool a message: no free name")
 
@@ -244,7 +231,7 @@ class Spool:
         try:
             names = os.listdir(self.directory)
         except OSError as e:
-            raise SpoolError(f"{self.directory}: cannot list the spool: {_reason(e)}") from None
+            raise SpoolError(f"{self.directory}: cannot list the spool: {reason(e)}") from None
         present = set(names)
         found = []
         for name in names:
@@ -269,7 +256,7 @@ class Spool:
             with open(base + ".eml", "rb") as f:
                 message = f.read()
         except OSError as e:
-            raise SpoolError(f"{self.directory}: cannot read message {id}: {_reason(e)}") from None
+            raise SpoolError(f"{self.directory}: cannot read message {id}: {reason(e)}") from None
         except ValueError:
             raise SpoolError(f"{self.directory}: metadata of {id} is not valid JSON") from None
         return message, meta
@@ -291,7 +278,7 @@ def _commit_batch(directory: str, jobs: list[tuple[SpoolWriter, bytes]]) -> list
             results.append(writer.id)
     if any(isinstance(r, str) for r in results):
         try:
-            _fsync_directory(directory)
+            fsync_directory(directory)
         except Exception as e:  # noqa: BLE001
             results = [
                 writer._failed(e) if isinstance(r, str) else r
@@ -379,7 +366,7 @@ class SpoolWriter:
 
     def _failed(self, e: BaseException) -> SpoolError:
         self._clean_up()
-        return SpoolError(f"{self._spool.directory}: cannot spool message {self.id}: {_reason(e)}")
+        return SpoolError(f"{self._spool.directory}: cannot spool message {self.id}: {reason(e)}")
 
     def abort(self) -> None:
         """

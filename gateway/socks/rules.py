@@ -41,7 +41,7 @@ from typing import Any
 
 import attrs
 
-from gateway.aaa import written_grant
+from gateway.acl import written_grant
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -39,11 +39,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.addresses import network_keys, normalize_ip, peer_key
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
-from gateway.checkers.pipeline import network_keys, peer_key
 from gateway.connections import authenticated, limit_connections, login_running
 from gateway.credentials import RFC1929Credentials
-from gateway.meta import ConnectionMeta, normalize_ip
+from gateway.meta import ConnectionMeta
 from gateway.ratelog import LogRateLimiter, suppressed_note
 from gateway.realm import login
 from gateway.socks import codec

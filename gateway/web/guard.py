@@ -21,10 +21,8 @@ import ipaddress
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import attrs
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer
@@ -34,55 +32,24 @@ from twisted.web import resource, server, util
 from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
-from gateway.checkers.pipeline import TemporaryFailure, Throttled
+from gateway.addresses import in_networks, ip_or_none
 from gateway.connections import authenticated, login_running
 from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
-from gateway.meta import ConnectionMeta, in_networks, ip_or_none
+from gateway.errors import TemporaryFailure, Throttled
+from gateway.meta import ConnectionMeta
 from gateway.realm import login
+from gateway.web.messages import Refusal, header, quoted_string
+from gateway.web.settings import HTTPSettings
 
 if TYPE_CHECKING:
     from gateway.web.server import GatewayRequest
 
 log = Logger()
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 #: RFC 6750 section 2.1 b64token (RFC 7235 token68).
 _TOKEN68 = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")
 #: The longest Authorization header value read at all.
 MAX_AUTHORIZATION = 4 * MAX_TOKEN
-
-
-@attrs.frozen
-class HTTPSettings:
-    """What the operator chose for the HTTP listeners."""
-
-    realm: str = "authgateway"
-    #: Accept credentials over plain HTTP from peers other than loopback.
-    insecure_auth: bool = False
-    #: The canonical hosts the reverse proxy and /auth serve (others: 421,
-    #: /auth: 403); with none, any.
-    hosts: tuple[str, ...] = ()
-    #: Proxies whose X-Forwarded-* / X-Original-* headers are believed.
-    trusted_proxies: tuple[Network, ...] = ()
-    #: Largest request body for the gateway's own resources (/whoami, /auth).
-    max_body: int = 64 * 1024
-    #: Largest request body passed to the upstream.
-    max_upstream_body: int = 100 * 1024 * 1024
-    #: Idle seconds before a connection is closed.
-    timeout: float = 60.0
-    #: The reverse-proxy upstream URL, or None.
-    upstream: str | None = None
-    upstream_timeout: float = 60.0
-    forward_authorization: bool = False
-    upstream_ca: str | None = None
-    #: Connections one peer (IPv6 by /64) may hold on --http and --https
-    #: together; trusted proxies are exempt.
-    max_connections_per_peer: int = 128
-    #: Match the ACL's HTTP paths with regard to case (default: lower-cased).
-    case_sensitive_paths: bool = False
-    #: Pass X-HTTP-Method-Override and kin upstream (the ACL then checks them too).
-    keep_method_override: bool = False
 
 
 class BadForwarding(ValueError):
@@ -91,25 +58,6 @@ class BadForwarding(ValueError):
 
 class MalformedCredentials(Exception):
     """An Authorization header that breaks the scheme's syntax (400)."""
-
-
-def quoted_string(value: str) -> str:
-    """An RFC 9110 quoted-string."""
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def header(request: server.Request, name: bytes, *, once: bool = False) -> bytes | None:
-    """
-    The last value of a request header, or None.
-
-    @param once: the header may appear at most once (L{ValueError} otherwise).
-    """
-    values = request.requestHeaders.getRawHeaders(name)
-    if not values:
-        return None
-    if once and len(values) > 1:
-        raise ValueError(f"more than one {name.decode()} header")
-    return values[-1].strip()
 
 
 def via_trusted_proxy(request: server.Request, settings: HTTPSettings) -> bool:
@@ -254,49 +202,6 @@ def schemes_for(portal: Any, realm: str) -> list[Any]:
     if any(i.implementedBy(BearerToken) for i in interfaces):
         factories.append(BearerCredentialFactory(realm))
     return factories
-
-
-def refusal(
-    request: server.Request,
-    code: int,
-    text: str,
-    challenges: Sequence[str] = (),
-    headers: Sequence[tuple[bytes, bytes]] = (),
-) -> bytes:
-    """
-    Set the status and headers of a 4xx/5xx answer (never cached) and return
-    its one-line text body.
-    """
-    request.setResponseCode(code)
-    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
-    request.setHeader(b"cache-control", b"no-store")
-    for challenge in challenges:
-        request.responseHeaders.addRawHeader(b"www-authenticate", challenge.encode())
-    for name, value in headers:
-        request.setHeader(name, value)
-    return (text + "\n").encode()
-
-
-class Refusal(resource.Resource):
-    """A resource answering with L{refusal}, whatever the method."""
-
-    isLeaf = True
-
-    def __init__(
-        self,
-        code: int,
-        text: str,
-        challenges: Sequence[str] = (),
-        headers: Sequence[tuple[bytes, bytes]] = (),
-    ) -> None:
-        super().__init__()
-        self.code, self.text, self.challenges, self.headers = code, text, challenges, headers
-
-    def __repr__(self) -> str:
-        return f"<Refusal {self.code} {self.text!r}>"
-
-    def render(self, request: server.Request) -> bytes:
-        return refusal(request, self.code, self.text, self.challenges, self.headers)
 
 
 class Guard(resource.Resource):

@@ -47,7 +47,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from gateway.text import quote
-from gateway.web.guard import refusal
+from gateway.web.messages import refusal
 
 _log = Logger()
 

@@ -38,21 +38,22 @@ import attrs
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from gateway.aaa import IAccessPolicy
-from gateway.authinfo import AuthInfo
-from gateway.meta import (
+from gateway.acl import IAccessPolicy
+from gateway.addresses import (
     BadHost,
     canonical_host,
     compatible_with_ascii,
     folds_to_ascii,
     split_authority,
 )
-from gateway.web.guard import HTTPSettings, header, quoted_string, refusal
+from gateway.authinfo import AuthInfo
+from gateway.web.messages import header, quoted_string, refusal
 from gateway.web.proxy import (
     LOOKALIKE_TARGET_HEADERS,
     METHOD_OVERRIDE_HEADERS,
     normalise_header_name,
 )
+from gateway.web.settings import HTTPSettings
 
 if TYPE_CHECKING:
     from gateway.web.server import GatewayRequest

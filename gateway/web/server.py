@@ -26,7 +26,9 @@ from gateway.twistedinternals import (
     pause_reading_while_answering,
     request_line,
 )
-from gateway.web.guard import Guard, HTTPSettings, Refusal
+from gateway.web.guard import Guard
+from gateway.web.messages import Refusal
+from gateway.web.settings import HTTPSettings
 
 #: The longest request line or header line.
 MAX_LINE = 8192

@@ -1,10 +1,11 @@
-# -*- test-case-name: tests.test_aaa -*-
+# -*- test-case-name: tests.test_acl -*-
 """
-Authorization data: the C{--groups} file (Apache htgroup format) and the
-C{--acl} file (TOML modelled on KumoMTA's C{kumo.aaa.load_acl_map}).
+The C{--acl} file (TOML modelled on KumoMTA's C{kumo.aaa.load_acl_map}) and
+the access policies: C{query_resource_access(auth_info, resource, privilege)}.
 
-Both are read once at start-up and compiled into immutable values, so a bad
-file stops the start with file, line and reason, and a query parses nothing.
+The file is read once at start-up and compiled into immutable values, so a
+bad file stops the start with file, line and reason, and a query parses
+nothing.
 """
 
 from __future__ import annotations
@@ -19,131 +20,15 @@ from typing import Any, Union
 import attrs
 from zope.interface import Interface, implementer
 
+from gateway.addresses import parse_ip
 from gateway.authinfo import IAuthInfo, Identity, IdentityContext
-from gateway.meta import ip_or_none
+from gateway.groups import ConfigError, read_config
 from gateway.text import quote as _quote
 
 try:
     import tomllib
 except ImportError:  # Python < 3.11
     import tomli as tomllib  # type: ignore[no-redef]
-
-
-class ConfigError(Exception):
-    """A group or ACL file cannot be used; the message is one line naming file, line and reason."""
-
-
-def _read_text(path: str | os.PathLike[str]) -> str:
-    """The UTF-8 contents of C{path}, or L{ConfigError} saying why not."""
-    name = os.fspath(path)
-    try:
-        with open(name, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ConfigError(f"{name}: {os.strerror(e.errno) if e.errno else e}") from None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ConfigError(
-            f"{name}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x})"
-        ) from None
-
-
-# --- group file ---------------------------------------------------------------
-
-
-def _group_members(value: Mapping[str, Iterable[str]]) -> Mapping[str, tuple[str, ...]]:
-    if not isinstance(value, Mapping):
-        raise TypeError("groups must be a mapping of group name to members")
-    out: dict[str, tuple[str, ...]] = {}
-    for group, members in value.items():
-        if not isinstance(group, str) or not group:
-            raise ValueError(f"group names must be non-empty strings, not {group!r}")
-        if isinstance(members, (str, bytes)):
-            raise TypeError(f"members of group {group!r} must be a list of names, not a string")
-        unique: dict[str, None] = {}
-        for member in members:
-            if not isinstance(member, str) or not member:
-                raise ValueError(f"members of group {group!r} must be non-empty strings")
-            unique[member] = None
-        out[group] = tuple(unique)
-    return MappingProxyType(out)
-
-
-@attrs.frozen
-class GroupMap:
-    """Group name -> members, in file order; answers which groups a user is in."""
-
-    members: Mapping[str, tuple[str, ...]] = attrs.field(converter=_group_members, hash=False)
-    _by_user: Mapping[str, frozenset[str]] = attrs.field(
-        init=False, repr=False, eq=False, hash=False
-    )
-
-    def __attrs_post_init__(self) -> None:
-        by_user: dict[str, set[str]] = {}
-        for group, members in self.members.items():
-            for member in members:
-                by_user.setdefault(member, set()).add(group)
-        object.__setattr__(
-            self, "_by_user", {user: frozenset(groups) for user, groups in by_user.items()}
-        )
-
-    def groups_for(self, names: Iterable[str]) -> tuple[str, ...]:
-        """The groups any of C{names} belongs to, in file order, without duplicates."""
-        if isinstance(names, (str, bytes)):
-            raise TypeError("groups_for() takes a collection of names, not one string")
-        found: set[str] = set()
-        for name in names:
-            found |= self._by_user.get(name, frozenset())
-        if not found:
-            return ()
-        return tuple(group for group in self.members if group in found)
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-
-#: No groups at all: what the gateway uses without C{--groups}.
-NO_GROUPS = GroupMap({})
-
-
-def parse_groups(text: str, source: str = "<string>") -> GroupMap:
-    """
-    Parse htgroup text: C{group: user1 user2} lines, C{#} comment lines.
-
-    A group may span several lines; its members are merged in order.
-
-    @param source: the file name used in error messages.
-    @raise ConfigError: for a malformed line, as C{source:line: reason}.
-    """
-    groups: dict[str, dict[str, None]] = {}
-    for lineno, raw in enumerate(text.removeprefix("\ufeff").split("\n"), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        group, colon, members = line.partition(":")
-        group = group.strip()
-        if not colon:
-            raise ConfigError(f"{source}:{lineno}: expected 'group: members', found no ':'")
-        if not group:
-            raise ConfigError(f"{source}:{lineno}: empty group name before ':'")
-        if any(char.isspace() for char in group):
-            raise ConfigError(
-                f"{source}:{lineno}: group name {_quote(group)} contains whitespace"
-            )
-        merged = groups.setdefault(group, {})
-        for member in members.split():
-            merged[member] = None
-    return GroupMap({group: tuple(members) for group, members in groups.items()})
-
-
-def load_group_file(path: str | os.PathLike[str]) -> GroupMap:
-    """Read and parse an htgroup file (see L{parse_groups})."""
-    return parse_groups(_read_text(path), os.fspath(path))
-
-
-# --- access policy --------------------------------------------------------------
 
 
 class IAccessPolicy(Interface):
@@ -308,12 +193,6 @@ class AnyIdentity:
         return True
 
 
-def _peer_ip(peer: str | None) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
-    """The peer's address (AuthInfo keeps it canonical: IPv4-mapped folded to IPv4)."""
-    ip = ip_or_none(peer) if isinstance(peer, str) else None
-    return [ipaddress.ip_address(ip)] if ip is not None else []
-
-
 @attrs.frozen
 class MachineIdentity:
     """C{Machine = "addr"} or C{"net/len"}: the peer address is in that network."""
@@ -321,7 +200,9 @@ class MachineIdentity:
     network: ipaddress.IPv4Network | ipaddress.IPv6Network
 
     def matches(self, auth_info: IAuthInfo) -> bool:
-        return any(address in self.network for address in _peer_ip(auth_info.peer_address))
+        peer = auth_info.peer_address
+        ip = parse_ip(peer) if isinstance(peer, str) else None
+        return ip is not None and ip in self.network
 
 
 @attrs.frozen
@@ -767,4 +648,4 @@ def parse_acl(text: str, source: str = "<string>") -> AccessControlMap:
 
 def load_acl_file(path: str | os.PathLike[str]) -> AccessControlMap:
     """Read and compile an ACL file (see L{parse_acl})."""
-    return parse_acl(_read_text(path), os.fspath(path))
+    return parse_acl(read_config(path), os.fspath(path))
