@@ -209,7 +209,11 @@ class WriteNowTests(LoopbackTCPMixin, SynchronousTestCase):
 class Collect(protocol.Protocol):
     def connectionMade(self) -> None:
         self.data = b""
+        self.lost: defer.Deferred[None] = defer.Deferred()
         self.factory.made.callback(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
 
     def dataReceived(self, data: bytes) -> None:
         self.data += data
@@ -231,7 +235,13 @@ class ReactorTransportTests(TestCase):
         reactor.connectTCP("127.0.0.1", port.getHost().port, client_factory)
         client = yield client_factory.made
         server_side = yield server_factory.made
-        self.addCleanup(client.transport.loseConnection)
+
+        def close() -> defer.Deferred[Any]:
+            client.transport.loseConnection()
+            server_side.transport.loseConnection()
+            return defer.gatherResults([client.lost, server_side.lost])
+
+        self.addCleanup(close)
         self.assertIs(type(client.transport), tcp.Client)
         self.assertIs(type(server_side.transport), tcp.Server)
         self.assertTrue(write_now(client.transport, b"up\n"))

@@ -152,8 +152,8 @@ class GatewayRequest(server.Request):
     #: The request came from a C{--http-trusted-proxy} (L{Guard.decide}).
     gateway_via_proxy: bool = False
     #: What L{Guard.decide} decided for this request when it did so before
-    #: the body (a L{Refusal}, an avatar or a Deferred of either): kept, so
-    #: that a request is decided once.
+    #: the body (a L{Refusal} or the realm's avatar): kept, so that a
+    #: request is decided once.
     gateway_decision: Any = None
     #: The C{--http-host} name the request was checked against, canonical:
     #: the upstream's C{X-Forwarded-Host} (set by the C{Upstream} resource).
