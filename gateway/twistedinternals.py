@@ -66,8 +66,10 @@ def buffered(transport: Any) -> int:
     Bytes a TCP transport holds in user space for its peer: the
     C{FileDescriptor} write buffer (C{dataBuffer} past C{offset}, plus
     C{_tempDataLen}) and, under TLS, what each C{TLSMemoryBIOProtocol}
-    layer above it keeps before its handshake (C{_appSendBuffer}). For
-    tests and diagnostics: nothing in the gateway decides on it.
+    layer above it keeps before its handshake (C{_appSendBuffer}); not the
+    small writes a C{BufferingTLSTransport} gathers for the next reactor
+    pass (under 64 kB). For tests and diagnostics: nothing in the gateway
+    decides on it.
     """
     size = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     proto = getattr(transport, "protocol", None)  # gone once the connection is lost

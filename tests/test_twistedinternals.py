@@ -19,6 +19,7 @@ from packaging.requirements import Requirement
 from twisted.internet import defer, error, protocol, reactor, tcp
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http, server
 from twisted.web.resource import Resource
@@ -147,6 +148,19 @@ class WriteBufferTests(LoopbackTCPMixin, SynchronousTestCase):
     def test_loseConnection_sets_disconnecting(self) -> None:
         self.transport.loseConnection()
         self.assertTrue(self.transport.disconnecting)
+
+    def test_tls_layer_keeps_early_writes(self) -> None:
+        """Written before the handshake, under a TLSMemoryBIOProtocol: its C{_appSendBuffer}."""
+        factory = TLSMemoryBIOFactory(_tls_options(self), False, protocol.Factory.forProtocol(
+            protocol.Protocol
+        ))
+        layer = factory.buildProtocol(None)
+        self.transport.protocol = layer
+        layer.makeConnection(self.transport)
+        early = b"early" * 20000  # above what TLS aggregates for the next reactor pass
+        layer.wrappedProtocol.transport.write(early)
+        self.assertEqual(layer._appSendBuffer, [early])
+        self.assertEqual(buffered(self.transport), len(early))
 
     def test_startTLS_sets_TLS(self) -> None:
         self.assertTrue(ITLSTransport.providedBy(self.transport))
