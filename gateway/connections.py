@@ -51,7 +51,7 @@ import resource as _resource
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import attrs
@@ -61,6 +61,9 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides, directlyProvides, implementer, providedBy
 
 from gateway.addresses import in_networks, ip_or_none, network_of, peer_key
+
+if TYPE_CHECKING:
+    from gateway.core import Core
 
 log = Logger()
 
@@ -1012,7 +1015,7 @@ class LimitedFactory(_WrapperFactory):
 
 
 def limit_connections(
-    core: Any,
+    core: Core,
     factory: protocol.Factory,
     door: str,
     listener: str,
@@ -1030,7 +1033,7 @@ def limit_connections(
     """
     from twisted.protocols.tls import TLSMemoryBIOFactory
 
-    connections: Connections = core.connections
+    connections = core.connections
     if tls is not None:
         factory = TLSMemoryBIOFactory(
             tls,

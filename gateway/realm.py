@@ -181,9 +181,24 @@ class Realm:
         )
 
 
+class GatewayPortal(Portal):
+    """
+    A Portal that also keeps the rate limit of L{login}'s log lines:
+    outcomes a client can repeat at will without being throttled (hanging
+    up, unsupported credentials, input that makes a checker fail) are
+    logged once a minute per peer and kind.
+    """
+
+    def __init__(
+        self, realm: IRealm, checkers: Iterable[ICredentialsChecker], log_limiter: LogRateLimiter
+    ) -> None:
+        super().__init__(realm, checkers)
+        self.log_limiter = log_limiter
+
+
 def make_portal(
     realm: IRealm, checkers: Iterable[ICredentialsChecker], throttle: Throttle | None = None
-) -> Portal:
+) -> GatewayPortal:
     """
     A Portal whose every credentials interface goes to one L{CheckerChain},
     behind the shared failure L{Throttle} when one is given.
@@ -191,12 +206,9 @@ def make_portal(
     checker: ICredentialsChecker = CheckerChain(checkers)
     if throttle is not None:
         checker = ThrottlingChecker(checker, throttle)
-    portal = Portal(realm, [checker])
-    #: Outcomes a client can repeat at will without being throttled (hanging
-    #: up, unsupported credentials, input that makes a checker fail) are
-    #: logged by L{login} once a minute per peer and kind.
-    portal.log_limiter = LogRateLimiter(throttle.clock if throttle is not None else None)
-    return portal
+    return GatewayPortal(
+        realm, [checker], LogRateLimiter(throttle.clock if throttle is not None else None)
+    )
 
 
 def _frames(reason: Failure) -> str:
@@ -238,7 +250,8 @@ def login(
         "tls": getattr(meta, "tls", None),
     }
     what = "{protocol} {mechanism} identity={identity!r} peer={peer}"
-    limiter: LogRateLimiter | None = getattr(portal, "log_limiter", None)
+    # A plain Portal (a user's own wiring) logs every event.
+    limiter = portal.log_limiter if isinstance(portal, GatewayPortal) else None
 
     def admit(kind: str) -> int | None:
         """Whether this event gets a line (see L{make_portal}); the count left out."""

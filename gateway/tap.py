@@ -19,69 +19,48 @@ import attrs
 from twisted.application import service
 from twisted.cred import strcred
 from twisted.cred.credentials import IUsernamePassword
-from twisted.cred.portal import Portal
-from twisted.internet import endpoints, ssl
+from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
-from twisted.python.reflect import namedAny
-from twisted.web.resource import IResource
 
-from gateway.acl import AllowAuthenticated, IAccessPolicy, authz_grants, load_acl_file
+from gateway.acl import AllowAuthenticated, load_acl_file
 from gateway.addresses import canonical_host
-from gateway.checkers import CheckerLoadError, hashes, load_checker
-from gateway.checkers.files import IReloadable
-from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
+from gateway.checkers import CheckerLoadError, load_checker
+from gateway.checkers.hashing import HashPool, Verifier
 from gateway.checkers.plainfile import PlainFileChecker
 from gateway.checkers.throttle import Throttle
-from gateway.connections import Connections, ListenSettings, with_backlog
+from gateway.connections import ListenSettings, with_backlog
+from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
-from gateway.realm import Realm, make_portal
 from gateway.smtp import sasl
-from gateway.smtp.server import SMTPSettings
-from gateway.smtp.spool import Spool
+from gateway.smtp.server import SMTPDoor, SMTPSettings
 from gateway.socks.rules import AllowRule
-from gateway.socks.server import SOCKSSettings
+from gateway.socks.server import SOCKSDoor, SOCKSSettings
 from gateway.tls import CertificateError, ensure_certificate
-from gateway.web.resources import WebApp, check_acl_keys, upstream_host
+from gateway.web.resources import check_acl_keys, upstream_host
+from gateway.web.server import HTTPDoor
 from gateway.web.settings import HTTPSettings
 
 log = Logger()
 
-#: Listener option -> (default endpoint, dotted name of its service builder or
-#: None while that front door is not built). A builder is called as
-#: C{builder(core, endpoint, listener_name)} and returns an IService.
-FRONT_DOORS: dict[str, tuple[str, str | None]] = {
-    "smtp": ("tcp:2525:interface=127.0.0.1", "gateway.smtp.server.build_smtp"),
-    "smtps": ("none", "gateway.smtp.server.build_smtp"),
-    "http": ("tcp:8080:interface=127.0.0.1", "gateway.web.server.build_http"),
-    "https": ("none", "gateway.web.server.build_http"),
-    "socks": ("tcp:1080:interface=127.0.0.1", "gateway.socks.server.build_socks"),
-    "socks-tls": ("none", "gateway.socks.server.build_socks"),
+#: The listeners, in the order they start: option, default endpoint, the
+#: front door that serves it, and whether it speaks TLS from the first byte.
+FRONT_DOORS: tuple[FrontDoor, ...] = (
+    FrontDoor("smtp", "tcp:2525:interface=127.0.0.1", "smtp"),
+    FrontDoor("smtps", "none", "smtp", implicit_tls=True),
+    FrontDoor("http", "tcp:8080:interface=127.0.0.1", "http"),
+    FrontDoor("https", "none", "http", implicit_tls=True),
+    FrontDoor("socks", "tcp:1080:interface=127.0.0.1", "socks"),
+    FrontDoor("socks-tls", "none", "socks", implicit_tls=True),
+)
+
+#: Each front door's maker and the option key holding its settings.
+DOORS: dict[str, tuple[Callable[[Core, Any], Listener], str]] = {
+    "smtp": (SMTPDoor, "smtpSettings"),
+    "http": (HTTPDoor, "httpSettings"),
+    "socks": (SOCKSDoor, "socksSettings"),
 }
-
-
-@attrs.frozen
-class Core:
-    """The authentication core every front door is built on."""
-
-    reactor: Any
-    portal: Portal
-    realm: Realm
-    policy: IAccessPolicy
-    #: The --acl policy, or None without an ACL file.
-    acl: IAccessPolicy | None
-    certificate: ssl.PrivateCertificate
-    data_dir: str
-    hash_pool: HashPool
-    verifier: Verifier
-    throttle: Throttle
-    spool: Spool
-    smtp: SMTPSettings
-    web: WebApp
-    socks: SOCKSSettings
-    #: Connections per peer and the process-wide descriptor budget.
-    connections: Connections = attrs.field(factory=Connections)
 
 
 def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], Any]:
@@ -139,8 +118,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         return any(interface.isOrExtends(i) for i in self.supportedInterfaces)
 
     optParameters = [
-        [name, None, default, f"{name.upper()} listener endpoint, or 'none'."]
-        for name, (default, _) in FRONT_DOORS.items()
+        [row.option, None, row.default, f"{row.option.upper()} listener endpoint, or 'none'."]
+        for row in FRONT_DOORS
     ] + [
         ["data-dir", None, "authgateway-data", "Directory for the spool, certificate and state."],
         ["tls-cert", None, None, "PEM certificate (chain); default: self-signed under the data dir."],
@@ -167,7 +146,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Part of the connection budget (0-1] connections may hold before they"
                 " authenticate.", float),
         # The verification pipeline: throttle -> checkers -> cache -> hash pool.
-        _number("hash-threads", os.cpu_count() or 2, "Threads verifying password hashes.", int),
+        _number("hash-threads", default_of(CoreSettings, "hash_threads"), "Threads verifying password hashes.", int),
         _number("hash-queue", default_of(HashPool, "max_pending"),
                 "Hash verifications waiting or running before new ones fail temporarily.", int),
         _number("hash-queue-per-peer", default_of(HashPool, "max_pending_per_peer"),
@@ -485,7 +464,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def postOptions(self) -> None:
         self["endpoints"] = {}
-        for name in FRONT_DOORS:
+        for name in (row.option for row in FRONT_DOORS):
             description = self[name].strip()
             if description.lower() == "none":
                 continue
@@ -570,6 +549,33 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             os.makedirs(self["spoolDir"], mode=0o700, exist_ok=True)
         except OSError as e:
             raise usage.UsageError(f"--spool {self['spoolDir']}: {e.strerror}") from None
+        self["coreSettings"] = CoreSettings(
+            checkers=tuple(self["credCheckers"]),
+            certificate=self["certificate"],
+            data_dir=data_dir,
+            spool_dir=self["spoolDir"],
+            groups=self["groupMap"],
+            acl=self["policy"] if self["acl"] else None,
+            listen=self["listenSettings"],
+            hash_threads=self["hash-threads"],
+            hash_pool=dict(
+                max_pending=self["hash-queue"],
+                max_pending_per_peer=self["hash-queue-per-peer"],
+                max_pending_per_network=self["hash-queue-per-network"],
+                known_reserve=self["hash-queue-known"],
+            ),
+            cache=dict(ttl=self["cache-ttl"], max_entries=self["cache-size"]),
+            throttle=dict(
+                max_failures=self["max-failures"],
+                max_peer_failures=self["max-peer-failures"],
+                max_user_failures=self["max-user-failures"],
+                window=self["failure-window"],
+                delay=self["failure-delay"],
+                max_delay=self["failure-delay-max"],
+                max_keys=self["throttle-keys"],
+                max_user_delay=self["user-delay-max"],
+            ),
+        )
 
 
 def _network(option: str, cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -614,105 +620,29 @@ class GatewayService(service.MultiService):
         )
 
 
-class _OnStop(service.Service):
-    """Runs C{stop} (which may return a Deferred) when the gateway stops."""
-
-    def __init__(self, stop: Callable[[], Any]) -> None:
-        self._stop = stop
-
-    def stopService(self) -> Any:
-        super().stopService()
-        return self._stop()
-
-
-def build_core(options: Options, reactor: Any) -> Core:
-    policy = options["policy"]
-    acl = policy if options["acl"] else None
-
-    # Acting as another SMTP identity needs an ACL grant (never by default).
-    realm = Realm(groups=options["groupMap"], authorize=authz_grants(acl))
-    hash_pool = HashPool(
-        reactor, options["hash-threads"], options["hash-queue"],
-        max_pending_per_peer=options["hash-queue-per-peer"],
-        max_pending_per_network=options["hash-queue-per-network"],
-        known_reserve=options["hash-queue-known"],
-    )
-    verifier = Verifier(
-        hashes.verify, hash_pool, reactor, options["cache-ttl"], options["cache-size"]
-    )
-    for checker in options["credCheckers"]:
-        if IHashingChecker.providedBy(checker):
-            checker.use_verifier(verifier)
-        if IReloadable.providedBy(checker):  # file reloads in the pool's own thread
-            checker.use_loader(hash_pool.load, reactor)
-    web = WebApp(policy, options["httpSettings"], _upstream_proxy(options["httpSettings"], reactor))
-    realm.register_avatar(IResource, web.avatar)
-    throttle = Throttle(
-        reactor,
-        max_failures=options["max-failures"],
-        max_peer_failures=options["max-peer-failures"],
-        max_user_failures=options["max-user-failures"],
-        window=options["failure-window"],
-        delay=options["failure-delay"],
-        max_delay=options["failure-delay-max"],
-        max_keys=options["throttle-keys"],
-        max_user_delay=options["user-delay-max"],
-    )
-    return Core(
-        reactor=reactor,
-        portal=make_portal(realm, options["credCheckers"], throttle),
-        realm=realm,
-        policy=policy,
-        acl=acl,
-        certificate=options["certificate"],
-        data_dir=os.path.abspath(options["data-dir"]),
-        hash_pool=hash_pool,
-        verifier=verifier,
-        throttle=throttle,
-        spool=Spool(options["spoolDir"], reactor=reactor),
-        smtp=options["smtpSettings"],
-        web=web,
-        socks=options["socksSettings"],
-        connections=Connections(options["listenSettings"]),
-    )
-
-
-def _upstream_proxy(settings: HTTPSettings, reactor: Any) -> Any:
-    if settings.upstream is None:
-        return None
-    from gateway.web.proxy import UpstreamProxy
-
-    return UpstreamProxy(
-        settings.upstream,
-        reactor,
-        timeout=settings.upstream_timeout,
-        forward_authorization=settings.forward_authorization,
-        ca_file=settings.upstream_ca,
-        keep_method_override=settings.keep_method_override,
-    )
-
-
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    """The gateway: the core, then each enabled listener of L{FRONT_DOORS}."""
     if reactor is None:
-        from twisted.internet import reactor
-    core = build_core(options, reactor)
+        from twisted.internet import reactor  # twistd's; the only global used
+    core = build_core(options["coreSettings"], reactor)
+    rows = [row for row in FRONT_DOORS if row.option in options["endpoints"]]
+    doors = {
+        name: make(core, options[settings])
+        for name, (make, settings) in DOORS.items()
+        if any(row.door == name for row in rows)
+    }
     started: list[str] = []
     top = GatewayService(core, started)
-    core.hash_pool.setServiceParent(top)
-    if core.web.proxy is not None:
-        _OnStop(core.web.proxy.close).setServiceParent(top)
-    for name, description in options["endpoints"].items():
-        builder = FRONT_DOORS[name][1]
-        if builder is None:
-            log.info("the {name} front door is not built yet: --{name} not started", name=name)
-            continue
+    for child in core.services:  # before the listeners: stopped after them
+        child.setServiceParent(top)
+    for row in rows:
+        description = options["endpoints"][row.option]
         endpoint = endpoints.serverFromString(
             reactor, with_backlog(description, options["listen-backlog"])
         )
         if description.lower().startswith("haproxy:"):
-            core.connections.behind_proxy.add(name)  # the peer at accept is the proxy
-        door = namedAny(builder)(core, endpoint, name)
-        door.setServiceParent(top)
-        started.append(f"{name}={description}")
+            core.connections.behind_proxy.add(row.option)  # the peer at accept is the proxy
+        tls = core.certificate.options() if row.implicit_tls else None
+        doors[row.door].listen(endpoint, row.option, tls).setServiceParent(top)
+        started.append(f"{row.option}={description}")
     return top
-

@@ -231,7 +231,7 @@ class GatewayWiringTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions(args)
         self.clock = Clock()
-        return tap.build_core(options, reactor=self.clock)
+        return tap.build_core(options["coreSettings"], reactor=self.clock)
 
     def login(self, core: Any, authzid: str) -> Any:
         d = login(core.portal, testing.sasl_plain("daniel", "tiger", authzid=authzid))

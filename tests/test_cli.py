@@ -583,7 +583,7 @@ class RunningGatewayTests(TestCase):
             "--hash-threads", "1", "--hash-queue", "1", "--failure-delay", "0",
         ])
         self.htpasswd, self.token_checker = options["credCheckers"]
-        self.core = tap.build_core(options, reactor)
+        self.core = tap.build_core(options["coreSettings"], reactor)
         self.core.hash_pool.startService()
         self.addCleanup(self.core.hash_pool.stopService)
 

@@ -32,9 +32,9 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import tap
 from gateway.checkers.throttle import Throttle
-from gateway.smtp.server import build_smtp
-from gateway.socks.server import build_socks
-from gateway.web.server import build_http
+from gateway.smtp.server import SMTPDoor
+from gateway.socks.server import SOCKSDoor
+from gateway.web.server import HTTPDoor
 from tests.support import free_port
 
 ATTACKER = "192.0.2.66"
@@ -55,7 +55,8 @@ class LockoutMixin:
             "--data-dir", self.mktemp(), "--auth", "memory:alice:wonderland",
             "--smtp-insecure-auth", "--http-insecure-auth",
         ])
-        self.core = tap.build_core(options, self.reactor)
+        self.options = options
+        self.core = tap.build_core(options["coreSettings"], self.reactor)
 
     def wait(self, seconds: float) -> None:
         self.reactor.advance(seconds)
@@ -128,7 +129,7 @@ class LockoutMixin:
 class HTTPBasicLockoutTests(LockoutMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.site = build_http(self.core, None, "http").factory
+        self.site = HTTPDoor(self.core, self.options["httpSettings"]).listen(None, "http", None).factory
 
     def attempt(self, host: str, password: str) -> Any:
         channel = self.site.buildProtocol(peer(host))
@@ -157,7 +158,7 @@ class _HTTPAnswer:
 class SMTPLockoutTests(LockoutMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.factory = build_smtp(self.core, None, "smtp").factory
+        self.factory = SMTPDoor(self.core, self.options["smtpSettings"]).listen(None, "smtp", None).factory
 
     def attempt(self, host: str, password: str) -> Any:
         proto = self.factory.buildProtocol(peer(host))
@@ -186,7 +187,7 @@ class _SMTPAnswer:
 class SOCKSLockoutTests(LockoutMixin, SynchronousTestCase):
     def setUp(self) -> None:
         super().setUp()
-        self.factory = build_socks(self.core, None, "socks").factory
+        self.factory = SOCKSDoor(self.core, self.options["socksSettings"]).listen(None, "socks", None).factory
 
     def attempt(self, host: str, password: str) -> Any:
         proto = self.factory.buildProtocol(peer(host))
@@ -248,7 +249,7 @@ class OptionTests(SynchronousTestCase):
         return options
 
     def test_defaults_from_the_throttle(self) -> None:
-        core = tap.build_core(self.options(), MemoryReactorClock())
+        core = tap.build_core(self.options()["coreSettings"], MemoryReactorClock())
         for name in ("max_failures", "max_peer_failures", "max_user_failures", "window",
                      "delay", "max_delay", "max_keys", "max_user_delay"):
             self.assertEqual(getattr(core.throttle, name), getattr(Throttle, name))
@@ -256,7 +257,7 @@ class OptionTests(SynchronousTestCase):
     def test_options(self) -> None:
         core = tap.build_core(
             self.options("--max-failures", "3", "--max-peer-failures", "7",
-                         "--max-user-failures", "40"),
+                         "--max-user-failures", "40")["coreSettings"],
             MemoryReactorClock(),
         )
         self.assertEqual(
@@ -265,20 +266,19 @@ class OptionTests(SynchronousTestCase):
         )
 
     def test_new_options(self) -> None:
-        core = tap.build_core(
-            self.options("--user-delay-max", "5", "--socks-login-timeout", "40",
-                         "--hash-queue-per-peer", "3", "--hash-queue-per-network", "9",
-                         "--hash-queue-known", "4", "--socks-max-pending-logins-per-peer", "2",
-                         "--socks-max-pending-logins-per-network", "6"),
-            MemoryReactorClock(),
-        )
+        options = self.options("--user-delay-max", "5", "--socks-login-timeout", "40",
+                               "--hash-queue-per-peer", "3", "--hash-queue-per-network", "9",
+                               "--hash-queue-known", "4", "--socks-max-pending-logins-per-peer",
+                               "2", "--socks-max-pending-logins-per-network", "6")
+        core = tap.build_core(options["coreSettings"], MemoryReactorClock())
+        socks = options["socksSettings"]
         self.assertEqual(core.throttle.max_user_delay, 5)
-        self.assertEqual(core.socks.login_timeout, 40)
+        self.assertEqual(socks.login_timeout, 40)
         pool = core.hash_pool
         self.assertEqual((pool.max_pending_per_peer, pool.max_pending_per_network,
                           pool.known_reserve), (3, 9, 4))
-        self.assertEqual((core.socks.max_pending_logins_per_peer,
-                          core.socks.max_pending_logins_per_network), (2, 6))
+        self.assertEqual((socks.max_pending_logins_per_peer,
+                          socks.max_pending_logins_per_network), (2, 6))
 
     def test_login_timeout_above_the_ceiling_wait(self) -> None:
         """The gateway must not time out a login it is itself delaying."""

@@ -120,3 +120,38 @@ class DefaultOfTests(SynchronousTestCase):
         self.assertEqual(tap.default_of(Throttle, "max_failures"), 5)
         self.assertEqual(tap.Options().defaults["socks-max-sessions-per-peer"],
                          SOCKSSettings().max_sessions_per_peer)
+
+
+class ArchitectureTests(SynchronousTestCase):
+    """The README's module map names every module of the gateway, and nothing gone."""
+
+    def test_every_module_listed(self) -> None:
+        with open(README, encoding="utf-8") as f:
+            section = f.read().split("\n## Architecture", 1)[1].split("\n## ", 1)[0]
+        block = section.split("```", 2)[1]
+        root = os.path.dirname(os.path.dirname(tap.__file__))
+        modules = set()
+        for directory, _, files in os.walk(os.path.join(root, "gateway")):
+            package = os.path.relpath(directory, root)
+            for name in files:
+                if name.endswith(".py") and name != "__init__.py":
+                    modules.add((package, name[:-3]))
+        listed = set()
+        package = None
+        for line in block.splitlines():
+            if not line.startswith(" "):
+                path = line.split()[0] if line.strip() else ""
+                package = path.rstrip("/") if path.endswith("/") else None
+                if path.endswith(".py"):
+                    listed.add((os.path.dirname(path), os.path.basename(path)[:-3]))
+                    continue
+            if package is not None:  # "name: what it is" entries of a package
+                listed |= {(package, n) for n in re.findall(r"(?:^|\s)([a-z_]+)(?:, [a-z_]+)*:", line)}
+                for group in re.findall(r"(?:^|\s)((?:[a-z_]+, )+[a-z_]+):", line):
+                    listed |= {(package, n.strip()) for n in group.split(",")}
+        self.assertEqual(sorted(modules - listed), [], "modules missing from the README")
+        self.assertEqual(
+            sorted(m for m in listed - modules if m[0].startswith("gateway") and m[1] != "__init__"),
+            [],
+            "README lists modules that do not exist",
+        )

@@ -98,7 +98,7 @@ class OptionTests(SynchronousTestCase):
         options.parseOptions(["--data-dir", self.mktemp(), "--auth", f"file:{path}"])
         [checker] = options["credCheckers"]
         self.assertIsInstance(checker, PlainFileChecker)
-        core = tap.build_core(options, reactor=task.Clock())
+        core = tap.build_core(options["coreSettings"], reactor=task.Clock())
         self.assertEqual(checker.file.loader, core.hash_pool.load)
         _, info, _ = self.successResultOf(login(core.portal, testing.rfc1929("daniel", "tiger")))
         self.assertEqual(info.names(), {"daniel"})

@@ -46,6 +46,7 @@ class GatewayMixin:
             "--http", "none", "--socks", "none", "--smtp-hostname", "mx.test",
             "--failure-delay", "0", "--failure-delay-max", "0", *extra,
         ])
+        self.options = options
         self.service = tap.makeService(options, reactor=reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
@@ -235,7 +236,7 @@ class UnauthenticatedLimitsTests(GatewayMixin, TestCase):
         self.assertGreaterEqual(elapsed, 0.9)
 
     def test_option_defaults_from_settings(self):
-        settings = self.service.core.smtp
+        settings = self.options["smtpSettings"]
         self.assertEqual((settings.auth_deadline, settings.junk_commands), (1.0, 3))
         options = tap.Options()
         options.parseOptions(["--data-dir", os.path.abspath(self.mktemp()),

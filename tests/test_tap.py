@@ -83,7 +83,7 @@ class OptionsTests(SynchronousTestCase):
 
     def test_memory_authenticates(self):
         clock = task.Clock()
-        core = tap.build_core(self.parse(), reactor=clock)
+        core = tap.build_core(self.parse()["coreSettings"], reactor=clock)
         _, info, _ = self.successResultOf(login(core.portal, testing.sasl_plain("daniel", "tiger")))
         self.assertIsInstance(info, AuthInfo)
         self.assertEqual(info.names(), {"daniel"})
@@ -96,7 +96,7 @@ class OptionsTests(SynchronousTestCase):
         path = self.mktemp()
         with open(path, "w") as f:
             f.write("daniel:tiger\n")
-        core = tap.build_core(self.parse(auth=("--auth", f"file:{path}")), reactor=task.Clock())
+        core = tap.build_core(self.parse(auth=("--auth", f"file:{path}"))["coreSettings"], reactor=task.Clock())
         _, info, _ = self.successResultOf(login(core.portal, testing.rfc1929("daniel", "tiger")))
         self.assertEqual(info.names(), {"daniel"})
 
@@ -105,7 +105,7 @@ class OptionsTests(SynchronousTestCase):
         options = self.parse(
             "--auth", "memory:bob:secret", "--checker", "tests.test_checkers.seed_proxy_auth",
         )
-        core = tap.build_core(options, reactor=task.Clock())
+        core = tap.build_core(options["coreSettings"], reactor=task.Clock())
         for creds in (
             testing.sasl_plain("daniel", "tiger"),
             testing.http_basic("bob", "secret"),
@@ -121,7 +121,7 @@ class OptionsTests(SynchronousTestCase):
             f.write('[[acl."smtp"]]\nallow = true\nprivileges = ["send"]\nidentity.Group = "staff"\n')
         options = self.parse("--groups", groups, "--acl", acl)
         self.assertIsInstance(options["policy"], AccessControlMap)
-        core = tap.build_core(options, reactor=task.Clock())
+        core = tap.build_core(options["coreSettings"], reactor=task.Clock())
         _, info, _ = self.successResultOf(login(core.portal, testing.sasl_plain("daniel", "tiger")))
         self.assertEqual(info.groups, ("staff",))
         self.assertTrue(core.policy.query_resource_access(info, "smtp/sender/x", "send"))
@@ -256,7 +256,7 @@ class PipelineWiringTests(TestCase):
             "--max-failures", "2", "--failure-window", "9", "--failure-delay", "0",
             "--failure-delay-max", "0", "--throttle-keys", "11",
         )
-        core = tap.build_core(options, reactor=task.Clock())
+        core = tap.build_core(options["coreSettings"], reactor=task.Clock())
         self.assertEqual(core.hash_pool.threadpool.max, 3)
         self.assertEqual(core.hash_pool.max_pending, 7)
         self.assertEqual((core.verifier.ttl, core.verifier.max_entries), (0, 5))

@@ -36,8 +36,9 @@ log = Logger()
 
 __all__ = [
     "CallableChecker",
-    "Reject",
     "CheckerChain",
+    "Reject",
+    "TemporaryFailure",
     "CheckerLoadError",
     "http_server_validate_auth_basic",
     "load_checker",

@@ -21,7 +21,7 @@ import ipaddress
 import re
 import socket
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import internet
@@ -41,6 +41,9 @@ from gateway.meta import ConnectionMeta
 from gateway.realm import login
 from gateway.smtp import sasl
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter
+
+if TYPE_CHECKING:
+    from gateway.core import Core
 
 log = Logger()
 
@@ -1105,41 +1108,48 @@ _REFUSALS = {
 }
 
 
-def build_smtp(core: Any, endpoint: Any, listener: str) -> internet.StreamServerEndpointService:
+class SMTPDoor:
     """
-    The C{--smtp} (STARTTLS) and C{--smtps} (implicit TLS) listeners: one
-    connection cap per peer for both (trusted networks exempt); a peer over
-    it gets C{421 4.7.0} on C{--smtp}, and is closed before the handshake
-    on C{--smtps}.
+    The SMTP front door: C{--smtp} (STARTTLS) and C{--smtps} (implicit TLS)
+    listeners, one connection cap per peer for both (trusted networks
+    exempt); a peer over it gets C{421 4.7.0} on a plain listener, and is
+    closed before the handshake on an implicit-TLS one.
     """
-    implicit = listener == "smtps"
-    tls = core.certificate.options()
-    factory = SubmissionFactory(
-        core.portal,
-        core.policy,
-        core.spool,
-        core.smtp,
-        listener,
-        tls=None if implicit else tls,
-        implicit_tls=implicit,
-    )
-    limited = limit_connections(
-        core,
-        factory,
-        "smtp",
-        listener,
-        core.smtp.max_connections_per_peer,
-        weight=2,  # the socket and, during DATA, a spool file
-        exempt=core.smtp.trusted_networks,
-        refusals=_REFUSALS,
-        tls=tls if implicit else None,
-    )
-    return internet.StreamServerEndpointService(endpoint, limited)
+
+    def __init__(self, core: Core, settings: SMTPSettings) -> None:
+        self.core = core
+        self.settings = settings
+
+    def listen(
+        self, endpoint: Any, name: str, tls: Any | None
+    ) -> internet.StreamServerEndpointService:
+        core = self.core
+        factory = SubmissionFactory(
+            core.portal,
+            core.policy,
+            core.spool,
+            self.settings,
+            name,
+            tls=core.certificate.options() if tls is None else None,  # STARTTLS
+            implicit_tls=tls is not None,
+        )
+        limited = limit_connections(
+            core,
+            factory,
+            "smtp",
+            name,
+            self.settings.max_connections_per_peer,
+            weight=2,  # the socket and, during DATA, a spool file
+            exempt=self.settings.trusted_networks,
+            refusals=_REFUSALS,
+            tls=tls,
+        )
+        return internet.StreamServerEndpointService(endpoint, limited)
 
 
 __all__ = [
     "SMTPSettings",
     "SubmissionFactory",
     "SubmissionServer",
-    "build_smtp",
+    "SMTPDoor",
 ]

@@ -23,7 +23,7 @@ from types import MappingProxyType
 from typing import IO, Any
 
 import attrs
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
@@ -138,10 +138,9 @@ class Spool:
     A directory of accepted messages.
 
     @param directory: created (mode 0700, parents too) when missing.
-    @param reactor: whose thread pool runs the blocking work by default; the
-        global reactor, imported when first needed, if None.
     @param threadpool_runner: C{runner(f, *args) -> Deferred} running the
-        fsyncs and renames off the reactor thread; tests pass a synchronous one.
+        fsyncs and renames off the reactor thread (the gateway passes
+        C{deferToThreadPool} on its reactor's pool); tests pass a synchronous one.
     @raise SpoolError: when the directory cannot be created.
     """
 
@@ -149,11 +148,9 @@ class Spool:
         self,
         directory: str,
         *,
-        reactor: Any = None,
-        threadpool_runner: Callable[..., Deferred[Any]] | None = None,
+        threadpool_runner: Callable[..., Deferred[Any]],
     ) -> None:
         self.directory = os.fspath(directory)
-        self._reactor = reactor
         self._runner = threadpool_runner
         self._queue: list[tuple[SpoolWriter, bytes, Deferred[str]]] = []
         self._committing = False
@@ -166,14 +163,7 @@ class Spool:
         return f"<Spool {self.directory!r}>"
 
     def run(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
-        """C{f(*args)} in the runner: the thread pool unless one was injected."""
-        if self._runner is None:
-            reactor = self._reactor
-            if reactor is None:
-                from twisted.internet import reactor  # type: ignore[no-redef]
-            self._runner = lambda f, *args: threads.deferToThreadPool(
-                reactor, reactor.getThreadPool(), f, *args
-            )
+        """C{f(*args)} in the runner (off the reactor thread in the gateway)."""
         return self._runner(f, *args)
 
     def _commit(self, writer: SpoolWriter, meta: bytes) -> Deferred[str]:

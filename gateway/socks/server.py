@@ -29,7 +29,7 @@ import ipaddress
 import re
 import socket
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.application import internet
@@ -57,6 +57,9 @@ from gateway.socks.rules import (
     source_port_named,
 )
 from gateway.twistedinternals import write_now
+
+if TYPE_CHECKING:
+    from gateway.core import Core
 
 log = Logger()
 
@@ -761,23 +764,30 @@ class _OutboundFactory(protocol.Factory):
         return _Outbound(self.server)
 
 
-def build_socks(core: Any, endpoint: Any, listener: str) -> internet.StreamServerEndpointService:
+class SOCKSDoor:
     """
-    The C{--socks} (plain) and C{--socks-tls} (TLS with the gateway's
-    certificate) listeners; one session cap per peer for both, a peer over
-    it is closed (before the handshake under TLS).
+    The SOCKS front door: C{--socks} (plain) and C{--socks-tls} (TLS with the
+    gateway's certificate) listeners; one session cap per peer for both, a
+    peer over it is closed (before the handshake under TLS).
     """
-    factory = SOCKSFactory(core.portal, core.acl, core.socks, core.reactor, listener)
-    core.connections.add_source(lambda: factory.outbound_open)
-    limited = limit_connections(
-        core,
-        factory,
-        "socks",
-        listener,
-        core.socks.max_sessions_per_peer,
-        tls=core.certificate.options() if listener == "socks-tls" else None,
-    )
-    return internet.StreamServerEndpointService(endpoint, limited)
+
+    def __init__(self, core: Core, settings: SOCKSSettings) -> None:
+        self.core = core
+        self.settings = settings
+        self._outbound: list[SOCKSFactory] = []
+        # Outbound connections count against the descriptor budget too.
+        core.connections.add_source(lambda: sum(f.outbound_open for f in self._outbound))
+
+    def listen(
+        self, endpoint: Any, name: str, tls: Any | None
+    ) -> internet.StreamServerEndpointService:
+        core = self.core
+        factory = SOCKSFactory(core.portal, core.acl, self.settings, core.reactor, name)
+        self._outbound.append(factory)
+        limited = limit_connections(
+            core, factory, "socks", name, self.settings.max_sessions_per_peer, tls=tls
+        )
+        return internet.StreamServerEndpointService(endpoint, limited)
 
 
-__all__ = ["SOCKSFactory", "SOCKSServer", "SOCKSSettings", "build_socks", "resolve"]
+__all__ = ["SOCKSFactory", "SOCKSServer", "SOCKSSettings", "SOCKSDoor", "resolve"]

@@ -9,7 +9,7 @@ parameter), and every authentication already logs one C{auth} event.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 from twisted.application import internet
@@ -17,9 +17,11 @@ from twisted.internet import defer
 from twisted.web import http, server
 from twisted.web.http import parse_qs
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from twisted.web.resource import IResource
 from zope.interface import implementer
 
 from gateway.connections import Refused, limit_connections
+from gateway.core import OnStop
 from gateway.meta import ConnectionMeta
 from gateway.twistedinternals import (
     first_line_pending,
@@ -28,7 +30,12 @@ from gateway.twistedinternals import (
 )
 from gateway.web.guard import Guard
 from gateway.web.messages import Refusal
+from gateway.web.proxy import UpstreamProxy
+from gateway.web.resources import WebApp
 from gateway.web.settings import HTTPSettings
+
+if TYPE_CHECKING:
+    from gateway.core import Core
 
 #: The longest request line or header line.
 MAX_LINE = 8192
@@ -421,28 +428,51 @@ _REFUSALS = {
 }
 
 
-def build_http(core: Any, endpoint: Any, listener: str) -> internet.StreamServerEndpointService:
+class HTTPDoor:
     """
-    The C{--http} (plain) and C{--https} (TLS with the gateway's certificate)
-    listeners: one connection cap per peer for both (trusted proxies exempt);
-    a peer over it gets 503 on C{--http}, and is closed before the handshake
-    on C{--https}.
+    The HTTP front door: C{--http} (plain) and C{--https} (TLS with the
+    gateway's certificate) listeners, one connection cap per peer for both
+    (trusted proxies exempt); a peer over it gets 503 on a plain listener,
+    and is closed before the handshake on a TLS one. The realm's
+    C{IResource} avatar is this door's L{WebApp}; the upstream's connection
+    pool closes when the gateway stops.
     """
-    settings = core.web.settings
-    site = GatewaySite(Guard(core.portal, settings, listener), settings, core.reactor)
-    limited = limit_connections(
-        core,
-        site,
-        "http",
-        listener,
-        settings.max_connections_per_peer,
-        # The socket, a request body file and, with an upstream, its connection.
-        weight=3 if settings.upstream else 2,
-        exempt=settings.trusted_proxies,
-        refusals=_REFUSALS,
-        tls=core.certificate.options() if listener == "https" else None,
-    )
-    return internet.StreamServerEndpointService(endpoint, limited)
+
+    def __init__(self, core: Core, settings: HTTPSettings) -> None:
+        self.core = core
+        self.settings = settings
+        proxy = None
+        if settings.upstream is not None:
+            proxy = UpstreamProxy(
+                settings.upstream,
+                core.reactor,
+                timeout=settings.upstream_timeout,
+                forward_authorization=settings.forward_authorization,
+                ca_file=settings.upstream_ca,
+                keep_method_override=settings.keep_method_override,
+            )
+            core.attach(OnStop(proxy.close))
+        self.app = WebApp(core.policy, settings, proxy)
+        core.realm.register_avatar(IResource, self.app.avatar)
+
+    def listen(
+        self, endpoint: Any, name: str, tls: Any | None
+    ) -> internet.StreamServerEndpointService:
+        core, settings = self.core, self.settings
+        site = GatewaySite(Guard(core.portal, settings, name), settings, core.reactor)
+        limited = limit_connections(
+            core,
+            site,
+            "http",
+            name,
+            settings.max_connections_per_peer,
+            # The socket, a request body file and, with an upstream, its connection.
+            weight=3 if settings.upstream else 2,
+            exempt=settings.trusted_proxies,
+            refusals=_REFUSALS,
+            tls=tls,
+        )
+        return internet.StreamServerEndpointService(endpoint, limited)
 
 
-__all__ = ["GatewayRequest", "GatewaySite", "build_http"]
+__all__ = ["GatewayRequest", "GatewaySite", "HTTPDoor"]

@@ -1,0 +1,183 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+The composition root: the authentication core every front door is built on,
+made once from the operator's settings and handed to each front door.
+
+    checkers -> (throttle, hash pool, verifier) -> Portal + Realm
+    policy (--acl), groups, certificate, spool, connection budget
+
+Nothing below this module reaches for a global: the reactor, the hash
+threads and the spool's thread pool are made or chosen here and passed down.
+A front door module exports its settings class and a C{door(core, settings)}
+whose C{listen(endpoint, name, tls)} makes one listener's service
+(L{FrontDoor}).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import attrs
+from twisted.application import service
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import Portal
+from twisted.internet import ssl
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.threads import deferToThreadPool
+
+from gateway.acl import AllowAuthenticated, IAccessPolicy, authz_grants
+from gateway.checkers import hashes
+from gateway.checkers.files import IReloadable
+from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
+from gateway.checkers.throttle import Throttle
+from gateway.connections import Connections, ListenSettings
+from gateway.groups import NO_GROUPS, GroupMap
+from gateway.realm import Realm, make_portal
+from gateway.smtp.spool import Spool
+
+#: The reactor the core runs on: twistd's, or a test's MemoryReactorClock.
+#: It provides IReactorTime, IReactorTCP, IReactorThreads and the rest of a
+#: full reactor; zope interfaces are not types, so it is not checked here.
+Reactor = Any
+
+
+def _default_threads() -> int:
+    return os.cpu_count() or 2
+
+
+@attrs.frozen
+class CoreSettings:
+    """
+    What the operator chose for the core. The tunables' defaults are those of
+    the classes that use them (L{HashPool}, L{Verifier}, L{Throttle}): one
+    source, which C{--help} shows too.
+    """
+
+    checkers: tuple[ICredentialsChecker, ...]
+    certificate: ssl.PrivateCertificate
+    data_dir: str
+    spool_dir: str
+    groups: GroupMap = NO_GROUPS
+    #: The --acl policy; None without an ACL file (then any authenticated
+    #: identity may use what the front doors offer, and nobody may act as
+    #: someone else).
+    acl: IAccessPolicy | None = None
+    listen: ListenSettings = attrs.field(factory=ListenSettings)
+    hash_threads: int = attrs.field(factory=_default_threads)
+    #: Keyword arguments of L{HashPool}, L{Verifier} and L{Throttle} beyond
+    #: the reactor; each class's own defaults apply to what is left out.
+    hash_pool: dict[str, Any] = attrs.field(factory=dict)
+    cache: dict[str, Any] = attrs.field(factory=dict)
+    throttle: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Core:
+    """The authentication core every front door is built on."""
+
+    reactor: Reactor
+    portal: Portal
+    realm: Realm
+    #: The access policy the front doors ask: the --acl policy, or one that
+    #: allows every authenticated identity.
+    policy: IAccessPolicy
+    #: The --acl policy, or None without an ACL file.
+    acl: IAccessPolicy | None
+    certificate: ssl.PrivateCertificate
+    data_dir: str
+    hash_pool: HashPool
+    verifier: Verifier
+    throttle: Throttle
+    spool: Spool
+    #: Connections per peer and the process-wide descriptor budget.
+    connections: Connections
+    #: Services the core needs running while the gateway runs (the hash pool,
+    #: a front door's upstream pool); L{attach} starts them with the gateway.
+    services: list[service.IService] = attrs.field(factory=list)
+
+    def attach(self, child: service.IService) -> None:
+        """Run C{child} (started and stopped) with the gateway's services."""
+        self.services.append(child)
+
+
+class OnStop(service.Service):
+    """Runs C{stop} (which may return a Deferred) when the gateway stops."""
+
+    def __init__(self, stop: Callable[[], Any]) -> None:
+        self._stop = stop
+
+    def stopService(self) -> Any:
+        super().stopService()
+        return self._stop()
+
+
+class Listener(Protocol):
+    """Makes one listening service of a front door."""
+
+    def listen(
+        self, endpoint: IStreamServerEndpoint, name: str, tls: Any | None
+    ) -> service.IService:
+        """
+        The service listening on C{endpoint} as the listener called C{name}
+        (the option that defined it), with implicit TLS when C{tls} (an
+        OpenSSL context factory) is given.
+        """
+
+
+@attrs.frozen
+class FrontDoor:
+    """
+    One row of the gateway's table of listeners: the option, its default
+    endpoint, which front door serves it, and whether it speaks TLS from the
+    first byte.
+    """
+
+    option: str
+    default: str
+    door: str
+    implicit_tls: bool = False
+
+
+def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
+    """
+    Wire the core: the hash pool and verifier every hashing checker shares,
+    the throttle in front of the checkers, the realm (groups, and authzid
+    grants from the ACL: acting as another SMTP identity needs a grant,
+    never by default), the spool on the reactor's thread pool.
+    """
+    realm = Realm(groups=settings.groups, authorize=authz_grants(settings.acl))
+    hash_pool = HashPool(reactor, settings.hash_threads, **settings.hash_pool)
+    verifier = Verifier(hashes.verify, hash_pool, reactor, **settings.cache)
+    for checker in settings.checkers:
+        if IHashingChecker.providedBy(checker):
+            checker.use_verifier(verifier)
+        if IReloadable.providedBy(checker):  # file reloads in the pool's own thread
+            checker.use_loader(hash_pool.load, reactor)
+    throttle = Throttle(reactor, **settings.throttle)
+    core = Core(
+        reactor=reactor,
+        portal=make_portal(realm, settings.checkers, throttle),
+        realm=realm,
+        policy=settings.acl if settings.acl is not None else AllowAuthenticated(),
+        acl=settings.acl,
+        certificate=settings.certificate,
+        data_dir=os.path.abspath(settings.data_dir),
+        hash_pool=hash_pool,
+        verifier=verifier,
+        throttle=throttle,
+        spool=Spool(settings.spool_dir, threadpool_runner=_in_thread_pool(reactor)),
+        connections=Connections(settings.listen),
+    )
+    core.attach(hash_pool)
+    return core
+
+
+def _in_thread_pool(reactor: Reactor) -> Callable[..., Any]:
+    """Run blocking calls in C{reactor}'s thread pool (asked for at the first call)."""
+
+    def run(f: Callable[..., Any], *args: Any) -> Any:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    return run
