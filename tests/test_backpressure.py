@@ -222,7 +222,7 @@ class BackpressureTests(TestCase):
 
         sock = yield threads.deferToThread(prelude)
         server = yield self.check_bounded(sock, b"EHLO client.test\r\n" * 4096)
-        self.assertLess(len(_innermost(server)._buffer), BOUND)
+        self.assertLess(len(_innermost(server)._codec._buffer), BOUND)
         self.assertEqual((yield self.smtp_served()), 250)
 
     @defer.inlineCallbacks

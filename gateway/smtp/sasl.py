@@ -25,9 +25,10 @@ from zope.interface import Attribute, implementer
 
 from gateway.credentials import SASLCredentials
 from gateway.meta import ConnectionMeta
+from gateway.smtp.codec import MAX_COMMAND_LINE
 
 #: Longest AUTH command or response line (RFC 4954 section 4).
-MAX_AUTH_LINE = 12288
+MAX_AUTH_LINE = MAX_COMMAND_LINE
 #: Longest PLAIN field in octets (RFC 4616 section 2).
 MAX_PLAIN_FIELD = 255
 

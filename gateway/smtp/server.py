@@ -1,23 +1,22 @@
-# -*- test-case-name: tests.test_smtp_server -*-
+# -*- test-case-name: tests.test_smtp_session,tests.test_smtp_auth,tests.test_smtp_transaction,tests.test_smtp_data,tests.test_smtp_limits -*-
 """
-The ESMTP submission server: Twisted's L{smtp.ESMTP} with what a submission
-front door needs and stock Twisted gets wrong (see
+The ESMTP submission server: a Twisted protocol around the sans-I/O
+L{gateway.smtp.codec}, with what a submission front door needs (see
 shared/reference/smtp-auth.md): AUTH only under TLS, PLAIN keeping the
 authzid, strict base64, STARTTLS that forgets everything said before it,
 replies in order under pipelining, enhanced status codes, 454 for backend
 failures, bounded lines, messages and waits, and a durable spool that
 records who sent each message.
 
-Lines end with CRLF only: a bare LF never ends a line, so a message cannot
-smuggle a second one past the end-of-data marker, and a message with a bare
-CR or LF is refused. What the client says that is recorded (the envelope,
-C{AUTH=}, the HELO name) is held to RFC 5321 without SMTPUTF8. Input is taken
-in time linear in its size.
+The codec frames and parses the input (lines end with CRLF only, every line
+is bounded, message text is dot-unstuffed and held to the size limit, what
+is recorded is held to RFC 5321 without SMTPUTF8); this module does the I/O:
+the login, STARTTLS, the spool, timers, backpressure and the session's
+state.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 from collections.abc import Mapping
@@ -28,7 +27,8 @@ from twisted.application import internet
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
-from twisted.mail import smtp
+from twisted.mail.smtp import rfc822date
+from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -39,7 +39,8 @@ from gateway.connections import Refused, authenticated, limit_connections, login
 from gateway.errors import Reject, TemporaryFailure
 from gateway.meta import ConnectionMeta
 from gateway.realm import login
-from gateway.smtp import sasl
+from gateway.smtp import codec, sasl
+from gateway.smtp.codec import MAX_COMMAND_LINE, MAX_DATA_LINE
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter
 
 if TYPE_CHECKING:
@@ -47,12 +48,6 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-COMMAND, AUTH, DATA = "COMMAND", "AUTH", "DATA"
-
-#: A command or AUTH line (RFC 4954 allows 12288 octets for AUTH).
-MAX_COMMAND_LINE = sasl.MAX_AUTH_LINE
-#: A text line of a message, without its CRLF (RFC 5321 section 4.5.3.1.6).
-MAX_DATA_LINE = 998
 #: Pipelined input held while a reply is pending, before we stop reading.
 MAX_PENDING_INPUT = 64 * 1024
 #: Input held at most, whatever the reason (a transport delivers one more read
@@ -118,44 +113,8 @@ class SubmissionFactory(protocol.ServerFactory):
         return proto
 
 
-#: A path as RFC 5321 writes it without SMTPUTF8: printable ASCII only (no
-#: control character, no NUL, no DEL, no 8-bit octet, quoted or not).
-_PRINTABLE_PATH = re.compile(rb"[\x20-\x7e]+")
-#: A local part: atoms and dots, or a quoted string of qtextSMTP and
-#: quoted-pairSMTP (RFC 5321 section 4.1.2).
-_LOCAL_PART = re.compile(
-    rb"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
-    rb'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"'
-)
-#: A domain: dot-separated labels of letters, digits, hyphens (and the
-#: underscores real host names carry).
-_DOMAIN = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
-#: A HELO/EHLO name that is a domain (a trailing dot allowed); address
-#: literals are read by L{_helo_name_ok}.
-_HELO_NAME = re.compile(rb"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?")
 #: An RFC 5321 Dot-string: the local part sender binding compares.
 _DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+)*")
-
-
-def _helo_name_ok(word: bytes) -> bool:
-    """
-    A domain, or an IPv4 or IPv6 address literal (RFC 5321 4.1.3): the name
-    reaches the C{Received:} header, where a general literal's C{(}, C{)}
-    or C{;} would end the comment and hide the peer address.
-    """
-    if _HELO_NAME.fullmatch(word):
-        return True
-    if not (word.startswith(b"[") and word.endswith(b"]")):
-        return False
-    literal = word[1:-1].decode("ascii", "replace")
-    if literal[:5].lower() == "ipv6:":
-        literal, version = literal[5:], 6
-    else:
-        version = 4
-    try:
-        return ipaddress.ip_address(literal).version == version and "%" not in literal
-    except ValueError:
-        return False
 
 
 def _binding_local(local: str) -> str | None:
@@ -170,72 +129,12 @@ def _binding_local(local: str) -> str | None:
     return local.lower() if _DOT_STRING.fullmatch(local) else None
 
 
-#: An RFC 3461 xtext: xchar (printable ASCII but C{+} and C{=}) or C{+} and
-#: two upper-case hex digits.
-_XTEXT = re.compile(rb"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*")
-_XTEXT_HEXCHAR = re.compile(rb"\+([0-9A-F]{2})")
-#: An ESMTP parameter keyword (RFC 5321 section 4.1.2), safe to echo.
-_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
-
-
-def _address(path: bytes, default_domain: bytes) -> str:
-    """
-    The mailbox of an RFC 5321 path (C{<local@domain>}), as recorded: parsed
-    by Twisted, then held to RFC 5321, which Twisted is not (it takes control
-    characters and NUL in quoted strings and after a backslash, the text that
-    then reaches the spool's JSON and headers). An empty C{default_domain}
-    requires a domain.
-
-    @raise smtp.AddressError: not a mailbox we take.
-    """
-    if not _PRINTABLE_PATH.fullmatch(path):
-        raise smtp.AddressError("not printable ASCII")
-    address = smtp.Address(path, default_domain)
-    if not _LOCAL_PART.fullmatch(address.local) or not _DOMAIN.fullmatch(address.domain):
-        raise smtp.AddressError("not an RFC 5321 mailbox")
-    return str(address)
-
-
-def _xtext(value: bytes) -> bytes:
-    """
-    Decode an RFC 3461 xtext parameter value: C{+} and two upper-case hex
-    digits stand for an octet; nothing else is an escape.
-
-    @raise ValueError: not xtext.
-    """
-    if not _XTEXT.fullmatch(value):
-        raise ValueError("not xtext")
-    return _XTEXT_HEXCHAR.sub(lambda m: bytes((int(m.group(1), 16),)), value)
-
-
-def _auth_mailbox(value: bytes) -> str:
-    """
-    The mailbox of a C{MAIL FROM} C{AUTH=} parameter (RFC 4954 section 5):
-    C{<>} or an addr-spec, once the xtext is decoded.
-
-    @raise ValueError: anything else.
-    """
-    mailbox = _xtext(value)
-    if mailbox == b"<>":
-        return "<>"
-    if b"<" in mailbox or b">" in mailbox:
-        raise ValueError("not an addr-spec")
-    try:
-        return _address(b"<" + mailbox + b">", b"")
-    except smtp.AddressError:
-        raise ValueError("not an addr-spec") from None
-
-
-def _line_start(text: bytes, index: int) -> int:
-    """Where the CRLF-ended line holding C{text[index]} starts."""
-    cut = text.rfind(b"\r\n", 0, index)
-    return cut + 2 if cut >= 0 else 0
-
-
 @implementer(interfaces.IPushProducer)
-class SubmissionServer(smtp.ESMTP):
+class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
     """
-    One submission session. Replies carry RFC 3463 enhanced codes.
+    One submission session: drives a L{codec.ServerCodec} and does what it
+    does not (the login, STARTTLS, the spool, timers). Replies carry RFC
+    3463 enhanced codes.
 
     It is the streaming producer of its own transport: when the transport's
     write buffer is full (a client that sends commands and does not read the
@@ -244,21 +143,12 @@ class SubmissionServer(smtp.ESMTP):
     """
 
     def __init__(self, factory: SubmissionFactory) -> None:
-        super().__init__(chal={}, contextFactory=factory.tls)
         self.factory = factory
         self.settings = factory.settings
         self.portal = factory.portal
         self.host = self.settings.hostname.encode("idna")
         self.timeout = self.settings.timeout
-        #: Input received; what is before C{_pos} has been taken. Lines are
-        #: taken by moving C{_pos}, never by copying the rest of the buffer,
-        #: which is compacted at most once per read (L{dataReceived}); a
-        #: read is appended in place. No CRLF starts before C{_scan} (a line
-        #: arriving an octet at a time is not searched again from its start).
-        self._buffer = bytearray()
-        self._pos = 0
-        self._scan = 0
-        self._skipping = False  # discarding the rest of an overlong line
+        self._codec = codec.ServerCodec()
         self._busy = False  # a reply is pending: later lines wait
         self._pending: defer.Deferred[Any] | None = None
         self._lost = False
@@ -266,12 +156,12 @@ class SubmissionServer(smtp.ESMTP):
         self._output_paused = False  # the transport's write buffer is full
         self._reading_paused = False  # we told the transport to stop reading
         self._registered = False  # registered as the transport's producer
+        self._can_start_tls = False
         self._abort_call: Any = None
         self._deadline_call: Any = None
         #: Commands that led nowhere while AUTH is needed; never reset (not by
         #: STARTTLS either), so a client cannot start over.
         self._junk = 0
-        self._mode = COMMAND
         self._reset_session()
 
     # -- session state ----------------------------------------------------
@@ -290,21 +180,19 @@ class SubmissionServer(smtp.ESMTP):
         self._mail_auth: str | None = None
         self._to: list[str] = []
         self._writer: SpoolWriter | None = None
-        self._data_error: tuple[int, str, str] | None = None
 
     def connectionMade(self) -> None:
         self.meta = ConnectionMeta.from_transport("smtp", self.transport, listener=self.factory.listener)
-        self.canStartTLS = (
+        self._can_start_tls = (
             interfaces.ITLSTransport.providedBy(self.transport)
-            and self.ctx is not None
+            and self.factory.tls is not None
             and not self.meta.tls
         )
-        self._helo = (None, (self.meta.peer_address or "").encode())
         self.transport.registerProducer(self, True)
         self._registered = True
         self.setTimeout(self.timeout)
         self._start_auth_deadline()
-        self.sendCode(220, self.host + b" ESMTP authgateway")
+        self.transport.write(codec.reply_lines(220, [self.host + b" ESMTP authgateway"]))
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._lost = True
@@ -328,7 +216,7 @@ class SubmissionServer(smtp.ESMTP):
         """A one-line reply with its enhanced status code (none once closing)."""
         if self._closing:
             return
-        self.transport.write(f"{code} {enhanced} {text}\r\n".encode())
+        self.transport.write(codec.reply(code, enhanced, text))
 
     def _close(self) -> None:
         """
@@ -427,7 +315,7 @@ class SubmissionServer(smtp.ESMTP):
         if self._lost or self._closing:
             return
         waiting = self._busy or self._output_paused
-        want = waiting and self._unread() > MAX_PENDING_INPUT
+        want = waiting and self._codec.buffered > MAX_PENDING_INPUT
         if want != self._reading_paused:
             self._reading_paused = want
             if want:
@@ -435,116 +323,72 @@ class SubmissionServer(smtp.ESMTP):
             else:
                 self.transport.resumeProducing()
 
-    # -- input: CRLF lines, bounded, one at a time --------------------------
-
-    def _unread(self) -> int:
-        """Octets received and not taken yet."""
-        return len(self._buffer) - self._pos
-
-    def _drop_input(self) -> None:
-        self._buffer, self._pos, self._scan, self._skipping = bytearray(), 0, 0, False
-
-    def _find_line_end(self) -> int:
-        """Where the next CRLF starts, or -1; never searches the same octets twice."""
-        end = self._buffer.find(b"\r\n", max(self._pos, self._scan))
-        if end < 0:
-            self._scan = max(self._pos, len(self._buffer) - 1)  # a CR at the end may be half
-        return end
+    # -- input: the codec's events, one at a time -----------------------------
 
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        if self._pos:  # what was taken goes, once per read: taking a line only moves _pos
-            del self._buffer[: self._pos]
-            self._scan = max(0, self._scan - self._pos)
-            self._pos = 0
-        self._buffer += data
+        self._codec.receive_data(data)
         self._process()
-        if self._unread() > MAX_BUFFERED_INPUT and not self._closing:
+        if self._codec.buffered > MAX_BUFFERED_INPUT and not self._closing:
             # Only a transport that ignores pauseProducing gets here.
-            self._drop_input()
+            self._codec.discard_input()
             self.reply(421, "4.7.0", f"{self.settings.hostname} Too much input, closing connection")
             self._close()
 
-    def _too_long(self, length: int, stuffed: bool) -> bool:
-        """Whether a line of C{length} octets (C{stuffed}: starting with a dot) is too long."""
-        if self._mode != DATA:
-            return length > MAX_COMMAND_LINE
-        # RFC 5321 4.5.3.1.6: a dot added by dot-stuffing does not count.
-        return length > MAX_DATA_LINE + stuffed
-
     def _process(self) -> None:
         """
-        Take the complete lines received, in order, while nothing holds them.
-        Each line is found from C{_pos} on and C{_pos} moves past it, so the
-        work is linear in the input however it is made (re-entered through
-        L{_wait} when a reply is ready at once).
+        Act on the codec's events, in order, while nothing holds them
+        (re-entered through L{_wait} when a reply is ready at once).
         """
-        if not self._output_paused and self._find_line_end() >= 0:
+        codec_ = self._codec
+        if not self._output_paused and codec_.line_waiting():
             # Once per read, not per line; and not while the client leaves our
             # replies unread: sending without reading is no sign of life.
             self.resetTimeout()
+        transport = self.transport
         while (
             not self._busy
             and not self._output_paused
             and not self._closing
             and not self._lost
-            and not self.transport.disconnecting
+            and not transport.disconnecting
         ):
-            if self._mode == DATA and not self._skipping and self._data_block():
-                continue
-            buffer, start = self._buffer, self._pos
-            end = self._find_line_end()
-            if end < 0:
-                # A partial line: a CR at its end may be half of the CRLF.
-                length = len(buffer) - start - buffer.endswith(b"\r", start)
-                if self._too_long(length, buffer.startswith(b".", start)):
-                    if not self._skipping:
-                        self._overlong()
-                    self._pos = start + length
+            event = codec_.next_event()
+            if event is None:
                 break
-            self._pos = end + 2
-            if self._skipping:  # the tail of an overlong line
-                self._skipping = False
-                continue
-            if self._too_long(end - start, buffer.startswith(b".", start)):
-                self._overlong()
-                self._skipping = False
-                continue
-            self._line(bytes(buffer[start:end]))
+            handler = _HANDLERS[type(event)]
+            handler(self, event)
         self._update_reading()
 
-    def _overlong(self) -> None:
-        self._skipping = True
-        if self._mode == DATA:
-            if self._writer is not None:  # the first error is the reply, however the text is split
-                self._data_error = (500, "5.5.6", "Line too long")
-                self._discard_message()
-            return
-        if self._mode == AUTH:
-            self._mode, self._mechanism = COMMAND, None
+    def _on_command(self, event: codec.Command) -> None:
         counted = self._count_junk()
-        self.reply(500, "5.5.6", "Line too long")
+        _COMMANDS.get(event.verb, SubmissionServer.do_UNKNOWN)(self, event.argument)
+        if counted and self._codec.mode is codec.Mode.COMMAND:
+            self._check_junk()
+
+    def _on_malformed(self, event: codec.Malformed) -> None:
+        counted = self._count_junk()
+        self.reply(event.code, event.enhanced, event.text)
         if counted:
             self._check_junk()
 
-    def _line(self, line: bytes) -> None:
-        if self._mode == DATA:
-            self._data_line(line)
-        elif self._mode == AUTH:
-            self._auth_response(line)
-        else:
-            counted = self._count_junk()
-            if b"\n" in line or b"\r" in line:
-                # Only CRLF ends a line (RFC 5321 2.3.8); a bare CR or LF in a
-                # command is an error, and a bare LF made Twisted's MAIL/RCPT
-                # expressions backtrack quadratically (a second of reactor
-                # time per 12 KB line). Other bytes get each command's reply.
-                self.reply(501, "5.5.2", "Syntax error: bare CR or LF in command")
-            else:
-                self.state_COMMAND(line)
-            if counted and self._mode == COMMAND:
-                self._check_junk()
+    def _on_line_too_long(self, event: codec.LineTooLong) -> None:
+        if self._codec.mode is codec.Mode.AUTH:
+            self._end_auth()
+        self._on_malformed(codec.Malformed(*codec.LINE_TOO_LONG))
+
+    def _on_auth_response(self, event: codec.AuthResponse) -> None:
+        self._respond(event.line, initial=False)
+
+    def _on_message_text(self, event: codec.MessageText) -> None:
+        if self._writer is not None:
+            self._writer.write(event.text)
+
+    def _on_data_refused(self, event: codec.DataRefused) -> None:
+        if self._writer is not None:
+            self._writer.abort()
+            self._writer = None
 
     def _wait(self, d: defer.Deferred[Any]) -> None:
         """Hold every later line until C{d} has replied (RFC 2920 ordering)."""
@@ -562,29 +406,16 @@ class SubmissionServer(smtp.ESMTP):
 
     # -- commands -------------------------------------------------------------
 
-    def lookupMethod(self, command: bytes) -> Any:
-        if not command.isascii():
-            return None  # do_UNKNOWN
-        return super().lookupMethod(command)
-
-    def sendSyntaxError(self) -> None:
-        self.reply(500, "5.5.2", "Error: bad syntax")
-
     def do_UNKNOWN(self, rest: bytes) -> None:
         self.reply(500, "5.5.2", "Command not recognized")
 
-    def extensions(self) -> dict[bytes, list[bytes] | None]:
-        ext: dict[bytes, list[bytes] | None] = {
-            b"PIPELINING": None,
-            b"ENHANCEDSTATUSCODES": None,
-            b"8BITMIME": None,
-            b"SIZE": [str(self.settings.max_size).encode()],
-        }
-        if self.canStartTLS:
-            ext[b"STARTTLS"] = None
+    def _extensions(self) -> list[bytes]:
+        ext = [b"PIPELINING", b"ENHANCEDSTATUSCODES", b"8BITMIME", b"SIZE %d" % self.settings.max_size]
+        if self._can_start_tls:
+            ext.append(b"STARTTLS")
         offered = self._offered()
         if offered and self.auth_info is None:
-            ext[b"AUTH"] = [name.encode() for name in offered]
+            ext.append(b"AUTH " + " ".join(offered).encode())
         return ext
 
     def _offered(self) -> list[str]:
@@ -601,29 +432,22 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(501, "5.5.4", "Syntax: EHLO domain or address literal")
             return
         peer = (self.meta.peer_address or "unknown").encode()
-        self.sendCode(250, self.host + b" Hello " + peer + b"\n" + self.listExtensions())
+        self.transport.write(codec.reply_lines(250, [self.host + b" Hello " + peer, *self._extensions()]))
 
     def do_HELO(self, rest: bytes) -> None:
         if not self._greeted(rest, ehlo=False):
             self.reply(501, "5.5.4", "Syntax: HELO domain or address literal")
             return
-        self.sendCode(250, self.host)
+        self.transport.write(codec.reply_lines(250, [self.host]))
 
     def _greeted(self, rest: bytes, ehlo: bool) -> bool:
-        """
-        Record the client's name, a domain or an address literal of at most
-        255 octets (it reaches the C{Received:} header, the spool's JSON and
-        the checkers' C{$senderhelo}); False, and nothing changed, for
-        anything else.
-        """
-        words = rest.split()
-        if not words or len(words[0]) > 255 or not _helo_name_ok(words[0]):
+        """Record the client's name (L{codec.helo_name}); False, and nothing changed, if it is none."""
+        name = codec.helo_name(rest)
+        if name is None:
             return False
         if self._helo_name is None:
             self._not_junk()  # the first greeting (again after STARTTLS) is no junk
-        name = words[0].decode("ascii")
         self._helo_name = self.meta.helo = name
-        self._helo = (name.encode(), (self.meta.peer_address or "").encode())
         self._ehlo = ehlo
         self._abort_transaction()
         return True
@@ -656,24 +480,24 @@ class SubmissionServer(smtp.ESMTP):
 
     # -- STARTTLS ---------------------------------------------------------------
 
-    def ext_STARTTLS(self, rest: bytes) -> None:
+    def do_STARTTLS(self, rest: bytes) -> None:
         if rest.strip():
             self.reply(501, "5.5.4", "Syntax: STARTTLS (no parameters)")
         elif self.meta.tls:
             self.reply(503, "5.5.1", "TLS already active")
-        elif not self.canStartTLS:
+        elif not self._can_start_tls:
             self.reply(454, "4.7.0", "TLS not available")
         else:
             self.reply(220, "2.0.0", "Ready to start TLS")
             # Whatever the client sent after STARTTLS in plaintext is dropped
             # (CVE-2011-0411), and everything said before is forgotten.
-            self._drop_input()
+            self._codec.discard_input()
             self._not_junk()
             self._reset_session()
-            self.transport.startTLS(self.ctx)
+            self.transport.startTLS(self.factory.tls)
             self.meta.tls = True
             self.meta.helo = None
-            self.canStartTLS = False
+            self._can_start_tls = False
             # startTLS re-registered us with the TLS layer, which starts
             # unpaused and pauses us again if its buffer fills.
             self._output_paused = False
@@ -681,7 +505,7 @@ class SubmissionServer(smtp.ESMTP):
 
     # -- AUTH -------------------------------------------------------------------
 
-    def ext_AUTH(self, rest: bytes) -> None:
+    def do_AUTH(self, rest: bytes) -> None:
         parts = rest.split(None, 1)
         if not self._ehlo:
             self.reply(503, "5.5.1", "Send EHLO first")
@@ -709,7 +533,7 @@ class SubmissionServer(smtp.ESMTP):
             self.reply(454, "4.7.0", "Temporary authentication failure")
             return
         self._mechanism = mechanism
-        self._mode = AUTH
+        self._codec.expect_auth()
         if initial is None:
             self._challenge()
             return
@@ -720,10 +544,11 @@ class SubmissionServer(smtp.ESMTP):
         self._respond(initial, initial=True)
 
     def _challenge(self) -> None:
-        self.sendCode(334, sasl.encode(self._mechanism.getChallenge()))
+        self.transport.write(codec.reply_lines(334, [sasl.encode(self._mechanism.getChallenge())]))
 
-    def _auth_response(self, line: bytes) -> None:
-        self._respond(line.strip(), initial=False)
+    def _end_auth(self) -> None:
+        self._codec.expect_command()
+        self._mechanism = None
 
     def _respond(self, line: bytes, initial: bool) -> None:
         mechanism = self._mechanism
@@ -738,7 +563,7 @@ class SubmissionServer(smtp.ESMTP):
         if mechanism.moreChallenges():
             self._challenge()
             return
-        self._mode, self._mechanism = COMMAND, None
+        self._end_auth()
         self._not_junk()  # a login attempt: counted by max_auth_failures instead
         credentials = sasl.credentials_of(mechanism, self.meta)
         d = login_running(self.transport, login(self.portal, credentials, IAuthInfo))
@@ -746,14 +571,13 @@ class SubmissionServer(smtp.ESMTP):
         self._wait(d)
 
     def _auth_error(self, error: sasl.SASLError) -> None:
-        self._mode, self._mechanism = COMMAND, None
+        self._end_auth()
         self.reply(error.code, error.enhanced, error.text)
         self._check_junk()  # the AUTH command of an exchange that led to no login
 
     def _authenticated(self, result: tuple[Any, Any, Any]) -> None:
         _, info, _ = result
         self.auth_info = info
-        self.authenticated = True
         authenticated(self.transport)  # out of the budget's unauthenticated share
         self._cancel_auth_deadline()
         self.reply(235, "2.7.0", "Authentication successful")
@@ -803,29 +627,16 @@ class SubmissionServer(smtp.ESMTP):
         if self._from is not None:
             self.reply(503, "5.5.1", "Nested MAIL command")
             return
-        m = self.mail_re.match(rest)
-        if m is None:
-            self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
-            return
         try:
-            params = self._mail_parameters(m.group("opts") or b"")
-        except _ParameterError as e:
+            mail = codec.parse_mail(rest, self.host, self.settings.max_size)
+        except codec.CommandError as e:
             self.reply(e.code, e.enhanced, e.text)
             return
-        path = m.group("path")
-        if path == b"<>":
-            sender = ""
-        else:
-            try:
-                sender = _address(path, self.host)
-            except smtp.AddressError:
-                self.reply(553, "5.1.7", "Bad sender address syntax")
-                return
-        if self.settings.sender_binding and not self._sender_allowed(sender):
+        if self.settings.sender_binding and not self._sender_allowed(mail.sender):
             self.reply(553, "5.7.1", "Sender address not allowed for this identity")
             return
-        self._from = sender
-        self._mail_auth = self._trusted_mail_auth(params.get("AUTH"))
+        self._from = mail.sender
+        self._mail_auth = self._trusted_mail_auth(mail.parameters.get("AUTH"))
         self.reply(250, "2.1.0", "Sender OK")
 
     def _trusted_mail_auth(self, mailbox: str | None) -> str | None:
@@ -842,37 +653,6 @@ class SubmissionServer(smtp.ESMTP):
         if self.settings.sender_binding and not self._sender_allowed(mailbox):
             return "<>"
         return mailbox
-
-    def _mail_parameters(self, opts: bytes) -> dict[str, str]:
-        params: dict[str, str] = {}
-        for item in opts.split():
-            key, _, value = item.partition(b"=")
-            name = key.decode("ascii", "replace").upper()
-            if not _ESMTP_KEYWORD.fullmatch(name):  # echoed in replies: a keyword only
-                raise _ParameterError(501, "5.5.4", "Syntax: MAIL FROM:<address> [parameters]")
-            if name in params:
-                raise _ParameterError(503, "5.5.4", f"Duplicate {name} parameter")
-            if name == "SIZE":
-                if not value.isdigit():
-                    raise _ParameterError(501, "5.5.4", "Syntax: SIZE=<octets>")
-                # int() refuses 4300 digits and more (CPython's limit): a long
-                # value is simply too large.
-                if len(value) > 20 or int(value) > self.settings.max_size:
-                    raise _ParameterError(552, "5.3.4", "Message size exceeds fixed limit")
-            elif name == "BODY":
-                if value.upper() not in (b"7BIT", b"8BITMIME"):
-                    raise _ParameterError(501, "5.5.4", "Syntax: BODY=7BIT|8BITMIME")
-            elif name == "AUTH":
-                try:
-                    value = _auth_mailbox(value).encode()
-                except ValueError:
-                    raise _ParameterError(
-                        501, "5.5.4", "Syntax: AUTH=<xtext mailbox or <>>"
-                    ) from None
-            else:
-                raise _ParameterError(555, "5.5.4", f"Unsupported parameter {name[:32]}")
-            params[name] = value.decode("utf-8", "replace")
-        return params
 
     def _sender_allowed(self, sender: str) -> bool:
         """C{smtp/sender/DOMAIN/LOCAL} with privilege C{send}, for the session's identity."""
@@ -894,17 +674,10 @@ class SubmissionServer(smtp.ESMTP):
         if self._from is None:
             self.reply(503, "5.5.1", "Need MAIL before RCPT")
             return
-        m = self.rcpt_re.match(rest)
-        if m is None:
-            self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
-            return
-        if m.group("opts"):
-            self.reply(555, "5.5.4", "RCPT parameters are not supported")
-            return
         try:
-            recipient = _address(m.group("path"), self.host)
-        except smtp.AddressError:
-            self.reply(553, "5.1.3", "Bad recipient address syntax")
+            recipient = codec.parse_rcpt(rest, self.host)
+        except codec.CommandError as e:
+            self.reply(e.code, e.enhanced, e.text)
             return
         if len(self._to) >= self.settings.max_recipients:
             self.reply(452, "4.5.3", "Too many recipients")
@@ -927,105 +700,16 @@ class SubmissionServer(smtp.ESMTP):
             log.error("cannot open a spool file: {error}", error=str(e))
             self.reply(451, "4.3.0", "Requested action aborted: local error in processing")
             return
-        self._mode = DATA
-        self._data_error = None
-        self._data_size = 0
+        self._codec.expect_data(self.settings.max_size)
         self._writer.write(self._received_header(self._writer.id))
         self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
 
-    def _data_block(self) -> bool:
-        """
-        Take the complete lines of message text from C{_pos} on at once, up to
-        and including the end-of-data line; False leaves the next line to the
-        line-by-line path (no complete line yet, or the first line that is too
-        long, whose precise handling is there). Same result as line by line,
-        far fewer Python steps for a message of many lines; each call scans
-        what it takes, and a line too long is looked for once per block, so
-        the work stays linear in the input.
-        """
-        buffer, start = self._buffer, self._pos
-        if buffer.startswith(b".\r\n", start):
-            self._pos = start + 3
-            self._end_of_data()
-            return True
-        end = buffer.find(b"\r\n.\r\n", start)
-        if end >= 0:
-            cut, after = end + 2, end + 5
-        else:
-            cut = buffer.rfind(b"\r\n", start) + 2
-            if cut < start + 2:
-                return False
-            after = cut
-        block = bytes(buffer[start:cut])
-        if self._writer is not None:  # a message already refused needs no more checks
-            lines = block.split(b"\r\n")
-            if max(map(len, lines)) > MAX_DATA_LINE:
-                # The first line too long (a stuffed dot does not count), if any:
-                # the lines before it are taken here, it goes line by line.
-                first = next(
-                    (
-                        i
-                        for i, line in enumerate(lines)
-                        if len(line) > MAX_DATA_LINE + line.startswith(b".")
-                    ),
-                    None,
-                )
-                if first is not None:
-                    if first == 0:
-                        return False
-                    cut = start + sum(map(len, lines[:first])) + 2 * first
-                    block, after, end = block[: cut - start], cut, -1
-        self._pos = after
-        # Dot-unstuffing: every line loses one leading dot.
-        text = (block[1:] if block.startswith(b".") else block).replace(b"\r\n.", b"\r\n")
-        self._data_text(text)
-        if end >= 0:
-            self._end_of_data()
-        return True
-
-    def _data_text(self, text: bytes) -> None:
-        """Message text, dot-unstuffed, whole lines with their CRLFs."""
-        if self._writer is None:  # already failed: read to the end
-            return
-        allowed = self.settings.max_size - self._data_size  # the message itself, as SIZE counts
-        over = len(text) > allowed
-        crlf = text.count(b"\r\n")
-        if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
-            # A bare CR or LF: a next hop that takes it for a line end could
-            # read an end of data (<LF>.<CR><LF>) and a smuggled message here.
-            # The error of the first line that has one is the reply, as line
-            # by line, however the text was split.
-            masked = text.replace(b"\r\n", b"  ")
-            bare = min(i for i in (masked.find(b"\r"), masked.find(b"\n")) if i >= 0)
-            if not over or _line_start(text, bare) <= _line_start(text, allowed):
-                self._data_error = (554, "5.6.11", "Bare <CR> or <LF> in message text")
-                self._discard_message()
-                return
-        if over:
-            self._data_error = (552, "5.3.4", "Message size exceeds fixed limit")
-            self._discard_message()
-            return
-        self._data_size += len(text)
-        self._writer.write(text)
-
-    def _data_line(self, line: bytes) -> None:
-        if line == b".":
-            self._end_of_data()
-            return
-        self._data_text((line[1:] if line.startswith(b".") else line) + b"\r\n")
-
-    def _discard_message(self) -> None:
-        if self._writer is not None:
-            self._writer.abort()
-            self._writer = None
-
-    def _end_of_data(self) -> None:
-        self._mode = COMMAND
-        writer, error = self._writer, self._data_error
+    def _on_end_of_data(self, event: codec.EndOfData) -> None:
+        writer = self._writer
         envelope = self._envelope() if writer is not None else None
         self._reset_transaction()
-        if error is not None or writer is None:
-            self.reply(*(error or (451, "4.3.0", "Requested action aborted")))
+        if event.error is not None or writer is None:
+            self.reply(*(event.error or (451, "4.3.0", "Requested action aborted")))
             return
         d = defer.maybeDeferred(writer.finish, envelope)
 
@@ -1085,7 +769,7 @@ class SubmissionServer(smtp.ESMTP):
         peer = self.meta.peer_address or "unknown"
         tls = self._tls_info()
         using = f"\r\n\t(using {tls['version']} with cipher {tls['cipher']})" if tls else ""
-        date = smtp.rfc822date().decode()
+        date = rfc822date().decode()
         single = len(self._to) == 1 and self._to[0].isprintable()  # no header injection
         for_ = f"\r\n\tfor <{self._to[0]}>" if single else ""
         return (
@@ -1095,10 +779,22 @@ class SubmissionServer(smtp.ESMTP):
         ).encode("utf-8", "replace")
 
 
-class _ParameterError(Exception):
-    def __init__(self, code: int, enhanced: str, text: str) -> None:
-        super().__init__(text)
-        self.code, self.enhanced, self.text = code, enhanced, text
+#: The commands, by verb (anything else is L{SubmissionServer.do_UNKNOWN}).
+_COMMANDS = {
+    name[3:]: method
+    for name, method in vars(SubmissionServer).items()
+    if name.startswith("do_") and name != "do_UNKNOWN"
+}
+#: What the server does with each of the codec's events.
+_HANDLERS: dict[type, Any] = {
+    codec.Command: SubmissionServer._on_command,
+    codec.Malformed: SubmissionServer._on_malformed,
+    codec.LineTooLong: SubmissionServer._on_line_too_long,
+    codec.AuthResponse: SubmissionServer._on_auth_response,
+    codec.MessageText: SubmissionServer._on_message_text,
+    codec.DataRefused: SubmissionServer._on_data_refused,
+    codec.EndOfData: SubmissionServer._on_end_of_data,
+}
 
 
 #: The refusals of a connection over a bound (gateway.connections).
@@ -1148,6 +844,11 @@ class SMTPDoor:
 
 
 __all__ = [
+    "CLOSE_GRACE",
+    "MAX_BUFFERED_INPUT",
+    "MAX_COMMAND_LINE",
+    "MAX_DATA_LINE",
+    "MAX_PENDING_INPUT",
     "SMTPSettings",
     "SubmissionFactory",
     "SubmissionServer",
