@@ -35,10 +35,12 @@ from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.smtp import sasl
 from gateway.smtp.server import SMTPDoor, SMTPSettings
+from gateway.smtp.server import check_acl_keys as check_smtp_keys
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSDoor, SOCKSSettings
 from gateway.tls import CertificateError, ensure_certificate
-from gateway.web.resources import check_acl_keys, upstream_host
+from gateway.web.resources import check_acl_keys as check_http_keys
+from gateway.web.resources import upstream_host
 from gateway.web.server import HTTPDoor
 from gateway.web.settings import HTTPSettings
 
@@ -521,16 +523,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["policy"] = load_acl_file(self["acl"]) if self["acl"] else AllowAuthenticated()
         except ConfigError as e:
             raise usage.UsageError(f"--acl: {e}") from None
-        try:
-            check_acl_keys(self["policy"], self["httpSettings"].case_sensitive_paths)
+        try:  # each front door refuses keys of its resources no request could reach
+            check_http_keys(self["policy"], self["httpSettings"].case_sensitive_paths)
+            check_smtp_keys(self["policy"])
         except ValueError as e:
             raise usage.UsageError(f"--acl: {e}") from None
-        for key in getattr(self["policy"], "acl", {}):
-            if key.startswith("smtp/sender/") and key != key.lower():
-                raise usage.UsageError(
-                    f"--acl: {key!r}: sender binding compares addresses in lower case;"
-                    " write smtp/sender keys in lower case"
-                )
 
         # Only now, with every option valid, write to the disk.
         data_dir = self["data-dir"]

@@ -129,6 +129,21 @@ def _binding_local(local: str) -> str | None:
     return local.lower() if _DOT_STRING.fullmatch(local) else None
 
 
+def check_acl_keys(policy: Any) -> None:
+    """
+    Refuse C{smtp/sender/...} ACL keys that could never match: sender binding
+    compares addresses in lower case (L{_binding_local}).
+
+    @raise ValueError: naming the first such key.
+    """
+    for key in getattr(policy, "acl", {}):
+        if key.startswith("smtp/sender/") and key != key.lower():
+            raise ValueError(
+                f"{key!r}: sender binding compares addresses in lower case;"
+                " write smtp/sender keys in lower case"
+            )
+
+
 @implementer(interfaces.IPushProducer)
 class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
     """
