@@ -8,7 +8,6 @@ refused attempts do not become 2,000 log lines.
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from typing import Any
@@ -16,9 +15,7 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-
-class _Monotonic:
-    seconds = staticmethod(time.monotonic)
+from gateway.clock import MONOTONIC
 
 
 class LogRateLimiter:
@@ -35,7 +32,7 @@ class LogRateLimiter:
     ) -> None:
         if interval < 0 or max_keys < 1:
             raise ValueError("a log rate limit needs an interval >= 0 and at least one key")
-        self.clock = clock if clock is not None else _Monotonic()
+        self.clock = clock if clock is not None else MONOTONIC
         self.interval = interval
         self.max_keys = max_keys
         #: key -> [time of its last line, events suppressed since]

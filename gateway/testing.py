@@ -12,20 +12,27 @@ Helpers for unit-testing your own checker under C{trial}.
             testing.assert_auth_info(self, info, [("daniel", "HttpBasicAuth")], groups=["staff"])
 
 L{authenticate} runs the same Portal, checker chain and realm as the gateway,
-so what you assert is what the front doors will see.
+so what you assert is what the front doors will see. Nothing here needs a
+reactor: a hashing checker verifies inline on its own (L{inline_verifier}
+with a C{task.Clock} shows its cache), a grant of a foreign SMTP authzid is a
+plain function (C{authorize=}), and an ACL is TOML text (L{policy}).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import textwrap
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
 from twisted.trial.unittest import SynchronousTestCase
 
-from gateway.acl import IAccessPolicy, authz_grants
+from gateway.acl import AccessControlMap, IAccessPolicy, authz_grants, parse_acl
 from gateway.authinfo import AuthInfo, IAuthInfo
+from gateway.checkers import hashes
+from gateway.checkers.hashing import InlinePool, Verifier
 from gateway.credentials import (
     BearerToken,
     HTTPBasicCredentials,
@@ -86,11 +93,36 @@ def rfc1929(username: str, password: str, **meta: Any) -> RFC1929Credentials:
     return RFC1929Credentials(username, password, conn_meta("socks", **meta))
 
 
+def inline_verifier(clock: IReactorTime | None = None, ttl: float = 300.0) -> Verifier:
+    """
+    A L{Verifier} of the gateway's hash schemes that verifies in the
+    caller's thread, for a checker providing C{IHashingChecker} (such as
+    C{HtpasswdChecker(path, verifier=testing.inline_verifier())}): its
+    logins fire at once. Pass a C{task.Clock} to see successes cached for
+    C{ttl} seconds (its C{hits}, C{misses} counters) and expire.
+    """
+    return Verifier(hashes.verify, InlinePool(), clock, ttl)
+
+
+def policy(toml: str) -> AccessControlMap:
+    """
+    An ACL as C{--acl} would load it, from TOML text (indentation removed,
+    so a triple-quoted string may follow the test's); ask it with
+    C{query_resource_access(info, resource, privilege)}, or pass it to
+    L{authenticate} as C{acl}.
+
+    @raise gateway.groups.ConfigError: what a malformed C{--acl} file stops
+        the start with (file C{<testing.policy>}, line, reason).
+    """
+    return parse_acl(textwrap.dedent(toml), "<testing.policy>")
+
+
 def authenticate(
     checker: ICredentialsChecker | Iterable[ICredentialsChecker],
     credentials: Any,
     groups: GroupMap | Mapping[str, Iterable[str]] = NO_GROUPS,
     acl: IAccessPolicy | None = None,
+    authorize: Callable[[IAuthInfo, str], bool] | None = None,
 ) -> defer.Deferred[AuthInfo]:
     """
     Log in through a Portal like the gateway's and fire with the session's
@@ -104,11 +136,20 @@ def authenticate(
     @param acl: the C{--acl} policy (L{gateway.acl.parse_acl}), whose
         C{smtp/authz/<authzid>} grants let an SMTP login act as someone else;
         without one, as without C{--acl}, nobody may.
+    @param authorize: instead of C{acl}, the grant itself:
+        C{authorize(auth_info, authzid) -> bool}, asked (with the session
+        that proved itself, groups included) whether it may act as a foreign
+        SMTP C{authzid}.
+    @raise TypeError: when both C{acl} and C{authorize} are given.
     """
+    if acl is not None and authorize is not None:
+        raise TypeError("authenticate() takes acl or authorize, not both")
+    if authorize is None:
+        authorize = authz_grants(acl)
     if not isinstance(groups, GroupMap):
         groups = GroupMap({g: tuple(m) for g, m in groups.items()})
     checkers = [checker] if ICredentialsChecker.providedBy(checker) else list(checker)
-    portal = make_portal(Realm(groups=groups, authorize=authz_grants(acl)), checkers)
+    portal = make_portal(Realm(groups=groups, authorize=authorize), checkers)
     d = portal.login(credentials, credentials, IAuthInfo)
     return d.addCallback(lambda result: result[1])
 

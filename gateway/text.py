@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_stores -*-
+# -*- test-case-name: tests.test_text -*-
 """Text helpers: quoting for one-line error messages, UTC timestamps."""
 
 from __future__ import annotations

@@ -6,11 +6,12 @@ import importlib
 import os
 import shutil
 import socket
+import stat
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer
-from twisted.trial.unittest import SkipTest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 from zope.interface import implementer
 
 
@@ -75,3 +76,69 @@ def require_module(module: str, package: str):
         return importlib.import_module(module)
     except ImportError:
         _missing(f"Python module {module} (PyPI package {package})")
+
+
+#: bcrypt's cheapest cost, for tests that write users with L{add_user}.
+CHEAP = {"scheme": "bcrypt", "cost": 4}
+
+#: The password of users the store tests add.
+PASSWORD = "Tr0ub4dor&3-in-tests"
+
+
+def store_path(test: SynchronousTestCase, name: str = "store") -> str:
+    """A path named C{name} (not created) in a new, empty directory of its own."""
+    directory = test.mktemp()
+    os.mkdir(directory)
+    return os.path.join(directory, name)
+
+
+def read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_file(path: str, data: str | bytes, mode: int = 0o600) -> None:
+    """Write C{data} (text as UTF-8) to C{path} by hand, in place, with C{mode}."""
+    with open(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    os.chmod(path, mode)
+
+
+def file_mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def victim_file(test: SynchronousTestCase, link: str | None = None) -> str:
+    """
+    A file elsewhere that a store must never be written through to (think
+    /etc/shadow): C{root:x}, mode 0640, in a directory of its own; with a
+    symbolic link to it at C{link}, if given.
+    """
+    directory = os.path.abspath(test.mktemp())
+    os.makedirs(directory)
+    target = os.path.join(directory, "shadow")
+    write_file(target, "root:x\n", mode=0o640)
+    if link is not None:
+        os.symlink(target, link)
+    return target
+
+
+def planted_directory_link(test: SynchronousTestCase) -> tuple[str, str]:
+    """
+    A directory holding a C{users} file (C{keep:me}, mode 0644) and a
+    symbolic link to it owned by uid 4242: what the owner of a data directory
+    could plant to point a rewrite by root elsewhere. Giving a link to
+    another owner needs root: the test is skipped for anyone else.
+
+    @return: the real directory and the link.
+    """
+    if os.geteuid() != 0:
+        raise SkipTest("giving a link to another owner needs root")
+    base = os.path.abspath(test.mktemp())
+    victim = os.path.join(base, "victim")
+    os.makedirs(victim)
+    write_file(os.path.join(victim, "users"), "keep:me\n", mode=0o644)
+    link = os.path.join(base, "linkdir")
+    os.symlink(victim, link)
+    os.lchown(link, 4242, 4242)
+    return victim, link

@@ -1,7 +1,7 @@
 """
 Tests for L{gateway.checkers}: the checker chain, Twisted's strcred checkers
-with str credentials, callable checkers with the seed signatures, and
-C{--checker} name loading.
+with str credentials, the gateway's own C{--auth} plugins, callable checkers
+with the seed signatures, and C{--checker} name loading.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from gateway.checkers import (
     proxy_server_auth_rfc1929,
     smtp_server_auth_plain,
 )
+from gateway.checkers.files import StoreError
 from gateway.credentials import IRFC1929Credentials, ISASLCredentials
 from tests.support import FixedChecker
 
@@ -150,6 +151,17 @@ class StrcredCheckerTests(SynchronousTestCase):
         ]:
             info = self.successResultOf(testing.authenticate(checker, creds))
             testing.assert_auth_info(self, info, [("daniel", context)])
+
+
+class PluginTests(SynchronousTestCase):
+    """The gateway's own --auth types (twisted/plugins/authgateway_checkers.py)."""
+
+    def test_found_by_strcred(self):
+        for name in ("htpasswd", "tokens"):
+            factory = strcred.findCheckerFactory(name)
+            self.assertEqual(factory.authType, name)
+            self.assertRaises(StoreError, factory.generateChecker, "")
+            self.assertRaises(StoreError, factory.generateChecker, self.mktemp())
 
 
 # The seeds' Lua examples, in Python form.

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 import sys
 import threading
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
-from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import cli, realm, tap, testing
 from gateway.checkers import hashes, htpasswd, tokens
 from gateway.errors import PoolFull
+from tests.support import planted_directory_link, require_tool, victim_file
 
 PASSWORD = "Tr0ub4dor&3-cli"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -474,15 +474,7 @@ class ApacheHtpasswdTests(SynchronousTestCase):
     """Apache's own C{htpasswd -v} accepts the bcrypt entries we write."""
 
     def setUp(self) -> None:
-        tool = shutil.which("htpasswd") or (
-            "/usr/bin/htpasswd" if os.access("/usr/bin/htpasswd", os.X_OK) else None
-        )
-        if tool is None:
-            reason = "htpasswd (Debian package apache2-utils) is not installed"
-            if os.environ.get("CI") == "true":
-                self.fail(f"{reason}, and CI=true forbids skipping this test")
-            raise SkipTest(reason)
-        self.tool = tool
+        self.tool = require_tool("htpasswd", "apache2-utils")
         directory = self.mktemp()
         os.mkdir(directory)
         self.users = os.path.join(directory, "users")
@@ -517,12 +509,7 @@ class SymlinkedStoreTests(CommandTestCase):
 
     def setUp(self) -> None:
         super().setUp()
-        elsewhere = os.path.abspath(self.mktemp())
-        os.mkdir(elsewhere)
-        self.victim = os.path.join(elsewhere, "shadow")
-        with open(self.victim, "w") as f:
-            f.write("root:x\n")
-        os.chmod(self.victim, 0o640)
+        self.victim = victim_file(self)
 
     def assertRefused(self, link: str, *argv: str, stdin: str = "") -> None:
         code, out, err = self.run_cli(*argv, stdin=stdin)
@@ -542,6 +529,17 @@ class SymlinkedStoreTests(CommandTestCase):
         self.assertRefused(self.users, "user", "del", self.users, "root")
         self.assertRefused(self.tokens, "token", "add", self.tokens, "mallory")
         self.assertRefused(self.tokens, "token", "revoke", self.tokens, "root")
+
+    def test_planted_directory_link_refused(self) -> None:
+        """A store's directory reached through someone else's link (C{linkdir -> /etc})."""
+        victim, link = planted_directory_link(self)
+        code, _, err = self.run_cli(
+            "user", "add", os.path.join(link, "users"), "z", "--password-stdin",
+            stdin="pw-z-12345\n",
+        )
+        self.assertNotEqual(code, 0)
+        self.assertIn("symbolic link owned by uid 4242", err)
+        self.assertEqual(_read(os.path.join(victim, "users")), "keep:me\n")
 
     def test_dangling_link_not_created(self) -> None:
         os.unlink(self.victim)

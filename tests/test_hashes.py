@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import base64
 import inspect
-import os
-import shutil
 import subprocess
 import tempfile
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.checkers import hashes as hashes_module
 from gateway.checkers.hashes import (
@@ -28,6 +26,7 @@ from gateway.checkers.hashes import (
     scheme_of,
     verify,
 )
+from tests.support import require_tool
 
 ASCII_PW = "correct horse"
 UTF8_PW = "pässwörd-€-🔑"
@@ -448,17 +447,6 @@ class DummyLikeTests(SynchronousTestCase):
         self.assertNotEqual(dummy_like(stored), dummy_like(stored))
 
 
-def need_tool(name: str, package: str) -> str:
-    """The path of an external tool; skip without it, except on CI where that fails."""
-    path = shutil.which(name)
-    if path is None:
-        reason = f"{name} not installed (Debian package {package})"
-        if os.environ.get("CI") == "true":
-            raise AssertionError(f"{reason}: CI must run the external-tool tests")
-        raise SkipTest(reason)
-    return path
-
-
 def run(argv: list[str], password: str) -> str:
     """Run a tool with the password on stdin; its first output line."""
     result = subprocess.run(
@@ -468,22 +456,22 @@ def run(argv: list[str], password: str) -> str:
 
 
 def htpasswd(password: str, *flags: str) -> str:
-    line = run([need_tool("htpasswd", "apache2-utils"), "-ni", *flags, "user"], password)
+    line = run([require_tool("htpasswd", "apache2-utils"), "-ni", *flags, "user"], password)
     user, _, stored = line.partition(":")
     assert user == "user", line
     return stored
 
 
 def mkpasswd(password: str, *flags: str) -> str:
-    return run([need_tool("mkpasswd", "whois"), "-s", *flags], password)
+    return run([require_tool("mkpasswd", "whois"), "-s", *flags], password)
 
 
 def argon2_cli(password: str, *flags: str) -> str:
-    return run([need_tool("argon2", "argon2"), "somesaltsalt", *flags, "-e"], password)
+    return run([require_tool("argon2", "argon2"), "somesaltsalt", *flags, "-e"], password)
 
 
 def openssl_ssha(password: str, salt: bytes) -> str:
-    openssl = need_tool("openssl", "openssl")
+    openssl = require_tool("openssl", "openssl")
     digest = subprocess.run(
         [openssl, "dgst", "-sha1", "-binary"],
         input=password.encode("utf-8") + salt, capture_output=True, check=True, timeout=30,
@@ -575,7 +563,7 @@ class ExternalToolTests(SynchronousTestCase):
 
     def test_htpasswd_verifies_ours(self) -> None:
         """Apache's own check (htpasswd -v) accepts what make_hash writes."""
-        tool = need_tool("htpasswd", "apache2-utils")
+        tool = require_tool("htpasswd", "apache2-utils")
         for scheme, cost in (("bcrypt", 4), ("sha512-crypt", 1000)):
             for password in (ASCII_PW, UTF8_PW):
                 with tempfile.NamedTemporaryFile("w", suffix=".htpasswd") as f:

@@ -15,6 +15,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task, threads
 from twisted.internet.task import deferLater
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -115,10 +116,12 @@ class HashPoolTests(TestCase):
         self.assertEqual(ran, [])
         self.failureResultOf(pool.run(ran.append, 9), ShuttingDown)
 
-    def test_shared_pool(self):
-        pool = HashPool.shared(max_pending=3)
-        self.assertIs(pool.threadpool, reactor.getThreadPool())
+    def test_given_pool(self):
+        given = ThreadPool()
+        pool = HashPool(reactor, max_pending=3, threadpool=given)
+        self.assertIs(pool.threadpool, given)
         self.assertFalse(pool._own)  # never started or stopped by us
+        self.assertIs(pool.loader, pool.threadpool)  # reloads run there too
 
     def test_stop_stops_threads(self):
         pool = HashPool(reactor, threads=1)
@@ -130,6 +133,30 @@ class HashPoolTests(TestCase):
     def test_bad_limits(self):
         self.assertRaises(ValueError, HashPool, reactor, threads=0)
         self.assertRaises(ValueError, HashPool, reactor, max_pending=0)
+
+    @defer.inlineCallbacks
+    def test_load_while_hash_queue_full(self):
+        """L{HashPool.load}: the reload thread, outside the hash queue's bound."""
+        pool = HashPool(reactor, threads=1, max_pending=1)
+        pool.startService()
+        self.addCleanup(pool.stopService)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        busy = pool.run(release.wait, 30)
+        self.failureResultOf(pool.run(int), PoolFull)
+        names = yield pool.load(lambda: threading.current_thread().name)
+        self.assertIn("authgateway-load", names)
+        self.assertEqual(pool.pending, 1)  # the load took no slot
+        release.set()
+        yield busy
+
+    def test_stopped_pool_refuses_loads(self):
+        pool = HashPool(task.Clock(), threads=1)
+        pool.startService()
+        self.assertTrue(pool.loader.started)
+        pool.stopService()
+        self.assertFalse(pool.loader.started)
+        self.failureResultOf(pool.load(int), ShuttingDown)
 
 
 class VerifierTests(SynchronousTestCase):

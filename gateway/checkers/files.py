@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_stores -*-
+# -*- test-case-name: tests.test_files -*-
 """
 Storage shared by the password and token files: UTF-8 reads, atomic rewrites
 (temporary file, fsync, rename, fsync of the directory) and a lock that
@@ -15,7 +15,6 @@ import fcntl
 import os
 import secrets
 import stat
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from types import MappingProxyType
@@ -27,6 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
+from gateway.clock import MONOTONIC
 from gateway.fileio import reason
 from gateway.text import quote
 
@@ -473,7 +473,8 @@ class WatchedFile(Generic[_T]):
     @param on_load: called with each new value, in the reactor thread, before
         it is used (to log the file's problems, for instance).
     @param loader: C{loader(f) -> Deferred}; None reads inline.
-    @param clock: needed with a C{loader}, to bound the wait.
+    @param clock: needed with a C{loader}, to bound the wait; without one,
+        the retry after a failed reload is timed by L{gateway.clock.MONOTONIC}.
     @raise StoreError: when the first read (always inline) fails.
     """
 
@@ -523,7 +524,7 @@ class WatchedFile(Generic[_T]):
         return self._signature_of(st), self._parse(decode_utf8(data, self.path), self.path)
 
     def _now(self) -> float:
-        return self.clock.seconds() if self.clock is not None else time.monotonic()
+        return (self.clock or MONOTONIC).seconds()
 
     def _changed(self) -> bool:
         """Whether the file differs from the value in use and deserves a read now."""

@@ -16,7 +16,6 @@ import hashlib
 import hmac
 import secrets
 import threading
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import Interface
 
 from gateway.addresses import network_keys
+from gateway.clock import MONOTONIC
 from gateway.errors import NetworkShareFull, PeerShareFull, PoolFull, ShuttingDown
 from gateway.ratelog import LogRateLimiter
 
@@ -124,7 +124,8 @@ class HashPool(service.Service):
 
     The shares apply to verifications started by a L{ThrottlingChecker}
     (which says whose they are, see L{current_attempt}); others (a checker
-    under another plugin, one that first waited for a reload) have no share
+    given this pool outside the gateway's portal, one that first waited for
+    a reload) have no share
     but are strangers': the reserve stays free. Small pools keep their shares
     coherent: the reserve is at most a quarter of C{max_pending}.
 
@@ -175,17 +176,6 @@ class HashPool(service.Service):
         self.loader = loader
         #: A full queue under a flood is logged once a minute, not per login.
         self.full_log = LogRateLimiter(reactor)
-
-    @classmethod
-    def shared(cls, max_pending: int = 64) -> HashPool:
-        """
-        A bounded pool on the global reactor's thread pool: what a hashing
-        checker uses when no service gave it one (for instance
-        C{--auth htpasswd:} under another twistd plugin).
-        """
-        from twisted.internet import reactor
-
-        return cls(reactor, max_pending=max_pending, threadpool=reactor.getThreadPool())
 
     def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
         """
@@ -303,7 +293,14 @@ def _daemon_pool(threads: int, name: str) -> ThreadPool:
 
 
 class InlinePool:
-    """Runs verifications in the caller's thread: for unit tests only."""
+    """
+    Runs verifications in the caller's thread, so that a test sees the
+    result at once (C{successResultOf}). What a L{Verifier} built without a
+    pool uses: a hashing checker on its own (a unit test, or strcred's
+    C{--auth htpasswd:} before the gateway's service hands it its own).
+    Under the reactor, each verification then blocks the reactor thread
+    for as long as the hash takes.
+    """
 
     def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
         return defer.maybeDeferred(f, *args)
@@ -333,6 +330,9 @@ class Verifier:
     store does the same work whoever it names (see L{HtpasswdChecker}).
 
     @param verify: C{verify(password, stored) -> bool}, blocking.
+    @param pool: where verifications run: a L{HashPool} (what the gateway's
+        service passes), or by default an L{InlinePool} (the caller's thread).
+    @param clock: times the cache; by default L{gateway.clock.MONOTONIC}.
     """
 
     def __init__(
@@ -345,7 +345,7 @@ class Verifier:
     ) -> None:
         self._verify = verify
         self.pool = pool if pool is not None else InlinePool()
-        self.clock = clock if clock is not None else _MONOTONIC
+        self.clock = clock if clock is not None else MONOTONIC
         self.ttl = ttl
         self.max_entries = max_entries
         self._key = secrets.token_bytes(32)
@@ -413,12 +413,3 @@ class Verifier:
 
     def clear(self) -> None:
         self._cache.clear()
-
-
-class _Monotonic:
-    """The clock used when none is injected (a checker outside the service)."""
-
-    seconds = staticmethod(time.monotonic)
-
-
-_MONOTONIC = _Monotonic()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_stores -*-
+# -*- test-case-name: tests.test_htpasswd -*-
 """
 Apache/nginx htpasswd files: C{user:hash} lines, parsed into an immutable
 L{PasswordTable}, and the rewrites behind C{authgateway user add/del/list}.
@@ -46,7 +46,7 @@ from gateway.checkers.files import (
     split_bom,
     split_lines,
 )
-from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
+from gateway.checkers.hashing import IHashingChecker, Verifier
 from gateway.credentials import identities_of
 from gateway.text import quote
 
@@ -231,8 +231,14 @@ class HtpasswdChecker(FileChecker[_Served]):
     C{--auth htpasswd:PATH}: users of an Apache/nginx htpasswd file.
 
     Verification goes through a L{Verifier}: in the gateway, the service's
-    (its bounded thread pool and cache); elsewhere, one on the reactor's
-    thread pool (L{HashPool.shared}). Tests may pass an inline one.
+    (its bounded L{gateway.checkers.hashing.HashPool} and cache, given by
+    L{use_verifier}). A checker built on its own (a unit test; strcred's
+    C{--auth htpasswd:} until the service hands it its own) verifies inline,
+    in the caller's thread, so a test sees the result at once; its file
+    reload is inline too. Used under another twistd plugin it would
+    therefore hash on the reactor thread: pass it
+    C{Verifier(hashes.verify, pool)} with a started C{HashPool} (a child
+    service of that plugin's) instead.
 
     Every login costs the same whoever it names: the file's hashes fall into
     cost classes (bcrypt cost 12, {SHA}, ...), and each login verifies exactly
@@ -255,9 +261,8 @@ class HtpasswdChecker(FileChecker[_Served]):
         loader: Callable[..., defer.Deferred[Any]] | None = None,
         clock: Any = None,
     ) -> None:
-        if verifier is None:  # the gateway's service replaces it (use_verifier)
-            verifier = Verifier(hashes.verify, HashPool.shared())
-        self.verifier = verifier
+        # Inline unless given one; the gateway's service replaces it (use_verifier).
+        self.verifier = verifier if verifier is not None else Verifier(hashes.verify)
         self._legacy_warned = False
         self._classes_warned = False
         self._dummies: Mapping[str, str] = {}

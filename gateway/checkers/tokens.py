@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_stores -*-
+# -*- test-case-name: tests.test_tokens -*-
 """
 The Bearer token file: one C{DIGEST:USER:GROUPS:CREATED} line per token.
 

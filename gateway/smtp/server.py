@@ -17,6 +17,7 @@ state.
 
 from __future__ import annotations
 
+import email.utils
 import re
 import socket
 from collections.abc import Mapping
@@ -27,7 +28,6 @@ from twisted.application import internet
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
-from twisted.mail.smtp import rfc822date
 from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -784,7 +784,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         peer = self.meta.peer_address or "unknown"
         tls = self._tls_info()
         using = f"\r\n\t(using {tls['version']} with cipher {tls['cipher']})" if tls else ""
-        date = rfc822date().decode()
+        date = email.utils.formatdate(localtime=True)
         single = len(self._to) == 1 and self._to[0].isprintable()  # no header injection
         for_ = f"\r\n\tfor <{self._to[0]}>" if single else ""
         return (
