@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_web_hosts -*-
+# -*- test-case-name: tests.test_addresses,tests.test_web_hosts -*-
 """
 Addresses, in one place: IP addresses as peers are counted (canonical text,
 the keys of per-peer and per-network limits, network membership), and host

@@ -8,21 +8,21 @@ made once from the operator's settings and handed to each front door.
 
 Nothing below this module reaches for a global: the reactor, the hash
 threads and the spool's thread pool are made or chosen here and passed down.
-A front door module exports its settings class and a C{door(core, settings)}
-whose C{listen(endpoint, name, tls)} makes one listener's service
-(L{FrontDoor}).
+A front door module exports its settings class and a door class, made once
+as C{Door(core, settings)}, whose C{listen(endpoint, name, tls)} makes one
+listener's service (L{Listener}); C{gateway.tap} lists the listeners
+(L{FrontDoor} rows) and walks that table.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import attrs
 from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.portal import Portal
 from twisted.internet import ssl
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
@@ -34,7 +34,7 @@ from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
 from gateway.checkers.throttle import Throttle
 from gateway.connections import Connections, ListenSettings
 from gateway.groups import NO_GROUPS, GroupMap
-from gateway.realm import Realm, make_portal
+from gateway.realm import GatewayPortal, Realm, make_portal
 from gateway.smtp.spool import Spool
 
 #: The reactor the core runs on: twistd's, or a test's MemoryReactorClock.
@@ -68,9 +68,9 @@ class CoreSettings:
     hash_threads: int = attrs.field(factory=_default_threads)
     #: Keyword arguments of L{HashPool}, L{Verifier} and L{Throttle} beyond
     #: the reactor; each class's own defaults apply to what is left out.
-    hash_pool: dict[str, Any] = attrs.field(factory=dict)
-    cache: dict[str, Any] = attrs.field(factory=dict)
-    throttle: dict[str, Any] = attrs.field(factory=dict)
+    hash_pool: Mapping[str, int] = attrs.field(factory=dict)
+    cache: Mapping[str, float] = attrs.field(factory=dict)
+    throttle: Mapping[str, float] = attrs.field(factory=dict)
 
 
 @attrs.frozen
@@ -78,7 +78,7 @@ class Core:
     """The authentication core every front door is built on."""
 
     reactor: Reactor
-    portal: Portal
+    portal: GatewayPortal
     realm: Realm
     #: The access policy the front doors ask: the --acl policy, or one that
     #: allows every authenticated identity.

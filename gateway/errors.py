@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pipeline -*-
+# -*- test-case-name: tests.test_throttle -*-
 """
 The outcomes of a login other than success or a wrong password, in one place:
 what L{gateway.realm.login} promises its front doors, and what a checker may

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_spool -*-
+# -*- test-case-name: tests.test_spool,tests.test_files -*-
 """File helpers the stores, the spool and the certificate writer share."""
 
 from __future__ import annotations

@@ -235,6 +235,39 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(inner[1080], SOCKSFactory)
 
 
+class FrontDoorTableTests(SynchronousTestCase):
+    """
+    Implicit TLS follows the table's row, never the listener's name: a door
+    listening under any name wraps its factory in TLS exactly when given a
+    context, and its sessions carry the name it was given.
+    """
+
+    def test_tls_from_the_row(self):
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        options = tap.Options()
+        options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])
+        core = tap.build_core(options["coreSettings"], MemoryReactorClock())
+        context = core.certificate.options()
+        for name, (make, settings) in tap.DOORS.items():
+            door = make(core, options[settings])
+            for tls in (None, context):
+                factory = door.listen(None, "custom", tls).factory
+                self.assertEqual(factory.listener, "custom")
+                self.assertEqual(
+                    isinstance(factory.wrappedFactory, TLSMemoryBIOFactory), tls is not None,
+                    (name, tls),
+                )
+
+    def test_rows(self):
+        """Each TLS listener is served by the same door as its plain twin."""
+        rows = {row.option: row for row in tap.FRONT_DOORS}
+        for plain, secure in (("smtp", "smtps"), ("http", "https"), ("socks", "socks-tls")):
+            self.assertEqual(rows[plain].door, rows[secure].door)
+            self.assertEqual((rows[plain].implicit_tls, rows[secure].implicit_tls), (False, True))
+        self.assertEqual(set(tap.DOORS), {row.door for row in tap.FRONT_DOORS})
+
+
 class PipelineWiringTests(TestCase):
     """The service owns the hash pool; htpasswd checkers verify through it."""
 

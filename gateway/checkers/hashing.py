@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pipeline -*-
+# -*- test-case-name: tests.test_hashing -*-
 """
 Password-hash verification off the reactor thread: L{Verifier} runs
 verifications in a L{HashPool} (never on the reactor thread, each peer and

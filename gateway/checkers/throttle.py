@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_pipeline -*-
+# -*- test-case-name: tests.test_throttle -*-
 """
 The first stage of the verification pipeline every front door shares:
 
