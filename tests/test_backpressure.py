@@ -27,6 +27,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from gateway import tap
+from gateway.twistedinternals import buffered
 from tests.support import free_port
 
 #: What the client tries to send, and what the server may hold for it.
@@ -79,16 +80,6 @@ def _flood(sock: Any, chunk: bytes) -> int:
     except (socket.timeout, ssl.SSLError, BlockingIOError, ConnectionError):  # stalled, or closed
         pass
     return sent
-
-
-def _buffered(transport: tcp.Server) -> int:
-    """Bytes the server holds for its client: the write buffer and a TLS layer's."""
-    size = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
-    proto = getattr(transport, "protocol", None)  # gone once the connection is lost
-    while proto is not None:
-        size += sum(map(len, getattr(proto, "_appSendBuffer", [])))
-        proto = getattr(proto, "wrappedProtocol", None)
-    return size
 
 
 def _innermost(transport: tcp.Server) -> Any:
@@ -194,10 +185,10 @@ class BackpressureTests(TestCase):
         if settled is None:
             settled = lambda server: server not in reactor.getReaders()  # noqa: E731
         yield _wait(
-            lambda: settled(server) or _buffered(server) > BOUND,
+            lambda: settled(server) or buffered(server) > BOUND,
             "the server to stop producing",
         )
-        held = _buffered(server)
+        held = buffered(server)
         self.assertLess(held, BOUND, f"{held} bytes held for a client that does not read"
                                      f" ({sent} bytes sent)")
         return server

@@ -12,7 +12,7 @@ import struct
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.internet import defer, error, protocol, tcp
+from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import (
     IHostnameResolver,
@@ -30,7 +30,7 @@ from gateway.checkers.functions import CallableChecker
 from gateway.connections import Connections, LimitedFactory
 from gateway.realm import Realm, make_portal
 from gateway.socks.rules import AllowRule
-from gateway.socks.server import SOCKSFactory, SOCKSSettings, relay
+from gateway.socks.server import SOCKSFactory, SOCKSSettings
 from tests.support import FixedChecker
 
 PUBLIC = "93.184.216.34"
@@ -849,48 +849,6 @@ class ReviewFixTests(SOCKSTestCase):
         self.assertIsNone(self.factory.buildProtocol(IPv6Address("TCP", "2001:db8::2", 1)))
         self.connect(peer="192.0.2.10")
         self.assertIsNone(self.factory.buildProtocol(IPv6Address("TCP", "::ffff:192.0.2.10", 1)))
-
-
-class RelayWriteTests(SynchronousTestCase):
-    """L{relay}: at once when nothing is queued, behind the queue otherwise."""
-
-    def setUp(self):
-        self.ours, self.theirs = socket.socketpair()
-        self.ours.setblocking(False)
-        self.addCleanup(self.theirs.close)
-        self.reactor = MemoryReactorClock()
-        self.transport = tcp.Server(
-            self.ours, protocol.Protocol(), ("127.0.0.1", 1), None, 1, self.reactor
-        )
-        self.addCleanup(self.ours.close)
-
-    def read_all(self):
-        self.theirs.setblocking(False)
-        out = b""
-        while True:
-            try:
-                chunk = self.theirs.recv(1 << 20)
-            except BlockingIOError:
-                return out
-            if not chunk:
-                return out
-            out += chunk
-
-    def test_sent_at_once(self):
-        relay(self.transport, b"hello")
-        self.assertEqual(self.read_all(), b"hello")
-        self.assertNotIn(self.transport, self.reactor.getWriters())
-
-    def test_order_kept_behind_a_queue(self):
-        big = bytes(range(256)) * 40000  # more than the socket buffer takes
-        relay(self.transport, big)
-        self.assertTrue(self.transport.dataBuffer or self.transport._tempDataLen)
-        relay(self.transport, b"tail")  # must queue behind, not jump ahead
-        received = self.read_all()
-        while self.transport.dataBuffer or self.transport._tempDataLen:
-            self.transport.doWrite()
-            received += self.read_all()
-        self.assertEqual(received, big + b"tail")
 
 
 class SpecialDestinationTests(SOCKSTestCase):

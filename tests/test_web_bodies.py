@@ -14,6 +14,7 @@ import time
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.trial.unittest import TestCase
 
+import gateway.web.server
 from tests.test_web_guard import CapturingUpstream, GuardTestCase, ListConsumer, basic
 from tests.test_web_integration import GatewayMixin
 
@@ -62,6 +63,21 @@ class EarlyDecisionTests(GuardTestCase):
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 403 "))
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.upstream.calls, [])
+
+    def test_without_the_request_line(self):
+        """
+        A Twisted that no longer tells the request line before the body
+        (L{gateway.twistedinternals.request_line}): the body is read first,
+        within max_body, then decided.
+        """
+        self.patch(gateway.web.server, "request_line", lambda channel: None)
+        channel, transport = self.head(b"Content-Length: 1001", basic("daniel", "tiger"))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 413 "))
+        self.assertTrue(transport.disconnecting)
+        channel, transport = self.head(b"Content-Length: 1000", basic("daniel", "tiger"))
+        self.assertEqual(self.upstream.calls, [])
+        channel.dataReceived(b"z" * 1000)
+        self.assertEqual(len(self.upstream.calls), 1)
 
     def test_small_body_read_first(self):
         """Within max_body the body is read, then decided (the usual path)."""

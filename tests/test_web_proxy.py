@@ -41,6 +41,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import directlyProvides, implementer
 
 from gateway.meta import ConnectionMeta
+from gateway.twistedinternals import buffered
 from gateway.web.proxy import (
     IDENTITY_HEADERS,
     METHOD_OVERRIDE_HEADERS,
@@ -150,10 +151,10 @@ class ProxyResource(Resource):
         self.host = host  # as the guard sets it: a --http-host name the ACL used
 
     def render(self, request):
-        if self.meta is not None:
-            request.gateway_meta, request.gateway_via_proxy = self.meta, True
-        if self.host is not None:
-            request.gateway_host = self.host
+        # What the guard and the Upstream resource note on a GatewayRequest
+        # (this plain Site's requests have none of its declared defaults).
+        request.gateway_meta, request.gateway_via_proxy = self.meta, self.meta is not None
+        request.gateway_host = self.host
         return self.proxy.render(request, self.identity, self.groups)
 
 
@@ -992,10 +993,6 @@ class LoopbackTests(TestCase):
         response.deliverBody(reader)
         reader.transport.pauseProducing()  # deliverBody resumes; pause after it
         yield task.deferLater(reactor, 0.5, lambda: None)
-
-        # abstract.FileDescriptor's userspace write buffer (private attributes).
-        def buffered(transport):
-            return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
 
         self.assertLess(reader.length, len(huge) // 2)
         self.assertLess(sum(buffered(p.transport) for p in proxy_side.lost), 1024 * 1024)

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 from twisted.application import internet
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, endpoints, error, interfaces, protocol, tcp
+from twisted.internet import defer, endpoints, error, interfaces, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -56,6 +56,7 @@ from gateway.socks.rules import (
     libc_ipv4,
     source_port_named,
 )
+from gateway.twistedinternals import write_now
 
 if TYPE_CHECKING:
     from gateway.core import Core
@@ -172,37 +173,6 @@ def is_local(address: IPAddress) -> bool:
     except OSError:
         return False
     return True
-
-
-#: Transports whose buffers L{relay} knows (not TLS, not a test double).
-_PLAIN_TCP = (tcp.Server, tcp.Client)
-
-
-def relay(transport: Any, data: bytes) -> None:
-    """
-    Write C{data} on a relay's transport, sending at once when nothing is
-    queued. Twisted's C{write} always buffers until the next reactor pass,
-    which costs two epoll changes and a wakeup per chunk moved, and the relay
-    does little else (measured: 30-40% more MiB/s, see bench/socks_bench.py).
-    Any other transport, or a non-empty buffer, takes the normal path, so
-    the bytes keep their order; attributes Twisted might rename make the
-    condition false, never wrong.
-    """
-    if (
-        type(transport) in _PLAIN_TCP
-        and not getattr(transport, "TLS", True)  # not after a startTLS
-        and not getattr(transport, "dataBuffer", True)
-        and not getattr(transport, "_tempDataLen", True)
-        and transport.connected
-        and not transport.disconnecting
-        and not getattr(transport, "_writeDisconnecting", True)
-    ):
-        sent = transport.writeSomeData(data)
-        if isinstance(sent, int) and sent > 0:  # else: write() meets the error
-            if sent == len(data):
-                return
-            data = data[sent:]
-    transport.write(data)
 
 
 def _half_close(transport: Any) -> None:
@@ -412,7 +382,7 @@ class SOCKSServer(protocol.Protocol):
         if outbound is not None:
             self.up += len(data)
             self._active = True
-            relay(outbound.transport, data)
+            write_now(outbound.transport, data)
             return
         self._feed(data)
 
@@ -750,7 +720,7 @@ class _Outbound(protocol.Protocol):
         server = self.server
         server.down += len(data)
         server._active = True
-        relay(server.transport, data)
+        write_now(server.transport, data)
 
     def readConnectionLost(self) -> None:
         self.remote_done = True

@@ -21,7 +21,7 @@ import ipaddress
 import math
 import re
 import unicodedata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
@@ -40,6 +40,9 @@ from gateway.meta import ConnectionMeta
 from gateway.realm import login
 from gateway.web.messages import Refusal, header, quoted_string
 from gateway.web.settings import HTTPSettings
+
+if TYPE_CHECKING:
+    from gateway.web.server import GatewayRequest
 
 log = Logger()
 
@@ -237,14 +240,14 @@ class Guard(resource.Resource):
             return util.DeferredResource(decided)
         return decided
 
-    def decide(self, request: server.Request) -> Any:
+    def decide(self, request: GatewayRequest) -> Any:
         """
         What the request gets: a L{Refusal}, or (through a Deferred, since
         logging in takes time) the realm's avatar or a refusal. Decided once
         per request: a request whose upload started streaming before its
         body arrived (L{gateway.web.server.GatewayRequest}) keeps its answer.
         """
-        decided = getattr(request, "gateway_decision", None)
+        decided = request.gateway_decision
         if decided is not None:
             return decided
         via = request.gateway_via_proxy = via_trusted_proxy(request, self.settings)

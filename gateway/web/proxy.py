@@ -392,8 +392,8 @@ class UpstreamProxy:
 
         # The client as the front door saw it (through a trusted proxy: the
         # proxy's X-Forwarded-For and -Proto, which are then kept).
-        meta = getattr(request, "gateway_meta", None)
-        via_proxy = getattr(request, "gateway_via_proxy", False)
+        meta = request.gateway_meta
+        via_proxy = request.gateway_via_proxy
         forwarded_for = [
             hop.strip()
             for value in (inbound.getRawHeaders(b"x-forwarded-for", []) if via_proxy else [])
@@ -412,7 +412,7 @@ class UpstreamProxy:
         out.setRawHeaders(b"X-Forwarded-Proto", [b"https" if secure else b"http"])
         # Only a host the front door checked (a --http-host name, canonical):
         # applications build absolute links (password resets) from it.
-        host = getattr(request, "gateway_host", None)
+        host = request.gateway_host
         if host:
             out.setRawHeaders(b"X-Forwarded-Host", [host.encode("ascii")])
         return out

@@ -32,7 +32,7 @@ import re
 import unicodedata
 import urllib.parse
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.logger import Logger
@@ -54,6 +54,9 @@ from gateway.web.proxy import (
     normalise_header_name,
 )
 from gateway.web.settings import HTTPSettings
+
+if TYPE_CHECKING:
+    from gateway.web.server import GatewayRequest
 
 log = Logger()
 
@@ -442,7 +445,7 @@ class ForwardAuth(_Leaf):
         request.setHeader(b"remote-groups", ",".join(session.info.groups).encode())
         return b""
 
-    def target(self, request: server.Request) -> tuple[bytes, str, Target]:
+    def target(self, request: GatewayRequest) -> tuple[bytes, str, Target]:
         """
         (method, canonical host, target) of the request being authorised.
 
@@ -515,7 +518,7 @@ class ForwardAuth(_Leaf):
 class Upstream(_Leaf):
     """Every other path: the ACL, then the reverse proxy (404 without one)."""
 
-    def render(self, request: server.Request) -> Any:
+    def render(self, request: GatewayRequest) -> Any:
         session = self.session
         app = session.app
         if app.proxy is None:
@@ -543,5 +546,5 @@ class Upstream(_Leaf):
         if not app.allowed(session, host, target, methods):
             return forbid(request, session)
         name = identity_name(session.info, session.credentials)
-        upload = getattr(request, "gateway_upload", None)  # a body still arriving
+        upload = request.gateway_upload  # a body still arriving
         return app.proxy.render(request, name, session.info.groups, target.forwarded, upload)

@@ -22,6 +22,12 @@ from zope.interface import implementer
 
 from gateway.connections import Refused, limit_connections
 from gateway.core import OnStop
+from gateway.meta import ConnectionMeta
+from gateway.twistedinternals import (
+    first_line_pending,
+    pause_reading_while_answering,
+    request_line,
+)
 from gateway.web.guard import Guard
 from gateway.web.messages import Refusal
 from gateway.web.proxy import UpstreamProxy
@@ -143,14 +149,31 @@ class GatewayRequest(server.Request):
     most C{--http-max-body} octets of body.
     """
 
+    # What the gateway's resources note on a request, for each other (one
+    # place, with defaults, rather than attributes added on the fly).
+
+    #: The connection as the front door sees it (through a trusted proxy,
+    #: the client the proxy names), for the checkers and the proxy's
+    #: C{X-Forwarded-*}: set by L{Guard.decide}, None before.
+    gateway_meta: ConnectionMeta | None = None
+    #: The request came from a C{--http-trusted-proxy} (L{Guard.decide}).
+    gateway_via_proxy: bool = False
+    #: What L{Guard.decide} decided for this request when it did so before
+    #: the body (a L{Refusal} or the realm's avatar): kept, so that a
+    #: request is decided once.
+    gateway_decision: Any = None
+    #: The C{--http-host} name the request was checked against, canonical:
+    #: the upstream's C{X-Forwarded-Host} (set by the C{Upstream} resource).
+    gateway_host: str | None = None
+    #: The body being streamed (the request is processed), or being held
+    #: while the login runs.
+    gateway_upload: Upload | None = None
+
     _body_size = 0
     _refused = False
     _in_headers = False
     #: The target is one of the gateway's own resources (read first, small limit).
     _own = False
-    #: The body being streamed (the request is processed), or being held
-    #: while the login runs.
-    gateway_upload: Upload | None = None
     _waiting: Upload | None = None
 
     def _limit(self) -> int:
@@ -163,16 +186,19 @@ class GatewayRequest(server.Request):
         channel = self.channel
         settings = channel.site.settings
         # What requestReceived sets, all known once the headers are in.
-        self.method, self.uri, self.clientproto = channel._command, channel._path, channel._version
-        self.path, _, query = self.uri.partition(b"?")
-        self._own = unquote_to_bytes(self.path) in _OWN_PATHS
+        line = request_line(channel)
+        if line is not None:
+            self.method, self.uri, self.clientproto = line
+            self.path = self.uri.partition(b"?")[0]
+        # Without the line (a Twisted that no longer says): read first, the small limit.
+        self._own = line is None or unquote_to_bytes(self.path) in _OWN_PATHS
         if length is not None and length > self._limit():
             self._too_large()
         super().gotLength(length)
         if self._refused or not settings.upstream or self._own:
             return
         if length is None or length > min(settings.max_body, STREAM_ABOVE):
-            self.args = parse_qs(query, 1)
+            self.args = parse_qs(self.uri.partition(b"?")[2], 1)
             self._decide_early(length)
 
     def reads_body_first(self) -> bool:
@@ -355,13 +381,11 @@ class GatewayChannel(http.HTTPChannel):
         between requests, resumes reading.
         """
         super().pauseProducing()
-        if self._handlingRequest:
-            self._networkProducer.pauseProducing()
+        pause_reading_while_answering(self)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         """An overlong request line (414) or header line (431), then close."""
-        first = getattr(self, "_HTTPChannel__first_line", 1)
-        self.transport.write(_URI_TOO_LONG if first else _HEADER_TOO_LONG)
+        self.transport.write(_URI_TOO_LONG if first_line_pending(self) else _HEADER_TOO_LONG)
         self.loseConnection()
 
 

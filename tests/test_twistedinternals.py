@@ -1,0 +1,390 @@
+"""
+The private Twisted attributes L{gateway.twistedinternals} relies on, checked
+against real Twisted objects: a TCP connection over loopback, an
+C{HTTPChannel} fed over a C{StringTransport}. A Twisted upgrade that renames
+one or changes what it means fails here, by name, before it degrades the
+gateway. Nothing here skips.
+"""
+
+from __future__ import annotations
+
+import configparser
+import socket
+import struct
+from pathlib import Path
+from typing import Any
+
+import twisted
+from packaging.requirements import Requirement
+from twisted.internet import defer, error, protocol, reactor, tcp
+from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from gateway.tls import ensure_certificate
+from gateway.twistedinternals import (
+    buffered,
+    first_line_pending,
+    pause_reading_while_answering,
+    request_line,
+    write_now,
+)
+
+#: More than a loopback socket's send and receive buffers take.
+BIG = bytes(range(256)) * 40000
+
+
+def _tls_options(case: SynchronousTestCase) -> Any:
+    """A server TLS context (the gateway's self-signed certificate), for C{startTLS}."""
+    return ensure_certificate(case.mktemp())[2].options()
+
+
+class LoopbackTCPMixin:
+    """A real TCP connection over loopback, its server side a L{tcp.Server} on a fake reactor."""
+
+    def connect(self: Any) -> None:
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        self.theirs = socket.create_connection(listener.getsockname())
+        self.addCleanup(self.theirs.close)
+        ours, peer = listener.accept()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        self.reactor = MemoryReactorClock()
+        self.transport = tcp.Server(ours, protocol.Protocol(), peer, None, 1, self.reactor)
+
+    def read_all(self: Any) -> bytes:
+        self.theirs.setblocking(False)
+        out = b""
+        while True:
+            try:
+                chunk = self.theirs.recv(1 << 20)
+            except BlockingIOError:
+                return out
+            if not chunk:
+                return out
+            out += chunk
+
+    def drain(self: Any) -> bytes:
+        """Run the reactor's writes until the buffer is empty; what the peer got meanwhile."""
+        received = self.read_all()
+        while buffered(self.transport):
+            self.transport.doWrite()
+            received += self.read_all()
+        return received
+
+
+class WriteBufferTests(LoopbackTCPMixin, SynchronousTestCase):
+    """What L{write_now} and L{buffered} read on a TCP transport means what they assume."""
+
+    def setUp(self) -> None:
+        self.connect()
+
+    def test_fresh_connection(self) -> None:
+        t = self.transport
+        self.assertIs(t.TLS, False)
+        self.assertEqual((t.dataBuffer, t.offset, t._tempDataLen), (b"", 0, 0))
+        self.assertIs(t._writeDisconnecting, False)
+        self.assertTrue(t.connected)
+        self.assertFalse(t.disconnecting)
+        self.assertEqual(buffered(t), 0)
+
+    def test_write_is_counted_until_the_reactor_writes(self) -> None:
+        """C{write} only queues: C{_tempDataLen} counts it, the reactor is asked to write."""
+        self.transport.write(b"hello")
+        self.assertEqual(self.transport._tempDataLen, 5)
+        self.assertEqual(buffered(self.transport), 5)
+        self.assertEqual(self.read_all(), b"")
+        self.assertIn(self.transport, self.reactor.getWriters())
+        self.transport.doWrite()
+        self.assertEqual(self.read_all(), b"hello")
+        self.assertEqual((self.transport.dataBuffer, self.transport._tempDataLen), (b"", 0))
+
+    def test_what_does_not_fit_moves_to_dataBuffer(self) -> None:
+        """After a partial C{doWrite}, the rest is C{dataBuffer} past C{offset}."""
+        self.transport.write(BIG)
+        self.transport.doWrite()
+        t = self.transport
+        self.assertEqual(t._tempDataLen, 0)
+        self.assertGreater(len(t.dataBuffer) - t.offset, 0)
+        self.assertEqual(buffered(t), len(t.dataBuffer) - t.offset)
+        self.assertEqual(self.drain(), BIG)
+        self.assertEqual(buffered(t), 0)
+
+    def test_writeSomeData_sends_at_once(self) -> None:
+        self.assertEqual(self.transport.writeSomeData(b"hello"), 5)
+        self.assertEqual(self.read_all(), b"hello")
+        self.assertEqual(buffered(self.transport), 0)
+        self.assertNotIn(self.transport, self.reactor.getWriters())
+
+    def test_writeSomeData_sends_what_fits(self) -> None:
+        sent = self.transport.writeSomeData(BIG)
+        self.assertIsInstance(sent, int)
+        self.assertGreater(sent, 0)
+        self.assertLess(sent, len(BIG))
+        self.assertEqual(buffered(self.transport), 0)  # the rest is the caller's
+        received = self.read_all()
+        self.assertEqual(received, BIG[: len(received)])
+
+    def test_writeSomeData_returns_an_exception_when_lost(self) -> None:
+        """A reset connection: an exception returned, not raised (not an int)."""
+        self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.theirs.close()
+        result = self.transport.writeSomeData(b"x")
+        for _ in range(10):  # the first send may still go out before the reset is seen
+            if not isinstance(result, int):
+                break
+            result = self.transport.writeSomeData(b"x")
+        self.assertIsInstance(result, error.ConnectionLost)
+
+    def test_loseWriteConnection_sets_writeDisconnecting(self) -> None:
+        self.transport.loseWriteConnection()
+        self.assertIs(self.transport._writeDisconnecting, True)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_loseConnection_sets_disconnecting(self) -> None:
+        self.transport.loseConnection()
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_tls_layer_keeps_early_writes(self) -> None:
+        """Written before the handshake, under a TLSMemoryBIOProtocol: its C{_appSendBuffer}."""
+        factory = TLSMemoryBIOFactory(_tls_options(self), False, protocol.Factory.forProtocol(
+            protocol.Protocol
+        ))
+        layer = factory.buildProtocol(None)
+        self.transport.protocol = layer
+        layer.makeConnection(self.transport)
+        early = b"early" * 20000  # above what TLS aggregates for the next reactor pass
+        layer.wrappedProtocol.transport.write(early)
+        self.assertEqual(layer._appSendBuffer, [early])
+        self.assertEqual(buffered(self.transport), len(early))
+
+    def test_startTLS_sets_TLS(self) -> None:
+        self.assertTrue(ITLSTransport.providedBy(self.transport))
+        self.transport.startTLS(_tls_options(self))
+        self.assertIs(self.transport.TLS, True)
+
+
+class WriteNowTests(LoopbackTCPMixin, SynchronousTestCase):
+    """L{write_now}: at once when nothing is queued, through C{write} otherwise."""
+
+    def setUp(self) -> None:
+        self.connect()
+
+    def test_sent_at_once(self) -> None:
+        self.assertTrue(write_now(self.transport, b"hello"))
+        self.assertEqual(self.read_all(), b"hello")
+        self.assertNotIn(self.transport, self.reactor.getWriters())
+
+    def test_order_kept_behind_a_queue(self) -> None:
+        self.assertFalse(write_now(self.transport, BIG))
+        self.assertTrue(buffered(self.transport))
+        self.assertFalse(write_now(self.transport, b"tail"))  # queued behind, not ahead
+        self.assertEqual(self.drain(), BIG + b"tail")
+
+    def test_behind_a_write(self) -> None:
+        self.transport.write(b"first ")
+        self.assertFalse(write_now(self.transport, b"second"))
+        self.assertEqual(self.read_all(), b"")
+        self.assertEqual(self.drain(), b"first second")
+
+    def test_not_after_loseWriteConnection(self) -> None:
+        self.transport.loseWriteConnection()
+        self.assertFalse(write_now(self.transport, b"late"))
+        self.assertEqual(self.read_all(), b"")
+
+    def test_not_after_loseConnection(self) -> None:
+        self.transport.loseConnection()
+        self.assertFalse(write_now(self.transport, b"late"))
+        self.assertEqual(self.read_all(), b"")
+
+    def test_not_under_startTLS(self) -> None:
+        """Under TLS the bytes must go through the TLS layer: never raw on the socket."""
+        self.transport.startTLS(_tls_options(self))
+        self.assertFalse(write_now(self.transport, b"secret"))
+        self.assertNotIn(b"secret", self.drain())
+
+    def test_reset_connection(self) -> None:
+        """C{writeSomeData}'s returned exception goes to C{write}, which drops the bytes."""
+        self.theirs.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.theirs.close()
+        results = [write_now(self.transport, b"x") for _ in range(10)]
+        self.assertIs(results[-1], False)
+
+    def test_other_transports_use_write(self) -> None:
+        transport = StringTransport()
+        self.assertFalse(write_now(transport, b"hello"))
+        self.assertEqual(transport.value(), b"hello")
+
+
+class Collect(protocol.Protocol):
+    def connectionMade(self) -> None:
+        self.data = b""
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.factory.made.callback(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.lost.callback(None)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.data.endswith(b"\n"):
+            self.factory.got.callback(self.data)
+
+
+class ReactorTransportTests(TestCase):
+    """The reactor's own TCP transports are the classes L{write_now} accelerates."""
+
+    @defer.inlineCallbacks
+    def test_client_and_server(self) -> Any:
+        server_factory = protocol.Factory.forProtocol(Collect)
+        server_factory.made, server_factory.got = defer.Deferred(), defer.Deferred()
+        port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client_factory = protocol.ClientFactory.forProtocol(Collect)
+        client_factory.made, client_factory.got = defer.Deferred(), defer.Deferred()
+        reactor.connectTCP("127.0.0.1", port.getHost().port, client_factory)
+        client = yield client_factory.made
+        server_side = yield server_factory.made
+
+        def close() -> defer.Deferred[Any]:
+            client.transport.loseConnection()
+            server_side.transport.loseConnection()
+            return defer.gatherResults([client.lost, server_side.lost])
+
+        self.addCleanup(close)
+        self.assertIs(type(client.transport), tcp.Client)
+        self.assertIs(type(server_side.transport), tcp.Server)
+        self.assertTrue(write_now(client.transport, b"up\n"))
+        self.assertTrue(write_now(server_side.transport, b"down\n"))
+        self.assertEqual((yield server_factory.got), b"up\n")
+        self.assertEqual((yield client_factory.got), b"down\n")
+
+
+class _Recording(server.Request):
+    """Notes what L{request_line} says when the body's length is known."""
+
+    seen: list[Any] = []
+
+    def gotLength(self, length: int | None) -> None:
+        self.seen.append(request_line(self.channel))
+        super().gotLength(length)
+
+
+class _Pending(Resource):
+    isLeaf = True
+
+    def render(self, request: server.Request) -> Any:
+        self.request = request
+        return server.NOT_DONE_YET
+
+
+class HTTPChannelTests(SynchronousTestCase):
+    """The C{HTTPChannel} attributes L{gateway.web.server} reads, fed over a C{StringTransport}."""
+
+    def setUp(self) -> None:
+        _Recording.seen = []
+        self.resource = _Pending()
+        self.site = server.Site(self.resource, reactor=MemoryReactorClock())
+        self.site.requestFactory = _Recording
+        self.site.protocol = http.HTTPChannel  # as GatewaySite: no _GenericHTTPChannelProtocol
+        self.channel = self.site.buildProtocol(None)
+        self.transport = StringTransport()
+        self.channel.makeConnection(self.transport)
+
+    def test_first_line_flag_is_name_mangled_here(self) -> None:
+        self.assertIn("_HTTPChannel__first_line", vars(http.HTTPChannel))
+        self.assertEqual(self.channel._HTTPChannel__first_line, 1)
+
+    def test_request_line_and_flag_through_a_request(self) -> None:
+        self.assertIsNone(request_line(self.channel))
+        self.assertTrue(first_line_pending(self.channel))
+        self.channel.dataReceived(b"POST /p?q=1 HTTP/1.1\r\n")
+        self.assertEqual(request_line(self.channel), (b"POST", b"/p?q=1", b"HTTP/1.1"))
+        self.assertEqual(self.channel._command, b"POST")
+        self.assertFalse(first_line_pending(self.channel))
+        self.assertEqual(self.channel._HTTPChannel__first_line, 0)
+        self.channel.dataReceived(b"Host: a\r\nContent-Length: 2\r\n\r\n")
+        # gotLength, where GatewayRequest reads it, sees the line.
+        self.assertEqual(_Recording.seen, [(b"POST", b"/p?q=1", b"HTTP/1.1")])
+        self.assertFalse(first_line_pending(self.channel))
+        self.channel.dataReceived(b"ok")
+        # Handed to the request, and gone from the channel.
+        self.assertEqual(self.resource.request.method, b"POST")
+        self.assertIsNone(request_line(self.channel))
+        self.assertFalse(hasattr(self.channel, "_command"))
+        self.assertTrue(first_line_pending(self.channel))
+
+    def test_empty_line_before_a_request(self) -> None:
+        self.channel.dataReceived(b"\r\n")
+        self.assertEqual(self.channel._HTTPChannel__first_line, 2)
+        self.assertTrue(first_line_pending(self.channel))
+
+    def test_overlong_lines(self) -> None:
+        """lineLengthExceeded comes with the flag set for a request line, clear for a header."""
+        seen = []
+        self.channel.lineLengthExceeded = lambda line: seen.append(first_line_pending(self.channel))
+        self.channel.dataReceived(b"G" * self.channel.MAX_LENGTH + b" / HTTP/1.1\r\n")
+        self.channel.dataReceived(b"GET / HTTP/1.1\r\n")
+        self.channel.dataReceived(b"X: " + b"x" * self.channel.MAX_LENGTH + b"\r\n")
+        self.assertEqual(seen, [True, False])
+
+    def test_network_producer_while_answering(self) -> None:
+        self.assertIs(self.channel._networkProducer, self.transport)
+        self.assertIs(self.channel._handlingRequest, False)
+        self.channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertIs(self.channel._handlingRequest, True)
+        # The premise: Twisted's own pauseProducing does not pause reading now.
+        self.channel.pauseProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+        pause_reading_while_answering(self.channel)
+        self.assertEqual(self.transport.producerState, "paused")
+        # The request's end leaves it to resumeProducing (the transport drained).
+        self.resource.request.finish()
+        self.assertIs(self.channel._handlingRequest, False)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.channel.resumeProducing()
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_answered_without_waiting(self) -> None:
+        """Not waiting for the transport: the request's end resumes reading."""
+        self.channel.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        pause_reading_while_answering(self.channel)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.resource.request.finish()
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_not_answering(self) -> None:
+        pause_reading_while_answering(self.channel)
+        self.assertEqual(self.transport.producerState, "producing")
+
+
+class FallbackTests(SynchronousTestCase):
+    """Without the attributes (a Twisted that changed): Twisted's public behaviour."""
+
+    def test_request_line(self) -> None:
+        self.assertIsNone(request_line(object()))
+
+    def test_first_line_pending(self) -> None:
+        self.assertTrue(first_line_pending(object()))
+
+    def test_pause_reading_while_answering(self) -> None:
+        pause_reading_while_answering(object())
+
+
+class PinTests(SynchronousTestCase):
+    """setup.cfg admits the Twisted these tests run on."""
+
+    def test_installed_twisted_within_the_pin(self) -> None:
+        config = configparser.ConfigParser()
+        config.read(Path(__file__).parent.parent / "setup.cfg")
+        lines = config["options"]["install_requires"].splitlines()
+        (pin,) = [Requirement(r) for r in lines if r.strip().lower().startswith("twisted")]
+        self.assertIn(
+            twisted.__version__, pin.specifier,
+            f"Twisted {twisted.__version__} is outside {pin}: run tests.test_twistedinternals"
+            " on it, then move the pin",
+        )
