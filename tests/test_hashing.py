@@ -12,7 +12,7 @@ from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from gateway.checkers.hashing import HashPool, Verifier
+from gateway.checkers.hashing import Attempt, HashPool, Verifier, current_attempt
 from gateway.errors import PoolFull, ShuttingDown, TemporaryFailure
 from tests.support import ManualPool
 
@@ -52,6 +52,29 @@ class HashPoolTests(TestCase):
         self.addCleanup(pool.stopService)
         yield self.assertFailure(pool.run(lambda: 1 / 0), ZeroDivisionError)
         self.assertEqual(pool.pending, 0)
+
+    def test_queueing_error_releases_everything(self):
+        """
+        A job the thread pool refused to take (an error raised while queueing
+        it) fails its caller and gives back its place, its peer's and its
+        network's: no count leaks.
+        """
+
+        class Broken(ThreadPool):
+            def callInThreadWithCallback(self, *args, **kwargs):
+                raise RecursionError("deep")
+
+        pool = HashPool(reactor, threads=1, max_pending=1, threadpool=Broken())
+        attempt = Attempt("192.0.2.1")
+        token = current_attempt.set(attempt)
+        try:
+            d = pool.run(lambda: 1)
+        finally:
+            current_attempt.reset(token)
+        self.failureResultOf(d, RecursionError)
+        self.assertEqual(pool.pending, 0)
+        self.assertEqual((dict(pool._by_peer), dict(pool._by_network)), ({}, {}))
+        self.assertEqual(attempt.running, 0)
 
     @defer.inlineCallbacks
     def test_cancel_keeps_the_slot_until_done(self):

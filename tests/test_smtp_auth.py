@@ -260,6 +260,26 @@ class CheckerOutcomeTests(ServerTestCase):
         self.outcome(Throttled(30))
         self.assertReplies(self.result, [b"454 4.7.0"])
 
+    def test_throttled_counts_as_failure(self) -> None:
+        """A session that keeps trying a throttled pair is closed like one guessing."""
+        client = self.outcome(Throttled(30))
+        lines = client.send(b"AUTH PLAIN " + plain() + b"\r\nAUTH PLAIN " + plain() + b"\r\n")
+        self.assertReplies(lines, [b"454 4.7.0", b"454 4.7.0", b"421 4.7.0"])
+        self.assertTrue(client.closed)
+
+    def test_pipelined_answers_at_once_flat_stack(self) -> None:
+        """
+        Thousands of pipelined commands answered at once (a full hash queue
+        refuses every AUTH) get every reply, in order, without the handler
+        of each reply running inside the previous one: a client choosing the
+        depth must not choose where a RecursionError lands.
+        """
+        client = self.outcome(PoolFull())
+        count = 3000
+        lines = client.send((b"AUTH PLAIN " + plain() + b"\r\n") * count + b"NOOP\r\n")
+        self.assertReplies(lines, [b"454 4.7.0"] * count + [b"250 2.0.0"])
+        self.assertFalse(client.closed)
+
     def test_pool_full(self) -> None:
         self.outcome(PoolFull())
         self.assertReplies(self.result, [b"454 4.7.0"])
@@ -441,6 +461,17 @@ class AuthDeadlineTests(ServerTestCase):
         self.assertReplies(client.send(b"STARTTLS\r\n"), [b"220 2.0.0"])
         self.clock.advance(10)
         self.assertReplies(client.read(), [b"421 4.7.0"])
+
+    def test_starttls_keeps_failures(self) -> None:
+        """Failed AUTHs count for the connection: STARTTLS does not give three more."""
+        client = self.connect(insecure_auth=True)
+        self.ehlo(client)
+        bad = b"AUTH PLAIN " + plain(password="x") + b"\r\n"
+        self.assertReplies(client.send(bad * 2), [b"535 5.7.8"] * 2)
+        self.assertReplies(client.send(b"STARTTLS\r\n"), [b"220 2.0.0"])
+        self.ehlo(client)
+        self.assertReplies(client.send(bad), [b"535 5.7.8", b"421 4.7.0"])
+        self.assertTrue(client.closed)
 
     def test_deadline_then_silent_client_aborted(self) -> None:
         client = self.connect(auth_deadline=10)

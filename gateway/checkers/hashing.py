@@ -249,7 +249,13 @@ class HashPool(service.Service):
             if not outcome.called:
                 outcome.callback(result)  # a Failure errbacks
 
-        deferToThreadPool(self.reactor, self.threadpool, job).addBoth(done)
+        try:
+            queued = deferToThreadPool(self.reactor, self.threadpool, job)
+        except BaseException:
+            # Never leave the counts above taken for a job that was not queued.
+            done(Failure())
+        else:
+            queued.addBoth(done)
         return outcome
 
     def load(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:

@@ -36,7 +36,7 @@ from gateway.acl import IAccessPolicy, written_grant
 from gateway.addresses import in_networks
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.connections import Refused, authenticated, limit_connections, login_running
-from gateway.errors import Reject, TemporaryFailure
+from gateway.errors import Reject, TemporaryFailure, Throttled
 from gateway.meta import ConnectionMeta
 from gateway.realm import login
 from gateway.smtp import codec, sasl
@@ -165,6 +165,9 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         self.timeout = self.settings.timeout
         self._codec = codec.ServerCodec()
         self._busy = False  # a reply is pending: later lines wait
+        self._processing = False  # L{_process} is running (not re-entered)
+        #: Failed AUTHs on this connection: STARTTLS does not forgive them.
+        self._auth_failures = 0
         self._pending: defer.Deferred[Any] | None = None
         self._lost = False
         self._closing = False  # _close() was called: nothing more is answered
@@ -186,7 +189,6 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         self._ehlo = False
         self._helo_name: str | None = None
         self.auth_info: AuthInfo | None = None
-        self._auth_failures = 0
         self._mechanism: Any = None
         self._reset_transaction()
 
@@ -353,9 +355,22 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
 
     def _process(self) -> None:
         """
-        Act on the codec's events, in order, while nothing holds them
-        (re-entered through L{_wait} when a reply is ready at once).
+        Act on the codec's events, in order, while nothing holds them. Never
+        re-entered: a reply that is ready at once (L{_wait}'s Deferred fired
+        inside its handler) lets this loop go on, so a client pipelining
+        thousands of commands that answer at once (a throttled AUTH) costs
+        one stack frame, not one per command.
         """
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_events()
+        finally:
+            self._processing = False
+        self._update_reading()
+
+    def _process_events(self) -> None:
         codec_ = self._codec
         if not self._output_paused and codec_.line_waiting():
             # Once per read, not per line; and not while the client leaves our
@@ -374,7 +389,6 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
                 break
             handler = _HANDLERS[type(event)]
             handler(self, event)
-        self._update_reading()
 
     def _on_command(self, event: codec.Command) -> None:
         counted = self._count_junk()
@@ -611,6 +625,10 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         elif reason.check(defer.CancelledError):
             return
         elif reason.check(TemporaryFailure, UnhandledCredentials):
+            if reason.check(Throttled):
+                # Its own failures refused this pair or peer: retrying in the
+                # same session cannot succeed until the window passes.
+                self._auth_failures += 1
             self.reply(454, "4.7.0", "Temporary authentication failure")
         else:  # login() turns checker errors into AuthBackendError; anything else is ours
             log.failure("SMTP login failed", reason)
