@@ -146,13 +146,15 @@ class Bench:
         self.procs.append(proc)
         return proc
 
-    def gateway(self, name: str, *options: str, data_dir: str | None = None) -> subprocess.Popen:
+    def gateway(
+        self, name: str, *options: str, data_dir: str | None = None, **kwargs: Any
+    ) -> subprocess.Popen:
         """authgateway under twistd with one log file, as in production."""
         slug = re.sub(r"\W+", "-", name)
         return self.start([
             TWISTD, "--pidfile=", "-n", "--logfile", os.path.join(self.tmp, f"{slug}.log"),
             "authgateway", "--data-dir", data_dir or os.path.join(self.tmp, slug), *options,
-        ])
+        ], **kwargs)
 
     def sink(self, echo: int, discard: int) -> subprocess.Popen:
         """The loadgen's echo and discard servers; they end by themselves after an hour."""

@@ -130,6 +130,9 @@ def main() -> None:
                         help="where the on-disk spool goes (default %(default)s)")
     parser.add_argument("--floor", action="store_true",
                         help="also measure a bare Twisted server with canned replies")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also measure the gateway of another checkout (spool on tmpfs),"
+                             " e.g. a `git worktree add --detach /tmp/old REV`")
     args = parser.parse_args()
     try:
         import aiosmtpd
@@ -140,17 +143,25 @@ def main() -> None:
         disk = bench.tempdir(args.disk_dir)
         servers: list[tuple[str, int, int, bool]] = []  # name, port, pid, is the floor
 
-        def gateway(name: str, data_dir: str) -> None:
+        def gateway(name: str, data_dir: str, tree: str | None = None) -> None:
             port = free_port()
+            # Another checkout's code first on the path; started outside any
+            # checkout, so that the editable install does not win.
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(tree)) if tree else None
             proc = bench.gateway(
                 name, "--auth", f"memory:{USER}:{PASSWORD}", "--smtp",
                 f"tcp:{port}:interface=127.0.0.1", "--smtp-insecure-auth",
-                "--http", "none", "--socks", "none", data_dir=data_dir)
+                "--http", "none", "--socks", "none", data_dir=data_dir,
+                env=env, cwd=bench.tmp if tree else None)
             wait_port(port, proc)
             servers.append((name, port, proc.pid, False))
 
         gateway(f"authgateway, spool {mount_type(bench.tmp)}", os.path.join(bench.tmp, "gw"))
         gateway(f"authgateway, spool {mount_type(disk)}", os.path.join(disk, "gw"))
+        if args.baseline:
+            gateway(f"baseline {os.path.basename(os.path.abspath(args.baseline))},"
+                    f" spool {mount_type(bench.tmp)}", os.path.join(bench.tmp, "base"),
+                    args.baseline)
         port = free_port()
         os.makedirs(os.path.join(bench.tmp, "aio"))
         proc = bench.start([sys.executable, "-W", "ignore", "-c", AIOSMTPD_SERVER, str(port),
@@ -181,7 +192,9 @@ def main() -> None:
                     bench.record(name, column, result["rate_per_s"], result, "session", note)
                     # Fewer sessions leave fewer TIME_WAIT sockets: a shorter pause.
                     bench.rest(min(1.0, result["ok"] / 10000))
-        bench.summary([(name, servers[2][0]) for name, *_ in servers[:2]])
+        aio = next(name for name, *_ in servers if name.startswith("aiosmtpd"))
+        ours = [name for name, *_ in servers if not name.startswith(("aiosmtpd", "bare"))]
+        bench.summary([(name, aio) for name in ours])
 
 
 if __name__ == "__main__":

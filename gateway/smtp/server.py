@@ -17,7 +17,6 @@ state.
 
 from __future__ import annotations
 
-import email.utils
 import re
 import socket
 from collections.abc import Mapping
@@ -42,6 +41,7 @@ from gateway.realm import login
 from gateway.smtp import codec, sasl
 from gateway.smtp.codec import MAX_COMMAND_LINE, MAX_DATA_LINE
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter
+from gateway.text import message_date
 
 if TYPE_CHECKING:
     from gateway.core import Core
@@ -802,7 +802,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         peer = self.meta.peer_address or "unknown"
         tls = self._tls_info()
         using = f"\r\n\t(using {tls['version']} with cipher {tls['cipher']})" if tls else ""
-        date = email.utils.formatdate(localtime=True)
+        date = message_date()
         single = len(self._to) == 1 and self._to[0].isprintable()  # no header injection
         for_ = f"\r\n\tfor <{self._to[0]}>" if single else ""
         return (
