@@ -148,7 +148,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Part of the connection budget (0-1] connections may hold before they"
                 " authenticate.", float),
         # The verification pipeline: throttle -> checkers -> cache -> hash pool.
-        _number("hash-threads", default_of(CoreSettings, "hash_threads"), "Threads verifying password hashes.", int),
+        _number("hash-threads", default_of(CoreSettings, "hash_threads"),
+                "Threads verifying password hashes.", int),
         _number("hash-queue", default_of(HashPool, "max_pending"),
                 "Hash verifications waiting or running before new ones fail temporarily.", int),
         _number("hash-queue-per-peer", default_of(HashPool, "max_pending_per_peer"),
