@@ -116,6 +116,10 @@ class OnStop(service.Service):
 class Listener(Protocol):
     """Makes one listening service of a front door."""
 
+    #: What the door answers to ALPN under TLS, in order of preference
+    #: (L{gateway.tls.server_tls}); empty: it ignores ALPN.
+    alpn: tuple[bytes, ...]
+
     def listen(
         self, endpoint: IStreamServerEndpoint, name: str, tls: Any | None
     ) -> service.IService:

@@ -38,7 +38,7 @@ from gateway.smtp.server import SMTPDoor, SMTPSettings
 from gateway.smtp.server import check_acl_keys as check_smtp_keys
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSDoor, SOCKSSettings
-from gateway.tls import CertificateError, ensure_certificate
+from gateway.tls import CertificateError, ensure_certificate, server_tls
 from gateway.web.resources import check_acl_keys as check_http_keys
 from gateway.web.resources import upstream_host
 from gateway.web.server import HTTPDoor
@@ -640,7 +640,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         )
         if description.lower().startswith("haproxy:"):
             core.connections.behind_proxy.add(row.option)  # the peer at accept is the proxy
-        tls = core.certificate.options() if row.implicit_tls else None
-        doors[row.door].listen(endpoint, row.option, tls).setServiceParent(top)
+        door = doors[row.door]
+        tls = server_tls(core.certificate, door.alpn) if row.implicit_tls else None
+        door.listen(endpoint, row.option, tls).setServiceParent(top)
         started.append(f"{row.option}={description}")
     return top

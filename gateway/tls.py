@@ -1,7 +1,8 @@
 # -*- test-case-name: tests.test_tls -*-
 """
 The gateway's certificate: loaded from PEM files, or a self-signed pair
-generated once under the data directory for the default run.
+generated once under the data directory for the default run; and the TLS
+options every listener serves it with (L{server_tls}).
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import ipaddress
 import os
 import socket
 import tempfile
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet import ssl
 
 from gateway.fileio import fsync_directory
@@ -151,3 +154,32 @@ def ensure_certificate(
             except ValueError as e:
                 raise CertificateError(f"cannot make a self-signed certificate: {e}") from None
     return cert_path, key_path, load_certificate(cert_path, key_path)
+
+
+def server_tls(
+    certificate: ssl.PrivateCertificate, protocols: Sequence[bytes] = ()
+) -> ssl.CertificateOptions:
+    """
+    The TLS options of a listener (implicit TLS or STARTTLS), answering ALPN
+    itself: the first of C{protocols} the client offers, else no protocol,
+    and the handshake goes on (RFC 7301 section 3.2 lets a server ignore the
+    extension; the front door then speaks the only protocol it has).
+
+    Twisted's own selector ends the handshake with an C{internal_error} alert
+    whenever nothing overlaps, and it finds a factory's protocols only when
+    the factory is directly under TLS (ours sits under the handshake
+    deadline): every client offering ALPN (curl, browsers, Go, Node) was
+    refused. Each call makes its own context, so a listener's choice never
+    leaks into another's.
+    """
+    options = certificate.options()
+    offered_ours = tuple(protocols)
+
+    def select(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
+        for protocol in offered_ours:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS
+
+    options.getContext().set_alpn_select_callback(select)
+    return options

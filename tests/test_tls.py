@@ -8,21 +8,24 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import ssl as stdlib_ssl
 import stat
+import subprocess
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.internet import ssl
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor, ssl, threads
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from gateway import tls
+from gateway import tap, tls
 from gateway.tls import (
     CertificateError,
     ensure_certificate,
     generate_self_signed,
     load_certificate,
 )
+from tests.support import free_port, require_tool
 
 
 def _mode(path: str) -> int:
@@ -361,3 +364,84 @@ class EnsureTests(SynchronousTestCase):
         parsed = x509.load_pem_x509_certificate(_read(cert_path))
         san = parsed.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         self.assertIn("localhost", san.get_values_for_type(x509.DNSName))
+
+
+class ALPNTests(TestCase):
+    """
+    Every TLS listener completes the handshake with a client offering ALPN,
+    as curl, browsers, Go and Node do (Twisted's own ALPN selector ended it
+    with internal_error when nothing overlapped): the HTTP front door picks
+    http/1.1, SMTP and SOCKS ignore the extension.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        self.ports = {name: free_port() for name in ("smtp", "smtps", "https", "socks-tls")}
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", os.path.abspath(self.mktemp()), "--auth", "memory:daniel:tiger",
+            "--http", "none", "--socks", "none", "--smtp-hostname", "mx.test",
+            *(arg for name, port in self.ports.items()
+              for arg in (f"--{name}", f"tcp:{port}:interface=127.0.0.1")),
+        ])
+        service = tap.makeService(options, reactor=reactor)
+        service.startService()
+        self.addCleanup(service.stopService)
+
+    def handshake(self, sock: socket.socket, offered: list[str]) -> stdlib_ssl.SSLSocket:
+        context = stdlib_ssl.SSLContext(stdlib_ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = stdlib_ssl.CERT_NONE
+        context.set_alpn_protocols(offered)
+        return context.wrap_socket(sock)
+
+    def connect(self, name: str) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.ports[name]), timeout=10)
+        self.addCleanup(sock.close)
+        return sock
+
+    def sessions(self) -> dict[str, tuple[str | None, bytes]]:
+        """Blocking: each listener's chosen protocol and first answer."""
+        seen = {}
+        for name, offered, send in [
+            ("https", ["h2", "http/1.1"], b"GET /whoami HTTP/1.1\r\nHost: x\r\n\r\n"),
+            ("smtps", ["smtp", "h2"], b""),
+            ("socks-tls", ["socks", "h2"], b"\x05\x01\x02"),
+        ]:
+            tls_sock = self.handshake(self.connect(name), offered)
+            tls_sock.sendall(send)
+            seen[name] = (tls_sock.selected_alpn_protocol(), tls_sock.recv(64))
+        plain = self.connect("smtp")
+        reader = plain.makefile("rb")
+        reader.readline()
+        plain.sendall(b"EHLO client.test\r\n")
+        while reader.readline()[3:4] == b"-":
+            pass
+        plain.sendall(b"STARTTLS\r\n")
+        reader.readline()
+        tls_sock = self.handshake(plain, ["smtp"])
+        tls_sock.sendall(b"NOOP\r\n")
+        seen["smtp STARTTLS"] = (tls_sock.selected_alpn_protocol(), tls_sock.recv(64))
+        return seen
+
+    @defer.inlineCallbacks
+    def test_alpn_offered(self):
+        seen = yield threads.deferToThread(self.sessions)
+        self.assertEqual(seen["https"][0], "http/1.1")
+        self.assertTrue(seen["https"][1].startswith(b"HTTP/1.1 401 "), seen["https"])
+        self.assertEqual(seen["smtps"], (None, b"220 mx.test ESMTP authgateway\r\n"))
+        self.assertEqual(seen["socks-tls"], (None, b"\x05\x02"))
+        self.assertEqual(seen["smtp STARTTLS"], (None, b"250 2.0.0 OK\r\n"))
+
+    @defer.inlineCallbacks
+    def test_curl_https(self):
+        """curl (ALPN h2 and http/1.1 by default) reaches the HTTPS front door."""
+        curl = require_tool("curl", "curl")
+        done = yield threads.deferToThread(
+            subprocess.run,
+            [curl, "-sk", "-o", "/dev/null", "-w", "%{http_code} %{http_version}",
+             "-u", "daniel:tiger", f"https://127.0.0.1:{self.ports['https']}/whoami"],
+            capture_output=True, text=True, timeout=30,
+        )
+        self.assertEqual((done.returncode, done.stdout), (0, "200 1.1"), done.stderr)

@@ -42,6 +42,7 @@ from gateway.smtp import codec, sasl
 from gateway.smtp.codec import MAX_COMMAND_LINE, MAX_DATA_LINE
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter
 from gateway.text import message_date
+from gateway.tls import server_tls
 
 if TYPE_CHECKING:
     from gateway.core import Core
@@ -845,6 +846,9 @@ class SMTPDoor:
     closed before the handshake on an implicit-TLS one.
     """
 
+    #: SMTP has no ALPN name of its own: the extension is ignored.
+    alpn: tuple[bytes, ...] = ()
+
     def __init__(self, core: Core, settings: SMTPSettings) -> None:
         self.core = core
         self.settings = settings
@@ -859,7 +863,7 @@ class SMTPDoor:
             core.spool,
             self.settings,
             name,
-            tls=core.certificate.options() if tls is None else None,  # STARTTLS
+            tls=server_tls(core.certificate, self.alpn) if tls is None else None,  # STARTTLS
             implicit_tls=tls is not None,
         )
         limited = limit_connections(

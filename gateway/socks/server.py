@@ -771,6 +771,9 @@ class SOCKSDoor:
     peer over it is closed (before the handshake under TLS).
     """
 
+    #: SOCKS has no ALPN name: the extension is ignored.
+    alpn: tuple[bytes, ...] = ()
+
     def __init__(self, core: Core, settings: SOCKSSettings) -> None:
         self.core = core
         self.settings = settings

@@ -438,6 +438,9 @@ class HTTPDoor:
     pool closes when the gateway stops.
     """
 
+    #: The Site speaks HTTP/1.1 (and 1.0, which has no ALPN name).
+    alpn: tuple[bytes, ...] = (b"http/1.1",)
+
     def __init__(self, core: Core, settings: HTTPSettings) -> None:
         self.core = core
         self.settings = settings
