@@ -353,7 +353,8 @@ class UpstreamRequestTests(ProxyMixin, TestCase):
             b"Remote-User", b"REMOTE_USER", b"remote.user", b"Remote_User", b"X-Remote-User",
             b"x_forwarded_user", b"X-Forwarded-Groups", b"X-Auth-Request-Email", b"x.user",
             b"X-Authenticated-User", b"Remote-Groups", b"remote_groups", b"X-Email",
-            b"X-WEBAUTH-USER",
+            b"X-WEBAUTH-USER", b"Remote-Group", b"X-Remote-Group", b"X-Auth-Username",
+            b"X-Forwarded-Client-Cert", b"X-SSL-Client-S-DN", b"SSL_Client_Cert",
         ]
         call = self.send(headers=[(name, b"mallory") for name in spoofed])
         sent = dict(call.headers.getAllRawHeaders())
@@ -461,6 +462,15 @@ class UpstreamRequestTests(ProxyMixin, TestCase):
             self.assertIsNone(call.header(name), name)
         values = [v for _, vs in call.headers.getAllRawHeaders() for v in vs]
         self.assertNotIn(b"evil.test", b"".join(values))
+
+    def test_client_address_conventions_dropped(self):
+        """CDNs' client-address headers from a client never reach the upstream."""
+        names = [b"CF-Connecting-IP", b"Fastly-Client-IP", b"X-Cluster-Client-IP",
+                 b"X-Original-Forwarded-For", b"X-Remote-Addr", b"True-Client-IP", b"X-Client-IP"]
+        call = self.send(headers=[(name, b"10.0.0.1") for name in names])
+        for name in names:
+            self.assertIsNone(call.header(name), name)
+        self.assertEqual(call.header(b"x-forwarded-for"), [b"198.51.100.7"])
 
     def test_target_lookalikes_dropped(self):
         """Every header /auth refuses as a look-alike target is not passed upstream either."""

@@ -84,6 +84,13 @@ IDENTITY_HEADERS: frozenset[str] = frozenset({
     "x-ms-client-principal", "x-ms-client-principal-name", "x-ms-client-principal-id",
     "cf-access-authenticated-user-email",
     "tailscale-user-login", "tailscale-user-name",
+    # Singular and other spellings of the same (outside review, issue 12).
+    "remote-group", "x-remote-group", "x-auth-username", "x-forwarded-username",
+    # A TLS client identity a front end passes on (Envoy, nginx/HAProxy
+    # conventions): the gateway's clients never prove one to the upstream.
+    "x-forwarded-client-cert", "x-ssl-client-cert", "x-ssl-client-s-dn", "x-ssl-client-dn",
+    "x-ssl-client-verify", "x-client-cert", "x-client-verify", "ssl-client-cert",
+    "ssl-client-verify", "x-client-dn",
 })
 
 _IDENTITY_HEADER_BYTES = frozenset(name.encode("ascii") for name in IDENTITY_HEADERS)
@@ -127,6 +134,9 @@ _REPLACED_REQUEST_HEADERS = frozenset({
     b"x-forwarded-uri", b"x-forwarded-method", b"x-forwarded-scheme", b"x-forwarded-ssl",
     b"x-original-url", b"x-original-uri", b"x-original-method", b"x-original-host",
     b"x-rewrite-url", b"x-client-ip", b"true-client-ip", b"x-scheme", b"front-end-https",
+    # Client-address headers of CDNs and other front ends.
+    b"cf-connecting-ip", b"fastly-client-ip", b"x-cluster-client-ip",
+    b"x-original-forwarded-for", b"x-remote-addr", b"x-remote-ip", b"x-originating-ip",
 })
 
 _CONTROL_CHARACTER = re.compile(r"[\x00-\x1f\x7f-\x9f]")
