@@ -156,6 +156,23 @@ class Bench:
             "authgateway", "--data-dir", data_dir or os.path.join(self.tmp, slug), *options,
         ], **kwargs)
 
+    def check_login(
+        self, name: str, workload: Sequence[object], password: str, refuses_wrong: bool = True
+    ) -> None:
+        """
+        Before measuring: one loadgen session of C{workload} with a wrong
+        password is refused (unless C{refuses_wrong} is false: a canned
+        floor), and one with C{password} succeeds.
+        """
+        common = (*workload, "-c", 1, "-d", 5, "--warmup", 0, "--max-sessions", 1)
+        if refuses_wrong:
+            result, out = self.run(*common, "--pass", "wrong-" + password, timeout=30)
+            if result["ok"]:
+                raise SystemExit(f"{name}: a wrong password was accepted\n{out}")
+        result, out = self.run(*common, "--pass", password, timeout=30)
+        if result["ok"] != 1:
+            raise SystemExit(f"{name}: the right password did not get a session through\n{out}")
+
     def sink(self, echo: int, discard: int) -> subprocess.Popen:
         """The loadgen's echo and discard servers; they end by themselves after an hour."""
         return self.start([self.loadgen, "sink", "--echo", f"127.0.0.1:{echo}",

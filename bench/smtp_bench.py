@@ -108,19 +108,6 @@ FLOOR_SERVER = textwrap.dedent(
 )
 
 
-def check(bench: Bench, name: str, port: int, floor: bool) -> None:
-    """A wrong password is refused (except by the floor); the right one gets a session through."""
-    common = ("smtp", f"127.0.0.1:{port}", "-c", 1, "-d", 5, "--warmup", 0,
-              "--max-sessions", 1, "--user", USER)
-    if not floor:
-        result, out = bench.run(*common, "--pass", "wrong-" + PASSWORD, timeout=30)
-        if result["ok"]:
-            raise SystemExit(f"{name}: a wrong password was accepted\n{out}")
-    result, out = bench.run(*common, "--pass", PASSWORD, timeout=30)
-    if result["ok"] != 1:
-        raise SystemExit(f"{name}: the session failed\n{out}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser)
@@ -174,7 +161,8 @@ def main() -> None:
             wait_port(port, proc)
             servers.append(("bare Twisted (floor)", port, proc.pid, True))
         for name, port, _, floor in servers:
-            check(bench, name, port, floor)
+            bench.check_login(name, ("smtp", f"127.0.0.1:{port}", "--user", USER), PASSWORD,
+                              refuses_wrong=not floor)
 
         header("SMTP AUTH sessions", args)
         print("session: connect, banner, EHLO, AUTH PLAIN, MAIL, RCPT, 1 KB DATA, QUIT, close")

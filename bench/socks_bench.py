@@ -86,18 +86,6 @@ def add_system_user() -> None:
                    input=f"{SYSTEM_USER}:{SYSTEM_PASSWORD}\n", text=True, check=True)
 
 
-def check(bench: Bench, name: str, port: int, echo: int, user: str, password: str) -> None:
-    """A wrong password is refused; the right one gets an echoing tunnel."""
-    common = ("socks", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}", "-c", 1, "-d", 5,
-              "--warmup", 0, "--max-sessions", 1, "--user", user)
-    result, out = bench.run(*common, "--pass", "wrong-" + password, timeout=30)
-    if result["ok"]:
-        raise SystemExit(f"{name}: a wrong password was accepted\n{out}")
-    result, out = bench.run(*common, "--pass", password, timeout=30)
-    if result["ok"] != 1:
-        raise SystemExit(f"{name}: the tunnel did not echo\n{out}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser, pause=65)
@@ -147,7 +135,8 @@ def main() -> None:
             wait_port(echo, sink)
             wait_port(discard, sink)
             for name, port, _, user, password in servers:
-                check(bench, name, port, echo, user, password)
+                bench.check_login(name, ("socks", f"127.0.0.1:{port}", "--target",
+                                         f"127.0.0.1:{echo}", "--user", user), password)
 
             header("SOCKS5", args)
             print(f"sessions: {args.clients} clients, greeting, RFC 1929 login, CONNECT, "
