@@ -15,6 +15,15 @@ from gateway.smtp import codec
 from tests.smtp_support import Client, ServerTestCase, plain
 
 
+#: An ACL that lets daniel send as daniel@example.com only.
+DANIEL_SENDS = (
+    '[[acl."smtp/sender/example.com/daniel"]]\n'
+    "allow = true\n"
+    'privileges = ["send"]\n'
+    'identity.Individual = "daniel"\n'
+)
+
+
 class TransactionTests(ServerTestCase):
     def test_auth_required(self) -> None:
         client = self.tls_session()
@@ -154,12 +163,7 @@ class TransactionTests(ServerTestCase):
         self.assertNothingStored()
 
     def test_sender_binding(self) -> None:
-        acl = parse_acl(
-            '[[acl."smtp/sender/example.com/daniel"]]\n'
-            "allow = true\n"
-            'privileges = ["send"]\n'
-            'identity.Individual = "daniel"\n'
-        )
+        acl = parse_acl(DANIEL_SENDS)
         client = self.authenticated(policy=acl, sender_binding=True)
         self.assertReplies(client.send(b"MAIL FROM:<boss@example.com>\r\n"), [b"553 5.7.1"])
         self.assertReplies(client.send(b"MAIL FROM:<daniel@other.example>\r\n"), [b"553 5.7.1"])
@@ -339,23 +343,13 @@ class MailAuthParameterTests(ServerTestCase):
         self.assertEqual(meta["mail_auth"], "list@example.com")
 
     def test_sender_binding_applies_to_the_auth_mailbox(self) -> None:
-        acl = parse_acl(
-            '[[acl."smtp/sender/example.com/daniel"]]\n'
-            "allow = true\n"
-            'privileges = ["send"]\n'
-            'identity.Individual = "daniel"\n'
-        )
+        acl = parse_acl(DANIEL_SENDS)
         client = self.authenticated(policy=acl, sender_binding=True)
         meta = self.send_one(client, b"MAIL FROM:<daniel@example.com> AUTH=ceo@example.com")
         self.assertEqual(meta["mail_auth"], "<>")
 
     def test_sender_binding_own_mailbox_kept(self) -> None:
-        acl = parse_acl(
-            '[[acl."smtp/sender/example.com/daniel"]]\n'
-            "allow = true\n"
-            'privileges = ["send"]\n'
-            'identity.Individual = "daniel"\n'
-        )
+        acl = parse_acl(DANIEL_SENDS)
         client = self.authenticated(policy=acl, sender_binding=True)
         meta = self.send_one(client, b"MAIL FROM:<daniel@example.com> AUTH=daniel@example.com")
         self.assertEqual(meta["mail_auth"], "daniel@example.com")
