@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-
 from gateway.acl import parse_acl
 from gateway.smtp import codec
 from tests.smtp_support import Client, ServerTestCase, plain
