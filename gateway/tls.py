@@ -173,10 +173,10 @@ def server_tls(
     leaks into another's.
     """
     options = certificate.options()
-    offered_ours = tuple(protocols)
+    ours = tuple(protocols)
 
     def select(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
-        for protocol in offered_ours:
+        for protocol in ours:
             if protocol in offered:
                 return protocol
         return SSL.NO_OVERLAPPING_PROTOCOLS
