@@ -287,6 +287,25 @@ class SpoolTests(SynchronousTestCase):
         self.assertEqual(f(*args), [writer.id])  # one batch of one
         self.assertEqual(spool.load(writer.id)[0], MESSAGE)
 
+    def test_committed_subscribers(self) -> None:
+        """Subscribers hear of each committed message before its writer's Deferred, never of a failed one; one that raises changes nothing."""
+        heard: list[str] = []
+
+        def broken(id: str) -> None:
+            raise RuntimeError("subscriber bug")
+
+        self.spool.committed.extend([broken, heard.append])
+        writer = self.spool.open()
+        writer.write(MESSAGE)
+        d = writer.finish(envelope(), RECEIVED)
+        self.assertEqual(heard, [writer.id])
+        self.assertEqual(self.successResultOf(d), writer.id)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        failing = self.spool.open()
+        failing._error = OSError(28, "No space left on device")
+        self.failureResultOf(failing.finish(envelope(), RECEIVED), SpoolError)
+        self.assertEqual(heard, [writer.id])
+
     def test_group_commit(self) -> None:
         """Messages finished while a batch is written go together: one trip, one directory fsync."""
         jobs: list[tuple[Any, tuple[Any, ...], defer.Deferred[Any]]] = []

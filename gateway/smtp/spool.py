@@ -25,14 +25,19 @@ from typing import IO, Any
 import attrs
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.authinfo import AuthInfo, IdentityContext
 from gateway.fileio import fsync_directory, reason
 from gateway.text import utc_timestamp
 
-#: The protocol words of RFC 3848, as written in C{Received: ... with}.
-PROTOCOLS = frozenset({"ESMTPSA", "ESMTPA", "ESMTPS", "ESMTP"})
+#: How a message came in: the protocol words of RFC 3848, as written in
+#: C{Received: ... with}; C{HTTP} for the injection API; C{DSN} for a
+#: delivery status notification the queue made itself (null sender).
+PROTOCOLS = frozenset({"ESMTPSA", "ESMTPA", "ESMTPS", "ESMTP", "HTTP", "DSN"})
+
+_log = Logger()
 
 #: Buffer of the message file: few system calls, bounded memory.
 WRITE_BUFFER = 64 * 1024
@@ -154,6 +159,10 @@ class Spool:
         self._runner = threadpool_runner
         self._queue: list[tuple[SpoolWriter, bytes, Deferred[str]]] = []
         self._committing = False
+        #: Called with each message id once it is committed, in the reactor
+        #: thread, before the writer's Deferred fires (the delivery queue
+        #: subscribes); an exception is logged, never the writer's failure.
+        self.committed: list[Callable[[str], None]] = []
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as e:
@@ -195,8 +204,16 @@ class Spool:
             if isinstance(result, BaseException):
                 d.errback(Failure(result))
             else:
+                self._announce(result)
                 d.callback(result)
         self._next_batch()
+
+    def _announce(self, id: str) -> None:
+        for subscriber in self.committed:
+            try:
+                subscriber(id)
+            except Exception:  # noqa: BLE001 - the message is committed whatever a subscriber does
+                _log.failure("spool subscriber {subscriber!r} failed on {id}", subscriber=subscriber, id=id)
 
     def open(self) -> SpoolWriter:
         """
