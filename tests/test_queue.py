@@ -15,7 +15,7 @@ import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
@@ -84,6 +84,7 @@ class QueueStateTests(SynchronousTestCase):
         state.recipients[2].status = "delivered"
         self.assertTrue(state.done)
 
+    @settings(deadline=None)
     @given(st.lists(st.text(), min_size=1, max_size=4), st.text(), st.floats(0, 2e9))
     def test_round_trip_any_text(self, addresses: list[str], reply: str, when: float) -> None:
         """Any text (lone surrogates too) survives the file."""
