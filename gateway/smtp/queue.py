@@ -379,7 +379,7 @@ class Queue:
         except FileNotFoundError:
             return QueueState.fresh(meta), None
         try:
-            mtime = os.fstat(fd).st_mtime_ns / 1e9
+            mtime = os.fstat(fd).st_mtime
             data = _read_bounded(fd, path)
         except QueueError as e:
             raise _Corrupt(path, str(e)) from None
