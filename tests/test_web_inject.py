@@ -21,7 +21,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway.acl import parse_acl
 from gateway.smtp.spool import Spool
-from gateway.web.inject import MAX_ADDRESS, BadInjection, parse
+from gateway.smtp.codec import MAX_DATA_LINE
+from gateway.web.inject import MAX_ADDRESS, BadInjection, _has_long_line, parse
 from gateway.web.settings import InjectSettings
 from tests.smtp_support import sync_runner
 from tests.support import ManualPool, require_tool
@@ -504,6 +505,16 @@ def final(response: Response) -> Response:
     while response.status == 100:
         response = Response(response.body)
     return response
+
+
+class LongLineTests(SynchronousTestCase):
+    """The line-length check skips through the message; it must miss no line."""
+
+    @settings(max_examples=500, deadline=None)
+    @given(st.lists(st.integers(min_value=0, max_value=2100), min_size=1, max_size=12))
+    def test_same_as_line_by_line(self, lengths):
+        data = b"".join(b"x" * n + b"\r\n" for n in lengths)
+        self.assertEqual(_has_long_line(data), max(lengths) > MAX_DATA_LINE, lengths)
 
 
 class CurlTests(GatewayMixin, TestCase):
