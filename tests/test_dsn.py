@@ -68,7 +68,8 @@ def groups(report: Message) -> list[Message]:
 
 
 def unfold(value: str) -> str:
-    return re.sub(r"\r?\n[ \t]", " ", value)
+    """RFC 5322 section 2.2.3: remove each CRLF followed by white space."""
+    return re.sub(r"\r?\n(?=[ \t])", "", value)
 
 
 class BounceTests(SynchronousTestCase):
@@ -225,6 +226,14 @@ class BounceTests(SynchronousTestCase):
         part = report.get_payload()[2]
         self.assertEqual(part["Content-Transfer-Encoding"], "quoted-printable")
         self.assertEqual(part.get_payload(decode=True), headers)
+        for line in part.get_payload().split("\r\n"):
+            self.assertLessEqual(len(line), 76)
+
+    def test_quoted_printable_edges(self) -> None:
+        """Trailing white space, "=" and a bare CR at a line end survive the encoding."""
+        headers = b"X-A: a=b \r\nX-B: \xe9\t\r\nX-C: c\r\r\n"
+        _, _, report = self.bounce(headers=headers)
+        self.assertEqual(report.get_payload()[2].get_payload(decode=True), headers)
 
     def test_huge_header_block(self) -> None:
         """Original headers are cut after a whole line within the bound."""
@@ -249,11 +258,9 @@ class BounceTests(SynchronousTestCase):
             ("x@example.org\r\nBcc: victim@example.net", "550 5.1.1 no\r\nX-Injected: 1", None),
             ("y@example.org\nAction: delivered", "550 5.1.1 ok\n\nFinal-Recipient: rfc822; z@z", None),
         ]
-        meta = dict(META, mail_from="s@example.com\r\nBcc: victim@example.net")
-        _, data, report = self.bounce(failures, meta=meta)
+        _, data, report = self.bounce(failures)
         self.assertNotRegex(data, rb"(?m)^(Bcc|X-Injected):")
         self.assertIsNone(report["Bcc"])
-        self.assertEqual(report["To"], "<s@example.com\\r\\nBcc: victim@example.net>")
         per_recipient = groups(report)[1:]
         self.assertEqual(len(per_recipient), 2)
         self.assertEqual(
@@ -266,7 +273,11 @@ class BounceTests(SynchronousTestCase):
     def test_long_reply(self) -> None:
         """A long reply is folded, and cut to a bound, never a line over 998 octets."""
         reply = "550 5.7.1 " + " ".join(["word"] * 500) + " " + "z" * 3000
-        _, _, report = self.bounce([("a@example.net", reply, None)])
+        _, data, report = self.bounce([("a@example.net", reply, None)])
+        folded = [line for line in data.split(b"\r\n") if b"word" in line]
+        self.assertGreater(len(folded), 5)
+        for line in folded[:-1]:
+            self.assertLessEqual(len(line), 76)
         diagnostic = unfold(groups(report)[1]["Diagnostic-Code"])
         self.assertTrue(diagnostic.startswith("smtp; 550 5.7.1 word word"))
         self.assertTrue(diagnostic.endswith("..."))
@@ -281,6 +292,12 @@ class BounceTests(SynchronousTestCase):
     def test_null_sender_refused(self) -> None:
         """A bounce is never sent to the null sender (RFC 3464 / RFC 5321 section 4.5.5)."""
         for sender in ("", "<>", None):
+            with self.assertRaises(ValueError):
+                bounce(dict(META, mail_from=sender), HEADERS, FAILURES, "gateway.example", NOW)
+
+    def test_unwritable_sender_refused(self) -> None:
+        """A sender no client could give (corrupt metadata) is refused, not written out."""
+        for sender in ("s@example.com\r\nBcc: victim@example.net", "caf\u00e9@example.com"):
             with self.assertRaises(ValueError):
                 bounce(dict(META, mail_from=sender), HEADERS, FAILURES, "gateway.example", NOW)
 
@@ -302,7 +319,8 @@ class BounceTests(SynchronousTestCase):
         recipients=st.lists(st.text(min_size=1, max_size=300), min_size=1, max_size=5),
         replies=st.lists(st.one_of(st.none(), st.text(max_size=2000)), min_size=5, max_size=5),
         relays=st.lists(st.one_of(st.none(), st.text(max_size=80)), min_size=5, max_size=5),
-        sender=st.text(min_size=1, max_size=300).filter(lambda s: s != "<>"),
+        sender=st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=300)
+        .filter(lambda s: s != "<>"),
         headers=st.binary(max_size=3000),
     )
     def test_always_well_formed(self, recipients, replies, relays, sender, headers) -> None:
@@ -320,7 +338,11 @@ class BounceTests(SynchronousTestCase):
             self.assertEqual(group["Action"], "failed")
             self.assertRegex(group["Status"], r"\A[45]\.[0-9]{1,3}\.[0-9]{1,3}\Z")
         self.assertEqual(report.get_all("To"), [report["To"]])
+        self.assertEqual(unfold(report["To"]), f"<{sender}>")
         self.assertIsNone(report["Bcc"])
+        returned = parts[2].get_payload(decode=True)
+        self.assertTrue((headers + b"\r\n").startswith(returned))
+        self.assertNotIn(b"\r\n\r\n", returned)
 
 
 class ReadHeadersTests(SynchronousTestCase):

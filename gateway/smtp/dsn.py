@@ -14,6 +14,7 @@ envelope or a relay's reply can start a header line of its own.
 
 from __future__ import annotations
 
+import binascii
 import email.utils
 import ipaddress
 import re
@@ -42,6 +43,9 @@ _REPLY = re.compile(r"\A([2-5])[0-9]{2}(?:[ -]+([2-5])\.([0-9]{1,3})\.([0-9]{1,3
 
 _PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*")
 
+#: (recipient, reply, relay URL) of each failed recipient.
+_Failures = Sequence[tuple[str, str | None, str | None]]
+
 
 def _ascii(text: str) -> str:
     """
@@ -56,18 +60,32 @@ def _ascii(text: str) -> str:
     )
 
 
+#: Where a field may be folded: before a run of spaces between two non-spaces.
+_FOLD = re.compile(r"(?<=[^ ]) +(?=[^ ])")
+
+
 def _field(name: str, value: str) -> str:
     """
     One header-style field, C{value} made printable ASCII, cut to a bound
-    and folded at spaces: no line is longer than 998 octets.
+    (so no line is longer than 998 octets) and folded before spaces where
+    it can be (RFC 5322 section 2.2.3: unfolding gives the value back).
     """
     value = _ascii(value)
     if len(value) > _MAX_VALUE:
         value = value[: _MAX_VALUE - 3] + "..."
-    lines = textwrap.wrap(
-        f"{name}: {value}", width=_WIDTH, break_long_words=False, break_on_hyphens=False,
-        subsequent_indent=" ", drop_whitespace=True,
-    )
+    text = f"{name}: {value}"
+    lines = []
+    start = 0
+    folds = [m.start() for m in _FOLD.finditer(text, len(name) + 2)]
+    while len(text) - start > _WIDTH:
+        before = [i for i in folds if start < i <= start + _WIDTH]
+        after = [i for i in folds if i > start + _WIDTH]
+        if not before and not after:
+            break
+        cut = before[-1] if before else after[0]
+        lines.append(text[start:cut])
+        start = cut
+    lines.append(text[start:])
     return "\r\n".join(lines) + "\r\n"
 
 
@@ -91,7 +109,7 @@ def _is_reply(reply: str | None) -> bool:
 
 
 def _remote_mta(relay: str | None) -> str | None:
-    """The relay's host name for C{Remote-MTA} (an address literal in brackets); None if it has none."""
+    """The relay's host name for C{Remote-MTA} (an IP in brackets); None if it has none."""
     if not relay:
         return None
     try:
@@ -156,14 +174,11 @@ def read_headers(path: str, limit: int = HEADERS_LIMIT) -> bytes:
 
 
 def _seven_bit(data: bytes) -> bool:
-    """C{data} may go as it is in a 7bit part: ASCII, no NUL, CRLF only, lines of at most 998 octets."""
+    """C{data} may go as it is in a 7bit part: ASCII, no NUL, CRLF only, lines <= 998 octets."""
     if not data.isascii() or b"\x00" in data:
         return False
     lines = data.split(b"\r\n")
     return all(b"\r" not in line and b"\n" not in line and len(line) <= 998 for line in lines)
-
-
-_QP_SAFE = frozenset(range(33, 127)) - {ord("=")}
 
 
 def _quoted_printable(data: bytes) -> bytes:
@@ -171,23 +186,10 @@ def _quoted_printable(data: bytes) -> bytes:
     RFC 2045 quoted-printable of C{data} whose line breaks are its CRLFs
     (a bare CR or LF is encoded as data); lines of at most 76 octets.
     """
-    out = []
-    for line in data.split(b"\r\n"):
-        encoded = []
-        width = 0
-        for i, byte in enumerate(line):
-            last = i == len(line) - 1
-            if byte in _QP_SAFE or (byte in b" \t" and not last):
-                token = chr(byte)
-            else:
-                token = f"={byte:02X}"
-            if width + len(token) > _WIDTH - 1:  # room for the soft break's "="
-                encoded.append("=\r\n")
-                width = 0
-            encoded.append(token)
-            width += len(token)
-        out.append("".join(encoded))
-    return "\r\n".join(out).encode("ascii")
+    # Line by line as binary, so a bare CR or LF becomes =0D / =0A; the
+    # only LFs left are the soft line breaks, which get their CR.
+    encoded = (binascii.b2a_qp(line, istext=False) for line in data.split(b"\r\n"))
+    return b"\r\n".join(line.replace(b"=\n", b"=\r\n") for line in encoded)
 
 
 def _headers_part(headers: bytes) -> str:
@@ -212,7 +214,7 @@ def _headers_part(headers: bytes) -> str:
 
 
 def _explanation(
-    reporting_mta: str, meta: Mapping[str, Any], failures: Sequence[tuple[str, str | None, str | None]]
+    reporting_mta: str, meta: Mapping[str, Any], failures: _Failures
 ) -> str:
     """The text/plain part: what happened, for the sender to read."""
     paragraphs = [
@@ -220,9 +222,9 @@ def _explanation(
         "I'm sorry to have to inform you that your message could not be delivered "
         "to one or more recipients. Its headers are attached below.",
     ]
-    received = meta.get("received_at")
-    if isinstance(received, str):
-        paragraphs.append(f"The message was received at {received}.")
+    received, id = meta.get("received_at"), meta.get("id")
+    if isinstance(received, str) and isinstance(id, str):
+        paragraphs.append(_ascii(f"The message (queue id {id}) was received at {received}."))
     for recipient, reply, relay in failures:
         _, expired = _status(reply)
         where = f"{relay} said" if relay else "the reply was"
@@ -241,7 +243,7 @@ def _explanation(
 
 
 def _delivery_status(
-    reporting_mta: str, meta: Mapping[str, Any], failures: Sequence[tuple[str, str | None, str | None]]
+    reporting_mta: str, meta: Mapping[str, Any], failures: _Failures
 ) -> str:
     """The C{message/delivery-status} body: per-message fields, then one group per recipient."""
     groups = [_field("Reporting-MTA", f"dns; {reporting_mta}")]
@@ -279,12 +281,15 @@ def bounce(
     @param headers: the message's header block (see L{read_headers}); cut to
         L{HEADERS_LIMIT} at a line end if longer.
     @param reporting_mta: our host name (C{From: MAILER-DAEMON@...}, C{Reporting-MTA}).
-    @raise ValueError: the message has the null sender or is itself a
-        bounce (never bounce a bounce), or there is nothing to report.
+    @raise ValueError: the message has the null sender (or one that is not
+        printable ASCII, which no SMTP or injection client can give), is
+        itself a bounce (never bounce a bounce), or there is nothing to report.
     """
     sender = meta.get("mail_from")
     if not isinstance(sender, str) or sender in ("", "<>"):
         raise ValueError("no bounce for the null sender")
+    if not _PRINTABLE_ASCII.fullmatch(sender):  # the codec never takes one: corrupt metadata
+        raise ValueError("the sender is not an address a bounce can go to")
     if meta.get("protocol") == "DSN":
         raise ValueError("no bounce for a bounce")
     if not failures:
@@ -312,7 +317,8 @@ def bounce(
         + _field("Message-ID", f"<{secrets.token_hex(16)}@{host}>")
         + "Auto-Submitted: auto-replied\r\n"
         + "MIME-Version: 1.0\r\n"
-        + f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"\r\n'
+        + "Content-Type: multipart/report; report-type=delivery-status;\r\n"
+        + f'\tboundary="{boundary}"\r\n'
         + "Content-Transfer-Encoding: 7bit\r\n"
         + "\r\n"
         + "This is a MIME-encapsulated message.\r\n"
