@@ -148,7 +148,9 @@ class GatewayRequest(server.Request):
     is answered at once and the connection closed, its body never read; a
     request let through is processed at once, its body following as an
     L{Upload}. An unauthenticated client can thus make the gateway read at
-    most C{--http-max-body} octets of body.
+    most C{--http-max-body} octets of body. The injection API
+    (L{gateway.web.inject.PATH}, exactly) is decided the same way, with or
+    without an upstream, within its own bound (L{InjectSettings.max_body}).
     """
 
     # What the gateway's resources note on a request, for each other (one
