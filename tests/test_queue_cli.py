@@ -23,7 +23,7 @@ from gateway.smtp.queue import Queue
 from tests.test_queue import HOLDER, spool_message
 
 #: Parts of tests.test_spool.MESSAGE's header and body: never printed.
-BODY = ("8-bit body", "leading dot", "Subject", "caf")
+BODY = ("8-bit body", "leading dot", "Subject", "caf\u00e9")
 
 
 class QueueCommandTestCase(SynchronousTestCase):
