@@ -34,7 +34,8 @@ Options of L{start_relay}: C{ca} (a TestCA: STARTTLS offered with a
 certificate for 127.0.0.1 it issued, and required before MAIL), C{users}
 (AUTH PLAIN/LOGIN offered, over TLS only when C{ca} is given), C{mail_auth}
 (True: accept and record MAIL's C{AUTH=} parameter; False, the default:
-answer C{555} as stock aiosmtpd 1.4.6 does), C{lmtp} (an LMTP server on a
+answer C{555} as stock aiosmtpd 1.4.6 does), C{names} (what the
+certificate is for; default 127.0.0.1 and localhost), C{lmtp} (an LMTP server on a
 UNIX socket; C{relay.url()} is C{lmtp:///path}).
 """
 
@@ -43,7 +44,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import logging
 import os
+import shutil
+import tempfile
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +63,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.support import free_port, require_module
 
 _DAY = datetime.timedelta(days=1)
+
+# aiosmtpd 1.4.6 sets its own deprecated attribute on every login and warns about it.
+warnings.filterwarnings("ignore", message="Session.login_data is deprecated")
+# aiosmtpd logs each session's end (a TLS failure with its traceback) to "mail.log": keep it off stderr.
+logging.getLogger("mail.log").addHandler(logging.NullHandler())
 
 
 # -- certificates ------------------------------------------------------------
@@ -198,10 +208,8 @@ class RelayHandler:
         return answer
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
-        params = getattr(server, "raw_mail_params", [])
-        self.mail_params.append(params)
         envelope.mail_from = address
-        envelope.mail_options.extend(params)
+        envelope.mail_options.extend(server.raw_mail_params)
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
@@ -286,6 +294,7 @@ def _server_class(lmtp: bool, mail_auth: bool) -> type:
         async def smtp_MAIL(self, arg: str | None) -> None:
             params = (arg or "").partition(">")[2].split()
             self.raw_mail_params = params
+            self.event_handler.mail_params.append(params)
             await super().smtp_MAIL(arg)
 
         def _getparams(self, params: Any) -> Any:
@@ -304,6 +313,7 @@ def start_relay(
     users: dict[str, str] | None = None,
     mail_auth: bool = False,
     lmtp: bool = False,
+    names: Sequence[str] = ("127.0.0.1", "localhost"),
 ) -> Relay:
     """Start an aiosmtpd relay for C{test} (see the module docstring); stopped at the test's end."""
     controller_module = require_module("aiosmtpd.controller", "aiosmtpd")
@@ -312,7 +322,7 @@ def start_relay(
     server_class = _server_class(lmtp, mail_auth)
     kwargs: dict[str, Any] = {"server_hostname": "relay.test", "data_size_limit": 64 * 1024 * 1024}
     if ca is not None:
-        kwargs["tls_context"] = server_ssl_context(test, *ca.issue(["127.0.0.1", "localhost"]))
+        kwargs["tls_context"] = server_ssl_context(test, *ca.issue(names))
         kwargs["require_starttls"] = True
     if users is not None:
         def authenticator(server, session, envelope, mechanism, auth_data):
@@ -330,8 +340,8 @@ def start_relay(
             return server_class(self.handler, **self.SMTP_kwargs)
 
     if lmtp:
-        directory = os.path.abspath(test.mktemp())
-        os.makedirs(directory)
+        directory = tempfile.mkdtemp(prefix="relay-")  # a test's own directory is too long for AF_UNIX
+        test.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "lmtp.sock")
         controller = RelayController(handler, unix_socket=path, **kwargs)
         host, port = None, None

@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import attrs
 from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet import defer, error, interfaces, protocol, ssl
 from twisted.internet.endpoints import HostnameEndpoint, UNIXClientEndpoint, wrapClientTLS
 from twisted.python.failure import Failure
@@ -439,7 +440,9 @@ def _refuses_parameters(reply: Reply) -> bool:
     return reply.code == 555 or (reply.code in (501, 504) and "param" in reply.text.lower())
 
 
-def _lost_reason(why: Failure) -> str:
+def _lost_reason(why: Failure, target: RelayTarget) -> str:
+    if why.check(VerificationError):
+        return f"TLS failure: the certificate is not for {target.host}"
     if why.check(SSL.Error):
         try:
             detail = str(why.value.args[0][0][2])  # [(library, function, reason), ...]
@@ -506,7 +509,7 @@ class RelayConnection(protocol.Protocol):
             d.callback(reply)
 
     def connectionLost(self, why: Failure = protocol.connectionDone) -> None:
-        self._break(RelayError(f"{self.target.url}: {_lost_reason(why)}"), abort=False)
+        self._break(RelayError(f"{self.target.url}: {_lost_reason(why, self.target)}"), abort=False)
         self._cancel_stream_timer()
         if not self._closed.called:
             self._closed.callback(None)
