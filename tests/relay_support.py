@@ -35,7 +35,8 @@ certificate for 127.0.0.1 it issued, and required before MAIL), C{users}
 (AUTH PLAIN/LOGIN offered, over TLS only when C{ca} is given), C{mail_auth}
 (True: accept and record MAIL's C{AUTH=} parameter; False, the default:
 answer C{555} as stock aiosmtpd 1.4.6 does), C{names} (what the
-certificate is for; default 127.0.0.1 and localhost), C{lmtp} (an LMTP server on a
+certificate is for; default 127.0.0.1 and localhost), C{implicit} (with
+C{ca}: TLS from the first octet, C{relay.url()} is C{smtps://}), C{lmtp} (an LMTP server on a
 UNIX socket; C{relay.url()} is C{lmtp:///path}).
 """
 
@@ -238,7 +239,8 @@ class RelayHandler:
         received = Received(
             mail_from=envelope.mail_from, rcpt_tos=list(envelope.rcpt_tos),
             mail_params=list(envelope.mail_options), content=envelope.original_content or b"",
-            answer="\r\n".join(answers), login=login, tls=session.ssl is not None,
+            answer="\r\n".join(answers), login=login,
+            tls=session.ssl is not None or server.transport.get_extra_info("ssl_object") is not None,
         )
         self.attempts.append(received)
         if any(a.startswith("2") for a in answers):
@@ -273,10 +275,13 @@ class Relay:
     port: int | None
     path: str | None
     tls: bool
+    implicit: bool = False
 
     def url(self) -> str:
         if self.path is not None:
             return f"lmtp://{self.path}"
+        if self.implicit:
+            return f"smtps://{self.host}:{self.port}"
         return f"smtp://{self.host}:{self.port}" + ("" if self.tls else "?tls=none")
 
 
@@ -314,6 +319,7 @@ def start_relay(
     mail_auth: bool = False,
     lmtp: bool = False,
     names: Sequence[str] = ("127.0.0.1", "localhost"),
+    implicit: bool = False,
 ) -> Relay:
     """Start an aiosmtpd relay for C{test} (see the module docstring); stopped at the test's end."""
     controller_module = require_module("aiosmtpd.controller", "aiosmtpd")
@@ -321,7 +327,9 @@ def start_relay(
     handler = RelayHandler(lmtp=lmtp)
     server_class = _server_class(lmtp, mail_auth)
     kwargs: dict[str, Any] = {"server_hostname": "relay.test", "data_size_limit": 64 * 1024 * 1024}
-    if ca is not None:
+    if ca is not None and implicit:
+        kwargs["ssl_context"] = server_ssl_context(test, *ca.issue(names))
+    elif ca is not None:
         kwargs["tls_context"] = server_ssl_context(test, *ca.issue(names))
         kwargs["require_starttls"] = True
     if users is not None:
@@ -351,4 +359,4 @@ def start_relay(
     controller.start()
     handler.connections = 0  # the controller's own probe
     test.addCleanup(controller.stop)
-    return Relay(controller, handler, host, port, path, ca is not None)
+    return Relay(controller, handler, host, port, path, ca is not None, implicit)

@@ -288,6 +288,14 @@ class XtextTests(SynchronousTestCase):
         self.assertEqual(codec.xtext(xtext_encode("a+b=c d").encode()), b"a+b=c d")
 
 
+class BrokenFile:
+    def read(self, size):
+        raise OSError(5, "Input/output error")
+
+    def close(self):
+        pass
+
+
 def target(url="smtp://relay.test?tls=none"):
     return parse_relay(url)
 
@@ -702,6 +710,21 @@ class SendTests(SendTestCase):
         self.assertEqual(sum(sizes), 5000 * 81 + 3)
         s.answer(b"250 ok\r\n")
         self.successResultOf(d)
+
+    def test_read_error_mid_data(self):
+        """A message file that cannot be read mid-way: the connection ends, never a partial message."""
+        self.message_big()
+        d = self.send()
+        s = self.session
+        for answer in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            s.answer(answer)
+        s.transport.producer.resumeProducing()
+        s.transport.producer._file = BrokenFile()
+        s.transport.producer.resumeProducing()
+        result = self.successResultOf(d)
+        self.assertEqual((result.replies, result.usable), ((LOST,), False))
+        self.assertNotIn(b".\r\n", s.sent()[-3:])
+        self.assertTrue(s.transport.disconnecting)
 
     def test_unexpected_reply(self):
         s = self.session

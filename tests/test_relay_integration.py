@@ -102,6 +102,31 @@ class RelayIntegrationTests(TestCase):
         self.assertEqual(relay.handler.messages[0].content, MESSAGE)
 
     @defer.inlineCallbacks
+    def test_large_message_through_tls(self):
+        """Several MiB streamed through the TLS layer a chunk at a time arrive whole."""
+        ca = make_ca()
+        relay = start_relay(self, ca=ca)
+        body = b"".join(b"%s line %d\r\n" % (b"." if n % 3 == 0 else b"x", n) for n in range(300000))
+        write_file(self.message, b"Subject: big\r\n\r\n" + body)
+        connection = yield defer.ensureDeferred(self.open(relay.url(), ca=(ca.certificate,)))
+        result = yield defer.ensureDeferred(self.send(connection))
+        self.assertEqual(result.replies[0].code, 250)
+        self.assertEqual(relay.handler.messages[0].content, b"Subject: big\r\n\r\n" + body)
+
+    @defer.inlineCallbacks
+    def test_implicit_tls(self):
+        ca = make_ca()
+        relay = start_relay(self, ca=ca, implicit=True)
+        connection = yield defer.ensureDeferred(self.open(relay.url(), ca=(ca.certificate,)))
+        self.assertTrue(connection.tls)
+        result = yield defer.ensureDeferred(self.send(connection))
+        self.assertEqual(result.replies[0].code, 250)
+        self.assertTrue(relay.handler.messages[0].tls)
+        settings = self.settings(relay.url(), ca=(make_ca().certificate,))
+        e = yield self.assertFailure(connect(reactor, settings, settings.targets[0]), RelayError)
+        self.assertIn("TLS failure", str(e))
+
+    @defer.inlineCallbacks
     def test_wrong_ca(self):
         relay = start_relay(self, ca=make_ca())
         other = make_ca("another CA")

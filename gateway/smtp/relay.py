@@ -396,7 +396,7 @@ class SendResult:
 
 @implementer(interfaces.IPullProducer)
 class _MessageProducer:
-    """Reads the message file a chunk at a time as the transport asks, dot-stuffed."""
+    """Reads the message file (its caller closes it) a chunk at a time as the transport asks, dot-stuffed."""
 
     def __init__(self, file: IO[bytes], connection: RelayConnection) -> None:
         self._file = file
@@ -428,7 +428,6 @@ class _MessageProducer:
     def _finish(self, failure: Failure | None) -> None:
         if self.done.called:
             return
-        self._file.close()
         if failure is None:
             self.done.callback(None)
         else:
@@ -741,6 +740,8 @@ class RelayConnection(protocol.Protocol):
         self.transport.registerProducer(producer, False)
         try:
             await producer.done
+        except OSError as e:  # half a message was sent: only closing the connection takes it back
+            self._break(RelayError(f"{self.target.url}: cannot read the message file: {reason(e)}"))
         finally:
             self._producer = None
             self._cancel_stream_timer()
