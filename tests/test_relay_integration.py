@@ -50,6 +50,7 @@ class RelayIntegrationTests(TestCase):
         relay = start_relay(self)
         connection = yield defer.ensureDeferred(self.open(relay.url()))
         self.assertFalse(connection.tls)
+        self.assertTrue(connection.transport.getTcpNoDelay())  # no Nagle delay behind each command
         result = yield defer.ensureDeferred(self.send(connection, ["a@example.net", "b@example.net"]))
         self.assertEqual([r.code for r in result.replies], [250, 250])
         self.assertTrue(result.usable)

@@ -486,6 +486,11 @@ class RelayConnection(protocol.Protocol):
     # -- transport events
 
     def connectionMade(self) -> None:
+        # One command at a time: Nagle's algorithm would hold each small write
+        # (the end of data after the text) behind the relay's delayed ACK.
+        no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if no_delay is not None:
+            no_delay(True)
         self._greeting = self._expect(self.settings.command_timeout)
 
     def dataReceived(self, data: bytes) -> None:
