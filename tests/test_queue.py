@@ -1,0 +1,499 @@
+"""
+Tests for L{gateway.smtp.queue}: the queue's state files, locks, claims and
+scan on a spool directory written by the real L{Spool}.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.logger import capturedLogs, formatEvent
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway.smtp import queue as queue_module
+from gateway.smtp.queue import (
+    ORPHAN_AGE,
+    Claim,
+    Queue,
+    QueueError,
+    QueueState,
+    RecipientState,
+)
+from gateway.smtp.spool import Spool
+from tests.test_spool import MESSAGE, RECEIVED, envelope, synchronous
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+META = {"rcpt_to": ["a@example.net", "b@example.org", "a@example.net"]}
+
+#: Holds the lock of the .json named by argv[1] (as an external consumer
+#: would) until its stdin closes; says "locked" or "busy" first.
+HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except BlockingIOError:
+    print("busy", flush=True)
+    sys.exit(0)
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def spool_message(directory: str, received_at: datetime = RECEIVED, **changes: Any) -> str:
+    """Spool one message with the real L{Spool}; its id."""
+    writer = Spool(directory, threadpool_runner=synchronous).open()
+    writer.write(MESSAGE)
+    d = writer.finish(envelope(**changes), received_at)
+    results: list[str] = []
+    d.addCallback(results.append)
+    return results[0]
+
+
+class QueueStateTests(SynchronousTestCase):
+    def test_fresh(self) -> None:
+        """A message never attempted: every recipient pending (duplicates kept), due now."""
+        state = QueueState.fresh(META)
+        self.assertEqual([r.address for r in state.recipients], META["rcpt_to"])
+        self.assertEqual(state.pending(), [0, 1, 2])
+        self.assertEqual((state.attempts, state.next_attempt, state.held), (0, 0.0, False))
+        self.assertFalse(state.done)
+
+    def test_round_trip(self) -> None:
+        state = QueueState.fresh(META)
+        state.recipients[0] = RecipientState("a@example.net", "delivered", "smtp://relay.example:25",
+                                             "250 2.0.0 Ok", "2026-11-26T10:05:00Z")
+        state.recipients[1].status = "failed"
+        state.attempts, state.next_attempt, state.held = 2, 1795000000.5, True
+        state.last_error = "451 4.3.0 try later (smtp://relay.example:25)"
+        state.bounce_id = "20261126T100000Z-0123456789abcdef"
+        data = state.to_json()
+        self.assertEqual(json.loads(data)["version"], 1)
+        self.assertEqual(QueueState.from_json(data, META), state)
+        self.assertEqual((state.pending(), state.failed()), ([2], [1]))
+        state.recipients[2].status = "delivered"
+        self.assertTrue(state.done)
+
+    @given(st.lists(st.text(), min_size=1, max_size=4), st.text(), st.floats(0, 2e9))
+    def test_round_trip_any_text(self, addresses: list[str], reply: str, when: float) -> None:
+        """Any text (lone surrogates too) survives the file."""
+        meta = {"rcpt_to": addresses}
+        state = QueueState.fresh(meta)
+        state.recipients[0].reply = reply
+        state.last_error = reply
+        state.next_attempt = when
+        self.assertEqual(QueueState.from_json(state.to_json(), meta), state)
+
+    def test_invalid(self) -> None:
+        """Every malformed state is a one-line L{QueueError} naming the problem, not the content."""
+        good = json.loads(QueueState.fresh(META).to_json())
+        cases = {
+            b"{not json": "not valid JSON",
+            b"\xff\xfe": "not valid JSON",
+            b"[]": "not a JSON object",
+            json.dumps(dict(good, version=2)).encode(): "not version 1",
+            json.dumps(dict(good, attempts=-1)).encode(): "attempts is not a count",
+            json.dumps(dict(good, attempts=True)).encode(): "attempts is not a count",
+            json.dumps(dict(good, held="no")).encode(): "held is not true or false",
+            json.dumps(dict(good, next_attempt="soon")).encode(): "next_attempt is not a number",
+            json.dumps(dict(good, next_attempt=-1)).encode(): "next_attempt is out of range",
+            json.dumps(dict(good, last_error=5)).encode(): "last_error is not a string",
+            json.dumps(dict(good, recipients={})).encode(): "recipients is not a list",
+            json.dumps(dict(good, recipients=good["recipients"][:2])).encode():
+                "recipients do not match the message's rcpt_to",
+            json.dumps(dict(good, recipients=[dict(r, status="sent") for r in good["recipients"]])).encode():
+                "recipient 0: status is not one of pending, delivered, failed",
+            json.dumps(dict(good, recipients=[5, 6, 7])).encode(): "recipient 0 is not an object",
+        }
+        for data, message in cases.items():
+            e = self.assertRaises(QueueError, QueueState.from_json, data, META)
+            self.assertEqual(str(e), message, data)
+        self.assertRaises(QueueError, QueueState.fresh, {"rcpt_to": "a@example.net"})
+
+
+class QueueTestCase(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.directory = os.path.abspath(self.mktemp())
+        os.mkdir(self.directory)
+        self.queue = Queue(self.directory)
+
+    def spool(self, **changes: Any) -> str:
+        return spool_message(self.directory, **changes)
+
+    def path(self, id: str, extension: str) -> str:
+        return os.path.join(self.directory, f"{id}.{extension}")
+
+    def claim(self, id: str, queue: Queue | None = None) -> Claim:
+        claim = (queue or self.queue).claim(id)
+        assert claim is not None
+        self.addCleanup(claim.release)
+        return claim
+
+    def holder(self, id: str) -> subprocess.Popen[str]:
+        """A process holding (or failing to take) the lock of C{id}; it has printed its word."""
+        process = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, self.path(id, "json")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        self.addCleanup(process.wait, 60)
+        self.addCleanup(process.stdin.close)
+        self.addCleanup(process.stdout.close)
+        return process
+
+
+class ScanTests(QueueTestCase):
+    def test_empty(self) -> None:
+        self.assertEqual(self.queue.scan(), [])
+        self.assertEqual(self.queue.counts(), {"queued": 0, "deferred": 0, "held": 0, "done": 0})
+
+    def test_missing_directory(self) -> None:
+        e = self.assertRaises(QueueError, Queue(os.path.join(self.directory, "nope")).scan)
+        self.assertIn("cannot list the queue: No such file or directory", str(e))
+
+    def test_oldest_first(self) -> None:
+        """Complete messages by received_at; a message being written is not listed."""
+        later = self.spool()
+        earlier = spool_message(self.directory, RECEIVED - timedelta(hours=1))
+        Spool(self.directory, threadpool_runner=synchronous).open().write(b"in progress")
+        entries = self.queue.scan()
+        self.assertEqual([e.id for e in entries], [earlier, later])
+        self.assertEqual(entries[1].received_at, "2026-11-23T15:55:00Z")
+        self.assertEqual((entries[1].next_attempt, entries[1].held, entries[1].state_mtime), (0.0, False, None))
+        self.assertEqual(entries[1].status, "queued")
+
+    def test_state(self) -> None:
+        """The scan reports the saved state and its file's mtime; counts by status."""
+        ids = [self.spool() for _ in range(4)]
+        for id, change in zip(ids[1:], [{"attempts": 1, "next_attempt": 99.0}, {"held": True}, {}]):
+            with self.queue.claim(id) as claim:
+                for name, value in change.items():
+                    setattr(claim.state, name, value)
+                if not change:
+                    for r in claim.state.recipients:
+                        r.status = "failed"
+                claim.save()
+        entries = {e.id: e for e in self.queue.scan()}
+        self.assertEqual([entries[id].status for id in ids], ["queued", "deferred", "held", "done"])
+        self.assertEqual(entries[ids[1]].next_attempt, 99.0)
+        self.assertEqual(entries[ids[1]].state_mtime, os.stat(self.path(ids[1], "state")).st_mtime)
+        self.assertEqual(self.queue.counts(), {"queued": 1, "deferred": 1, "held": 1, "done": 1})
+        self.assertEqual(self.queue.counts([entries[ids[0]]]),
+                         {"queued": 1, "deferred": 0, "held": 0, "done": 0})
+
+    def test_read(self) -> None:
+        """A snapshot without the lock, even while someone holds it."""
+        id = self.spool()
+        claim = self.claim(id)
+        meta, state, mtime = self.queue.read(id)
+        self.assertEqual((meta["id"], state, mtime), (id, claim.state, None))
+        self.assertIsNone(self.queue.read("20261126T100000Z-0123456789abcdef"))
+        self.assertRaises(QueueError, self.queue.read, "../../etc/passwd")
+
+
+class ClaimTests(QueueTestCase):
+    def test_claim(self) -> None:
+        id = self.spool()
+        claim = self.claim(id)
+        self.assertEqual((claim.id, claim.meta["rcpt_to"]), (id, ["a@example.net", "b@example.org"]))
+        self.assertEqual(claim.state, QueueState.fresh(claim.meta))
+        self.assertEqual(claim.message_path, self.path(id, "eml"))
+        with open(claim.message_path, "rb") as f:
+            self.assertEqual(f.read(), MESSAGE)
+
+    def test_exclusive(self) -> None:
+        """A second claim, from this or another Queue object, is refused until the first is released."""
+        id = self.spool()
+        other = Queue(self.directory)
+        claim = self.claim(id)
+        self.assertIsNone(self.queue.claim(id))
+        self.assertIsNone(other.claim(id))
+        claim.release()
+        claim.release()
+        self.claim(id, other)
+
+    def test_exclusive_across_processes(self) -> None:
+        """Another process holding the flock excludes us, and we exclude it."""
+        id = self.spool()
+        process = self.holder(id)
+        self.assertEqual(process.stdout.readline(), "locked\n")
+        self.assertIsNone(self.queue.claim(id))
+        e = self.assertRaises(QueueError, self.queue.lock, id, 0.1)
+        self.assertEqual(str(e), f"message {id} is being delivered; try again later")
+        process.stdin.close()
+        self.assertEqual(process.wait(60), 0)
+        claim = self.claim(id)
+        other = self.holder(id)
+        self.assertEqual(other.stdout.readline(), "busy\n")
+        claim.release()
+
+    def test_context_manager(self) -> None:
+        id = self.spool()
+        with self.queue.lock(id, 1) as claim:
+            self.assertTrue(claim.held)
+        self.assertFalse(claim.held)
+        self.assertRaises(QueueError, claim.save)
+        self.claim(id)
+
+    def test_unknown(self) -> None:
+        unknown = "20261126T100000Z-0123456789abcdef"
+        self.assertIsNone(self.queue.claim(unknown))
+        e = self.assertRaises(QueueError, self.queue.lock, unknown, 0.1)
+        self.assertEqual(str(e), f"no message {unknown} in {self.directory}")
+        for bad in ("../x", f"{unknown}.json", ""):
+            self.assertRaises(QueueError, self.queue.claim, bad)
+
+    def test_gone_while_waiting(self) -> None:
+        """A claim whose message was removed by the lock's previous holder is None."""
+        id = self.spool()
+        fd = os.open(self.path(id, "json"), os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        os.unlink(self.path(id, "json"))
+        os.link(self.path(id, "eml"), self.path(id, "json"))  # another inode under the name
+        real_open = os.open
+        self.patch(queue_module.os, "open", lambda path, *a: fd if path.endswith(".json") else real_open(path, *a))
+        self.patch(queue_module.os, "close", lambda f: None)
+        self.assertIsNone(self.queue.claim(id))
+
+    def test_save(self) -> None:
+        """The state is replaced atomically: no temporary file left, mode 0600; re-read on the next claim."""
+        id = self.spool()
+        with self.queue.claim(id) as claim:
+            claim.state.recipients[0].status = "delivered"
+            claim.state.attempts = 1
+            claim.save()
+        self.assertEqual(sorted(os.listdir(self.directory)), sorted(f"{id}.{e}" for e in ("eml", "json", "state")))
+        self.assertEqual(stat.S_IMODE(os.stat(self.path(id, "state")).st_mode), 0o600)
+        claim = self.claim(id)
+        self.assertEqual((claim.state.pending(), claim.state.attempts), ([1], 1))
+
+    def test_save_enospc(self) -> None:
+        """A full disk leaves the previous state, no temporary file, and the claim held."""
+        id = self.spool()
+        claim = self.claim(id)
+        claim.state.attempts = 1
+        claim.save()
+        before = self._read(id)
+        claim.state.attempts = 2
+
+        def full(*args: Any) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        for name in ("write", "fsync"):
+            real = getattr(os, name)
+            setattr(queue_module.os, name, full)
+            try:
+                e = self.assertRaises(OSError, claim.save)
+            finally:
+                setattr(queue_module.os, name, real)
+            self.assertEqual(e.errno, errno.ENOSPC)
+            self.assertEqual(self._read(id), before)
+            self.assertFalse(os.path.exists(os.path.join(self.directory, f".{id}.state.tmp")))
+            self.assertTrue(claim.held)
+            self.assertIsNone(Queue(self.directory).claim(id))
+        claim.save()
+        self.assertEqual(json.loads(self._read(id))["attempts"], 2)
+
+    def _read(self, id: str) -> bytes:
+        with open(self.path(id, "state"), "rb") as f:
+            return f.read()
+
+    def test_concurrent_reader(self) -> None:
+        """A reader without the lock never sees a torn state while another thread saves."""
+        id = self.spool(rcpt_to=[f"r{i}@example.net" for i in range(50)])
+        claim = self.claim(id)
+        stop = threading.Event()
+        seen: list[int] = []
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            reader = Queue(self.directory)
+            while not stop.is_set():
+                try:
+                    result = reader.read(id)
+                    assert result is not None
+                    seen.append(result[1].attempts)
+                except BaseException as e:  # noqa: BLE001 - reported below
+                    errors.append(e)
+                    return
+
+        thread = threading.Thread(target=read)
+        thread.start()
+        try:
+            for attempt in range(1, 201):
+                claim.state.attempts = attempt
+                # Sizes vary, so a torn read would show as bad JSON or a wrong count.
+                claim.state.last_error = "x" * (attempt * 37 % 3000)
+                claim.save()
+        finally:
+            stop.set()
+            thread.join(60)
+        self.assertEqual(errors, [])
+        self.assertEqual(seen, sorted(seen))
+        self.assertEqual(os.listdir(os.path.join(self.directory)).count(f"{id}.state"), 1)
+
+    def test_finish(self) -> None:
+        """The message's files are removed and the lock released."""
+        id = self.spool()
+        keep = self.spool()
+        claim = self.claim(id)
+        claim.save()
+        claim.finish()
+        self.assertFalse(claim.held)
+        self.assertEqual(sorted(os.listdir(self.directory)), [f"{keep}.eml", f"{keep}.json"])
+        self.assertIsNone(self.queue.claim(id))
+        self.assertEqual([e.id for e in self.queue.scan()], [keep])
+
+    def test_finish_failure(self) -> None:
+        """When the .json cannot be removed, the claim stays held and the error propagates."""
+        id = self.spool()
+        claim = self.claim(id)
+
+        def refuse(path: str) -> None:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+        self.patch(queue_module.os, "unlink", refuse)
+        self.assertRaises(OSError, claim.finish)
+        self.assertTrue(claim.held)
+        self.assertTrue(os.path.exists(self.path(id, "json")))
+
+
+class QuarantineTests(QueueTestCase):
+    SECRET = "s3cr3t-content"
+
+    def assertQuarantined(self, id: str, events: list[dict[str, Any]], file: str, why: str) -> None:
+        self.assertFalse(any(name.startswith(id) for name in os.listdir(self.directory)))
+        self.assertIn(f"{id}.json", os.listdir(os.path.join(self.directory, "quarantine")))
+        lines = [formatEvent(e) for e in events]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertEqual(
+            lines[0],
+            f"queue: quarantined message {id} in {os.path.join(self.directory, 'quarantine')}: "
+            f"{os.path.join(self.directory, file)}: {why}",
+        )
+        self.assertNotIn(self.SECRET, lines[0])
+
+    def test_corrupt_json(self) -> None:
+        id = self.spool()
+        good = self.spool()
+        with open(self.path(id, "json"), "w") as f:
+            f.write('{"rcpt_to": "' + self.SECRET)
+        with capturedLogs() as events:
+            self.assertEqual([e.id for e in self.queue.scan()], [good])
+        self.assertQuarantined(id, events, f"{id}.json", "not valid JSON")
+        self.assertEqual(sorted(os.listdir(os.path.join(self.directory, "quarantine"))),
+                         [f"{id}.eml", f"{id}.json"])
+        with capturedLogs() as events:
+            self.assertEqual([e.id for e in self.queue.scan()], [good])
+        self.assertEqual(events, [])
+
+    def test_json_without_recipients(self) -> None:
+        id = self.spool()
+        with open(self.path(id, "json"), "w") as f:
+            json.dump({"received_at": "x", "mail_from": self.SECRET, "rcpt_to": [1]}, f)
+        with capturedLogs() as events:
+            self.assertEqual(self.queue.scan(), [])
+        self.assertQuarantined(id, events, f"{id}.json", "rcpt_to is not a list of addresses")
+
+    def test_corrupt_state(self) -> None:
+        id = self.spool()
+        with open(self.path(id, "state"), "w") as f:
+            f.write(self.SECRET)
+        with capturedLogs() as events:
+            self.assertEqual(self.queue.scan(), [])
+        self.assertQuarantined(id, events, f"{id}.state", "not valid JSON")
+        self.assertEqual(len(os.listdir(os.path.join(self.directory, "quarantine"))), 3)
+
+    def test_claim_corrupt_state(self) -> None:
+        """A claim of an unparsable message quarantines it and is None."""
+        id = self.spool()
+        with open(self.path(id, "state"), "w") as f:
+            json.dump({"version": 1, "recipients": [], "last_error": self.SECRET}, f)
+        with capturedLogs() as events:
+            self.assertIsNone(self.queue.claim(id))
+        self.assertQuarantined(id, events, f"{id}.state", "recipients do not match the message's rcpt_to")
+
+    def test_missing_message_file(self) -> None:
+        id = self.spool()
+        os.unlink(self.path(id, "eml"))
+        with capturedLogs() as events:
+            self.assertEqual(self.queue.scan(), [])
+        self.assertQuarantined(id, events, f"{id}.eml", "the message file is missing")
+
+    def test_locked_corrupt_message_waits(self) -> None:
+        """A corrupt message another process holds is left alone: the holder decides."""
+        id = self.spool()
+        with open(self.path(id, "state"), "w") as f:
+            f.write("{")
+        process = self.holder(id)
+        self.assertEqual(process.stdout.readline(), "locked\n")
+        with capturedLogs() as events:
+            self.assertEqual(self.queue.scan(), [])
+        self.assertEqual(events, [])
+        self.assertTrue(os.path.exists(self.path(id, "json")))
+
+    def test_quarantine_with_own_claim(self) -> None:
+        """The delivery, holding a claim, quarantines through it; the claim is released."""
+        id = self.spool()
+        claim = self.claim(id)
+        with capturedLogs() as events:
+            self.queue.quarantine(id, "cannot read the message file")
+        self.assertFalse(claim.held)
+        self.assertQuarantined(id, events, f"{id}.json", "cannot read the message file")
+
+    def test_quarantine_unclaimed(self) -> None:
+        id = self.spool()
+        with capturedLogs() as events:
+            self.queue.quarantine(id, "bad")
+        self.assertQuarantined(id, events, f"{id}.json", "bad")
+        self.queue.quarantine(id, "again: nothing to do")
+
+
+class OrphanTests(QueueTestCase):
+    def age(self, name: str, seconds: float) -> None:
+        path = os.path.join(self.directory, name)
+        when = os.stat(path).st_mtime - seconds
+        os.utime(path, (when, when))
+
+    def test_orphans(self) -> None:
+        """Old .eml/.state without .json and old temporary states go; young ones and messages stay."""
+        id = self.spool()
+        with self.queue.claim(id) as claim:
+            claim.save()
+        young = self.spool()
+        for message in (id, young):
+            os.unlink(self.path(message, "json"))
+        old_eml = self.spool()
+        os.unlink(self.path(old_eml, "json"))
+        kept = self.spool()
+        with open(os.path.join(self.directory, f".{kept}.state.tmp"), "w") as f:
+            f.write("{")
+        for name in (f"{id}.state", f"{id}.eml", f"{old_eml}.eml", f".{kept}.state.tmp", f"{kept}.eml",
+                     f"{kept}.json"):
+            self.age(name, ORPHAN_AGE + 60)
+        with capturedLogs() as events:
+            self.assertEqual([e.id for e in self.queue.scan()], [kept])
+        self.assertEqual(sorted(os.listdir(self.directory)),
+                         sorted([f"{young}.eml", f"{kept}.eml", f"{kept}.json"]))
+        self.assertEqual(len(events), 4)
+        self.assertIn(f"queue: removed leftover {self.path(old_eml, 'eml')}",
+                      [formatEvent(e) for e in events])
+
+    def test_clock(self) -> None:
+        """The age is measured with the queue's clock."""
+        id = self.spool()
+        os.unlink(self.path(id, "json"))
+        self.queue.scan()
+        self.assertTrue(os.path.exists(self.path(id, "eml")))
+        now = datetime.now(timezone.utc).timestamp()
+        Queue(self.directory, clock=lambda: now + ORPHAN_AGE + 1).scan()
+        self.assertFalse(os.path.exists(self.path(id, "eml")))
