@@ -215,6 +215,35 @@ class OptionsTests(SynchronousTestCase):
         self.assertTrue(str(e.code).startswith("twistd authgateway: error: --auth bogus:"))
 
 
+class RelayOptionsTests(SynchronousTestCase):
+    """The --relay* options: durations, the settings they build, their checks."""
+
+    parse = OptionsTests.parse
+    assertUsage = OptionsTests.assertUsage
+
+    def test_durations(self):
+        self.assertEqual([tap.parse_duration(t) for t in ("90", "90s", "5m", "1.5h", "5d", " 2M ")],
+                         [90, 90, 300, 5400, 432000, 120])
+        for bad in ("", "m", "0", "-1m", "1w", "nan", "infs", "1e999d"):
+            self.assertRaises(ValueError, tap.parse_duration, bad)
+        for seconds in (1, 59, 60, 90, 300, 3600, 5400, 86400, 432000, 0.5):
+            self.assertEqual(tap.parse_duration(tap.format_duration(seconds)), seconds)
+        self.assertEqual(tap.format_duration(3600), "1h")
+
+    def test_defaults(self):
+        """Without --relay there is no delivery (messages stay for a consumer)."""
+        options = self.parse()
+        self.assertIsNone(options["deliverySettings"])
+        self.assertEqual((options["relay-retry"], options["relay-max-age"]), ("1m,5m,15m,1h", "5d"))
+
+    def test_bad(self):
+        self.assertUsage("--relay-retry: '1x' is not a duration", "--relay-retry", "1m,1x")
+        self.assertUsage("--relay-max-age: '0' is not a duration", "--relay-max-age", "0")
+        self.assertUsage("--relay-connections '0'", "--relay-connections", "0")
+        self.assertUsage("--relay-ca needs --relay", "--relay-ca", "ca.pem")
+        self.assertUsage("--relay-auth needs --relay", "--relay-auth", "u:file")
+
+
 class MakeServiceTests(SynchronousTestCase):
     def test_service(self):
         options = tap.Options()
