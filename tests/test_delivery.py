@@ -15,6 +15,7 @@ from typing import Any
 import attrs
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway.smtp.delivery import Delivery, DeliverySettings, retry_delay
@@ -138,10 +139,10 @@ class DeliveryTestsMixin:
         self.queue = Queue(self.directory, clock=self.reactor.seconds)
         self.relays = FakeRelays()
 
-    def start(self, targets=(A,), **changes: Any) -> Delivery:
-        settings = DeliverySettings(relay=Settings(tuple(targets)), **changes)
+    def start(self, targets=(A,), auth=None, make_bounce=fake_bounce, **changes: Any) -> Delivery:
+        settings = DeliverySettings(relay=Settings(tuple(targets), auth), **changes)
         self.delivery = Delivery(self.reactor, self.spool, self.queue, settings, "gw.example",
-                                 connect=self.relays, make_bounce=fake_bounce)
+                                 connect=self.relays, make_bounce=make_bounce)
         self.delivery.startService()
         self.addCleanup(self.stop)
         return self.delivery
@@ -455,3 +456,27 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
             c.finish()
         self.reactor.advance(15)
         self.assertEqual(self.delivery._scheduled, {})
+
+    def test_unbounceable(self):
+        """A sender no bounce can go to: the message is finished without one, not retried."""
+        self.relays.outcomes[A.url] = [[replies(550)]]
+
+        def refuse(*args):
+            raise ValueError("no bounce for that sender")
+
+        self.start(make_bounce=refuse)
+        id = self.submit(rcpt_to=("a@example.net",))
+        self.assertTrue(self.gone(id))
+        self.assertEqual(self.spool.ids(), [])
+
+    def test_start_log(self):
+        """The start names the relays, and warns about what weakens them; never a password."""
+        with capturedLogs() as events:
+            self.start(targets=(A, Target("smtp://c.example?tls=insecure", "insecure"),
+                                Target("lmtp://d.example", "none")), auth="gateway:tiger")
+        lines = [formatEvent(e) for e in events]
+        self.assertIn("smtp://a.example:25, smtp://c.example?tls=insecure, lmtp://d.example",
+                      lines[0])
+        self.assertIn("not verified", lines[1])
+        self.assertIn("without TLS", lines[2])
+        self.assertNotIn("tiger", " ".join(lines))

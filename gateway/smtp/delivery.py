@@ -152,7 +152,8 @@ class Delivery(service.Service):
         calls run through C{spool.run}.
     @param hostname: the reporting MTA of bounces.
     @param connect: L{gateway.smtp.relay.connect}, or a test's double.
-    @param wall_clock: the Unix time of the states' C{next_attempt}.
+    @param wall_clock: the Unix time of the states' C{next_attempt}
+        (default: the reactor's, which is C{time.time} outside tests).
     @param make_bounce: L{dsn_bounce}, or a test's double.
     """
 
@@ -295,13 +296,13 @@ class Delivery(service.Service):
         """The next due message, now taken by a connection; None if none is due."""
         if self._stopping:
             return None
-        now = self._now()
-        while (due := self._due()) is not None and due <= now:
-            _, _, id = heapq.heappop(self._heap)
-            self._forget(id)
-            self._active[id] = None
-            return id
-        return None
+        due = self._due()
+        if due is None or due > self._now():
+            return None
+        _, _, id = heapq.heappop(self._heap)
+        self._forget(id)
+        self._active[id] = None
+        return id
 
     def _pump(self) -> None:
         """Open connections for the due messages, then wait for the next one."""
@@ -426,6 +427,8 @@ class Delivery(service.Service):
         for target in self.settings.relay.targets:
             try:
                 return await self._connect(self.reactor, self.settings.relay, target)
+            except defer.CancelledError:
+                raise
             except Exception as e:  # noqa: BLE001 - RelayError, or a bug: try the next
                 if type(e).__name__ != "RelayError":
                     log.failure("delivery: connecting to {url} failed", url=target.url)
@@ -557,9 +560,13 @@ class Delivery(service.Service):
             for i in state.failed()
         ]
         now = datetime.fromtimestamp(self._now(), timezone.utc)
-        envelope, message = await self.spool.run(
-            self._make_bounce, claim.meta, claim.message_path, failures, self.hostname, now
-        )
+        try:
+            envelope, message = await self.spool.run(
+                self._make_bounce, claim.meta, claim.message_path, failures, self.hostname, now
+            )
+        except ValueError as e:  # a sender no bounce can go to: trying again would not help
+            log.warn("delivery: {id}: no bounce: {why}", id=claim.id, why=str(e))
+            return
         writer = self.spool.open()
         writer.write(message)
         state.bounce_id = await writer.finish(envelope, now)
