@@ -497,3 +497,53 @@ class OrphanTests(QueueTestCase):
         now = datetime.now(timezone.utc).timestamp()
         Queue(self.directory, clock=lambda: now + ORPHAN_AGE + 1).scan()
         self.assertFalse(os.path.exists(self.path(id, "eml")))
+
+
+class ExternalConsumerTests(QueueTestCase):
+    """The README's recipe for a consumer without --relay keeps to the lock protocol."""
+
+    def take(self) -> Any:
+        with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        start = readme.index("```python\nimport fcntl, os\n\ndef take(")
+        code = readme[start + len("```python\n"): readme.index("```", start + 3)]
+        namespace: dict[str, Any] = {}
+        exec(code, namespace)  # noqa: S102 - our own README
+        return namespace["take"]
+
+    def test_recipe(self) -> None:
+        take = self.take()
+        id = self.spool()
+        with self.queue.claim(id) as claim:
+            claim.save()
+            seen: list[tuple[str, str]] = []
+            take(self.directory, id, lambda *paths: seen.append(paths))
+            self.assertEqual(seen, [])  # the gateway has it
+        take(self.directory, id, lambda *paths: seen.append(paths))
+        self.assertEqual(seen, [(self.path(id, "json"), self.path(id, "eml"))])
+        self.assertEqual(os.listdir(self.directory), [])
+        self.assertIsNone(self.queue.claim(id))
+
+
+class UnreadableTests(QueueTestCase):
+    def test_logged_once(self) -> None:
+        """A message that cannot be read (permissions) is skipped, logged once, not quarantined."""
+        if os.geteuid() == 0:
+            real_open = os.open
+
+            def refuse(path: str, *args: Any) -> int:
+                if path.endswith(".state"):
+                    raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+                return real_open(path, *args)
+
+            self.patch(queue_module.os, "open", refuse)
+        id = self.spool()
+        with open(self.path(id, "state"), "w") as f:
+            f.write("{}")
+        os.chmod(self.path(id, "state"), 0)
+        with capturedLogs() as events:
+            self.assertEqual(self.queue.scan(), [])
+            self.assertEqual(self.queue.scan(), [])
+        self.assertEqual([formatEvent(e) for e in events],
+                         [f"queue: cannot read message {id} in {self.directory}: {os.strerror(errno.EACCES)}"])
+        self.assertTrue(os.path.exists(self.path(id, "json")))

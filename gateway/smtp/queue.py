@@ -337,6 +337,8 @@ class Queue:
         self._meta: dict[str, tuple[int, dict[str, Any]]] = {}
         #: Claims this object holds, so L{quarantine} can use them.
         self._claims: dict[str, Claim] = {}
+        #: Messages whose files could not be read, logged once each.
+        self._unreadable: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<Queue {self.directory!r}>"
@@ -448,6 +450,7 @@ class Queue:
         for id in list(self._meta):
             if id not in known:
                 self._meta.pop(id, None)
+        self._unreadable &= known
         entries.sort(key=lambda e: (e.received_at, e.id))
         return entries
 
@@ -463,9 +466,12 @@ class Queue:
             self._quarantine_corrupt(id, e)
             return None
         except OSError as e:
-            self._log.warn("queue: cannot read message {id} in {directory}: {reason}",
-                           id=id, directory=self.directory, reason=reason(e))
+            if id not in self._unreadable:
+                self._unreadable.add(id)
+                self._log.warn("queue: cannot read message {id} in {directory}: {reason}",
+                               id=id, directory=self.directory, reason=reason(e))
             return None
+        self._unreadable.discard(id)
         return Entry(
             id=id,
             next_attempt=state.next_attempt,
@@ -740,7 +746,7 @@ class Claim:
         """
         self._check()
         queue = self._queue
-        os.unlink(queue._path(self.id, "json"))
+        _remove(queue._path(self.id, "json"))
         queue._meta.pop(self.id, None)
         try:
             for extension in ("eml", "state"):
