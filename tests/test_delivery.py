@@ -77,10 +77,13 @@ class FakeConnection:
         self.target = target
         self.script = script
         self.sent: list[tuple[Any, ...]] = []
+        self.bodies: list[bytes] = []
         self.quits = 0
 
     def send(self, mail_from, recipients, message_path, size, auth):
         self.sent.append((mail_from, tuple(recipients), message_path, size, auth))
+        with open(message_path, "rb") as f:
+            self.bodies.append(f.read())
         outcome = self.script.pop(0)
         if isinstance(outcome, defer.Deferred):
             return outcome
@@ -113,6 +116,9 @@ class FakeRelays:
 
     def sends(self) -> list[tuple[Any, ...]]:
         return [s for c in self.connections for s in c.sent]
+
+    def bodies(self) -> list[bytes]:
+        return [b for c in self.connections for b in c.bodies]
 
 
 def fake_bounce(meta, message_path, failures, reporting_mta, now):
@@ -246,19 +252,37 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
         old = datetime.fromtimestamp(START - 3600, timezone.utc)
         id = self.submit(received_at=old)
         self.assertFalse(os.path.exists(self.path(id, "json")))
-        [(sender, (bounced,), *_)] = self.relays.sends()[1:]  # the bounce, on the same connection
+        [(sender, (bounced,), *_)] = self.relays.sends()[1:]  # the bounce
         self.assertEqual((sender, bounced), ("", "sales@example.com"))
 
     def test_bounce(self):
         """A 5xx: the message is finished and a DSN to the sender is queued and relayed."""
         self.relays.outcomes[A.url] = [[replies(250, 550), replies(250)]]
-        self.start()
+        self.start(make_bounce=None)  # the real one
         id = self.submit()
         self.assertTrue(self.gone(id))
         sends = self.relays.sends()
         self.assertEqual(sends[1][:2], ("", ("sales@example.com",)))
         self.assertIsNone(sends[1][4])  # a bounce has no submitter
         self.assertEqual(self.spool.ids(), [])
+        dsn = self.relays.bodies()[1]
+        self.assertIn(b"report-type=delivery-status", dsn)
+        self.assertIn(b"Final-Recipient: rfc822; b@example.org", dsn)
+        self.assertIn(b"Status: 5.1.1", dsn)
+        self.assertIn(b"Diagnostic-Code: smtp; 550 5.1.1 no such user", dsn)
+        self.assertIn(b"Remote-MTA: dns; a.example", dsn)
+        self.assertIn(b"Subject: hi", dsn)  # the original headers
+        self.assertNotIn(b"a@example.net", dsn.split(b"text/rfc822-headers")[0])
+
+    def test_bounce_expired(self):
+        """Recipients out of time are reported as expired (4.4.7) with the relay's last reply."""
+        self.relays.outcomes[A.url] = [[replies(451), replies(250)]]
+        self.start(make_bounce=None, max_age=60.0)
+        self.submit(rcpt_to=("a@example.net",),
+                    received_at=datetime.fromtimestamp(START - 60, timezone.utc))
+        dsn = self.relays.bodies()[1]
+        self.assertIn(b"Status: 4.4.7", dsn)
+        self.assertIn(b"Diagnostic-Code: smtp; 451 4.3.0 try later", dsn)
 
     def test_no_bounce(self):
         """No bounce for the null sender, nor for a bounce."""
