@@ -423,8 +423,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
         try:
             self.setdefault("relayTargets", []).append(parse_relay(url))
-        except ValueError as e:
-            raise usage.UsageError(f"--relay: {e}") from None
+        except ValueError as e:  # names the problem, never the URL (it may hold a password)
+            message = str(e)
+            raise usage.UsageError(
+                f"--{message}" if message.startswith("relay URL:") else f"--relay: {message}"
+            ) from None
 
     def _delivery_settings(self, hostname: str) -> DeliverySettings | None:
         try:
@@ -456,7 +459,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             try:
                 auth = RelayAuth.from_option(self["relay-auth"])
             except ValueError as e:
-                raise usage.UsageError(f"--relay-auth: {e}") from None
+                message = str(e)
+                raise usage.UsageError(
+                    message if message.startswith("--relay-auth") else f"--relay-auth: {message}"
+                ) from None
         return DeliverySettings(
             relay=RelaySettings(
                 targets=targets, ca=ca, auth=auth, helo=hostname,
