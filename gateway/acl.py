@@ -80,6 +80,39 @@ def authz_grants(policy: IAccessPolicy | None) -> Callable[[IAuthInfo, str], boo
     return authorize
 
 
+#: An RFC 5321 Dot-string: the local part sender binding compares.
+_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+)*")
+
+
+def binding_local(local: str) -> str | None:
+    """
+    A local part as sender binding compares it: unquoted, its quoted pairs
+    resolved, in lower case (C{"ceo"}, C{"c\\eo"} and C{CEO} are one
+    mailbox for any real system); None when it is then no Dot-string
+    without a C{/} (no ACL key could name it the same way).
+    """
+    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    return local.lower() if _DOT_STRING.fullmatch(local) else None
+
+
+def may_send_as(policy: IAccessPolicy | None, auth_info: IAuthInfo, sender: str) -> bool:
+    """
+    Sender binding: whether C{auth_info} may use C{sender} as the envelope
+    sender, through C{smtp/sender/DOMAIN/LOCAL} (or C{smtp/sender/DOMAIN})
+    with privilege C{send} granted by a rule written at those levels
+    (L{written_grant}): a broad rule ("authenticated users may use C{smtp}",
+    privileges C{"*"}) is no licence to send as anyone. The null sender and
+    a local part L{binding_local} cannot compare are never granted.
+    """
+    local, _, domain = sender.rpartition("@")
+    compared = binding_local(local)
+    if not sender or not compared or "/" in domain:
+        return False
+    resource = f"smtp/sender/{domain.lower()}/{compared}"
+    return written_grant(policy, auth_info, resource, "send", min_depth=3)
+
+
 def written_grant(
     policy: IAccessPolicy | None,
     auth_info: IAuthInfo,

@@ -43,7 +43,7 @@ from gateway.tls import CertificateError, ensure_certificate, server_tls
 from gateway.web.resources import check_acl_keys as check_http_keys
 from gateway.web.resources import upstream_host
 from gateway.web.server import HTTPDoor
-from gateway.web.settings import HTTPSettings
+from gateway.web.settings import HTTPSettings, InjectSettings
 
 log = Logger()
 
@@ -507,6 +507,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 )
         if self["http-upstream-ca"]:
             _check_readable("--http-upstream-ca", self["http-upstream-ca"])
+        smtp = self["smtpSettings"]
         return HTTPSettings(
             realm=self["http-realm"],
             insecure_auth=bool(self["http-insecure-auth"]),
@@ -522,6 +523,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             max_connections_per_peer=self["http-max-connections-per-peer"],
             case_sensitive_paths=bool(self["http-case-sensitive-paths"]),
             keep_method_override=bool(self["http-keep-method-override"]),
+            inject=InjectSettings(  # POST /api/inject/v1 holds messages to SMTP's rules
+                hostname=smtp.hostname,
+                max_size=smtp.max_size,
+                max_recipients=smtp.max_recipients,
+                sender_binding=smtp.sender_binding,
+            ),
         )
 
     def _smtp_settings(self) -> SMTPSettings:

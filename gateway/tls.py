@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -200,3 +201,20 @@ def server_tls(
 
     options.getContext().set_alpn_select_callback(select)
     return options
+
+
+def tls_details(transport: Any) -> dict[str, str]:
+    """
+    The TLS version and cipher of a connection, as the spool records them
+    (C{{"version": "TLSv1.3", "cipher": ...}}); empty when the transport has
+    no OpenSSL connection to ask.
+    """
+    try:
+        connection = transport.getHandle()
+        return {
+            "version": connection.get_protocol_version_name(),
+            "cipher": connection.get_cipher_name(),
+        }
+    except Exception:  # noqa: BLE001 - a transport without an OpenSSL handle
+        return {}
+

@@ -33,6 +33,7 @@ from gateway.credentials import IBearerToken
 from gateway.groups import parse_groups
 from gateway.realm import Realm, make_portal
 from gateway.web.guard import Guard
+from gateway.web.inject import InjectAPI
 from gateway.web.resources import BadTarget, WebApp, forwarded_host, parse_target
 from gateway.web.resources import resource_name as resource_of
 from gateway.web.server import GatewaySite
@@ -111,12 +112,16 @@ class Response:
 
 
 class GuardTestCase(SynchronousTestCase):
-    def make(self, checkers=None, policy=None, proxy=None, groups=None, throttle=None, **settings):
+    def make(self, checkers=None, policy=None, proxy=None, groups=None, throttle=None, spool=None,
+             **settings):
         self.clock = task.Clock()
         self.settings = HTTPSettings(**settings)
         self.realm = Realm(groups=groups) if groups is not None else Realm()
         self.policy = policy or AllowAuthenticated()
-        app = WebApp(self.policy, self.settings, proxy)
+        inject = None
+        if self.settings.inject is not None:  # the injection API, into this spool
+            inject = InjectAPI(self.policy, spool, self.settings.inject)
+        app = WebApp(self.policy, self.settings, proxy, inject)
         self.realm.register_avatar(IResource, app.avatar)
         if checkers is None:
             checkers = [users()]

@@ -17,7 +17,6 @@ state.
 
 from __future__ import annotations
 
-import re
 import socket
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -31,7 +30,7 @@ from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.acl import IAccessPolicy, written_grant
+from gateway.acl import IAccessPolicy, may_send_as
 from gateway.addresses import in_networks
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.connections import Refused, authenticated, limit_connections, login_running
@@ -40,9 +39,8 @@ from gateway.meta import ConnectionMeta
 from gateway.realm import login
 from gateway.smtp import codec, sasl
 from gateway.smtp.codec import MAX_COMMAND_LINE, MAX_DATA_LINE
-from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter
-from gateway.text import message_date
-from gateway.tls import server_tls
+from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter, received_header
+from gateway.tls import server_tls, tls_details
 
 if TYPE_CHECKING:
     from gateway.core import Core
@@ -114,26 +112,10 @@ class SubmissionFactory(protocol.ServerFactory):
         return proto
 
 
-#: An RFC 5321 Dot-string: the local part sender binding compares.
-_DOT_STRING = re.compile(r"[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+=?^_`{|}~-]+)*")
-
-
-def _binding_local(local: str) -> str | None:
-    """
-    A local part as sender binding compares it: unquoted, its quoted pairs
-    resolved, in lower case (C{"ceo"}, C{"c\\eo"} and C{CEO} are one
-    mailbox for any real system); None when it is then no Dot-string
-    without a C{/} (no ACL key could name it the same way).
-    """
-    if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
-        local = re.sub(r"\\(.)", r"\1", local[1:-1])
-    return local.lower() if _DOT_STRING.fullmatch(local) else None
-
-
 def check_acl_keys(policy: Any) -> None:
     """
     Refuse C{smtp/sender/...} ACL keys that could never match: sender binding
-    compares addresses in lower case (L{_binding_local}).
+    compares addresses in lower case (L{gateway.acl.binding_local}).
 
     @raise ValueError: naming the first such key.
     """
@@ -689,18 +671,10 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         return mailbox
 
     def _sender_allowed(self, sender: str) -> bool:
-        """C{smtp/sender/DOMAIN/LOCAL} with privilege C{send}, for the session's identity."""
+        """Sender binding (L{gateway.acl.may_send_as}) for the session's identity."""
         if self.auth_info is None:  # a trusted network: no identity to bind
             return True
-        local, _, domain = sender.rpartition("@")
-        local = _binding_local(local)
-        if not sender or not local or "/" in domain:
-            return False
-        resource = f"smtp/sender/{domain.lower()}/{local}"
-        # Granted for the address or its domain, naming "send": a broad rule
-        # ("authenticated users may use smtp", privileges "*") is no licence
-        # to send as anyone.
-        return written_grant(self.factory.policy, self.auth_info, resource, "send", min_depth=3)
+        return may_send_as(self.factory.policy, self.auth_info, sender)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._refused():
@@ -773,16 +747,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         return "ESMTP" + ("S" if self.meta.tls else "") + ("A" if self.auth_info else "")
 
     def _tls_info(self) -> dict[str, str] | None:
-        if not self.meta.tls:
-            return None
-        try:
-            connection = self.transport.getHandle()
-            return {
-                "version": connection.get_protocol_version_name(),
-                "cipher": connection.get_cipher_name(),
-            }
-        except Exception:  # noqa: BLE001 - a transport without an OpenSSL handle
-            return {}
+        return tls_details(self.transport) if self.meta.tls else None
 
     def _envelope(self) -> Envelope:
         return Envelope(
@@ -800,17 +765,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         )
 
     def _received_header(self, message_id: str) -> bytes:
-        peer = self.meta.peer_address or "unknown"
-        tls = self._tls_info()
-        using = f"\r\n\t(using {tls['version']} with cipher {tls['cipher']})" if tls else ""
-        date = message_date()
-        single = len(self._to) == 1 and self._to[0].isprintable()  # no header injection
-        for_ = f"\r\n\tfor <{self._to[0]}>" if single else ""
-        return (
-            f"Received: from {self._helo_name} ([{peer}]){using}\r\n"
-            f"\tby {self.settings.hostname} (authgateway) with {self._protocol_word()}"
-            f" id {message_id}{for_}; {date}\r\n"
-        ).encode("utf-8", "replace")
+        return received_header(self._envelope(), self.settings.hostname, message_id)
 
 
 #: The commands, by verb (anything else is L{SubmissionServer.do_UNKNOWN}).

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 
 from gateway.authinfo import AuthInfo, IdentityContext
 from gateway.fileio import fsync_directory, reason
-from gateway.text import utc_timestamp
+from gateway.text import message_date, utc_timestamp
 
 #: How a message came in: the protocol words of RFC 3848, as written in
 #: C{Received: ... with}; C{HTTP} for the injection API; C{DSN} for a
@@ -81,17 +81,64 @@ class Envelope:
 
     @property
     def authz_id(self) -> str | None:
-        """The identity the client acts as (AUTH PLAIN's authzid, or its authcid)."""
+        """
+        The identity the client acts as (AUTH PLAIN's authzid, or its
+        authcid); over HTTP, which has no authzid, the one that logged in.
+        """
         if self.auth_info is None:
             return None
-        return self.auth_info.identity_for(IdentityContext.SmtpAuthPlainAuthorization)
+        authz = self.auth_info.identity_for(IdentityContext.SmtpAuthPlainAuthorization)
+        return authz if authz is not None or self.protocol != "HTTP" else self.authn_id
 
     @property
     def authn_id(self) -> str | None:
-        """The identity whose password was checked."""
+        """The identity whose password (or, over HTTP, token) was checked."""
         if self.auth_info is None:
             return None
-        return self.auth_info.identity_for(IdentityContext.SmtpAuthPlainAuthentication)
+        contexts = _HTTP_LOGINS if self.protocol == "HTTP" else _SMTP_LOGINS
+        for context in contexts:
+            name = self.auth_info.identity_for(context)
+            if name is not None:
+                return name
+        return None
+
+
+_SMTP_LOGINS = (IdentityContext.SmtpAuthPlainAuthentication,)
+#: What an injection's login proved (L{gateway.web.inject}).
+_HTTP_LOGINS = (IdentityContext.HttpBasicAuth, IdentityContext.BearerToken)
+
+
+def received_header(envelope: Envelope, hostname: str, id: str, date: str | None = None) -> bytes:
+    """
+    The C{Received:} header (RFC 5321 4.4) the spool writes on top of a
+    message: from the client's HELO name and address (or, without a HELO,
+    as over HTTP, its address literal), the TLS in use, by C{hostname} with
+    the envelope's protocol word, the message id, the recipient when there
+    is one, and the date. Only checked values reach it: a HELO name and
+    addresses as the SMTP codec takes them, an IP address, OpenSSL's names.
+    """
+    peer = envelope.peer_address or "unknown"
+    if envelope.helo is not None:
+        origin = f"{envelope.helo} ([{peer}])"
+    elif envelope.peer_address is None:
+        origin = "unknown"
+    else:
+        origin = f"[IPv6:{peer}]" if ":" in peer else f"[{peer}]"
+    tls = envelope.tls
+    if tls and "version" in tls and "cipher" in tls:
+        using = f"\r\n\t(using {tls['version']} with cipher {tls['cipher']})"
+    elif tls is not None and envelope.helo is None:
+        using = "\r\n\t(using TLS)"  # a trusted proxy's, or a transport that does not say
+    else:
+        using = ""
+    to = envelope.rcpt_to
+    single = len(to) == 1 and to[0].isprintable()  # no header injection
+    for_ = f"\r\n\tfor <{to[0]}>" if single else ""
+    return (
+        f"Received: from {origin}{using}\r\n"
+        f"\tby {hostname} (authgateway) with {envelope.protocol}"
+        f" id {id}{for_}; {date or message_date()}\r\n"
+    ).encode("utf-8", "replace")
 
 
 def metadata(id: str, envelope: Envelope, size: int, received_at: datetime) -> dict[str, Any]:

@@ -6,6 +6,7 @@ realm builds for a session's AuthInfo.
 - C{/whoami}: the caller's AuthInfo as JSON, exactly the seed's shape.
 - C{/auth}: forward-auth for nginx C{auth_request}, Traefik ForwardAuth and
   Caddy C{forward_auth}: 200 with C{Remote-User} / C{Remote-Groups}, or 403.
+- C{POST /api/inject/v1}: the injection API (L{gateway.web.inject}).
 - anything else: the reverse proxy to C{--http-upstream}, or 404 without one.
 
 Access to paths is the ACL's: resource C{http/HOST/SEGMENT/...}, privilege
@@ -316,10 +317,14 @@ def identity_name(info: AuthInfo, credentials: Any) -> str:
 class WebApp:
     """The HTTP front door's shared parts; its L{avatar} is the realm's C{IResource}."""
 
-    def __init__(self, policy: IAccessPolicy, settings: HTTPSettings, proxy: Any = None) -> None:
+    def __init__(
+        self, policy: IAccessPolicy, settings: HTTPSettings, proxy: Any = None, inject: Any = None
+    ) -> None:
         self.policy = policy
         self.settings = settings
         self.proxy = proxy
+        #: The injection API (L{gateway.web.inject.InjectAPI}), or None.
+        self.inject = inject
         self.upstream_host = upstream_host(settings.upstream) if settings.upstream else None
         if settings.trusted_proxies and not settings.hosts:
             log.warn(
@@ -380,6 +385,9 @@ class Session(resource.Resource):
         return self.info
 
     def getChild(self, name: bytes, request: server.Request) -> resource.IResource:
+        inject = self.app.inject
+        if inject is not None and request.path == inject.path:  # exactly, as written
+            return inject.resource(self)
         if not request.postpath:
             if name == WHOAMI:
                 return Whoami(self)

@@ -29,6 +29,8 @@ from gateway.twistedinternals import (
     request_line,
 )
 from gateway.web.guard import Guard
+from gateway.web.inject import PATH as INJECT_PATH
+from gateway.web.inject import InjectAPI
 from gateway.web.messages import Refusal
 from gateway.web.proxy import UpstreamProxy
 from gateway.web.resources import WebApp
@@ -146,7 +148,9 @@ class GatewayRequest(server.Request):
     is answered at once and the connection closed, its body never read; a
     request let through is processed at once, its body following as an
     L{Upload}. An unauthenticated client can thus make the gateway read at
-    most C{--http-max-body} octets of body.
+    most C{--http-max-body} octets of body. The injection API
+    (L{gateway.web.inject.PATH}, exactly) is decided the same way, with or
+    without an upstream, within its own bound (L{InjectSettings.max_body}).
     """
 
     # What the gateway's resources note on a request, for each other (one
@@ -174,10 +178,14 @@ class GatewayRequest(server.Request):
     _in_headers = False
     #: The target is one of the gateway's own resources (read first, small limit).
     _own = False
+    #: The target is the injection API (its own limit; decided before a large body).
+    _inject = False
     _waiting: Upload | None = None
 
     def _limit(self) -> int:
         settings = self.channel.site.settings
+        if self._inject:
+            return settings.inject.max_body
         if settings.upstream and not self._own:
             return settings.max_upstream_body
         return settings.max_body
@@ -192,10 +200,13 @@ class GatewayRequest(server.Request):
             self.path = self.uri.partition(b"?")[0]
         # Without the line (a Twisted that no longer says): read first, the small limit.
         self._own = line is None or unquote_to_bytes(self.path) in _OWN_PATHS
+        # The injection API: its own bound, and decided early like a proxied
+        # request (exactly the path the resources route to it).
+        self._inject = line is not None and settings.inject is not None and self.path == INJECT_PATH
         if length is not None and length > self._limit():
             self._too_large()
         super().gotLength(length)
-        if self._refused or not settings.upstream or self._own:
+        if self._refused or self._own or not (settings.upstream or self._inject):
             return
         if length is None or length > min(settings.max_body, STREAM_ABOVE):
             self.args = parse_qs(self.uri.partition(b"?")[2], 1)
@@ -455,7 +466,10 @@ class HTTPDoor:
                 keep_method_override=settings.keep_method_override,
             )
             core.attach(OnStop(proxy.close))
-        self.app = WebApp(core.policy, settings, proxy)
+        inject = None
+        if settings.inject is not None:
+            inject = InjectAPI(core.policy, core.spool, settings.inject)
+        self.app = WebApp(core.policy, settings, proxy, inject)
         core.realm.register_avatar(IResource, self.app.avatar)
 
     def listen(

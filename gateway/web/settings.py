@@ -9,6 +9,33 @@ from gateway.addresses import IPNetwork
 
 
 @attrs.frozen
+class InjectSettings:
+    """
+    What C{POST /api/inject/v1} takes (L{gateway.web.inject}): the SMTP
+    submission's bounds and name, so a message is held to the same rules
+    whichever door it came through.
+    """
+
+    #: The name in the Received header (--smtp-hostname).
+    hostname: str
+    #: Largest message (--smtp-max-size), once decoded from the JSON.
+    max_size: int
+    #: Recipients per message (--smtp-max-recipients).
+    max_recipients: int
+    #: The envelope sender must be one the ACL grants (--smtp-sender-binding).
+    sender_binding: bool = False
+
+    @property
+    def max_body(self) -> int:
+        """
+        Largest JSON body: the message plus a quarter for its escaping
+        (C{\\r\\n} for each line end, C{\\/}, a few C{\\u} escapes) and
+        64 KiB for the envelope.
+        """
+        return self.max_size + self.max_size // 4 + 64 * 1024
+
+
+@attrs.frozen
 class HTTPSettings:
     """What the operator chose for the HTTP listeners."""
 
@@ -38,3 +65,5 @@ class HTTPSettings:
     case_sensitive_paths: bool = False
     #: Pass X-HTTP-Method-Override and kin upstream (the ACL then checks them too).
     keep_method_override: bool = False
+    #: C{POST /api/inject/v1} into the spool; None: no injection API.
+    inject: InjectSettings | None = None
