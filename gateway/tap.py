@@ -34,12 +34,14 @@ from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.smtp import sasl
-from gateway.smtp.delivery import DeliverySettings
+from gateway.smtp.delivery import Delivery, DeliverySettings
+from gateway.smtp.queue import Queue
+from gateway.smtp.relay import RelayAuth, RelaySettings, parse_relay
 from gateway.smtp.server import SMTPDoor, SMTPSettings
 from gateway.smtp.server import check_acl_keys as check_smtp_keys
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSDoor, SOCKSSettings
-from gateway.tls import CertificateError, ensure_certificate, server_tls
+from gateway.tls import CertificateError, ensure_certificate, load_ca_file, server_tls
 from gateway.web.resources import check_acl_keys as check_http_keys
 from gateway.web.resources import upstream_host
 from gateway.web.server import HTTPDoor
@@ -285,7 +287,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "Waits before the 2nd, 3rd... attempt (s, m, h, d); the last repeats."],
         ["relay-max-age", None, format_duration(default_of(DeliverySettings, "max_age")),
          "Age (s, m, h, d) at which a message's undelivered recipients fail."],
-        _number("relay-timeout", 300.0, "Seconds to wait for a relay's reply to a command.", float),
+        _number("relay-timeout", default_of(RelaySettings, "command_timeout"),
+                "Seconds to wait for a relay's reply to a command.", float),
     ]
 
     optFlags = [
@@ -419,8 +422,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         Relay accepted messages to this smtp://, smtps:// or lmtp:// URL
         (repeatable: failover in order); without it they stay in the spool.
         """
-        from gateway.smtp.relay import parse_relay
-
         try:
             self.setdefault("relayTargets", []).append(parse_relay(url))
         except ValueError as e:  # names the problem, never the URL (it may hold a password)
@@ -444,12 +445,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 if self[option]:
                     raise usage.UsageError(f"--{option} needs --relay")
             return None
-        from gateway.smtp.relay import RelayAuth, RelaySettings
-
         ca = None
         if self["relay-ca"]:
-            from gateway.tls import load_ca_file
-
             try:
                 ca = load_ca_file(self["relay-ca"])
             except ValueError as e:
@@ -729,9 +726,6 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         from twisted.internet import reactor  # twistd's; the only global used
     core = build_core(options["coreSettings"], reactor)
     if options["deliverySettings"] is not None:
-        from gateway.smtp.delivery import Delivery
-        from gateway.smtp.queue import Queue
-
         core.attach(Delivery(
             reactor, core.spool, Queue(core.spool.directory), options["deliverySettings"],
             options["smtpSettings"].hostname,

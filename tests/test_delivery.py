@@ -12,16 +12,26 @@ import os
 from datetime import datetime, timezone
 from typing import Any
 
-import attrs
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet.threads import deferToThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway.smtp.delivery import Delivery, DeliverySettings, retry_delay
 from gateway.smtp.queue import Queue
+from gateway.smtp.relay import (
+    RelayAuth,
+    RelayError,
+    RelaySettings,
+    RelayTarget,
+    Reply,
+    SendResult,
+    parse_relay,
+)
 from gateway.smtp.spool import Envelope, Spool
 
+from .relay_support import make_ca, start_relay
 from .test_spool import envelope, synchronous
 
 #: Unix time the tests start at (2026-11-26T10:00:00Z).
@@ -29,51 +39,16 @@ START = 1795687200.0
 BODY = b"Received: from client.example\r\n\tby gw.example with ESMTPSA id x; date\r\nSubject: hi\r\n\r\nbody\r\n"
 
 
-class RelayError(Exception):
-    """Stands for L{gateway.smtp.relay.RelayError}."""
-
-    def __init__(self, message: str, temporary: bool = True) -> None:
-        super().__init__(message)
-        self.temporary = temporary
-
-
-@attrs.frozen
-class Target:
-    url: str
-    tls: str = "starttls"
-
-
-@attrs.frozen
-class Settings:
-    targets: tuple[Target, ...]
-    auth: Any = None
-
-
-@attrs.frozen
-class Reply:
-    code: int
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.text}"
-
-
-@attrs.frozen
-class Result:
-    replies: tuple[Reply, ...]
-    usable: bool = True
-
-
-def replies(*codes: int, usable: bool = True) -> Result:
+def replies(*codes: int, usable: bool = True) -> SendResult:
     texts = {250: "2.0.0 Ok: queued", 451: "4.3.0 try later", 550: "5.1.1 no such user",
              452: "4.4.2 connection lost"}
-    return Result(tuple(Reply(code, texts[code]) for code in codes), usable)
+    return SendResult(tuple(Reply(code, texts[code]) for code in codes), usable)
 
 
 class FakeConnection:
     """A relay connection whose answers the test scripts (a Result, or a Deferred of one)."""
 
-    def __init__(self, target: Target, script: list[Any]) -> None:
+    def __init__(self, target: RelayTarget, script: list[Any]) -> None:
         self.target = target
         self.script = script
         self.sent: list[tuple[Any, ...]] = []
@@ -132,8 +107,8 @@ def fake_bounce(meta, message_path, failures, reporting_mta, now):
     return envelope, report.encode() + b"\r\n" + headers + b"\r\n"
 
 
-A = Target("smtp://a.example:25")
-B = Target("smtp://b.example:25")
+A = parse_relay("smtp://a.example")
+B = parse_relay("smtp://b.example")
 
 
 class DeliveryTestsMixin:
@@ -146,7 +121,7 @@ class DeliveryTestsMixin:
         self.relays = FakeRelays()
 
     def start(self, targets=(A,), auth=None, make_bounce=fake_bounce, **changes: Any) -> Delivery:
-        settings = DeliverySettings(relay=Settings(tuple(targets), auth), **changes)
+        settings = DeliverySettings(relay=RelaySettings(tuple(targets), auth=auth), **changes)
         self.delivery = Delivery(self.reactor, self.spool, self.queue, settings, "gw.example",
                                  connect=self.relays, make_bounce=make_bounce)
         self.delivery.startService()
@@ -496,11 +471,80 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
     def test_start_log(self):
         """The start names the relays, and warns about what weakens them; never a password."""
         with capturedLogs() as events:
-            self.start(targets=(A, Target("smtp://c.example?tls=insecure", "insecure"),
-                                Target("lmtp://d.example", "none")), auth="gateway:tiger")
+            self.start(targets=(A, parse_relay("smtp://c.example?tls=insecure"),
+                                parse_relay("lmtp://d.example")), auth=RelayAuth("gw", "tiger"))
         lines = [formatEvent(e) for e in events]
-        self.assertIn("smtp://a.example:25, smtp://c.example?tls=insecure, lmtp://d.example",
+        self.assertIn("smtp://a.example:25, smtp://c.example:25?tls=insecure, lmtp://d.example:24",
                       lines[0])
         self.assertIn("not verified", lines[1])
         self.assertIn("without TLS", lines[2])
         self.assertNotIn("tiger", " ".join(lines))
+
+
+class LoopbackTests(TestCase):
+    """
+    The real relay client and a real SMTP server we did not write (aiosmtpd):
+    STARTTLS verified against a test CA, AUTH to the relay, the submitter passed on.
+    """
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.directory = self.mktemp()
+        self.spool = Spool(self.directory, threadpool_runner=lambda f, *a: deferToThreadPool(
+            reactor, reactor.getThreadPool(), f, *a))
+        self.queue = Queue(self.directory)
+
+    def start(self, **relay_options: Any) -> Any:
+        ca = make_ca()
+        relay = start_relay(self, ca=ca, users={"gw": "pw"}, **relay_options)
+        settings = DeliverySettings(relay=RelaySettings(
+            (parse_relay(relay.url()),), ca=(ca.certificate,), auth=RelayAuth("gw", "pw"),
+            helo="gw.example", connect_timeout=10, command_timeout=10, data_timeout=10,
+        ))
+        delivery = Delivery(self.reactor, self.spool, self.queue, settings, "gw.example")
+        delivery.startService()
+        self.addCleanup(delivery.stopService)
+        return relay
+
+    async def submit(self, **changes: Any) -> str:
+        writer = self.spool.open()
+        writer.write(BODY)
+        return await writer.finish(envelope(**changes))
+
+    async def wait_gone(self, id: str) -> None:
+        for _ in range(400):
+            if not os.path.exists(os.path.join(self.directory, f"{id}.json")):
+                return
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+        self.fail(f"{id} is still queued")
+
+    @defer.inlineCallbacks
+    def test_relayed(self):
+        """The message reaches the relay over verified TLS with its Received header and AUTH=."""
+        relay = self.start(mail_auth=True)
+        id = yield defer.ensureDeferred(self.submit())
+        yield relay.handler.wait_messages(1, self.reactor)
+        [got] = relay.handler.messages
+        self.assertEqual((got.mail_from, got.rcpt_tos), ("sales@example.com",
+                                                         ["a@example.net", "b@example.org"]))
+        self.assertIn("AUTH=sales@example.com", got.mail_params)
+        self.assertEqual((got.login, got.tls), ("gw", True))
+        self.assertTrue(got.content.startswith(b"Received: from client.example"))
+        yield defer.ensureDeferred(self.wait_gone(id))
+
+    @defer.inlineCallbacks
+    def test_refused_and_bounced(self):
+        """A relay refusing AUTH= (555, stock aiosmtpd) still gets it; a 550 bounces to the sender."""
+        relay = self.start()
+        relay.handler.rcpt["b@example.org"] = "550 5.1.1 no such user"
+        id = yield defer.ensureDeferred(self.submit())
+        yield relay.handler.wait_messages(2, self.reactor)
+        message, dsn = relay.handler.messages
+        self.assertEqual(message.rcpt_tos, ["a@example.net"])
+        self.assertEqual((dsn.mail_from, dsn.rcpt_tos), ("<>", ["sales@example.com"]))
+        self.assertIn(b"Diagnostic-Code: smtp; 550 5.1.1 no such user", dsn.content)
+        yield defer.ensureDeferred(self.wait_gone(id))

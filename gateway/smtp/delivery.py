@@ -22,7 +22,7 @@ import heapq
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 from twisted.application import service
@@ -31,12 +31,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.fileio import reason
+from gateway.smtp import relay
 from gateway.smtp.queue import Claim, Queue, QueueError
-from gateway.smtp.spool import Envelope, Spool
+from gateway.smtp.relay import RelayConnection, RelayError, RelaySettings, SendResult
+from gateway.smtp.spool import Envelope, Spool, SpoolError
 from gateway.text import utc_timestamp
-
-if TYPE_CHECKING:
-    from gateway.smtp.relay import RelayConnection, RelaySettings, SendResult
 
 log = Logger()
 
@@ -164,12 +163,10 @@ class Delivery(service.Service):
         queue: Queue,
         settings: DeliverySettings,
         hostname: str,
-        connect: Callable[..., defer.Deferred[RelayConnection]] | None = None,
+        connect: Callable[..., defer.Deferred[RelayConnection]] = relay.connect,
         wall_clock: Callable[[], float] | None = None,
         make_bounce: Callable[..., tuple[Envelope, bytes]] | None = None,
     ) -> None:
-        if connect is None:
-            from gateway.smtp.relay import connect
         self._make_bounce = make_bounce if make_bounce is not None else dsn_bounce
         self.reactor = reactor
         self.spool = spool
@@ -203,17 +200,17 @@ class Delivery(service.Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        relay = self.settings.relay
+        settings = self.settings.relay
         log.info(
             "delivery: relaying through {relays} ({connections} connections)",
-            relays=", ".join(target.url for target in relay.targets),
+            relays=", ".join(target.url for target in settings.targets),
             connections=self.settings.connections,
         )
-        for target in relay.targets:
+        for target in settings.targets:
             if target.tls == "insecure":
                 log.warn("delivery: {url}: TLS certificate not verified (tls=insecure)",
                          url=target.url)
-            elif target.tls == "none" and relay.auth is not None:
+            elif target.tls == "none" and settings.auth is not None:
                 log.warn("delivery: {url}: relay password sent without TLS (tls=none)",
                          url=target.url)
         self.spool.committed.append(self._committed)
@@ -430,7 +427,7 @@ class Delivery(service.Service):
             except defer.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - RelayError, or a bug: try the next
-                if type(e).__name__ != "RelayError":
+                if not isinstance(e, RelayError):
                     log.failure("delivery: connecting to {url} failed", url=target.url)
                 errors.append(f"{_why(e)} ({target.url})")
         self._paused_until = self._now() + self.settings.retry[0]
@@ -592,6 +589,6 @@ class Delivery(service.Service):
 
 def _why(e: BaseException) -> str:
     """One line on a failure: the exception's own text for ours, else the OS's reason."""
-    if type(e).__name__ in ("RelayError", "QueueError", "SpoolError", "_RelaysFailed"):
+    if isinstance(e, (RelayError, QueueError, SpoolError, _RelaysFailed)):
         return str(e)
     return reason(e)
