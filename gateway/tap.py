@@ -34,11 +34,14 @@ from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.smtp import sasl
+from gateway.smtp.delivery import Delivery, DeliverySettings
+from gateway.smtp.queue import Queue
+from gateway.smtp.relay import RelayAuth, RelaySettings, parse_relay
 from gateway.smtp.server import SMTPDoor, SMTPSettings
 from gateway.smtp.server import check_acl_keys as check_smtp_keys
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSDoor, SOCKSSettings
-from gateway.tls import CertificateError, ensure_certificate, server_tls
+from gateway.tls import CertificateError, ensure_certificate, load_ca_file, server_tls
 from gateway.web.resources import check_acl_keys as check_http_keys
 from gateway.web.resources import upstream_host
 from gateway.web.server import HTTPDoor
@@ -84,6 +87,31 @@ def _positive(option: str, kind: type, zero: bool = False) -> Callable[[str], An
 
 def _number(option: str, default: Any, doc: str, kind: type, zero: bool = False) -> list[Any]:
     return [option, None, default, doc, _positive(option, kind, zero)]
+
+
+#: Seconds per unit of a duration (C{--relay-retry}, C{--relay-max-age}).
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in C{90}, C{90s}, C{5m}, C{1.5h} or C{5d}; ValueError unless above 0."""
+    text = text.strip().lower()
+    scale = _DURATION_UNITS.get(text[-1:], None)
+    try:
+        value = float(text[:-1] if scale is not None else text) * (scale or 1)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{text!r} is not a duration (a number > 0 and s, m, h or d)")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest spelling L{parse_duration} reads back as C{seconds}: C{1h}, C{90s}."""
+    for unit, scale in sorted(_DURATION_UNITS.items(), key=lambda item: -item[1]):
+        if seconds >= scale and seconds % scale == 0:
+            return f"{seconds / scale:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def default_of(owner: Any, name: str) -> Any:
@@ -248,6 +276,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("socks-max-pending-logins-per-network",
                 default_of(SOCKSSettings, "max_pending_logins_per_network"),
                 "SOCKS logins in flight per network (IPv4 /24, IPv6 /48).", int),
+        # Delivery (with --relay).
+        ["relay-ca", None, None, "PEM CA certificates for the relays' TLS (default: the system's)."],
+        ["relay-auth", None, None,
+         "USER:FILE: log in to the relay as USER with the password on FILE's first line."],
+        _number("relay-connections", default_of(DeliverySettings, "connections"),
+                "Relay connections open at once.", int),
+        ["relay-retry", None,
+         ",".join(format_duration(s) for s in default_of(DeliverySettings, "retry")),
+         "Waits before the 2nd, 3rd... attempt (s, m, h, d); the last repeats."],
+        ["relay-max-age", None, format_duration(default_of(DeliverySettings, "max_age")),
+         "Age (s, m, h, d) at which a message's undelivered recipients fail."],
+        _number("relay-timeout", default_of(RelaySettings, "command_timeout"),
+                "Seconds to wait for a relay's reply to a command.", float),
     ]
 
     optFlags = [
@@ -375,6 +416,59 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self.setdefault("socksAllow", []).append(AllowRule.parse(rule))
         except ValueError as e:
             raise usage.UsageError(f"--socks-allow {e}") from None
+
+    def opt_relay(self, url: str) -> None:
+        """
+        Relay accepted messages to this smtp://, smtps:// or lmtp:// URL
+        (repeatable: failover in order); without it they stay in the spool.
+        """
+        try:
+            self.setdefault("relayTargets", []).append(parse_relay(url))
+        except ValueError as e:  # names the problem, never the URL (it may hold a password)
+            message = str(e)
+            raise usage.UsageError(
+                f"--{message}" if message.startswith("relay URL:") else f"--relay: {message}"
+            ) from None
+
+    def _delivery_settings(self, hostname: str) -> DeliverySettings | None:
+        try:
+            retry = tuple(parse_duration(d) for d in self["relay-retry"].split(","))
+        except ValueError as e:
+            raise usage.UsageError(f"--relay-retry: {e}") from None
+        try:
+            max_age = parse_duration(self["relay-max-age"])
+        except ValueError as e:
+            raise usage.UsageError(f"--relay-max-age: {e}") from None
+        targets = tuple(self.get("relayTargets", ()))
+        if not targets:
+            for option in ("relay-ca", "relay-auth"):
+                if self[option]:
+                    raise usage.UsageError(f"--{option} needs --relay")
+            return None
+        ca = None
+        if self["relay-ca"]:
+            try:
+                ca = load_ca_file(self["relay-ca"])
+            except ValueError as e:
+                raise usage.UsageError(f"--relay-ca: {e}") from None
+        auth = None
+        if self["relay-auth"]:
+            try:
+                auth = RelayAuth.from_option(self["relay-auth"])
+            except ValueError as e:
+                message = str(e)
+                raise usage.UsageError(
+                    message if message.startswith("--relay-auth") else f"--relay-auth: {message}"
+                ) from None
+        return DeliverySettings(
+            relay=RelaySettings(
+                targets=targets, ca=ca, auth=auth, helo=hostname,
+                command_timeout=self["relay-timeout"],
+            ),
+            connections=self["relay-connections"],
+            retry=retry,
+            max_age=max_age,
+        )
 
     def _socks_settings(self) -> SOCKSSettings:
         mode = self["socks-auth"].strip().lower()
@@ -520,6 +614,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["smtp-sender-binding"] and not self["acl"]:
             raise usage.UsageError("--smtp-sender-binding needs --acl: the ACL says who may send as whom")
         self["smtpSettings"] = self._smtp_settings()
+        self["deliverySettings"] = self._delivery_settings(self["smtpSettings"].hostname)
         self["httpSettings"] = self._http_settings()
         self["socksSettings"] = self._socks_settings()
 
@@ -630,6 +725,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     if reactor is None:
         from twisted.internet import reactor  # twistd's; the only global used
     core = build_core(options["coreSettings"], reactor)
+    if options["deliverySettings"] is not None:
+        core.attach(Delivery(
+            reactor, core.spool, Queue(core.spool.directory), options["deliverySettings"],
+            options["smtpSettings"].hostname,
+        ))
     rows = [row for row in FRONT_DOORS if row.option in options["endpoints"]]
     doors = {
         name: make(core, options[settings])

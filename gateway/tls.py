@@ -23,6 +23,7 @@ from OpenSSL import SSL
 from twisted.internet import ssl
 
 from gateway.fileio import fsync_directory
+from gateway.text import quote
 
 SELF_SIGNED_VALIDITY = datetime.timedelta(days=825)
 
@@ -106,6 +107,22 @@ def _read(path: str, what: str) -> bytes:
             return f.read()
     except OSError as e:
         raise CertificateError(f"cannot read TLS {what} {path}: {e.strerror}") from None
+
+
+def load_ca_file(path: str) -> tuple[ssl.Certificate, ...]:
+    """
+    The CA certificates in PEM file C{path} (a peer's trust roots);
+    ValueError with a one-line message when there are none.
+    """
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+        certificates = x509.load_pem_x509_certificates(pem)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load CA file {quote(path)}: {e}") from None
+    return tuple(
+        ssl.Certificate.loadPEM(c.public_bytes(serialization.Encoding.PEM)) for c in certificates
+    )
 
 
 def load_certificate(cert_path: str, key_path: str | None = None) -> ssl.PrivateCertificate:

@@ -215,6 +215,76 @@ class OptionsTests(SynchronousTestCase):
         self.assertTrue(str(e.code).startswith("twistd authgateway: error: --auth bogus:"))
 
 
+class RelayOptionsTests(SynchronousTestCase):
+    """The --relay* options: durations, the settings they build, their checks."""
+
+    parse = OptionsTests.parse
+    assertUsage = OptionsTests.assertUsage
+
+    def test_durations(self):
+        self.assertEqual([tap.parse_duration(t) for t in ("90", "90s", "5m", "1.5h", "5d", " 2M ")],
+                         [90, 90, 300, 5400, 432000, 120])
+        for bad in ("", "m", "0", "-1m", "1w", "nan", "infs", "1e999d"):
+            self.assertRaises(ValueError, tap.parse_duration, bad)
+        for seconds in (1, 59, 60, 90, 300, 3600, 5400, 86400, 432000, 0.5):
+            self.assertEqual(tap.parse_duration(tap.format_duration(seconds)), seconds)
+        self.assertEqual(tap.format_duration(3600), "1h")
+
+    def test_defaults(self):
+        """Without --relay there is no delivery (messages stay for a consumer)."""
+        options = self.parse()
+        self.assertIsNone(options["deliverySettings"])
+        self.assertEqual((options["relay-retry"], options["relay-max-age"]), ("1m,5m,15m,1h", "5d"))
+
+    def test_relay(self):
+        """--relay (repeatable, in order) and its companions make the delivery settings."""
+        from gateway.smtp.relay import RelayAuth
+        from gateway.tls import ensure_certificate
+
+        ca, _, certificate = ensure_certificate(self.mktemp())
+        password = self.mktemp()
+        with open(password, "w") as f:
+            f.write("tiger\nignored\n")
+        options = self.parse(
+            "--smtp-hostname", "gw.example",
+            "--relay", "smtp://mail.example.net:587", "--relay", "lmtp:///run/lmtp.sock",
+            "--relay-ca", ca, "--relay-auth", f"gateway:{password}",
+            "--relay-connections", "2", "--relay-retry", "30s,2m", "--relay-max-age", "1d",
+            "--relay-timeout", "60",
+        )
+        settings = options["deliverySettings"]
+        self.assertEqual([t.url for t in settings.relay.targets],
+                         ["smtp://mail.example.net:587", "lmtp:///run/lmtp.sock"])
+        self.assertEqual(settings.relay.auth, RelayAuth("gateway", "tiger"))
+        self.assertEqual([c.digest() for c in settings.relay.ca], [certificate.digest()])
+        self.assertEqual((settings.relay.helo, settings.relay.command_timeout), ("gw.example", 60))
+        self.assertEqual((settings.connections, settings.retry, settings.max_age),
+                         (2, (30.0, 120.0), 86400.0))
+        defaults = self.parse("--relay", "smtps://mail.example.net")["deliverySettings"]
+        self.assertEqual((defaults.relay.ca, defaults.relay.auth), (None, None))
+        self.assertEqual((defaults.connections, defaults.retry, defaults.max_age),
+                         (4, (60.0, 300.0, 900.0, 3600.0), 432000.0))
+        self.assertEqual(defaults.relay.command_timeout, tap.Options().defaults["relay-timeout"])
+
+    def test_bad_relay(self):
+        """Bad relay options stop the start with one line, never echoing a password."""
+        message = self.assertUsage("--relay URL: no user or password in the URL",
+                                   "--relay", "smtp://u:tiger@mail.example.net")
+        self.assertNotIn("tiger", message)
+        self.assertUsage("--relay URL: the scheme must be", "--relay", "http://mail.example.net")
+        self.assertUsage("--relay-ca: cannot load CA file", "--relay", "smtp://m.example",
+                         "--relay-ca", self.mktemp())
+        self.assertUsage("--relay-auth takes USER:FILE", "--relay", "smtp://m.example",
+                         "--relay-auth", "gateway")
+
+    def test_bad(self):
+        self.assertUsage("--relay-retry: '1x' is not a duration", "--relay-retry", "1m,1x")
+        self.assertUsage("--relay-max-age: '0' is not a duration", "--relay-max-age", "0")
+        self.assertUsage("--relay-connections '0'", "--relay-connections", "0")
+        self.assertUsage("--relay-ca needs --relay", "--relay-ca", "ca.pem")
+        self.assertUsage("--relay-auth needs --relay", "--relay-auth", "u:file")
+
+
 class MakeServiceTests(SynchronousTestCase):
     def test_service(self):
         options = tap.Options()
@@ -233,6 +303,30 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertIsInstance(inner[2525], SubmissionFactory)
         self.assertIsInstance(inner[8080], GatewaySite)
         self.assertIsInstance(inner[1080], SOCKSFactory)
+
+
+class DeliveryWiringTests(SynchronousTestCase):
+    def test_delivery_service(self):
+        """With --relay, makeService runs a Delivery on the core's spool, before the listeners."""
+        from gateway.smtp.delivery import Delivery
+
+        options = tap.Options()
+        options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b",
+                              "--smtp-hostname", "gw.example", "--relay", "smtp://m.example"])
+        svc = tap.makeService(options, reactor=MemoryReactorClock())
+        [delivery] = [s for s in svc if isinstance(s, Delivery)]
+        self.assertIs(delivery.spool, svc.core.spool)
+        self.assertEqual(delivery.queue.directory, svc.core.spool.directory)
+        self.assertEqual((delivery.hostname, delivery.settings), ("gw.example", options["deliverySettings"]))
+        self.assertLess(list(svc).index(delivery), len(svc.core.services))
+
+    def test_no_delivery_without_relay(self):
+        from gateway.smtp.delivery import Delivery
+
+        options = tap.Options()
+        options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])
+        svc = tap.makeService(options, reactor=MemoryReactorClock())
+        self.assertEqual([s for s in svc if isinstance(s, Delivery)], [])
 
 
 class FrontDoorTableTests(SynchronousTestCase):

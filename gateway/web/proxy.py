@@ -25,8 +25,6 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 import attrs
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from twisted.internet import ssl, task
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer
@@ -47,6 +45,7 @@ from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
 from gateway.text import quote
+from gateway.tls import load_ca_file
 from gateway.web.messages import refusal
 
 _log = Logger()
@@ -210,15 +209,7 @@ def check_upstream(url: str) -> None:
 
 def _trust_root(ca_file: str) -> Any:
     """The certificates in PEM file C{ca_file} as a Twisted trust root."""
-    try:
-        with open(ca_file, "rb") as f:
-            pem = f.read()
-        certificates = x509.load_pem_x509_certificates(pem)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot load CA file {quote(ca_file)}: {e}") from None
-    return ssl.trustRootFromCertificates(
-        [ssl.Certificate.loadPEM(c.public_bytes(Encoding.PEM)) for c in certificates]
-    )
+    return ssl.trustRootFromCertificates(list(load_ca_file(ca_file)))
 
 
 def _check_header_text(what: str, value: str) -> None:
