@@ -162,7 +162,7 @@ class InProcessTests(TestCase):
         yield relay.handler.wait_messages(2, reactor)
         original, bounce = relay.handler.messages
         self.assertEqual(original.rcpt_tos, ["bob@example.org"])
-        self.assertEqual((bounce.mail_from, bounce.rcpt_tos), ("", ["daniel@example.com"]))
+        self.assertEqual((bounce.mail_from, bounce.rcpt_tos), ("<>", ["daniel@example.com"]))  # as aiosmtpd keeps it
         report = email.message_from_bytes(bounce.content, policy=email.policy.default)
         self.assertEqual(report.get_content_type(), "multipart/report")
         self.assertEqual(report.get_param("report-type"), "delivery-status")
