@@ -160,6 +160,7 @@ def main() -> None:
         gateway = bench.gateway(
             "authgateway", "--auth", f"memory:{USER}:{PASSWORD}",
             "--smtp", f"tcp:{smtp_port}:interface=127.0.0.1", "--smtp-insecure-auth",
+            "--smtp-max-connections-per-peer", "1000",
             "--http", "none", "--socks", "none",
             "--relay", f"smtp://127.0.0.1:{sink_port}?tls=none",
             "--relay-connections", str(args.relay_connections), data_dir=data_dir)

@@ -289,6 +289,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "Age (s, m, h, d) at which a message's undelivered recipients fail."],
         _number("relay-timeout", default_of(RelaySettings, "command_timeout"),
                 "Seconds to wait for a relay's reply to a command.", float),
+        _number("relay-inflow-delay", default_of(DeliverySettings, "inflow_delay"),
+                "Longest wait before MAIL is answered while the relay falls behind (0: none).",
+                float, zero=True),
     ]
 
     optFlags = [
@@ -468,6 +471,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             connections=self["relay-connections"],
             retry=retry,
             max_age=max_age,
+            inflow_delay=self["relay-inflow-delay"],
         )
 
     def _socks_settings(self) -> SOCKSSettings:

@@ -447,6 +447,63 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertIsNotNone(self.queue.claim(id))  # released: retried at the next start
 
+    def test_inflow(self):
+        """
+        Past inflow_limit new messages waiting for a connection, a submission
+        waits until a connection takes one, or inflow_delay at most; a relay
+        that is down holds nobody; a stop lets everyone go.
+        """
+        first, second = defer.Deferred(), defer.Deferred()
+        self.relays.outcomes[A.url] = [[first, second, replies(250)]]
+        self.start(connections=1, inflow_limit=2, inflow_delay=1.0)
+        self.assertIsNone(self.spool.admit())
+        self.submit(rcpt_to=("a@example.net",))  # taken at once: the connection waits on it
+        self.submit(rcpt_to=("a@example.net",))
+        self.assertIsNone(self.spool.admit())
+        self.submit(rcpt_to=("a@example.net",))
+        held, timed = self.spool.admit(), self.spool.admit()
+        self.reactor.advance(0.5)
+        self.assertNoResult(held)
+        first.callback(replies(250))  # the connection takes the next one: one submission may go
+        self.assertIsNone(self.successResultOf(held))
+        self.assertNoResult(timed)
+        self.reactor.advance(0.5)
+        self.assertIsNone(self.successResultOf(timed))  # inflow_delay is the longest wait
+        second.callback(replies(250))
+        self.assertEqual(len(self.relays.sends()), 3)
+        late = [self.spool.admit() for _ in range(2)]
+        self.assertEqual(late, [None, None])  # nothing waits for a connection now
+        self.delivery.stopService()
+        self.assertIsNone(self.spool.admission)
+
+    def test_inflow_relay_down(self):
+        """While every relay has failed, submissions are not held (nothing takes messages)."""
+        self.start(connections=1, inflow_limit=1, retry=(60.0,))
+        self.submit(rcpt_to=("a@example.net",))  # deferred: no relay; the pause begins
+        self.submit(rcpt_to=("a@example.net",))
+        self.assertIsNone(self.spool.admit())
+
+    def test_committed_during_scan(self):
+        """A message committed while a scan lists the spool is not forgotten by that scan."""
+        first = defer.Deferred()
+        self.relays.outcomes[A.url] = [[first, replies(250)]]
+        self.start(connections=1)
+        one = self.submit(rcpt_to=("a@example.net",))  # the only connection waits on it
+        real_scan = self.queue.scan
+        late: list[str] = []
+
+        def scan():
+            entries = real_scan()
+            late.append(self.submit(rcpt_to=("b@example.org",)))  # after the listing
+            return entries
+
+        self.queue.scan = scan
+        self.reactor.advance(15)
+        self.queue.scan = real_scan
+        first.callback(replies(250))
+        self.assertEqual([s[1] for s in self.relays.sends()], [("a@example.net",), ("b@example.org",)])
+        self.assertTrue(self.gone(one) and self.gone(late[0]))
+
     def test_deleted_while_scheduled(self):
         """A message removed by the command between scans is forgotten."""
         self.start(targets=(A,), retry=(60.0,), jitter=0.0)

@@ -9,6 +9,10 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from twisted.internet import defer
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+
 from gateway.acl import parse_acl
 from gateway.smtp import codec
 from tests.smtp_support import Client, ServerTestCase, plain
@@ -68,6 +72,28 @@ class TransactionTests(ServerTestCase):
                         b"MAIL FROM:<e@f.example>\r\n"),
             [b"250 2.1.0", b"250 2.0.0", b"503 5.5.1", b"250 2.1.0"],
         )
+
+    def test_mail_held_for_the_queue(self) -> None:
+        """
+        While the delivery queue holds new transactions back, MAIL is answered
+        once it lets this one go, and what was pipelined after it waits its turn.
+        """
+        waits: list[defer.Deferred[None]] = []
+        self.spool.admission = lambda: waits.append(defer.Deferred()) or waits[-1]
+        client = self.authenticated()
+        self.assertEqual(client.send(b"MAIL FROM:<a@b.example>\r\nRCPT TO:<c@d.example>\r\n"), [])
+        waits.pop().callback(None)
+        self.assertReplies(client.read(), [b"250 2.1.0", b"250 2.1.5"])
+
+    def test_client_gone_while_held(self) -> None:
+        """A client that leaves while its MAIL is held: the wait is cancelled, nothing logged."""
+        waits: list[defer.Deferred[None]] = []
+        self.spool.admission = lambda: waits.append(defer.Deferred()) or waits[-1]
+        client = self.authenticated()
+        client.send(b"MAIL FROM:<a@b.example>\r\n")
+        client.proto.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(waits[0].called)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_null_sender(self) -> None:
         self.assertReplies(self.authenticated().send(b"MAIL FROM:<>\r\n"), [b"250 2.1.0"])

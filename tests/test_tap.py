@@ -250,7 +250,7 @@ class RelayOptionsTests(SynchronousTestCase):
             "--relay", "smtp://mail.example.net:587", "--relay", "lmtp:///run/lmtp.sock",
             "--relay-ca", ca, "--relay-auth", f"gateway:{password}",
             "--relay-connections", "2", "--relay-retry", "30s,2m", "--relay-max-age", "1d",
-            "--relay-timeout", "60",
+            "--relay-timeout", "60", "--relay-inflow-delay", "0",
         )
         settings = options["deliverySettings"]
         self.assertEqual([t.url for t in settings.relay.targets],
@@ -260,6 +260,8 @@ class RelayOptionsTests(SynchronousTestCase):
         self.assertEqual((settings.relay.helo, settings.relay.command_timeout), ("gw.example", 60))
         self.assertEqual((settings.connections, settings.retry, settings.max_age),
                          (2, (30.0, 120.0), 86400.0))
+        self.assertEqual(settings.inflow_delay, 0.0)
+        self.assertEqual(tap.Options().defaults["relay-inflow-delay"], 1.0)
         defaults = self.parse("--relay", "smtps://mail.example.net")["deliverySettings"]
         self.assertEqual((defaults.relay.ca, defaults.relay.auth), (None, None))
         self.assertEqual((defaults.connections, defaults.retry, defaults.max_age),

@@ -18,6 +18,7 @@ removed. Every blocking file operation runs in the spool's thread pool.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import random
 from collections.abc import Awaitable, Callable, Sequence
@@ -69,6 +70,10 @@ class DeliverySettings:
     jitter: float = 0.1
     #: Seconds a stop waits for the messages in flight.
     stop_timeout: float = 30.0
+    #: New messages waiting for a connection before submissions are slowed
+    #: to the relay's pace, and the longest one waits (L{Delivery.admit}; 0: never).
+    inflow_limit: int = 100
+    inflow_delay: float = 1.0
 
 
 def retry_delay(retry: Sequence[float], attempts: int, jitter: float, draw: float) -> float:
@@ -191,6 +196,11 @@ class Delivery(service.Service):
         self._timer: Any = None
         self._scan_loop: task.LoopingCall | None = None
         self._stopping = False
+        self._committed_during_scan: set[str] = set()
+        #: New messages not taken by a connection yet, and the submissions
+        #: waiting for that backlog to shrink (see L{admit}).
+        self._fresh: set[str] = set()
+        self._admission: collections.deque[defer.Deferred[None]] = collections.deque()
 
     def __repr__(self) -> str:
         return f"<Delivery {len(self._scheduled)} scheduled, {len(self._active)} in flight>"
@@ -214,6 +224,7 @@ class Delivery(service.Service):
                 log.warn("delivery: {url}: relay password sent without TLS (tls=none)",
                          url=target.url)
         self.spool.committed.append(self._committed)
+        self.spool.admission = self.admit
         self._scan_loop = task.LoopingCall(self._scan)
         self._scan_loop.clock = self.reactor
         self._scan_loop.start(self.settings.scan_interval, now=True)
@@ -224,6 +235,10 @@ class Delivery(service.Service):
         self._stopping = True
         if self._committed in self.spool.committed:
             self.spool.committed.remove(self._committed)
+        if self.spool.admission == self.admit:
+            self.spool.admission = None
+        while self._admission:
+            self._admit_next()
         if self._scan_loop is not None and self._scan_loop.running:
             self._scan_loop.stop()
         self._disarm()
@@ -241,8 +256,39 @@ class Delivery(service.Service):
 
     def _committed(self, id: str) -> None:
         """A new message in the spool: due at once."""
+        self._committed_during_scan.add(id)
+        self._fresh.add(id)
         self._schedule(id, 0.0)
         self._pump()
+
+    # In-flow control (Postfix's in_flow_delay).
+
+    def admit(self) -> defer.Deferred[None] | None:
+        """
+        Whether a submission may start a new message now (None), or a
+        Deferred firing when it may: once the connections have taken one of
+        the new messages waiting for them, or after C{inflow_delay} seconds
+        whatever happens. While more than C{inflow_limit} new messages wait,
+        clients are thus held to the rate the relay takes them, and the
+        queue stays bounded instead of growing with the submission rate; a
+        relay that is down (every target failed) or a stop holds nobody.
+        """
+        settings = self.settings
+        if (len(self._fresh) < settings.inflow_limit or settings.inflow_delay <= 0
+                or self._stopping or self._now() < self._paused_until):
+            return None
+        d: defer.Deferred[None] = defer.Deferred(lambda d: self._admission.remove(d))
+        self._admission.append(d)
+        d.addTimeout(settings.inflow_delay, self.reactor, onTimeoutCancel=lambda *_: None)
+        return d
+
+    def _admit_next(self) -> None:
+        """The longest-waiting submission may go on."""
+        while self._admission:
+            d = self._admission.popleft()
+            if not d.called:
+                d.callback(None)
+                return
 
     def _schedule(self, id: str, due: float) -> None:
         if id in self._active or self._scheduled.get(id) == due:
@@ -255,6 +301,7 @@ class Delivery(service.Service):
         self._scheduled.pop(id, None)
 
     def _scan(self) -> defer.Deferred[None]:
+        self._committed_during_scan = set()
         d = self.spool.run(self.queue.scan)
         d.addCallbacks(self._scanned, self._scan_failed)
         return d
@@ -269,9 +316,12 @@ class Delivery(service.Service):
                 self._forget(entry.id)
             else:
                 self._schedule(entry.id, entry.next_attempt)
+        # Messages committed while the scan ran may be missing from its listing.
+        present |= self._committed_during_scan
         for id in list(self._scheduled):
             if id not in present:  # deleted, or finished by another consumer
                 self._forget(id)
+                self._fresh.discard(id)
         if len(self._heap) > 2 * len(self._scheduled) + 64:
             self._heap = [e for e in self._heap if self._scheduled.get(e[2]) == e[0]]
             heapq.heapify(self._heap)
@@ -299,6 +349,9 @@ class Delivery(service.Service):
         _, _, id = heapq.heappop(self._heap)
         self._forget(id)
         self._active[id] = None
+        if id in self._fresh:
+            self._fresh.discard(id)
+            self._admit_next()
         return id
 
     def _pump(self) -> None:

@@ -651,9 +651,21 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         if self.settings.sender_binding and not self._sender_allowed(mail.sender):
             self.reply(553, "5.7.1", "Sender address not allowed for this identity")
             return
-        self._from = mail.sender
-        self._mail_auth = self._trusted_mail_auth(mail.parameters.get("AUTH"))
-        self.reply(250, "2.1.0", "Sender OK")
+        mail_auth = self._trusted_mail_auth(mail.parameters.get("AUTH"))
+
+        def accept(_: object = None) -> None:
+            self._from = mail.sender
+            self._mail_auth = mail_auth
+            self.reply(250, "2.1.0", "Sender OK")
+
+        # With a relay behind it, the queue may hold a new transaction back
+        # for a moment (bounded) while it catches up.
+        admitted = self.factory.spool.admit()
+        if admitted is None:
+            accept()
+        else:
+            admitted.addCallbacks(accept, _client_gone)
+            self._wait(admitted)
 
     def _trusted_mail_auth(self, mailbox: str | None) -> str | None:
         """
@@ -766,6 +778,11 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
 
     def _received_header(self, message_id: str) -> bytes:
         return received_header(self._envelope(), self.settings.hostname, message_id)
+
+
+def _client_gone(reason: Failure) -> None:
+    """A wait the session cancelled because its client left: nothing to answer."""
+    reason.trap(defer.CancelledError)
 
 
 #: The commands, by verb (anything else is L{SubmissionServer.do_UNKNOWN}).

@@ -210,6 +210,9 @@ class Spool:
         #: thread, before the writer's Deferred fires (the delivery queue
         #: subscribes); an exception is logged, never the writer's failure.
         self.committed: list[Callable[[str], None]] = []
+        #: Asked before a new message is started (L{admit}); the delivery
+        #: queue sets it to slow submissions down to the relay's pace.
+        self.admission: Callable[[], Deferred[None] | None] | None = None
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as e:
@@ -254,6 +257,10 @@ class Spool:
                 self._announce(result)
                 d.callback(result)
         self._next_batch()
+
+    def admit(self) -> Deferred[None] | None:
+        """None when a new message may start now, else a Deferred firing when it may."""
+        return None if self.admission is None else self.admission()
 
     def _announce(self, id: str) -> None:
         for subscriber in self.committed:
