@@ -278,6 +278,29 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
         self.assertEqual(self.relays.attempts, [A.url, B.url])
         self.assertEqual(self.state(id)["recipients"][0]["relay"], B.url)
 
+    def test_failover_mid_session(self):
+        """
+        A relay that breaks the session before any recipient's outcome (421,
+        lost): the next target gets the same attempt; one that answered a
+        recipient, or the last target, keeps it.
+        """
+        self.relays.outcomes[A.url] = [[replies(452, 452, usable=False)],
+                                       [replies(250, 452, usable=False)],
+                                       [replies(452, usable=False)]]
+        self.relays.outcomes[B.url] = [[replies(250, 250)], [replies(452, usable=False)]]
+        self.start(targets=(A, B), connections=1)
+        moved = self.submit()
+        self.assertEqual(self.relays.attempts, [A.url, B.url])
+        self.assertTrue(self.gone(moved))
+        partly = self.submit()  # a answered: no failover, b waits for its retry
+        self.assertEqual(self.relays.attempts[2:], [A.url])
+        self.assertEqual([r["status"] for r in self.state(partly)["recipients"]],
+                         ["delivered", "pending"])
+        last = self.submit(rcpt_to=("a@example.net",))  # both break: recorded as the last one's
+        self.assertEqual(self.relays.attempts[3:], [A.url, B.url])
+        self.assertEqual(self.state(last)["recipients"][0]["relay"], B.url)
+        self.assertEqual(self.delivery._paused_until, 0.0)  # both took a connection
+
     def test_no_relay(self):
         """Every target fails: the message is deferred with their errors; no new connection for a while."""
         self.start(targets=(A, B), retry=(60.0,), jitter=0.0)

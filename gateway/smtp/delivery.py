@@ -37,7 +37,13 @@ from twisted.python.failure import Failure
 from gateway.fileio import reason
 from gateway.smtp import relay
 from gateway.smtp.queue import Claim, Queue, QueueError, QueueState
-from gateway.smtp.relay import RelayConnection, RelayError, RelaySettings, SendResult
+from gateway.smtp.relay import (
+    RelayConnection,
+    RelayError,
+    RelaySettings,
+    RelayTarget,
+    SendResult,
+)
 from gateway.smtp.spool import Envelope, Spool, SpoolError
 from gateway.text import utc_timestamp
 
@@ -460,18 +466,32 @@ class Delivery(service.Service):
                 self._defer_all(claim, str(relays_failed))
                 await self._conclude(claim, envelope)
                 return None
-            try:
-                result = await connection.send(
-                    envelope.mail_from,
-                    [envelope.rcpt_to[i] for i in state.pending()],
-                    claim.message_path,
-                    envelope.size,
-                    envelope.auth,
-                )
-            except OSError as e:  # the message file cannot be read: nothing was sent
-                keep_claim = True
-                await self._quarantine(id, f"cannot read the message: {reason(e)}")
-                return connection
+            while True:
+                try:
+                    result = await connection.send(
+                        envelope.mail_from,
+                        [envelope.rcpt_to[i] for i in state.pending()],
+                        claim.message_path,
+                        envelope.size,
+                        envelope.auth,
+                    )
+                except OSError as e:  # the message file cannot be read: nothing was sent
+                    keep_claim = True
+                    await self._quarantine(id, f"cannot read the message: {reason(e)}")
+                    return connection
+                if result.usable or any(not reply.temporary for reply in result.replies):
+                    break
+                # The relay broke the session (421, lost, stalled) before any
+                # recipient's outcome: the next target gets this attempt.
+                try:
+                    following = await self._open(after=connection.target)
+                except _RelaysFailed:
+                    break  # recorded below as this target's answer
+                log.info("delivery: {id}: {url} broke the session ({reply}); trying {next}",
+                         id=id, url=connection.target.url, reply=str(result.replies[0]),
+                         next=following.target.url)
+                await self._quit(connection)
+                connection = following
             keep_claim = True
             self._apply(claim, connection.target.url, result)
             if not result.usable:
@@ -485,10 +505,19 @@ class Delivery(service.Service):
             if not keep_claim:
                 await self._release(claim)
 
-    async def _open(self) -> RelayConnection:
-        """A connection to the first target that takes one (failover in order)."""
+    async def _open(self, after: RelayTarget | None = None) -> RelayConnection:
+        """
+        A connection to the first target that takes one (failover in order),
+        or to the first after C{after} that does (then a failure of them all
+        pauses nothing: the targets before it took a connection).
+        """
+        targets = self.settings.relay.targets
+        if after is not None:
+            targets = targets[targets.index(after) + 1:]
+            if not targets:
+                raise _RelaysFailed("no further relay")
         errors = []
-        for target in self.settings.relay.targets:
+        for target in targets:
             try:
                 return await self._connect(self.reactor, self.settings.relay, target)
             except defer.CancelledError:
@@ -497,10 +526,11 @@ class Delivery(service.Service):
                 if not isinstance(e, RelayError):
                     log.failure("delivery: connecting to {url} failed", url=target.url)
                 errors.append(f"{_why(e)} ({target.url})")
-        self._paused_until = self._now() + self.settings.retry[0]
         message = "; ".join(errors)[:MAX_ERROR]
-        log.warn("delivery: no relay available, pausing {seconds:.0f} s: {errors}",
-                 seconds=self.settings.retry[0], errors=message)
+        if after is None:
+            self._paused_until = self._now() + self.settings.retry[0]
+            log.warn("delivery: no relay available, pausing {seconds:.0f} s: {errors}",
+                     seconds=self.settings.retry[0], errors=message)
         raise _RelaysFailed(message)
 
     async def _quit(self, connection: RelayConnection) -> None:
