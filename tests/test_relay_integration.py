@@ -57,7 +57,7 @@ class RelayIntegrationTests(TestCase):
         [received] = relay.handler.messages
         self.assertEqual(received.content, MESSAGE)  # dot-stuffed on the wire, unstuffed there
         self.assertEqual((received.mail_from, received.rcpt_tos), ("s@example.com", ["a@example.net", "b@example.net"]))
-        self.assertEqual(received.mail_params, [f"SIZE={len(MESSAGE)}"])
+        self.assertEqual(received.mail_params, [f"SIZE={len(MESSAGE)}", "BODY=8BITMIME"])
         yield connection.quit()
 
     @defer.inlineCallbacks
@@ -167,7 +167,8 @@ class RelayIntegrationTests(TestCase):
         self.assertEqual([m.login for m in relay.handler.messages], ["gw", "gw"])
         size = f"SIZE={len(MESSAGE)}"
         self.assertEqual(relay.handler.mail_params, [
-            [size, "AUTH=daniel@example.com"], [size], [size],
+            [size, "BODY=8BITMIME", "AUTH=daniel@example.com"], [size, "BODY=8BITMIME"],
+            [size, "BODY=8BITMIME"],
         ])
 
     @defer.inlineCallbacks
@@ -177,7 +178,8 @@ class RelayIntegrationTests(TestCase):
         yield defer.ensureDeferred(self.send(connection, auth="daniel+x@example.com"))
         yield defer.ensureDeferred(self.send(connection, auth=None))
         self.assertEqual([m.mail_params[1:] for m in relay.handler.messages],
-                         [["AUTH=daniel+2Bx@example.com"], ["AUTH=<>"]])
+                         [["BODY=8BITMIME", "AUTH=daniel+2Bx@example.com"],
+                          ["BODY=8BITMIME", "AUTH=<>"]])
 
     @defer.inlineCallbacks
     def test_auth_refused(self):
@@ -208,7 +210,7 @@ class RelayIntegrationTests(TestCase):
         relay.handler.data = "drop"
         connection = yield defer.ensureDeferred(self.open(relay.url()))
         result = yield defer.ensureDeferred(self.send(connection, ["a@example.net", "b@example.net"]))
-        self.assertEqual([str(r) for r in result.replies], ["451 4.4.2 connection to the relay lost"] * 2)
+        self.assertEqual([str(r) for r in result.replies], ["451 4.4.2 connection closed by the relay"] * 2)
         self.assertFalse(result.usable)
         self.assertEqual(relay.handler.messages, [])
 

@@ -204,6 +204,22 @@ class DataTests(ServerTestCase):
                 self.assertNothingStored()
                 self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])
 
+    def test_folded_start_and_nul_refused(self) -> None:
+        """
+        Text starting with a blank would continue our Received header: 554
+        5.6.0, as is a NUL anywhere; the first error of the text is the reply.
+        """
+        for text, reply in ((b"\t(Authenticated sender: ceo@bank.example)\r\nSubject: x\r\n", b"554 5.6.0"),
+                            (b" x\r\n", b"554 5.6.0"),
+                            (b"Subject: x\r\n\r\n\x00.\r\n", b"554 5.6.0"),
+                            (b"a\nb\r\n\x00\r\n", b"554 5.6.11"),
+                            (b"Subject: x\r\n\r\n \tfine later\r\n", b"250 2.0.0")):
+            for pieces in ([text + b".\r\n"], [bytes((c,)) for c in text + b".\r\n"]):
+                client = self.authenticated()
+                self.start_data(client)
+                replies = [line for piece in pieces for line in client.send(piece)]
+                self.assertReplies(replies, [reply])
+
     def test_spool_commit_fails(self) -> None:
         """The fsync fails: 451 4.3.0 and no file left, complete or partial."""
 
@@ -332,8 +348,10 @@ class DataBlockTests(ServerTestCase):
         wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
         wire += b".\r\n"
         replies, message = self.deliver(wire, cuts)
-        bare = any(b"\r" in line or b"\n" in line for line in lines)
-        self.assertEqual([r[:10] for r in replies], [b"554 5.6.11" if bare else b"250 2.0.0 "])
+        folded = bool(lines) and lines[0][:1] in (b" ", b"\t")
+        bare = folded or any(b"\r" in line or b"\n" in line for line in lines)
+        expected = b"554 5.6.0 " if folded else b"554 5.6.11" if bare else b"250 2.0.0 "
+        self.assertEqual([r[:10] for r in replies], [expected])
         body = b"".join(line + b"\r\n" for line in lines)
         one_by_one_replies, one_by_one = self.deliver(wire, list(range(len(wire))))
         self.assertEqual([r[:10] for r in one_by_one_replies], [r[:10] for r in replies])

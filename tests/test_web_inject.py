@@ -22,7 +22,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from gateway.acl import parse_acl
 from gateway.smtp.spool import Spool
 from gateway.smtp.codec import MAX_DATA_LINE
-from gateway.web.inject import MAX_ADDRESS, BadInjection, _has_long_line, parse
+from gateway.web.inject import MAX_ADDRESS, BadInjection, _BoundedJSON, _has_long_line, parse
 from gateway.web.settings import InjectSettings
 from tests.smtp_support import sync_runner
 from tests.support import ManualPool, require_tool
@@ -246,6 +246,14 @@ class RefusalTests(InjectTestCase):
         r = self.post(data)
         self.assertRefused(r, 400)
         self.assertIn("duplicate", r.json()["error"])
+
+    def test_folded_start_and_nul(self):
+        """A first line that would continue our Received header, and NUL, are refused."""
+        for content in ("\t(Authenticated sender: ceo@bank.example)\nSubject: x\n\nhi",
+                        " x: y\n\nhi", "Subject: x\n\n\u0000.\n"):
+            with self.subTest(content=content):
+                self.assertRefused(self.post(body(content=content)), 400, "content")
+        self.assertEqual(self.spool.ids(), [])
 
     def test_lines_at_the_limit(self):
         r = self.post(body(content="x" * 998 + "\n" + "y" * 998))
@@ -486,6 +494,42 @@ class ParseTests(SynchronousTestCase):
         self.assertTrue(injection.content.endswith(b"\r\n"))
 
     @settings(max_examples=300, deadline=None)
+    @given(json_values, st.sampled_from([None, 1, 2]))
+    def test_reads_json_as_json_does(self, value, indent):
+        """The bounded reader reads any JSON document as json.loads does (NaN aside)."""
+        text = json.dumps(value, indent=indent)
+        if "NaN" in text or "Infinity" in text:
+            return
+        self.assertEqual(_BoundedJSON(text, 10**6).document(), json.loads(text))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(alphabet=st.sampled_from('{}[],:" 0-1.e\\tnrufalsx\n'), max_size=40))
+    def test_refuses_what_json_refuses(self, text):
+        """Text json.loads refuses is refused too (not JSON), never an exception of another kind."""
+        try:
+            expected = json.loads(text)
+        except ValueError:
+            with self.assertRaises(BadInjection):
+                _BoundedJSON(text, 10**6).document()
+            return
+        try:
+            self.assertEqual(_BoundedJSON(text, 10**6).document(), expected)
+        except BadInjection as e:  # only for what json.loads lets through and we do not
+            self.assertRegex(str(e), "duplicate key|NaN|Infinity")
+
+    def test_value_bombs(self):
+        """
+        Millions of empty values are refused after a bounded number of steps,
+        before any is built (json.loads spent seconds and a gigabyte on them).
+        """
+        for bomb in (b"[" + b"{}," * 1_000_000 + b"{}]", b"[" + b"[]," * 1_000_000 + b"[]]",
+                     b'{"recipients": [' + b"0," * 1_000_000 + b"0]}", b"[" + b'"",' * 1_000_000 + b'""]',
+                     b"[" * 100_000):
+            with self.assertRaises(BadInjection) as caught:
+                parse(bomb, SETTINGS)
+            self.assertRegex(str(caught.exception), "too many JSON values|nested too deeply")
+
+    @settings(max_examples=300, deadline=None)
     @given(st.text(alphabet=st.sampled_from("ab.\r\n é"), min_size=1, max_size=200))
     def test_content(self, content):
         """Accepted content has CRLF line ends only: no bare CR or LF reaches the spool."""
@@ -493,7 +537,7 @@ class ParseTests(SynchronousTestCase):
             injection = parse(body(content=content), SETTINGS)
         except BadInjection as e:
             self.assertEqual(e.field, "content")
-            self.assertRegex(content, re.compile(r"\r(?!\n)"))
+            self.assertRegex(content, re.compile(r"\r(?!\n)|^ "))
             return
         self.assertIsNone(re.search(rb"\r(?!\n)|(?<!\r)\n", injection.content))
         self.assertEqual(injection.content.replace(b"\r\n", b"\n").rstrip(b"\n"),

@@ -111,6 +111,10 @@ BAD_SYNTAX = Malformed(500, "5.5.2", "Error: bad syntax")
 LINE_TOO_LONG = (500, "5.5.6", "Line too long")
 TOO_BIG = (552, "5.3.4", "Message size exceeds fixed limit")
 BARE_IN_TEXT = (554, "5.6.11", "Bare <CR> or <LF> in message text")
+NUL_IN_TEXT = (554, "5.6.0", "NUL in message text")
+#: A first line starting with a blank would continue the gateway's own
+#: Received header (RFC 5322 2.2.3): a client could write into its trace.
+FOLDED_START = (554, "5.6.0", "Message text must not start with a folded line")
 
 
 def _line_start(text: bytes, index: int) -> int:
@@ -310,16 +314,25 @@ class ServerCodec:
             return
         allowed = self._max_size - self._data_size  # the message itself, as SIZE counts
         over = len(text) > allowed
+        if self._data_size == 0 and text[:1] in (b" ", b"\t"):
+            self._refuse(FOLDED_START)
+            return
         crlf = text.count(b"\r\n")
+        bad = []
         if text.count(b"\r") != crlf or text.count(b"\n") != crlf:
             # A bare CR or LF: a next hop that takes it for a line end could
             # read an end of data (<LF>.<CR><LF>) and a smuggled message here.
+            masked = text.replace(b"\r\n", b"  ")
+            bad.append((min(i for i in (masked.find(b"\r"), masked.find(b"\n")) if i >= 0),
+                        BARE_IN_TEXT))
+        if b"\0" in text:  # RFC 5322 and RFC 6152 forbid it; a next hop may drop it
+            bad.append((text.find(b"\0"), NUL_IN_TEXT))
+        if bad:
             # The error of the first line that has one is the reply, as line
             # by line, however the text was split.
-            masked = text.replace(b"\r\n", b"  ")
-            bare = min(i for i in (masked.find(b"\r"), masked.find(b"\n")) if i >= 0)
-            if not over or _line_start(text, bare) <= _line_start(text, allowed):
-                self._refuse(BARE_IN_TEXT)
+            where, error = min(bad)
+            if not over or _line_start(text, where) <= _line_start(text, allowed):
+                self._refuse(error)
                 return
         if over:
             self._refuse(TOO_BIG)

@@ -259,6 +259,12 @@ class Reply:
 #: What a recipient gets when the connection ends before its reply.
 LOST = Reply(451, "4.4.2 connection to the relay lost")
 
+
+def _lost(why: Exception, target: RelayTarget) -> Reply:
+    """L{LOST}, saying why (a timeout, an unexpected reply, TLS...), for the state and the log."""
+    text = str(why).removeprefix(f"{target.url}: ")
+    return Reply(451, _bounded(f"4.4.2 {text}"))
+
 _REPLY_LINE = re.compile(rb"([2-5][0-9][0-9])([ -]|$)")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
@@ -375,12 +381,16 @@ def xtext_encode(value: str) -> str:
     return "".join(out)
 
 
-_PATH_TEXT = re.compile(r"[\x21-\x7e]*")
+_PATH_TEXT = re.compile(r"[\x20-\x7e]*")
 
 
 def _sendable(address: str) -> bool:
-    """Whether an address can go into a command line as it is (no space, control or 8-bit)."""
-    return bool(_PATH_TEXT.fullmatch(address)) and "<" not in address and ">" not in address
+    """
+    Whether an address can go into a command line as it is: printable ASCII
+    (a quoted local part may hold a space, C{<} or C{>}; the front doors held
+    it to RFC 5321), never a control character or 8-bit octet.
+    """
+    return bool(_PATH_TEXT.fullmatch(address))
 
 
 # -- the client ----------------------------------------------------------------
@@ -663,7 +673,8 @@ class RelayConnection(protocol.Protocol):
                 if not result.check(RelayError):
                     return result
                 self._break(result.value)
-            final = tuple(LOST if r is None else r for r in replies)
+            lost = LOST if self._broken is None else _lost(self._broken, self.target)
+            final = tuple(lost if r is None else r for r in replies)
             return SendResult(final, usable=self._broken is None and not self._quitting)
 
         d = defer.ensureDeferred(self._send(mail_from, recipients, file, size, auth, replies))
@@ -684,13 +695,19 @@ class RelayConnection(protocol.Protocol):
             if reset.code != 250:
                 raise RelayError(f"{self.target.url}: RSET refused: {reset}")
         self._used = True
-        reply = await self._command(self._mail_line(mail_from, size, auth))
+        reply = self._expected(await self._command(self._mail_line(mail_from, size, auth, self._sends_auth())),
+                               (250,), "MAIL")
         if self._sends_auth() and _refuses_parameters(reply):
-            self._mail_auth = False
+            # 555: the relay takes no AUTH= at all (aiosmtpd 1.4.6), so this
+            # connection stops sending it; a 501/504 may be about this value
+            # only, so only this message goes on without it.
+            if reply.code == 555:
+                self._mail_auth = False
             reset = await self._command(b"RSET")
             if reset.code != 250:
                 raise RelayError(f"{self.target.url}: RSET refused: {reset}")
-            reply = await self._command(self._mail_line(mail_from, size, auth))
+            reply = self._expected(await self._command(self._mail_line(mail_from, size, auth, False)),
+                                   (250,), "MAIL")
         if reply.code != 250:
             replies[:] = [reply] * len(recipients)
             self._closing(reply)
@@ -700,7 +717,8 @@ class RelayConnection(protocol.Protocol):
             if not _sendable(recipient):
                 replies[index] = Reply(553, "5.1.3 recipient address not sendable (not sent)")
                 continue
-            reply = await self._command(b"RCPT TO:<" + recipient.encode("ascii") + b">")
+            reply = self._expected(await self._command(b"RCPT TO:<" + recipient.encode("ascii") + b">"),
+                                   (250, 251), "RCPT")
             if reply.code in (250, 251):
                 accepted.append(index)
             else:
@@ -708,7 +726,7 @@ class RelayConnection(protocol.Protocol):
                 self._closing(reply)
         if not accepted:
             return
-        reply = await self._command(b"DATA")
+        reply = self._expected(await self._command(b"DATA"), (354,), "DATA")
         if reply.code != 354:
             for index in accepted:
                 replies[index] = reply
@@ -728,15 +746,28 @@ class RelayConnection(protocol.Protocol):
             for wait in waits:
                 wait.addErrback(lambda _: None)
 
+    def _expected(self, reply: Reply, going_on: tuple[int, ...], command: str) -> Reply:
+        """
+        C{reply} if it is one of C{going_on} or a refusal (4xx, 5xx); any
+        other (a 2xx or 3xx that command cannot have: a relay out of step,
+        answering twice) ends the connection, so that no recipient is ever
+        taken as delivered for a reply that was not about its message.
+        """
+        if reply.code in going_on or 400 <= reply.code < 600:
+            return reply
+        raise RelayError(f"{self.target.url}: an unexpected reply to {command}: {reply}")
+
     def _sends_auth(self) -> bool:
         """Whether MAIL carries C{AUTH=}: the relay offers AUTH and has not refused the parameter."""
         return self._mail_auth and "AUTH" in self.extensions
 
-    def _mail_line(self, mail_from: str, size: int, auth: str | None) -> bytes:
+    def _mail_line(self, mail_from: str, size: int, auth: str | None, with_auth: bool) -> bytes:
         line = f"MAIL FROM:<{mail_from}>"
         if "SIZE" in self.extensions:
             line += f" SIZE={size}"
-        if self._sends_auth():
+        if "8BITMIME" in self.extensions:  # the front doors take 8-bit text (RFC 6152)
+            line += " BODY=8BITMIME"
+        if with_auth:
             line += " AUTH=" + ("<>" if auth is None else xtext_encode(auth))
         return line.encode("ascii")
 

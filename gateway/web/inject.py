@@ -31,6 +31,7 @@ reactor thread (a bounded cost: see the README).
 from __future__ import annotations
 
 import json
+import re
 from typing import IO, TYPE_CHECKING, Any
 
 import attrs
@@ -91,16 +92,6 @@ class Injection:
     content: bytes
 
 
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A JSON object whose keys are unique: two readers could pick different duplicates."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise BadInjection(f"duplicate key {json.dumps(key)[:64]}", None)
-        out[key] = value
-    return out
-
-
 def _address(value: Any, field: str, null: bool = False) -> str:
     """A mailbox as C{MAIL}/C{RCPT} take it (the sender may be C{""})."""
     if not isinstance(value, str):
@@ -127,6 +118,10 @@ def _content(value: Any, max_size: int) -> bytes:
     except UnicodeEncodeError:  # a lone surrogate ("\ud800")
         raise BadInjection("not valid Unicode (a lone surrogate)", field) from None
     del value
+    if data[:1] in (b" ", b"\t"):  # it would continue the gateway's Received header
+        raise BadInjection("the message must not start with a folded line", field)
+    if b"\0" in data:
+        raise BadInjection("a NUL in the message", field)
     crlf = data.count(b"\r\n")
     if data.count(b"\r") != crlf:
         raise BadInjection("a bare CR (not followed by LF) in the message", field)
@@ -163,6 +158,116 @@ def _has_long_line(data: bytes) -> bool:
     return False
 
 
+class _BoundedJSON:
+    """
+    A JSON reader that stops after C{budget} values: json.loads would spend
+    seconds and a gigabyte on a body of millions of empty values
+    (C{[{},{},...]}) before the request's schema could be checked. Strings,
+    the bulk of a real request, are scanned by json's own C scanner; every
+    other step counts against the budget, and nesting is bounded. Duplicate
+    keys are refused: two readers could pick different ones.
+    """
+
+    _BLANKS = re.compile(r"[ \t\n\r]*")
+    _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+    _LITERALS = {"true": True, "false": False, "null": None}
+    _DEPTH = 8
+
+    def __init__(self, text: str, budget: int) -> None:
+        self.text, self.pos, self.budget = text, 0, budget
+
+    def document(self) -> Any:
+        value = self._value(0)
+        self._skip()
+        if self.pos != len(self.text):
+            self._fail("extra data")
+        return value
+
+    def _fail(self, what: str) -> None:
+        line = self.text.count("\n", 0, self.pos) + 1
+        column = self.pos - self.text.rfind("\n", 0, self.pos)
+        raise BadInjection(f"not JSON at line {line} column {column}: {what}")
+
+    def _skip(self) -> None:
+        self.pos = self._BLANKS.match(self.text, self.pos).end()
+
+    def _value(self, depth: int) -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise BadInjection("too many JSON values for an injection")
+        if depth > self._DEPTH:
+            self._fail("nested too deeply")
+        self._skip()
+        char = self.text[self.pos:self.pos + 1]
+        if char == '"':
+            return self._string()
+        if char == "{":
+            return self._object(depth)
+        if char == "[":
+            return self._array(depth)
+        for word, value in self._LITERALS.items():
+            if self.text.startswith(word, self.pos):
+                self.pos += len(word)
+                return value
+        number = self._NUMBER.match(self.text, self.pos)
+        if number is None:
+            self._fail("a value was expected")
+        self.pos = number.end()
+        return float(number.group()) if set(number.group()) & set(".eE") else int(number.group())
+
+    def _string(self) -> str:
+        try:
+            value, self.pos = json.decoder.scanstring(self.text, self.pos + 1, True)
+        except json.JSONDecodeError as e:
+            self.pos = e.pos
+            self._fail(e.msg.lower())
+        return value
+
+    def _punctuation(self, expected: str) -> str:
+        self._skip()
+        char = self.text[self.pos:self.pos + 1]
+        if not char or char not in expected:
+            self._fail(f"one of {expected!r} was expected")
+        self.pos += 1
+        return char
+
+    def _object(self, depth: int) -> dict[str, Any]:
+        self.pos += 1
+        out: dict[str, Any] = {}
+        self._skip()
+        if self.text.startswith("}", self.pos):
+            self.pos += 1
+            return out
+        while True:
+            self._skip()
+            if not self.text.startswith('"', self.pos):
+                self._fail("a key was expected")
+            key = self._string()
+            if key in out:
+                raise BadInjection(f"duplicate key {json.dumps(key)[:64]}", None)
+            self._punctuation(":")
+            out[key] = self._value(depth + 1)
+            if self._punctuation(",}") == "}":
+                return out
+
+    def _array(self, depth: int) -> list[Any]:
+        self.pos += 1
+        out: list[Any] = []
+        self._skip()
+        if self.text.startswith("]", self.pos):
+            self.pos += 1
+            return out
+        while True:
+            out.append(self._value(depth + 1))
+            if self._punctuation(",]") == "]":
+                return out
+
+
+#: Values a request may have besides its recipients' (object, 3 keys and
+#: values, the list), and per recipient (its object and e-mail), with room.
+_VALUES_BASE, _VALUES_PER_RECIPIENT = 16, 4
+
+
 def parse(body: bytes, settings: InjectSettings) -> Injection:
     """
     The injection a JSON body asks for: strict UTF-8 JSON, an object with
@@ -176,13 +281,8 @@ def parse(body: bytes, settings: InjectSettings) -> Injection:
     except UnicodeDecodeError:
         raise BadInjection("the body is not UTF-8") from None
     del body
-    try:
-        request = json.loads(text, object_pairs_hook=_unique_keys)
-    except BadInjection:
-        raise
-    except (ValueError, RecursionError) as e:  # RecursionError: [[[[...
-        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
-        raise BadInjection(f"not JSON{where}") from None
+    budget = _VALUES_BASE + _VALUES_PER_RECIPIENT * settings.max_recipients
+    request = _BoundedJSON(text, budget).document()
     del text
     if not isinstance(request, dict):
         raise BadInjection("the body must be a JSON object")
