@@ -457,19 +457,22 @@ class Queue:
         """
         complete: list[tuple[str, int]] = []
         leftovers: list[tuple[str, str]] = []
+        names: set[str] = set()
+        inodes: dict[str, int] = {}
         try:
             with os.scandir(self.directory) as listing:
-                names = {}
                 for item in listing:
-                    names[item.name] = item
+                    names.add(item.name)
+                    if item.name.endswith(".json"):
+                        inodes[item.name] = item.inode()
         except OSError as e:
             raise QueueError(f"{self.directory}: cannot list the queue: {reason(e)}") from None
-        for name, item in names.items():
+        for name in names:
             id, dot, extension = name.partition(".")
             if not dot:
                 continue
             if extension == "json" and MESSAGE_ID.match(id):
-                complete.append((id, item.inode()))
+                complete.append((id, inodes[name]))
             elif extension in ("eml", "state") and MESSAGE_ID.match(id):
                 if f"{id}.json" not in names:
                     leftovers.append((id, name))
@@ -480,7 +483,7 @@ class Queue:
                         break
         entries = []
         for id, json_ino in complete:
-            entry = self._entry(id, json_ino, f"{id}.eml" in names)
+            entry = self._entry(id, json_ino, f"{id}.eml" in names, f"{id}.state" in names)
             if entry is not None:
                 entries.append(entry)
         for id, name in leftovers:
@@ -493,15 +496,20 @@ class Queue:
         entries.sort(key=lambda e: (e.received_at, e.id))
         return entries
 
-    def _entry(self, id: str, json_ino: int, listed_eml: bool) -> Entry | None:
-        """The entry of message C{id}: the cached one while its files are unchanged."""
+    def _entry(self, id: str, json_ino: int, listed_eml: bool, listed_state: bool) -> Entry | None:
+        """
+        The entry of message C{id}: the cached one while its files are
+        unchanged (as the listing and a C{stat} of its C{.state} see them).
+        """
         try:
             if not listed_eml:
                 self._check_message_file(id)
-            try:
-                state_key: _StateKey | None = _state_key(os.stat(self._path(id, "state"), follow_symlinks=False))
-            except FileNotFoundError:
-                state_key = None
+            state_key: _StateKey | None = None
+            if listed_state:
+                try:
+                    state_key = _state_key(os.stat(self._path(id, "state"), follow_symlinks=False))
+                except FileNotFoundError:
+                    pass
             cached = self._cache.get(id)
             if cached is not None and cached.json_ino == json_ino and cached.state_key == state_key:
                 return cached.entry
