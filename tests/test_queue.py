@@ -453,8 +453,8 @@ class QuarantineTests(QueueTestCase):
         self.assertEqual(sorted(os.listdir(quarantine)), [f"{id}.eml", f"{id}.state"])
         self.assertEqual(sorted(os.listdir(self.directory)), [f"{id}.json", "quarantine"])
         self.assertEqual([formatEvent(e) for e in events],
-                         [f"queue: cannot quarantine message {id} ({self.path(id, 'json')}: bad): "
-                          f"{os.strerror(errno.EIO)}"])
+                         [(f"queue: cannot quarantine message {id} ({self.path(id, 'json')}: bad): "
+                           f"{os.strerror(errno.EIO)}")])
         self.assertIsNone(self.queue.claim(id))  # never delivered without its body
         self.patch(queue_module.os, "replace", real_replace)
         later = Queue(self.directory, clock=lambda: time.time() + 10 * ORPHAN_AGE)
