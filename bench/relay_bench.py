@@ -49,7 +49,7 @@ SINK = textwrap.dedent(
     from aiosmtpd.smtp import SMTP
 
     log = open(sys.argv[2], "a", buffering=1)
-    PROBE = re.compile(rb"^X-Probe: (\d+)\r?$", re.M)
+    PROBE = re.compile(rb"^X-Probe: (\S+)\r?$", re.M)
 
     class Handler:
         async def handle_DATA(self, server, session, envelope):

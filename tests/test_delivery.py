@@ -278,6 +278,29 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
         self.assertEqual(self.relays.attempts, [A.url, B.url])
         self.assertEqual(self.state(id)["recipients"][0]["relay"], B.url)
 
+    def test_failover_mid_session(self):
+        """
+        A relay that breaks the session before any recipient's outcome (421,
+        lost): the next target gets the same attempt; one that answered a
+        recipient, or the last target, keeps it.
+        """
+        self.relays.outcomes[A.url] = [[replies(452, 452, usable=False)],
+                                       [replies(250, 452, usable=False)],
+                                       [replies(452, usable=False)]]
+        self.relays.outcomes[B.url] = [[replies(250, 250)], [replies(452, usable=False)]]
+        self.start(targets=(A, B), connections=1)
+        moved = self.submit()
+        self.assertEqual(self.relays.attempts, [A.url, B.url])
+        self.assertTrue(self.gone(moved))
+        partly = self.submit()  # a answered: no failover, b waits for its retry
+        self.assertEqual(self.relays.attempts[2:], [A.url])
+        self.assertEqual([r["status"] for r in self.state(partly)["recipients"]],
+                         ["delivered", "pending"])
+        last = self.submit(rcpt_to=("a@example.net",))  # both break: recorded as the last one's
+        self.assertEqual(self.relays.attempts[3:], [A.url, B.url])
+        self.assertEqual(self.state(last)["recipients"][0]["relay"], B.url)
+        self.assertEqual(self.delivery._paused_until, 0.0)  # both took a connection
+
     def test_no_relay(self):
         """Every target fails: the message is deferred with their errors; no new connection for a while."""
         self.start(targets=(A, B), retry=(60.0,), jitter=0.0)
@@ -409,6 +432,88 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
         self.assertTrue(os.path.exists(os.path.join(self.directory, "quarantine", f"{bad}.json")))
         self.assertEqual(len(self.relays.sends()), 1)
 
+    def test_outcome_saved_before_the_bounce(self):
+        """
+        The recipients' outcome is durable before the bounce is made: a crash
+        while bouncing never sends to the accepted recipient again.
+        """
+        self.relays.outcomes[A.url] = [[replies(250, 550), replies(250)]]  # then the bounce
+        seen: list[list[str]] = []
+
+        def bounce(meta, *args):
+            seen.append([r["status"] for r in self.state(meta["id"])["recipients"]])
+            return fake_bounce(meta, *args)
+
+        self.start(make_bounce=bounce)
+        self.submit(rcpt_to=("a@example.net", "b@example.org"))
+        self.assertEqual(seen, [["delivered", "failed"]])
+
+    def test_bounce_cannot_be_made(self):
+        """A bounce that cannot be made (the message unreadable) quarantines the message; the queue goes on."""
+        self.relays.outcomes[A.url] = [[replies(550), replies(250)]]
+
+        def unreadable(*args):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        self.start(connections=1, make_bounce=unreadable)
+        bad = self.submit(rcpt_to=("a@example.net",))
+        good = self.submit(rcpt_to=("a@example.net",))
+        self.assertTrue(self.gone(bad) and self.gone(good))
+        quarantined = os.path.join(self.directory, "quarantine", f"{bad}.state")
+        with open(quarantined, "rb") as f:
+            self.assertEqual(json.loads(f.read())["recipients"][0]["status"], "failed")
+        self.assertEqual(len(self.flushLoggedErrors(PermissionError)), 1)
+
+    def test_unreadable_message(self):
+        """A message file the relay client cannot open: quarantined, the connection carries the next one."""
+        self.relays.outcomes[A.url] = [[replies(250)]]
+        self.start(connections=1)
+        real_send = FakeConnection.send
+
+        def send(connection, mail_from, recipients, message_path, *rest):
+            if message_path.endswith(f"{bad}.eml"):
+                return defer.fail(PermissionError(errno.EACCES, "Permission denied"))
+            return real_send(connection, mail_from, recipients, message_path, *rest)
+
+        self.patch(FakeConnection, "send", send)
+        bad = "not yet"
+        first = defer.Deferred()
+        self.relays.outcomes[A.url] = [[first, replies(250)]]
+        busy = self.submit(rcpt_to=("a@example.net",))
+        bad = self.submit(rcpt_to=("a@example.net",))
+        good = self.submit(rcpt_to=("a@example.net",))
+        first.callback(replies(250))
+        self.assertTrue(self.gone(busy) and self.gone(bad) and self.gone(good))
+        self.assertTrue(os.path.exists(os.path.join(self.directory, "quarantine", f"{bad}.eml")))
+        self.assertEqual(len(self.relays.connections), 1)
+
+    def test_unlocked_while_connecting(self):
+        """The message is not locked while the relays are tried: the queue command can take it."""
+        connecting = defer.Deferred()
+        self.relays.outcomes[A.url] = [connecting]
+        self.start()
+        id = self.submit(rcpt_to=("a@example.net",))
+        claim = Queue(self.directory).claim(id)
+        self.assertIsNotNone(claim)
+        claim.release()
+
+    def test_retries_before_new_mail(self):
+        """A retry already due goes before a message that arrived after it was due."""
+        busy = defer.Deferred()
+        self.relays.outcomes[A.url] = [[replies(451), busy, replies(250), replies(250)]]
+        self.start(connections=1, retry=(60.0,), jitter=0.0)
+        retried = self.submit(rcpt_to=("a@example.net",))  # 451: due again at +60
+        self.reactor.advance(59)
+        self.submit(rcpt_to=("b@example.org",))  # the connection waits on it until +62
+        self.reactor.advance(2)
+        self.submit(rcpt_to=("c@example.org",))  # new at +61, after the retry came due
+        self.reactor.advance(1)
+        busy.callback(replies(250))
+        self.assertEqual([s[1] for s in self.relays.sends()],
+                         [("a@example.net",), ("b@example.org",), ("a@example.net",),
+                          ("c@example.org",)])
+        self.assertTrue(self.gone(retried))
+
     def test_crash_after_last_save(self):
         """A state with nothing pending (the process died before removing it): finished, not re-sent."""
         id = self.submit(mail_from="")
@@ -418,7 +523,7 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
             c.save()
         self.start()
         self.assertTrue(self.gone(id))
-        self.assertEqual(self.relays.attempts, [])
+        self.assertEqual(self.relays.sends(), [])  # (a connection is opened before the claim)
 
     def test_stop_waits(self):
         """Stopping takes no new message and waits (bounded) for the one in flight."""

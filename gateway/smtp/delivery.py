@@ -13,7 +13,10 @@ before the next message on that connection: a crash after the save never
 re-sends to a recipient the relay accepted. What is still pending is tried
 again with backoff and jitter until C{max_age}; a permanent failure bounces
 to the sender (never for a null sender or a bounce); a finished message is
-removed. Every blocking file operation runs in the spool's thread pool.
+removed. The blocking file operations (claims, saves, removals, scans,
+bounces) run in the spool's thread pool; the relay client reads the message
+in 64 KiB chunks on the reactor thread as the connection takes them, as
+Twisted's C{FileSender} does (the spool was just written: the page cache).
 """
 
 from __future__ import annotations
@@ -33,8 +36,14 @@ from twisted.python.failure import Failure
 
 from gateway.fileio import reason
 from gateway.smtp import relay
-from gateway.smtp.queue import Claim, Queue, QueueError
-from gateway.smtp.relay import RelayConnection, RelayError, RelaySettings, SendResult
+from gateway.smtp.queue import Claim, Queue, QueueError, QueueState
+from gateway.smtp.relay import (
+    RelayConnection,
+    RelayError,
+    RelaySettings,
+    RelayTarget,
+    SendResult,
+)
 from gateway.smtp.spool import Envelope, Spool, SpoolError
 from gateway.text import parse_utc_timestamp, utc_timestamp
 
@@ -258,7 +267,7 @@ class Delivery(service.Service):
         """A new message in the spool: due at once."""
         self._committed_during_scan.add(id)
         self._fresh.add(id)
-        self._schedule(id, 0.0)
+        self._schedule(id, self._now())  # after the retries already due, not before them
         self._pump()
 
     # In-flow control (Postfix's in_flow_delay).
@@ -418,6 +427,14 @@ class Delivery(service.Service):
         One attempt of message C{id}; returns the connection if it can carry
         another message.
         """
+        # The connection first: the message stays unlocked (for the queue
+        # command) while the relays are tried, which may take minutes.
+        relays_failed: _RelaysFailed | None = None
+        if connection is None:
+            try:
+                connection = await self._open()
+            except _RelaysFailed as e:
+                relays_failed = e
         try:
             claim = await self.spool.run(self.queue.claim, id)
         except (QueueError, OSError) as e:
@@ -430,7 +447,7 @@ class Delivery(service.Service):
             state = claim.state
             if state.held:
                 return connection
-            if state.next_attempt > self._now():  # retried elsewhere meanwhile
+            if state.next_attempt > self._now():  # a scan listed it before an attempt saved it
                 self._active[id] = state.next_attempt
                 return connection
             try:
@@ -444,22 +461,39 @@ class Delivery(service.Service):
                 await self._conclude(claim, envelope)
                 return connection
             if connection is None:
+                assert relays_failed is not None
+                keep_claim = True
+                self._defer_all(claim, str(relays_failed))
+                await self._conclude(claim, envelope)
+                return None
+            while True:
                 try:
-                    connection = await self._open()
-                except _RelaysFailed as e:
+                    result = await connection.send(
+                        envelope.mail_from,
+                        [envelope.rcpt_to[i] for i in state.pending()],
+                        claim.message_path,
+                        envelope.size,
+                        envelope.auth,
+                    )
+                except OSError as e:  # the message file cannot be read: nothing was sent
                     keep_claim = True
-                    self._defer_all(claim, envelope, str(e))
-                    await self._conclude(claim, envelope)
-                    return None
-            result = await connection.send(
-                envelope.mail_from,
-                [envelope.rcpt_to[i] for i in state.pending()],
-                claim.message_path,
-                envelope.size,
-                envelope.auth,
-            )
+                    await self._quarantine(id, f"cannot read the message: {reason(e)}")
+                    return connection
+                if result.usable or any(not reply.temporary for reply in result.replies):
+                    break
+                # The relay broke the session (421, lost, stalled) before any
+                # recipient's outcome: the next target gets this attempt.
+                try:
+                    following = await self._open(after=connection.target)
+                except _RelaysFailed:
+                    break  # recorded below as this target's answer
+                log.info("delivery: {id}: {url} broke the session ({reply}); trying {next}",
+                         id=id, url=connection.target.url, reply=str(result.replies[0]),
+                         next=following.target.url)
+                await self._quit(connection)
+                connection = following
             keep_claim = True
-            self._apply(claim, envelope, connection.target.url, result)
+            self._apply(claim, connection.target.url, result)
             if not result.usable:
                 await self._quit(connection)
                 connection = None
@@ -471,10 +505,19 @@ class Delivery(service.Service):
             if not keep_claim:
                 await self._release(claim)
 
-    async def _open(self) -> RelayConnection:
-        """A connection to the first target that takes one (failover in order)."""
+    async def _open(self, after: RelayTarget | None = None) -> RelayConnection:
+        """
+        A connection to the first target that takes one (failover in order),
+        or to the first after C{after} that does (then a failure of them all
+        pauses nothing: the targets before it took a connection).
+        """
+        targets = self.settings.relay.targets
+        if after is not None:
+            targets = targets[targets.index(after) + 1:]
+            if not targets:
+                raise _RelaysFailed("no further relay")
         errors = []
-        for target in self.settings.relay.targets:
+        for target in targets:
             try:
                 return await self._connect(self.reactor, self.settings.relay, target)
             except defer.CancelledError:
@@ -483,10 +526,11 @@ class Delivery(service.Service):
                 if not isinstance(e, RelayError):
                     log.failure("delivery: connecting to {url} failed", url=target.url)
                 errors.append(f"{_why(e)} ({target.url})")
-        self._paused_until = self._now() + self.settings.retry[0]
         message = "; ".join(errors)[:MAX_ERROR]
-        log.warn("delivery: no relay available, pausing {seconds:.0f} s: {errors}",
-                 seconds=self.settings.retry[0], errors=message)
+        if after is None:
+            self._paused_until = self._now() + self.settings.retry[0]
+            log.warn("delivery: no relay available, pausing {seconds:.0f} s: {errors}",
+                     seconds=self.settings.retry[0], errors=message)
         raise _RelaysFailed(message)
 
     async def _quit(self, connection: RelayConnection) -> None:
@@ -497,7 +541,7 @@ class Delivery(service.Service):
 
     # Applying the outcome.
 
-    def _apply(self, claim: Claim, envelope: _Envelope, url: str, result: SendResult) -> None:
+    def _apply(self, claim: Claim, url: str, result: SendResult) -> None:
         """Record each pending recipient's reply: 2xx delivered, 5xx failed, else pending."""
         state = claim.state
         at = self._timestamp()
@@ -523,12 +567,12 @@ class Delivery(service.Service):
             error=f" ({errors[0]})" if errors else "",
         )
 
-    def _defer_all(self, claim: Claim, envelope: _Envelope, error: str) -> None:
+    def _defer_all(self, claim: Claim, error: str) -> None:
         """No relay took the message: everything pending stays so, with C{error}."""
         self._attempted(claim.state, self._timestamp(), error)
         log.info("delivery: {id} deferred: {error}", id=claim.id, error=error)
 
-    def _attempted(self, state: Any, at: str, error: str | None) -> None:
+    def _attempted(self, state: QueueState, at: str, error: str | None) -> None:
         state.first_attempt = state.first_attempt or at
         state.last_attempt = at
         if error is not None:
@@ -569,8 +613,21 @@ class Delivery(service.Service):
             return first_try
         if (state.failed() and state.bounce_id is None and envelope.mail_from != ""
                 and envelope.protocol != "DSN"):
-            first_try = await self._persist(claim, self._bounce, "bounce")
-            first_try = await self._persist(claim, self._save, "save the state of") and first_try
+            # The outcome first: a crash while the bounce is made never sends
+            # to an accepted recipient again (at worst the bounce goes twice).
+            first_try = await self._persist(claim, self._save, "save the state of")
+            try:
+                bounce = await self._make(claim)
+            except ValueError as e:  # a sender no bounce can go to: trying again would not help
+                log.warn("delivery: {id}: no bounce: {why}", id=claim.id, why=str(e))
+            except Exception as e:  # noqa: BLE001 - the message cannot be read: keep it for a person
+                log.failure("delivery: {id}: cannot make the bounce", id=claim.id)
+                await self._quarantine(claim.id, f"cannot make the bounce: {_why(e)}")
+                return first_try
+            else:
+                first_try = await self._persist(claim, lambda c: self._spool_bounce(c, *bounce),
+                                                "bounce") and first_try
+                first_try = await self._persist(claim, self._save, "save the state of") and first_try
         return await self._persist(claim, self._finish, "remove") and first_try
 
     async def _persist(
@@ -585,6 +642,8 @@ class Delivery(service.Service):
             try:
                 await step(claim)
                 return failures == 0
+            except defer.CancelledError:
+                raise  # a stop that could not wait longer: the claim is released, retried later
             except Exception as e:  # noqa: BLE001 - OSError, SpoolError: the disk refused
                 delay = SAVE_RETRY[min(failures, len(SAVE_RETRY) - 1)]
                 failures += 1
@@ -599,29 +658,27 @@ class Delivery(service.Service):
     def _finish(self, claim: Claim) -> defer.Deferred[None]:
         return self.spool.run(claim.finish)
 
-    async def _bounce(self, claim: Claim) -> None:
-        """Spool a delivery status notification for the failed recipients (once)."""
+    def _make(self, claim: Claim) -> defer.Deferred[tuple[Envelope, bytes]]:
+        """The bounce of the failed recipients (made in the thread pool: it reads the message)."""
         state = claim.state
-        if state.bounce_id is not None:  # spooled before a failed save
-            return
         # A recipient without a reply (no relay ever answered) expired.
         failures = [
             (claim.meta["rcpt_to"][i], state.recipients[i].reply, state.recipients[i].relay)
             for i in state.failed()
         ]
-        now = datetime.fromtimestamp(self._now(), timezone.utc)
-        try:
-            envelope, message = await self.spool.run(
-                self._make_bounce, claim.meta, claim.message_path, failures, self.hostname, now
-            )
-        except ValueError as e:  # a sender no bounce can go to: trying again would not help
-            log.warn("delivery: {id}: no bounce: {why}", id=claim.id, why=str(e))
+        return self.spool.run(self._make_bounce, claim.meta, claim.message_path, failures,
+                              self.hostname, self._datetime())
+
+    async def _spool_bounce(self, claim: Claim, envelope: Envelope, message: bytes) -> None:
+        """Commit the bounce to the spool (queued like any message), once."""
+        state = claim.state
+        if state.bounce_id is not None:  # spooled before a failed save
             return
         writer = self.spool.open()
         writer.write(message)
-        state.bounce_id = await writer.finish(envelope, now)
+        state.bounce_id = await writer.finish(envelope, self._datetime())
         log.info("delivery: {id}: {n} recipient(s) failed, bounce {bounce} to the sender",
-                 id=claim.id, n=len(failures), bounce=state.bounce_id)
+                 id=claim.id, n=len(state.failed()), bounce=state.bounce_id)
 
     async def _release(self, claim: Claim) -> None:
         try:
@@ -636,8 +693,11 @@ class Delivery(service.Service):
             log.warn("delivery: cannot quarantine {id} ({why}): {error}", id=id, why=why,
                      error=_why(e))
 
+    def _datetime(self) -> datetime:
+        return datetime.fromtimestamp(self._now(), timezone.utc)
+
     def _timestamp(self) -> str:
-        return utc_timestamp(datetime.fromtimestamp(self._now(), timezone.utc))
+        return utc_timestamp(self._datetime())
 
 
 def _why(e: BaseException) -> str:

@@ -793,6 +793,8 @@ class RelayConnection(protocol.Protocol):
 
 
 class _Factory(protocol.Factory):
+    noisy = False  # no "Starting factory" line per relay connection
+
     def __init__(self, settings: RelaySettings, target: RelayTarget, clock: Any) -> None:
         self.settings, self.target, self.clock = settings, target, clock
 
