@@ -34,8 +34,8 @@ from twisted.logger import Logger, LogLevel, formatEvent
 from gateway.checkers import hashes, htpasswd, tokens
 from gateway.checkers.files import StoreError
 from gateway.fileio import reason
-from gateway.smtp.queue import Claim, Queue, QueueError, QueueState, STATUSES
-from gateway.text import utc_timestamp
+from gateway.smtp.queue import Claim, Entry, Queue, QueueError, QueueState, STATUSES
+from gateway.text import parse_utc_timestamp, printable, utc_timestamp
 
 PROG = "authgateway"
 
@@ -216,11 +216,6 @@ def token_list(args: argparse.Namespace, io: Streams) -> int:
 # --- queue --------------------------------------------------------------------
 
 
-def _printable(text: str) -> str:
-    """C{text} safe for one terminal cell: control characters escaped."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _duration(seconds: float) -> str:
     """A short human duration: C{45s}, C{12m}, C{3h05m}, C{2d04h}."""
     s = max(0, int(seconds))
@@ -235,21 +230,13 @@ def _duration(seconds: float) -> str:
 
 def _age(received_at: str, now: float) -> str:
     try:
-        when = datetime.strptime(received_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+        when = parse_utc_timestamp(received_at)
     except ValueError:
         return "?"
     return _duration(now - when.timestamp())
 
 
-def _status(state: QueueState) -> str:
-    if state.held:
-        return "held"
-    if state.done:
-        return "done"
-    return "deferred" if state.attempts else "queued"
-
-
-def _next(state: QueueState, now: float) -> str:
+def _next(state: QueueState | Entry, now: float) -> str:
     if state.held or state.done:
         return "-"
     if state.next_attempt <= now:
@@ -260,7 +247,7 @@ def _next(state: QueueState, now: float) -> str:
 def _truncate(text: str | None, width: int) -> str:
     if not text:
         return "-"
-    text = _printable(text)
+    text = printable(text)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
@@ -278,22 +265,19 @@ def queue_list(args: argparse.Namespace, io: Streams) -> int:
     queue = _queue(args, io)
     entries = queue.scan()
     now = time.time()
-    rows = []
-    for entry in entries:
-        found = queue.read(entry.id)
-        if found is None:
-            continue
-        meta, state, _ = found
-        rows.append((
+    rows = [
+        (
             entry.id,
             _age(entry.received_at, now),
-            str(meta.get("size", "?")),
-            _printable(meta["mail_from"] or "<>"),
-            f"{len(state.pending())}/{len(state.recipients)}",
-            _status(state),
-            _next(state, now),
-            _truncate(state.last_error, ERROR_WIDTH),
-        ))
+            "?" if entry.size is None else str(entry.size),
+            printable(entry.mail_from or "<>"),
+            f"{entry.pending}/{entry.recipients}",
+            entry.status,
+            _next(entry, now),
+            _truncate(entry.last_error, ERROR_WIDTH),
+        )
+        for entry in entries
+    ]
     if rows:
         header = ("ID", "AGE", "SIZE", "FROM", "PENDING", "STATE", "NEXT", "LAST ERROR")
         for line in _columns([header, *rows]):
@@ -321,21 +305,21 @@ def queue_show(args: argparse.Namespace, io: Streams) -> int:
     tls = meta.get("tls")
 
     def text(value: Any) -> str:
-        return "-" if value is None else _printable(str(value))
+        return "-" if value is None else printable(str(value))
 
     fields = [
         ("id", meta.get("id", args.id)),
         ("received", f"{text(meta['received_at'])} ({_age(meta['received_at'], now)} ago)"),
         ("size", f"{text(meta.get('size'))} bytes"),
         ("protocol", text(meta.get("protocol"))),
-        ("from", f"<{_printable(meta['mail_from'])}>"),
+        ("from", f"<{printable(meta['mail_from'])}>"),
         ("authz_id", text(meta.get("authz_id"))),
         ("authn_id", text(meta.get("authn_id"))),
         ("peer", f"{text(peer.get('address'))} port {text(peer.get('port'))}"
                  if isinstance(peer, dict) else "-"),
         ("helo", text(meta.get("helo"))),
-        ("tls", " ".join(_printable(str(v)) for v in tls.values()) if isinstance(tls, dict) else "-"),
-        ("state", _status(state)),
+        ("tls", " ".join(printable(str(v)) for v in tls.values()) if isinstance(tls, dict) else "-"),
+        ("state", state.status),
         ("attempts", f"{state.attempts} (first {text(state.first_attempt)}, "
                      f"last {text(state.last_attempt)})"),
         ("next attempt", "-" if state.held or state.done else
@@ -348,7 +332,7 @@ def queue_show(args: argparse.Namespace, io: Streams) -> int:
         io.out(f"{name + ':':<14}{value}")
     io.out("recipients:")
     rows = [
-        (r.status, _printable(r.address), text(r.relay), text(r.at), text(r.reply))
+        (r.status, printable(r.address), text(r.relay), text(r.at), text(r.reply))
         for r in state.recipients
     ]
     for line in _columns([("  STATUS", "ADDRESS", "RELAY", "AT", "REPLY"),

@@ -1,5 +1,5 @@
-# -*- test-case-name: tests.test_spool,tests.test_files -*-
-"""File helpers the stores, the spool and the certificate writer share."""
+# -*- test-case-name: tests.test_spool,tests.test_files,tests.test_queue -*-
+"""File helpers the stores, the spool, the queue and the certificate writer share."""
 
 from __future__ import annotations
 
@@ -23,3 +23,25 @@ def fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove(path: str) -> bool:
+    """Unlink C{path}; False when it was already gone."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def keep_owner(fd: int, previous: os.stat_result) -> None:
+    """
+    Give the file behind C{fd} the owner and group of C{previous}, so that a
+    file written by root (C{sudo authgateway user del}, C{sudo authgateway
+    queue hold}) stays readable and writable by a gateway running as its own
+    user. Without the right to do so, the file stays ours.
+    """
+    try:
+        os.fchown(fd, previous.st_uid, previous.st_gid)
+    except PermissionError:
+        pass

@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_text -*-
-"""Text helpers: quoting for one-line error messages, UTC timestamps, message dates."""
+"""Text helpers: printable and quoted text for one-line messages, UTC timestamps, message dates."""
 
 from __future__ import annotations
 
@@ -7,24 +7,36 @@ import time
 from datetime import datetime, timezone
 
 
+def printable(text: str) -> str:
+    """
+    C{text} safe for one line of a terminal or a log: every character that
+    is not printable (controls, line ends, lone surrogates) escaped as
+    Python writes it (C{\\n}, C{\\x1b}); printable Unicode kept.
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def quote(text: str) -> str:
     """C{text} double-quoted, with anything that could break a one-line message escaped."""
-    out = []
-    for char in text:
-        if char in '"\\':
-            out.append("\\" + char)
-        elif char.isprintable():
-            out.append(char)
-        else:
-            out.append(repr(char)[1:-1])
-    return '"' + "".join(out) + '"'
+    return '"' + printable(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
+_UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 def utc_timestamp(when: datetime) -> str:
     """ISO-8601 UTC to the second, like C{2026-11-23T15:04:05Z}; naive means UTC."""
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return when.astimezone(timezone.utc).strftime(_UTC_FORMAT)
+
+
+def parse_utc_timestamp(stamp: str) -> datetime:
+    """
+    The aware UTC datetime of a L{utc_timestamp} (C{2026-11-23T15:04:05Z});
+    ValueError when C{stamp} is not one.
+    """
+    return datetime.strptime(stamp, _UTC_FORMAT).replace(tzinfo=timezone.utc)
 
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")

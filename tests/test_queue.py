@@ -12,13 +12,14 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.logger import capturedLogs, formatEvent
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gateway.smtp import queue as queue_module
 from gateway.smtp.queue import (
@@ -327,19 +328,32 @@ class ClaimTests(QueueTestCase):
                     errors.append(e)
                     return
 
+        def wait_for_reads(count: int) -> None:
+            """Until the reader has finished C{count} more reads (so one started after the last save)."""
+            target = len(seen) + count
+            deadline = time.monotonic() + 30
+            while len(seen) < target and not errors and time.monotonic() < deadline:
+                time.sleep(0.001)
+
         thread = threading.Thread(target=read)
         thread.start()
         try:
+            wait_for_reads(1)
             for attempt in range(1, 201):
                 claim.state.attempts = attempt
                 # Sizes vary, so a torn read would show as bad JSON or a wrong count.
                 claim.state.last_error = "x" * (attempt * 37 % 3000)
                 claim.save()
+                if attempt % 20 == 0:
+                    wait_for_reads(2)
         finally:
             stop.set()
             thread.join(60)
         self.assertEqual(errors, [])
         self.assertEqual(seen, sorted(seen))
+        # The reader read between the saves: it saw (at least) every 20th state, not only the ends.
+        during = {attempts for attempts in seen if 0 < attempts < 200}
+        self.assertTrue({20, 40, 60, 80, 100, 120, 140, 160, 180} <= during, sorted(during))
         self.assertEqual(os.listdir(os.path.join(self.directory)).count(f"{id}.state"), 1)
 
     def test_finish(self) -> None:
@@ -404,6 +418,50 @@ class QuarantineTests(QueueTestCase):
         with capturedLogs() as events:
             self.assertEqual(self.queue.scan(), [])
         self.assertQuarantined(id, events, f"{id}.json", "rcpt_to is not a list of addresses")
+
+    def test_json_empty_recipients(self) -> None:
+        """A message with no recipient is quarantined by the scan (the delivery could do nothing with it)."""
+        id = self.spool()
+        with open(self.path(id, "json")) as f:
+            meta = json.load(f)
+        with open(self.path(id, "json"), "w") as f:
+            json.dump(dict(meta, rcpt_to=[]), f)
+        with capturedLogs() as events:
+            self.assertEqual(self.queue.scan(), [])
+        self.assertQuarantined(id, events, f"{id}.json", "rcpt_to is empty")
+
+    def test_quarantine_fails_midway(self) -> None:
+        """
+        A move that fails after the .eml went (a crash, EIO) leaves the body in
+        quarantine/, the .json in the spool; the next scan moves the rest, and
+        no orphan rule ever deletes the body.
+        """
+        id = self.spool()
+        with self.queue.claim(id) as claim:
+            claim.save()
+        real_replace = os.replace
+
+        def fail_json(source: str, target: str) -> None:
+            if source.endswith(".json"):
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            real_replace(source, target)
+
+        self.patch(queue_module.os, "replace", fail_json)
+        with capturedLogs() as events:
+            self.queue.quarantine(id, "bad")
+        quarantine = os.path.join(self.directory, "quarantine")
+        self.assertEqual(sorted(os.listdir(quarantine)), [f"{id}.eml", f"{id}.state"])
+        self.assertEqual(sorted(os.listdir(self.directory)), [f"{id}.json", "quarantine"])
+        self.assertEqual([formatEvent(e) for e in events],
+                         [(f"queue: cannot quarantine message {id} ({self.path(id, 'json')}: bad): "
+                           f"{os.strerror(errno.EIO)}")])
+        self.assertIsNone(self.queue.claim(id))  # never delivered without its body
+        self.patch(queue_module.os, "replace", real_replace)
+        later = Queue(self.directory, clock=lambda: time.time() + 10 * ORPHAN_AGE)
+        with capturedLogs() as events:
+            self.assertEqual(later.scan(), [])
+        self.assertEqual(sorted(os.listdir(quarantine)), [f"{id}.eml", f"{id}.json", f"{id}.state"])
+        self.assertEqual(os.listdir(self.directory), ["quarantine"])
 
     def test_corrupt_state(self) -> None:
         id = self.spool()
@@ -489,6 +547,23 @@ class OrphanTests(QueueTestCase):
         self.assertIn(f"queue: removed leftover {self.path(old_eml, 'eml')}",
                       [formatEvent(e) for e in events])
 
+    def test_spool_temporaries(self) -> None:
+        """The spool's temporary files left by a kill -9 during a commit go after the orphan age."""
+        writer = Spool(self.directory, threadpool_runner=synchronous).open()
+        writer.write(MESSAGE)  # a message being received: young, kept
+        old = "20261123T155500Z-00000000000000aa"
+        names = [f".{old}.eml.tmp", f".{old}.json.tmp", f".{old}.state.tmp", ".not-an-id.eml.tmp"]
+        for name in names:
+            with open(os.path.join(self.directory, name), "w") as f:
+                f.write("{")
+            self.age(name, ORPHAN_AGE + 60)
+        with capturedLogs() as events:
+            self.assertEqual(self.queue.scan(), [])
+        self.assertEqual(sorted(os.listdir(self.directory)), sorted([f".{writer.id}.eml.tmp", ".not-an-id.eml.tmp"]))
+        self.assertEqual(sorted(formatEvent(e) for e in events),
+                         sorted(f"queue: removed leftover {os.path.join(self.directory, n)}" for n in names[:3]))
+        writer.abort()
+
     def test_clock(self) -> None:
         """The age is measured with the queue's clock."""
         id = self.spool()
@@ -548,3 +623,112 @@ class UnreadableTests(QueueTestCase):
         self.assertEqual([formatEvent(e) for e in events],
                          [f"queue: cannot read message {id} in {self.directory}: {os.strerror(errno.EACCES)}"])
         self.assertTrue(os.path.exists(self.path(id, "json")))
+
+
+class OwnerTests(QueueTestCase):
+    """What root writes into a spool owned by the gateway's user stays the gateway's (C{sudo authgateway queue})."""
+
+    NOBODY = 65534
+
+    def give_away(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("changing a file's owner needs root")
+        for name in [".", *os.listdir(self.directory)]:
+            os.chown(os.path.join(self.directory, name), self.NOBODY, self.NOBODY)
+
+    def owner(self, path: str) -> tuple[int, int]:
+        st = os.stat(path)
+        return st.st_uid, st.st_gid
+
+    def test_save_keeps_owner(self) -> None:
+        id = self.spool()
+        self.give_away()
+        with self.queue.claim(id) as claim:
+            claim.state.held = True
+            claim.save()
+        self.assertEqual(self.owner(self.path(id, "state")), (self.NOBODY, self.NOBODY))
+        self.assertEqual(stat.S_IMODE(os.stat(self.path(id, "state")).st_mode), 0o600)
+
+    def test_quarantine_keeps_owner(self) -> None:
+        id = self.spool()
+        self.give_away()
+        with capturedLogs():
+            self.queue.quarantine(id, "bad")
+        self.assertEqual(self.owner(os.path.join(self.directory, "quarantine")), (self.NOBODY, self.NOBODY))
+
+    def test_without_the_right(self) -> None:
+        """A user who may not give a file away keeps it (and saves all the same)."""
+        id = self.spool()
+        json_stat = os.stat(self.path(id, "json"))
+        calls: list[tuple[int, int]] = []
+
+        def fchown(fd: int, uid: int, gid: int) -> None:
+            calls.append((uid, gid))
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+
+        self.patch(os, "fchown", fchown)
+        with self.queue.claim(id) as claim:
+            claim.state.held = True
+            claim.save()
+        self.assertEqual(calls, [(json_stat.st_uid, json_stat.st_gid)])
+        self.assertTrue(self.queue.scan()[0].held)
+
+
+class ScanCacheTests(QueueTestCase):
+    """A scan reads a message again only when its files changed."""
+
+    def count_opens(self) -> list[str]:
+        opened: list[str] = []
+        real_open = os.open
+
+        def counting(path: str, *args: Any, **kwargs: Any) -> int:
+            opened.append(path)
+            return real_open(path, *args, **kwargs)
+
+        self.patch(queue_module.os, "open", counting)
+        return opened
+
+    def test_unchanged_not_read(self) -> None:
+        ids = [self.spool() for _ in range(3)]
+        with self.queue.claim(ids[1]) as claim:
+            claim.state.attempts = 1
+            claim.save()
+        first = self.queue.scan()
+        opened = self.count_opens()
+        self.assertEqual(self.queue.scan(), first)
+        self.assertEqual(opened, [])
+
+    def test_changed_state_read(self) -> None:
+        """A state changed by another process (the command) is seen by the next scan; only it is read."""
+        id = self.spool()
+        other = self.spool()
+        self.assertEqual([e.status for e in self.queue.scan()], ["queued", "queued"])
+        for held in (True, False, True):
+            with Queue(self.directory).claim(id) as claim:
+                claim.state.held = held
+                claim.save()
+            opened = self.count_opens()
+            entries = {e.id: e for e in self.queue.scan()}
+            self.assertEqual(entries[id].held, held)
+            self.assertEqual(entries[other].held, False)
+            self.assertEqual(sorted(opened), sorted([self.path(id, "json"), self.path(id, "state")]))
+            self.patch(queue_module.os, "open", os.open)
+
+    def test_entry(self) -> None:
+        """An entry carries what the list shows; the queue keeps no metadata besides."""
+        id = self.spool(mail_from="sales@example.com", rcpt_to=["a@example.net", "b@example.org"])
+        with self.queue.claim(id) as claim:
+            claim.state.attempts = 1
+            claim.state.recipients[0].status = "delivered"
+            claim.state.last_error = "451 4.3.0 later"
+            claim.save()
+        [entry] = self.queue.scan()
+        self.assertEqual(
+            (entry.mail_from, entry.recipients, entry.pending, entry.size, entry.last_error, entry.status),
+            ("sales@example.com", 2, 1, os.path.getsize(self.path(id, "eml")), "451 4.3.0 later", "deferred"),
+        )
+        self.assertIsNotNone(entry.state_mtime)
+        self.assertEqual(list(self.queue._cache), [id])
+        with self.queue.claim(id) as claim:
+            claim.finish()
+        self.assertEqual(self.queue._cache, {})

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gateway import cli, tap
 from gateway.smtp import queue as queue_module
@@ -77,6 +77,11 @@ class ListTests(QueueCommandTestCase):
             claim.save()
         held = self.message()
         self.change(held, held=True)
+
+        def read(queue: Queue, id: str) -> None:
+            raise AssertionError("list reads each message once, in the scan")
+
+        self.patch(Queue, "read", read)
         code, out, err = self.run_cli("list")
         self.assertEqual((code, err), (0, ""))
         lines = out.splitlines()
@@ -175,6 +180,17 @@ class ChangeTests(QueueCommandTestCase):
         self.assertEqual(self.run_cli("retry", id), (0, f"{id}: due now (held: release it to deliver)\n", ""))
         self.assertEqual(self.run_cli("release", id), (0, f"{id}: released\n", ""))
         self.assertFalse(self.state(id).held)
+
+    def test_root_keeps_owner(self) -> None:
+        """C{sudo authgateway queue hold} on a spool of the gateway's user leaves it the state file."""
+        if os.geteuid() != 0:
+            raise SkipTest("changing a file's owner needs root")
+        id = self.message()
+        for name in [".", *os.listdir(self.spool)]:
+            os.chown(os.path.join(self.spool, name), 65534, 65534)
+        self.assertEqual(self.run_cli("hold", id), (0, f"{id}: held\n", ""))
+        st = os.stat(os.path.join(self.spool, f"{id}.state"))
+        self.assertEqual((st.st_uid, st.st_gid), (65534, 65534))
 
     def test_retry_one(self) -> None:
         id = self.message()

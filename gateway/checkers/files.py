@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 from gateway.clock import MONOTONIC
-from gateway.fileio import reason
+from gateway.fileio import keep_owner, reason
 from gateway.text import quote
 
 #: Longest line the parsers accept; anything longer is reported and skipped.
@@ -252,7 +252,7 @@ def atomic_write(path: str | os.PathLike[str], data: str, mode: int = 0o600) -> 
                 os.fsync(f.fileno())
                 os.fchmod(f.fileno(), mode)
                 if previous is not None:
-                    _keep_owner(f.fileno(), previous)
+                    keep_owner(f.fileno(), previous)
             os.replace(temp, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except BaseException as e:
             try:
@@ -303,18 +303,6 @@ def first_field(line: str) -> str | None:
         return None
     key, colon, _ = line.partition(":")
     return key if colon and key else None
-
-
-def _keep_owner(fd: int, previous: os.stat_result) -> None:
-    """
-    Give the new file the old one's owner and group, so that a rewrite by
-    root (C{sudo authgateway user del}) stays readable by a gateway running
-    as its own user. Without the right to do so, the file stays ours.
-    """
-    try:
-        os.fchown(fd, previous.st_uid, previous.st_gid)
-    except PermissionError:
-        pass
 
 
 @contextmanager

@@ -45,7 +45,7 @@ from gateway.smtp.relay import (
     SendResult,
 )
 from gateway.smtp.spool import Envelope, Spool, SpoolError
-from gateway.text import utc_timestamp
+from gateway.text import parse_utc_timestamp, utc_timestamp
 
 log = Logger()
 
@@ -97,7 +97,7 @@ def retry_delay(retry: Sequence[float], attempts: int, jitter: float, draw: floa
 
 def _unix_time(stamp: str) -> float:
     """A C{utc_timestamp} as a Unix time; ValueError when it is not one."""
-    return datetime.strptime(stamp, _TIMESTAMP).replace(tzinfo=timezone.utc).timestamp()
+    return parse_utc_timestamp(stamp).timestamp()
 
 
 @attrs.frozen

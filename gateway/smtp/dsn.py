@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from gateway.smtp.spool import Envelope
+from gateway.text import parse_utc_timestamp
 
 #: What the original message contributes at most: its header block, cut at a line end.
 HEADERS_LIMIT = 64 * 1024
@@ -136,10 +137,9 @@ def _arrival(received_at: Any) -> str | None:
     if not isinstance(received_at, str):
         return None
     try:
-        when = datetime.strptime(received_at, "%Y-%m-%dT%H:%M:%SZ")
+        return _date(parse_utc_timestamp(received_at))
     except ValueError:
         return None
-    return _date(when.replace(tzinfo=timezone.utc))
 
 
 def _header_block(data: bytes, limit: int, complete: bool) -> bytes:

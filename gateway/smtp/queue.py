@@ -22,6 +22,7 @@ import fcntl
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -29,8 +30,8 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from gateway.fileio import fsync_directory, reason
-from gateway.smtp.spool import _ID
+from gateway.fileio import fsync_directory, keep_owner, reason, remove
+from gateway.smtp.spool import MESSAGE_ID, encode_json
 
 _log = Logger()
 
@@ -44,7 +45,10 @@ RECIPIENT_STATUSES = frozenset({"pending", "delivered", "failed"})
 STATUSES = ("queued", "deferred", "held", "done")
 
 #: Leftover C{.eml}/C{.state} files without a C{.json}, and stale temporary
-#: state files, older than this (seconds) are removed by L{Queue.scan}.
+#: files (the spool's C{.<id>.eml.tmp} and C{.<id>.json.tmp} left by a crash
+#: during a commit, the queue's C{.<id>.state.tmp}), older than this
+#: (seconds) are removed by L{Queue.scan}: a commit or a save in progress is
+#: far younger.
 ORPHAN_AGE = 3600.0
 
 #: The sub-directory of the spool unreadable messages are moved to.
@@ -56,6 +60,9 @@ MAX_FILE = 16 * 1024 * 1024
 
 #: How often L{Queue.lock} tries the lock while it waits (seconds).
 LOCK_POLL = 0.05
+
+#: The hidden temporary files of a message: C{.<id><suffix>}.
+_TEMPORARY = (".eml.tmp", ".json.tmp", ".state.tmp")
 
 
 class QueueError(Exception):
@@ -109,10 +116,12 @@ class RecipientState:
 
 
 def recipients_of(meta: dict[str, Any]) -> list[str]:
-    """The envelope recipients of a message's metadata; L{QueueError} if malformed."""
+    """The envelope recipients of a message's metadata; L{QueueError} if malformed or empty."""
     rcpt_to = meta.get("rcpt_to") if isinstance(meta, dict) else None
     if not isinstance(rcpt_to, list) or not all(isinstance(a, str) for a in rcpt_to):
         raise QueueError("rcpt_to is not a list of addresses")
+    if not rcpt_to:
+        raise QueueError("rcpt_to is empty")
     return rcpt_to
 
 
@@ -190,10 +199,7 @@ class QueueState:
             "bounce_id": self.bounce_id,
             "recipients": [r.to_dict() for r in self.recipients],
         }
-        try:
-            return json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
-        except UnicodeEncodeError:
-            return json.dumps(data, indent=1).encode("ascii")
+        return encode_json(data, indent=1)
 
     def _indices(self, status: str) -> list[int]:
         return [i for i, r in enumerate(self.recipients) if r.status == status]
@@ -211,10 +217,27 @@ class QueueState:
         """Nothing is pending: the message can be bounced (if need be) and removed."""
         return not self.pending()
 
+    @property
+    def status(self) -> str:
+        """One of L{STATUSES} (see L{Queue.counts})."""
+        return _status(self.held, self.done, self.attempts)
+
+
+def _status(held: bool, done: bool, attempts: int) -> str:
+    if held:
+        return "held"
+    if done:
+        return "done"
+    return "deferred" if attempts else "queued"
+
 
 @attrs.frozen
 class Entry:
-    """One complete message as L{Queue.scan} found it."""
+    """
+    One complete message as L{Queue.scan} found it: what the delivery's
+    schedule and C{authgateway queue list} need, no more (the scan keeps one
+    per queued message between scans).
+    """
 
     id: str
     next_attempt: float
@@ -225,21 +248,45 @@ class Entry:
     state_mtime: float | None
     attempts: int = 0
     done: bool = False
+    mail_from: str = ""
+    #: How many recipients the message has, and how many are still pending.
+    recipients: int = 0
+    pending: int = 0
+    #: The message's size in bytes, as its metadata says (None: not a count).
+    size: int | None = None
+    last_error: str | None = None
 
     @property
     def status(self) -> str:
         """C{held}, C{done} (removal or bounce pending), C{deferred} (tried before), C{queued}."""
-        if self.held:
-            return "held"
-        if self.done:
-            return "done"
-        if self.attempts:
-            return "deferred"
-        return "queued"
+        return _status(self.held, self.done, self.attempts)
+
+
+def _intern(text: str | None) -> str | None:
+    """One copy of the strings many messages share (a sender, a second, a relay's outage)."""
+    return None if text is None else sys.intern(text)
+
+
+#: What identifies one version of a C{.state} file: a save renames a new
+#: file over it, so its inode, change time, modification time or size differ.
+_StateKey = tuple[int, int, int, int]
+
+
+def _state_key(st: os.stat_result) -> _StateKey:
+    return (st.st_ino, st.st_ctime_ns, st.st_mtime_ns, st.st_size)
+
+
+@attrs.define(slots=True)
+class _Cached:
+    """What a scan keeps of a message: its C{.json}'s inode, its C{.state}'s version, its L{Entry}."""
+
+    json_ino: int
+    state_key: _StateKey | None
+    entry: Entry
 
 
 def _check_id(id: str) -> str:
-    if not isinstance(id, str) or not _ID.match(id):
+    if not isinstance(id, str) or not MESSAGE_ID.match(id):
         raise QueueError(f"not a message id: {str(id)[:64]!r}")
     return id
 
@@ -288,14 +335,6 @@ def parse_meta(data: bytes) -> dict[str, Any]:
     return meta
 
 
-def _remove(path: str) -> bool:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
-
-
 class _Corrupt(Exception):
     """A message file that cannot be parsed: which file and why."""
 
@@ -318,7 +357,8 @@ class Queue:
         passes one that prints warnings).
 
     Safe to use from several threads at once (the gateway's pool): the
-    locks are the files' own, the cache holds only immutable metadata.
+    locks are the files' own; the scan's cache pairs each L{Entry} with the
+    versions of the files it was read from, so a stale one is only re-read.
     """
 
     def __init__(
@@ -333,8 +373,9 @@ class Queue:
         self._clock = clock
         self._log = _log if log is None else log
         self._orphan_age = orphan_age
-        #: Parsed metadata by id (a C{.json} never changes after commit).
-        self._meta: dict[str, tuple[int, dict[str, Any]]] = {}
+        #: What the last scan found of each message (a C{.json} never changes
+        #: after commit; a C{.state} is re-read when its version changed).
+        self._cache: dict[str, _Cached] = {}
         #: Claims this object holds, so L{quarantine} can use them.
         self._claims: dict[str, Claim] = {}
         #: Messages whose files could not be read, logged once each.
@@ -349,44 +390,32 @@ class Queue:
     # --- reading ---------------------------------------------------------------
 
     def _load_meta(self, id: str, fd: int | None = None) -> dict[str, Any] | None:
-        """The metadata of C{id} (cached by inode), None when gone; L{_Corrupt}."""
+        """The metadata of C{id} (from C{fd} if given), None when gone; L{_Corrupt}."""
         path = self._path(id, "json")
-        try:
-            if fd is None:
-                st = os.stat(path, follow_symlinks=False)
-            else:
-                st = os.fstat(fd)
-        except FileNotFoundError:
-            return None
-        cached = self._meta.get(id)
-        if cached is not None and cached[0] == st.st_ino:
-            return cached[1]
         try:
             data = _read_bounded(fd, path) if fd is not None else _read_file(path, path)
             if data is None:
                 return None
-            meta = parse_meta(data)
+            return parse_meta(data)
         except QueueError as e:
             raise _Corrupt(path, str(e)) from None
-        self._meta[id] = (st.st_ino, meta)
-        return meta
 
-    def _load_state(self, id: str, meta: dict[str, Any]) -> tuple[QueueState, float | None]:
-        """The state of C{id} (fresh when absent) and its file's mtime; L{_Corrupt}."""
+    def _load_state(self, id: str, meta: dict[str, Any]) -> tuple[QueueState, os.stat_result | None]:
+        """The state of C{id} (fresh when absent) and its file's stat; L{_Corrupt}."""
         path = self._path(id, "state")
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             return QueueState.fresh(meta), None
         try:
-            mtime = os.fstat(fd).st_mtime
+            st = os.fstat(fd)
             data = _read_bounded(fd, path)
         except QueueError as e:
             raise _Corrupt(path, str(e)) from None
         finally:
             os.close(fd)
         try:
-            return QueueState.from_json(data, meta), mtime
+            return QueueState.from_json(data, meta), st
         except QueueError as e:
             raise _Corrupt(path, str(e)) from None
 
@@ -403,65 +432,91 @@ class Queue:
             meta = self._load_meta(id)
             if meta is None:
                 return None
-            state, mtime = self._load_state(id, meta)
+            state, st = self._load_state(id, meta)
         except _Corrupt as e:
             self._quarantine_corrupt(id, e)
             return None
         except OSError as e:
             raise QueueError(f"{self.directory}: cannot read message {id}: {reason(e)}") from None
-        return meta, state, mtime
+        return meta, state, None if st is None else st.st_mtime
 
     def scan(self) -> list[Entry]:
         """
         Every complete message, oldest first. A message whose C{.json} or
         C{.state} cannot be parsed is quarantined; C{.eml}/C{.state} files
-        without a C{.json} (and stale temporary state files) older than
+        without a C{.json} and stale temporary files older than
         L{ORPHAN_AGE} are removed. A file that cannot be read (permissions)
         is logged and skipped.
 
+        What an earlier scan read is kept (an L{Entry} per message): a
+        message is read again only when its C{.json} was replaced or its
+        C{.state} changed, so a scan of an unchanged queue costs a directory
+        listing and a C{stat} per state file.
+
         @raise QueueError: the directory cannot be listed.
         """
+        complete: list[tuple[str, int]] = []
+        leftovers: list[tuple[str, str]] = []
+        names: set[str] = set()
+        inodes: dict[str, int] = {}
         try:
-            names = os.listdir(self.directory)
+            with os.scandir(self.directory) as listing:
+                for item in listing:
+                    names.add(item.name)
+                    if item.name.endswith(".json"):
+                        inodes[item.name] = item.inode()
         except OSError as e:
             raise QueueError(f"{self.directory}: cannot list the queue: {reason(e)}") from None
-        present = set(names)
-        complete: list[str] = []
-        leftovers: list[tuple[str, str]] = []
         for name in names:
             id, dot, extension = name.partition(".")
             if not dot:
                 continue
-            if extension == "json" and _ID.match(id):
-                complete.append(id)
-            elif extension in ("eml", "state") and _ID.match(id):
-                if f"{id}.json" not in present:
+            if extension == "json" and MESSAGE_ID.match(id):
+                complete.append((id, inodes[name]))
+            elif extension in ("eml", "state") and MESSAGE_ID.match(id):
+                if f"{id}.json" not in names:
                     leftovers.append((id, name))
-            elif not id and extension.endswith(".state.tmp") and _ID.match(extension[:-10]):
-                leftovers.append((extension[:-10], name))
+            elif not id:
+                for suffix in _TEMPORARY:
+                    if extension.endswith(suffix) and MESSAGE_ID.match(extension[: -len(suffix)]):
+                        leftovers.append((extension[: -len(suffix)], name))
+                        break
         entries = []
-        for id in complete:
-            entry = self._entry(id, f"{id}.eml" in present)
+        for id, json_ino in complete:
+            entry = self._entry(id, json_ino, f"{id}.eml" in names, f"{id}.state" in names)
             if entry is not None:
                 entries.append(entry)
         for id, name in leftovers:
             self._remove_orphan(id, name)
-        known = set(complete)
-        for id in list(self._meta):
+        known = {id for id, _ in complete}
+        for id in list(self._cache):
             if id not in known:
-                self._meta.pop(id, None)
+                self._cache.pop(id, None)
         self._unreadable &= known
         entries.sort(key=lambda e: (e.received_at, e.id))
         return entries
 
-    def _entry(self, id: str, listed_eml: bool) -> Entry | None:
+    def _entry(self, id: str, json_ino: int, listed_eml: bool, listed_state: bool) -> Entry | None:
+        """
+        The entry of message C{id}: the cached one while its files are
+        unchanged (as the listing and a C{stat} of its C{.state} see them).
+        """
         try:
+            if not listed_eml:
+                self._check_message_file(id)
+            state_key: _StateKey | None = None
+            if listed_state:
+                try:
+                    state_key = _state_key(os.stat(self._path(id, "state"), follow_symlinks=False))
+                except FileNotFoundError:
+                    pass
+            cached = self._cache.get(id)
+            if cached is not None and cached.json_ino == json_ino and cached.state_key == state_key:
+                return cached.entry
             meta = self._load_meta(id)
             if meta is None:
                 return None
-            if not listed_eml:
-                self._check_message_file(id)
-            state, mtime = self._load_state(id, meta)
+            state, st = self._load_state(id, meta)
         except _Corrupt as e:
             self._quarantine_corrupt(id, e)
             return None
@@ -472,15 +527,27 @@ class Queue:
                                id=id, directory=self.directory, reason=reason(e))
             return None
         self._unreadable.discard(id)
-        return Entry(
+        size = meta.get("size")
+        entry = Entry(
             id=id,
             next_attempt=state.next_attempt,
             held=state.held,
-            received_at=meta["received_at"],
-            state_mtime=mtime,
+            received_at=sys.intern(meta["received_at"]),
+            state_mtime=None if st is None else st.st_mtime,
             attempts=state.attempts,
             done=state.done,
+            mail_from=sys.intern(meta["mail_from"]),
+            recipients=len(state.recipients),
+            pending=len(state.pending()),
+            size=size if isinstance(size, int) and not isinstance(size, bool) else None,
+            last_error=_intern(state.last_error),
         )
+        self._cache[id] = _Cached(json_ino, None if st is None else _state_key(st), entry)
+        return entry
+
+    def _forget(self, id: str) -> None:
+        """Drop what the scan keeps of C{id} (removed, quarantined)."""
+        self._cache.pop(id, None)
 
     def _check_message_file(self, id: str) -> None:
         """L{_Corrupt} when the C{.json} of C{id} has no C{.eml} next to it."""
@@ -491,8 +558,9 @@ class Queue:
     def _remove_orphan(self, id: str, name: str) -> None:
         """
         Remove a leftover C{.eml}/C{.state} of a message without a C{.json},
-        or a temporary state file, once older than the orphan age (a commit
-        renames its C{.eml} moments before its C{.json}).
+        or a temporary file, once older than the orphan age (a commit renames
+        its C{.eml} moments before its C{.json}; a commit or a save writes its
+        temporary files within seconds).
         """
         path = os.path.join(self.directory, name)
         try:
@@ -501,7 +569,7 @@ class Queue:
                 return
             if not name.startswith(".") and os.path.lexists(self._path(id, "json")):
                 return  # committed meanwhile
-            if _remove(path):
+            if remove(path):
                 self._log.info("queue: removed leftover {file}", file=path)
         except OSError as e:
             self._log.warn("queue: cannot remove leftover {file}: {reason}",
@@ -655,12 +723,18 @@ class Queue:
             os.close(fd)
 
     def _quarantine_files(self, id: str, path: str, why: str) -> None:
-        """Move the files (C{.json} first: then it is no longer a message), log one line."""
+        """
+        Move the files, log one line. The C{.eml} goes first (then nothing
+        delivers the message any more), its C{.state} next, the C{.json} last:
+        whatever step fails, the message's body is in C{quarantine/} or still
+        beside its C{.json}, never an orphan the scan would delete, and the
+        next look finishes the move.
+        """
         target = os.path.join(self.directory, QUARANTINE)
-        self._meta.pop(id, None)
+        self._forget(id)
         try:
-            os.makedirs(target, mode=0o700, exist_ok=True)
-            for extension in ("json", "eml", "state"):
+            self._make_quarantine(target)
+            for extension in ("eml", "state", "json"):
                 name = f"{id}.{extension}"
                 try:
                     os.replace(os.path.join(self.directory, name), os.path.join(target, name))
@@ -674,6 +748,22 @@ class Queue:
             return
         self._log.warn("queue: quarantined message {id} in {target}: {file}: {why}",
                        id=id, target=target, file=path, why=why)
+
+    def _make_quarantine(self, target: str) -> None:
+        """
+        Create C{quarantine/} if need be, owned like the spool directory (a
+        C{sudo authgateway queue} must not leave the gateway a directory it
+        cannot write).
+        """
+        try:
+            os.mkdir(target, 0o700)
+        except FileExistsError:
+            return
+        fd = os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            keep_owner(fd, os.stat(self.directory))
+        finally:
+            os.close(fd)
 
 
 class Claim:
@@ -705,17 +795,21 @@ class Claim:
     def held(self) -> bool:
         return self._fd is not None
 
-    def _check(self) -> None:
+    def _check(self) -> int:
+        """The locked C{.json}'s descriptor; L{QueueError} once released."""
         if self._fd is None:
             raise QueueError(f"message {self.id} is no longer claimed")
+        return self._fd
 
     def save(self) -> None:
         """
         Write L{state} durably: a temporary file (truncated, fsynced), renamed
-        over C{<id>.state}, the directory fsynced. On failure (C{ENOSPC}) the
-        previous state is intact, the claim still held, the OSError raised.
+        over C{<id>.state}, the directory fsynced. The file gets the owner and
+        group of the message's C{.json} (when root runs C{authgateway queue},
+        the gateway must still be able to rewrite it). On failure (C{ENOSPC})
+        the previous state is intact, the claim still held, the OSError raised.
         """
-        self._check()
+        json_fd = self._check()
         queue = self._queue
         data = self.state.to_json()
         temp = os.path.join(queue.directory, f".{self.id}.state.tmp")
@@ -725,13 +819,14 @@ class Claim:
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view):]
+                keep_owner(fd, os.fstat(json_fd))
                 os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(temp, queue._path(self.id, "state"))
         except BaseException:
             try:
-                _remove(temp)
+                remove(temp)
             except OSError:
                 pass
             raise
@@ -746,11 +841,11 @@ class Claim:
         """
         self._check()
         queue = self._queue
-        _remove(queue._path(self.id, "json"))
-        queue._meta.pop(self.id, None)
+        remove(queue._path(self.id, "json"))
+        queue._forget(self.id)
         try:
             for extension in ("eml", "state"):
-                _remove(queue._path(self.id, extension))
+                remove(queue._path(self.id, extension))
             fsync_directory(queue.directory)
         except OSError as e:
             queue._log.warn("queue: message {id} removed, but not its files: {reason}",

@@ -29,7 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from gateway.authinfo import AuthInfo, IdentityContext
-from gateway.fileio import fsync_directory, reason
+from gateway.fileio import fsync_directory, reason, remove
 from gateway.text import message_date, utc_timestamp
 
 #: How a message came in: the protocol words of RFC 3848, as written in
@@ -43,7 +43,7 @@ _log = Logger()
 WRITE_BUFFER = 64 * 1024
 
 #: UTC time to the second, then 64 random bits: sortable and unique.
-_ID = re.compile(r"\A[0-9]{8}T[0-9]{6}Z-[0-9a-f]{16}\Z")
+MESSAGE_ID = re.compile(r"\A[0-9]{8}T[0-9]{6}Z-[0-9a-f]{16}\Z")
 
 #: How often L{Spool.open} draws a new id when the temporary name is taken.
 _OPEN_ATTEMPTS = 5
@@ -161,12 +161,15 @@ def metadata(id: str, envelope: Envelope, size: int, received_at: datetime) -> d
     }
 
 
-def _encode(data: dict[str, Any]) -> bytes:
-    """UTF-8 JSON; strings that are not valid Unicode (lone surrogates) are escaped."""
+def encode_json(data: dict[str, Any], indent: int | None = None) -> bytes:
+    """
+    UTF-8 JSON (a C{.json} or C{.state} file); strings that are not valid
+    Unicode (lone surrogates) are escaped.
+    """
     try:
-        return json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return json.dumps(data, ensure_ascii=False, indent=indent).encode("utf-8")
     except UnicodeEncodeError:
-        return json.dumps(data).encode("ascii")
+        return json.dumps(data, indent=indent).encode("ascii")
 
 
 def _new_id() -> str:
@@ -176,13 +179,6 @@ def _new_id() -> str:
 
 def _create(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class Spool:
@@ -297,7 +293,7 @@ class Spool:
         found = []
         for name in names:
             id, dot, extension = name.partition(".")
-            if dot and extension == "json" and _ID.match(id) and f"{id}.eml" in present:
+            if dot and extension == "json" and MESSAGE_ID.match(id) and f"{id}.eml" in present:
                 found.append(id)
         return sorted(found)
 
@@ -308,7 +304,7 @@ class Spool:
 
         @raise SpoolError: unknown or malformed id, or unreadable files.
         """
-        if not isinstance(id, str) or not _ID.match(id):
+        if not isinstance(id, str) or not MESSAGE_ID.match(id):
             raise SpoolError(f"{self.directory}: not a message id: {str(id)[:64]!r}")
         base = os.path.join(self.directory, id)
         try:
@@ -404,7 +400,7 @@ class SpoolWriter:
         if received_at is None:
             received_at = datetime.now(timezone.utc)
         try:
-            meta = _encode(metadata(self.id, envelope, self.size, received_at))
+            meta = encode_json(metadata(self.id, envelope, self.size, received_at))
         except BaseException:
             self._clean_up()
             raise
@@ -448,6 +444,6 @@ class SpoolWriter:
         # The metadata first: while it exists, the message counts as complete.
         for path in (self._meta, self._meta_temp, self._message, self._temp):
             try:
-                _remove(path)
+                remove(path)
             except OSError:
                 pass
