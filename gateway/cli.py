@@ -308,7 +308,7 @@ def queue_show(args: argparse.Namespace, io: Streams) -> int:
         return "-" if value is None else printable(str(value))
 
     fields = [
-        ("id", meta.get("id", args.id)),
+        ("id", text(meta.get("id", args.id))),
         ("received", f"{text(meta['received_at'])} ({_age(meta['received_at'], now)} ago)"),
         ("size", f"{text(meta.get('size'))} bytes"),
         ("protocol", text(meta.get("protocol"))),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import stat
 
 
 def reason(e: BaseException) -> str:
@@ -23,6 +24,25 @@ def fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def open_regular(path: str) -> int:
+    """
+    A read-only descriptor of the regular file at C{path}, for files others
+    may plant in a directory the gateway reads (the spool): a symbolic link
+    is not followed (C{ELOOP}), and a FIFO or device is refused (reading one
+    could block the thread for ever, or disclose what it is).
+
+    @raise OSError: the file cannot be opened, or is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError("not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove(path: str) -> bool:

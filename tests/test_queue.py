@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -109,6 +110,7 @@ class QueueStateTests(SynchronousTestCase):
             json.dumps(dict(good, held="no")).encode(): "held is not true or false",
             json.dumps(dict(good, next_attempt="soon")).encode(): "next_attempt is not a number",
             json.dumps(dict(good, next_attempt=-1)).encode(): "next_attempt is out of range",
+            json.dumps(dict(good, next_attempt=1e300)).encode(): "next_attempt is out of range",
             json.dumps(dict(good, last_error=5)).encode(): "last_error is not a string",
             json.dumps(dict(good, recipients={})).encode(): "recipients is not a list",
             json.dumps(dict(good, recipients=good["recipients"][:2])).encode():
@@ -623,6 +625,32 @@ class UnreadableTests(QueueTestCase):
         self.assertEqual([formatEvent(e) for e in events],
                          [f"queue: cannot read message {id} in {self.directory}: {os.strerror(errno.EACCES)}"])
         self.assertTrue(os.path.exists(self.path(id, "json")))
+
+
+    def test_planted_fifo_never_blocks(self) -> None:
+        """
+        A FIFO planted as a message's .json or .state (by anyone who can write
+        the spool) is refused at once: opening one for reading would block
+        the scan, a claim or the command for ever.
+        """
+        fifo_json, fifo_state = self.spool(), self.spool()
+        os.unlink(self.path(fifo_json, "json"))
+        os.mkfifo(self.path(fifo_json, "json"))
+        os.mkfifo(self.path(fifo_state, "state"))
+        good = self.spool()
+        signal.signal(signal.SIGALRM, lambda *_: self.fail("blocked on a FIFO"))
+        self.addCleanup(signal.signal, signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(10)
+        try:
+            with capturedLogs():
+                self.assertEqual([e.id for e in self.queue.scan()], [good])
+                for id in (fifo_json, fifo_state):
+                    try:
+                        self.assertIsNone(self.queue.claim(id))
+                    except QueueError as e:
+                        self.assertIn("not a regular file", str(e))
+        finally:
+            signal.alarm(0)
 
 
 class OwnerTests(QueueTestCase):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import subprocess
 import sys
@@ -165,6 +166,20 @@ class ShowTests(QueueCommandTestCase):
                                                         "2026-11-26T10:05:00Z", "250 2.0.0 Ok: queued as X"])
         self.assertEqual(recipients[2].split(), ["pending", "evil\\x1b[31m@example.org", "-", "-", "-"])
         self.assertNotIn("\x1b", out)
+
+    def test_escapes_in_metadata(self) -> None:
+        """Whatever a planted .json holds, show prints no terminal escape."""
+        id = self.message()
+        path = os.path.join(self.spool, f"{id}.json")
+        with open(path) as f:
+            meta = json.load(f)
+        meta.update(id="\x1b]0;OWNED\x07\x1b[2J", size="\x1b[31mRED", helo="\x1b[1m")
+        with open(path, "w") as f:
+            json.dump(meta, f)
+        code, out, _ = self.run_cli("show", id)
+        self.assertEqual(code, 0)
+        self.assertNotIn("\x1b", out)
+        self.assertNotIn("\x07", out)
 
     def test_unknown(self) -> None:
         unknown = "20261126T100000Z-0123456789abcdef"

@@ -8,6 +8,7 @@ LMTP).
 from __future__ import annotations
 
 import base64
+import os
 import re
 
 from hypothesis import given
@@ -664,6 +665,18 @@ class SendTests(SendTestCase):
         s = self.session
         self.assertEqual(self.first, b'MAIL FROM:<"x y"@example.com> SIZE=42\r\n')
         self.assertEqual(s.answer(b"250 ok\r\n"), b'RCPT TO:<"a b>c"@example.net>\r\n')
+
+    def test_message_file_must_be_regular(self):
+        """A symbolic link or FIFO planted as the message is never read (a confused deputy, or a hang)."""
+        secret = self.mktemp()
+        write_file(secret, b"Subject: not yours\r\n\r\nsecret\r\n")
+        link, fifo = self.mktemp(), self.mktemp()
+        os.symlink(os.path.abspath(secret), link)
+        os.mkfifo(fifo)
+        for path in (link, fifo):
+            d = self.conn.send("s@example.com", ["a@example.net"], path, 1, None)
+            self.failureResultOf(d, OSError)
+            self.assertEqual(self.session.sent(), b"")
 
     def test_missing_message_file(self):
         d = self.conn.send("s@example.com", ["a@example.net"], self.mktemp(), 1, None)

@@ -59,7 +59,6 @@ MAX_ERROR = 512
 #: The C{last_error} of a message whose pending recipients failed at C{max_age}.
 EXPIRED = "delivery time expired"
 
-_TIMESTAMP = "%Y-%m-%dT%H:%M:%SZ"
 
 
 @attrs.frozen

@@ -17,6 +17,7 @@ from __future__ import annotations
 import binascii
 import email.utils
 import ipaddress
+import os
 import re
 import secrets
 import textwrap
@@ -25,6 +26,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.fileio import open_regular
 from gateway.smtp.spool import Envelope
 from gateway.text import parse_utc_timestamp
 
@@ -168,7 +170,7 @@ def read_headers(path: str, limit: int = HEADERS_LIMIT) -> bytes:
 
     @raise OSError: the file cannot be read.
     """
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:  # no link, no FIFO planted in the spool
         data = f.read(limit + 2)  # + the blank line's CRLF after a block of exactly C{limit}
     return _header_block(data, limit, complete=len(data) < limit + 2)
 
@@ -227,7 +229,8 @@ def _explanation(
         paragraphs.append(_ascii(f"The message (queue id {id}) was received at {received}."))
     for recipient, reply, relay in failures:
         _, expired = _status(reply)
-        where = f"{relay} said" if relay else "the reply was"
+        remote = _remote_mta(relay)  # the host, not the URL (its port and TLS mode are ours)
+        where = f"{remote} said" if remote else "the reply was"
         if expired and _is_reply(reply):
             text = f"<{recipient}>: delivery time expired; {where}: {reply}"
         elif expired:

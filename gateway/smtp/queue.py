@@ -30,7 +30,7 @@ from typing import Any
 import attrs
 from twisted.logger import Logger
 
-from gateway.fileio import fsync_directory, keep_owner, reason, remove
+from gateway.fileio import fsync_directory, keep_owner, open_regular, reason, remove
 from gateway.smtp.spool import MESSAGE_ID, encode_json
 
 _log = Logger()
@@ -75,10 +75,14 @@ def _optional_str(value: Any, what: str) -> str | None:
     return value
 
 
+#: The last Unix time a date can show (9999-12-31T23:59:59Z).
+_LAST_TIME = 253402300799.0
+
+
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise QueueError(f"{what} is not a number")
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(value) or not 0 <= value <= _LAST_TIME:
         raise QueueError(f"{what} is out of range")
     return float(value)
 
@@ -310,7 +314,7 @@ def _read_bounded(fd: int, what: str) -> bytes:
 def _read_file(path: str, what: str) -> bytes | None:
     """C{path}'s bytes, or None when it does not exist."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = open_regular(path)
     except FileNotFoundError:
         return None
     try:
@@ -404,7 +408,7 @@ class Queue:
         """The state of C{id} (fresh when absent) and its file's stat; L{_Corrupt}."""
         path = self._path(id, "state")
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = open_regular(path)
         except FileNotFoundError:
             return QueueState.fresh(meta), None
         try:
@@ -597,7 +601,7 @@ class Queue:
         path = self._path(id, "json")
         while True:
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = open_regular(path)
             except FileNotFoundError:
                 return None
             except OSError as e:

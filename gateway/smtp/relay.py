@@ -22,6 +22,7 @@ connection and gives C{451 4.4.2} to every recipient without a reply.
 from __future__ import annotations
 
 import base64
+import os
 import re
 from collections import deque
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.addresses import BadHost, split_authority
-from gateway.fileio import reason
+from gateway.fileio import open_regular, reason
 
 __all__ = [
     "DotStuffer",
@@ -661,7 +662,7 @@ class RelayConnection(protocol.Protocol):
         if self._busy:
             return defer.fail(RuntimeError("RelayConnection.send while a message is being sent"))
         try:
-            file = open(message_path, "rb")
+            file = os.fdopen(open_regular(message_path), "rb")  # no link, no FIFO planted in the spool
         except OSError as e:
             return defer.fail(e)
         self._busy = True
