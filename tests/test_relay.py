@@ -45,6 +45,7 @@ from tests.support import write_file
 EHLO_PLAIN = b"250-relay.test\r\n250-PIPELINING\r\n250 SIZE 1000000\r\n"
 EHLO_TLS = b"250-relay.test\r\n250-SIZE 1000000\r\n250 STARTTLS\r\n"
 EHLO_AUTH = b"250-relay.test\r\n250-SIZE 1000000\r\n250 AUTH PLAIN LOGIN\r\n"
+EHLO_NO_PIPELINING = b"250-relay.test\r\n250 SIZE 1000000\r\n"
 
 
 class ParseRelayTests(SynchronousTestCase):
@@ -503,8 +504,10 @@ class LoginTests(SynchronousTestCase):
 
 
 class SendTestCase(SynchronousTestCase):
+    """A relay that takes one command at a time (no PIPELINING: each reply, then the next command)."""
+
     url = "smtp://relay.test?tls=none"
-    ehlo = EHLO_PLAIN
+    ehlo = EHLO_NO_PIPELINING
 
     def setUp(self):
         self.session = Session(self, self.url)
@@ -862,7 +865,7 @@ class MailAuthTests(SendTestCase):
 
 class LMTPTests(SendTestCase):
     url = "lmtp:///run/lmtp.sock"
-    ehlo = b"250-mda\r\n250 PIPELINING\r\n"
+    ehlo = b"250 mda\r\n"
 
     def test_per_recipient_replies(self):
         d = self.send(["a@example.net", "b@example.net", "c@example.net"])

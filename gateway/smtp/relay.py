@@ -8,7 +8,9 @@ connection to one (greeting, EHLO or LHLO, STARTTLS verified with
 service-identity, AUTH PLAIN or LOGIN) and gives a L{RelayConnection}, whose
 L{RelayConnection.send} carries one message at a time (RSET between them)
 and answers with one L{Reply} per recipient, never an error for what the
-relay says.
+relay says. When the relay offers PIPELINING (RFC 2920), RSET, MAIL, every
+RCPT and DATA go in one write and their replies are read in order; the
+handshake (STARTTLS, AUTH) is never pipelined.
 
 Our own client rather than C{twisted.mail.smtp}, which installs the global
 reactor when imported. Replies are read by the sans-I/O L{ReplyParser}
@@ -464,12 +466,23 @@ def _lost_reason(why: Failure, target: RelayTarget) -> str:
     return "connection to the relay lost"
 
 
+@attrs.define
+class _Wait:
+    """A reply awaited: its Deferred, its timeout, and its timer once it is the next reply due."""
+
+    deferred: defer.Deferred[Reply]
+    timeout: float
+    timer: Any = None
+
+
 class RelayConnection(protocol.Protocol):
     """
-    One connection to a relay. Replies are awaited one command at a time
-    (no pipelining), each with its timeout; whatever ends the connection
-    (a timeout, garbage, the peer, TLS) fails every wait with a
-    L{RelayError} and later sends answer C{451 4.4.2} at once.
+    One connection to a relay. Replies are awaited in order, each with its
+    timeout, counted from the reply before it (or from the command, when
+    none is due): a relay working through pipelined commands one at a time
+    is not cut short, one that stalls is. Whatever ends the connection (a
+    timeout, garbage, the peer, TLS) fails every wait with a L{RelayError}
+    and later sends answer C{451 4.4.2} at once.
     """
 
     def __init__(self, settings: RelaySettings, target: RelayTarget, clock: Any) -> None:
@@ -477,7 +490,7 @@ class RelayConnection(protocol.Protocol):
         self.target = target
         self._clock = clock
         self._parser = ReplyParser()
-        self._waiting: deque[tuple[defer.Deferred[Reply], Any]] = deque()
+        self._waiting: deque[_Wait] = deque()
         self._greeting: defer.Deferred[Reply] | None = None
         self._stream_timer: Any = None
         self._broken: RelayError | None = None
@@ -497,8 +510,8 @@ class RelayConnection(protocol.Protocol):
     # -- transport events
 
     def connectionMade(self) -> None:
-        # One command at a time: Nagle's algorithm would hold each small write
-        # (the end of data after the text) behind the relay's delayed ACK.
+        # Small writes waiting for a reply (a command, the end of data after the
+        # text): Nagle's algorithm would hold each behind the relay's delayed ACK.
         no_delay = getattr(self.transport, "setTcpNoDelay", None)
         if no_delay is not None:
             no_delay(True)
@@ -519,9 +532,11 @@ class RelayConnection(protocol.Protocol):
                 what = "closing" if reply.code == 421 else "an unexpected reply"
                 self._break(RelayError(f"{self.target.url}: {what}: {reply}"))
                 return
-            d, timer = self._waiting.popleft()
-            timer.cancel()
-            d.callback(reply)
+            wait = self._waiting.popleft()
+            wait.timer.cancel()
+            if self._waiting:
+                self._start(self._waiting[0])
+            wait.deferred.callback(reply)
 
     def connectionLost(self, why: Failure = protocol.connectionDone) -> None:
         self._break(RelayError(f"{self.target.url}: {_lost_reason(why, self.target)}"), abort=False)
@@ -536,9 +551,15 @@ class RelayConnection(protocol.Protocol):
         if self._broken is not None:
             d.errback(self._broken)
             return d
-        timer = self._clock.callLater(timeout, self._timed_out)
-        self._waiting.append((d, timer))
+        wait = _Wait(d, timeout)
+        if not self._waiting:
+            self._start(wait)
+        self._waiting.append(wait)
         return d
+
+    def _start(self, wait: _Wait) -> None:
+        """C{wait} is the next reply due: its timeout runs from now."""
+        wait.timer = self._clock.callLater(wait.timeout, self._timed_out)
 
     def _timed_out(self) -> None:
         self._break(RelayError(f"{self.target.url}: timed out waiting for the relay"))
@@ -558,20 +579,24 @@ class RelayConnection(protocol.Protocol):
         if self._broken is None:
             self._broken = why
         waiting, self._waiting = self._waiting, deque()
-        for d, timer in waiting:
-            if timer.active():
-                timer.cancel()
-            d.errback(self._broken)
+        for wait in waiting:
+            if wait.timer is not None and wait.timer.active():
+                wait.timer.cancel()
+            wait.deferred.errback(self._broken)
         if self._producer is not None:
             self._producer.stopProducing()
         if abort and self.transport is not None:
             self.transport.abortConnection()
 
     def _command(self, line: bytes, timeout: float | None = None) -> defer.Deferred[Reply]:
+        return self._commands([line], timeout)[0]
+
+    def _commands(self, lines: Sequence[bytes], timeout: float | None = None) -> list[defer.Deferred[Reply]]:
+        """Send C{lines} in one write (a pipelined group when there are several): a wait per reply."""
         if self._broken is None:
             assert self.transport is not None
-            self.transport.write(line + b"\r\n")
-        return self._expect(self.settings.command_timeout if timeout is None else timeout)
+            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+        return [self._expect(self.settings.command_timeout if timeout is None else timeout) for _ in lines]
 
     # -- the session
 
@@ -691,48 +716,81 @@ class RelayConnection(protocol.Protocol):
         if not _sendable(mail_from):
             replies[:] = [Reply(553, "5.1.7 sender address not sendable (not sent)")] * len(recipients)
             return
-        if self._used:
-            reset = await self._command(b"RSET")
-            if reset.code != 250:
-                raise RelayError(f"{self.target.url}: RSET refused: {reset}")
+        reset, with_auth = self._used, self._sends_auth()
         self._used = True
-        reply = self._expected(await self._command(self._mail_line(mail_from, size, auth, self._sends_auth())),
-                               (250,), "MAIL")
-        if self._sends_auth() and _refuses_parameters(reply):
-            # 555: the relay takes no AUTH= at all (aiosmtpd 1.4.6), so this
+        while await self._transaction(reset, self._mail_line(mail_from, size, auth, with_auth), with_auth,
+                                      recipients, file, replies):
+            # MAIL refused AUTH=: the message goes again without it. 555:
+            # the relay takes no AUTH= at all (aiosmtpd 1.4.6), so this
             # connection stops sending it; a 501/504 may be about this value
             # only, so only this message goes on without it.
-            if reply.code == 555:
-                self._mail_auth = False
-            reset = await self._command(b"RSET")
-            if reset.code != 250:
-                raise RelayError(f"{self.target.url}: RSET refused: {reset}")
-            reply = self._expected(await self._command(self._mail_line(mail_from, size, auth, False)),
-                                   (250,), "MAIL")
-        if reply.code != 250:
-            replies[:] = [reply] * len(recipients)
-            self._closing(reply)
-            return
-        accepted = []
-        for index, recipient in enumerate(recipients):
-            if not _sendable(recipient):
-                replies[index] = Reply(553, "5.1.3 recipient address not sendable (not sent)")
-                continue
-            reply = self._expected(await self._command(b"RCPT TO:<" + recipient.encode("ascii") + b">"),
-                                   (250, 251), "RCPT")
-            if reply.code in (250, 251):
-                accepted.append(index)
-            else:
-                replies[index] = reply
+            reset, with_auth = True, False
+
+    async def _transaction(
+        self, reset: bool, mail: bytes, with_auth: bool, recipients: Sequence[str], file: IO[bytes],
+        replies: list[Reply | None],
+    ) -> bool:
+        """
+        One try at a message: RSET (after an earlier one), MAIL, RCPT, DATA,
+        the text. With PIPELINING they go in one write up to DATA, and every
+        reply is still read, in order, by the rules of the one-at-a-time
+        exchange: the RCPTs' replies after a refused MAIL, and DATA's when no
+        RCPT was accepted, are nobody's outcome. True when MAIL refused
+        C{AUTH=} and the message is to go again without it.
+        """
+        sendable = [index for index, recipient in enumerate(recipients) if _sendable(recipient)]
+        rcpts = {index: b"RCPT TO:<" + recipients[index].encode("ascii") + b">" for index in sendable}
+        pending: deque[defer.Deferred[Reply]] | None = None
+        if "PIPELINING" in self.extensions:
+            lines = [b"RSET"] * reset + [mail] + list(rcpts.values()) + [b"DATA"] * bool(rcpts)
+            pending = deque(self._commands(lines))
+
+        def reply_to(line: bytes) -> defer.Deferred[Reply]:
+            return self._command(line) if pending is None else pending.popleft()
+
+        try:
+            if reset:
+                reply = await reply_to(b"RSET")
+                if reply.code != 250:
+                    raise RelayError(f"{self.target.url}: RSET refused: {reply}")
+            reply = self._expected(await reply_to(mail), (250,), "MAIL")
+            if reply.code != 250:
+                refused_auth = with_auth and _refuses_parameters(reply)
+                if refused_auth and reply.code == 555:
+                    self._mail_auth = False
+                if not refused_auth:
+                    replies[:] = [reply] * len(recipients)
                 self._closing(reply)
-        if not accepted:
-            return
-        reply = self._expected(await self._command(b"DATA"), (354,), "DATA")
+                if pending:  # every RCPT's reply, then DATA's
+                    while len(pending) > 1:
+                        self._closing(self._expected(await pending.popleft(), (250, 251), "RCPT"))
+                    await self._no_message(self._expected(await pending.popleft(), (354,), "DATA"))
+                return refused_auth
+            accepted = []
+            for index in range(len(recipients)):
+                if index not in rcpts:
+                    replies[index] = Reply(553, "5.1.3 recipient address not sendable (not sent)")
+                    continue
+                reply = self._expected(await reply_to(rcpts[index]), (250, 251), "RCPT")
+                if reply.code in (250, 251):
+                    accepted.append(index)
+                else:
+                    replies[index] = reply
+                    self._closing(reply)
+            if not rcpts or (not accepted and pending is None):
+                return False
+            reply = self._expected(await reply_to(b"DATA"), (354,), "DATA")
+            if not accepted:
+                await self._no_message(reply)
+                return False
+        finally:
+            for wait in pending or ():
+                wait.addErrback(lambda _: None)  # the connection broke: the first awaited said so
         if reply.code != 354:
             for index in accepted:
                 replies[index] = reply
             self._closing(reply)
-            return
+            return False
         await self._stream(file)
         # SMTP answers the message once for all; LMTP once per accepted recipient.
         groups = [[index] for index in accepted] if self.target.lmtp else [accepted]
@@ -746,6 +804,20 @@ class RelayConnection(protocol.Protocol):
         finally:
             for wait in waits:
                 wait.addErrback(lambda _: None)
+        return False
+
+    async def _no_message(self, reply: Reply) -> None:
+        """
+        DATA's reply when no recipient was accepted (pipelined): nobody's
+        outcome. A relay that answers 354 all the same gets the end of data
+        alone (RFC 2920 section 3.1), and the session ends: it is out of step
+        with what it said.
+        """
+        self._closing(reply)
+        if reply.code != 354:
+            return
+        await self._command(b".", self.settings.data_timeout)
+        raise RelayError(f"{self.target.url}: 354 to DATA with no recipient accepted")
 
     def _expected(self, reply: Reply, going_on: tuple[int, ...], command: str) -> Reply:
         """
