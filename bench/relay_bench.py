@@ -19,6 +19,9 @@ counts what arrives and when. While the load runs:
   when that message arrived. Their difference is the end-to-end latency.
   The probe adds a few messages per second: it does not load the gateway.
 
+A second gateway without C{--relay} (it keeps what it accepts) takes the
+same load in turn: the gateway's own submission rate, in the same run.
+
 After the load stops the queue must drain (bounded by C{--drain-timeout});
 "relayed/s" counts the messages the sink received from the start of the load
 until the queue was empty, over that time. Each run prints each process's CPU
@@ -36,6 +39,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Any
 
 from benchlib import Bench, add_options, free_port, header, mount_type, wait_port
 
@@ -157,16 +161,23 @@ def main() -> None:
         wait_port(sink_port, sink)
         data_dir = os.path.join(base, "gw")
         spool = os.path.join(data_dir, "spool")
-        gateway = bench.gateway(
-            "authgateway", "--auth", f"memory:{USER}:{PASSWORD}",
-            "--smtp", f"tcp:{smtp_port}:interface=127.0.0.1", "--smtp-insecure-auth",
-            "--smtp-max-connections-per-peer", "1000",
-            "--http", "none", "--socks", "none",
-            "--relay", f"smtp://127.0.0.1:{sink_port}?tls=none",
-            "--relay-connections", str(args.relay_connections), data_dir=data_dir)
-        wait_port(smtp_port, gateway)
-        bench.check_login("authgateway", ("smtp", f"127.0.0.1:{smtp_port}", "--user", USER),
-                          PASSWORD)
+
+        def gateway(name: str, port: int, data_dir: str, *extra: str) -> Any:
+            proc = bench.gateway(
+                name, "--auth", f"memory:{USER}:{PASSWORD}",
+                "--smtp", f"tcp:{port}:interface=127.0.0.1", "--smtp-insecure-auth",
+                "--smtp-max-connections-per-peer", "1000", "--http", "none", "--socks", "none",
+                *extra, data_dir=data_dir)
+            wait_port(port, proc)
+            bench.check_login(name, ("smtp", f"127.0.0.1:{port}", "--user", USER), PASSWORD)
+            return proc
+
+        relaying = gateway("authgateway, relay on", smtp_port, data_dir,
+                           "--relay", f"smtp://127.0.0.1:{sink_port}?tls=none",
+                           "--relay-connections", str(args.relay_connections))
+        # The same gateway keeping what it accepts (no --relay): its own submission rate.
+        plain_port = free_port()
+        plain = gateway("authgateway, relay off", plain_port, os.path.join(base, "plain"))
         header("Submission with relaying", args)
         print(f"gateway spool on {mount_type(spool)}, aiosmtpd {aiosmtpd.__version__} sink, "
               f"{args.clients} clients, --relay-connections {args.relay_connections}")
@@ -180,7 +191,7 @@ def main() -> None:
             result, _ = bench.run(
                 "smtp", f"127.0.0.1:{smtp_port}", "-c", args.clients, "-d", args.duration,
                 "--warmup", 0, "--user", USER, "--pass", PASSWORD,
-                "--server-pid", gateway.pid, "--aux-pid", sink.pid, timeout=args.duration + 60)
+                "--server-pid", relaying.pid, "--aux-pid", sink.pid, timeout=args.duration + 60)
             probe.running = False
             load_end, depth_at_end = time.time(), queue_depth(spool)
             deadline = time.monotonic() + args.drain_timeout
@@ -196,15 +207,16 @@ def main() -> None:
             latencies = [t - probe.sent[p] for t, p in got if p in probe.sent]
             errors = result["proto_errors"] + result["io_errors"] + result["connect_errors"]
             note = f"   {errors} errors! {result['error_samples'][:1]}" if errors else ""
-            bench.record("authgateway", "submitted/s", result["rate_per_s"], result, "message", note)
+            bench.record("authgateway, relay on", "submitted/s", result["rate_per_s"], result,
+                         "message", note)
             depths = [d for _, d in sampler.samples]
-            submitted = result["ok"] + len(probe.sent)
             relay_rate = relayed / (drained - start) if drained > start else 0.0
-            bench.rows.setdefault(("authgateway", "relayed/s"), []).append(
+            bench.rows.setdefault(("authgateway, relay on", "relayed/s"), []).append(
                 dict(result, value=relay_rate, unit="message"))
-            print(f"  relayed {relayed} of {submitted} submitted ({relay_rate:,.0f}/s from the"
-                  f" start until the queue was empty, {drained - load_end:.1f} s after the load);"
-                  f" {left} left in the queue")
+            print(f"  relayed {relayed} ({relay_rate:,.0f}/s from the start until the queue was"
+                  f" empty, {drained - load_end:.1f} s after the load), {left} left in the queue;"
+                  f" loadgen counted {result['ok']} sessions in its window (those in flight at its"
+                  f" end were relayed too), the probe {len(probe.sent)}")
             print(f"  queue depth: max {max(depths, default=0)}, median {statistics.median(depths or [0])},"
                   f" at the end of the load {depth_at_end};"
                   " every second: " + " ".join(str(d) for t, d in sampler.samples[::4]))
@@ -214,7 +226,14 @@ def main() -> None:
                       f" p99 {percentile(latencies, 0.99) * 1000:,.1f} ms,"
                       f" max {max(latencies) * 1000:,.1f} ms", flush=True)
             bench.rest(min(1.0, result["ok"] / 10000))
-        bench.summary()
+            result, _ = bench.run(
+                "smtp", f"127.0.0.1:{plain_port}", "-c", args.clients, "-d", args.duration,
+                "--warmup", 0, "--user", USER, "--pass", PASSWORD, "--server-pid", plain.pid,
+                timeout=args.duration + 60)
+            bench.record("authgateway, relay off", "submitted/s", result["rate_per_s"], result,
+                         "message")
+            bench.rest(min(1.0, result["ok"] / 10000))
+        bench.summary([("authgateway, relay on", "authgateway, relay off")])
 
 
 if __name__ == "__main__":

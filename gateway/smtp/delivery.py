@@ -79,8 +79,10 @@ class DeliverySettings:
     #: Seconds a stop waits for the messages in flight.
     stop_timeout: float = 30.0
     #: New messages waiting for a connection before submissions are slowed
-    #: to the relay's pace, and the longest one waits (L{Delivery.admit}; 0: never).
-    inflow_limit: int = 100
+    #: to the relay's pace (None: four per connection, enough to keep each
+    #: busy; more only adds queueing latency), and the longest one waits
+    #: (L{Delivery.admit}; 0: never).
+    inflow_limit: int | None = None
     inflow_delay: float = 1.0
 
 
@@ -276,13 +278,14 @@ class Delivery(service.Service):
         Whether a submission may start a new message now (None), or a
         Deferred firing when it may: once the connections have taken one of
         the new messages waiting for them, or after C{inflow_delay} seconds
-        whatever happens. While more than C{inflow_limit} new messages wait,
+        whatever happens. While C{inflow_limit} new messages wait,
         clients are thus held to the rate the relay takes them, and the
         queue stays bounded instead of growing with the submission rate; a
         relay that is down (every target failed) or a stop holds nobody.
         """
         settings = self.settings
-        if (len(self._fresh) < settings.inflow_limit or settings.inflow_delay <= 0
+        limit = settings.inflow_limit or 4 * settings.connections
+        if (len(self._fresh) < limit or settings.inflow_delay <= 0
                 or self._stopping or self._now() < self._paused_until):
             return None
         d: defer.Deferred[None] = defer.Deferred(lambda d: self._admission.remove(d))
