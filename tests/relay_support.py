@@ -24,6 +24,7 @@ The relay::
     relay.handler.attempts                         # list[Received]: every end of data, any answer
     relay.handler.connections                      # sessions opened (the start's own probe not counted)
     relay.handler.mail_params                      # list[list[str]]: each MAIL's raw parameters
+    relay.handler.pipelining = False               # EHLO/LHLO without PIPELINING (offered by default)
     await/wait: relay.handler.wait_messages(n, reactor) -> Deferred firing once n messages arrived
 
 An answer is an SMTP reply ("250 OK", "451 4.3.0 ...", "550 ..."), or the words
@@ -199,6 +200,18 @@ class RelayHandler:
         self.attempts: list[Received] = []
         self.mail_params: list[list[str]] = []
         self.connections = 0
+        self.pipelining = True
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        """
+        Offer PIPELINING (RFC 2920) as Postfix does: aiosmtpd 1.4.6 reads
+        one command line at a time from its stream either way, so it takes
+        pipelined commands, but does not say so itself.
+        """
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
+        return responses
 
     async def _act(self, server: Any, answer: str) -> str | None:
         if answer == "drop":

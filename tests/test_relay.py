@@ -896,6 +896,321 @@ class LMTPTests(SendTestCase):
         self.assertFalse(result.usable)
 
 
+PIPELINED_MAIL = b"MAIL FROM:<s@example.com> SIZE=42\r\n"
+TEXT_WIRE = b"Subject: hi\r\n\r\n..leading dot\r\nbody\r\n.\r\n"
+
+
+def rcpt_lines(*addresses: str) -> bytes:
+    return b"".join(b"RCPT TO:<%s>\r\n" % a.encode() for a in addresses)
+
+
+class PipeliningTests(SendTestCase):
+    """A relay offering PIPELINING (RFC 2920): the commands up to DATA in one write, the replies read in order."""
+
+    ehlo = EHLO_PLAIN
+
+    def test_one_write(self):
+        s = self.session
+        for n, bytewise in enumerate((False, True)):
+            d = self.send(["a@example.net", "b@example.net"])
+            self.assertEqual(self.first, b"RSET\r\n" * n + PIPELINED_MAIL
+                             + rcpt_lines("a@example.net", "b@example.net") + b"DATA\r\n")
+            self.assertEqual(s.transport.io.getvalue(), b"")
+            replies = b"250 reset\r\n" * n + b"250 ok\r\n250-a\r\n250 ok\r\n251 forwarded\r\n354 go\r\n"
+            self.assertEqual(s.answer(replies, bytewise=bytewise), b"")
+            self.assertEqual(s.stream(), TEXT_WIRE)
+            s.answer(b"250 2.0.0 queued\r\n", bytewise=bytewise)
+            result = self.successResultOf(d)
+            self.assertEqual([str(r) for r in result.replies], ["250 2.0.0 queued"] * 2)
+            self.assertTrue(result.usable)
+            self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    @given(
+        st.sampled_from([250, 451, 550, 553]),
+        st.lists(st.sampled_from([250, 251, 450, 503, 550]), min_size=1, max_size=4),
+        st.sampled_from([354, 451, 503, 554]),
+        st.sampled_from([250, 452, 554]),
+        st.lists(st.integers(0, 400), max_size=8),
+    )
+    def test_any_outcome_any_split(self, mail, rcpts, data, final, cuts):
+        """
+        Whatever the relay answers, however its replies are cut: a refused
+        MAIL is every recipient's outcome (not the RCPTs' replies), DATA's
+        reply is nobody's when no RCPT was accepted (a 354 then gets the end
+        of data alone and ends the session), a refused DATA is the accepted
+        recipients' outcome.
+        """
+        self.setUp()
+        s = self.session
+        recipients = [f"r{i}@example.net" for i in range(len(rcpts))]
+        d = self.send(recipients)
+        self.assertEqual(self.first, PIPELINED_MAIL + rcpt_lines(*recipients) + b"DATA\r\n")
+        wire = b"".join(b"%d x\r\n" % code for code in [mail, *rcpts, data])
+        sent = b"".join(s.answer(piece) for piece in chunked(wire, cuts) if piece)
+        accepted = [code in (250, 251) for code in rcpts]
+        if mail != 250:
+            expected, text = [mail] * len(rcpts), False
+        elif not any(accepted):
+            expected, text = list(rcpts), False
+        else:
+            expected = [(250 if data == 354 else data) if ok else code for ok, code in zip(accepted, rcpts)]
+            expected = [final if code == 250 and data == 354 else code for code in expected]
+            text = data == 354
+        out_of_step = data == 354 and not text
+        if text:
+            self.assertEqual(sent, b"")
+            self.assertEqual(s.stream(), TEXT_WIRE)
+            s.answer(b"%d done\r\n" % final)
+        else:
+            self.assertEqual(sent, b".\r\n" if out_of_step else b"")  # never the text
+            if out_of_step:
+                s.answer(b"%d done\r\n" % final)
+        result = self.successResultOf(d)
+        self.assertEqual([r.code for r in result.replies], expected)
+        self.assertEqual(result.usable, not out_of_step)
+        self.assertEqual(s.transport.disconnecting, out_of_step)
+
+    def test_sender_refused(self):
+        """The RCPTs' replies after a refused MAIL (503: no transaction) are not the recipients' outcome."""
+        d = self.send(["a@example.net", "b@example.net"])
+        s = self.session
+        sent = s.answer(b"553 5.7.1 not yours\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need RCPT\r\n")
+        self.assertEqual(sent, b"")
+        result = self.successResultOf(d)
+        self.assertEqual([str(r) for r in result.replies], ["553 5.7.1 not yours"] * 2)
+        self.assertTrue(result.usable)
+        self.send()
+        self.assertEqual(self.first, b"RSET\r\n" + PIPELINED_MAIL + rcpt_lines("a@example.net") + b"DATA\r\n")
+
+    def test_no_recipient_accepted(self):
+        d = self.send(["a@example.net", "b@example.net"])
+        s = self.session
+        self.assertEqual(s.answer(b"250 ok\r\n550 no\r\n450 later\r\n554 5.5.1 no valid recipients\r\n"), b"")
+        result = self.successResultOf(d)
+        self.assertEqual([str(r) for r in result.replies], ["550 no", "450 later"])
+        self.assertTrue(result.usable)
+
+    def test_354_without_recipients(self):
+        """A broken relay answering 354 with no recipient accepted gets "." alone, and the session ends."""
+        d = self.send(["a@example.net"])
+        s = self.session
+        self.assertEqual(s.answer(b"250 ok\r\n550 no\r\n354 go\r\n"), b".\r\n")
+        self.assertNoResult(d)
+        s.answer(b"250 2.0.0 empty message\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual([str(r) for r in result.replies], ["550 no"])
+        self.assertFalse(result.usable)
+        self.assertTrue(s.transport.disconnecting)
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    def test_data_refused(self):
+        d = self.send(["a@example.net", "b@example.net"])
+        s = self.session
+        s.answer(b"250 ok\r\n250 ok\r\n550 no\r\n451 4.3.0 not now\r\n")
+        self.assertEqual([str(r) for r in self.successResultOf(d).replies], ["451 4.3.0 not now", "550 no"])
+
+    def test_unsendable_recipient_not_sent(self):
+        d = self.send(["bad>\r\nDATA", "ok@example.net"])
+        self.assertEqual(self.first, PIPELINED_MAIL + rcpt_lines("ok@example.net") + b"DATA\r\n")
+        s = self.session
+        s.answer(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        s.stream()
+        s.answer(b"250 queued\r\n")
+        self.assertEqual([r.code for r in self.successResultOf(d).replies], [553, 250])
+
+    def test_no_sendable_recipient(self):
+        """No RCPT: no DATA either."""
+        d = self.send(["bad>\r\nDATA"])
+        self.assertEqual(self.first, PIPELINED_MAIL)
+        self.session.answer(b"250 ok\r\n")
+        self.assertEqual([r.code for r in self.successResultOf(d).replies], [553])
+
+    def test_rset_refused(self):
+        s = self.session
+        d = self.send()
+        s.answer(b"550 no\r\n503 no\r\n503 no\r\n")
+        self.successResultOf(d)
+        d = self.send()
+        s.answer(b"500 what\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual(result.replies, (lost("RSET refused: 500 what"),))
+        self.assertFalse(result.usable)
+        self.assertIsNone(s.transport.producer)  # no text after a broken RSET
+
+    def test_out_of_step_replies_deliver_nothing(self):
+        for step, wire in (
+            ("MAIL", b"252 2.1.0 ok\r\n250 ok\r\n354 go\r\n"),
+            ("RCPT", b"250 ok\r\n252 2.1.5 cannot verify\r\n354 go\r\n"),
+            ("DATA", b"250 ok\r\n250 ok\r\n250 2.0.0 DATA ok?\r\n"),
+            ("DATA", b"553 no\r\n503 no\r\n250 ok\r\n"),
+        ):
+            with self.subTest(step=step, wire=wire):
+                self.setUp()
+                s = self.session
+                d = self.send()
+                self.assertEqual(s.answer(wire), b"")
+                result = self.successResultOf(d)
+                if wire.startswith(b"553"):  # MAIL's refusal stands; the session does not
+                    self.assertEqual([r.code for r in result.replies], [553])
+                else:
+                    self.assertEqual([r.code for r in result.replies], [451])
+                    self.assertIn(f"an unexpected reply to {step}", result.replies[0].text)
+                self.assertFalse(result.usable)
+                self.assertIsNone(s.transport.producer)
+
+    def test_421_anywhere(self):
+        for wire, codes in (
+            (b"421 4.3.0 bye\r\n", [421, 421]),
+            (b"250 ok\r\n421 4.3.0 bye\r\n", [421, 451]),
+            (b"250 ok\r\n250 ok\r\n250 ok\r\n421 4.3.0 bye\r\n", [421, 421]),
+        ):
+            with self.subTest(wire=wire):
+                self.setUp()
+                s = self.session
+                d = self.send(["a@example.net", "b@example.net"])
+                s.answer(wire)
+                result = self.successResultOf(d)
+                self.assertEqual([r.code for r in result.replies], codes)
+                self.assertFalse(result.usable)
+                self.assertTrue(s.transport.disconnecting)
+                self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    def test_stall_after_some_replies(self):
+        """A relay that answers part of the group, then nothing: the next reply's wait times out."""
+        d = self.send(["a@example.net", "b@example.net"])
+        s = self.session
+        s.answer(b"250 ok\r\n250 ok\r\n")
+        s.clock.advance(59)
+        self.assertNoResult(d)
+        s.clock.advance(1)
+        result = self.successResultOf(d)
+        self.assertEqual(result.replies, (lost("timed out waiting for the relay"),) * 2)
+        self.assertTrue(s.transport.disconnecting)
+        self.assertEqual(s.clock.getDelayedCalls(), [])
+
+    def test_each_reply_timed_from_the_one_before(self):
+        """A relay working through the group slowly is not cut short: each reply has its whole timeout."""
+        d = self.send(["a@example.net", "b@example.net"])
+        s = self.session
+        for reply in (b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            s.clock.advance(50)
+            s.answer(reply)
+        s.stream()
+        s.answer(b"250 queued\r\n")
+        self.assertEqual([r.code for r in self.successResultOf(d).replies], [250, 250])
+
+    def test_lost_mid_group(self):
+        d = self.send(["a@example.net", "b@example.net"])
+        s = self.session
+        s.answer(b"250 ok\r\n250 ok\r\n")
+        s.conn.connectionLost(Failure(error.ConnectionLost()))
+        result = self.successResultOf(d)
+        self.assertEqual([r.code for r in result.replies], [451, 451])
+        self.assertFalse(result.usable)
+
+
+class PipelinedMailAuthTests(SendTestCase):
+    ehlo = b"250-relay.test\r\n250-PIPELINING\r\n250-SIZE\r\n250 AUTH PLAIN\r\n"
+
+    def fallback(self, refusal):
+        s = self.session
+        d = self.send(auth="daniel@example.com")
+        self.assertEqual(self.first, b"MAIL FROM:<s@example.com> SIZE=42 AUTH=daniel@example.com\r\n"
+                         + rcpt_lines("a@example.net") + b"DATA\r\n")
+        sent = s.answer(refusal + b"503 5.5.1 need MAIL\r\n503 5.5.1 need RCPT\r\n")
+        self.assertEqual(sent, b"RSET\r\n" + PIPELINED_MAIL + rcpt_lines("a@example.net") + b"DATA\r\n")
+        self.assertEqual(s.answer(b"250 OK\r\n250 ok\r\n250 ok\r\n354 go\r\n"), b"")
+        s.stream()
+        s.answer(b"250 queued\r\n")
+        self.assertEqual(self.successResultOf(d).replies[0].code, 250)
+        self.send(auth="alice@example.com")
+        return self.first
+
+    def test_555_fallback(self):
+        """555 to MAIL ... AUTH=: the group's other replies are drained, the message goes again without it."""
+        self.assertEqual(self.fallback(b"555 MAIL FROM parameters not recognized or not implemented\r\n"),
+                         b"RSET\r\n" + PIPELINED_MAIL + rcpt_lines("a@example.net") + b"DATA\r\n")
+
+    def test_501_naming_parameters(self):
+        self.assertEqual(self.fallback(b"501 5.5.4 Unrecognized parameter AUTH\r\n"),
+                         b"RSET\r\nMAIL FROM:<s@example.com> SIZE=42 AUTH=alice@example.com\r\n"
+                         + rcpt_lines("a@example.net") + b"DATA\r\n")
+
+    def test_555_and_354_without_recipients(self):
+        """A relay that refuses MAIL and still says 354: "." alone, the session ends, the message is retried."""
+        s = self.session
+        d = self.send(auth="daniel@example.com")
+        self.assertEqual(s.answer(b"555 no\r\n503 need MAIL\r\n354 go\r\n"), b".\r\n")
+        s.answer(b"503 need MAIL\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual([r.code for r in result.replies], [451])
+        self.assertFalse(result.usable)
+
+
+class PipelinedLMTPTests(SendTestCase):
+    url = "lmtp:///run/lmtp.sock"
+    ehlo = b"250-mda\r\n250 PIPELINING\r\n"
+
+    def test_per_recipient_replies(self):
+        d = self.send(["a@example.net", "b@example.net", "c@example.net"])
+        s = self.session
+        self.assertEqual(self.first, b"MAIL FROM:<s@example.com>\r\n"
+                         + rcpt_lines("a@example.net", "b@example.net", "c@example.net") + b"DATA\r\n")
+        self.assertEqual(s.answer(b"250 ok\r\n250 ok\r\n550 5.1.1 unknown\r\n250 ok\r\n354 go\r\n"), b"")
+        s.stream()
+        s.answer(b"250 2.0.0 a saved\r\n")
+        self.assertNoResult(d)
+        s.clock.advance(119)
+        s.answer(b"452 4.2.2 c over quota\r\n")  # each reply after the end of data has its own timeout
+        result = self.successResultOf(d)
+        self.assertEqual([str(r) for r in result.replies],
+                         ["250 2.0.0 a saved", "550 5.1.1 unknown", "452 4.2.2 c over quota"])
+        self.assertTrue(result.usable)
+
+    def test_421_after_data(self):
+        d = self.send(["a@example.net", "b@example.net"])
+        s = self.session
+        s.answer(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        s.stream()
+        s.answer(b"421 4.3.0 bye\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual([r.code for r in result.replies], [421, 451])
+        self.assertFalse(result.usable)
+
+
+class HandshakeNotPipelinedTests(SynchronousTestCase):
+    """STARTTLS and AUTH are never pipelined, even when the relay offers PIPELINING."""
+
+    def test_starttls_alone(self):
+        ehlo = b"250-relay.test\r\n250-PIPELINING\r\n250 STARTTLS\r\n"
+        session = Session(self, "smtp://relay.test", ca=(make_ca().certificate,))
+        d = defer.ensureDeferred(session.conn.handshake())
+        session.answer(b"220 relay.test ESMTP\r\n")
+        self.assertEqual(session.answer(ehlo), b"STARTTLS\r\n")
+        self.assertEqual(session.answer(b"220 go ahead\r\n"), b"EHLO gw.test\r\n")
+        session.answer(b"250-relay.test\r\n250 PIPELINING\r\n")
+        self.successResultOf(d)
+        for injected in (b"250-relay.test\r\n", b"250 PIPELINING\r\n"):
+            session = Session(self, "smtp://relay.test")
+            d = defer.ensureDeferred(session.conn.handshake())
+            session.answer(b"220 relay.test ESMTP\r\n")
+            session.answer(ehlo)
+            session.answer(b"220 go ahead\r\n" + injected)
+            self.assertIn("text after the STARTTLS reply", str(self.failureResultOf(d, RelayError).value))
+            self.assertFalse(session.transport.tls_started)
+
+    def test_auth_alone(self):
+        session = Session(self, auth=RelayAuth("gw", "pa55word"))
+        d = defer.ensureDeferred(session.conn.handshake())
+        session.answer(b"220 relay.test ESMTP\r\n")
+        sent = session.answer(b"250-relay.test\r\n250-PIPELINING\r\n250 AUTH LOGIN\r\n")
+        self.assertEqual(sent, b"AUTH LOGIN\r\n")
+        self.assertEqual(session.answer(b"334 VXNlcm5hbWU6\r\n"), base64.b64encode(b"gw") + b"\r\n")
+        self.assertEqual(session.answer(b"334 UGFzc3dvcmQ6\r\n"), base64.b64encode(b"pa55word") + b"\r\n")
+        session.answer(b"235 ok\r\n")
+        self.successResultOf(d)
+
+
 class QuitTests(SendTestCase):
     def test_quit(self):
         s = self.session

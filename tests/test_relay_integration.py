@@ -82,6 +82,59 @@ class RelayIntegrationTests(TestCase):
         yield connection.quit()
 
     @defer.inlineCallbacks
+    def test_pipelined_refusals(self):
+        """
+        aiosmtpd offers PIPELINING: the commands go in one write; with no
+        recipient accepted its 503 to DATA is nobody's outcome, and the
+        connection carries the next message.
+        """
+        relay = start_relay(self)
+        relay.handler.rcpt["gone@example.net"] = "550 5.1.1 no such user"
+        connection = yield defer.ensureDeferred(self.open(relay.url()))
+        self.assertIn("PIPELINING", connection.extensions)
+        writes = []
+        write = connection.transport.write
+        connection.transport.write = lambda data: (writes.append(data), write(data))[1]
+        result = yield defer.ensureDeferred(self.send(connection, ["gone@example.net", "gone@example.net"]))
+        self.assertEqual([str(r) for r in result.replies], ["550 5.1.1 no such user"] * 2)
+        self.assertTrue(result.usable)
+        self.assertEqual(writes, [b"MAIL FROM:<s@example.com> SIZE=%d BODY=8BITMIME\r\n" % len(MESSAGE)
+                                  + b"RCPT TO:<gone@example.net>\r\n" * 2 + b"DATA\r\n"])
+        result = yield defer.ensureDeferred(self.send(connection, ["a@example.net", "gone@example.net"]))
+        self.assertEqual([r.code for r in result.replies], [250, 550])
+        self.assertEqual([m.rcpt_tos for m in relay.handler.messages], [["a@example.net"]])
+
+    @defer.inlineCallbacks
+    def test_one_command_at_a_time(self):
+        """A relay without PIPELINING gets each command after the reply to the one before."""
+        relay = start_relay(self)
+        relay.handler.pipelining = False
+        relay.handler.rcpt["gone@example.net"] = "550 5.1.1 no such user"
+        connection = yield defer.ensureDeferred(self.open(relay.url()))
+        self.assertNotIn("PIPELINING", connection.extensions)
+        writes = []
+        write = connection.transport.write
+        connection.transport.write = lambda data: (writes.append(data), write(data))[1]
+        for recipients, codes in ((["gone@example.net"], [550]), (["a@example.net", "gone@example.net"], [250, 550])):
+            result = yield defer.ensureDeferred(self.send(connection, recipients))
+            self.assertEqual([r.code for r in result.replies], codes)
+            self.assertTrue(result.usable)
+        self.assertEqual([w.split(b" ")[0].split(b":")[0] for w in writes if not w.startswith(b"Received")],
+                         [b"MAIL", b"RCPT", b"RSET\r\n", b"MAIL", b"RCPT", b"RCPT", b"DATA\r\n", b".\r\n"])
+        self.assertEqual(len(relay.handler.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_pipelined_stall(self):
+        """A relay that answers part of the group and then nothing: the wait for the next reply times out."""
+        relay = start_relay(self)
+        relay.handler.rcpt["slow@example.net"] = "stall"
+        connection = yield defer.ensureDeferred(self.open(relay.url(), command_timeout=0.5))
+        result = yield defer.ensureDeferred(self.send(connection, ["a@example.net", "slow@example.net"]))
+        self.assertEqual([str(r) for r in result.replies], ["451 4.4.2 timed out waiting for the relay"] * 2)
+        self.assertFalse(result.usable)
+        self.assertEqual(relay.handler.messages, [])
+
+    @defer.inlineCallbacks
     def test_null_sender_and_empty_message(self):
         relay = start_relay(self)
         write_file(self.message, b"")
