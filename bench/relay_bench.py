@@ -11,7 +11,8 @@ C{--clients} connections in a loop does connect, banner, EHLO, AUTH PLAIN, MAIL,
 RCPT, a 1 KB message, QUIT, over loopback with plaintext AUTH allowed. The
 gateway (spool on tmpfs, or C{--disk-dir}) relays every message to the sink
 (C{--relay smtp://127.0.0.1:PORT?tls=none}, C{--relay-connections}), which
-counts what arrives and when. While the load runs:
+counts what arrives and when (it offers PIPELINING, as Postfix does, unless
+C{--sink-pipelining off}). While the load runs:
 
 - the queue depth (complete messages in the spool) is sampled every 0.25 s;
 - a probe submits one message every C{--probe-interval} seconds with smtplib
@@ -54,8 +55,15 @@ SINK = textwrap.dedent(
 
     log = open(sys.argv[2], "a", buffering=1)
     PROBE = re.compile(rb"^X-Probe: (\S+)\r?$", re.M)
+    PIPELINING = sys.argv[3] == "1"
 
     class Handler:
+        async def handle_EHLO(self, server, session, envelope, hostname, responses):
+            session.host_name = hostname
+            if PIPELINING:  # as Postfix does; aiosmtpd reads a command at a time either way
+                responses.insert(1, "250-PIPELINING")
+            return responses
+
         async def handle_DATA(self, server, session, envelope):
             now = time.time()
             head = envelope.original_content.split(b"\r\n\r\n", 1)[0]
@@ -147,6 +155,8 @@ def main() -> None:
     parser.add_argument("--disk-dir", default=None,
                         help="put the spool on this directory's file system (default: tmpfs)")
     parser.add_argument("--probe-interval", type=float, default=0.1)
+    parser.add_argument("--sink-pipelining", choices=("on", "off"), default="on",
+                        help="whether the sink offers PIPELINING, as Postfix does (default %(default)s)")
     parser.add_argument("--drain-timeout", type=float, default=120)
     args = parser.parse_args()
     try:
@@ -157,7 +167,8 @@ def main() -> None:
         base = bench.tempdir(args.disk_dir) if args.disk_dir else bench.tmp
         sink_port, smtp_port = free_port(), free_port()
         sink_log = os.path.join(bench.tmp, "sink.log")
-        sink = bench.start([sys.executable, "-W", "ignore", "-c", SINK, str(sink_port), sink_log])
+        sink = bench.start([sys.executable, "-W", "ignore", "-c", SINK, str(sink_port), sink_log,
+                            "1" if args.sink_pipelining == "on" else "0"])
         wait_port(sink_port, sink)
         data_dir = os.path.join(base, "gw")
         spool = os.path.join(data_dir, "spool")
@@ -179,7 +190,8 @@ def main() -> None:
         plain_port = free_port()
         plain = gateway("authgateway, relay off", plain_port, os.path.join(base, "plain"))
         header("Submission with relaying", args)
-        print(f"gateway spool on {mount_type(spool)}, aiosmtpd {aiosmtpd.__version__} sink, "
+        print(f"gateway spool on {mount_type(spool)}, aiosmtpd {aiosmtpd.__version__} sink "
+              f"(PIPELINING {args.sink_pipelining}), "
               f"{args.clients} clients, --relay-connections {args.relay_connections}")
         for rep in range(args.reps):
             print(f"repetition {rep + 1}", flush=True)
