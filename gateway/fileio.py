@@ -30,15 +30,19 @@ def open_regular(path: str) -> int:
     """
     A read-only descriptor of the regular file at C{path}, for files others
     may plant in a directory the gateway reads (the spool): a symbolic link
-    is not followed (C{ELOOP}), and a FIFO or device is refused (reading one
-    could block the thread for ever, or disclose what it is).
+    is not followed (C{ELOOP}), a FIFO or device is refused (reading one
+    could block the thread for ever), and so is a file with another hard
+    link (a link to a secret elsewhere would be read and relayed).
 
     @raise OSError: the file cannot be opened, or is not a regular file.
     """
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             raise OSError("not a regular file")
+        if st.st_nlink > 1:  # a hard link to a file elsewhere (0: just replaced or removed)
+            raise OSError("a file with other links")
     except BaseException:
         os.close(fd)
         raise

@@ -581,6 +581,23 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
         self.delivery.stopService()
         self.assertIsNone(self.spool.admission)
 
+    def test_inflow_forgets_held_and_deleted(self):
+        """New messages held or deleted before a connection took them stop counting at the next scan."""
+        busy = defer.Deferred()
+        self.relays.outcomes[A.url] = [[busy]]
+        self.start(connections=1, inflow_limit=2)
+        self.submit(rcpt_to=("a@example.net",))  # the only connection waits on it
+        held, deleted = self.submit(rcpt_to=("a@example.net",)), self.submit(rcpt_to=("a@example.net",))
+        self.assertIsNotNone(self.spool.admit())
+        with self.queue.claim(held) as c:
+            c.state.held = True
+            c.save()
+        with self.queue.claim(deleted) as c:
+            c.finish()
+        self.reactor.advance(15)
+        self.assertIsNone(self.spool.admit())
+        self.reactor.advance(1)  # the held admission above timed out
+
     def test_inflow_relay_down(self):
         """While every relay has failed, submissions are not held (nothing takes messages)."""
         self.start(connections=1, inflow_limit=1, retry=(60.0,))

@@ -23,6 +23,7 @@ from twisted.logger import capturedLogs, formatEvent
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from gateway.smtp import queue as queue_module
+from gateway.fileio import open_regular
 from gateway.smtp.queue import (
     ORPHAN_AGE,
     Claim,
@@ -651,6 +652,19 @@ class UnreadableTests(QueueTestCase):
                         self.assertIn("not a regular file", str(e))
         finally:
             signal.alarm(0)
+
+
+    def test_planted_hard_link_not_read(self) -> None:
+        """A message file hard-linked to a file elsewhere is refused, never read (nor relayed)."""
+        secret = os.path.join(self.directory, "..", "secret")
+        with open(secret, "w") as f:
+            f.write("not yours")
+        id = self.spool()  # no .state yet: the link plays one
+        os.link(secret, self.path(id, "state"))
+        with capturedLogs():
+            self.assertEqual(self.queue.scan(), [])
+        with self.assertRaises(OSError):
+            open_regular(secret)
 
 
 class OwnerTests(QueueTestCase):

@@ -22,10 +22,12 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from gateway.acl import parse_acl
 from gateway.smtp.spool import Spool
 from gateway.smtp.codec import MAX_DATA_LINE
+from gateway.web import inject as inject_module
 from gateway.web.inject import MAX_ADDRESS, BadInjection, _BoundedJSON, _has_long_line, parse
 from gateway.web.settings import InjectSettings
 from tests.smtp_support import sync_runner
 from tests.support import ManualPool, require_tool
+from tests import test_web_guard
 from tests.test_web_guard import TOKEN, GuardTestCase, Policy, TokenTable, basic, users
 from tests.test_web_integration import GatewayMixin, Response, curl
 
@@ -102,6 +104,29 @@ class InjectTests(InjectTestCase):
         # LF made CRLF, a final CRLF added, a lone "." line kept as text (the
         # relay dot-stuffs it; it never ends anything in the spool).
         self.assertTrue(message.endswith(b"\r\nSubject: hi\r\n\r\nline\r\n.\r\nend\r\n"), message)
+
+    def test_held_while_the_queue_falls_behind(self):
+        """Like SMTP's MAIL, an injection waits for the delivery queue's admission (bounded there)."""
+        waits = []
+        self.spool.admission = lambda: waits.append(defer.Deferred()) or waits[-1]
+        r = self.post()
+        self.assertIsNone(r.code)  # no answer yet
+        self.assertEqual(self.spool.ids(), [])
+        waits[0].callback(None)
+        r = test_web_guard.Response(self.transport.value())
+        self.assertEqual(r.code, 200, r.raw)
+        self.assertEqual(len(self.spool.ids()), 1)
+
+    def test_bug_answered(self):
+        """A bug while the injection is handled is a 500 that ends the request (and its body file)."""
+        def broken(*args):
+            raise RuntimeError("a bug")
+
+        self.patch(inject_module, "parse", broken)
+        r = self.post()
+        self.assertEqual(r.code, 500, r.raw)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(self.transport.disconnecting or r.one("Content-Length"))
 
     def test_several_recipients_and_null_sender(self):
         r = self.post(body(sender="", recipients=("x@example.net", "y@example.org", "x@example.net")))
@@ -522,12 +547,14 @@ class ParseTests(SynchronousTestCase):
         Millions of empty values are refused after a bounded number of steps,
         before any is built (json.loads spent seconds and a gigabyte on them).
         """
-        for bomb in (b"[" + b"{}," * 1_000_000 + b"{}]", b"[" + b"[]," * 1_000_000 + b"[]]",
+        for bomb in (b'{"n": ' + b"1" * 5000 + b"}", b'{"n": 1' + b"0" * 5000 + b".5e3}",
+                     b"[" + b"{}," * 1_000_000 + b"{}]", b"[" + b"[]," * 1_000_000 + b"[]]",
                      b'{"recipients": [' + b"0," * 1_000_000 + b"0]}", b"[" + b'"",' * 1_000_000 + b'""]',
                      b"[" * 100_000):
             with self.assertRaises(BadInjection) as caught:
                 parse(bomb, SETTINGS)
-            self.assertRegex(str(caught.exception), "too many JSON values|nested too deeply")
+            self.assertRegex(str(caught.exception),
+                             "too many JSON values|nested too deeply|a number too long")
 
     @settings(max_examples=300, deadline=None)
     @given(st.text(alphabet=st.sampled_from("ab.\r\n é"), min_size=1, max_size=200))

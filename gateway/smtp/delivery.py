@@ -332,7 +332,9 @@ class Delivery(service.Service):
         for id in list(self._scheduled):
             if id not in present:  # deleted, or finished by another consumer
                 self._forget(id)
-                self._fresh.discard(id)
+        # A new message held or deleted before a connection took it no
+        # longer waits for one (else the in-flow gate would count it for ever).
+        self._fresh.intersection_update(self._scheduled)
         if len(self._heap) > 2 * len(self._scheduled) + 64:
             self._heap = [e for e in self._heap if self._scheduled.get(e[2]) == e[0]]
             heapq.heapify(self._heap)

@@ -172,6 +172,7 @@ class _BoundedJSON:
     _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
     _LITERALS = {"true": True, "false": False, "null": None}
     _DEPTH = 8
+    _LONGEST_NUMBER = 64
 
     def __init__(self, text: str, budget: int) -> None:
         self.text, self.pos, self.budget = text, 0, budget
@@ -212,8 +213,11 @@ class _BoundedJSON:
         number = self._NUMBER.match(self.text, self.pos)
         if number is None:
             self._fail("a value was expected")
+        literal = number.group()
+        if len(literal) > self._LONGEST_NUMBER:  # int() refuses 4300 digits; no field is a number
+            self._fail("a number too long")
         self.pos = number.end()
-        return float(number.group()) if set(number.group()) & set(".eE") else int(number.group())
+        return float(literal) if set(literal) & set(".eE") else int(literal)
 
     def _string(self) -> str:
         try:
@@ -360,12 +364,18 @@ class Inject(resource.Resource):
         request.notifyFinish().addErrback(self._left)
         upload = request.gateway_upload
         if upload is None:  # read before the decision: already in the body file
-            self._inject(request)
+            defer.maybeDeferred(self._inject, request).addErrback(self._crashed, request)
             return server.NOT_DONE_YET
         finished = upload.startProducing(_Sink(request.content))
         finished.addCallback(lambda _: self._inject(request))
-        finished.addErrback(lambda reason: log.failure("HTTP injection failed", reason))
+        finished.addErrback(self._crashed, request)
         return server.NOT_DONE_YET
+
+    def _crashed(self, reason: Failure, request: GatewayRequest) -> None:
+        """A bug or a failed upload: logged, and answered, so that the request and its body file end."""
+        log.failure("HTTP injection failed", reason)
+        if not self._gone and not request.finished:
+            self._answer(request, 500, {"error": "internal error", "field": None})
 
     def _left(self, reason: Failure) -> None:
         self._gone = True
@@ -398,6 +408,18 @@ class Inject(resource.Resource):
             self._answer(request, e.code, e.to_json())
             return
         content.truncate(0)  # the JSON's copy is no longer needed
+        # Held, like SMTP's MAIL, while the delivery queue falls behind (bounded).
+        admitted = api.spool.admit()
+        if admitted is None:
+            self._spool(request, injection)
+        else:
+            admitted.addCallback(lambda _: self._spool(request, injection))
+            admitted.addErrback(self._crashed, request)
+
+    def _spool(self, request: GatewayRequest, injection: Injection) -> None:
+        api = self.api
+        if self._gone:
+            return
         envelope = self._envelope(request, injection)
         try:
             writer = api.spool.open()
