@@ -662,6 +662,26 @@ class SendTests(SendTestCase):
                 self.assertIn(f"an unexpected reply to {step}", result.replies[0].text)
                 self.assertFalse(result.usable)
 
+    def test_end_of_data_only_250_delivers(self):
+        """
+        The reply to the end of data delivers only as a 250: a 221, 252 or
+        stray 354 is a relay out of step, so the recipients stay pending.
+        """
+        for bad in (b"221 2.0.0 bye\r\n", b"252 2.0.0 maybe\r\n", b"354 go\r\n"):
+            with self.subTest(bad=bad):
+                self.setUp()
+                s = self.session
+                d = self.send(["a@example.net", "b@example.net"])
+                s.sent()
+                for answer in (b"250 ok\r\n", b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+                    s.answer(answer)
+                s.stream()
+                s.answer(bad)
+                result = self.successResultOf(d)
+                self.assertEqual([r.code for r in result.replies], [451, 451])
+                self.assertIn("an unexpected reply to the end of data", result.replies[0].text)
+                self.assertFalse(result.usable)
+
     def test_quoted_local_part_sent(self):
         """A quoted local part the front doors accept (a space, a >) is sent as it is, not refused locally."""
         self.send(['"a b>c"@example.net'], mail_from='"x y"@example.com')
