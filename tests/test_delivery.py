@@ -54,6 +54,7 @@ class FakeConnection:
         self.sent: list[tuple[Any, ...]] = []
         self.bodies: list[bytes] = []
         self.quits = 0
+        self.alive = True
 
     def send(self, mail_from, recipients, message_path, size, auth):
         self.sent.append((mail_from, tuple(recipients), message_path, size, auth))
@@ -66,6 +67,7 @@ class FakeConnection:
 
     def quit(self):
         self.quits += 1
+        self.alive = False
         return defer.succeed(None)
 
 
@@ -513,6 +515,23 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
                          [("a@example.net",), ("b@example.org",), ("a@example.net",),
                           ("c@example.org",)])
         self.assertTrue(self.gone(retried))
+
+    def test_relay_closed_between_messages(self):
+        """
+        A relay that closed the connection after a message: the next message
+        goes on a fresh connection, as no attempt (nothing of it was sent).
+        """
+        first = defer.Deferred()
+        self.relays.outcomes[A.url] = [[first], [replies(250)]]
+        self.start(connections=1)
+        self.submit(rcpt_to=("a@example.net",))
+        second = self.submit(rcpt_to=("b@example.org",))
+        connection = self.relays.connections[0]
+        connection.alive = False  # closed by the relay after its 250
+        first.callback(replies(250))
+        self.assertEqual(len(self.relays.connections), 2)
+        self.assertEqual([len(c.sent) for c in self.relays.connections], [1, 1])
+        self.assertTrue(self.gone(second))
 
     def test_crash_after_last_save(self):
         """A state with nothing pending (the process died before removing it): finished, not re-sent."""

@@ -662,6 +662,19 @@ class SendTests(SendTestCase):
                 self.assertIn(f"an unexpected reply to {step}", result.replies[0].text)
                 self.assertFalse(result.usable)
 
+    def test_good_reply_then_junk(self):
+        """A 250 followed by junk in the same segment still delivers; the junk ends the session."""
+        s = self.session
+        d = self.send(["a@example.net"])
+        s.sent()
+        for answer in (b"250 ok\r\n", b"250 ok\r\n", b"354 go\r\n"):
+            s.answer(answer)
+        s.stream()
+        s.answer(b"250 2.0.0 queued as X\r\n\x00junk\r\n")
+        result = self.successResultOf(d)
+        self.assertEqual([str(r) for r in result.replies], ["250 2.0.0 queued as X"])
+        self.assertFalse(self.conn.alive)  # the next message takes a fresh connection
+
     def test_end_of_data_only_250_delivers(self):
         """
         The reply to the end of data delivers only as a 250: a 221, 252 or
@@ -1164,6 +1177,23 @@ class PipelinedMailAuthTests(SendTestCase):
         s.answer(b"503 need MAIL\r\n")
         result = self.successResultOf(d)
         self.assertEqual([r.code for r in result.replies], [451])
+        self.assertFalse(result.usable)
+
+
+    def test_replies_before_their_commands(self):
+        """
+        The answers to the fallback's group sent with the 555, before the relay
+        could read that group: it answers what it has not read (a 354 among
+        them), so the session ends and no text goes out.
+        """
+        s = self.session
+        d = self.send(auth="daniel@example.com")
+        sent = s.answer(b"555 no\r\n503 need MAIL\r\n503 need RCPT\r\n"
+                        b"250 reset\r\n250 mail\r\n250 rcpt\r\n354 go ahead\r\n")
+        self.assertEqual(sent, b"")
+        result = self.successResultOf(d)
+        self.assertEqual([r.code for r in result.replies], [451])
+        self.assertIn("a reply before its command", result.replies[0].text)
         self.assertFalse(result.usable)
 
 

@@ -464,6 +464,15 @@ class Delivery(service.Service):
                 keep_claim = True
                 await self._conclude(claim, envelope)
                 return connection
+            if connection is not None and not connection.alive:
+                # The relay closed it between messages: nothing of this one
+                # was sent, so this is no attempt yet; a fresh connection.
+                await self._quit(connection)
+                connection = None
+                try:
+                    connection = await self._open()
+                except _RelaysFailed as e:
+                    relays_failed = e
             if connection is None:
                 assert relays_failed is not None
                 keep_claim = True

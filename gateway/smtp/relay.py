@@ -87,6 +87,9 @@ class RelayError(Exception):
 class ProtocolError(Exception):
     """The relay sent something that is not an SMTP reply (or one too long)."""
 
+    #: The replies completed before it, in the same input: they still count.
+    replies: list[Reply] = []
+
 
 # -- relay URLs ---------------------------------------------------------------
 
@@ -307,14 +310,20 @@ class ReplyParser:
             start = end + 1
             if line.endswith(b"\r"):
                 line = line[:-1]
-            if len(line) > MAX_REPLY_LINE:
-                raise ProtocolError("a reply line too long")
-            reply = self._line(line)
+            try:
+                if len(line) > MAX_REPLY_LINE:
+                    raise ProtocolError("a reply line too long")
+                reply = self._line(line)
+            except ProtocolError as e:
+                e.replies = replies  # complete before it: they still count
+                raise
             if reply is not None:
                 replies.append(reply)
         self._buffer = self._buffer[start:]
         if len(self._buffer) > MAX_REPLY_LINE + 1:
-            raise ProtocolError("a reply line too long")
+            error = ProtocolError("a reply line too long")
+            error.replies = replies
+            raise error
         return replies
 
     @property
@@ -507,6 +516,11 @@ class RelayConnection(protocol.Protocol):
     def __repr__(self) -> str:
         return f"<RelayConnection {self.target.url}>"
 
+    @property
+    def alive(self) -> bool:
+        """Whether the connection can carry a message (the relay may close it between messages)."""
+        return self._broken is None and not self._quitting
+
     # -- transport events
 
     def connectionMade(self) -> None:
@@ -520,11 +534,11 @@ class RelayConnection(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._broken is not None:
             return
+        error: ProtocolError | None = None
         try:
             replies = self._parser.feed(data)
         except ProtocolError as e:
-            self._break(RelayError(f"{self.target.url}: {e}"))
-            return
+            replies, error = e.replies, e
         self._unread = deque(replies)
         while self._unread and self._broken is None:
             reply = self._unread.popleft()
@@ -537,6 +551,8 @@ class RelayConnection(protocol.Protocol):
             if self._waiting:
                 self._start(self._waiting[0])
             wait.deferred.callback(reply)
+        if error is not None:  # after the good replies before it (a 250 then junk is still a 250)
+            self._break(RelayError(f"{self.target.url}: {error}"))
 
     def connectionLost(self, why: Failure = protocol.connectionDone) -> None:
         self._break(RelayError(f"{self.target.url}: {_lost_reason(why, self.target)}"), abort=False)
@@ -593,6 +609,10 @@ class RelayConnection(protocol.Protocol):
 
     def _commands(self, lines: Sequence[bytes], timeout: float | None = None) -> list[defer.Deferred[Reply]]:
         """Send C{lines} in one write (a pipelined group when there are several): a wait per reply."""
+        if self._broken is None and (self._unread or self._parser.pending):
+            # Replies already here for commands not written yet: the relay
+            # answers what it cannot have read (as after STARTTLS).
+            self._break(RelayError(f"{self.target.url}: a reply before its command"))
         if self._broken is None:
             assert self.transport is not None
             self.transport.write(b"".join(line + b"\r\n" for line in lines))
