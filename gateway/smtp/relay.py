@@ -696,13 +696,13 @@ class RelayConnection(protocol.Protocol):
         Relay one message: a L{Reply} per recipient, in order. Never fails
         for what the relay answers or for a lost connection (those are
         replies); fails only with the C{OSError} of a message file that
-        cannot be opened (nothing was sent, the connection stays usable) or
+        cannot be opened, or is not a regular file (nothing was sent) or
         for a programming error (a send while another runs).
 
         C{auth} is the C{AUTH=} identity (RFC 4954 section 5), sent
         xtext-encoded when the relay offers AUTH (C{<>} for None); a 555,
         or a 501/504 naming parameters, to such a MAIL gets RSET and the
-        MAIL again without it, and this connection never sends it again.
+        MAIL again without it (after a 555 this connection sends it no more).
         """
         if self._busy:
             return defer.fail(RuntimeError("RelayConnection.send while a message is being sent"))
