@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import MappingProxyType
 from typing import Any, Union
@@ -49,6 +50,49 @@ class AllowAuthenticated:
 
     def query_resource_access(self, auth_info: IAuthInfo, resource: str, privilege: str) -> bool:
         return auth_info.is_authenticated()
+
+
+@implementer(IAccessPolicy)
+class Policy:
+    """
+    The policy the front doors ask (C{core.policy}): it holds the C{current}
+    policy, which a reload (SIGHUP) replaces whole with L{replace}, so a
+    query sees either the old ACL or the new one, never a mix; and it
+    publishes each decision as an L{AuthzEvent} on C{events} when they have
+    sinks (the audit log). A front door passes the connection's
+    C{ConnectionMeta} as C{meta} so the event says where it was asked.
+    """
+
+    def __init__(self, current: IAccessPolicy, events: Any = None) -> None:
+        self.current = current
+        #: The core's L{gateway.ops.events.Events} hub, or None.
+        self.events = events
+
+    def replace(self, policy: IAccessPolicy) -> None:
+        """From now on, decide with C{policy}."""
+        self.current = policy
+
+    def query_resource_access(
+        self, auth_info: IAuthInfo, resource: str, privilege: str, meta: Any = None
+    ) -> bool:
+        allowed = bool(self.current.query_resource_access(auth_info, resource, privilege))
+        events = self.events
+        if events is not None and events.sinks:
+            from gateway.ops.events import AuthzEvent, meta_fields
+
+            fields = meta_fields(meta)
+            if fields["peer_address"] is None:
+                fields["peer_address"] = getattr(auth_info, "peer_address", None)
+            events.authz(AuthzEvent(
+                time=time.time(), resource=resource, privilege=privilege, allowed=allowed,
+                auth_info=auth_info, **fields,
+            ))
+        return allowed
+
+
+def current_policy(policy: IAccessPolicy | None) -> IAccessPolicy | None:
+    """The policy a L{Policy} holds now (any other policy is itself)."""
+    return policy.current if isinstance(policy, Policy) else policy
 
 
 def authz_resource(authzid: str) -> str | None:
@@ -131,9 +175,10 @@ def written_grant(
     decides, and the ordinary query must agree. For grants too strong to
     come from a broad rule written for something else ("authenticated users
     may use SMTP"): acting as another identity, a privileged source port.
-    Only an L{AccessControlMap} can say where a grant came from, so any other
-    policy grants nothing here.
+    Only an L{AccessControlMap} (held by a L{Policy} or not) can say where
+    a grant came from, so any other policy grants nothing here.
     """
+    policy = current_policy(policy)
     if not isinstance(policy, AccessControlMap):
         return False
     if not policy.query_resource_access(auth_info, resource, privilege):

@@ -197,6 +197,11 @@ class Connections:
         self._doors: dict[str, PeerLimit] = {}
         #: Listeners behind a PROXY-protocol endpoint: the peer at accept is the proxy.
         self.behind_proxy: set[str] = set()
+        #: The connections open now, per front door (admitted ones, in the
+        #: order they came): for drain and metrics. See L{door_protocol}.
+        self.sessions: dict[str, dict[Any, None]] = {}
+        #: Connections admitted since the start, per front door.
+        self.opened: Counter[str] = Counter()
         self._warned_busy = False
         #: Doors refusing for their unauthenticated share: refusals since logged.
         self._warned_unauthenticated: dict[str, int] = {}
@@ -832,13 +837,34 @@ class _Counted(_Forwarding):
             _ADMISSIONS[transport] = self.admission
         except TypeError:  # a transport without weak references: never "authenticated"
             pass
+        limit = self.admission.limit
+        limit.connections.sessions.setdefault(limit.name, {})[self] = None
+        limit.connections.opened[limit.name] += 1
         super().makeConnection(transport)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         try:
             self.wrapped.connectionLost(reason)
         finally:
+            limit = self.admission.limit
+            limit.connections.sessions.get(limit.name, {}).pop(self, None)
             self.admission.release()
+
+
+def door_protocol(session: Any) -> Any:
+    """
+    The front door's own protocol of an entry of L{Connections.sessions}
+    (under the TLS layer and handshake deadline of an implicit-TLS listener).
+    """
+    proto = session
+    for _ in range(8):
+        if isinstance(proto, _Forwarding):
+            proto = proto.wrapped
+        elif getattr(proto, "wrappedProtocol", None) is not None:
+            proto = proto.wrappedProtocol
+        else:
+            break
+    return proto
 
 
 class _HandshakeDeadline(_Forwarding):
@@ -1112,6 +1138,7 @@ __all__ = [
     "Refused",
     "authenticated",
     "budget_for",
+    "door_protocol",
     "limit_connections",
     "login_running",
     "raise_nofile_limit",

@@ -27,13 +27,14 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 
-from gateway.acl import AllowAuthenticated, IAccessPolicy, authz_grants
+from gateway.acl import AllowAuthenticated, IAccessPolicy, Policy, authz_grants
 from gateway.checkers import hashes
 from gateway.checkers.files import IReloadable
 from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
 from gateway.checkers.throttle import Throttle
 from gateway.connections import Connections, ListenSettings
 from gateway.groups import NO_GROUPS, GroupMap
+from gateway.ops.events import Events
 from gateway.realm import GatewayPortal, Realm, make_portal
 from gateway.smtp.spool import Spool
 
@@ -80,11 +81,11 @@ class Core:
     reactor: Reactor
     portal: GatewayPortal
     realm: Realm
-    #: The access policy the front doors ask: the --acl policy, or one that
-    #: allows every authenticated identity.
-    policy: IAccessPolicy
-    #: The --acl policy, or None without an ACL file.
-    acl: IAccessPolicy | None
+    #: The access policy the front doors ask: a L{Policy} holding the --acl
+    #: policy (replaced on reload), or one that allows every authenticated identity.
+    policy: Policy
+    #: The same L{Policy} with an ACL file, or None without one.
+    acl: Policy | None
     certificate: ssl.PrivateCertificate
     data_dir: str
     hash_pool: HashPool
@@ -96,6 +97,8 @@ class Core:
     #: Services the core needs running while the gateway runs (the hash pool,
     #: a front door's upstream pool); L{attach} starts them with the gateway.
     services: list[service.IService] = attrs.field(factory=list)
+    #: Where logins and authorization decisions are published (audit log, metrics).
+    events: Events = attrs.field(factory=Events)
 
     def attach(self, child: service.IService) -> None:
         """Run C{child} (started and stopped) with the gateway's services."""
@@ -151,7 +154,12 @@ def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
     grants from the ACL: acting as another SMTP identity needs a grant,
     never by default), the spool on the reactor's thread pool.
     """
-    realm = Realm(groups=settings.groups, authorize=authz_grants(settings.acl))
+    events = Events()
+    policy = Policy(
+        settings.acl if settings.acl is not None else AllowAuthenticated(), events
+    )
+    acl = policy if settings.acl is not None else None
+    realm = Realm(groups=settings.groups, authorize=authz_grants(acl))
     hash_pool = HashPool(reactor, settings.hash_threads, **settings.hash_pool)
     verifier = Verifier(hashes.verify, hash_pool, reactor, **settings.cache)
     for checker in settings.checkers:
@@ -162,10 +170,10 @@ def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
     throttle = Throttle(reactor, **settings.throttle)
     core = Core(
         reactor=reactor,
-        portal=make_portal(realm, settings.checkers, throttle),
+        portal=make_portal(realm, settings.checkers, throttle, events),
         realm=realm,
-        policy=settings.acl if settings.acl is not None else AllowAuthenticated(),
-        acl=settings.acl,
+        policy=policy,
+        acl=acl,
         certificate=settings.certificate,
         data_dir=os.path.abspath(settings.data_dir),
         hash_pool=hash_pool,
@@ -173,6 +181,7 @@ def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
         throttle=throttle,
         spool=Spool(settings.spool_dir, threadpool_runner=_in_thread_pool(reactor)),
         connections=Connections(settings.listen),
+        events=events,
     )
     core.attach(hash_pool)
     return core

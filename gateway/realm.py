@@ -12,6 +12,7 @@ refusals (throttled, queue full), logged now and then with a count.
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -36,8 +37,9 @@ from gateway.credentials import (
     safe_message,
     secrets_of,
 )
-from gateway.errors import AuthBackendError, Reject, TemporaryFailure, Throttled
+from gateway.errors import AuthBackendError, PoolFull, Reject, TemporaryFailure, Throttled
 from gateway.groups import NO_GROUPS, GroupMap
+from gateway.ops.events import Events, LoginEvent
 from gateway.ratelog import LogRateLimiter, suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.
@@ -186,18 +188,28 @@ class GatewayPortal(Portal):
     A Portal that also keeps the rate limit of L{login}'s log lines:
     outcomes a client can repeat at will without being throttled (hanging
     up, unsupported credentials, input that makes a checker fail) are
-    logged once a minute per peer and kind.
+    logged once a minute per peer and kind; and the L{Events} hub on which
+    L{login} publishes one L{LoginEvent} per attempt (every attempt: the
+    audit log and metrics are not rate-limited).
     """
 
     def __init__(
-        self, realm: IRealm, checkers: Iterable[ICredentialsChecker], log_limiter: LogRateLimiter
+        self,
+        realm: IRealm,
+        checkers: Iterable[ICredentialsChecker],
+        log_limiter: LogRateLimiter,
+        events: Events | None = None,
     ) -> None:
         super().__init__(realm, checkers)
         self.log_limiter = log_limiter
+        self.events = events if events is not None else Events()
 
 
 def make_portal(
-    realm: IRealm, checkers: Iterable[ICredentialsChecker], throttle: Throttle | None = None
+    realm: IRealm,
+    checkers: Iterable[ICredentialsChecker],
+    throttle: Throttle | None = None,
+    events: Events | None = None,
 ) -> GatewayPortal:
     """
     A Portal whose every credentials interface goes to one L{CheckerChain},
@@ -207,8 +219,42 @@ def make_portal(
     if throttle is not None:
         checker = ThrottlingChecker(checker, throttle)
     return GatewayPortal(
-        realm, [checker], LogRateLimiter(throttle.clock if throttle is not None else None)
+        realm, [checker], LogRateLimiter(throttle.clock if throttle is not None else None), events
     )
+
+
+def _reason(reason: Failure) -> str:
+    """The L{LoginEvent} reason code of a failed login."""
+    if reason.check(Reject):
+        return "rejected"
+    if reason.check(UnauthorizedLogin):
+        return "invalid_credentials"
+    if reason.check(defer.CancelledError):
+        return "cancelled"
+    if reason.check(UnhandledCredentials):
+        return "unsupported"
+    if reason.check(Throttled):
+        return "throttled"
+    if reason.check(PoolFull):
+        return "pool_full"
+    if reason.check(TemporaryFailure) and not reason.check(AuthBackendError):
+        return "temporary"
+    return "backend_error"
+
+
+def _outcome(reason: Failure) -> str:
+    """The C{outcome} of a failed login (as the auth log line says it)."""
+    if reason.check(UnauthorizedLogin):
+        return "failure"
+    if reason.check(defer.CancelledError):
+        return "cancelled"
+    if reason.check(UnhandledCredentials):
+        return "unsupported"
+    if reason.check(Throttled):
+        return "throttled"
+    if reason.check(TemporaryFailure):
+        return "temporary"
+    return "error"
 
 
 def _frames(reason: Failure) -> str:
@@ -252,6 +298,25 @@ def login(
     what = "{protocol} {mechanism} identity={identity!r} peer={peer}"
     # A plain Portal (a user's own wiring) logs every event.
     limiter = portal.log_limiter if isinstance(portal, GatewayPortal) else None
+    events = portal.events if isinstance(portal, GatewayPortal) and portal.events.sinks else None
+    started = time.monotonic() if events is not None else 0.0
+
+    def publish(outcome: str, reason: str, info: Any = None) -> None:
+        assert events is not None
+        events.login(LoginEvent(
+            time=time.time(),
+            protocol=fields["protocol"],
+            listener=fields["listener"],
+            mechanism=fields["mechanism"],
+            identity=fields["identity"],
+            outcome=outcome,
+            reason=reason,
+            peer_address=fields["peer"],
+            peer_port=getattr(meta, "peer_port", None),
+            tls=fields["tls"],
+            duration=time.monotonic() - started,
+            auth_info=info,
+        ))
 
     def admit(kind: str) -> int | None:
         """Whether this event gets a line (see L{make_portal}); the count left out."""
@@ -267,9 +332,13 @@ def login(
             groups=list(info.groups) if info else None,
             **fields,
         )
+        if events is not None:
+            publish("success", "ok", info)
         return result
 
     def failed(reason: Failure) -> Failure:
+        if events is not None:
+            publish(_outcome(reason), _reason(reason))
         if reason.check(Reject):
             log.info("auth failure: " + what + ": rejected with {code}", outcome="failure",
                      code=reason.value.code, **fields)
