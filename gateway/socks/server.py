@@ -283,6 +283,13 @@ class SOCKSServer(protocol.Protocol):
             self.outbound.close()
         self._log_session()
 
+    def drain(self) -> None:
+        """
+        The gateway is stopping: nothing to say. SOCKS5 has no way to tell a
+        client to go; a negotiation and a tunnel run on until they end or the
+        drain's deadline aborts them (L{gateway.ops.drain}).
+        """
+
     def _log_session(self) -> None:
         """
         One line per session; for sessions that neither authenticated nor
