@@ -13,6 +13,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionAborted
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
@@ -214,6 +215,20 @@ class SOCKSDrainTests(SOCKSTestCase):
         self.assertFalse(self.closed())
         self.send(b"more")
         self.assertEqual(remote.value(), b"more")
+
+    def test_aborted_logged(self) -> None:
+        """The session log says when the drain cut a tunnel."""
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.make()
+        self.login()
+        self.send(request(PUBLIC, 443))
+        self.outbound()
+        self.proto.drain()
+        self.proto.connectionLost(Failure(ConnectionAborted()))
+        [event] = [e for e in events if e.get("log_format", "").startswith("socks session")]
+        self.assertEqual(event["reason"], "aborted: the gateway stopped")
 
     def test_negotiation_runs_on(self) -> None:
         self.make()
