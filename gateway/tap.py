@@ -34,7 +34,6 @@ from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.ops import drain
-from gateway.ops.drain import Shutdown
 from gateway.smtp import sasl
 from gateway.smtp.delivery import Delivery, DeliverySettings
 from gateway.smtp.queue import Queue
@@ -295,7 +294,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Longest wait before MAIL is answered while the relay falls behind (0: none).",
                 float, zero=True),
         # Operations.
-        _number("drain-timeout", default_of(Shutdown, "timeout"),
+        _number("drain-timeout", default_of(drain.Shutdown, "timeout"),
                 "Seconds open sessions have to finish after SIGTERM before they are aborted.",
                 float, zero=True),
     ]
@@ -717,7 +716,7 @@ class GatewayService(service.MultiService):
         super().__init__()
         self.core = core
         self.listeners = listeners
-        self.shutdown = Shutdown(core.reactor, core.connections, drain_timeout)
+        self.shutdown = drain.Shutdown(core.reactor, core.connections, drain_timeout)
 
     def privilegedStartService(self) -> None:
         # Before the listeners (twistd listens here): the budget must be known
