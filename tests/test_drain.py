@@ -457,7 +457,7 @@ class WiringTests(SynchronousTestCase):
 
     def test_signals_once_running(self) -> None:
         """SIGTERM and SIGINT handlers are installed when the reactor runs, not before."""
-        svc = self.service()
+        self.service()
         installed = list(self.reactor.whenRunningHooks)
         self.assertEqual(len(installed), 2)
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -467,7 +467,6 @@ class WiringTests(SynchronousTestCase):
             f(*args, **kwargs)
         self.assertIsNot(signal.getsignal(signal.SIGTERM), previous[signal.SIGTERM])
         self.assertIsNot(signal.getsignal(signal.SIGINT), previous[signal.SIGINT])
-        del svc
 
     def test_not_in_a_running_reactor(self) -> None:
         """A test process running its reactor keeps its own handlers."""
