@@ -191,7 +191,7 @@ class Reloader(service.Service):
                 changes.append("groups unchanged")
             else:
                 core.realm.groups = read.groups
-                changes.append(f"groups changed ({self.files.groups}: {len(read.groups)} groups)")
+                changes.append(f"groups changed ({self.files.groups})")
         if read.certificate is not None:
             changes.append(self._certificate(read.certificate))
         log.info("reload: {changes}", changes=", ".join(changes))
