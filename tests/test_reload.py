@@ -29,7 +29,7 @@ from gateway.authinfo import AuthInfo, Identity, IdentityContext
 from gateway.errors import ShuttingDown
 from gateway.ops import reload
 from gateway.realm import login
-from gateway.tls import ServerCertificate, generate_self_signed, load_certificate
+from gateway.tls import MAX_PEM, ServerCertificate, generate_self_signed, load_certificate
 from tests.support import ManualPool, write_file
 
 ALLOW_DANIEL = '[[acl."http"]]\nallow = true\nprivileges = ["GET"]\nidentity.Individual = "daniel"\n'
@@ -299,6 +299,8 @@ class ReloaderTests(SynchronousTestCase):
              "certificate not valid before", self.cert),
             (lambda: write_file(self.cert, "not a certificate\n"), "no PEM certificate found", self.cert),
             (lambda: os.unlink(self.key), "No such file or directory", self.key),
+            (lambda: write_file(self.cert, b"#" * (MAX_PEM + 1)), f"larger than {MAX_PEM} bytes",
+             self.cert),
         ]
         for make, problem, path in cases:
             make()
