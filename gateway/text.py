@@ -31,6 +31,12 @@ def utc_timestamp(when: datetime) -> str:
     return when.astimezone(timezone.utc).strftime(_UTC_FORMAT)
 
 
+def utc_millis(seconds: float) -> str:
+    """RFC 3339 UTC to the millisecond, like C{2026-11-23T15:04:05.123Z}, of a C{time.time()}."""
+    whole, millis = divmod(round(seconds * 1000), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{millis:03d}Z"
+
+
 def parse_utc_timestamp(stamp: str) -> datetime:
     """
     The aware UTC datetime of a L{utc_timestamp} (C{2026-11-23T15:04:05Z});
