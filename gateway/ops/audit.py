@@ -20,10 +20,11 @@ handler, which rotates its log, is still called.
 from __future__ import annotations
 
 import errno
-import json
+import math
 import os
 import signal
 import stat
+from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-defined]
 from typing import Any
 
 from twisted.application import service
@@ -49,94 +50,109 @@ MODE = 0o640
 STDOUT = "-"
 
 
-def _text(value: Any, name: str, truncated: list[str]) -> str | None:
-    """C{value} as a capped string (None stays None); a cut adds C{name} to C{truncated}."""
+def _text(value: Any, name: str, truncated: list[str]) -> str:
+    """
+    C{value} as a JSON string, capped at L{MAX_TEXT} characters (a cut adds
+    C{name} to C{truncated}); None is C{null}. Escaped by the json module's
+    own (C) function: quotes, controls and every non-ASCII character.
+    """
     if value is None:
-        return None
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "backslashreplace")
-    elif not isinstance(value, str):
-        value = str(value)
-    if len(value) > MAX_TEXT:
-        if name not in truncated:
-            truncated.append(name)
-        return value[:MAX_TEXT]
-    return value
+        return "null"
+    if type(value) is not str or len(value) > MAX_TEXT:
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "backslashreplace")
+        elif not isinstance(value, str):
+            value = str(value)
+        if len(value) > MAX_TEXT:
+            if name not in truncated:
+                truncated.append(name)
+            value = value[:MAX_TEXT]
+    return _quote(value)
 
 
-def _session(info: Any, truncated: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """The identities and groups of an AuthInfo, each list and string capped."""
-    identities = list(getattr(info, "identities", ()))
-    groups = list(getattr(info, "groups", ()))
+#: JSON of a boolean, or of anything else (None) as null.
+_BOOLEAN = {True: "true", False: "false"}
+
+
+def _session(info: Any, truncated: list[str]) -> tuple[str, str]:
+    """The JSON lists of an AuthInfo's identities and groups, each list and string capped."""
+    identities = tuple(info.identities)
+    groups = tuple(info.groups)
     for name, items in (("identities", identities), ("groups", groups)):
         if len(items) > MAX_ITEMS:
             truncated.append(name)
-            del items[MAX_ITEMS:]
     return (
-        [
-            {key: _text(value, "identities", truncated) for key, value in i.to_json_dict().items()}
-            for i in identities
-        ],
-        [_text(g, "groups", truncated) or "" for g in groups],
+        "[" + ", ".join(
+            f'{{"identity": {_text(i.identity, "identities", truncated)},'
+            f' "context": {_text(i.context.value, "identities", truncated)}}}'
+            for i in identities[:MAX_ITEMS]
+        ) + "]",
+        "[" + ", ".join(_text(g, "groups", truncated) for g in groups[:MAX_ITEMS]) + "]",
     )
 
 
-def _where(event: LoginEvent | AuthzEvent, truncated: list[str]) -> dict[str, Any]:
-    return {
-        "protocol": _text(event.protocol, "protocol", truncated),
-        "listener": _text(event.listener, "listener", truncated),
-        "peer_address": _text(event.peer_address, "peer_address", truncated),
-        "peer_port": event.peer_port,
-        "tls": event.tls,
-    }
+def _where(event: LoginEvent | AuthzEvent, truncated: list[str]) -> str:
+    """protocol, listener, peer_address, peer_port, tls: the keys every line has."""
+    port = event.peer_port
+    return (
+        f'"protocol": {_text(event.protocol, "protocol", truncated)},'
+        f' "listener": {_text(event.listener, "listener", truncated)},'
+        f' "peer_address": {_text(event.peer_address, "peer_address", truncated)},'
+        f' "peer_port": {port if type(port) is int else "null"},'
+        f' "tls": {_BOOLEAN.get(event.tls, "null")}'  # type: ignore[call-overload]
+    )
 
 
-def login_record(event: LoginEvent) -> dict[str, Any]:
-    """The audit record of a login attempt, its keys in the documented order."""
+def _end(truncated: list[str]) -> bytes:
+    """The line's end: C{truncated} when a field was cut."""
+    if not truncated:
+        return b"}\n"
+    return (', "truncated": [' + ", ".join(map(_quote, truncated)) + "]}\n").encode("ascii")
+
+
+def login_line(event: LoginEvent) -> bytes:
+    """
+    The audit line of a login attempt: ASCII JSON, its keys in the
+    documented order, a newline. Formatted by hand (at twice the speed of a
+    dict through C{json.dumps}: a line per login), every string through
+    L{_text}.
+    """
     truncated: list[str] = []
-    record: dict[str, Any] = {
-        "time": utc_millis(event.time),
-        "event": "login",
-        "outcome": event.outcome,
-        "reason": event.reason,
-        **_where(event, truncated),
-        "mechanism": _text(event.mechanism, "mechanism", truncated),
-        "identity": _text(event.identity, "identity", truncated),
-        "identities": None,
-        "groups": None,
-        "duration_ms": round(event.duration * 1000, 3),
-    }
+    identities = groups = "null"
     if event.auth_info is not None:
-        record["identities"], record["groups"] = _session(event.auth_info, truncated)
-    if truncated:
-        record["truncated"] = truncated
-    return record
+        identities, groups = _session(event.auth_info, truncated)
+    duration = round(event.duration * 1000, 3)
+    duration_ms = repr(duration) if math.isfinite(duration) else "null"
+    line = (
+        f'{{"time": "{utc_millis(event.time)}", "event": "login",'
+        f' "outcome": {_text(event.outcome, "outcome", truncated)},'
+        f' "reason": {_text(event.reason, "reason", truncated)},'
+        f" {_where(event, truncated)},"
+        f' "mechanism": {_text(event.mechanism, "mechanism", truncated)},'
+        f' "identity": {_text(event.identity, "identity", truncated)},'
+        f' "identities": {identities}, "groups": {groups},'
+        f' "duration_ms": {duration_ms}'
+    )
+    return line.encode("ascii") + _end(truncated)
 
 
-def authz_record(event: AuthzEvent) -> dict[str, Any]:
-    """The audit record of an authorization decision, its keys in the documented order."""
+def authz_line(event: AuthzEvent) -> bytes:
+    """The audit line of an authorization decision, as L{login_line}."""
     truncated: list[str] = []
-    record: dict[str, Any] = {
-        "time": utc_millis(event.time),
-        "event": "authz",
-        "outcome": "allowed" if event.allowed else "denied",
-        **_where(event, truncated),
-        "identities": [],
-        "groups": [],
-        "resource": _text(event.resource, "resource", truncated),
-        "privilege": _text(event.privilege, "privilege", truncated),
-        "allowed": event.allowed,
-    }
+    identities = groups = "[]"
     if event.auth_info is not None:
-        record["identities"], record["groups"] = _session(event.auth_info, truncated)
-    if truncated:
-        record["truncated"] = truncated
-    return record
-
-
-def encode(record: dict[str, Any]) -> bytes:
-    """One line: ASCII JSON (controls and non-ASCII escaped), keys as given, a newline."""
-    return json.dumps(record, ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
+        identities, groups = _session(event.auth_info, truncated)
+    allowed = event.allowed is True
+    line = (
+        f'{{"time": "{utc_millis(event.time)}", "event": "authz",'
+        f' "outcome": "{"allowed" if allowed else "denied"}",'
+        f" {_where(event, truncated)},"
+        f' "identities": {identities}, "groups": {groups},'
+        f' "resource": {_text(event.resource, "resource", truncated)},'
+        f' "privilege": {_text(event.privilege, "privilege", truncated)},'
+        f' "allowed": {_BOOLEAN[allowed]}'
+    )
+    return line.encode("ascii") + _end(truncated)
 
 
 def open_log(path: str) -> int:
@@ -262,17 +278,17 @@ class AuditLog(service.Service):
     # -- the sink ----------------------------------------------------------
 
     def login(self, event: LoginEvent) -> None:
-        self._record(login_record, event)
+        self._record(login_line, event)
 
     def authz(self, event: AuthzEvent) -> None:
-        self._record(authz_record, event)
+        self._record(authz_line, event)
 
     def _record(self, make: Any, event: Any) -> None:
         """Write one event; a bug here is logged, never raised into a login."""
         if not self.running:
             return
         try:
-            line = encode(make(event))
+            line = make(event)
         except Exception:
             self.lost += 1
             suppressed = self._bugs.admit("bug")
@@ -328,6 +344,6 @@ def attach_audit_log(core: Any, path: str | None) -> AuditLog | None:
 
 
 __all__ = [
-    "AuditLog", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log", "authz_record",
-    "check_path", "encode", "login_record", "open_log",
+    "AuditLog", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log", "authz_line",
+    "check_path", "login_line", "open_log",
 ]
