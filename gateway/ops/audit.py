@@ -293,8 +293,10 @@ class AuditLog(service.Service):
             self.lost += 1
             suppressed = self._bugs.admit("bug")
             if suppressed is not None:
-                log.failure("audit log: an event could not be written" + suppressed_note(suppressed),
-                            suppressed=suppressed)
+                log.failure(
+                    "audit log: an event could not be written" + suppressed_note(suppressed),
+                    suppressed=suppressed,
+                )
             return
         self._append(line)
 
