@@ -35,6 +35,8 @@ from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.ops import drain, reload
+from gateway.ops.audit import attach_audit_log
+from gateway.ops.audit import check_path as check_audit_path
 from gateway.smtp import sasl
 from gateway.smtp.delivery import Delivery, DeliverySettings
 from gateway.smtp.queue import Queue
@@ -295,6 +297,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Longest wait before MAIL is answered while the relay falls behind (0: none).",
                 float, zero=True),
         # Operations.
+        ["audit-log", None, None,
+         "Write every login and authorization decision as a JSON line to this file"
+         " ('-': standard output); SIGUSR1 reopens it."],
         _number("drain-timeout", default_of(drain.Shutdown, "timeout"),
                 "Seconds open sessions have to finish after SIGTERM before they are aborted.",
                 float, zero=True),
@@ -621,6 +626,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
+        if self["audit-log"] is not None:
+            try:
+                check_audit_path(self["audit-log"])
+            except ValueError as e:
+                raise usage.UsageError(f"--audit-log {e}") from None
         if self["smtp-sender-binding"] and not self["acl"]:
             raise usage.UsageError("--smtp-sender-binding needs --acl: the ACL says who may send as whom")
         self["smtpSettings"] = self._smtp_settings()
@@ -764,6 +774,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             reactor, core.spool, Queue(core.spool.directory), options["deliverySettings"],
             options["smtpSettings"].hostname,
         ))
+    attach_audit_log(core, options["audit-log"])
     rows = [row for row in FRONT_DOORS if row.option in options["endpoints"]]
     doors = {
         name: make(core, options[settings])

@@ -714,7 +714,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         """Sender binding (L{gateway.acl.may_send_as}) for the session's identity."""
         if self.auth_info is None:  # a trusted network: no identity to bind
             return True
-        return may_send_as(self.factory.policy, self.auth_info, sender)
+        return may_send_as(self.factory.policy, self.auth_info, sender, self.meta)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._refused():
