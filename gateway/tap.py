@@ -33,6 +33,7 @@ from gateway.connections import ListenSettings, with_backlog
 from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
+from gateway.ops.systemd import check_systemd_endpoint
 from gateway.smtp import sasl
 from gateway.smtp.delivery import Delivery, DeliverySettings
 from gateway.smtp.queue import Queue
@@ -577,6 +578,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if description.lower() == "none":
                 continue
             try:
+                check_systemd_endpoint(description)  # socket activation: a passed socket, as named
                 endpoints.serverFromString(None, with_backlog(description, self["listen-backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
