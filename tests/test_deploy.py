@@ -513,7 +513,7 @@ class SocketActivationTests(SynchronousTestCase):
         tool = require_tool("systemd-socket-activate", "systemd")
         ports = {name: free_port() for name in PASSED}
         prefix = [tool, *(f"--listen=127.0.0.1:{ports[n]}" for n in PASSED),
-                  "--fdname=" + ":".join(PASSED), "--setenv=PATH"]
+                  "--fdname=" + ":".join(PASSED)]
         self.twistd(prefix, {
             "smtp": "systemd:domain=INET:index=0",
             "http": "systemd:domain=INET:name=http",
