@@ -37,6 +37,7 @@ from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.ops import drain, reload
 from gateway.ops.audit import attach_audit_log
 from gateway.ops.audit import check_path as check_audit_path
+from gateway.ops.systemd import check_systemd_endpoint
 from gateway.smtp import sasl
 from gateway.smtp.delivery import Delivery, DeliverySettings
 from gateway.smtp.queue import Queue
@@ -588,6 +589,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if description.lower() == "none":
                 continue
             try:
+                check_systemd_endpoint(description)  # socket activation: a passed socket, as named
                 endpoints.serverFromString(None, with_backlog(description, self["listen-backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
