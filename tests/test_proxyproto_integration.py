@@ -16,6 +16,7 @@ import json
 import os
 import smtplib
 import socket
+import ssl
 import subprocess
 import time
 
@@ -75,7 +76,7 @@ class BehindHAProxyTests(TestCase):
                                  interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
         self.echo_port = echo.getHost().port
-        self.ports = {door: free_port() for door in ("smtp", "http", "socks")}
+        self.ports = {door: free_port() for door in ("smtp", "http", "https", "socks")}
         data = os.path.abspath(self.mktemp())
         os.makedirs(data)
         acl = os.path.join(data, "acl.toml")
@@ -86,8 +87,9 @@ class BehindHAProxyTests(TestCase):
             "--data-dir", data, "--auth", "memory:daniel:tiger", "--acl", acl,
             "--smtp", f"tcp:{self.ports['smtp']}:interface=127.0.0.1",
             "--http", f"tcp:{self.ports['http']}:interface=127.0.0.1",
+            "--https", f"tcp:{self.ports['https']}:interface=127.0.0.1",
             "--socks", f"tcp:{self.ports['socks']}:interface=127.0.0.1",
-            "--smtp-insecure-auth", "--smtp-hostname", "gw.example",
+            "--smtp-hostname", "gw.example",
             "--socks-allow", f"127.0.0.1:{self.echo_port}",
             "--proxy-protocol-from", "127.0.0.1/32",
             "--failure-delay", "0", "--failure-delay-max", "0",
@@ -133,13 +135,20 @@ class BehindHAProxyTests(TestCase):
 
     @defer.inlineCallbacks
     def test_smtp(self):
-        """The spool's Received: header and metadata name the client HAProxy saw."""
+        """
+        The spool's Received: header and metadata name the client HAProxy saw,
+        also after STARTTLS (the same transport, its peer kept).
+        """
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
         for version in ("v1", "v2"):
             port = self.fronts["smtp", version]
 
             def submit():
                 with smtplib.SMTP("127.0.0.1", port, local_hostname="client.example",
                                   source_address=("127.0.0.2", 0), timeout=20) as smtp:
+                    smtp.starttls(context=context)
                     smtp.login("daniel", "tiger")
                     smtp.sendmail("daniel@example.com", ["rcpt@example.org"],
                                   f"Subject: {version}\r\n\r\nhello\r\n")
@@ -154,14 +163,16 @@ class BehindHAProxyTests(TestCase):
             self.assertNotIn("127.0.0.1", received)
             self.assertEqual(meta["peer"]["address"], "127.0.0.2")
             self.assertEqual(meta["auth_info"]["peer_address"], "127.0.0.2")
+            self.assertIsNotNone(meta["tls"])
 
     @defer.inlineCallbacks
     def test_http_whoami(self):
-        for version in ("v1", "v2"):
-            url = f"http://127.0.0.1:{self.fronts['http', version]}/whoami"
+        """/whoami's peer_address is the client, also on --https (the header before TLS)."""
+        for door, version in (("http", "v1"), ("http", "v2"), ("https", "v1"), ("https", "v2")):
+            url = f"{door}://127.0.0.1:{self.fronts[door, version]}/whoami"
             result = yield threads.deferToThread(
                 subprocess.run,
-                ["curl", "-q", "--silent", "--show-error", "--max-time", "20",
+                ["curl", "-q", "--silent", "--show-error", "--max-time", "20", "--insecure",
                  "--interface", "127.0.0.2", "-u", "daniel:tiger", url],
                 capture_output=True, timeout=60, check=False,
                 env={k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")},
@@ -194,7 +205,7 @@ class BehindHAProxyTests(TestCase):
 
     @defer.inlineCallbacks
     def test_spoofed_header_refused(self):
-        """A client's own header, straight to any front door: closed, nothing served."""
+        """A client's own header, straight to any listener (TLS too): closed, nothing served."""
 
         def spoof(port):
             with socket.create_connection(("127.0.0.1", port), timeout=20,
@@ -222,5 +233,5 @@ class BehindHAProxyTests(TestCase):
                        if e.get("log_namespace") == "gateway.proxyproto")
         self.assertEqual(lines, [
             f"{door}: refusing a PROXY header from 127.0.0.2, not a proxy of --proxy-protocol-from"
-            for door in ("http", "smtp", "socks")
+            for door in ("http", "https", "smtp", "socks")
         ])
