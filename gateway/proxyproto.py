@@ -31,7 +31,6 @@ every peer) are left as they are.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-from gateway.addresses import in_networks, ip_or_none, peer_key
+from gateway.addresses import in_networks, ip_or_none, parse_ip, peer_key
 from gateway.connections import _Forwarding, _log_prefix, _WrapperFactory
 from gateway.ratelog import LogRateLimiter
 from gateway.twistedinternals import ProxyHeaderParsers, proxy_header_parsers
@@ -140,13 +139,12 @@ def _carried(source: Any, destination: Any) -> tuple[Any, Any] | None:
     for address in (source, destination):
         if not isinstance(address, (IPv4Address, IPv6Address)) or address.type != "TCP":
             return None
-        try:
-            ip = ipaddress.ip_address(address.host)
-        except ValueError:
-            raise ProxyHeaderError("bad PROXY header (not an IP address)") from None
-        kind = IPv4Address if ip.version == 4 else IPv6Address
-        if kind is not type(address) or not 0 <= address.port <= 65535:
-            raise ProxyHeaderError("bad PROXY header (address family or port)")
+        ip = parse_ip(address.host)  # cached: a proxy's clients come again and again
+        if ip is None or (ip.version == 6 and type(address) is IPv4Address):
+            raise ProxyHeaderError("bad PROXY header (an address of the wrong family)")
+        if not 0 <= address.port <= 65535:
+            raise ProxyHeaderError("bad PROXY header (a port out of range)")
+        kind = IPv4Address if ip.version == 4 else IPv6Address  # IPv4-mapped: IPv4
         addresses.append(kind("TCP", str(ip), address.port))
     return addresses[0], addresses[1]
 

@@ -296,6 +296,37 @@ class SplitTests(Harness):
                                                  header[13] == 0x11 else "2001:db8::7"))
         proto.connectionLost(Failure(protocol.connectionDone))
 
+    @settings(max_examples=200, deadline=None)
+    @given(
+        data=st.one_of(
+            st.binary(min_size=1, max_size=40),
+            st.sampled_from([V1, v2(), b"\r\n\r\nEHLO x\r\n", b"PROXIMA\r\n"]),
+        ),
+        cuts=st.lists(st.integers(min_value=0, max_value=60), max_size=8),
+    )
+    def test_any_split_untrusted(self, data, cuts):
+        """
+        From an untrusted peer, however the bytes are cut: closed when they
+        start with a signature, else all of them reach the door in order.
+        """
+        self.doors.built.clear()
+        bounds = sorted({c for c in cuts if c < len(data)} | {0, len(data)})
+        proto, transport = self.connect(CLIENT)
+        for a, b in zip(bounds, bounds[1:]):
+            if not transport.aborted:
+                proto.dataReceived(data[a:b])
+        spoof = signature_state(data[:12])
+        if spoof:
+            self.assertTrue(transport.aborted)
+            self.assertEqual(self.door().data, b"")
+        elif spoof is None:  # still a prefix of a signature: held, nothing refused yet
+            self.assertFalse(transport.aborted)
+            self.assertEqual(self.door().data, b"")
+        else:
+            self.assertFalse(transport.aborted)
+            self.assertEqual(self.door().data, data)
+        proto.connectionLost(Failure(protocol.connectionDone))
+
     @settings(max_examples=300, deadline=None)
     @given(st.one_of(
         st.binary(max_size=200),
