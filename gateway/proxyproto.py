@@ -21,9 +21,9 @@ line): a client must not name its own address. The door is connected at
 once (an SMTP greeting is not delayed); at most the first 11 bytes, while
 they could still begin a signature, are held back until they cannot.
 
-After the header (or the first bytes) the wrapper does no work per read:
-the transport's C{dataReceived} calls go to the door's protocol directly,
-and its writes never pass through here.
+After the header (or the first bytes) nothing here runs per read: the
+transport's C{dataReceived} calls go to the door's (limited) protocol
+directly, and its writes never pass through here.
 
 Listeners under Twisted's own C{haproxy:} endpoint prefix (a header from
 every peer) are left as they are.
@@ -35,13 +35,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import alsoProvides
 
-from gateway.addresses import in_networks, ip_or_none, parse_ip, peer_key
-from gateway.connections import _Forwarding, _log_prefix, _WrapperFactory
+from gateway.addresses import in_networks, ip_or_none, peer_key
+from gateway.connections import _log_prefix, _WrapperFactory
 from gateway.ratelog import LogRateLimiter
 from gateway.twistedinternals import ProxyHeaderParsers, proxy_header_parsers
 
@@ -139,13 +140,15 @@ def _carried(source: Any, destination: Any) -> tuple[Any, Any] | None:
     for address in (source, destination):
         if not isinstance(address, (IPv4Address, IPv6Address)) or address.type != "TCP":
             return None
-        ip = parse_ip(address.host)  # cached: a proxy's clients come again and again
-        if ip is None or (ip.version == 6 and type(address) is IPv4Address):
+        host = ip_or_none(address.host)  # cached: a proxy's clients come again and again
+        if host is None or (":" in host and type(address) is IPv4Address):
             raise ProxyHeaderError("bad PROXY header (an address of the wrong family)")
         if not 0 <= address.port <= 65535:
             raise ProxyHeaderError("bad PROXY header (a port out of range)")
-        kind = IPv4Address if ip.version == 4 else IPv6Address  # IPv4-mapped: IPv4
-        addresses.append(kind("TCP", str(ip), address.port))
+        kind = IPv6Address if ":" in host else IPv4Address  # IPv4-mapped: IPv4
+        if kind is not type(address) or host != address.host:
+            address = kind("TCP", host, address.port)
+        addresses.append(address)
     return addresses[0], addresses[1]
 
 
@@ -198,7 +201,8 @@ class _HeaderReader(protocol.Protocol):
             transport.loseConnection()
             return
         self.wrapped = inner
-        directlyProvides(self, providedBy(inner))  # half-close, as the door does
+        if IHalfCloseableProtocol.providedBy(inner):  # as the door does
+            alsoProvides(self, IHalfCloseableProtocol)
         self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
         inner.makeConnection(transport)
         if rest and not getattr(transport, "disconnecting", False):
@@ -241,37 +245,39 @@ class _HeaderReader(protocol.Protocol):
         return _log_prefix(self.wrapped if self.wrapped is not None else self.factory)
 
 
-class _SignatureGuard(_Forwarding):
+def _guard(inner: Any, factory: ProxyProtocolFactory, addr: Any) -> Any:
     """
-    Any other peer's connection: the front door's from the start, closed
-    if its first bytes are a PROXY signature.
+    Any other peer's connection: C{inner} (the front door's limited
+    protocol) from the start, closed if its first bytes are a PROXY
+    signature. The check is C{inner}'s own C{dataReceived} until it has
+    decided (no wrapper object, no interface declarations per connection);
+    then the instance attribute is removed and the class's method serves.
     """
+    held = b""
 
-    def __init__(self, wrapped: Any, factory: ProxyProtocolFactory, addr: Any) -> None:
-        super().__init__(wrapped)
-        self.factory = factory
-        self.addr = addr
-        self._held = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        first = self._held + data
+    def first_bytes(data: bytes) -> None:
+        nonlocal held
+        first = held + data
         state = signature_state(first[:12])
         if state is None:  # could still be a signature: hold (at most 11 bytes)
-            self._held = first
+            held = first
             return
-        self._held = b""
+        held = b""
+        del inner.dataReceived
         if state:
-            peer = ip_or_none(getattr(self.addr, "host", None))
-            self.factory.refusal_log.warn(
+            peer = ip_or_none(getattr(addr, "host", None))
+            factory.refusal_log.warn(
                 log, ("spoof", peer_key(peer)),
                 "{listener}: refusing a PROXY header from {peer}, not a proxy of"
                 " --proxy-protocol-from",
-                listener=self.factory.listener, peer=peer,
+                listener=factory.listener, peer=peer,
             )
-            self.transport.abortConnection()
+            inner.transport.abortConnection()
             return
-        self.dataReceived = self.wrapped.dataReceived  # type: ignore[method-assign]
-        self.wrapped.dataReceived(first)
+        inner.dataReceived(first)
+
+    inner.dataReceived = first_bytes
+    return inner
 
 
 class ProxyProtocolFactory(_WrapperFactory):
@@ -311,7 +317,7 @@ class ProxyProtocolFactory(_WrapperFactory):
         if in_networks(ip_or_none(getattr(addr, "host", None)), self.networks):
             return _HeaderReader(self, addr)
         inner = self.wrappedFactory.buildProtocol(addr)
-        return None if inner is None else _SignatureGuard(inner, self, addr)
+        return None if inner is None else _guard(inner, self, addr)
 
 
 def proxy_protocol(core: Core, limited: Any) -> protocol.Factory:

@@ -151,6 +151,11 @@ class TrustedTests(Harness):
         self.connect(PROXY, b"PROXY TCP6 2001:DB8:0:0::7 2001:db8::1 4242 25\r\n")
         self.assertEqual(self.door().peer, IPv6Address("TCP", "2001:db8::7", 4242))
 
+    def test_v1_ipv4_mapped(self):
+        """An IPv4-mapped client is the IPv4 client, as everywhere in the gateway."""
+        self.connect(PROXY, b"PROXY TCP6 ::ffff:192.0.2.7 ::1 4242 25\r\n")
+        self.assertEqual(self.door().peer, CLIENT)
+
     def test_v1_unknown_keeps_the_proxy(self):
         """HAProxy sends a bare C{PROXY UNKNOWN} (which Twisted's parser alone refuses)."""
         for header in (b"PROXY UNKNOWN\r\n", b"PROXY UNKNOWN ::1 ::2 1 2\r\n"):
@@ -348,7 +353,10 @@ class UntrustedTests(Harness):
         self.assertEqual(door.peer, CLIENT)
         self.assertEqual(transport.value(), GREETING)  # at once, before any byte
         self.assertEqual(door.data, b"EHLO x\r\nMAIL")
-        self.assertEqual(proto.dataReceived, proto.wrapped.dataReceived)
+        # Once decided, the limited protocol's own method: nothing of ours runs.
+        self.assertNotIn("dataReceived", vars(proto))
+        self.assertEqual(self.factory.wrappedFactory.buildProtocol(CLIENT).dataReceived.__func__,
+                         proto.dataReceived.__func__)
 
     def test_greeting_not_delayed(self):
         _, transport = self.connect(CLIENT)
