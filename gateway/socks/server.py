@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.acl import ask
 from gateway.addresses import network_keys, normalize_ip, peer_key
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.connections import authenticated, limit_connections, login_running
@@ -253,6 +254,7 @@ class SOCKSServer(protocol.Protocol):
         self._gone = False
         self._counted_user: str | None = None
         self._active = False
+        self._draining = False  # the gateway is stopping (L{drain})
         # What the session log says.
         self.command: str | None = None
         self.destination: str | None = None
@@ -271,6 +273,8 @@ class SOCKSServer(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._gone = True
+        if self._draining and reason.check(error.ConnectionAborted):
+            self.reason = "aborted: the gateway stopped"
         self._cancel_timer()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
@@ -282,6 +286,14 @@ class SOCKSServer(protocol.Protocol):
         if self.outbound is not None:
             self.outbound.close()
         self._log_session()
+
+    def drain(self) -> None:
+        """
+        The gateway is stopping: nothing to say. SOCKS5 has no way to tell a
+        client to go; a negotiation and a tunnel run on until they end or the
+        drain's deadline aborts them (L{gateway.ops.drain}).
+        """
+        self._draining = True
 
     def _log_session(self) -> None:
         """
@@ -547,7 +559,7 @@ class SOCKSServer(protocol.Protocol):
         acl = self.factory.acl
         if acl is None:
             return self.info is not None
-        return acl.query_resource_access(self.info, resource, privilege)
+        return ask(acl, self.info, resource, privilege, self.meta)
 
     def _bind(self, request: codec.Request) -> None:
         """
@@ -567,12 +579,14 @@ class SOCKSServer(protocol.Protocol):
             acl is None
             or self.info is None
             or not self.info.is_authenticated()
-            or not acl.query_resource_access(self.info, f"socks/source/{source}", "bind")
+            or not ask(acl, self.info, f"socks/source/{source}", "bind", self.meta)
         ):
             self._refuse(Reply.NOT_ALLOWED, f"source {source} not allowed")
             return
         port = request.port
-        if port in PRIVILEGED_PORTS and not source_port_named(acl, self.info, str(source), port):
+        if port in PRIVILEGED_PORTS and not source_port_named(
+            acl, self.info, str(source), port, self.meta
+        ):
             # A privileged source port (a service's own, or what a peer trusts as
             # such) needs a grant naming that port; 0 stays "any port".
             self._refuse(Reply.NOT_ALLOWED, f"source port {port} not allowed")
