@@ -120,6 +120,11 @@ class ListenSettings:
     peer_fair_share: float = 1 / 8
     #: The most of it one network prefix may hold (at least one connection).
     prefix_fair_share: float = 1 / 4
+    #: Networks of the proxies whose connections start with a PROXY protocol
+    #: header (v1 or v2) carrying the client's address (see L{gateway.proxyproto}).
+    proxy_protocol_from: tuple[Any, ...] = ()
+    #: Seconds such a proxy has to send the whole header.
+    proxy_header_timeout: float = 3.0
 
 
 class Refused(Enum):
@@ -1068,13 +1073,17 @@ def limit_connections(
     exempt: Sequence[Any] = (),
     refusals: Mapping[Refused, bytes] | None = None,
     tls: Any = None,
-) -> LimitedFactory:
+) -> protocol.Factory:
     """
     A front door's factory as it listens: with implicit TLS when C{tls} (a
-    context factory) is given, with a handshake deadline inside it, and the
-    cap and budget outside it (a refused client costs no handshake).
+    context factory) is given, with a handshake deadline inside it, the
+    cap and budget outside it (a refused client costs no handshake), and,
+    with C{--proxy-protocol-from}, the PROXY header reader outermost (the
+    cap, the budget and everything inside see the client it names).
     """
     from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from gateway.proxyproto import proxy_protocol
 
     connections = core.connections
     if tls is not None:
@@ -1087,7 +1096,7 @@ def limit_connections(
         )
         refusals = None
     limit = connections.door(door, max_per_peer, weight, exempt)
-    return LimitedFactory(factory, limit, core.reactor, refusals, listener)
+    return proxy_protocol(core, LimitedFactory(factory, limit, core.reactor, refusals, listener))
 
 
 #: Where each endpoint type takes C{backlog} as a positional argument.

@@ -47,6 +47,7 @@ from gateway.smtp.server import check_acl_keys as check_smtp_keys
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSDoor, SOCKSSettings
 from gateway.tls import CertificateError, ensure_certificate, load_ca_file
+from gateway.twistedinternals import proxy_header_parsers
 from gateway.web.resources import check_acl_keys as check_http_keys
 from gateway.web.resources import upstream_host
 from gateway.web.server import HTTPDoor
@@ -421,6 +422,19 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         """
         self.setdefault("trustedProxies", []).append(_network("http-trusted-proxy", cidr))
 
+    def opt_proxy_protocol_from(self, cidr: str) -> None:
+        """
+        A proxy network (CIDR) whose connections start with a PROXY protocol
+        v1 or v2 header naming the client, on every listener (repeatable);
+        from any other peer such a header is refused.
+        """
+        if proxy_header_parsers() is None:
+            raise usage.UsageError(
+                "--proxy-protocol-from: this Twisted has no PROXY protocol parsers"
+                " (twisted.protocols.haproxy)"
+            )
+        self.setdefault("proxyProtocolFrom", []).append(_network("proxy-protocol-from", cidr))
+
     def opt_socks_allow(self, rule: str) -> None:
         """
         Widen the SOCKS destination rules for everyone: a CIDR or host name
@@ -605,6 +619,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ipv6_prefix=self["ipv6-prefix"],
             unauthenticated_share=self["unauthenticated-share"],
             stress_timeout=self["stress-timeout"],
+            proxy_protocol_from=tuple(self.get("proxyProtocolFrom", ())),
         )
 
         if not self["credCheckers"]:

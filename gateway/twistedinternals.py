@@ -12,8 +12,10 @@ one changes meaning. Raise the pin only after they pass.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import attrs
 from twisted.internet import tcp
 
 #: Transports whose write buffer L{write_now} knows (not TLS, not a test double).
@@ -129,10 +131,55 @@ def pause_reading_while_answering(channel: Any) -> None:
         producer.pauseProducing()
 
 
+@attrs.frozen
+class ProxyHeaderParsers:
+    """
+    The PROXY protocol header parsers of L{twisted.protocols.haproxy}: each
+    takes one whole header (v1: the line without its CRLF; v2: the 16 bytes
+    and the length they announce) and returns a C{ProxyInfo} (C{source},
+    C{destination}: addresses, or None for LOCAL/UNKNOWN/UNSPEC).
+    """
+
+    v1: Callable[[bytes], Any]
+    v2: Callable[[bytes], Any]
+    #: What a bad header raises (besides the C{ValueError} of a bad number or text).
+    error: type[Exception]
+    #: The 12 bytes a v2 header starts with.
+    v2_signature: bytes
+
+
+def proxy_header_parsers() -> ProxyHeaderParsers | None:
+    """
+    Twisted's PROXY protocol parsers, or None when they are gone.
+
+    L{twisted.protocols.haproxy} makes public only C{proxyEndpoint}, a
+    wrapper that reads a header from every peer; the gateway reads one only
+    from trusted proxies (C{--proxy-protocol-from}), with its own bounds, so
+    it calls the parsers under it: C{_v1parser.V1Parser.parse} and
+    C{_v2parser.V2Parser.parse} (class methods parsing one complete header),
+    C{V2Parser.PREFIX} and C{_exceptions.InvalidProxyHeader}. When any is
+    gone, C{--proxy-protocol-from} is refused at start with a line saying
+    so (the C{haproxy:} endpoint prefix keeps working).
+    """
+    try:
+        from twisted.protocols.haproxy._exceptions import InvalidProxyHeader
+        from twisted.protocols.haproxy._v1parser import V1Parser
+        from twisted.protocols.haproxy._v2parser import V2Parser
+
+        return ProxyHeaderParsers(
+            v1=V1Parser.parse, v2=V2Parser.parse, error=InvalidProxyHeader,
+            v2_signature=V2Parser.PREFIX,
+        )
+    except (ImportError, AttributeError):
+        return None
+
+
 __all__ = [
+    "ProxyHeaderParsers",
     "buffered",
     "first_line_pending",
     "pause_reading_while_answering",
+    "proxy_header_parsers",
     "request_line",
     "write_now",
 ]

@@ -29,6 +29,7 @@ from gateway.twistedinternals import (
     buffered,
     first_line_pending,
     pause_reading_while_answering,
+    proxy_header_parsers,
     request_line,
     write_now,
 )
@@ -388,3 +389,51 @@ class PinTests(SynchronousTestCase):
             f"Twisted {twisted.__version__} is outside {pin}: run tests.test_twistedinternals"
             " on it, then move the pin",
         )
+
+
+class ProxyHeaderParserTests(SynchronousTestCase):
+    """C{twisted.protocols.haproxy}'s private parsers, as L{gateway.proxyproto} calls them."""
+
+    def test_present(self) -> None:
+        parsers = proxy_header_parsers()
+        assert parsers is not None
+        self.assertEqual(parsers.v2_signature, b"\r\n\r\n\x00\r\nQUIT\n")
+        self.assertTrue(issubclass(parsers.error, Exception))
+
+    def test_v1(self) -> None:
+        parsers = proxy_header_parsers()
+        info = parsers.v1(b"PROXY TCP4 192.0.2.7 198.51.100.1 4242 25 ")
+        self.assertEqual((info.source.host, info.source.port), ("192.0.2.7", 4242))
+        self.assertEqual((info.destination.host, info.destination.port), ("198.51.100.1", 25))
+        self.assertIsNone(parsers.v1(b"PROXY UNKNOWN ").source)
+        # Twisted wants the space after UNKNOWN that HAProxy does not send.
+        self.assertRaises(parsers.error, parsers.v1, b"PROXY UNKNOWN")
+        self.assertRaises(parsers.error, parsers.v1, b"PROXY TCP4 192.0.2.7")
+
+    def test_v2(self) -> None:
+        parsers = proxy_header_parsers()
+        addresses = socket.inet_aton("192.0.2.7") + socket.inet_aton("198.51.100.1")
+        payload = addresses + struct.pack("!HH", 4242, 25) + b"\x04\x00\x01x"  # a TLV after
+        header = parsers.v2_signature + b"\x21\x11" + struct.pack("!H", len(payload)) + payload
+        info = parsers.v2(header)
+        self.assertEqual((info.source.host, info.source.port), ("192.0.2.7", 4242))
+        local = parsers.v2_signature + b"\x20\x00\x00\x00"
+        self.assertIsNone(parsers.v2(local).source)
+        self.assertRaises(parsers.error, parsers.v2, header[:16] + addresses)
+
+    def test_gone(self) -> None:
+        """Without them: None, and --proxy-protocol-from says why at start."""
+        import sys
+        from unittest import mock
+
+        from twisted.python import usage
+
+        from gateway import tap
+
+        with mock.patch.dict(sys.modules, {"twisted.protocols.haproxy._v2parser": None}):
+            self.assertIsNone(proxy_header_parsers())
+            with self.assertRaises(usage.UsageError) as e:
+                tap.Options().parseOptions(
+                    ["--auth", "memory:a:b", "--proxy-protocol-from", "::1"]
+                )
+        self.assertIn("no PROXY protocol parsers", str(e.exception))
