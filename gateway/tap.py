@@ -33,6 +33,7 @@ from gateway.connections import ListenSettings, with_backlog
 from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
+from gateway.ops import metrics as ops_metrics
 from gateway.smtp import sasl
 from gateway.smtp.delivery import Delivery, DeliverySettings
 from gateway.smtp.queue import Queue
@@ -292,6 +293,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("relay-inflow-delay", default_of(DeliverySettings, "inflow_delay"),
                 "Longest wait before MAIL is answered while the relay falls behind (0: none).",
                 float, zero=True),
+        # Operations.
+        ["metrics", None, "none",
+         "Endpoint of the metrics and health listener (/metrics, /healthz, /readyz), or 'none'.",
+         ops_metrics.check_endpoint],
     ]
 
     optFlags = [
@@ -755,4 +760,5 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         tls = server_tls(core.certificate, door.alpn) if row.implicit_tls else None
         door.listen(endpoint, row.option, tls).setServiceParent(top)
         started.append(f"{row.option}={description}")
+    ops_metrics.serve(options, core, top, doors)
     return top
