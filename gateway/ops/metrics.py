@@ -264,7 +264,7 @@ class GatewayCollector:
         return []  # nothing to check at registration: the names are ours alone
 
     def collect(self) -> Iterable[Metric]:
-        if threadable.isInIOThread():
+        if threadable.ioThread in (None, threadable.getThreadID()):  # no reactor thread yet, or it
             return self.families()
         return threads.blockingCallFromThread(self.core.reactor, self.families)
 
@@ -454,6 +454,8 @@ class MetricsSite(server.Site):
 
     noisy = False
     requestFactory = _Request
+    registry: CollectorRegistry
+    readiness: Readiness
 
     def log(self, request: server.Request) -> None:
         pass
@@ -474,19 +476,34 @@ class _Capped(policies.WrappingFactory):
         return super().buildProtocol(addr)
 
 
-def metrics_resource(reactor: Any, registry: CollectorRegistry) -> WSGIResource:
+class MetricsResource(resource.Resource):
     """
-    C{prometheus_client.twisted.MetricsResource(registry)}, on the core's
-    reactor: that module's one line uses the global reactor, imported when
-    it is imported; this is the same WSGI app in the given reactor's pool.
+    C{prometheus_client.twisted.MetricsResource(registry)} on the core's
+    reactor: that module's one line takes the global reactor (imported when
+    it is imported) and its thread pool; this is the same WSGI app, in the
+    given reactor's pool, asked for at the first scrape.
     """
-    return WSGIResource(reactor, reactor.getThreadPool(), make_wsgi_app(registry))
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.registry = registry
+        self._wsgi: WSGIResource | None = None
+
+    def render(self, request: server.Request) -> Any:
+        if self._wsgi is None:
+            self._wsgi = WSGIResource(
+                self.reactor, self.reactor.getThreadPool(), make_wsgi_app(self.registry)
+            )
+        return self._wsgi.render(request)
 
 
 def build_site(reactor: Any, registry: CollectorRegistry, readiness: Readiness) -> MetricsSite:
     """C{/metrics}, C{/healthz} and C{/readyz}."""
     root = resource.Resource()
-    root.putChild(b"metrics", metrics_resource(reactor, registry))
+    root.putChild(b"metrics", MetricsResource(reactor, registry))
     root.putChild(b"healthz", _Status(lambda: (True, {"status": "ok"})))
 
     def ready() -> tuple[bool, dict[str, Any]]:
@@ -494,7 +511,9 @@ def build_site(reactor: Any, registry: CollectorRegistry, readiness: Readiness) 
         return ok, {"status": "ready" if ok else "not ready", "checks": checks}
 
     root.putChild(b"readyz", _Status(ready))
-    return MetricsSite(root, timeout=TIMEOUT, reactor=reactor)
+    site = MetricsSite(root, timeout=TIMEOUT, reactor=reactor)
+    site.registry, site.readiness = registry, readiness
+    return site
 
 
 def check_endpoint(description: str) -> str:
@@ -542,6 +561,6 @@ def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
 
 
 __all__ = [
-    "GatewayCollector", "LoginMetrics", "Readiness", "WatchedEndpoint", "build_site",
+    "GatewayCollector", "LoginMetrics", "MetricsResource", "Readiness", "WatchedEndpoint", "build_site",
     "check_endpoint", "serve", "watch_listeners",
 ]
