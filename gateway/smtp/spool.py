@@ -406,11 +406,11 @@ class SpoolWriter:
             return defer.fail(SpoolError(f"{self._spool.directory}: message {self.id} "
                                          "was already finished or aborted"))
         self._closed = True
-        self.protocol = envelope.protocol
         if received_at is None:
             received_at = datetime.now(timezone.utc)
         try:
             meta = encode_json(metadata(self.id, envelope, self.size, received_at))
+            self.protocol = envelope.protocol
         except BaseException:
             self._clean_up()
             raise
