@@ -86,10 +86,17 @@ def http_code_label(code: int) -> str:
 class LoginMetrics:
     """
     A sink of the core's L{Events}: each login counted by protocol,
-    listener, mechanism, outcome and reason (each bounded to a fixed set at
-    once, so no client can grow the table), and its duration observed per
+    listener, mechanism, outcome and reason (each bounded to a fixed set,
+    so no client can grow the table), and its duration observed per
     protocol; authorization decisions counted by protocol and verdict.
+
+    What an event's fields map to is remembered (at most L{MAX_SHAPES}
+    combinations, bounded themselves): a login costs a tuple, two dict
+    lookups, an increment and a histogram bucket.
     """
+
+    #: Distinct raw (protocol, listener, mechanism, outcome, reason) remembered.
+    MAX_SHAPES = 1024
 
     def __init__(self, listeners: Iterable[str], mechanisms: Iterable[str]) -> None:
         self.listeners = frozenset(listeners)
@@ -97,23 +104,29 @@ class LoginMetrics:
         self.attempts: Counter[tuple[str, str, str, str, str]] = Counter()
         self.latency: dict[str, Tally] = {door: Tally(LATENCY_BUCKETS) for door in DOORS}
         self.decisions: Counter[tuple[str, str]] = Counter()
+        self._shapes: dict[tuple[Any, ...], tuple[tuple[str, str, str, str, str], Tally]] = {}
 
-    def login(self, event: LoginEvent) -> None:
-        protocol = _bounded(event.protocol, DOORS)
-        self.attempts[(
-            protocol,
-            _bounded(event.listener, self.listeners),
-            _bounded(event.mechanism, self.mechanisms),
-            _bounded(event.outcome, OUTCOMES),
-            _bounded(event.reason, REASONS),
-        )] += 1
+    def _shape(self, raw: tuple[Any, ...]) -> tuple[tuple[str, str, str, str, str], Tally]:
+        protocol, listener, mechanism, outcome, reason = raw
+        protocol = _bounded(protocol, DOORS)
+        key = (protocol, _bounded(listener, self.listeners), _bounded(mechanism, self.mechanisms),
+               _bounded(outcome, OUTCOMES), _bounded(reason, REASONS))
         tally = self.latency.get(protocol)
         if tally is None:
             tally = self.latency[protocol] = Tally(LATENCY_BUCKETS)
+        if len(self._shapes) < self.MAX_SHAPES:
+            self._shapes[raw] = (key, tally)
+        return key, tally
+
+    def login(self, event: LoginEvent) -> None:
+        raw = (event.protocol, event.listener, event.mechanism, event.outcome, event.reason)
+        key, tally = self._shapes.get(raw) or self._shape(raw)
+        self.attempts[key] += 1
         tally.observe(event.duration)
 
     def authz(self, event: AuthzEvent) -> None:
-        self.decisions[(_bounded(event.protocol, DOORS), "allowed" if event.allowed else "denied")] += 1
+        protocol = event.protocol if event.protocol in DOORS else "other"
+        self.decisions[(protocol, "allowed" if event.allowed else "denied")] += 1
 
 
 @implementer(IStreamServerEndpoint)
