@@ -140,6 +140,10 @@ class LoginLabelTests(SynchronousTestCase):
                          reason=HOSTILE))
         self.assertEqual(list(sink.attempts), [("other",) * 5])
         self.assertEqual(sink.latency["other"].count, 1)
+        for i in range(2 * sink.MAX_SHAPES):  # as many names as a client likes: bounded memory
+            sink.login(event(listener=f"{HOSTILE}{i}"))
+        self.assertEqual(len(sink._shapes), sink.MAX_SHAPES)
+        self.assertEqual(sink.attempts[("smtp", "other", "PLAIN", "success", "ok")], 2 * sink.MAX_SHAPES)
 
     def test_no_metrics_no_sink(self) -> None:
         """Without --metrics: no listener, and no sink, so no event is ever built."""
