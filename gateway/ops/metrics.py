@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
@@ -32,7 +32,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import make_wsgi_app
 from twisted.application import internet, service
-from twisted.internet import endpoints, threads
+from twisted.internet import endpoints
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.protocols import policies
 from twisted.python import threadable
@@ -255,8 +255,11 @@ def _histogram(name: str, doc: str, label: str | None, tallies: Mapping[str, Tal
 
 class GatewayCollector:
     """
-    Reads the components' counters at scrape time (in the reactor thread:
-    a scrape from the WSGI thread asks the reactor for the numbers).
+    Reads the components' counters at scrape time, in the reactor thread
+    only: L{MetricsResource} takes a L{refresh}ed snapshot there before the
+    WSGI thread formats it, so no thread ever reads what the reactor is
+    changing (nor waits for the reactor: a scrape during shutdown cannot
+    hang the thread pool's stop).
     """
 
     def __init__(
@@ -272,14 +275,20 @@ class GatewayCollector:
         self.readiness = readiness
         self.doors = doors
         self.delivery = delivery
+        #: The families as of the last L{refresh}, for a collection from another thread.
+        self.latest: list[Metric] = []
 
     def describe(self) -> list[Metric]:
         return []  # nothing to check at registration: the names are ours alone
 
+    def refresh(self) -> None:
+        """Take the snapshot a scrape from the WSGI thread will see (reactor thread)."""
+        self.latest = self.families()
+
     def collect(self) -> Iterable[Metric]:
         if threadable.ioThread in (None, threadable.getThreadID()):  # no reactor thread yet, or it
             return self.families()
-        return threads.blockingCallFromThread(self.core.reactor, self.families)
+        return self.latest
 
     def families(self) -> list[Metric]:
         """Every metric family, read now (reactor thread)."""
@@ -494,18 +503,22 @@ class MetricsResource(resource.Resource):
     C{prometheus_client.twisted.MetricsResource(registry)} on the core's
     reactor: that module's one line takes the global reactor (imported when
     it is imported) and its thread pool; this is the same WSGI app, in the
-    given reactor's pool, asked for at the first scrape.
+    given reactor's pool, asked for at the first scrape. C{refresh} runs
+    before each scrape, in the reactor thread.
     """
 
     isLeaf = True
 
-    def __init__(self, reactor: Any, registry: CollectorRegistry) -> None:
+    def __init__(self, reactor: Any, registry: CollectorRegistry,
+                 refresh: Callable[[], None] = lambda: None) -> None:
         super().__init__()
         self.reactor = reactor
         self.registry = registry
+        self.refresh = refresh
         self._wsgi: WSGIResource | None = None
 
     def render(self, request: server.Request) -> Any:
+        self.refresh()  # in the reactor thread, before the WSGI thread collects
         if self._wsgi is None:
             self._wsgi = WSGIResource(
                 self.reactor, self.reactor.getThreadPool(), make_wsgi_app(self.registry)
@@ -513,10 +526,11 @@ class MetricsResource(resource.Resource):
         return self._wsgi.render(request)
 
 
-def build_site(reactor: Any, registry: CollectorRegistry, readiness: Readiness) -> MetricsSite:
-    """C{/metrics}, C{/healthz} and C{/readyz}."""
+def build_site(reactor: Any, registry: CollectorRegistry, readiness: Readiness,
+               refresh: Callable[[], None] = lambda: None) -> MetricsSite:
+    """C{/metrics} (C{refresh} runs before each scrape), C{/healthz} and C{/readyz}."""
     root = resource.Resource()
-    root.putChild(b"metrics", MetricsResource(reactor, registry))
+    root.putChild(b"metrics", MetricsResource(reactor, registry, refresh))
     root.putChild(b"healthz", _Status(lambda: (True, {"status": "ok"})))
 
     def ready() -> tuple[bool, dict[str, Any]]:
@@ -564,9 +578,10 @@ def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
     core.events.add(logins)
     readiness = Readiness(core, options["coreSettings"].checkers, watch_listeners(top), delivery)
     registry = CollectorRegistry()
-    registry.register(GatewayCollector(core, logins, readiness, doors, delivery))
+    collector = GatewayCollector(core, logins, readiness, doors, delivery)
+    registry.register(collector)
     endpoint = endpoints.serverFromString(core.reactor, description)
-    site = build_site(core.reactor, registry, readiness)
+    site = build_site(core.reactor, registry, readiness, collector.refresh)
     listening = internet.StreamServerEndpointService(endpoint, _Capped(site, MAX_CONNECTIONS))
     listening.setName("metrics")
     listening.setServiceParent(top)
