@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from weakref import WeakKeyDictionary
 
 import attrs
-from twisted.internet import interfaces, protocol
+from twisted.internet import defer, interfaces, protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, directlyProvides, implementer, providedBy
@@ -202,6 +202,8 @@ class Connections:
         self.sessions: dict[str, dict[Any, None]] = {}
         #: Connections admitted since the start, per front door.
         self.opened: Counter[str] = Counter()
+        #: Who waits for an entry of L{sessions} to end (L{when_closed}).
+        self._closing: dict[Any, list[defer.Deferred[None]]] = {}
         self._warned_busy = False
         #: Doors refusing for their unauthenticated share: refusals since logged.
         self._warned_unauthenticated: dict[str, int] = {}
@@ -225,6 +227,21 @@ class Connections:
         if self.budget is None and soft != resource.RLIM_INFINITY:
             self.budget = budget_for(soft, self.settings.fd_reserve)
             log.info("connection budget: {budget} descriptors", budget=self.budget)
+
+    def when_closed(self, session: Any) -> defer.Deferred[None]:
+        """A Deferred firing once C{session}, an entry of L{sessions}, has ended (now if it has)."""
+        if not any(session in open_ for open_ in self.sessions.values()):
+            return defer.succeed(None)
+        d: defer.Deferred[None] = defer.Deferred()
+        self._closing.setdefault(session, []).append(d)
+        return d
+
+    def session_ended(self, door: str, session: Any) -> None:
+        """C{session} of front door C{door} has ended: out of L{sessions}, its waiters told."""
+        self.sessions.get(door, {}).pop(session, None)
+        for d in self._closing.pop(session, ()):
+            if not d.called:  # a waiter may have given up (cancelled)
+                d.callback(None)
 
     def add_source(self, count: Callable[[], int]) -> None:
         """Count more descriptors: C{count()} is asked at every new connection."""
@@ -847,8 +864,8 @@ class _Counted(_Forwarding):
             self.wrapped.connectionLost(reason)
         finally:
             limit = self.admission.limit
-            limit.connections.sessions.get(limit.name, {}).pop(self, None)
             self.admission.release()
+            limit.connections.session_ended(limit.name, self)
 
 
 def door_protocol(session: Any) -> Any:

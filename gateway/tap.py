@@ -33,6 +33,7 @@ from gateway.connections import ListenSettings, with_backlog
 from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
+from gateway.ops import drain
 from gateway.ops import metrics as ops_metrics
 from gateway.smtp import sasl
 from gateway.smtp.delivery import Delivery, DeliverySettings
@@ -294,6 +295,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Longest wait before MAIL is answered while the relay falls behind (0: none).",
                 float, zero=True),
         # Operations.
+        _number("drain-timeout", default_of(drain.Shutdown, "timeout"),
+                "Seconds open sessions have to finish after SIGTERM before they are aborted.",
+                float, zero=True),
         ["metrics", None, "none",
          "Endpoint of the metrics and health listener (/metrics, /healthz, /readyz), or 'none'.",
          ops_metrics.check_endpoint],
@@ -706,12 +710,17 @@ def _check_readable(what: str, path: str) -> None:
 
 
 class GatewayService(service.MultiService):
-    """The top service; says once that the gateway is up."""
+    """
+    The top service; says once that the gateway is up. It stops gracefully
+    (L{gateway.ops.drain}): its listeners first, then the open sessions
+    drain, then the core's services.
+    """
 
-    def __init__(self, core: Core, listeners: list[str]) -> None:
+    def __init__(self, core: Core, listeners: list[str], drain_timeout: float) -> None:
         super().__init__()
         self.core = core
         self.listeners = listeners
+        self.shutdown = drain.Shutdown(core.reactor, core.connections, drain_timeout)
 
     def privilegedStartService(self) -> None:
         # Before the listeners (twistd listens here): the budget must be known
@@ -727,6 +736,11 @@ class GatewayService(service.MultiService):
             data_dir=self.core.data_dir,
             listeners=self.listeners or "none",
         )
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        core = [child for child in self if child in self.core.services]
+        return self.shutdown.stop([child for child in self if child not in core], core)
 
 
 def makeService(options: Options, reactor: Any = None) -> service.MultiService:
@@ -746,7 +760,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         if any(row.door == name for row in rows)
     }
     started: list[str] = []
-    top = GatewayService(core, started)
+    top = GatewayService(core, started, options["drain-timeout"])
+    drain.install(reactor, top.shutdown)
     for child in core.services:  # before the listeners: stopped after them
         child.setServiceParent(top)
     for row in rows:

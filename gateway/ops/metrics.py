@@ -563,8 +563,9 @@ def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
     """
     With C{--metrics}, wire the metrics: the login sink on C{core.events},
     the collector on a registry of the gateway's own, the listeners watched
-    for readiness, and the metrics listener added to C{top} (after the
-    front doors' listeners). Returns the registry (None without C{--metrics}).
+    for readiness, and the metrics listener added to C{top} as one of the
+    core's services (it stops after the drain). Returns the registry (None
+    without C{--metrics}).
     """
     description = options["metrics"]
     if description == "none":
@@ -584,6 +585,9 @@ def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
     site = build_site(core.reactor, registry, readiness, collector.refresh)
     listening = internet.StreamServerEndpointService(endpoint, _Capped(site, MAX_CONNECTIONS))
     listening.setName("metrics")
+    # A core service: stopped with them, after the front doors' sessions
+    # drained, so /readyz answers 503 (listeners stopped) during the drain.
+    core.attach(listening)
     listening.setServiceParent(top)
     return registry
 

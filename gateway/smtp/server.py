@@ -163,6 +163,11 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         #: Commands that led nowhere while AUTH is needed; never reset (not by
         #: STARTTLS either), so a client cannot start over.
         self._junk = 0
+        #: The gateway is stopping (L{drain}): the session ends at its next command.
+        self._draining = False
+        #: From DATA's 354 until its end of data is handled (the codec's mode
+        #: is back to commands as soon as it has read the final dot).
+        self._in_data = False
         self._reset_session()
 
     # -- session state ----------------------------------------------------
@@ -242,6 +247,27 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         self._abort_call = None
         if not self._lost:
             self.transport.abortConnection()
+
+    # -- the gateway stops (gateway.ops.drain) ------------------------------------
+
+    def drain(self) -> None:
+        """
+        The gateway is stopping: a session waiting for a command (or for a
+        SASL response) gets C{421 4.3.2} and is closed now; one in C{DATA}, or
+        with a login, a C{MAIL} admission or a spool write running, finishes
+        that and gets its reply (a message's 250 once it is spooled), then the
+        421. A message cut off in C{DATA} was never accepted.
+        """
+        self._draining = True
+        self._drain_if_idle()
+
+    def _drain_if_idle(self) -> bool:
+        """Answer 421 and close if the session is draining and waits for the client; True then."""
+        if self._busy or self._closing or self._lost or self._in_data:
+            return False
+        self.reply(421, "4.3.2", f"{self.settings.hostname} Service shutting down")
+        self._close()
+        return True
 
     # -- the unauthenticated session: a deadline and a junk command budget ---
 
@@ -367,6 +393,8 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
             and not self._lost
             and not transport.disconnecting
         ):
+            if self._draining and self._drain_if_idle():
+                break
             event = codec_.next_event()
             if event is None:
                 break
@@ -721,12 +749,14 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
             self.reply(451, "4.3.0", "Requested action aborted: local error in processing")
             return
         self._codec.expect_data(self.settings.max_size)
+        self._in_data = True
         self._writer.write(self._received_header(self._writer.id))
         self.reply(354, "2.0.0", "End data with <CR><LF>.<CR><LF>")
 
     def _on_end_of_data(self, event: codec.EndOfData) -> None:
         writer = self._writer
         envelope = self._envelope() if writer is not None else None
+        self._in_data = False
         self._reset_transaction()
         if event.error is not None or writer is None:
             self.reply(*(event.error or (451, "4.3.0", "Requested action aborted")))

@@ -258,6 +258,7 @@ class SOCKSServer(protocol.Protocol):
         self._gone = False
         self._counted_user: str | None = None
         self._active = False
+        self._draining = False  # the gateway is stopping (L{drain})
         # What the session log says.
         self.command: str | None = None
         self.destination: str | None = None
@@ -276,6 +277,8 @@ class SOCKSServer(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._gone = True
+        if self._draining and reason.check(error.ConnectionAborted):
+            self.reason = "aborted: the gateway stopped"
         self._cancel_timer()
         if self._abort is not None and self._abort.active():
             self._abort.cancel()
@@ -291,6 +294,14 @@ class SOCKSServer(protocol.Protocol):
         if self.reply is not None:
             factory.replies[self.reply] += 1
         self._log_session()
+
+    def drain(self) -> None:
+        """
+        The gateway is stopping: nothing to say. SOCKS5 has no way to tell a
+        client to go; a negotiation and a tunnel run on until they end or the
+        drain's deadline aborts them (L{gateway.ops.drain}).
+        """
+        self._draining = True
 
     def _log_session(self) -> None:
         """

@@ -329,6 +329,31 @@ class GatewayChannel(http.HTTPChannel):
     maxHeaders = MAX_HEADERS
     totalHeadersSize = MAX_HEADER_BYTES
     _deadline: Any = None
+    #: The gateway is stopping (L{drain}): no request after the one in flight.
+    _draining = False
+
+    def drain(self) -> None:
+        """
+        The gateway is stopping: an idle connection (keep-alive, or no request
+        yet) is closed now; a request in flight is answered with
+        C{Connection: close} (when its response has not started yet) and the
+        connection closed after the response.
+        """
+        self._draining = True
+        if not self.requests:
+            if self.transport is not None and not self.transport.disconnecting:
+                self.loseConnection()
+            return
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if self._draining:  # a request whose headers were still arriving at the drain
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
 
     def connectionMade(self) -> None:
         super().connectionMade()
