@@ -387,6 +387,27 @@ class HealthTests(TestCase):
         self.readiness.delivery.relay_reachable = True
         self.assertEqual((yield self.get("/readyz"))[0], 200)
 
+    @defer.inlineCallbacks
+    def test_not_ready_while_draining(self):
+        """
+        During the drain the front doors' listeners are stopped but the
+        metrics listener still answers: 503 until the core stops.
+        """
+        self.top.privilegedStartService()
+        self.top.startService()  # stopped by the test itself
+        session = listener(self.top, "socks").factory.buildProtocol(
+            IPv4Address("TCP", "127.0.0.1", 1))
+        session.makeConnection(StringTransport())  # a SOCKS session drains until the deadline
+        stopping = self.top.stopService()
+        self.assertTrue(self.top.getServiceNamed("metrics").running)
+        code, body = yield self.get("/readyz")
+        self.assertEqual((code, body["checks"]["listeners"]["states"]["socks"]), (503, "stopped"))
+        self.top.core.reactor.advance(self.top.options["drain-timeout"])
+        session.connectionLost(Failure(error.ConnectionAborted()))  # what the abort does
+        self.top.core.reactor.advance(1)
+        yield stopping
+        self.assertFalse(self.top.getServiceNamed("metrics").running)
+
     def test_body_dropped(self):
         """The listener reads no request body into memory."""
         request = metrics._Request(DummyChannel(), False)
