@@ -76,6 +76,16 @@ class Policy:
         self, auth_info: IAuthInfo, resource: str, privilege: str, meta: Any = None
     ) -> bool:
         allowed = bool(self.current.query_resource_access(auth_info, resource, privilege))
+        self.publish(auth_info, resource, privilege, allowed, meta)
+        return allowed
+
+    def publish(
+        self, auth_info: IAuthInfo, resource: str, privilege: str, allowed: bool, meta: Any = None
+    ) -> None:
+        """
+        Publish a decision as an L{AuthzEvent} when the hub has sinks: this
+        policy's own, or one taken on the policy it holds (L{written_grant}).
+        """
         events = self.events
         if events is not None and events.sinks:
             from gateway.ops.events import AuthzEvent, meta_fields
@@ -87,12 +97,24 @@ class Policy:
                 time=time.time(), resource=resource, privilege=privilege, allowed=allowed,
                 auth_info=auth_info, **fields,
             ))
-        return allowed
 
 
 def current_policy(policy: IAccessPolicy | None) -> IAccessPolicy | None:
     """The policy a L{Policy} holds now (any other policy is itself)."""
     return policy.current if isinstance(policy, Policy) else policy
+
+
+def ask(
+    policy: IAccessPolicy, auth_info: IAuthInfo, resource: str, privilege: str, meta: Any = None
+) -> bool:
+    """
+    C{policy.query_resource_access}, telling a L{Policy} the connection's
+    C{meta} (for the event it publishes); any other policy (a test's, a
+    user's) is asked with the interface's three arguments.
+    """
+    if isinstance(policy, Policy):
+        return policy.query_resource_access(auth_info, resource, privilege, meta)
+    return bool(policy.query_resource_access(auth_info, resource, privilege))
 
 
 def authz_resource(authzid: str) -> str | None:
@@ -140,21 +162,24 @@ def binding_local(local: str) -> str | None:
     return local.lower() if _DOT_STRING.fullmatch(local) else None
 
 
-def may_send_as(policy: IAccessPolicy | None, auth_info: IAuthInfo, sender: str) -> bool:
+def may_send_as(
+    policy: IAccessPolicy | None, auth_info: IAuthInfo, sender: str, meta: Any = None
+) -> bool:
     """
     Sender binding: whether C{auth_info} may use C{sender} as the envelope
     sender, through C{smtp/sender/DOMAIN/LOCAL} (or C{smtp/sender/DOMAIN})
     with privilege C{send} granted by a rule written at those levels
     (L{written_grant}): a broad rule ("authenticated users may use C{smtp}",
     privileges C{"*"}) is no licence to send as anyone. The null sender and
-    a local part L{binding_local} cannot compare are never granted.
+    a local part L{binding_local} cannot compare are never granted. With
+    a L{Policy}, the decision on the resource is published (L{written_grant}).
     """
     local, _, domain = sender.rpartition("@")
     compared = binding_local(local)
     if not sender or not compared or "/" in domain:
         return False
     resource = f"smtp/sender/{domain.lower()}/{compared}"
-    return written_grant(policy, auth_info, resource, "send", min_depth=3)
+    return written_grant(policy, auth_info, resource, "send", min_depth=3, meta=meta)
 
 
 def written_grant(
@@ -165,6 +190,7 @@ def written_grant(
     *,
     literal_last: bool = False,
     min_depth: int | None = None,
+    meta: Any = None,
 ) -> bool:
     """
     Whether the ACL grants C{privilege} on C{resource} through a rule written
@@ -176,9 +202,24 @@ def written_grant(
     come from a broad rule written for something else ("authenticated users
     may use SMTP"): acting as another identity, a privileged source port.
     Only an L{AccessControlMap} (held by a L{Policy} or not) can say where
-    a grant came from, so any other policy grants nothing here.
+    a grant came from, so any other policy grants nothing here. A L{Policy}
+    publishes the outcome as its decision, with the connection's C{meta}.
     """
-    policy = current_policy(policy)
+    allowed = _written_grant(current_policy(policy), auth_info, resource, privilege,
+                             literal_last, min_depth)
+    if isinstance(policy, Policy):
+        policy.publish(auth_info, resource, privilege, allowed, meta)
+    return allowed
+
+
+def _written_grant(
+    policy: IAccessPolicy | None,
+    auth_info: IAuthInfo,
+    resource: str,
+    privilege: str,
+    literal_last: bool,
+    min_depth: int | None,
+) -> bool:
     if not isinstance(policy, AccessControlMap):
         return False
     if not policy.query_resource_access(auth_info, resource, privilege):

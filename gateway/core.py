@@ -37,6 +37,7 @@ from gateway.groups import NO_GROUPS, GroupMap
 from gateway.ops.events import Events
 from gateway.realm import GatewayPortal, Realm, make_portal
 from gateway.smtp.spool import Spool
+from gateway.tls import ServerCertificate
 
 #: The reactor the core runs on: twistd's, or a test's MemoryReactorClock.
 #: It provides IReactorTime, IReactorTCP, IReactorThreads and the rest of a
@@ -86,7 +87,9 @@ class Core:
     policy: Policy
     #: The same L{Policy} with an ACL file, or None without one.
     acl: Policy | None
-    certificate: ssl.PrivateCertificate
+    #: The certificate served; each TLS listener takes its context factory
+    #: from C{tls.server_tls(alpn)}; a reload replaces the certificate.
+    tls: ServerCertificate
     data_dir: str
     hash_pool: HashPool
     verifier: Verifier
@@ -99,6 +102,11 @@ class Core:
     services: list[service.IService] = attrs.field(factory=list)
     #: Where logins and authorization decisions are published (audit log, metrics).
     events: Events = attrs.field(factory=Events)
+
+    @property
+    def certificate(self) -> ssl.PrivateCertificate:
+        """The certificate new handshakes get."""
+        return self.tls.current
 
     def attach(self, child: service.IService) -> None:
         """Run C{child} (started and stopped) with the gateway's services."""
@@ -174,7 +182,7 @@ def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
         realm=realm,
         policy=policy,
         acl=acl,
-        certificate=settings.certificate,
+        tls=ServerCertificate(settings.certificate),
         data_dir=os.path.abspath(settings.data_dir),
         hash_pool=hash_pool,
         verifier=verifier,

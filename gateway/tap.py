@@ -6,6 +6,7 @@ authentication core to the front doors.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import ipaddress
 import math
@@ -23,7 +24,7 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gateway.acl import AllowAuthenticated, load_acl_file
+from gateway.acl import AccessControlMap, AllowAuthenticated, load_acl_file
 from gateway.addresses import canonical_host
 from gateway.checkers import CheckerLoadError, load_checker
 from gateway.checkers.hashing import HashPool, Verifier
@@ -33,8 +34,10 @@ from gateway.connections import ListenSettings, with_backlog
 from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
-from gateway.ops import drain
+from gateway.ops import drain, reload
 from gateway.ops import metrics as ops_metrics
+from gateway.ops.audit import attach_audit_log
+from gateway.ops.audit import check_path as check_audit_path
 from gateway.smtp import sasl
 from gateway.smtp.delivery import Delivery, DeliverySettings
 from gateway.smtp.queue import Queue
@@ -43,7 +46,7 @@ from gateway.smtp.server import SMTPDoor, SMTPSettings
 from gateway.smtp.server import check_acl_keys as check_smtp_keys
 from gateway.socks.rules import AllowRule
 from gateway.socks.server import SOCKSDoor, SOCKSSettings
-from gateway.tls import CertificateError, ensure_certificate, load_ca_file, server_tls
+from gateway.tls import CertificateError, ensure_certificate, load_ca_file
 from gateway.web.resources import check_acl_keys as check_http_keys
 from gateway.web.resources import upstream_host
 from gateway.web.server import HTTPDoor
@@ -295,6 +298,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "Longest wait before MAIL is answered while the relay falls behind (0: none).",
                 float, zero=True),
         # Operations.
+        ["audit-log", None, None,
+         "Write every login and authorization decision as a JSON line to this file"
+         " ('-': standard output); SIGUSR1 reopens it."],
         _number("drain-timeout", default_of(drain.Shutdown, "timeout"),
                 "Seconds open sessions have to finish after SIGTERM before they are aborted.",
                 float, zero=True),
@@ -624,6 +630,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
+        if self["audit-log"] is not None:
+            try:
+                check_audit_path(self["audit-log"])
+            except ValueError as e:
+                raise usage.UsageError(f"--audit-log {e}") from None
         if self["smtp-sender-binding"] and not self["acl"]:
             raise usage.UsageError("--smtp-sender-binding needs --acl: the ACL says who may send as whom")
         self["smtpSettings"] = self._smtp_settings()
@@ -636,13 +647,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except ConfigError as e:
             raise usage.UsageError(f"--groups: {e}") from None
         try:
-            self["policy"] = load_acl_file(self["acl"]) if self["acl"] else AllowAuthenticated()
+            self["policy"] = (
+                load_policy(self["acl"], self["httpSettings"].case_sensitive_paths)
+                if self["acl"] else AllowAuthenticated()
+            )
         except ConfigError as e:
-            raise usage.UsageError(f"--acl: {e}") from None
-        try:  # each front door refuses keys of its resources no request could reach
-            check_http_keys(self["policy"], self["httpSettings"].case_sensitive_paths)
-            check_smtp_keys(self["policy"])
-        except ValueError as e:
             raise usage.UsageError(f"--acl: {e}") from None
 
         # Only now, with every option valid, write to the disk.
@@ -652,7 +661,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except OSError as e:
             raise usage.UsageError(f"--data-dir {data_dir}: {e.strerror}") from None
         try:
-            _, _, self["certificate"] = ensure_certificate(
+            self["certPath"], self["keyPath"], self["certificate"] = ensure_certificate(
                 data_dir, self["tls-cert"], self["tls-key"]
             )
         except CertificateError as e:
@@ -689,6 +698,22 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 max_user_delay=self["user-delay-max"],
             ),
         )
+
+
+def load_policy(path: str, case_sensitive_paths: bool) -> AccessControlMap:
+    """
+    The C{--acl} file, compiled and checked as at start and on reload: each
+    front door refuses keys of its resources no request could reach.
+
+    @raise ConfigError: one line naming the file and the problem.
+    """
+    policy = load_acl_file(path)
+    try:
+        check_http_keys(policy, case_sensitive_paths)
+        check_smtp_keys(policy)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return policy
 
 
 def _network(option: str, cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -753,6 +778,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
             reactor, core.spool, Queue(core.spool.directory), options["deliverySettings"],
             options["smtpSettings"].hostname,
         ))
+    attach_audit_log(core, options["audit-log"])
     rows = [row for row in FRONT_DOORS if row.option in options["endpoints"]]
     doors = {
         name: make(core, options[settings])
@@ -772,8 +798,13 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         if description.lower().startswith("haproxy:"):
             core.connections.behind_proxy.add(row.option)  # the peer at accept is the proxy
         door = doors[row.door]
-        tls = server_tls(core.certificate, door.alpn) if row.implicit_tls else None
+        tls = core.tls.server_tls(door.alpn) if row.implicit_tls else None
         door.listen(endpoint, row.option, tls).setServiceParent(top)
         started.append(f"{row.option}={description}")
+    reload.install(reactor, core, reload.ReloadFiles(  # SIGHUP
+        certificate=options["certPath"], key=options["keyPath"], acl=options["acl"],
+        groups=options["groups"], load_acl=functools.partial(
+            load_policy, case_sensitive_paths=options["httpSettings"].case_sensitive_paths),
+    )).setServiceParent(top)
     ops_metrics.serve(options, core, top, doors)
     return top

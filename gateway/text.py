@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from typing import Any
 
 
 def printable(text: str) -> str:
@@ -29,6 +30,20 @@ def utc_timestamp(when: datetime) -> str:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.astimezone(timezone.utc).strftime(_UTC_FORMAT)
+
+
+#: The last second L{utc_millis} formatted, and its text (events come many a second).
+_last_second: list[Any] = [None, ""]
+
+
+def utc_millis(seconds: float) -> str:
+    """RFC 3339 UTC to the millisecond, like C{2026-11-23T15:04:05.123Z}, of a C{time.time()}."""
+    whole, millis = divmod(round(seconds * 1000), 1000)
+    last = _last_second
+    if last[0] != whole:
+        last[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        last[0] = whole
+    return f"{last[1]}.{millis:03d}Z"
 
 
 def parse_utc_timestamp(stamp: str) -> datetime:

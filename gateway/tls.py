@@ -1,8 +1,10 @@
 # -*- test-case-name: tests.test_tls -*-
 """
 The gateway's certificate: loaded from PEM files, or a self-signed pair
-generated once under the data directory for the default run; and the TLS
-options every listener serves it with (L{server_tls}).
+generated once under the data directory for the default run; the TLS
+options every listener serves it with (L{server_tls}); and the holder that
+lets a reload (SIGHUP) give new handshakes a new certificate
+(L{ServerCertificate}).
 """
 
 from __future__ import annotations
@@ -21,11 +23,17 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
+from zope.interface import implementer
 
+from gateway.checkers.files import StoreError, read_bytes
 from gateway.fileio import fsync_directory
 from gateway.text import quote
 
 SELF_SIGNED_VALIDITY = datetime.timedelta(days=825)
+
+#: Largest certificate (chain) or key file read.
+MAX_PEM = 1024 * 1024
 
 
 class CertificateError(Exception):
@@ -102,11 +110,11 @@ def generate_self_signed(cert_path: str, key_path: str, hostname: str | None = N
 
 
 def _read(path: str, what: str) -> bytes:
+    """A certificate or key file: a regular file, bounded in size."""
     try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise CertificateError(f"cannot read TLS {what} {path}: {e.strerror}") from None
+        return read_bytes(path, MAX_PEM)
+    except StoreError as e:
+        raise CertificateError(f"cannot read TLS {what} {e}") from None
 
 
 def load_ca_file(path: str) -> tuple[ssl.Certificate, ...]:
@@ -201,6 +209,93 @@ def server_tls(
 
     options.getContext().set_alpn_select_callback(select)
     return options
+
+
+def check_validity(
+    cert_path: str, certificate: ssl.PrivateCertificate, now: datetime.datetime
+) -> None:
+    """
+    Refuse a certificate that is not valid at C{now} (expired, or not yet
+    valid): every client would refuse it.
+
+    @raise CertificateError: naming C{cert_path} and the date.
+    """
+    x = certificate.original.to_cryptography()
+    if now < x.not_valid_before_utc:
+        raise CertificateError(
+            f"{cert_path}: certificate not valid before {x.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z"
+        )
+    if now >= x.not_valid_after_utc:
+        raise CertificateError(
+            f"{cert_path}: certificate expired on {x.not_valid_after_utc:%Y-%m-%d %H:%M:%S}Z"
+        )
+
+
+def describe(certificate: ssl.PrivateCertificate) -> str:
+    """Subject, serial and end of validity of C{certificate}, for a log line."""
+    x = certificate.original.to_cryptography()
+    return (
+        f"subject {x.subject.rfc4514_string()}, serial {x.serial_number:#x},"
+        f" valid until {x.not_valid_after_utc:%Y-%m-%d}"
+    )
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ListenerTLS:
+    """
+    One listener's TLS (implicit or STARTTLS): the certificate its
+    L{ServerCertificate} holds now, with the listener's ALPN choice
+    (L{server_tls}). The OpenSSL context is made once per certificate, not
+    per connection: a handshake costs what it costs with L{server_tls}.
+    A session keeps the context it started with.
+    """
+
+    def __init__(self, certificate: ssl.PrivateCertificate, protocols: Sequence[bytes]) -> None:
+        self.protocols = tuple(protocols)
+        self._context = self.context_for(certificate)
+
+    def context_for(self, certificate: ssl.PrivateCertificate) -> SSL.Context:
+        """The context this listener would serve C{certificate} with."""
+        return server_tls(certificate, self.protocols).getContext()
+
+    def use(self, context: SSL.Context) -> None:
+        """New handshakes use C{context} (from L{context_for})."""
+        self._context = context
+
+    def getContext(self) -> SSL.Context:
+        return self._context
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self._context, None)
+
+
+class ServerCertificate:
+    """
+    The certificate the gateway serves (C{core.tls}): each listener gets its
+    context factory from L{server_tls}; L{replace} gives all of them the new
+    certificate at once, for the next handshakes.
+    """
+
+    def __init__(self, certificate: ssl.PrivateCertificate) -> None:
+        #: The certificate new handshakes get.
+        self.current = certificate
+        self._listeners: list[ListenerTLS] = []
+
+    def server_tls(self, protocols: Sequence[bytes] = ()) -> ListenerTLS:
+        """A listener's TLS, answering ALPN with C{protocols} (see L{server_tls})."""
+        listener = ListenerTLS(self.current, protocols)
+        self._listeners.append(listener)
+        return listener
+
+    def replace(self, certificate: ssl.PrivateCertificate) -> None:
+        """
+        Serve C{certificate} from the next handshake on. Every listener's
+        context is made before any is swapped: on an error nothing changed.
+        """
+        contexts = [listener.context_for(certificate) for listener in self._listeners]
+        for listener, context in zip(self._listeners, contexts):
+            listener.use(context)
+        self.current = certificate
 
 
 def tls_details(transport: Any) -> dict[str, str]:

@@ -49,9 +49,11 @@ def directory_of(path: str | os.PathLike[str]) -> str:
     return os.path.dirname(os.fspath(path)) or os.curdir
 
 
-def _read_bytes(name: str, follow_links: bool = True) -> tuple[os.stat_result, bytes]:
+def _read_bytes(
+    name: str, follow_links: bool = True, limit: int = MAX_FILE
+) -> tuple[os.stat_result, bytes]:
     """
-    The file's status and contents (at most L{MAX_FILE} bytes), or L{StoreError}.
+    The file's status and contents (at most C{limit} bytes), or L{StoreError}.
     Only a regular file is read (a FIFO would block); with C{follow_links}
     false, a symbolic link is refused as L{atomic_write} refuses it.
     """
@@ -69,12 +71,17 @@ def _read_bytes(name: str, follow_links: bool = True) -> tuple[os.stat_result, b
             st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise StoreError(f"{name}: not a regular file")
-            data = f.read(MAX_FILE + 1)
+            data = f.read(limit + 1)
     except OSError as e:
         raise StoreError(f"{name}: {reason(e)}") from None
-    if len(data) > MAX_FILE:
-        raise StoreError(f"{name}: larger than {MAX_FILE} bytes")
+    if len(data) > limit:
+        raise StoreError(f"{name}: larger than {limit} bytes")
     return st, data
+
+
+def read_bytes(path: str | os.PathLike[str], limit: int = MAX_FILE) -> bytes:
+    """The contents of the regular file C{path} (at most C{limit} bytes), or L{StoreError}."""
+    return _read_bytes(os.fspath(path), limit=limit)[1]
 
 
 def read_text(path: str | os.PathLike[str], follow_links: bool = True) -> str:

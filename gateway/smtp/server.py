@@ -40,7 +40,7 @@ from gateway.realm import login
 from gateway.smtp import codec, sasl
 from gateway.smtp.codec import MAX_COMMAND_LINE, MAX_DATA_LINE
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter, received_header
-from gateway.tls import server_tls, tls_details
+from gateway.tls import tls_details
 
 if TYPE_CHECKING:
     from gateway.core import Core
@@ -714,7 +714,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         """Sender binding (L{gateway.acl.may_send_as}) for the session's identity."""
         if self.auth_info is None:  # a trusted network: no identity to bind
             return True
-        return may_send_as(self.factory.policy, self.auth_info, sender)
+        return may_send_as(self.factory.policy, self.auth_info, sender, self.meta)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._refused():
@@ -865,7 +865,7 @@ class SMTPDoor:
             core.spool,
             self.settings,
             name,
-            tls=server_tls(core.certificate, self.alpn) if tls is None else None,  # STARTTLS
+            tls=core.tls.server_tls(self.alpn) if tls is None else None,  # STARTTLS
             implicit_tls=tls is not None,
         )
         limited = limit_connections(

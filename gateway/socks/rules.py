@@ -362,7 +362,9 @@ class DestinationRules:
 PRIVILEGED_PORTS = range(1, 1024)
 
 
-def source_port_named(acl: Any, auth_info: Any, address: str, port: int) -> bool:
+def source_port_named(
+    acl: Any, auth_info: Any, address: str, port: int, meta: Any = None
+) -> bool:
     """
     Whether the ACL grants C{bind} on C{socks/source/ADDRESS/PORT} through a
     rule written for that port (L{written_grant}: its key names PORT, with
@@ -372,4 +374,4 @@ def source_port_named(acl: Any, auth_info: Any, address: str, port: int) -> bool
     grant written for addresses.
     """
     return written_grant(acl, auth_info, f"socks/source/{address}/{port}", "bind",
-                         literal_last=True)
+                         literal_last=True, meta=meta)

@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.acl import ask
 from gateway.addresses import network_keys, normalize_ip, peer_key
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
 from gateway.connections import authenticated, limit_connections, login_running
@@ -567,7 +568,7 @@ class SOCKSServer(protocol.Protocol):
         acl = self.factory.acl
         if acl is None:
             return self.info is not None
-        return acl.query_resource_access(self.info, resource, privilege)
+        return ask(acl, self.info, resource, privilege, self.meta)
 
     def _bind(self, request: codec.Request) -> None:
         """
@@ -587,12 +588,14 @@ class SOCKSServer(protocol.Protocol):
             acl is None
             or self.info is None
             or not self.info.is_authenticated()
-            or not acl.query_resource_access(self.info, f"socks/source/{source}", "bind")
+            or not ask(acl, self.info, f"socks/source/{source}", "bind", self.meta)
         ):
             self._refuse(Reply.NOT_ALLOWED, f"source {source} not allowed")
             return
         port = request.port
-        if port in PRIVILEGED_PORTS and not source_port_named(acl, self.info, str(source), port):
+        if port in PRIVILEGED_PORTS and not source_port_named(
+            acl, self.info, str(source), port, self.meta
+        ):
             # A privileged source port (a service's own, or what a peer trusts as
             # such) needs a grant naming that port; 0 stays "any port".
             self._refuse(Reply.NOT_ALLOWED, f"source port {port} not allowed")

@@ -114,6 +114,8 @@ def meta_of(
         protocol="http",
         listener=listener,
         peer_address=peer,
+        # X-Forwarded-For carries no port: only the connection's own peer has one.
+        peer_port=None if via_proxy else getattr(request.getClientAddress(), "port", None),
         local_address=getattr(host, "host", None),
         local_port=getattr(host, "port", None),
         tls=secure,

@@ -40,7 +40,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import resource, server
 
-from gateway.acl import IAccessPolicy, may_send_as
+from gateway.acl import IAccessPolicy, ask, may_send_as
 from gateway.smtp import codec
 from gateway.smtp.codec import MAX_DATA_LINE
 from gateway.smtp.spool import Envelope, Spool, SpoolError, received_header
@@ -354,7 +354,7 @@ class Inject(resource.Resource):
         api, session = self.api, self.session
         if request.method != b"POST":
             return refusal(request, 405, "Method not allowed", headers=[(b"allow", b"POST")])
-        if not api.policy.query_resource_access(session.info, RESOURCE, PRIVILEGE):
+        if not ask(api.policy, session.info, RESOURCE, PRIVILEGE, session.meta):
             return forbid(request, session)
         media = (header(request, b"content-type") or b"").partition(b";")[0].strip().lower()
         if media != b"application/json":
@@ -401,7 +401,7 @@ class Inject(resource.Resource):
         try:
             injection = parse(content.read(), api.settings)
             if api.settings.sender_binding and not may_send_as(
-                api.policy, session.info, injection.sender
+                api.policy, session.info, injection.sender, session.meta
             ):
                 raise BadInjection("not an address this identity may send as", "envelope_sender", 403)
         except BadInjection as e:

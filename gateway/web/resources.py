@@ -39,7 +39,7 @@ import attrs
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from gateway.acl import IAccessPolicy
+from gateway.acl import IAccessPolicy, ask
 from gateway.addresses import (
     BadHost,
     canonical_host,
@@ -347,7 +347,7 @@ class WebApp:
         if resource is None:
             return False
         return all(
-            self.policy.query_resource_access(session.info, resource, m.decode("latin-1").lower())
+            ask(self.policy, session.info, resource, m.decode("latin-1").lower(), session.meta)
             for m in methods
         )
 
@@ -383,6 +383,11 @@ class Session(resource.Resource):
     @property
     def auth_info(self) -> AuthInfo:  # what the realm's login event logs
         return self.info
+
+    @property
+    def meta(self) -> Any:
+        """The request's ConnectionMeta (its credentials'), for the policy's events."""
+        return getattr(self.credentials, "conn_meta", None)
 
     def getChild(self, name: bytes, request: server.Request) -> resource.IResource:
         inject = self.app.inject

@@ -1,0 +1,351 @@
+# -*- test-case-name: tests.test_audit -*-
+"""
+The audit log (C{--audit-log PATH|-}): one JSON object per line for every
+login attempt (L{LoginEvent}) and every authorization decision
+(L{AuthzEvent}) published on the core's events hub, for an operator's
+tools (fail2ban, a SIEM). The schema is in the README, "Audit log".
+
+A line is written with one C{write(2)} on a descriptor opened with
+C{O_APPEND}: nothing is buffered in the process, so a tailing reader sees
+each event at once and a crash loses none already written. Keys come in a
+fixed order (fail2ban's filter relies on it: the peer address comes before
+any text a client chose), strings are capped (L{MAX_TEXT}) and every control
+or non-ASCII character is escaped by JSON, so one event is one line whatever
+a client sent. A failing disk (ENOSPC) costs events, never a login: the
+failure is logged once per episode, with the count lost when writing works
+again. SIGUSR1 reopens the file (after logrotate moved it); twistd's own
+handler, which rotates its log, is still called.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import signal
+import stat
+from json.encoder import encode_basestring_ascii as _quote  # type: ignore[attr-defined]
+from typing import Any
+
+from twisted.application import service
+from twisted.logger import Logger
+
+from gateway.fileio import reason
+from gateway.ops.events import AuthzEvent, LoginEvent
+from gateway.ops.signals import on_signal
+from gateway.ratelog import LogRateLimiter, suppressed_note
+from gateway.text import utc_millis
+
+log = Logger()
+
+#: The longest string kept in a field; a longer one is cut and named in C{truncated}.
+MAX_TEXT = 256
+#: The most identities or groups kept in a line; more are cut and named in C{truncated}.
+MAX_ITEMS = 64
+#: Mode of a new audit log: the owner writes, its group (a log reader's,
+#: like fail2ban's or Debian's C{adm}) reads, nobody else. No secret is in it,
+#: but identities and addresses are.
+MODE = 0o640
+#: The path meaning standard output.
+STDOUT = "-"
+
+
+def _text(value: Any, name: str, truncated: list[str]) -> str:
+    """
+    C{value} as a JSON string, capped at L{MAX_TEXT} characters (a cut adds
+    C{name} to C{truncated}); None is C{null}. Escaped by the json module's
+    own (C) function: quotes, controls and every non-ASCII character.
+    """
+    if value is None:
+        return "null"
+    if type(value) is not str or len(value) > MAX_TEXT:
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "backslashreplace")
+        elif not isinstance(value, str):
+            value = str(value)
+        if len(value) > MAX_TEXT:
+            if name not in truncated:
+                truncated.append(name)
+            value = value[:MAX_TEXT]
+    return _quote(value)
+
+
+#: JSON of a boolean, or of anything else (None) as null.
+_BOOLEAN = {True: "true", False: "false"}
+
+
+def _session(info: Any, truncated: list[str]) -> tuple[str, str]:
+    """The JSON lists of an AuthInfo's identities and groups, each list and string capped."""
+    identities = tuple(info.identities)
+    groups = tuple(info.groups)
+    for name, items in (("identities", identities), ("groups", groups)):
+        if len(items) > MAX_ITEMS:
+            truncated.append(name)
+    return (
+        "[" + ", ".join(
+            f'{{"identity": {_text(i.identity, "identities", truncated)},'
+            f' "context": {_text(i.context.value, "identities", truncated)}}}'
+            for i in identities[:MAX_ITEMS]
+        ) + "]",
+        "[" + ", ".join(_text(g, "groups", truncated) for g in groups[:MAX_ITEMS]) + "]",
+    )
+
+
+def _where(event: LoginEvent | AuthzEvent, truncated: list[str]) -> str:
+    """protocol, listener, peer_address, peer_port, tls: the keys every line has."""
+    port = event.peer_port
+    return (
+        f'"protocol": {_text(event.protocol, "protocol", truncated)},'
+        f' "listener": {_text(event.listener, "listener", truncated)},'
+        f' "peer_address": {_text(event.peer_address, "peer_address", truncated)},'
+        f' "peer_port": {port if type(port) is int else "null"},'
+        f' "tls": {_BOOLEAN.get(event.tls, "null")}'  # type: ignore[call-overload]
+    )
+
+
+def _end(truncated: list[str]) -> bytes:
+    """The line's end: C{truncated} when a field was cut."""
+    if not truncated:
+        return b"}\n"
+    return (', "truncated": [' + ", ".join(map(_quote, truncated)) + "]}\n").encode("ascii")
+
+
+def login_line(event: LoginEvent) -> bytes:
+    """
+    The audit line of a login attempt: ASCII JSON, its keys in the
+    documented order, a newline. Formatted by hand (at twice the speed of a
+    dict through C{json.dumps}: a line per login), every string through
+    L{_text}.
+    """
+    truncated: list[str] = []
+    identities = groups = "null"
+    if event.auth_info is not None:
+        identities, groups = _session(event.auth_info, truncated)
+    duration = round(event.duration * 1000, 3)
+    duration_ms = repr(duration) if math.isfinite(duration) else "null"
+    line = (
+        f'{{"time": "{utc_millis(event.time)}", "event": "login",'
+        f' "outcome": {_text(event.outcome, "outcome", truncated)},'
+        f' "reason": {_text(event.reason, "reason", truncated)},'
+        f" {_where(event, truncated)},"
+        f' "mechanism": {_text(event.mechanism, "mechanism", truncated)},'
+        f' "identity": {_text(event.identity, "identity", truncated)},'
+        f' "identities": {identities}, "groups": {groups},'
+        f' "duration_ms": {duration_ms}'
+    )
+    return line.encode("ascii") + _end(truncated)
+
+
+def authz_line(event: AuthzEvent) -> bytes:
+    """The audit line of an authorization decision, as L{login_line}."""
+    truncated: list[str] = []
+    identities = groups = "[]"
+    if event.auth_info is not None:
+        identities, groups = _session(event.auth_info, truncated)
+    allowed = event.allowed is True
+    line = (
+        f'{{"time": "{utc_millis(event.time)}", "event": "authz",'
+        f' "outcome": "{"allowed" if allowed else "denied"}",'
+        f" {_where(event, truncated)},"
+        f' "identities": {identities}, "groups": {groups},'
+        f' "resource": {_text(event.resource, "resource", truncated)},'
+        f' "privilege": {_text(event.privilege, "privilege", truncated)},'
+        f' "allowed": {_BOOLEAN[allowed]}'
+    )
+    return line.encode("ascii") + _end(truncated)
+
+
+def open_log(path: str) -> int:
+    """
+    A descriptor appending to the regular file C{path}, created with
+    L{MODE}; a FIFO or device is refused (a write to one could block the
+    reactor for ever).
+
+    @raise OSError: it cannot be opened, or is not a regular file.
+    """
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    fd = os.open(path, flags, MODE)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_path(path: str) -> None:
+    """
+    Whether the gateway could write the audit log at C{path}, checked
+    without creating it (the gateway opens it when it starts, as the user
+    it runs as).
+
+    @raise ValueError: naming the problem.
+    """
+    if path == STDOUT:
+        return
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory")
+    if os.path.exists(path):
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{path}: {os.strerror(errno.EACCES)}")
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory}: no such directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{directory}: {os.strerror(errno.EACCES)}")
+
+
+class AuditLog(service.Service):
+    """
+    The audit log: a sink of the events hub (L{login}, L{authz}) and a
+    service attached to the core, which opens the file when the gateway
+    starts and closes it when it stops (after the front doors: the events
+    of sessions drained at stop are written).
+
+    @param path: the file, or C{"-"} for standard output (the descriptor
+        itself: under twistd, C{sys.stdout} is its log).
+    @param write: C{os.write}, or a test's.
+    """
+
+    name = "audit-log"
+
+    def __init__(self, path: str, write: Any = os.write, opener: Any = open_log) -> None:
+        self.path = path
+        self._write = write
+        self._open = opener
+        self._fd: int | None = None
+        #: A write failed: this episode is logged, its events counted.
+        self._failing = False
+        #: Events lost (since start), and in the current episode of failures.
+        self.lost = 0
+        self._lost_now = 0
+        self._bugs = LogRateLimiter()
+        #: The last failed write left part of a line: the next one ends it first.
+        self._partial = False
+        #: Events written (since start).
+        self.written = 0
+
+    def __repr__(self) -> str:
+        return f"<AuditLog {self.path!r} written={self.written} lost={self.lost}>"
+
+    # -- the service -------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        if self._fd is None:
+            self._fd = self._opened()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.close()
+
+    def flush(self) -> None:
+        """Nothing to do: every line is written when its event happens."""
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self.path != STDOUT:
+            os.close(fd)
+
+    def reopen(self) -> None:
+        """
+        Open the path again (on SIGUSR1, after a rotation moved the file):
+        new lines go to the new file; if it cannot be opened, they keep
+        going to the old descriptor, and the problem is logged.
+        """
+        if self.path == STDOUT or not self.running:
+            return
+        fd = self._opened()
+        if fd is None:
+            return
+        self.close()
+        self._fd = fd
+        self._partial = False
+        log.info("audit log {path} reopened", path=self.path)
+
+    def _opened(self) -> int | None:
+        if self.path == STDOUT:
+            return 1
+        try:
+            return self._open(self.path)
+        except OSError as e:
+            log.error("audit log {path}: cannot open: {why}", path=self.path, why=reason(e))
+            return None
+
+    # -- the sink ----------------------------------------------------------
+
+    def login(self, event: LoginEvent) -> None:
+        self._record(login_line, event)
+
+    def authz(self, event: AuthzEvent) -> None:
+        self._record(authz_line, event)
+
+    def _record(self, make: Any, event: Any) -> None:
+        """Write one event; a bug here is logged, never raised into a login."""
+        if not self.running:
+            return
+        try:
+            line = make(event)
+        except Exception:
+            self.lost += 1
+            suppressed = self._bugs.admit("bug")
+            if suppressed is not None:
+                log.failure(
+                    "audit log: an event could not be written" + suppressed_note(suppressed),
+                    suppressed=suppressed,
+                )
+            return
+        self._append(line)
+
+    def _append(self, line: bytes) -> None:
+        fd = self._fd
+        if fd is None:  # the open failed: SIGUSR1 tries again
+            self.lost += 1
+            return
+        data = b"\n" + line if self._partial else line
+        pending = memoryview(data)
+        try:
+            while pending:
+                pending = pending[self._write(fd, pending):]
+        except OSError as e:
+            if len(pending) < len(data):
+                self._partial = True  # part of it is in the file
+            self.lost += 1
+            self._lost_now += 1
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "audit log {path}: cannot write: {why}; events are lost until it can",
+                    path=self.path, why=reason(e),
+                )
+            return
+        self._partial = False
+        self.written += 1
+        if self._failing:
+            self._failing = False
+            log.warn("audit log {path}: writing again, {lost} events were lost",
+                     path=self.path, lost=self._lost_now)
+            self._lost_now = 0
+
+
+def attach_audit_log(core: Any, path: str | None) -> AuditLog | None:
+    """
+    With C{--audit-log PATH}, the audit log: a sink of C{core.events}, a
+    service of the core, reopened on SIGUSR1.
+    """
+    if path is None:
+        return None
+    audit = AuditLog(path)
+    core.events.add(audit)
+    core.attach(audit)
+    on_signal(core.reactor, signal.SIGUSR1, audit.reopen)
+    return audit
+
+
+__all__ = [
+    "AuditLog", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log", "authz_line",
+    "check_path", "login_line", "open_log",
+]

@@ -1,0 +1,242 @@
+"""
+The audit log of a real C{twistd authgateway --audit-log FILE}, fed by
+clients we did not write (smtplib, curl, PySocks) failing and succeeding to
+log in on the three front doors, then read by the real C{fail2ban-regex}
+with C{contrib/fail2ban/filter.d/authgateway.conf}: every failure and
+throttled refusal is matched with its client's address, no success is, and
+no password reaches the file. SIGUSR1 reopens the file and still rotates
+twistd's own log.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.support import free_port, read_file, require_module, require_tool, write_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FILTER = os.path.join(ROOT, "contrib", "fail2ban", "filter.d", "authgateway.conf")
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+#: The right password, and a wrong one per front door: none may reach a log.
+RIGHT = "Right-S3cret-tiger"
+WRONG = {"smtp": "Wr0ng-S3cret-smtp", "http": "Wr0ng-S3cret-http", "socks": "Wr0ng-S3cret-socks"}
+#: The address each front door's guesser connects from (loopback aliases).
+GUESSER = {"smtp": "127.0.0.2", "http": "127.0.0.3", "socks": "127.0.0.4"}
+#: Failures before a peer is refused (--max-failures): each guesser tries once more.
+LIMIT = 3
+
+ACL = """
+[[acl."smtp/sender/example.com/daniel"]]
+allow = true
+privileges = ["send"]
+identity.Individual = "daniel"
+
+[[acl."http"]]
+allow = true
+privileges = ["get"]
+identity.Authenticated = {}
+"""
+
+
+class AuditLogIntegrationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.twistd = require_tool(TWISTD, "Twisted (pip, next to the test's Python)")
+        self.fail2ban = require_tool("fail2ban-regex", "fail2ban")
+        self.curl = require_tool("curl", "curl")
+        self.socks = require_module("socks", "PySocks")
+        self.data = os.path.abspath(self.mktemp())
+        os.makedirs(self.data)
+        self.audit = os.path.join(self.data, "audit.log")
+        self.twistd_log = os.path.join(self.data, "twistd.log")
+        acl = os.path.join(self.data, "acl.toml")
+        write_file(acl, ACL)
+        self.ports = {door: free_port() for door in ("smtp", "http", "socks")}
+        self.process = subprocess.Popen(
+            [self.twistd, "--pidfile=", "-n", "--logfile", self.twistd_log, "authgateway",
+             "--data-dir", self.data, "--auth", f"memory:daniel:{RIGHT}",
+             *(arg for door, port in self.ports.items()
+               for arg in (f"--{door}", f"tcp:{port}:interface=127.0.0.1")),
+             "--smtp-insecure-auth", "--smtp-hostname", "gw.test", "--smtp-sender-binding",
+             "--http-upstream", f"http://127.0.0.1:{free_port()}",  # nobody there: 502
+             "--acl", acl, "--max-failures", str(LIMIT), "--max-peer-failures", str(LIMIT),
+             "--failure-delay", "0", "--failure-delay-max", "0", "--audit-log", self.audit],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(self.stop)
+        deadline = time.monotonic() + 30
+        while not all(self.listening(port) for port in self.ports.values()):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.fail("twistd authgateway did not start:\n" + self.log_text())
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def listening(self, port: int) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def log_text(self) -> str:
+        return read_file(self.twistd_log).decode("utf-8", "replace") if os.path.exists(
+            self.twistd_log) else ""
+
+    # -- the clients -------------------------------------------------------
+
+    def smtp(self, source: str, password: str, sender: str | None = None) -> int:
+        """AUTH PLAIN from C{source}; with C{sender}, a MAIL FROM after it: that reply's code."""
+        with smtplib.SMTP("127.0.0.1", self.ports["smtp"], timeout=20,
+                          source_address=(source, 0)) as client:
+            client.ehlo("client.test")
+            client.user, client.password = "daniel", password
+            try:  # one attempt (login() would try LOGIN after a failed PLAIN)
+                code, _ = client.auth("PLAIN", client.auth_plain)
+            except smtplib.SMTPResponseException as e:
+                return e.smtp_code
+            if sender is not None:
+                code, _ = client.mail(sender)
+            return code
+
+    def http(self, source: str, password: str, path: str = "/whoami") -> int:
+        done = subprocess.run(
+            [self.curl, "-sS", "-o", "/dev/null", "-w", "%{http_code}", "--interface", source,
+             "-u", f"daniel:{password}", f"http://127.0.0.1:{self.ports['http']}{path}"],
+            capture_output=True, text=True, timeout=30, check=False)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        return int(done.stdout)
+
+    def socks_login(self, source: str, password: str) -> str:
+        """RFC 1929 from C{source}, then CONNECT to a name the ACL does not grant."""
+        client = self.socks.socksocket()
+        client.settimeout(20)
+        client.bind((source, 0))
+        client.set_proxy(self.socks.SOCKS5, "127.0.0.1", self.ports["socks"], rdns=True,
+                         username="daniel", password=password)
+        try:
+            client.connect(("blocked.example", 443))
+            return "connected"
+        except self.socks.ProxyError as e:
+            if isinstance(getattr(e, "socket_err", None), self.socks.SOCKS5AuthError):
+                return "auth failed"
+            return f"refused: {e}"
+        finally:
+            client.close()
+
+    # -- the reader --------------------------------------------------------
+
+    def records(self, path: str | None = None) -> list[dict]:
+        lines = read_file(path or self.audit).decode("ascii").splitlines()
+        return [json.loads(line) for line in lines]
+
+    def fail2ban_regex(self, path: str) -> tuple[collections.Counter, str]:
+        """The addresses fail2ban-regex finds (one per matched line), and its summary."""
+        found = subprocess.run([self.fail2ban, "-o", "ip", path, FILTER],
+                               capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(found.returncode, 0, found.stdout + found.stderr)
+        summary = subprocess.run([self.fail2ban, path, FILTER],
+                                 capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(summary.returncode, 0, summary.stdout + summary.stderr)
+        return collections.Counter(found.stdout.split()), summary.stdout
+
+    def test_failures_match_successes_do_not(self) -> None:
+        for _ in range(LIMIT):
+            self.assertEqual(self.smtp(GUESSER["smtp"], WRONG["smtp"]), 535)
+            self.assertEqual(self.http(GUESSER["http"], WRONG["http"]), 401)
+            self.assertEqual(self.socks_login(GUESSER["socks"], WRONG["socks"]), "auth failed")
+        # One more each: refused by the throttle before any check.
+        self.assertEqual(self.smtp(GUESSER["smtp"], RIGHT), 454)
+        self.assertEqual(self.http(GUESSER["http"], RIGHT), 429)
+        self.assertEqual(self.socks_login(GUESSER["socks"], RIGHT), "auth failed")
+        # And one success each from 127.0.0.1.
+        self.assertEqual(self.smtp("127.0.0.1", RIGHT, sender="daniel@example.com"), 250)
+        self.assertEqual(self.smtp("127.0.0.1", RIGHT, sender="ceo@example.com"), 553)
+        self.assertEqual(self.http("127.0.0.1", RIGHT), 200)
+        self.assertEqual(self.http("127.0.0.1", RIGHT, "/app/page"), 502)  # allowed, proxied
+        self.assertIn("refused", self.socks_login("127.0.0.1", RIGHT))
+
+        records = self.records()
+        logins = [r for r in records if r["event"] == "login"]
+        self.assertEqual(
+            collections.Counter((r["protocol"], r["peer_address"], r["outcome"]) for r in logins),
+            collections.Counter({
+                **{(door, GUESSER[door], "failure"): LIMIT for door in GUESSER},
+                **{(door, GUESSER[door], "throttled"): 1 for door in GUESSER},
+                ("smtp", "127.0.0.1", "success"): 2,
+                ("http", "127.0.0.1", "success"): 2,
+                ("socks", "127.0.0.1", "success"): 1,
+            }),
+        )
+        for record in logins:
+            self.assertEqual(record["identity"], "daniel")
+            self.assertEqual(record["listener"], record["protocol"])
+            self.assertIsInstance(record["peer_port"], int)
+            self.assertIs(record["tls"], False)
+        self.assertEqual({(r["protocol"], r["mechanism"]) for r in logins},
+                         {("smtp", "PLAIN"), ("http", "Basic"), ("socks", "RFC1929")})
+        # The front doors' decisions carry where they were asked.
+        decisions = {(r["protocol"], r["resource"], r["outcome"], r["peer_address"])
+                     for r in records if r["event"] == "authz"}
+        self.assertLessEqual({
+            ("smtp", "smtp/sender/example.com/daniel", "allowed", "127.0.0.1"),
+            ("smtp", "smtp/sender/example.com/ceo", "denied", "127.0.0.1"),
+            ("socks", "socks/destination/blocked.example/443", "denied", "127.0.0.1"),
+            ("http", "http/127.0.0.1/app/page", "allowed", "127.0.0.1"),
+        }, decisions)
+
+        matched, summary = self.fail2ban_regex(self.audit)
+        per_door = LIMIT + 1
+        self.assertEqual(matched, collections.Counter({a: per_door for a in GUESSER.values()}),
+                         summary)
+        self.assertRegex(summary, rf"Lines: {len(records)} lines, 0 ignored, "
+                                  rf"{3 * per_door} matched, {len(records) - 3 * per_door} missed")
+
+        # No password, in clear or in the Basic header's base64, in either log.
+        for path in (self.audit, self.twistd_log):
+            data = read_file(path)
+            for password in (RIGHT, *WRONG.values()):
+                self.assertNotIn(password.encode(), data, path)
+                self.assertNotIn(base64.b64encode(f"daniel:{password}".encode()), data, path)
+            self.assertNotIn(b"S3cret", data, path)
+
+    def test_sigusr1_reopens(self) -> None:
+        """After logrotate's move and SIGUSR1, new lines go to a new file; twistd's log rotates too."""
+        self.assertEqual(self.http(GUESSER["http"], WRONG["http"]), 401)
+        os.rename(self.audit, self.audit + ".1")
+        os.kill(self.process.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while not os.path.exists(self.audit):
+            self.assertLess(time.monotonic(), deadline, "the audit log was not reopened")
+            time.sleep(0.05)
+        self.assertEqual(self.smtp(GUESSER["smtp"], WRONG["smtp"]), 535)
+        self.assertEqual([r["protocol"] for r in self.records(self.audit + ".1")], ["http"])
+        self.assertEqual([r["protocol"] for r in self.records()], ["smtp"])
+        self.assertTrue(os.path.exists(self.twistd_log + ".1"), "twistd's handler was not chained")
+        self.assertEqual(self.fail2ban_regex(self.audit)[0], collections.Counter({GUESSER["smtp"]: 1}))
+        # Stopped (drained, the audit log closed with the core): exit 0, the log whole.
+        self.process.terminate()
+        self.assertEqual(self.process.wait(60), 0)
+        self.assertIn("Server Shut Down.", self.log_text())
+        self.assertTrue(read_file(self.audit).endswith(b"\n"))
+        # Our handler ran first, then twistd's rotated its log.
+        self.assertIn(f"audit log {self.audit} reopened",
+                      read_file(self.twistd_log + ".1").decode("utf-8", "replace"))
