@@ -35,6 +35,7 @@ from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.ops import drain, reload
+from gateway.ops import metrics as ops_metrics
 from gateway.ops.audit import attach_audit_log
 from gateway.ops.audit import check_path as check_audit_path
 from gateway.ops.systemd import check_systemd_endpoint
@@ -305,6 +306,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("drain-timeout", default_of(drain.Shutdown, "timeout"),
                 "Seconds open sessions have to finish after SIGTERM before they are aborted.",
                 float, zero=True),
+        ["metrics", None, "none",
+         "Endpoint of the metrics and health listener (/metrics, /healthz, /readyz), or 'none'.",
+         ops_metrics.check_endpoint],
     ]
 
     optFlags = [
@@ -819,4 +823,5 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         groups=options["groups"], load_acl=functools.partial(
             load_policy, case_sensitive_paths=options["httpSettings"].case_sensitive_paths),
     )).setServiceParent(top)
+    ops_metrics.serve(options, core, top, doors)
     return top

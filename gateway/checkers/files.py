@@ -505,6 +505,11 @@ class WatchedFile(Generic[_T]):
     def __repr__(self) -> str:
         return f"<WatchedFile {self.path!r}>"
 
+    @property
+    def failing(self) -> bool:
+        """Whether the last reload failed (the last good version is in use)."""
+        return self._failing is not None
+
     def use_loader(self, loader: Callable[..., defer.Deferred[Any]], clock: IReactorTime) -> None:
         """Reload through C{loader} from now on, waiting at most C{wait} seconds of C{clock}."""
         self.loader = loader

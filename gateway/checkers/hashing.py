@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import secrets
 import threading
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -31,6 +32,7 @@ from zope.interface import Interface
 from gateway.addresses import network_keys
 from gateway.clock import MONOTONIC
 from gateway.errors import NetworkShareFull, PeerShareFull, PoolFull, ShuttingDown
+from gateway.ops.tally import LATENCY_BUCKETS, Tally
 from gateway.ratelog import LogRateLimiter
 
 _T = TypeVar("_T")
@@ -176,6 +178,10 @@ class HashPool(service.Service):
         self.loader = loader
         #: A full queue under a flood is logged once a minute, not per login.
         self.full_log = LogRateLimiter(reactor)
+        #: For the metrics: seconds each job spent in its thread, and the jobs
+        #: refused (C{full}, C{peer_share}, C{network_share}, C{stopping}).
+        self.timings = Tally(LATENCY_BUCKETS)
+        self.refused: Counter[str] = Counter()
 
     def run(self, f: Callable[..., _T], *args: Any) -> defer.Deferred[_T]:
         """
@@ -185,6 +191,7 @@ class HashPool(service.Service):
         (its network has).
         """
         if self._stopping:
+            self.refused["stopping"] += 1
             return defer.fail(ShuttingDown())
         attempt = current_attempt.get()
         peer, known = (attempt.peer, attempt.known) if attempt is not None else (None, None)
@@ -199,6 +206,7 @@ class HashPool(service.Service):
                 lane = known
         limit = self.max_pending if lane else self.max_pending - self.known_reserve
         if self.pending >= limit:
+            self.refused["full"] += 1
             full = PoolFull()
             full.log_suppressed = self.full_log.admit("full")
             return defer.fail(full)
@@ -209,6 +217,7 @@ class HashPool(service.Service):
             elif self._by_network[keys[1]] >= self.max_pending_per_network:
                 share = NetworkShareFull()
             if share is not None:
+                self.refused["peer_share" if isinstance(share, PeerShareFull) else "network_share"] += 1
                 share.log_suppressed = self.full_log.admit(("share", keys[1]))
                 return defer.fail(share)
         self.pending += 1
@@ -223,13 +232,18 @@ class HashPool(service.Service):
             self._by_peer[keys[0]] += 1
             self._by_network[keys[1]] += 1
         cancelled: list[Any] = []
+        took: list[float] = []  # written by the thread before its result reaches done()
 
         def job() -> _T:
             if self._stopping:  # queued when the service stopped: drop it
                 raise ShuttingDown()
             if cancelled:  # its caller left before a thread took it
                 raise defer.CancelledError()
-            return f(*args)
+            started = time.monotonic()
+            try:
+                return f(*args)
+            finally:
+                took.append(time.monotonic() - started)
 
         # Cancelling answers the caller at once, but the slot stays taken
         # until the thread is done with the job: a client that hangs up
@@ -238,6 +252,8 @@ class HashPool(service.Service):
 
         def done(result: Any) -> None:
             self.pending -= 1
+            if took:
+                self.timings.observe(took[0])
             if lane is not None:
                 _decrement(self._known_by_pair, lane[0])
                 _decrement(self._known_by_account, lane[1])
@@ -416,6 +432,11 @@ class Verifier:
                     d.errback(result)
                 else:
                     d.callback(result)
+
+    @property
+    def cached(self) -> int:
+        """Verified passwords in the cache now."""
+        return len(self._cache)
 
     def clear(self) -> None:
         self._cache.clear()

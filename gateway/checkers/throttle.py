@@ -16,7 +16,7 @@ import functools
 import hashlib
 import secrets
 import unicodedata
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -137,6 +137,10 @@ class Throttle:
         self._known: OrderedDict[_Key, float] = OrderedDict()
         #: Refusals are logged once a minute per peer, not per attempt.
         self.refusal_log = LogRateLimiter(clock, max_keys=min(max_keys, 10_000))
+        #: For the metrics: attempts refused, by the limit that refused them
+        #: (C{peer}, C{pair}), and attempts made to wait by a user's ceiling.
+        self.refused: Counter[str] = Counter()
+        self.delayed = 0
 
     @staticmethod
     @functools.lru_cache(maxsize=4096)  # asked several times per login
@@ -178,6 +182,7 @@ class Throttle:
         now = self.clock.seconds()
         retry = 0.0
         wait = 0.0
+        by = ""
         keys = self.keys_for(peer, user)
         for key in keys:
             failures = self._recent(key, now)
@@ -188,12 +193,17 @@ class Throttle:
                     wait = min(self.delay * 2 ** excess, self.max_delay, self.max_user_delay)
             elif len(failures) >= limit:
                 retry = max(retry, failures[0] + self.window - now)
+                by = by or key[0]
             elif len(failures) + self._inflight.get(key, 0) >= limit:
                 retry = max(retry, 1.0)  # until one of the attempts in flight ends
+                by = by or key[0]
         if retry > 0:
+            self.refused[by] += 1
             refused = Throttled(retry)
             refused.log_suppressed = self.refusal_log.admit(peer_key(peer))
             raise refused
+        if wait:
+            self.delayed += 1
         return wait
 
     def is_known(self, peer: str | None, user: str | None) -> bool:

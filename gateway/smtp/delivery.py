@@ -211,6 +211,16 @@ class Delivery(service.Service):
         #: waiting for that backlog to shrink (see L{admit}).
         self._fresh: set[str] = set()
         self._admission: collections.deque[defer.Deferred[None]] = collections.deque()
+        #: For the metrics and readiness: messages per queue status at the
+        #: last scan, recipients' outcomes (C{delivered}, C{failed},
+        #: C{deferred}), connections opened (C{ok}) or failed on every
+        #: target (C{failed}), bounces sent, and whether the last attempt to
+        #: reach a relay succeeded (None: none made yet).
+        self.states: dict[str, int] = {}
+        self.outcomes: collections.Counter[str] = collections.Counter()
+        self.connects: collections.Counter[str] = collections.Counter()
+        self.bounces = 0
+        self.relay_reachable: bool | None = None
 
     def __repr__(self) -> str:
         return f"<Delivery {len(self._scheduled)} scheduled, {len(self._active)} in flight>"
@@ -320,6 +330,7 @@ class Delivery(service.Service):
     def _scanned(self, entries: Sequence[Any]) -> None:
         if self._stopping:
             return
+        self.states = self.queue.counts(entries)
         present = set()
         for entry in entries:
             present.add(entry.id)
@@ -532,7 +543,10 @@ class Delivery(service.Service):
         errors = []
         for target in targets:
             try:
-                return await self._connect(self.reactor, self.settings.relay, target)
+                connection = await self._connect(self.reactor, self.settings.relay, target)
+                self.connects["ok"] += 1
+                self.relay_reachable = True
+                return connection
             except defer.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - RelayError, or a bug: try the next
@@ -541,6 +555,8 @@ class Delivery(service.Service):
                 errors.append(f"{_why(e)} ({target.url})")
         message = "; ".join(errors)[:MAX_ERROR]
         if after is None:
+            self.connects["failed"] += 1
+            self.relay_reachable = False
             self._paused_until = self._now() + self.settings.retry[0]
             log.warn("delivery: no relay available, pausing {seconds:.0f} s: {errors}",
                      seconds=self.settings.retry[0], errors=message)
@@ -570,6 +586,7 @@ class Delivery(service.Service):
                 if 500 <= reply.code < 600:
                     recipient.status = "failed"
                 errors.append(str(reply))
+            self.outcomes["deferred" if recipient.status == "pending" else recipient.status] += 1
         self._attempted(state, at, f"{errors[0]} ({url})" if errors else None)
         delivered = sum(r.status == "delivered" for r in state.recipients)
         log.info(
@@ -583,6 +600,7 @@ class Delivery(service.Service):
     def _defer_all(self, claim: Claim, error: str) -> None:
         """No relay took the message: everything pending stays so, with C{error}."""
         self._attempted(claim.state, self._timestamp(), error)
+        self.outcomes["deferred"] += len(claim.state.pending())
         log.info("delivery: {id} deferred: {error}", id=claim.id, error=error)
 
     def _attempted(self, state: QueueState, at: str, error: str | None) -> None:
@@ -690,6 +708,7 @@ class Delivery(service.Service):
         writer = self.spool.open()
         writer.write(message)
         state.bounce_id = await writer.finish(envelope, self._datetime())
+        self.bounces += 1
         log.info("delivery: {id}: {n} recipient(s) failed, bounce {bounce} to the sender",
                  id=claim.id, n=len(state.failed()), bounce=state.bounce_id)
 

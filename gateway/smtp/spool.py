@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -209,6 +210,10 @@ class Spool:
         #: Asked before a new message is started (L{admit}); the delivery
         #: queue sets it to slow submissions down to the relay's pace.
         self.admission: Callable[[], Deferred[None] | None] | None = None
+        #: For the metrics: messages committed and their bytes, by the
+        #: envelope's protocol word (L{PROTOCOLS}).
+        self.accepted: Counter[str] = Counter()
+        self.accepted_bytes: Counter[str] = Counter()
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
         except OSError as e:
@@ -246,10 +251,12 @@ class Spool:
     def _batch_done(self, results: Any, batch: list[tuple[Any, bytes, Deferred[str]]]) -> None:
         if isinstance(results, Failure):  # the runner itself failed: nothing was committed
             results = [writer._failed(results.value) for writer, _, _ in batch]
-        for (_, _, d), result in zip(batch, results):
+        for (writer, _, d), result in zip(batch, results):
             if isinstance(result, BaseException):
                 d.errback(Failure(result))
             else:
+                self.accepted[writer.protocol] += 1
+                self.accepted_bytes[writer.protocol] += writer.size
                 self._announce(result)
                 d.callback(result)
         self._next_batch()
@@ -356,6 +363,8 @@ class SpoolWriter:
     def __init__(self, spool: Spool, id: str, file: IO[bytes]) -> None:
         self.id = id
         self.size = 0
+        #: The envelope's protocol word, once L{finish} has it.
+        self.protocol = "ESMTP"
         self._spool = spool
         self._file = file
         self._error: BaseException | None = None
@@ -401,6 +410,7 @@ class SpoolWriter:
             received_at = datetime.now(timezone.utc)
         try:
             meta = encode_json(metadata(self.id, envelope, self.size, received_at))
+            self.protocol = envelope.protocol
         except BaseException:
             self._clean_up()
             raise

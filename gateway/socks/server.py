@@ -218,6 +218,11 @@ class SOCKSFactory(protocol.ServerFactory):
         self.pending_by_network: Counter[str] = Counter()
         #: Outbound connections open (a client's may outlive it while it drains).
         self.outbound_open = 0
+        #: For the metrics: the bytes each way of the sessions that ended
+        #: (open ones keep theirs in L{SOCKSServer.up}/C{down}), and the
+        #: replies (REP codes) the ended sessions got.
+        self.ended_up = self.ended_down = 0
+        self.replies: Counter[int] = Counter()
         #: Sessions that never authenticated are logged once a minute per peer.
         self.unauthenticated_log = LogRateLimiter(reactor)
 
@@ -285,6 +290,10 @@ class SOCKSServer(protocol.Protocol):
             factory.release(factory.per_user, self._counted_user)
         if self.outbound is not None:
             self.outbound.close()
+        factory.ended_up += self.up
+        factory.ended_down += self.down
+        if self.reply is not None:
+            factory.replies[self.reply] += 1
         self._log_session()
 
     def drain(self) -> None:
@@ -791,16 +800,17 @@ class SOCKSDoor:
     def __init__(self, core: Core, settings: SOCKSSettings) -> None:
         self.core = core
         self.settings = settings
-        self._outbound: list[SOCKSFactory] = []
+        #: One factory per listener (their counts: the budget, the metrics).
+        self.factories: list[SOCKSFactory] = []
         # Outbound connections count against the descriptor budget too.
-        core.connections.add_source(lambda: sum(f.outbound_open for f in self._outbound))
+        core.connections.add_source(lambda: sum(f.outbound_open for f in self.factories))
 
     def listen(
         self, endpoint: Any, name: str, tls: Any | None
     ) -> internet.StreamServerEndpointService:
         core = self.core
         factory = SOCKSFactory(core.portal, core.acl, self.settings, core.reactor, name)
-        self._outbound.append(factory)
+        self.factories.append(factory)
         limited = limit_connections(
             core, factory, "socks", name, self.settings.max_sessions_per_peer, tls=tls
         )

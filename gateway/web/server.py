@@ -9,6 +9,7 @@ parameter), and every authentication already logs one C{auth} event.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
@@ -441,9 +442,12 @@ class GatewaySite(server.Site):
             resource, timeout=settings.timeout, reactor=reactor, parsePOSTFormSubmission=False
         )
         self.settings = settings
+        #: For the metrics: responses per status code.
+        self.statuses: Counter[int] = Counter()
 
     def log(self, request: server.Request) -> None:
-        pass
+        """No access log; the response's status is counted."""
+        self.statuses[request.code] += 1
 
 
 #: Retry-After of a refused connection (seconds).
@@ -496,12 +500,15 @@ class HTTPDoor:
             inject = InjectAPI(core.policy, core.spool, settings.inject)
         self.app = WebApp(core.policy, settings, proxy, inject)
         core.realm.register_avatar(IResource, self.app.avatar)
+        #: One site per listener (their counts: the metrics).
+        self.sites: list[GatewaySite] = []
 
     def listen(
         self, endpoint: Any, name: str, tls: Any | None
     ) -> internet.StreamServerEndpointService:
         core, settings = self.core, self.settings
         site = GatewaySite(Guard(core.portal, settings, name), settings, core.reactor)
+        self.sites.append(site)
         limited = limit_connections(
             core,
             site,

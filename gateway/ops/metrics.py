@@ -1,0 +1,598 @@
+# -*- test-case-name: tests.test_metrics -*-
+"""
+The metrics and health listener (C{--metrics ENDPOINT}): a plain
+twisted.web Site, apart from the front doors and their connection budget,
+serving C{/metrics} (Prometheus text, from the gateway's own
+C{CollectorRegistry}), C{/healthz} and C{/readyz} (JSON, 200 or 503).
+
+The metrics are pulled: the components keep plain counters (the hash pool,
+the verifier's cache, the throttle, the spool, the delivery queue, each
+SOCKS factory and HTTP site, the connection counts), and the
+L{GatewayCollector} reads them at scrape time, in the reactor thread. The
+only thing pushed is the login event of the L{Events} hub, which
+L{LoginMetrics} (a sink) turns into two counter increments and a histogram
+bucket. Every label comes from a fixed set (protocols, the configured
+listeners and mechanisms, outcomes, reason codes, states, status and reply
+codes): never a user name, an address or a path.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.exposition import make_wsgi_app
+from twisted.application import internet, service
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.protocols import policies
+from twisted.python import threadable
+from twisted.python.failure import Failure
+from twisted.web import resource, server
+from twisted.web.wsgi import WSGIResource
+from zope.interface import implementer
+
+from gateway.checkers.files import IReloadable
+from gateway.ops.events import REASONS, AuthzEvent, LoginEvent
+from gateway.ops.tally import LATENCY_BUCKETS, Tally
+from gateway.smtp.queue import STATUSES
+
+if TYPE_CHECKING:
+    from gateway.core import Core
+
+#: The front doors (ConnectionMeta.protocol, Connections' door names).
+DOORS = ("smtp", "http", "socks")
+
+#: L{LoginEvent.outcome} values.
+OUTCOMES = ("success", "failure", "throttled", "temporary", "unsupported", "error", "cancelled")
+
+#: HTTP status codes counted under their own label; others by class (C{4xx}).
+HTTP_CODES = frozenset({
+    200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408,
+    409, 411, 413, 414, 415, 421, 422, 429, 431, 500, 501, 502, 503, 504,
+})
+
+#: SOCKS5 reply codes (RFC 1928 REP 0-8).
+SOCKS_REPLIES = frozenset(range(9))
+
+#: The mechanisms of the HTTP and SOCKS front doors (SMTP's come from its settings).
+FIXED_MECHANISMS = ("Basic", "Bearer", "RFC1929")
+
+#: Connections the metrics listener holds at once, and their idle seconds.
+MAX_CONNECTIONS = 16
+TIMEOUT = 10.0
+
+
+def _bounded(value: Any, allowed: Iterable[Any]) -> str:
+    return value if value in allowed else "other"
+
+
+def http_code_label(code: int) -> str:
+    """A status code's label: itself when in L{HTTP_CODES}, else its class (C{5xx})."""
+    if code in HTTP_CODES:
+        return str(code)
+    return f"{code // 100}xx" if 100 <= code < 600 else "other"
+
+
+class LoginMetrics:
+    """
+    A sink of the core's L{Events}: each login counted by protocol,
+    listener, mechanism, outcome and reason (each bounded to a fixed set,
+    so no client can grow the table), and its duration observed per
+    protocol; authorization decisions counted by protocol and verdict.
+
+    What an event's fields map to is remembered (at most L{MAX_SHAPES}
+    combinations, bounded themselves): a login costs a tuple, two dict
+    lookups, an increment and a histogram bucket.
+    """
+
+    #: Distinct raw (protocol, listener, mechanism, outcome, reason) remembered.
+    MAX_SHAPES = 1024
+
+    def __init__(self, listeners: Iterable[str], mechanisms: Iterable[str]) -> None:
+        self.listeners = frozenset(listeners)
+        self.mechanisms = frozenset(mechanisms)
+        self.attempts: Counter[tuple[str, str, str, str, str]] = Counter()
+        self.latency: dict[str, Tally] = {door: Tally(LATENCY_BUCKETS) for door in DOORS}
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self._shapes: dict[tuple[Any, ...], tuple[tuple[str, str, str, str, str], Tally]] = {}
+
+    def _shape(self, raw: tuple[Any, ...]) -> tuple[tuple[str, str, str, str, str], Tally]:
+        protocol, listener, mechanism, outcome, reason = raw
+        protocol = _bounded(protocol, DOORS)
+        key = (protocol, _bounded(listener, self.listeners), _bounded(mechanism, self.mechanisms),
+               _bounded(outcome, OUTCOMES), _bounded(reason, REASONS))
+        tally = self.latency.get(protocol)
+        if tally is None:
+            tally = self.latency[protocol] = Tally(LATENCY_BUCKETS)
+        if len(self._shapes) < self.MAX_SHAPES:
+            self._shapes[raw] = (key, tally)
+        return key, tally
+
+    def login(self, event: LoginEvent) -> None:
+        raw = (event.protocol, event.listener, event.mechanism, event.outcome, event.reason)
+        key, tally = self._shapes.get(raw) or self._shape(raw)
+        self.attempts[key] += 1
+        tally.observe(event.duration)
+
+    def authz(self, event: AuthzEvent) -> None:
+        protocol = event.protocol if event.protocol in DOORS else "other"
+        self.decisions[(protocol, "allowed" if event.allowed else "denied")] += 1
+
+
+@implementer(IStreamServerEndpoint)
+class WatchedEndpoint:
+    """An endpoint that remembers whether its listener is listening, for readiness."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint) -> None:
+        self.endpoint = endpoint
+        self.port: Any = None
+        #: Why the last listen failed (one line), or None.
+        self.failure: str | None = None
+
+    def listen(self, factory: Any) -> Any:
+        def listening(port: Any) -> Any:
+            self.port, self.failure = port, None
+            return port
+
+        def failed(reason: Failure) -> Failure:
+            self.port, self.failure = None, reason.getErrorMessage()
+            return reason
+
+        return self.endpoint.listen(factory).addCallbacks(listening, failed)
+
+
+def _listener_name(factory: Any) -> str | None:
+    """The listener a front door's (wrapped) factory serves (L{LimitedFactory.listener})."""
+    for _ in range(8):
+        name = getattr(factory, "listener", None)
+        if isinstance(name, str):
+            return name
+        factory = getattr(factory, "wrappedFactory", None)
+        if factory is None:
+            return None
+    return None
+
+
+def watch_listeners(top: service.IServiceCollection) -> dict[str, tuple[Any, WatchedEndpoint]]:
+    """
+    Every front-door listener among C{top}'s services, by name, with its
+    endpoint wrapped in a L{WatchedEndpoint} (before it starts listening).
+    """
+    watched = {}
+    for child in top:
+        if not isinstance(child, internet.StreamServerEndpointService):
+            continue
+        name = _listener_name(child.factory)
+        if name is None:
+            continue
+        if not isinstance(child.endpoint, WatchedEndpoint):
+            child.endpoint = WatchedEndpoint(child.endpoint)
+        watched[name] = (child, child.endpoint)
+    return watched
+
+
+def listener_state(listening: Any, watch: WatchedEndpoint) -> str:
+    """C{listening}, C{failed}, C{stopped} or C{starting}."""
+    if watch.failure is not None:
+        return "failed"
+    if not listening.running:
+        return "stopped"
+    return "listening" if watch.port is not None else "starting"
+
+
+class Readiness:
+    """
+    What C{/readyz} checks: the password and token stores loaded (a failed
+    reload keeps the last good version: ready, but said), the hash pool
+    started and not full, every listener listening, and with C{--relay} the
+    relay reached at the last attempt (none yet: ready).
+    """
+
+    def __init__(
+        self,
+        core: Core,
+        checkers: Iterable[Any],
+        listeners: Mapping[str, tuple[Any, WatchedEndpoint]],
+        delivery: Any = None,
+    ) -> None:
+        self.core = core
+        self.stores = [c.file for c in checkers if IReloadable.providedBy(c) and hasattr(c, "file")]
+        self.listeners = listeners
+        self.delivery = delivery
+
+    def checks(self) -> dict[str, dict[str, Any]]:
+        """Each check's C{ok} and what it looked at (no path, no address)."""
+        pool = self.core.hash_pool
+        states = {name: listener_state(*pair) for name, pair in self.listeners.items()}
+        checks: dict[str, dict[str, Any]] = {
+            "stores": {
+                "ok": all(store.value is not None for store in self.stores),
+                "loaded": sum(store.value is not None for store in self.stores),
+                "reload_failing": sum(store.failing for store in self.stores),
+            },
+            "hash_pool": {
+                "ok": bool(pool.running) and pool.pending < pool.max_pending,
+                "running": bool(pool.running),
+                "pending": pool.pending,
+                "limit": pool.max_pending,
+            },
+            "listeners": {"ok": all(s == "listening" for s in states.values()), "states": states},
+        }
+        if self.delivery is not None:
+            reachable = self.delivery.relay_reachable
+            checks["relay"] = {"ok": reachable is not False, "reachable": reachable}
+        return checks
+
+    def ready(self) -> tuple[bool, dict[str, dict[str, Any]]]:
+        checks = self.checks()
+        return all(check["ok"] for check in checks.values()), checks
+
+
+def _family(kind: type[Metric], name: str, doc: str, labels: Iterable[str] = (),
+            samples: Iterable[tuple[Iterable[str], float]] = ()) -> Metric:
+    family = kind(name, doc, labels=list(labels))
+    for values, value in samples:
+        family.add_metric(list(values), value)
+    return family
+
+
+def _histogram(name: str, doc: str, label: str | None, tallies: Mapping[str, Tally]) -> Metric:
+    family = HistogramMetricFamily(name, doc, labels=[label] if label else [])
+    for value, tally in tallies.items():
+        family.add_metric([value] if label else [], tally.cumulative(), sum_value=tally.sum)
+    return family
+
+
+class GatewayCollector:
+    """
+    Reads the components' counters at scrape time, in the reactor thread
+    only: L{MetricsResource} takes a L{refresh}ed snapshot there before the
+    WSGI thread formats it, so no thread ever reads what the reactor is
+    changing (nor waits for the reactor: a scrape during shutdown cannot
+    hang the thread pool's stop).
+    """
+
+    def __init__(
+        self,
+        core: Core,
+        logins: LoginMetrics,
+        readiness: Readiness,
+        doors: Mapping[str, Any],
+        delivery: Any = None,
+    ) -> None:
+        self.core = core
+        self.logins = logins
+        self.readiness = readiness
+        self.doors = doors
+        self.delivery = delivery
+        #: The families as of the last L{refresh}, for a collection from another thread.
+        self.latest: list[Metric] = []
+
+    def describe(self) -> list[Metric]:
+        return []  # nothing to check at registration: the names are ours alone
+
+    def refresh(self) -> None:
+        """Take the snapshot a scrape from the WSGI thread will see (reactor thread)."""
+        self.latest = self.families()
+
+    def collect(self) -> Iterable[Metric]:
+        if threadable.ioThread in (None, threadable.getThreadID()):  # no reactor thread yet, or it
+            return self.families()
+        return self.latest
+
+    def families(self) -> list[Metric]:
+        """Every metric family, read now (reactor thread)."""
+        core, logins = self.core, self.logins
+        out = [
+            _family(CounterMetricFamily, "authgateway_login_attempts",
+                    "Login attempts by protocol, listener, mechanism, outcome and reason.",
+                    ("protocol", "listener", "mechanism", "outcome", "reason"),
+                    sorted(logins.attempts.items())),
+            _histogram("authgateway_login_duration_seconds",
+                       "Seconds from a login attempt to its outcome (throttle waits and failure"
+                       " delays included).", "protocol", logins.latency),
+            _family(CounterMetricFamily, "authgateway_authz_decisions",
+                    "Authorization decisions of the access policy.", ("protocol", "decision"),
+                    sorted(logins.decisions.items())),
+        ]
+        pool = core.hash_pool
+        out += [
+            _family(GaugeMetricFamily, "authgateway_hash_queue_depth",
+                    "Hash verifications queued or running.", (), [((), pool.pending)]),
+            _family(GaugeMetricFamily, "authgateway_hash_queue_limit",
+                    "Hash verifications queued or running before new ones fail (--hash-queue).",
+                    (), [((), pool.max_pending)]),
+            _histogram("authgateway_hash_verification_seconds",
+                       "Seconds a hash verification ran in its thread (decoys included).",
+                       None, {"": pool.timings}),
+            _family(CounterMetricFamily, "authgateway_hash_refusals",
+                    "Hash verifications refused: queue full, a peer's or network's share used,"
+                    " or stopping.", ("reason",),
+                    [((r,), pool.refused[r]) for r in ("full", "peer_share", "network_share",
+                                                       "stopping")]),
+        ]
+        verifier = core.verifier
+        out += [
+            _family(CounterMetricFamily, "authgateway_cache_hits",
+                    "Password verifications answered from the cache.", (), [((), verifier.hits)]),
+            _family(CounterMetricFamily, "authgateway_cache_misses",
+                    "Password verifications that needed a hash.", (), [((), verifier.misses)]),
+            _family(CounterMetricFamily, "authgateway_cache_coalesced",
+                    "Password verifications that joined an identical one in flight.",
+                    (), [((), verifier.coalesced)]),
+            _family(GaugeMetricFamily, "authgateway_cache_entries",
+                    "Verified passwords cached now.", (), [((), verifier.cached)]),
+        ]
+        throttle = core.throttle
+        out += [
+            _family(CounterMetricFamily, "authgateway_throttle_refusals",
+                    "Login attempts refused by the throttle, by the limit reached.", ("limit",),
+                    [((k,), throttle.refused[k]) for k in ("peer", "pair")]),
+            _family(CounterMetricFamily, "authgateway_throttle_delays",
+                    "Login attempts held back by a user's failure ceiling.", (),
+                    [((), throttle.delayed)]),
+        ]
+        connections = core.connections
+        doors = [d for d in DOORS if d in self.doors]
+        out += [
+            _family(GaugeMetricFamily, "authgateway_sessions_open",
+                    "Connections open now per front door.", ("door",),
+                    [((d,), len(connections.sessions.get(d, ()))) for d in doors]),
+            _family(CounterMetricFamily, "authgateway_sessions",
+                    "Connections admitted since the start per front door.", ("door",),
+                    [((d,), connections.opened[d]) for d in doors]),
+            _family(GaugeMetricFamily, "authgateway_descriptors_in_use",
+                    "Descriptors held by connections (weighted), against the budget.", (),
+                    [((), connections.in_use())]),
+        ]
+        if connections.budget is not None:
+            out.append(_family(GaugeMetricFamily, "authgateway_descriptor_budget",
+                               "Descriptors connections may hold.", (),
+                               [((), connections.budget)]))
+        spool = core.spool
+        protocols = sorted(set(spool.accepted))
+        out += [
+            _family(CounterMetricFamily, "authgateway_spool_messages",
+                    "Messages committed to the spool, by protocol word (ESMTPSA, HTTP, DSN...).",
+                    ("protocol",), [((p,), spool.accepted[p]) for p in protocols]),
+            _family(CounterMetricFamily, "authgateway_spool_bytes",
+                    "Bytes of the messages committed to the spool.", ("protocol",),
+                    [((p,), spool.accepted_bytes[p]) for p in protocols]),
+        ]
+        out += self._delivery()
+        out += self._socks()
+        out += self._http()
+        ready, checks = self.readiness.ready()
+        out += [
+            _family(GaugeMetricFamily, "authgateway_listener_up",
+                    "1 while the listener is listening.", ("listener",),
+                    [((name,), int(state == "listening"))
+                     for name, state in sorted(checks["listeners"]["states"].items())]),
+            _family(GaugeMetricFamily, "authgateway_ready",
+                    "1 when /readyz answers 200.", (), [((), int(ready))]),
+        ]
+        return out
+
+    def _delivery(self) -> list[Metric]:
+        delivery = self.delivery
+        if delivery is None:
+            return []
+        out = [
+            _family(GaugeMetricFamily, "authgateway_queue_messages",
+                    "Queued messages by status, at the last scan of the spool.", ("state",),
+                    [((s,), delivery.states.get(s, 0)) for s in STATUSES]),
+            _family(CounterMetricFamily, "authgateway_relay_recipients",
+                    "Recipients' outcomes of relay attempts.", ("outcome",),
+                    [((o,), delivery.outcomes[o]) for o in ("delivered", "deferred", "failed")]),
+            _family(CounterMetricFamily, "authgateway_relay_connections",
+                    "Relay connections opened, or attempts on which every relay failed.",
+                    ("outcome",), [((o,), delivery.connects[o]) for o in ("ok", "failed")]),
+            _family(CounterMetricFamily, "authgateway_relay_bounces",
+                    "Bounces (DSN) sent for failed recipients.", (), [((), delivery.bounces)]),
+        ]
+        if delivery.relay_reachable is not None:
+            out.append(_family(GaugeMetricFamily, "authgateway_relay_reachable",
+                               "1 when the last attempt to reach a relay succeeded.", (),
+                               [((), int(delivery.relay_reachable))]))
+        return out
+
+    def _socks(self) -> list[Metric]:
+        door = self.doors.get("socks")
+        if door is None:
+            return []
+        from gateway.connections import door_protocol
+
+        up = sum(f.ended_up for f in door.factories)
+        down = sum(f.ended_down for f in door.factories)
+        for session in self.core.connections.sessions.get("socks", ()):
+            proto = door_protocol(session)
+            up += getattr(proto, "up", 0)
+            down += getattr(proto, "down", 0)
+        replies: Counter[str] = Counter()
+        for factory in door.factories:
+            for code, n in factory.replies.items():
+                replies[str(code) if code in SOCKS_REPLIES else "other"] += n
+        return [
+            _family(CounterMetricFamily, "authgateway_socks_bytes",
+                    "Bytes relayed by SOCKS tunnels: up (client to destination) and down.",
+                    ("direction",), [(("up",), up), (("down",), down)]),
+            _family(CounterMetricFamily, "authgateway_socks_replies",
+                    "SOCKS sessions ended, by the reply code (REP) they got.", ("reply",),
+                    sorted(((k,), v) for k, v in replies.items())),
+        ]
+
+    def _http(self) -> list[Metric]:
+        door = self.doors.get("http")
+        if door is None:
+            return []
+        codes: Counter[str] = Counter()
+        for site in door.sites:
+            for code, n in site.statuses.items():
+                codes[http_code_label(code)] += n
+        return [_family(CounterMetricFamily, "authgateway_http_responses",
+                        "HTTP responses by status code (uncommon codes by class, 4xx).", ("code",),
+                        sorted(((k,), v) for k, v in codes.items()))]
+
+
+class _Status(resource.Resource):
+    """C{/healthz} or C{/readyz}: JSON, 200 or 503, never cached."""
+
+    isLeaf = True
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__()
+        self.answer = answer
+
+    def render_GET(self, request: server.Request) -> bytes:
+        ok, body = self.answer()
+        request.setResponseCode(200 if ok else 503)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(body, sort_keys=True).encode() + b"\n"
+
+
+class _Request(server.Request):
+    """A request whose body, if any, is read and dropped: nothing here takes one."""
+
+    def gotLength(self, length: int | None) -> None:
+        super().gotLength(0)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        pass
+
+
+class MetricsSite(server.Site):
+    """The listener's Site: no access log (a scrape every few seconds), no factory chatter."""
+
+    noisy = False
+    requestFactory = _Request
+    registry: CollectorRegistry
+    readiness: Readiness
+
+    def log(self, request: server.Request) -> None:
+        pass
+
+
+class _Capped(policies.WrappingFactory):
+    """At most C{limit} connections at once; more are closed at accept."""
+
+    noisy = False
+
+    def __init__(self, wrapped: Any, limit: int) -> None:
+        super().__init__(wrapped)
+        self.limit = limit
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if len(self.protocols) >= self.limit:
+            return None
+        return super().buildProtocol(addr)
+
+
+class MetricsResource(resource.Resource):
+    """
+    C{prometheus_client.twisted.MetricsResource(registry)} on the core's
+    reactor: that module's one line takes the global reactor (imported when
+    it is imported) and its thread pool; this is the same WSGI app, in the
+    given reactor's pool, asked for at the first scrape. C{refresh} runs
+    before each scrape, in the reactor thread.
+    """
+
+    isLeaf = True
+
+    def __init__(self, reactor: Any, registry: CollectorRegistry,
+                 refresh: Callable[[], None] = lambda: None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.registry = registry
+        self.refresh = refresh
+        self._wsgi: WSGIResource | None = None
+
+    def render(self, request: server.Request) -> Any:
+        self.refresh()  # in the reactor thread, before the WSGI thread collects
+        if self._wsgi is None:
+            self._wsgi = WSGIResource(
+                self.reactor, self.reactor.getThreadPool(), make_wsgi_app(self.registry)
+            )
+        return self._wsgi.render(request)
+
+
+def build_site(reactor: Any, registry: CollectorRegistry, readiness: Readiness,
+               refresh: Callable[[], None] = lambda: None) -> MetricsSite:
+    """C{/metrics} (C{refresh} runs before each scrape), C{/healthz} and C{/readyz}."""
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsResource(reactor, registry, refresh))
+    root.putChild(b"healthz", _Status(lambda: (True, {"status": "ok"})))
+
+    def ready() -> tuple[bool, dict[str, Any]]:
+        ok, checks = readiness.ready()
+        return ok, {"status": "ready" if ok else "not ready", "checks": checks}
+
+    root.putChild(b"readyz", _Status(ready))
+    site = MetricsSite(root, timeout=TIMEOUT, reactor=reactor)
+    site.registry, site.readiness = registry, readiness
+    return site
+
+
+def check_endpoint(description: str) -> str:
+    """The C{--metrics} value: C{none} or a server endpoint string (ValueError otherwise)."""
+    description = description.strip()
+    if description.lower() == "none":
+        return "none"
+    try:
+        endpoints.serverFromString(None, description)
+    except Exception as e:
+        raise ValueError(f"--metrics {description!r}: bad endpoint: {e}") from None
+    return description
+
+
+check_endpoint.coerceDoc = "An endpoint string, or 'none'."  # type: ignore[attr-defined]
+
+
+def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
+          doors: Mapping[str, Any]) -> CollectorRegistry | None:
+    """
+    With C{--metrics}, wire the metrics: the login sink on C{core.events},
+    the collector on a registry of the gateway's own, the listeners watched
+    for readiness, and the metrics listener added to C{top} as one of the
+    core's services (it stops after the drain). Returns the registry (None
+    without C{--metrics}).
+    """
+    description = options["metrics"]
+    if description == "none":
+        return None
+    from gateway.smtp.delivery import Delivery
+
+    delivery = next((s for s in core.services if isinstance(s, Delivery)), None)
+    smtp = options.get("smtpSettings")
+    mechanisms = (*FIXED_MECHANISMS, *(smtp.mechanisms if smtp is not None else ()))
+    logins = LoginMetrics(options["endpoints"], mechanisms)
+    core.events.add(logins)
+    readiness = Readiness(core, options["coreSettings"].checkers, watch_listeners(top), delivery)
+    registry = CollectorRegistry()
+    collector = GatewayCollector(core, logins, readiness, doors, delivery)
+    registry.register(collector)
+    endpoint = endpoints.serverFromString(core.reactor, description)
+    site = build_site(core.reactor, registry, readiness, collector.refresh)
+    listening = internet.StreamServerEndpointService(endpoint, _Capped(site, MAX_CONNECTIONS))
+    listening.setName("metrics")
+    # A core service: stopped with them, after the front doors' sessions
+    # drained, so /readyz answers 503 (listeners stopped) during the drain.
+    core.attach(listening)
+    listening.setServiceParent(top)
+    return registry
+
+
+__all__ = [
+    "GatewayCollector", "LoginMetrics", "MetricsResource", "Readiness", "WatchedEndpoint", "build_site",
+    "check_endpoint", "serve", "watch_listeners",
+]
