@@ -14,6 +14,7 @@ then the largest share it can be) and C{--smtp-insecure-auth} on loopback:
 - "ops on": C{--metrics tcp:PORT} (scraped once a second during its runs, more
   often than any Prometheus does) and C{--audit-log FILE} on the same tmpfs
   as the spool: one JSON line per login and per authorization decision.
+- with C{--split}, also "metrics only" and "audit only".
 
 SMTP: the native load generator (../shared/bench/loadgen, or $LOADGEN) with
 C{--clients} connections, each doing connect, EHLO, AUTH PLAIN, MAIL, RCPT,
@@ -52,6 +53,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser, reps=5, pause=10)
     parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--split", action="store_true",
+                        help="also run a gateway with metrics only and one with the audit log only")
     args = parser.parse_args()
     need_tools(("wrk", "wrk"))
     with Bench(args, "ops-bench") as bench:
@@ -60,14 +63,17 @@ def main() -> None:
         with open(htpasswd, "w") as f:
             f.write(f"{USER}:{{SHA}}{digest}\n")
         servers = []  # name, smtp port, http port, pid, metrics port
-        for name in ("ops off", "ops on"):
+        names = ["ops off", "ops on"] + (["metrics only", "audit only"] if args.split else [])
+        for name in names:
             smtp, http = free_port(), free_port()
             extra: list[str] = []
             metrics = None
-            if name == "ops on":
+            if name in ("ops on", "metrics only"):
                 metrics = free_port()
-                extra = ["--metrics", f"tcp:{metrics}:interface=127.0.0.1",
-                         "--audit-log", os.path.join(bench.tmp, "audit.log")]
+                extra += ["--metrics", f"tcp:{metrics}:interface=127.0.0.1"]
+            if name in ("ops on", "audit only"):
+                slug = name.replace(" ", "-")
+                extra += ["--audit-log", os.path.join(bench.tmp, f"{slug}.audit.log")]
             proc = bench.gateway(
                 name, "--auth", f"htpasswd:{htpasswd}", "--smtp-insecure-auth",
                 "--smtp", f"tcp:{smtp}:interface=127.0.0.1",
@@ -125,12 +131,12 @@ def main() -> None:
                                  "session" if workload == SMTP else "req", note)
                     if workload == SMTP:
                         bench.rest(min(1.0, result["ok"] / 10000))
-        audit = os.path.join(bench.tmp, "audit.log")
+        audit = os.path.join(bench.tmp, "ops-on.audit.log")
         if os.path.exists(audit):
             with open(audit, "rb") as f:
                 lines = sum(1 for _ in f)
-            print(f"\naudit log: {lines:,} lines, {os.path.getsize(audit):,} bytes")
-        bench.summary([("ops on", "ops off")])
+            print(f"\naudit log of ops on: {lines:,} lines, {os.path.getsize(audit):,} bytes")
+        bench.summary([(name, "ops off") for name in names[1:]])
 
 
 if __name__ == "__main__":
