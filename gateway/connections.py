@@ -77,6 +77,15 @@ MAX_LINGER_PER_PREFIX = 16
 #: The part of what a front door's unauthenticated connections may hold past
 #: which the oldest of them get L{ListenSettings.stress_timeout}.
 STRESS_LEVEL = 0.75
+#: PROXY headers one proxy address may have outstanding at once (connections
+#: accepted from it whose header has not come yet). A proxy that sends the
+#: header with its connect, as HAProxy's C{send-proxy} does, keeps one
+#: outstanding for a round trip: 256 at once is 256 new connections per
+#: round trip (256,000 a second at 1 ms), beyond any gateway's rate. Only a
+#: proxy that waits for its client to speak first (unsupported) comes near,
+#: and then its silent clients hold at most this many descriptors for
+#: C{proxy_header_timeout} seconds, within its door's unauthenticated share.
+MAX_PENDING_HEADERS_PER_PROXY = 256
 #: A hard limit of "unlimited" is raised to this many descriptors at most.
 NOFILE_UNLIMITED = 1 << 20
 #: A door refusing for its unauthenticated share (or under stress) logs
@@ -222,6 +231,21 @@ class Connections:
         self.waiting: dict[str, dict[Admission, None]] = {}
         self._stressed: set[str] = set()
         self._started = False
+        #: Trusted proxies' connections waiting for their PROXY header
+        #: (L{gateway.proxyproto}), each with its proxy and door: each holds a
+        #: descriptor, counted as one in L{open} and in its door's
+        #: unauthenticated share until its header comes (L{await_header}).
+        self.headers: dict[Any, tuple[str | None, str]] = {}
+        self.headers_per_proxy: Counter[str | None] = Counter()
+        #: The drain has begun: no header is awaited any more (L{abort_headers}).
+        self.headers_closed = False
+        #: The local ends (address, port) of the gateway's own outbound
+        #: connections open now (the SOCKS relay's; a Counter: two connections
+        #: to different destinations may share one): a connection coming from
+        #: one of them is the gateway itself, never a trusted proxy.
+        self.own_outbound: Counter[tuple[str | None, int]] = Counter()
+        #: The gateway opens such connections (it has a SOCKS door).
+        self.relaying = False
 
     def start(self, resource: Any = _resource) -> None:
         """Raise the descriptor limit and derive the budget (unless one was given); once."""
@@ -247,6 +271,70 @@ class Connections:
         for d in self._closing.pop(session, ()):
             if not d.called:  # a waiter may have given up (cancelled)
                 d.callback(None)
+
+    def await_header(self, reader: Any, proxy: str | None, door: str) -> str | None:
+        """
+        Count C{reader}, a connection of proxy C{proxy} (its address) on
+        C{door} waiting for its PROXY header, as one descriptor (the budget
+        and the door's unauthenticated share) until L{header_done}: None, or
+        why there is no room for it (then it is refused).
+        """
+        if self.headers_closed:
+            return "the gateway is stopping"
+        if self.headers_per_proxy[proxy] >= MAX_PENDING_HEADERS_PER_PROXY:
+            return f"{MAX_PENDING_HEADERS_PER_PROXY} of its headers are awaited already"
+        if not self.has_room(1) or not self.unauthenticated_room(door, 1):
+            return "the connection budget is used up"
+        self.open += 1
+        self.unauthenticated[door] += 1
+        self.headers[reader] = (proxy, door)
+        self.headers_per_proxy[proxy] += 1
+        return None
+
+    def header_done(self, reader: Any) -> bool:
+        """
+        C{reader}'s header came, or its connection ends: its count is
+        released (once). Whether it was still awaited (not aborted by the drain).
+        """
+        entry = self.headers.pop(reader, None)
+        if entry is None:
+            return False
+        proxy, door = entry
+        self.open -= 1
+        _decrement(self.unauthenticated, door, 1)
+        _decrement(self.headers_per_proxy, proxy, 1)
+        return True
+
+    def abort_headers(self) -> int:
+        """
+        The drain begins: abort every connection still waiting for its
+        PROXY header (no session of it would be asked to drain) and await
+        none from now on. How many were aborted.
+        """
+        self.headers_closed = True
+        readers = list(self.headers)
+        for reader in readers:
+            self.header_done(reader)
+            transport = reader.transport
+            abort = getattr(transport, "abortConnection", None)
+            (abort or transport.loseConnection)()
+        return len(readers)
+
+    def outbound_opened(self, local: Any) -> None:
+        """The gateway opened an outbound connection from C{local} (its getHost())."""
+        key = _address_key(local)
+        if key[0] is not None:
+            self.own_outbound[key] += 1
+
+    def outbound_closed(self, local: Any) -> None:
+        """That outbound connection (L{outbound_opened}) has ended."""
+        key = _address_key(local)
+        if key in self.own_outbound:
+            _decrement(self.own_outbound, key, 1)
+
+    def is_own_outbound(self, peer: Any) -> bool:
+        """Whether C{peer} (an accepted connection's getPeer()) is an outbound connection of ours."""
+        return bool(self.own_outbound) and _address_key(peer) in self.own_outbound
 
     def add_source(self, count: Callable[[], int]) -> None:
         """Count more descriptors: C{count()} is asked at every new connection."""
@@ -673,6 +761,11 @@ class PeerLimit:
             if self.counts[key] <= 0:
                 del self.counts[key]
                 self._warned.discard(key)  # logged again only once it has left
+
+
+def _address_key(address: Any) -> tuple[str | None, int]:
+    """An IP address and port's key: the canonical address (IPv4-mapped folded) and the port."""
+    return ip_or_none(getattr(address, "host", None)), getattr(address, "port", 0)
 
 
 def _decrement(counter: Counter[Any], key: Any, amount: int) -> None:
@@ -1159,6 +1252,7 @@ __all__ = [
     "Connections",
     "HandshakeDeadlineFactory",
     "LimitedFactory",
+    "MAX_PENDING_HEADERS_PER_PROXY",
     "ListenSettings",
     "PeerLimit",
     "Refused",

@@ -31,6 +31,8 @@ every peer) are left as they are.
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -42,7 +44,7 @@ from twisted.python.failure import Failure
 from zope.interface import alsoProvides
 
 from gateway.addresses import in_networks, ip_or_none, peer_key
-from gateway.connections import _log_prefix, _WrapperFactory
+from gateway.connections import Connections, _log_prefix, _WrapperFactory
 from gateway.ratelog import LogRateLimiter
 from gateway.twistedinternals import ProxyHeaderParsers, proxy_header_parsers
 
@@ -89,13 +91,16 @@ def signature_state(prefix: bytes) -> bool | None:
 
 
 def read_header(
-    buffer: bytes, parsers: ProxyHeaderParsers
+    buffer: bytes, parsers: ProxyHeaderParsers, local_proxy: bool = True
 ) -> tuple[Any, Any, int] | None:
     """
     The PROXY header at the start of C{buffer}: (source, destination, its
     length in bytes), the addresses None when it carries none (LOCAL,
     UNKNOWN, UNSPEC, a UNIX or UDP connection); None while more bytes are
-    needed.
+    needed. Unless C{local_proxy} (the proxy's own address is loopback), a
+    loopback or unspecified client is a bad header: a proxy elsewhere has no
+    such client, and the gateway grants loopback peers more (plain-HTTP
+    Basic, trusted networks).
 
     @raise ProxyHeaderError: not a header, one over its bound, or a bad one.
     """
@@ -128,14 +133,17 @@ def read_header(
             info = parsers.v2(buffer[:size])
     except (parsers.error, ValueError, LookupError) as e:
         raise ProxyHeaderError(f"bad PROXY header ({type(e).__name__})") from None
-    carried = _carried(info.source, info.destination)
+    carried = _carried(info.source, info.destination, local_proxy)
     if carried is None:
         return None, None, size
     return carried[0], carried[1], size
 
 
-def _carried(source: Any, destination: Any) -> tuple[Any, Any] | None:
-    """The TCP addresses a header carries, canonical; None for none (a LOCAL header...)."""
+def _carried(source: Any, destination: Any, local_proxy: bool = True) -> tuple[Any, Any] | None:
+    """
+    The TCP addresses a header carries, canonical; None for none (a LOCAL
+    header...). A loopback or unspecified source only from a C{local_proxy}.
+    """
     addresses = []
     for address in (source, destination):
         if not isinstance(address, (IPv4Address, IPv6Address)) or address.type != "TCP":
@@ -145,11 +153,24 @@ def _carried(source: Any, destination: Any) -> tuple[Any, Any] | None:
             raise ProxyHeaderError("bad PROXY header (an address of the wrong family)")
         if not 0 <= address.port <= 65535:
             raise ProxyHeaderError("bad PROXY header (a port out of range)")
+        if not addresses and not local_proxy and _is_local_address(host):
+            raise ProxyHeaderError(
+                "bad PROXY header (a loopback or unspecified client from a proxy not on loopback)"
+            )
         kind = IPv6Address if ":" in host else IPv4Address  # IPv4-mapped: IPv4
         if kind is not type(address) or host != address.host:
             address = kind("TCP", host, address.port)
         addresses.append(address)
     return addresses[0], addresses[1]
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_local_address(host: str | None) -> bool:
+    """Whether C{host} (canonical) is a loopback or the unspecified address."""
+    if host is None:
+        return False
+    ip = ipaddress.ip_address(host)
+    return ip.is_loopback or ip.is_unspecified
 
 
 def _carry(transport: Any, source: Any, destination: Any) -> None:
@@ -167,7 +188,9 @@ class _HeaderReader(protocol.Protocol):
     """
     A trusted proxy's connection until its header is read; then the front
     door's (limited) protocol is built for the client it names and takes
-    over the connection.
+    over the connection. While it waits it is counted in L{Connections}
+    (L{Connections.await_header}), and released exactly once: when the
+    header comes, or the connection ends or is closed.
     """
 
     def __init__(self, factory: ProxyProtocolFactory, addr: Any) -> None:
@@ -176,14 +199,41 @@ class _HeaderReader(protocol.Protocol):
         self.wrapped: Any = None
         self._buffer = b""
         self._timer: Any = None
+        self._deadline = 0.0
+        self._local = _is_local_address(ip_or_none(getattr(addr, "host", None)))
 
     def connectionMade(self) -> None:
-        self._timer = self.factory.reactor.callLater(self.factory.timeout, self._expired)
+        reactor, timeout = self.factory.reactor, self.factory.timeout
+        if self.factory.connections.relaying:
+            # A connection of the gateway's own relay is usually accepted on
+            # the reactor turn before the relay's side sees it connected (and
+            # registers it): look again then, so that its client gets the
+            # door's greeting at once rather than at the deadline.
+            self._deadline = reactor.seconds() + timeout
+            self._timer = reactor.callLater(0, self._next_turn)
+        else:
+            self._timer = reactor.callLater(timeout, self._expired)
+
+    def _next_turn(self) -> None:
+        self._timer = None
+        if self not in self.factory.connections.headers:
+            return  # aborted by the drain: it ends on this turn
+        if self.factory.connections.is_own_outbound(self.addr):
+            self._as_peer()
+            return
+        reactor = self.factory.reactor
+        self._timer = reactor.callLater(max(0.0, self._deadline - reactor.seconds()), self._expired)
 
     def dataReceived(self, data: bytes) -> None:
+        if self.wrapped is not None:  # handed over as any peer's connection (L{_as_peer})
+            self.wrapped.dataReceived(data)
+            return
         self._buffer += data
+        if self.factory.connections.is_own_outbound(self.addr):
+            self._as_peer()
+            return
         try:
-            header = read_header(self._buffer, self.factory.parsers)
+            header = read_header(self._buffer, self.factory.parsers, self._local)
         except ProxyHeaderError as e:
             self._close("closing a connection from proxy {peer}: {why}", str(e))
             return
@@ -194,22 +244,49 @@ class _HeaderReader(protocol.Protocol):
         self._stop()
         rest, self._buffer = self._buffer[size:], b""
         transport = self.transport
+        if not self.factory.connections.header_done(self):
+            transport.abortConnection()  # the drain began (and aborted it): no session now
+            return
         if source is not None:
             _carry(transport, source, destination)
         inner = self.factory.wrappedFactory.buildProtocol(source or self.addr)
+        if inner is not None:
+            self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
+        self._hand_over(inner, rest)
+
+    def _as_peer(self) -> None:
+        """
+        The connection comes from the gateway's own SOCKS relay after all
+        (accepted before the relay's side knew it was connected): served as
+        any other peer's, spoofed header refused, from now on.
+        """
+        self._stop()
+        rest, self._buffer = self._buffer, b""
+        if not self.factory.connections.header_done(self):
+            self.transport.abortConnection()  # the drain began (and aborted it)
+            return
+        self._hand_over(self.factory.untrusted(self.addr), rest)
+
+    def _hand_over(self, inner: Any, rest: bytes) -> None:
+        """C{inner} takes over the connection, C{rest} its first bytes."""
+        transport = self.transport
         if inner is None:
             transport.loseConnection()
             return
         self.wrapped = inner
         if IHalfCloseableProtocol.providedBy(inner):  # as the door does
             alsoProvides(self, IHalfCloseableProtocol)
-        self.dataReceived = inner.dataReceived  # type: ignore[method-assign]
         inner.makeConnection(transport)
         if rest and not getattr(transport, "disconnecting", False):
             inner.dataReceived(rest)
 
     def _expired(self) -> None:
         self._timer = None
+        if self not in self.factory.connections.headers:
+            return  # aborted by the drain: it ends on this turn
+        if self.factory.connections.is_own_outbound(self.addr):
+            self._as_peer()  # a client of the relay waiting for a greeting
+            return
         self._close(
             "closing a connection from proxy {peer}: no PROXY header within {timeout} s",
             timeout=self.factory.timeout,
@@ -218,6 +295,7 @@ class _HeaderReader(protocol.Protocol):
     def _close(self, format: str, why: str = "", **fields: Any) -> None:
         self._stop()
         self._buffer = b""
+        self.factory.connections.header_done(self)
         peer = ip_or_none(getattr(self.addr, "host", None))
         self.factory.refusal_log.warn(
             log, ("header", peer), "{listener}: " + format,
@@ -232,6 +310,7 @@ class _HeaderReader(protocol.Protocol):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._stop()
+        self.factory.connections.header_done(self)
         if self.wrapped is not None:
             self.wrapped.connectionLost(reason)
 
@@ -291,6 +370,7 @@ class ProxyProtocolFactory(_WrapperFactory):
     def __init__(
         self,
         wrapped: protocol.Factory,
+        connections: Connections,
         networks: Sequence[Any],
         reactor: Any,
         timeout: float,
@@ -298,6 +378,7 @@ class ProxyProtocolFactory(_WrapperFactory):
         listener: str | None = None,
     ) -> None:
         self.wrappedFactory = wrapped
+        self.connections = connections
         self.networks = tuple(networks)
         self.reactor = reactor
         self.timeout = timeout
@@ -314,8 +395,24 @@ class ProxyProtocolFactory(_WrapperFactory):
         return _log_prefix(self.wrappedFactory)
 
     def buildProtocol(self, addr: Any) -> Any:
-        if in_networks(ip_or_none(getattr(addr, "host", None)), self.networks):
-            return _HeaderReader(self, addr)
+        peer = ip_or_none(getattr(addr, "host", None))
+        connections = self.connections
+        # The gateway's own SOCKS relay may come from an address of those
+        # networks (a proxy on this host): its users are no proxy.
+        if not in_networks(peer, self.networks) or connections.is_own_outbound(addr):
+            return self.untrusted(addr)
+        reader = _HeaderReader(self, addr)
+        why = connections.await_header(reader, peer, self.limit.name)
+        if why is None:
+            return reader
+        self.refusal_log.warn(
+            log, ("room", peer), "{listener}: refusing a connection from proxy {peer}: {why}",
+            listener=self.listener, peer=peer, why=why,
+        )
+        return None
+
+    def untrusted(self, addr: Any) -> Any:
+        """Any other peer's connection: the door's, checked for a spoofed header."""
         inner = self.wrappedFactory.buildProtocol(addr)
         return None if inner is None else _guard(inner, self, addr)
 
@@ -334,7 +431,7 @@ def proxy_protocol(core: Core, limited: Any) -> protocol.Factory:
     if parsers is None:
         raise RuntimeError("this Twisted has no PROXY protocol parsers")
     return ProxyProtocolFactory(
-        limited, settings.proxy_protocol_from, core.reactor,
+        limited, connections, settings.proxy_protocol_from, core.reactor,
         settings.proxy_header_timeout, parsers, limited.listener,
     )
 

@@ -429,15 +429,17 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def opt_proxy_protocol_from(self, cidr: str) -> None:
         """
         A proxy network (CIDR) whose connections start with a PROXY protocol
-        v1 or v2 header naming the client, on every listener (repeatable);
-        from any other peer such a header is refused.
+        v1 or v2 header naming the client, sent at connect, on every TCP
+        listener (repeatable; not with haproxy: listeners); from any other
+        peer, and on unix: listeners, such a header is refused. Only the
+        proxies' own addresses: no /0.
         """
         if proxy_header_parsers() is None:
             raise usage.UsageError(
                 "--proxy-protocol-from: this Twisted has no PROXY protocol parsers"
                 " (twisted.protocols.haproxy)"
             )
-        self.setdefault("proxyProtocolFrom", []).append(_network("proxy-protocol-from", cidr))
+        self.setdefault("proxyProtocolFrom", []).append(_proxy_network(cidr))
 
     def opt_socks_allow(self, rule: str) -> None:
         """
@@ -612,6 +614,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
             self["endpoints"][name] = description
+            if self.get("proxyProtocolFrom") and description.lower().startswith("haproxy:"):
+                raise usage.UsageError(
+                    f"--{name} {description!r}: a haproxy: listener takes a PROXY header from"
+                    " every peer; with --proxy-protocol-from give it as a plain endpoint"
+                    " (without haproxy:)"
+                )
         for option, top in (("ipv4-prefix", 32), ("ipv6-prefix", 64), ("unauthenticated-share", 1)):
             if self[option] > top:
                 raise usage.UsageError(f"--{option} {self[option]}: must be at most {top}")
@@ -739,6 +747,38 @@ def _network(option: str, cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Ne
         return ipaddress.ip_network(cidr.strip(), strict=False)
     except ValueError as e:
         raise usage.UsageError(f"--{option} {cidr!r}: {e}") from None
+
+
+#: IPv4-mapped IPv6 addresses: the gateway sees their peers as IPv4 ones.
+_IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+
+def _proxy_network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """
+    A C{--proxy-protocol-from} network: its peers may name any client, so a
+    slip must not go unnoticed: host bits set and C{/0} (everyone) are
+    usage errors; an IPv4-mapped network is its IPv4 network (peers are
+    matched as IPv4), one only partly IPv4-mapped a usage error.
+    """
+    try:
+        network = ipaddress.ip_network(cidr.strip(), strict=True)
+    except ValueError as e:
+        raise usage.UsageError(f"--proxy-protocol-from {cidr!r}: {e}") from None
+    if network.prefixlen == 0:
+        raise usage.UsageError(
+            f"--proxy-protocol-from {cidr!r}: every address would be a proxy (and could name"
+            " any client): give the proxies' own networks"
+        )
+    if isinstance(network, ipaddress.IPv6Network) and network.overlaps(_IPV4_MAPPED):
+        if not network.subnet_of(_IPV4_MAPPED):
+            raise usage.UsageError(
+                f"--proxy-protocol-from {cidr!r}: it holds IPv4-mapped addresses"
+                " (::ffff:0:0/96); give the IPv4 and IPv6 networks apart"
+            )
+        mapped = network.network_address.ipv4_mapped
+        assert mapped is not None
+        return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
 
 
 def _check_readable(what: str, path: str) -> None:

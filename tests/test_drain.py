@@ -367,6 +367,50 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(self.lines()[-1],
                          "drain ended after 30.0 s: 1 session(s) finished, 1 aborted (socks 1)")
 
+    def test_pending_proxy_headers_aborted(self) -> None:
+        """
+        A trusted proxy's connection still waiting for its header is aborted
+        when the drain starts (counted in its line); a header arriving after
+        that builds no session, and no new one is awaited.
+        """
+        import ipaddress
+        import types
+
+        from gateway.connections import limit_connections
+
+        self.connections = Connections(
+            ListenSettings(proxy_protocol_from=(ipaddress.ip_network("10.0.0.0/8"),))
+        )
+        self.shutdown = Shutdown(self.reactor, self.connections, timeout=30.0)
+        built: list[FakeSession] = []
+        factory = limit_connections(
+            types.SimpleNamespace(connections=self.connections, reactor=self.reactor),
+            protocol.Factory.forProtocol(lambda: built.append(FakeSession()) or built[-1]),
+            "smtp", "smtp", 10,
+        )
+        proxy = IPv4Address("TCP", "10.1.1.1", 40000)
+        readers = []
+        for _ in range(2):
+            reader = factory.buildProtocol(proxy)
+            transport = AbortTransport(peerAddress=proxy)
+            reader.makeConnection(transport)
+            readers.append((reader, transport))
+        d = self.shutdown.stop([self.listener], [self.core])
+        self.assertTrue(all(transport.aborted for _, transport in readers))
+        self.assertEqual(self.connections.open, 0)
+        readers[0][0].dataReceived(b"PROXY TCP4 192.0.2.7 198.51.100.1 4242 25\r\n")
+        self.assertEqual(built, [])
+        self.assertIsNone(factory.buildProtocol(proxy))
+        for reader, _ in readers:
+            reader.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(self.connections.open, 0)
+        self.successResultOf(d)
+        self.assertEqual(
+            self.lines()[0],
+            "draining 0 session(s) (none) for up to 30 s; 2 connection(s) waiting for a PROXY"
+            " header aborted",
+        )
+
     def test_abort_not_finished(self) -> None:
         """A transport whose abort never ends the connection holds the stop ABORT_GRACE at most."""
         self.session("socks")

@@ -10,6 +10,7 @@ import ipaddress
 import socket
 import struct
 import types
+from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +23,13 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import tap
-from gateway.connections import Connections, LimitedFactory, ListenSettings, limit_connections
+from gateway.connections import (
+    MAX_PENDING_HEADERS_PER_PROXY,
+    Connections,
+    LimitedFactory,
+    ListenSettings,
+    limit_connections,
+)
 from gateway.proxyproto import (
     MAX_V1_HEADER,
     MAX_V2_PAYLOAD,
@@ -102,11 +109,14 @@ class Harness(SynchronousTestCase):
     """A listener through L{limit_connections} with C{--proxy-protocol-from 10.0.0.0/8}."""
 
     max_per_peer = 10
+    networks = (PROXY_NET,)
+    budget = None
 
     def setUp(self):
         self.clock = MemoryReactorClock()
         self.connections = Connections(
-            ListenSettings(proxy_protocol_from=(PROXY_NET,), proxy_header_timeout=3.0),
+            ListenSettings(proxy_protocol_from=self.networks, proxy_header_timeout=3.0),
+            budget=self.budget,
         )
         self.core = types.SimpleNamespace(connections=self.connections, reactor=self.clock)
         self.doors = DoorFactory()
@@ -395,6 +405,189 @@ class UntrustedTests(Harness):
         self.assertIsNone(self.factory.buildProtocol(CLIENT))
 
 
+class PendingHeaderTests(Harness):
+    """Connections waiting for their header hold a descriptor: counted, bounded."""
+
+    budget = 4096
+
+    def test_counted_until_the_header(self):
+        proto, transport = self.connect(PROXY)
+        self.assertEqual(self.connections.open, 1)
+        self.assertEqual(self.connections.unauthenticated["smtp"], 1)
+        self.assertEqual(dict(self.connections.headers_per_proxy), {"10.1.1.1": 1})
+        proto.dataReceived(V1)
+        self.assertEqual(self.connections.open, 1)  # now the client's own admission
+        self.assertEqual(self.connections.headers, {})
+        self.assertEqual(dict(self.connections.headers_per_proxy), {})
+        proto.connectionLost(Failure(protocol.connectionDone))
+        self.assertEqual(self.connections.open, 0)
+        self.assertEqual(+self.connections.unauthenticated, Counter())
+
+    def test_released_once(self):
+        """Closed for a bad or late header, lost without one: released exactly once."""
+        for chunks, late in (((b"EHLO x\r\n",), False), ((), True), ((), False)):
+            proto, transport = self.connect(PROXY, *chunks)
+            if late:
+                self.clock.advance(3.1)
+                self.assertTrue(transport.aborted)
+            proto.connectionLost(Failure(protocol.connectionDone))
+            self.assertEqual(self.connections.open, 0)
+            self.assertEqual(self.connections.headers, {})
+            self.assertEqual(+self.connections.unauthenticated, Counter())
+
+    def test_bounded_per_proxy(self):
+        readers = [self.connect(PROXY)[0] for _ in range(MAX_PENDING_HEADERS_PER_PROXY)]
+        self.assertIsNone(self.factory.buildProtocol(PROXY))
+        self.assertIsNone(self.factory.buildProtocol(PROXY))
+        [line] = self.lines()
+        self.assertIn(f"refusing a connection from proxy 10.1.1.1: {MAX_PENDING_HEADERS_PER_PROXY}",
+                      line)
+        other = IPv4Address("TCP", "10.1.1.2", 40000)
+        self.assertIsNotNone(self.factory.buildProtocol(other))
+        readers[0].connectionLost(Failure(protocol.connectionDone))
+        self.assertIsNotNone(self.factory.buildProtocol(PROXY))
+
+    def test_budget(self):
+        """No room in the budget: refused at accept (the socket closed at once)."""
+        self.connections.open = self.budget
+        self.assertIsNone(self.factory.buildProtocol(PROXY))
+        self.connections.open = 0
+        self.assertIsNotNone(self.factory.buildProtocol(PROXY))
+
+    def test_unauthenticated_share(self):
+        """They are unauthenticated: they cannot take the room of authenticated sessions."""
+        room = 0
+        while room <= self.budget and self.factory.buildProtocol(
+            IPv4Address("TCP", f"10.2.{room // 256}.{room % 256}", 1)
+        ) is not None:
+            room += 1
+        self.assertEqual(room, self.budget // 2)  # the one door's unauthenticated share
+        self.assertEqual(self.connections.open, room)
+
+
+class OwnRelayTests(Harness):
+    """The gateway's own SOCKS relay is never a trusted proxy, even from a proxy network."""
+
+    def test_relay_is_any_peer(self):
+        self.connections.outbound_opened(PROXY)
+        proto, transport = self.connect(PROXY)
+        self.assertEqual(transport.value(), GREETING)  # at once: no header awaited
+        self.assertEqual(self.connections.headers, {})
+        proto.dataReceived(V1 + b"EHLO x\r\n")
+        self.assertTrue(transport.aborted)
+        self.assertEqual(self.door().data, b"")
+        self.assertIn("refusing a PROXY header from 10.1.1.1", self.lines()[0])
+        self.connections.outbound_closed(PROXY)
+        self.doors.built.clear()
+        self.connect(PROXY)
+        self.assertEqual(self.doors.built, [])  # a proxy again: a header is awaited
+
+    def test_relay_known_late(self):
+        """Accepted before the relay registered its side: found out at its first bytes."""
+        proto, transport = self.connect(PROXY)
+        self.connections.outbound_opened(PROXY)
+        proto.dataReceived(b"EHLO x\r\n")
+        door = self.door()
+        self.assertEqual((door.peer, door.data), (PROXY, b"EHLO x\r\n"))
+        self.assertEqual(self.connections.headers, {})
+        self.assertEqual(self.connections.open, 1)
+        proto.dataReceived(b"NOOP\r\n")
+        self.assertEqual(door.data, b"EHLO x\r\nNOOP\r\n")
+        proto.connectionLost(Failure(protocol.connectionDone))
+        self.assertTrue(door.lost)
+        self.assertEqual(self.connections.open, 0)
+
+    def test_relay_known_late_spoofing(self):
+        proto, transport = self.connect(PROXY)
+        self.connections.outbound_opened(PROXY)
+        proto.dataReceived(V1)
+        self.assertTrue(transport.aborted)
+        self.assertEqual(self.door().data, b"")
+
+    def test_relay_known_late_silent(self):
+        """A relay client waiting for a greeting gets it at the header deadline, not a close."""
+        proto, transport = self.connect(PROXY)
+        self.connections.outbound_opened(PROXY)
+        self.clock.advance(3.1)
+        self.assertFalse(transport.aborted)
+        self.assertEqual(transport.value(), GREETING)
+
+    def test_relay_known_next_turn(self):
+        """
+        With a SOCKS door, a proxy's connection is looked at again on the next
+        reactor turn (when the relay has seen its side connected): the relay's
+        client gets the greeting then, not at the deadline.
+        """
+        self.connections.relaying = True
+        _, transport = self.connect(PROXY)
+        self.connections.outbound_opened(PROXY)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0)
+        self.assertEqual(transport.value(), GREETING)
+        self.assertEqual(self.connections.headers, {})
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_relaying_keeps_the_deadline(self):
+        self.connections.relaying = True
+        _, transport = self.connect(PROXY)
+        self.clock.advance(0)
+        self.clock.advance(2.9)
+        self.assertFalse(transport.aborted)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.aborted)
+        proto, _ = self.connect(PROXY, V1)
+        self.assertEqual(self.door().peer, CLIENT)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_mapped_peer(self):
+        """A dual-stack listener sees the relay's IPv4 side IPv4-mapped."""
+        self.connections.outbound_opened(IPv4Address("TCP", "10.1.1.1", 40000))
+        self.assertTrue(self.connections.is_own_outbound(
+            IPv6Address("TCP", "::ffff:10.1.1.1", 40000)))
+        self.assertFalse(self.connections.is_own_outbound(
+            IPv6Address("TCP", "::ffff:10.1.1.1", 40001)))
+
+
+class LocalClientTests(Harness):
+    """A loopback or unspecified client only from a proxy on loopback."""
+
+    networks = (PROXY_NET, ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+    HEADERS = (
+        b"PROXY TCP4 127.0.0.1 10.9.9.9 4242 25\r\n",
+        b"PROXY TCP4 127.8.0.1 10.9.9.9 4242 25\r\n",
+        b"PROXY TCP4 0.0.0.0 10.9.9.9 4242 25\r\n",
+        b"PROXY TCP6 ::1 2001:db8::1 4242 25\r\n",
+        b"PROXY TCP6 :: 2001:db8::1 4242 25\r\n",
+        b"PROXY TCP6 ::ffff:127.0.0.1 2001:db8::1 4242 25\r\n",
+        v2(addresses=socket.inet_aton("127.0.0.1") + socket.inet_aton("10.9.9.9")
+           + struct.pack("!HH", 4242, 25)),
+    )
+
+    def test_refused_from_a_remote_proxy(self):
+        for header in self.HEADERS:
+            _, transport = self.connect(PROXY, header)
+            self.assertTrue(transport.aborted, header)
+        self.assertEqual(self.doors.built, [])
+        self.assertEqual(self.connections.open, 0)
+        [line] = self.lines()  # rate-limited
+        self.assertIn("a loopback or unspecified client from a proxy not on loopback", line)
+
+    def test_accepted_from_a_local_proxy(self):
+        for proxy in (IPv4Address("TCP", "127.0.0.1", 40000), IPv6Address("TCP", "::1", 40000),
+                      IPv6Address("TCP", "::ffff:127.0.0.1", 40000)):
+            for header in self.HEADERS:
+                self.doors.built.clear()
+                _, transport = self.connect(proxy, header)
+                self.assertFalse(transport.aborted, header)
+                self.assertEqual(len(self.doors.built), 1)
+
+    def test_destination_may_be_loopback(self):
+        """Only the client grants privileges: a loopback destination is fine."""
+        self.connect(PROXY, b"PROXY TCP4 192.0.2.7 127.0.0.1 4242 25\r\n")
+        self.assertEqual(self.door().peer, CLIENT)
+
+
 class SignatureTests(SynchronousTestCase):
     def test_states(self):
         self.assertIsNone(signature_state(b"PROX"))
@@ -440,6 +633,38 @@ class WiringTests(SynchronousTestCase):
         self.assertTrue(factories)
         for factory in factories:
             self.assertIsInstance(factory, ProxyProtocolFactory)
+
+    def options(self, *args):
+        options = tap.Options()
+        options.parseOptions(["--auth", "memory:a:b", "--data-dir", self.mktemp(), *args])
+        return options
+
+    def test_haproxy_listener_refused(self):
+        """A haproxy: listener would take a header from anyone: a usage error naming it."""
+        from twisted.python import usage
+
+        with self.assertRaises(usage.UsageError) as e:
+            self.options("--proxy-protocol-from", "10.0.0.0/8", "--socks", "haproxy:tcp:1080")
+        self.assertIn("--socks 'haproxy:tcp:1080': a haproxy: listener", str(e.exception))
+        self.options("--socks", "haproxy:tcp:1080")  # alone, as before
+
+    def test_networks_checked(self):
+        from twisted.python import usage
+
+        for cidr, why in (("0.0.0.0/0", "every address"), ("::/0", "every address"),
+                          ("10.0.0.1/8", "has host bits set"),
+                          ("::/64", "IPv4-mapped"), ("::fffe:0:0/95", "IPv4-mapped")):
+            with self.assertRaises(usage.UsageError) as e:
+                self.options("--proxy-protocol-from", cidr)
+            self.assertIn(f"--proxy-protocol-from {cidr!r}", str(e.exception))
+            self.assertIn(why, str(e.exception))
+
+    def test_mapped_network_folded(self):
+        """Peers are matched as IPv4 (IPv4-mapped folded): so is an IPv4-mapped network."""
+        options = self.options("--proxy-protocol-from", "::ffff:10.0.0.0/104",
+                               "--proxy-protocol-from", "::ffff:127.0.0.1/128")
+        self.assertEqual(options["listenSettings"].proxy_protocol_from,
+                         (PROXY_NET, ipaddress.ip_network("127.0.0.1/32")))
 
     def test_bad_network(self):
         from twisted.python import usage

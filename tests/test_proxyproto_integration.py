@@ -91,6 +91,10 @@ class BehindHAProxyTests(TestCase):
             "--socks", f"tcp:{self.ports['socks']}:interface=127.0.0.1",
             "--smtp-hostname", "gw.example",
             "--socks-allow", f"127.0.0.1:{self.echo_port}",
+            # The relay may reach the gateway's own SMTP listener, from 127.0.0.1: a
+            # network of --proxy-protocol-from (test_socks_relay_is_no_proxy).
+            "--socks-allow", f"127.0.0.1:{self.ports['smtp']}",
+            "--smtp-trusted-network", "10.9.0.0/16",
             "--proxy-protocol-from", "127.0.0.1/32",
             "--failure-delay", "0", "--failure-delay-max", "0",
         ])
@@ -235,3 +239,47 @@ class BehindHAProxyTests(TestCase):
             f"{door}: refusing a PROXY header from 127.0.0.2, not a proxy of --proxy-protocol-from"
             for door in ("http", "https", "smtp", "socks")
         ])
+
+    @defer.inlineCallbacks
+    def test_socks_relay_is_no_proxy(self):
+        """
+        A SOCKS tunnel to the gateway's own SMTP listener comes from 127.0.0.1,
+        a proxy network here, but it is the gateway's relay: served as any
+        peer (the greeting at once), and a header through it naming a trusted
+        network is refused, nothing submitted without AUTH.
+        """
+        socks = self.socks
+
+        def through_socks():
+            sock = socks.create_connection(
+                ("127.0.0.1", self.ports["smtp"]), timeout=20, source_address=("127.0.0.2", 0),
+                proxy_type=socks.SOCKS5, proxy_addr="127.0.0.1", proxy_port=self.ports["socks"],
+                proxy_rdns=False, proxy_username="daniel", proxy_password="tiger",
+            )
+            with sock:
+                sock.settimeout(2)  # before the fix: no greeting until a header
+                greeting = sock.recv(1024)
+                sock.settimeout(20)
+                sock.sendall(
+                    b"PROXY TCP4 10.9.1.1 127.0.0.1 1 25\r\nEHLO x\r\n"
+                    b"MAIL FROM:<ceo@example.com>\r\nRCPT TO:<victim@example.org>\r\nDATA\r\n"
+                    b"Subject: forged\r\n\r\nhi\r\n.\r\nQUIT\r\n"
+                )
+                rest = b""
+                try:
+                    while chunk := sock.recv(1024):
+                        rest += chunk
+                except OSError:
+                    pass
+                return greeting, rest
+
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        greeting, rest = yield threads.deferToThread(through_socks)
+        self.assertTrue(greeting.startswith(b"220 "), greeting)
+        self.assertEqual(rest, b"")
+        self.assertEqual(self.spooled(), [])
+        lines = [formatEvent(e) for e in events if e.get("log_namespace") == "gateway.proxyproto"]
+        self.assertEqual(lines, ["smtp: refusing a PROXY header from 127.0.0.1, not a proxy of"
+                                 " --proxy-protocol-from"])

@@ -587,6 +587,24 @@ class ReplyTests(SOCKSTestCase):
         self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
 
 
+class OwnOutboundTests(SOCKSTestCase):
+    """The relay's outbound connections are known to the core while they are open."""
+
+    def test_registered_while_open(self):
+        self.make()
+        connections = Connections()
+        self.factory.connections = connections
+        self.login()
+        self.send(request(PUBLIC, 443))
+        proto, remote = self.outbound(local=("127.0.0.1", 40001))
+        accepted = IPv6Address("TCP", "::ffff:127.0.0.1", 40001)  # a dual-stack listener's view
+        self.assertTrue(connections.is_own_outbound(accepted))
+        self.assertFalse(connections.is_own_outbound(IPv4Address("TCP", "127.0.0.1", 40002)))
+        proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertFalse(connections.is_own_outbound(accepted))
+        self.assertEqual(dict(connections.own_outbound), {})
+
+
 class AllowAndACLTests(SOCKSTestCase):
     def test_socks_allow(self):
         self.make(allow=(AllowRule.parse("10.0.0.0/8:443"),))

@@ -7,7 +7,10 @@ runs the top service's C{stopService}, which hands its children to
 L{Shutdown.stop}:
 
 1. every listener stops at once: no new connection is accepted;
-2. each front door's open sessions (L{Connections.sessions}) are asked to
+2. connections of trusted proxies still waiting for their PROXY header are
+   aborted (they are no session yet; built now, one would never be asked to
+   drain), and a header coming after that builds none;
+   each front door's open sessions (L{Connections.sessions}) are asked to
    finish through their protocol's C{drain()} (SMTP: C{421 4.3.2} at the
    next command, after a message in DATA is spooled and acknowledged; HTTP:
    idle keep-alive connections close, requests in flight are answered with
@@ -99,6 +102,7 @@ class Shutdown:
         await self._wait(_stop_all(reversed(services)))
 
     async def _drain(self) -> None:
+        headers = self.connections.abort_headers()
         sessions = [
             (door, entry)
             for door, entries in self.connections.sessions.items()
@@ -106,8 +110,9 @@ class Shutdown:
         ]
         per_door = Counter(door for door, _ in sessions)
         log.info(
-            "draining {total} session(s) ({doors}) for up to {timeout:g} s",
-            total=len(sessions), doors=_per_door(per_door), timeout=self.timeout,
+            "draining {total} session(s) ({doors}) for up to {timeout:g} s"
+            + ("; {headers} connection(s) waiting for a PROXY header aborted" if headers else ""),
+            total=len(sessions), doors=_per_door(per_door), timeout=self.timeout, headers=headers,
         )
         started = self.reactor.seconds()
         closed = [self.connections.when_closed(entry) for _, entry in sessions]

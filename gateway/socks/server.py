@@ -42,7 +42,7 @@ from zope.interface import implementer
 from gateway.acl import ask
 from gateway.addresses import network_keys, normalize_ip, peer_key
 from gateway.authinfo import AuthInfo, IAuthInfo, IdentityContext
-from gateway.connections import authenticated, limit_connections, login_running
+from gateway.connections import Connections, authenticated, limit_connections, login_running
 from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta
 from gateway.ratelog import LogRateLimiter, suppressed_note
@@ -204,8 +204,13 @@ class SOCKSFactory(protocol.ServerFactory):
         settings: SOCKSSettings,
         reactor: Any,
         listener: str = "socks",
+        connections: Connections | None = None,
     ) -> None:
         self.portal = portal
+        #: Told of each outbound connection's local end while it is open, so
+        #: that the gateway's listeners never take the relay for a trusted
+        #: PROXY-protocol proxy (L{Connections.is_own_outbound}).
+        self.connections = connections
         self.acl = acl
         self.settings = settings
         self.reactor = reactor
@@ -735,9 +740,14 @@ class _Outbound(protocol.Protocol):
         self.remote_done = False
         self.lost = False
         self._abort: Any = None
+        self._local: Any = None  # the local end, as registered
 
     def connectionMade(self) -> None:
-        self.server.factory.outbound_open += 1
+        factory = self.server.factory
+        factory.outbound_open += 1
+        if factory.connections is not None:
+            self._local = self.transport.getHost()
+            factory.connections.outbound_opened(self._local)
 
     def dataReceived(self, data: bytes) -> None:
         server = self.server
@@ -772,6 +782,9 @@ class _Outbound(protocol.Protocol):
             self._abort.cancel()
         server = self.server
         server.factory.outbound_open -= 1
+        if self._local is not None:
+            server.factory.connections.outbound_closed(self._local)
+            self._local = None
         if server.outbound is self and not server._gone:
             server._close("both sides finished" if self.client_done and self.remote_done
                           else "destination closed")
@@ -804,12 +817,15 @@ class SOCKSDoor:
         self.factories: list[SOCKSFactory] = []
         # Outbound connections count against the descriptor budget too.
         core.connections.add_source(lambda: sum(f.outbound_open for f in self.factories))
+        core.connections.relaying = True  # see Connections.is_own_outbound
 
     def listen(
         self, endpoint: Any, name: str, tls: Any | None
     ) -> internet.StreamServerEndpointService:
         core = self.core
-        factory = SOCKSFactory(core.portal, core.acl, self.settings, core.reactor, name)
+        factory = SOCKSFactory(
+            core.portal, core.acl, self.settings, core.reactor, name, core.connections
+        )
         self.factories.append(factory)
         limited = limit_connections(
             core, factory, "socks", name, self.settings.max_sessions_per_peer, tls=tls
