@@ -12,8 +12,20 @@ client the header names) and its transport's C{getPeer} and C{getHost}
 answer the carried addresses, so every layer above (TLS, caps, throttle,
 ACL C{Machine}, AuthInfo C{peer_address}, logs, the spool's C{Received})
 sees the client. A LOCAL (v2), UNKNOWN (v1) or non-TCP header keeps the
-proxy's own addresses (health checks). A bad, oversized or late header
-closes the connection with one log line (rate-limited per proxy).
+proxy's own addresses (health checks). A bad, oversized or late header, or
+one naming a loopback or unspecified client from a proxy not on loopback,
+closes the connection with one log line (rate-limited per proxy). Until its
+header comes a connection counts as one descriptor in L{Connections} (the
+budget, its door's unauthenticated share, at most
+L{gateway.connections.MAX_PENDING_HEADERS_PER_PROXY} per proxy address: more are refused at
+accept), and the drain aborts it.
+
+The gateway's own SOCKS relay is no proxy, even from those networks: a
+connection whose peer is one of its outbound connections
+(L{Connections.is_own_outbound}) is any other peer's. The relay usually
+registers its side a reactor turn after the listener accepted it, so a
+trusted connection is looked at again then (with a SOCKS door) and at its
+first bytes, which the relay can only send once registered.
 
 From any other peer the bytes pass straight through, but a connection whose
 first bytes are a PROXY v1 or v2 signature is closed (rate-limited log
@@ -26,7 +38,7 @@ transport's C{dataReceived} calls go to the door's (limited) protocol
 directly, and its writes never pass through here.
 
 Listeners under Twisted's own C{haproxy:} endpoint prefix (a header from
-every peer) are left as they are.
+every peer) are left as they are (with C{--proxy-protocol-from}, a usage error).
 """
 
 from __future__ import annotations
