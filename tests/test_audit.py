@@ -78,7 +78,8 @@ class RecordTests(SynchronousTestCase):
             line,
             b'{"time": "2026-11-26T11:40:01.123Z", "event": "login", "outcome": "failure",'
             b' "reason": "invalid_credentials", "protocol": "smtp", "listener": "smtps",'
-            b' "peer_address": "192.0.2.7", "peer_port": 40123, "tls": true,'
+            b' "peer_address": "192.0.2.7", "peer_network": "192.0.2.7", "peer_port": 40123,'
+            b' "tls": true,'
             b' "mechanism": "PLAIN", "identity": "daniel", "identities": null,'
             b' "groups": null, "duration_ms": 12.346}\n',
         )
@@ -91,8 +92,8 @@ class RecordTests(SynchronousTestCase):
     def test_authz(self) -> None:
         record = authz_record(authz_event())
         self.assertEqual(list(record), [
-            "time", "event", "outcome", "protocol", "listener", "peer_address", "peer_port",
-            "tls", "identities", "groups", "resource", "privilege", "allowed",
+            "time", "event", "outcome", "protocol", "listener", "peer_address", "peer_network",
+            "peer_port", "tls", "identities", "groups", "resource", "privilege", "allowed",
         ])
         self.assertEqual(
             (record["event"], record["outcome"], record["resource"], record["privilege"],
@@ -112,6 +113,31 @@ class RecordTests(SynchronousTestCase):
                                           peer_port=None, tls=None, mechanism=None, identity=None))
         self.assertEqual({k: record[k] for k in ("protocol", "peer_address", "tls", "identity")},
                          dict.fromkeys(("protocol", "peer_address", "tls", "identity")))
+
+    def test_peer_network(self) -> None:
+        """
+        The throttle's key of the peer, before any text a client chose: an
+        IPv6 peer's /64 (what fail2ban bans), an IPv4 (or IPv4-mapped) peer's
+        address, null without an IP address.
+        """
+        cases = {
+            "2001:db8:1:2::7": "2001:db8:1:2::/64",
+            "2001:DB8:1:2:ffff:1:2:3": "2001:db8:1:2::/64",
+            "fe80::1%eth0": "fe80::/64",
+            "::ffff:192.0.2.7": "192.0.2.7",
+            "192.0.2.7": "192.0.2.7",
+            "/run/authgateway.sock": None,
+            None: None,
+        }
+        for address, network in cases.items():
+            for line in (login_line(login_event(peer_address=address)),
+                         authz_line(authz_event(peer_address=address))):
+                record = json.loads(line)
+                self.assertEqual(record["peer_network"], network, address)
+                keys = list(record)
+                self.assertEqual(keys.index("peer_network"), keys.index("peer_address") + 1)
+        self.assertLess(login_line(login_event()).index(b'"peer_network"'),
+                        login_line(login_event()).index(b'"identity"'))
 
     def test_time(self) -> None:
         self.assertEqual(login_record(login_event(time=0.0))["time"], "1970-01-01T00:00:00.000Z")

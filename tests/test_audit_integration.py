@@ -240,3 +240,69 @@ class AuditLogIntegrationTests(SynchronousTestCase):
         # Our handler ran first, then twistd's rotated its log.
         self.assertIn(f"audit log {self.audit} reopened",
                       read_file(self.twistd_log + ".1").decode("utf-8", "replace"))
+
+
+#: The jail's C{maxretry} and the IPv6 /64 a guesser rotates its address in.
+JAIL = os.path.join(ROOT, "contrib", "fail2ban", "jail.d", "authgateway.local")
+ROTATING = "2001:db8:1:2"
+
+#: Fed the "<ip> <time>" lines fail2ban-regex prints, fail2ban's own failure
+#: manager (as a jail's) with the jail's maxretry prints what it bans.
+BANS = """
+import sys
+from fail2ban.server.failmanager import FailManager, FailManagerEmpty
+from fail2ban.server.ipdns import IPAddr
+from fail2ban.server.ticket import FailTicket
+manager = FailManager()
+manager.setMaxRetry(int(sys.argv[1]))
+for line in sys.stdin:
+    ip, when = line.split()
+    manager.addFailure(FailTicket(IPAddr(ip), float(when)))
+try:
+    while True:
+        print(manager.toBan().getID())
+except FailManagerEmpty:
+    pass
+"""
+
+
+class SubnetBanTests(SynchronousTestCase):
+    """
+    An IPv6 guesser rotating its address inside its /64 is banned as one
+    subnet: the filter matches C{peer_network}, fail2ban counts the /64.
+    """
+
+    def test_rotating_ipv6_guesser_banned(self) -> None:
+        from gateway.ops.audit import login_line
+        from gateway.ops.events import LoginEvent
+
+        fail2ban = require_tool("fail2ban-regex", "fail2ban")
+        with open(fail2ban) as script:
+            interpreter = script.readline()[2:].strip()  # fail2ban's own Python
+        maxretry = int(next(line.split("=")[1] for line in read_file(JAIL).decode().splitlines()
+                            if line.startswith("maxretry")))
+        start = 1795693201.0
+
+        def failure(n: int, address: str) -> bytes:
+            return login_line(LoginEvent(
+                time=start + n, protocol="smtp", listener="smtps", mechanism="PLAIN",
+                identity="daniel", outcome="failure", reason="invalid_credentials",
+                peer_address=address, peer_port=40000 + n, tls=True, duration=0.5))
+
+        path = os.path.abspath(self.mktemp())
+        lines = [failure(n, f"{ROTATING}:{n:x}::{n + 1:x}") for n in range(maxretry + 2)]
+        # Below the limit: a neighbour /64, and one IPv4 address.
+        lines += [failure(100 + n, f"2001:db8:1:3::{n + 1:x}") for n in range(maxretry - 1)]
+        lines += [failure(200 + n, "192.0.2.7") for n in range(maxretry - 1)]
+        write_file(path, b"".join(lines))
+        found = subprocess.run([fail2ban, "-o", "<ip> <time>", path, FILTER],
+                               capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(found.returncode, 0, found.stdout + found.stderr)
+        self.assertEqual(
+            collections.Counter(line.split()[0] for line in found.stdout.splitlines()),
+            collections.Counter({f"{ROTATING}::/64": maxretry + 2,
+                                 "2001:db8:1:3::/64": maxretry - 1, "192.0.2.7": maxretry - 1}))
+        banned = subprocess.run([interpreter, "-c", BANS, str(maxretry)], input=found.stdout,
+                                capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(banned.returncode, 0, banned.stderr)
+        self.assertEqual(banned.stdout.split(), [f"{ROTATING}::/64"])

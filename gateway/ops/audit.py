@@ -8,8 +8,8 @@ tools (fail2ban, a SIEM). The schema is in the README, "Audit log".
 A line is written with one C{write(2)} on a descriptor opened with
 C{O_APPEND}: nothing is buffered in the process, so a tailing reader sees
 each event at once and a crash loses none already written. Keys come in a
-fixed order (fail2ban's filter relies on it: the peer address comes before
-any text a client chose), strings are capped (L{MAX_TEXT}) and every control
+fixed order (fail2ban's filter relies on it: the peer address and network
+come before any text a client chose), strings are capped (L{MAX_TEXT}) and every control
 or non-ASCII character is escaped by JSON, so one event is one line whatever
 a client sent. A failing disk (ENOSPC) costs events, never a login: the
 failure is logged once per episode, with the count lost when writing works
@@ -30,6 +30,7 @@ from typing import Any
 from twisted.application import service
 from twisted.logger import Logger
 
+from gateway.addresses import ip_or_none, peer_key
 from gateway.fileio import reason
 from gateway.ops.events import AuthzEvent, LoginEvent
 from gateway.ops.signals import on_signal
@@ -92,12 +93,19 @@ def _session(info: Any, truncated: list[str]) -> tuple[str, str]:
 
 
 def _where(event: LoginEvent | AuthzEvent, truncated: list[str]) -> str:
-    """protocol, listener, peer_address, peer_port, tls: the keys every line has."""
+    """
+    protocol, listener, peer_address, peer_network, peer_port, tls: the keys
+    every line has. C{peer_network} is the throttle's key of the peer (the
+    IPv4 address, the IPv6 /64: one host usually owns a whole /64), what
+    fail2ban bans; null when the peer has no IP address.
+    """
     port = event.peer_port
+    network = peer_key(ip_or_none(event.peer_address))
     return (
         f'"protocol": {_text(event.protocol, "protocol", truncated)},'
         f' "listener": {_text(event.listener, "listener", truncated)},'
         f' "peer_address": {_text(event.peer_address, "peer_address", truncated)},'
+        f' "peer_network": {_text(network, "peer_network", truncated)},'
         f' "peer_port": {port if type(port) is int else "null"},'
         f' "tls": {_BOOLEAN.get(event.tls, "null")}'  # type: ignore[call-overload]
     )
