@@ -81,7 +81,7 @@ class RecordTests(SynchronousTestCase):
             b' "peer_address": "192.0.2.7", "peer_network": "192.0.2.7", "peer_port": 40123,'
             b' "tls": true,'
             b' "mechanism": "PLAIN", "identity": "daniel", "identities": null,'
-            b' "groups": null, "duration_ms": 12.346}\n',
+            b' "groups": null, "duration_ms": 12.346, "client_left": false}\n',
         )
 
     def test_login_success(self) -> None:

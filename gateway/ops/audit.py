@@ -139,7 +139,8 @@ def login_line(event: LoginEvent) -> bytes:
         f' "mechanism": {_text(event.mechanism, "mechanism", truncated)},'
         f' "identity": {_text(event.identity, "identity", truncated)},'
         f' "identities": {identities}, "groups": {groups},'
-        f' "duration_ms": {duration_ms}'
+        f' "duration_ms": {duration_ms},'
+        f' "client_left": {_BOOLEAN[event.client_left is True]}'
     )
     return line.encode("ascii") + _end(truncated)
 
