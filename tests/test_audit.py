@@ -24,6 +24,7 @@ from gateway.acl import AllowAuthenticated, Policy, ask, may_send_as, written_gr
 from gateway.authinfo import AuthInfo, Identity, IdentityContext
 from gateway.ops import audit
 from gateway.ops.audit import AuditLog, attach_audit_log, authz_line, login_line
+from gateway.fileio import reason
 from gateway.ops.events import AuthzEvent, Events, LoginEvent
 from tests.support import file_mode, read_file
 
@@ -280,15 +281,43 @@ class FileTests(SynchronousTestCase):
         self.assertIn("cannot open", captured.texts()[0])
 
     def test_not_a_regular_file(self) -> None:
-        """A FIFO is refused (a write could block for ever); the gateway runs on, events lost."""
+        """
+        A FIFO, or a link to a device, is refused before it is opened (a
+        write could block for ever), saying so; the gateway does not start
+        without the audit log asked for (it used to run on, events lost).
+        """
         os.mkfifo(self.path)
-        captured = Captured(self)
-        log = self.started()
-        log.login(login_event())
-        self.assertEqual(log.lost, 1)
-        [line] = captured.texts()
-        self.assertIn("cannot open", line)
-        self.assertRaises(OSError, audit.open_log, self.path)
+        link = os.path.join(self.directory, "null.log")
+        os.symlink(os.devnull, link)
+        for path in (self.path, link):
+            e = self.assertRaises(OSError, audit.open_log, path)
+            self.assertEqual(reason(e), "not a regular file")
+            e = self.assertRaises(ValueError, audit.check_path, path)
+            self.assertEqual(str(e), f"{path}: not a regular file")
+            log = AuditLog(path)
+            e = self.assertRaises(audit.AuditLogUnavailable, log.startService)
+            self.assertEqual(str(e), f"twistd authgateway: error: --audit-log {path}:"
+                                     " cannot open: not a regular file")
+            self.assertFalse(log.running)
+
+    def test_cannot_open_at_start(self) -> None:
+        """Passed check_path, then cannot be opened (a dangling link): a SystemExit."""
+        os.symlink(os.path.join(self.directory, "missing", "audit.log"), self.path)
+        audit.check_path(self.path)
+        e = self.assertRaises(SystemExit, AuditLog(self.path).startService)
+        self.assertIn("cannot open: No such file or directory", str(e))
+
+    def test_mode_whatever_the_umask(self) -> None:
+        """A unit's UMask=0077 must not make a new log unreadable to its readers' group."""
+        previous = os.umask(0o077)
+        self.addCleanup(os.umask, previous)
+        self.started()
+        self.assertEqual(file_mode(self.path), audit.MODE)
+        os.chmod(self.path, 0o600)  # an existing file keeps its mode
+        log = AuditLog(self.path)
+        log.startService()
+        log.stopService()
+        self.assertEqual(file_mode(self.path), 0o600)
 
     def test_stopped(self) -> None:
         """Events before start or after stop are not written (the file is closed)."""

@@ -166,22 +166,48 @@ def authz_line(event: AuthzEvent) -> bytes:
 
 def open_log(path: str) -> int:
     """
-    A descriptor appending to the regular file C{path}, created with
-    L{MODE}; a FIFO or device is refused (a write to one could block the
-    reactor for ever).
+    A descriptor appending to the regular file C{path}. A new file gets
+    L{MODE} whatever the umask (a unit's C{UMask=0077} would make it
+    unreadable to the log reader's group); an existing one keeps its mode.
+    A FIFO or device (or a link to one) is refused before it is opened:
+    opening one could act on it, and a write to it could block the reactor
+    for ever.
 
-    @raise OSError: it cannot be opened, or is not a regular file.
+    @raise OSError: it cannot be opened, or is not a regular file (then
+        without an errno, its text saying so).
     """
+    created = not _regular_or_missing(path)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     fd = os.open(path, flags, MODE)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check
+            raise OSError(_NOT_REGULAR)
+        if created:
+            os.fchmod(fd, MODE)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+#: Why a path that exists but is no regular file is refused.
+_NOT_REGULAR = "not a regular file"
+
+
+def _regular_or_missing(path: str) -> bool:
+    """
+    Whether C{path} (followed if a link) exists.
+
+    @raise OSError: it exists and is not a regular file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise OSError(_NOT_REGULAR)
+    return True
 
 
 def check_path(path: str) -> None:
@@ -196,6 +222,10 @@ def check_path(path: str) -> None:
         return
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory")
+    try:
+        _regular_or_missing(path)
+    except OSError as e:
+        raise ValueError(f"{path}: {reason(e)}") from None
     if os.path.exists(path):
         if not os.access(path, os.W_OK):
             raise ValueError(f"{path}: {os.strerror(errno.EACCES)}")
@@ -205,6 +235,13 @@ def check_path(path: str) -> None:
         raise ValueError(f"{directory}: no such directory")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"{directory}: {os.strerror(errno.EACCES)}")
+
+
+class AuditLogUnavailable(SystemExit):
+    """
+    The audit log cannot be opened when the gateway starts: a C{SystemExit},
+    so that twistd ends with this one line on stderr and a non-zero status.
+    """
 
 
 class AuditLog(service.Service):
@@ -243,9 +280,21 @@ class AuditLog(service.Service):
     # -- the service -------------------------------------------------------
 
     def startService(self) -> None:
+        """
+        Open the file; one that cannot be opened stops the gateway from
+        starting (L{AuditLogUnavailable}): running without the audit log the
+        operator asked for would blind fail2ban unnoticed.
+        """
+        if self._fd is None and self.path != STDOUT:
+            try:
+                self._fd = self._open(self.path)
+            except OSError as e:
+                raise AuditLogUnavailable(
+                    f"twistd authgateway: error: --audit-log {self.path}: cannot open: {reason(e)}"
+                ) from None
+        elif self._fd is None:
+            self._fd = 1
         super().startService()
-        if self._fd is None:
-            self._fd = self._opened()
 
     def stopService(self) -> None:
         super().stopService()
@@ -355,6 +404,6 @@ def attach_audit_log(core: Any, path: str | None) -> AuditLog | None:
 
 
 __all__ = [
-    "AuditLog", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log", "authz_line",
-    "check_path", "login_line", "open_log",
+    "AuditLog", "AuditLogUnavailable", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log",
+    "authz_line", "check_path", "login_line", "open_log",
 ]
