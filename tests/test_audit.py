@@ -211,6 +211,64 @@ class TruncationTests(SynchronousTestCase):
     def test_short_fields_not_marked(self) -> None:
         self.assertNotIn("truncated", login_record(login_event(identity="a" * audit.MAX_TEXT)))
 
+    def test_cut_fields_marked_every_time(self) -> None:
+        """A fragment formatted once (L{audit._cached}) still names what it cut on every line."""
+        event = login_event(listener="l" * 1000, peer_address=None)
+        for _ in range(3):
+            record = login_record(event)
+            self.assertEqual(record["truncated"], ["listener"])
+            self.assertEqual(record["listener"], "l" * audit.MAX_TEXT)
+
+
+class FragmentTests(SynchronousTestCase):
+    def test_bounded(self) -> None:
+        """Peers and sessions without end never grow the fragments past L{MAX_FRAGMENTS}."""
+        for i in range(audit.MAX_FRAGMENTS + 10):
+            info = AuthInfo(identities=(Identity(f"user{i}", IdentityContext.HttpBasicAuth),))
+            login_line(login_event(auth_info=info, peer_address=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"))
+            self.assertLessEqual(len(audit._FRAGMENTS), audit.MAX_FRAGMENTS)
+
+    def test_same_line_as_formatted_afresh(self) -> None:
+        event = login_event()
+        first = login_line(event)
+        audit._FRAGMENTS.clear()
+        self.assertEqual(login_line(event), first)
+        self.assertEqual(login_line(event), first)
+
+
+class BatchTests(SynchronousTestCase):
+    """With a reactor, the events of a turn are written together at its end."""
+
+    def setUp(self) -> None:
+        self.writes: list[bytes] = []
+        self.reactor = MemoryReactorClock()
+        self.log = AuditLog(
+            "-", write=lambda fd, data: self.writes.append(bytes(data)) or len(data),
+            reactor=self.reactor,
+        )
+        self.log.startService()
+
+    def test_one_write_per_turn(self) -> None:
+        self.log.login(login_event())
+        self.log.authz(authz_event())
+        self.assertEqual(self.writes, [])
+        self.reactor.advance(0)
+        self.assertEqual(len(self.writes), 1)
+        self.assertEqual([r["event"] for r in lines(self.writes[0])], ["login", "authz"])
+        self.assertEqual(self.log.written, 2)
+
+    def test_bounded_batch(self) -> None:
+        for _ in range(audit.MAX_BATCH):
+            self.log.login(login_event())
+        self.assertEqual(len(self.writes), 1)
+        self.assertEqual(len(lines(self.writes[0])), audit.MAX_BATCH)
+
+    def test_stop_writes_the_batch(self) -> None:
+        self.log.login(login_event())
+        self.log.stopService()
+        self.assertEqual(len(lines(b"".join(self.writes))), 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
 
 class Captured:
     """Log events of the global publisher during a test."""
