@@ -344,10 +344,7 @@ class DockerfileTests(SynchronousTestCase):
 
     def test_command_line(self) -> None:
         """CMD is read by the option parser: every listener on all addresses, above port 1024."""
-        argv = self.command()
-        if "metrics" not in tap.Options().defaults:  # until the metrics part of issue 14 is merged
-            argv = [a for a in argv if not a.startswith("--metrics=")]
-        options = _parse(self, argv)
+        options = _parse(self, self.command())
         for name, description in options["endpoints"].items():
             port, interface = re.fullmatch(r"tcp:(\d+):interface=(.*)", description).groups()
             self.assertEqual(interface, "0.0.0.0", name)
