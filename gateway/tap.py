@@ -236,6 +236,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("smtp-junk-commands", default_of(SMTPSettings, "junk_commands"),
                 "Commands that lead nowhere (NOOP, RSET, HELP, unknown...) allowed before AUTH.",
                 int, zero=True),
+        _number("smtp-max-errors", default_of(SMTPSettings, "max_errors"),
+                "Commands refused with a 5xx error per session, before or after AUTH.", int),
         _number("smtp-max-connections-per-peer",
                 default_of(SMTPSettings, "max_connections_per_peer"),
                 "Connections per client address (IPv6 /64) on --smtp and --smtps together.", int),
@@ -586,6 +588,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             sender_binding=bool(self["smtp-sender-binding"]),
             auth_deadline=self["smtp-auth-deadline"],
             junk_commands=self["smtp-junk-commands"],
+            max_errors=self["smtp-max-errors"],
             max_connections_per_peer=self["smtp-max-connections-per-peer"],
         )
 

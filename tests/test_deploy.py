@@ -34,7 +34,7 @@ from gateway import tap
 from gateway.connections import with_backlog
 from gateway.ops.drain import EXIT_GRACE
 from gateway.ops.systemd import check_systemd_endpoint
-from tests.support import _missing, free_port, require_module, require_tool, write_file
+from tests.support import _missing, free_port, read_file, require_module, require_tool, write_file
 from tests.test_tap import TWISTD, _require_twistd
 from tests.test_web_integration import curl
 
@@ -46,6 +46,8 @@ DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 INSTALLED = "/opt/authgateway/bin/"
 #: The state directory (unit) and volume (image).
 DATA_DIR = "/var/lib/authgateway"
+#: The unit's LogsDirectory, where its --audit-log is (and the jail's logpath).
+LOG_DIR = "/var/log/authgateway"
 
 #: The documented port of each listener under systemd (README: "Running in production").
 UNIT_PORTS = {"smtp": 587, "smtps": 465, "https": 443, "socks": 1080}
@@ -112,10 +114,11 @@ def _parse(test: SynchronousTestCase, argv: list[str]) -> tap.Options:
     spool is created outside the test's directory).
     """
     data = os.path.abspath(test.mktemp())
-    os.makedirs(data)
+    logs = os.path.join(data, "logs")
+    os.makedirs(logs)
     write_file(os.path.join(data, "users.htpasswd"), "")
     options = tap.Options()
-    options.parseOptions([a.replace(DATA_DIR, data) for a in argv])
+    options.parseOptions([a.replace(DATA_DIR, data).replace(LOG_DIR, logs) for a in argv])
     return options
 
 
@@ -217,6 +220,26 @@ class SystemdUnitTests(SynchronousTestCase):
             {name: f"tcp:{port}:interface=0.0.0.0" for name, port in UNIT_PORTS.items()},
         )
         self.assertEqual(options["endpoints"]["http"], "tcp:8080:interface=127.0.0.1")
+
+    def test_audit_log_writable(self) -> None:
+        """
+        Under ProtectSystem=strict the unit can write its audit log: in its
+        LogsDirectory (0750), the file the fail2ban jail reads; with the
+        socket-activation drop-in too.
+        """
+        jail = read_file(os.path.join(ROOT, "contrib", "fail2ban", "jail.d",
+                                      "authgateway.local")).decode()
+        logpath = re.search(r"^logpath\s*=\s*(\S+)$", jail, re.M).group(1)
+        for units in (["authgateway.service"],
+                      ["authgateway.service", "authgateway.socket",
+                       "authgateway.service.d"]):
+            dump = _dump(_units(self, *units), "authgateway.service")
+            self.assertIn("\n\t\tProtectSystem: strict\n", dump)
+            self.assertRegex(dump, r"\n\t\tLogsDirectory: authgateway\n")
+            self.assertRegex(dump, r"\n\t\tLogsDirectoryMode: 0750\n")
+            argv = _command_line(dump)
+            self.assertIn(f"--audit-log={LOG_DIR}/audit.log", argv)
+            self.assertEqual(logpath, f"{LOG_DIR}/audit.log")
 
     def test_stop_outlasts_drain(self) -> None:
         """

@@ -8,8 +8,8 @@ tools (fail2ban, a SIEM). The schema is in the README, "Audit log".
 A line is written with one C{write(2)} on a descriptor opened with
 C{O_APPEND}: nothing is buffered in the process, so a tailing reader sees
 each event at once and a crash loses none already written. Keys come in a
-fixed order (fail2ban's filter relies on it: the peer address comes before
-any text a client chose), strings are capped (L{MAX_TEXT}) and every control
+fixed order (fail2ban's filter relies on it: the peer address and network
+come before any text a client chose), strings are capped (L{MAX_TEXT}) and every control
 or non-ASCII character is escaped by JSON, so one event is one line whatever
 a client sent. A failing disk (ENOSPC) costs events, never a login: the
 failure is logged once per episode, with the count lost when writing works
@@ -30,6 +30,7 @@ from typing import Any
 from twisted.application import service
 from twisted.logger import Logger
 
+from gateway.addresses import ip_or_none, peer_key
 from gateway.fileio import reason
 from gateway.ops.events import AuthzEvent, LoginEvent
 from gateway.ops.signals import on_signal
@@ -92,12 +93,19 @@ def _session(info: Any, truncated: list[str]) -> tuple[str, str]:
 
 
 def _where(event: LoginEvent | AuthzEvent, truncated: list[str]) -> str:
-    """protocol, listener, peer_address, peer_port, tls: the keys every line has."""
+    """
+    protocol, listener, peer_address, peer_network, peer_port, tls: the keys
+    every line has. C{peer_network} is the throttle's key of the peer (the
+    IPv4 address, the IPv6 /64: one host usually owns a whole /64), what
+    fail2ban bans; null when the peer has no IP address.
+    """
     port = event.peer_port
+    network = peer_key(ip_or_none(event.peer_address))
     return (
         f'"protocol": {_text(event.protocol, "protocol", truncated)},'
         f' "listener": {_text(event.listener, "listener", truncated)},'
         f' "peer_address": {_text(event.peer_address, "peer_address", truncated)},'
+        f' "peer_network": {_text(network, "peer_network", truncated)},'
         f' "peer_port": {port if type(port) is int else "null"},'
         f' "tls": {_BOOLEAN.get(event.tls, "null")}'  # type: ignore[call-overload]
     )
@@ -131,7 +139,8 @@ def login_line(event: LoginEvent) -> bytes:
         f' "mechanism": {_text(event.mechanism, "mechanism", truncated)},'
         f' "identity": {_text(event.identity, "identity", truncated)},'
         f' "identities": {identities}, "groups": {groups},'
-        f' "duration_ms": {duration_ms}'
+        f' "duration_ms": {duration_ms},'
+        f' "client_left": {_BOOLEAN[event.client_left is True]}'
     )
     return line.encode("ascii") + _end(truncated)
 
@@ -157,22 +166,48 @@ def authz_line(event: AuthzEvent) -> bytes:
 
 def open_log(path: str) -> int:
     """
-    A descriptor appending to the regular file C{path}, created with
-    L{MODE}; a FIFO or device is refused (a write to one could block the
-    reactor for ever).
+    A descriptor appending to the regular file C{path}. A new file gets
+    L{MODE} whatever the umask (a unit's C{UMask=0077} would make it
+    unreadable to the log reader's group); an existing one keeps its mode.
+    A FIFO or device (or a link to one) is refused before it is opened:
+    opening one could act on it, and a write to it could block the reactor
+    for ever.
 
-    @raise OSError: it cannot be opened, or is not a regular file.
+    @raise OSError: it cannot be opened, or is not a regular file (then
+        without an errno, its text saying so).
     """
+    created = not _regular_or_missing(path)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     fd = os.open(path, flags, MODE)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check
+            raise OSError(_NOT_REGULAR)
+        if created:
+            os.fchmod(fd, MODE)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+#: Why a path that exists but is no regular file is refused.
+_NOT_REGULAR = "not a regular file"
+
+
+def _regular_or_missing(path: str) -> bool:
+    """
+    Whether C{path} (followed if a link) exists.
+
+    @raise OSError: it exists and is not a regular file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise OSError(_NOT_REGULAR)
+    return True
 
 
 def check_path(path: str) -> None:
@@ -187,6 +222,10 @@ def check_path(path: str) -> None:
         return
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory")
+    try:
+        _regular_or_missing(path)
+    except OSError as e:
+        raise ValueError(f"{path}: {reason(e)}") from None
     if os.path.exists(path):
         if not os.access(path, os.W_OK):
             raise ValueError(f"{path}: {os.strerror(errno.EACCES)}")
@@ -196,6 +235,13 @@ def check_path(path: str) -> None:
         raise ValueError(f"{directory}: no such directory")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"{directory}: {os.strerror(errno.EACCES)}")
+
+
+class AuditLogUnavailable(SystemExit):
+    """
+    The audit log cannot be opened when the gateway starts: a C{SystemExit},
+    so that twistd ends with this one line on stderr and a non-zero status.
+    """
 
 
 class AuditLog(service.Service):
@@ -234,9 +280,21 @@ class AuditLog(service.Service):
     # -- the service -------------------------------------------------------
 
     def startService(self) -> None:
+        """
+        Open the file; one that cannot be opened stops the gateway from
+        starting (L{AuditLogUnavailable}): running without the audit log the
+        operator asked for would blind fail2ban unnoticed.
+        """
+        if self._fd is None and self.path != STDOUT:
+            try:
+                self._fd = self._open(self.path)
+            except OSError as e:
+                raise AuditLogUnavailable(
+                    f"twistd authgateway: error: --audit-log {self.path}: cannot open: {reason(e)}"
+                ) from None
+        elif self._fd is None:
+            self._fd = 1
         super().startService()
-        if self._fd is None:
-            self._fd = self._opened()
 
     def stopService(self) -> None:
         super().stopService()
@@ -346,6 +404,6 @@ def attach_audit_log(core: Any, path: str | None) -> AuditLog | None:
 
 
 __all__ = [
-    "AuditLog", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log", "authz_line",
-    "check_path", "login_line", "open_log",
+    "AuditLog", "AuditLogUnavailable", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log",
+    "authz_line", "check_path", "login_line", "open_log",
 ]
