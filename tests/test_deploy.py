@@ -231,8 +231,7 @@ class SystemdUnitTests(SynchronousTestCase):
                                       "authgateway.local")).decode()
         logpath = re.search(r"^logpath\s*=\s*(\S+)$", jail, re.M).group(1)
         for units in (["authgateway.service"],
-                      ["authgateway.service", "authgateway.socket",
-                       "authgateway.service.d"]):
+                      ["authgateway.service", *SOCKET_UNITS, "authgateway.service.d"]):
             dump = _dump(_units(self, *units), "authgateway.service")
             self.assertIn("\n\t\tProtectSystem: strict\n", dump)
             self.assertRegex(dump, r"\n\t\tLogsDirectory: authgateway\n")
