@@ -306,7 +306,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "Write every login and authorization decision as a JSON line to this file"
          " ('-': standard output); SIGUSR1 reopens it."],
         _number("drain-timeout", default_of(drain.Shutdown, "timeout"),
-                "Seconds open sessions have to finish after SIGTERM before they are aborted.",
+                "Seconds open sessions (and relay transactions) have to finish after SIGTERM"
+                f" before they are aborted; the process exits at most {drain.EXIT_GRACE:g} s after"
+                " that.",
                 float, zero=True),
         ["metrics", None, "none",
          "Endpoint of the metrics and health listener (/metrics, /healthz, /readyz), or 'none'.",
