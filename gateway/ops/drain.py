@@ -35,8 +35,8 @@ that never returns (a checker hung on its backend) cannot keep the process
 alive, even while the reactor thread is blocked joining it.
 Nothing accepted is lost, a hard exit included: a message is acknowledged
 only once spooled (written, fsync'ed, renamed into place), a queue state is
-saved the same way, one cut off in DATA was never acknowledged, and the
-audit log writes each line when its event happens (nothing is buffered).
+saved the same way, one cut off in DATA was never acknowledged; only the
+audit log's events of the turn the exit cut short can be missing.
 """
 
 from __future__ import annotations
