@@ -87,15 +87,18 @@ _FRAGMENTS: dict[Any, tuple[str, tuple[str, ...]]] = {}
 MAX_FRAGMENTS = 4096
 
 
-def _cached(key: Any, build: Any, truncated: list[str]) -> str:
-    """The fragment C{build(cut)} makes for C{key}, the fields it cut added to C{truncated}."""
+def _cached(key: tuple[Any, ...], build: Any, truncated: list[str]) -> str:
+    """
+    The fragment C{build(key, cut)} makes for C{key} (formatted once), the
+    names of the fields it cut added to C{truncated}.
+    """
     try:
         hit = _FRAGMENTS.get(key)
     except TypeError:  # an unhashable value: formatted each time
-        return build(truncated)  # type: ignore[no-any-return]
+        return build(key, truncated)  # type: ignore[no-any-return]
     if hit is None:
         cut: list[str] = []
-        hit = build(cut), tuple(cut)
+        hit = build(key, cut), tuple(cut)
         if len(_FRAGMENTS) >= MAX_FRAGMENTS:
             _FRAGMENTS.clear()
         _FRAGMENTS[key] = hit
@@ -104,49 +107,52 @@ def _cached(key: Any, build: Any, truncated: list[str]) -> str:
     return hit[0]
 
 
-def _session(info: Any, truncated: list[str]) -> str:
-    """The C{identities} and C{groups} keys of an AuthInfo, each list and string capped."""
-    identities = tuple(info.identities)
-    groups = tuple(info.groups)
-
-    def build(cut: list[str]) -> str:
-        for name, items in (("identities", identities), ("groups", groups)):
-            if len(items) > MAX_ITEMS:
-                cut.append(name)
-        listed = ", ".join(
-            f'{{"identity": {_text(i.identity, "identities", cut)},'
-            f' "context": {_text(i.context.value, "identities", cut)}}}'
-            for i in identities[:MAX_ITEMS]
-        )
-        named = ", ".join(_text(g, "groups", cut) for g in groups[:MAX_ITEMS])
-        return f'"identities": [{listed}], "groups": [{named}]'
-
-    return _cached(("session", identities, groups), build, truncated)
+def _session(key: tuple[Any, ...], cut: list[str]) -> str:
+    """The C{identities} and C{groups} keys of (_, identities, groups), each list and string capped."""
+    _, identities, groups = key
+    for name, items in (("identities", identities), ("groups", groups)):
+        if len(items) > MAX_ITEMS:
+            cut.append(name)
+    listed = ", ".join(
+        f'{{"identity": {_text(i.identity, "identities", cut)},'
+        f' "context": {_text(i.context.value, "identities", cut)}}}'
+        for i in identities[:MAX_ITEMS]
+    )
+    named = ", ".join(_text(g, "groups", cut) for g in groups[:MAX_ITEMS])
+    return f'"identities": [{listed}], "groups": [{named}]'
 
 
-def _where(event: LoginEvent | AuthzEvent, truncated: list[str]) -> str:
+def _where(key: tuple[Any, ...], cut: list[str]) -> str:
     """
-    protocol, listener, peer_address, peer_network, peer_port, tls: the keys
-    every line has. C{peer_network} is the throttle's key of the peer (the
-    IPv4 address, the IPv6 /64: one host usually owns a whole /64), what
-    fail2ban bans; null when the peer has no IP address.
+    protocol, listener, peer_address and peer_network of (_, protocol,
+    listener, address): keys every line has. C{peer_network} is the
+    throttle's key of the peer (the IPv4 address, the IPv6 /64: one host
+    usually owns a whole /64), what fail2ban bans; null without an IP address.
     """
-    protocol, listener, address = event.protocol, event.listener, event.peer_address
-
-    def build(cut: list[str]) -> str:
-        network = peer_key(ip_or_none(address))
-        return (
-            f'"protocol": {_text(protocol, "protocol", cut)},'
-            f' "listener": {_text(listener, "listener", cut)},'
-            f' "peer_address": {_text(address, "peer_address", cut)},'
-            f' "peer_network": {_text(network, "peer_network", cut)}'
-        )
-
-    port = event.peer_port
+    _, protocol, listener, address = key
+    network = peer_key(ip_or_none(address))
     return (
-        _cached(("where", protocol, listener, address), build, truncated)
-        + f', "peer_port": {port if type(port) is int else "null"},'
-        f' "tls": {_BOOLEAN.get(event.tls, "null")}'  # type: ignore[call-overload]
+        f'"protocol": {_text(protocol, "protocol", cut)},'
+        f' "listener": {_text(listener, "listener", cut)},'
+        f' "peer_address": {_text(address, "peer_address", cut)},'
+        f' "peer_network": {_text(network, "peer_network", cut)}'
+    )
+
+
+def _login_head(key: tuple[Any, ...], cut: list[str]) -> str:
+    """outcome and reason of (_, outcome, reason, protocol, listener, address), then L{_where}."""
+    _, outcome, reason, *where = key
+    return (
+        f'"outcome": {_text(outcome, "outcome", cut)}, "reason": {_text(reason, "reason", cut)}, '
+        + _where((None, *where), cut)
+    )
+
+
+def _tail(port: Any, tls: Any) -> str:
+    """peer_port and tls."""
+    return (
+        f' "peer_port": {port if type(port) is int else "null"},'
+        f' "tls": {_BOOLEAN.get(tls, "null")}'
     )
 
 
@@ -162,32 +168,27 @@ def login_line(event: LoginEvent) -> bytes:
     The audit line of a login attempt: ASCII JSON, its keys in the
     documented order, a newline. Formatted by hand (a dict through
     C{json.dumps} takes twice as long: a line per login), every string
-    through L{_text}, the fields that repeat from login to login once
-    (L{_cached}).
+    through L{_text}, the fields that repeat from login to login formatted
+    once (L{_cached}).
     """
     truncated: list[str] = []
-    session = '"identities": null, "groups": null'
-    if event.auth_info is not None:
-        session = _session(event.auth_info, truncated)
-    outcome, reason = event.outcome, event.reason
-    verdict = _cached(
-        ("verdict", outcome, reason),
-        lambda cut: f'"outcome": {_text(outcome, "outcome", cut)},'
-                    f' "reason": {_text(reason, "reason", cut)}',
-        truncated,
+    info = event.auth_info
+    session = (
+        _cached(("session", tuple(info.identities), tuple(info.groups)), _session, truncated)
+        if info is not None else '"identities": null, "groups": null'
     )
-    where = _where(event, truncated)
-    mechanism = event.mechanism
-    mechanism = _cached(
-        ("mechanism", mechanism), lambda cut: _text(mechanism, "mechanism", cut), truncated
+    head = _cached(
+        ("login", event.outcome, event.reason, event.protocol, event.listener,
+         event.peer_address),
+        _login_head, truncated,
     )
     duration = round(event.duration * 1000, 3)
-    duration_ms = repr(duration) if math.isfinite(duration) else "null"
     line = (
-        f'{{"time": "{utc_millis(event.time)}", "event": "login", {verdict}, {where},'
-        f' "mechanism": {mechanism},'
+        f'{{"time": "{utc_millis(event.time)}", "event": "login", {head},'
+        f'{_tail(event.peer_port, event.tls)},'
+        f' "mechanism": {_text(event.mechanism, "mechanism", truncated)},'
         f' "identity": {_text(event.identity, "identity", truncated)},'
-        f' {session}, "duration_ms": {duration_ms},'
+        f' {session}, "duration_ms": {repr(duration) if math.isfinite(duration) else "null"},'
         f' "client_left": {_BOOLEAN[event.client_left is True]}'
     )
     return line.encode("ascii") + _end(truncated)
@@ -196,14 +197,19 @@ def login_line(event: LoginEvent) -> bytes:
 def authz_line(event: AuthzEvent) -> bytes:
     """The audit line of an authorization decision, as L{login_line}."""
     truncated: list[str] = []
-    session = '"identities": [], "groups": []'
-    if event.auth_info is not None:
-        session = _session(event.auth_info, truncated)
+    info = event.auth_info
+    session = (
+        _cached(("session", tuple(info.identities), tuple(info.groups)), _session, truncated)
+        if info is not None else '"identities": [], "groups": []'
+    )
+    where = _cached(
+        ("where", event.protocol, event.listener, event.peer_address), _where, truncated
+    )
     allowed = event.allowed is True
     line = (
         f'{{"time": "{utc_millis(event.time)}", "event": "authz",'
-        f' "outcome": "{"allowed" if allowed else "denied"}",'
-        f" {_where(event, truncated)}, {session},"
+        f' "outcome": "{"allowed" if allowed else "denied"}", {where},'
+        f'{_tail(event.peer_port, event.tls)}, {session},'
         f' "resource": {_text(event.resource, "resource", truncated)},'
         f' "privilege": {_text(event.privilege, "privilege", truncated)},'
         f' "allowed": {_BOOLEAN[allowed]}'
@@ -363,11 +369,12 @@ class AuditLog(service.Service):
                 self._flushing.cancel()
             self._flushing = None
         batch, self._batch = self._batch, []
-        lines = []
-        for make, event in batch:
-            line = self._format(make, event)
-            if line is not None:
-                lines.append(line)
+        if not batch:
+            return
+        try:
+            lines = [make(event) for make, event in batch]
+        except Exception:  # a bug: one event at a time, the bad ones counted lost
+            lines = [line for line in (self._format(m, e) for m, e in batch) if line is not None]
         if lines:
             self._append(b"".join(lines), len(lines))
 

@@ -90,9 +90,10 @@ class LoginMetrics:
     so no client can grow the table), and its duration observed per
     protocol; authorization decisions counted by protocol and verdict.
 
-    What an event's fields map to is remembered (at most L{MAX_SHAPES}
-    combinations, bounded themselves): a login costs a tuple, two dict
-    lookups, an increment and a histogram bucket.
+    What an event's fields map to is remembered with its count (at most
+    L{MAX_SHAPES} combinations; the rest are counted by their bounded
+    labels): a login costs a tuple, a dict lookup, an increment and a
+    histogram bucket.
     """
 
     #: Distinct raw (protocol, listener, mechanism, outcome, reason) remembered.
@@ -101,12 +102,22 @@ class LoginMetrics:
     def __init__(self, listeners: Iterable[str], mechanisms: Iterable[str]) -> None:
         self.listeners = frozenset(listeners)
         self.mechanisms = frozenset(mechanisms)
-        self.attempts: Counter[tuple[str, str, str, str, str]] = Counter()
         self.latency: dict[str, Tally] = {door: Tally(LATENCY_BUCKETS) for door in DOORS}
         self.decisions: Counter[tuple[str, str]] = Counter()
-        self._shapes: dict[tuple[Any, ...], tuple[tuple[str, str, str, str, str], Tally]] = {}
+        #: raw fields -> [labels, latency tally, count].
+        self._shapes: dict[tuple[Any, ...], list[Any]] = {}
+        #: labels -> [labels, latency tally, count], for raw fields past L{MAX_SHAPES}.
+        self._others: dict[tuple[str, ...], list[Any]] = {}
 
-    def _shape(self, raw: tuple[Any, ...]) -> tuple[tuple[str, str, str, str, str], Tally]:
+    @property
+    def attempts(self) -> Counter[tuple[str, str, str, str, str]]:
+        """Logins counted by their labels (read at scrape time)."""
+        counts: Counter[tuple[str, str, str, str, str]] = Counter()
+        for key, _, count in (*self._shapes.values(), *self._others.values()):
+            counts[key] += count
+        return counts
+
+    def _shape(self, raw: tuple[Any, ...]) -> list[Any]:
         protocol, listener, mechanism, outcome, reason = raw
         protocol = _bounded(protocol, DOORS)
         key = (protocol, _bounded(listener, self.listeners), _bounded(mechanism, self.mechanisms),
@@ -115,14 +126,15 @@ class LoginMetrics:
         if tally is None:
             tally = self.latency[protocol] = Tally(LATENCY_BUCKETS)
         if len(self._shapes) < self.MAX_SHAPES:
-            self._shapes[raw] = (key, tally)
-        return key, tally
+            shape = self._shapes[raw] = [key, tally, 0]
+            return shape
+        return self._others.setdefault(key, [key, tally, 0])
 
     def login(self, event: LoginEvent) -> None:
         raw = (event.protocol, event.listener, event.mechanism, event.outcome, event.reason)
-        key, tally = self._shapes.get(raw) or self._shape(raw)
-        self.attempts[key] += 1
-        tally.observe(event.duration)
+        shape = self._shapes.get(raw) or self._shape(raw)
+        shape[2] += 1
+        shape[1].observe(event.duration)
 
     def authz(self, event: AuthzEvent) -> None:
         protocol = event.protocol if event.protocol in DOORS else "other"
