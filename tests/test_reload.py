@@ -30,7 +30,7 @@ from gateway.errors import ShuttingDown
 from gateway.ops import reload
 from gateway.realm import login
 from gateway.tls import MAX_PEM, ServerCertificate, generate_self_signed, load_certificate
-from tests.support import ManualPool, write_file
+from tests.support import ManualPool, keep_signal_handlers, write_file
 
 ALLOW_DANIEL = '[[acl."http"]]\nallow = true\nprivileges = ["GET"]\nidentity.Individual = "daniel"\n'
 ALLOW_STAFF = '[[acl."http"]]\nallow = true\nprivileges = ["GET"]\nidentity.Group = "staff"\n'
@@ -397,6 +397,7 @@ class InstallTests(SynchronousTestCase):
         data = os.path.abspath(self.mktemp())
         options = tap.Options()
         options.parseOptions(["--data-dir", data, "--auth", "memory:a:b"])
+        keep_signal_handlers(self)
         service = tap.makeService(options, reactor=self.reactor)
         reloader = service.getServiceNamed("reload")
         self.assertEqual(reloader.files, reload.ReloadFiles(

@@ -25,7 +25,7 @@ from gateway.tls import (
     generate_self_signed,
     load_certificate,
 )
-from tests.support import free_port, require_tool
+from tests.support import free_port, keep_signal_handlers, require_tool
 
 
 def _mode(path: str) -> int:
@@ -385,6 +385,7 @@ class ALPNTests(TestCase):
             *(arg for name, port in self.ports.items()
               for arg in (f"--{name}", f"tcp:{port}:interface=127.0.0.1")),
         ])
+        keep_signal_handlers(self)
         service = tap.makeService(options, reactor=reactor)
         service.startService()
         self.addCleanup(service.stopService)

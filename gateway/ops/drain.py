@@ -201,12 +201,14 @@ def install(reactor: Any, shutdown: Shutdown) -> None:
     SIGTERM and SIGINT go to C{shutdown} (the reactor's own handlers are
     replaced, not chained: a second C{reactor.stop()} would fail). Only when
     the reactor is not running yet (twistd): a test process running its
-    reactor keeps its own handlers.
+    reactor keeps its own handlers. One that comes before the reactor runs
+    stops the gateway as soon as it runs (nothing was accepted yet); a
+    second one before then ends the process at once (C{urgent}).
     """
     if getattr(reactor, "running", False):
         return
     for signum in (signal.SIGTERM, signal.SIGINT):
-        on_signal(reactor, signum, shutdown.signalled, chain=False)
+        on_signal(reactor, signum, shutdown.signalled, chain=False, urgent=True)
 
 
 __all__ = ["ABORT_GRACE", "Shutdown", "install"]
