@@ -257,7 +257,7 @@ class RelayOptionsTests(SynchronousTestCase):
         self.assertEqual([t.url for t in settings.relay.targets],
                          ["smtp://mail.example.net:587", "lmtp:///run/lmtp.sock"])
         self.assertEqual(settings.relay.auth, RelayAuth("gateway", "tiger"))
-        self.assertEqual([c.digest() for c in settings.relay.ca], [certificate.digest()])
+        self.assertEqual([c.digest() for c in settings.relay.ca], [certificate.leaf.digest()])
         self.assertEqual((settings.relay.helo, settings.relay.command_timeout), ("gw.example", 60))
         self.assertEqual((settings.connections, settings.retry, settings.max_age),
                          (2, (30.0, 120.0), 86400.0))
