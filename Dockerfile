@@ -34,8 +34,9 @@ VOLUME ["/var/lib/authgateway"]
 # smtp (STARTTLS), smtps, http, https, socks, metrics and health.
 EXPOSE 2525 4465 8080 8443 1080 9108
 
-# SIGTERM drains for up to --drain-timeout (30 s): give docker stop more
-# (--stop-timeout 45, compose stop_grace_period: 45s); its default is 10 s.
+# SIGTERM drains for up to --drain-timeout (30 s) and exits at the latest
+# 10 s later: give docker stop --drain-timeout + 15 s (--stop-timeout 45,
+# compose stop_grace_period: 45s); its default is 10 s.
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9108/healthz', timeout=4)"]

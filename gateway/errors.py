@@ -12,8 +12,10 @@ checker's own answer to a failed login, sent to the client as written.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
 
 
 class TemporaryFailure(Exception):
@@ -97,3 +99,21 @@ class ShuttingDown(TemporaryFailure):
 
     def __init__(self) -> None:
         super().__init__("the gateway is shutting down")
+
+
+class Abandoned(defer.CancelledError):
+    """
+    A login its client left (or a front door's timer ended) after its
+    checkers had started judging it: still a C{CancelledError} to the front
+    door, but the verdict is not lost. L{gateway.realm.login} reports the
+    attempt by its verdict (a wrong password stays a C{failure} in the audit
+    log, whatever the transport did), else as C{cancelled}.
+
+    @ivar verdict: fires once the checkers' verdict is known: the
+        L{UnauthorizedLogin} (or L{Reject}) they judged the credentials
+        with, or None (right credentials, or never judged).
+    """
+
+    def __init__(self, verdict: defer.Deferred[Any]) -> None:
+        super().__init__("the client left before the answer")
+        self.verdict = verdict

@@ -37,7 +37,14 @@ from gateway.credentials import (
     safe_message,
     secrets_of,
 )
-from gateway.errors import AuthBackendError, PoolFull, Reject, TemporaryFailure, Throttled
+from gateway.errors import (
+    Abandoned,
+    AuthBackendError,
+    PoolFull,
+    Reject,
+    TemporaryFailure,
+    Throttled,
+)
 from gateway.groups import NO_GROUPS, GroupMap
 from gateway.ops.events import Events, LoginEvent
 from gateway.ratelog import LogRateLimiter, suppressed_note
@@ -283,7 +290,11 @@ def login(
     default interface is L{IAuthInfo}, and one C{auth} event is logged with
     protocol, mechanism, claimed identity, peer and outcome: C{success},
     C{failure}, C{throttled}, C{temporary}, C{unsupported}, C{error} or
-    C{cancelled}. No event, and no failure it returns, carries a secret.
+    C{cancelled}. An attempt its client left after the checkers judged it
+    (L{Abandoned}) is reported by their verdict once it is known: a wrong
+    password is a C{failure} whatever the transport did (else hanging up
+    during the failure delay would hide every guess from fail2ban).
+    No event, and no failure it returns, carries a secret.
     Refusals a client can repeat at will (L{Throttled}, L{PoolFull}) are
     logged at most once a minute per peer (or queue), the line saying in
     C{suppressed} how many were left out since the last one; so are, per
@@ -311,7 +322,7 @@ def login(
     events = portal.events if isinstance(portal, GatewayPortal) and portal.events.sinks else None
     started = time.monotonic() if events is not None else 0.0
 
-    def publish(outcome: str, reason: str, info: Any = None) -> None:
+    def publish(outcome: str, reason: str, info: Any = None, left: bool = False) -> None:
         assert events is not None
         events.login(LoginEvent(
             time=time.time(),
@@ -326,6 +337,7 @@ def login(
             tls=fields["tls"],
             duration=time.monotonic() - started,
             auth_info=info,
+            client_left=left,
         ))
 
     def admit(kind: str) -> int | None:
@@ -347,16 +359,31 @@ def login(
         return result
 
     def failed(reason: Failure) -> Failure:
+        if reason.check(Abandoned):
+            # The client left, but the checkers judged (or are judging) the
+            # credentials: the event is their verdict, when it is known (a
+            # wrong password hidden by a hang-up is still a failure for
+            # fail2ban); with none, the attempt was cancelled.
+            def judged(verdict: UnauthorizedLogin | None) -> None:
+                recorded(Failure(verdict) if verdict is not None else reason, left=True)
+
+            reason.value.verdict.addCallback(judged)
+            return reason
+        return recorded(reason)
+
+    def recorded(reason: Failure, left: bool = False) -> Failure:
+        """Publish and log a failed login's event; the failure the caller gets."""
         if events is not None:
-            publish(_outcome(reason), _reason(reason))
+            publish(_outcome(reason), _reason(reason), left=left)
+        gone = " (the client left)" if left else ""
         if reason.check(Reject):
-            log.info("auth failure: " + what + ": rejected with {code}", outcome="failure",
-                     code=reason.value.code, **fields)
+            log.info("auth failure: " + what + ": rejected with {code}" + gone, outcome="failure",
+                     code=reason.value.code, client_left=left, **fields)
             if safe_message(reason.value, secrets_of(credentials)) != str(reason.value):
                 return Failure(UnauthorizedLogin())  # its text would tell the secret
             return reason
         if reason.check(UnauthorizedLogin):
-            log.info("auth failure: " + what, outcome="failure", **fields)
+            log.info("auth failure: " + what + gone, outcome="failure", client_left=left, **fields)
             return Failure(UnauthorizedLogin())  # a checker's message stays here
         if reason.check(defer.CancelledError):
             suppressed = admit("cancelled")  # a client can abandon attempts at will

@@ -236,6 +236,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("smtp-junk-commands", default_of(SMTPSettings, "junk_commands"),
                 "Commands that lead nowhere (NOOP, RSET, HELP, unknown...) allowed before AUTH.",
                 int, zero=True),
+        _number("smtp-max-errors", default_of(SMTPSettings, "max_errors"),
+                "Commands refused with a 5xx error per session, before or after AUTH.", int),
         _number("smtp-max-connections-per-peer",
                 default_of(SMTPSettings, "max_connections_per_peer"),
                 "Connections per client address (IPv6 /64) on --smtp and --smtps together.", int),
@@ -304,7 +306,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          "Write every login and authorization decision as a JSON line to this file"
          " ('-': standard output); SIGUSR1 reopens it."],
         _number("drain-timeout", default_of(drain.Shutdown, "timeout"),
-                "Seconds open sessions have to finish after SIGTERM before they are aborted.",
+                "Seconds open sessions (and relay transactions) have to finish after SIGTERM"
+                f" before they are aborted; the process exits at most {drain.EXIT_GRACE:g} s after"
+                " that.",
                 float, zero=True),
         ["metrics", None, "none",
          "Endpoint of the metrics and health listener (/metrics, /healthz, /readyz), or 'none'.",
@@ -584,6 +588,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             sender_binding=bool(self["smtp-sender-binding"]),
             auth_deadline=self["smtp-auth-deadline"],
             junk_commands=self["smtp-junk-commands"],
+            max_errors=self["smtp-max-errors"],
             max_connections_per_peer=self["smtp-max-connections-per-peer"],
         )
 

@@ -70,8 +70,8 @@ def buffered(transport: Any) -> int:
     C{_tempDataLen}) and, under TLS, what each C{TLSMemoryBIOProtocol}
     layer above it keeps before its handshake (C{_appSendBuffer}); not the
     small writes a C{BufferingTLSTransport} gathers for the next reactor
-    pass (under 64 kB). For tests and diagnostics: nothing in the gateway
-    decides on it.
+    pass (under 64 kB). For tests, diagnostics and the drain
+    (L{closing_flushed}, which looks again over L{gateway.ops.drain.CLOSED_GRACE}).
     """
     size = len(transport.dataBuffer) - transport.offset + transport._tempDataLen
     proto = getattr(transport, "protocol", None)  # gone once the connection is lost
@@ -79,6 +79,43 @@ def buffered(transport: Any) -> int:
         size += sum(map(len, getattr(proto, "_appSendBuffer", [])))
         proto = getattr(proto, "wrappedProtocol", None)
     return size
+
+
+def closing_flushed(session: Any) -> bool:
+    """
+    Whether the gateway has closed C{session}'s connection (some layer's
+    C{loseConnection}: the front door's, or its TLS layer's) and its TCP
+    transport holds nothing more for the peer (L{buffered} is 0): what is
+    left is the peer's part, a TLS C{close_notify}, which
+    C{TLSMemoryBIOProtocol} waits for before it closes the socket.
+
+    C{session} is an entry of L{gateway.connections.Connections.sessions}:
+    the protocol on the TCP transport (the TLS layer under an implicit-TLS
+    listener; after C{startTLS} the transport's C{protocol} is the TLS
+    layer above it). The layers are followed through C{wrappedProtocol}
+    and the gateway's own wrappers' C{wrapped}; each one's C{disconnecting}
+    (a transport's, and C{TLSMemoryBIOProtocol}'s own) says it is closing.
+    On a transport without L{buffered}'s attributes (a test double, a
+    changed Twisted), C{False}: the session is waited for as before.
+    """
+    tcp = getattr(session, "transport", None)
+    if type(tcp) not in _PLAIN_TCP:
+        return False
+    try:
+        if buffered(tcp):
+            return False
+    except (AttributeError, TypeError):
+        return False
+    layer = getattr(tcp, "protocol", None) or session
+    for _ in range(8):
+        if layer is None:
+            break
+        if getattr(layer, "disconnecting", False) is True:
+            return True
+        if getattr(getattr(layer, "transport", None), "disconnecting", False) is True:
+            return True
+        layer = getattr(layer, "wrappedProtocol", None) or getattr(layer, "wrapped", None)
+    return False
 
 
 def request_line(channel: Any) -> tuple[bytes, bytes, bytes] | None:

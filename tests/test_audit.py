@@ -24,6 +24,7 @@ from gateway.acl import AllowAuthenticated, Policy, ask, may_send_as, written_gr
 from gateway.authinfo import AuthInfo, Identity, IdentityContext
 from gateway.ops import audit
 from gateway.ops.audit import AuditLog, attach_audit_log, authz_line, login_line
+from gateway.fileio import reason
 from gateway.ops.events import AuthzEvent, Events, LoginEvent
 from tests.support import file_mode, keep_signal_handlers, read_file
 
@@ -78,9 +79,10 @@ class RecordTests(SynchronousTestCase):
             line,
             b'{"time": "2026-11-26T11:40:01.123Z", "event": "login", "outcome": "failure",'
             b' "reason": "invalid_credentials", "protocol": "smtp", "listener": "smtps",'
-            b' "peer_address": "192.0.2.7", "peer_port": 40123, "tls": true,'
+            b' "peer_address": "192.0.2.7", "peer_network": "192.0.2.7", "peer_port": 40123,'
+            b' "tls": true,'
             b' "mechanism": "PLAIN", "identity": "daniel", "identities": null,'
-            b' "groups": null, "duration_ms": 12.346}\n',
+            b' "groups": null, "duration_ms": 12.346, "client_left": false}\n',
         )
 
     def test_login_success(self) -> None:
@@ -91,8 +93,8 @@ class RecordTests(SynchronousTestCase):
     def test_authz(self) -> None:
         record = authz_record(authz_event())
         self.assertEqual(list(record), [
-            "time", "event", "outcome", "protocol", "listener", "peer_address", "peer_port",
-            "tls", "identities", "groups", "resource", "privilege", "allowed",
+            "time", "event", "outcome", "protocol", "listener", "peer_address", "peer_network",
+            "peer_port", "tls", "identities", "groups", "resource", "privilege", "allowed",
         ])
         self.assertEqual(
             (record["event"], record["outcome"], record["resource"], record["privilege"],
@@ -112,6 +114,31 @@ class RecordTests(SynchronousTestCase):
                                           peer_port=None, tls=None, mechanism=None, identity=None))
         self.assertEqual({k: record[k] for k in ("protocol", "peer_address", "tls", "identity")},
                          dict.fromkeys(("protocol", "peer_address", "tls", "identity")))
+
+    def test_peer_network(self) -> None:
+        """
+        The throttle's key of the peer, before any text a client chose: an
+        IPv6 peer's /64 (what fail2ban bans), an IPv4 (or IPv4-mapped) peer's
+        address, null without an IP address.
+        """
+        cases = {
+            "2001:db8:1:2::7": "2001:db8:1:2::/64",
+            "2001:DB8:1:2:ffff:1:2:3": "2001:db8:1:2::/64",
+            "fe80::1%eth0": "fe80::/64",
+            "::ffff:192.0.2.7": "192.0.2.7",
+            "192.0.2.7": "192.0.2.7",
+            "/run/authgateway.sock": None,
+            None: None,
+        }
+        for address, network in cases.items():
+            for line in (login_line(login_event(peer_address=address)),
+                         authz_line(authz_event(peer_address=address))):
+                record = json.loads(line)
+                self.assertEqual(record["peer_network"], network, address)
+                keys = list(record)
+                self.assertEqual(keys.index("peer_network"), keys.index("peer_address") + 1)
+        self.assertLess(login_line(login_event()).index(b'"peer_network"'),
+                        login_line(login_event()).index(b'"identity"'))
 
     def test_time(self) -> None:
         self.assertEqual(login_record(login_event(time=0.0))["time"], "1970-01-01T00:00:00.000Z")
@@ -184,6 +211,64 @@ class TruncationTests(SynchronousTestCase):
     def test_short_fields_not_marked(self) -> None:
         self.assertNotIn("truncated", login_record(login_event(identity="a" * audit.MAX_TEXT)))
 
+    def test_cut_fields_marked_every_time(self) -> None:
+        """A fragment formatted once (L{audit._cached}) still names what it cut on every line."""
+        event = login_event(listener="l" * 1000, peer_address=None)
+        for _ in range(3):
+            record = login_record(event)
+            self.assertEqual(record["truncated"], ["listener"])
+            self.assertEqual(record["listener"], "l" * audit.MAX_TEXT)
+
+
+class FragmentTests(SynchronousTestCase):
+    def test_bounded(self) -> None:
+        """Peers and sessions without end never grow the fragments past L{MAX_FRAGMENTS}."""
+        for i in range(audit.MAX_FRAGMENTS + 10):
+            info = AuthInfo(identities=(Identity(f"user{i}", IdentityContext.HttpBasicAuth),))
+            login_line(login_event(auth_info=info, peer_address=f"10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}"))
+            self.assertLessEqual(len(audit._FRAGMENTS), audit.MAX_FRAGMENTS)
+
+    def test_same_line_as_formatted_afresh(self) -> None:
+        event = login_event()
+        first = login_line(event)
+        audit._FRAGMENTS.clear()
+        self.assertEqual(login_line(event), first)
+        self.assertEqual(login_line(event), first)
+
+
+class BatchTests(SynchronousTestCase):
+    """With a reactor, the events of a turn are written together at its end."""
+
+    def setUp(self) -> None:
+        self.writes: list[bytes] = []
+        self.reactor = MemoryReactorClock()
+        self.log = AuditLog(
+            "-", write=lambda fd, data: self.writes.append(bytes(data)) or len(data),
+            reactor=self.reactor,
+        )
+        self.log.startService()
+
+    def test_one_write_per_turn(self) -> None:
+        self.log.login(login_event())
+        self.log.authz(authz_event())
+        self.assertEqual(self.writes, [])
+        self.reactor.advance(0)
+        self.assertEqual(len(self.writes), 1)
+        self.assertEqual([r["event"] for r in lines(self.writes[0])], ["login", "authz"])
+        self.assertEqual(self.log.written, 2)
+
+    def test_bounded_batch(self) -> None:
+        for _ in range(audit.MAX_BATCH):
+            self.log.login(login_event())
+        self.assertEqual(len(self.writes), 1)
+        self.assertEqual(len(lines(self.writes[0])), audit.MAX_BATCH)
+
+    def test_stop_writes_the_batch(self) -> None:
+        self.log.login(login_event())
+        self.log.stopService()
+        self.assertEqual(len(lines(b"".join(self.writes))), 1)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
 
 class Captured:
     """Log events of the global publisher during a test."""
@@ -254,15 +339,43 @@ class FileTests(SynchronousTestCase):
         self.assertIn("cannot open", captured.texts()[0])
 
     def test_not_a_regular_file(self) -> None:
-        """A FIFO is refused (a write could block for ever); the gateway runs on, events lost."""
+        """
+        A FIFO, or a link to a device, is refused before it is opened (a
+        write could block for ever), saying so; the gateway does not start
+        without the audit log asked for (it used to run on, events lost).
+        """
         os.mkfifo(self.path)
-        captured = Captured(self)
-        log = self.started()
-        log.login(login_event())
-        self.assertEqual(log.lost, 1)
-        [line] = captured.texts()
-        self.assertIn("cannot open", line)
-        self.assertRaises(OSError, audit.open_log, self.path)
+        link = os.path.join(self.directory, "null.log")
+        os.symlink(os.devnull, link)
+        for path in (self.path, link):
+            e = self.assertRaises(OSError, audit.open_log, path)
+            self.assertEqual(reason(e), "not a regular file")
+            e = self.assertRaises(ValueError, audit.check_path, path)
+            self.assertEqual(str(e), f"{path}: not a regular file")
+            log = AuditLog(path)
+            e = self.assertRaises(audit.AuditLogUnavailable, log.startService)
+            self.assertEqual(str(e), f"twistd authgateway: error: --audit-log {path}:"
+                                     " cannot open: not a regular file")
+            self.assertFalse(log.running)
+
+    def test_cannot_open_at_start(self) -> None:
+        """Passed check_path, then cannot be opened (a dangling link): a SystemExit."""
+        os.symlink(os.path.join(self.directory, "missing", "audit.log"), self.path)
+        audit.check_path(self.path)
+        e = self.assertRaises(SystemExit, AuditLog(self.path).startService)
+        self.assertIn("cannot open: No such file or directory", str(e))
+
+    def test_mode_whatever_the_umask(self) -> None:
+        """A unit's UMask=0077 must not make a new log unreadable to its readers' group."""
+        previous = os.umask(0o077)
+        self.addCleanup(os.umask, previous)
+        self.started()
+        self.assertEqual(file_mode(self.path), audit.MODE)
+        os.chmod(self.path, 0o600)  # an existing file keeps its mode
+        log = AuditLog(self.path)
+        log.startService()
+        log.stopService()
+        self.assertEqual(file_mode(self.path), 0o600)
 
     def test_stopped(self) -> None:
         """Events before start or after stop are not written (the file is closed)."""

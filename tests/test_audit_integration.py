@@ -50,7 +50,12 @@ identity.Authenticated = {}
 """
 
 
-class AuditLogIntegrationTests(SynchronousTestCase):
+class GatewayRun(SynchronousTestCase):
+    """A real gateway writing an audit log, with real clients and fail2ban-regex."""
+
+    #: --failure-delay: none by default (the tests answer every failure at once).
+    failure_delay = "0"
+
     def setUp(self) -> None:
         self.twistd = require_tool(TWISTD, "Twisted (pip, next to the test's Python)")
         self.fail2ban = require_tool("fail2ban-regex", "fail2ban")
@@ -71,7 +76,8 @@ class AuditLogIntegrationTests(SynchronousTestCase):
              "--smtp-insecure-auth", "--smtp-hostname", "gw.test", "--smtp-sender-binding",
              "--http-upstream", f"http://127.0.0.1:{free_port()}",  # nobody there: 502
              "--acl", acl, "--max-failures", str(LIMIT), "--max-peer-failures", str(LIMIT),
-             "--failure-delay", "0", "--failure-delay-max", "0", "--audit-log", self.audit],
+             "--failure-delay", self.failure_delay, "--failure-delay-max", self.failure_delay,
+             "--audit-log", self.audit],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         self.addCleanup(self.stop)
@@ -158,6 +164,8 @@ class AuditLogIntegrationTests(SynchronousTestCase):
         self.assertEqual(summary.returncode, 0, summary.stdout + summary.stderr)
         return collections.Counter(found.stdout.split()), summary.stdout
 
+
+class AuditLogIntegrationTests(GatewayRun):
     def test_failures_match_successes_do_not(self) -> None:
         for _ in range(LIMIT):
             self.assertEqual(self.smtp(GUESSER["smtp"], WRONG["smtp"]), 535)
@@ -240,3 +248,127 @@ class AuditLogIntegrationTests(SynchronousTestCase):
         # Our handler ran first, then twistd's rotated its log.
         self.assertIn(f"audit log {self.audit} reopened",
                       read_file(self.twistd_log + ".1").decode("utf-8", "replace"))
+
+
+class HangUpIntegrationTests(GatewayRun):
+    """
+    Audit finding 1: a success is answered as soon as it is checked, a
+    failure only after the failure delay; a guesser that hangs up when no
+    answer came within the check's time knows its guess was wrong. Its
+    attempts are still failures in the audit log, and fail2ban matches them.
+    """
+
+    failure_delay = "5"
+    #: Seconds the guesser waits for an answer: far more than a check takes here.
+    PATIENCE = 1.0
+
+    def smtp_hang_up(self, source: str, password: str) -> bytes:
+        """AUTH PLAIN, then hang up unless answered within PATIENCE: the reply, or b''."""
+        with socket.create_connection(("127.0.0.1", self.ports["smtp"]), timeout=20,
+                                      source_address=(source, 0)) as client:
+            reader = client.makefile("rb")
+            reader.readline()
+            client.sendall(b"EHLO client.test\r\n")
+            while reader.readline()[3:4] != b" ":
+                pass
+            token = base64.b64encode(f"\0daniel\0{password}".encode())
+            client.sendall(b"AUTH PLAIN " + token + b"\r\n")
+            client.settimeout(self.PATIENCE)
+            try:
+                return reader.readline()
+            except TimeoutError:
+                return b""
+
+    def http_hang_up(self, source: str, password: str) -> int:
+        """curl giving up after PATIENCE: its exit status (28: timed out)."""
+        return subprocess.run(
+            [self.curl, "-sS", "-o", "/dev/null", "--max-time", str(self.PATIENCE),
+             "--interface", source, "-u", f"daniel:{password}",
+             f"http://127.0.0.1:{self.ports['http']}/whoami"],
+            capture_output=True, timeout=30, check=False).returncode
+
+    def test_hanging_up_during_the_delay_still_matched(self) -> None:
+        self.assertEqual(self.smtp_hang_up("127.0.0.1", RIGHT)[:3], b"235")  # at once
+        for _ in range(2):
+            self.assertEqual(self.smtp_hang_up(GUESSER["smtp"], WRONG["smtp"]), b"")
+            self.assertEqual(self.http_hang_up(GUESSER["http"], WRONG["http"]), 28)
+        deadline = time.monotonic() + 30
+        while len(self.records()) < 5:  # each written when the gateway sees the hang-up
+            self.assertLess(time.monotonic(), deadline, self.records())
+            time.sleep(0.05)
+        failures = [(r["protocol"], r["outcome"], r["reason"], r["client_left"])
+                    for r in self.records() if r["outcome"] != "success"]
+        self.assertEqual(collections.Counter(failures), collections.Counter({
+            ("smtp", "failure", "invalid_credentials", True): 2,
+            ("http", "failure", "invalid_credentials", True): 2,
+        }))
+        matched, summary = self.fail2ban_regex(self.audit)
+        self.assertEqual(matched, collections.Counter({GUESSER["smtp"]: 2, GUESSER["http"]: 2}),
+                         summary)
+        self.assertIn("(the client left)", self.log_text())
+
+
+#: The jail's C{maxretry} and the IPv6 /64 a guesser rotates its address in.
+JAIL = os.path.join(ROOT, "contrib", "fail2ban", "jail.d", "authgateway.local")
+ROTATING = "2001:db8:1:2"
+
+#: Fed the "<ip> <time>" lines fail2ban-regex prints, fail2ban's own failure
+#: manager (as a jail's) with the jail's maxretry prints what it bans.
+BANS = """
+import sys
+from fail2ban.server.failmanager import FailManager, FailManagerEmpty
+from fail2ban.server.ipdns import IPAddr
+from fail2ban.server.ticket import FailTicket
+manager = FailManager()
+manager.setMaxRetry(int(sys.argv[1]))
+for line in sys.stdin:
+    ip, when = line.split()
+    manager.addFailure(FailTicket(IPAddr(ip), float(when)))
+try:
+    while True:
+        print(manager.toBan().getID())
+except FailManagerEmpty:
+    pass
+"""
+
+
+class SubnetBanTests(SynchronousTestCase):
+    """
+    An IPv6 guesser rotating its address inside its /64 is banned as one
+    subnet: the filter matches C{peer_network}, fail2ban counts the /64.
+    """
+
+    def test_rotating_ipv6_guesser_banned(self) -> None:
+        from gateway.ops.audit import login_line
+        from gateway.ops.events import LoginEvent
+
+        fail2ban = require_tool("fail2ban-regex", "fail2ban")
+        with open(fail2ban) as script:
+            interpreter = script.readline()[2:].strip()  # fail2ban's own Python
+        maxretry = int(next(line.split("=")[1] for line in read_file(JAIL).decode().splitlines()
+                            if line.startswith("maxretry")))
+        start = 1795693201.0
+
+        def failure(n: int, address: str) -> bytes:
+            return login_line(LoginEvent(
+                time=start + n, protocol="smtp", listener="smtps", mechanism="PLAIN",
+                identity="daniel", outcome="failure", reason="invalid_credentials",
+                peer_address=address, peer_port=40000 + n, tls=True, duration=0.5))
+
+        path = os.path.abspath(self.mktemp())
+        lines = [failure(n, f"{ROTATING}:{n:x}::{n + 1:x}") for n in range(maxretry + 2)]
+        # Below the limit: a neighbour /64, and one IPv4 address.
+        lines += [failure(100 + n, f"2001:db8:1:3::{n + 1:x}") for n in range(maxretry - 1)]
+        lines += [failure(200 + n, "192.0.2.7") for n in range(maxretry - 1)]
+        write_file(path, b"".join(lines))
+        found = subprocess.run([fail2ban, "-o", "<ip> <time>", path, FILTER],
+                               capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(found.returncode, 0, found.stdout + found.stderr)
+        self.assertEqual(
+            collections.Counter(line.split()[0] for line in found.stdout.splitlines()),
+            collections.Counter({f"{ROTATING}::/64": maxretry + 2,
+                                 "2001:db8:1:3::/64": maxretry - 1, "192.0.2.7": maxretry - 1}))
+        banned = subprocess.run([interpreter, "-c", BANS, str(maxretry)], input=found.stdout,
+                                capture_output=True, text=True, timeout=60, check=False)
+        self.assertEqual(banned.returncode, 0, banned.stderr)
+        self.assertEqual(banned.stdout.split(), [f"{ROTATING}::/64"])

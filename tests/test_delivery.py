@@ -571,6 +571,40 @@ class DeliveryTests(DeliveryTestsMixin, SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertIsNotNone(self.queue.claim(id))  # released: retried at the next start
 
+    def test_stop_counts_what_it_cancels(self):
+        """The stop's warning counts the messages still in flight, before cancelling them."""
+        self.relays.outcomes[A.url] = [[defer.Deferred()]]
+        self.start(stop_timeout=5.0)
+        self.submit(rcpt_to=("a@example.net",))
+        stopped = self.delivery.stopService()
+        with capturedLogs() as logged:
+            self.reactor.advance(5)
+        self.successResultOf(stopped)
+        [warning] = [e for e in logged if "still in flight" in e.get("log_format", "")]
+        self.assertEqual(warning["n"], 1)
+
+    def test_drain_deadline(self):
+        """
+        The drain's start takes no new message (the one in flight goes on),
+        and the stop waits only until the drain's deadline, not stop_timeout.
+        """
+        first = defer.Deferred()
+        self.relays.outcomes[A.url] = [[first]]
+        self.start(connections=1, stop_timeout=30.0)
+        a = self.submit(rcpt_to=("a@example.net",))
+        self.delivery.drain(self.reactor.seconds() + 8)
+        b = self.submit(rcpt_to=("a@example.net",))
+        self.reactor.advance(3)
+        self.assertEqual(len(self.relays.sends()), 1)  # b is not taken
+        stopped = self.delivery.stopService()
+        self.reactor.advance(4.9)
+        self.assertNoResult(stopped)
+        self.reactor.advance(0.1)
+        self.successResultOf(stopped)
+        self.assertIsNotNone(self.queue.claim(a))  # released: retried at the next start
+        self.assertFalse(self.gone(b))
+        self.assertEqual(len(self.relays.sends()), 1)
+
     def test_inflow(self):
         """
         Past inflow_limit new messages waiting for a connection, a submission

@@ -32,8 +32,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import tap
 from gateway.connections import with_backlog
+from gateway.ops.drain import EXIT_GRACE
 from gateway.ops.systemd import check_systemd_endpoint
-from tests.support import _missing, free_port, require_module, require_tool, write_file
+from tests.support import _missing, free_port, read_file, require_module, require_tool, write_file
 from tests.test_tap import TWISTD, _require_twistd
 from tests.test_web_integration import curl
 
@@ -45,9 +46,14 @@ DOCKERFILE = os.path.join(ROOT, "Dockerfile")
 INSTALLED = "/opt/authgateway/bin/"
 #: The state directory (unit) and volume (image).
 DATA_DIR = "/var/lib/authgateway"
+#: The unit's LogsDirectory, where its --audit-log is (and the jail's logpath).
+LOG_DIR = "/var/log/authgateway"
 
 #: The documented port of each listener under systemd (README: "Running in production").
 UNIT_PORTS = {"smtp": 587, "smtps": 465, "https": 443, "socks": 1080}
+
+#: The socket units, one per port, each named by its FileDescriptorName=.
+SOCKET_UNITS = tuple(f"authgateway-{name}.socket" for name in UNIT_PORTS)
 
 #: The listeners of the sockets test: systemd-socket-activate passes them in this order.
 PASSED = ("smtp", "http", "socks")
@@ -108,10 +114,11 @@ def _parse(test: SynchronousTestCase, argv: list[str]) -> tap.Options:
     spool is created outside the test's directory).
     """
     data = os.path.abspath(test.mktemp())
-    os.makedirs(data)
+    logs = os.path.join(data, "logs")
+    os.makedirs(logs)
     write_file(os.path.join(data, "users.htpasswd"), "")
     options = tap.Options()
-    options.parseOptions([a.replace(DATA_DIR, data) for a in argv])
+    options.parseOptions([a.replace(DATA_DIR, data).replace(LOG_DIR, logs) for a in argv])
     return options
 
 
@@ -134,9 +141,9 @@ class SystemdUnitTests(SynchronousTestCase):
         self.assertEqual((result.returncode, result.stderr), (0, ""))
 
     def test_verify_socket_activation(self) -> None:
-        """The socket, the service and its drop-in verify without a warning; the drop-in is read."""
-        directory = _units(self, "authgateway.service", "authgateway.service.d", "authgateway.socket")
-        result = _analyze(directory, "verify", "./authgateway.service", "./authgateway.socket")
+        """The sockets, the service and its drop-in verify without a warning; the drop-in is read."""
+        directory = _units(self, "authgateway.service", "authgateway.service.d", *SOCKET_UNITS)
+        result = _analyze(directory, "verify", "./authgateway.service", *(f"./{u}" for u in SOCKET_UNITS))
         self.assertEqual((result.returncode, result.stderr), (0, ""))
         dump = _dump(directory, "authgateway.service")
         self.assertIn(f"DropIn Path: {directory}/authgateway.service.d/socket-activation.conf", dump)
@@ -215,10 +222,30 @@ class SystemdUnitTests(SynchronousTestCase):
         )
         self.assertEqual(options["endpoints"]["http"], "tcp:8080:interface=127.0.0.1")
 
+    def test_audit_log_writable(self) -> None:
+        """
+        Under ProtectSystem=strict the unit can write its audit log: in its
+        LogsDirectory (0750), the file the fail2ban jail reads; with the
+        socket-activation drop-in too.
+        """
+        jail = read_file(os.path.join(ROOT, "contrib", "fail2ban", "jail.d",
+                                      "authgateway.local")).decode()
+        logpath = re.search(r"^logpath\s*=\s*(\S+)$", jail, re.M).group(1)
+        for units in (["authgateway.service"],
+                      ["authgateway.service", *SOCKET_UNITS, "authgateway.service.d"]):
+            dump = _dump(_units(self, *units), "authgateway.service")
+            self.assertIn("\n\t\tProtectSystem: strict\n", dump)
+            self.assertRegex(dump, r"\n\t\tLogsDirectory: authgateway\n")
+            self.assertRegex(dump, r"\n\t\tLogsDirectoryMode: 0750\n")
+            argv = _command_line(dump)
+            self.assertIn(f"--audit-log={LOG_DIR}/audit.log", argv)
+            self.assertEqual(logpath, f"{LOG_DIR}/audit.log")
+
     def test_stop_outlasts_drain(self) -> None:
         """
-        systemd stops with SIGTERM (the drain) and waits longer than the
-        command line's --drain-timeout before SIGKILL; SIGHUP reloads.
+        systemd stops with SIGTERM (the drain) and waits before SIGKILL at
+        least the command line's --drain-timeout, plus the gateway's bound on
+        the rest of its exit (EXIT_GRACE), plus a margin of 5 s; SIGHUP reloads.
         """
         dump = _dump(_units(self, "authgateway.service"), "authgateway.service")
         self.assertIn("\n\t\tKillSignal: SIGTERM\n", dump)
@@ -226,31 +253,43 @@ class SystemdUnitTests(SynchronousTestCase):
         stop = re.search(r"\n\t\tTimeoutStopSec: (\d+)s\n", dump)
         self.assertIsNotNone(stop, "TimeoutStopSec not in whole seconds")
         options = _parse(self, _command_line(dump))
-        self.assertGreater(int(stop.group(1)), options["drain-timeout"] + 10)
+        self.assertGreaterEqual(int(stop.group(1)), options["drain-timeout"] + EXIT_GRACE + 5)
 
     def test_socket_activation_command_line(self) -> None:
         """
         With the drop-in, ExecStart is read by the option parser given the
-        sockets the socket unit passes, and listener N gets the socket of the
-        socket unit's Nth ListenStream= line: the same port as without it.
+        sockets the socket units pass, and each listener takes its socket by
+        name (its unit's FileDescriptorName=): the same port as without
+        socket activation, whatever order the sockets come in.
         """
-        directory = _units(self, "authgateway.service", "authgateway.service.d", "authgateway.socket")
-        argv = _command_line(_dump(directory, "authgateway.service"))
-        listen = re.findall(r"ListenStream: (\S+)", _dump(directory, "authgateway.socket"))
-        passed = _listening(len(listen))
-        for s in passed:
-            self.addCleanup(s.close)
-        self.patch(endpoints._SystemdParser, "_sddaemon", ListenFDs([s.fileno() for s in passed]))
-        options = _parse(self, argv)
-        ports = {}
-        for name, description in options["endpoints"].items():
-            found = re.fullmatch(r"systemd:domain=INET:index=(\d+)", description)
-            if found is not None:
-                address, port = listen[int(found.group(1))].rsplit(":", 1)
-                self.assertEqual(address, "0.0.0.0")  # an AF_INET socket: domain=INET
-                ports[name] = int(port)
-        self.assertEqual(ports, UNIT_PORTS)
-        self.assertEqual(options["endpoints"]["http"], "tcp:8080:interface=127.0.0.1")
+        directory = _units(self, "authgateway.service", "authgateway.service.d", *SOCKET_UNITS)
+        service = _dump(directory, "authgateway.service")
+        for unit in SOCKET_UNITS:  # each socket starts the service, which gets them all (Sockets=)
+            self.assertIn(f"TriggeredBy: {unit} ", service)
+        argv = _command_line(service)
+        units = {}
+        for unit in SOCKET_UNITS:
+            dump = _dump(directory, unit)
+            [listen] = re.findall(r"ListenStream: (\S+)", dump)
+            [name] = re.findall(r"FileDescriptorName: (\S+)", dump)
+            units[name] = listen
+        for order in (list(units), list(reversed(units))):  # systemd does not order units' sockets
+            passed = _listening(len(order))
+            for s in passed:
+                self.addCleanup(s.close)
+            self.patch(endpoints._SystemdParser, "_sddaemon",
+                       ListenFDs([s.fileno() for s in passed], tuple(order)))
+            options = _parse(self, argv)
+            ports = {}
+            for option, description in options["endpoints"].items():
+                found = re.fullmatch(r"systemd:domain=INET:name=(\w+)", description)
+                if found is not None:
+                    address, port = units[found.group(1)].rsplit(":", 1)
+                    self.assertEqual(address, "0.0.0.0")  # an AF_INET socket: domain=INET
+                    self.assertEqual(found.group(1), option)
+                    ports[option] = int(port)
+            self.assertEqual(ports, UNIT_PORTS)
+            self.assertEqual(options["endpoints"]["http"], "tcp:8080:interface=127.0.0.1")
 
 
 class SystemdEndpointTests(SynchronousTestCase):
@@ -286,6 +325,11 @@ class SystemdEndpointTests(SynchronousTestCase):
     def test_missing(self) -> None:
         self.assertRefused("systemd:domain=INET:index=2", "systemd passed no socket with index=2")
         self.assertRefused("systemd:domain=INET:name=socks", "systemd passed no socket with name=socks")
+
+    def test_negative_index(self) -> None:
+        """Twisted would take index=-1 as the last socket passed: refused, as any non-number."""
+        self.assertRefused("systemd:domain=INET:index=-1", "index=-1: must be a whole number >= 0")
+        self.assertRefused("systemd:domain=INET:index=x", "index=x: must be a whole number >= 0")
 
     def test_domain(self) -> None:
         self.assertRefused("systemd:domain=INET6:index=0",
@@ -345,10 +389,7 @@ class DockerfileTests(SynchronousTestCase):
 
     def test_command_line(self) -> None:
         """CMD is read by the option parser: every listener on all addresses, above port 1024."""
-        argv = self.command()
-        if "metrics" not in tap.Options().defaults:  # until the metrics part of issue 14 is merged
-            argv = [a for a in argv if not a.startswith("--metrics=")]
-        options = _parse(self, argv)
+        options = _parse(self, self.command())
         for name, description in options["endpoints"].items():
             port, interface = re.fullmatch(r"tcp:(\d+):interface=(.*)", description).groups()
             self.assertEqual(interface, "0.0.0.0", name)

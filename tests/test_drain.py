@@ -8,9 +8,13 @@ stops the core's services, on a C{MemoryReactorClock}; a second signal.
 from __future__ import annotations
 
 import signal
+import threading
+import time
 from typing import Any
 
 from twisted.application import service
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
 from twisted.internet import defer, protocol
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted
@@ -20,10 +24,21 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web import resource, server
+from zope.interface import implementer
 
 from gateway import tap
 from gateway.connections import Connections, LimitedFactory, ListenSettings, door_protocol
-from gateway.ops.drain import ABORT_GRACE, Shutdown, install
+from gateway.ops import drain as drain_module
+from gateway.ops.drain import (
+    ABORT_EXIT_GRACE,
+    ABORT_GRACE,
+    CLOSED_GRACE,
+    EXIT_GRACE,
+    SERVICES_GRACE,
+    HardExit,
+    Shutdown,
+    install,
+)
 from gateway.smtp.spool import Spool
 from gateway.web.server import GatewaySite
 from gateway.web.settings import HTTPSettings
@@ -185,14 +200,34 @@ class HTTPDrainTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
 
     def test_headers_arriving(self) -> None:
-        """A request whose headers were still arriving is answered with Connection: close."""
+        """
+        A request whose headers are still arriving is not in flight: closed at
+        once, so a client sending half a request cannot hold the drain
+        (formerly it was waited for, to the deadline).
+        """
         self.channel.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\n")
         self.channel.drain()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.resource.requests, [])
+
+    def test_body_arriving(self) -> None:
+        """A request with all its headers is in flight while its body arrives: it completes."""
+        self.channel.dataReceived(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 4\r\n\r\nab")
+        self.channel.drain()
         self.assertFalse(self.transport.disconnecting)
-        self.channel.dataReceived(b"Accept: */*\r\n\r\n")
+        self.channel.dataReceived(b"cd")
         response = self.respond()
         self.assertIn(b"\r\nconnection: close\r\n", response.lower())
         self.assertTrue(self.transport.disconnecting)
+
+    def test_pipelined_after_drain(self) -> None:
+        """A request in flight completes; one pipelined behind it is never read."""
+        self.channel.dataReceived(b"GET / HTTP/1.1\r\nHost: gw\r\n\r\nGET /b HTTP/1.1\r\n")
+        self.channel.drain()
+        self.assertFalse(self.transport.disconnecting)
+        self.respond()
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.resource.requests, [])
 
     def test_response_started(self) -> None:
         """A response already under way finishes as it began; the connection closes after it."""
@@ -231,12 +266,61 @@ class SOCKSDrainTests(SOCKSTestCase):
         [event] = [e for e in events if e.get("log_format", "").startswith("socks session")]
         self.assertEqual(event["reason"], "aborted: the gateway stopped")
 
-    def test_negotiation_runs_on(self) -> None:
+    def test_negotiation_closed(self) -> None:
+        """
+        A session still negotiating is closed at the drain's start (it held
+        the drain until its negotiation timeout before).
+        """
         self.make()
         self.connect()
+        self.send(b"\x05")  # half a greeting
+        self.proto.drain()
+        self.assertTrue(self.closed())
+
+    def test_login_in_flight_closed(self) -> None:
+        """A login still running is cancelled and the session closed: nothing was relayed yet."""
+        checker = PendingSOCKSChecker()
+        self.make(checkers=[checker])
+        self.connect()
+        self.send(greeting(2))
+        self.send(b"\x01\x05alice\x02pw")
+        self.assertEqual(len(checker.calls), 1)
+        self.proto.drain()
+        self.assertTrue(self.closed())
+        self.proto.connectionLost(Failure(ConnectionAborted()))
+        self.assertEqual(checker.cancelled, 1)
+
+    def test_logged_in_idle_closed(self) -> None:
+        self.make()
+        self.login()
+        self.proto.drain()
+        self.assertTrue(self.closed())
+
+    def test_connect_under_way_runs_on(self) -> None:
+        """A CONNECT being made goes on: its tunnel gets the drain's deadline."""
+        self.make()
+        self.login()
+        self.send(request(PUBLIC, 443))
         self.proto.drain()
         self.assertFalse(self.closed())
-        self.assertEqual(self.send(greeting(0, 2)), b"\x05\x02")
+        self.outbound()
+        self.assertFalse(self.closed())
+
+
+@implementer(ICredentialsChecker)
+class PendingSOCKSChecker:
+    """Never answers; counts cancellations."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self) -> None:
+        self.calls: list[defer.Deferred[Any]] = []
+        self.cancelled = 0
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred(lambda _: setattr(self, "cancelled", self.cancelled + 1))
+        self.calls.append(d)
+        return d
 
 
 class FakeSession(protocol.Protocol):
@@ -482,6 +566,154 @@ class ShutdownTests(SynchronousTestCase):
         core.stopping.errback(RuntimeError("disk"))
         self.successResultOf(d)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+
+    def test_closed_and_flushed_finished(self) -> None:
+        """
+        A session the gateway has closed, with nothing left to send, is
+        aborted after CLOSED_GRACE and counted as finished: an idle TLS
+        client that never sends its close_notify does not hold the drain.
+        """
+        flushed: set[Any] = set()
+        self.patch(drain_module, "closing_flushed", lambda entry: entry in flushed)
+        _, entry, transport = self.session("smtp")
+        _, other, other_transport = self.session("smtp")
+        d = self.shutdown.stop([self.listener], [self.core])
+        flushed.add(entry)
+        self.reactor.advance(drain_module.CLOSED_POLL)
+        self.assertFalse(transport.aborted)
+        self.reactor.advance(CLOSED_GRACE)
+        self.assertTrue(transport.aborted)
+        self.assertFalse(other_transport.aborted)  # still sending (or not closed): waited for
+        self.lose(entry)
+        self.lose(other)
+        self.successResultOf(d)
+        self.assertEqual(self.shutdown.drained, {"smtp": 2})
+        self.assertEqual(sum(self.shutdown.cut.values()), 0)
+
+    def test_flushed_must_last(self) -> None:
+        """A session seen flushed, then sending again, starts its grace over."""
+        flushed: set[Any] = set()
+        self.patch(drain_module, "closing_flushed", lambda entry: entry in flushed)
+        _, entry, transport = self.session("smtp")
+        self.shutdown.stop([self.listener], [self.core])
+        flushed.add(entry)
+        self.reactor.advance(drain_module.CLOSED_POLL)
+        flushed.clear()
+        self.reactor.advance(drain_module.CLOSED_POLL)
+        flushed.add(entry)
+        polls = round(CLOSED_GRACE / drain_module.CLOSED_POLL)
+        self.reactor.pump([drain_module.CLOSED_POLL] * polls)
+        self.assertFalse(transport.aborted)
+        self.reactor.advance(drain_module.CLOSED_POLL)
+        self.assertTrue(transport.aborted)
+
+    def test_services_told_the_deadline(self) -> None:
+        """
+        Services that can (delivery) take no new work from the drain's start
+        and learn its deadline plus SERVICES_GRACE, so the whole stop stays
+        within --drain-timeout and a fixed grace.
+        """
+        core = DrainableService("core", self.stopped)
+        self.session("socks")
+        self.reactor.advance(100)
+        self.shutdown.stop([self.listener], [core])
+        self.assertEqual(core.deadlines, [100 + 30 + SERVICES_GRACE])
+        self.assertEqual(core.abandoned, 0)
+
+    def test_abandoned_on_abort_and_deadline(self) -> None:
+        """A second signal, or a deadline that had to cut sessions, tells services not to join threads."""
+        core = DrainableService("core", self.stopped)
+        self.shutdown.stop([self.listener], [core])
+        self.shutdown.signalled()
+        self.shutdown.signalled()
+        self.assertEqual(core.abandoned, 1)
+        self.setUp()
+        core = DrainableService("core", self.stopped)
+        self.session("socks")
+        self.shutdown.stop([self.listener], [core])
+        self.reactor.advance(30)
+        self.assertEqual(core.abandoned, 1)
+
+
+class DrainableService(FakeService):
+    def __init__(self, name: str, log: list[str]) -> None:
+        super().__init__(name, log)
+        self.deadlines: list[float] = []
+        self.abandoned = 0
+
+    def drain(self, deadline: float) -> None:
+        self.deadlines.append(deadline)
+
+    def abandon(self) -> None:
+        self.abandoned += 1
+
+
+class HardExitTests(SynchronousTestCase):
+    """L{HardExit}: the watchdog that bounds the process's exit."""
+
+    def watchdog(self) -> tuple[HardExit, threading.Event, list[int]]:
+        codes: list[int] = []
+        done = threading.Event()
+
+        def exit(code: int) -> None:
+            codes.append(code)
+            done.set()
+
+        watchdog = HardExit(exit=exit)
+        return watchdog, done, codes
+
+    def test_exits_at_the_earliest_deadline(self) -> None:
+        watchdog, done, codes = self.watchdog()
+        watchdog.arm(0.01)  # before start: nothing (no thread, no pipe yet)
+        watchdog.start()
+        self.assertFalse(done.wait(0.2))
+        started = time.monotonic()
+        watchdog.arm(60)
+        watchdog.arm(0.2)
+        watchdog.arm(30)
+        self.assertTrue(done.wait(10))
+        self.assertGreaterEqual(time.monotonic() - started, 0.19)
+        self.assertEqual(codes, [0])
+
+    def test_not_armed(self) -> None:
+        watchdog, done, codes = self.watchdog()
+        watchdog.start()
+        self.assertFalse(done.wait(0.3))
+        self.assertEqual(codes, [])
+
+    def test_signal_handler_arms(self) -> None:
+        """
+        The signal handler itself (not the reactor) arms it: the first signal
+        at --drain-timeout + EXIT_GRACE, the next ones at ABORT_EXIT_GRACE.
+        """
+
+        class Recording(HardExit):
+            def __init__(self) -> None:
+                super().__init__()
+                self.armed: list[float] = []
+                self.started = False
+
+            def start(self) -> None:
+                self.started = True
+
+            def arm(self, seconds: float) -> None:
+                self.armed.append(seconds)
+
+        reactor = MemoryReactorClock()
+        reactor.callFromThread = lambda f, *args: None  # type: ignore[attr-defined]
+        watchdog = Recording()
+        install(reactor, Shutdown(reactor, Connections(), timeout=7.0), watchdog)
+        for s in (signal.SIGTERM, signal.SIGINT):
+            self.addCleanup(signal.signal, s, signal.getsignal(s))
+        for f, args, kwargs in reactor.whenRunningHooks:
+            f(*args, **kwargs)
+        self.assertTrue(watchdog.started)
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        self.assertEqual(watchdog.armed, [7.0 + EXIT_GRACE])
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        self.assertEqual(watchdog.armed, [7.0 + EXIT_GRACE, ABORT_EXIT_GRACE])
 
 
 class WiringTests(SynchronousTestCase):

@@ -18,15 +18,18 @@ import os
 import signal
 import smtplib
 import socket
+import ssl
 import struct
 import subprocess
 import sys
+import time
 
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.protocols import wire
 from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
+from gateway.ops.drain import ABORT_EXIT_GRACE, EXIT_GRACE, SERVICES_GRACE
 from tests.support import free_port, require_tool
 from tests.relay_support import start_relay
 from tests.test_delivery_integration import queue_files, submit, until
@@ -82,9 +85,18 @@ def read_to_eof(sock: socket.socket) -> bytes:
         data += chunk
 
 
-def http_keep_alive(port: int) -> socket.socket:
+def _client_tls() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the gateway's self-signed certificate
+    return context
+
+
+def http_keep_alive(port: int, tls: bool = False) -> socket.socket:
     """An HTTP/1.1 connection that had one answered request and stays open."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    if tls:
+        sock = _client_tls().wrap_socket(sock)
     sock.sendall(b"GET /whoami HTTP/1.1\r\nHost: gw.test\r\nAuthorization: " + BASIC + b"\r\n\r\n")
     data = b""
     while b"\r\n\r\n" not in data:
@@ -157,6 +169,8 @@ class DrainTests(TestCase):
 
     def twistd(self, drain_timeout: str, *extra: str) -> subprocess.Popen[bytes]:
         echo = self.echo_port.getHost().port
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
         proc = subprocess.Popen(
             [TWISTD, "--pidfile=", "-n", "--logfile", os.path.join(self.data, "twistd.log"),
              "authgateway", "--data-dir", self.data, "--auth", "memory:daniel:tiger",
@@ -167,7 +181,7 @@ class DrainTests(TestCase):
              "--socks", f"tcp:{self.socks}:interface=127.0.0.1",
              "--socks-allow", f"127.0.0.1:{echo}",
              "--drain-timeout", drain_timeout, *extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
 
         def reap() -> None:
             if proc.poll() is None:
@@ -178,9 +192,9 @@ class DrainTests(TestCase):
         return proc
 
     @defer.inlineCallbacks
-    def started(self, drain_timeout: str, *extra: str):
+    def started(self, drain_timeout: str, *extra: str, ports: tuple[int, ...] = ()):
         proc = self.twistd(drain_timeout, *extra)
-        for port in (self.smtp, self.http, self.socks):
+        for port in (self.smtp, self.http, self.socks, *ports):
             yield until(lambda port=port: not refused(port), what=f"twistd to listen on {port}")
         return proc
 
@@ -297,3 +311,108 @@ class DrainTests(TestCase):
         yield until(lambda: not queue_files(spool), what="the queue to empty")
         [message] = relay.handler.messages
         self.assertEqual(message.rcpt_tos, ["a@example.net"])
+
+    @defer.inlineCallbacks
+    def test_idle_clients_hold_no_drain(self):
+        """
+        Clients without an account hold no drain: a request line whose
+        headers never come, idle SMTPS and HTTPS sessions that never send
+        their TLS close_notify (each gets its 421 or close), and half a SOCKS
+        greeting all end within seconds of SIGTERM, far below --drain-timeout,
+        and count as finished.
+        """
+        smtps, https = free_port(), free_port()
+        proc = yield self.started(
+            "60", "--smtps", f"tcp:{smtps}:interface=127.0.0.1",
+            "--https", f"tcp:{https}:interface=127.0.0.1", ports=(smtps, https))
+
+        def connect() -> list[socket.socket]:
+            idle_smtps = _client_tls().wrap_socket(socket.create_connection(("127.0.0.1", smtps), timeout=30))
+            assert idle_smtps.recv(512).startswith(b"220 gw.test "), "no greeting"
+            partial = socket.create_connection(("127.0.0.1", self.http), timeout=30)
+            partial.sendall(b"GET /whoami HTTP/1.1\r\nHost: gw.test\r\n")
+            greeting = socket.create_connection(("127.0.0.1", self.socks), timeout=30)
+            greeting.sendall(b"\x05")
+            return [idle_smtps, http_keep_alive(https, tls=True), partial, greeting]
+
+        clients = yield threads.deferToThread(connect)
+        for client in clients:
+            self.closeLater(client)
+        yield until(lambda: self.log().count("auth success") >= 1, what="the HTTPS login")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = yield threads.deferToThread(proc.wait, 60)
+        elapsed = time.monotonic() - started
+        self.assertEqual(code, 0)
+        self.assertLess(elapsed, 15, self.log())  # CLOSED_GRACE and a poll, not the 60 s deadline
+        answers = yield threads.deferToThread(lambda: [read_to_eof(c) for c in clients])
+        self.assertEqual(answers[0], b"421 4.3.2 gw.test Service shutting down\r\n")
+        self.assertEqual(answers[1:], [b"", b"", b""])
+        self.assertIn("draining 4 session(s) (smtp 1, http 2, socks 1) for up to 60 s", self.log())
+        self.assertIn("4 session(s) finished, 0 aborted (none)", self.log())
+
+    @defer.inlineCallbacks
+    def test_stop_bounded_by_drain_timeout(self):
+        """
+        A relay that stalls holds the stop no longer than --drain-timeout and
+        SERVICES_GRACE (not delivery's own 30 s): delivery took no new work
+        from the drain's start and got what was left of the deadline; the
+        warning counts the message in flight; it stays queued.
+        """
+        relay = start_relay(self)
+        relay.handler.data = ["stall", "250 2.0.0 Ok"]
+        proc = yield self.started("3", "--relay", relay.url(), "--relay-retry", "1s")
+        yield submit(self.smtp, ["a@example.net"])
+        spool = os.path.join(self.data, "spool")
+        [id] = {name.split(".")[0] for name in queue_files(spool)}
+        yield until(lambda: len(relay.handler.data) == 1, what="the relay's DATA to stall")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = yield threads.deferToThread(proc.wait, 60)
+        elapsed = time.monotonic() - started
+        self.assertEqual(code, 0)
+        self.assertLess(elapsed, 3 + SERVICES_GRACE + 2, self.log())
+        self.assertIn("delivery: 1 message(s) still in flight at stop", self.log())
+        self.assertLessEqual({f"{id}.eml", f"{id}.json"}, set(queue_files(spool)))
+
+    @defer.inlineCallbacks
+    def test_hung_thread(self):
+        """
+        A checker hung in a worker thread (the reactor joins its pool at
+        shutdown, blocking) does not keep the process: a second SIGTERM ends
+        it within ABORT_EXIT_GRACE, exit status 0, the message accepted
+        before still spooled.
+        """
+        proc = yield self.started("600", "--checker", "tests.blocking_checker.auth_block")
+        yield submit(self.smtp, ["a@example.net"])  # as daniel (memory:): accepted and spooled
+        [eml] = self.spooled()
+        hung = yield threads.deferToThread(socket.create_connection, ("127.0.0.1", self.smtp), 30)
+        self.closeLater(hung)
+        yield threads.deferToThread(
+            hung.sendall, b"EHLO x\r\nAUTH PLAIN " + base64.b64encode(b"\0carol\0pw") + b"\r\n")
+        yield threads.deferToThread(time.sleep, 1)  # the check runs in its thread
+        proc.send_signal(signal.SIGTERM)
+        yield until(lambda: "draining" in self.log(), what="the drain to start")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = yield threads.deferToThread(proc.wait, 60)
+        self.assertEqual(code, 0)
+        self.assertLess(time.monotonic() - started, ABORT_EXIT_GRACE + 3, self.log())
+        self.assertIn("exiting now", self.log())
+        self.assertEqual(self.spooled(), [eml])
+
+    @defer.inlineCallbacks
+    def test_hung_thread_one_signal(self):
+        """With one SIGTERM the hung thread holds the exit until the drain's deadline plus EXIT_GRACE."""
+        proc = yield self.started("1", "--checker", "tests.blocking_checker.auth_block")
+        hung = yield threads.deferToThread(socket.create_connection, ("127.0.0.1", self.smtp), 30)
+        self.closeLater(hung)
+        yield threads.deferToThread(
+            hung.sendall, b"EHLO x\r\nAUTH PLAIN " + base64.b64encode(b"\0carol\0pw") + b"\r\n")
+        yield threads.deferToThread(time.sleep, 1)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = yield threads.deferToThread(proc.wait, 60)
+        self.assertEqual(code, 0)
+        self.assertLess(time.monotonic() - started, 1 + EXIT_GRACE + 3, self.log())
+        self.assertIn("exiting now", self.log())

@@ -19,6 +19,7 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import task
 from twisted.internet.defer import CancelledError
+from twisted.logger import Logger, formatEvent
 from twisted.trial.unittest import SynchronousTestCase
 
 from gateway import testing
@@ -336,3 +337,76 @@ class SecondReviewTests(SynchronousTestCase):
                 for _ in range(2):
                     d = self.attempt(f"10.{n}.0.{i}", f"user{n}-{i}")
                     d.addErrback(lambda f: f.trap(UnauthorizedLogin, PoolFull, Throttled))
+
+
+class AbandonedVerdictTests(SynchronousTestCase):
+    """
+    Audit finding 1: a client that hangs up once it knows its guess was
+    wrong (no answer within hash time: the failure delay runs) or while the
+    hash runs still leaves a C{failure} event, the checkers' verdict, for
+    fail2ban; and a line in the text auth log.
+    """
+
+    def setUp(self) -> None:
+        from gateway.ops.events import Events
+        from gateway.realm import Realm, make_portal
+
+        self.clock = Clock()
+        self.threads = HeldThreads()
+        pool = HashPool(self.clock, max_pending=64, threadpool=self.threads)
+        verifier = Verifier(lambda password, stored: password == stored, pool, self.clock)
+        self.throttle = Throttle(self.clock)
+        events = Events()
+        self.logins: list[Any] = []
+        events.add(type("Sink", (), {"login": lambda _, e: self.logins.append(e),
+                                     "authz": lambda _, e: None})())
+        self.portal = make_portal(Realm(), [HashingChecker(verifier)], self.throttle, events)
+        self.lines: list[Any] = []
+        self.log = Logger(observer=self.lines.append)
+
+    def login(self, password: str) -> Any:
+        from gateway.realm import login
+
+        return login(self.portal, testing.http_basic("carol", password, peer="192.0.2.9"),
+                     log=self.log)
+
+    def outcomes(self) -> list[tuple[str, str, bool]]:
+        return [(e.outcome, e.reason, e.client_left) for e in self.logins]
+
+    def test_hang_up_during_the_failure_delay(self) -> None:
+        d = self.login("guess")
+        self.threads.release_all()
+        self.assertNoResult(d)  # judged wrong, waiting out the failure delay
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.outcomes(), [("failure", "invalid_credentials", True)])
+        [line] = self.lines
+        self.assertEqual((line["outcome"], line["client_left"]), ("failure", True))
+        self.assertIn("auth failure", formatEvent(line))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_hang_up_during_the_hash(self) -> None:
+        """The event waits for the verdict: a failure once the hash says wrong."""
+        d = self.login("guess")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.logins, [])
+        self.threads.release_all()
+        self.assertEqual(self.outcomes(), [("failure", "invalid_credentials", True)])
+        self.assertEqual([line["outcome"] for line in self.lines], ["failure"])
+        # Charged once, to the peer and pair.
+        self.assertEqual(self.throttle.failed("192.0.2.9", "carol", across_peers=False), 1.0)
+
+    def test_right_password_abandoned_is_cancelled(self) -> None:
+        d = self.login("carolpw")
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.threads.release_all()
+        self.assertEqual(self.outcomes(), [("cancelled", "cancelled", True)])
+
+    def test_answered_failure_not_left(self) -> None:
+        d = self.login("guess")
+        self.threads.release_all()
+        self.clock.advance(1)
+        self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual(self.outcomes(), [("failure", "invalid_credentials", False)])

@@ -170,3 +170,20 @@ class OnSignalTests(SynchronousTestCase):
         self.assertNotEqual(signal.getsignal(signal.SIGWINCH), signal.SIG_DFL)
         self.reactor.run()
         self.assertEqual(self.reactor.called, [hangup])
+
+    def test_immediate(self) -> None:
+        """
+        C{immediate} runs in the handler, first; for a signal recorded before
+        the reactor runs, once, when it is acted on (a watchdog armed before
+        the reactor runs would not count: see L{gateway.ops.drain.HardExit}).
+        """
+        order: list = []
+        self.reactor.callFromThread = lambda f: order.append(f.__name__)
+        on_signal(self.reactor, signal.SIGHUP, hangup, immediate=lambda: order.append("immediate"))
+        self.kill()
+        self.kill()
+        self.assertEqual(order, [])
+        self.reactor.run()
+        self.assertEqual(order, ["immediate", "hangup"])
+        self.kill()
+        self.assertEqual(order, ["immediate", "hangup"] * 2)

@@ -13,8 +13,10 @@ from twisted.internet import defer
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
-from gateway.acl import parse_acl
+from gateway.acl import Policy, parse_acl
+from gateway.ops.events import Events
 from gateway.smtp import codec
+from gateway.smtp.server import SMTPSettings
 from tests.smtp_support import Client, ServerTestCase, plain
 
 
@@ -389,3 +391,42 @@ class _Recording:
     def match(self, text):
         self.seen.append(text)
         return self.expression.match(text)
+
+
+class ErrorLimitTests(ServerTestCase):
+    """
+    Audit finding 3: refused commands are limited per session, after AUTH as
+    well as before (Postfix's smtpd_hard_error_limit): an authenticated
+    client pipelining refused senders (an audit line each) cannot grow the
+    audit log without bound.
+    """
+
+    def test_refused_senders_end_the_session(self) -> None:
+        events = Events()
+        asked: list[Any] = []
+        events.add(type("Sink", (), {"login": lambda _, e: None,
+                                     "authz": lambda _, e: asked.append(e)})())
+        policy = Policy(parse_acl(DANIEL_SENDS), events)
+        client = self.authenticated(policy=policy, sender_binding=True, max_errors=3)
+        lines = client.send(b"MAIL FROM:<boss@example.com>\r\nRSET\r\n" * 100)
+        self.assertReplies(lines, [b"553 5.7.1", b"250 2.0.0"] * 3 + [
+            b"553 5.7.1", b"421 4.7.0 mx.test Too many errors, closing connection"])
+        self.assertTrue(client.closed)
+        self.assertEqual(len(asked), 4)  # the decisions (their audit lines) stopped there
+
+    def test_counted_before_auth_and_for_trusted_networks(self) -> None:
+        for client in (self.tls_session(max_errors=2, junk_commands=100),
+                       self.trusted_session(max_errors=2)):
+            self.assertReplies(client.send(b"FROB\r\n" * 2), [b"500 5.5.2"] * 2)
+            self.assertReplies(client.send(b"NOOP\r\n"), [b"250 2.0.0"])  # not an error
+            self.assertFalse(client.closed)
+            self.assertReplies(client.send(b"FROB\r\nNOOP\r\n"), [b"500 5.5.2", b"421 4.7.0"])
+            self.assertTrue(client.closed)
+
+    def test_default_and_option(self) -> None:
+        from gateway import tap
+
+        self.assertEqual(SMTPSettings().max_errors, 20)
+        options = tap.Options()
+        options.parseOptions(["--auth", "memory:daniel:tiger", "--smtp-max-errors", "5"])
+        self.assertEqual(options._smtp_settings().max_errors, 5)

@@ -168,6 +168,8 @@ class HashPool(service.Service):
         self._known_by_account: Counter[Any] = Counter()
         self._own = threadpool is None
         self._stopping = False
+        #: L{abandon}: the stop does not join the threads.
+        self._abandoned = False
         if threadpool is None:
             threadpool = _daemon_pool(threads, "authgateway-hash")
             loader = _daemon_pool(1, "authgateway-load")
@@ -286,14 +288,24 @@ class HashPool(service.Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._abandoned = False
         if self._own:
             self.threadpool.start()
             self.loader.start()
 
+    def abandon(self) -> None:
+        """
+        The stop was cut short (a second signal, or the drain's deadline):
+        L{stopService} will not join the threads. They are daemon threads, so
+        one hung in a checker cannot keep the process (nor block the reactor
+        thread in a join).
+        """
+        self._abandoned = True
+
     def stopService(self) -> None:
         super().stopService()
         self._stopping = True
-        if self._own:
+        if self._own and not self._abandoned:
             # Waits only for the hashes (and the reload) already running;
             # queued jobs are dropped.
             self.threadpool.stop()

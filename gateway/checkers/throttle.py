@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from gateway.addresses import peer_key
 from gateway.checkers.hashing import Attempt, current_attempt, length_prefixed
-from gateway.errors import PeerShareFull, Throttled
+from gateway.errors import Abandoned, PeerShareFull, Throttled
 from gateway.ratelog import LogRateLimiter
 
 _Key = tuple[str, Any]
@@ -344,14 +344,16 @@ class ThrottlingChecker:
                 # Abandoned while its verification waited in the hash queue
                 # (perhaps behind others' load) or ran: the verdict decides.
                 # A wrong password is charged to its peer and pair when the
-                # hash says so; the right one (its client gave up waiting)
-                # is not: a slow queue is others' doing.
-                def judged(wrong: bool) -> None:
-                    if wrong:
-                        self.throttle.failed(peer, user, across_peers=False)
+                # hash says so, and reported as the failure it is; the right
+                # one (its client gave up waiting) is not: a slow queue is
+                # others' doing. A job dropped unrun judged nothing.
+                def judged(wrong: bool) -> UnauthorizedLogin | None:
+                    if not wrong:
+                        return None
+                    self.throttle.failed(peer, user, across_peers=False)
+                    return UnauthorizedLogin()
 
-                attempt.wrong().addCallback(judged)
-                return reason
+                return Failure(Abandoned(attempt.wrong().addCallback(judged)))
             if reason.check(defer.CancelledError, PeerShareFull):
                 # The client left (or a front door's timer ended it) while the
                 # attempt waited or was checked: without counting it, hanging
@@ -367,7 +369,16 @@ class ThrottlingChecker:
             delay = self.throttle.failed(peer, user)
             if not delay:
                 return reason
-            return task.deferLater(self.throttle.clock, delay, reason.raiseException)
+
+            def left(cancelled: Failure) -> Failure:
+                # Hanging up during the delay (a success would have been
+                # answered by now) must not turn the failure into something
+                # else: the verdict is known, and it is this one.
+                cancelled.trap(defer.CancelledError)
+                return Failure(Abandoned(defer.succeed(reason.value)))
+
+            answer = task.deferLater(self.throttle.clock, delay, reason.raiseException)
+            return answer.addErrback(left)
 
         def check() -> defer.Deferred[Any]:
             # The hash pool gives each peer a share, and known devices a reserve.

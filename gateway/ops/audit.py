@@ -5,11 +5,14 @@ login attempt (L{LoginEvent}) and every authorization decision
 (L{AuthzEvent}) published on the core's events hub, for an operator's
 tools (fail2ban, a SIEM). The schema is in the README, "Audit log".
 
-A line is written with one C{write(2)} on a descriptor opened with
-C{O_APPEND}: nothing is buffered in the process, so a tailing reader sees
-each event at once and a crash loses none already written. Keys come in a
-fixed order (fail2ban's filter relies on it: the peer address comes before
-any text a client chose), strings are capped (L{MAX_TEXT}) and every control
+The events of one reactor turn are formatted together at its end and
+written with one C{write(2)} on a descriptor opened with C{O_APPEND} (at
+most L{MAX_BATCH} at a time): a tailing reader sees each event within the
+turn, a crash loses at most that turn's, and under load the formatting
+runs in a tight loop instead of once in the middle of every request (a
+login line cost about 19 us there against 4.5 us in a loop). Keys come in a
+fixed order (fail2ban's filter relies on it: the peer address and network
+come before any text a client chose), strings are capped (L{MAX_TEXT}) and every control
 or non-ASCII character is escaped by JSON, so one event is one line whatever
 a client sent. A failing disk (ENOSPC) costs events, never a login: the
 failure is logged once per episode, with the count lost when writing works
@@ -30,6 +33,7 @@ from typing import Any
 from twisted.application import service
 from twisted.logger import Logger
 
+from gateway.addresses import ip_or_none, peer_key
 from gateway.fileio import reason
 from gateway.ops.events import AuthzEvent, LoginEvent
 from gateway.ops.signals import on_signal
@@ -48,6 +52,8 @@ MAX_ITEMS = 64
 MODE = 0o640
 #: The path meaning standard output.
 STDOUT = "-"
+#: Events kept for the end of the reactor turn at most; more are written at once.
+MAX_BATCH = 1024
 
 
 def _text(value: Any, name: str, truncated: list[str]) -> str:
@@ -74,31 +80,72 @@ def _text(value: Any, name: str, truncated: list[str]) -> str:
 _BOOLEAN = {True: "true", False: "false"}
 
 
-def _session(info: Any, truncated: list[str]) -> tuple[str, str]:
-    """The JSON lists of an AuthInfo's identities and groups, each list and string capped."""
+#: Fragments of the fields that repeat from event to event (a peer, a
+#: listener, an outcome, a session), each formatted once: (JSON, the names
+#: of the fields it cut). Bounded: cleared when full.
+_FRAGMENTS: dict[Any, tuple[str, tuple[str, ...]]] = {}
+MAX_FRAGMENTS = 4096
+
+
+def _cached(key: Any, build: Any, truncated: list[str]) -> str:
+    """The fragment C{build(cut)} makes for C{key}, the fields it cut added to C{truncated}."""
+    try:
+        hit = _FRAGMENTS.get(key)
+    except TypeError:  # an unhashable value: formatted each time
+        return build(truncated)  # type: ignore[no-any-return]
+    if hit is None:
+        cut: list[str] = []
+        hit = build(cut), tuple(cut)
+        if len(_FRAGMENTS) >= MAX_FRAGMENTS:
+            _FRAGMENTS.clear()
+        _FRAGMENTS[key] = hit
+    if hit[1]:
+        truncated.extend(hit[1])
+    return hit[0]
+
+
+def _session(info: Any, truncated: list[str]) -> str:
+    """The C{identities} and C{groups} keys of an AuthInfo, each list and string capped."""
     identities = tuple(info.identities)
     groups = tuple(info.groups)
-    for name, items in (("identities", identities), ("groups", groups)):
-        if len(items) > MAX_ITEMS:
-            truncated.append(name)
-    return (
-        "[" + ", ".join(
-            f'{{"identity": {_text(i.identity, "identities", truncated)},'
-            f' "context": {_text(i.context.value, "identities", truncated)}}}'
+
+    def build(cut: list[str]) -> str:
+        for name, items in (("identities", identities), ("groups", groups)):
+            if len(items) > MAX_ITEMS:
+                cut.append(name)
+        listed = ", ".join(
+            f'{{"identity": {_text(i.identity, "identities", cut)},'
+            f' "context": {_text(i.context.value, "identities", cut)}}}'
             for i in identities[:MAX_ITEMS]
-        ) + "]",
-        "[" + ", ".join(_text(g, "groups", truncated) for g in groups[:MAX_ITEMS]) + "]",
-    )
+        )
+        named = ", ".join(_text(g, "groups", cut) for g in groups[:MAX_ITEMS])
+        return f'"identities": [{listed}], "groups": [{named}]'
+
+    return _cached(("session", identities, groups), build, truncated)
 
 
 def _where(event: LoginEvent | AuthzEvent, truncated: list[str]) -> str:
-    """protocol, listener, peer_address, peer_port, tls: the keys every line has."""
+    """
+    protocol, listener, peer_address, peer_network, peer_port, tls: the keys
+    every line has. C{peer_network} is the throttle's key of the peer (the
+    IPv4 address, the IPv6 /64: one host usually owns a whole /64), what
+    fail2ban bans; null when the peer has no IP address.
+    """
+    protocol, listener, address = event.protocol, event.listener, event.peer_address
+
+    def build(cut: list[str]) -> str:
+        network = peer_key(ip_or_none(address))
+        return (
+            f'"protocol": {_text(protocol, "protocol", cut)},'
+            f' "listener": {_text(listener, "listener", cut)},'
+            f' "peer_address": {_text(address, "peer_address", cut)},'
+            f' "peer_network": {_text(network, "peer_network", cut)}'
+        )
+
     port = event.peer_port
     return (
-        f'"protocol": {_text(event.protocol, "protocol", truncated)},'
-        f' "listener": {_text(event.listener, "listener", truncated)},'
-        f' "peer_address": {_text(event.peer_address, "peer_address", truncated)},'
-        f' "peer_port": {port if type(port) is int else "null"},'
+        _cached(("where", protocol, listener, address), build, truncated)
+        + f', "peer_port": {port if type(port) is int else "null"},'
         f' "tls": {_BOOLEAN.get(event.tls, "null")}'  # type: ignore[call-overload]
     )
 
@@ -113,25 +160,35 @@ def _end(truncated: list[str]) -> bytes:
 def login_line(event: LoginEvent) -> bytes:
     """
     The audit line of a login attempt: ASCII JSON, its keys in the
-    documented order, a newline. Formatted by hand (at twice the speed of a
-    dict through C{json.dumps}: a line per login), every string through
-    L{_text}.
+    documented order, a newline. Formatted by hand (a dict through
+    C{json.dumps} takes twice as long: a line per login), every string
+    through L{_text}, the fields that repeat from login to login once
+    (L{_cached}).
     """
     truncated: list[str] = []
-    identities = groups = "null"
+    session = '"identities": null, "groups": null'
     if event.auth_info is not None:
-        identities, groups = _session(event.auth_info, truncated)
+        session = _session(event.auth_info, truncated)
+    outcome, reason = event.outcome, event.reason
+    verdict = _cached(
+        ("verdict", outcome, reason),
+        lambda cut: f'"outcome": {_text(outcome, "outcome", cut)},'
+                    f' "reason": {_text(reason, "reason", cut)}',
+        truncated,
+    )
+    where = _where(event, truncated)
+    mechanism = event.mechanism
+    mechanism = _cached(
+        ("mechanism", mechanism), lambda cut: _text(mechanism, "mechanism", cut), truncated
+    )
     duration = round(event.duration * 1000, 3)
     duration_ms = repr(duration) if math.isfinite(duration) else "null"
     line = (
-        f'{{"time": "{utc_millis(event.time)}", "event": "login",'
-        f' "outcome": {_text(event.outcome, "outcome", truncated)},'
-        f' "reason": {_text(event.reason, "reason", truncated)},'
-        f" {_where(event, truncated)},"
-        f' "mechanism": {_text(event.mechanism, "mechanism", truncated)},'
+        f'{{"time": "{utc_millis(event.time)}", "event": "login", {verdict}, {where},'
+        f' "mechanism": {mechanism},'
         f' "identity": {_text(event.identity, "identity", truncated)},'
-        f' "identities": {identities}, "groups": {groups},'
-        f' "duration_ms": {duration_ms}'
+        f' {session}, "duration_ms": {duration_ms},'
+        f' "client_left": {_BOOLEAN[event.client_left is True]}'
     )
     return line.encode("ascii") + _end(truncated)
 
@@ -139,15 +196,14 @@ def login_line(event: LoginEvent) -> bytes:
 def authz_line(event: AuthzEvent) -> bytes:
     """The audit line of an authorization decision, as L{login_line}."""
     truncated: list[str] = []
-    identities = groups = "[]"
+    session = '"identities": [], "groups": []'
     if event.auth_info is not None:
-        identities, groups = _session(event.auth_info, truncated)
+        session = _session(event.auth_info, truncated)
     allowed = event.allowed is True
     line = (
         f'{{"time": "{utc_millis(event.time)}", "event": "authz",'
         f' "outcome": "{"allowed" if allowed else "denied"}",'
-        f" {_where(event, truncated)},"
-        f' "identities": {identities}, "groups": {groups},'
+        f" {_where(event, truncated)}, {session},"
         f' "resource": {_text(event.resource, "resource", truncated)},'
         f' "privilege": {_text(event.privilege, "privilege", truncated)},'
         f' "allowed": {_BOOLEAN[allowed]}'
@@ -157,22 +213,48 @@ def authz_line(event: AuthzEvent) -> bytes:
 
 def open_log(path: str) -> int:
     """
-    A descriptor appending to the regular file C{path}, created with
-    L{MODE}; a FIFO or device is refused (a write to one could block the
-    reactor for ever).
+    A descriptor appending to the regular file C{path}. A new file gets
+    L{MODE} whatever the umask (a unit's C{UMask=0077} would make it
+    unreadable to the log reader's group); an existing one keeps its mode.
+    A FIFO or device (or a link to one) is refused before it is opened:
+    opening one could act on it, and a write to it could block the reactor
+    for ever.
 
-    @raise OSError: it cannot be opened, or is not a regular file.
+    @raise OSError: it cannot be opened, or is not a regular file (then
+        without an errno, its text saying so).
     """
+    created = not _regular_or_missing(path)
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     fd = os.open(path, flags, MODE)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since the check
+            raise OSError(_NOT_REGULAR)
+        if created:
+            os.fchmod(fd, MODE)
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+#: Why a path that exists but is no regular file is refused.
+_NOT_REGULAR = "not a regular file"
+
+
+def _regular_or_missing(path: str) -> bool:
+    """
+    Whether C{path} (followed if a link) exists.
+
+    @raise OSError: it exists and is not a regular file.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise OSError(_NOT_REGULAR)
+    return True
 
 
 def check_path(path: str) -> None:
@@ -187,6 +269,10 @@ def check_path(path: str) -> None:
         return
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory")
+    try:
+        _regular_or_missing(path)
+    except OSError as e:
+        raise ValueError(f"{path}: {reason(e)}") from None
     if os.path.exists(path):
         if not os.access(path, os.W_OK):
             raise ValueError(f"{path}: {os.strerror(errno.EACCES)}")
@@ -196,6 +282,13 @@ def check_path(path: str) -> None:
         raise ValueError(f"{directory}: no such directory")
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ValueError(f"{directory}: {os.strerror(errno.EACCES)}")
+
+
+class AuditLogUnavailable(SystemExit):
+    """
+    The audit log cannot be opened when the gateway starts: a C{SystemExit},
+    so that twistd ends with this one line on stderr and a non-zero status.
+    """
 
 
 class AuditLog(service.Service):
@@ -208,14 +301,22 @@ class AuditLog(service.Service):
     @param path: the file, or C{"-"} for standard output (the descriptor
         itself: under twistd, C{sys.stdout} is its log).
     @param write: C{os.write}, or a test's.
+    @param reactor: where the end of a turn is scheduled (L{flush}); without
+        one, each event is written when it happens.
     """
 
     name = "audit-log"
 
-    def __init__(self, path: str, write: Any = os.write, opener: Any = open_log) -> None:
+    def __init__(
+        self, path: str, write: Any = os.write, opener: Any = open_log, reactor: Any = None
+    ) -> None:
         self.path = path
         self._write = write
         self._open = opener
+        self._reactor = reactor
+        #: Events waiting for the end of the turn: (formatter, event).
+        self._batch: list[tuple[Any, Any]] = []
+        self._flushing: Any = None
         self._fd: int | None = None
         #: A write failed: this episode is logged, its events counted.
         self._failing = False
@@ -234,16 +335,41 @@ class AuditLog(service.Service):
     # -- the service -------------------------------------------------------
 
     def startService(self) -> None:
+        """
+        Open the file; one that cannot be opened stops the gateway from
+        starting (L{AuditLogUnavailable}): running without the audit log the
+        operator asked for would blind fail2ban unnoticed.
+        """
+        if self._fd is None and self.path != STDOUT:
+            try:
+                self._fd = self._open(self.path)
+            except OSError as e:
+                raise AuditLogUnavailable(
+                    f"twistd authgateway: error: --audit-log {self.path}: cannot open: {reason(e)}"
+                ) from None
+        elif self._fd is None:
+            self._fd = 1
         super().startService()
-        if self._fd is None:
-            self._fd = self._opened()
 
     def stopService(self) -> None:
+        self.flush()
         super().stopService()
         self.close()
 
     def flush(self) -> None:
-        """Nothing to do: every line is written when its event happens."""
+        """Format and write the events waiting for the end of the turn."""
+        if self._flushing is not None:
+            if self._flushing.active():
+                self._flushing.cancel()
+            self._flushing = None
+        batch, self._batch = self._batch, []
+        lines = []
+        for make, event in batch:
+            line = self._format(make, event)
+            if line is not None:
+                lines.append(line)
+        if lines:
+            self._append(b"".join(lines), len(lines))
 
     def close(self) -> None:
         fd, self._fd = self._fd, None
@@ -261,6 +387,7 @@ class AuditLog(service.Service):
         fd = self._opened()
         if fd is None:
             return
+        self.flush()  # what happened before the rotation goes to the old file
         self.close()
         self._fd = fd
         self._partial = False
@@ -284,11 +411,24 @@ class AuditLog(service.Service):
         self._record(authz_line, event)
 
     def _record(self, make: Any, event: Any) -> None:
-        """Write one event; a bug here is logged, never raised into a login."""
+        """Keep one event for the end of the turn (or write it now, without a reactor)."""
         if not self.running:
             return
+        if self._reactor is None:
+            line = self._format(make, event)
+            if line is not None:
+                self._append(line, 1)
+            return
+        self._batch.append((make, event))
+        if len(self._batch) >= MAX_BATCH:
+            self.flush()
+        elif self._flushing is None:
+            self._flushing = self._reactor.callLater(0, self.flush)
+
+    def _format(self, make: Any, event: Any) -> bytes | None:
+        """One event's line; a bug here is logged and the event counted lost, never raised."""
         try:
-            line = make(event)
+            return make(event)  # type: ignore[no-any-return]
         except Exception:
             self.lost += 1
             suppressed = self._bugs.admit("bug")
@@ -297,13 +437,13 @@ class AuditLog(service.Service):
                     "audit log: an event could not be written" + suppressed_note(suppressed),
                     suppressed=suppressed,
                 )
-            return
-        self._append(line)
+            return None
 
-    def _append(self, line: bytes) -> None:
+    def _append(self, line: bytes, count: int) -> None:
+        """Write C{line} (C{count} events' lines), all of it or count them lost."""
         fd = self._fd
         if fd is None:  # the open failed: SIGUSR1 tries again
-            self.lost += 1
+            self.lost += count
             return
         data = b"\n" + line if self._partial else line
         pending = memoryview(data)
@@ -313,8 +453,8 @@ class AuditLog(service.Service):
         except OSError as e:
             if len(pending) < len(data):
                 self._partial = True  # part of it is in the file
-            self.lost += 1
-            self._lost_now += 1
+            self.lost += count
+            self._lost_now += count
             if not self._failing:
                 self._failing = True
                 log.error(
@@ -323,7 +463,7 @@ class AuditLog(service.Service):
                 )
             return
         self._partial = False
-        self.written += 1
+        self.written += count
         if self._failing:
             self._failing = False
             log.warn("audit log {path}: writing again, {lost} events were lost",
@@ -338,7 +478,7 @@ def attach_audit_log(core: Any, path: str | None) -> AuditLog | None:
     """
     if path is None:
         return None
-    audit = AuditLog(path)
+    audit = AuditLog(path, reactor=core.reactor)
     core.events.add(audit)
     core.attach(audit)
     on_signal(core.reactor, signal.SIGUSR1, audit.reopen)
@@ -346,6 +486,6 @@ def attach_audit_log(core: Any, path: str | None) -> AuditLog | None:
 
 
 __all__ = [
-    "AuditLog", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log", "authz_line",
-    "check_path", "login_line", "open_log",
+    "AuditLog", "AuditLogUnavailable", "MAX_BATCH", "MAX_ITEMS", "MAX_TEXT", "MODE", "attach_audit_log",
+    "authz_line", "check_path", "login_line", "open_log",
 ]

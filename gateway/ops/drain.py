@@ -6,43 +6,86 @@ The first signal begins the reactor's stop, so twistd's own shutdown path
 runs the top service's C{stopService}, which hands its children to
 L{Shutdown.stop}:
 
-1. every listener stops at once: no new connection is accepted;
+1. every listener stops at once: no new connection is accepted; the
+   core's services that can (L{Delivery.drain<gateway.smtp.delivery.Delivery.drain>})
+   take no new work from now on and learn the stop's deadline;
 2. connections of trusted proxies still waiting for their PROXY header are
    aborted (they are no session yet; built now, one would never be asked to
    drain), and a header coming after that builds none;
    each front door's open sessions (L{Connections.sessions}) are asked to
    finish through their protocol's C{drain()} (SMTP: C{421 4.3.2} at the
    next command, after a message in DATA is spooled and acknowledged; HTTP:
-   idle keep-alive connections close, requests in flight are answered with
-   C{Connection: close}; SOCKS: negotiations and tunnels run on), for at
-   most C{--drain-timeout} seconds; what is left then is aborted;
-3. the core's services stop (delivery, the hash pool, the audit log...).
+   idle keep-alive connections and requests whose headers are still
+   arriving close, requests in flight are answered with C{Connection:
+   close}; SOCKS: negotiations close, tunnels run on), for at most
+   C{--drain-timeout} seconds; what is left then is aborted. A session the
+   gateway has closed and that has nothing left to send is finished: after
+   L{CLOSED_GRACE} it is aborted rather than waiting for the peer's TLS
+   C{close_notify} or FIN;
+3. the core's services stop (delivery, the hash pool, the audit log...);
+   delivery waits for its relay sessions only until the drain's deadline
+   plus L{SERVICES_GRACE}.
 
 A second signal aborts every session at once and stops waiting for
 anything: the shutdown goes on immediately. Either way the process exits 0.
-Nothing accepted is lost: a message is acknowledged only once spooled, and
-one cut off in DATA was never acknowledged.
+The signal handler itself also arms L{HardExit}, which ends the process with
+C{os._exit(0)} if it is still there L{EXIT_GRACE} seconds after the drain's
+deadline, or L{ABORT_EXIT_GRACE} seconds after a second signal: a thread
+that never returns (a checker hung on its backend) cannot keep the process
+alive, even while the reactor thread is blocked joining it.
+Nothing accepted is lost, a hard exit included: a message is acknowledged
+only once spooled (written, fsync'ed, renamed into place), a queue state is
+saved the same way, one cut off in DATA was never acknowledged; only the
+audit log's events of the turn the exit cut short can be missing.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import signal
+import struct
+import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
 from twisted.application.service import IService
-from twisted.internet import defer, error
+from twisted.internet import defer, error, task
 from twisted.logger import Logger
 
 from gateway.connections import Connections, door_protocol
 from gateway.ops.signals import on_signal
+from gateway.twistedinternals import closing_flushed
 
 log = Logger()
 
 #: Seconds the shutdown waits for aborted connections to be gone (they end
 #: on the reactor's next turn; a transport that cannot abort closes instead).
 ABORT_GRACE = 1.0
+
+#: Seconds a session the gateway has closed, with nothing left to send, may
+#: wait for its peer to close too (a TLS C{close_notify}, a FIN) during the
+#: drain before it is aborted; it counts as finished.
+CLOSED_GRACE = 1.0
+
+#: How often the drain looks for such sessions.
+CLOSED_POLL = 0.25
+
+#: Seconds past the drain's deadline the core's services (delivery's relay
+#: sessions) may take to stop.
+SERVICES_GRACE = 2.0
+
+#: Seconds past the drain's deadline after which L{HardExit} ends the process:
+#: the aborted sessions' end (L{ABORT_GRACE}), the services (L{SERVICES_GRACE})
+#: and the thread pools' joins, with room to spare. The service manager's
+#: stop timeout must be above C{--drain-timeout} plus this.
+EXIT_GRACE = 10.0
+
+#: Seconds after a second signal after which L{HardExit} ends the process.
+ABORT_EXIT_GRACE = 2.0
 
 
 class Shutdown:
@@ -65,6 +108,10 @@ class Shutdown:
         self.cut: Counter[str] = Counter()
         self._waits: set[defer.Deferred[None]] = set()
         self._cut_sessions: set[Any] = set()
+        #: The core's services (known once L{stop} is called).
+        self._services: list[IService] = []
+        #: Sessions closed by the gateway with nothing left to send: since when.
+        self._closed_since: dict[Any, float] = {}
 
     def signalled(self) -> None:
         """SIGTERM or SIGINT: the first begins the reactor's stop, the next aborts."""
@@ -82,6 +129,7 @@ class Shutdown:
     def abort(self) -> None:
         """Abort every open session and stop waiting (the drain or the services)."""
         self.aborted = True
+        self._abandon_services()
         self._abort_sessions()
         for wait in list(self._waits):
             if not wait.called:
@@ -94,14 +142,27 @@ class Shutdown:
         would); fires when done or abandoned by L{abort}.
         """
         self.stopping = True
-        return defer.ensureDeferred(self._stop(list(listeners), list(services)))
+        self._services = list(services)
+        return defer.ensureDeferred(self._stop(list(listeners), self._services))
 
     async def _stop(self, listeners: list[IService], services: list[IService]) -> None:
+        deadline = self.reactor.seconds() + self.timeout
+        for child in services:  # no new work (delivery) from now on
+            begin = getattr(child, "drain", None)
+            if begin is not None:
+                begin(deadline + SERVICES_GRACE)
         await self._wait(_stop_all(listeners))
-        await self._drain()
+        await self._drain(deadline)
         await self._wait(_stop_all(reversed(services)))
 
-    async def _drain(self) -> None:
+    def _abandon_services(self) -> None:
+        """Services that can stop without waiting for their threads (the hash pool) will."""
+        for child in self._services:
+            abandon = getattr(child, "abandon", None)
+            if abandon is not None:
+                abandon()
+
+    async def _drain(self, deadline: float) -> None:
         headers = self.connections.abort_headers()
         sessions = [
             (door, entry)
@@ -124,8 +185,15 @@ class Shutdown:
                         ask()
                     except Exception:  # noqa: BLE001 - one session's bug stops no drain
                         log.failure("{door} session failed to drain", door=door)
-            await self._wait(defer.DeferredList(closed), self.timeout)
-        self._abort_sessions()
+            poll = task.LoopingCall(self._finish_closed)
+            poll.clock = self.reactor
+            poll.start(CLOSED_POLL, now=False)
+            try:
+                await self._wait(defer.DeferredList(closed), max(0.0, deadline - started))
+            finally:
+                poll.stop()
+        if self._abort_sessions():
+            self._abandon_services()  # the deadline cut sessions: their threads are not waited for
         if not all(d.called for d in closed):  # aborted ones end on the next turn
             await self._wait(defer.DeferredList(closed), ABORT_GRACE, abortable=False)
         self.drained = per_door - self.cut
@@ -139,8 +207,28 @@ class Shutdown:
             doors=_per_door(self.cut),
         )
 
-    def _abort_sessions(self) -> None:
-        """Abort every session still open (once each), counted in L{cut}."""
+    def _finish_closed(self) -> None:
+        """
+        Abort the sessions the gateway has closed, with nothing left to send,
+        that have waited L{CLOSED_GRACE} for their peer: they are finished
+        (a TLS one waits for the peer's C{close_notify}, which a client that
+        went idle may never send).
+        """
+        now = self.reactor.seconds()
+        seen = {}
+        for entries in self.connections.sessions.values():
+            for entry in list(entries):
+                if entry in self._cut_sessions or not closing_flushed(entry):
+                    continue
+                since = seen[entry] = self._closed_since.get(entry, now)
+                if now - since >= CLOSED_GRACE:
+                    self._cut_sessions.add(entry)  # not counted in cut: it had finished
+                    entry.transport.abortConnection()
+        self._closed_since = seen
+
+    def _abort_sessions(self) -> int:
+        """Abort every session still open (once each), counted in L{cut}; how many."""
+        aborted = 0
         for door, entries in self.connections.sessions.items():
             for entry in list(entries):
                 transport = getattr(entry, "transport", None)
@@ -148,8 +236,10 @@ class Shutdown:
                     continue
                 self._cut_sessions.add(entry)
                 self.cut[door] += 1
+                aborted += 1
                 abort = getattr(transport, "abortConnection", None)
                 (abort or transport.loseConnection)()
+        return aborted
 
     def _wait(
         self, d: defer.Deferred[Any], seconds: float | None = None, abortable: bool = True
@@ -196,19 +286,90 @@ def _per_door(counts: Counter[str]) -> str:
     return ", ".join(f"{door} {n}" for door, n in counts.items() if n) or "none"
 
 
-def install(reactor: Any, shutdown: Shutdown) -> None:
+class HardExit:
+    """
+    Bounds the process's exit: a daemon thread that calls C{exit(0)}
+    (C{os._exit}) at the earliest deadline it was given unless the process
+    ended first. L{arm} only writes 8 bytes to a pipe, so it is safe in a
+    signal handler (no lock) and works while the reactor thread is blocked.
+    Started once the reactor runs (after twistd's fork); armed before, it
+    does nothing.
+    """
+
+    def __init__(self, exit: Any = os._exit, clock: Any = time.monotonic) -> None:
+        self._exit = exit
+        self._clock = clock
+        self._read = self._write = -1
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the watchdog thread (once)."""
+        if self._thread is None:
+            self._read, self._write = os.pipe()
+            os.set_blocking(self._write, False)
+            self._thread = threading.Thread(target=self._run, name="authgateway-hard-exit",
+                                            daemon=True)
+            self._thread.start()
+
+    def arm(self, seconds: float) -> None:
+        """Exit within C{seconds} from now (or earlier, if armed so before)."""
+        if self._write < 0:
+            return
+        try:
+            os.write(self._write, struct.pack("d", seconds))
+        except OSError:  # the pipe is full: it was armed many times already
+            pass
+
+    def _run(self) -> None:
+        deadline: float | None = None
+        while True:
+            left = None if deadline is None else max(0.0, deadline - self._clock())
+            ready, _, _ = select.select([self._read], [], [], left)
+            if not ready:
+                break
+            data = os.read(self._read, 8 * 64)
+            now = self._clock()
+            for (seconds,) in struct.iter_unpack("d", data[: len(data) // 8 * 8]):
+                deadline = min(deadline if deadline is not None else now + seconds, now + seconds)
+        self._expire()
+
+    def _expire(self) -> None:
+        log.warn("the stop did not end in time (a thread still busy?): exiting now;"
+                 " everything accepted is on disk")
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - best effort: exiting anyway
+                pass
+        self._exit(0)
+
+
+def install(reactor: Any, shutdown: Shutdown, hard_exit: HardExit | None = None) -> None:
     """
     SIGTERM and SIGINT go to C{shutdown} (the reactor's own handlers are
-    replaced, not chained: a second C{reactor.stop()} would fail). Only when
-    the reactor is not running yet (twistd): a test process running its
-    reactor keeps its own handlers. One that comes before the reactor runs
-    stops the gateway as soon as it runs (nothing was accepted yet); a
-    second one before then ends the process at once (C{urgent}).
+    replaced, not chained: a second C{reactor.stop()} would fail), and arm
+    C{hard_exit} from the handler itself: the first signal at the drain's
+    deadline plus L{EXIT_GRACE}, the next ones L{ABORT_EXIT_GRACE} from
+    then. Only when the reactor is not running yet (twistd): a test process
+    running its reactor keeps its own handlers. One that comes before the
+    reactor runs stops the gateway as soon as it runs (nothing was accepted
+    yet); a second one before then ends the process at once (C{urgent}).
     """
     if getattr(reactor, "running", False):
         return
+    watchdog = hard_exit if hard_exit is not None else HardExit()
+    signals = [0]
+
+    def arm() -> None:
+        signals[0] += 1
+        watchdog.arm(shutdown.timeout + EXIT_GRACE if signals[0] == 1 else ABORT_EXIT_GRACE)
+
+    reactor.callWhenRunning(watchdog.start)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        on_signal(reactor, signum, shutdown.signalled, chain=False, urgent=True)
+        on_signal(reactor, signum, shutdown.signalled, chain=False, urgent=True, immediate=arm)
 
 
-__all__ = ["ABORT_GRACE", "Shutdown", "install"]
+__all__ = [
+    "ABORT_EXIT_GRACE", "ABORT_GRACE", "CLOSED_GRACE", "EXIT_GRACE", "SERVICES_GRACE",
+    "HardExit", "Shutdown", "install",
+]

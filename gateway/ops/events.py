@@ -45,6 +45,9 @@ class LoginEvent:
     duration: float
     #: The session on success, else None.
     auth_info: IAuthInfo | None = None
+    #: The client left before the answer (hung up, timed out); the outcome
+    #: is still the checkers' verdict when they reached one (a C{failure}).
+    client_left: bool = False
 
 
 #: The reason codes of L{LoginEvent}, documented in the README's audit schema.
@@ -57,7 +60,7 @@ REASONS = (
     "backend_error",        # a checker failed (temporary)
     "temporary",            # another temporary failure
     "unsupported",          # no checker handles these credentials
-    "cancelled",            # the client left before the outcome
+    "cancelled",            # the client left before any verdict
 )
 
 

@@ -11,7 +11,8 @@ reactor runs (it installs its own SIGINT/SIGTERM handlers as it starts) the
 real handler replaces it, and a signal that came before is handled then,
 once. A handler already in place for the signal (twistd's SIGUSR1 log
 rotation) is still called after ours. The handler itself only schedules
-C{callback} with C{callFromThread}: nothing else is safe in a signal handler.
+C{callback} with C{callFromThread} (and calls an C{immediate} action that
+takes no lock): nothing else is safe in a signal handler.
 """
 
 from __future__ import annotations
@@ -71,13 +72,17 @@ def on_signal(
     callback: Callable[[], Any],
     chain: bool = True,
     urgent: bool = False,
+    immediate: Callable[[], Any] | None = None,
 ) -> None:
     """
     Call C{callback()} in the reactor thread on every C{signum}; one that
     comes before the reactor runs is recorded at once (no default action)
     and acted on once when it runs. With C{chain}, the handler that was in
     place is called too; with C{urgent}, a second signal before the reactor
-    runs takes the default action (L{_Early}).
+    runs takes the default action (L{_Early}). C{immediate()}, if given,
+    runs in the signal handler itself, first (for a recorded signal: when
+    it is acted on): for what must happen even when the reactor thread is
+    blocked (it must take no lock the interrupted code may hold).
     """
     early = _Early(signum, signal.getsignal(signum), chain, urgent)
     signal.signal(signum, early)
@@ -88,12 +93,16 @@ def on_signal(
             previous = previous.original
 
         def handler(number: int, frame: FrameType | None) -> None:
+            if immediate is not None:
+                immediate()
             reactor.callFromThread(callback)
             if chain and _callable(previous):
                 previous(number, frame)  # type: ignore[operator]
 
         signal.signal(signum, handler)
         if early.pending:
+            if immediate is not None:
+                immediate()
             reactor.callFromThread(callback)
 
     reactor.callWhenRunning(install)

@@ -10,8 +10,11 @@ Twisted reads C{LISTEN_PID}, C{LISTEN_FDS} and C{LISTEN_FDNAMES} once, when
 L{twisted.internet.endpoints} is imported (they only count when
 C{LISTEN_PID} is this process), and takes the first two out of the
 environment. C{index=N} is the Nth socket passed, from 0 (one socket unit
-passes its sockets in the order of its C{ListenStream=} lines);
-C{name=X} is the socket whose unit says C{FileDescriptorName=X}.
+passes its sockets in the order of its C{ListenStream=} lines; a negative
+index, which Twisted would count from the end, is refused); C{name=X} is
+the socket whose unit says C{FileDescriptorName=X}: what the shipped units
+use (one socket unit per port), as a reordered unit cannot swap two
+listeners' sockets then.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ def check_systemd_endpoint(description: str) -> None:
     if domain not in DOMAINS:
         raise ValueError(f"domain={domain}: must be one of {', '.join(DOMAINS)}")
     which = "index=" + arguments["index"] if "index" in arguments else "name=" + arguments.get("name", "")
+    if "index" in arguments and not arguments["index"].strip().isdigit():
+        raise ValueError(f"{which}: must be a whole number >= 0 (the first socket passed is 0)")
     try:
         endpoint = endpoints.serverFromString(None, ":".join(fields[at:]))
     except (IndexError, KeyError):

@@ -76,7 +76,8 @@ class DeliverySettings:
     scan_interval: float = 15.0
     #: Each retry delay is scaled by a random factor in [1 - jitter, 1 + jitter].
     jitter: float = 0.1
-    #: Seconds a stop waits for the messages in flight.
+    #: Seconds a stop waits for the messages in flight (at most; a drain's
+    #: deadline may leave less, L{Delivery.drain}).
     stop_timeout: float = 30.0
     #: New messages waiting for a connection before submissions are slowed
     #: to the relay's pace (None: four per connection, enough to keep each
@@ -206,6 +207,8 @@ class Delivery(service.Service):
         self._timer: Any = None
         self._scan_loop: task.LoopingCall | None = None
         self._stopping = False
+        #: The reactor time by which a stop must be done (L{drain}), or None.
+        self._deadline: float | None = None
         self._committed_during_scan: set[str] = set()
         #: New messages not taken by a connection yet, and the submissions
         #: waiting for that backlog to shrink (see L{admit}).
@@ -230,6 +233,7 @@ class Delivery(service.Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._deadline = None
         settings = self.settings.relay
         log.info(
             "delivery: relaying through {relays} ({connections} connections)",
@@ -249,9 +253,17 @@ class Delivery(service.Service):
         self._scan_loop.clock = self.reactor
         self._scan_loop.start(self.settings.scan_interval, now=True)
 
-    def stopService(self) -> defer.Deferred[None]:
-        """No new message or connection; waits for those in flight (bounded)."""
-        super().stopService()
+    def drain(self, deadline: float) -> None:
+        """
+        The gateway began to stop (L{gateway.ops.drain}): no new message or
+        connection from now on; the messages in flight may finish until
+        C{deadline} (the reactor's time), which bounds L{stopService} too.
+        """
+        self._deadline = deadline
+        self._quiesce()
+
+    def _quiesce(self) -> None:
+        """Take no new message and open no new connection; submissions wait for nothing."""
         self._stopping = True
         if self._committed in self.spool.committed:
             self.spool.committed.remove(self._committed)
@@ -262,15 +274,31 @@ class Delivery(service.Service):
         if self._scan_loop is not None and self._scan_loop.running:
             self._scan_loop.stop()
         self._disarm()
+
+    def stopService(self) -> defer.Deferred[None]:
+        """
+        No new message or connection; waits for those in flight, for
+        C{stop_timeout} seconds at most or until the drain's deadline
+        (L{drain}), whichever comes first. Those still in flight then are
+        cancelled: their claims are released, they are tried again later.
+        """
+        super().stopService()
+        self._quiesce()
         if not self._workers:
             return defer.succeed(None)
+        timeout = self.settings.stop_timeout
+        if self._deadline is not None:
+            timeout = max(0.0, min(timeout, self._deadline - self.reactor.seconds()))
         done = defer.DeferredList(list(self._workers), consumeErrors=True)
-        done.addTimeout(self.settings.stop_timeout, self.reactor, onTimeoutCancel=self._late)
-        return done.addCallback(lambda _: None)
+        late = self.reactor.callLater(timeout, self._late, done)
+        done.addBoth(lambda result: late.cancel() if late.active() else None)
+        return done
 
-    def _late(self, result: Any, timeout: float) -> None:
+    def _late(self, done: defer.Deferred[Any]) -> None:
+        """The stop's time is up: say how many messages were in flight, then cancel them."""
         log.warn("delivery: {n} message(s) still in flight at stop; they will be retried",
                  n=len(self._active))
+        done.cancel()
 
     # The schedule.
 

@@ -81,6 +81,11 @@ class SMTPSettings:
     #: repeated EHLO, a failed STARTTLS or AUTH exchange...) allowed before it
     #: (Postfix's smtpd_junk_command_limit), for a peer that needs AUTH.
     junk_commands: int = 20
+    #: Commands answered with a 5xx error allowed in a session, before AUTH
+    #: or after it, trusted networks too (Postfix's smtpd_hard_error_limit):
+    #: one more is answered and the session closed. A refused sender under
+    #: sender binding writes an audit line; this bounds one session's share.
+    max_errors: int = 20
     #: Connections one peer (IPv6 by /64) may hold on --smtp and --smtps together.
     max_connections_per_peer: int = 50
 
@@ -163,6 +168,8 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         #: Commands that led nowhere while AUTH is needed; never reset (not by
         #: STARTTLS either), so a client cannot start over.
         self._junk = 0
+        #: Replies with a 5xx code in this session: never reset (L{SMTPSettings.max_errors}).
+        self._errors = 0
         #: The gateway is stopping (L{drain}): the session ends at its next command.
         self._draining = False
         #: From DATA's 354 until its end of data is handled (the codec's mode
@@ -218,10 +225,24 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         self._close()
 
     def reply(self, code: int, enhanced: str, text: str) -> None:
-        """A one-line reply with its enhanced status code (none once closing)."""
+        """
+        A one-line reply with its enhanced status code (none once closing).
+        Past L{SMTPSettings.max_errors} 5xx replies, the session ends after it.
+        """
         if self._closing:
             return
         self.transport.write(codec.reply(code, enhanced, text))
+        if code >= 500:
+            self._errors += 1
+            if self._errors > self.settings.max_errors:
+                self._too_many("errors")
+
+    def _too_many(self, what: str) -> None:
+        """A session's budget (junk commands, errors) is spent: C{421 4.7.0}, then close."""
+        if self._closing:
+            return
+        self.reply(421, "4.7.0", f"{self.settings.hostname} Too many {what}, closing connection")
+        self._close()
 
     def _close(self) -> None:
         """
@@ -269,7 +290,7 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         self._close()
         return True
 
-    # -- the unauthenticated session: a deadline and a junk command budget ---
+    # -- budgets: the unauthenticated session's deadline and junk commands, errors --
 
     def _start_auth_deadline(self) -> None:
         if self._deadline_call is None and not self._may_submit():
@@ -305,13 +326,8 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
             self._junk -= 1
 
     def _check_junk(self) -> None:
-        if self._junk > self.settings.junk_commands and not self._closing:
-            self.reply(
-                421, "4.7.0",
-                f"{self.settings.hostname} Too many commands without authentication,"
-                " closing connection",
-            )
-            self._close()
+        if self._junk > self.settings.junk_commands:
+            self._too_many("commands without authentication")
 
     # -- backpressure: IPushProducer, called by the transport ----------------
 

@@ -303,11 +303,16 @@ class SOCKSServer(protocol.Protocol):
 
     def drain(self) -> None:
         """
-        The gateway is stopping: nothing to say. SOCKS5 has no way to tell a
-        client to go; a negotiation and a tunnel run on until they end or the
-        drain's deadline aborts them (L{gateway.ops.drain}).
+        The gateway is stopping. SOCKS5 has no way to tell a client to go: a
+        session that has not asked for a CONNECT yet (still negotiating or
+        logging in, or idle after its login) is closed now, as nobody should
+        hold the drain for nothing; a CONNECT under way and a tunnel run on
+        until they end or the drain's deadline aborts them
+        (L{gateway.ops.drain}).
         """
         self._draining = True
+        if self.outbound is None and self.command != "CONNECT" and not self._gone:
+            self._close("closed: the gateway stopped")
 
     def _log_session(self) -> None:
         """

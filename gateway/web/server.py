@@ -174,6 +174,9 @@ class GatewayRequest(server.Request):
     #: while the login runs.
     gateway_upload: Upload | None = None
 
+    #: All its headers have arrived: the request is in flight (the drain waits for it).
+    gateway_headers = False
+
     _body_size = 0
     _refused = False
     _in_headers = False
@@ -334,13 +337,15 @@ class GatewayChannel(http.HTTPChannel):
 
     def drain(self) -> None:
         """
-        The gateway is stopping: an idle connection (keep-alive, or no request
-        yet) is closed now; a request in flight is answered with
+        The gateway is stopping: an idle connection (keep-alive, no request
+        yet, or a request whose headers are still arriving: only one with
+        all its headers is in flight, anyone could hold the drain with the
+        rest) is closed now; a request in flight is answered with
         C{Connection: close} (when its response has not started yet) and the
         connection closed after the response.
         """
         self._draining = True
-        if not self.requests:
+        if not any(getattr(request, "gateway_headers", False) for request in self.requests):
             if self.transport is not None and not self.transport.disconnecting:
                 self.loseConnection()
             return
@@ -385,8 +390,10 @@ class GatewayChannel(http.HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._stop_deadline()
-        super().allHeadersReceived()
         request = self.requests[-1] if self.requests else None
+        if request is not None:
+            request.gateway_headers = True  # in flight, for the drain
+        super().allHeadersReceived()
         if (
             self.length != 0
             and isinstance(request, GatewayRequest)
