@@ -22,7 +22,7 @@ import attrs
 from zope.interface import Interface, implementer
 
 from gateway.addresses import parse_ip
-from gateway.authinfo import IAuthInfo, Identity, IdentityContext
+from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
 from gateway.groups import ConfigError, read_config
 from gateway.text import quote as _quote
 
@@ -140,10 +140,30 @@ def authz_grants(policy: IAccessPolicy | None) -> Callable[[IAuthInfo, str], boo
     """
 
     def authorize(auth_info: IAuthInfo, authzid: str) -> bool:
-        resource = authz_resource(authzid)
-        return resource is not None and written_grant(policy, auth_info, resource, "authorize")
+        return may_act_as(policy, auth_info, authzid)
 
     return authorize
+
+
+def may_act_as(
+    policy: IAccessPolicy | None, auth_info: IAuthInfo, authzid: str, meta: Any = None
+) -> bool:
+    """
+    The grant of L{authz_grants}: whether the identities of C{auth_info} that
+    proved themselves may act as C{authzid}; an authorization identity in
+    C{auth_info} is left out of the question, as the realm asked it at login
+    (so an open session's grant can be asked again: a reload may revoke it).
+    """
+    resource = authz_resource(authzid)
+    if resource is None:
+        return False
+    proven = tuple(
+        i for i in auth_info.identities if i.context is not IdentityContext.SmtpAuthPlainAuthorization
+    )
+    if len(proven) != len(auth_info.identities):
+        auth_info = AuthInfo(identities=proven, groups=auth_info.groups,
+                             peer_address=auth_info.peer_address)
+    return written_grant(policy, auth_info, resource, "authorize", meta=meta)
 
 
 #: An RFC 5321 Dot-string: the local part sender binding compares.

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import attrs
 from twisted.application import service
 from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import ssl
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.internet.threads import deferToThreadPool
 
@@ -37,7 +36,7 @@ from gateway.groups import NO_GROUPS, GroupMap
 from gateway.ops.events import Events
 from gateway.realm import GatewayPortal, Realm, make_portal
 from gateway.smtp.spool import Spool
-from gateway.tls import ServerCertificate
+from gateway.tls import CertificateChain, ServerCertificate
 
 #: The reactor the core runs on: twistd's, or a test's MemoryReactorClock.
 #: It provides IReactorTime, IReactorTCP, IReactorThreads and the rest of a
@@ -58,7 +57,7 @@ class CoreSettings:
     """
 
     checkers: tuple[ICredentialsChecker, ...]
-    certificate: ssl.PrivateCertificate
+    certificate: CertificateChain
     data_dir: str
     spool_dir: str
     groups: GroupMap = NO_GROUPS
@@ -104,8 +103,8 @@ class Core:
     events: Events = attrs.field(factory=Events)
 
     @property
-    def certificate(self) -> ssl.PrivateCertificate:
-        """The certificate new handshakes get."""
+    def certificate(self) -> CertificateChain:
+        """The certificate (and chain) new handshakes get."""
         return self.tls.current
 
     def attach(self, child: service.IService) -> None:

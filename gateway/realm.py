@@ -52,6 +52,12 @@ from gateway.ratelog import LogRateLimiter, suppressed_note
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.
 AvatarFactory = Callable[[IAuthInfo, Any], Any]
 
+#: The key of C{ConnectionMeta.state} under which the realm records the
+#: authorization identity its C{authorize} hook (the ACL's grant) approved at
+#: login, so that the session can ask the grant again (a reload may revoke
+#: it); absent when no hook approved one (a checker's own approval is not asked again).
+AUTHZ_GRANT = "gateway.realm.authz_grant"
+
 _log = Logger(namespace="gateway.auth")
 
 
@@ -128,12 +134,16 @@ class Realm:
                 peer_address=peer if peer is not None else info.peer_address,
                 groups=(*info.groups, *groups),
             )
+        if creds is not None:
+            creds.conn_meta.state.pop(AUTHZ_GRANT, None)
         if pending is None:
             return info
         # Asked with the session as it proved itself: groups and peer included,
         # the authorization identity not yet.
         if self.authorize is None or not self.authorize(info, pending):
             raise UnauthorizedLogin()
+        if creds is not None:
+            creds.conn_meta.state[AUTHZ_GRANT] = pending
         granted = Identity(pending, IdentityContext.SmtpAuthPlainAuthorization)
         return attrs.evolve(info, identities=(granted, *info.identities))
 

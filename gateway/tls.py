@@ -1,7 +1,9 @@
 # -*- test-case-name: tests.test_tls -*-
 """
-The gateway's certificate: loaded from PEM files, or a self-signed pair
-generated once under the data directory for the default run; the TLS
+The gateway's certificate: loaded from PEM files with its chain (the
+intermediates after it in the file, served after it: L{CertificateChain}),
+or a self-signed pair generated once under the data directory for the
+default run; the TLS
 options every listener serves it with (L{server_tls}); and the holder that
 lets a reload (SIGHUP) give new handshakes a new certificate
 (L{ServerCertificate}).
@@ -17,23 +19,28 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+import attrs
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from gateway.checkers.files import StoreError, read_bytes
 from gateway.fileio import fsync_directory
-from gateway.text import quote
+from gateway.text import printable, quote
 
 SELF_SIGNED_VALIDITY = datetime.timedelta(days=825)
 
 #: Largest certificate (chain) or key file read.
 MAX_PEM = 1024 * 1024
+#: Most chain certificates after the server's own (each is sent in every
+#: handshake; real chains have one to three).
+MAX_CHAIN = 8
 
 
 class CertificateError(Exception):
@@ -133,34 +140,78 @@ def load_ca_file(path: str) -> tuple[ssl.Certificate, ...]:
     )
 
 
-def load_certificate(cert_path: str, key_path: str | None = None) -> ssl.PrivateCertificate:
+@attrs.frozen
+class CertificateChain:
     """
-    Load a certificate (chain) and its private key from PEM files; with no
-    C{key_path} the key is expected in the certificate file.
+    What the TLS listeners serve: the certificate with its private key, then
+    the certificates of its chain (the intermediates, as the file lists them
+    after it), which clients need to reach their trust roots. Equal when the
+    certificates are (a key always matches its certificate).
+    """
+
+    #: The server's own certificate and its key.
+    leaf: ssl.PrivateCertificate
+    #: The certificates sent after it, in the file's order.
+    chain: tuple[ssl.Certificate, ...] = ()
+
+    def options(self) -> ssl.CertificateOptions:
+        """TLS options serving the certificate, its key and its chain."""
+        return ssl.CertificateOptions(
+            privateKey=self.leaf.privateKey.original,
+            certificate=self.leaf.original,
+            extraCertChain=[c.original for c in self.chain],
+        )
+
+
+def load_certificate(cert_path: str, key_path: str | None = None) -> CertificateChain:
+    """
+    Load a certificate, the rest of its chain (every further certificate of
+    the file, at most L{MAX_CHAIN}) and its private key from PEM files; with
+    no C{key_path} the key is expected in the certificate file. OpenSSL must
+    accept them together (a context is made once).
+
+    @raise CertificateError: with a one-line reason naming the file, for
+        anything that cannot be served (a key the crypto library does not
+        support included).
     """
     cert_pem = _read(cert_path, "certificate")
     key_pem = _read(key_path, "key") if key_path else cert_pem
     where = cert_path if not key_path else f"{cert_path} / {key_path}"
     try:
-        x509.load_pem_x509_certificates(cert_pem)
+        certificates = x509.load_pem_x509_certificates(cert_pem)
     except ValueError:
         raise CertificateError(f"{cert_path}: no PEM certificate found") from None
+    if len(certificates) > 1 + MAX_CHAIN:
+        raise CertificateError(
+            f"{cert_path}: {len(certificates)} certificates; at most {1 + MAX_CHAIN}"
+            " (the server's and its chain)"
+        )
     try:
         serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise CertificateError(
-            f"{key_path or cert_path}: no usable unencrypted PEM private key ({e})"
+            f"{key_path or cert_path}: no usable unencrypted PEM private key ({_reason(e)})"
         ) from None
     try:
-        cert = ssl.PrivateCertificate.loadPEM(cert_pem + b"\n" + key_pem)
-    except Exception as e:
-        raise CertificateError(f"{where}: cannot load certificate: {e}") from None
-    return cert
+        leaf = ssl.PrivateCertificate.loadPEM(
+            certificates[0].public_bytes(serialization.Encoding.PEM) + b"\n" + key_pem
+        )
+        chain = tuple(ssl.Certificate(crypto.X509.from_cryptography(c)) for c in certificates[1:])
+        served = CertificateChain(leaf, chain)
+        served.options().getContext()
+    except Exception as e:  # noqa: BLE001 - pyOpenSSL and OpenSSL raise several kinds
+        raise CertificateError(f"{where}: cannot load certificate: {_reason(e)}") from None
+    return served
+
+
+def _reason(e: Exception) -> str:
+    """An exception as one line of a message (its class when it says nothing)."""
+    return printable(str(e)) or type(e).__name__
 
 
 def ensure_certificate(
     data_dir: str, cert_path: str | None = None, key_path: str | None = None
-) -> tuple[str, str | None, ssl.PrivateCertificate]:
+) -> tuple[str, str | None, CertificateChain]:
     """
     The certificate to serve: the given files, or a self-signed pair under
     C{DATA_DIR/tls/} generated the first time. Returns (cert path, key path, cert).
@@ -183,7 +234,7 @@ def ensure_certificate(
 
 
 def server_tls(
-    certificate: ssl.PrivateCertificate, protocols: Sequence[bytes] = ()
+    certificate: CertificateChain, protocols: Sequence[bytes] = ()
 ) -> ssl.CertificateOptions:
     """
     The TLS options of a listener (implicit TLS or STARTTLS), answering ALPN
@@ -212,7 +263,7 @@ def server_tls(
 
 
 def check_validity(
-    cert_path: str, certificate: ssl.PrivateCertificate, now: datetime.datetime
+    cert_path: str, certificate: CertificateChain, now: datetime.datetime
 ) -> None:
     """
     Refuse a certificate that is not valid at C{now} (expired, or not yet
@@ -220,7 +271,7 @@ def check_validity(
 
     @raise CertificateError: naming C{cert_path} and the date.
     """
-    x = certificate.original.to_cryptography()
+    x = certificate.leaf.original.to_cryptography()
     if now < x.not_valid_before_utc:
         raise CertificateError(
             f"{cert_path}: certificate not valid before {x.not_valid_before_utc:%Y-%m-%d %H:%M:%S}Z"
@@ -231,13 +282,16 @@ def check_validity(
         )
 
 
-def describe(certificate: ssl.PrivateCertificate) -> str:
-    """Subject, serial and end of validity of C{certificate}, for a log line."""
-    x = certificate.original.to_cryptography()
-    return (
+def describe(certificate: CertificateChain) -> str:
+    """Subject, serial, end of validity and issuer of C{certificate}, for a log line."""
+    x = certificate.leaf.original.to_cryptography()
+    line = (
         f"subject {x.subject.rfc4514_string()}, serial {x.serial_number:#x},"
         f" valid until {x.not_valid_after_utc:%Y-%m-%d}"
     )
+    if certificate.chain:
+        line += f", issuer {x.issuer.rfc4514_string()}, {len(certificate.chain)} chain certificate(s)"
+    return printable(line)
 
 
 @implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
@@ -250,11 +304,11 @@ class ListenerTLS:
     A session keeps the context it started with.
     """
 
-    def __init__(self, certificate: ssl.PrivateCertificate, protocols: Sequence[bytes]) -> None:
+    def __init__(self, certificate: CertificateChain, protocols: Sequence[bytes]) -> None:
         self.protocols = tuple(protocols)
         self._context = self.context_for(certificate)
 
-    def context_for(self, certificate: ssl.PrivateCertificate) -> SSL.Context:
+    def context_for(self, certificate: CertificateChain) -> SSL.Context:
         """The context this listener would serve C{certificate} with."""
         return server_tls(certificate, self.protocols).getContext()
 
@@ -276,8 +330,8 @@ class ServerCertificate:
     certificate at once, for the next handshakes.
     """
 
-    def __init__(self, certificate: ssl.PrivateCertificate) -> None:
-        #: The certificate new handshakes get.
+    def __init__(self, certificate: CertificateChain) -> None:
+        #: The certificate (and chain) new handshakes get.
         self.current = certificate
         self._listeners: list[ListenerTLS] = []
 
@@ -287,7 +341,7 @@ class ServerCertificate:
         self._listeners.append(listener)
         return listener
 
-    def replace(self, certificate: ssl.PrivateCertificate) -> None:
+    def replace(self, certificate: CertificateChain) -> None:
         """
         Serve C{certificate} from the next handshake on. Every listener's
         context is made before any is swapped: on an error nothing changed.

@@ -101,6 +101,16 @@ class TestCA:
         """As C{RelaySettings.ca} holds it."""
         return ssl.Certificate.loadPEM(self.pem)
 
+    def intermediate(
+        self, name: str = "authgateway test intermediate CA", key: ec.EllipticCurvePrivateKey | None = None
+    ) -> TestCA:
+        """
+        An intermediate CA this one signs (made with C{make_ca(path_length=1)});
+        with C{key}, a new certificate for an intermediate that exists.
+        """
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        return TestCA(key, _ca_certificate(name, key, self, 0))
+
     def issue(self, names: Sequence[str] = ("127.0.0.1", "localhost")) -> tuple[bytes, bytes]:
         """A server certificate for C{names} (DNS names or IP addresses): (cert PEM, key PEM)."""
         key = ec.generate_private_key(ec.SECP256R1())
@@ -124,29 +134,38 @@ class TestCA:
         return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-def make_ca(name: str = "authgateway test CA") -> TestCA:
-    """A new CA (ECDSA P-256, valid a day either side of now)."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def _ca_certificate(
+    name: str, key: ec.EllipticCurvePrivateKey, issuer: TestCA | None, path_length: int | None
+) -> x509.Certificate:
+    """A CA certificate for C{key}, self-signed or signed by C{issuer}."""
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
+    return (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(issuer.cert.subject if issuer else subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - _DAY)
         .not_valid_after(now + _DAY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(
             x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
                           data_encipherment=False, key_agreement=False, key_cert_sign=True,
                           crl_sign=True, encipher_only=False, decipher_only=False),
             critical=True,
         )
-        .sign(key, hashes.SHA256())
+        .sign(issuer.key if issuer else key, hashes.SHA256())
     )
-    return TestCA(key, cert)
+
+
+def make_ca(name: str = "authgateway test CA", path_length: int | None = 0) -> TestCA:
+    """
+    A new CA (ECDSA P-256, valid a day either side of now); with
+    C{path_length=1}, one that can sign an intermediate (L{TestCA.intermediate}).
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    return TestCA(key, _ca_certificate(name, key, None, path_length))
 
 
 def server_ssl_context(test: SynchronousTestCase, cert_pem: bytes, key_pem: bytes) -> Any:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import signal
 import socket
 import stat
 
@@ -142,3 +143,17 @@ def planted_directory_link(test: SynchronousTestCase) -> tuple[str, str]:
     os.symlink(victim, link)
     os.lchown(link, 4242, 4242)
     return victim, link
+
+
+#: The signals the gateway handles (L{gateway.ops.signals.on_signal}).
+GATEWAY_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def keep_signal_handlers(test: SynchronousTestCase) -> None:
+    """
+    Restore this process's handlers of the gateway's signals after C{test}:
+    C{makeService} puts its own in place at once (they record a signal until
+    the reactor runs), and a test's reactor never runs them.
+    """
+    for signum in GATEWAY_SIGNALS:
+        test.addCleanup(signal.signal, signum, signal.getsignal(signum))

@@ -26,7 +26,7 @@ from gateway.ops import audit
 from gateway.ops.audit import AuditLog, attach_audit_log, authz_line, login_line
 from gateway.fileio import reason
 from gateway.ops.events import AuthzEvent, Events, LoginEvent
-from tests.support import file_mode, read_file
+from tests.support import file_mode, keep_signal_handlers, read_file
 
 #: 2026-11-26T11:40:01.123Z
 WHEN = 1795693201.123
@@ -556,6 +556,7 @@ class WiringTests(SynchronousTestCase):
     def test_default_none(self) -> None:
         options = self.options()
         self.assertIsNone(options["audit-log"])
+        keep_signal_handlers(self)
         svc = tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual([s for s in svc if isinstance(s, AuditLog)], [])
         self.assertEqual(svc.core.events.sinks, [])
@@ -563,6 +564,7 @@ class WiringTests(SynchronousTestCase):
     def test_attached(self) -> None:
         """A sink of the hub and a core service (started before, stopped after the listeners)."""
         path = os.path.abspath(self.mktemp())
+        keep_signal_handlers(self)
         svc = tap.makeService(self.options("--audit-log", path), reactor=MemoryReactorClock())
         [log] = [s for s in svc if isinstance(s, AuditLog)]
         self.assertIn(log, svc.core.events.sinks)

@@ -9,6 +9,7 @@ were approved.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 from typing import Any
@@ -22,10 +23,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from gateway import tap, testing
-from gateway.acl import AccessControlMap, AllowAuthenticated, authz_grants, parse_acl
+from gateway.acl import AccessControlMap, AllowAuthenticated, Policy, authz_grants, parse_acl
 from gateway.checkers import CallableChecker, smtp_server_auth_plain
 from gateway.realm import Realm, login, make_portal
-from gateway.smtp.server import SMTPSettings, SubmissionFactory
+from gateway.ops import reload
+from gateway.smtp.server import SMTPDoor, SMTPSettings, SubmissionFactory
 from gateway.smtp.spool import Spool
 
 PEER = IPv4Address("TCP", "192.0.2.7", 40000)
@@ -75,8 +77,13 @@ class TLSTransport(StringTransport):
 
 class ActingAsSomeoneElseTests(SynchronousTestCase):
     def session(self, checker: Any, acl_text: str | None = None) -> Any:
-        """An authenticated-capable SMTP session with sender binding; EHLO done."""
+        """
+        An authenticated-capable SMTP session with sender binding; EHLO done.
+        With an ACL, C{self.policy} holds it (as the core's, for a reload).
+        """
         acl = parse_acl(acl_text, "acl.toml") if acl_text is not None else None
+        if acl is not None:
+            acl = self.policy = Policy(acl)
         realm = Realm(authorize=authz_grants(acl))
         spool = Spool(self.mktemp(), threadpool_runner=lambda f, *a: defer.maybeDeferred(f, *a))
         factory = SubmissionFactory(
@@ -217,6 +224,23 @@ class ActingAsSomeoneElseTests(SynchronousTestCase):
                 self.send(b"AUTH PLAIN " + plain(requested) + b"\r\n"), [b"535 5.7.8"], requested
             )
 
+    def test_checker_approval_not_asked_again(self) -> None:
+        """
+        A checker that approved the authzid itself: no ACL grant was given,
+        none is asked again after a reload (test_function_grant's session).
+        """
+
+        def delegating(authz: str, authc: str, password: str, conn_meta: Any) -> Any:
+            return {"identities": [
+                {"identity": "ceo", "context": "SmtpAuthPlainAuthorization"},
+                {"identity": "daniel", "context": "SmtpAuthPlainAuthentication"},
+            ]}
+
+        self.session(smtp_server_auth_plain(delegating), SENDERS + AUTHZ_CEO)
+        self.assertEqual(self.send(b"AUTH PLAIN " + plain("ceo") + b"\r\n"), [b"235 2.7.0"])
+        self.policy.replace(parse_acl(SENDERS, "acl.toml"))
+        self.assertEqual(self.send(b"MAIL FROM:<ceo@example.com>\r\n"), [b"250 2.1.0"])
+
 
 class GatewayWiringTests(SynchronousTestCase):
     """C{twistd authgateway --checker ... --acl ...}: the realm's hook is the ACL's authz grant."""
@@ -283,3 +307,75 @@ class ReadmeACLTests(SynchronousTestCase):
         self.assertTrue(may_send(session("ceo"), "ceo"))
         self.assertRaises(UnauthorizedLogin, session, "mallory", "ceo")
         self.assertRaises(UnauthorizedLogin, session, "ceo", "daniel")
+
+
+class RevokedGrantTests(SynchronousTestCase):
+    """
+    A reload that revokes the ACL's grant to act as ceo (SIGHUP) binds an
+    open session acting as ceo to nothing: its next MAIL is refused as a
+    missing sender binding is. A checker's own approval is not the ACL's to
+    revoke.
+    """
+
+    def setUp(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        self.acl = os.path.join(directory, "acl.toml")
+        self.write_acl(AUTHZ_CEO)
+        options = tap.Options()
+        options.parseOptions([
+            "--data-dir", os.path.join(directory, "data"), "--checker", "tests.test_authz.auth_plain",
+            "--acl", self.acl, "--smtp-sender-binding", "--smtp-insecure-auth",
+        ])
+        self.clock = Clock()
+        self.core = tap.build_core(options["coreSettings"], reactor=self.clock)
+        self.factory = SMTPDoor(self.core, options["smtpSettings"]).listen(None, "smtp", None).factory
+        self.reloader = reload.Reloader(self.core, reload.ReloadFiles(
+            certificate=options["certPath"], key=options["keyPath"], acl=self.acl,
+            load_acl=functools.partial(tap.load_policy, case_sensitive_paths=False),
+        ), load=lambda f, *a: defer.maybeDeferred(f, *a))
+
+    def write_acl(self, authz: str) -> None:
+        with open(self.acl, "w", encoding="utf-8") as f:
+            f.write(SENDERS + authz)
+
+    def reload(self, authz: str) -> None:
+        self.write_acl(authz)
+        self.successResultOf(self.reloader.reload())
+
+    def session(self, authzid: str) -> Any:
+        """A session logged in as daniel acting as C{authzid}; sends a line, returns the final replies."""
+        proto = self.factory.buildProtocol(PEER)
+        getattr(proto, "wrapped", proto).callLater = self.clock.callLater
+        transport = StringTransport(peerAddress=PEER, hostAddress=IPv4Address("TCP", "192.0.2.1", 587))
+        proto.makeConnection(transport)
+
+        def send(data: bytes) -> list[bytes]:
+            transport.clear()
+            proto.dataReceived(data)
+            self.clock.advance(60)  # a failed login is answered after the throttle's delay
+            lines = transport.value().split(b"\r\n")[:-1]
+            return [line[:9] for line in lines if line[3:4] != b"-"]
+
+        send(b"EHLO client.example\r\n")
+        send.login = send(b"AUTH PLAIN " + plain(authzid) + b"\r\n")
+        return send
+
+    def test_revoked_between_two_mails(self) -> None:
+        send = self.session("ceo")
+        self.assertEqual(send.login, [b"235 2.7.0"])
+        self.assertEqual(send(b"MAIL FROM:<ceo@example.com>\r\n"), [b"250 2.1.0"])
+        self.assertEqual(send(b"RSET\r\n"), [b"250 2.0.0"])
+        self.reload(AUTHZ_CEO.replace("allow = true", "allow = false"))
+        self.assertEqual(send(b"MAIL FROM:<ceo@example.com>\r\n"), [b"553 5.7.1"])
+        self.assertEqual(send(b"MAIL FROM:<daniel@example.com>\r\n"), [b"553 5.7.1"])  # it acts as ceo
+        self.assertEqual(self.session("ceo").login[0], b"535 5.7.8")  # and a new login is refused
+        self.reload("")  # the rule removed: no grant either
+        self.assertEqual(send(b"MAIL FROM:<ceo@example.com>\r\n"), [b"553 5.7.1"])
+        self.reload(AUTHZ_CEO)  # granted again
+        self.assertEqual(send(b"MAIL FROM:<ceo@example.com>\r\n"), [b"250 2.1.0"])
+
+    def test_acting_as_oneself_unaffected(self) -> None:
+        send = self.session("")
+        self.reload("")
+        self.assertEqual(send(b"MAIL FROM:<daniel@example.com>\r\n"), [b"250 2.1.0"])

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from gateway import tap
 from gateway.twistedinternals import buffered
-from tests.support import free_port
+from tests.support import free_port, keep_signal_handlers
 
 #: What the client tries to send, and what the server may hold for it.
 FLOOD = 5 * 1024 * 1024
@@ -167,6 +167,7 @@ class BackpressureTests(TestCase):
             "--socks-allow", f"127.0.0.1:{self.talker_port}",
             "--failure-delay", "0", "--failure-delay-max", "0",
         ])
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)

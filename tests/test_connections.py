@@ -42,7 +42,7 @@ from gateway.connections import (
     with_backlog,
 )
 from gateway.socks.server import SOCKSServer
-from tests.support import free_port, require_tool
+from tests.support import free_port, keep_signal_handlers, require_tool
 
 SMTP_REFUSAL = b"421 4.7.0 Too many connections from your address\r\n"
 REFUSALS = {Refused.PEER: b"peer\r\n", Refused.BUSY: b"busy\r\n"}
@@ -1040,6 +1040,7 @@ class BacklogTests(SynchronousTestCase):
             "--smtp", "tcp:2525:interface=127.0.0.1:backlog=10", "--listen-backlog", "300",
         ])
         memory = MemoryReactorClock()
+        keep_signal_handlers(self)
         svc = tap.makeService(options, reactor=memory)
         svc.core.connections.budget = 1000  # the test process's limit stays as it is
         svc.startService()
@@ -1158,6 +1159,7 @@ class RealSocketTests(TestCase):
             "--smtp-max-connections-per-peer", "2", "--http-max-connections-per-peer", "2",
             "--socks-max-sessions-per-peer", "2", *extra,
         ])
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
@@ -1560,6 +1562,7 @@ class BacklogSocketTests(TestCase):
             "--smtp", f"tcp:{smtp}:interface=127.0.0.1",
             "--http", f"tcp:{http}:interface=127.0.0.1:backlog=10", "--socks", "none",
         ])
+        keep_signal_handlers(self)
         service = tap.makeService(options, reactor=reactor)
         service.startService()
         self.addCleanup(service.stopService)

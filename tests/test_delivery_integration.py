@@ -24,7 +24,7 @@ from twisted.trial.unittest import TestCase
 
 from gateway import tap
 from tests.relay_support import Relay, make_ca, start_relay
-from tests.support import free_port, require_tool, write_file
+from tests.support import free_port, keep_signal_handlers, require_tool, write_file
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 MESSAGE = "From: daniel@example.com\r\nSubject: relayed\r\n\r\nhello\r\n.starts with a dot\r\n"
@@ -77,6 +77,7 @@ class InProcessTests(TestCase):
             "--http", f"tcp:{self.http_port}:interface=127.0.0.1", "--socks", "none",
             "--smtp-hostname", "mx.test", "--relay", relay.url(), *extra,
         ])
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)

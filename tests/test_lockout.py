@@ -35,7 +35,7 @@ from gateway.checkers.throttle import Throttle
 from gateway.smtp.server import SMTPDoor
 from gateway.socks.server import SOCKSDoor
 from gateway.web.server import HTTPDoor
-from tests.support import free_port
+from tests.support import free_port, keep_signal_handlers
 
 ATTACKER = "192.0.2.66"
 ALICE = "198.51.100.7"
@@ -311,6 +311,7 @@ class LoopbackTests(TestCase):
             "--smtp-insecure-auth", "--smtp-hostname", "mx.test",
             "--failure-delay", "0", "--failure-delay-max", "0",
         ])
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)
@@ -376,6 +377,7 @@ class LoopbackTests(TestCase):
             "--failure-delay", "0.1", "--failure-delay-max", "2", "--user-delay-max", "1.6",
             "--socks-negotiation-timeout", "1",
         ])
+        keep_signal_handlers(self)
         service = tap.makeService(options, reactor=reactor)
         service.startService()
         self.addCleanup(service.stopService)

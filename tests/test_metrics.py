@@ -35,7 +35,7 @@ from gateway.realm import login
 from gateway.smtp.relay import RelayError
 from gateway.smtp.spool import Envelope, Spool
 from gateway.socks.server import SOCKSFactory, SOCKSSettings
-from tests.support import require_tool
+from tests.support import keep_signal_handlers, require_tool
 
 #: What a hostile client might claim as its user name.
 HOSTILE = 'evil"} authgateway_ready 1\n{x="'
@@ -50,6 +50,7 @@ def gateway(test: SynchronousTestCase, *extra: str) -> Any:
         "--smtp", "tcp:0", "--http", "tcp:0", "--socks", "tcp:0", "--http-insecure-auth",
         "--failure-delay", "0", *extra,
     ])
+    keep_signal_handlers(test)
     top = tap.makeService(options, reactor=MemoryReactorClock())
     top.options = options
     top.site = top.getServiceNamed("metrics").factory.wrappedFactory
@@ -149,6 +150,7 @@ class LoginLabelTests(SynchronousTestCase):
         """Without --metrics: no listener, and no sink, so no event is ever built."""
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])
+        keep_signal_handlers(self)
         top = tap.makeService(options, reactor=MemoryReactorClock())
         self.assertNotIn("metrics", [s.name for s in top])
         self.assertEqual(top.core.events.sinks, [])

@@ -40,6 +40,7 @@ from gateway.proxyproto import (
     signature_state,
 )
 from gateway.twistedinternals import proxy_header_parsers
+from tests.support import keep_signal_handlers
 
 PROXY_NET = ipaddress.ip_network("10.0.0.0/8")
 PROXY = IPv4Address("TCP", "10.1.1.1", 40000)
@@ -628,6 +629,7 @@ class WiringTests(SynchronousTestCase):
                               "--proxy-protocol-from", "2001:db8::/32"])
         self.assertEqual(options["listenSettings"].proxy_protocol_from,
                          (PROXY_NET, ipaddress.ip_network("2001:db8::/32")))
+        keep_signal_handlers(self)
         service = tap.makeService(options, reactor=MemoryReactorClock())
         factories = [s.factory for s in service if hasattr(s, "factory")]
         self.assertTrue(factories)

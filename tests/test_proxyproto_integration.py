@@ -26,7 +26,7 @@ from twisted.protocols import wire
 from twisted.trial.unittest import TestCase
 
 from gateway import tap
-from tests.support import free_port, require_module, require_tool
+from tests.support import free_port, keep_signal_handlers, require_module, require_tool
 
 ACL = """
 [[acl."socks/destination"]]
@@ -98,6 +98,7 @@ class BehindHAProxyTests(TestCase):
             "--proxy-protocol-from", "127.0.0.1/32",
             "--failure-delay", "0", "--failure-delay-max", "0",
         ])
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         self.core = self.service.core
         self.service.startService()

@@ -12,12 +12,13 @@ import gc
 import os
 import signal
 
+import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
-from twisted.internet import defer, task
+from twisted.internet import defer, ssl, task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -30,7 +31,9 @@ from gateway.errors import ShuttingDown
 from gateway.ops import reload
 from gateway.realm import login
 from gateway.tls import MAX_PEM, ServerCertificate, generate_self_signed, load_certificate
-from tests.support import ManualPool, write_file
+from tests.relay_support import make_ca
+from tests.support import ManualPool, keep_signal_handlers, write_file
+from tests.test_tls import SECP112R1_KEY, verified_handshake
 
 ALLOW_DANIEL = '[[acl."http"]]\nallow = true\nprivileges = ["GET"]\nidentity.Individual = "daniel"\n'
 ALLOW_STAFF = '[[acl."http"]]\nallow = true\nprivileges = ["GET"]\nidentity.Group = "staff"\n'
@@ -200,7 +203,7 @@ class ReloaderTests(SynchronousTestCase):
         return self.core.realm.auth_info_for(user).groups
 
     def serial_now(self) -> int:
-        return self.core.certificate.original.get_serial_number()
+        return self.core.certificate.leaf.original.get_serial_number()
 
     def test_nothing_changed(self) -> None:
         policy, groups, certificate = self.core.policy.current, self.core.realm.groups, self.core.certificate
@@ -308,6 +311,57 @@ class ReloaderTests(SynchronousTestCase):
             self.assertKept("TLS certificate", problem, path)
             self.assertEqual(self.serial_now(), self.serial)
 
+    def test_certificate_chain(self) -> None:
+        """
+        The chain is part of the certificate: one added, or an intermediate
+        renewed behind the same server certificate, is a change that new
+        handshakes get; the same chain again is no change.
+        """
+        root = make_ca("Test Root", path_length=1)
+        intermediate = root.intermediate("Test Intermediate")
+        leaf_pem, key_pem = intermediate.issue(["localhost"])
+        write_file(self.key, key_pem)
+        write_file(self.cert, leaf_pem)
+        self.reload()
+        listener = self.core.tls.server_tls(())
+        self.assertRaises(SSL.Error, verified_handshake, listener.serverConnectionForTLS(None), root.cert)
+        self.lines.take()
+        for chain, change in ((intermediate, "changed"), (intermediate, "unchanged"),
+                              (root.intermediate("Test Intermediate", key=intermediate.key), "changed")):
+            write_file(self.cert, leaf_pem + chain.pem)
+            self.reload()
+            [(_, line)] = self.lines.take()
+            self.assertIn(f"TLS certificate {change}", line)
+            self.assertEqual([c.digest() for c in self.core.certificate.chain],
+                             [ssl.Certificate.loadPEM(chain.pem).digest()])
+            self.assertEqual(verified_handshake(listener.serverConnectionForTLS(None), root.cert),
+                             ["localhost", "Test Intermediate"])
+        self.assertIn("issuer CN=Test Intermediate, 1 chain certificate(s)", line)
+
+    def test_certificate_unsupported_key(self) -> None:
+        """A key the crypto library does not support: one line; the other files still reload."""
+        write_file(self.key, SECP112R1_KEY)
+        write_file(self.groups, "staff: daniel\n")
+        self.reload()
+        self.assertKept("TLS certificate", f"{self.key}: no usable unencrypted PEM private key"
+                                           " (Curve 1.3.132.0.6 is not supported)", self.key)
+        self.assertEqual(self.serial_now(), self.serial)
+        self.assertEqual(self.groups_of("daniel"), ("staff",))
+
+    def test_one_file_unexpected_error(self) -> None:
+        """Any exception reading one file is that file's one line; the others still reload."""
+
+        def broken(path: str) -> None:
+            raise RuntimeError("parser bug\nsecond line")
+
+        self.reloader = reload.Reloader(self.core, attrs.evolve(self.reloader.files, load_acl=broken),
+                                        load=self.pool.run)
+        write_file(self.groups, "staff: daniel\n")
+        self.reload()
+        self.assertKept("ACL", f"{self.acl}: RuntimeError: parser bug\\nsecond line", self.acl)
+        self.assertEqual(self.groups_of("daniel"), ("staff",))
+        self.assertEqual(self.flushLoggedErrors(), [])
+
     def test_one_bad_others_reload(self) -> None:
         write_file(self.acl, "[[[")
         write_file(self.groups, "staff: daniel\n")
@@ -397,6 +451,7 @@ class InstallTests(SynchronousTestCase):
         data = os.path.abspath(self.mktemp())
         options = tap.Options()
         options.parseOptions(["--data-dir", data, "--auth", "memory:a:b"])
+        keep_signal_handlers(self)
         service = tap.makeService(options, reactor=self.reactor)
         reloader = service.getServiceNamed("reload")
         self.assertEqual(reloader.files, reload.ReloadFiles(

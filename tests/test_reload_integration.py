@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from tests.support import free_port, require_tool, write_file
 from tests.test_delivery_integration import TWISTD, until
+from tests.relay_support import make_ca
 from tests.test_reload import write_certificate
 
 DENY_DANIEL = '[[acl."http"]]\nallow = true\nprivileges = ["get"]\nidentity.Individual = "alice"\n'
@@ -32,8 +33,14 @@ def run(*argv: str, stdin: bytes = b"") -> defer.Deferred[subprocess.CompletedPr
     )
 
 
-class ReloadTests(TestCase):
+class GatewayProcess(TestCase):
+    """A real twistd running the gateway on loopback, and what asks it."""
+
     timeout = 120
+
+    def write_pair(self) -> None:
+        """The certificate and key the gateway starts with."""
+        self.serial = write_certificate(self.cert, self.key, "before.test")
 
     def setUp(self) -> None:
         if not os.path.exists(TWISTD):
@@ -47,7 +54,7 @@ class ReloadTests(TestCase):
         self.acl = os.path.join(self.dir, "acl.toml")
         self.log = os.path.join(self.dir, "twistd.log")
         self.ports = {name: free_port() for name in ("smtp", "smtps", "http", "https")}
-        self.serial = write_certificate(self.cert, self.key, "before.test")
+        self.write_pair()
         write_file(self.acl, DENY_DANIEL)
         listeners = []
         for name, port in self.ports.items():
@@ -127,6 +134,8 @@ class ReloadTests(TestCase):
         self.assertTrue(session.recv(4096).startswith(b"220 "))
         return session
 
+
+class ReloadTests(GatewayProcess):
     @defer.inlineCallbacks
     def test_certificate_and_acl(self):
         before = (self.serial, "CN = before.test")
@@ -176,3 +185,48 @@ class ReloadTests(TestCase):
         done = yield self.forward_auth()
         self.assertEqual(done.stdout, b"200")
         self.assertIsNone(self.proc.poll())
+
+
+class ChainTests(GatewayProcess):
+    """
+    A certificate file with its intermediate (a real CA's fullchain.pem):
+    C{openssl s_client} trusting only the root verifies every TLS listener
+    at start and after a reload that changes the intermediate.
+    """
+
+    def write_pair(self) -> None:
+        self.root = make_ca("Test Root", path_length=1)
+        self.write_chain(self.root.intermediate("Test Intermediate A"))
+        self.root_path = os.path.join(self.dir, "root.pem")
+        write_file(self.root_path, self.root.pem)
+
+    def write_chain(self, intermediate) -> None:
+        cert_pem, key_pem = intermediate.issue(["localhost", "127.0.0.1"])
+        write_file(self.cert, cert_pem + intermediate.pem)
+        write_file(self.key, key_pem)
+
+    @defer.inlineCallbacks
+    def verified(self, name: str, *options: str):
+        """The verify return code line and the chain's subjects s_client reports on listener C{name}."""
+        done = yield run(self.openssl, "s_client", "-connect", f"127.0.0.1:{self.ports[name]}",
+                         "-servername", "localhost", "-showcerts", "-CAfile", self.root_path,
+                         *options)
+        out = done.stdout.decode("ascii", "replace")
+        code = sorted(set(re.findall(r"Verify return code: .*", out)))  # once per ticket too
+        subjects = re.findall(r"^ *\d+ s:(.*)$", out, re.M)
+        return code, [s.strip() for s in subjects]
+
+    @defer.inlineCallbacks
+    def test_chain_verified(self):
+        for intermediate in ("A", "B"):
+            for name, options in (("smtps", ()), ("https", ("-alpn", "http/1.1")),
+                                  ("smtp", ("-starttls", "smtp"))):
+                code, subjects = yield self.verified(name, *options)
+                self.assertEqual(code, ["Verify return code: 0 (ok)"], (name, intermediate))
+                self.assertEqual(subjects, ["CN = localhost", f"CN = Test Intermediate {intermediate}"],
+                                 name)
+            if intermediate == "A":
+                self.write_chain(self.root.intermediate("Test Intermediate B"))
+                log = yield self.hangup()
+                self.assertIn("TLS certificate changed", log)
+                self.assertIn("issuer CN=Test Intermediate B, 1 chain certificate(s)", log)

@@ -19,7 +19,7 @@ from twisted.trial.unittest import TestCase
 
 from gateway import tap
 from gateway.smtp.server import SMTPSettings
-from tests.support import free_port, require_tool
+from tests.support import free_port, keep_signal_handlers, require_tool
 
 
 def _client_tls() -> ssl.SSLContext:
@@ -47,6 +47,7 @@ class GatewayMixin:
             "--failure-delay", "0", "--failure-delay-max", "0", *extra,
         ])
         self.options = options
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)

@@ -18,7 +18,7 @@ from twisted.internet import defer, protocol, reactor, threads
 from twisted.trial.unittest import TestCase
 
 from gateway import tap
-from tests.support import free_port
+from tests.support import free_port, keep_signal_handlers
 from tests.test_socks_integration import (
     GatewayMixin,
     connect_ipv4,
@@ -83,6 +83,7 @@ class BindTests(GatewayMixin, TestCase):
             "--failure-delay", "0", "--failure-delay-max", "0",
             "--socks-allow", f"127.0.0.1:{self.peer_port_server}",
         ])
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         [door] = [s for s in self.service if isinstance(s, StreamServerEndpointService)]
         self.socks_limit = door.factory.limit  # the per-peer cap around the SOCKS factory

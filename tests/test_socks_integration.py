@@ -31,7 +31,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from gateway import tap
-from tests.support import free_port, require_module, require_tool
+from tests.support import free_port, keep_signal_handlers, require_module, require_tool
 
 BODY = b"hello through the SOCKS5 front door\n" * 10
 USER, PASSWORD = b"daniel", b"tiger"
@@ -145,6 +145,7 @@ class GatewayMixin:
         for rule in allow:
             arguments += ["--socks-allow", rule]
         options.parseOptions(arguments)
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         [door] = [s for s in self.service if isinstance(s, StreamServerEndpointService)]
         self.socks_limit = door.factory.limit

@@ -30,6 +30,7 @@ from gateway.realm import login
 from gateway.smtp.server import SubmissionFactory
 from gateway.socks.server import SOCKSFactory
 from gateway.web.server import GatewaySite
+from tests.support import keep_signal_handlers
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 
@@ -256,7 +257,7 @@ class RelayOptionsTests(SynchronousTestCase):
         self.assertEqual([t.url for t in settings.relay.targets],
                          ["smtp://mail.example.net:587", "lmtp:///run/lmtp.sock"])
         self.assertEqual(settings.relay.auth, RelayAuth("gateway", "tiger"))
-        self.assertEqual([c.digest() for c in settings.relay.ca], [certificate.digest()])
+        self.assertEqual([c.digest() for c in settings.relay.ca], [certificate.leaf.digest()])
         self.assertEqual((settings.relay.helo, settings.relay.command_timeout), ("gw.example", 60))
         self.assertEqual((settings.connections, settings.retry, settings.max_age),
                          (2, (30.0, 120.0), 86400.0))
@@ -292,6 +293,7 @@ class MakeServiceTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])
         reactor = MemoryReactorClock()
+        keep_signal_handlers(self)
         svc = tap.makeService(options, reactor=reactor)
         self.assertIsInstance(svc, MultiService)
         self.assertEqual(svc.core.data_dir, os.path.abspath(options["data-dir"]))
@@ -315,6 +317,7 @@ class DeliveryWiringTests(SynchronousTestCase):
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b",
                               "--smtp-hostname", "gw.example", "--relay", "smtp://m.example"])
+        keep_signal_handlers(self)
         svc = tap.makeService(options, reactor=MemoryReactorClock())
         [delivery] = [s for s in svc if isinstance(s, Delivery)]
         self.assertIs(delivery.spool, svc.core.spool)
@@ -327,6 +330,7 @@ class DeliveryWiringTests(SynchronousTestCase):
 
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])
+        keep_signal_handlers(self)
         svc = tap.makeService(options, reactor=MemoryReactorClock())
         self.assertEqual([s for s in svc if isinstance(s, Delivery)], [])
 
@@ -406,6 +410,7 @@ class PipelineWiringTests(TestCase):
 
     @defer.inlineCallbacks
     def test_verification_off_the_reactor_thread(self):
+        keep_signal_handlers(self)
         svc = tap.makeService(self.options(), reactor=reactor)
         svc.startService()
         self.addCleanup(svc.stopService)

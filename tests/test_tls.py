@@ -15,7 +15,9 @@ import subprocess
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, reactor, ssl, threads
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import tap, tls
@@ -25,7 +27,8 @@ from gateway.tls import (
     generate_self_signed,
     load_certificate,
 )
-from tests.support import free_port, require_tool
+from tests.relay_support import make_ca
+from tests.support import free_port, keep_signal_handlers, require_tool
 
 
 def _mode(path: str) -> int:
@@ -189,11 +192,12 @@ class LoadTests(SynchronousTestCase):
         return x509.load_pem_x509_certificate(_read(self.cert_path)).serial_number
 
     def test_loadPair(self) -> None:
-        """A certificate and key file load into a matching PrivateCertificate."""
+        """A certificate and key file load into a matching PrivateCertificate, no chain."""
         cert = load_certificate(self.cert_path, self.key_path)
-        self.assertIsInstance(cert, ssl.PrivateCertificate)
-        self.assertEqual(cert.original.get_serial_number(), self._serial())
-        self.assertTrue(cert.privateKey.matches(cert.getPublicKey()))
+        self.assertIsInstance(cert.leaf, ssl.PrivateCertificate)
+        self.assertEqual(cert.chain, ())
+        self.assertEqual(cert.leaf.original.get_serial_number(), self._serial())
+        self.assertTrue(cert.leaf.privateKey.matches(cert.leaf.getPublicKey()))
 
     def test_loadCombined(self) -> None:
         """With no key path the key is read from the certificate file."""
@@ -202,7 +206,7 @@ class LoadTests(SynchronousTestCase):
             _read(self.cert_path) + _read(self.key_path),
         )
         cert = load_certificate(combined)
-        self.assertEqual(cert.original.get_serial_number(), self._serial())
+        self.assertEqual(cert.leaf.original.get_serial_number(), self._serial())
 
     def test_loadCombinedKeyFirst(self) -> None:
         """A combined file may hold the key before the certificate."""
@@ -211,7 +215,7 @@ class LoadTests(SynchronousTestCase):
             _read(self.key_path) + _read(self.cert_path),
         )
         cert = load_certificate(combined, None)
-        self.assertEqual(cert.original.get_serial_number(), self._serial())
+        self.assertEqual(cert.leaf.original.get_serial_number(), self._serial())
 
     def test_missingCertificateFile(self) -> None:
         """A missing certificate file is a CertificateError naming it."""
@@ -268,6 +272,127 @@ class LoadTests(SynchronousTestCase):
         self.assertIn("cannot load certificate", str(e))
 
 
+def verified_handshake(server: SSL.Connection, root: x509.Certificate) -> list[str]:
+    """
+    An in-memory handshake of a client trusting only C{root} with C{server}:
+    the subjects' common names of the chain the server sent; SSL.Error when
+    the client could not verify it.
+    """
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.get_cert_store().add_cert(crypto.X509.from_cryptography(root))
+    context.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errno, depth, ok: bool(ok))
+    client = SSL.Connection(context, None)
+    client.set_connect_state()
+    server.set_accept_state()
+    for _ in range(20):
+        for one, other in ((client, server), (server, client)):
+            try:
+                one.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                other.bio_write(one.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    client.do_handshake()  # done: raises if it is not
+    return [c.get_subject().CN for c in client.get_peer_cert_chain()]
+
+
+class ChainTests(SynchronousTestCase):
+    """A certificate file holding the chain: every certificate after the first is served after it."""
+
+    def setUp(self) -> None:
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.root = make_ca("Test Root", path_length=1)
+        self.intermediate = self.root.intermediate("Test Intermediate")
+        self.leaf_pem, self.key_pem = self.intermediate.issue(["localhost"])
+        self.key_path = _write(os.path.join(self.dir, "key.pem"), self.key_pem)
+
+    def chain_file(self, *pems: bytes) -> str:
+        return _write(os.path.join(self.dir, "fullchain.pem"), b"".join(pems))
+
+    def test_chain_loaded(self) -> None:
+        cert_path = self.chain_file(self.leaf_pem, self.intermediate.pem)
+        served = load_certificate(cert_path, self.key_path)
+        self.assertEqual(served.leaf.getSubject().commonName, b"localhost")
+        self.assertEqual([c.getSubject().commonName for c in served.chain], [b"Test Intermediate"])
+        self.assertIn(", issuer CN=Test Intermediate, 1 chain certificate(s)", tls.describe(served))
+
+    def test_chain_served(self) -> None:
+        """A client trusting only the root verifies the listener (implicit TLS or STARTTLS alike)."""
+        served = load_certificate(self.chain_file(self.leaf_pem, self.intermediate.pem), self.key_path)
+        listener = tls.ServerCertificate(served).server_tls((b"http/1.1",))
+        self.assertEqual(verified_handshake(listener.serverConnectionForTLS(None), self.root.cert),
+                         ["localhost", "Test Intermediate"])
+        options = tls.server_tls(served)
+        self.assertEqual(verified_handshake(SSL.Connection(options.getContext(), None), self.root.cert),
+                         ["localhost", "Test Intermediate"])
+
+    def test_without_chain_unverified(self) -> None:
+        """The control: the leaf alone cannot be verified from the root."""
+        served = load_certificate(self.chain_file(self.leaf_pem), self.key_path)
+        listener = tls.ServerCertificate(served).server_tls(())
+        self.assertRaises(SSL.Error, verified_handshake, listener.serverConnectionForTLS(None),
+                          self.root.cert)
+
+    def test_combined_with_key(self) -> None:
+        """Key, certificate and chain in one file, in any order around the key."""
+        cert_path = self.chain_file(self.leaf_pem, self.key_pem, self.intermediate.pem)
+        served = load_certificate(cert_path)
+        self.assertEqual(len(served.chain), 1)
+
+    def test_equality(self) -> None:
+        """Equal when the certificates are, chain included."""
+        alone = load_certificate(self.chain_file(self.leaf_pem), self.key_path)
+        chained = load_certificate(self.chain_file(self.leaf_pem, self.intermediate.pem), self.key_path)
+        again = load_certificate(self.chain_file(self.leaf_pem, self.intermediate.pem), self.key_path)
+        renewed = self.root.intermediate("Test Intermediate", key=self.intermediate.key)
+        other = load_certificate(self.chain_file(self.leaf_pem, renewed.pem), self.key_path)
+        self.assertEqual(chained, again)
+        self.assertNotEqual(chained, alone)
+        self.assertNotEqual(chained, other)
+
+    def test_too_long(self) -> None:
+        pems = [self.leaf_pem] + [self.intermediate.pem] * (tls.MAX_CHAIN + 1)
+        cert_path = self.chain_file(*pems)
+        e = self.assertRaises(CertificateError, load_certificate, cert_path, self.key_path)
+        self.assertEqual(
+            str(e), f"{cert_path}: {tls.MAX_CHAIN + 2} certificates; at most {tls.MAX_CHAIN + 1}"
+            " (the server's and its chain)"
+        )
+        served = load_certificate(self.chain_file(*pems[:-1]), self.key_path)
+        self.assertEqual(len(served.chain), tls.MAX_CHAIN)
+
+
+#: An EC key on secp112r1, a curve the crypto library does not support.
+SECP112R1_KEY = b"""-----BEGIN EC PRIVATE KEY-----
+MD4CAQEEDn8oEnhBHwpuRCVZg/SZoAcGBSuBBAAGoSADHgAEW+Ge1m5e1JSBfEcv
+9VXJUW7wXfN3vbHyETboSQ==
+-----END EC PRIVATE KEY-----
+"""
+
+
+class UnsupportedKeyTests(SynchronousTestCase):
+    """A key the crypto library cannot use is one line naming the file, at start too."""
+
+    def test_load(self) -> None:
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        cert_path, key_path = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        generate_self_signed(cert_path, key_path, "gw.test")
+        _write(key_path, SECP112R1_KEY)
+        e = self.assertRaises(CertificateError, load_certificate, cert_path, key_path)
+        self.assertEqual(str(e), f"{key_path}: no usable unencrypted PEM private key"
+                                 " (Curve 1.3.132.0.6 is not supported)")
+        options = tap.Options()
+        e = self.assertRaises(usage.UsageError, options.parseOptions, [
+            "--data-dir", os.path.join(directory, "data"), "--auth", "memory:a:b",
+            "--tls-cert", cert_path, "--tls-key", key_path,
+        ])
+        self.assertIn(f"{key_path}: no usable unencrypted PEM private key", str(e))
+
+
 class EnsureTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.data_dir = self.mktemp()
@@ -280,7 +405,7 @@ class EnsureTests(SynchronousTestCase):
             (cert_path, key_path),
             (os.path.join(self.tls_dir, "cert.pem"), os.path.join(self.tls_dir, "key.pem")),
         )
-        self.assertIsInstance(cert, ssl.PrivateCertificate)
+        self.assertIsInstance(cert.leaf, ssl.PrivateCertificate)
         self.assertEqual(_mode(self.tls_dir), 0o700)
         self.assertEqual((_mode(cert_path), _mode(key_path)), (0o600, 0o600))
         before = (_read(cert_path), _read(key_path))
@@ -289,7 +414,7 @@ class EnsureTests(SynchronousTestCase):
         self.assertEqual(again[:2], (cert_path, key_path))
         self.assertEqual((_read(cert_path), _read(key_path)), before)
         self.assertEqual(
-            again[2].original.get_serial_number(), cert.original.get_serial_number()
+            again[2].leaf.original.get_serial_number(), cert.leaf.original.get_serial_number()
         )
         self.assertEqual(sorted(os.listdir(self.tls_dir)), ["cert.pem", "key.pem"])
 
@@ -310,7 +435,7 @@ class EnsureTests(SynchronousTestCase):
         generate_self_signed(cert_path, key_path, "mine.example.test")
         result = ensure_certificate(self.data_dir, cert_path, key_path)
         self.assertEqual(result[:2], (cert_path, key_path))
-        self.assertEqual(result[2].getSubject().commonName, b"mine.example.test")
+        self.assertEqual(result[2].leaf.getSubject().commonName, b"mine.example.test")
         self.assertFalse(os.path.exists(self.tls_dir))
 
     def test_givenCombinedFile(self) -> None:
@@ -385,6 +510,7 @@ class ALPNTests(TestCase):
             *(arg for name, port in self.ports.items()
               for arg in (f"--{name}", f"tcp:{port}:interface=127.0.0.1")),
         ])
+        keep_signal_handlers(self)
         service = tap.makeService(options, reactor=reactor)
         service.startService()
         self.addCleanup(service.stopService)

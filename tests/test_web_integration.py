@@ -26,7 +26,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from gateway import cli, tap
-from tests.support import free_port, require_tool
+from tests.support import free_port, keep_signal_handlers, require_tool
 
 CHALLENGE_BASIC = 'Basic realm="authgateway", charset="UTF-8"'
 CHALLENGE_BEARER = 'Bearer realm="authgateway"'
@@ -108,6 +108,7 @@ class GatewayMixin:
             "--smtp", "none", "--socks", "none",
             "--failure-delay", "0", "--failure-delay-max", "0", *extra,
         ])
+        keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         self.service.startService()
         self.addCleanup(self.service.stopService)

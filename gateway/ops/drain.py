@@ -351,7 +351,9 @@ def install(reactor: Any, shutdown: Shutdown, hard_exit: HardExit | None = None)
     C{hard_exit} from the handler itself: the first signal at the drain's
     deadline plus L{EXIT_GRACE}, the next ones L{ABORT_EXIT_GRACE} from
     then. Only when the reactor is not running yet (twistd): a test process
-    running its reactor keeps its own handlers.
+    running its reactor keeps its own handlers. One that comes before the
+    reactor runs stops the gateway as soon as it runs (nothing was accepted
+    yet); a second one before then ends the process at once (C{urgent}).
     """
     if getattr(reactor, "running", False):
         return
@@ -364,7 +366,7 @@ def install(reactor: Any, shutdown: Shutdown, hard_exit: HardExit | None = None)
 
     reactor.callWhenRunning(watchdog.start)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        on_signal(reactor, signum, shutdown.signalled, chain=False, immediate=arm)
+        on_signal(reactor, signum, shutdown.signalled, chain=False, urgent=True, immediate=arm)
 
 
 __all__ = [

@@ -28,7 +28,6 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.ssl import PrivateCertificate
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -36,9 +35,21 @@ from gateway.acl import IAccessPolicy, load_acl_file
 from gateway.errors import ShuttingDown
 from gateway.groups import ConfigError, GroupMap, load_group_file
 from gateway.ops.signals import on_signal
-from gateway.tls import CertificateError, check_validity, describe, load_certificate
+from gateway.text import printable
+from gateway.tls import (
+    CertificateChain,
+    CertificateError,
+    check_validity,
+    describe,
+    load_certificate,
+)
 
 log = Logger()
+
+
+#: Longest problem line kept for an unexpected exception (its message may
+#: be anything).
+MAX_PROBLEM = 500
 
 
 def _absolute(path: str | None) -> str | None:
@@ -69,7 +80,7 @@ class _Read:
 
     acl: IAccessPolicy | None = None
     groups: GroupMap | None = None
-    certificate: PrivateCertificate | None = None
+    certificate: CertificateChain | None = None
     problems: dict[str, str] = attrs.field(factory=dict)
 
 
@@ -80,26 +91,33 @@ def _utcnow() -> datetime.datetime:
 def read_files(files: ReloadFiles, now: datetime.datetime) -> _Read:
     """
     Read and check every file (blocking: run it off the reactor thread).
-    A problem is kept under the file's kind, never raised.
+    A problem is kept under the file's kind, never raised: any exception
+    of one file (a parser's bug or a library's surprise included) is that
+    file's one-line problem, and the other files still reload.
     """
     found: dict[str, Any] = {}
     problems: dict[str, str] = {}
-    if files.acl is not None:
+
+    def certificate(path: str) -> CertificateChain:
+        loaded = load_certificate(path, files.key)
+        check_validity(path, loaded, now)
+        return loaded
+
+    readers: tuple[tuple[str, str | None, Callable[[str], Any]], ...] = (
+        ("acl", files.acl, files.load_acl),
+        ("groups", files.groups, files.load_groups),
+        ("certificate", files.certificate, certificate),
+    )
+    for kind, path, read in readers:
+        if path is None:
+            continue
         try:
-            found["acl"] = files.load_acl(files.acl)
-        except ConfigError as e:
-            problems["acl"] = str(e)
-    if files.groups is not None:
-        try:
-            found["groups"] = files.load_groups(files.groups)
-        except ConfigError as e:
-            problems["groups"] = str(e)
-    try:
-        certificate = load_certificate(files.certificate, files.key)
-        check_validity(files.certificate, certificate, now)
-        found["certificate"] = certificate
-    except CertificateError as e:
-        problems["certificate"] = str(e)
+            found[kind] = read(path)
+        except (ConfigError, CertificateError) as e:
+            problems[kind] = str(e)
+        except Exception as e:  # noqa: BLE001 - one file's surprise stops no reload
+            problem = printable(f"{path}: {type(e).__name__}: {e}")
+            problems[kind] = problem[:MAX_PROBLEM] + ("..." if len(problem) > MAX_PROBLEM else "")
     return _Read(problems=problems, **found)
 
 
@@ -196,9 +214,9 @@ class Reloader(service.Service):
             changes.append(self._certificate(read.certificate))
         log.info("reload: {changes}", changes=", ".join(changes))
 
-    def _certificate(self, certificate: PrivateCertificate) -> str:
+    def _certificate(self, certificate: CertificateChain) -> str:
         tls = self.core.tls
-        if certificate.dumpPEM() == tls.current.dumpPEM():
+        if certificate == tls.current:  # the chain too: a new intermediate is a change
             return "TLS certificate unchanged"
         try:
             tls.replace(certificate)

@@ -30,13 +30,13 @@ from twisted.protocols import policies
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.acl import IAccessPolicy, may_send_as
+from gateway.acl import IAccessPolicy, may_act_as, may_send_as
 from gateway.addresses import in_networks
 from gateway.authinfo import AuthInfo, IAuthInfo
 from gateway.connections import Refused, authenticated, limit_connections, login_running
 from gateway.errors import Reject, TemporaryFailure, Throttled
 from gateway.meta import ConnectionMeta
-from gateway.realm import login
+from gateway.realm import AUTHZ_GRANT, login
 from gateway.smtp import codec, sasl
 from gateway.smtp.codec import MAX_COMMAND_LINE, MAX_DATA_LINE
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter, received_header
@@ -727,10 +727,19 @@ class SubmissionServer(protocol.Protocol, policies.TimeoutMixin):
         return mailbox
 
     def _sender_allowed(self, sender: str) -> bool:
-        """Sender binding (L{gateway.acl.may_send_as}) for the session's identity."""
+        """
+        Sender binding (L{gateway.acl.may_send_as}) for the session's
+        identity. A session acting as another identity by the ACL's grant
+        (L{gateway.realm.AUTHZ_GRANT}) needs that grant now too: a reload
+        that revoked it binds the session to nothing.
+        """
         if self.auth_info is None:  # a trusted network: no identity to bind
             return True
-        return may_send_as(self.factory.policy, self.auth_info, sender, self.meta)
+        policy = self.factory.policy
+        granted = self.meta.state.get(AUTHZ_GRANT)
+        if granted is not None and not may_act_as(policy, self.auth_info, granted, self.meta):
+            return False
+        return may_send_as(policy, self.auth_info, sender, self.meta)
 
     def do_RCPT(self, rest: bytes) -> None:
         if self._refused():
