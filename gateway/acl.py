@@ -23,6 +23,7 @@ from zope.interface import Interface, implementer
 
 from gateway.addresses import parse_ip
 from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
+from gateway.events import AuthzEvent, meta_fields
 from gateway.groups import ConfigError, read_config
 from gateway.text import quote as _quote
 
@@ -65,7 +66,7 @@ class Policy:
 
     def __init__(self, current: IAccessPolicy, events: Any = None) -> None:
         self.current = current
-        #: The core's L{gateway.ops.events.Events} hub, or None.
+        #: The core's L{gateway.events.Events} hub, or None.
         self.events = events
 
     def replace(self, policy: IAccessPolicy) -> None:
@@ -88,8 +89,6 @@ class Policy:
         """
         events = self.events
         if events is not None and events.sinks:
-            from gateway.ops.events import AuthzEvent, meta_fields
-
             fields = meta_fields(meta)
             if fields["peer_address"] is None:
                 fields["peer_address"] = getattr(auth_info, "peer_address", None)

@@ -33,7 +33,7 @@ from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
 from gateway.checkers.throttle import Throttle
 from gateway.connections import Connections, ListenSettings
 from gateway.groups import NO_GROUPS, GroupMap
-from gateway.ops.events import Events
+from gateway.events import Events
 from gateway.realm import GatewayPortal, Realm, make_portal
 from gateway.smtp.spool import Spool
 from gateway.tls import CertificateChain, ServerCertificate

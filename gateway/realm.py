@@ -46,7 +46,7 @@ from gateway.errors import (
     Throttled,
 )
 from gateway.groups import NO_GROUPS, GroupMap
-from gateway.ops.events import Events, LoginEvent
+from gateway.events import Events, LoginEvent
 from gateway.ratelog import LogRateLimiter, suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.

@@ -25,7 +25,7 @@ from gateway.authinfo import AuthInfo, Identity, IdentityContext
 from gateway.ops import audit
 from gateway.ops.audit import AuditLog, attach_audit_log, authz_line, login_line
 from gateway.fileio import reason
-from gateway.ops.events import AuthzEvent, Events, LoginEvent
+from gateway.events import AuthzEvent, Events, LoginEvent
 from tests.support import file_mode, keep_signal_handlers, read_file
 
 #: 2026-11-26T11:40:01.123Z

@@ -340,7 +340,7 @@ class SubnetBanTests(SynchronousTestCase):
 
     def test_rotating_ipv6_guesser_banned(self) -> None:
         from gateway.ops.audit import login_line
-        from gateway.ops.events import LoginEvent
+        from gateway.events import LoginEvent
 
         fail2ban = require_tool("fail2ban-regex", "fail2ban")
         with open(fail2ban) as script:

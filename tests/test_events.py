@@ -1,5 +1,5 @@
 """
-Tests for L{gateway.ops.events} as L{gateway.realm.login} feeds it: one
+Tests for L{gateway.events} as L{gateway.realm.login} feeds it: one
 L{LoginEvent} per attempt, with the outcome and reason code of every way a
 login ends, the connection's facts, the session on success, and no secret.
 """
@@ -19,7 +19,7 @@ from gateway.authinfo import IAuthInfo
 from gateway.checkers import CallableChecker
 from gateway.checkers.throttle import Throttle
 from gateway.errors import AuthBackendError, PoolFull, Reject, ShuttingDown, TemporaryFailure
-from gateway.ops.events import REASONS, Events, LoginEvent, meta_fields
+from gateway.events import REASONS, Events, LoginEvent, meta_fields
 from gateway.realm import Realm, login, make_portal
 from tests.support import FixedChecker
 

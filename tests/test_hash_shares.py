@@ -348,7 +348,7 @@ class AbandonedVerdictTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        from gateway.ops.events import Events
+        from gateway.events import Events
         from gateway.realm import Realm, make_portal
 
         self.clock = Clock()

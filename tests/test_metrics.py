@@ -29,8 +29,8 @@ from gateway.credentials import HTTPBasicCredentials, RFC1929Credentials, SASLCr
 from gateway.errors import PoolFull, ShuttingDown, Throttled
 from gateway.meta import ConnectionMeta
 from gateway.ops import metrics
-from gateway.ops.events import LoginEvent
-from gateway.ops.tally import Tally
+from gateway.events import LoginEvent
+from gateway.tally import Tally
 from gateway.realm import login
 from gateway.smtp.relay import RelayError
 from gateway.smtp.spool import Envelope, Spool

@@ -14,7 +14,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 
 from gateway.acl import Policy, parse_acl
-from gateway.ops.events import Events
+from gateway.events import Events
 from gateway.smtp import codec
 from gateway.smtp.server import SMTPSettings
 from tests.smtp_support import Client, ServerTestCase, plain

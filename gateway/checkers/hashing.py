@@ -32,7 +32,7 @@ from zope.interface import Interface
 from gateway.addresses import network_keys
 from gateway.clock import MONOTONIC
 from gateway.errors import NetworkShareFull, PeerShareFull, PoolFull, ShuttingDown
-from gateway.ops.tally import LATENCY_BUCKETS, Tally
+from gateway.tally import LATENCY_BUCKETS, Tally
 from gateway.ratelog import LogRateLimiter
 
 _T = TypeVar("_T")

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 
 from gateway.addresses import ip_or_none, peer_key
 from gateway.fileio import reason
-from gateway.ops.events import AuthzEvent, LoginEvent
+from gateway.events import AuthzEvent, LoginEvent
 from gateway.ops.signals import on_signal
 from gateway.ratelog import LogRateLimiter, suppressed_note
 from gateway.text import utc_millis

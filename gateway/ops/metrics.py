@@ -42,8 +42,8 @@ from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
 from gateway.checkers.files import IReloadable
-from gateway.ops.events import REASONS, AuthzEvent, LoginEvent
-from gateway.ops.tally import LATENCY_BUCKETS, Tally
+from gateway.events import REASONS, AuthzEvent, LoginEvent
+from gateway.tally import LATENCY_BUCKETS, Tally
 from gateway.smtp.queue import STATUSES
 
 if TYPE_CHECKING:
