@@ -46,7 +46,7 @@ from gateway.errors import (
     Throttled,
 )
 from gateway.groups import NO_GROUPS, GroupMap
-from gateway.events import Events, LoginEvent
+from gateway.events import Events, LoginEvent, meta_fields
 from gateway.ratelog import LogRateLimiter, suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.
@@ -240,38 +240,27 @@ def make_portal(
     )
 
 
-def _reason(reason: Failure) -> str:
-    """The L{LoginEvent} reason code of a failed login."""
-    if reason.check(Reject):
-        return "rejected"
-    if reason.check(UnauthorizedLogin):
-        return "invalid_credentials"
-    if reason.check(defer.CancelledError):
-        return "cancelled"
-    if reason.check(UnhandledCredentials):
-        return "unsupported"
-    if reason.check(Throttled):
-        return "throttled"
-    if reason.check(PoolFull):
-        return "pool_full"
-    if reason.check(TemporaryFailure) and not reason.check(AuthBackendError):
-        return "temporary"
-    return "backend_error"
+#: How a failed login is told, first match wins: the failure's type, the
+#: C{outcome} of the auth log line and the L{LoginEvent}, and the event's
+#: reason code (L{gateway.events.REASONS}). Anything else is an C{error}.
+FAILURES: tuple[tuple[type[BaseException], str, str], ...] = (
+    (Reject, "failure", "rejected"),
+    (UnauthorizedLogin, "failure", "invalid_credentials"),
+    (defer.CancelledError, "cancelled", "cancelled"),
+    (UnhandledCredentials, "unsupported", "unsupported"),
+    (Throttled, "throttled", "throttled"),
+    (PoolFull, "temporary", "pool_full"),
+    (AuthBackendError, "temporary", "backend_error"),
+    (TemporaryFailure, "temporary", "temporary"),
+)
 
 
-def _outcome(reason: Failure) -> str:
-    """The C{outcome} of a failed login (as the auth log line says it)."""
-    if reason.check(UnauthorizedLogin):
-        return "failure"
-    if reason.check(defer.CancelledError):
-        return "cancelled"
-    if reason.check(UnhandledCredentials):
-        return "unsupported"
-    if reason.check(Throttled):
-        return "throttled"
-    if reason.check(TemporaryFailure):
-        return "temporary"
-    return "error"
+def classify(reason: Failure) -> tuple[str, str]:
+    """The C{(outcome, reason code)} of a failed login (L{FAILURES})."""
+    for kind, outcome, code in FAILURES:
+        if reason.check(kind):
+            return outcome, code
+    return "error", "backend_error"
 
 
 def _frames(reason: Failure) -> str:
@@ -308,15 +297,11 @@ def login(
         error), L{UnhandledCredentials} or C{CancelledError}.
     """
     meta = getattr(credentials, "conn_meta", None)
-    fields = {
-        "protocol": getattr(meta, "protocol", None),
-        "listener": getattr(meta, "listener", None),
-        "mechanism": getattr(credentials, "mechanism", None),
-        "identity": getattr(credentials, "claimed_identity", None),
-        "peer": getattr(meta, "peer_address", None),
-        "tls": getattr(meta, "tls", None),
-    }
-    what = "{protocol} {mechanism} identity={identity!r} peer={peer}"
+    # The fields of every log line and of the event: one dict, the event's names.
+    fields = meta_fields(meta)
+    fields["mechanism"] = getattr(credentials, "mechanism", None)
+    fields["identity"] = getattr(credentials, "claimed_identity", None)
+    what = "{protocol} {mechanism} identity={identity!r} peer={peer_address}"
     # A plain Portal (a user's own wiring) logs every event.
     limiter = portal.log_limiter if isinstance(portal, GatewayPortal) else None
     events = portal.events if isinstance(portal, GatewayPortal) and portal.events.sinks else None
@@ -325,24 +310,13 @@ def login(
     def publish(outcome: str, reason: str, info: Any = None, left: bool = False) -> None:
         assert events is not None
         events.login(LoginEvent(
-            time=time.time(),
-            protocol=fields["protocol"],
-            listener=fields["listener"],
-            mechanism=fields["mechanism"],
-            identity=fields["identity"],
-            outcome=outcome,
-            reason=reason,
-            peer_address=fields["peer"],
-            peer_port=getattr(meta, "peer_port", None),
-            tls=fields["tls"],
-            duration=time.monotonic() - started,
-            auth_info=info,
-            client_left=left,
+            time=time.time(), outcome=outcome, reason=reason, duration=time.monotonic() - started,
+            auth_info=info, client_left=left, **fields,
         ))
 
     def admit(kind: str) -> int | None:
         """Whether this event gets a line (see L{make_portal}); the count left out."""
-        return limiter.admit((kind, peer_key(fields["peer"]))) if limiter is not None else 0
+        return limiter.admit((kind, peer_key(fields["peer_address"]))) if limiter is not None else 0
 
     def succeeded(result: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         _, avatar, _ = result
@@ -367,31 +341,35 @@ def login(
             def judged(verdict: UnauthorizedLogin | None) -> None:
                 recorded(Failure(verdict) if verdict is not None else reason, left=True)
 
-            reason.value.verdict.addCallback(judged)
+            def unjudged(_: Failure) -> None:
+                recorded(reason, left=True)  # no verdict after all: cancelled
+
+            reason.value.verdict.addCallbacks(judged, unjudged)
             return reason
         return recorded(reason)
 
     def recorded(reason: Failure, left: bool = False) -> Failure:
         """Publish and log a failed login's event; the failure the caller gets."""
+        outcome, reason_code = classify(reason)
         if events is not None:
-            publish(_outcome(reason), _reason(reason), left=left)
+            publish(outcome, reason_code, left=left)
         gone = " (the client left)" if left else ""
-        if reason.check(Reject):
+        if reason_code == "rejected":
             log.info("auth failure: " + what + ": rejected with {code}" + gone, outcome="failure",
                      code=reason.value.code, client_left=left, **fields)
             if safe_message(reason.value, secrets_of(credentials)) != str(reason.value):
                 return Failure(UnauthorizedLogin())  # its text would tell the secret
             return reason
-        if reason.check(UnauthorizedLogin):
+        if outcome == "failure":
             log.info("auth failure: " + what + gone, outcome="failure", client_left=left, **fields)
             return Failure(UnauthorizedLogin())  # a checker's message stays here
-        if reason.check(defer.CancelledError):
+        if outcome == "cancelled":
             suppressed = admit("cancelled")  # a client can abandon attempts at will
             if suppressed is not None:
                 log.info("auth cancelled: " + what + suppressed_note(suppressed),
                          outcome="cancelled", suppressed=suppressed, **fields)
             return reason
-        if reason.check(UnhandledCredentials):
+        if outcome == "unsupported":
             suppressed = admit("unsupported")  # no checker runs, no throttle counts
             if suppressed is not None:
                 log.warn("auth unsupported: " + what + ": no checker handles it"
@@ -399,8 +377,7 @@ def login(
                          outcome="unsupported", suppressed=suppressed, **fields)
             return reason
         why = safe_message(reason.value, secrets_of(credentials))
-        if reason.check(TemporaryFailure):
-            outcome = "throttled" if reason.check(Throttled) else "temporary"
+        if outcome in ("throttled", "temporary"):
             # A flood of refusals (throttled, queue full) gets a line now and
             # then, saying how many were left out; every other outcome one each.
             suppressed = reason.value.log_suppressed

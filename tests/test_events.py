@@ -11,6 +11,8 @@ from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
@@ -18,9 +20,17 @@ from gateway import testing
 from gateway.authinfo import IAuthInfo
 from gateway.checkers import CallableChecker
 from gateway.checkers.throttle import Throttle
-from gateway.errors import AuthBackendError, PoolFull, Reject, ShuttingDown, TemporaryFailure
+from gateway.errors import (
+    Abandoned,
+    AuthBackendError,
+    PoolFull,
+    Reject,
+    ShuttingDown,
+    TemporaryFailure,
+    Throttled,
+)
 from gateway.events import REASONS, Events, LoginEvent, meta_fields
-from gateway.realm import Realm, login, make_portal
+from gateway.realm import Realm, classify, login, make_portal
 from tests.support import FixedChecker
 
 SECRET = "s3cret-Passw0rd-in-events"
@@ -183,6 +193,51 @@ class LoginEventTests(SynchronousTestCase):
         self.events.add(other)
         self.attempt(CallableChecker(lambda u, p: False))
         self.assertEqual(other.logins, self.sink.logins)
+
+    def test_log_line_and_event_agree(self) -> None:
+        """
+        Every way a login fails is told once (L{classify}): the auth log
+        line and the event carry the same outcome, and the same connection
+        fields under the same names.
+        """
+        for error, expected in [
+            (Reject(), ("failure", "rejected")),
+            (UnauthorizedLogin(), ("failure", "invalid_credentials")),
+            (defer.CancelledError(), ("cancelled", "cancelled")),
+            (UnhandledCredentials(), ("unsupported", "unsupported")),
+            (Throttled(60), ("throttled", "throttled")),
+            (PoolFull(), ("temporary", "pool_full")),
+            (AuthBackendError(), ("temporary", "backend_error")),
+            (TemporaryFailure("busy"), ("temporary", "temporary")),
+            (ZeroDivisionError(), ("error", "backend_error")),
+        ]:
+            self.assertEqual(classify(Failure(error)), expected, error)
+            lines: list[dict] = []
+            portal = make_portal(Realm(), [FixedChecker(error)], None, self.events)
+            credentials = testing.sasl_plain("daniel", SECRET, peer="198.51.100.7")
+            login(portal, credentials, log=Logger(observer=lines.append)).addErrback(lambda _: None)
+            event = self.sink.logins[-1]
+            self.assertEqual((event.outcome, event.reason), expected, error)
+            [line] = lines
+            self.assertEqual(line["outcome"], event.outcome, error)
+            self.assertEqual(
+                {k: line[k] for k in meta_fields(None)},
+                {k: getattr(event, k) for k in meta_fields(None)},
+            )
+
+    def test_abandoned_verdict_failed(self) -> None:
+        """
+        An abandoned attempt whose verdict fails instead of firing is
+        recorded as cancelled, not left as an unhandled error.
+        """
+        verdict: defer.Deferred[object] = defer.Deferred()
+        self.attempt(FixedChecker(Abandoned(verdict)))
+        self.assertEqual(self.sink.logins, [])
+        verdict.errback(RuntimeError("the pool went away"))
+        [event] = self.sink.logins
+        self.assertEqual((event.outcome, event.reason, event.client_left),
+                         ("cancelled", "cancelled", True))
+        self.assertEqual(self.flushLoggedErrors(RuntimeError), [])
 
     def test_unhandled_is_not_unauthorized(self) -> None:
         """The two cred failures are told apart (a scanner is not a guesser)."""

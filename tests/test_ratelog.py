@@ -84,7 +84,7 @@ class LoginFloodTests(SynchronousTestCase):
         for _ in range(3):
             self.failureResultOf(login(portal, testing.sasl_plain(
                 "bob", "x", peer="198.51.100.7"), log=self.log), Throttled, UnauthorizedLogin)
-        self.assertEqual([(e["peer"], e["outcome"]) for e in self.events[before:]],
+        self.assertEqual([(e["peer_address"], e["outcome"]) for e in self.events[before:]],
                          [("198.51.100.7", "failure"), ("198.51.100.7", "throttled")])
 
     def test_failures_still_logged_each(self):

@@ -310,13 +310,13 @@ class LoginTests(SynchronousTestCase):
         self.assertIs(iface, IAuthInfo)
         [event] = self.events
         self.assertEqual(
-            {k: event[k] for k in ("outcome", "protocol", "mechanism", "identity", "peer", "tls")},
+            {k: event[k] for k in ("outcome", "protocol", "mechanism", "identity", "peer_address", "tls")},
             {
                 "outcome": "success",
                 "protocol": "smtp",
                 "mechanism": "LOGIN",
                 "identity": "daniel",
-                "peer": "198.51.100.1",
+                "peer_address": "198.51.100.1",
                 "tls": True,
             },
         )
