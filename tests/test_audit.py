@@ -457,6 +457,14 @@ class FileTests(SynchronousTestCase):
         self.assertEqual((fd, json.loads(line)["event"]), (1, "login"))
         os.fstat(1)  # still open
 
+    def test_event_after_stop_counted_lost(self) -> None:
+        """An event arriving once the log has stopped is not written, but counted lost."""
+        log = self.started()
+        log.stopService()
+        log.login(login_event())
+        log.authz(authz_event())
+        self.assertEqual((log.written, log.lost), (0, 2))
+
     def test_check_path(self) -> None:
         audit.check_path("-")
         audit.check_path(self.path)  # a new file in a writable directory
@@ -565,13 +573,18 @@ class WiringTests(SynchronousTestCase):
         """A sink of the hub and a core service (started before, stopped after the listeners)."""
         path = os.path.abspath(self.mktemp())
         keep_signal_handlers(self)
-        svc = tap.makeService(self.options("--audit-log", path), reactor=MemoryReactorClock())
+        reactor = MemoryReactorClock()
+        svc = tap.makeService(self.options("--audit-log", path), reactor=reactor)
         [log] = [s for s in svc if isinstance(s, AuditLog)]
         self.assertIn(log, svc.core.events.sinks)
         self.assertLess(list(svc).index(log), len(svc.core.services))
         svc.startService()
         self.assertTrue(os.path.exists(path))
-        svc.stopService()
+        stopping = svc.stopService()
+        self.assertFalse(svc.core.hash_pool.running)
+        self.assertTrue(log.running)  # stopped after the other core services, a turn later
+        reactor.advance(0)
+        self.successResultOf(stopping)
         self.assertFalse(log.running)
 
     def test_bad_path(self) -> None:

@@ -7,6 +7,7 @@ stops the core's services, on a C{MemoryReactorClock}; a second signal.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -560,6 +561,45 @@ class ShutdownTests(SynchronousTestCase):
         self.shutdown.signalled()
         self.successResultOf(d)
 
+    def test_sinks_stop_last(self) -> None:
+        """
+        The event sinks (the audit log) stop after the other core services,
+        a reactor turn later: an abandoned login's verdict that a stopping
+        hash pool hands back by C{callFromThread} is still written.
+        """
+        from gateway.ops.audit import AuditLog
+        from tests.test_audit import login_event
+
+        written: list[bytes] = []
+        audit = AuditLog("-", write=lambda fd, data: written.append(bytes(data)) or len(data),
+                         reactor=self.reactor)
+        audit.startService()
+
+        class Pool(FakeService):
+            def stopService(inner) -> Any:
+                # Its thread's last result, delivered on the reactor's next turn.
+                self.reactor.callLater(0, audit.login, login_event(client_left=True))
+                return super().stopService()
+
+        pool = Pool("pool", self.stopped)
+        d = self.shutdown.stop([self.listener], [audit, pool])
+        self.assertEqual(self.stopped, ["listener", "pool"])
+        self.assertTrue(audit.running)
+        self.assertNoResult(d)
+        self.reactor.advance(0)
+        self.successResultOf(d)
+        self.assertFalse(audit.running)
+        self.assertEqual((audit.written, audit.lost), (1, 0))
+        self.assertEqual(len(written), 1)
+
+    def test_abort_stops_sinks_at_once(self) -> None:
+        """After a second signal the sinks do not wait for the turn either."""
+        sink = FakeService("sink", self.stopped)
+        sink.stops_last = True  # type: ignore[attr-defined]
+        self.shutdown.abort()
+        self.successResultOf(self.shutdown.stop([self.listener], [sink, self.core]))
+        self.assertEqual(self.stopped, ["listener", "core", "sink"])
+
     def test_service_failure_logged(self) -> None:
         core = FakeService("core", self.stopped, hang=True)
         d = self.shutdown.stop([self.listener], [core])
@@ -753,6 +793,12 @@ class WiringTests(SynchronousTestCase):
         reactor.running = True
         install(reactor, Shutdown(reactor, Connections()))
         self.assertEqual(reactor.whenRunningHooks, [])
+
+    def test_sinks_marked(self) -> None:
+        """The audit log and the metrics listener are the core services stopped last."""
+        svc = self.service("--audit-log", os.path.join(self.mktemp()), "--metrics", "tcp:0")
+        last = [child.name for child in svc.core.services if drain_module.stops_last(child)]
+        self.assertEqual(sorted(last), ["audit-log", "metrics"])
 
     def test_stop_order(self) -> None:
         """The listeners stop before the drain; the core's services once the sessions have ended."""

@@ -312,6 +312,8 @@ class AuditLog(service.Service):
     """
 
     name = "audit-log"
+    #: Stopped after the other core services (L{gateway.ops.drain.stops_last}).
+    stops_last = True
 
     def __init__(
         self, path: str, write: Any = os.write, opener: Any = open_log, reactor: Any = None
@@ -419,7 +421,8 @@ class AuditLog(service.Service):
 
     def _record(self, make: Any, event: Any) -> None:
         """Keep one event for the end of the turn (or write it now, without a reactor)."""
-        if not self.running:
+        if not self.running:  # stopped (or not started): the event is lost, and counted
+            self.lost += 1
             return
         if self._reactor is None:
             line = self._format(make, event)

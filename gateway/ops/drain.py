@@ -22,9 +22,11 @@ L{Shutdown.stop}:
    gateway has closed and that has nothing left to send is finished: after
    L{CLOSED_GRACE} it is aborted rather than waiting for the peer's TLS
    C{close_notify} or FIN;
-3. the core's services stop (delivery, the hash pool, the audit log...);
-   delivery waits for its relay sessions only until the drain's deadline
-   plus L{SERVICES_GRACE}.
+3. the core's services stop (delivery, the hash pool...); delivery waits
+   for its relay sessions only until the drain's deadline plus
+   L{SERVICES_GRACE};
+4. a reactor turn later, the event sinks (L{stops_last}: the audit log, the
+   metrics listener) stop, having received the others' last events.
 
 A second signal aborts every session at once and stops waiting for
 anything: the shutdown goes on immediately. Either way the process exits 0.
@@ -153,7 +155,14 @@ class Shutdown:
                 begin(deadline + SERVICES_GRACE)
         await self._wait(_stop_all(listeners))
         await self._drain(deadline)
-        await self._wait(_stop_all(reversed(services)))
+        sinks = [child for child in services if stops_last(child)]
+        await self._wait(_stop_all(reversed([c for c in services if c not in sinks])))
+        if sinks:
+            # The event sinks last, a reactor turn later: what the stopped
+            # services handed back from their threads (a hash pool's last
+            # verdicts, by callFromThread) is published, and written, first.
+            await self._wait(defer.Deferred(), 0)
+            await self._wait(_stop_all(reversed(sinks)))
 
     def _abandon_services(self) -> None:
         """Services that can stop without waiting for their threads (the hash pool) will."""
@@ -267,6 +276,16 @@ class Shutdown:
         return wait
 
 
+def stops_last(child: IService) -> bool:
+    """
+    Whether C{child} is an event sink (the audit log, the metrics listener:
+    C{stops_last = True}), stopped only once the other core services have
+    stopped, so that their last events are kept and C{/readyz} answers until
+    the end.
+    """
+    return bool(getattr(child, "stops_last", False))
+
+
 def _stop_all(services: Iterable[IService]) -> defer.Deferred[Any]:
     """Stop C{services} at once; their failures are logged, not passed on."""
 
@@ -371,5 +390,5 @@ def install(reactor: Any, shutdown: Shutdown, hard_exit: HardExit | None = None)
 
 __all__ = [
     "ABORT_EXIT_GRACE", "ABORT_GRACE", "CLOSED_GRACE", "EXIT_GRACE", "SERVICES_GRACE",
-    "HardExit", "Shutdown", "install",
+    "HardExit", "Shutdown", "install", "stops_last",
 ]

@@ -597,8 +597,9 @@ def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
     site = build_site(core.reactor, registry, readiness, collector.refresh)
     listening = internet.StreamServerEndpointService(endpoint, _Capped(site, MAX_CONNECTIONS))
     listening.setName("metrics")
-    # A core service: stopped with them, after the front doors' sessions
-    # drained, so /readyz answers 503 (listeners stopped) during the drain.
+    # A core service stopped last (after the drain and the other core
+    # services), so /readyz answers 503 (listeners stopped) until the end.
+    listening.stops_last = True  # type: ignore[attr-defined]
     core.attach(listening)
     listening.setServiceParent(top)
     return registry
