@@ -787,3 +787,25 @@ def parse_acl(text: str, source: str = "<string>") -> AccessControlMap:
 def load_acl_file(path: str | os.PathLike[str]) -> AccessControlMap:
     """Read and compile an ACL file (see L{parse_acl})."""
     return parse_acl(read_config(path), os.fspath(path))
+
+
+#: A front door's check of an ACL's keys: raises C{ValueError} for a key no
+#: request could reach (see L{load_policy}).
+KeyCheck = Callable[[AccessControlMap], None]
+
+
+def load_policy(path: str | os.PathLike[str], checks: Iterable[KeyCheck]) -> AccessControlMap:
+    """
+    The C{--acl} file, compiled and checked, as at start so on reload: each
+    of C{checks} (the front doors' own, given by the composition root)
+    refuses keys of its resources no request could reach.
+
+    @raise ConfigError: one line naming the file and the problem.
+    """
+    policy = load_acl_file(path)
+    try:
+        for check in checks:
+            check(policy)
+    except ValueError as e:
+        raise ConfigError(f"{os.fspath(path)}: {e}") from None
+    return policy

@@ -24,7 +24,7 @@ from twisted.internet import endpoints
 from twisted.logger import Logger
 from twisted.python import usage
 
-from gateway.acl import AccessControlMap, AllowAuthenticated, load_acl_file
+from gateway.acl import AccessControlMap, AllowAuthenticated, load_policy
 from gateway.addresses import canonical_host
 from gateway.checkers import CheckerLoadError, load_checker
 from gateway.checkers.hashing import HashPool, Verifier
@@ -676,11 +676,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             self["groupMap"] = load_group_file(self["groups"]) if self["groups"] else NO_GROUPS
         except ConfigError as e:
             raise usage.UsageError(f"--groups: {e}") from None
+        self["aclLoader"] = acl_loader(self["httpSettings"].case_sensitive_paths)
         try:
-            self["policy"] = (
-                load_policy(self["acl"], self["httpSettings"].case_sensitive_paths)
-                if self["acl"] else AllowAuthenticated()
-            )
+            self["policy"] = self["aclLoader"](self["acl"]) if self["acl"] else AllowAuthenticated()
         except ConfigError as e:
             raise usage.UsageError(f"--acl: {e}") from None
 
@@ -730,20 +728,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         )
 
 
-def load_policy(path: str, case_sensitive_paths: bool) -> AccessControlMap:
+def acl_loader(case_sensitive_paths: bool) -> Callable[[str], AccessControlMap]:
     """
-    The C{--acl} file, compiled and checked as at start and on reload: each
-    front door refuses keys of its resources no request could reach.
-
-    @raise ConfigError: one line naming the file and the problem.
+    How the C{--acl} file is read, at start and on reload alike:
+    L{load_policy} with each front door's check of its keys.
     """
-    policy = load_acl_file(path)
-    try:
-        check_http_keys(policy, case_sensitive_paths)
-        check_smtp_keys(policy)
-    except ValueError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    return policy
+    checks = (functools.partial(check_http_keys, case_sensitive=case_sensitive_paths),
+              check_smtp_keys)
+    return functools.partial(load_policy, checks=checks)
 
 
 def _network(option: str, cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
@@ -865,8 +857,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         started.append(f"{row.option}={description}")
     reload.install(reactor, core, reload.ReloadFiles(  # SIGHUP
         certificate=options["certPath"], key=options["keyPath"], acl=options["acl"],
-        groups=options["groups"], load_acl=functools.partial(
-            load_policy, case_sensitive_paths=options["httpSettings"].case_sensitive_paths),
+        groups=options["groups"], load_acl=options["aclLoader"],
     )).setServiceParent(top)
     ops_metrics.serve(options, core, top, doors)
     return top

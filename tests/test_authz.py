@@ -9,7 +9,6 @@ were approved.
 from __future__ import annotations
 
 import base64
-import functools
 import os
 import re
 from typing import Any
@@ -332,7 +331,7 @@ class RevokedGrantTests(SynchronousTestCase):
         self.factory = SMTPDoor(self.core, options["smtpSettings"]).listen(None, "smtp", None).factory
         self.reloader = reload.Reloader(self.core, reload.ReloadFiles(
             certificate=options["certPath"], key=options["keyPath"], acl=self.acl,
-            load_acl=functools.partial(tap.load_policy, case_sensitive_paths=False),
+            load_acl=tap.acl_loader(False),
         ), load=lambda f, *a: defer.maybeDeferred(f, *a))
 
     def write_acl(self, authz: str) -> None:

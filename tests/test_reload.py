@@ -7,7 +7,6 @@ its old version with one log line; reloads never overlap.
 from __future__ import annotations
 
 import datetime
-import functools
 import gc
 import os
 import signal
@@ -22,6 +21,7 @@ from twisted.internet import defer, ssl, task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
@@ -186,7 +186,7 @@ class ReloaderTests(SynchronousTestCase):
         self.pool = ManualPool()
         self.reloader = reload.Reloader(self.core, reload.ReloadFiles(
             certificate=self.cert, key=self.key, acl=self.acl, groups=self.groups,
-            load_acl=functools.partial(tap.load_policy, case_sensitive_paths=False),
+            load_acl=tap.acl_loader(False),
         ), load=self.pool.run)
         self.lines = Lines(self)
 
@@ -459,6 +459,35 @@ class InstallTests(SynchronousTestCase):
             key=os.path.join(data, "tls", "key.pem"),
             load_acl=reloader.files.load_acl,
         ))
+
+
+class ACLLoaderTests(SynchronousTestCase):
+    """A reload reads the ACL as the start does: no path skips the front doors' key checks."""
+
+    def test_loader_required(self) -> None:
+        self.assertRaises(TypeError, reload.ReloadFiles, certificate="c.pem", acl="acl.toml")
+
+    def test_reload_refuses_what_start_refuses(self) -> None:
+        """An C{http/} key in a form no request reaches is refused on SIGHUP as at start."""
+        directory = os.path.abspath(self.mktemp())
+        os.makedirs(directory)
+        acl = os.path.join(directory, "acl.toml")
+        write_file(acl, '[[acl."http/app.test"]]\nallow = true\nprivileges = ["get"]\n'
+                        'identity.Group = "staff"\n')
+        options = tap.Options()
+        options.parseOptions(["--data-dir", os.path.join(directory, "data"), "--auth", "memory:a:b",
+                              "--acl", acl])
+        keep_signal_handlers(self)
+        service = tap.makeService(options, reactor=MemoryReactorClock())
+        files = service.getServiceNamed("reload").files
+        write_file(acl, '[[acl."http/App.Test"]]\nallow = true\nprivileges = ["get"]\n'
+                        'identity.Group = "staff"\n')
+        read = reload.read_files(files, datetime.datetime.now(datetime.timezone.utc))
+        self.assertIn("acl", read.problems)
+        self.assertIn("App.Test", read.problems["acl"])
+        with self.assertRaises(usage.UsageError):
+            tap.Options().parseOptions(["--data-dir", os.path.join(directory, "d2"),
+                                        "--auth", "memory:a:b", "--acl", acl])
 
 
 class LoginGroupsTests(SynchronousTestCase):

@@ -31,7 +31,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from gateway.acl import IAccessPolicy, load_acl_file
+from gateway.acl import IAccessPolicy
 from gateway.errors import ShuttingDown
 from gateway.groups import ConfigError, GroupMap, load_group_file
 from gateway.ops.signals import on_signal
@@ -69,9 +69,16 @@ class ReloadFiles:
     acl: str | None = attrs.field(default=None, converter=_absolute)
     #: The C{--groups} file, or None.
     groups: str | None = attrs.field(default=None, converter=_absolute)
-    #: Reads and checks the ACL file as at start (L{gateway.tap.load_policy}).
-    load_acl: Callable[[str], IAccessPolicy] = load_acl_file
+    #: Reads and checks the ACL file exactly as at start (the front doors'
+    #: key checks included: L{gateway.acl.load_policy}, as
+    #: L{gateway.tap.acl_loader} makes it); required with C{acl}, so that no
+    #: reload can swap in an ACL the start would have refused.
+    load_acl: Callable[[str], IAccessPolicy] | None = None
     load_groups: Callable[[str], GroupMap] = load_group_file
+
+    def __attrs_post_init__(self) -> None:
+        if self.acl is not None and self.load_acl is None:
+            raise TypeError("ReloadFiles: an acl needs its load_acl (the start's loader)")
 
 
 @attrs.frozen
@@ -104,7 +111,7 @@ def read_files(files: ReloadFiles, now: datetime.datetime) -> _Read:
         return loaded
 
     readers: tuple[tuple[str, str | None, Callable[[str], Any]], ...] = (
-        ("acl", files.acl, files.load_acl),
+        ("acl", files.acl, files.load_acl),  # type: ignore[arg-type]
         ("groups", files.groups, files.load_groups),
         ("certificate", files.certificate, certificate),
     )
