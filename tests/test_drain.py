@@ -716,6 +716,23 @@ class HardExitTests(SynchronousTestCase):
         self.assertGreaterEqual(time.monotonic() - started, 0.19)
         self.assertEqual(codes, [0])
 
+    def test_line_written_to_stderr_not_logged(self) -> None:
+        """
+        The forced exit's line goes straight to descriptor 2 with one
+        C{write}: the watchdog's thread never enters a log observer.
+        """
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        written: list[tuple[int, bytes]] = []
+        codes: list[int] = []
+        watchdog = HardExit(exit=codes.append, write=lambda fd, data: written.append((fd, data)))
+        watchdog._expire()
+        self.assertEqual(codes, [0])
+        self.assertEqual(written, [(2, HardExit.LINE)])
+        self.assertIn(b"did not end in time", HardExit.LINE)
+        self.assertEqual([e for e in events if e.get("log_namespace") == "gateway.ops.drain"], [])
+
     def test_not_armed(self) -> None:
         watchdog, done, codes = self.watchdog()
         watchdog.start()

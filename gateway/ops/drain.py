@@ -315,9 +315,16 @@ class HardExit:
     does nothing.
     """
 
-    def __init__(self, exit: Any = os._exit, clock: Any = time.monotonic) -> None:
+    #: The one line written to standard error when the exit is forced.
+    LINE = (b"authgateway: the stop did not end in time (a thread still busy?): exiting now;"
+            b" everything accepted is on disk\n")
+
+    def __init__(
+        self, exit: Any = os._exit, clock: Any = time.monotonic, write: Any = os.write
+    ) -> None:
         self._exit = exit
         self._clock = clock
+        self._say = write
         self._read = self._write = -1
         self._thread: threading.Thread | None = None
 
@@ -353,8 +360,12 @@ class HardExit:
         self._expire()
 
     def _expire(self) -> None:
-        log.warn("the stop did not end in time (a thread still busy?): exiting now;"
-                 " everything accepted is on disk")
+        # Not through twisted.logger: this is the watchdog's thread, and log
+        # observers are not thread-safe (the reactor thread may be in one).
+        try:
+            self._say(2, self.LINE)
+        except OSError:  # no standard error: exiting anyway
+            pass
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
