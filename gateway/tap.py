@@ -443,7 +443,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "--proxy-protocol-from: this Twisted has no PROXY protocol parsers"
                 " (twisted.protocols.haproxy)"
             )
-        self.setdefault("proxyProtocolFrom", []).append(_proxy_network(cidr))
+        self.setdefault("proxyProtocolFrom", []).append(_network("proxy-protocol-from", cidr))
 
     def opt_socks_allow(self, rule: str) -> None:
         """
@@ -738,44 +738,46 @@ def acl_loader(case_sensitive_paths: bool) -> Callable[[str], AccessControlMap]:
     return functools.partial(load_policy, checks=checks)
 
 
-def _network(option: str, cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """A CIDR option's network; a usage error naming the option otherwise."""
-    try:
-        return ipaddress.ip_network(cidr.strip(), strict=False)
-    except ValueError as e:
-        raise usage.UsageError(f"--{option} {cidr!r}: {e}") from None
-
-
 #: IPv4-mapped IPv6 addresses: the gateway sees their peers as IPv4 ones.
 _IPV4_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
 
-def _proxy_network(cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+def _network(option: str, cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     """
-    A C{--proxy-protocol-from} network: its peers may name any client, so a
-    slip must not go unnoticed: host bits set and C{/0} (everyone) are
-    usage errors; an IPv4-mapped network is its IPv4 network (peers are
-    matched as IPv4), one only partly IPv4-mapped a usage error.
+    The network of a CIDR option that trusts its peers (C{--proxy-protocol-from},
+    C{--http-trusted-proxy}, C{--smtp-trusted-network}), so a slip must not go
+    unnoticed: host bits set and C{/0} (everyone) are usage errors naming the
+    option; an IPv4-mapped network is its IPv4 network (peers are matched as
+    IPv4: L{gateway.addresses.parse_ip}), one only partly IPv4-mapped a usage
+    error.
     """
     try:
         network = ipaddress.ip_network(cidr.strip(), strict=True)
     except ValueError as e:
-        raise usage.UsageError(f"--proxy-protocol-from {cidr!r}: {e}") from None
+        raise usage.UsageError(f"--{option} {cidr!r}: {e}") from None
     if network.prefixlen == 0:
         raise usage.UsageError(
-            f"--proxy-protocol-from {cidr!r}: every address would be a proxy (and could name"
-            " any client): give the proxies' own networks"
+            f"--{option} {cidr!r}: every address would be trusted ({_TRUSTS[option]}):"
+            " give the networks themselves"
         )
     if isinstance(network, ipaddress.IPv6Network) and network.overlaps(_IPV4_MAPPED):
         if not network.subnet_of(_IPV4_MAPPED):
             raise usage.UsageError(
-                f"--proxy-protocol-from {cidr!r}: it holds IPv4-mapped addresses"
+                f"--{option} {cidr!r}: it holds IPv4-mapped addresses"
                 " (::ffff:0:0/96); give the IPv4 and IPv6 networks apart"
             )
         mapped = network.network_address.ipv4_mapped
         assert mapped is not None
         return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
     return network
+
+
+#: What each trusting CIDR option would give everyone with C{/0}.
+_TRUSTS = {
+    "proxy-protocol-from": "any peer could name any client",
+    "http-trusted-proxy": "any client's X-Forwarded-For would be believed",
+    "smtp-trusted-network": "anyone could submit without AUTH",
+}
 
 
 def _check_readable(what: str, path: str) -> None:

@@ -650,23 +650,36 @@ class WiringTests(SynchronousTestCase):
         self.assertIn("--socks 'haproxy:tcp:1080': a haproxy: listener", str(e.exception))
         self.options("--socks", "haproxy:tcp:1080")  # alone, as before
 
+    #: The CIDR options that trust their peers, and where each one's networks land.
+    TRUSTING = {
+        "--proxy-protocol-from": lambda o: o["listenSettings"].proxy_protocol_from,
+        "--http-trusted-proxy": lambda o: o["httpSettings"].trusted_proxies,
+        "--smtp-trusted-network": lambda o: o["smtpSettings"].trusted_networks,
+    }
+
     def test_networks_checked(self):
+        """
+        One parser for every trusting CIDR option: everyone (C{/0}), host
+        bits and partly IPv4-mapped networks are usage errors naming the
+        option (C{/0} and host bits used to pass for the two trusted-proxy
+        and trusted-network options).
+        """
         from twisted.python import usage
 
-        for cidr, why in (("0.0.0.0/0", "every address"), ("::/0", "every address"),
-                          ("10.0.0.1/8", "has host bits set"),
-                          ("::/64", "IPv4-mapped"), ("::fffe:0:0/95", "IPv4-mapped")):
-            with self.assertRaises(usage.UsageError) as e:
-                self.options("--proxy-protocol-from", cidr)
-            self.assertIn(f"--proxy-protocol-from {cidr!r}", str(e.exception))
-            self.assertIn(why, str(e.exception))
+        for option in self.TRUSTING:
+            for cidr, why in (("0.0.0.0/0", "every address"), ("::/0", "every address"),
+                              ("10.0.0.1/8", "has host bits set"),
+                              ("::/64", "IPv4-mapped"), ("::fffe:0:0/95", "IPv4-mapped")):
+                with self.assertRaises(usage.UsageError) as e:
+                    self.options(option, cidr)
+                self.assertIn(f"{option} {cidr!r}", str(e.exception))
+                self.assertIn(why, str(e.exception))
 
     def test_mapped_network_folded(self):
         """Peers are matched as IPv4 (IPv4-mapped folded): so is an IPv4-mapped network."""
-        options = self.options("--proxy-protocol-from", "::ffff:10.0.0.0/104",
-                               "--proxy-protocol-from", "::ffff:127.0.0.1/128")
-        self.assertEqual(options["listenSettings"].proxy_protocol_from,
-                         (PROXY_NET, ipaddress.ip_network("127.0.0.1/32")))
+        for option, networks in self.TRUSTING.items():
+            options = self.options(option, "::ffff:10.0.0.0/104", option, "::ffff:127.0.0.1/128")
+            self.assertEqual(networks(options), (PROXY_NET, ipaddress.ip_network("127.0.0.1/32")))
 
     def test_bad_network(self):
         from twisted.python import usage
