@@ -69,6 +69,18 @@ def network_of(address: str | None, ipv4: int = 24, ipv6: int = 48) -> str | Non
     return str(ipaddress.ip_network((ip, length), strict=False))
 
 
+def is_loopback(host: str | None) -> bool:
+    """Whether C{host} is a loopback address (any spelling, IPv4-mapped included)."""
+    ip = parse_ip(host)
+    return ip is not None and ip.is_loopback
+
+
+def is_unspecified(host: str | None) -> bool:
+    """Whether C{host} is the unspecified address (C{0.0.0.0}, C{::}), any spelling."""
+    ip = parse_ip(host)
+    return ip is not None and ip.is_unspecified
+
+
 def in_networks(address: str | None, networks: Sequence[IPNetwork]) -> bool:
     """Whether C{address} (any spelling, IPv4-mapped included) is in one of C{networks}."""
     ip = parse_ip(address) if networks else None

@@ -43,8 +43,6 @@ every peer) are left as they are (with C{--proxy-protocol-from}, a usage error).
 
 from __future__ import annotations
 
-import functools
-import ipaddress
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +53,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides
 
-from gateway.addresses import in_networks, ip_or_none, peer_key
+from gateway.addresses import in_networks, ip_or_none, is_loopback, is_unspecified, peer_key
 from gateway.connections import Connections, _log_prefix, _WrapperFactory
 from gateway.ratelog import LogRateLimiter
 from gateway.twistedinternals import ProxyHeaderParsers, proxy_header_parsers
@@ -176,13 +174,9 @@ def _carried(source: Any, destination: Any, local_proxy: bool = True) -> tuple[A
     return addresses[0], addresses[1]
 
 
-@functools.lru_cache(maxsize=4096)
 def _is_local_address(host: str | None) -> bool:
-    """Whether C{host} (canonical) is a loopback or the unspecified address."""
-    if host is None:
-        return False
-    ip = ipaddress.ip_address(host)
-    return ip.is_loopback or ip.is_unspecified
+    """Whether C{host} is a loopback or the unspecified address."""
+    return is_loopback(host) or is_unspecified(host)
 
 
 def _carry(transport: Any, source: Any, destination: Any) -> None:

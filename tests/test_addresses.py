@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from gateway.addresses import (
     in_networks,
     ip_or_none,
+    is_loopback,
+    is_unspecified,
     network_keys,
     network_of,
     normalize_ip,
@@ -51,6 +53,18 @@ class ParseTests(SynchronousTestCase):
             self.assertEqual(str(parse_ip(text)), expected)
             self.assertEqual(normalize_ip(text), expected)
             self.assertEqual(ip_or_none(text), expected)
+
+    def test_loopback_and_unspecified(self):
+        """Any spelling (IPv4-mapped, scoped, upper case) through L{parse_ip}; a non-address is neither."""
+        for text, loopback, unspecified in [
+            ("127.0.0.1", True, False), ("127.9.9.9", True, False), ("::1", True, False),
+            ("::ffff:127.0.0.1", True, False), ("::FFFF:7f00:1", True, False),
+            ("0.0.0.0", False, True), ("::", False, True), ("::ffff:0.0.0.0", False, True),
+            ("192.0.2.1", False, False), ("fe80::1%eth0", False, False),
+            (None, False, False), ("", False, False), ("localhost", False, False),
+            ("/run/sock", False, False),
+        ]:
+            self.assertEqual((is_loopback(text), is_unspecified(text)), (loopback, unspecified), text)
 
     def test_not_addresses(self):
         for text in ("", "example.com", "127.1", "0x7f.0.0.1", "/run/sock", "1.2.3.4.5"):

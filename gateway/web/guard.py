@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import ipaddress
 import math
 import re
 import unicodedata
@@ -32,7 +31,7 @@ from twisted.web import resource, server, util
 from twisted.web.iweb import ICredentialFactory
 from zope.interface import implementer
 
-from gateway.addresses import in_networks, ip_or_none
+from gateway.addresses import in_networks, ip_or_none, is_loopback
 from gateway.connections import authenticated, login_running
 from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
 from gateway.errors import TemporaryFailure, Throttled
@@ -130,8 +129,7 @@ def credentials_allowed(meta: ConnectionMeta, settings: HTTPSettings) -> bool:
     """
     if meta.tls or settings.insecure_auth:
         return True
-    address = ip_or_none(meta.peer_address)
-    return address is not None and ipaddress.ip_address(address).is_loopback
+    return is_loopback(meta.peer_address)
 
 
 @implementer(ICredentialFactory)
