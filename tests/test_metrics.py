@@ -416,6 +416,24 @@ class HealthTests(TestCase):
         yield stopping
         self.assertFalse(self.top.getServiceNamed("metrics").running)
 
+    def test_connections_capped(self):
+        """
+        The listener holds at most MAX_CONNECTIONS connections (more are
+        closed at accept), each a channel of the metrics site; a closed one
+        frees its place.
+        """
+        factory = self.top.getServiceNamed("metrics").factory
+        address = IPv4Address("TCP", "127.0.0.1", 40000)
+        open_ = []
+        for _ in range(metrics.MAX_CONNECTIONS):
+            proto = factory.buildProtocol(address)
+            proto.makeConnection(StringTransport())
+            self.assertIs(proto.wrappedProtocol.site, self.top.site)
+            open_.append(proto)
+        self.assertIsNone(factory.buildProtocol(address))
+        open_.pop().connectionLost(Failure(error.ConnectionDone()))
+        self.assertIsNotNone(factory.buildProtocol(address))
+
     def test_body_dropped(self):
         """The listener reads no request body into memory."""
         request = metrics._Request(DummyChannel(), False)

@@ -496,7 +496,13 @@ class MetricsSite(server.Site):
 
 
 class _Capped(policies.WrappingFactory):
-    """At most C{limit} connections at once; more are closed at accept."""
+    """
+    At most C{limit} connections at once; more are closed at accept.
+    Not Twisted's C{LimitTotalConnectionsFactory}: it builds C{protocol()}
+    itself instead of wrapping a factory, so the site's C{buildProtocol}
+    (which gives each channel its C{site}, request factory and timeout)
+    would never run.
+    """
 
     noisy = False
 
