@@ -32,6 +32,9 @@ WORKDIR /var/lib/authgateway
 # The spool, the certificate and the users: keep them across containers.
 VOLUME ["/var/lib/authgateway"]
 # smtp (STARTTLS), smtps, http, https, socks, metrics and health.
+# 9108 (/metrics, /healthz, /readyz) has no authentication: never publish it
+# to other hosts (at most -p 127.0.0.1:9108:9108); Prometheus reaches it on a
+# private container network.
 EXPOSE 2525 4465 8080 8443 1080 9108
 
 # SIGTERM drains for up to --drain-timeout (30 s) and exits at the latest

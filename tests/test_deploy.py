@@ -406,6 +406,21 @@ class DockerfileTests(SynchronousTestCase):
         self.assertEqual(self.instruction("STOPSIGNAL"), "SIGTERM")
         self.assertIn(DATA_DIR, self.instruction("VOLUME"))
 
+    def test_metrics_never_published(self) -> None:
+        """
+        The metrics listener has no authentication: the Dockerfile says so
+        next to EXPOSE, and every example publishing 9108 binds it to loopback.
+        """
+        with open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8") as f:
+            dockerfile = f.read()
+        self.assertIn("9108 (/metrics, /healthz, /readyz) has no authentication: never publish",
+                      dockerfile)
+        with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+            readme = f.read()
+        published = re.findall(r"-p\s+(\S+:9108)\b", dockerfile + readme)
+        self.assertTrue(published)
+        self.assertEqual([p for p in published if not p.startswith("127.0.0.1:")], [])
+
     def test_context_keeps_the_sources(self) -> None:
         """.dockerignore leaves what `pip install .` needs in the build context."""
         with open(os.path.join(ROOT, ".dockerignore"), encoding="utf-8") as f:
