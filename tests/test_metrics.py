@@ -19,6 +19,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.python.failure import Failure
+from twisted.web import resource
 from twisted.web.test.requesthelper import DummyChannel
 
 from gateway import tap
@@ -35,6 +36,8 @@ from gateway.realm import login
 from gateway.smtp.relay import RelayError
 from gateway.smtp.spool import Envelope, Spool
 from gateway.socks.server import SOCKSFactory, SOCKSSettings
+from gateway.web.server import HTTP_CODES, GatewaySite, http_code_label
+from gateway.web.settings import HTTPSettings
 from tests.support import keep_signal_handlers, require_tool
 
 #: What a hostile client might claim as its user name.
@@ -226,8 +229,28 @@ class ComponentCounterTests(SynchronousTestCase):
         self.assertEqual((factory.ended_up, factory.ended_down, factory.replies), (10, 20, {2: 1}))
 
     def test_http_code_labels(self) -> None:
-        self.assertEqual([metrics.http_code_label(c) for c in (200, 401, 418, 599, 999)],
+        self.assertEqual([http_code_label(c) for c in (200, 401, 418, 599, 999)],
                          ["200", "401", "4xx", "5xx", "other"])
+
+    def test_http_statuses_bounded(self) -> None:
+        """
+        Whatever codes the responses carry (a proxied upstream chose them), the
+        site's count holds at most the fixed label set, not one key per code.
+        """
+        site = GatewaySite(resource.Resource(), HTTPSettings(), task.Clock())
+        for code in (*range(-5, 1000), 999_999_999, 42, 0, 200, 200):
+            site.log(_Coded(code))
+        labels = {str(c) for c in HTTP_CODES} | {f"{n}xx" for n in range(1, 6)} | {"other"}
+        self.assertLessEqual(set(site.statuses), labels)
+        self.assertEqual(site.statuses["200"], 3)
+        self.assertEqual(site.statuses["other"], 6 + 99 + 400 + 3)  # -5..99, 600..999, 1e9, 42, 0
+
+
+class _Coded:
+    """What GatewaySite.log reads of a request."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
 
 
 class CollectorTests(SynchronousTestCase):

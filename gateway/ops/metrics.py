@@ -55,12 +55,6 @@ DOORS = ("smtp", "http", "socks")
 #: L{LoginEvent.outcome} values.
 OUTCOMES = ("success", "failure", "throttled", "temporary", "unsupported", "error", "cancelled")
 
-#: HTTP status codes counted under their own label; others by class (C{4xx}).
-HTTP_CODES = frozenset({
-    200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408,
-    409, 411, 413, 414, 415, 421, 422, 429, 431, 500, 501, 502, 503, 504,
-})
-
 #: SOCKS5 reply codes (RFC 1928 REP 0-8).
 SOCKS_REPLIES = frozenset(range(9))
 
@@ -74,13 +68,6 @@ TIMEOUT = 10.0
 
 def _bounded(value: Any, allowed: Iterable[Any]) -> str:
     return value if value in allowed else "other"
-
-
-def http_code_label(code: int) -> str:
-    """A status code's label: itself when in L{HTTP_CODES}, else its class (C{5xx})."""
-    if code in HTTP_CODES:
-        return str(code)
-    return f"{code // 100}xx" if 100 <= code < 600 else "other"
 
 
 class LoginMetrics:
@@ -449,8 +436,7 @@ class GatewayCollector:
             return []
         codes: Counter[str] = Counter()
         for site in door.sites:
-            for code, n in site.statuses.items():
-                codes[http_code_label(code)] += n
+            codes.update(site.statuses)  # counted by label (http_code_label) already
         return [_family(CounterMetricFamily, "authgateway_http_responses",
                         "HTTP responses by status code (uncommon codes by class, 4xx).", ("code",),
                         sorted(((k,), v) for k, v in codes.items()))]
