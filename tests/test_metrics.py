@@ -15,10 +15,11 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet import defer, error, task
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.python.failure import Failure
+from twisted.web import resource
 from twisted.web.test.requesthelper import DummyChannel
 
 from gateway import tap
@@ -35,6 +36,8 @@ from gateway.realm import login
 from gateway.smtp.relay import RelayError
 from gateway.smtp.spool import Envelope, Spool
 from gateway.socks.server import SOCKSFactory, SOCKSSettings
+from gateway.web.server import HTTP_CODES, GatewaySite, http_code_label
+from gateway.web.settings import HTTPSettings
 from tests.support import keep_signal_handlers, require_tool
 
 #: What a hostile client might claim as its user name.
@@ -226,8 +229,28 @@ class ComponentCounterTests(SynchronousTestCase):
         self.assertEqual((factory.ended_up, factory.ended_down, factory.replies), (10, 20, {2: 1}))
 
     def test_http_code_labels(self) -> None:
-        self.assertEqual([metrics.http_code_label(c) for c in (200, 401, 418, 599, 999)],
+        self.assertEqual([http_code_label(c) for c in (200, 401, 418, 599, 999)],
                          ["200", "401", "4xx", "5xx", "other"])
+
+    def test_http_statuses_bounded(self) -> None:
+        """
+        Whatever codes the responses carry (a proxied upstream chose them), the
+        site's count holds at most the fixed label set, not one key per code.
+        """
+        site = GatewaySite(resource.Resource(), HTTPSettings(), task.Clock())
+        for code in (*range(-5, 1000), 999_999_999, 42, 0, 200, 200):
+            site.log(_Coded(code))
+        labels = {str(c) for c in HTTP_CODES} | {f"{n}xx" for n in range(1, 6)} | {"other"}
+        self.assertLessEqual(set(site.statuses), labels)
+        self.assertEqual(site.statuses["200"], 3)
+        self.assertEqual(site.statuses["other"], 6 + 99 + 400 + 3)  # -5..99, 600..999, 1e9, 42, 0
+
+
+class _Coded:
+    """What GatewaySite.log reads of a request."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
 
 
 class CollectorTests(SynchronousTestCase):
@@ -416,30 +439,139 @@ class HealthTests(TestCase):
         yield stopping
         self.assertFalse(self.top.getServiceNamed("metrics").running)
 
-    def test_connections_capped(self):
-        """
-        The listener holds at most MAX_CONNECTIONS connections (more are
-        closed at accept), each a channel of the metrics site; a closed one
-        frees its place.
-        """
-        factory = self.top.getServiceNamed("metrics").factory
-        address = IPv4Address("TCP", "127.0.0.1", 40000)
-        open_ = []
-        for _ in range(metrics.MAX_CONNECTIONS):
-            proto = factory.buildProtocol(address)
-            proto.makeConnection(StringTransport())
-            self.assertIs(proto.wrappedProtocol.site, self.top.site)
-            open_.append(proto)
-        self.assertIsNone(factory.buildProtocol(address))
-        open_.pop().connectionLost(Failure(error.ConnectionDone()))
-        self.assertIsNotNone(factory.buildProtocol(address))
-
     def test_body_dropped(self):
         """The listener reads no request body into memory."""
         request = metrics._Request(DummyChannel(), False)
         request.gotLength(10**9)
         request.handleContentChunk(b"x" * 1000)
         self.assertEqual(request.content.getvalue(), b"")
+
+
+class _IdlePool:
+    """A thread pool whose threads never run: the WSGI app never answers."""
+
+    def callInThread(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class ListenerTests(SynchronousTestCase):
+    """
+    The metrics listener's own bounds: a deadline for the request headers
+    and for the connection however slowly a client trickles, a cap per
+    address besides the total, one request per connection.
+    """
+
+    def setUp(self) -> None:
+        self.top = gateway(self)
+        self.reactor = self.top.core.reactor
+        self.capped = self.top.getServiceNamed("metrics").factory
+
+    def connect(self, host: str = "192.0.2.1", port: int = 40000) -> tuple[Any, StringTransport]:
+        """A connection to the listener's factory, or (None, None) when it is refused."""
+        address = (IPv6Address if ":" in host else IPv4Address)("TCP", host, port)
+        proto = self.capped.buildProtocol(address)
+        if proto is None:
+            return None, None
+        transport = StringTransport(peerAddress=address)
+        proto.makeConnection(transport)
+        self.addCleanup(self.lose, proto, transport)
+        return proto, transport
+
+    def lose(self, proto: Any, transport: StringTransport) -> None:
+        """The connection's end, delivered once (StringTransport does not)."""
+        if not getattr(transport, "lost", False):
+            transport.lost = True  # type: ignore[attr-defined]
+            proto.connectionLost(Failure(error.ConnectionDone()))
+
+    def closed(self, proto: Any, transport: StringTransport) -> bool:
+        """Whether the listener closed or aborted C{transport} (then its end is delivered)."""
+        if transport.disconnecting or transport.disconnected:
+            self.lose(proto, transport)
+            return True
+        return False
+
+    def test_trickling_headers_cut_at_deadline(self) -> None:
+        """A header line every 4 s keeps resetting the idle timeout, not the headers' deadline."""
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        self.reactor.advance(4)
+        proto.dataReceived(b"X-A: b\r\n")
+        self.reactor.advance(metrics.HEADERS_DEADLINE - 4 - 0.01)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(0.01)
+        self.assertTrue(transport.disconnected)  # aborted: nothing more is owed to it
+        self.assertEqual(transport.value(), b"")
+        self.assertTrue(self.closed(proto, transport))
+        self.assertEqual((len(self.capped.protocols), self.capped.peers), (0, {}))
+        self.assertFalse(any(c.active() for c in self.reactor.getDelayedCalls()))
+
+    def test_whole_exchange_deadline(self) -> None:
+        """Headers in time, an answer that never comes: the connection ends at L{DEADLINE}."""
+        self.reactor.getThreadPool = _IdlePool  # type: ignore[attr-defined]
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.reactor.advance(metrics.HEADERS_DEADLINE + 1)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(metrics.DEADLINE - metrics.HEADERS_DEADLINE - 1)
+        self.assertTrue(transport.disconnected)
+        self.assertTrue(self.closed(proto, transport))
+
+    def test_one_request_per_connection(self) -> None:
+        """C{Connection: close} on the answer; a pipelined second request is not answered."""
+        proto, transport = self.connect()
+        proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+        answer = transport.value()
+        self.assertEqual(answer.count(b"HTTP/1.1 "), 1)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "))
+        self.assertIn(b"\r\nConnection: close\r\n", answer)
+        self.assertTrue(self.closed(proto, transport))
+        self.assertFalse(any(c.active() for c in self.reactor.getDelayedCalls()))
+
+    def test_cap_per_address(self) -> None:
+        """A fifth connection from one address is refused while other addresses are served."""
+        held = [self.connect("192.0.2.1", port) for port in range(1, metrics.MAX_PER_PEER + 1)]
+        self.assertEqual(self.connect("192.0.2.1", 99), (None, None))
+        self.assertEqual(self.connect("::ffff:192.0.2.1", 99), (None, None))  # the same address
+        proto, transport = self.connect("192.0.2.2")
+        proto.dataReceived(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 200 "))
+        self.lose(*held[0])  # one of the four gone: room for one more
+        self.assertIsNotNone(self.connect("192.0.2.1", 100)[0])
+        self.assertEqual(self.connect("192.0.2.1", 101), (None, None))
+
+    def test_cap_per_ipv6_64(self) -> None:
+        """IPv6 addresses count by /64: one host owns a whole one."""
+        for n in range(metrics.MAX_PER_PEER):
+            self.assertIsNotNone(self.connect(f"2001:db8:1:2::{n + 1}")[0])
+        self.assertEqual(self.connect("2001:db8:1:2::ff"), (None, None))
+        self.assertIsNotNone(self.connect("2001:db8:1:3::1")[0])
+
+    def test_total_cap(self) -> None:
+        for n in range(metrics.MAX_CONNECTIONS):
+            self.assertIsNotNone(self.connect(f"192.0.2.{n + 10}")[0])
+        self.assertEqual(self.connect("192.0.2.200"), (None, None))
+
+    def test_snapshot_reused_within_a_second(self) -> None:
+        """
+        However many scrapes arrive, the reactor reads the components at most
+        once a second; a scrape after that sees the new counts.
+        """
+        collector = self.top.site.resource.children[b"metrics"].refresh.__self__
+        readings = []
+        families = collector.families
+        collector.families = lambda: readings.append(1) or families()  # type: ignore[method-assign]
+        for _ in range(1000):
+            collector.refresh()
+        self.assertEqual(len(readings), 1)
+        self.top.core.events.login(event())
+        self.reactor.advance(metrics.SNAPSHOT_AGE - 0.01)
+        collector.refresh()
+        self.assertEqual(len(readings), 1)
+        self.reactor.advance(0.01)
+        collector.refresh()
+        self.assertEqual(len(readings), 2)
+        attempts = next(f for f in collector.latest if f.name == "authgateway_login_attempts")
+        self.assertEqual(sum(s.value for s in attempts.samples), 1)
 
 
 class Relaying:

@@ -532,6 +532,35 @@ class ResponseTests(ProxyMixin, TestCase):
         self.assertEqual(got.body, b"{}")
         self.assertTrue(got.complete)
 
+    def test_invalid_status_is_bad_gateway(self):
+        """
+        An upstream status outside 100-599 (999999999, 0, 42, 600) is not
+        passed on: the client gets 502, the upstream's body is dropped, and
+        one line a minute is logged however many there are.
+        """
+        self.serve()
+        with capturedLogs() as events:
+            for code in (999_999_999, 0, 42, 600):
+                self.transport.clear()
+                call = self.send()
+                response = self.respond(call, code, b"X", {b"X-Upstream": [b"yes"]})
+                got = self.response()
+                self.assertEqual(got.code, 502, code)
+                self.assertIsNone(got.header(b"x-upstream"))
+                self.assertTrue(response.transport.stopped)
+        lines = [formatEvent(e) for e in events if "not 100-599" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("status 999999999", lines[0])
+        self.clock.advance(61)  # the Site's idle timeout closes this connection: a new one
+        self.transport = StringTransport()
+        self.channel = self.site.buildProtocol(None)
+        self.channel.makeConnection(self.transport)
+        with capturedLogs() as events:
+            self.respond(self.send(), 1000, b"X")
+        lines = [formatEvent(e) for e in events if "not 100-599" in formatEvent(e)]
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("3 more like it not logged", lines[0])
+
     def test_no_invented_content_type(self):
         call = self.send()
         response = self.respond(call, 200, length=2)

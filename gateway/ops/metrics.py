@@ -37,10 +37,11 @@ from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.protocols import policies
 from twisted.python import threadable
 from twisted.python.failure import Failure
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
+from gateway.addresses import peer_key
 from gateway.checkers.files import IReloadable
 from gateway.events import REASONS, AuthzEvent, LoginEvent
 from gateway.tally import LATENCY_BUCKETS, Tally
@@ -55,32 +56,27 @@ DOORS = ("smtp", "http", "socks")
 #: L{LoginEvent.outcome} values.
 OUTCOMES = ("success", "failure", "throttled", "temporary", "unsupported", "error", "cancelled")
 
-#: HTTP status codes counted under their own label; others by class (C{4xx}).
-HTTP_CODES = frozenset({
-    200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408,
-    409, 411, 413, 414, 415, 421, 422, 429, 431, 500, 501, 502, 503, 504,
-})
-
 #: SOCKS5 reply codes (RFC 1928 REP 0-8).
 SOCKS_REPLIES = frozenset(range(9))
 
 #: The mechanisms of the HTTP and SOCKS front doors (SMTP's come from its settings).
 FIXED_MECHANISMS = ("Basic", "Bearer", "RFC1929")
 
-#: Connections the metrics listener holds at once, and their idle seconds.
+#: Connections the metrics listener holds at once, from one address (IPv6
+#: by /64) of them, and their idle seconds.
 MAX_CONNECTIONS = 16
+MAX_PER_PEER = 4
 TIMEOUT = 10.0
+#: Seconds from the accept to the end of the request headers, and to the end
+#: of the connection (one request each): however slowly a client trickles.
+HEADERS_DEADLINE = 5.0
+DEADLINE = 30.0
+#: A scrape this soon (seconds) after the last snapshot is served that one.
+SNAPSHOT_AGE = 1.0
 
 
 def _bounded(value: Any, allowed: Iterable[Any]) -> str:
     return value if value in allowed else "other"
-
-
-def http_code_label(code: int) -> str:
-    """A status code's label: itself when in L{HTTP_CODES}, else its class (C{5xx})."""
-    if code in HTTP_CODES:
-        return str(code)
-    return f"{code // 100}xx" if 100 <= code < 600 else "other"
 
 
 class LoginMetrics:
@@ -289,13 +285,22 @@ class GatewayCollector:
         self.delivery = delivery
         #: The families as of the last L{refresh}, for a collection from another thread.
         self.latest: list[Metric] = []
+        #: When (reactor seconds) L{latest} was taken; None: never.
+        self.taken: float | None = None
 
     def describe(self) -> list[Metric]:
         return []  # nothing to check at registration: the names are ours alone
 
     def refresh(self) -> None:
-        """Take the snapshot a scrape from the WSGI thread will see (reactor thread)."""
-        self.latest = self.families()
+        """
+        Take the snapshot a scrape from the WSGI thread will see (reactor
+        thread), unless the last one is younger than L{SNAPSHOT_AGE}: at most
+        one a second costs the reactor a reading, however many scrapes come.
+        """
+        now = self.core.reactor.seconds()
+        if self.taken is not None and 0 <= now - self.taken < SNAPSHOT_AGE:
+            return
+        self.latest, self.taken = self.families(), now
 
     def collect(self) -> Iterable[Metric]:
         if threadable.ioThread in (None, threadable.getThreadID()):  # no reactor thread yet, or it
@@ -449,8 +454,7 @@ class GatewayCollector:
             return []
         codes: Counter[str] = Counter()
         for site in door.sites:
-            for code, n in site.statuses.items():
-                codes[http_code_label(code)] += n
+            codes.update(site.statuses)  # counted by label (http_code_label) already
         return [_family(CounterMetricFamily, "authgateway_http_responses",
                         "HTTP responses by status code (uncommon codes by class, 4xx).", ("code",),
                         sorted(((k,), v) for k, v in codes.items()))]
@@ -483,10 +487,50 @@ class _Request(server.Request):
         pass
 
 
+class _Channel(http.HTTPChannel):
+    """
+    One request per connection (C{Connection: close}: no keep-alive, no
+    pipelined requests queued), its headers in within L{HEADERS_DEADLINE}
+    of the accept and the connection over within L{DEADLINE}: the idle
+    timeout starts again at every byte, so a client sending one header line
+    every few seconds would otherwise hold its connection for hours.
+    """
+
+    _headers_due: Any = None
+    _over_due: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._headers_due = self.callLater(HEADERS_DEADLINE, self._expired)
+        self._over_due = self.callLater(DEADLINE, self._expired)
+
+    def allHeadersReceived(self) -> None:
+        _cancel(self._headers_due)
+        super().allHeadersReceived()
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        return False
+
+    def _expired(self) -> None:
+        self.transport.abortConnection()  # a reader too slow for the answer too
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        _cancel(self._headers_due)
+        _cancel(self._over_due)
+        super().connectionLost(reason)
+
+
+def _cancel(call: Any) -> None:
+    if call is not None and call.active():
+        call.cancel()
+
+
 class MetricsSite(server.Site):
     """The listener's Site: no access log (a scrape every few seconds), no factory chatter."""
 
     noisy = False
+    protocol = _Channel
     requestFactory = _Request
     registry: CollectorRegistry
     readiness: Readiness
@@ -497,23 +541,42 @@ class MetricsSite(server.Site):
 
 class _Capped(policies.WrappingFactory):
     """
-    At most C{limit} connections at once; more are closed at accept.
-    Not Twisted's C{LimitTotalConnectionsFactory}: it builds C{protocol()}
-    itself instead of wrapping a factory, so the site's C{buildProtocol}
-    (which gives each channel its C{site}, request factory and timeout)
-    would never run.
+    At most C{limit} connections at once, C{per_peer} of them from one
+    address (IPv6 by /64: L{peer_key}), so a few slow clients of one address
+    cannot hold them all; more are closed at accept. Not Twisted's
+    C{LimitTotalConnectionsFactory}: it builds C{protocol()} itself instead
+    of wrapping a factory (the site's C{buildProtocol}, which gives each
+    channel its C{site}, request factory and timeout, would never run), and
+    it has no per-address cap.
     """
 
     noisy = False
 
-    def __init__(self, wrapped: Any, limit: int) -> None:
+    def __init__(self, wrapped: Any, limit: int, per_peer: int) -> None:
         super().__init__(wrapped)
         self.limit = limit
+        self.per_peer = per_peer
+        #: Open connections per peer key.
+        self.peers: Counter[str] = Counter()
+        self._keys: dict[Any, str] = {}
 
     def buildProtocol(self, addr: Any) -> Any:
-        if len(self.protocols) >= self.limit:
+        key = peer_key(getattr(addr, "host", None))  # None: a UNIX socket, only the total
+        if len(self.protocols) >= self.limit or (key is not None and self.peers[key] >= self.per_peer):
             return None
-        return super().buildProtocol(addr)
+        proto = super().buildProtocol(addr)
+        if proto is not None and key is not None:
+            self.peers[key] += 1
+            self._keys[proto] = key
+        return proto
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        key = self._keys.pop(p, None)
+        if key is not None:
+            self.peers[key] -= 1
+            if self.peers[key] <= 0:
+                del self.peers[key]
 
 
 class MetricsResource(resource.Resource):
@@ -601,7 +664,7 @@ def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
     registry.register(collector)
     endpoint = endpoints.serverFromString(core.reactor, description)
     site = build_site(core.reactor, registry, readiness, collector.refresh)
-    listening = internet.StreamServerEndpointService(endpoint, _Capped(site, MAX_CONNECTIONS))
+    listening = internet.StreamServerEndpointService(endpoint, _Capped(site, MAX_CONNECTIONS, MAX_PER_PEER))
     listening.setName("metrics")
     # A core service stopped last (after the drain and the other core
     # services), so /readyz answers 503 (listeners stopped) until the end.

@@ -44,6 +44,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IAgent, IBodyProducer, IResponse
 from twisted.web.server import NOT_DONE_YET
 from zope.interface import implementer
 
+from gateway.ratelog import LogRateLimiter
 from gateway.text import quote
 from gateway.tls import load_ca_file
 from gateway.web.messages import refusal
@@ -306,6 +307,8 @@ class UpstreamProxy:
         self._forward_authorization = forward_authorization
         self._keep_method_override = keep_method_override
         self._cooperator = task.Cooperator(scheduler=lambda work: reactor.callLater(0, work))
+        #: One line a minute about upstream responses with an impossible status.
+        self._bad_status_log = LogRateLimiter(reactor, interval=60.0, max_keys=1)
         #: The connection pool of the default agent; L{None} when one was injected.
         self.pool: HTTPConnectionPool | None = None
         if agent is None:
@@ -344,7 +347,7 @@ class UpstreamProxy:
             character, or a group holds a control character or a comma.
         """
         headers = self.upstream_headers(request, identity, groups)
-        exchange = _Exchange(request, self._reactor, self._timeout)
+        exchange = _Exchange(request, self._reactor, self._timeout, self._bad_status_log)
         if target is None:
             target = _origin_form(request.uri)
         if target is None:
@@ -476,10 +479,12 @@ class _Exchange:
     or the client has gone: nothing is written after that.
     """
 
-    def __init__(self, request: Any, reactor: Any, timeout: float) -> None:
+    def __init__(self, request: Any, reactor: Any, timeout: float,
+                 bad_status_log: LogRateLimiter) -> None:
         self._request = request
         self._reactor = reactor
         self._timeout = timeout
+        self._bad_status_log = bad_status_log
         self._closed = False
         self._client_gone = False
         self._timed_out = False
@@ -561,6 +566,13 @@ class _Exchange:
         self._stop_timer()
         if self._closed:
             response.deliverBody(_Discard())
+            return
+        if not 100 <= response.code <= 599:  # not HTTP: passed on, it would be the client's problem
+            response.deliverBody(_Discard())
+            self._bad_status_log.warn(
+                _log, "bad-status", "proxy: upstream answered {method} {path} with status {code},"
+                " not 100-599: 502 instead", code=response.code, **self._what)
+            self.fail(http.BAD_GATEWAY, "the upstream sent an invalid response")
             return
         request = self._request
         request.setResponseCode(response.code, response.phrase)

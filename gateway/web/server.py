@@ -47,6 +47,20 @@ MAX_HEADERS = 100
 #: Request line plus all headers.
 MAX_HEADER_BYTES = 32 * 1024
 
+#: HTTP status codes counted under their own label; others by class (C{4xx}).
+HTTP_CODES = frozenset({
+    200, 201, 202, 204, 206, 301, 302, 303, 304, 307, 308, 400, 401, 403, 404, 405, 408,
+    409, 411, 413, 414, 415, 421, 422, 429, 431, 500, 501, 502, 503, 504,
+})
+
+
+def http_code_label(code: int) -> str:
+    """A status code's label: itself when in L{HTTP_CODES}, else its class (C{5xx}) or C{other}."""
+    if code in HTTP_CODES:
+        return str(code)
+    return f"{code // 100}xx" if 100 <= code < 600 else "other"
+
+
 #: Proxied request bodies above this size or --http-max-body (and chunked ones)
 #: are decided before they are read, and streamed to the upstream.
 STREAM_ABOVE = 64 * 1024
@@ -449,12 +463,12 @@ class GatewaySite(server.Site):
             resource, timeout=settings.timeout, reactor=reactor, parsePOSTFormSubmission=False
         )
         self.settings = settings
-        #: For the metrics: responses per status code.
-        self.statuses: Counter[int] = Counter()
+        #: For the metrics: responses per status label (L{http_code_label}: a fixed set).
+        self.statuses: Counter[str] = Counter()
 
     def log(self, request: server.Request) -> None:
-        """No access log; the response's status is counted."""
-        self.statuses[request.code] += 1
+        """No access log; the response's status is counted by its label."""
+        self.statuses[http_code_label(request.code)] += 1
 
 
 #: Retry-After of a refused connection (seconds).
@@ -531,4 +545,4 @@ class HTTPDoor:
         return internet.StreamServerEndpointService(endpoint, limited)
 
 
-__all__ = ["GatewayRequest", "GatewaySite", "HTTPDoor"]
+__all__ = ["HTTP_CODES", "GatewayRequest", "GatewaySite", "HTTPDoor", "http_code_label"]
