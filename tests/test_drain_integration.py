@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Any
 
 from twisted.internet import defer, protocol, reactor, threads
 from twisted.protocols import wire
@@ -181,7 +182,7 @@ class DrainTests(TestCase):
              "--socks", f"tcp:{self.socks}:interface=127.0.0.1",
              "--socks-allow", f"127.0.0.1:{echo}",
              "--drain-timeout", drain_timeout, *extra],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._stderr(), env=env)
 
         def reap() -> None:
             if proc.poll() is None:
@@ -200,6 +201,17 @@ class DrainTests(TestCase):
 
     def log(self) -> str:
         with open(os.path.join(self.data, "twistd.log"), errors="replace") as f:
+            return f.read()
+
+    def _stderr(self) -> Any:
+        """twistd's standard error, kept in a file (the hard exit writes its line there)."""
+        self.stderr_path = os.path.abspath(self.mktemp())
+        f = open(self.stderr_path, "wb")  # noqa: SIM115 - the child holds it
+        self.addCleanup(f.close)
+        return f
+
+    def stderr(self) -> str:
+        with open(self.stderr_path, errors="replace") as f:
             return f.read()
 
     def spooled(self) -> list[str]:
@@ -398,7 +410,7 @@ class DrainTests(TestCase):
         code = yield threads.deferToThread(proc.wait, 60)
         self.assertEqual(code, 0)
         self.assertLess(time.monotonic() - started, ABORT_EXIT_GRACE + 3, self.log())
-        self.assertIn("exiting now", self.log())
+        self.assertIn("exiting now", self.stderr())
         self.assertEqual(self.spooled(), [eml])
 
     @defer.inlineCallbacks
@@ -415,4 +427,4 @@ class DrainTests(TestCase):
         code = yield threads.deferToThread(proc.wait, 60)
         self.assertEqual(code, 0)
         self.assertLess(time.monotonic() - started, 1 + EXIT_GRACE + 3, self.log())
-        self.assertIn("exiting now", self.log())
+        self.assertIn("exiting now", self.stderr())
