@@ -45,8 +45,8 @@ from gateway.errors import (
     TemporaryFailure,
     Throttled,
 )
-from gateway.groups import NO_GROUPS, GroupMap
 from gateway.events import Events, LoginEvent, meta_fields
+from gateway.groups import NO_GROUPS, GroupMap
 from gateway.ratelog import LogRateLimiter, suppressed_note
 
 #: Makes a protocol avatar from the session's AuthInfo and the login's mind.
