@@ -122,6 +122,13 @@ def _session(key: tuple[Any, ...], cut: list[str]) -> str:
     return f'"identities": [{listed}], "groups": [{named}]'
 
 
+def _session_of(info: Any, absent: str, truncated: list[str]) -> str:
+    """The C{identities} and C{groups} keys of C{info} (formatted once per session), or C{absent}."""
+    if info is None:
+        return absent
+    return _cached(("session", tuple(info.identities), tuple(info.groups)), _session, truncated)
+
+
 def _where(key: tuple[Any, ...], cut: list[str]) -> str:
     """
     protocol, listener, peer_address and peer_network of (_, protocol,
@@ -172,11 +179,7 @@ def login_line(event: LoginEvent) -> bytes:
     once (L{_cached}).
     """
     truncated: list[str] = []
-    info = event.auth_info
-    session = (
-        _cached(("session", tuple(info.identities), tuple(info.groups)), _session, truncated)
-        if info is not None else '"identities": null, "groups": null'
-    )
+    session = _session_of(event.auth_info, '"identities": null, "groups": null', truncated)
     head = _cached(
         ("login", event.outcome, event.reason, event.protocol, event.listener,
          event.peer_address),
@@ -197,11 +200,7 @@ def login_line(event: LoginEvent) -> bytes:
 def authz_line(event: AuthzEvent) -> bytes:
     """The audit line of an authorization decision, as L{login_line}."""
     truncated: list[str] = []
-    info = event.auth_info
-    session = (
-        _cached(("session", tuple(info.identities), tuple(info.groups)), _session, truncated)
-        if info is not None else '"identities": [], "groups": []'
-    )
+    session = _session_of(event.auth_info, '"identities": [], "groups": []', truncated)
     where = _cached(
         ("where", event.protocol, event.listener, event.peer_address), _where, truncated
     )
