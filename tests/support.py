@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import stat
+from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -96,6 +97,35 @@ def store_path(test: SynchronousTestCase, name: str = "store") -> str:
 def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def read_log(path: str) -> str:
+    """A process's log file as text so far; empty while it does not exist."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def pump_handshake(client: Any, server: Any, rounds: int = 20) -> None:
+    """
+    Move a TLS handshake between two in-memory pyOpenSSL connections
+    (client in connect state, server in accept state) for C{rounds} rounds:
+    each side steps its handshake and hands its output to the other.
+    """
+    from OpenSSL import SSL
+
+    for _ in range(rounds):
+        for one, other in ((client, server), (server, client)):
+            try:
+                one.do_handshake()
+            except SSL.WantReadError:
+                pass
+            try:
+                other.bio_write(one.bio_read(65536))
+            except SSL.WantReadError:
+                pass
 
 
 def write_file(path: str, data: str | bytes, mode: int = 0o600) -> None:

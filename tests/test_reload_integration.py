@@ -18,7 +18,7 @@ import subprocess
 from twisted.internet import defer, threads
 from twisted.trial.unittest import TestCase
 
-from tests.support import free_port, require_tool, write_file
+from tests.support import free_port, read_log, require_tool, write_file
 from tests.test_delivery_integration import TWISTD, until
 from tests.relay_support import make_ca
 from tests.test_reload import write_certificate
@@ -87,11 +87,7 @@ class GatewayProcess(TestCase):
         return True
 
     def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     @defer.inlineCallbacks
     def hangup(self):

@@ -15,6 +15,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.support import read_log
 from tests.test_delivery_integration import TWISTD
 
 RELOADED = "[gateway.ops.reload#info] reload: "
@@ -30,11 +31,7 @@ class EarlySignalTests(SynchronousTestCase):
         self.log = os.path.join(self.dir, "twistd.log")
 
     def read_log(self) -> str:
-        try:
-            with open(self.log, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        return read_log(self.log)
 
     def wait(self, condition, what: str, timeout: float = 30.0, step: float = 0.05) -> None:
         end = time.monotonic() + timeout

@@ -28,7 +28,7 @@ from gateway.tls import (
     load_certificate,
 )
 from tests.relay_support import make_ca
-from tests.support import free_port, keep_signal_handlers, require_tool
+from tests.support import free_port, keep_signal_handlers, pump_handshake, require_tool
 
 
 def _mode(path: str) -> int:
@@ -284,16 +284,7 @@ def verified_handshake(server: SSL.Connection, root: x509.Certificate) -> list[s
     client = SSL.Connection(context, None)
     client.set_connect_state()
     server.set_accept_state()
-    for _ in range(20):
-        for one, other in ((client, server), (server, client)):
-            try:
-                one.do_handshake()
-            except SSL.WantReadError:
-                pass
-            try:
-                other.bio_write(one.bio_read(65536))
-            except SSL.WantReadError:
-                pass
+    pump_handshake(client, server)
     client.do_handshake()  # done: raises if it is not
     return [c.get_subject().CN for c in client.get_peer_cert_chain()]
 
