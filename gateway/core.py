@@ -36,6 +36,7 @@ from gateway.groups import NO_GROUPS, GroupMap
 from gateway.events import Events
 from gateway.realm import GatewayPortal, Realm, make_portal
 from gateway.smtp.spool import Spool
+from gateway.state import State
 from gateway.tls import CertificateChain, ServerCertificate
 
 #: The reactor the core runs on: twistd's, or a test's MemoryReactorClock.
@@ -101,6 +102,9 @@ class Core:
     services: list[service.IService] = attrs.field(factory=list)
     #: Where logins and authorization decisions are published (audit log, metrics).
     events: Events = attrs.field(factory=Events)
+    #: Where the limits live (L{gateway.state}): the throttle's counters and
+    #: the counted sessions, in this process or shared through Redis.
+    state: State | None = None
 
     @property
     def certificate(self) -> CertificateChain:
@@ -189,6 +193,7 @@ def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
         spool=Spool(settings.spool_dir, threadpool_runner=_in_thread_pool(reactor)),
         connections=Connections(settings.listen),
         events=events,
+        state=State(throttle),
     )
     core.attach(hash_pool)
     return core

@@ -94,6 +94,16 @@ class Reject(UnauthorizedLogin):
         self.disconnect = disconnect
 
 
+class StateUnavailable(TemporaryFailure):
+    """
+    The shared state (Redis) cannot be reached and the operator chose
+    C{--state-failure closed}: no login is checked without its limits.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("the shared state is unavailable")
+
+
 class ShuttingDown(TemporaryFailure):
     """The gateway is stopping; queued verifications are dropped, not run."""
 
