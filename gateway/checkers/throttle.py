@@ -8,6 +8,13 @@ L{ThrottlingChecker} refuses a throttled peer or (user, peer) pair before
 any checker runs, holds back attempts for a much-guessed user (for at most
 C{max_user_delay}) and delays every failure; the checkers' hash
 verifications then run through L{gateway.checkers.hashing}.
+
+It asks its throttle through L{IThrottle}: one call before the check
+(L{IThrottle.admit}: check and reserve) and one after (L{IThrottle.finish}:
+release and record), so that a shared back end
+(L{gateway.state.redis.RedisThrottle}) makes one round trip per step, and
+the in-process L{Throttle} answers at once (C{defer.succeed}: no extra
+reactor turn).
 """
 
 from __future__ import annotations
@@ -19,12 +26,13 @@ import unicodedata
 from collections import Counter, OrderedDict, deque
 from typing import Any
 
+import attrs
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-from zope.interface import implementer
+from zope.interface import Interface, implementer
 
 from gateway.addresses import peer_key
 from gateway.checkers.hashing import Attempt, current_attempt, length_prefixed
@@ -51,6 +59,61 @@ def _fold(user: str) -> str:
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", user).casefold()).strip()
 
 
+#: What L{IThrottle.finish} records: a correct password; a failure counted
+#: for the peer, the pair and the user; one counted for the peer and pair
+#: only (abandoned, or over its peer's hash share); or nothing.
+SUCCESS, FAILURE, PEER_FAILURE = "success", "failure", "peer_failure"
+
+
+@attrs.define(eq=False)
+class Admission:
+    """
+    An attempt L{IThrottle.admit} let through, reserved in flight until
+    L{IThrottle.finish}.
+
+    @ivar wait: seconds to wait before checking it (the user's ceiling).
+    @ivar known: the hash pool's (pair, account) keys for a known device,
+        None for a stranger (L{Throttle.known_keys}).
+    @ivar token: names its reservation in a shared back end.
+    @ivar local: whether the in-process throttle admitted it (a shared
+        back end's fallback finishes it there too).
+    """
+
+    peer: str | None
+    user: str | None
+    wait: float = 0.0
+    known: tuple[Any, Any] | None = None
+    token: str = ""
+    local: bool = True
+
+
+class IThrottle(Interface):
+    """The throttle as L{ThrottlingChecker} asks it: one call before a check, one after."""
+
+    def admit(peer: str | None, user: str | None) -> defer.Deferred[Admission]:
+        """
+        Check an attempt and reserve it in flight (one step).
+
+        @return: a Deferred firing with an L{Admission}; failing with
+            L{Throttled} when the peer or pair has used up its attempts, or
+            L{gateway.errors.StateUnavailable} when a shared back end cannot
+            be reached under C{--state-failure closed}.
+        """
+
+    def finish(
+        admission: Admission, verdict: str | None, release: bool = True
+    ) -> defer.Deferred[float]:
+        """
+        Release the attempt's reservation (unless C{release} is false: done
+        already) and record its C{verdict} (L{SUCCESS}, L{FAILURE},
+        L{PEER_FAILURE} or None) in one step.
+
+        @return: a Deferred firing with the seconds to wait before answering
+            a failure (0 otherwise).
+        """
+
+
+@implementer(IThrottle)
 class Throttle:
     """
     Failed logins counted in a sliding window of C{window} seconds, so that
@@ -222,6 +285,33 @@ class Throttle:
         account = next(key for key in keys if key[0] == "user")
         return pair, account
 
+    def admit(self, peer: str | None, user: str | None) -> defer.Deferred[Admission]:
+        """L{IThrottle.admit}: L{check} and L{reserve}, answered at once."""
+        try:
+            wait = self.check(peer, user)
+        except Throttled as e:
+            return defer.fail(e)
+        self.reserve(peer, user)
+        return defer.succeed(Admission(peer, user, wait, self.known_keys(peer, user)))
+
+    def finish(
+        self, admission: Admission, verdict: str | None, release: bool = True
+    ) -> defer.Deferred[float]:
+        """L{IThrottle.finish}: L{release} and record the verdict, answered at once."""
+        return defer.succeed(self.finish_now(admission.peer, admission.user, verdict, release))
+
+    def finish_now(
+        self, peer: str | None, user: str | None, verdict: str | None, release: bool = True
+    ) -> float:
+        """L{finish} without the Deferred (for a shared back end's fallback)."""
+        if release:
+            self.release(peer, user)
+        if verdict == SUCCESS:
+            self.succeeded(peer, user)
+        elif verdict is not None:
+            return self.failed(peer, user, across_peers=verdict == FAILURE)
+        return 0.0
+
     def _is_known(self, keys: tuple[_Key, ...], now: float) -> bool:
         for key in keys:
             if key[0] == "pair":
@@ -313,7 +403,7 @@ class ThrottlingChecker:
     check.
     """
 
-    def __init__(self, checker: ICredentialsChecker, throttle: Throttle) -> None:
+    def __init__(self, checker: ICredentialsChecker, throttle: IThrottle) -> None:
         self.checker = checker
         self.throttle = throttle
 
@@ -325,22 +415,34 @@ class ThrottlingChecker:
         meta = getattr(credentials, "conn_meta", None)
         peer = getattr(meta, "peer_address", None)
         user = _claimed_user(credentials)
-        try:
-            wait = self.throttle.check(peer, user)
-        except Throttled as e:
-            return defer.fail(e)
         # Held until the answer: waiting attempts count against the peer too.
-        self.throttle.reserve(peer, user)
-        attempt = Attempt(peer)
+        admitted = self.throttle.admit(peer, user)
+        if admitted.called:
+            # Answered at once (in-process): the caller gets the check's own
+            # Deferred, pending exactly as long as the check is.
+            now: list[Any] = []
+            admitted.addBoth(now.append)
+            if isinstance(now[0], Failure):
+                return defer.fail(now[0])
+            return self._admitted(now[0], credentials)
+        return admitted.addCallback(self._admitted, credentials)
+
+    def _admitted(self, admission: Admission, credentials: Any) -> defer.Deferred[Any]:
+        throttle = self.throttle
+        attempt = Attempt(admission.peer)
+
+        def record(verdict: str | None, release: bool = True) -> defer.Deferred[float]:
+            # The verdict is known: a back end that cannot record it must
+            # not change the answer (its outage is logged where it happens).
+            return throttle.finish(admission, verdict, release).addErrback(lambda _: 0.0)
 
         def succeeded(result: Any) -> Any:
-            self.throttle.release(peer, user)
-            self.throttle.succeeded(peer, user)
+            record(SUCCESS)
             return result
 
         def failed(reason: Failure) -> Any:
-            self.throttle.release(peer, user)
             if reason.check(defer.CancelledError) and attempt.running:
+                record(None)
                 # Abandoned while its verification waited in the hash queue
                 # (perhaps behind others' load) or ran: the verdict decides.
                 # A wrong password is charged to its peer and pair when the
@@ -350,7 +452,7 @@ class ThrottlingChecker:
                 def judged(wrong: bool) -> UnauthorizedLogin | None:
                     if not wrong:
                         return None
-                    self.throttle.failed(peer, user, across_peers=False)
+                    record(PEER_FAILURE, release=False)
                     return UnauthorizedLogin()
 
                 return Failure(Abandoned(attempt.wrong().addCallback(judged)))
@@ -362,37 +464,41 @@ class ThrottlingChecker:
                 # the user. A refusal caused by others' load (its network's
                 # share, a full queue: NetworkShareFull, PoolFull) is never
                 # counted: a neighbour must not lock a user out.
-                self.throttle.failed(peer, user, across_peers=False)
+                record(PEER_FAILURE)
                 return reason
             if not reason.check(UnauthorizedLogin):
-                return reason
-            delay = self.throttle.failed(peer, user)
-            if not delay:
+                record(None)
                 return reason
 
-            def left(cancelled: Failure) -> Failure:
-                # Hanging up during the delay (a success would have been
-                # answered by now) must not turn the failure into something
-                # else: the verdict is known, and it is this one.
-                cancelled.trap(defer.CancelledError)
-                return Failure(Abandoned(defer.succeed(reason.value)))
+            def answer(delay: float) -> Any:
+                if not delay:
+                    return reason
 
-            answer = task.deferLater(self.throttle.clock, delay, reason.raiseException)
-            return answer.addErrback(left)
+                def left(cancelled: Failure) -> Failure:
+                    # Hanging up during the delay (a success would have been
+                    # answered by now) must not turn the failure into something
+                    # else: the verdict is known, and it is this one.
+                    cancelled.trap(defer.CancelledError)
+                    return Failure(Abandoned(defer.succeed(reason.value)))
+
+                later = task.deferLater(throttle.clock, delay, reason.raiseException)
+                return later.addErrback(left)
+
+            return record(FAILURE).addCallback(answer)
 
         def check() -> defer.Deferred[Any]:
             # The hash pool gives each peer a share, and known devices a reserve.
-            attempt.known = self.throttle.known_keys(peer, user)
+            attempt.known = admission.known
             token = current_attempt.set(attempt)
             try:
                 return defer.maybeDeferred(self.checker.requestAvatarId, credentials)
             finally:
                 current_attempt.reset(token)
 
-        if wait:
+        if admission.wait:
             # Before the check, whatever the password: an answer that came
             # sooner for the right one would tell it.
-            d = task.deferLater(self.throttle.clock, wait, check)
+            d = task.deferLater(throttle.clock, admission.wait, check)
         else:
             d = check()
         return d.addCallbacks(succeeded, failed)
