@@ -30,13 +30,13 @@ from gateway.acl import AllowAuthenticated, IAccessPolicy, Policy, authz_grants
 from gateway.checkers import hashes
 from gateway.checkers.files import IReloadable
 from gateway.checkers.hashing import HashPool, IHashingChecker, Verifier
-from gateway.checkers.throttle import Throttle
+from gateway.checkers.throttle import IThrottle, Throttle
 from gateway.connections import Connections, ListenSettings
 from gateway.groups import NO_GROUPS, GroupMap
 from gateway.events import Events
 from gateway.realm import GatewayPortal, Realm, make_portal
 from gateway.smtp.spool import Spool
-from gateway.state import State
+from gateway.state import State, open_state
 from gateway.tls import CertificateChain, ServerCertificate
 
 #: The reactor the core runs on: twistd's, or a test's MemoryReactorClock.
@@ -73,6 +73,12 @@ class CoreSettings:
     hash_pool: Mapping[str, int] = attrs.field(factory=dict)
     cache: Mapping[str, float] = attrs.field(factory=dict)
     throttle: Mapping[str, float] = attrs.field(factory=dict)
+    #: C{--state}: where the limits live (C{local}, or a Redis URL:
+    #: L{gateway.state.redis.parse_state_url}).
+    state: str = "local"
+    #: C{--state-failure}: what a login does while Redis cannot be reached
+    #: (C{closed}: a temporary failure; C{local}: this process's own limits).
+    state_failure: str = "closed"
 
 
 @attrs.frozen
@@ -93,7 +99,9 @@ class Core:
     data_dir: str
     hash_pool: HashPool
     verifier: Verifier
-    throttle: Throttle
+    #: The throttle in front of the checkers: L{Throttle}, or the shared
+    #: one of C{--state} (L{gateway.state.redis.RedisThrottle}, same limits).
+    throttle: IThrottle
     spool: Spool
     #: Connections per peer and the process-wide descriptor budget.
     connections: Connections
@@ -161,7 +169,8 @@ class FrontDoor:
 def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
     """
     Wire the core: the hash pool and verifier every hashing checker shares,
-    the throttle in front of the checkers, the realm (groups, and authzid
+    the throttle in front of the checkers (its counters where C{--state}
+    puts them), the realm (groups, and authzid
     grants from the ACL: acting as another SMTP identity needs a grant,
     never by default), the spool on the reactor's thread pool.
     """
@@ -178,7 +187,10 @@ def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
             checker.use_verifier(verifier)
         if IReloadable.providedBy(checker):  # file reloads in the pool's own thread
             checker.use_loader(hash_pool.load, reactor)
-    throttle = Throttle(reactor, **settings.throttle)
+    state = open_state(
+        settings.state, settings.state_failure, Throttle(reactor, **settings.throttle), reactor
+    )
+    throttle = state.throttle
     core = Core(
         reactor=reactor,
         portal=make_portal(realm, settings.checkers, throttle, events),
@@ -193,9 +205,11 @@ def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
         spool=Spool(settings.spool_dir, threadpool_runner=_in_thread_pool(reactor)),
         connections=Connections(settings.listen),
         events=events,
-        state=State(throttle),
+        state=state,
     )
     core.attach(hash_pool)
+    if state.service is not None:  # connects at start, closes at stop
+        core.attach(state.service)
     return core
 
 

@@ -29,7 +29,7 @@ from zope.interface import Interface, implementer
 from gateway.addresses import ip_or_none, peer_key
 from gateway.authinfo import AuthInfo, IAuthInfo, Identity, IdentityContext
 from gateway.checkers import CheckerChain
-from gateway.checkers.throttle import Throttle, ThrottlingChecker
+from gateway.checkers.throttle import IThrottle, ThrottlingChecker
 from gateway.credentials import (
     IConnectionCredentials,
     identities_of,
@@ -225,12 +225,12 @@ class GatewayPortal(Portal):
 def make_portal(
     realm: IRealm,
     checkers: Iterable[ICredentialsChecker],
-    throttle: Throttle | None = None,
+    throttle: IThrottle | None = None,
     events: Events | None = None,
 ) -> GatewayPortal:
     """
     A Portal whose every credentials interface goes to one L{CheckerChain},
-    behind the shared failure L{Throttle} when one is given.
+    behind the shared failure throttle (L{IThrottle}) when one is given.
     """
     checker: ICredentialsChecker = CheckerChain(checkers)
     if throttle is not None:

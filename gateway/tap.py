@@ -32,6 +32,7 @@ from gateway.checkers.plainfile import PlainFileChecker
 from gateway.checkers.throttle import Throttle
 from gateway.connections import ListenSettings, with_backlog
 from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
+from gateway.state.redis import FAILURE_POLICIES, parse_state_url
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.ops import drain, reload
@@ -221,6 +222,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         _number("user-delay-max", default_of(Throttle, "max_user_delay"),
                 "Cap in seconds of the wait before checking a login for a user past "
                 "--max-user-failures.", float, zero=True),
+        # Where the limits live (gateway.state).
+        ["state", None, default_of(CoreSettings, "state"),
+         "Where the throttle and session limits live: local, or Redis shared by every worker"
+         " and instance: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (verified"
+         " TLS; ?ca=PEM for a private CA), unix:///PATH[?db=N]; ?prefix=NAME keeps apart"
+         " gateways sharing one Redis."],
+        ["state-failure", None, default_of(CoreSettings, "state_failure"),
+         "While Redis cannot be reached: closed (logins fail temporarily) or local (this"
+         " process's own limits)."],
         # SMTP submission.
         ["spool", None, None, "Where accepted messages are stored (default: DATA_DIR/spool)."],
         ["smtp-hostname", None, None, "The name in the greeting and Received headers (default: FQDN)."],
@@ -658,6 +668,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "--socks-max-pending-logins-per-network must not be below "
                 "--socks-max-pending-logins-per-peer"
             )
+        try:
+            parse_state_url(self["state"])
+        except ValueError as e:
+            raise usage.UsageError(f"--state: {e}") from None
+        if self["state-failure"] not in FAILURE_POLICIES:
+            raise usage.UsageError(
+                f"--state-failure {self['state-failure']!r}: must be closed or local"
+            )
         if self["tls-key"] and not self["tls-cert"]:
             raise usage.UsageError("--tls-key needs --tls-cert")
         if self["audit-log"] is not None:
@@ -725,6 +743,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 max_keys=self["throttle-keys"],
                 max_user_delay=self["user-delay-max"],
             ),
+            state=self["state"],
+            state_failure=self["state-failure"],
         )
 
 
@@ -813,9 +833,10 @@ class GatewayService(service.MultiService):
         self.core.connections.start()  # when started without twistd
         super().startService()
         log.info(
-            "authgateway started: data dir {data_dir}, listeners {listeners}",
+            "authgateway started: data dir {data_dir}, listeners {listeners}, state {state}",
             data_dir=self.core.data_dir,
             listeners=self.listeners or "none",
+            state=self.core.state.name if self.core.state is not None else "local",
         )
 
     def stopService(self) -> Any:

@@ -281,9 +281,15 @@ class Throttle:
         keys = self.keys_for(peer, user)
         if not self._is_known(keys, self.clock.seconds()):
             return None
-        pair = next(key for key in keys if key[0] == "pair")
-        account = next(key for key in keys if key[0] == "user")
-        return pair, account
+        return self.lane_keys(peer, user)
+
+    @classmethod
+    def lane_keys(cls, peer: str | None, user: str | None) -> tuple[_Key, _Key] | None:
+        """The (pair, account) keys of L{known_keys}, known device or not (None without a user)."""
+        keys = cls.keys_for(peer, user)
+        pair = next((key for key in keys if key[0] == "pair"), None)
+        account = next((key for key in keys if key[0] == "user"), None)
+        return None if pair is None or account is None else (pair, account)
 
     def admit(self, peer: str | None, user: str | None) -> defer.Deferred[Admission]:
         """L{IThrottle.admit}: L{check} and L{reserve}, answered at once."""

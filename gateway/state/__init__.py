@@ -26,7 +26,7 @@ from zope.interface import Interface, implementer
 
 from gateway.errors import StateUnavailable
 
-__all__ = ["ISessionLimits", "Lease", "LocalSessions", "State", "StateUnavailable"]
+__all__ = ["ISessionLimits", "Lease", "LocalSessions", "State", "StateUnavailable", "open_state"]
 
 
 class ISessionLimits(Interface):
@@ -87,3 +87,48 @@ class State:
     #: What the operator chose, for the start-up line and the metrics
     #: (C{local}, or the Redis URL without its password).
     name: str = "local"
+    #: The service to run while the gateway runs (connects at start, closes
+    #: at stop; L{gateway.core.Core.attach}), None for the in-process state.
+    service: Any = None
+    #: The connection to a shared back end (C{up}, C{errors}, C{fallback}),
+    #: None for the in-process state.
+    link: Any = None
+
+    @property
+    def up(self) -> bool:
+        """Whether the limits are where the operator put them (always, for local)."""
+        return self.link is None or self.link.up
+
+    @property
+    def errors(self) -> int:
+        """Operations the shared back end did not do (unreachable, overdue, error replies)."""
+        return 0 if self.link is None else self.link.errors
+
+    @property
+    def fallback(self) -> bool:
+        """Whether this process's own limits stand in for the shared ones now."""
+        return self.link is not None and self.link.fallback
+
+
+def open_state(url: str, failure: str, throttle: Any, reactor: Any) -> State:
+    """
+    The L{State} of C{--state URL} and C{--state-failure}: the in-process
+    one for C{local}, else Redis (L{gateway.state.redis}) with C{throttle}
+    (an in-process L{gateway.checkers.throttle.Throttle}) giving the limits
+    and standing in under C{--state-failure local}.
+
+    @raise ValueError: a bad URL or policy (the message never holds the password).
+    """
+    from gateway.state import redis  # txredisapi only when asked for
+
+    parsed = redis.parse_state_url(url)
+    if failure not in redis.FAILURE_POLICIES:
+        raise ValueError(f"--state-failure must be one of {', '.join(redis.FAILURE_POLICIES)}")
+    if parsed is None:
+        return State(throttle)
+    link = redis.Link(parsed, reactor, failure)
+    sessions = redis.RedisSessions(link, LocalSessions(), parsed.prefix)
+    return State(
+        redis.RedisThrottle(link, throttle, parsed.prefix), sessions, link.name,
+        redis.StateService(link, sessions), link,
+    )
