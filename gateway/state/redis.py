@@ -49,7 +49,6 @@ from typing import Any
 import attrs
 import txredisapi
 from twisted.application import service
-from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, endpoints, protocol, ssl, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -189,6 +188,7 @@ class Link(service.Service):
     One connection to Redis, kept up while the gateway runs (reconnecting
     with backoff), with a connect timeout, a reply timeout and a bound on
     commands waiting for their reply; and the failure policy.
+    C{endpoint} replaces the URL's (tests).
 
     @ivar up: whether commands are sent now.
     @ivar errors: commands that failed (not connected, overdue, too many
@@ -203,6 +203,7 @@ class Link(service.Service):
         connect_timeout: float = 5.0,
         reply_timeout: float = 2.0,
         max_pending: int = 1000,
+        endpoint: Any = None,
     ) -> None:
         if failure not in FAILURE_POLICIES:
             raise ValueError(f"the failure policy must be one of {', '.join(FAILURE_POLICIES)}")
@@ -212,12 +213,18 @@ class Link(service.Service):
         self.connect_timeout = connect_timeout
         self.reply_timeout = reply_timeout
         self.max_pending = max_pending
+        self._endpoint = endpoint
         self.name = url.display
         self.up = False
         self.errors = 0
         self.pending = 0
+        #: The connection commands go to (None while down), the one being
+        #: prepared or in use, the attempt under way and the next one.
         self._protocol: _Protocol | None = None
-        self._client: ClientService | None = None
+        self._current: _Protocol | None = None
+        self._connecting: defer.Deferred[Any] | None = None
+        self._retry: Any = None
+        self._attempts = 0
         #: The last state logged (None: none yet).
         self._logged: bool | None = None
         self.error_log = LogRateLimiter(reactor)
@@ -247,25 +254,47 @@ class Link(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._client = ClientService(
-            self.endpoint(), _Factory(self), retryPolicy=backoffPolicy(0.25, 10.0),
-            clock=self.reactor, prepareConnection=self._prepare,
-        )
-        self._client.startService()
-        # The first failure is logged (a gateway started without its Redis).
-        self._client.whenConnected(failAfterFailures=1).addErrback(self._first_failed)
+        self._attempts = 0
+        self._connect()
 
     def stopService(self) -> Any:
         super().stopService()
-        client, self._client = self._client, None
-        return client.stopService() if client is not None else None
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        if self._connecting is not None:
+            self._connecting.cancel()
+        current, self._current, self._protocol = self._current, None, None
+        self.up = False
+        if current is not None:
+            current.transport.loseConnection()
 
-    def _first_failed(self, reason: Failure) -> None:
-        if not reason.check(defer.CancelledError):
-            self._went(False, reason.getErrorMessage())
+    def _connect(self) -> None:
+        """One connection attempt; a failed one is retried with backoff (L{_schedule})."""
+        self._retry = None
+        if not self.running:
+            return
+        d = self._connecting = (self._endpoint or self.endpoint()).connect(_Factory(self))
+        d.addCallback(self._prepare).addErrback(self._failed)
+
+    def _failed(self, reason: Failure) -> None:
+        self._connecting = None
+        if not self.running:
+            return
+        self._went(False, reason.getErrorMessage())
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """Reconnect after 0.25 s, doubling with each failed attempt up to 10 s."""
+        if not self.running or self._retry is not None or self._connecting is not None:
+            return
+        delay = min(0.25 * 2 ** min(self._attempts, 10), 10.0)
+        self._attempts += 1
+        self._retry = self.reactor.callLater(delay, self._connect)
 
     def _prepare(self, p: _Protocol) -> defer.Deferred[Any]:
         """AUTH, SELECT and PING, within the connect timeout; then the link is up."""
+        self._current = p
         commands: list[tuple[Any, ...]] = []
         url = self.url
         if url.password is not None:
@@ -276,27 +305,35 @@ class Link(service.Service):
         replies = [p.execute_command(*c, apply_timeout=False) for c in commands]
         timer = self.reactor.callLater(self.connect_timeout, p.transport.abortConnection)
 
-        def ready(_: Any) -> _Protocol:
+        def ready(_: Any) -> None:
             if timer.active():
                 timer.cancel()
+            self._connecting = None
+            if self._current is not p:  # lost meanwhile
+                return self._schedule()
+            self._attempts = 0
             self._protocol = p
             self._went(True)
-            return p
 
         def refused(reason: Failure) -> Failure:
             if timer.active():
                 timer.cancel()
             first = reason.value.subFailure if isinstance(reason.value, defer.FirstError) else reason
-            self._went(False, first.getErrorMessage())
-            p.transport.abortConnection()
+            if self._current is p:
+                self._current = None
+                p.transport.abortConnection()
             return first
 
         return defer.gatherResults(replies, consumeErrors=True).addCallbacks(ready, refused)
 
     def _lost(self, p: _Protocol, why: Failure) -> None:
+        if self._current is not p:
+            return
+        self._current = None
         if self._protocol is p:
             self._protocol = None
             self._went(False, why.getErrorMessage())
+            self._schedule()
 
     def _went(self, up: bool, why: str = "") -> None:
         self.up = up

@@ -1,0 +1,673 @@
+"""
+The state back ends (L{gateway.state}): the C{--state} URL; the Redis link's
+failure policy and transitions against a scripted fake Redis (a memory
+reactor and a StringTransport); and the Lua scripts against a real
+C{redis-server} (L{tests.redis_support.RedisServer}): the throttle's
+semantics, atomicity under concurrent admits, two instances sharing
+limits, expiry, prefix, database, password, UNIX socket, TLS, session
+leases, and an outage under both policies.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet import defer, task
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface.verify import verifyObject
+
+from gateway.checkers.throttle import FAILURE, PEER_FAILURE, SUCCESS, IThrottle, Throttle
+from gateway.errors import StateUnavailable, Throttled
+from gateway.state import ISessionLimits, LocalSessions, State, open_state
+from gateway.state.redis import (
+    Link, RedisSessions, RedisThrottle, StateURL, parse_state_url, state_digest,
+)
+from gateway.tls import generate_self_signed
+from tests.redis_support import RedisServer
+from tests.support import free_port
+
+SECRET = "S3cret-redis-pw"
+
+
+class URLTests(SynchronousTestCase):
+    """C{--state}: what each URL means, and what is refused."""
+
+    def test_local(self) -> None:
+        self.assertIsNone(parse_state_url("local"))
+        self.assertIsNone(parse_state_url(" LOCAL "))
+
+    def test_redis(self) -> None:
+        url = parse_state_url(f"redis://alice:{SECRET}@redis.example:6380/3?prefix=gw1:")
+        self.assertEqual(
+            (url.scheme, url.host, url.port, url.db, url.username, url.password, url.prefix),
+            ("redis", "redis.example", 6380, 3, "alice", SECRET, "gw1:"),
+        )
+        self.assertEqual(url.display, "redis://alice@redis.example:6380/3?prefix=gw1%3A")
+
+    def test_defaults(self) -> None:
+        url = parse_state_url("redis://10.0.0.1")
+        self.assertEqual((url.port, url.db, url.prefix, url.password), (6379, 0, "authgateway:", None))
+        self.assertEqual(parse_state_url("redis://[::1]:7000/").display, "redis://[::1]:7000/0")
+
+    def test_password_only(self) -> None:
+        url = parse_state_url(f"redis://:{SECRET}@127.0.0.1/0")
+        self.assertEqual((url.username, url.password), (None, SECRET))
+
+    def test_rediss_ca(self) -> None:
+        url = parse_state_url("rediss://redis.example/1?ca=/etc/ssl/redis-ca.pem")
+        self.assertEqual((url.scheme, url.ca, url.db), ("rediss", "/etc/ssl/redis-ca.pem", 1))
+
+    def test_unix(self) -> None:
+        url = parse_state_url(f"unix://:{SECRET}@/run/redis/redis.sock?db=2")
+        self.assertEqual((url.scheme, url.path, url.db, url.password),
+                         ("unix", "/run/redis/redis.sock", 2, SECRET))
+        self.assertEqual(url.display, "unix:///run/redis/redis.sock?db=2")
+
+    def test_refused(self) -> None:
+        for text in (
+            "memcached://x", "redis://", "redis://h/x", "redis://h/1?db=2", "unix://rel/path",
+            "redis://h?ca=/x", "redis://h/0?color=red", "redis://h:99999/0", "redis://h/0?prefix=",
+            "unix:///s?db=-1",
+        ):
+            with self.assertRaises(ValueError, msg=text):
+                parse_state_url(text)
+
+    def test_password_never_shown(self) -> None:
+        """Not in the repr, the display, nor any refusal's message."""
+        url = parse_state_url(f"redis://u:{SECRET}@h:1/0")
+        self.assertNotIn(SECRET, repr(url))
+        self.assertNotIn(SECRET, url.display)
+        for bad in (f"redis://u:{SECRET}@h:1/x", f"redis://u:{SECRET}@h/0?what=1",
+                    f"redis://u:{SECRET}@h:port/0"):
+            with self.assertRaises(ValueError) as e:
+                parse_state_url(bad)
+            self.assertNotIn(SECRET, str(e.exception))
+
+    @given(st.text(max_size=80))
+    def test_any_text(self, text: str) -> None:
+        """Any text is a URL, local, or a ValueError; nothing else."""
+        try:
+            parse_state_url(text)
+        except ValueError:
+            pass
+        try:
+            parse_state_url("redis://" + text)
+        except ValueError:
+            pass
+
+    def test_open_state_local(self) -> None:
+        throttle = Throttle(task.Clock())
+        state = open_state("local", "closed", throttle, task.Clock())
+        self.assertIs(state.throttle, throttle)
+        self.assertIsInstance(state.sessions, LocalSessions)
+        self.assertEqual((state.name, state.up, state.errors, state.fallback, state.service),
+                         ("local", True, 0, False, None))
+
+    def test_open_state_redis(self) -> None:
+        state = open_state(f"redis://:{SECRET}@127.0.0.1:1/0", "local", Throttle(task.Clock()),
+                           MemoryReactorClock())
+        self.assertIsInstance(state.throttle, RedisThrottle)
+        self.assertIsInstance(state.sessions, RedisSessions)
+        verifyObject(IThrottle, state.throttle)
+        verifyObject(ISessionLimits, state.sessions)
+        self.assertEqual(state.name, "redis://127.0.0.1:1/0")
+        self.assertNotIn(SECRET, repr(state))
+        self.assertFalse(state.up)
+        self.assertTrue(state.fallback)
+        with self.assertRaises(ValueError):
+            open_state("redis://h/0", "open", Throttle(task.Clock()), task.Clock())
+
+    def test_digests(self) -> None:
+        """Names as digests: the same in every process for one prefix, different per prefix."""
+        self.assertEqual(state_digest("authgateway:", "daniel"), state_digest("authgateway:", "daniel"))
+        self.assertNotEqual(state_digest("authgateway:", "daniel"), state_digest("gw2:", "daniel"))
+        self.assertNotIn("daniel", state_digest("authgateway:", "daniel"))
+
+
+class ScriptedEndpoint:
+    """A fake Redis: each connection gets a StringTransport; the test writes the replies."""
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[Any, StringTransport]] = []
+        self.refuse = False
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        if self.refuse:
+            return defer.fail(ConnectionRefusedError("connection refused"))
+        p = factory.buildProtocol(None)
+        transport = StringTransport()
+        p.makeConnection(transport)
+        self.connections.append((p, transport))
+        return defer.succeed(p)
+
+    @property
+    def last(self) -> tuple[Any, StringTransport]:
+        return self.connections[-1]
+
+
+class Logged:
+    """Collects the log lines of a test."""
+
+    def __init__(self, test: SynchronousTestCase) -> None:
+        self.events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(self.events.append)
+        test.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def lines(self, word: str = "state:") -> list[str]:
+        from twisted.logger import formatEvent
+
+        return [formatEvent(e) for e in self.events if word in formatEvent(e)]
+
+
+class LinkPolicyTests(SynchronousTestCase):
+    """The failure policy and the transitions, against a scripted fake Redis."""
+
+    def make(self, failure: str = "closed", url: str = f"redis://:{SECRET}@127.0.0.1:6379/2",
+             **kw: Any) -> tuple[State, ScriptedEndpoint, MemoryReactorClock]:
+        reactor = MemoryReactorClock()
+        endpoint = ScriptedEndpoint()
+        state = open_state(url, failure, Throttle(reactor, max_failures=2, delay=0), reactor)
+        state.link._endpoint = endpoint
+        for name, value in kw.items():
+            setattr(state.link, name, value)
+        self.logged = Logged(self)
+        state.service.startService()
+        self.addCleanup(state.service.stopService)
+        return state, endpoint, reactor
+
+    def handshake(self, endpoint: ScriptedEndpoint, replies: bytes = b"+OK\r\n+OK\r\n+PONG\r\n") -> None:
+        p, transport = endpoint.last
+        p.dataReceived(replies)
+
+    def test_handshake(self) -> None:
+        """AUTH, SELECT and PING, then up; the password on the wire only."""
+        state, endpoint, _ = self.make()
+        p, transport = endpoint.last
+        sent = transport.value()
+        self.assertIn(b"AUTH", sent)
+        self.assertIn(SECRET.encode(), sent)
+        self.assertIn(b"SELECT", sent)
+        self.assertFalse(state.up)
+        self.handshake(endpoint)
+        self.assertTrue(state.up)
+        self.assertEqual(self.logged.lines(), ["state: redis://127.0.0.1:6379/2 connected: limits are shared"])
+
+    def test_admit_one_script(self) -> None:
+        """One EVALSHA per admit; its reply decides."""
+        state, endpoint, _ = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        transport.clear()
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        self.assertEqual(transport.value().count(b"EVALSHA"), 1)
+        self.assertNotIn(b"daniel", transport.value())
+        p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:1\r\n")
+        admission = self.successResultOf(d)
+        self.assertEqual((admission.wait, admission.local), (0.0, False))
+        self.assertIsNotNone(admission.known)
+        transport.clear()
+        d = state.throttle.finish(admission, FAILURE)
+        p.dataReceived(b"$3\r\n0.5\r\n")
+        self.assertEqual(self.successResultOf(d), 0.5)
+
+    def test_refused_reply(self) -> None:
+        state, endpoint, _ = self.make()
+        self.handshake(endpoint)
+        p, _ = endpoint.last
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        p.dataReceived(b"*3\r\n:0\r\n$4\r\n42.5\r\n$4\r\npair\r\n")
+        self.assertEqual(self.failureResultOf(d, Throttled).value.retry_after, 42.5)
+        self.assertEqual(state.throttle.refused["pair"], 1)
+
+    def test_noscript(self) -> None:
+        """A Redis without the script (restarted) gets it with EVAL."""
+        state, endpoint, _ = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        transport.clear()
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        p.dataReceived(b"-NOSCRIPT No matching script\r\n")
+        self.assertIn(b"EVAL\r\n", transport.value())
+        self.assertIn(b"redis.call('TIME')", transport.value())
+        p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
+        self.assertIsNone(self.successResultOf(d).known)
+
+    def test_closed_before_connect(self) -> None:
+        """closed: no connection yet means a temporary failure, at once."""
+        state, endpoint, _ = self.make()
+        self.failureResultOf(state.throttle.admit("192.0.2.1", "daniel"), StateUnavailable)
+        self.failureResultOf(state.sessions.acquire("socks-user", "daniel", 1), StateUnavailable)
+        self.assertEqual(state.errors, 2)
+        self.assertFalse(state.fallback)
+
+    def test_local_fallback(self) -> None:
+        """local: the in-process limits stand in, and hold."""
+        state, endpoint, _ = self.make("local")
+        self.assertTrue(state.fallback)
+        for _ in range(2):
+            admission = self.successResultOf(state.throttle.admit("192.0.2.1", "daniel"))
+            self.assertTrue(admission.local)
+            self.successResultOf(state.throttle.finish(admission, FAILURE))
+        self.failureResultOf(state.throttle.admit("192.0.2.1", "daniel"), Throttled)
+        lease = self.successResultOf(state.sessions.acquire("socks-user", "daniel", 1))
+        self.assertIsNone(self.successResultOf(state.sessions.acquire("socks-user", "daniel", 1)))
+        lease.release()
+        self.assertIsNotNone(self.successResultOf(state.sessions.acquire("socks-user", "daniel", 1)))
+
+    def test_transitions_logged_once(self) -> None:
+        """Down, up, down again: one line each, never per login; reconnects by itself."""
+        state, endpoint, reactor = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        endpoint.refuse = True
+        p.connectionLost(Failure(ConnectionRefusedError("gone")))
+        self.assertFalse(state.up)
+        for _ in range(5):
+            self.failureResultOf(state.throttle.admit("192.0.2.1", "daniel"), StateUnavailable)
+            reactor.advance(3)
+        endpoint.refuse = False
+        reactor.advance(15)
+        self.handshake(endpoint)
+        self.assertTrue(state.up)
+        lines = self.logged.lines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("unreachable", lines[1])
+        self.assertIn("--state-failure closed: logins fail temporarily", lines[1])
+        self.assertIn("reachable again", lines[2])
+        for line in lines:
+            self.assertNotIn(SECRET, line)
+
+    def test_first_connect_fails(self) -> None:
+        """A gateway started without its Redis says so once."""
+        reactor = MemoryReactorClock()
+        endpoint = ScriptedEndpoint()
+        endpoint.refuse = True
+        state = open_state("redis://127.0.0.1:1/0", "local", Throttle(reactor), reactor)
+        state.link._endpoint = endpoint
+        logged = Logged(self)
+        state.service.startService()
+        self.addCleanup(state.service.stopService)
+        for _ in range(10):
+            reactor.advance(10)
+        lines = logged.lines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("use this process's own limits", lines[0])
+
+    def test_auth_refused(self) -> None:
+        """A wrong password: down (logged once, without the password), retried."""
+        state, endpoint, reactor = self.make()
+        self.handshake(endpoint, b"-WRONGPASS invalid username-password pair\r\n+OK\r\n+PONG\r\n")
+        self.assertFalse(state.up)
+        self.assertTrue(endpoint.last[1].disconnecting or endpoint.last[1].disconnected)
+        lines = self.logged.lines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("WRONGPASS", lines[0])
+        self.assertNotIn(SECRET, lines[0])
+
+    def test_reply_timeout(self) -> None:
+        """A reply overdue: the connection is dropped, the login fails temporarily."""
+        state, endpoint, reactor = self.make(reply_timeout=2.0)
+        self.handshake(endpoint)
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        self.assertNoResult(d)
+        reactor.advance(2.5)
+        self.failureResultOf(d, StateUnavailable)
+
+    def test_bounded_pending(self) -> None:
+        """Commands waiting past the bound fail at once, like an unreachable Redis."""
+        state, endpoint, reactor = self.make(max_pending=3)
+        self.handshake(endpoint)
+        waiting = [state.throttle.admit(f"192.0.2.{i}", "daniel") for i in range(3)]
+        for d in waiting:
+            self.assertNoResult(d)
+        self.failureResultOf(state.throttle.admit("192.0.2.9", "daniel"), StateUnavailable)
+
+    def test_error_reply(self) -> None:
+        """An error reply (OOM, a script error): that login fails temporarily, the link stays."""
+        state, endpoint, _ = self.make()
+        self.handshake(endpoint)
+        p, _ = endpoint.last
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        p.dataReceived(b"-OOM command not allowed when used memory > 'maxmemory'\r\n")
+        self.failureResultOf(d, StateUnavailable)
+        self.assertTrue(state.up)
+        self.assertEqual(state.errors, 1)
+
+    def test_cancelled_admit(self) -> None:
+        """A caller that leaves while the script runs: its place is released and charged."""
+        state, endpoint, _ = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        transport.clear()
+        p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
+        self.assertIn(b"peer_failure", transport.value())
+
+    def test_stop_closes(self) -> None:
+        state, endpoint, _ = self.make()
+        self.handshake(endpoint)
+        state.service.stopService()
+        self.assertTrue(endpoint.last[1].disconnecting)
+
+
+class RealRedisMixin:
+    """A real redis-server and states made on it, stopped after each test."""
+
+    def setUp(self) -> None:
+        self.redis = RedisServer(self)
+        self.logged = Logged(self)
+
+    def state(self, url: str | None = None, failure: str = "closed", **limits: Any) -> State:
+        from twisted.internet import reactor
+
+        limits = {"max_failures": 5, "max_peer_failures": 10, "delay": 0, **limits}
+        state = open_state(url or self.redis.url, failure, Throttle(reactor, **limits), reactor)
+        state.service.startService()
+        self.addCleanup(state.service.stopService)
+        return state
+
+    async def up(self, *states: State) -> None:
+        for _ in range(250):
+            if all(s.up for s in states):
+                return
+            await sleep(0.02)
+        raise AssertionError("the link did not come up")
+
+    async def down(self, *states: State) -> None:
+        for _ in range(250):
+            if not any(s.up for s in states):
+                return
+            await sleep(0.02)
+        raise AssertionError("the link did not go down")
+
+    async def fail(self, state: State, peer: str, user: str) -> float:
+        admission = await state.throttle.admit(peer, user)
+        return await state.throttle.finish(admission, FAILURE)
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        reply = self.redis.command("KEYS", pattern).decode()
+        return re.findall(r"\$\d+\r\n([^\r]*)\r\n", reply)
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    from twisted.internet import reactor
+
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+class ThrottleOnRedis(RealRedisMixin, TestCase):
+    """The throttle's scripts on a real redis-server."""
+
+    async def test_pair_limit_shared(self) -> None:
+        """5 failures spread over two instances refuse the 6th on either."""
+        one, two = self.state(), self.state()
+        await self.up(one, two)
+        for n in range(5):
+            await self.fail((one, two)[n % 2], "192.0.2.1", "daniel")
+        for state in (one, two):
+            with self.assertRaises(Throttled) as e:
+                await state.throttle.admit("192.0.2.1", "Daniel ")  # folded: the same user
+            self.assertGreater(e.exception.retry_after, 50)
+        self.assertEqual(one.throttle.refused["pair"] + two.throttle.refused["pair"], 2)
+        await one.throttle.admit("192.0.2.1", "bob")  # another user from that peer: 5 of 10
+
+    async def test_peer_limit(self) -> None:
+        state = self.state()
+        await self.up(state)
+        for n in range(10):
+            await self.fail(state, "2001:db8::1", f"user{n}")
+        with self.assertRaises(Throttled):
+            await state.throttle.admit("2001:db8::2", "someone")  # the same /64
+        self.assertEqual(state.throttle.refused["peer"], 1)
+
+    async def test_concurrent_admits(self) -> None:
+        """Many admits at once from two instances: exactly max_failures get in flight."""
+        one, two = self.state(), self.state()
+        await self.up(one, two)
+        attempts = [(one, two)[n % 2].throttle.admit("192.0.2.7", "carol") for n in range(30)]
+        results = await defer.DeferredList(attempts, consumeErrors=True)
+        admitted = [r for ok, r in results if ok]
+        refused = [r for ok, r in results if not ok]
+        self.assertEqual(len(admitted), 5)
+        self.assertTrue(all(f.check(Throttled) for f in refused))
+        for admission in admitted:  # released: room again
+            await one.throttle.finish(admission, None)
+        await one.throttle.admit("192.0.2.7", "carol")
+
+    async def test_delay_doubles(self) -> None:
+        state = self.state(delay=0.5, max_delay=1.5)
+        await self.up(state)
+        delays = [await self.fail(state, "192.0.2.1", "daniel") for _ in range(4)]
+        self.assertEqual(delays, [0.5, 1.0, 1.5, 1.5])
+
+    async def test_known_device(self) -> None:
+        """A success forgives its pair and makes the peer a known device; a failure ends that."""
+        state = self.state(max_user_failures=5, delay=0.5, max_user_delay=3)
+        await self.up(state)
+        for n in range(4):
+            await self.fail(state, "192.0.2.1", "daniel")
+        admission = await state.throttle.admit("192.0.2.1", "daniel")
+        self.assertIsNone(admission.known)
+        await state.throttle.finish(admission, SUCCESS)
+        for n in range(5):  # the pair starts again; the user reaches its ceiling
+            await self.fail(state, f"10.0.0.{n}", "daniel")
+        known = await state.throttle.admit("192.0.2.1", "daniel")
+        self.assertEqual((known.wait, known.known), (0.0, Throttle.lane_keys("192.0.2.1", "daniel")))
+        stranger = await state.throttle.admit("198.51.100.1", "daniel")
+        self.assertEqual(stranger.wait, 3.0)  # 0.5 * 2 ** 4, capped by --user-delay-max
+        await state.throttle.finish(known, FAILURE)
+        again = await state.throttle.admit("192.0.2.1", "daniel")
+        self.assertIsNone(again.known)
+        self.assertEqual(state.throttle.delayed, 6)  # every stranger past the ceiling
+
+    async def test_peer_failure(self) -> None:
+        state = self.state(max_user_failures=5, delay=0.5, max_user_delay=3)
+        await self.up(state)
+        for n in range(6):
+            admission = await state.throttle.admit(f"10.0.1.{n}", "erin")
+            await state.throttle.finish(admission, PEER_FAILURE)
+        self.assertEqual((await state.throttle.admit("198.51.100.2", "erin")).wait, 0.0)
+
+    async def test_window_and_ttls(self) -> None:
+        """Failures leave the window; every key has an expiry; no name in a key."""
+        state = self.state(window=1, max_failures=2, max_peer_failures=2)
+        await self.up(state)
+        await self.fail(state, "192.0.2.1", "daniel")
+        await self.fail(state, "192.0.2.1", "daniel")
+        with self.assertRaises(Throttled):
+            await state.throttle.admit("192.0.2.1", "daniel")
+        keys = self.keys()
+        self.assertTrue(keys)
+        for key in keys:
+            self.assertTrue(key.startswith("authgateway:"), key)
+            self.assertNotIn("daniel", key)
+            ttl = int(self.redis.command("PTTL", key).strip(b":\r\n"))
+            self.assertGreater(ttl, 0, key)
+        await sleep(1.1)
+        await state.throttle.admit("192.0.2.1", "daniel")
+
+    async def test_in_flight_expires(self) -> None:
+        """A crashed worker's attempts in flight stop counting by themselves."""
+        state = self.state(max_failures=1, max_peer_failures=1)
+        state.throttle.in_flight_for = 0.3
+        await self.up(state)
+        await state.throttle.admit("192.0.2.1", "daniel")  # never finished
+        with self.assertRaises(Throttled):
+            await state.throttle.admit("192.0.2.1", "daniel")
+        await sleep(0.4)
+        await state.throttle.admit("192.0.2.1", "daniel")
+
+    async def test_prefix_and_db(self) -> None:
+        """Another prefix, or another database, shares nothing."""
+        base = self.redis.url.rsplit("/", 1)[0]
+        one = self.state(f"{base}/0")
+        other_prefix = self.state(f"{base}/0?prefix=gw2:")
+        other_db = self.state(f"{base}/5")
+        await self.up(one, other_prefix, other_db)
+        for _ in range(5):
+            await self.fail(one, "192.0.2.1", "daniel")
+        with self.assertRaises(Throttled):
+            await one.throttle.admit("192.0.2.1", "daniel")
+        await other_prefix.throttle.admit("192.0.2.1", "daniel")
+        await other_db.throttle.admit("192.0.2.1", "daniel")
+        self.assertTrue(self.keys("gw2:*"))
+        in_db5 = self.redis.command("EVAL", "redis.call('SELECT', 5) return redis.call('DBSIZE')", "0")
+        self.assertNotEqual(in_db5.strip(), b":0")
+
+    async def test_unix_socket(self) -> None:
+        state = self.state(self.redis.unix_url + "?prefix=unix:")
+        await self.up(state)
+        await self.fail(state, "192.0.2.1", "daniel")
+        self.assertTrue(self.keys("unix:f:pair:*"))
+
+    async def test_outage_closed(self) -> None:
+        """Redis stopped: closed fails logins temporarily; back: shared again; one line each."""
+        state = self.state()
+        await self.up(state)
+        self.redis.stop()
+        await self.down(state)
+        for _ in range(3):
+            with self.assertRaises(StateUnavailable):
+                await state.throttle.admit("192.0.2.1", "daniel")
+        self.redis.start()
+        await self.up(state)
+        await self.fail(state, "192.0.2.1", "daniel")
+        lines = self.logged.lines()
+        self.assertEqual([("unreachable" in l, "again" in l) for l in lines],
+                         [(False, False), (True, False), (False, True)], lines)
+
+    async def test_outage_local(self) -> None:
+        state = self.state(failure="local", max_failures=2)
+        await self.up(state)
+        admission = await state.throttle.admit("192.0.2.1", "daniel")
+        self.redis.stop()
+        await self.down(state)
+        self.assertTrue(state.fallback)
+        # Admitted by Redis, finished here: counted locally.
+        await state.throttle.finish(admission, FAILURE)
+        await self.fail(state, "192.0.2.1", "daniel")
+        with self.assertRaises(Throttled):
+            await state.throttle.admit("192.0.2.1", "daniel")
+        self.redis.start()
+        await self.up(state)
+        await state.throttle.admit("192.0.2.1", "daniel")  # Redis's limits again (empty)
+        self.assertFalse(state.fallback)
+
+
+class AuthOnRedis(TestCase):
+    """A password, and TLS, on a real redis-server."""
+
+    async def test_password(self) -> None:
+        redis = RedisServer(self, password=SECRET)
+        logged = Logged(self)
+        from twisted.internet import reactor
+
+        good = open_state(redis.url, "closed", Throttle(reactor), reactor)
+        bad = open_state(redis.url.replace(SECRET, "wrong"), "closed", Throttle(reactor), reactor)
+        for state in (good, bad):
+            state.service.startService()
+            self.addCleanup(state.service.stopService)
+        for _ in range(200):
+            if good.up and bad.errors == 0 and logged.lines("unreachable"):
+                break
+            await sleep(0.02)
+        self.assertTrue(good.up)
+        self.assertFalse(bad.up)
+        await good.throttle.admit("192.0.2.1", "daniel")
+        with self.assertRaises(StateUnavailable):
+            await bad.throttle.admit("192.0.2.1", "daniel")
+        for line in logged.lines():
+            self.assertNotIn(SECRET, line)
+            self.assertNotIn("wrong", line.replace("WRONGPASS", ""))
+
+    async def test_tls(self) -> None:
+        """rediss:// verifies the server against ?ca= and the host name."""
+        redis = RedisServer(self)
+        directory = redis.directory
+        cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        generate_self_signed(cert, key, "localhost")
+        port = free_port()
+        process = subprocess.Popen(
+            [redis.binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+             "--tls-cert-file", cert, "--tls-key-file", key, "--tls-auth-clients", "no",
+             "--save", "", "--dir", directory, "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(process.wait, 5)
+        self.addCleanup(process.terminate)
+        from twisted.internet import reactor
+
+        verified = open_state(f"rediss://localhost:{port}/0?ca={cert}", "closed", Throttle(reactor), reactor)
+        untrusted = open_state(f"rediss://localhost:{port}/0", "closed", Throttle(reactor), reactor)
+        wrong_name = open_state(f"rediss://127.0.0.2:{port}/0?ca={cert}", "closed",
+                                Throttle(reactor), reactor)
+        for state in (verified, untrusted, wrong_name):
+            state.service.startService()
+            self.addCleanup(state.service.stopService)
+        for _ in range(250):
+            if verified.up:
+                break
+            await sleep(0.02)
+        self.assertTrue(verified.up)
+        await verified.throttle.admit("192.0.2.1", "daniel")
+        await sleep(0.3)
+        self.assertFalse(untrusted.up)
+        self.assertFalse(wrong_name.up)
+
+
+class SessionsOnRedis(RealRedisMixin, TestCase):
+    """Session leases on a real redis-server."""
+
+    async def test_limit_shared(self) -> None:
+        one, two = self.state(), self.state()
+        await self.up(one, two)
+        first = await one.sessions.acquire("socks-user", "daniel", 2)
+        second = await two.sessions.acquire("socks-user", "daniel", 2)
+        self.assertIsNone(await one.sessions.acquire("socks-user", "daniel", 2))
+        self.assertIsNotNone(await one.sessions.acquire("socks-peer", "192.0.2.1", 2))
+        first.release()
+        first.release()  # idempotent
+        for _ in range(50):
+            third = await two.sessions.acquire("socks-user", "daniel", 2)
+            if third is not None:
+                break
+            await sleep(0.02)
+        self.assertIsNotNone(third)
+        self.assertIsNotNone(second)
+        self.assertFalse([k for k in self.keys() if "daniel" in k])
+
+    async def test_leases_expire(self) -> None:
+        """A holder that died: its places come back; a live one keeps them."""
+        live, dead = self.state(), self.state()
+        for state in (live, dead):
+            state.sessions.lease_for = 0.6
+            state.sessions.renew_every = 0.2
+        await self.up(live, dead)
+        kept = await live.sessions.acquire("socks-user", "daniel", 2)
+        await dead.sessions.acquire("socks-user", "daniel", 2)
+        dead.sessions.stop()  # as if its process died: no more renewals
+        await sleep(1.0)
+        self.assertIsNotNone(await live.sessions.acquire("socks-user", "daniel", 2))
+        self.assertIsNone(await live.sessions.acquire("socks-user", "daniel", 2))
+        kept.release()
+
+    async def test_outage(self) -> None:
+        closed, local = self.state(), self.state(failure="local")
+        await self.up(closed, local)
+        self.redis.stop()
+        await self.down(closed, local)
+        with self.assertRaises(StateUnavailable):
+            await closed.sessions.acquire("socks-user", "daniel", 1)
+        lease = await local.sessions.acquire("socks-user", "daniel", 1)
+        self.assertIsNone(await local.sessions.acquire("socks-user", "daniel", 1))
+        lease.release()  # never raises, never waits
