@@ -671,3 +671,60 @@ class SessionsOnRedis(RealRedisMixin, TestCase):
         lease = await local.sessions.acquire("socks-user", "daniel", 1)
         self.assertIsNone(await local.sessions.acquire("socks-user", "daniel", 1))
         lease.release()  # never raises, never waits
+
+
+class OptionsAndMetricsTests(SynchronousTestCase):
+    """C{--state} and C{--state-failure} in C{twistd authgateway}, and the three state families."""
+
+    def test_local_default(self) -> None:
+        from tests.test_metrics import gateway, scrape, value
+
+        top = gateway(self)
+        self.assertEqual(top.core.state.name, "local")
+        self.assertIsInstance(top.core.throttle, Throttle)
+        families = scrape(top)
+        self.assertEqual(
+            [value(families, n) for n in ("authgateway_state_up", "authgateway_state_errors_total",
+                                          "authgateway_state_fallback")],
+            [1, 0, 0],
+        )
+
+    def test_redis(self) -> None:
+        """The core's throttle and sessions are Redis's; the link is a core service; no password out."""
+        from tests.test_metrics import gateway, scrape, value
+
+        top = gateway(self, "--state", f"redis://:{SECRET}@127.0.0.1:1/3?prefix=gw:",
+                      "--state-failure", "local", "--max-failures", "3")
+        core = top.core
+        self.assertIsInstance(core.throttle, RedisThrottle)
+        self.assertEqual(core.throttle.max_failures, 3)
+        self.assertIs(core.state.throttle, core.throttle)
+        self.assertIn(core.state.service, core.services)
+        self.assertEqual(core.state.name, "redis://127.0.0.1:1/3?prefix=gw%3A")
+        self.assertNotIn(SECRET, repr(core.state))
+        self.assertTrue(core.throttle.admit("192.0.2.1", "daniel").called)  # fallen back at once
+        families = scrape(top)
+        self.assertEqual(
+            [value(families, n) for n in ("authgateway_state_up", "authgateway_state_errors_total",
+                                          "authgateway_state_fallback")],
+            [0, 1, 1],
+        )
+        from prometheus_client.exposition import generate_latest
+
+        self.assertNotIn(SECRET, generate_latest(top.site.registry).decode())
+
+    def test_usage_errors(self) -> None:
+        from twisted.python import usage
+
+        from gateway import tap
+
+        for args, words in (
+            (["--state", f"mongodb://:{SECRET}@x"], "--state: must be local"),
+            (["--state", f"redis://:{SECRET}@h/x"], "--state: the database must be a number"),
+            (["--state-failure", "open"], "--state-failure 'open': must be closed or local"),
+        ):
+            options = tap.Options()
+            with self.assertRaises(usage.UsageError) as e:
+                options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b", *args])
+            self.assertIn(words, str(e.exception))
+            self.assertNotIn(SECRET, str(e.exception))

@@ -359,6 +359,19 @@ class GatewayCollector:
                     "Login attempts held back by a user's failure ceiling.", (),
                     [((), throttle.delayed)]),
         ]
+        state = core.state
+        if state is not None:  # where the limits live (--state)
+            out += [
+                _family(GaugeMetricFamily, "authgateway_state_up",
+                        "1 while the limits' store answers (always for --state local).", (),
+                        [((), int(state.up))]),
+                _family(CounterMetricFamily, "authgateway_state_errors",
+                        "Operations the shared state did not do (unreachable, overdue, too"
+                        " many waiting, error replies).", (), [((), state.errors)]),
+                _family(GaugeMetricFamily, "authgateway_state_fallback",
+                        "1 while this process's own limits stand in for the shared ones"
+                        " (--state-failure local).", (), [((), int(state.fallback))]),
+            ]
         connections = core.connections
         doors = [d for d in DOORS if d in self.doors]
         out += [
