@@ -235,8 +235,11 @@ class LinkPolicyTests(SynchronousTestCase):
         transport.clear()
         d = state.throttle.admit("192.0.2.1", "daniel")
         p.dataReceived(b"-NOSCRIPT No matching script\r\n")
-        self.assertIn(b"EVAL\r\n", transport.value())
+        self.assertIn(b"LOAD", transport.value())
         self.assertIn(b"redis.call('TIME')", transport.value())
+        transport.clear()
+        p.dataReceived(b"$40\r\n" + b"0" * 40 + b"\r\n")
+        self.assertEqual(transport.value().count(b"EVALSHA"), 1)
         p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
         self.assertIsNone(self.successResultOf(d).known)
 

@@ -163,9 +163,33 @@ class Script:
     def sha(self) -> str:
         return hashlib.sha1(self.text).hexdigest()
 
+    @functools.cached_property
+    def evalsha(self) -> bytes:
+        """EVALSHA and the SHA, in RESP."""
+        return resp(b"EVALSHA", self.sha.encode())
+
+
+def resp(*args: Any) -> bytes:
+    """C{args} as RESP bulk strings (a command's elements without its array header)."""
+    out = []
+    for a in args:
+        if not isinstance(a, bytes):
+            a = (repr(a) if isinstance(a, float) else str(a)).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(a), a))
+    return b"".join(out)
+
+
+class Encoded(bytes):
+    """A whole command already in RESP, sent as it is (built once from cached parts)."""
+
 
 class _Protocol(txredisapi.RedisProtocol):  # type: ignore[misc,name-defined]
     """txredisapi's protocol (hiredis parser when installed) on the link's reactor."""
+
+    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
+        if len(args) == 1 and type(args[0]) is Encoded:
+            return args[0]
+        return super()._build_command(*args, **kwargs)
 
     def connectionLost(self, why: Failure) -> None:
         super().connectionLost(why)
@@ -295,6 +319,12 @@ class Link(service.Service):
     def _prepare(self, p: _Protocol) -> defer.Deferred[Any]:
         """AUTH, SELECT and PING, within the connect timeout; then the link is up."""
         self._current = p
+        no_delay = getattr(p.transport, "setTcpNoDelay", None)
+        if no_delay is not None:  # one small command, its reply awaited: no Nagle wait
+            try:
+                no_delay(True)
+            except OSError:  # a UNIX socket under TLS
+                pass
         commands: list[tuple[Any, ...]] = []
         url = self.url
         if url.password is not None:
@@ -355,33 +385,39 @@ class Link(service.Service):
             )
 
     def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> defer.Deferred[Any]:
-        """Run C{script} (EVALSHA; EVAL when Redis lacks it); fails with L{Unreachable}."""
-        return self._send(("EVALSHA", script.sha, len(keys), *keys, *args), script)
+        """Run C{script} (EVALSHA; loaded when Redis lacks it); fails with L{Unreachable}."""
+        return self.run_encoded(script, 1 + len(keys) + len(args), resp(len(keys), *keys, *args))
+
+    def run_encoded(self, script: Script, count: int, body: bytes) -> defer.Deferred[Any]:
+        """L{run} with the C{count} elements after the SHA (number of keys, keys, arguments) in RESP."""
+        return self._send(Encoded(b"*%d\r\n%s%s" % (count + 2, script.evalsha, body)), script)
 
     def command(self, *args: Any) -> defer.Deferred[Any]:
         """Send one command; fails with L{Unreachable}."""
-        return self._send(args, None)
+        return self._send(Encoded(b"*%d\r\n%s" % (len(args), resp(*args))), None)
 
-    def _send(self, args: tuple[Any, ...], script: Script | None) -> defer.Deferred[Any]:
+    def _send(self, command: Encoded, script: Script | None) -> defer.Deferred[Any]:
         p = self._protocol
         if p is None or self.pending >= self.max_pending:
             self.errors += 1
             return defer.fail(Unreachable("not connected" if p is None else "too many commands waiting"))
         self.pending += 1
         try:
-            d = p.execute_command(*args)
+            d = p.execute_command(command)
         except txredisapi.ConnectionError:
             self.pending -= 1
             self.errors += 1
             return defer.fail(Unreachable("not connected"))
         if script is not None:
-            d.addErrback(self._noscript, p, script, args)
+            d.addErrback(self._noscript, p, script, command)
         return d.addBoth(self._answered)
 
-    def _noscript(self, reason: Failure, p: _Protocol, script: Script, args: tuple[Any, ...]) -> Any:
+    def _noscript(self, reason: Failure, p: _Protocol, script: Script, command: Encoded) -> Any:
+        """Redis lacks the script (restarted, flushed): load it, send the command again."""
         if reason.check(txredisapi.ResponseError) and str(reason.value).startswith("NOSCRIPT"):
             if p.connected:
-                return p.execute_command("EVAL", script.text, *args[2:])
+                loaded = p.execute_command("SCRIPT", "LOAD", script.text)
+                return loaded.addCallback(lambda _: p.execute_command(command))
         return reason
 
     def _answered(self, result: Any) -> Any:
@@ -589,7 +625,8 @@ class RedisThrottle:
     def delayed(self) -> int:
         return self._delayed + self.local.delayed
 
-    def _make_keys(self, peer: str | None, user: str | None) -> tuple[list[str], str, str]:
+    def _make_keys(self, peer: str | None, user: str | None) -> bytes:
+        """The number of keys, the keys and the two flags (has peer, has user) in RESP."""
         p = self.prefix
         address = peer_key(peer)
         pair = account = ""
@@ -597,25 +634,34 @@ class RedisThrottle:
             name = _fold(user)
             pair = state_digest(p, name, address or "")
             account = state_digest(p, name)
-        keys = [
-            f"{p}f:peer:{address}", f"{p}i:peer:{address}", f"{p}f:pair:{pair}",
+        return resp(
+            6, f"{p}f:peer:{address}", f"{p}i:peer:{address}", f"{p}f:pair:{pair}",
             f"{p}i:pair:{pair}", f"{p}f:user:{account}", f"{p}k:{pair}",
-        ]
-        return keys, "1" if address is not None else "0", "1" if user else "0"
+            "1" if address is not None else "0", "1" if user else "0",
+        )
+
+    @functools.cached_property
+    def _admit_limits(self) -> bytes:
+        local = self.local
+        return resp(local.window, local.max_peer_failures, local.max_failures,
+                    local.max_user_failures, local.delay, local.max_delay, local.max_user_delay)
+
+    @functools.cached_property
+    def _finish_limits(self) -> bytes:
+        local = self.local
+        return resp(local.window, local.max_peer_failures, local.max_failures,
+                    local.max_user_failures + 32, local.delay, local.max_delay, local.known_for)
 
     def admit(self, peer: str | None, user: str | None) -> defer.Deferred[Admission]:
-        keys, has_peer, has_user = self._keys(peer, user)
         local = self.local
         token = self._token()
-        d = self.link.run(ADMIT, keys, (
-            has_peer, has_user, local.window, local.max_peer_failures, local.max_failures,
-            local.max_user_failures, local.delay, local.max_delay, local.max_user_delay,
-            token, self.in_flight_for,
+        d = self.link.run_encoded(ADMIT, 1 + 6 + 11, b"%s%s%s" % (
+            self._keys(peer, user), self._admit_limits, resp(token, self.in_flight_for),
         ))
         if d.called:  # not sent: the failure policy, without a Deferred more
             return d.addCallbacks(
-                lambda reply: self._admitted(reply, peer, user, token),
-                self.link.unavailable, errbackArgs=(lambda: local.admit(peer, user),),
+                self._admitted, self.link.unavailable, callbackArgs=(peer, user, token),
+                errbackArgs=(lambda: local.admit(peer, user),),
             )
         outcome: defer.Deferred[Admission] = defer.Deferred()
 
@@ -632,8 +678,8 @@ class RedisThrottle:
                 outcome.callback(result)
 
         d.addCallbacks(
-            lambda reply: self._admitted(reply, peer, user, token),
-            self.link.unavailable, errbackArgs=(lambda: local.admit(peer, user),),
+            self._admitted, self.link.unavailable, callbackArgs=(peer, user, token),
+            errbackArgs=(lambda: local.admit(peer, user),),
         ).addBoth(answered)
         return outcome
 
@@ -657,12 +703,11 @@ class RedisThrottle:
         if admission.local:
             return self.local.finish(admission, verdict, release)
         peer, user = admission.peer, admission.user
-        keys, has_peer, has_user = self._keys(peer, user)
         local = self.local
-        d = self.link.run(FINISH, keys, (
-            has_peer, has_user, "1" if release else "0", verdict or "", admission.token,
-            local.window, local.max_peer_failures, local.max_failures,
-            local.max_user_failures + 32, local.delay, local.max_delay, local.known_for,
+        d = self.link.run_encoded(FINISH, 1 + 6 + 12, b"%s%s%s" % (
+            self._keys(peer, user),
+            resp("1" if release else "0", verdict or "", admission.token),
+            self._finish_limits,
         ))
         # Fallen back: its reservation was in Redis (it expires there); the
         # verdict counts here.
