@@ -9,7 +9,9 @@ counted).
     .venv/bin/python bench/state_inprocess_bench.py VARIANT COUNT [wrong]
     bench/state_instructions.sh      # instructions per login of each variant
 
-VARIANT is C{local}, C{redis} (TCP loopback) or C{unix}. With C{wrong},
+VARIANT is C{local}, C{redis} (TCP loopback) or C{unix}; C{CONCURRENCY=N}
+in the environment runs N logins at a time (default 1: one after the
+other, each paying its reactor turns alone). With C{wrong},
 every login is a wrong password (admit, check, record the failure; each
 from its own peer, so none is throttled), else a right one. Prints the
 wall-clock logins/s too (noisy on a shared machine; valgrind's count of
@@ -43,7 +45,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def run(variant: str, count: int, wrong: bool) -> None:
+async def run(variant: str, count: int, wrong: bool, concurrency: int) -> None:
     tmp = tempfile.mkdtemp(prefix="statebench-")
     redis = None
     try:
@@ -78,8 +80,10 @@ async def run(variant: str, count: int, wrong: bool) -> None:
         for i in range(20):  # warm-up: scripts loaded, caches filled
             await login(i)
         started = time.perf_counter()
-        for i in range(count):
-            await login(1000 + i)
+        for i in range(0, count, concurrency):  # CONCURRENCY logins at a time
+            await defer.gatherResults([
+                defer.ensureDeferred(login(1000 + i + j)) for j in range(min(concurrency, count - i))
+            ])
         took = time.perf_counter() - started
         print(f"{variant}{' wrong' if wrong else ''}: {count} logins in {took:.3f} s,"
               f" {count / took:,.0f} logins/s", file=sys.stderr)
@@ -97,7 +101,7 @@ def main() -> None:
     wrong = len(sys.argv) > 3 and sys.argv[3] == "wrong"
 
     def start() -> None:
-        done = defer.ensureDeferred(run(variant, count, wrong))
+        done = defer.ensureDeferred(run(variant, count, wrong, int(os.environ.get("CONCURRENCY", "1"))))
         done.addErrback(lambda f: f.printTraceback())
         done.addBoth(lambda _: reactor.stop())
 

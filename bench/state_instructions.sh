@@ -6,7 +6,7 @@
 # traced). Right passwords, then wrong ones. Not changed by what else the
 # machine does.
 #
-#   bench/state_instructions.sh [VARIANT...]     (default: local redis unix)
+#   [CONCURRENCY=N] bench/state_instructions.sh [VARIANT...]     (default: local redis unix)
 set -e
 here=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-$here/.venv/bin/python}

@@ -319,10 +319,16 @@ class LinkPolicyTests(SynchronousTestCase):
         """A reply overdue: the connection is dropped, the login fails temporarily."""
         state, endpoint, reactor = self.make(reply_timeout=2.0)
         self.handshake(endpoint)
+        p, transport = endpoint.last
         d = state.throttle.admit("192.0.2.1", "daniel")
         self.assertNoResult(d)
-        reactor.advance(2.5)
+        reactor.advance(1.5)
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(1.0)
+        self.assertTrue(transport.disconnecting)  # aborted
+        p.connectionLost(Failure(ConnectionAbortedError()))
         self.failureResultOf(d, StateUnavailable)
+        self.assertFalse(state.up)
 
     def test_bounded_pending(self) -> None:
         """Commands waiting past the bound fail at once, like an unreachable Redis."""

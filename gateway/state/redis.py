@@ -38,6 +38,7 @@ logged once, naming the URL without its password and the policy.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import itertools
@@ -201,7 +202,9 @@ class _Factory(protocol.Factory):
         self.link = link
 
     def buildProtocol(self, addr: Any) -> _Protocol:
-        p = _Protocol(charset=None, replyTimeout=self.link.reply_timeout, convertNumbers=False)
+        # No timer per command: the link's watchdog ends a connection whose
+        # oldest reply is overdue (L{Link._watch}).
+        p = _Protocol(charset=None, replyTimeout=None, convertNumbers=False)
         p.callLater = self.link.reactor.callLater  # not the global reactor
         p.factory = self
         return p
@@ -251,6 +254,11 @@ class Link(service.Service):
         self._attempts = 0
         #: The last state logged (None: none yet).
         self._logged: bool | None = None
+        #: When each command waiting for its reply was sent, oldest first
+        #: (Redis answers in order).
+        self._sent: collections.deque[float] = collections.deque()
+        self._watchdog = task.LoopingCall(self._watch)
+        self._watchdog.clock = reactor
         self.error_log = LogRateLimiter(reactor)
 
     def __repr__(self) -> str:
@@ -279,10 +287,19 @@ class Link(service.Service):
     def startService(self) -> None:
         super().startService()
         self._attempts = 0
+        self._watchdog.start(min(self.reply_timeout / 4, 1.0), now=False)
         self._connect()
+
+    def _watch(self) -> None:
+        """End the connection when its oldest command waited more than C{reply_timeout}."""
+        p = self._protocol
+        if p is not None and self._sent and self.reactor.seconds() - self._sent[0] > self.reply_timeout:
+            p.transport.abortConnection()
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._watchdog.running:
+            self._watchdog.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
@@ -360,6 +377,7 @@ class Link(service.Service):
         if self._current is not p:
             return
         self._current = None
+        self._sent.clear()
         if self._protocol is p:
             self._protocol = None
             self._went(False, why.getErrorMessage())
@@ -408,6 +426,7 @@ class Link(service.Service):
             self.pending -= 1
             self.errors += 1
             return defer.fail(Unreachable("not connected"))
+        self._sent.append(self.reactor.seconds())
         if script is not None:
             d.addErrback(self._noscript, p, script, command)
         return d.addBoth(self._answered)
@@ -422,6 +441,8 @@ class Link(service.Service):
 
     def _answered(self, result: Any) -> Any:
         self.pending -= 1
+        if self._sent:
+            self._sent.popleft()
         if not isinstance(result, Failure):
             return result
         self.errors += 1
