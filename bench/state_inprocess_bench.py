@@ -12,8 +12,8 @@ counted).
 VARIANT is C{local}, C{redis} (TCP loopback) or C{unix}; C{CONCURRENCY=N}
 in the environment runs N logins at a time (default 1: one after the
 other, each paying its reactor turns alone). With C{wrong},
-every login is a wrong password (admit, check, record the failure; each
-from its own peer, so none is throttled), else a right one. Prints the
+every login is a wrong password (admit, check, record the failure), else a
+right one; each from its own peer, so none is throttled. Prints the
 wall-clock logins/s too (noisy on a shared machine; valgrind's count of
 instructions is not).
 """
@@ -69,7 +69,7 @@ async def run(variant: str, count: int, wrong: bool, concurrency: int) -> None:
 
         async def login(i: int) -> None:
             creds = UsernamePassword(b"daniel", password)
-            peer = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" if wrong else "192.0.2.1"
+            peer = f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}"  # none throttled
             creds.conn_meta = SimpleNamespace(peer_address=peer)  # type: ignore[attr-defined]
             try:
                 await portal.login(creds, None, IAuthInfo)
