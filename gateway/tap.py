@@ -633,11 +633,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if description.lower() == "none":
                 continue
             try:
+                if self["workers"] > 1:
+                    workers.parse_listener(name, description)
                 if name not in self.get("workerFds", {}):  # a worker's socket is the parent's
                     check_systemd_endpoint(description)  # socket activation: a passed socket, as named
                     endpoints.serverFromString(None, with_backlog(description, self["listen-backlog"]))
-                if self["workers"] > 1:
-                    workers.parse_listener(name, description)
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
             self["endpoints"][name] = description

@@ -9,6 +9,9 @@ gateway. Nothing here skips.
 from __future__ import annotations
 
 import configparser
+import os
+import shutil
+import tempfile
 import socket
 import struct
 from pathlib import Path
@@ -26,6 +29,7 @@ from twisted.web.resource import Resource
 
 from gateway.tls import ensure_certificate
 from gateway.twistedinternals import (
+    keep_unix_socket_file,
     buffered,
     first_line_pending,
     pause_reading_while_answering,
@@ -437,3 +441,37 @@ class ProxyHeaderParserTests(SynchronousTestCase):
                     ["--auth", "memory:a:b", "--proxy-protocol-from", "::1"]
                 )
         self.assertIn("no PROXY protocol parsers", str(e.exception))
+
+
+class KeepUnixSocketFileTests(TestCase):
+    """
+    An adopted UNIX port: Twisted removes the socket's file when it stops
+    listening (what L{keep_unix_socket_file} undoes for a port other
+    processes share); with it, the file stays.
+    """
+
+    def adopt(self) -> tuple[Any, str]:
+        directory = tempfile.mkdtemp(prefix="ag-")  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "s.sock")
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(path)
+        listening.listen(1)
+        listening.setblocking(False)
+        port = reactor.adoptStreamPort(listening.fileno(), socket.AF_UNIX, protocol.Factory())
+        return port, path
+
+    @defer.inlineCallbacks
+    def test_twisted_removes_the_file(self):
+        port, path = self.adopt()
+        yield port.stopListening()
+        self.assertFalse(os.path.exists(path))
+
+    @defer.inlineCallbacks
+    def test_kept(self):
+        port, path = self.adopt()
+        keep_unix_socket_file(port)
+        yield port.stopListening()
+        self.assertTrue(os.path.exists(path))
+        self.assertFalse(port.connected)

@@ -68,6 +68,7 @@ from zope.interface import implementer
 
 from gateway.connections import _keyword, _split
 from gateway.ops.signals import on_signal
+from gateway.twistedinternals import keep_unix_socket_file
 
 log = Logger()
 
@@ -213,13 +214,13 @@ class OpenListener:
     def fd_for(self, slot: int) -> int:
         return self.fds[slot % len(self.fds)]
 
-    def close(self) -> None:
-        for close in self.closers:
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - closing at exit: best effort
-                log.failure("closing the {option} listener", option=self.spec.option)
+    def close(self) -> defer.Deferred[Any]:
+        """Close the parent's copies (a UNIX listener's file is removed then)."""
+        closing = [defer.maybeDeferred(close) for close in self.closers]
         self.closers = []
+        return defer.gatherResults(closing).addErrback(
+            lambda reason: log.failure("closing the {option} listener", reason, option=self.spec.option)
+        )
 
 
 def open_listener(reactor: Any, spec: ListenerSpec, count: int, backlog: int) -> OpenListener:
@@ -247,6 +248,21 @@ def open_listener(reactor: Any, spec: ListenerSpec, count: int, backlog: int) ->
     return OpenListener(spec, [endpoint.fileno], [], f"fd {endpoint.fileno}")
 
 
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class _SharedUnixEndpoint:
+    """An adopted UNIX socket other processes share: stopping leaves its file."""
+
+    endpoint: IStreamServerEndpoint
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        def shared(port: Any) -> Any:
+            keep_unix_socket_file(port)
+            return port
+
+        return self.endpoint.listen(factory).addCallback(shared)
+
+
 def adopted_endpoint(reactor: Any, description: str, fd: int) -> IStreamServerEndpoint:
     """
     A worker's endpoint for a listener the parent opened: the inherited
@@ -259,6 +275,8 @@ def adopted_endpoint(reactor: Any, description: str, fd: int) -> IStreamServerEn
     finally:
         probe.detach()
     endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, fd, family)
+    if family == socket.AF_UNIX:
+        endpoint = _SharedUnixEndpoint(endpoint)
     if _split(description)[0].strip().lower() == "haproxy":
         from twisted.protocols.haproxy import proxyEndpoint
 
@@ -308,9 +326,9 @@ def worker_command(slot: int, fds: Mapping[str, int], twistd: Iterable[str] = TW
     ]
 
 
-def take_worker_argv(environ: dict[str, str] | Any = os.environ) -> list[str]:
+def take_worker_argv(environ: Any = None) -> list[str]:
     """The worker's plugin options, taken out of the environment (its children never see them)."""
-    text = environ.pop(ARGV_ENV, None)
+    text = (os.environ if environ is None else environ).pop(ARGV_ENV, None)
     if text is None:
         raise ValueError(f"--worker-slot: no {ARGV_ENV} in the environment (only the parent starts workers)")
     argv = json.loads(text)
@@ -506,7 +524,7 @@ class Supervisor(service.Service):
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", ARGV_ENV):
             self.environ.pop(name, None)  # the parent's systemd sockets are passed as listeners
         self.publish = publish
-        self._spawn = spawn if spawn is not None else reactor.spawnProcess
+        self._spawn = spawn
         self._owner = owner
         self.run_dir = tempfile.mkdtemp(prefix="authgateway-") if metrics else None
         self.slots = [
@@ -566,7 +584,8 @@ class Supervisor(service.Service):
         command = worker_command(slot.index, names, self.twistd)
         worker = WorkerProtocol(self, slot)
         try:
-            process = self._spawn(worker, command[0], command, env=env, childFDs=child)
+            spawn = self._spawn if self._spawn is not None else self.reactor.spawnProcess
+            process = spawn(worker, command[0], command, env=env, childFDs=child)
         except Exception as e:  # noqa: BLE001 - out of processes, descriptors...: try again later
             log.error("worker {worker} could not start: {error}", worker=slot.index, error=e)
             self._again(slot)
@@ -641,8 +660,7 @@ class Supervisor(service.Service):
         def done(result: Any) -> Any:
             if self._kill_call is not None and self._kill_call.active():
                 self._kill_call.cancel()
-            self._close()
-            return result
+            return self._close()
 
         return d.addBoth(done)
 
@@ -660,12 +678,12 @@ class Supervisor(service.Service):
 
         self._kill_call = self.reactor.callLater(KILL_GRACE, give_up)
 
-    def _close(self) -> None:
-        for listener in self.open:
-            listener.close()
+    def _close(self) -> defer.Deferred[Any]:
+        closing = [listener.close() for listener in self.open]
         self.open = []
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+        return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
 def install_signals(reactor: Any, supervisor: Supervisor) -> None:
@@ -792,7 +810,15 @@ class WorkerWatch(service.Service):
 
 
 def attach_worker(reactor: Any, options: Mapping[str, Any], top: service.MultiService) -> None:
-    """A worker's own part: the parent death signal and the watch over fd 0."""
+    """
+    A worker's own part: its own process group (a terminal's Ctrl-C or a
+    group kill reaches the parent only, which forwards one SIGTERM: two
+    would abort the drain), the parent death signal and the watch over fd 0.
+    """
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # a session leader already: nothing to leave
+        pass
     set_parent_death_signal()
     WorkerWatch(reactor, options["workerSlot"]).setServiceParent(top)
 
