@@ -149,6 +149,7 @@ class ArgvTests(SynchronousTestCase):
         )
         with capturedLogs() as events:
             supervisor.startService()
+        self.addCleanup(shutil.rmtree, supervisor.run_dir, True)
         self.addCleanup(supervisor.stopService)
         self.assertEqual(len(spawn.calls), 2)
         for k, call in enumerate(spawn.calls):

@@ -58,7 +58,6 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IReadDescriptor, IStreamServerEndpoint
 from twisted.logger import (
     Logger,
-    LogLevel,
     eventFromJSON,
     globalLogPublisher,
     jsonFileLogObserver,
@@ -543,7 +542,7 @@ class Supervisor(service.Service):
                 for spec in self.specs:
                     self.open.append(open_listener(self.reactor, spec, len(self.slots), self.backlog))
             except BaseException:
-                self._close()
+                self._close()  # the run directory too: the start fails
                 raise
             if self.run_dir is not None and self._owner is not None:
                 os.chown(self.run_dir, *self._owner)  # twistd drops to --uid/--gid next
