@@ -314,7 +314,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["metrics", None, "none",
          "Endpoint of the metrics and health listener (/metrics, /healthz, /readyz), or 'none'.",
          ops_metrics.check_endpoint],
-        ["state", None, "local", "TEMP DEV ONLY"],
         ["workers", None, 1,
          "Processes serving the listeners (auto: one per CPU); above 1 needs a shared --state.",
          workers.worker_count],
