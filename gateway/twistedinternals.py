@@ -229,8 +229,22 @@ def keep_unix_socket_file(port: Any) -> None:
         port.connectionLost = functools.partial(tcp.Port.connectionLost, port)
 
 
+def ssl_server_context(endpoint: Any) -> Any | None:
+    """
+    The TLS context factory of an C{ssl:} server endpoint (what
+    C{endpoints.serverFromString} built from C{privateKey=}, C{certKey=}...),
+    so that a worker of C{--workers} serves TLS the same way on the socket
+    it adopted from its parent. Twisted keeps it in
+    C{SSL4ServerEndpoint._sslContextFactory}; when that is gone, None (the
+    worker then refuses the listener with a line saying so).
+    """
+    context = getattr(endpoint, "_sslContextFactory", None)
+    return context if callable(getattr(context, "getContext", None)) else None
+
+
 __all__ = [
     "ProxyHeaderParsers",
+    "ssl_server_context",
     "keep_unix_socket_file",
     "buffered",
     "first_line_pending",

@@ -19,7 +19,7 @@ from typing import Any
 
 import twisted
 from packaging.requirements import Requirement
-from twisted.internet import defer, error, protocol, reactor, tcp
+from twisted.internet import defer, endpoints, error, protocol, reactor, tcp
 from twisted.internet.interfaces import ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -30,6 +30,7 @@ from twisted.web.resource import Resource
 from gateway.tls import ensure_certificate
 from gateway.twistedinternals import (
     keep_unix_socket_file,
+    ssl_server_context,
     buffered,
     first_line_pending,
     pause_reading_while_answering,
@@ -475,3 +476,16 @@ class KeepUnixSocketFileTests(TestCase):
         yield port.stopListening()
         self.assertTrue(os.path.exists(path))
         self.assertFalse(port.connected)
+
+
+class SSLServerContextTests(SynchronousTestCase):
+    def test_context(self):
+        """An ssl: endpoint's TLS context factory, as Twisted keeps it."""
+        cert, key, _ = ensure_certificate(self.mktemp())
+        endpoint = endpoints.serverFromString(reactor, f"ssl:0:privateKey={key}:certKey={cert}")
+        context = ssl_server_context(endpoint)
+        self.assertIsNotNone(context)
+        self.assertTrue(context.getContext())
+
+    def test_not_ssl(self):
+        self.assertIsNone(ssl_server_context(endpoints.serverFromString(reactor, "tcp:0")))

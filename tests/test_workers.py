@@ -13,9 +13,10 @@ import shutil
 import tempfile
 import signal
 import socket
+import ssl
 from typing import Any
 
-from twisted.internet import defer, error, protocol, reactor
+from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, capturedLogs, eventAsJSON
 from twisted.python import usage
@@ -24,6 +25,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway import tap
 from gateway.ops import workers
+from gateway.tls import ensure_certificate
 from tests.support import keep_signal_handlers
 
 SECRET = "s3cret-pw"
@@ -132,11 +134,10 @@ class ArgvTests(SynchronousTestCase):
         self.assertIn("redis-server", str(e))
         self.assertFalse(os.path.exists(self.data))  # refused before writing anything
 
-    def test_workers_refuse_ssl_listeners(self) -> None:
+    def test_workers_refuse_other_listeners(self) -> None:
         e = self.assertRaises(usage.UsageError, options, "--data-dir", self.data, "--auth",
-                              "memory:a:b", "--workers", "2",
-                              "--smtps", "ssl:0:privateKey=k.pem:certKey=c.pem")
-        self.assertIn("cannot be shared by workers", str(e))
+                              "memory:a:b", "--workers", "2", "--smtps", "onion:465")
+        self.assertIn("a onion: listener cannot be shared by workers", str(e))
 
     def test_supervisor_spawn(self) -> None:
         """The command line holds no secret; the environment holds the options."""
@@ -177,6 +178,11 @@ class ArgvTests(SynchronousTestCase):
         self.assertEqual(workers.shown_state("unix:///run/r.sock?db=1"), "unix:///run/r.sock?db=1")
 
 
+class Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
 class SocketTests(TestCase):
     """The parent's sockets: per worker for TCP, shared for UNIX."""
 
@@ -189,7 +195,11 @@ class SocketTests(TestCase):
         self.assertEqual(dict(spec.arguments), {"address": "/run/a.sock", "mode": "660"})
         self.assertTrue(spec.shared)
         self.assertTrue(workers.parse_listener("socks", "systemd:domain=INET:index=0").shared)
-        self.assertRaises(ValueError, workers.parse_listener, "smtps", "ssl:465")
+        spec = workers.parse_listener("smtps", "ssl:465:k.pem:certKey=c.pem:interface=10.0.0.1")
+        self.assertEqual(dict(spec.arguments),
+                         {"port": "465", "privateKey": "k.pem", "certKey": "c.pem", "interface": "10.0.0.1"})
+        self.assertFalse(spec.shared)
+        self.assertRaises(ValueError, workers.parse_listener, "smtps", "onion:465")
 
     def test_tcp_port_zero(self) -> None:
         """Port 0: the first bind resolves it, every socket has it, with SO_REUSEPORT."""
@@ -223,6 +233,28 @@ class SocketTests(TestCase):
         port = yield endpoint.listen(protocol.Factory.forProtocol(protocol.Protocol))
         self.addCleanup(port.stopListening)
         self.assertEqual(port.getHost().port, int(opened.address.rsplit(":", 1)[1]))
+
+    @defer.inlineCallbacks
+    def test_adopt_ssl(self) -> None:
+        """An ssl: listener: the worker serves TLS with the endpoint's certificate."""
+        cert, key, _ = ensure_certificate(self.mktemp())
+        description = f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1"
+        # One socket: a connection hashed to another worker's would wait for it.
+        opened = workers.open_listener(reactor, workers.parse_listener("smtps", description), 1, 16)
+        self.addCleanup(opened.close)
+        endpoint = workers.adopted_endpoint(reactor, description, os.dup(opened.fd_for(0)))
+        port = yield endpoint.listen(protocol.Factory.forProtocol(Echo))
+        self.addCleanup(port.stopListening)
+
+        def client() -> bytes:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            with socket.create_connection(("127.0.0.1", port.getHost().port), timeout=10) as raw:
+                with context.wrap_socket(raw) as tls:
+                    tls.sendall(b"ping")
+                    return tls.recv(4)
+
+        self.assertEqual((yield threads.deferToThread(client)), b"ping")
 
     @defer.inlineCallbacks
     def test_unix_shared(self) -> None:

@@ -67,7 +67,7 @@ from zope.interface import implementer
 
 from gateway.connections import _keyword, _split
 from gateway.ops.signals import on_signal
-from gateway.twistedinternals import keep_unix_socket_file
+from gateway.twistedinternals import keep_unix_socket_file, ssl_server_context
 
 log = Logger()
 
@@ -101,11 +101,12 @@ MAX_WORKERS = 256
 #: How a worker runs twistd (the same interpreter as the parent).
 TWISTD = (sys.executable, "-c", "from twisted.scripts.twistd import run; run()")
 
-#: Endpoint types whose socket the parent can open, per listener.
-_TCP = {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6}
+#: Endpoint types with one socket per worker, and their address family.
+_TCP = {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6, "ssl": socket.AF_INET}
 
 #: Positional fields of each endpoint type, in Twisted's order.
 _POSITIONAL = {"tcp": ("port", "interface", "backlog"), "tcp6": ("port", "backlog", "interface"),
+               "ssl": ("port", "privateKey", "certKey", "sslmethod", "interface", "backlog"),
                "unix": ("address", "mode", "backlog", "lockfile")}
 
 
@@ -146,18 +147,17 @@ class ListenerSpec:
 
 def parse_listener(option: str, description: str) -> ListenerSpec:
     """
-    The L{ListenerSpec} of a listener's endpoint string (C{haproxy:} in front
-    is the worker's business); ValueError for the types the parent cannot
-    open for its workers (C{ssl:}: give the listener as C{tcp:} on an
-    implicit-TLS option, which uses C{--tls-cert}).
+    The L{ListenerSpec} of a listener's endpoint string (C{haproxy:} in front,
+    and C{ssl:}'s TLS, are the worker's business); ValueError for the types
+    the parent cannot open for its workers.
     """
     fields = _split(description)
     at = 1 if fields[0].strip().lower() == "haproxy" and len(fields) > 1 else 0
     kind = fields[at].strip().lower()
     if kind not in (*_TCP, "unix", "systemd"):
         raise ValueError(
-            f"a {kind}: listener cannot be shared by workers (tcp:, tcp6:, unix: and systemd: can;"
-            " for TLS use the implicit-TLS options --smtps, --https, --socks-tls with tcp:)"
+            f"a {kind}: listener cannot be shared by workers (tcp:, tcp6:, ssl:, unix: and"
+            " systemd: can)"
         )
     arguments: dict[str, str] = {}
     positional = iter(_POSITIONAL.get(kind, ()))
@@ -262,11 +262,25 @@ class _SharedUnixEndpoint:
         return self.endpoint.listen(factory).addCallback(shared)
 
 
+@implementer(IStreamServerEndpoint)
+@attrs.frozen
+class _TLSEndpoint:
+    """TLS over an adopted socket, as C{ssl:} serves it over its own."""
+
+    endpoint: IStreamServerEndpoint
+    context: Any
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        return self.endpoint.listen(TLSMemoryBIOFactory(self.context, False, factory))
+
+
 def adopted_endpoint(reactor: Any, description: str, fd: int) -> IStreamServerEndpoint:
     """
     A worker's endpoint for a listener the parent opened: the inherited
-    socket C{fd} (of its own address family), behind the PROXY protocol
-    when the description starts with C{haproxy:}.
+    socket C{fd} (of its own address family), with the TLS of an C{ssl:}
+    description, behind the PROXY protocol when it starts with C{haproxy:}.
     """
     probe = socket.socket(fileno=fd)
     try:
@@ -276,7 +290,17 @@ def adopted_endpoint(reactor: Any, description: str, fd: int) -> IStreamServerEn
     endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, fd, family)
     if family == socket.AF_UNIX:
         endpoint = _SharedUnixEndpoint(endpoint)
-    if _split(description)[0].strip().lower() == "haproxy":
+    fields = _split(description)
+    at = 1 if fields[0].strip().lower() == "haproxy" and len(fields) > 1 else 0
+    if fields[at].strip().lower() == "ssl":
+        from twisted.internet import endpoints
+
+        context = ssl_server_context(endpoints.serverFromString(reactor, ":".join(fields[at:])))
+        if context is None:
+            raise ValueError("this Twisted keeps an ssl: endpoint's TLS settings elsewhere:"
+                             " use tcp: on an implicit-TLS option")
+        endpoint = _TLSEndpoint(endpoint, context)
+    if at:
         from twisted.protocols.haproxy import proxyEndpoint
 
         endpoint = proxyEndpoint(endpoint)
