@@ -661,7 +661,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             proxy_protocol_from=tuple(self.get("proxyProtocolFrom", ())),
         )
 
-        if self["workers"] > 1 and self.get("state", "local") == "local":
+        if self["workers"] > 1 and str(self.get("state", "local")).strip().lower() == "local":
             raise usage.UsageError(
                 f"--workers {self['workers']} needs a shared --state (e.g. unix:///run/redis/redis.sock):"
                 " the login limits must hold across all workers, not per process; run a"

@@ -528,3 +528,42 @@ class ParentServiceTests(SynchronousTestCase):
         self.assertEqual(len(supervisor.slots), 2)
         self.assertFalse(supervisor.draining)
         self.assertEqual([s.metrics_socket for s in supervisor.slots], [None, None])
+
+
+class FakeSignalReactor:
+    """What L{gateway.ops.signals.on_signal} uses of a reactor, run at once."""
+
+    running = False
+
+    def __init__(self) -> None:
+        self.hooks: list[Any] = []
+
+    def callWhenRunning(self, f: Any) -> None:
+        self.hooks.append(f)
+
+    def callFromThread(self, f: Any) -> None:
+        f()
+
+
+class ParentSignalTests(SynchronousTestCase):
+    """The parent's handlers: SIGTERM and SIGINT stop it, SIGHUP and SIGUSR1 are forwarded."""
+
+    def test_signals(self) -> None:
+        keep_signal_handlers(self)
+        fake = FakeSignalReactor()
+        spawn = FakeSpawn()
+        supervisor = workers.Supervisor(MemoryReactorClock(), 2, [], {}, 50, 30.0, spawn=spawn,
+                                        twistd=["twistd"], environ={})
+        with capturedLogs():
+            supervisor.startService()
+        workers.install_signals(fake, supervisor)
+        for hook in fake.hooks:
+            hook()
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            signal.getsignal(signum)(signum, None)
+        self.assertEqual([p.signals for p, _ in spawn.processes],
+                         [[signal.SIGHUP, signal.SIGUSR1]] * 2)
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        self.assertTrue(supervisor.reactor.hasStopped)
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        self.assertEqual(spawn.processes[0][0].signals[-1], signal.SIGTERM)

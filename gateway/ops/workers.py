@@ -307,8 +307,9 @@ def adopted_endpoint(reactor: Any, description: str, fd: int) -> IStreamServerEn
     return endpoint
 
 
-def shown_state(url: str) -> str:
+def shown_state(url: Any) -> str:
     """The C{--state} URL without its password, for a log line."""
+    url = str(url)
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:
         return url
