@@ -432,6 +432,15 @@ class LogRelayTests(SynchronousTestCase):
         self.assertEqual(len(notes), 2)
         self.assertEqual([e["log_format"] for e in self.published], ["ok"])
 
+    def test_lines(self) -> None:
+        """Many lines in one chunk, a line split over chunks, a last line without newline."""
+        lines: list[bytes] = []
+        buffer = workers.LineBuffer(lines.append, lambda: self.fail("dropped"), limit=10)
+        buffer.feed(b"".join(b"%d\n" % n for n in range(1000)) + b"ab")
+        buffer.feed(b"c\n\nlast")
+        buffer.flush()
+        self.assertEqual(lines, [b"%d" % n for n in range(1000)] + [b"abc", b"", b"last"])
+
     def test_unreadable(self) -> None:
         with capturedLogs() as events:
             self.relay.events.feed(b"{not json\n")

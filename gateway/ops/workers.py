@@ -383,28 +383,31 @@ class LineBuffer:
         self._skipping = False
 
     def feed(self, data: bytes) -> None:
-        while data:
-            end = data.find(b"\n")
+        start = 0  # positions, not slices: a chunk of many lines is not copied per line
+        while True:
+            end = data.find(b"\n", start)
             if end < 0:
-                if not self._skipping:
-                    self._buffer += data
-                    if len(self._buffer) > self.limit:
+                if start < len(data) and not self._skipping:
+                    if len(self._buffer) + len(data) - start > self.limit:
                         self._buffer.clear()
                         self._skipping = True
                         self._dropped()
+                    else:
+                        self._buffer += data[start:]
                 return
-            piece, data = data[:end], data[end + 1:]
             if self._skipping:
                 self._skipping = False
-                continue
-            if len(self._buffer) + len(piece) > self.limit:
+            elif len(self._buffer) + end - start > self.limit:
                 self._buffer.clear()
                 self._dropped()
-                continue
-            self._buffer += piece
-            line = bytes(self._buffer)
-            self._buffer.clear()
-            self._line(line)
+            elif self._buffer:
+                self._buffer += data[start:end]
+                line = bytes(self._buffer)
+                self._buffer.clear()
+                self._line(line)
+            else:
+                self._line(data[start:end])
+            start = end + 1
 
     def flush(self) -> None:
         """The end of the stream: a last line without its newline."""
