@@ -449,6 +449,11 @@ class FetchTests(SynchronousTestCase):
         self.assertEqual(failure.getErrorMessage(), "answer over 100 bytes")
         self.assertEqual(self.transport.producerState, "stopped")
 
+    def test_closed_without_answer(self) -> None:
+        self.proto.connectionLost(Failure(ConnectionResetError("reset by peer")))
+        self.assertEqual(self.failureResultOf(self.d, metrics.WorkerAnswerError).getErrorMessage(),
+                         "reset by peer")
+
     def test_cut_short(self) -> None:
         self.proto.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nup")
         self.proto.connectionLost(Failure(ConnectionResetError("reset")))

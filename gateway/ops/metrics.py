@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metrics -*-
+# -*- test-case-name: tests.test_metrics,tests.test_metrics_workers -*-
 """
 The metrics and health listener (C{--metrics ENDPOINT}): a plain
 twisted.web Site, apart from the front doors and their connection budget,
@@ -14,6 +14,11 @@ L{LoginMetrics} (a sink) turns into two counter increments and a histogram
 bucket. Every label comes from a fixed set (protocols, the configured
 listeners and mechanisms, outcomes, reason codes, states, status and reply
 codes): never a user name, an address or a path.
+
+With C{--workers N} each worker serves this listener on a private UNIX
+socket, and the parent serves C{--metrics} itself (L{serve_parent}): the
+workers' families merged, each sample labelled with its C{worker}, plus the
+parent's own, and health and readiness over every worker.
 """
 
 from __future__ import annotations
@@ -671,7 +676,11 @@ class MetricsResource(resource.Resource):
     def render(self, request: server.Request) -> Any:
         refreshed = self.refresh()  # in the reactor thread, before the WSGI thread collects
         if isinstance(refreshed, defer.Deferred):  # the parent's, asked of its workers
-            return _answer_later(request, refreshed, lambda _: self._collect(request) and None)
+
+            def collect(_: None) -> None:
+                self._collect(request)  # it answers itself
+
+            return _answer_later(request, refreshed, collect)
         return self._collect(request)
 
     def _collect(self, request: server.Request) -> Any:
@@ -793,6 +802,8 @@ class _Bounded(protocol.Protocol):
     closed (C{stopProducing}: all a body's transport offers).
     """
 
+    transport: Any  # the response's TransportProxyProducer
+
     def __init__(self, limit: int, done: defer.Deferred[bytes]) -> None:
         self.limit = limit
         self.done = done
@@ -838,7 +849,10 @@ def fetch_worker(reactor: Any, socket_path: str, path: bytes, limit: int,
     def why(reason: Failure) -> Failure:
         if reason.check(WorkerAnswerError):
             return reason
-        return Failure(WorkerAnswerError(reason.getErrorMessage().splitlines()[0][:200]))
+        if reason.check(client.ResponseFailed) and reason.value.reasons:  # a list of failures
+            reason = reason.value.reasons[0]
+        said = reason.getErrorMessage().strip().splitlines()
+        return Failure(WorkerAnswerError((said[0] if said else reason.type.__name__)[:200]))
 
     def late(result: Any, _: float) -> Failure:
         return Failure(WorkerAnswerError(f"no answer within {timeout:g} s"))
