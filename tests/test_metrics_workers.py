@@ -55,6 +55,7 @@ class Slot:
 class Supervisor:
     slots: list[Slot]
     draining: bool = False
+    reactor: Any = None
 
 
 def short_directory(test: SynchronousTestCase) -> str:
@@ -364,11 +365,10 @@ class ListenerTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
-        self.supervisor = Supervisor([Slot(0, "/nonexistent/w0.sock")])
+        self.supervisor = Supervisor([Slot(0, "/nonexistent/w0.sock")], reactor=self.reactor)
         self.parent = service.MultiService()
-        self.workers = metrics.serve_parent(
-            {"metrics": "tcp:9100:interface=127.0.0.1", "drain-timeout": 10},
-            self.supervisor, self.parent, reactor=self.reactor)
+        self.workers = metrics.serve_parent(  # on the supervisor's reactor
+            {"metrics": "tcp:9100:interface=127.0.0.1", "drain-timeout": 10}, self.supervisor, self.parent)
         self.listening = self.parent.getServiceNamed("metrics")
 
     def test_none(self) -> None:

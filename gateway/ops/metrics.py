@@ -1105,16 +1105,15 @@ def serve_parent(options: Mapping[str, Any], supervisor: Any, parent_service: se
     With C{--metrics} and C{--workers N}: the parent's listener, added to
     C{parent_service}, answering for every worker of C{supervisor} (its
     C{slots} and C{draining}) with the caps and deadlines of the
-    single-process listener. C{reactor}: the supervisor's when not given.
+    single-process listener. C{reactor}: the supervisor's (its C{reactor})
+    when not given.
     Returns what it serves (None without C{--metrics}).
     """
     description = options["metrics"]
     if description == "none":
         return None
     if reactor is None:
-        reactor = getattr(supervisor, "reactor", None)
-    if reactor is None:
-        from twisted.internet import reactor  # twistd's, as makeService's
+        reactor = supervisor.reactor
     workers = WorkerMetrics(reactor, supervisor)
     registry = CollectorRegistry()
     registry.register(workers)
