@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -36,7 +39,8 @@ from twisted.web import resource, server
 
 from gateway import tap
 from gateway.ops import metrics
-from tests.support import free_port, keep_signal_handlers, require_tool
+from tests.redis_support import RedisServer
+from tests.support import free_port, keep_signal_handlers, read_log, require_tool
 from tests.test_metrics import event, listener
 
 
@@ -534,3 +538,95 @@ class MergeTests(SynchronousTestCase):
         """Whatever the workers answer: no exception, and the merged families format."""
         families, _ = metrics._parse_all([(str(i), t.encode()) for i, t in enumerate(texts)], [])
         generate_latest(_Families(families))
+
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+class WorkersScrapeTests(SynchronousTestCase):
+    """
+    A real C{twistd authgateway --workers 2 --metrics ...} (its state on a
+    real redis-server's UNIX socket): the parent's scrape holds both
+    workers' samples and promtool accepts it; a worker killed shows in
+    C{/readyz} and the restart counter, and comes back ready.
+    """
+
+    def setUp(self) -> None:
+        options = tap.Options().defaults
+        if "workers" not in options:
+            self.skipTest("--workers is not an option of this build yet (the workers part)")
+        if "state" not in options:
+            self.skipTest("--state is not an option of this build yet (the state part):"
+                          " --workers 2 needs a shared --state")
+        if not os.path.exists(TWISTD):
+            self.skipTest(f"no twistd next to {sys.executable}")
+        self.curl = require_tool("curl", "curl")
+        self.promtool = require_tool("promtool", "prometheus")
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.log = os.path.join(self.dir, "twistd.log")
+        self.ports = {name: free_port() for name in ("http", "metrics")}
+        redis = RedisServer(self)
+        self.proc = subprocess.Popen(
+            [TWISTD, "--pidfile=", "-n", "--logfile", self.log, "authgateway",
+             "--data-dir", os.path.join(self.dir, "data"), "--auth", "memory:alice:wonder",
+             "--http", f"tcp:{self.ports['http']}:interface=127.0.0.1", "--http-insecure-auth",
+             "--metrics", f"tcp:{self.ports['metrics']}:interface=127.0.0.1",
+             "--workers", "2", "--state", redis.unix_url],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.addCleanup(self.reap)
+
+    def reap(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # the workers end with their parent (PR_SET_PDEATHSIG)
+        self.proc.wait()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            code, _, body = get(f"http://127.0.0.1:{self.ports['metrics']}{path}")
+            return code, body
+        except OSError:
+            return 0, b""
+
+    def ready(self, what: str, condition: Any = lambda body: True) -> dict[str, Any]:
+        """Polls /readyz until it answers 200 and C{condition} holds of its body."""
+        end = time.monotonic() + 60
+        while True:
+            code, body = self.get("/readyz")
+            if code == 200 and condition(json.loads(body)):
+                return json.loads(body)
+            if time.monotonic() > end or self.proc.poll() is not None:
+                self.fail(f"never {what}: {code} {body!r}\n{read_log(self.log)[-6000:]}")
+            time.sleep(0.1)
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        code, text = self.get("/metrics")
+        self.assertEqual(code, 200)
+        checked = subprocess.run([self.promtool, "check", "metrics"], input=text, capture_output=True,
+                                 timeout=30, check=False)
+        self.assertEqual((checked.returncode, checked.stdout, checked.stderr), (0, b"", b""))
+        return samples(text.decode())
+
+    def test_scrape_kill_return(self) -> None:
+        body = self.ready("ready")
+        pids = [body["checks"][f"worker-{k}"]["pid"] for k in (0, 1)]
+        self.assertEqual(len(set(pids)), 2)
+        for _ in range(16):
+            subprocess.run([self.curl, "-sS", "--max-time", "20", "-o", "/dev/null", "-u", "alice:wonder",
+                            f"http://127.0.0.1:{self.ports['http']}/whoami"], check=True, timeout=30)
+        values = self.scrape()
+        ok = {dict(labels)["worker"]: value for (name, labels), value in values.items()
+              if name == "authgateway_http_responses_total" and ("code", "200") in labels}
+        self.assertEqual((set(ok), sum(ok.values())), ({"0", "1"}, 16))  # sum without(worker)
+        self.assertEqual(values[("authgateway_workers", (("state", "running"),))], 2)
+
+        os.kill(pids[1], signal.SIGKILL)
+        self.assertEqual(self.get("/healthz")[0], 200)  # worker 0 still serves
+        body = self.ready("back", lambda body: body["checks"]["worker-1"]["pid"] not in (None, pids[1]))
+        self.assertEqual(body["checks"]["worker-1"]["restarts"], 1)
+        values = self.scrape()
+        self.assertEqual(values[("authgateway_worker_restarts_total", (("worker", "1"),))], 1)
+        self.assertEqual(values[("authgateway_ready", (("worker", "1"),))], 1)
+
+        self.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(self.proc.wait(90), 0)
