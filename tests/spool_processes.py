@@ -4,7 +4,10 @@ C{python -m tests.spool_processes writer DIR COUNT OUT} (spools COUNT
 messages, each written in several chunks with pauses, and prints their ids
 to OUT) or C{python -m tests.spool_processes claimer DIR OUT STOP} (scans,
 claims and "delivers" until STOP exists and the spool is empty), several of
-each at once on one spool directory, as several workers or instances do.
+each at once on one spool directory, as several workers or instances do;
+or C{python -m tests.spool_processes gateway DIR COUNT OUT STOP RELAY}: a
+gateway worker's spool and delivery service (L{gateway.smtp.delivery}) on
+the reactor, spooling COUNT messages while it relays the spool to RELAY.
 
 A claimer delivers one recipient per claim and saves the state in between,
 so a message with two recipients is claimed at least twice, often by two
@@ -26,7 +29,7 @@ from gateway.smtp.queue import Queue
 from gateway.smtp.spool import Envelope, Spool
 
 RECIPIENTS = ("a@example.net", "b@example.org")
-CHUNK = b"x" * 1000 + b"\r\n"
+CHUNK = b"x" * 76 + b"\r\n"
 
 
 def body(seed: bytes) -> list[bytes]:
@@ -100,9 +103,56 @@ def claimer(directory: str, out: str, stop: str) -> None:
                         claim.finish()
 
 
+def gateway(directory: str, count: int, out: str, stop: str, relay_url: str) -> None:
+    from twisted.internet import reactor, task
+    from twisted.internet.threads import deferToThreadPool
+
+    from gateway.smtp.delivery import Delivery, DeliverySettings
+    from gateway.smtp.relay import RelaySettings, parse_relay
+
+    spool = Spool(directory, threadpool_runner=lambda f, *a: deferToThreadPool(
+        reactor, reactor.getThreadPool(), f, *a))
+    settings = DeliverySettings(
+        relay=RelaySettings(targets=(parse_relay(relay_url),)),
+        connections=2, retry=(0.2,), jitter=0.0, scan_interval=0.2,
+    )
+    delivery = Delivery(reactor, spool, Queue(directory), settings, "worker.test")
+    ids = open(out, "w")
+
+    async def submit() -> None:
+        for n in range(count):
+            w = spool.open()
+            for chunk in body(f"{os.getpid()}-{n}".encode()):
+                w.write(chunk)
+            ids.write(await w.finish(envelope()) + "\n")
+            ids.flush()
+            await task.deferLater(reactor, 0.002, lambda: None)
+
+    def done() -> bool:
+        return os.path.exists(stop) and not spool.ids()
+
+    async def main() -> None:
+        delivery.startService()
+        await submit()
+        while not done():
+            await task.deferLater(reactor, 0.1, lambda: None)
+        await delivery.stopService()
+
+    def finished(result: object) -> None:
+        ids.close()
+        if isinstance(result, Exception) or hasattr(result, "printTraceback"):
+            result.printTraceback()  # type: ignore[union-attr]
+        reactor.stop()
+
+    reactor.callWhenRunning(lambda: defer.ensureDeferred(main()).addBoth(finished))
+    reactor.run()
+
+
 if __name__ == "__main__":
     role, *args = sys.argv[1:]
     if role == "writer":
         writer(args[0], int(args[1]), args[2])
+    elif role == "gateway":
+        gateway(args[0], int(args[1]), *args[2:])
     else:
         claimer(*args)
