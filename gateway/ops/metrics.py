@@ -526,10 +526,9 @@ def _answer_later(request: server.Request, pending: defer.Deferred[Any],
 
 
 @attrs.frozen
-class _SocketFile:
+class _SocketEnd:
     """A UNIX socket's end as Twisted's WSGI container reads it (a C{host} and a C{port})."""
 
-    name: str
     host: str = ""
     port: int = 0
 
@@ -556,10 +555,7 @@ class _Request(server.Request):
 
 
 def _addressed(address: Any) -> Any:
-    if isinstance(address, UNIXAddress):
-        return _SocketFile(address.name.decode("utf-8", "replace")
-                           if isinstance(address.name, bytes) else str(address.name))
-    return address
+    return _SocketEnd() if isinstance(address, UNIXAddress) else address
 
 
 class _Channel(http.HTTPChannel):
