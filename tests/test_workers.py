@@ -538,6 +538,19 @@ class ParentServiceTests(SynchronousTestCase):
         self.assertFalse(supervisor.draining)
         self.assertEqual([s.metrics_socket for s in supervisor.slots], [None, None])
 
+    def test_make_service_metrics(self) -> None:
+        """With --metrics the parent serves it (gateway.ops.metrics.serve_parent)."""
+        keep_signal_handlers(self)
+        parsed = tap.Options()
+        parsed.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b", "--smtp", "tcp:0",
+                             "--http", "none", "--socks", "none", "--metrics", "tcp:0"])
+        parsed["workers"] = 2
+        top = tap.makeService(parsed, MemoryReactorClock())
+        supervisor = top.getServiceNamed("workers")
+        self.addCleanup(shutil.rmtree, supervisor.run_dir, True)
+        self.assertEqual(len(list(top)), 2)
+        self.assertTrue(all(s.metrics_socket.startswith(supervisor.run_dir) for s in supervisor.slots))
+
 
 class FakeSignalReactor:
     """What L{gateway.ops.signals.on_signal} uses of a reactor, run at once."""

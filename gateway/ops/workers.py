@@ -66,6 +66,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.connections import _keyword, _split
+from gateway.ops import metrics as ops_metrics
 from gateway.ops.signals import on_signal
 from gateway.twistedinternals import keep_unix_socket_file, ssl_server_context
 
@@ -750,14 +751,7 @@ def make_parent(options: Any, reactor: Any) -> service.MultiService:
     )
     supervisor.setServiceParent(top)
     install_signals(reactor, supervisor)
-    if options["metrics"] != "none":
-        from gateway.ops import metrics as ops_metrics
-
-        serve_parent = getattr(ops_metrics, "serve_parent", None)
-        if serve_parent is not None:
-            serve_parent(options, supervisor, top)
-        else:
-            log.warn("--metrics: this build has no parent metrics listener (serve_parent)")
+    ops_metrics.serve_parent(options, supervisor, top)  # with --metrics
     return top
 
 
