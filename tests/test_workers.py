@@ -18,7 +18,7 @@ from typing import Any
 
 from twisted.internet import defer, error, protocol, reactor, threads
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import LogLevel, capturedLogs, eventAsJSON
+from twisted.logger import LogLevel, capturedLogs, formatEvent
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -405,32 +405,40 @@ class LogRelayTests(SynchronousTestCase):
         self.relay = workers.LogRelay(self.slot, self.published.append)
 
     def test_event(self) -> None:
-        line = eventAsJSON(dict(log_format="reload: {what}", what="ACL", log_level=LogLevel.info,
-                                log_namespace="gateway.ops.reload", log_time=1.0))
+        line = _record(text="reload: ACL", level="info", namespace="gateway.ops.reload", time=1.0)
         with capturedLogs():
-            self.relay.events.feed(line[:10].encode())
+            self.relay.events.feed(line[:10])
             self.assertEqual(self.published, [])
-            self.relay.events.feed(line[10:].encode() + b"\n")
+            self.relay.events.feed(line[10:] + b"\n")
         [event] = self.published
-        self.assertEqual((event["worker"], event["worker_pid"], event["what"], event["log_level"]),
-                         (1, 4242, "ACL", LogLevel.info))
+        self.assertEqual(
+            (event["worker"], event["worker_pid"], formatEvent(event), event["log_level"],
+             event["log_time"]),
+            (1, 4242, "reload: ACL", LogLevel.info, 1.0),
+        )
         self.assertEqual(event["log_system"], "gateway.ops.reload#info worker=1")
 
     def test_system_kept(self) -> None:
-        line = eventAsJSON(dict(log_format="x", log_system="SubmissionFactory,3,127.0.0.1"))
-        self.relay.events.feed(line.encode() + b"\n")
+        line = _record(text="x", system="SubmissionFactory,3,127.0.0.1")
+        self.relay.events.feed(line + b"\n")
         self.assertEqual(self.published[0]["log_system"], "SubmissionFactory,3,127.0.0.1 worker=1")
+
+    def test_text_is_not_a_format(self) -> None:
+        """Braces in a worker's text are shown as they are, never formatted again."""
+        self.relay.events.feed(_record(text="{log_text} {0} {x!r}", level="nonsense") + b"\n")
+        [event] = self.published
+        self.assertEqual((formatEvent(event), event["log_level"]), ("{log_text} {0} {x!r}", LogLevel.info))
 
     def test_too_long(self) -> None:
         """A line over the bound is dropped with one note; the next line is read."""
         with capturedLogs() as events:
             self.relay.events.feed(b"x" * (workers.MAX_LOG_LINE + 1))
             self.relay.events.feed(b"y" * workers.MAX_LOG_LINE * 2)
-            self.relay.events.feed(b"z\n" + eventAsJSON(dict(log_format="ok")).encode() + b"\n")
+            self.relay.events.feed(b"z\n" + _record(text="ok") + b"\n")
             self.relay.events.feed(b"w" * 10 + b"v" * workers.MAX_LOG_LINE + b"\n")
         notes = [e for e in events if "was dropped" in e["log_format"]]
         self.assertEqual(len(notes), 2)
-        self.assertEqual([e["log_format"] for e in self.published], ["ok"])
+        self.assertEqual([formatEvent(e) for e in self.published], ["ok"])
 
     def test_lines(self) -> None:
         """Many lines in one chunk, a line split over chunks, a last line without newline."""
@@ -443,8 +451,9 @@ class LogRelayTests(SynchronousTestCase):
 
     def test_unreadable(self) -> None:
         with capturedLogs() as events:
-            self.relay.events.feed(b"{not json\n")
+            self.relay.events.feed(b"{not json\n[1]\n" + _record(text=None) + b"\n")
         self.assertEqual(self.published, [])
+        self.assertEqual(len(events), 3)
         self.assertIn("unreadable", events[0]["log_format"])
 
     def test_stderr(self) -> None:
@@ -472,7 +481,16 @@ class LogRelayTests(SynchronousTestCase):
             else:
                 os.close(workers.LOG_FD)
         self.relay.events.feed(os.read(read, 65536))
-        self.assertEqual(self.published[0]["who"], "you")
+        [event] = self.published
+        self.assertEqual(
+            (formatEvent(event), event["log_level"], event["log_namespace"], event["log_time"]),
+            ("hello you", LogLevel.warn, "n", 2.0),
+        )
+
+
+def _record(**fields: Any) -> bytes:
+    """A log line as L{workers.pipe_logger} writes it."""
+    return json.dumps(fields).encode()
 
 
 def _open(fd: int) -> bool:
