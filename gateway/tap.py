@@ -33,7 +33,7 @@ from gateway.checkers.plainfile import PlainFileChecker
 from gateway.checkers.throttle import Throttle
 from gateway.connections import ListenSettings, with_backlog
 from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
-from gateway.state.redis import FAILURE_POLICIES, parse_state_url
+from gateway.state.url import FAILURE_POLICIES, parse_state_url
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.ops import drain, reload, workers
