@@ -57,7 +57,7 @@ from zope.interface import implementer
 from gateway.addresses import peer_key
 from gateway.checkers.hashing import length_prefixed
 from gateway.checkers.throttle import (
-    PEER_FAILURE, Admission, IThrottle, Throttle, _fold,
+    FAILURE, PEER_FAILURE, SUCCESS, Admission, IThrottle, Throttle, _fold,
 )
 from gateway.errors import StateUnavailable, Throttled
 from gateway.ratelog import LogRateLimiter
@@ -529,6 +529,13 @@ class _Tokens:
         return f"{self._prefix}{next(self._count)}"
 
 
+#: L{FINISH}'s release flag and verdict, in RESP.
+_VERDICTS = {
+    (release, verdict): resp("1" if release else "0", verdict or "")
+    for release in (True, False) for verdict in (None, SUCCESS, FAILURE, PEER_FAILURE)
+}
+
+
 @implementer(IThrottle)
 class RedisThrottle:
     """
@@ -553,6 +560,7 @@ class RedisThrottle:
         self._delayed = 0
         self._token = _Tokens()
         self._keys = functools.lru_cache(maxsize=4096)(self._make_keys)
+        self._in_flight: tuple[float, bytes] = (-1.0, b"")
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("max_") or name in ("window", "delay", "known_for"):
@@ -593,8 +601,11 @@ class RedisThrottle:
     def admit(self, peer: str | None, user: str | None) -> defer.Deferred[Admission]:
         local = self.local
         token = self._token()
-        d = self.link.run_encoded(ADMIT, 1 + 6 + 11, b"%s%s%s" % (
-            self._keys(peer, user), self._admit_limits, resp(token, self.in_flight_for),
+        if self._in_flight[0] != self.in_flight_for:
+            self._in_flight = (self.in_flight_for, resp(self.in_flight_for))
+        tok = token.encode()
+        d = self.link.run_encoded(ADMIT, 1 + 6 + 11, b"%s%s$%d\r\n%s\r\n%s" % (
+            self._keys(peer, user), self._admit_limits, len(tok), tok, self._in_flight[1],
         ))
         if d.called:  # not sent: the failure policy, without a Deferred more
             return d.addCallbacks(
@@ -642,9 +653,9 @@ class RedisThrottle:
             return self.local.finish(admission, verdict, release)
         peer, user = admission.peer, admission.user
         local = self.local
-        d = self.link.run_encoded(FINISH, 1 + 6 + 12, b"%s%s%s" % (
-            self._keys(peer, user),
-            resp("1" if release else "0", verdict or "", admission.token),
+        tok = admission.token.encode()
+        d = self.link.run_encoded(FINISH, 1 + 6 + 12, b"%s%s$%d\r\n%s\r\n%s" % (
+            self._keys(peer, user), _VERDICTS[release, verdict], len(tok), tok,
             self._finish_limits,
         ))
         # Fallen back: its reservation was in Redis (it expires there); the
