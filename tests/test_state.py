@@ -243,9 +243,34 @@ class LinkPolicyTests(SynchronousTestCase):
         p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
         self.assertIsNone(self.successResultOf(d).known)
 
-    def test_closed_before_connect(self) -> None:
-        """closed: no connection yet means a temporary failure, at once."""
+    def refused(self, endpoint: ScriptedEndpoint) -> None:
+        """The first connection fails (and the next ones too)."""
+        endpoint.refuse = True
+        p, _ = endpoint.last
+        p.connectionLost(Failure(ConnectionRefusedError("connection refused")))
+
+    def test_first_connection_awaited(self) -> None:
+        """A link just started: logins wait for its first connection, then go on."""
         state, endpoint, _ = self.make()
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        self.assertNoResult(d)
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        self.assertIn(b"EVALSHA", transport.value())
+        p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
+        self.assertFalse(self.successResultOf(d).local)
+
+    def test_first_connection_fails(self) -> None:
+        """... or fail as the policy says when it fails."""
+        state, endpoint, _ = self.make()
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        self.refused(endpoint)
+        self.failureResultOf(d, StateUnavailable)
+
+    def test_closed_before_connect(self) -> None:
+        """closed: no connection means a temporary failure, at once."""
+        state, endpoint, _ = self.make()
+        self.refused(endpoint)
         self.failureResultOf(state.throttle.admit("192.0.2.1", "daniel"), StateUnavailable)
         self.failureResultOf(state.sessions.acquire("socks-user", "daniel", 1), StateUnavailable)
         self.assertEqual(state.errors, 2)
@@ -254,6 +279,7 @@ class LinkPolicyTests(SynchronousTestCase):
     def test_local_fallback(self) -> None:
         """local: the in-process limits stand in, and hold."""
         state, endpoint, _ = self.make("local")
+        self.refused(endpoint)
         self.assertTrue(state.fallback)
         for _ in range(2):
             admission = self.successResultOf(state.throttle.admit("192.0.2.1", "daniel"))

@@ -171,6 +171,8 @@ class Link(service.Service):
         self._attempts = 0
         #: The last state logged (None: none yet).
         self._logged: bool | None = None
+        #: Commands waiting for the first connection's outcome (None once known).
+        self._starting: list[defer.Deferred[None]] | None = []
         #: When each command waiting for its reply was sent, oldest first
         #: (Redis answers in order).
         self._sent: collections.deque[float] = collections.deque()
@@ -215,6 +217,7 @@ class Link(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        self._went(False)  # anything still waiting for the first connection fails
         if self._watchdog.running:
             self._watchdog.stop()
         if self._retry is not None and self._retry.active():
@@ -302,6 +305,9 @@ class Link(service.Service):
 
     def _went(self, up: bool, why: str = "") -> None:
         self.up = up
+        starting, self._starting = self._starting, None
+        for d in starting or ():
+            d.callback(None)
         if self._logged is up or not self.running:
             return
         first, self._logged = self._logged is None, up
@@ -333,6 +339,12 @@ class Link(service.Service):
 
     def _send(self, command: Encoded, script: Script | None) -> defer.Deferred[Any]:
         p = self._protocol
+        if p is None and self.running and self._starting is not None and len(self._starting) < self.max_pending:
+            # The first connection is under way (a worker just started):
+            # wait for it rather than fail the logins of its first moments.
+            started: defer.Deferred[None] = defer.Deferred()
+            self._starting.append(started)
+            return started.addCallback(lambda _: self._send(command, script))
         if p is None or self.pending >= self.max_pending:
             self.errors += 1
             return defer.fail(Unreachable("not connected" if p is None else "too many commands waiting"))
