@@ -349,6 +349,16 @@ class GatewayChannel(http.HTTPChannel):
     #: The gateway is stopping (L{drain}): no request after the one in flight.
     _draining = False
 
+    # What the guard keeps for a connection's next requests (L{Guard.decide}):
+    #: Peer address and port, local address and port, TLS: the same for every request.
+    gateway_connection: tuple[Any, ...] | None = None
+    #: The last Basic token decoded on this connection: (token, user, password).
+    gateway_basic: tuple[bytes, str, str] | None = None
+    #: What the last success line logged on this connection said: (the
+    #: Authorization values, the client's address, the AuthInfo); a login
+    #: that would log the same line again logs none (its event still goes out).
+    gateway_logged: tuple[Any, ...] | None = None
+
     def drain(self) -> None:
         """
         The gateway is stopping: an idle connection (keep-alive, no request
