@@ -5,6 +5,7 @@ process, and two), all started first and measured in one run with
 interleaved repetitions.
 
     .venv/bin/python bench/http_bench.py [--duration 10] [--reps 3] [--connections 50]
+        [--paths whoami,auth] [--users sha,bcrypt] [--nginx-workers 1,2] [--baseline TREE]
 
 Needs C{wrk} and C{nginx} (Debian packages wrk, nginx) on the PATH; no root
 needed: nginx runs from a temporary prefix with every path inside it.
@@ -54,7 +55,7 @@ USERS = {
     "sha": "sha-password",
     "bcrypt": "bcrypt-password",
 }
-COLUMNS = {"sha": "req/s, {SHA} user", "bcrypt": "req/s, bcrypt-10 user"}
+COLUMNS = {"sha": "{SHA} user", "bcrypt": "bcrypt-10 user"}
 
 NGINX_CONF = textwrap.dedent(
     """\
@@ -77,7 +78,7 @@ NGINX_CONF = textwrap.dedent(
             listen 127.0.0.1:{port};
             # Not "return 200": return runs in the rewrite phase, before
             # auth_basic's access phase, and would answer without any check.
-            location = /whoami {{
+            location ~ ^/(whoami|auth)$ {{
                 auth_basic "x";
                 auth_basic_user_file {htpasswd};
                 default_type text/plain;
@@ -136,6 +137,14 @@ def main() -> None:
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--nginx-workers", default="1,2",
                         help="comma-separated worker_processes values (default %(default)s)")
+    parser.add_argument("--paths", default="whoami",
+                        help="comma-separated paths: whoami, auth (forward-auth asking about"
+                             " its own request; nginx answers both alike) (default %(default)s)")
+    parser.add_argument("--users", default="sha,bcrypt",
+                        help="comma-separated users: sha, bcrypt (default %(default)s)")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also measure the gateway of another checkout, e.g. a"
+                             " `git worktree add --detach /tmp/old REV`")
     args = parser.parse_args()
     need_tools(("wrk", "wrk"), ("nginx", "nginx"))
     with Bench(args, "http-bench") as bench:
@@ -148,12 +157,20 @@ def main() -> None:
             f.write("ok\n")
         servers: list[tuple[str, int, int]] = []  # name, port, pid
 
-        port = free_port()
-        proc = bench.gateway("gw", "--auth", f"htpasswd:{htpasswd}", "--http",
-                             f"tcp:{port}:interface=127.0.0.1", "--smtp", "none",
-                             "--socks", "none")
-        wait_port(port, proc)
-        servers.append(("authgateway", port, proc.pid))
+        def gateway(name: str, tree: str | None = None) -> None:
+            port = free_port()
+            # Another checkout's code first on the path; started outside any
+            # checkout, so that the editable install does not win.
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(tree)) if tree else None
+            proc = bench.gateway(name, "--auth", f"htpasswd:{htpasswd}", "--http",
+                                 f"tcp:{port}:interface=127.0.0.1", "--smtp", "none",
+                                 "--socks", "none", env=env, cwd=bench.tmp if tree else None)
+            wait_port(port, proc)
+            servers.append((name, port, proc.pid))
+
+        gateway("authgateway")
+        if args.baseline:
+            gateway(f"baseline {os.path.basename(os.path.abspath(args.baseline))}", args.baseline)
         nginx = f"nginx {version('nginx')}"
         for workers in (int(w) for w in args.nginx_workers.split(",")):
             port = free_port()
@@ -169,24 +186,26 @@ def main() -> None:
         for name, port, _ in servers:
             check(name, port)
 
-        header("HTTP GET /whoami, Basic", args)
+        paths, users = args.paths.split(","), args.users.split(",")
+        header(f"HTTP GET /{', /'.join(paths)}, Basic", args)
         print(f"wrk -t{args.wrk_threads} -c{args.connections}, keep-alive")
         for rep in range(args.reps):
             print(f"repetition {rep + 1}", flush=True)
-            for user in USERS:
+            for path, user in ((p, u) for p in paths for u in users):
                 for name, port, pid in servers:
                     result, out = bench.run(
                         "exec", "--server-pid", pid, "--", "wrk", f"-t{args.wrk_threads}",
                         f"-c{args.connections}", f"-d{args.duration:g}s", "--timeout", "10s",
                         "-H", f"Authorization: {authorization(user)}",
-                        f"http://127.0.0.1:{port}/whoami", timeout=args.duration + 60)
+                        f"http://127.0.0.1:{port}/{path}", timeout=args.duration + 60)
                     rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
                     if result["exit"] != 0 or rate is None:
                         raise SystemExit(f"wrk failed:\n{out}")
                     notes = [m.group(0) for m in re.finditer(
                         r"Non-2xx or 3xx responses:.*|Socket errors:.*", out)]
                     note = f"   {'; '.join(notes)}!" if notes else ""
-                    bench.record(name, COLUMNS[user], float(rate.group(1)), result, "req", note)
+                    bench.record(name, f"/{path}, {COLUMNS[user]}", float(rate.group(1)),
+                                 result, "req", note)
         bench.summary([("authgateway", name) for name, *_ in servers[1:]])
 
 
