@@ -472,6 +472,26 @@ class OutcomeTests(GuardTestCase):
         self.assertEqual(self.transport.value(), b"")
 
 
+    def test_client_leaves_during_the_failure_delay(self):
+        """A wrong password answered after the delay: hanging up meanwhile is still a failure."""
+        clock = task.Clock()
+        self.make(throttle=Throttle(clock, delay=5, max_delay=5))
+        events = []
+
+        class Sink:
+            login = events.append
+
+            def authz(self, event):
+                pass
+
+        self.portal.events.add(Sink())
+        r = self.request(authorization=basic("daniel", "lion"))
+        self.assertEqual(r.raw, b"")  # held for the delay
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([(e.outcome, e.client_left) for e in events], [("failure", True)])
+        self.assertFalse([c for c in clock.getDelayedCalls() if c.active()])
+
+
 #: What every trusted proxy must send: who the client is, and that it used TLS.
 CLIENT = [(b"X-Forwarded-For", b"198.51.100.7"), (b"X-Forwarded-Proto", b"https")]
 

@@ -283,8 +283,7 @@ class Guard(resource.Resource):
         if isinstance(decided, defer.Deferred):
             # A login answered at once (a cached verification): its resource
             # now, without a DeferredResource's second render.
-            now: list[Any] = []
-            decided.addBoth(lambda result: now.append(result) or result)
+            now = _result_now(decided)
             if now and not isinstance(now[0], Failure):
                 return now[0]
             return util.DeferredResource(decided)
@@ -327,7 +326,7 @@ class Guard(resource.Resource):
             resource.IResource,
             repeated=lambda info: logged == (*key, info),
         )
-        if not d.called:  # a login still running (not a cached verification)
+        if not _result_now(d):  # a login still running (not a cached verification)
             login_running(getattr(channel, "transport", None), d)  # not shed meanwhile
             request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addCallbacks(
@@ -390,6 +389,16 @@ class Guard(resource.Resource):
         if not reason.check(TemporaryFailure):
             log.failure("HTTP login failed", reason)
         return Refusal(503, "Authentication temporarily unavailable", headers=[(b"retry-after", b"1")])
+
+
+def _result_now(d: defer.Deferred[Any]) -> list[Any]:
+    """
+    C{[result]} when C{d} has its result now (not C{d.called}, which is
+    also true while it waits for a Deferred it was given), else C{[]}.
+    """
+    now: list[Any] = []
+    d.addBoth(lambda result: now.append(result) or result)
+    return now
 
 
 class _Gone(resource.Resource):
