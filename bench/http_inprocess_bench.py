@@ -97,7 +97,8 @@ def main() -> None:
             transport.clear()
         if "--profile" in sys.argv:
             profile.disable()
-            pstats.Stats(profile).sort_stats(os.environ.get("SORT", "tottime")).print_stats(int(os.environ.get("TOP", "45")))
+            stats = pstats.Stats(profile).sort_stats(os.environ.get("SORT", "tottime"))
+            stats.print_stats(int(os.environ.get("TOP", "45")))  # $SORT, $TOP: cProfile's
         if core.verifier.hits < count:
             raise SystemExit(f"cache hits {core.verifier.hits} < {count}")
     finally:

@@ -119,7 +119,11 @@ def meta_of(
     )
 
 
-def connection_of(request: server.Request) -> tuple[str | None, int | None, str | None, int | None, bool]:
+#: A connection's peer address and port, local address and port, and TLS.
+ConnectionFacts = tuple[str | None, int | None, str | None, int | None, bool]
+
+
+def connection_of(request: server.Request) -> ConnectionFacts:
     """
     The facts of the request's connection: peer address (normalised) and
     port, local address and port, TLS. Worked out on the connection's first
