@@ -78,9 +78,9 @@ def wait_unix(path: str, proc: subprocess.Popen, hello: bytes, answer: bytes,
 def wait_workers(proc: subprocess.Popen, count: int, log: str, timeout: float = 60) -> list[int]:
     """
     Until the gateway C{proc} runs C{count} worker processes and its log
-    has C{count} start lines (each worker's, relayed by the parent); returns
-    the workers' pids. A listening port proves only the parent: the workers
-    adopt its sockets a little later.
+    has the start line of each (C{authgateway started: worker K, ...},
+    relayed by the parent); returns the workers' pids. A listening port
+    proves only the parent: the workers adopt its sockets a little later.
     """
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -89,7 +89,7 @@ def wait_workers(proc: subprocess.Popen, count: int, log: str, timeout: float = 
         workers = descendants(proc.pid)
         try:
             with open(log) as f:
-                started = f.read().count("authgateway started")
+                started = len(set(re.findall(r"authgateway started: worker (\d+)", f.read())))
         except OSError:
             started = 0
         if len(workers) >= count and started >= count:
