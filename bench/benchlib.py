@@ -172,6 +172,8 @@ class Bench:
         self.dirs: list[str] = []
         self.rows: dict[tuple[str, str], list[dict[str, Any]]] = {}
         self.loadgen = args.loadgen or build_loadgen()
+        #: What the C{--aux-pid} processes are, in the figures' lines and table.
+        self.aux_label = "sink"
         self.shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.tmp = self.tempdir(self.shm)
 
@@ -278,7 +280,8 @@ class Bench:
         """Prints one repetition's figure with each process's CPU and keeps it (if C{keep})."""
         server = result.get("server_cpu_pct")
         per = f" ({server / 100 * 1e6 / value:,.0f} us CPU/{unit})" if server and value else ""
-        print(f"  {row:<26} {column:<14} {value:10,.1f}{per}   {cpu_line(result)}{note}",
+        print(f"  {row:<26} {column:<14} {value:10,.1f}{per}   "
+              f"{cpu_line(result, self.aux_label)}{note}",
               flush=True)
         if keep:
             self.rows.setdefault((row, column), []).append(
@@ -306,7 +309,7 @@ class Bench:
         print(f"\nMedians of {self.args.reps} runs of {self.args.duration:g} s "
               f"(CPU in % of one core):\n")
         print("| server | workload | figure | server CPU per unit | server CPU | client CPU |"
-              + (" sink CPU |" if sink else "") + " other CPU |"
+              + (f" {self.aux_label} CPU |" if sink else "") + " other CPU |"
               + (" each process (whole command) |" if processes else ""))
         print("|---|---|---:|---:|---:|---:|" + ("---:|" if sink else "") + "---:|"
               + ("---|" if processes else ""))
@@ -444,14 +447,14 @@ def other_cpu(result: dict[str, Any]) -> float:
     return max(0.0, busy - ours)
 
 
-def cpu_line(result: dict[str, Any]) -> str:
-    """Each process's CPU over the measured window, % of one core."""
+def cpu_line(result: dict[str, Any], aux: str = "sink") -> str:
+    """Each process's CPU over the measured window, % of one core (C{aux}: the aux processes' name)."""
     parts = []
     if "server_cpu_pct" in result:
         parts.append(f"server {result['server_cpu_pct']:.0f}%")
     parts.append(f"client {result['client_cpu_pct']:.0f}%")
     if "aux_cpu_pct" in result:
-        parts.append(f"sink {result['aux_cpu_pct']:.0f}%")
+        parts.append(f"{aux} {result['aux_cpu_pct']:.0f}%")
     parts.append(f"other {other_cpu(result):.0f}% (softirq {result['softirq_cpu_pct']:.0f}%)")
     line = "CPU " + ", ".join(parts)
     if several(result.get("trees")):

@@ -141,6 +141,7 @@ def main() -> None:
     user_added = False
     try:
         with Bench(args, "scale-bench") as bench:
+            bench.aux_label = "sink/Redis"
             redis_pid, state = 0, ""
             if w1_redis or w2:
                 redis, socket_path = bench.redis()
@@ -243,7 +244,7 @@ def main() -> None:
                     for tunnels in (1, 4):
                         socks_bench.measure_bulk(bench, socks, discard, sink_pid,
                                                  args.bulk_mib, tunnels)
-                for user in (http_bench.USERS if http else ()):
+                for user in (u for u in http_bench.USERS if any(u in row[-1] for row in http)):
                     print(f" HTTP GET /whoami, {http_bench.COLUMNS[user]}", flush=True)
                     for name, port, pid, aux, users in http:
                         if user in users:
