@@ -106,7 +106,8 @@ def gateway_has(option: str) -> bool:
     if not _OPTIONS:
         help_text = subprocess.run([TWISTD, "authgateway", "--help"], capture_output=True,
                                    text=True, check=False, cwd=ROOT).stdout
-        _OPTIONS.update(re.findall(r"--[a-z][a-z0-9-]*", help_text))
+        # Only where an option is listed: other options' help mentions some.
+        _OPTIONS.update(re.findall(r"^\s*(?:-\w, *)?(--[a-z][a-z0-9-]*)", help_text, re.M))
     return option in _OPTIONS
 
 

@@ -82,10 +82,20 @@ LIMITS = ("--max-failures", "100000", "--max-peer-failures", "100000",
 def start_gateway(bench: Bench, name: str, port: int, options: Sequence[str],
                   workers: int) -> int:
     """One gateway, waited for until it (and each of its workers) serves: its pid."""
-    proc = bench.gateway(name, *options, *LIMITS)
-    wait_port(port, proc)
-    if workers > 1:
-        wait_workers(proc, workers, bench.log_of(name))
+    log = bench.log_of(name)
+    errors = os.path.basename(log) + ".stderr"  # a usage error goes there, not to the log
+    proc = bench.gateway(name, *options, *LIMITS, log=errors)
+    try:
+        wait_port(port, proc)
+        if workers > 1:
+            wait_workers(proc, workers, log)
+    except SystemExit as e:
+        tails = []
+        for path in (log, os.path.join(bench.tmp, errors)):
+            if os.path.exists(path):
+                with open(path) as f:
+                    tails.append(f.read()[-2000:])
+        raise SystemExit(f"{name}: {e}; it said:\n" + "".join(tails)) from None
     return proc.pid
 
 
