@@ -47,6 +47,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 
 from benchlib import Bench, add_options, free_port, header, need_tools, version, wait_port
 
@@ -55,7 +56,7 @@ USERS = {
     "sha": "sha-password",
     "bcrypt": "bcrypt-password",
 }
-COLUMNS = {"sha": "{SHA} user", "bcrypt": "bcrypt-10 user"}
+COLUMNS = {"sha": "req/s, {SHA} user", "bcrypt": "req/s, bcrypt-10 user"}
 
 NGINX_CONF = textwrap.dedent(
     """\
@@ -130,6 +131,58 @@ def write_htpasswd(path: str) -> None:
     )
 
 
+def prepare(bench: Bench) -> str:
+    """
+    The htpasswd file every server reads and nginx's reply file, readable
+    by nginx's workers (run as root, they switch to "nobody"): its path.
+    """
+    htpasswd = os.path.join(bench.tmp, "users.htpasswd")
+    write_htpasswd(htpasswd)
+    os.chmod(bench.tmp, 0o755)
+    os.chmod(htpasswd, 0o644)
+    with open(os.path.join(bench.tmp, "ok.txt"), "w") as f:
+        f.write("ok\n")
+    return htpasswd
+
+
+def gateway_options(port: int, htpasswd: str) -> tuple[str, ...]:
+    """The gateway's options in every HTTP benchmark: the htpasswd file, HTTP only."""
+    return ("--auth", f"htpasswd:{htpasswd}", "--http", f"tcp:{port}:interface=127.0.0.1",
+            "--smtp", "none", "--socks", "none")
+
+
+def start_nginx(bench: Bench, htpasswd: str, workers: int) -> tuple[str, int, int]:
+    """nginx with C{workers} worker processes on the htpasswd file: name, port, pid."""
+    port = free_port()
+    conf = os.path.join(bench.tmp, f"nginx-{port}.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(tmp=bench.tmp, port=port, htpasswd=htpasswd, workers=workers))
+    proc = bench.start(["nginx", "-p", bench.tmp, "-c", conf, "-e",
+                        os.path.join(bench.tmp, "nginx-error.log")])
+    wait_port(port, proc)
+    return (f"nginx {version('nginx')}, {workers} worker{'s' if workers > 1 else ''}", port,
+            proc.pid)
+
+
+def measure(bench: Bench, name: str, port: int, pid: int, user: str, connections: int,
+            threads: int, aux: Sequence[int] = (), column: str | None = None,
+            path: str = "whoami") -> None:
+    """One wrk run as C{user} on C{/path} against the server C{pid} (C{aux}: more to show)."""
+    duration = bench.args.duration
+    result, out = bench.run(
+        "exec", "--server-pid", pid, *(("--aux-pid", ",".join(map(str, aux))) if aux else ()),
+        "--", "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
+        "-H", f"Authorization: {authorization(user)}", f"http://127.0.0.1:{port}/{path}",
+        timeout=duration + 60)
+    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if result["exit"] != 0 or rate is None:
+        raise SystemExit(f"wrk failed:\n{out}")
+    notes = [m.group(0) for m in re.finditer(
+        r"Non-2xx or 3xx responses:.*|Socket errors:.*", out)]
+    note = f"   {'; '.join(notes)}!" if notes else ""
+    bench.record(name, column or COLUMNS[user], float(rate.group(1)), result, "req", note)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser, pause=0)
@@ -148,13 +201,7 @@ def main() -> None:
     args = parser.parse_args()
     need_tools(("wrk", "wrk"), ("nginx", "nginx"))
     with Bench(args, "http-bench") as bench:
-        htpasswd = os.path.join(bench.tmp, "users.htpasswd")
-        write_htpasswd(htpasswd)
-        # Run as root, nginx's workers switch to "nobody": they must reach the files.
-        os.chmod(bench.tmp, 0o755)
-        os.chmod(htpasswd, 0o644)
-        with open(os.path.join(bench.tmp, "ok.txt"), "w") as f:
-            f.write("ok\n")
+        htpasswd = prepare(bench)
         servers: list[tuple[str, int, int]] = []  # name, port, pid
 
         def gateway(name: str, tree: str | None = None) -> None:
@@ -162,27 +209,16 @@ def main() -> None:
             # Another checkout's code first on the path; started outside any
             # checkout, so that the editable install does not win.
             env = dict(os.environ, PYTHONPATH=os.path.abspath(tree)) if tree else None
-            proc = bench.gateway(name, "--auth", f"htpasswd:{htpasswd}", "--http",
-                                 f"tcp:{port}:interface=127.0.0.1", "--smtp", "none",
-                                 "--socks", "none", env=env, cwd=bench.tmp if tree else None)
+            proc = bench.gateway(name, *gateway_options(port, htpasswd), env=env,
+                                 cwd=bench.tmp if tree else None)
             wait_port(port, proc)
             servers.append((name, port, proc.pid))
 
         gateway("authgateway")
         if args.baseline:
             gateway(f"baseline {os.path.basename(os.path.abspath(args.baseline))}", args.baseline)
-        nginx = f"nginx {version('nginx')}"
         for workers in (int(w) for w in args.nginx_workers.split(",")):
-            port = free_port()
-            conf = os.path.join(bench.tmp, f"nginx-{port}.conf")
-            with open(conf, "w") as f:
-                f.write(NGINX_CONF.format(tmp=bench.tmp, port=port, htpasswd=htpasswd,
-                                          workers=workers))
-            proc = bench.start(["nginx", "-p", bench.tmp, "-c", conf, "-e",
-                                os.path.join(bench.tmp, "nginx-error.log")])
-            wait_port(port, proc)
-            servers.append((f"{nginx}, {workers} worker{'s' if workers > 1 else ''}", port,
-                            proc.pid))
+            servers.append(start_nginx(bench, htpasswd, workers))
         for name, port, _ in servers:
             check(name, port)
 
@@ -192,20 +228,10 @@ def main() -> None:
         for rep in range(args.reps):
             print(f"repetition {rep + 1}", flush=True)
             for path, user in ((p, u) for p in paths for u in users):
+                column = COLUMNS[user] if paths == ["whoami"] else f"/{path}, {COLUMNS[user]}"
                 for name, port, pid in servers:
-                    result, out = bench.run(
-                        "exec", "--server-pid", pid, "--", "wrk", f"-t{args.wrk_threads}",
-                        f"-c{args.connections}", f"-d{args.duration:g}s", "--timeout", "10s",
-                        "-H", f"Authorization: {authorization(user)}",
-                        f"http://127.0.0.1:{port}/{path}", timeout=args.duration + 60)
-                    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
-                    if result["exit"] != 0 or rate is None:
-                        raise SystemExit(f"wrk failed:\n{out}")
-                    notes = [m.group(0) for m in re.finditer(
-                        r"Non-2xx or 3xx responses:.*|Socket errors:.*", out)]
-                    note = f"   {'; '.join(notes)}!" if notes else ""
-                    bench.record(name, f"/{path}, {COLUMNS[user]}", float(rate.group(1)),
-                                 result, "req", note)
+                    measure(bench, name, port, pid, user, args.connections, args.wrk_threads,
+                            column=column, path=path)
         bench.summary([("authgateway", name) for name, *_ in servers[1:]])
 
 
