@@ -6,6 +6,7 @@ relay, driven through C{StringTransport} and C{MemoryReactorClock}.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 
@@ -30,7 +31,8 @@ from gateway.checkers.functions import CallableChecker
 from gateway.connections import Connections, LimitedFactory
 from gateway.realm import Realm, make_portal
 from gateway.socks.rules import AllowRule
-from gateway.socks.server import SOCKSFactory, SOCKSSettings
+from gateway.socks import server
+from gateway.socks.server import SOCKSFactory, SOCKSSettings, is_local
 from tests.support import FixedChecker
 
 PUBLIC = "93.184.216.34"
@@ -1041,3 +1043,27 @@ class LibcAgreementTests(SynchronousTestCase):
     @settings(max_examples=500, deadline=None)
     def test_numeric_alphabet(self, text):
         self.check(text)
+
+
+class IsLocalTests(SynchronousTestCase):
+    """is_local: an address of this host can be bound, whatever the probe's options."""
+
+    def test_loopback_is_local(self):
+        self.assertTrue(is_local(ipaddress.ip_address("127.0.0.1")))
+        self.assertTrue(is_local(ipaddress.ip_address("127.0.0.2")))  # all of 127/8
+        if socket.has_ipv6:
+            try:
+                loopback6 = is_local(ipaddress.ip_address("::1"))
+            except OSError:  # pragma: no cover - no IPv6 at all
+                loopback6 = True
+            self.assertTrue(loopback6)
+
+    def test_others_are_not(self):
+        self.assertFalse(is_local(ipaddress.ip_address("192.0.2.1")))
+        self.assertFalse(is_local(ipaddress.ip_address(PUBLIC)))
+
+    def test_option_refused_plain_bind(self):
+        """A kernel that refuses the no-port option still gets the right answer."""
+        self.patch(server, "_BIND_ADDRESS_NO_PORT", 0x7FFF)
+        self.assertTrue(is_local(ipaddress.ip_address("127.0.0.1")))
+        self.assertFalse(is_local(ipaddress.ip_address("192.0.2.1")))

@@ -24,10 +24,12 @@ one a minute per peer). Never the password.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import re
 import socket
+import sys
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -165,11 +167,24 @@ def canonical_name(text: str) -> str | None:
     return name
 
 
+#: Linux's IP_BIND_ADDRESS_NO_PORT (4.2+, IPv4 and IPv6 sockets alike; Python
+#: names it from 3.12 on), None elsewhere: then L{is_local} binds plainly.
+_BIND_ADDRESS_NO_PORT = (
+    getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24) if sys.platform == "linux" else None
+)
+
+
 def is_local(address: IPAddress) -> bool:
     """Whether C{address} belongs to this host (it can be bound)."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            if _BIND_ADDRESS_NO_PORT is not None:
+                # The address is checked, no port searched for: with tens of
+                # thousands of TIME_WAIT sockets that search costs more than
+                # the whole session (../shared/bench/README.md).
+                with contextlib.suppress(OSError):  # an older kernel: a plain bind
+                    probe.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
             probe.bind((str(address), 0))
     except OSError:
         return False
@@ -423,7 +438,7 @@ class SOCKSServer(protocol.Protocol):
         except codec.ProtocolError as e:
             if e.reply is not None:  # a malformed request still gets its REP
                 self.reply = int(e.reply)
-                self.transport.write(codec.encode_reply(e.reply))
+                self._send(codec.encode_reply(e.reply))
             self._close(f"protocol error: {e}")
             return
         for event in events:
@@ -461,6 +476,14 @@ class SOCKSServer(protocol.Protocol):
             self.transport.pauseProducing()
         return d
 
+    def _send(self, data: bytes) -> None:
+        """
+        A negotiation answer: sent at once when the socket takes it
+        (L{write_now}), rather than in the next reactor pass at the cost of
+        two epoll changes, as every session has three or four of them.
+        """
+        write_now(self.transport, data)
+
     def _bug(self, reason: Failure) -> None:
         log.failure("socks session failed", reason)
         if not self._gone:
@@ -471,13 +494,13 @@ class SOCKSServer(protocol.Protocol):
 
     def _greeting(self, greeting: codec.Greeting) -> None:
         if codec.USERPASS in greeting.methods:
-            self.transport.write(self.codec.send_method(codec.USERPASS))
+            self._send(self.codec.send_method(codec.USERPASS))
         elif codec.NO_AUTH in greeting.methods and not self.settings.auth_required:
-            self.transport.write(self.codec.send_method(codec.NO_AUTH))
+            self._send(self.codec.send_method(codec.NO_AUTH))
             self.info = AuthInfo(peer_address=self.meta.peer_address)
             authenticated(self.transport)  # no-auth allowed: out of the unauthenticated share
         else:
-            self.transport.write(self.codec.send_method(codec.NO_ACCEPTABLE))
+            self._send(self.codec.send_method(codec.NO_ACCEPTABLE))
             if greeting.methods == (codec.NO_AUTH,):
                 why = "no acceptable method: the client offered only no-authentication (ssh -D style)"
             else:
@@ -550,7 +573,7 @@ class SOCKSServer(protocol.Protocol):
 
     def _auth_failed(self, why: str) -> None:
         """RFC 1929 status 1, then close: fail closed on every path."""
-        self.transport.write(self.codec.send_auth_result(False))
+        self._send(self.codec.send_auth_result(False))
         self._close(why)
 
     # -- requests ---------------------------------------------------------
@@ -571,7 +594,7 @@ class SOCKSServer(protocol.Protocol):
     def _refuse(self, reply: Reply, why: str) -> None:
         self._cancel_timer()
         self.reply = int(reply)
-        self.transport.write(self.codec.send_reply(reply))
+        self._send(self.codec.send_reply(reply))
         self._close(why)
 
     def _acl_allows(self, resource: str, privilege: str) -> bool:
@@ -615,7 +638,7 @@ class SOCKSServer(protocol.Protocol):
             return
         self._source = (str(source), request.port)
         self.reply = int(Reply.SUCCEEDED)
-        self.transport.write(self.codec.send_reply(Reply.SUCCEEDED, str(source), request.port))
+        self._send(self.codec.send_reply(Reply.SUCCEEDED, str(source), request.port))
         self._feed(b"")
 
     async def _connect(self, request: codec.Request) -> None:
@@ -659,7 +682,7 @@ class SOCKSServer(protocol.Protocol):
         ):
             self._refuse(Reply.NOT_ALLOWED, "destination not allowed")
             return
-        if any(is_local(a) and not rules.allows_local(a, port) for a in addresses):
+        if any(not rules.allows_local(a, port) and is_local(a) for a in addresses):
             self._refuse(Reply.NOT_ALLOWED, "destination is the gateway's own host")
             return
         await self._open(addresses, port)
@@ -710,7 +733,7 @@ class SOCKSServer(protocol.Protocol):
         self.outbound = outbound
         self._cancel_timer()
         self.reply = int(Reply.SUCCEEDED)
-        self.transport.write(self.codec.send_reply(Reply.SUCCEEDED, here.host, here.port))
+        self._send(self.codec.send_reply(Reply.SUCCEEDED, here.host, here.port))
         # Backpressure both ways: a full write buffer pauses the other side's reads.
         self.transport.registerProducer(outbound.transport, True)
         outbound.transport.registerProducer(self.transport, True)
