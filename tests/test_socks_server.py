@@ -1067,3 +1067,56 @@ class IsLocalTests(SynchronousTestCase):
         self.patch(server, "_BIND_ADDRESS_NO_PORT", 0x7FFF)
         self.assertTrue(is_local(ipaddress.ip_address("127.0.0.1")))
         self.assertFalse(is_local(ipaddress.ip_address("192.0.2.1")))
+
+
+class ConnectAttemptTests(SOCKSTestCase):
+    """The outbound connect: each resolved address in turn, cancellation, bugs."""
+
+    SECOND = "93.184.216.35"
+
+    def setUp(self):
+        self.make(names={"example.com": [PUBLIC, self.SECOND]}, connect_timeout=15)
+        self.login()
+        self.send(request(b"example.com", 443))
+
+    def test_next_address_after_a_failure(self):
+        self.assertEqual(self.reactor.tcpClients[-1][:4][::3], (PUBLIC, 7.5))
+        self.fail_outbound(error.ConnectionRefusedError())
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(self.reactor.tcpClients[-1][:2], (self.SECOND, 443))
+        self.assertEqual(self.transport.value(), b"")
+        self.outbound()
+        self.assertEqual(self.transport.value(), reply(0, "198.51.100.1", 40000))
+        self.assertIsNone(self.proto._pending)
+        self.assertEqual(self.proto.address, self.SECOND)
+
+    def test_every_address_failed(self):
+        """The reply is the last failure's."""
+        self.fail_outbound(error.TimeoutError())
+        self.fail_outbound(error.ConnectionRefusedError())
+        self.assertEqual(self.transport.value(), reply(5))
+        self.assertTrue(self.closed())
+        self.assertIsNone(self.proto._pending)
+
+    def test_client_leaves_during_the_second_attempt(self):
+        self.fail_outbound(error.ConnectionRefusedError())
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_connected_after_cancel_is_aborted(self):
+        """A connection that completes after its attempt was cancelled is closed."""
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        _, remote = self.outbound()
+        self.assertTrue(remote.disconnected)  # StringTransport.abortConnection
+
+    def test_bug_aborts_the_session(self):
+        def broken(outbound):
+            raise RuntimeError("bug")
+
+        self.patch(self.proto, "_connected", broken)
+        self.outbound()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(self.transport.disconnected)  # aborted
+        self.assertEqual(self.proto.reason, "internal error")

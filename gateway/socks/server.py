@@ -583,7 +583,7 @@ class SOCKSServer(protocol.Protocol):
         self.destination = f"{request.host}:{request.port}"
         if request.command == codec.CONNECT:
             self._start_timer(self.settings.connect_timeout, self._connect_expired)
-            d = self._wait(defer.ensureDeferred(self._connect(request)))
+            d = self._wait(self._connect(request))
             d.addErrback(self._connect_failed)
             d.addErrback(self._bug)
         elif request.command == codec.BIND:
@@ -641,81 +641,135 @@ class SOCKSServer(protocol.Protocol):
         self._send(self.codec.send_reply(Reply.SUCCEEDED, str(source), request.port))
         self._feed(b"")
 
-    async def _connect(self, request: codec.Request) -> None:
-        name: str | None = None
+    def _connect(self, request: codec.Request) -> defer.Deferred[None]:
+        """
+        CONNECT: an address is checked and connected to with no coroutine
+        and no endpoint in between (the common case, and every session of
+        the benchmarks); a name is resolved first (L{_connect_name}).
+        """
         address = plain_address(request.host)
-        if address is not None:
-            addresses = [address]
-        else:
-            name = canonical_name(request.host)
-            if name is None:
-                self._refuse(Reply.GENERAL_FAILURE, "not a host name")
-                return
-            if not self._destination_acl(name, request.port):
-                self._refuse(Reply.NOT_ALLOWED, "destination not allowed by the ACL")
-                return
-            try:
-                found = await resolve(self.reactor, name, request.port)
-            except (defer.CancelledError, error.ConnectingCancelledError):
-                raise
-            except Exception:  # noqa: BLE001 - every resolver failure is "host unreachable"
-                found = []
-            addresses = []
-            for text in found:
-                resolved = plain_address(text.split("%", 1)[0])
-                if resolved is not None and resolved not in addresses:
-                    addresses.append(resolved)
-            if not addresses:
-                self._refuse(Reply.HOST_UNREACHABLE, f"cannot resolve {name}")
-                return
+        if address is None:
+            return defer.ensureDeferred(self._connect_name(request))
+        try:
+            return self._connect_to(None, [address], request.port)
+        except Exception:  # noqa: BLE001 - as a coroutine's would be: to _bug
+            return defer.fail()
+
+    async def _connect_name(self, request: codec.Request) -> None:
+        name = canonical_name(request.host)
+        if name is None:
+            self._refuse(Reply.GENERAL_FAILURE, "not a host name")
+            return
+        if not self._destination_acl(name, request.port):
+            self._refuse(Reply.NOT_ALLOWED, "destination not allowed by the ACL")
+            return
+        try:
+            found = await resolve(self.reactor, name, request.port)
+        except (defer.CancelledError, error.ConnectingCancelledError):
+            raise
+        except Exception:  # noqa: BLE001 - every resolver failure is "host unreachable"
+            found = []
+        addresses: list[IPAddress] = []
+        for text in found:
+            resolved = plain_address(text.split("%", 1)[0])
+            if resolved is not None and resolved not in addresses:
+                addresses.append(resolved)
+        if not addresses:
+            self._refuse(Reply.HOST_UNREACHABLE, f"cannot resolve {name}")
+            return
+        await self._connect_to(name, addresses, request.port)
+
+    def _connect_to(
+        self, name: str | None, addresses: list[IPAddress], port: int
+    ) -> defer.Deferred[None]:
+        """Check C{addresses} (what C{name} resolved to, if any), then open the first that answers."""
         if self._source is not None:  # the egress source decides the family
             family = ipaddress.ip_address(self._source[0]).version
             addresses = [a for a in addresses if a.version == family]
             if not addresses:
                 self._refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "no address of the source's family")
-                return
+                return defer.succeed(None)
         self.address = str(addresses[0])
-        port = request.port
         rules = self.factory.rules
         if not rules.permits(name, addresses, port) or not all(
             self._destination_acl(str(a), port) for a in addresses
         ):
             self._refuse(Reply.NOT_ALLOWED, "destination not allowed")
-            return
+            return defer.succeed(None)
         if any(not rules.allows_local(a, port) and is_local(a) for a in addresses):
             self._refuse(Reply.NOT_ALLOWED, "destination is the gateway's own host")
-            return
-        await self._open(addresses, port)
+            return defer.succeed(None)
+        return self._open(addresses, port)
 
     def _destination_acl(self, host: str, port: int) -> bool:
         return self._acl_allows(f"socks/destination/{host}/{port}", "connect")
 
-    async def _open(self, addresses: list[IPAddress], port: int) -> None:
-        reply: Reply = Reply.HOST_UNREACHABLE
+    def _open(self, addresses: list[IPAddress], port: int) -> defer.Deferred[None]:
+        """
+        Connect to each of C{addresses} in turn until one answers; the
+        result fires once the tunnel is up or every attempt failed (and the
+        client has its reply). Cancelling it stops the attempt under way.
+        """
         # One black-holed address must not use the whole budget: share it.
         each = max(1.0, self.settings.connect_timeout / len(addresses))
-        for address in addresses:
-            self.address = str(address)
-            endpoint_class = (
-                endpoints.TCP6ClientEndpoint if address.version == 6 else endpoints.TCP4ClientEndpoint
-            )
-            endpoint = endpoint_class(
-                self.reactor,
-                str(address),
-                port,
-                timeout=each,
-                bindAddress=self._source,  # only for an egress source: no bind before connect
-            )
+        remaining = iter(addresses)
+        attempt: defer.Deferred[_Outbound] | None = None
+        reply: Reply = Reply.HOST_UNREACHABLE
+        cancelled = False
+
+        def cancel(_: defer.Deferred[None]) -> None:
+            nonlocal cancelled
+            cancelled = True
+            if attempt is not None:
+                attempt.cancel()  # done then errbacks with CancelledError
+
+        done: defer.Deferred[None] = defer.Deferred(cancel)
+
+        def connected(outbound: _Outbound) -> None:
+            nonlocal attempt
+            attempt = None
+            if not (cancelled or done.called):
+                settle(self._connected, outbound)
+
+        def failed(reason: Failure) -> None:
+            nonlocal reply
+            if not (cancelled or done.called):
+                reply = connect_reply(reason)
+                settle(following)
+
+        def settle(step: Any, *args: Any) -> None:
+            """Run C{step}; a bug in it goes where a coroutine's would (L{_bug})."""
             try:
-                outbound = await endpoint.connect(_OutboundFactory(self))
-            except (defer.CancelledError, error.ConnectingCancelledError):
-                raise
-            except Exception:  # noqa: BLE001 - mapped to a reply code
-                reply = connect_reply(Failure())
-                continue
-            self._connected(outbound)
-            return
-        self._refuse(reply, f"connect failed: {reply.name.lower()}")
+                step(*args)
+            except Exception:  # noqa: BLE001
+                if not done.called:
+                    done.errback()
+                return
+            if attempt is None and not done.called:  # connected, or nothing left to try
+                done.callback(None)
+
+        def following() -> None:
+            nonlocal attempt
+            address = next(remaining, None)
+            attempt = None
+            if address is None:
+                self._refuse(reply, f"connect failed: {reply.name.lower()}")
+                return
+            self.address = str(address)
+            factory = _OutboundFactory(self)
+            try:
+                # Only for an egress source does the socket bind before connecting.
+                factory.connector = self.reactor.connectTCP(
+                    str(address), port, factory, timeout=each, bindAddress=self._source
+                )
+            except Exception:  # noqa: BLE001 - mapped to a reply code, as a failed connect
+                failed(Failure())
+                return
+            attempt = factory.connected
+            attempt.addCallbacks(connected, failed)
+
+        settle(following)
+        return done
 
     def _connect_failed(self, reason: Failure) -> None:
         reason.trap(defer.CancelledError, error.ConnectingCancelledError)
@@ -762,8 +816,9 @@ class SOCKSServer(protocol.Protocol):
 class _Outbound(protocol.Protocol):
     """The connection to the destination; its bytes go to the client."""
 
-    def __init__(self, server: SOCKSServer) -> None:
+    def __init__(self, server: SOCKSServer, attempt: _OutboundFactory | None = None) -> None:
         self.server = server
+        self._attempt = attempt
         self.client_done = False
         self.remote_done = False
         self.lost = False
@@ -776,6 +831,12 @@ class _Outbound(protocol.Protocol):
         if factory.connections is not None:
             self._local = self.transport.getHost()
             factory.connections.outbound_opened(self._local)
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            if attempt.connected.called:  # cancelled meanwhile: nobody wants it
+                self.transport.abortConnection()
+            else:
+                attempt.connected.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         server = self.server
@@ -818,14 +879,32 @@ class _Outbound(protocol.Protocol):
                           else "destination closed")
 
 
-class _OutboundFactory(protocol.Factory):
+class _OutboundFactory(protocol.ClientFactory):
+    """
+    One outbound connection attempt, straight on the reactor (no endpoint and
+    no wrapping protocol between the relay and the socket): C{connected}
+    fires with the L{_Outbound} once it is connected, or fails as
+    C{connectTCP} says (refused, timed out, ...); cancelling it stops the
+    attempt.
+    """
+
     noisy = False  # one per session: the session event says enough
 
     def __init__(self, server: SOCKSServer) -> None:
         self.server = server
+        self.connector: Any = None
+        self.connected: defer.Deferred[_Outbound] = defer.Deferred(self._cancel)
+
+    def _cancel(self, _: defer.Deferred[_Outbound]) -> None:
+        if self.connector is not None:
+            self.connector.stopConnecting()  # its failure is dropped: we are cancelled
 
     def buildProtocol(self, addr: Any) -> _Outbound:
-        return _Outbound(self.server)
+        return _Outbound(self.server, self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
 
 
 class SOCKSDoor:
