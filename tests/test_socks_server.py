@@ -293,6 +293,20 @@ class NegotiationTests(SOCKSTestCase):
         self.assertTrue(self.closed())
         self.assertEqual(self.proto.reason, "negotiation timeout")
 
+    def test_login_answered_at_once_keeps_the_negotiation_timer(self):
+        """A login answered at once (a cached one) leaves the negotiation deadline as it was."""
+        self.make(negotiation_timeout=10)
+        self.reactor.advance(0)
+        self.connect()
+        self.reactor.advance(4)
+        self.send(greeting(2) + userpass())
+        self.assertEqual(self.transport.value(), b"\x05\x02\x01\x00")
+        self.reactor.advance(5.9)
+        self.assertFalse(self.closed())
+        self.reactor.advance(0.1)
+        self.assertTrue(self.closed())
+        self.assertEqual(self.proto.reason, "negotiation timeout")
+
     def test_login_timeout(self):
         """A login still running after --socks-login-timeout is cancelled and the session closed."""
         pending = []

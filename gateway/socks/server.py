@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 _COMMANDS = {codec.CONNECT: "CONNECT", codec.BIND: "BIND", codec.UDP_ASSOCIATE: "UDP_ASSOCIATE"}
+#: C{_abort} while C{loseConnection} runs, before the abort timer (if any) is set.
+_CLOSING = object()
 #: A host name: dot-separated labels of letters, digits, "-" and "_" (IDN as xn--).
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 
@@ -301,7 +303,7 @@ class SOCKSServer(protocol.Protocol):
         if self._draining and reason.check(error.ConnectionAborted):
             self.reason = "aborted: the gateway stopped"
         self._cancel_timer()
-        if self._abort is not None and self._abort.active():
+        if self._abort is not None and self._abort is not _CLOSING and self._abort.active():
             self._abort.cancel()
         if self._pending is not None:
             self._pending.cancel()
@@ -363,12 +365,14 @@ class SOCKSServer(protocol.Protocol):
     def _close(self, reason: str) -> None:
         self.reason = reason
         if self._abort is None and not self._gone:
-            # Close once the buffer drains, abort if it does not. The timer
-            # first: losing the connection may call connectionLost at once.
-            self._abort = self.reactor.callLater(
-                self.settings.close_grace, self.transport.abortConnection
-            )
+            # Close once the buffer drains, abort if it does not (no timer
+            # when losing the connection called connectionLost at once).
+            self._abort = _CLOSING
             self.transport.loseConnection()
+            if not self._gone:
+                self._abort = self.reactor.callLater(
+                    self.settings.close_grace, self.transport.abortConnection
+                )
 
     # -- timers -----------------------------------------------------------
 
@@ -530,23 +534,31 @@ class SOCKSServer(protocol.Protocol):
         factory.pending_logins += 1
         factory.pending_by_peer[own] += 1
         factory.pending_by_network[network] += 1
-        # The gateway's own time (throttle wait, hashing, failure delay) is
-        # not the client's: the negotiation timer stops, a login deadline runs.
-        negotiation_left = self._suspend_timer()
-        self._start_timer(self.settings.login_timeout, self._login_expired)
+        negotiation_left: float | None = None  # set while the login deadline runs
+        finished = False
 
         def settled(result: Any) -> Any:
+            nonlocal finished
+            finished = True
             factory.pending_logins -= 1
             factory.release(factory.pending_by_peer, own)
             factory.release(factory.pending_by_network, network)
-            self._cancel_timer()
-            if not self._gone and not isinstance(result, Failure):
-                # Logged in: the client's own time runs again (a failure closes).
-                self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
+            if negotiation_left is not None:
+                self._cancel_timer()
+                if not self._gone and not isinstance(result, Failure):
+                    # Logged in: the client's own time runs again (a failure closes).
+                    self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
             return result
 
-        d = self._wait(login_running(self.transport, login(factory.portal, credentials, IAuthInfo)))
+        d = login_running(self.transport, login(factory.portal, credentials, IAuthInfo))
         d.addBoth(settled)
+        if not finished:
+            # The gateway's own time (throttle wait, hashing, failure delay) is
+            # not the client's: the negotiation timer stops, a login deadline
+            # runs. (A login answered at once, as a cached one is, needs neither.)
+            negotiation_left = self._suspend_timer()
+            self._start_timer(self.settings.login_timeout, self._login_expired)
+        d = self._wait(d)
         d.addCallbacks(self._authenticated, self._login_failed)
         d.addErrback(self._bug)
 
@@ -860,14 +872,16 @@ class _Outbound(protocol.Protocol):
         """As L{SOCKSServer._close}: drain, or abort after the grace period."""
         if self._abort is None and self.transport is not None and not self.lost:
             server = self.server
-            self._abort = server.reactor.callLater(
-                server.settings.close_grace, self.transport.abortConnection
-            )
+            self._abort = _CLOSING
             self.transport.loseConnection()
+            if not self.lost:
+                self._abort = server.reactor.callLater(
+                    server.settings.close_grace, self.transport.abortConnection
+                )
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
-        if self._abort is not None and self._abort.active():
+        if self._abort is not None and self._abort is not _CLOSING and self._abort.active():
             self._abort.cancel()
         server = self.server
         server.factory.outbound_open -= 1
