@@ -59,7 +59,7 @@ from gateway.socks.rules import (
     libc_ipv4,
     source_port_named,
 )
-from gateway.twistedinternals import write_now
+from gateway.twistedinternals import half_close_now, write_now
 
 if TYPE_CHECKING:
     from gateway.core import Core
@@ -200,7 +200,7 @@ def _half_close(transport: Any) -> None:
     ):
         transport.loseConnection()
     else:
-        transport.loseWriteConnection()
+        half_close_now(transport)
 
 
 class SOCKSFactory(protocol.ServerFactory):
@@ -789,7 +789,7 @@ class SOCKSServer(protocol.Protocol):
             self._refuse(Reply.TTL_EXPIRED, "connect timeout")
 
     def _connected(self, outbound: _Outbound) -> None:
-        here, there = outbound.transport.getHost(), outbound.transport.getPeer()
+        here, there = outbound.here, outbound.transport.getPeer()
         local = plain_address(there.host) if there.host == here.host else None
         if local is not None and not self.factory.rules.allows_local(local, there.port):
             # Reached this host after all (a second line behind the check before connecting).
@@ -836,12 +836,14 @@ class _Outbound(protocol.Protocol):
         self.lost = False
         self._abort: Any = None
         self._local: Any = None  # the local end, as registered
+        self.here: Any = None  # the local end
 
     def connectionMade(self) -> None:
         factory = self.server.factory
         factory.outbound_open += 1
+        self.here = self.transport.getHost()
         if factory.connections is not None:
-            self._local = self.transport.getHost()
+            self._local = self.here
             factory.connections.outbound_opened(self._local)
         attempt, self._attempt = self._attempt, None
         if attempt is not None:
