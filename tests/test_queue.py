@@ -6,6 +6,7 @@ scan on a spool directory written by the real L{Spool}.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import signal
@@ -566,6 +567,68 @@ class OrphanTests(QueueTestCase):
         self.assertEqual(sorted(formatEvent(e) for e in events),
                          sorted(f"queue: removed leftover {os.path.join(self.directory, n)}" for n in names[:3]))
         writer.abort()
+
+    def test_writer_in_progress_kept_whatever_its_age(self) -> None:
+        """
+        A message still being received (its writer holds its lock) is never a
+        leftover, however old: a scan in another process sharing the spool
+        (here: a queue with orphan age 0) leaves it; once its writer is gone
+        (no lock), it goes.
+        """
+        writer = Spool(self.directory, threadpool_runner=synchronous).open()
+        writer.write(MESSAGE)
+        name = f".{writer.id}.eml.tmp"
+        self.age(name, ORPHAN_AGE + 60)
+        eager = Queue(self.directory, orphan_age=0.0)
+        self.assertEqual(eager.scan(), [])
+        self.assertEqual(os.listdir(self.directory), [name])
+        self.assertEqual(self.successResultOf(writer.finish(envelope())), writer.id)
+        self.assertEqual([e.id for e in eager.scan()], [writer.id])
+        # A writer killed in the middle: its file is there, its lock is not.
+        dead = "20261123T155500Z-00000000000000ab"
+        with open(os.path.join(self.directory, f".{dead}.eml.tmp"), "w") as f:
+            f.write("partial")
+        eager.scan()
+        self.assertFalse(os.path.exists(os.path.join(self.directory, f".{dead}.eml.tmp")))
+
+    def test_message_between_its_renames_kept(self) -> None:
+        """An .eml whose writer still holds it (its .json on the way) is not a leftover."""
+        id = "20261123T155500Z-00000000000000ac"
+        path = self.path(id, "eml")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        self.addCleanup(os.close, fd)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        Queue(self.directory, orphan_age=0.0).scan()
+        self.assertTrue(os.path.exists(path))
+
+    def test_state_temporary_of_a_claimed_message_kept(self) -> None:
+        """A .state.tmp goes only when its message is not claimed (a save may be writing it)."""
+        id = self.spool()
+        temp = os.path.join(self.directory, f".{id}.state.tmp")
+        with open(temp, "w") as f:
+            f.write("{")
+        eager = Queue(self.directory, orphan_age=0.0)
+        with self.queue.claim(id):
+            eager.scan()
+            self.assertTrue(os.path.exists(temp))
+        eager.scan()
+        self.assertFalse(os.path.exists(temp))
+
+    def test_create_locked_lost_to_a_clean_up(self) -> None:
+        """A writer whose new file a clean-up holds gives the name up and takes another."""
+        from gateway.smtp import spool as spool_module
+
+        path = os.path.join(self.directory, ".x.eml.tmp")
+        real_flock = fcntl.flock
+
+        def busy(fd: int, operation: int) -> None:
+            raise BlockingIOError(errno.EWOULDBLOCK, "locked")
+
+        self.patch(spool_module.fcntl, "flock", busy)
+        self.assertRaises(FileExistsError, spool_module._create_locked, path)
+        self.assertFalse(os.path.exists(path))
+        self.patch(spool_module.fcntl, "flock", real_flock)
+        os.close(spool_module._create_locked(path))
 
     def test_clock(self) -> None:
         """The age is measured with the queue's clock."""

@@ -133,7 +133,7 @@ class GatewayMixin:
         self.wrappers.append(wrapper)
         return port.getHost().port, wrapper
 
-    def start(self, *allow: str) -> None:
+    def start(self, *allow: str, extra: tuple[str, ...] = ()) -> None:
         self.socks_port = free_port()
         options = tap.Options()
         arguments = [
@@ -144,7 +144,7 @@ class GatewayMixin:
         ]
         for rule in allow:
             arguments += ["--socks-allow", rule]
-        options.parseOptions(arguments)
+        options.parseOptions(arguments + list(extra))
         keep_signal_handlers(self)
         self.service = tap.makeService(options, reactor=reactor)
         [door] = [s for s in self.service if isinstance(s, StreamServerEndpointService)]
@@ -183,6 +183,9 @@ class Body(resource.Resource):
 class LocalServersMixin(GatewayMixin):
     """An HTTP server serving L{BODY} and an echo server; the gateway may reach both."""
 
+    #: More gateway options for a test class.
+    extra: tuple[str, ...] = ()
+
     def setUp(self):
         self.wrappers = []
         site = server.Site(Body())
@@ -192,6 +195,7 @@ class LocalServersMixin(GatewayMixin):
         self.start(
             f"127.0.0.1:{self.http_port}", f"localhost:{self.http_port}",
             f"127.0.0.1:{self.echo_port}", f"localhost:{self.echo_port}",
+            extra=self.extra,
         )
 
 
@@ -459,6 +463,35 @@ class RawClientTests(LocalServersMixin, TestCase):
                 return recv_all(sock)
 
         self.assertEqual((yield threads.deferToThread(session)), b"\x05\xff")
+
+
+class SessionLimitTests(LocalServersMixin, TestCase):
+    """Sessions per user through the core's State (local state): the second is refused at login."""
+
+    timeout = 60
+    extra = ("--socks-max-sessions-per-user", "1")
+
+    @defer.inlineCallbacks
+    def test_second_session_of_a_user_refused(self):
+        first = yield threads.deferToThread(
+            open_tunnel, self.socks_port, connect_ipv4("127.0.0.1", self.echo_port)
+        )
+
+        def second():
+            with dial(self.socks_port) as sock:
+                sock.sendall(greeting(2) + userpass())
+                return recv_all(sock)
+
+        try:
+            self.assertEqual((yield threads.deferToThread(second)), b"\x05\x02\x01\x01")
+        finally:
+            first.close()
+        yield self.quiet()
+        self.assertEqual(dict(self.socks_factory.sessions.counts), {})
+        third = yield threads.deferToThread(
+            open_tunnel, self.socks_port, connect_ipv4("127.0.0.1", self.echo_port)
+        )
+        third.close()
 
 
 # -- bulk ---------------------------------------------------------------------

@@ -26,13 +26,15 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import directlyProvides, implementer
+from zope.interface.verify import verifyObject
 
 from gateway.checkers.functions import CallableChecker
 from gateway.connections import Connections, LimitedFactory
 from gateway.realm import Realm, make_portal
 from gateway.socks.rules import AllowRule
 from gateway.socks import server
-from gateway.socks.server import SOCKSFactory, SOCKSSettings, is_local
+from gateway.socks.server import SOCKSFactory, SOCKSSettings, is_local, take_places
+from gateway.state import ISessionLimits, Lease, LocalSessions, StateUnavailable
 from tests.support import FixedChecker
 
 PUBLIC = "93.184.216.34"
@@ -108,12 +110,14 @@ def reply(code, host="0.0.0.0", port=0):
 
 
 class SOCKSTestCase(SynchronousTestCase):
-    def make(self, checkers=None, acl=None, names=None, groups=None, **settings):
+    def make(self, checkers=None, acl=None, names=None, groups=None, sessions=None, **settings):
         self.reactor = MemoryReactorClock()
         self.reactor.nameResolver = FakeResolver(names or {})
         realm = Realm(groups=groups) if groups is not None else Realm()
         portal = make_portal(realm, checkers if checkers is not None else [users()])
-        self.factory = SOCKSFactory(portal, acl, SOCKSSettings(**settings), self.reactor)
+        self.factory = SOCKSFactory(
+            portal, acl, SOCKSSettings(**settings), self.reactor, sessions=sessions
+        )
 
     def limited(self, max_per_peer):
         """The factory as build_socks listens with it: sessions per peer capped."""
@@ -787,6 +791,246 @@ class BoundsTests(SOCKSTestCase):
 
 
 
+
+
+@implementer(ISessionLimits)
+class FakeSessions:
+    """An ISessionLimits whose answers the test gives: each acquire waits."""
+
+    def __init__(self):
+        self.asked = []  # (scope, key, limit, Deferred)
+        self.held = []  # (scope, key) of leases not released
+
+    def acquire(self, scope, key, limit):
+        d = defer.Deferred()
+        self.asked.append((scope, key, limit, d))
+        return d
+
+    def grant(self, index):
+        scope, key, _, d = self.asked[index]
+        name = (scope, key)
+        self.held.append(name)
+        d.callback(Lease(lambda: self.held.remove(name)))
+
+    def grant_all(self):
+        for index, (_, _, _, d) in enumerate(self.asked):
+            if not d.called:
+                self.grant(index)
+
+
+class SessionPlacesTests(SOCKSTestCase):
+    """Sessions per user and per peer as places in an ISessionLimits (core.state.sessions)."""
+
+    def setUp(self):
+        self.sessions = FakeSessions()
+        self.make(sessions=self.sessions, max_sessions_per_user=3, max_sessions_per_peer=2)
+
+    def start(self, peer="192.0.2.10"):
+        self.connect(peer)
+        self.send(greeting(2))
+        return self.send(userpass())
+
+    def test_both_places_asked_before_the_reply(self):
+        self.assertEqual(self.start(), b"")
+        self.assertEqual([a[:3] for a in self.sessions.asked],
+                         [("socks-user", "daniel", 3), ("socks-peer", "192.0.2.10", 2)])
+        self.sessions.grant(0)
+        self.assertEqual(self.transport.value(), b"")
+        self.sessions.grant(1)
+        self.assertEqual(self.transport.value(), b"\x01\x00")
+        self.assertFalse(self.closed())
+        self.assertEqual(self.factory.pending_logins, 0)
+
+    def test_ipv6_peer_by_64(self):
+        proto = self.factory.buildProtocol(IPv6Address("TCP", "2001:db8:1:2::7", 50000))
+        transport = HalfCloseTransport(
+            hostAddress=IPv6Address("TCP", "::1", 1080),
+            peerAddress=IPv6Address("TCP", "2001:db8:1:2::7", 50000),
+        )
+        proto.makeConnection(transport)
+        proto.dataReceived(greeting(2) + userpass())
+        self.assertEqual(self.sessions.asked[1][:2], ("socks-peer", "2001:db8:1:2::/64"))
+
+    def test_released_when_the_session_ends(self):
+        self.start()
+        self.sessions.grant_all()
+        self.send(request(PUBLIC, 443))
+        self.outbound()
+        self.assertEqual(len(self.sessions.held), 2)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.sessions.held, [])
+
+    def test_released_on_connect_failure(self):
+        self.start()
+        self.sessions.grant_all()
+        self.send(request(PUBLIC, 443))
+        self.fail_outbound(error.ConnectionRefusedError())
+        self.assertTrue(self.closed())
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.sessions.held, [])
+
+    def test_released_on_negotiation_timeout_after_login(self):
+        self.start()
+        self.sessions.grant_all()
+        self.reactor.advance(SOCKSSettings().negotiation_timeout)
+        self.assertEqual(self.proto.reason, "negotiation timeout")
+        self.proto.connectionLost(Failure(error.ConnectionLost()))
+        self.assertEqual(self.sessions.held, [])
+
+    def test_released_on_drain(self):
+        self.start()
+        self.sessions.grant_all()
+        self.proto.drain()
+        self.assertTrue(self.closed())
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.sessions.held, [])
+
+    def test_client_leaves_while_pending(self):
+        """A place granted after the client left is given back at once; no reply, no log of success."""
+        self.start()
+        self.sessions.grant(0)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.sessions.held, [])  # the user's place came back already
+        self.sessions.grant(1)
+        self.assertEqual(self.sessions.held, [])
+        self.assertEqual(self.transport.value(), b"")
+        self.assertIsNone(self.proto.info)
+        self.assertEqual(self.factory.pending_logins, 0)
+
+    def test_login_timeout_while_pending(self):
+        self.start()
+        self.reactor.advance(SOCKSSettings().login_timeout)
+        self.assertEqual(self.proto.reason, "login timeout")
+        self.assertTrue(self.closed())
+        self.proto.connectionLost(Failure(error.ConnectionAborted()))
+        self.sessions.grant_all()
+        self.assertEqual(self.sessions.held, [])
+
+    def refused_reason(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        return [e["reason"] for e in events if e.get("log_format", "").startswith("socks session")]
+
+    def test_user_full(self):
+        self.start()
+        self.sessions.asked[0][3].callback(None)
+        self.sessions.grant(1)
+        self.assertEqual(self.transport.value(), b"\x01\x01")
+        self.assertTrue(self.closed())
+        self.assertEqual(self.sessions.held, [])  # the peer's place given back
+        self.assertEqual(self.refused_reason(), ["too many sessions for 'daniel'"])
+
+    def test_peer_full(self):
+        self.start()
+        self.sessions.grant(0)
+        self.sessions.asked[1][3].callback(None)
+        self.assertEqual(self.transport.value(), b"\x01\x01")
+        self.assertEqual(self.sessions.held, [])
+        self.assertEqual(self.refused_reason(), ["too many sessions from this address"])
+
+    def test_state_unavailable(self):
+        """--state-failure closed and Redis unreachable: RFC 1929 failure, close, a temporary refusal."""
+        self.start()
+        self.sessions.grant(0)
+        self.sessions.asked[1][3].errback(StateUnavailable())
+        self.assertEqual(self.transport.value(), b"\x01\x01")
+        self.assertTrue(self.closed())
+        self.assertEqual(self.sessions.held, [])
+        [reason] = self.refused_reason()
+        self.assertIn("temporarily refused", reason)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_refusals_logged_once_a_minute_per_peer(self):
+        """Refused sessions never authenticated: their log lines are rate-limited like other floods."""
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        for _ in range(3):
+            self.start()
+            self.sessions.grant(len(self.sessions.asked) - 2)
+            self.sessions.asked[-1][3].errback(StateUnavailable())
+            self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len([e for e in events if e.get("log_format", "").startswith("socks session")]), 1)
+
+    def test_backend_bug_refuses_this_session(self):
+        class Broken(FakeSessions):
+            def acquire(self, scope, key, limit):
+                raise RuntimeError("bug")
+
+        self.make(sessions=Broken())
+        self.start()
+        self.assertEqual(self.transport.value(), b"\x01\x01")
+        self.assertTrue(self.closed())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
+
+
+class TakePlacesTests(SynchronousTestCase):
+    wanted = [("socks-user", "u", 1), ("socks-peer", "p", 1)]
+
+    def test_local_sessions(self):
+        sessions = LocalSessions()
+        verifyObject(ISessionLimits, sessions)
+        leases = self.successResultOf(take_places(sessions, self.wanted))
+        self.assertEqual(len(leases), 2)
+        self.failureResultOf(take_places(sessions, self.wanted))
+        self.assertEqual(sum(sessions.counts.values()), 2)  # the refusal kept nothing
+        for lease in leases:
+            lease.release()
+            lease.release()
+        self.assertEqual(sessions.counts, {})
+        self.successResultOf(take_places(sessions, self.wanted))
+
+    def test_cancel_gives_back_what_was_granted(self):
+        sessions = FakeSessions()
+        d = take_places(sessions, self.wanted)
+        sessions.grant(0)
+        d.cancel()
+        self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual(sessions.held, [])
+        sessions.grant(1)
+        self.assertEqual(sessions.held, [])
+
+    def test_nothing_wanted(self):
+        self.assertEqual(self.successResultOf(take_places(FakeSessions(), [])), [])
+
+
+class LocalSessionLimitTests(SOCKSTestCase):
+    """Today's behaviour through LocalSessions: also per peer at login, one count per factory's sessions."""
+
+    def test_peer_limit_at_login(self):
+        self.make(max_sessions_per_peer=1)
+        self.login()
+        first = self.proto
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass()), b"\x01\x01")
+        self.assertEqual(self.proto.reason, "too many sessions from this address")
+        first.connectionLost(Failure(error.ConnectionDone()))
+        self.login()
+
+    def test_door_counts_in_the_core_state(self):
+        from gateway import tap
+        from gateway.socks.server import SOCKSDoor
+
+        options = tap.Options()
+        options.parseOptions(["--data-dir", self.mktemp(), "--auth", "memory:a:b"])
+        core = tap.build_core(options["coreSettings"], MemoryReactorClock())
+        door = SOCKSDoor(core, options["socksSettings"])
+        door.listen(None, "socks", None)
+        door.listen(None, "socks-tls", None)
+        self.assertEqual([f.sessions for f in door.factories], [core.state.sessions] * 2)
+
+    def test_shared_between_factories(self):
+        """Both SOCKS listeners (plain and TLS) count in the one State's sessions."""
+        sessions = LocalSessions()
+        self.make(sessions=sessions, max_sessions_per_user=1)
+        self.login()
+        self.make(sessions=sessions, max_sessions_per_user=1)
+        self.connect(peer="192.0.2.11")
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass()), b"\x01\x01")
 
 
 class ReviewFixTests(SOCKSTestCase):

@@ -562,22 +562,65 @@ class Queue:
     def _remove_orphan(self, id: str, name: str) -> None:
         """
         Remove a leftover C{.eml}/C{.state} of a message without a C{.json},
-        or a temporary file, once older than the orphan age (a commit renames
-        its C{.eml} moments before its C{.json}; a commit or a save writes its
-        temporary files within seconds).
+        or a temporary file, once older than the orphan age and only when no
+        one is writing it, in this process or another sharing the spool: the
+        spool's writers hold a lock on their files in progress (the C{.eml}
+        until its C{.json} is in place), a save of the state holds the
+        message's lock.
         """
         path = os.path.join(self.directory, name)
         try:
             st = os.stat(path, follow_symlinks=False)
             if self._clock() - st.st_mtime < self._orphan_age:
                 return
-            if not name.startswith(".") and os.path.lexists(self._path(id, "json")):
-                return  # committed meanwhile
-            if remove(path):
+            if name.endswith(".state.tmp"):
+                removed = self._remove_state_temp(id, path)
+            else:
+                removed = self._remove_unlocked(id, path, committed=not name.startswith("."))
+            if removed:
                 self._log.info("queue: removed leftover {file}", file=path)
-        except OSError as e:
+        except (OSError, QueueError) as e:
             self._log.warn("queue: cannot remove leftover {file}: {reason}",
-                           file=path, reason=reason(e))
+                           file=path, reason=e if isinstance(e, QueueError) else reason(e))
+
+    def _remove_unlocked(self, id: str, path: str, committed: bool) -> bool:
+        """
+        Remove C{path} if it is still the file found and nobody holds its
+        lock (its writer died or gave up); with C{committed}, not if the
+        message's C{.json} appeared meanwhile. Whether it was removed.
+        """
+        try:
+            fd = open_regular(path)
+        except FileNotFoundError:
+            return False
+        except OSError:  # a link or a special file: never a writer's, nobody locks it
+            return not (committed and os.path.lexists(self._path(id, "json"))) and remove(path)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # its writer is at work
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                return False
+            if not same or (committed and os.path.lexists(self._path(id, "json"))):
+                return False
+            return remove(path)
+        finally:
+            os.close(fd)
+
+    def _remove_state_temp(self, id: str, path: str) -> bool:
+        """Remove a C{.<id>.state.tmp} unless its message is claimed (a save may be writing it)."""
+        try:
+            fd = self._open_locked(id, None)
+        except _Busy:
+            return False
+        try:
+            return remove(path)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def counts(self, entries: Iterable[Entry] | None = None) -> dict[str, int]:
         """

@@ -8,10 +8,19 @@ L{SpoolWriter.finish} it is fsynced and renamed, then the metadata is
 written the same way and renamed last, and the directory is fsynced, all
 before the server answers 250. A message is complete exactly when its
 C{.json} exists; a failure removes everything the writer created.
+
+Several processes may write to one spool at once (C{--workers}, instances
+on shared storage): ids carry 64 random bits and every file is created with
+C{O_EXCL}, so no two writers share a name; and each writer holds a C{flock}
+on its files in progress (the message from L{Spool.open} until its
+C{.json} is in place), so the queue's clean-up of leftovers, in any
+process, never removes a file a live writer is still working on.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
@@ -182,6 +191,35 @@ def _create(path: str) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
 
 
+def _create_locked(path: str) -> int:
+    """
+    A new file at C{path} (never an existing one), locked (C{flock}) for as
+    long as the descriptor is open: the queue's clean-up, in this process or
+    another, removes a leftover only once it holds its lock
+    (L{gateway.smtp.queue.Queue.scan}).
+
+    @raise FileExistsError: the name is taken, or a clean-up got the file
+        before its lock (the file is then removed: try again).
+    """
+    fd = _create(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ours = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except (BlockingIOError, FileNotFoundError):
+        ours = False
+    except BaseException:
+        os.close(fd)
+        raise
+    if not ours:  # a clean-up is removing it (or did): the name was ours, free it
+        os.close(fd)
+        try:
+            remove(path)
+        except OSError:
+            pass
+        raise FileExistsError(errno.EEXIST, "taken by a clean-up", path)
+    return fd
+
+
 class Spool:
     """
     A directory of accepted messages.
@@ -282,7 +320,7 @@ class Spool:
             id = _new_id()
             temp = os.path.join(self.directory, f".{id}.eml.tmp")
             try:
-                fd = _create(temp)
+                fd = _create_locked(temp)
             except FileExistsError:
                 continue
             except OSError as e:
@@ -417,19 +455,30 @@ class SpoolWriter:
         return self._spool._commit(self, meta)
 
     def _write_files(self, meta: bytes) -> None:
-        """The blocking part of L{finish}, in the committer's thread."""
+        """
+        The blocking part of L{finish}, in the committer's thread. The
+        message file stays open (locked) until its C{.json} is in place: a
+        C{.eml} without a C{.json} is a leftover only when nobody holds it.
+        """
         if self._error is not None:
             raise self._error
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
         os.replace(self._temp, self._message)
-        fd = _create(self._meta_temp)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(self._create_meta_temp(), "wb") as f:
             f.write(meta)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(self._meta_temp, self._meta)
+            os.replace(self._meta_temp, self._meta)
+        self._file.close()
+
+    def _create_meta_temp(self) -> int:
+        for _ in range(_OPEN_ATTEMPTS):
+            try:
+                return _create_locked(self._meta_temp)
+            except FileExistsError:
+                continue
+        return _create_locked(self._meta_temp)
 
     def _failed(self, e: BaseException) -> SpoolError:
         self._clean_up()

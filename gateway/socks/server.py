@@ -31,6 +31,7 @@ import re
 import socket
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -49,6 +50,7 @@ from gateway.credentials import RFC1929Credentials
 from gateway.meta import ConnectionMeta
 from gateway.ratelog import LogRateLimiter, suppressed_note
 from gateway.realm import login
+from gateway.state import ISessionLimits, Lease, LocalSessions, StateUnavailable
 from gateway.socks import codec
 from gateway.socks.codec import Reply
 from gateway.socks.rules import (
@@ -203,11 +205,69 @@ def _half_close(transport: Any) -> None:
         half_close_now(transport)
 
 
+class SessionsRefused(Exception):
+    """No place for the session; the message is the session log's reason."""
+
+
+def take_places(
+    sessions: ISessionLimits, wanted: Sequence[tuple[str, str, int]]
+) -> defer.Deferred[list[Lease]]:
+    """
+    One place in each C{(scope, key, limit)} of C{wanted}, all asked at once
+    (one round trip to a shared state). Fires with the leases; fails with
+    L{SessionsRefused} naming the full scope, or with the back end's failure
+    (L{StateUnavailable}), every place taken given back. Cancelled (the client
+    left, the login deadline passed), it gives back every place as its answer
+    arrives: a place granted late is never kept.
+    """
+    if not wanted:
+        return defer.succeed([])
+    answers: dict[int, Any] = {}
+    cancelled: list[bool] = []
+
+    def cancel(_: Any) -> None:
+        cancelled.append(True)
+        for answer in answers.values():
+            if isinstance(answer, Lease):
+                answer.release()
+
+    result: defer.Deferred[list[Lease]] = defer.Deferred(cancel)
+
+    def answered(answer: Any, index: int) -> None:
+        if cancelled:
+            if isinstance(answer, Lease):
+                answer.release()
+            return
+        answers[index] = answer
+        if len(answers) < len(wanted):
+            return
+        leases = [answers[i] for i in range(len(wanted)) if isinstance(answers[i], Lease)]
+        for i, (scope, _, _) in enumerate(wanted):
+            if isinstance(answers[i], Failure) or answers[i] is None:
+                for lease in leases:
+                    lease.release()
+                result.errback(answers[i] if answers[i] is not None else SessionsRefused(scope))
+                return
+        result.callback(leases)
+
+    for index, (scope, key, limit) in enumerate(wanted):
+        try:
+            asked = sessions.acquire(scope, key, limit)
+        except Exception:  # noqa: BLE001 - a back end's bug refuses this session only
+            log.failure("session limits failed")
+            asked = defer.fail()
+        asked.addBoth(answered, index)
+    return result
+
+
 class SOCKSFactory(protocol.ServerFactory):
     """
     Shares the core between sessions and keeps the counts the bounds need:
-    sessions per user, logins in flight, outbound connections. Sessions per
-    peer are capped by the L{gateway.connections.LimitedFactory} around it.
+    logins in flight, outbound connections. Connections per peer are capped
+    by the L{gateway.connections.LimitedFactory} around it (this process's
+    own bound); sessions per user and per peer are places in C{sessions}
+    (L{gateway.state.State.sessions}: global across workers and instances
+    with a shared C{--state}), taken at login.
 
     @param acl: the C{--acl} policy, or None without one (then the
         destination rules alone decide, also for unauthenticated sessions
@@ -222,8 +282,11 @@ class SOCKSFactory(protocol.ServerFactory):
         reactor: Any,
         listener: str = "socks",
         connections: Connections | None = None,
+        sessions: ISessionLimits | None = None,
     ) -> None:
         self.portal = portal
+        #: Where the places of authenticated sessions are counted.
+        self.sessions: ISessionLimits = sessions if sessions is not None else LocalSessions()
         #: Told of each outbound connection's local end while it is open, so
         #: that the gateway's listeners never take the relay for a trusted
         #: PROXY-protocol proxy (L{Connections.is_own_outbound}).
@@ -233,7 +296,6 @@ class SOCKSFactory(protocol.ServerFactory):
         self.reactor = reactor
         self.listener = listener
         self.rules = DestinationRules(settings.allow)
-        self.per_user: Counter[str] = Counter()
         self.pending_logins = 0
         #: Logins in flight per peer key and per network key (see L{network_keys}).
         self.pending_by_peer: Counter[str] = Counter()
@@ -279,7 +341,7 @@ class SOCKSServer(protocol.Protocol):
         self._expired = False  # the connect timer fired
         self._source: tuple[str, int] | None = None  # BIND's egress source
         self._gone = False
-        self._counted_user: str | None = None
+        self._leases: list[Lease] = []  # places held in factory.sessions
         self._active = False
         self._draining = False  # the gateway is stopping (L{drain})
         # What the session log says.
@@ -308,8 +370,7 @@ class SOCKSServer(protocol.Protocol):
         if self._pending is not None:
             self._pending.cancel()
         factory = self.factory
-        if self._counted_user is not None:
-            factory.release(factory.per_user, self._counted_user)
+        self._release_places()
         if self.outbound is not None:
             self.outbound.close()
         factory.ended_up += self.up
@@ -317,6 +378,11 @@ class SOCKSServer(protocol.Protocol):
         if self.reply is not None:
             factory.replies[self.reply] += 1
         self._log_session()
+
+    def _release_places(self) -> None:
+        leases, self._leases = self._leases, []
+        for lease in leases:
+            lease.release()
 
     def drain(self) -> None:
         """
@@ -550,7 +616,9 @@ class SOCKSServer(protocol.Protocol):
                     self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
             return result
 
-        d = login_running(self.transport, login(factory.portal, credentials, IAuthInfo))
+        # The places are taken within the login (its deadline, its share).
+        attempt = login(factory.portal, credentials, IAuthInfo).addCallback(self._take_places)
+        d = login_running(self.transport, attempt)
         d.addBoth(settled)
         if not finished:
             # The gateway's own time (throttle wait, hashing, failure delay) is
@@ -562,21 +630,49 @@ class SOCKSServer(protocol.Protocol):
         d.addCallbacks(self._authenticated, self._login_failed)
         d.addErrback(self._bug)
 
-    def _authenticated(self, result: tuple[Any, Any, Any]) -> None:
+    def _take_places(self, result: tuple[Any, Any, Any]) -> defer.Deferred[Any]:
+        """
+        Logged in: take the session's places, one for its user and one for
+        its peer (IPv6 by /64; none for a peer without an IP address), before
+        the client hears of its success. Fires with C{(info, leases)}, or
+        fails with L{SessionsRefused} saying why.
+        """
         _, info, _ = result
         name = info.identity_for(IdentityContext.ProxyAuthRfc1929) or info.identities[0].identity
-        if self.factory.per_user[name] >= self.settings.max_sessions_per_user:
-            self._auth_failed(f"too many sessions for {name!r}")
+        settings = self.settings
+        wanted = [("socks-user", name, settings.max_sessions_per_user)]
+        peer = peer_key(self.meta.peer_address)
+        if peer is not None:
+            wanted.append(("socks-peer", peer, settings.max_sessions_per_peer))
+
+        def refused(reason: Failure) -> None:
+            if reason.check(StateUnavailable):
+                raise SessionsRefused("temporarily refused: the shared state is unavailable")
+            reason.trap(SessionsRefused)
+            if str(reason.value) == "socks-user":
+                raise SessionsRefused(f"too many sessions for {name!r}")
+            raise SessionsRefused("too many sessions from this address")
+
+        return take_places(self.factory.sessions, wanted).addCallbacks(
+            lambda leases: (info, leases), refused
+        )
+
+    def _authenticated(self, taken: tuple[Any, list[Lease]]) -> None:
+        info, leases = taken
+        self._leases = leases
+        if self._gone:  # never held by a session that has ended
+            self._release_places()
             return
-        self.factory.per_user[name] += 1
-        self._counted_user = name
         self.info = info
         authenticated(self.transport)  # out of the budget's unauthenticated share
-        self.transport.write(self.codec.send_auth_result(True))
+        self._send(self.codec.send_auth_result(True))
         self._feed(b"")
 
     def _login_failed(self, reason: Failure) -> None:
         if reason.check(defer.CancelledError):
+            return
+        if reason.check(SessionsRefused):
+            self._auth_failed(str(reason.value))
             return
         why = "authentication failed" if reason.check(UnauthorizedLogin) else (
             f"authentication unavailable: {reason.type.__name__}"
@@ -947,7 +1043,13 @@ class SOCKSDoor:
     ) -> internet.StreamServerEndpointService:
         core = self.core
         factory = SOCKSFactory(
-            core.portal, core.acl, self.settings, core.reactor, name, core.connections
+            core.portal,
+            core.acl,
+            self.settings,
+            core.reactor,
+            name,
+            core.connections,
+            core.state.sessions if core.state is not None else None,
         )
         self.factories.append(factory)
         limited = limit_connections(
@@ -956,4 +1058,12 @@ class SOCKSDoor:
         return internet.StreamServerEndpointService(endpoint, limited)
 
 
-__all__ = ["SOCKSFactory", "SOCKSServer", "SOCKSSettings", "SOCKSDoor", "resolve"]
+__all__ = [
+    "SOCKSDoor",
+    "SOCKSFactory",
+    "SOCKSServer",
+    "SOCKSSettings",
+    "SessionsRefused",
+    "resolve",
+    "take_places",
+]
