@@ -548,9 +548,10 @@ class SOCKSServer(protocol.Protocol):
 
     def _send(self, data: bytes) -> None:
         """
-        A negotiation answer: sent at once when the socket takes it
-        (L{write_now}), rather than in the next reactor pass at the cost of
-        two epoll changes, as every session has three or four of them.
+        A negotiation answer that grants: sent at once when the socket takes
+        it (L{write_now}), rather than in the next reactor pass at the cost of
+        two epoll changes (every session has three of them). Refusals stay
+        buffered, behind the audit record of the decision.
         """
         write_now(self.transport, data)
 
@@ -681,7 +682,9 @@ class SOCKSServer(protocol.Protocol):
 
     def _auth_failed(self, why: str) -> None:
         """RFC 1929 status 1, then close: fail closed on every path."""
-        self._send(self.codec.send_auth_result(False))
+        # Buffered: a refusal waits for the reactor's next pass, so that its
+        # audit record (flushed at the start of that pass) is written first.
+        self.transport.write(self.codec.send_auth_result(False))
         self._close(why)
 
     # -- requests ---------------------------------------------------------
@@ -702,7 +705,7 @@ class SOCKSServer(protocol.Protocol):
     def _refuse(self, reply: Reply, why: str) -> None:
         self._cancel_timer()
         self.reply = int(reply)
-        self._send(self.codec.send_reply(reply))
+        self.transport.write(self.codec.send_reply(reply))  # after its audit record, as above
         self._close(why)
 
     def _acl_allows(self, resource: str, privilege: str) -> bool:
