@@ -5,6 +5,7 @@ process, and two), all started first and measured in one run with
 interleaved repetitions.
 
     .venv/bin/python bench/http_bench.py [--duration 10] [--reps 3] [--connections 50]
+        [--paths whoami,auth] [--users sha,bcrypt] [--nginx-workers 1,2] [--baseline TREE]
 
 Needs C{wrk} and C{nginx} (Debian packages wrk, nginx) on the PATH; no root
 needed: nginx runs from a temporary prefix with every path inside it.
@@ -46,6 +47,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from collections.abc import Sequence
 
 from benchlib import Bench, add_options, free_port, header, need_tools, version, wait_port
 
@@ -77,7 +79,7 @@ NGINX_CONF = textwrap.dedent(
             listen 127.0.0.1:{port};
             # Not "return 200": return runs in the rewrite phase, before
             # auth_basic's access phase, and would answer without any check.
-            location = /whoami {{
+            location ~ ^/(whoami|auth)$ {{
                 auth_basic "x";
                 auth_basic_user_file {htpasswd};
                 default_type text/plain;
@@ -129,6 +131,58 @@ def write_htpasswd(path: str) -> None:
     )
 
 
+def prepare(bench: Bench) -> str:
+    """
+    The htpasswd file every server reads and nginx's reply file, readable
+    by nginx's workers (run as root, they switch to "nobody"): its path.
+    """
+    htpasswd = os.path.join(bench.tmp, "users.htpasswd")
+    write_htpasswd(htpasswd)
+    os.chmod(bench.tmp, 0o755)
+    os.chmod(htpasswd, 0o644)
+    with open(os.path.join(bench.tmp, "ok.txt"), "w") as f:
+        f.write("ok\n")
+    return htpasswd
+
+
+def gateway_options(port: int, htpasswd: str) -> tuple[str, ...]:
+    """The gateway's options in every HTTP benchmark: the htpasswd file, HTTP only."""
+    return ("--auth", f"htpasswd:{htpasswd}", "--http", f"tcp:{port}:interface=127.0.0.1",
+            "--smtp", "none", "--socks", "none")
+
+
+def start_nginx(bench: Bench, htpasswd: str, workers: int) -> tuple[str, int, int]:
+    """nginx with C{workers} worker processes on the htpasswd file: name, port, pid."""
+    port = free_port()
+    conf = os.path.join(bench.tmp, f"nginx-{port}.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(tmp=bench.tmp, port=port, htpasswd=htpasswd, workers=workers))
+    proc = bench.start(["nginx", "-p", bench.tmp, "-c", conf, "-e",
+                        os.path.join(bench.tmp, "nginx-error.log")])
+    wait_port(port, proc)
+    return (f"nginx {version('nginx')}, {workers} worker{'s' if workers > 1 else ''}", port,
+            proc.pid)
+
+
+def measure(bench: Bench, name: str, port: int, pid: int, user: str, connections: int,
+            threads: int, aux: Sequence[int] = (), column: str | None = None,
+            path: str = "whoami") -> None:
+    """One wrk run as C{user} on C{/path} against the server C{pid} (C{aux}: more to show)."""
+    duration = bench.args.duration
+    result, out = bench.run(
+        "exec", "--server-pid", pid, *(("--aux-pid", ",".join(map(str, aux))) if aux else ()),
+        "--", "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
+        "-H", f"Authorization: {authorization(user)}", f"http://127.0.0.1:{port}/{path}",
+        timeout=duration + 60)
+    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if result["exit"] != 0 or rate is None:
+        raise SystemExit(f"wrk failed:\n{out}")
+    notes = [m.group(0) for m in re.finditer(
+        r"Non-2xx or 3xx responses:.*|Socket errors:.*", out)]
+    note = f"   {'; '.join(notes)}!" if notes else ""
+    bench.record(name, column or COLUMNS[user], float(rate.group(1)), result, "req", note)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser, pause=0)
@@ -136,57 +190,48 @@ def main() -> None:
     parser.add_argument("--wrk-threads", type=int, default=1)
     parser.add_argument("--nginx-workers", default="1,2",
                         help="comma-separated worker_processes values (default %(default)s)")
+    parser.add_argument("--paths", default="whoami",
+                        help="comma-separated paths: whoami, auth (forward-auth asking about"
+                             " its own request; nginx answers both alike) (default %(default)s)")
+    parser.add_argument("--users", default="sha,bcrypt",
+                        help="comma-separated users: sha, bcrypt (default %(default)s)")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also measure the gateway of another checkout, e.g. a"
+                             " `git worktree add --detach /tmp/old REV`")
     args = parser.parse_args()
     need_tools(("wrk", "wrk"), ("nginx", "nginx"))
     with Bench(args, "http-bench") as bench:
-        htpasswd = os.path.join(bench.tmp, "users.htpasswd")
-        write_htpasswd(htpasswd)
-        # Run as root, nginx's workers switch to "nobody": they must reach the files.
-        os.chmod(bench.tmp, 0o755)
-        os.chmod(htpasswd, 0o644)
-        with open(os.path.join(bench.tmp, "ok.txt"), "w") as f:
-            f.write("ok\n")
+        htpasswd = prepare(bench)
         servers: list[tuple[str, int, int]] = []  # name, port, pid
 
-        port = free_port()
-        proc = bench.gateway("gw", "--auth", f"htpasswd:{htpasswd}", "--http",
-                             f"tcp:{port}:interface=127.0.0.1", "--smtp", "none",
-                             "--socks", "none")
-        wait_port(port, proc)
-        servers.append(("authgateway", port, proc.pid))
-        nginx = f"nginx {version('nginx')}"
-        for workers in (int(w) for w in args.nginx_workers.split(",")):
+        def gateway(name: str, tree: str | None = None) -> None:
             port = free_port()
-            conf = os.path.join(bench.tmp, f"nginx-{port}.conf")
-            with open(conf, "w") as f:
-                f.write(NGINX_CONF.format(tmp=bench.tmp, port=port, htpasswd=htpasswd,
-                                          workers=workers))
-            proc = bench.start(["nginx", "-p", bench.tmp, "-c", conf, "-e",
-                                os.path.join(bench.tmp, "nginx-error.log")])
+            # Another checkout's code first on the path; started outside any
+            # checkout, so that the editable install does not win.
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(tree)) if tree else None
+            proc = bench.gateway(name, *gateway_options(port, htpasswd), env=env,
+                                 cwd=bench.tmp if tree else None)
             wait_port(port, proc)
-            servers.append((f"{nginx}, {workers} worker{'s' if workers > 1 else ''}", port,
-                            proc.pid))
+            servers.append((name, port, proc.pid))
+
+        gateway("authgateway")
+        if args.baseline:
+            gateway(f"baseline {os.path.basename(os.path.abspath(args.baseline))}", args.baseline)
+        for workers in (int(w) for w in args.nginx_workers.split(",")):
+            servers.append(start_nginx(bench, htpasswd, workers))
         for name, port, _ in servers:
             check(name, port)
 
-        header("HTTP GET /whoami, Basic", args)
+        paths, users = args.paths.split(","), args.users.split(",")
+        header(f"HTTP GET /{', /'.join(paths)}, Basic", args)
         print(f"wrk -t{args.wrk_threads} -c{args.connections}, keep-alive")
         for rep in range(args.reps):
             print(f"repetition {rep + 1}", flush=True)
-            for user in USERS:
+            for path, user in ((p, u) for p in paths for u in users):
+                column = COLUMNS[user] if paths == ["whoami"] else f"/{path}, {COLUMNS[user]}"
                 for name, port, pid in servers:
-                    result, out = bench.run(
-                        "exec", "--server-pid", pid, "--", "wrk", f"-t{args.wrk_threads}",
-                        f"-c{args.connections}", f"-d{args.duration:g}s", "--timeout", "10s",
-                        "-H", f"Authorization: {authorization(user)}",
-                        f"http://127.0.0.1:{port}/whoami", timeout=args.duration + 60)
-                    rate = re.search(r"Requests/sec:\s*([\d.]+)", out)
-                    if result["exit"] != 0 or rate is None:
-                        raise SystemExit(f"wrk failed:\n{out}")
-                    notes = [m.group(0) for m in re.finditer(
-                        r"Non-2xx or 3xx responses:.*|Socket errors:.*", out)]
-                    note = f"   {'; '.join(notes)}!" if notes else ""
-                    bench.record(name, COLUMNS[user], float(rate.group(1)), result, "req", note)
+                    measure(bench, name, port, pid, user, args.connections, args.wrk_threads,
+                            column=column, path=path)
         bench.summary([("authgateway", name) for name, *_ in servers[1:]])
 
 

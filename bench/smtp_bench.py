@@ -33,6 +33,7 @@ import argparse
 import os
 import sys
 import textwrap
+from collections.abc import Sequence
 
 from benchlib import Bench, add_options, free_port, header, mount_type, wait_port
 
@@ -108,6 +109,46 @@ FLOOR_SERVER = textwrap.dedent(
 )
 
 
+def gateway_options(port: int) -> tuple[str, ...]:
+    """The gateway's options in every SMTP benchmark: C{memory:} auth, plaintext AUTH, SMTP only."""
+    return ("--auth", f"memory:{USER}:{PASSWORD}", "--smtp", f"tcp:{port}:interface=127.0.0.1",
+            "--smtp-insecure-auth", "--http", "none", "--socks", "none")
+
+
+def start_aiosmtpd(bench: Bench) -> tuple[str, int, int]:
+    """aiosmtpd with the same user, spooling to the temporary directory: name, port, pid."""
+    try:
+        import aiosmtpd
+    except ImportError:
+        raise SystemExit("pip install aiosmtpd==1.4.6 into this venv") from None
+    port = free_port()
+    spool = os.path.join(bench.tmp, "aio")
+    os.makedirs(spool, exist_ok=True)
+    proc = bench.start([sys.executable, "-W", "ignore", "-c", AIOSMTPD_SERVER, str(port), spool])
+    wait_port(port, proc)
+    return f"aiosmtpd {aiosmtpd.__version__}", port, proc.pid
+
+
+def measure(bench: Bench, name: str, port: int, pid: int, count: int,
+            aux: Sequence[int] = (), column: str | None = None) -> None:
+    """
+    One run of C{count} clients' sessions against the server C{pid}
+    (C{aux}: more processes whose CPU to show, a Redis say), recorded
+    under C{name} and C{column}, then the pause for its TIME_WAIT sockets.
+    """
+    result, _ = bench.run(
+        "smtp", f"127.0.0.1:{port}", "-c", count, "-d", bench.args.duration,
+        "--warmup", 1, "--user", USER, "--pass", PASSWORD, "--server-pid", pid,
+        *(("--aux-pid", ",".join(map(str, aux))) if aux else ()),
+        timeout=bench.args.duration + 60)
+    errors = result["proto_errors"] + result["io_errors"] + result["connect_errors"]
+    note = f"   {errors} errors! {result['error_samples'][:1]}" if errors else ""
+    column = column or f"sessions/s, {count} client{'s' if count > 1 else ''}"
+    bench.record(name, column, result["rate_per_s"], result, "session", note)
+    # Fewer sessions leave fewer TIME_WAIT sockets: a shorter pause.
+    bench.rest(min(1.0, result["ok"] / 10000))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_options(parser)
@@ -121,10 +162,6 @@ def main() -> None:
                         help="also measure the gateway of another checkout (spool on tmpfs),"
                              " e.g. a `git worktree add --detach /tmp/old REV`")
     args = parser.parse_args()
-    try:
-        import aiosmtpd
-    except ImportError:
-        raise SystemExit("pip install aiosmtpd==1.4.6 into this venv") from None
     clients = [int(c) for c in args.clients.split(",")]
     with Bench(args, "smtp-bench") as bench:
         disk = bench.tempdir(args.disk_dir)
@@ -135,11 +172,8 @@ def main() -> None:
             # Another checkout's code first on the path; started outside any
             # checkout, so that the editable install does not win.
             env = dict(os.environ, PYTHONPATH=os.path.abspath(tree)) if tree else None
-            proc = bench.gateway(
-                name, "--auth", f"memory:{USER}:{PASSWORD}", "--smtp",
-                f"tcp:{port}:interface=127.0.0.1", "--smtp-insecure-auth",
-                "--http", "none", "--socks", "none", data_dir=data_dir,
-                env=env, cwd=bench.tmp if tree else None)
+            proc = bench.gateway(name, *gateway_options(port), data_dir=data_dir, env=env,
+                                 cwd=bench.tmp if tree else None)
             wait_port(port, proc)
             servers.append((name, port, proc.pid, False))
 
@@ -149,12 +183,7 @@ def main() -> None:
             gateway(f"baseline {os.path.basename(os.path.abspath(args.baseline))},"
                     f" spool {mount_type(bench.tmp)}", os.path.join(bench.tmp, "base"),
                     args.baseline)
-        port = free_port()
-        os.makedirs(os.path.join(bench.tmp, "aio"))
-        proc = bench.start([sys.executable, "-W", "ignore", "-c", AIOSMTPD_SERVER, str(port),
-                            os.path.join(bench.tmp, "aio")])
-        wait_port(port, proc)
-        servers.append((f"aiosmtpd {aiosmtpd.__version__}", port, proc.pid, False))
+        servers.append((*start_aiosmtpd(bench), False))
         if args.floor:
             port = free_port()
             proc = bench.start([sys.executable, "-c", FLOOR_SERVER, str(port)])
@@ -170,16 +199,7 @@ def main() -> None:
             print(f"repetition {rep + 1}", flush=True)
             for count in clients:
                 for name, port, pid, _ in servers:
-                    result, _ = bench.run(
-                        "smtp", f"127.0.0.1:{port}", "-c", count, "-d", args.duration,
-                        "--warmup", 1, "--user", USER, "--pass", PASSWORD, "--server-pid", pid,
-                        timeout=args.duration + 60)
-                    errors = result["proto_errors"] + result["io_errors"] + result["connect_errors"]
-                    note = f"   {errors} errors! {result['error_samples'][:1]}" if errors else ""
-                    column = f"sessions/s, {count} client{'s' if count > 1 else ''}"
-                    bench.record(name, column, result["rate_per_s"], result, "session", note)
-                    # Fewer sessions leave fewer TIME_WAIT sockets: a shorter pause.
-                    bench.rest(min(1.0, result["ok"] / 10000))
+                    measure(bench, name, port, pid, count)
         aio = next(name for name, *_ in servers if name.startswith("aiosmtpd"))
         ours = [name for name, *_ in servers if not name.startswith(("aiosmtpd", "bare"))]
         bench.summary([(name, aio) for name in ours])

@@ -49,6 +49,7 @@ import os
 import pwd
 import subprocess
 import textwrap
+from collections.abc import Sequence
 
 from benchlib import Bench, add_options, free_port, header, need_tools, version, wait_port
 
@@ -75,16 +76,82 @@ DANTE_CONF = textwrap.dedent(
 )
 
 
-def add_system_user() -> None:
+def add_system_user(user: str = SYSTEM_USER) -> None:
+    """The throwaway system user Dante checks, with a cheap SHA-512-crypt password."""
     try:
-        pwd.getpwnam(SYSTEM_USER)
+        pwd.getpwnam(user)
     except KeyError:
         pass
     else:
-        raise SystemExit(f"user {SYSTEM_USER} exists (a previous run?): userdel {SYSTEM_USER}")
-    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", SYSTEM_USER], check=True)
+        raise SystemExit(f"user {user} exists (a previous run?): userdel {user}")
+    subprocess.run(["useradd", "-M", "-s", "/usr/sbin/nologin", user], check=True)
     subprocess.run(["chpasswd", "-c", "SHA512", "-s", "1000"],
-                   input=f"{SYSTEM_USER}:{SYSTEM_PASSWORD}\n", text=True, check=True)
+                   input=f"{user}:{SYSTEM_PASSWORD}\n", text=True, check=True)
+
+
+def gateway_options(port: int) -> tuple[str, ...]:
+    """
+    The gateway's options in every SOCKS benchmark: SOCKS only, loopback
+    destinations allowed, and the per-address bounds raised (every client
+    is 127.0.0.1).
+    """
+    return ("--auth", f"memory:{USER}:{PASSWORD}",
+            "--socks", f"tcp:{port}:interface=127.0.0.1", "--socks-allow", "127.0.0.1",
+            "--socks-max-sessions-per-peer", "100000", "--socks-max-sessions-per-user",
+            "100000", "--socks-max-pending-logins-per-peer", "1024",
+            "--socks-max-pending-logins-per-network", "1024", "--smtp", "none",
+            "--http", "none")
+
+
+def start_dante(bench: Bench, user: str = SYSTEM_USER) -> tuple[str, int, int, str, str]:
+    """danted with its default processes, logins checked against C{user}: name, port, pid, user, password."""
+    port = free_port()
+    conf = os.path.join(bench.tmp, "danted.conf")
+    with open(conf, "w") as f:
+        f.write(DANTE_CONF.format(port=port))
+    proc = bench.start(["danted", "-f", conf, "-p", os.path.join(bench.tmp, "danted.pid")],
+                       log="danted.log")
+    wait_port(port, proc)
+    return f"Dante {version('dante-server')}", port, proc.pid, user, SYSTEM_PASSWORD
+
+
+def measure_sessions(bench: Bench, name: str, port: int, pid: int, user: str, password: str,
+                     echo: int, aux: Sequence[int], clients: int, pause: float | None = None,
+                     column: str | None = None) -> None:
+    """
+    One sessions run through the proxy C{pid} to the echo port (C{aux}: the
+    sink and any other process whose CPU to show), then the pause.
+    """
+    result, _ = bench.run(
+        "socks", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}",
+        "-c", clients, "-d", bench.args.duration, "--warmup", 1, "--user", user,
+        "--pass", password, "--server-pid", pid, "--aux-pid", ",".join(map(str, aux)),
+        timeout=bench.args.duration + 60)
+    errors = result["proto_errors"] + result["io_errors"] + result["connect_errors"]
+    note = f"   {errors} errors! {result['error_samples'][:1]}" if errors else ""
+    bench.record(name, column or f"sessions/s, {clients} clients", result["rate_per_s"], result,
+                 "session", note)
+    bench.rest(pause=pause)
+
+
+def measure_bulk(bench: Bench, servers: Sequence[tuple[str, int, int, str, str]], discard: int,
+                 sink: int, mib: int, tunnels: int) -> None:
+    """C{mib} MiB over C{tunnels} tunnels: straight to the discard port, then through each proxy."""
+    column = f"MiB/s, {tunnels} tunnel{'s' if tunnels > 1 else ''}"
+    size = ("--mib", mib // tunnels, "-p", tunnels, "--max-seconds", BULK_MAX_SECONDS,
+            "--aux-pid", sink)
+    result, _ = bench.run("direct-bulk", f"127.0.0.1:{discard}", *size,
+                          timeout=BULK_MAX_SECONDS + 30)
+    bench.record("direct (no proxy)", column, result["mib_per_s"], result, "MiB")
+    for name, port, pid, user, password in servers:
+        result, _ = bench.run(
+            "socks-bulk", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{discard}", *size,
+            "--user", user, "--pass", password, "--server-pid", pid,
+            timeout=BULK_MAX_SECONDS + 30)
+        note = (f"   {result['errors']} errors (time limit?): not counted"
+                if result["errors"] else "")
+        bench.record(name, column, result["mib_per_s"], result, "MiB", note,
+                     keep=not result["errors"])
 
 
 def main() -> None:
@@ -116,25 +183,10 @@ def main() -> None:
                                  dict(os.environ, PYTHONPATH=tree)))
             for name, slug, env in gateways:
                 port = free_port()
-                proc = bench.gateway(
-                    slug, "--auth", f"memory:{USER}:{PASSWORD}",
-                    "--socks", f"tcp:{port}:interface=127.0.0.1", "--socks-allow", "127.0.0.1",
-                    "--socks-max-sessions-per-peer", "100000", "--socks-max-sessions-per-user",
-                    "100000", "--socks-max-pending-logins-per-peer", "1024",
-                    "--socks-max-pending-logins-per-network", "1024", "--smtp", "none",
-                    "--http", "none", env=env)
+                proc = bench.gateway(slug, *gateway_options(port), env=env)
                 wait_port(port, proc)
                 servers.append((name, port, proc.pid, USER, PASSWORD))
-
-            port = free_port()
-            conf = os.path.join(bench.tmp, "danted.conf")
-            with open(conf, "w") as f:
-                f.write(DANTE_CONF.format(port=port))
-            proc = bench.start(["danted", "-f", conf, "-p", os.path.join(bench.tmp, "danted.pid")],
-                               log="danted.log")
-            wait_port(port, proc)
-            servers.append((f"Dante {version('dante-server')}", port, proc.pid, SYSTEM_USER,
-                            SYSTEM_PASSWORD))
+            servers.append(start_dante(bench))
 
             port = free_port()
             proc = bench.start(["microsocks", "-i", "127.0.0.1", "-p", str(port), "-u", USER,
@@ -151,35 +203,13 @@ def main() -> None:
             header("SOCKS5", args)
             print(f"sessions: {args.clients} clients, greeting, RFC 1929 login, CONNECT, "
                   f"64 bytes echoed, close; bulk: {args.bulk_mib} MiB to a discard sink")
-            sessions = f"sessions/s, {args.clients} clients"
             for rep in range(args.reps):
                 print(f"repetition {rep + 1}", flush=True)
                 for name, port, pid, user, password in servers:
-                    result, _ = bench.run(
-                        "socks", f"127.0.0.1:{port}", "--target", f"127.0.0.1:{echo}",
-                        "-c", args.clients, "-d", args.duration, "--warmup", 1, "--user", user,
-                        "--pass", password, "--server-pid", pid, "--aux-pid", sink.pid,
-                        timeout=args.duration + 60)
-                    errors = result["proto_errors"] + result["io_errors"] + result["connect_errors"]
-                    note = f"   {errors} errors! {result['error_samples'][:1]}" if errors else ""
-                    bench.record(name, sessions, result["rate_per_s"], result, "session", note)
-                    bench.rest()
+                    measure_sessions(bench, name, port, pid, user, password, echo, [sink.pid],
+                                     args.clients)
                 for tunnels in (1, 4):
-                    column = f"MiB/s, {tunnels} tunnel{'s' if tunnels > 1 else ''}"
-                    size = ("--mib", args.bulk_mib // tunnels, "-p", tunnels,
-                            "--max-seconds", BULK_MAX_SECONDS, "--aux-pid", sink.pid)
-                    result, _ = bench.run("direct-bulk", f"127.0.0.1:{discard}", *size,
-                                          timeout=BULK_MAX_SECONDS + 30)
-                    bench.record("direct (no proxy)", column, result["mib_per_s"], result, "MiB")
-                    for name, port, pid, user, password in servers:
-                        result, _ = bench.run(
-                            "socks-bulk", f"127.0.0.1:{port}", "--target",
-                            f"127.0.0.1:{discard}", *size, "--user", user, "--pass", password,
-                            "--server-pid", pid, timeout=BULK_MAX_SECONDS + 30)
-                        note = (f"   {result['errors']} errors (time limit?): not counted"
-                                if result["errors"] else "")
-                        bench.record(name, column, result["mib_per_s"], result, "MiB", note,
-                                     keep=not result["errors"])
+                    measure_bulk(bench, servers, discard, sink.pid, args.bulk_mib, tunnels)
             ours = servers[0][0]
             bench.summary([(ours, name) for name, *_ in servers[1:]])
     finally:

@@ -65,6 +65,10 @@ def _noop() -> None:
     pass
 
 
+#: The logout the realm gives an avatar that has none: a front door may skip calling it.
+NO_LOGOUT = _noop
+
+
 @implementer(IRealm)
 class Realm:
     """
@@ -272,7 +276,11 @@ def _frames(reason: Failure) -> str:
 
 
 def login(
-    portal: Portal, credentials: Any, *interfaces: type[Interface], log: Logger = _log
+    portal: Portal,
+    credentials: Any,
+    *interfaces: type[Interface],
+    log: Logger = _log,
+    repeated: Callable[[Any], bool] | None = None,
 ) -> defer.Deferred[tuple[type[Interface], Any, Callable[[], None]]]:
     """
     C{portal.login} for the front doors: the credentials are the mind, the
@@ -284,6 +292,11 @@ def login(
     password is a C{failure} whatever the transport did (else hanging up
     during the failure delay would hide every guess from fail2ban).
     No event, and no failure it returns, carries a secret.
+    C{repeated(auth_info)}, called on success, says whether the front door
+    has logged this very success on this connection already (an HTTP
+    keep-alive connection sending the same credentials from the same client
+    for the same AuthInfo): such a success gets no line, only its event
+    (audit log, metrics); every other outcome is logged as usual.
     Refusals a client can repeat at will (L{Throttled}, L{PoolFull}) are
     logged at most once a minute per peer (or queue), the line saying in
     C{suppressed} how many were left out since the last one; so are, per
@@ -321,13 +334,14 @@ def login(
     def succeeded(result: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
         _, avatar, _ = result
         info = avatar if IAuthInfo.providedBy(avatar) else getattr(avatar, "auth_info", None)
-        log.info(
-            "auth success: " + what,
-            outcome="success",
-            identities=[i.to_json_dict() for i in info.identities] if info else None,
-            groups=list(info.groups) if info else None,
-            **fields,
-        )
+        if repeated is None or not repeated(info):
+            log.info(
+                "auth success: " + what,
+                outcome="success",
+                identities=[i.to_json_dict() for i in info.identities] if info else None,
+                groups=list(info.groups) if info else None,
+                **fields,
+            )
         if events is not None:
             publish("success", "ok", info)
         return result

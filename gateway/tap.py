@@ -13,6 +13,7 @@ import math
 import os
 import re
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,7 @@ from gateway.connections import ListenSettings, with_backlog
 from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
-from gateway.ops import drain, reload
+from gateway.ops import drain, reload, workers
 from gateway.ops import metrics as ops_metrics
 from gateway.ops.audit import attach_audit_log
 from gateway.ops.audit import check_path as check_audit_path
@@ -313,6 +314,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         ["metrics", None, "none",
          "Endpoint of the metrics and health listener (/metrics, /healthz, /readyz), or 'none'.",
          ops_metrics.check_endpoint],
+        ["workers", None, 1,
+         "Processes serving the listeners (auto: one per CPU); above 1 needs a shared --state.",
+         workers.worker_count],
     ]
 
     optFlags = [
@@ -350,10 +354,25 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
         Under twistd (as a subcommand), a bad option ends the process with one
-        line on stderr instead of twistd's full usage text.
+        line on stderr instead of twistd's full usage text. The options are
+        recorded as given (C{self["argv"]}: a worker of C{--workers} parses
+        the same); a worker's hidden C{--worker-slot K --worker-fds ...}
+        (L{gateway.ops.workers}) come first and its own options from the
+        environment, never from its command line.
         """
+        argv = list(sys.argv[1:] if options is None else options)
         try:
-            super().parseOptions(options)
+            if argv[:1] == ["--worker-slot"]:
+                if len(argv) != 4 or argv[2] != "--worker-fds" or not argv[1].isdigit():
+                    raise usage.UsageError("--worker-slot K --worker-fds SPEC: nothing else")
+                try:
+                    self["workerFds"] = workers.parse_fds(argv[3])
+                    self["workerSlot"] = int(argv[1])
+                    argv = workers.take_worker_argv()
+                except ValueError as e:
+                    raise usage.UsageError(str(e)) from None
+            self["argv"] = argv
+            super().parseOptions(argv)
         except usage.UsageError as e:
             if getattr(self, "parent", None) is not None:
                 raise SystemExit(f"twistd authgateway: error: {e}") from None
@@ -614,8 +633,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             if description.lower() == "none":
                 continue
             try:
-                check_systemd_endpoint(description)  # socket activation: a passed socket, as named
-                endpoints.serverFromString(None, with_backlog(description, self["listen-backlog"]))
+                if self["workers"] > 1:
+                    workers.parse_listener(name, description)
+                if name not in self.get("workerFds", {}):  # a worker's socket is the parent's
+                    check_systemd_endpoint(description)  # socket activation: a passed socket, as named
+                    endpoints.serverFromString(None, with_backlog(description, self["listen-backlog"]))
             except Exception as e:
                 raise usage.UsageError(f"--{name} {description!r}: bad endpoint: {e}") from None
             self["endpoints"][name] = description
@@ -639,6 +661,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             proxy_protocol_from=tuple(self.get("proxyProtocolFrom", ())),
         )
 
+        if self["workers"] > 1 and str(self.get("state", "local")).strip().lower() == "local":
+            raise usage.UsageError(
+                f"--workers {self['workers']} needs a shared --state (e.g. unix:///run/redis/redis.sock):"
+                " the login limits must hold across all workers, not per process; run a"
+                " redis-server (README: Scaling out), or use --workers 1"
+            )
         if not self["credCheckers"]:
             raise usage.UsageError(
                 "no authentication backend: give --auth TYPE:ARGS or --checker NAME"
@@ -797,10 +825,13 @@ class GatewayService(service.MultiService):
     drain, then the core's services.
     """
 
-    def __init__(self, core: Core, listeners: list[str], drain_timeout: float) -> None:
+    def __init__(self, core: Core, listeners: list[str], drain_timeout: float,
+                 worker: int | None = None) -> None:
         super().__init__()
         self.core = core
         self.listeners = listeners
+        #: The slot of a C{--workers} worker, said in the start line.
+        self.worker = worker
         self.shutdown = drain.Shutdown(core.reactor, core.connections, drain_timeout)
 
     def privilegedStartService(self) -> None:
@@ -813,7 +844,8 @@ class GatewayService(service.MultiService):
         self.core.connections.start()  # when started without twistd
         super().startService()
         log.info(
-            "authgateway started: data dir {data_dir}, listeners {listeners}",
+            "authgateway started: {worker}data dir {data_dir}, listeners {listeners}",
+            worker="" if self.worker is None else f"worker {self.worker}, ",
             data_dir=self.core.data_dir,
             listeners=self.listeners or "none",
         )
@@ -828,6 +860,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     """The gateway: the core, then each enabled listener of L{FRONT_DOORS}."""
     if reactor is None:
         from twisted.internet import reactor  # twistd's; the only global used
+    if options["workers"] > 1:  # the parent: no core, the workers serve
+        return workers.make_parent(options, reactor)
     core = build_core(options["coreSettings"], reactor)
     if options["deliverySettings"] is not None:
         core.attach(Delivery(
@@ -842,14 +876,16 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         if any(row.door == name for row in rows)
     }
     started: list[str] = []
-    top = GatewayService(core, started, options["drain-timeout"])
+    top = GatewayService(core, started, options["drain-timeout"], options.get("workerSlot"))
     drain.install(reactor, top.shutdown)
     for child in core.services:  # before the listeners: stopped after them
         child.setServiceParent(top)
     for row in rows:
         description = options["endpoints"][row.option]
-        endpoint = endpoints.serverFromString(
-            reactor, with_backlog(description, options["listen-backlog"])
+        adopted = options.get("workerFds", {}).get(row.option)
+        endpoint = (
+            workers.adopted_endpoint(reactor, description, adopted) if adopted is not None
+            else endpoints.serverFromString(reactor, with_backlog(description, options["listen-backlog"]))
         )
         if description.lower().startswith("haproxy:"):
             core.connections.behind_proxy.add(row.option)  # the peer at accept is the proxy
@@ -862,4 +898,6 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         groups=options["groups"], load_acl=options["aclLoader"],
     )).setServiceParent(top)
     ops_metrics.serve(options, core, top, doors)
+    if "workerSlot" in options:
+        workers.attach_worker(reactor, options, top)
     return top

@@ -12,6 +12,7 @@ one changes meaning. Raise the pin only after they pass.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -255,8 +256,40 @@ def proxy_header_parsers() -> ProxyHeaderParsers | None:
         return None
 
 
+def keep_unix_socket_file(port: Any) -> None:
+    """
+    A UNIX listening port adopted from another process (a worker of
+    C{--workers}, which shares the parent's socket with the other workers):
+    stopping it must leave the socket's file in place. Twisted's
+    C{unix.Port.connectionLost} removes the file it finds in C{_bindPath}
+    (adopted ports too) before C{tcp.Port.connectionLost}; this port's
+    C{connectionLost} becomes the latter. When C{unix.Port} no longer has
+    that shape, nothing changes: a worker's stop then removes the file (and
+    the next one logs that it is gone), as Twisted does.
+    """
+    from twisted.internet import unix
+
+    if isinstance(port, unix.Port) and hasattr(port, "_bindPath"):
+        port.connectionLost = functools.partial(tcp.Port.connectionLost, port)
+
+
+def ssl_server_context(endpoint: Any) -> Any | None:
+    """
+    The TLS context factory of an C{ssl:} server endpoint (what
+    C{endpoints.serverFromString} built from C{privateKey=}, C{certKey=}...),
+    so that a worker of C{--workers} serves TLS the same way on the socket
+    it adopted from its parent. Twisted keeps it in
+    C{SSL4ServerEndpoint._sslContextFactory}; when that is gone, None (the
+    worker then refuses the listener with a line saying so).
+    """
+    context = getattr(endpoint, "_sslContextFactory", None)
+    return context if callable(getattr(context, "getContext", None)) else None
+
+
 __all__ = [
     "ProxyHeaderParsers",
+    "ssl_server_context",
+    "keep_unix_socket_file",
     "buffered",
     "first_line_pending",
     "half_close_now",

@@ -9,6 +9,9 @@ gateway. Nothing here skips.
 from __future__ import annotations
 
 import configparser
+import os
+import shutil
+import tempfile
 import socket
 import struct
 from pathlib import Path
@@ -16,7 +19,7 @@ from typing import Any
 
 import twisted
 from packaging.requirements import Requirement
-from twisted.internet import defer, error, protocol, reactor, tcp
+from twisted.internet import defer, endpoints, error, protocol, reactor, tcp
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -27,6 +30,8 @@ from zope.interface import implementer
 
 from gateway.tls import ensure_certificate
 from gateway.twistedinternals import (
+    keep_unix_socket_file,
+    ssl_server_context,
     buffered,
     first_line_pending,
     half_close_now,
@@ -520,3 +525,50 @@ class ProxyHeaderParserTests(SynchronousTestCase):
                     ["--auth", "memory:a:b", "--proxy-protocol-from", "::1"]
                 )
         self.assertIn("no PROXY protocol parsers", str(e.exception))
+
+
+class KeepUnixSocketFileTests(TestCase):
+    """
+    An adopted UNIX port: Twisted removes the socket's file when it stops
+    listening (what L{keep_unix_socket_file} undoes for a port other
+    processes share); with it, the file stays.
+    """
+
+    def adopt(self) -> tuple[Any, str]:
+        directory = tempfile.mkdtemp(prefix="ag-")  # AF_UNIX paths are short
+        self.addCleanup(shutil.rmtree, directory, True)
+        path = os.path.join(directory, "s.sock")
+        listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.addCleanup(listening.close)
+        listening.bind(path)
+        listening.listen(1)
+        listening.setblocking(False)
+        port = reactor.adoptStreamPort(listening.fileno(), socket.AF_UNIX, protocol.Factory())
+        return port, path
+
+    @defer.inlineCallbacks
+    def test_twisted_removes_the_file(self):
+        port, path = self.adopt()
+        yield port.stopListening()
+        self.assertFalse(os.path.exists(path))
+
+    @defer.inlineCallbacks
+    def test_kept(self):
+        port, path = self.adopt()
+        keep_unix_socket_file(port)
+        yield port.stopListening()
+        self.assertTrue(os.path.exists(path))
+        self.assertFalse(port.connected)
+
+
+class SSLServerContextTests(SynchronousTestCase):
+    def test_context(self):
+        """An ssl: endpoint's TLS context factory, as Twisted keeps it."""
+        cert, key, _ = ensure_certificate(self.mktemp())
+        endpoint = endpoints.serverFromString(reactor, f"ssl:0:privateKey={key}:certKey={cert}")
+        context = ssl_server_context(endpoint)
+        self.assertIsNotNone(context)
+        self.assertTrue(context.getContext())
+
+    def test_not_ssl(self):
+        self.assertIsNone(ssl_server_context(endpoints.serverFromString(reactor, "tcp:0")))

@@ -268,6 +268,75 @@ class BasicTests(GuardTestCase):
         self.assertEqual(r.code, 200)
 
 
+class KeepAliveTests(GuardTestCase):
+    """
+    What one connection's requests share: a success line is not repeated
+    while each login still publishes its event; anything new gets its line.
+    """
+
+    def setUp(self):
+        self.make()
+        self.lines = []
+        observer = lambda e: e.get("log_namespace") == "gateway.auth" and self.lines.append(e)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.events = []
+
+        class Sink:
+            login = self.events.append
+
+            def authz(self, event):
+                pass
+
+        self.portal.events.add(Sink())
+        self.channel, self.transport = self.connect()
+
+    def send(self, authorization):
+        self.transport.clear()
+        self.channel.dataReceived(
+            b"GET /whoami HTTP/1.1\r\nHost: gw.test\r\nAuthorization: " + authorization
+            + b"\r\n\r\n"
+        )
+        return Response(self.transport.value())
+
+    def outcomes(self):
+        return [(e["outcome"], e["identity"]) for e in self.lines]
+
+    def test_repeated_success_one_line(self):
+        for _ in range(3):
+            self.assertEqual(self.send(basic("daniel", "tiger")).code, 200)
+        self.assertEqual(self.outcomes(), [("success", "daniel")])
+        self.assertEqual([e.outcome for e in self.events], ["success"] * 3)
+
+    def test_new_line_after_a_change(self):
+        """Another user, a failure in between, other groups: each success says so again."""
+        self.assertEqual(self.send(basic("daniel", "tiger")).code, 200)
+        self.assertEqual(self.send(basic("daniel", "lion")).code, 401)
+        self.assertEqual(self.send(basic("daniel", "tiger")).code, 200)
+        self.assertEqual(self.send(basic("jürgen", "pässwörd")).code, 200)
+        self.assertEqual(self.send(basic("daniel", "tiger")).code, 200)
+        self.realm.groups = parse_groups("staff: daniel\n")  # a reload
+        r = self.send(basic("daniel", "tiger"))
+        self.assertEqual(r.json()["groups"], ["staff"])
+        self.assertEqual(self.outcomes(), [
+            ("success", "daniel"), ("failure", "daniel"), ("success", "daniel"),
+            ("success", "jürgen"), ("success", "daniel"), ("success", "daniel"),
+        ])
+        self.assertEqual(len(self.events), 6)
+
+    def test_each_connection_logs(self):
+        self.send(basic("daniel", "tiger"))
+        self.assertEqual(self.request(authorization=basic("daniel", "tiger")).code, 200)
+        self.assertEqual(self.outcomes(), [("success", "daniel")] * 2)
+
+    def test_token_decoded_again_when_it_changes(self):
+        """The connection's last Basic token is reused only for the very same bytes."""
+        self.assertEqual(self.send(basic("daniel", "tiger")).code, 200)
+        self.assertEqual(self.send(basic("daniel", "tiger") + b"=").code, 401)  # not canonical
+        self.assertEqual(self.send(basic("daniel", "tigers")).code, 401)
+        self.assertEqual(self.send(basic("daniel", "tiger")).code, 200)
+
+
 class PlainHTTPTests(GuardTestCase):
     """Basic over plain HTTP: loopback only, unless allowed."""
 
@@ -401,6 +470,26 @@ class OutcomeTests(GuardTestCase):
         self.channel.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(cancelled, [pending])
         self.assertEqual(self.transport.value(), b"")
+
+
+    def test_client_leaves_during_the_failure_delay(self):
+        """A wrong password answered after the delay: hanging up meanwhile is still a failure."""
+        clock = task.Clock()
+        self.make(throttle=Throttle(clock, delay=5, max_delay=5))
+        events = []
+
+        class Sink:
+            login = events.append
+
+            def authz(self, event):
+                pass
+
+        self.portal.events.add(Sink())
+        r = self.request(authorization=basic("daniel", "lion"))
+        self.assertEqual(r.raw, b"")  # held for the delay
+        self.channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([(e.outcome, e.client_left) for e in events], [("failure", True)])
+        self.assertFalse([c for c in clock.getDelayedCalls() if c.active()])
 
 
 #: What every trusted proxy must send: who the client is, and that it used TLS.

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_metrics -*-
+# -*- test-case-name: tests.test_metrics,tests.test_metrics_workers -*-
 """
 The metrics and health listener (C{--metrics ENDPOINT}): a plain
 twisted.web Site, apart from the front doors and their connection budget,
@@ -14,15 +14,22 @@ L{LoginMetrics} (a sink) turns into two counter increments and a histogram
 bucket. Every label comes from a fixed set (protocols, the configured
 listeners and mechanisms, outcomes, reason codes, states, status and reply
 codes): never a user name, an address or a path.
+
+With C{--workers N} each worker serves this listener on a private UNIX
+socket, and the parent serves C{--metrics} itself (L{serve_parent}): the
+workers' families merged, each sample labelled with its C{worker}, plus the
+parent's own, and health and readiness over every worker.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+import attrs
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -31,13 +38,18 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import make_wsgi_app
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.application import internet, service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints, protocol, task, threads
+from twisted.internet.address import UNIXAddress
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.logger import Logger
 from twisted.protocols import policies
 from twisted.python import threadable
 from twisted.python.failure import Failure
-from twisted.web import http, resource, server
+from twisted.web import client, http, resource, server
+from twisted.web.client import ResponseDone
+from twisted.web.iweb import IAgentEndpointFactory
 from twisted.web.wsgi import WSGIResource
 from zope.interface import implementer
 
@@ -73,6 +85,8 @@ HEADERS_DEADLINE = 5.0
 DEADLINE = 30.0
 #: A scrape this soon (seconds) after the last snapshot is served that one.
 SNAPSHOT_AGE = 1.0
+
+log = Logger()
 
 
 def _bounded(value: Any, allowed: Iterable[Any]) -> str:
@@ -469,22 +483,79 @@ class _Status(resource.Resource):
         super().__init__()
         self.answer = answer
 
-    def render_GET(self, request: server.Request) -> bytes:
-        ok, body = self.answer()
+    def render_GET(self, request: server.Request) -> Any:
+        answer = self.answer()
+        if isinstance(answer, defer.Deferred):  # the parent's, asked of its workers
+            return _answer_later(request, answer, lambda result: self._json(request, *result))
+        return self._json(request, *answer)
+
+    @staticmethod
+    def _json(request: server.Request, ok: bool, body: Any) -> bytes:
         request.setResponseCode(200 if ok else 503)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"cache-control", b"no-store")
         return json.dumps(body, sort_keys=True).encode() + b"\n"
 
 
+def _answer_later(request: server.Request, pending: defer.Deferred[Any],
+                  render: Callable[[Any], bytes | None]) -> Any:
+    """
+    Answer C{request} once C{pending} fires, with what C{render} makes of its
+    result (None: C{render} answered itself), unless the client left first;
+    a failure (a bug: the answers are built not to fail) is a 500, logged.
+    """
+    gone: list[bool] = []
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
+
+    def done(result: Any) -> None:
+        if gone:
+            return
+        body = render(result)
+        if body is not None:
+            request.write(body)
+            request.finish()
+
+    def failed(reason: Failure) -> None:
+        log.failure("metrics listener: answering {path}", reason, path=request.path.decode("latin-1"))
+        if not gone:
+            request.setResponseCode(500)
+            request.finish()
+
+    pending.addCallback(done).addErrback(failed)
+    return server.NOT_DONE_YET
+
+
+@attrs.frozen
+class _SocketEnd:
+    """A UNIX socket's end as Twisted's WSGI container reads it (a C{host} and a C{port})."""
+
+    host: str = ""
+    port: int = 0
+
+
 class _Request(server.Request):
-    """A request whose body, if any, is read and dropped: nothing here takes one."""
+    """
+    A request whose body, if any, is read and dropped: nothing here takes
+    one. On a UNIX socket (C{--metrics unix:PATH}, each worker's with
+    C{--workers}) both ends get an empty host and port 0: Twisted's WSGI
+    container reads C{host} and C{port} of each, which UNIX addresses lack.
+    """
 
     def gotLength(self, length: int | None) -> None:
         super().gotLength(0)
 
     def handleContentChunk(self, data: bytes) -> None:
         pass
+
+    def getClientAddress(self) -> Any:
+        return _addressed(super().getClientAddress())
+
+    def getHost(self) -> Any:
+        return _addressed(super().getHost())
+
+
+def _addressed(address: Any) -> Any:
+    return _SocketEnd() if isinstance(address, UNIXAddress) else address
 
 
 class _Channel(http.HTTPChannel):
@@ -591,7 +662,7 @@ class MetricsResource(resource.Resource):
     isLeaf = True
 
     def __init__(self, reactor: Any, registry: CollectorRegistry,
-                 refresh: Callable[[], None] = lambda: None) -> None:
+                 refresh: Callable[[], defer.Deferred[None] | None] = lambda: None) -> None:
         super().__init__()
         self.reactor = reactor
         self.registry = registry
@@ -599,7 +670,17 @@ class MetricsResource(resource.Resource):
         self._wsgi: WSGIResource | None = None
 
     def render(self, request: server.Request) -> Any:
-        self.refresh()  # in the reactor thread, before the WSGI thread collects
+        refreshed = self.refresh()  # in the reactor thread, before the WSGI thread collects
+        if isinstance(refreshed, defer.Deferred):  # the parent's, asked of its workers
+
+            def collect(_: None) -> None:
+                self._collect(request)  # it answers itself
+
+            return _answer_later(request, refreshed, collect)
+        return self._collect(request)
+
+    def _collect(self, request: server.Request) -> Any:
+        """The WSGI app's answer (it finishes the request itself: NOT_DONE_YET)."""
         if self._wsgi is None:
             self._wsgi = WSGIResource(
                 self.reactor, self.reactor.getThreadPool(), make_wsgi_app(self.registry)
@@ -622,6 +703,16 @@ def build_site(reactor: Any, registry: CollectorRegistry, readiness: Readiness,
     site = MetricsSite(root, timeout=TIMEOUT, reactor=reactor)
     site.registry, site.readiness = registry, readiness
     return site
+
+
+def _listening(reactor: Any, description: str, site: MetricsSite,
+               make: Callable[..., internet.StreamServerEndpointService]
+               = internet.StreamServerEndpointService) -> internet.StreamServerEndpointService:
+    """The listener's service on C{description}: C{site} behind the connection caps."""
+    endpoint = endpoints.serverFromString(reactor, description)
+    listening = make(endpoint, _Capped(site, MAX_CONNECTIONS, MAX_PER_PEER))
+    listening.setName("metrics")
+    return listening
 
 
 def check_endpoint(description: str) -> str:
@@ -662,10 +753,8 @@ def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
     registry = CollectorRegistry()
     collector = GatewayCollector(core, logins, readiness, doors, delivery)
     registry.register(collector)
-    endpoint = endpoints.serverFromString(core.reactor, description)
     site = build_site(core.reactor, registry, readiness, collector.refresh)
-    listening = internet.StreamServerEndpointService(endpoint, _Capped(site, MAX_CONNECTIONS, MAX_PER_PEER))
-    listening.setName("metrics")
+    listening = _listening(core.reactor, description, site)
     # A core service stopped last (after the drain and the other core
     # services), so /readyz answers 503 (listeners stopped) until the end.
     listening.stops_last = True  # type: ignore[attr-defined]
@@ -674,7 +763,372 @@ def serve(options: Mapping[str, Any], core: Core, top: service.MultiService,
     return registry
 
 
+# The parent of --workers N: its listener answers for every worker.
+
+#: What the parent reads of a worker's answer: bytes of C{/metrics} and of
+#: C{/readyz}, and seconds for either (connect included).
+WORKER_METRICS_LIMIT = 8 * 1024 * 1024
+WORKER_READYZ_LIMIT = 64 * 1024
+WORKER_TIMEOUT = 5.0
+#: The types whose C{NAME_created} samples prometheus_client's text parser
+#: gives a gauge family of their own.
+_CREATED_OWNERS = frozenset({"counter", "histogram", "summary"})
+
+
+class WorkerAnswerError(Exception):
+    """A worker's metrics listener answered nothing usable (one line: why)."""
+
+
+@implementer(IAgentEndpointFactory)
+@attrs.frozen
+class _WorkerSocket:
+    """Every request of an Agent goes to one worker's metrics socket."""
+
+    reactor: Any
+    path: str
+    timeout: float
+
+    def endpointForURI(self, uri: Any) -> endpoints.UNIXClientEndpoint:
+        return endpoints.UNIXClientEndpoint(self.reactor, self.path, timeout=self.timeout)
+
+
+class _Bounded(protocol.Protocol):
+    """
+    A response body, at most C{limit} bytes: past it the connection is
+    closed (C{stopProducing}: all a body's transport offers).
+    """
+
+    transport: Any  # the response's TransportProxyProducer
+
+    def __init__(self, limit: int, done: defer.Deferred[bytes]) -> None:
+        self.limit = limit
+        self.done = done
+        self.size = 0
+        self.parts: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.done.errback(WorkerAnswerError(f"answer over {self.limit} bytes"))
+            self.transport.stopProducing()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]
+        if self.done.called:
+            return
+        if reason.check(ResponseDone):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(WorkerAnswerError(f"answer cut short: {reason.getErrorMessage()}"))
+
+
+def fetch_worker(reactor: Any, socket_path: str, path: bytes, limit: int,
+                 timeout: float = WORKER_TIMEOUT) -> defer.Deferred[tuple[int, bytes]]:
+    """
+    C{GET path} of the worker metrics listener on the UNIX socket
+    C{socket_path}: its status code and body, or a L{WorkerAnswerError}
+    (no connection, no answer within C{timeout} seconds, a body over
+    C{limit} bytes, a broken answer).
+    """
+    agent = client.Agent.usingEndpointFactory(reactor, _WorkerSocket(reactor, socket_path, timeout))
+
+    async def get() -> tuple[int, bytes]:
+        response = await agent.request(b"GET", b"http://worker" + path)
+        done: defer.Deferred[bytes] = defer.Deferred(lambda _: reading.transport.stopProducing())
+        reading = _Bounded(limit, done)
+        response.deliverBody(reading)
+        return response.code, await done
+
+    def why(reason: Failure) -> Failure:
+        if reason.check(WorkerAnswerError):
+            return reason
+        if reason.check(client.ResponseFailed) and reason.value.reasons:  # a list of failures
+            reason = reason.value.reasons[0]
+        said = reason.getErrorMessage().strip().splitlines()
+        return Failure(WorkerAnswerError((said[0] if said else reason.type.__name__)[:200]))
+
+    def late(result: Any, _: float) -> Failure:
+        return Failure(WorkerAnswerError(f"no answer within {timeout:g} s"))
+
+    fetching = defer.ensureDeferred(get())
+    return fetching.addTimeout(timeout, reactor, onTimeoutCancel=late).addErrback(why)
+
+
+def worker_families(text: str, worker: str) -> list[Metric]:
+    """
+    A worker's C{/metrics} text as families whose samples all carry
+    C{worker="K"}; each C{NAME_created} gauge the text parser split off a
+    counter, histogram or summary goes back into it (OpenMetrics writes it
+    there). ValueError (and what the parser raises) on text that is not
+    Prometheus text.
+    """
+    families = list(text_string_to_metric_families(text))
+    owners = {family.name: family for family in families if family.type in _CREATED_OWNERS}
+    out = []
+    for family in families:
+        owner = owners.get(family.name[:-len("_created")]) if family.name.endswith("_created") else None
+        if owner is not None and family.type == "gauge":
+            owner.samples += family.samples
+            continue
+        out.append(family)
+    for family in out:
+        family.samples = [s._replace(labels={**s.labels, "worker": worker}) for s in family.samples]
+    return out
+
+
+def merge_families(per_worker: Iterable[list[Metric]], reserved: Iterable[Metric] = ()) -> list[Metric]:
+    """
+    One family per name (its first help and type), holding every worker's
+    samples in worker order. Left out: a family under the name of one of
+    C{reserved} (the parent's own), of another type than the first under
+    its name, or with a sample name another family has (junk the parser
+    let through): the output stays one that promtool accepts.
+    """
+    merged: dict[str, Metric] = {}
+    owner: dict[str, str] = {}  # sample name -> its family's name
+    for family in reserved:
+        merged[family.name] = family
+        owner.update(dict.fromkeys((sample.name for sample in family.samples), family.name))
+    taken = set(merged)
+    for families in per_worker:
+        for family in families:
+            names = {sample.name for sample in family.samples}
+            into = merged.get(family.name)
+            if (family.name in taken or (into is not None and into.type != family.type)
+                    or any(owner.get(n, family.name) != family.name for n in names)):
+                continue
+            owner.update(dict.fromkeys(names, family.name))
+            if into is None:
+                into = merged[family.name] = Metric(family.name, family.documentation, family.type,
+                                                    family.unit)
+            into.samples += family.samples
+    return [family for name, family in merged.items() if name not in taken]
+
+
+def _parse_all(texts: list[tuple[str, bytes]], reserved: list[Metric]) -> tuple[list[Metric], dict[str, str]]:
+    """Every worker's families merged (run in a thread), and why a worker's text was refused."""
+    parsed, refused = [], {}
+    for worker, body in texts:
+        try:
+            parsed.append(worker_families(body.decode("utf-8"), worker))
+        except Exception as e:  # the parser raises ValueError, and worse on some junk
+            refused[worker] = f"not Prometheus text: {type(e).__name__}"
+    return merge_families(parsed, reserved), refused
+
+
+class WorkerMetrics:
+    """
+    What the parent of C{--workers N} serves on C{--metrics}: its workers'
+    metrics (each asked over its own UNIX socket, all at once, the answers
+    bounded in size and time) with a C{worker} label, its own families, and
+    health and readiness from the supervisor's slots and the workers' own
+    C{/readyz}. A worker that does not answer is left out of the scrape and
+    counted; it never fails the whole scrape.
+    """
+
+    def __init__(self, reactor: Any, supervisor: Any) -> None:
+        self.reactor = reactor
+        self.supervisor = supervisor
+        self.timeout = WORKER_TIMEOUT
+        self.metrics_limit = WORKER_METRICS_LIMIT
+        self.readyz_limit = WORKER_READYZ_LIMIT
+        #: Scrapes of each worker (by slot index) that failed.
+        self.errors: Counter[int] = Counter()
+        #: Workers whose last scrape failed (logged at each change).
+        self.failing: set[int] = set()
+        #: The families of the last scrape, for the WSGI thread to format.
+        self.latest: list[Metric] = []
+        #: When (reactor seconds) L{latest} was taken; None: never.
+        self.taken: float | None = None
+        self._waiting: list[defer.Deferred[None]] = []
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> list[Metric]:
+        return self.latest
+
+    def refresh(self) -> defer.Deferred[None]:
+        """
+        Fires once L{latest} is at most L{SNAPSHOT_AGE} old: a scrape while
+        another is under way waits for that one, so the workers are asked at
+        most once at a time and once a second, however many scrapes come.
+        """
+        now = self.reactor.seconds()
+        if self.taken is not None and 0 <= now - self.taken < SNAPSHOT_AGE and not self._waiting:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._waiting.append(waiter)
+        if len(self._waiting) == 1:
+            defer.ensureDeferred(self._scrape()).addErrback(
+                lambda f: log.failure("metrics listener: scraping the workers", f)
+            ).addBoth(lambda _: self._wake())
+        return waiter
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
+
+    async def _ask(self, path: bytes, limit: int) -> list[tuple[Any, bool, Any]]:
+        """Every running slot's answer to C{GET path}, asked at once: (slot, ok, answer or Failure)."""
+        running = [slot for slot in self.supervisor.slots if slot.running]
+        answers = await defer.DeferredList(
+            [fetch_worker(self.reactor, slot.metrics_socket, path, limit, self.timeout)
+             for slot in running], consumeErrors=True)
+        return [(slot, ok, answer) for slot, (ok, answer) in zip(running, answers)]
+
+    async def _scrape(self) -> None:
+        answers = await self._ask(b"/metrics", self.metrics_limit)
+        texts, refused = [], {}
+        for slot, ok, answer in answers:
+            if not ok:
+                refused[str(slot.index)] = answer.getErrorMessage()
+            elif answer[0] != 200:
+                refused[str(slot.index)] = f"answered {answer[0]}"
+            else:
+                texts.append((str(slot.index), answer[1]))
+        families, junk = await threads.deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), _parse_all, texts, self.families())
+        refused.update(junk)
+        for slot, _, _ in answers:
+            self._scraped(slot, refused.get(str(slot.index)))
+        self.latest, self.taken = families + self.families(), self.reactor.seconds()
+
+    def _scraped(self, slot: Any, why: str | None) -> None:
+        """Count a failed scrape; log a worker's scrapes starting to fail, and working again."""
+        if why is not None:
+            self.errors[slot.index] += 1
+            if slot.index not in self.failing:
+                self.failing.add(slot.index)
+                log.warn("metrics listener: worker {worker} (pid {pid}) left out of the scrape: {why}",
+                         worker=slot.index, pid=slot.pid, why=why)
+        elif slot.index in self.failing:
+            self.failing.discard(slot.index)
+            log.info("metrics listener: worker {worker} (pid {pid}) scraped again",
+                     worker=slot.index, pid=slot.pid)
+
+    def families(self) -> list[Metric]:
+        """The parent's own families, read now."""
+        slots = list(self.supervisor.slots)
+        running = sum(bool(slot.running) for slot in slots)
+        return [
+            _family(GaugeMetricFamily, "authgateway_workers",
+                    "Worker processes by state (--workers).", ("state",),
+                    [(("running",), running), (("down",), len(slots) - running)]),
+            _family(CounterMetricFamily, "authgateway_worker_restarts",
+                    "Times the worker in each slot was started again after it ended.", ("worker",),
+                    [((str(slot.index),), slot.restarts) for slot in slots]),
+            _family(CounterMetricFamily, "authgateway_worker_scrape_errors",
+                    "Scrapes that left out a running worker: no answer in time, an error, an"
+                    " answer too large or not Prometheus text.", ("worker",),
+                    [((str(slot.index),), self.errors[slot.index]) for slot in slots]),
+        ]
+
+    def healthy(self) -> tuple[bool, dict[str, Any]]:
+        """C{/healthz}: this process answers, and serves while a worker runs."""
+        slots = list(self.supervisor.slots)
+        running = sum(bool(slot.running) for slot in slots)
+        return running > 0, {"status": "ok" if running else "no worker running",
+                             "workers": {"running": running, "down": len(slots) - running}}
+
+    async def ready(self) -> tuple[bool, dict[str, Any]]:
+        """
+        C{/readyz}: every slot's worker running and answering its own
+        C{/readyz} with 200 (its checks shown), and the parent not draining.
+        """
+        draining = bool(self.supervisor.draining)
+        answers = {slot.index: (ok, answer) for slot, ok, answer in
+                   await self._ask(b"/readyz", self.readyz_limit)}
+        checks: dict[str, dict[str, Any]] = {"draining": {"ok": not draining, "draining": draining}}
+        for slot in self.supervisor.slots:
+            check = {"ok": False, "pid": slot.pid, "restarts": slot.restarts}
+            if slot.index not in answers:
+                check["state"] = "down"
+            else:
+                ok, answer = answers[slot.index]
+                check["state"] = "running"
+                if not ok:
+                    check["error"] = answer.getErrorMessage()
+                else:
+                    check["ok"] = answer[0] == 200
+                    check["code"] = answer[0]
+                    try:
+                        body = json.loads(answer[1])
+                        check["checks"] = body["checks"]
+                    except (ValueError, TypeError, KeyError):
+                        check["ok"], check["error"] = False, "not the answer of a /readyz"
+            checks[f"worker-{slot.index}"] = check
+        ok = all(check["ok"] for check in checks.values())
+        return ok, {"status": "draining" if draining else "ready" if ok else "not ready",
+                    "checks": checks}
+
+
+class _OutlivesWorkers(internet.StreamServerEndpointService):
+    """
+    The parent's listener stops once no worker runs (or after C{bound}
+    seconds): while the workers drain it answers C{/readyz} with 503.
+    """
+
+    #: How often (seconds) the slots are looked at while stopping.
+    POLL = 0.1
+
+    def __init__(self, endpoint: IStreamServerEndpoint, factory: Any, *, reactor: Any,
+                 supervisor: Any, bound: float) -> None:
+        super().__init__(endpoint, factory)
+        self.reactor = reactor
+        self.supervisor = supervisor
+        self.bound = bound
+
+    def stopService(self) -> Any:
+        deadline = self.reactor.seconds() + self.bound
+        stopping = super().stopService
+
+        def look() -> Any:
+            if any(slot.running for slot in self.supervisor.slots) and self.reactor.seconds() < deadline:
+                return task.deferLater(self.reactor, self.POLL, look)
+            return stopping()
+
+        return defer.maybeDeferred(look)
+
+
+def serve_parent(options: Mapping[str, Any], supervisor: Any, parent_service: service.MultiService,
+                 reactor: Any = None) -> WorkerMetrics | None:
+    """
+    With C{--metrics} and C{--workers N}: the parent's listener, added to
+    C{parent_service}, answering for every worker of C{supervisor} (its
+    C{slots} and C{draining}) with the caps and deadlines of the
+    single-process listener. C{reactor}: the supervisor's (its C{reactor})
+    when not given.
+    Returns what it serves (None without C{--metrics}).
+    """
+    description = options["metrics"]
+    if description == "none":
+        return None
+    if reactor is None:
+        reactor = supervisor.reactor
+    workers = WorkerMetrics(reactor, supervisor)
+    registry = CollectorRegistry()
+    registry.register(workers)
+    root = resource.Resource()
+    root.putChild(b"metrics", MetricsResource(reactor, registry, workers.refresh))
+    root.putChild(b"healthz", _Status(workers.healthy))
+    root.putChild(b"readyz", _Status(lambda: defer.ensureDeferred(workers.ready())))
+    site = MetricsSite(root, timeout=TIMEOUT, reactor=reactor)
+    site.registry = registry
+    site.workers = workers  # type: ignore[attr-defined]
+    bound = float(options.get("drain-timeout") or 0) + 20  # the supervisor's wait, and some
+    listening = _listening(reactor, description, site, functools.partial(
+        _OutlivesWorkers, reactor=reactor, supervisor=supervisor, bound=bound))
+    listening.setServiceParent(parent_service)
+    return workers
+
+
 __all__ = [
     "GatewayCollector", "LoginMetrics", "MetricsResource", "Readiness", "WatchedEndpoint", "build_site",
-    "check_endpoint", "serve", "watch_listeners",
+    "WorkerAnswerError", "WorkerMetrics", "check_endpoint", "fetch_worker", "merge_families", "serve",
+    "serve_parent", "watch_listeners", "worker_families",
 ]

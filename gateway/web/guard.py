@@ -36,7 +36,7 @@ from gateway.connections import authenticated, login_running
 from gateway.credentials import MAX_FIELD, MAX_TOKEN, BearerToken, HTTPBasicCredentials
 from gateway.errors import TemporaryFailure, Throttled
 from gateway.meta import ConnectionMeta
-from gateway.realm import login
+from gateway.realm import NO_LOGOUT, login
 from gateway.web.messages import Refusal, header, quoted_string
 from gateway.web.settings import HTTPSettings
 
@@ -80,9 +80,7 @@ def client_of(
         it came over TLS without X-Forwarded-Proto: its client would count
         as having used TLS.
     """
-    peer = getattr(request.getClientAddress(), "host", None)
-    peer = ip_or_none(peer) or peer
-    secure = request.isSecure()
+    peer, _, _, _, secure = connection_of(request)
     if not via_proxy:
         return peer, secure
     values = request.requestHeaders.getRawHeaders(b"x-forwarded-for")
@@ -108,17 +106,54 @@ def meta_of(
 ) -> ConnectionMeta:
     """The L{ConnectionMeta} of one request (HTTP has one per request)."""
     peer, secure = client_of(request, settings, via_proxy)
-    host = request.getHost()
+    _, peer_port, local, local_port, _ = connection_of(request)
     return ConnectionMeta(
         protocol="http",
         listener=listener,
         peer_address=peer,
         # X-Forwarded-For carries no port: only the connection's own peer has one.
-        peer_port=None if via_proxy else getattr(request.getClientAddress(), "port", None),
-        local_address=getattr(host, "host", None),
-        local_port=getattr(host, "port", None),
+        peer_port=None if via_proxy else peer_port,
+        local_address=local,
+        local_port=local_port,
         tls=secure,
     )
+
+
+#: A connection's peer address and port, local address and port, and TLS.
+ConnectionFacts = tuple[str | None, int | None, str | None, int | None, bool]
+
+
+def connection_of(request: server.Request) -> ConnectionFacts:
+    """
+    The facts of the request's connection: peer address (normalised) and
+    port, local address and port, TLS. Worked out on the connection's first
+    request and kept on its channel (L{gateway.web.server.GatewayChannel}):
+    they hold for every request it carries.
+    """
+    channel = getattr(request, "channel", None)
+    known = getattr(channel, "gateway_connection", None)
+    if known is not None:
+        return known
+    client, host = request.getClientAddress(), request.getHost()
+    peer = getattr(client, "host", None)
+    facts = (
+        ip_or_none(peer) or peer,
+        getattr(client, "port", None),
+        getattr(host, "host", None),
+        getattr(host, "port", None),
+        request.isSecure(),
+    )
+    if _keeps(channel):
+        channel.gateway_connection = facts
+    return facts
+
+
+def _keeps(channel: Any) -> bool:
+    """
+    Whether C{channel} keeps what a connection's requests share (the
+    gateway's own channel declares where: L{gateway.web.server.GatewayChannel}).
+    """
+    return hasattr(channel, "gateway_connection")
 
 
 def credentials_allowed(meta: ConnectionMeta, settings: HTTPSettings) -> bool:
@@ -153,6 +188,22 @@ class BasicCredentialFactory:
             long: a failed login (401), never an error page.
         """
         encoded = response.strip()
+        channel = getattr(request, "channel", None)
+        last = getattr(channel, "gateway_basic", None)
+        if last is not None and last[0] == encoded:  # keep-alive: the same header again
+            _, user, password = last
+        else:
+            user, password = self._decoded(encoded)
+            if _keeps(channel):
+                channel.gateway_basic = (encoded, user, password)
+        try:
+            return HTTPBasicCredentials(user, password, conn_meta=request.gateway_meta)
+        except (TypeError, ValueError):
+            raise UnauthorizedLogin("unusable Basic credentials") from None
+
+    @staticmethod
+    def _decoded(encoded: bytes) -> tuple[str, str]:
+        """The user (NFC) and password of a Basic token, checked (L{decode})."""
         try:
             raw = base64.b64decode(encoded, validate=True)
             user, colon, password = raw.decode("utf-8").partition(":")
@@ -163,10 +214,7 @@ class BasicCredentialFactory:
         user = unicodedata.normalize("NFC", user)
         if not colon or not user or len(user) > MAX_FIELD or len(password) > MAX_FIELD:
             raise UnauthorizedLogin("malformed Basic credentials")
-        try:
-            return HTTPBasicCredentials(user, password, conn_meta=request.gateway_meta)
-        except (TypeError, ValueError):
-            raise UnauthorizedLogin("unusable Basic credentials") from None
+        return user, password
 
 
 @implementer(ICredentialFactory)
@@ -237,6 +285,11 @@ class Guard(resource.Resource):
     def _resource_for(self, request: server.Request) -> resource.IResource:
         decided = self.decide(request)
         if isinstance(decided, defer.Deferred):
+            # A login answered at once (a cached verification): its resource
+            # now, without a DeferredResource's second render.
+            now = _result_now(decided)
+            if now and not isinstance(now[0], Failure):
+                return now[0]
             return util.DeferredResource(decided)
         return decided
 
@@ -268,11 +321,23 @@ class Guard(resource.Resource):
             return self._unauthorized(meta)
         if isinstance(credentials, Refusal):
             return credentials
-        d = login(self.portal, credentials, resource.IResource)
-        login_running(getattr(request.channel, "transport", None), d)  # not shed meanwhile
-        request.notifyFinish().addErrback(lambda _: d.cancel())
+        channel = request.channel
+        key = (request.requestHeaders.getRawHeaders(b"authorization"), meta.peer_address)
+        logged = getattr(channel, "gateway_logged", None)
+        d = login(
+            self.portal,
+            credentials,
+            resource.IResource,
+            repeated=lambda info: logged == (*key, info),
+        )
+        if not _result_now(d):  # a login still running (not a cached verification)
+            login_running(getattr(channel, "transport", None), d)  # not shed meanwhile
+            request.notifyFinish().addErrback(lambda _: d.cancel())
         d.addCallbacks(
-            self._succeeded, self._failed, callbackArgs=(request,), errbackArgs=(meta, credentials)
+            self._succeeded,
+            self._failed,
+            callbackArgs=(request, key),
+            errbackArgs=(meta, credentials, channel),
         )
         return d
 
@@ -298,15 +363,25 @@ class Guard(resource.Resource):
             return Refusal(403, "HTTPS is required for authentication")  # not checked
         return factory.decode(rest, request)
 
-    def _succeeded(self, result: tuple[Any, Any, Any], request: server.Request) -> Any:
+    def _succeeded(
+        self, result: tuple[Any, Any, Any], request: server.Request, key: tuple[Any, ...]
+    ) -> Any:
         _, avatar, logout = result
+        channel = request.channel
         # The connection has carried an authenticated request: out of the
         # budget's unauthenticated share.
-        authenticated(getattr(request.channel, "transport", None))
-        request.notifyFinish().addBoth(lambda _: logout())
+        authenticated(getattr(channel, "transport", None))
+        if _keeps(channel):  # this success is logged on it now
+            channel.gateway_logged = (*key, getattr(avatar, "auth_info", None))
+        if logout is not NO_LOGOUT:
+            request.notifyFinish().addBoth(lambda _: logout())
         return avatar
 
-    def _failed(self, reason: Failure, meta: ConnectionMeta, credentials: Any) -> Any:
+    def _failed(
+        self, reason: Failure, meta: ConnectionMeta, credentials: Any, channel: Any = None
+    ) -> Any:
+        if _keeps(channel):  # the next success gets its line again
+            channel.gateway_logged = None
         if reason.check(defer.CancelledError):
             return _Gone()  # the client left while its login ran: nothing to send
         if reason.check(UnauthorizedLogin, UnhandledCredentials):
@@ -318,6 +393,16 @@ class Guard(resource.Resource):
         if not reason.check(TemporaryFailure):
             log.failure("HTTP login failed", reason)
         return Refusal(503, "Authentication temporarily unavailable", headers=[(b"retry-after", b"1")])
+
+
+def _result_now(d: defer.Deferred[Any]) -> list[Any]:
+    """
+    C{[result]} when C{d} has its result now (not C{d.called}, which is
+    also true while it waits for a Deferred it was given), else C{[]}.
+    """
+    now: list[Any] = []
+    d.addBoth(lambda result: now.append(result) or result)
+    return now
 
 
 class _Gone(resource.Resource):

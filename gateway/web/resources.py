@@ -28,6 +28,7 @@ the rules.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import unicodedata
@@ -122,6 +123,12 @@ def check_segment(segment: str, case_sensitive: bool = False) -> None:
         raise BadTarget("a character in the path that a case mapping makes an ASCII letter")
 
 
+#: Targets and hosts read recently: the reading depends on nothing else, and
+#: a client's requests repeat theirs (what a refusal raises is not kept).
+_RECENT = 256
+
+
+@functools.lru_cache(maxsize=_RECENT)
 def parse_target(target: bytes, case_sensitive: bool = False, literal: bool = False) -> Target:
     """
     An origin-form target (C{/path?query}), its dot segments resolved, each
@@ -203,6 +210,7 @@ def parse_original_url(url: bytes, case_sensitive: bool = False) -> tuple[str, T
     return host, parse_target(origin, case_sensitive, literal=True)
 
 
+@functools.lru_cache(maxsize=_RECENT)
 def forwarded_host(value: bytes | None) -> str:
     """
     The canonical host of a C{Host} or C{X-Forwarded-Host} value (port dropped).

@@ -346,8 +346,20 @@ class GatewayChannel(http.HTTPChannel):
     maxHeaders = MAX_HEADERS
     totalHeadersSize = MAX_HEADER_BYTES
     _deadline: Any = None
+    #: What the connection is answered when the deadline passes; None: disarmed.
+    _deadline_answer: bytes | None = None
     #: The gateway is stopping (L{drain}): no request after the one in flight.
     _draining = False
+
+    # What the guard keeps for a connection's next requests (L{Guard.decide}):
+    #: Peer address and port, local address and port, TLS: the same for every request.
+    gateway_connection: tuple[Any, ...] | None = None
+    #: The last Basic token decoded on this connection: (token, user, password).
+    gateway_basic: tuple[bytes, str, str] | None = None
+    #: What the last success line logged on this connection said: (the
+    #: Authorization values, the client's address, the AuthInfo); a login
+    #: that would log the same line again logs none (its event still goes out).
+    gateway_logged: tuple[Any, ...] | None = None
 
     def drain(self) -> None:
         """
@@ -386,18 +398,24 @@ class GatewayChannel(http.HTTPChannel):
         super().dataReceived(data)
 
     def _start_deadline(self, answer: bytes = _TOO_SLOW) -> None:
-        self._stop_deadline()
-        if self.timeOut:
-            self._deadline = self.callLater(self.timeOut, self._too_slow, answer)
+        if not self.timeOut:
+            return
+        self._deadline_answer = answer
+        if self._deadline is not None and self._deadline.active():
+            # One timer per connection, moved on for each request rather
+            # than made anew (moving it later costs the reactor nothing).
+            self._deadline.reset(self.timeOut)
+        else:
+            self._deadline = self.callLater(self.timeOut, self._too_slow)
 
     def _stop_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
+        """Disarm the deadline; its timer stays, for the next L{_start_deadline}."""
+        self._deadline_answer = None
 
-    def _too_slow(self, answer: bytes) -> None:
+    def _too_slow(self) -> None:
         self._deadline = None
-        if self.transport.disconnecting:  # the idle timer was first
+        answer, self._deadline_answer = self._deadline_answer, None
+        if answer is None or self.transport.disconnecting:  # disarmed, or the idle timer was first
             return
         self.transport.write(answer)
         self.loseConnection()
@@ -427,6 +445,9 @@ class GatewayChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Any) -> None:
         self._stop_deadline()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
         super().connectionLost(reason)
 
     def pauseProducing(self) -> None:

@@ -1,0 +1,188 @@
+"""
+C{twistd authgateway --workers 2} as a real process tree with a real
+redis-server (C{--state unix://...}): SMTP (smtplib), HTTP (curl) and SOCKS
+(PySocks) served by both workers; a worker killed comes back with a new pid
+while the service keeps answering; SIGTERM to the parent ends every process
+with status 0; SIGHUP reaches every worker; the parent killed, the workers
+end by themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import time
+from collections import defaultdict
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from gateway import tap
+from tests.redis_support import RedisServer
+from tests.support import free_port, read_log, require_module, require_tool
+from tests.test_delivery_integration import TWISTD
+
+STARTED = re.compile(r"authgateway started: 2 workers \(pids (\d+), (\d+)\)")
+SUCCESS = re.compile(r"\[gateway\.auth#info worker=(\d)\] auth success: (\w+) ")
+
+
+def gone(pid: int) -> bool:
+    """No such process (or only its zombie, its parent gone and not reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+class WorkersIntegrationTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        if not os.path.exists(TWISTD):
+            self.skipTest(f"no twistd next to {TWISTD}")
+        self.dir = os.path.abspath(self.mktemp())
+        os.makedirs(self.dir)
+        self.log = os.path.join(self.dir, "twistd.log")
+        self.curl = require_tool("curl", "curl")
+        self.ports = {name: free_port() for name in ("smtp", "http", "socks")}
+
+    def read_log(self) -> str:
+        return read_log(self.log)
+
+    def wait(self, condition, what: str, timeout: float = 60.0) -> None:
+        end = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > end:
+                self.fail(f"timed out waiting for {what}:\n{self.read_log()[-6000:]}")
+            time.sleep(0.05)
+
+    def start(self, *extra: str, workers: str = "2", state: bool = True) -> subprocess.Popen:
+        argv = [
+            TWISTD, "--pidfile=", "-n", "--logfile", self.log, "authgateway",
+            "--data-dir", os.path.join(self.dir, "data"), "--auth", "memory:alice:wonder",
+            "--smtp", f"tcp:{self.ports['smtp']}:interface=127.0.0.1", "--smtp-insecure-auth",
+            "--http", f"tcp:{self.ports['http']}:interface=127.0.0.1",
+            "--socks", f"tcp:{self.ports['socks']}:interface=127.0.0.1",
+            "--socks-allow", f"127.0.0.1:{self.ports['smtp']}",
+            "--workers", workers, *extra,
+        ]
+        if state:
+            if "state" not in tap.Options().defaults:
+                self.skipTest("--state is not an option of this build yet (the state part):"
+                              " --workers 2 needs a shared --state")
+            redis = RedisServer(self)
+            argv += ["--state", redis.unix_url]
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE)
+        self.addCleanup(self.reap, proc)
+        return proc
+
+    def reap(self, proc: subprocess.Popen) -> None:
+        for pid in getattr(self, "pids", ()):
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        proc.stderr.close()
+
+    def start_workers(self) -> subprocess.Popen:
+        proc = self.start()
+        self.wait(lambda: STARTED.search(self.read_log()) or proc.poll() is not None, "the start")
+        self.assertIsNone(proc.poll(), self.read_log())
+        self.pids = [int(p) for p in STARTED.search(self.read_log()).groups()]
+        for k in (0, 1):
+            self.wait(lambda: f"authgateway started: worker {k}," in self.read_log(), f"worker {k}")
+        return proc
+
+    def served(self) -> dict[str, set[int]]:
+        found: dict[str, set[int]] = defaultdict(set)
+        for worker, door in SUCCESS.findall(self.read_log()):
+            found[door].add(int(worker))
+        return found
+
+    def http(self) -> bytes:
+        return subprocess.run(
+            [self.curl, "-sS", "--max-time", "20", "-u", "alice:wonder",
+             f"http://127.0.0.1:{self.ports['http']}/whoami"],
+            check=True, capture_output=True, timeout=30,
+        ).stdout
+
+    def smtp(self) -> None:
+        with smtplib.SMTP("127.0.0.1", self.ports["smtp"], timeout=20) as client:
+            client.login("alice", "wonder")
+
+    def socks(self) -> bytes:
+        module = require_module("socks", "PySocks")
+        sock = module.socksocket()
+        sock.set_proxy(module.SOCKS5, "127.0.0.1", self.ports["socks"],
+                       username="alice", password="wonder")
+        sock.settimeout(20)
+        with sock:
+            sock.connect(("127.0.0.1", self.ports["smtp"]))
+            return sock.recv(3)
+
+    def test_all_doors_on_both_workers(self) -> None:
+        """Connections spread over both workers, on every front door."""
+        self.start_workers()
+        for _ in range(16):
+            self.assertIn(b'"alice"', self.http())
+            self.smtp()
+            self.assertEqual(self.socks(), b"220")
+        self.wait(lambda: self.served().keys() >= {"http", "smtp", "socks"}, "the logins' lines")
+        self.assertEqual(dict(self.served()), {"http": {0, 1}, "smtp": {0, 1}, "socks": {0, 1}})
+
+    def test_killed_worker_returns(self) -> None:
+        """SIGKILL one worker: the service keeps answering; the slot returns with a new pid."""
+        self.start_workers()
+        victim = self.pids[1]
+        os.kill(victim, signal.SIGKILL)
+        for _ in range(10):
+            self.assertIn(b'"alice"', self.http())
+        exited = f"worker 1 (pid {victim}) exited unexpectedly (killed by SIGKILL)"
+        self.wait(lambda: exited in self.read_log(), "the exit's line")
+        restarted = re.compile(r"worker 1 restarted: pid (\d+)")
+        self.wait(lambda: restarted.search(self.read_log()), "the restart")
+        new = int(restarted.search(self.read_log()).group(1))
+        self.pids.append(new)
+        self.assertNotEqual(new, victim)
+        self.assertFalse(gone(new))
+        self.wait(lambda: self.read_log().count("authgateway started: worker 1,") == 2, "worker 1 again")
+        before = self.read_log().count("worker=1] auth success")
+        self.wait(lambda: (self.http(), self.read_log().count("worker=1] auth success") > before)[1],
+                  "the new worker 1 to serve")
+
+    def test_sigterm_stops_every_process(self) -> None:
+        proc = self.start_workers()
+        proc.send_signal(signal.SIGTERM)
+        self.assertEqual(proc.wait(60), 0, self.read_log()[-4000:])
+        for pid in self.pids:
+            self.wait(lambda: gone(pid), f"worker pid {pid} to end", timeout=10)
+        log = self.read_log()
+        for k, pid in enumerate(self.pids):
+            self.assertIn(f"worker {k} (pid {pid}) stopped: exit code 0", log)
+            self.assertIn(f"[gateway.ops.drain#info worker={k}] draining", log)
+
+    def test_sighup_reaches_every_worker(self) -> None:
+        proc = self.start_workers()
+        proc.send_signal(signal.SIGHUP)
+        for k in (0, 1):
+            self.wait(lambda: f"[gateway.ops.reload#info worker={k}] reload: " in self.read_log(),
+                      f"worker {k}'s reload")
+        self.assertIsNone(proc.poll())
+
+    def test_parent_killed(self) -> None:
+        """The parent killed outright: its workers end by themselves."""
+        proc = self.start_workers()
+        proc.kill()
+        proc.wait()
+        for pid in self.pids:
+            self.wait(lambda: gone(pid), f"worker pid {pid} to end", timeout=60)
+
+    def test_workers_need_state(self) -> None:
+        """--workers 2 without --state: refused at start, saying why."""
+        proc = self.start(state=False)
+        self.assertEqual(proc.wait(60), 1)
+        error = proc.stderr.read().decode()
+        self.assertIn("--workers 2 needs a shared --state", error)
