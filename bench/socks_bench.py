@@ -4,6 +4,7 @@ SOCKS5 sessions per second and bulk throughput: the gateway next to Dante
 started first and measured in one run with interleaved repetitions.
 
     .venv/bin/python bench/socks_bench.py [--duration 10] [--reps 3] [--pause 65] [--clients 50]
+        [--bulk-mib 2048] [--baseline TREE]
 
 Needs C{danted} and C{microsocks} (Debian packages dante-server, microsocks)
 and root: Dante's C{username} method checks a system user, so the benchmark
@@ -159,6 +160,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--bulk-mib", type=int, default=2048,
                         help="MiB per bulk run, split over its tunnels (default %(default)s)")
+    parser.add_argument("--baseline", metavar="TREE",
+                        help="also run the gateway of another checkout (e.g. a worktree of "
+                             "main), first on PYTHONPATH, as a row of its own")
     args = parser.parse_args()
     need_tools(("danted", "dante-server"), ("microsocks", "microsocks"))
     if os.geteuid() != 0:
@@ -172,10 +176,16 @@ def main() -> None:
             sink = bench.sink(echo, discard)
             servers: list[tuple[str, int, int, str, str]] = []  # name, port, pid, user, password
 
-            port = free_port()
-            proc = bench.gateway("gw", *gateway_options(port))
-            wait_port(port, proc)
-            servers.append(("authgateway", port, proc.pid, USER, PASSWORD))
+            gateways = [("authgateway", "gw", None)]
+            if args.baseline:
+                tree = os.path.abspath(args.baseline)
+                gateways.append((f"authgateway {os.path.basename(tree)}", "gw-baseline",
+                                 dict(os.environ, PYTHONPATH=tree)))
+            for name, slug, env in gateways:
+                port = free_port()
+                proc = bench.gateway(slug, *gateway_options(port), env=env)
+                wait_port(port, proc)
+                servers.append((name, port, proc.pid, USER, PASSWORD))
             servers.append(start_dante(bench))
 
             port = free_port()

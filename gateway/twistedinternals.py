@@ -64,6 +64,50 @@ def write_now(transport: Any, data: bytes) -> bool:
     return False
 
 
+def half_close_now(transport: Any) -> bool:
+    """
+    Half-close C{transport} (a TCP FIN after everything written): at once
+    when nothing is queued, rather than as C{loseWriteConnection} does, in
+    the next reactor pass after two epoll changes and an empty C{send}
+    (the SOCKS relay passes an end of input on in every session). Anything
+    else goes through C{loseWriteConnection}.
+
+    Does what L{twisted.internet.abstract.FileDescriptor.doWrite} does for a
+    half-close once the buffer is empty: C{stopWriting}, then sets
+    C{_writeDisconnecting} and C{_writeDisconnected} and calls
+    L{twisted.internet.tcp.Connection._closeWriteConnection} (C{shutdown(1)},
+    then the protocol's C{writeConnectionLost}). Only with the buffer empty
+    (as L{write_now} reads it), not disconnecting, no half-close under way,
+    and no producer that C{doWrite} would resume first (a non-streaming
+    one, or a paused streaming one); a missing attribute means
+    C{loseWriteConnection}.
+
+    @return: whether the half-close happened at once.
+    """
+    if (
+        type(transport) in _PLAIN_TCP
+        and not getattr(transport, "TLS", True)
+        and not getattr(transport, "dataBuffer", True)
+        and not getattr(transport, "_tempDataLen", True)
+        and transport.connected
+        and not transport.disconnecting
+        and getattr(transport, "_writeDisconnecting", True) is False
+        and getattr(transport, "_writeDisconnected", True) is False
+        and callable(getattr(transport, "_closeWriteConnection", None))
+        and (
+            transport.producer is None
+            or (transport.streamingProducer and not transport.producerPaused)
+        )
+    ):
+        transport.stopWriting()
+        transport._writeDisconnecting = True
+        transport._writeDisconnected = True
+        transport._closeWriteConnection()
+        return True
+    transport.loseWriteConnection()
+    return False
+
+
 def buffered(transport: Any) -> int:
     """
     Bytes a TCP transport holds in user space for its peer: the
@@ -248,6 +292,7 @@ __all__ = [
     "keep_unix_socket_file",
     "buffered",
     "first_line_pending",
+    "half_close_now",
     "pause_reading_while_answering",
     "proxy_header_parsers",
     "request_line",

@@ -6,6 +6,7 @@ relay, driven through C{StringTransport} and C{MemoryReactorClock}.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import struct
 
@@ -31,7 +32,8 @@ from gateway.checkers.functions import CallableChecker
 from gateway.connections import Connections, LimitedFactory
 from gateway.realm import Realm, make_portal
 from gateway.socks.rules import AllowRule
-from gateway.socks.server import SOCKSFactory, SOCKSSettings, take_places
+from gateway.socks import server
+from gateway.socks.server import SOCKSFactory, SOCKSSettings, is_local, take_places
 from gateway.state import ISessionLimits, Lease, LocalSessions, StateUnavailable
 from tests.support import FixedChecker
 
@@ -292,6 +294,20 @@ class NegotiationTests(SOCKSTestCase):
         self.reactor.advance(5.9)
         self.assertFalse(self.closed())
         self.reactor.advance(0.1)  # 4 + 6: the negotiation's 10 s are used up
+        self.assertTrue(self.closed())
+        self.assertEqual(self.proto.reason, "negotiation timeout")
+
+    def test_login_answered_at_once_keeps_the_negotiation_timer(self):
+        """A login answered at once (a cached one) leaves the negotiation deadline as it was."""
+        self.make(negotiation_timeout=10)
+        self.reactor.advance(0)
+        self.connect()
+        self.reactor.advance(4)
+        self.send(greeting(2) + userpass())
+        self.assertEqual(self.transport.value(), b"\x05\x02\x01\x00")
+        self.reactor.advance(5.9)
+        self.assertFalse(self.closed())
+        self.reactor.advance(0.1)
         self.assertTrue(self.closed())
         self.assertEqual(self.proto.reason, "negotiation timeout")
 
@@ -1285,3 +1301,80 @@ class LibcAgreementTests(SynchronousTestCase):
     @settings(max_examples=500, deadline=None)
     def test_numeric_alphabet(self, text):
         self.check(text)
+
+
+class IsLocalTests(SynchronousTestCase):
+    """is_local: an address of this host can be bound, whatever the probe's options."""
+
+    def test_loopback_is_local(self):
+        self.assertTrue(is_local(ipaddress.ip_address("127.0.0.1")))
+        self.assertTrue(is_local(ipaddress.ip_address("127.0.0.2")))  # all of 127/8
+        if socket.has_ipv6:
+            try:
+                loopback6 = is_local(ipaddress.ip_address("::1"))
+            except OSError:  # pragma: no cover - no IPv6 at all
+                loopback6 = True
+            self.assertTrue(loopback6)
+
+    def test_others_are_not(self):
+        self.assertFalse(is_local(ipaddress.ip_address("192.0.2.1")))
+        self.assertFalse(is_local(ipaddress.ip_address(PUBLIC)))
+
+    def test_option_refused_plain_bind(self):
+        """A kernel that refuses the no-port option still gets the right answer."""
+        self.patch(server, "_BIND_ADDRESS_NO_PORT", 0x7FFF)
+        self.assertTrue(is_local(ipaddress.ip_address("127.0.0.1")))
+        self.assertFalse(is_local(ipaddress.ip_address("192.0.2.1")))
+
+
+class ConnectAttemptTests(SOCKSTestCase):
+    """The outbound connect: each resolved address in turn, cancellation, bugs."""
+
+    SECOND = "93.184.216.35"
+
+    def setUp(self):
+        self.make(names={"example.com": [PUBLIC, self.SECOND]}, connect_timeout=15)
+        self.login()
+        self.send(request(b"example.com", 443))
+
+    def test_next_address_after_a_failure(self):
+        self.assertEqual(self.reactor.tcpClients[-1][:4][::3], (PUBLIC, 7.5))
+        self.fail_outbound(error.ConnectionRefusedError())
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(self.reactor.tcpClients[-1][:2], (self.SECOND, 443))
+        self.assertEqual(self.transport.value(), b"")
+        self.outbound()
+        self.assertEqual(self.transport.value(), reply(0, "198.51.100.1", 40000))
+        self.assertIsNone(self.proto._pending)
+        self.assertEqual(self.proto.address, self.SECOND)
+
+    def test_every_address_failed(self):
+        """The reply is the last failure's."""
+        self.fail_outbound(error.TimeoutError())
+        self.fail_outbound(error.ConnectionRefusedError())
+        self.assertEqual(self.transport.value(), reply(5))
+        self.assertTrue(self.closed())
+        self.assertIsNone(self.proto._pending)
+
+    def test_client_leaves_during_the_second_attempt(self):
+        self.fail_outbound(error.ConnectionRefusedError())
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(self.reactor.connectors[-1].stoppedConnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_connected_after_cancel_is_aborted(self):
+        """A connection that completes after its attempt was cancelled is closed."""
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        _, remote = self.outbound()
+        self.assertTrue(remote.disconnected)  # StringTransport.abortConnection
+
+    def test_bug_aborts_the_session(self):
+        def broken(outbound):
+            raise RuntimeError("bug")
+
+        self.patch(self.proto, "_connected", broken)
+        self.outbound()
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertTrue(self.transport.disconnected)  # aborted
+        self.assertEqual(self.proto.reason, "internal error")

@@ -20,12 +20,13 @@ from typing import Any
 import twisted
 from packaging.requirements import Requirement
 from twisted.internet import defer, endpoints, error, protocol, reactor, tcp
-from twisted.internet.interfaces import ITLSTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import http, server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from gateway.tls import ensure_certificate
 from gateway.twistedinternals import (
@@ -33,6 +34,7 @@ from gateway.twistedinternals import (
     ssl_server_context,
     buffered,
     first_line_pending,
+    half_close_now,
     pause_reading_while_answering,
     proxy_header_parsers,
     request_line,
@@ -224,6 +226,87 @@ class WriteNowTests(LoopbackTCPMixin, SynchronousTestCase):
         transport = StringTransport()
         self.assertFalse(write_now(transport, b"hello"))
         self.assertEqual(transport.value(), b"hello")
+
+
+@implementer(IHalfCloseableProtocol)
+class _HalfCloseable(protocol.Protocol):
+    write_lost = 0
+
+    def readConnectionLost(self) -> None:
+        pass
+
+    def writeConnectionLost(self) -> None:
+        self.write_lost += 1
+
+
+class HalfCloseNowTests(LoopbackTCPMixin, SynchronousTestCase):
+    """L{half_close_now}: a FIN at once when nothing is queued, C{loseWriteConnection} otherwise."""
+
+    def setUp(self) -> None:
+        self.connect()
+        self.proto = self.transport.protocol = _HalfCloseable()
+
+    def test_at_once(self) -> None:
+        self.assertTrue(write_now(self.transport, b"last"))
+        self.assertTrue(half_close_now(self.transport))
+        self.theirs.settimeout(5)
+        self.assertEqual(self.theirs.recv(100), b"last")
+        self.assertEqual(self.theirs.recv(100), b"")  # the FIN, with no reactor pass
+        self.assertEqual(self.proto.write_lost, 1)
+        self.assertTrue(self.transport._writeDisconnected)
+        self.assertNotIn(self.transport, self.reactor.getWriters())
+        self.assertFalse(write_now(self.transport, b"late"))  # nothing after the FIN
+        self.assertFalse(half_close_now(self.transport))
+        self.assertEqual(self.proto.write_lost, 1)
+
+    def test_behind_a_queue(self) -> None:
+        """Queued bytes go first: the half-close waits for them, as Twisted's does."""
+        self.transport.write(BIG)
+        self.assertFalse(half_close_now(self.transport))
+        self.assertTrue(self.transport._writeDisconnecting)
+        received = self.read_all()
+        while not self.transport._writeDisconnected:
+            self.transport.doWrite()
+            received += self.read_all()
+        self.assertEqual(received, BIG)
+        self.assertEqual(self.read_all(), b"")
+        self.assertEqual(self.proto.write_lost, 1)
+
+    def test_not_twice(self) -> None:
+        self.transport.loseWriteConnection()
+        self.assertFalse(half_close_now(self.transport))
+        self.assertEqual(self.proto.write_lost, 0)
+
+    def test_not_when_disconnecting(self) -> None:
+        self.transport.loseConnection()
+        self.assertFalse(half_close_now(self.transport))
+
+    def test_paused_producer_resumed_first(self) -> None:
+        """With a paused streaming producer C{doWrite} resumes it first: so do we, later."""
+        class Producer:
+            resumed = 0
+
+            def resumeProducing(self) -> None:
+                self.resumed += 1
+
+            def pauseProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        producer = Producer()
+        self.transport.registerProducer(producer, True)
+        self.transport.producerPaused = True
+        self.assertFalse(half_close_now(self.transport))
+        self.transport.producerPaused = False
+        self.transport.unregisterProducer()
+
+    def test_other_transports(self) -> None:
+        transport = StringTransport()
+        transport.loseWriteConnection = lambda: setattr(transport, "half_closed", True)
+        self.assertFalse(half_close_now(transport))
+        self.assertTrue(transport.half_closed)
 
 
 class Collect(protocol.Protocol):

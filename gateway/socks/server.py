@@ -24,10 +24,12 @@ one a minute per peer). Never the password.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import ipaddress
 import re
 import socket
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -59,7 +61,7 @@ from gateway.socks.rules import (
     libc_ipv4,
     source_port_named,
 )
-from gateway.twistedinternals import write_now
+from gateway.twistedinternals import half_close_now, write_now
 
 if TYPE_CHECKING:
     from gateway.core import Core
@@ -67,6 +69,8 @@ if TYPE_CHECKING:
 log = Logger()
 
 _COMMANDS = {codec.CONNECT: "CONNECT", codec.BIND: "BIND", codec.UDP_ASSOCIATE: "UDP_ASSOCIATE"}
+#: C{_abort} while C{loseConnection} runs, before the abort timer (if any) is set.
+_CLOSING = object()
 #: A host name: dot-separated labels of letters, digits, "-" and "_" (IDN as xn--).
 _HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_]([a-z0-9_-]{0,62}))*")
 
@@ -167,11 +171,24 @@ def canonical_name(text: str) -> str | None:
     return name
 
 
+#: Linux's IP_BIND_ADDRESS_NO_PORT (4.2+, IPv4 and IPv6 sockets alike; Python
+#: names it from 3.12 on), None elsewhere: then L{is_local} binds plainly.
+_BIND_ADDRESS_NO_PORT = (
+    getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24) if sys.platform == "linux" else None
+)
+
+
 def is_local(address: IPAddress) -> bool:
     """Whether C{address} belongs to this host (it can be bound)."""
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
+            if _BIND_ADDRESS_NO_PORT is not None:
+                # The address is checked, no port searched for: with tens of
+                # thousands of TIME_WAIT sockets that search costs more than
+                # the whole session (../shared/bench/README.md).
+                with contextlib.suppress(OSError):  # an older kernel: a plain bind
+                    probe.setsockopt(socket.IPPROTO_IP, _BIND_ADDRESS_NO_PORT, 1)
             probe.bind((str(address), 0))
     except OSError:
         return False
@@ -185,7 +202,7 @@ def _half_close(transport: Any) -> None:
     ):
         transport.loseConnection()
     else:
-        transport.loseWriteConnection()
+        half_close_now(transport)
 
 
 class SessionsRefused(Exception):
@@ -348,7 +365,7 @@ class SOCKSServer(protocol.Protocol):
         if self._draining and reason.check(error.ConnectionAborted):
             self.reason = "aborted: the gateway stopped"
         self._cancel_timer()
-        if self._abort is not None and self._abort.active():
+        if self._abort is not None and self._abort is not _CLOSING and self._abort.active():
             self._abort.cancel()
         if self._pending is not None:
             self._pending.cancel()
@@ -414,12 +431,14 @@ class SOCKSServer(protocol.Protocol):
     def _close(self, reason: str) -> None:
         self.reason = reason
         if self._abort is None and not self._gone:
-            # Close once the buffer drains, abort if it does not. The timer
-            # first: losing the connection may call connectionLost at once.
-            self._abort = self.reactor.callLater(
-                self.settings.close_grace, self.transport.abortConnection
-            )
+            # Close once the buffer drains, abort if it does not (no timer
+            # when losing the connection called connectionLost at once).
+            self._abort = _CLOSING
             self.transport.loseConnection()
+            if not self._gone:
+                self._abort = self.reactor.callLater(
+                    self.settings.close_grace, self.transport.abortConnection
+                )
 
     # -- timers -----------------------------------------------------------
 
@@ -489,7 +508,7 @@ class SOCKSServer(protocol.Protocol):
         except codec.ProtocolError as e:
             if e.reply is not None:  # a malformed request still gets its REP
                 self.reply = int(e.reply)
-                self.transport.write(codec.encode_reply(e.reply))
+                self._send(codec.encode_reply(e.reply))
             self._close(f"protocol error: {e}")
             return
         for event in events:
@@ -527,6 +546,15 @@ class SOCKSServer(protocol.Protocol):
             self.transport.pauseProducing()
         return d
 
+    def _send(self, data: bytes) -> None:
+        """
+        A negotiation answer that grants: sent at once when the socket takes
+        it (L{write_now}), rather than in the next reactor pass at the cost of
+        two epoll changes (every session has three of them). Refusals stay
+        buffered, behind the audit record of the decision.
+        """
+        write_now(self.transport, data)
+
     def _bug(self, reason: Failure) -> None:
         log.failure("socks session failed", reason)
         if not self._gone:
@@ -537,13 +565,13 @@ class SOCKSServer(protocol.Protocol):
 
     def _greeting(self, greeting: codec.Greeting) -> None:
         if codec.USERPASS in greeting.methods:
-            self.transport.write(self.codec.send_method(codec.USERPASS))
+            self._send(self.codec.send_method(codec.USERPASS))
         elif codec.NO_AUTH in greeting.methods and not self.settings.auth_required:
-            self.transport.write(self.codec.send_method(codec.NO_AUTH))
+            self._send(self.codec.send_method(codec.NO_AUTH))
             self.info = AuthInfo(peer_address=self.meta.peer_address)
             authenticated(self.transport)  # no-auth allowed: out of the unauthenticated share
         else:
-            self.transport.write(self.codec.send_method(codec.NO_ACCEPTABLE))
+            self._send(self.codec.send_method(codec.NO_ACCEPTABLE))
             if greeting.methods == (codec.NO_AUTH,):
                 why = "no acceptable method: the client offered only no-authentication (ssh -D style)"
             else:
@@ -573,25 +601,33 @@ class SOCKSServer(protocol.Protocol):
         factory.pending_logins += 1
         factory.pending_by_peer[own] += 1
         factory.pending_by_network[network] += 1
-        # The gateway's own time (throttle wait, hashing, failure delay) is
-        # not the client's: the negotiation timer stops, a login deadline runs.
-        negotiation_left = self._suspend_timer()
-        self._start_timer(self.settings.login_timeout, self._login_expired)
+        negotiation_left: float | None = None  # set while the login deadline runs
+        finished = False
 
         def settled(result: Any) -> Any:
+            nonlocal finished
+            finished = True
             factory.pending_logins -= 1
             factory.release(factory.pending_by_peer, own)
             factory.release(factory.pending_by_network, network)
-            self._cancel_timer()
-            if not self._gone and not isinstance(result, Failure):
-                # Logged in: the client's own time runs again (a failure closes).
-                self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
+            if negotiation_left is not None:
+                self._cancel_timer()
+                if not self._gone and not isinstance(result, Failure):
+                    # Logged in: the client's own time runs again (a failure closes).
+                    self._start_timer(max(negotiation_left, 0.0), self._negotiation_expired)
             return result
 
         # The places are taken within the login (its deadline, its share).
         attempt = login(factory.portal, credentials, IAuthInfo).addCallback(self._take_places)
-        d = self._wait(login_running(self.transport, attempt))
+        d = login_running(self.transport, attempt)
         d.addBoth(settled)
+        if not finished:
+            # The gateway's own time (throttle wait, hashing, failure delay) is
+            # not the client's: the negotiation timer stops, a login deadline
+            # runs. (A login answered at once, as a cached one is, needs neither.)
+            negotiation_left = self._suspend_timer()
+            self._start_timer(self.settings.login_timeout, self._login_expired)
+        d = self._wait(d)
         d.addCallbacks(self._authenticated, self._login_failed)
         d.addErrback(self._bug)
 
@@ -630,7 +666,7 @@ class SOCKSServer(protocol.Protocol):
             return
         self.info = info
         authenticated(self.transport)  # out of the budget's unauthenticated share
-        self.transport.write(self.codec.send_auth_result(True))
+        self._send(self.codec.send_auth_result(True))
         self._feed(b"")
 
     def _login_failed(self, reason: Failure) -> None:
@@ -646,6 +682,8 @@ class SOCKSServer(protocol.Protocol):
 
     def _auth_failed(self, why: str) -> None:
         """RFC 1929 status 1, then close: fail closed on every path."""
+        # Buffered: a refusal waits for the reactor's next pass, so that its
+        # audit record (flushed at the start of that pass) is written first.
         self.transport.write(self.codec.send_auth_result(False))
         self._close(why)
 
@@ -656,7 +694,7 @@ class SOCKSServer(protocol.Protocol):
         self.destination = f"{request.host}:{request.port}"
         if request.command == codec.CONNECT:
             self._start_timer(self.settings.connect_timeout, self._connect_expired)
-            d = self._wait(defer.ensureDeferred(self._connect(request)))
+            d = self._wait(self._connect(request))
             d.addErrback(self._connect_failed)
             d.addErrback(self._bug)
         elif request.command == codec.BIND:
@@ -667,7 +705,7 @@ class SOCKSServer(protocol.Protocol):
     def _refuse(self, reply: Reply, why: str) -> None:
         self._cancel_timer()
         self.reply = int(reply)
-        self.transport.write(self.codec.send_reply(reply))
+        self.transport.write(self.codec.send_reply(reply))  # after its audit record, as above
         self._close(why)
 
     def _acl_allows(self, resource: str, privilege: str) -> bool:
@@ -711,84 +749,138 @@ class SOCKSServer(protocol.Protocol):
             return
         self._source = (str(source), request.port)
         self.reply = int(Reply.SUCCEEDED)
-        self.transport.write(self.codec.send_reply(Reply.SUCCEEDED, str(source), request.port))
+        self._send(self.codec.send_reply(Reply.SUCCEEDED, str(source), request.port))
         self._feed(b"")
 
-    async def _connect(self, request: codec.Request) -> None:
-        name: str | None = None
+    def _connect(self, request: codec.Request) -> defer.Deferred[None]:
+        """
+        CONNECT: an address is checked and connected to with no coroutine
+        and no endpoint in between (the common case, and every session of
+        the benchmarks); a name is resolved first (L{_connect_name}).
+        """
         address = plain_address(request.host)
-        if address is not None:
-            addresses = [address]
-        else:
-            name = canonical_name(request.host)
-            if name is None:
-                self._refuse(Reply.GENERAL_FAILURE, "not a host name")
-                return
-            if not self._destination_acl(name, request.port):
-                self._refuse(Reply.NOT_ALLOWED, "destination not allowed by the ACL")
-                return
-            try:
-                found = await resolve(self.reactor, name, request.port)
-            except (defer.CancelledError, error.ConnectingCancelledError):
-                raise
-            except Exception:  # noqa: BLE001 - every resolver failure is "host unreachable"
-                found = []
-            addresses = []
-            for text in found:
-                resolved = plain_address(text.split("%", 1)[0])
-                if resolved is not None and resolved not in addresses:
-                    addresses.append(resolved)
-            if not addresses:
-                self._refuse(Reply.HOST_UNREACHABLE, f"cannot resolve {name}")
-                return
+        if address is None:
+            return defer.ensureDeferred(self._connect_name(request))
+        try:
+            return self._connect_to(None, [address], request.port)
+        except Exception:  # noqa: BLE001 - as a coroutine's would be: to _bug
+            return defer.fail()
+
+    async def _connect_name(self, request: codec.Request) -> None:
+        name = canonical_name(request.host)
+        if name is None:
+            self._refuse(Reply.GENERAL_FAILURE, "not a host name")
+            return
+        if not self._destination_acl(name, request.port):
+            self._refuse(Reply.NOT_ALLOWED, "destination not allowed by the ACL")
+            return
+        try:
+            found = await resolve(self.reactor, name, request.port)
+        except (defer.CancelledError, error.ConnectingCancelledError):
+            raise
+        except Exception:  # noqa: BLE001 - every resolver failure is "host unreachable"
+            found = []
+        addresses: list[IPAddress] = []
+        for text in found:
+            resolved = plain_address(text.split("%", 1)[0])
+            if resolved is not None and resolved not in addresses:
+                addresses.append(resolved)
+        if not addresses:
+            self._refuse(Reply.HOST_UNREACHABLE, f"cannot resolve {name}")
+            return
+        await self._connect_to(name, addresses, request.port)
+
+    def _connect_to(
+        self, name: str | None, addresses: list[IPAddress], port: int
+    ) -> defer.Deferred[None]:
+        """Check C{addresses} (what C{name} resolved to, if any), then open the first that answers."""
         if self._source is not None:  # the egress source decides the family
             family = ipaddress.ip_address(self._source[0]).version
             addresses = [a for a in addresses if a.version == family]
             if not addresses:
                 self._refuse(Reply.ADDRESS_TYPE_NOT_SUPPORTED, "no address of the source's family")
-                return
+                return defer.succeed(None)
         self.address = str(addresses[0])
-        port = request.port
         rules = self.factory.rules
         if not rules.permits(name, addresses, port) or not all(
             self._destination_acl(str(a), port) for a in addresses
         ):
             self._refuse(Reply.NOT_ALLOWED, "destination not allowed")
-            return
-        if any(is_local(a) and not rules.allows_local(a, port) for a in addresses):
+            return defer.succeed(None)
+        if any(not rules.allows_local(a, port) and is_local(a) for a in addresses):
             self._refuse(Reply.NOT_ALLOWED, "destination is the gateway's own host")
-            return
-        await self._open(addresses, port)
+            return defer.succeed(None)
+        return self._open(addresses, port)
 
     def _destination_acl(self, host: str, port: int) -> bool:
         return self._acl_allows(f"socks/destination/{host}/{port}", "connect")
 
-    async def _open(self, addresses: list[IPAddress], port: int) -> None:
-        reply: Reply = Reply.HOST_UNREACHABLE
+    def _open(self, addresses: list[IPAddress], port: int) -> defer.Deferred[None]:
+        """
+        Connect to each of C{addresses} in turn until one answers; the
+        result fires once the tunnel is up or every attempt failed (and the
+        client has its reply). Cancelling it stops the attempt under way.
+        """
         # One black-holed address must not use the whole budget: share it.
         each = max(1.0, self.settings.connect_timeout / len(addresses))
-        for address in addresses:
-            self.address = str(address)
-            endpoint_class = (
-                endpoints.TCP6ClientEndpoint if address.version == 6 else endpoints.TCP4ClientEndpoint
-            )
-            endpoint = endpoint_class(
-                self.reactor,
-                str(address),
-                port,
-                timeout=each,
-                bindAddress=self._source,  # only for an egress source: no bind before connect
-            )
+        remaining = iter(addresses)
+        attempt: defer.Deferred[_Outbound] | None = None
+        reply: Reply = Reply.HOST_UNREACHABLE
+        cancelled = False
+
+        def cancel(_: defer.Deferred[None]) -> None:
+            nonlocal cancelled
+            cancelled = True
+            if attempt is not None:
+                attempt.cancel()  # done then errbacks with CancelledError
+
+        done: defer.Deferred[None] = defer.Deferred(cancel)
+
+        def connected(outbound: _Outbound) -> None:
+            nonlocal attempt
+            attempt = None
+            if not (cancelled or done.called):
+                settle(self._connected, outbound)
+
+        def failed(reason: Failure) -> None:
+            nonlocal reply
+            if not (cancelled or done.called):
+                reply = connect_reply(reason)
+                settle(following)
+
+        def settle(step: Any, *args: Any) -> None:
+            """Run C{step}; a bug in it goes where a coroutine's would (L{_bug})."""
             try:
-                outbound = await endpoint.connect(_OutboundFactory(self))
-            except (defer.CancelledError, error.ConnectingCancelledError):
-                raise
-            except Exception:  # noqa: BLE001 - mapped to a reply code
-                reply = connect_reply(Failure())
-                continue
-            self._connected(outbound)
-            return
-        self._refuse(reply, f"connect failed: {reply.name.lower()}")
+                step(*args)
+            except Exception:  # noqa: BLE001
+                if not done.called:
+                    done.errback()
+                return
+            if attempt is None and not done.called:  # connected, or nothing left to try
+                done.callback(None)
+
+        def following() -> None:
+            nonlocal attempt
+            address = next(remaining, None)
+            attempt = None
+            if address is None:
+                self._refuse(reply, f"connect failed: {reply.name.lower()}")
+                return
+            self.address = str(address)
+            factory = _OutboundFactory(self)
+            try:
+                # Only for an egress source does the socket bind before connecting.
+                factory.connector = self.reactor.connectTCP(
+                    str(address), port, factory, timeout=each, bindAddress=self._source
+                )
+            except Exception:  # noqa: BLE001 - mapped to a reply code, as a failed connect
+                failed(Failure())
+                return
+            attempt = factory.connected
+            attempt.addCallbacks(connected, failed)
+
+        settle(following)
+        return done
 
     def _connect_failed(self, reason: Failure) -> None:
         reason.trap(defer.CancelledError, error.ConnectingCancelledError)
@@ -796,7 +888,7 @@ class SOCKSServer(protocol.Protocol):
             self._refuse(Reply.TTL_EXPIRED, "connect timeout")
 
     def _connected(self, outbound: _Outbound) -> None:
-        here, there = outbound.transport.getHost(), outbound.transport.getPeer()
+        here, there = outbound.here, outbound.transport.getPeer()
         local = plain_address(there.host) if there.host == here.host else None
         if local is not None and not self.factory.rules.allows_local(local, there.port):
             # Reached this host after all (a second line behind the check before connecting).
@@ -806,7 +898,7 @@ class SOCKSServer(protocol.Protocol):
         self.outbound = outbound
         self._cancel_timer()
         self.reply = int(Reply.SUCCEEDED)
-        self.transport.write(self.codec.send_reply(Reply.SUCCEEDED, here.host, here.port))
+        self._send(self.codec.send_reply(Reply.SUCCEEDED, here.host, here.port))
         # Backpressure both ways: a full write buffer pauses the other side's reads.
         self.transport.registerProducer(outbound.transport, True)
         outbound.transport.registerProducer(self.transport, True)
@@ -835,20 +927,29 @@ class SOCKSServer(protocol.Protocol):
 class _Outbound(protocol.Protocol):
     """The connection to the destination; its bytes go to the client."""
 
-    def __init__(self, server: SOCKSServer) -> None:
+    def __init__(self, server: SOCKSServer, attempt: _OutboundFactory | None = None) -> None:
         self.server = server
+        self._attempt = attempt
         self.client_done = False
         self.remote_done = False
         self.lost = False
         self._abort: Any = None
         self._local: Any = None  # the local end, as registered
+        self.here: Any = None  # the local end
 
     def connectionMade(self) -> None:
         factory = self.server.factory
         factory.outbound_open += 1
+        self.here = self.transport.getHost()
         if factory.connections is not None:
-            self._local = self.transport.getHost()
+            self._local = self.here
             factory.connections.outbound_opened(self._local)
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            if attempt.connected.called:  # cancelled meanwhile: nobody wants it
+                self.transport.abortConnection()
+            else:
+                attempt.connected.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         server = self.server
@@ -872,14 +973,16 @@ class _Outbound(protocol.Protocol):
         """As L{SOCKSServer._close}: drain, or abort after the grace period."""
         if self._abort is None and self.transport is not None and not self.lost:
             server = self.server
-            self._abort = server.reactor.callLater(
-                server.settings.close_grace, self.transport.abortConnection
-            )
+            self._abort = _CLOSING
             self.transport.loseConnection()
+            if not self.lost:
+                self._abort = server.reactor.callLater(
+                    server.settings.close_grace, self.transport.abortConnection
+                )
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.lost = True
-        if self._abort is not None and self._abort.active():
+        if self._abort is not None and self._abort is not _CLOSING and self._abort.active():
             self._abort.cancel()
         server = self.server
         server.factory.outbound_open -= 1
@@ -891,14 +994,32 @@ class _Outbound(protocol.Protocol):
                           else "destination closed")
 
 
-class _OutboundFactory(protocol.Factory):
+class _OutboundFactory(protocol.ClientFactory):
+    """
+    One outbound connection attempt, straight on the reactor (no endpoint and
+    no wrapping protocol between the relay and the socket): C{connected}
+    fires with the L{_Outbound} once it is connected, or fails as
+    C{connectTCP} says (refused, timed out, ...); cancelling it stops the
+    attempt.
+    """
+
     noisy = False  # one per session: the session event says enough
 
     def __init__(self, server: SOCKSServer) -> None:
         self.server = server
+        self.connector: Any = None
+        self.connected: defer.Deferred[_Outbound] = defer.Deferred(self._cancel)
+
+    def _cancel(self, _: defer.Deferred[_Outbound]) -> None:
+        if self.connector is not None:
+            self.connector.stopConnecting()  # its failure is dropped: we are cancelled
 
     def buildProtocol(self, addr: Any) -> _Outbound:
-        return _Outbound(self.server)
+        return _Outbound(self.server, self)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if not self.connected.called:
+            self.connected.errback(reason)
 
 
 class SOCKSDoor:
