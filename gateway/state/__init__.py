@@ -119,7 +119,7 @@ def open_state(url: str, failure: str, throttle: Any, reactor: Any) -> State:
 
     @raise ValueError: a bad URL or policy (the message never holds the password).
     """
-    from gateway.state import redis  # txredisapi only when asked for
+    from gateway.state import redis  # hiredis only when asked for
 
     parsed = redis.parse_state_url(url)
     if failure not in redis.FAILURE_POLICIES:
