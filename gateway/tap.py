@@ -671,12 +671,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             proxy_protocol_from=tuple(self.get("proxyProtocolFrom", ())),
         )
 
-        if self["workers"] > 1 and str(self.get("state", "local")).strip().lower() == "local":
-            raise usage.UsageError(
-                f"--workers {self['workers']} needs a shared --state (e.g. unix:///run/redis/redis.sock):"
-                " the login limits must hold across all workers, not per process; run a"
-                " redis-server (README: Scaling out), or use --workers 1"
-            )
         if not self["credCheckers"]:
             raise usage.UsageError(
                 "no authentication backend: give --auth TYPE:ARGS or --checker NAME"
@@ -697,9 +691,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "--socks-max-pending-logins-per-peer"
             )
         try:
-            parse_state_url(self["state"])
+            state = parse_state_url(self["state"])
         except ValueError as e:
             raise usage.UsageError(f"--state: {e}") from None
+        if self["workers"] > 1 and state is None:
+            raise usage.UsageError(
+                f"--workers {self['workers']} needs a shared --state (e.g. unix:///run/redis/redis.sock):"
+                " the login limits must hold across all workers, not per process; run a"
+                " redis-server (README: Scaling out), or use --workers 1"
+            )
         if self["state-failure"] not in FAILURE_POLICIES:
             raise usage.UsageError(
                 f"--state-failure {self['state-failure']!r}: must be closed or local"

@@ -31,6 +31,7 @@ from gateway.state.redis import (
     Link, RedisSessions, RedisThrottle, StateURL, parse_state_url, state_digest,
 )
 from gateway.tls import generate_self_signed
+from gateway.state.url import shown
 from tests.redis_support import RedisServer
 from tests.support import free_port
 
@@ -85,6 +86,8 @@ class URLTests(SynchronousTestCase):
         url = parse_state_url(f"redis://u:{SECRET}@h:1/0")
         self.assertNotIn(SECRET, repr(url))
         self.assertNotIn(SECRET, url.display)
+        self.assertEqual(shown(f"redis://u:{SECRET}@h:1/0"), "redis://u@h:1/0")
+        self.assertEqual(shown("local"), "local")
         for bad in (f"redis://u:{SECRET}@h:1/x", f"redis://u:{SECRET}@h/0?what=1",
                     f"redis://u:{SECRET}@h:port/0"):
             with self.assertRaises(ValueError) as e:
