@@ -76,6 +76,8 @@ class CoreSettings:
     #: C{--state}: where the limits live (C{local}, or a Redis URL:
     #: L{gateway.state.redis.parse_state_url}).
     state: str = "local"
+    #: C{--state-password-file}: the Redis password when not in the URL.
+    state_password: str | None = attrs.field(default=None, repr=False)
     #: C{--state-failure}: what a login does while Redis cannot be reached
     #: (C{closed}: a temporary failure; C{local}: this process's own limits).
     state_failure: str = "closed"
@@ -188,7 +190,8 @@ def build_core(settings: CoreSettings, reactor: Reactor) -> Core:
         if IReloadable.providedBy(checker):  # file reloads in the pool's own thread
             checker.use_loader(hash_pool.load, reactor)
     state = open_state(
-        settings.state, settings.state_failure, Throttle(reactor, **settings.throttle), reactor
+        settings.state, settings.state_failure, Throttle(reactor, **settings.throttle), reactor,
+        password=settings.state_password,
     )
     throttle = state.throttle
     core = Core(

@@ -29,11 +29,12 @@ from gateway.acl import AccessControlMap, AllowAuthenticated, load_policy
 from gateway.addresses import canonical_host
 from gateway.checkers import CheckerLoadError, load_checker
 from gateway.checkers.hashing import HashPool, Verifier
+from gateway.checkers.files import StoreError, decode_utf8, read_bytes
 from gateway.checkers.plainfile import PlainFileChecker
 from gateway.checkers.throttle import Throttle
 from gateway.connections import ListenSettings, with_backlog
 from gateway.core import Core, CoreSettings, FrontDoor, Listener, build_core
-from gateway.state.url import FAILURE_POLICIES, parse_state_url
+from gateway.state.url import FAILURE_POLICIES, StateURL, parse_state_url
 from gateway.credentials import IBearerToken
 from gateway.groups import NO_GROUPS, ConfigError, load_group_file
 from gateway.ops import drain, reload, workers
@@ -229,6 +230,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
          " and instance: redis://[[USER]:PASSWORD@]HOST[:PORT][/DB], rediss://... (verified"
          " TLS; ?ca=PEM for a private CA), unix:///PATH[?db=N]; ?prefix=NAME keeps apart"
          " gateways sharing one Redis."],
+        ["state-password-file", None, None,
+         "A file holding the Redis password (one line), so that it is not on the command"
+         " line, which every local user can read (systemd: LoadCredential=)."],
         ["state-failure", None, default_of(CoreSettings, "state_failure"),
          "While Redis cannot be reached: closed (logins fail temporarily) or local (this"
          " process's own limits)."],
@@ -621,6 +625,28 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             max_connections_per_peer=self["smtp-max-connections-per-peer"],
         )
 
+    def _state_password(self, state: StateURL | None) -> str | None:
+        """The password of C{--state-password-file}, if given (one line, at most 1 KiB)."""
+        path = self["state-password-file"]
+        if path is None:
+            return None
+        if state is None:
+            raise usage.UsageError("--state-password-file needs a Redis --state")
+        if state.password is not None:
+            raise usage.UsageError(
+                "--state-password-file: the --state URL holds a password already; give it once"
+            )
+        try:
+            text = decode_utf8(read_bytes(path, limit=1024), path)
+        except StoreError as e:
+            raise usage.UsageError(f"--state-password-file {e}") from None
+        lines = text.splitlines()
+        if len(lines) != 1 or not lines[0] or not lines[0].isprintable():
+            raise usage.UsageError(
+                f"--state-password-file {path}: must hold one line, the password"
+            )
+        return lines[0]
+
     def opt_checker(self, name: str) -> None:
         """
         Add a checker from Python: a dotted name of an ICredentialsChecker class,
@@ -671,12 +697,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             proxy_protocol_from=tuple(self.get("proxyProtocolFrom", ())),
         )
 
-        if self["workers"] > 1 and str(self.get("state", "local")).strip().lower() == "local":
-            raise usage.UsageError(
-                f"--workers {self['workers']} needs a shared --state (e.g. unix:///run/redis/redis.sock):"
-                " the login limits must hold across all workers, not per process; run a"
-                " redis-server (README: Scaling out), or use --workers 1"
-            )
         if not self["credCheckers"]:
             raise usage.UsageError(
                 "no authentication backend: give --auth TYPE:ARGS or --checker NAME"
@@ -697,9 +717,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 "--socks-max-pending-logins-per-peer"
             )
         try:
-            parse_state_url(self["state"])
+            state = parse_state_url(self["state"])
         except ValueError as e:
             raise usage.UsageError(f"--state: {e}") from None
+        self["statePassword"] = self._state_password(state)
+        if self["workers"] > 1 and state is None:
+            raise usage.UsageError(
+                f"--workers {self['workers']} needs a shared --state (e.g. unix:///run/redis/redis.sock):"
+                " the login limits must hold across all workers, not per process; run a"
+                " redis-server (README: Scaling out), or use --workers 1"
+            )
         if self["state-failure"] not in FAILURE_POLICIES:
             raise usage.UsageError(
                 f"--state-failure {self['state-failure']!r}: must be closed or local"
@@ -772,6 +799,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 max_user_delay=self["user-delay-max"],
             ),
             state=self["state"],
+            state_password=self["statePassword"],
             state_failure=self["state-failure"],
         )
 

@@ -31,6 +31,7 @@ from gateway.state.redis import (
     Link, RedisSessions, RedisThrottle, StateURL, parse_state_url, state_digest,
 )
 from gateway.tls import generate_self_signed
+from gateway.state.url import shown
 from tests.redis_support import RedisServer
 from tests.support import free_port
 
@@ -85,6 +86,8 @@ class URLTests(SynchronousTestCase):
         url = parse_state_url(f"redis://u:{SECRET}@h:1/0")
         self.assertNotIn(SECRET, repr(url))
         self.assertNotIn(SECRET, url.display)
+        self.assertEqual(shown(f"redis://u:{SECRET}@h:1/0"), "redis://u@h:1/0")
+        self.assertEqual(shown("local"), "local")
         for bad in (f"redis://u:{SECRET}@h:1/x", f"redis://u:{SECRET}@h/0?what=1",
                     f"redis://u:{SECRET}@h:port/0"):
             with self.assertRaises(ValueError) as e:
@@ -697,6 +700,34 @@ class AuthOnRedis(TestCase):
             self.assertNotIn(SECRET, line)
             self.assertNotIn("wrong", line.replace("WRONGPASS", ""))
 
+    async def test_password_file(self) -> None:
+        """C{--state-password-file}: the password reaches Redis, never the options' URL or argv."""
+        from gateway import tap
+
+        redis = RedisServer(self, password=SECRET)
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(SECRET + "\n")
+        argv = ["--data-dir", self.mktemp(), "--auth", "memory:a:b", "--state",
+                f"redis://127.0.0.1:{redis.port}/0", "--state-password-file", path]
+        options = tap.Options()
+        options.parseOptions(argv)
+        self.assertNotIn(SECRET, " ".join(options["argv"]))
+        self.assertNotIn(SECRET, repr(options["coreSettings"]))
+        from twisted.internet import reactor
+
+        settings = options["coreSettings"]
+        state = open_state(settings.state, "closed", Throttle(reactor), reactor,
+                           password=settings.state_password)
+        state.service.startService()
+        self.addCleanup(state.service.stopService)
+        for _ in range(200):
+            if state.up:
+                break
+            await sleep(0.02)
+        self.assertTrue(state.up)
+        await state.throttle.admit("192.0.2.1", "daniel")
+
     async def test_tls(self) -> None:
         """rediss:// verifies the server against ?ca= and the host name."""
         redis = RedisServer(self)
@@ -783,6 +814,12 @@ class SessionsOnRedis(RealRedisMixin, TestCase):
 class OptionsAndMetricsTests(SynchronousTestCase):
     """C{--state} and C{--state-failure} in C{twistd authgateway}, and the three state families."""
 
+    def _secret_file(self, text: str = SECRET) -> str:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write(text)
+        return path
+
     def test_local_default(self) -> None:
         from tests.test_metrics import gateway, scrape, value
 
@@ -829,6 +866,17 @@ class OptionsAndMetricsTests(SynchronousTestCase):
             (["--state", f"mongodb://:{SECRET}@x"], "--state: must be local"),
             (["--state", f"redis://:{SECRET}@h/x"], "--state: the database must be a number"),
             (["--state-failure", "open"], "--state-failure 'open': must be closed or local"),
+            (["--state-password-file", self._secret_file()], "needs a Redis --state"),
+            (["--state", f"redis://:{SECRET}@h/0", "--state-password-file", self._secret_file()],
+             "holds a password already"),
+            (["--state", "redis://h/0", "--state-password-file", self._secret_file(f"{SECRET}\nx")],
+             "must hold one line"),
+            (["--state", "redis://h/0", "--state-password-file", self._secret_file("")],
+             "must hold one line"),
+            (["--state", "redis://h/0", "--state-password-file", self._secret_file("x" * 2000)],
+             "larger than 1024 bytes"),
+            (["--state", "redis://h/0", "--state-password-file", "/nonexistent/pw"],
+             "No such file"),
         ):
             options = tap.Options()
             with self.assertRaises(usage.UsageError) as e:

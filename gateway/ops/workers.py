@@ -48,7 +48,6 @@ import socket
 import sys
 import tempfile
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -64,6 +63,7 @@ from zope.interface import implementer
 from gateway.connections import _keyword, _split
 from gateway.ops import metrics as ops_metrics
 from gateway.ops.signals import on_signal
+from gateway.state.url import shown
 from gateway.twistedinternals import keep_unix_socket_file, ssl_server_context
 
 log = Logger()
@@ -302,17 +302,6 @@ def adopted_endpoint(reactor: Any, description: str, fd: int) -> IStreamServerEn
 
         endpoint = proxyEndpoint(endpoint)
     return endpoint
-
-
-def shown_state(url: Any) -> str:
-    """The C{--state} URL without its password, for a log line."""
-    url = str(url)
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def parse_fds(text: str) -> dict[str, int]:
@@ -572,7 +561,8 @@ class Supervisor(service.Service):
         self.specs = [parse_listener(option, description) for option, description in listeners.items()]
         self.backlog = backlog
         self.drain_timeout = drain_timeout
-        self.state = state
+        #: The --state URL without its password (the start line shows it).
+        self.state = shown(state)
         self.twistd = tuple(twistd)
         self.environ = dict(os.environ if environ is None else environ)
         for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", ARGV_ENV):
@@ -613,7 +603,7 @@ class Supervisor(service.Service):
             "authgateway started: {count} workers (pids {pids}), state {state}, listeners {listeners}",
             count=len(self.slots),
             pids=", ".join(str(s.pid) for s in self.slots if s.pid is not None) or "none",
-            state=shown_state(self.state),
+            state=self.state,
             listeners=", ".join(
                 f"{o.spec.option}={o.spec.description} on {o.address}" for o in self.open
             ) or "none",
@@ -771,7 +761,7 @@ def make_parent(options: Any, reactor: Any) -> service.MultiService:
         options["endpoints"],
         options["listen-backlog"],
         options["drain-timeout"],
-        state=options.get("state", "local"),
+        state=options["state"],
         metrics=options["metrics"] != "none",
         owner=owner,
     )
@@ -875,6 +865,6 @@ __all__ = [
     "LineBuffer", "ListenerSpec", "LogRelay", "MAX_LOG_LINE", "OpenListener", "ParentWatch",
     "STOP_GRACE", "Slot", "Supervisor", "WorkerProtocol", "WorkerWatch", "adopted_endpoint",
     "attach_worker", "install_signals", "make_parent", "open_listener", "open_tcp",
-    "parse_fds", "parse_listener", "pipe_logger", "set_parent_death_signal", "shown_state",
+    "parse_fds", "parse_listener", "pipe_logger", "set_parent_death_signal",
     "take_worker_argv", "worker_arguments", "worker_command", "worker_count",
 ]

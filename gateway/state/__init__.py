@@ -110,12 +110,15 @@ class State:
         return self.link is not None and self.link.fallback
 
 
-def open_state(url: str, failure: str, throttle: Any, reactor: Any) -> State:
+def open_state(
+    url: str, failure: str, throttle: Any, reactor: Any, password: str | None = None
+) -> State:
     """
     The L{State} of C{--state URL} and C{--state-failure}: the in-process
     one for C{local}, else Redis (L{gateway.state.redis}) with C{throttle}
     (an in-process L{gateway.checkers.throttle.Throttle}) giving the limits
-    and standing in under C{--state-failure local}.
+    and standing in under C{--state-failure local}; C{password}
+    (C{--state-password-file}) is the Redis password when the URL has none.
 
     @raise ValueError: a bad URL or policy (the message never holds the password).
     """
@@ -126,6 +129,8 @@ def open_state(url: str, failure: str, throttle: Any, reactor: Any) -> State:
         raise ValueError(f"--state-failure must be one of {', '.join(redis.FAILURE_POLICIES)}")
     if parsed is None:
         return State(throttle)
+    if password is not None:
+        parsed = attrs.evolve(parsed, password=password)
     link = redis.Link(parsed, reactor, failure)
     sessions = redis.RedisSessions(link, LocalSessions(), parsed.prefix)
     return State(

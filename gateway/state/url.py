@@ -11,7 +11,7 @@ import urllib.parse
 
 import attrs
 
-__all__ = ["DEFAULT_PREFIX", "FAILURE_POLICIES", "StateURL", "parse_state_url"]
+__all__ = ["DEFAULT_PREFIX", "FAILURE_POLICIES", "StateURL", "parse_state_url", "shown"]
 
 DEFAULT_PREFIX = "authgateway:"
 FAILURE_POLICIES = ("closed", "local")
@@ -88,6 +88,12 @@ def parse_state_url(text: str) -> StateURL | None:
     return StateURL(scheme, host=parts.hostname, port=port or 6379, db=_db(db_text),
                     username=username, password=password, prefix=prefix,
                     ca=query.get("ca") or None)
+
+
+def shown(text: str) -> str:
+    """C{--state} as a log line may show it: C{local}, or the URL without its password."""
+    url = parse_state_url(text)
+    return "local" if url is None else url.display
 
 
 def _db(text: str) -> int:
