@@ -659,6 +659,10 @@ return #KEYS
 """)
 
 
+def _none(_: Any) -> None:
+    """Swallows the outcome of a step nobody waits for (its failure is counted and logged by the link)."""
+
+
 def _number(value: Any) -> float:
     return float(value.decode() if isinstance(value, bytes) else value)
 
@@ -808,33 +812,33 @@ class RedisThrottle:
         self, reply: Any, outcome: defer.Deferred[Admission], peer: str | None, user: str | None,
         token: str, at: int = 0,
     ) -> int:
-        if isinstance(reply, Failure):
-            result: Any = self._unavailable(reply.value, lambda: self.local.admit(peer, user))
-        else:
+        result: defer.Deferred[Admission]
+        if type(reply) is list:
             ok, number, third = reply[at:at + 3]
-            if not int(ok):
-                by = third.decode() if isinstance(third, bytes) else str(third)
-                self.refused[by] += 1
-                refused = Throttled(_number(number))
-                refused.log_suppressed = self.refusal_log.admit(peer_key(peer))
-                result = defer.fail(refused)
-            else:
-                wait = _number(number)
+            if ok == 1:  # admitted: the common case, without a Deferred more
+                wait = 0.0 if number == b"0" else _number(number)
                 if wait:
                     self._delayed += 1
-                known = Throttle.lane_keys(peer, user) if int(third) else None
-                result = Admission(peer, user, wait, known, token, local=False)
-        if outcome.called:
-            # The caller left while the script ran: hanging up must not
-            # be a free retry (as L{ThrottlingChecker} counts it).
-            if isinstance(result, defer.Deferred):
-                result.addCallback(lambda a: self.finish(a, PEER_FAILURE)).addErrback(lambda _: None)
-            elif isinstance(result, Admission):
-                self.finish(result, PEER_FAILURE).addErrback(lambda _: None)
-        elif isinstance(result, defer.Deferred):
-            result.chainDeferred(outcome)
+                known = Throttle.lane_keys(peer, user) if third == 1 else None
+                admission = Admission(peer, user, wait, known, token, local=False)
+                if not outcome.called:
+                    outcome.callback(admission)
+                else:
+                    # The caller left while the script ran: hanging up must
+                    # not be a free retry (as L{ThrottlingChecker} counts it).
+                    self.finish(admission, PEER_FAILURE).addErrback(_none)
+                return at + 3
+            by = third.decode() if isinstance(third, bytes) else str(third)
+            self.refused[by] += 1
+            refused = Throttled(_number(number))
+            refused.log_suppressed = self.refusal_log.admit(peer_key(peer))
+            result = defer.fail(refused)
         else:
-            outcome.callback(result)
+            result = self._unavailable(reply.value, lambda: self.local.admit(peer, user))
+        if outcome.called:  # (as above; a local admission is finished locally)
+            result.addCallback(lambda a: self.finish(a, PEER_FAILURE)).addErrback(_none)
+        else:
+            result.chainDeferred(outcome)
         return at + 3
 
     def finish(
@@ -865,7 +869,8 @@ class RedisThrottle:
                 reply.value, lambda: defer.succeed(self._finish_here(peer, user, verdict))
             ).chainDeferred(d)
         else:
-            d.callback(_number(reply[at]))
+            delay = reply[at]
+            d.callback(0.0 if delay == b"0" else _number(delay))
         return at + 1
 
     def _unavailable(self, reason: BaseException, local: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
