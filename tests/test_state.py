@@ -28,7 +28,7 @@ from gateway.checkers.throttle import FAILURE, PEER_FAILURE, SUCCESS, IThrottle,
 from gateway.errors import StateUnavailable, Throttled
 from gateway.state import ISessionLimits, LocalSessions, State, open_state
 from gateway.state.redis import (
-    Link, RedisSessions, RedisThrottle, StateURL, parse_state_url, state_digest,
+    RENEW, Link, RedisSessions, RedisThrottle, StateURL, _reason, parse_state_url, state_digest,
 )
 from gateway.tls import generate_self_signed
 from gateway.state.url import shown
@@ -76,7 +76,7 @@ class URLTests(SynchronousTestCase):
         for text in (
             "memcached://x", "redis://", "redis://h/x", "redis://h/1?db=2", "unix://rel/path",
             "redis://h?ca=/x", "redis://h/0?color=red", "redis://h:99999/0", "redis://h/0?prefix=",
-            "unix:///s?db=-1",
+            "unix:///s?db=-1", "redis://h:0/0",
         ):
             with self.assertRaises(ValueError, msg=text):
                 parse_state_url(text)
@@ -186,7 +186,7 @@ class LinkPolicyTests(SynchronousTestCase):
         self.addCleanup(state.service.stopService)
         return state, endpoint, reactor
 
-    def handshake(self, endpoint: ScriptedEndpoint, replies: bytes = b"+OK\r\n+OK\r\n+PONG\r\n") -> None:
+    def handshake(self, endpoint: ScriptedEndpoint, replies: bytes = b"+OK\r\n+OK\r\n:1\r\n") -> None:
         p, transport = endpoint.last
         p.dataReceived(replies)
 
@@ -234,21 +234,28 @@ class LinkPolicyTests(SynchronousTestCase):
         self.assertEqual(state.throttle.refused["pair"], 1)
 
     def test_noscript(self) -> None:
-        """A Redis without the script (restarted) gets it with EVAL."""
+        """
+        A Redis without the script (restarted) gets the command again as
+        EVAL with the body: no SCRIPT LOAD, which the README's ACL does not
+        allow (it used to be SCRIPT LOAD, then EVALSHA again).
+        """
         state, endpoint, reactor = self.make()
         self.handshake(endpoint)
         p, transport = endpoint.last
         transport.clear()
         d = state.throttle.admit("192.0.2.1", "daniel")
         reactor.advance(0)  # the turn's operations go out, in one script
-        p.dataReceived(b"-NOSCRIPT No matching script\r\n")
-        self.assertIn(b"LOAD", transport.value())
-        self.assertIn(b"redis.call('TIME')", transport.value())
+        sent = transport.value()
         transport.clear()
-        p.dataReceived(b"$40\r\n" + b"0" * 40 + b"\r\n")
-        self.assertEqual(transport.value().count(b"EVALSHA"), 1)
+        p.dataReceived(b"-NOSCRIPT No matching script\r\n")
+        again = transport.value()
+        self.assertNotIn(b"SCRIPT", again)
+        self.assertTrue(again.startswith(sent[:sent.index(b"\r\n")] + b"\r\n$4\r\nEVAL\r\n"), again[:40])
+        self.assertIn(b"redis.call('TIME')", again)
+        self.assertTrue(again.endswith(sent[sent.index(b"\r\n$1\r\n6\r\n"):]))  # the same keys and arguments
         p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
         self.assertIsNone(self.successResultOf(d).known)
+        self.assertEqual((state.errors, state.up, state.link.pending), (0, True, 0))
 
     def refused(self, endpoint: ScriptedEndpoint) -> None:
         """The first connection fails (and the next ones too)."""
@@ -314,6 +321,7 @@ class LinkPolicyTests(SynchronousTestCase):
         reactor.advance(15)
         self.handshake(endpoint)
         self.assertTrue(state.up)
+        reactor.advance(state.link.stable_after)  # said once it held
         lines = self.logged.lines()
         self.assertEqual(len(lines), 3, lines)
         self.assertIn("unreachable", lines[1])
@@ -341,7 +349,7 @@ class LinkPolicyTests(SynchronousTestCase):
     def test_auth_refused(self) -> None:
         """A wrong password: down (logged once, without the password), retried."""
         state, endpoint, reactor = self.make()
-        self.handshake(endpoint, b"-WRONGPASS invalid username-password pair\r\n+OK\r\n+PONG\r\n")
+        self.handshake(endpoint, b"-WRONGPASS invalid username-password pair\r\n+OK\r\n:1\r\n")
         self.assertFalse(state.up)
         self.assertTrue(endpoint.last[1].disconnecting or endpoint.last[1].disconnected)
         lines = self.logged.lines()
@@ -375,16 +383,147 @@ class LinkPolicyTests(SynchronousTestCase):
         self.failureResultOf(state.throttle.admit("192.0.2.9", "daniel"), StateUnavailable)
 
     def test_error_reply(self) -> None:
-        """An error reply (OOM, a script error): that login fails temporarily, the link stays."""
-        state, endpoint, reactor = self.make()
+        """
+        An error reply (OOM, NOPERM, READONLY after a failover, BUSY...): the
+        link is down (it used to stay up, every login failing or falling
+        back unseen), said once, the connection ended; a new connection's
+        probe script decides when it is back.
+        """
+        state, endpoint, reactor = self.make("local")
         self.handshake(endpoint)
-        p, _ = endpoint.last
+        p, transport = endpoint.last
         d = state.throttle.admit("192.0.2.1", "daniel")
         reactor.advance(0)  # the turn's operations go out, in one script
         p.dataReceived(b"-OOM command not allowed when used memory > 'maxmemory'\r\n")
-        self.failureResultOf(d, StateUnavailable)
+        self.assertTrue(self.successResultOf(d).local)
+        self.assertEqual((state.up, state.fallback, state.errors), (False, True, 1))
+        self.assertTrue(transport.disconnecting)
+        p.connectionLost(Failure(ConnectionAbortedError()))
+        self.assertTrue(self.successResultOf(state.throttle.admit("192.0.2.1", "daniel")).local)
+        for _ in range(3):  # reconnected; the probe is refused too: still down, nothing more said
+            reactor.advance(10)
+            self.handshake(endpoint, b"+OK\r\n+OK\r\n-OOM command not allowed\r\n")
+            self.assertFalse(state.up)
+        reactor.advance(10)
+        self.handshake(endpoint)
+        self.assertEqual((state.up, state.fallback), (True, False))
+        reactor.advance(state.link.stable_after)
+        lines = self.logged.lines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("refuses the gateway's commands (OOM command not allowed", lines[1])
+        self.assertIn("use this process's own limits", lines[1])
+        self.assertIn("reachable again", lines[2])
+
+    def test_overflow_down(self) -> None:
+        """Past C{max_pending} commands waiting: down (said once) until half are answered."""
+        state, endpoint, reactor = self.make("local", max_pending=3)
+        self.handshake(endpoint)
+        p, _ = endpoint.last
+        waiting = []
+        for i in range(3):
+            waiting.append(state.throttle.admit(f"192.0.2.{i}", "daniel"))
+            reactor.advance(0)  # one script each
+        self.assertTrue(self.successResultOf(state.throttle.admit("192.0.2.9", "daniel")).local)
+        self.assertEqual((state.up, state.fallback), (False, True))
+        self.assertTrue(self.successResultOf(state.throttle.admit("192.0.2.9", "daniel")).local)
+        p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
+        self.assertFalse(state.up)  # 2 of 3 still waiting
+        p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
         self.assertTrue(state.up)
-        self.assertEqual(state.errors, 1)
+        self.assertFalse(self.successResultOf(waiting[1]).local)
+        reactor.advance(state.link.stable_after)
+        lines = self.logged.lines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("falls behind (3 commands waiting)", lines[1])
+
+    def test_ready_is_a_script(self) -> None:
+        """
+        A Redis that answers but runs no script (CLIENT PAUSE WRITE during a
+        failover) is not up: the connection times out, the backoff grows,
+        one line down and one up for the whole pause (PING used to mark it
+        up after each abort, with the backoff reset: a line per cycle).
+        """
+        state, endpoint, reactor = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        self.assertIn(b"EVAL", transport.value())
+        self.assertIn(b"authgateway:probe", transport.value())
+        self.assertNotIn(b"PING", transport.value())
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(3)  # overdue: aborted
+        p.connectionLost(Failure(ConnectionAbortedError()))
+        self.failureResultOf(d, StateUnavailable)
+        connected: list[float] = []
+        for _ in range(60):
+            reactor.advance(0.5)
+            p, transport = endpoint.last
+            if transport.disconnecting:
+                if p.connected:  # the connect timeout
+                    p.connectionLost(Failure(ConnectionAbortedError()))
+            elif not connected or connected[-1][0] is not p:
+                p.dataReceived(b"+OK\r\n+OK\r\n")  # AUTH, SELECT; the script waits
+                connected.append((p, reactor.seconds()))
+            self.assertFalse(state.up)
+        connected = [t for _, t in connected]
+        self.assertGreater(connected[-1] - connected[-2], connected[1] - connected[0])  # backing off
+        reactor.advance(20)
+        self.handshake(endpoint)
+        self.assertTrue(state.up)
+        reactor.advance(state.link.stable_after)
+        lines = self.logged.lines()
+        self.assertEqual(len(lines), 3, lines)
+        self.assertIn("reachable again", lines[2])
+
+    def test_held_leases_restored(self) -> None:
+        """A new connection puts back every lease held, before the link is up (a Redis restarted empty)."""
+        state, endpoint, reactor = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        d = state.sessions.acquire("socks-user", "daniel", 2)
+        p.dataReceived(b":1\r\n")
+        self.assertIsNotNone(self.successResultOf(d))
+        (token, name), = state.sessions.held.items()
+        p.connectionLost(Failure(ConnectionResetError("restarted")))
+        reactor.advance(1)
+        p, transport = endpoint.last
+        sent = transport.value()
+        self.assertIn(b"EVAL", sent)
+        self.assertIn(token.encode(), sent)
+        self.assertIn(name.encode(), sent)
+        self.assertLess(sent.index(b"probe"), sent.index(token.encode()))
+        p.dataReceived(b"+OK\r\n+OK\r\n:1\r\n")
+        self.assertFalse(state.up)  # the leases are not back yet
+        p.dataReceived(b":1\r\n")
+        self.assertTrue(state.up)
+
+    def test_cancelled_callers(self) -> None:
+        """
+        Callers that leave during a round trip touch nothing of the link (they
+        used to count as errors, free a waiting slot early, shift the
+        watchdog's clock, and record a failure locally too); a place
+        granted meanwhile is given back.
+        """
+        state, endpoint, reactor = self.make("local")
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        link = state.link
+        admission = self.successResultOf(self.admitted(state, reactor, p, "192.0.2.1"))
+        acquired = state.sessions.acquire("socks-user", "daniel", 1)
+        ran = link.run(RENEW, ["authgateway:s:x"], (30, "t"))
+        finished = state.throttle.finish(admission, FAILURE)
+        reactor.advance(0)
+        sent_at = list(link._sent)
+        for d in (acquired, ran, finished):
+            d.cancel()
+            self.failureResultOf(d, defer.CancelledError)
+        self.assertEqual((link.errors, link.pending, list(link._sent)), (0, 3, sent_at))
+        transport.clear()
+        p.dataReceived(b":1\r\n:1\r\n*1\r\n$3\r\n0.5\r\n")
+        self.assertIn(b"ZREM", transport.value())  # the late place given back
+        p.dataReceived(b":1\r\n")
+        self.assertEqual((link.errors, link.pending, len(link._sent), state.up), (0, 0, 0, True))
+        self.assertEqual(state.sessions.held, {})
+        self.assertFalse(state.throttle.local._windows)  # the failure is Redis's alone
 
     def test_cancelled_admit(self) -> None:
         """A caller that leaves while the script runs: its place is released and charged."""
@@ -470,6 +609,7 @@ class RealRedisMixin:
 
         limits = {"max_failures": 5, "max_peer_failures": 10, "delay": 0, **limits}
         state = open_state(url or self.redis.url, failure, Throttle(reactor, **limits), reactor)
+        state.link.stable_after = 0.1
         state.service.startService()
         self.addCleanup(state.service.stopService)
         return state
@@ -652,6 +792,7 @@ class ThrottleOnRedis(RealRedisMixin, TestCase):
         self.redis.start()
         await self.up(state)
         await self.fail(state, "192.0.2.1", "daniel")
+        await sleep(0.2)  # "reachable again" once it held (stable_after)
         lines = self.logged.lines()
         self.assertEqual([("unreachable" in l, "again" in l) for l in lines],
                          [(False, False), (True, False), (False, True)], lines)

@@ -50,6 +50,7 @@ from typing import Any
 
 import attrs
 import hiredis
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol, ssl, task
 from twisted.logger import Logger
@@ -62,7 +63,6 @@ from gateway.checkers.throttle import (
     FAILURE, PEER_FAILURE, SUCCESS, Admission, IThrottle, Throttle, _fold,
 )
 from gateway.errors import StateUnavailable, Throttled
-from gateway.ratelog import LogRateLimiter
 from gateway.state import ISessionLimits, Lease, LocalSessions
 from gateway.state.url import DEFAULT_PREFIX, FAILURE_POLICIES, StateURL, parse_state_url
 from gateway.tls import load_ca_file
@@ -88,6 +88,21 @@ class Script:
     def evalsha(self) -> bytes:
         """EVALSHA and the SHA, in RESP."""
         return resp(b"EVALSHA", self.sha.encode())
+
+    @functools.cached_property
+    def eval(self) -> bytes:
+        """EVAL and the body, in RESP."""
+        return resp(b"EVAL", self.text)
+
+    def as_eval(self, command: bytes) -> bytes:
+        """
+        C{command} (EVALSHA and this script's SHA first) as EVAL with the
+        body: what a Redis without the script (restarted, flushed) gets.
+        It runs it and keeps it, so the next EVALSHA finds it; and an ACL
+        that allows EVAL need not allow SCRIPT LOAD (the README's does not).
+        """
+        header, _, rest = command.partition(b"\r\n")
+        return b"%s\r\n%s%s" % (header, self.eval, rest[len(self.evalsha):])
 
 
 def resp(*args: Any) -> bytes:
@@ -159,7 +174,7 @@ class _Protocol(protocol.Protocol):
 
     def connectionLost(self, why: Failure = protocol.connectionDone) -> None:
         waiting, self.waiting = self.waiting, collections.deque()
-        lost = Failure(ConnectionLost(why.getErrorMessage()))
+        lost = Failure(ConnectionLost(_reason(why)))
         for done in waiting:
             done(lost)
         self.link._lost(self, why)
@@ -167,6 +182,16 @@ class _Protocol(protocol.Protocol):
 
 class ConnectionLost(Exception):
     """The connection to Redis ended before the reply came."""
+
+
+def _reason(why: Failure) -> str:
+    """Why a connection ended, for the log: a TLS verification failure said as such."""
+    if why.check(SSL.Error):
+        errors = why.value.args[0] if why.value.args and isinstance(why.value.args[0], list) else []
+        said = "; ".join(str(e[-1]) for e in errors if isinstance(e, tuple) and e) or "handshake failed"
+        return (f"TLS: {said}: the server's certificate or name did not verify"
+                " (against ?ca= or the system's CAs)")
+    return why.getErrorMessage()
 
 
 class _Factory(protocol.Factory):
@@ -185,6 +210,16 @@ class Link(service.Service):
     with backoff), with a connect timeout, a reply timeout and a bound on
     commands waiting for their reply; and the failure policy.
     C{endpoint} replaces the URL's (tests).
+
+    A connection is up once a script ran on it (L{PROBE}, with every
+    command and the key prefix the scripts use), not when it answers PING:
+    a Redis that refuses the scripts (an ACL, a replica, a full memory, a
+    write pause) is down too, and says why at once. An error reply to a
+    script later, or more than C{max_pending} commands waiting, takes the
+    link down the same way (one line, C{up} false, the failure policy for
+    every operation) until a new connection's probe succeeds. The backoff
+    and the "reachable again" line wait until the link has stayed up for
+    C{stable_after} seconds: a link that flaps says so once.
 
     @ivar up: whether commands are sent now.
     @ivar errors: commands that failed (not connected, overdue, too many
@@ -211,6 +246,7 @@ class Link(service.Service):
         self.max_pending = max_pending
         self._endpoint = endpoint
         self.name = url.display
+        self.stable_after = 5.0
         self.up = False
         self.errors = 0
         self.pending = 0
@@ -221,8 +257,14 @@ class Link(service.Service):
         self._connecting: defer.Deferred[Any] | None = None
         self._retry: Any = None
         self._attempts = 0
-        #: The last state logged (None: none yet).
+        #: The last state logged (None: none yet); the timer that declares
+        #: the link stable (L{_settled}); whether too many commands wait.
         self._logged: bool | None = None
+        self._stable: Any = None
+        self._overflow = False
+        #: Called for each new connection before it is up: the scripts to
+        #: run first (L{RedisSessions} puts back the leases it holds).
+        self.restorers: list[Callable[[], list[tuple[Script, Sequence[str], Sequence[Any]]]]] = []
         #: Commands waiting for the first connection's outcome (None once known).
         self._starting: list[Callable[[], None]] | None = []
         #: Whether replies are being dispatched now (what they queue is
@@ -235,7 +277,6 @@ class Link(service.Service):
         self._sent: collections.deque[float] = collections.deque()
         self._watchdog = task.LoopingCall(self._watch)
         self._watchdog.clock = reactor
-        self.error_log = LogRateLimiter(reactor)
 
     def __repr__(self) -> str:
         return f"<Link {self.name} up={self.up}>"
@@ -280,6 +321,7 @@ class Link(service.Service):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        self._unsettle()
         if self._connecting is not None:
             self._connecting.cancel()
         current, self._current, self._protocol = self._current, None, None
@@ -299,7 +341,10 @@ class Link(service.Service):
         self._connecting = None
         if not self.running:
             return
-        self._went(False, reason.getErrorMessage())
+        if reason.check(ErrorReply):
+            self._went(False, _refusal(reason.value), "refuses the gateway's commands")
+        else:
+            self._went(False, reason.getErrorMessage())
         self._schedule()
 
     def _schedule(self) -> None:
@@ -311,7 +356,10 @@ class Link(service.Service):
         self._retry = self.reactor.callLater(delay, self._connect)
 
     def _prepare(self, p: _Protocol) -> defer.Deferred[Any]:
-        """AUTH, SELECT and PING, within the connect timeout; then the link is up."""
+        """
+        AUTH, SELECT, L{PROBE} and the restorers' scripts (EVAL: no SCRIPT
+        LOAD needed), within the connect timeout; then the link is up.
+        """
         self._current = p
         no_delay = getattr(p.transport, "setTcpNoDelay", None)
         if no_delay is not None:  # one small command, its reply awaited: no Nagle wait
@@ -325,7 +373,9 @@ class Link(service.Service):
             commands.append(("AUTH", url.username, url.password) if url.username else ("AUTH", url.password))
         if url.db:
             commands.append(("SELECT", url.db))
-        commands.append(("PING",))
+        commands.append(("EVAL", PROBE.text, 1, f"{url.prefix}probe"))
+        for restore in self.restorers:
+            commands.extend(("EVAL", s.text, len(k), *k, *a) for s, k, a in restore())
         replies = [p.command(*c) for c in commands]
         timer = self.reactor.callLater(self.connect_timeout, p.transport.abortConnection)
 
@@ -335,8 +385,8 @@ class Link(service.Service):
             self._connecting = None
             if self._current is not p:  # lost meanwhile
                 return self._schedule()
-            self._attempts = 0
             self._protocol = p
+            self._overflow = False
             self._went(True)
 
         def refused(reason: Failure) -> Failure:
@@ -357,30 +407,58 @@ class Link(service.Service):
         self._sent.clear()
         if self._protocol is p:
             self._protocol = None
-            self._went(False, why.getErrorMessage())
-            self._schedule()
+            self._went(False, _reason(why))
+        self._schedule()  # (nothing when an attempt is under way: it schedules)
 
-    def _went(self, up: bool, why: str = "") -> None:
+    def _broken(self, p: _Protocol, reply: ErrorReply) -> None:
+        """
+        Redis refused a command (NOPERM, READONLY after a failover, OOM,
+        BUSY...): down, the connection ended, until a new one's probe runs.
+        """
+        if self._protocol is not p:
+            return
+        self._protocol = None
+        self._went(False, _refusal(reply), "refuses the gateway's commands")
+        p.transport.abortConnection()
+
+    def _went(self, up: bool, why: str = "", what: str = "unreachable") -> None:
         self.up = up
         starting, self._starting = self._starting, None
         for retry in starting or ():
             retry()
-        if self._logged is up or not self.running:
+        if not self.running:
             return
-        first, self._logged = self._logged is None, up
         if up:
-            log.info(
-                "state: {name} {how}: limits are shared",
-                name=self.name, how="connected" if first else "reachable again",
-            )
-        else:
-            log.warn(
-                "state: {name} unreachable ({why}); --state-failure {policy}: logins {effect}"
-                " until it is back",
-                name=self.name, why=_one_line(why), policy=self.failure,
-                effect="fail temporarily" if self.failure == "closed"
-                else "use this process's own limits",
-            )
+            if self._logged is None:
+                self._logged = True
+                log.info("state: {name} connected: limits are shared", name=self.name)
+            if self._stable is None:
+                self._stable = self.reactor.callLater(self.stable_after, self._settled)
+            return
+        self._unsettle()
+        if self._logged is False:
+            return
+        self._logged = False
+        log.warn(
+            "state: {name} {what} ({why}); --state-failure {policy}: logins {effect}"
+            " until it is back",
+            name=self.name, what=what, why=_one_line(why), policy=self.failure,
+            effect="fail temporarily" if self.failure == "closed"
+            else "use this process's own limits",
+        )
+
+    def _settled(self) -> None:
+        """Up for C{stable_after} seconds: the backoff starts again from its first step; said once."""
+        self._stable = None
+        self._attempts = 0
+        if self._logged is False:
+            self._logged = True
+            log.info("state: {name} reachable again: limits are shared", name=self.name)
+
+    def _unsettle(self) -> None:
+        if self._stable is not None and self._stable.active():
+            self._stable.cancel()
+        self._stable = None
 
     def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> defer.Deferred[Any]:
         """Run C{script} (EVALSHA; loaded when Redis lacks it); fails with L{Unreachable}."""
@@ -417,8 +495,12 @@ class Link(service.Service):
         if self._protocol is None and not (self.running and self._starting is not None):
             self.errors += ops
             return Unreachable("not connected")
-        if self.pending + ops > self.max_pending:
+        if self._overflow or self.pending + ops > self.max_pending:
             self.errors += ops
+            if not self._overflow and self._protocol is not None:
+                # Down (until half of them are answered), not an error per login.
+                self._overflow = True
+                self._went(False, f"{self.pending} commands waiting", "falls behind")
             return Unreachable("too many commands waiting")
         self.pending += ops
         return None
@@ -453,35 +535,27 @@ class Link(service.Service):
                 script is not None and not retried and isinstance(reply, ErrorReply)
                 and str(reply).startswith("NOSCRIPT")
             ):
-                retried = True
-                # Redis lacks the script (restarted, flushed): load it, send again.
-                def loaded(reply: Any) -> None:
-                    if isinstance(reply, Failure):  # lost meanwhile
-                        answered(reply)
-                    else:  # (a refused LOAD: the command's own error tells)
-                        p.send(command, answered)
-
-                p.send(b"*3\r\n%s" % resp(b"SCRIPT", b"LOAD", script.text), loaded)
+                retried = True  # Redis lacks the script (restarted, flushed)
+                p.send(script.as_eval(command), answered)
                 return
             self.pending -= ops
             if self._sent:
                 self._sent.popleft()
             if isinstance(reply, (Exception, Failure)):
+                if isinstance(reply, ErrorReply):
+                    self._broken(p, reply)
                 done(self._error(reply, ops))
-            else:
-                done(reply)
+                return
+            if self._overflow and self._protocol is p and self.pending <= self.max_pending // 2:
+                self._overflow = False
+                self._went(True)
+            done(reply)
 
         p.send(command, answered)
 
     def _error(self, reply: Exception | Failure, ops: int) -> Failure:
-        """An error reply or a lost connection, counted (and logged at most once a minute for a reply)."""
+        """An error reply or a lost connection, counted (the link's transition says it once)."""
         self.errors += ops
-        if isinstance(reply, ErrorReply):  # the link is up: a script's or Redis's error
-            self.error_log.warn(
-                log, "error", "state: {name} answered an error: {error}",
-                name=self.name, error=_one_line(str(reply)),
-            )
-            return Failure(Unreachable(str(reply)))
         return Failure(Unreachable(reply.getErrorMessage() if isinstance(reply, Failure) else str(reply)))
 
     def replied(self) -> None:
@@ -502,6 +576,14 @@ class Link(service.Service):
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:200]
+
+
+def _refusal(reply: ErrorReply) -> str:
+    """An error reply, for the transition line (NOPERM with the README's hint)."""
+    text = _one_line(str(reply))
+    if "NOPERM" in text:
+        return f"{text}; the Redis user needs the README's ACL (Scaling out), with ~PREFIX* for ?prefix="
+    return text
 
 
 @functools.lru_cache(maxsize=16)
@@ -633,6 +715,26 @@ for n = 0, (#ARGV - 10) / 2 - 1 do
   end
 end
 return out
+""")
+
+#: Run at each connection before the link is up (EVAL): every command the
+#: scripts run, on a key of the prefix, and nothing left behind. A user
+#: lacking one of them or the prefix's keys, a read-only replica, a full
+#: memory or a write pause (a failover) shows here, at once, not at the
+#: first login. KEYS: PREFIX probe.
+PROBE = Script(_now() + """
+local k = KEYS[1]
+redis.call('ZADD', k, now, 'probe')
+redis.call('ZCARD', k)
+redis.call('ZRANGE', k, 0, 0, 'WITHSCORES')
+redis.call('ZREMRANGEBYSCORE', k, '-inf', 0)
+redis.call('ZREMRANGEBYRANK', k, 0, -2)
+redis.call('ZREM', k, 'probe')
+redis.call('PEXPIRE', k, 1000)
+redis.call('EXISTS', k)
+redis.call('SET', k, '1', 'PX', 1000)
+redis.call('DEL', k)
+return 1
 """)
 
 #: KEYS: the scope's leases. ARGV: limit, token, seconds a lease lasts
@@ -903,10 +1005,17 @@ class RedisSessions:
         self._token = _Tokens()
         self._renewer = task.LoopingCall(self.renew)
         self._renewer.clock = link.reactor
+        # A new connection (Redis restarted empty, say) gets the leases held
+        # back before any acquire is answered on it: else new sessions would
+        # take those places and the renewal add the held ones on top.
+        link.restorers.append(self.renewals)
 
     def acquire(self, scope: str, key: str, limit: int) -> defer.Deferred[Lease | None]:
         name = f"{self.prefix}s:{scope}:{state_digest(self.prefix, key)}"
         token = self._token()
+        # The caller's own Deferred: cancelling it (the client left) touches
+        # nothing of the link; a place granted meanwhile is given back.
+        outcome: defer.Deferred[Lease | None] = defer.Deferred()
 
         def answered(taken: Any) -> Lease | None:
             if not int(taken):
@@ -916,10 +1025,20 @@ class RedisSessions:
                 self._renewer.start(self.renew_every, now=False)
             return Lease(lambda: self._release(token))
 
-        return self.link.run(ACQUIRE, [name], (limit, token, self.lease_for)).addCallbacks(
+        def deliver(result: Any) -> None:
+            if outcome.called:  # cancelled
+                if isinstance(result, Lease):
+                    result.release()
+            elif isinstance(result, Failure):
+                outcome.errback(result)
+            else:
+                outcome.callback(result)
+
+        self.link.run(ACQUIRE, [name], (limit, token, self.lease_for)).addCallbacks(
             answered, self.link.unavailable,
             errbackArgs=(lambda: self.local.acquire(scope, key, limit),),
-        )
+        ).addBoth(deliver)
+        return outcome
 
     def _release(self, token: str) -> None:
         name = self.held.pop(token, None)
@@ -930,16 +1049,17 @@ class RedisSessions:
         # Not waited for; unreachable, the lease expires by itself.
         self.link.command("ZREM", name, token).addErrback(lambda _: None)
 
+    def renewals(self) -> list[tuple[Script, list[str], tuple[Any, ...]]]:
+        """L{RENEW} for every lease held, C{batch} leases per script."""
+        held = list(self.held.items())
+        return [
+            (RENEW, [name for _, name in chunk], (self.lease_for, *(t for t, _ in chunk)))
+            for chunk in (held[start:start + self.batch] for start in range(0, len(held), self.batch))
+        ]
+
     def renew(self) -> defer.Deferred[Any]:
         """Extend every lease held (the LoopingCall's step)."""
-        held = list(self.held.items())
-        batches = []
-        for start in range(0, len(held), self.batch):
-            chunk = held[start:start + self.batch]
-            batches.append(self.link.run(
-                RENEW, [name for _, name in chunk], (self.lease_for, *(t for t, _ in chunk))
-            ).addErrback(lambda _: None))
-        return defer.gatherResults(batches)
+        return defer.gatherResults([self.link.run(*c).addErrback(_none) for c in self.renewals()])
 
     def stop(self) -> None:
         if self._renewer.running:

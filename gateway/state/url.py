@@ -84,8 +84,10 @@ def parse_state_url(text: str) -> StateURL | None:
         raise ValueError("give the database as the path: redis://HOST:PORT/DB")
     if not parts.hostname:
         raise ValueError("a host is required: redis://HOST[:PORT][/DB]")
+    if port == 0:  # (not "the default": a typo the start would hide)
+        raise ValueError("the port must be 1 to 65535")
     db_text = parts.path.lstrip("/") or "0"
-    return StateURL(scheme, host=parts.hostname, port=port or 6379, db=_db(db_text),
+    return StateURL(scheme, host=parts.hostname, port=6379 if port is None else port, db=_db(db_text),
                     username=username, password=password, prefix=prefix,
                     ca=query.get("ca") or None)
 
