@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 from typing import Any
 
@@ -28,7 +29,7 @@ from gateway.checkers.throttle import FAILURE, PEER_FAILURE, SUCCESS, IThrottle,
 from gateway.errors import StateUnavailable, Throttled
 from gateway.state import ISessionLimits, LocalSessions, State, open_state
 from gateway.state.redis import (
-    RENEW, Link, RedisSessions, RedisThrottle, StateURL, _reason, parse_state_url, state_digest,
+    RENEW, Link, RedisSessions, RedisThrottle, StateURL, parse_state_url, state_digest,
 )
 from gateway.tls import generate_self_signed
 from gateway.state.url import shown
@@ -797,6 +798,28 @@ class ThrottleOnRedis(RealRedisMixin, TestCase):
         self.assertEqual([("unreachable" in l, "again" in l) for l in lines],
                          [(False, False), (True, False), (False, True)], lines)
 
+    async def test_write_pause(self) -> None:
+        """
+        CLIENT PAUSE WRITE (a failover): PING answers, scripts wait. Down for
+        the pause, said once; up after it, said once (PING marked it up after
+        every abort: a line pair and a login wait per cycle).
+        """
+        state = self.state(failure="local")
+        state.link.reply_timeout, state.link.connect_timeout = 0.3, 0.4
+        await self.up(state)
+        self.redis.command("CLIENT", "PAUSE", "2500", "WRITE")
+        self.assertTrue((await state.throttle.admit("192.0.2.1", "daniel")).local)  # overdue
+        self.assertFalse(state.up)
+        for n in range(10):
+            self.assertFalse(state.up)
+            self.assertTrue((await state.throttle.admit(f"192.0.2.{n + 2}", "daniel")).local)  # at once
+            await sleep(0.1)
+        await self.up(state)
+        await sleep(0.3)
+        lines = self.logged.lines()
+        self.assertTrue([("unreachable" in l, "again" in l) for l in lines]
+                        == [(False, False), (True, False), (False, True)], lines)
+
     async def test_outage_local(self) -> None:
         state = self.state(failure="local", max_failures=2)
         await self.up(state)
@@ -813,6 +836,82 @@ class ThrottleOnRedis(RealRedisMixin, TestCase):
         await self.up(state)
         await state.throttle.admit("192.0.2.1", "daniel")  # Redis's limits again (empty)
         self.assertFalse(state.fallback)
+
+
+def readme_acl() -> list[str]:
+    """The rules of the README's C{user authgateway ...} line (Scaling out), verbatim."""
+    readme = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+    with open(readme) as f:
+        lines = [line.split() for line in f if line.startswith("user authgateway ")]
+    if len(lines) != 1:
+        raise AssertionError(f"the README has {len(lines)} 'user authgateway' lines, not one")
+    return lines[0][2:]
+
+
+class ACLOnRedis(RealRedisMixin, TestCase):
+    """The README's ACL, as written there, on a real redis-server."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        rules = readme_acl()
+        self.assertIn(">LONG-RANDOM-PASSWORD", rules)
+        rules = [f">{SECRET}" if r == ">LONG-RANDOM-PASSWORD" else r for r in rules]
+        self.assertIn(b"+OK", self.redis.command("ACL", "SETUSER", "authgateway", *rules))
+        self.url = f"redis://authgateway:{SECRET}@127.0.0.1:{self.redis.port}/0"
+
+    async def test_everything_allowed(self) -> None:
+        """
+        Throttle and sessions work under it, also after SCRIPT FLUSH (a
+        restart): NOSCRIPT is answered with EVAL, which the ACL allows (SCRIPT
+        LOAD, which it does not, failed every script forever).
+        """
+        one, two = self.state(self.url), self.state(self.url, failure="local")
+        await self.up(one, two)
+        for flush in range(2):
+            for state in (one, two):
+                await self.fail(state, "192.0.2.1", "daniel")
+                lease = await state.sessions.acquire("socks-user", "daniel", 5)
+                self.assertIsNotNone(lease)
+                await state.sessions.renew()
+                lease.release()
+            self.assertIn(b"+OK", self.redis.command("SCRIPT", "FLUSH"))
+        await self.fail(one, "192.0.2.1", "daniel")
+        self.assertEqual((one.errors, two.errors, one.up, two.up, two.fallback), (0, 0, True, True, False))
+        self.assertEqual(len(self.logged.lines()), 2, self.logged.lines())  # connected, twice
+
+    async def test_refused_at_start(self) -> None:
+        """A prefix outside the user's keys: down from the start, one line naming NOPERM; local falls back."""
+        state = self.state(self.url + "?prefix=other:", failure="local")
+        for _ in range(100):
+            if self.logged.lines("NOPERM"):
+                break
+            await sleep(0.02)
+        self.assertEqual((state.up, state.fallback), (False, True))
+        admission = await state.throttle.admit("192.0.2.1", "daniel")
+        self.assertTrue(admission.local)
+        await sleep(1.0)  # retried meanwhile: still one line
+        lines = self.logged.lines()
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("refuses the gateway's commands (NOPERM", lines[0])
+        self.assertIn("the Redis user needs the README's ACL", lines[0])
+        self.assertNotIn(SECRET, lines[0])
+
+    async def test_revoked(self) -> None:
+        """A permission taken away while up: down at the first refusal, one line; back when given again."""
+        state = self.state(self.url, failure="local")
+        await self.up(state)
+        self.redis.command("ACL", "SETUSER", "authgateway", "-zadd")
+        self.redis.command("SCRIPT", "FLUSH")
+        admission = await state.throttle.admit("192.0.2.1", "daniel")
+        self.assertTrue(admission.local)
+        self.assertEqual((state.up, state.fallback), (False, True))
+        self.redis.command("ACL", "SETUSER", "authgateway", "+zadd")
+        await self.up(state)
+        self.assertFalse((await state.throttle.admit("192.0.2.1", "daniel")).local)
+        await sleep(0.2)
+        lines = self.logged.lines()
+        self.assertTrue([("README's ACL" in l, "again" in l) for l in lines]
+                        == [(False, False), (True, False), (False, True)], lines)
 
 
 class AuthOnRedis(TestCase):
@@ -884,12 +983,19 @@ class AuthOnRedis(TestCase):
         )
         self.addCleanup(process.wait, 5)
         self.addCleanup(process.terminate)
+        for _ in range(250):  # listening: the states' first attempt meets TLS, not a refusal
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                await sleep(0.02)
         from twisted.internet import reactor
 
         verified = open_state(f"rediss://localhost:{port}/0?ca={cert}", "closed", Throttle(reactor), reactor)
         untrusted = open_state(f"rediss://localhost:{port}/0", "closed", Throttle(reactor), reactor)
         wrong_name = open_state(f"rediss://127.0.0.2:{port}/0?ca={cert}", "closed",
                                 Throttle(reactor), reactor)
+        logged = Logged(self)
         for state in (verified, untrusted, wrong_name):
             state.service.startService()
             self.addCleanup(state.service.stopService)
@@ -902,6 +1008,9 @@ class AuthOnRedis(TestCase):
         await sleep(0.3)
         self.assertFalse(untrusted.up)
         self.assertFalse(wrong_name.up)
+        lines = logged.lines(f"rediss://localhost:{port}/0 ")
+        self.assertEqual(len(lines), 1, lines)  # said as what it is, not "connection lost"
+        self.assertIn("unreachable (TLS: certificate verify failed", lines[0])
 
 
 class SessionsOnRedis(RealRedisMixin, TestCase):
@@ -939,6 +1048,29 @@ class SessionsOnRedis(RealRedisMixin, TestCase):
         self.assertIsNotNone(await live.sessions.acquire("socks-user", "daniel", 2))
         self.assertIsNone(await live.sessions.acquire("socks-user", "daniel", 2))
         kept.release()
+
+    async def test_restart_keeps_held_leases(self) -> None:
+        """
+        Redis restarted empty: the leases held are put back before any
+        acquire is answered (the renewal used to add them on top of new
+        ones: twice the places).
+        """
+        state = self.state()
+        await self.up(state)
+        held = [await state.sessions.acquire("socks-user", "daniel", 2) for _ in range(2)]
+        self.assertNotIn(None, held)
+        self.redis.stop()
+        await self.down(state)
+        self.redis.start()
+        await self.up(state)
+        self.assertIsNone(await state.sessions.acquire("socks-user", "daniel", 2))
+        held[0].release()
+        for _ in range(50):
+            if await state.sessions.acquire("socks-user", "daniel", 2) is not None:
+                break
+            await sleep(0.02)
+        else:
+            self.fail("the place released did not come back")
 
     async def test_outage(self) -> None:
         closed, local = self.state(), self.state(failure="local")

@@ -174,10 +174,10 @@ class _Protocol(protocol.Protocol):
 
     def connectionLost(self, why: Failure = protocol.connectionDone) -> None:
         waiting, self.waiting = self.waiting, collections.deque()
+        self.link._lost(self, why)  # down first: the callers hear a link that says so
         lost = Failure(ConnectionLost(_reason(why)))
         for done in waiting:
             done(lost)
-        self.link._lost(self, why)
 
 
 class ConnectionLost(Exception):
@@ -579,9 +579,9 @@ def _one_line(text: str) -> str:
 
 
 def _refusal(reply: ErrorReply) -> str:
-    """An error reply, for the transition line (NOPERM with the README's hint)."""
+    """An error reply, for the transition line (a missing permission with the README's hint)."""
     text = _one_line(str(reply))
-    if "NOPERM" in text:
+    if text.startswith("NOPERM") or "user executing the script can't" in text:
         return f"{text}; the Redis user needs the README's ACL (Scaling out), with ~PREFIX* for ?prefix="
     return text
 
