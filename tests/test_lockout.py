@@ -374,6 +374,7 @@ class LoopbackTests(TestCase):
         options.parseOptions([
             "--data-dir", os.path.abspath(self.mktemp()), "--auth", "memory:alice:wonderland",
             "--socks", f"tcp:{self.ports['socks']}:interface=127.0.0.1",
+            "--smtp", "none", "--http", "none",  # not the default ports, which others may hold
             "--failure-delay", "0.1", "--failure-delay-max", "2", "--user-delay-max", "1.6",
             "--socks-negotiation-timeout", "1",
         ])

@@ -966,6 +966,104 @@ class SessionPlacesTests(SOCKSTestCase):
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
 
+class AnonymousPlacesTests(SOCKSTestCase):
+    """
+    --socks-auth optional: an anonymous session takes its peer's place (no
+    user's) before 05 00, in the same count as logged-in sessions.
+    """
+
+    def setUp(self):
+        self.sessions = FakeSessions()
+        self.make(sessions=self.sessions, auth_required=False, max_sessions_per_peer=2)
+
+    def start(self, peer="192.0.2.10", then=b""):
+        self.connect(peer)
+        return self.send(greeting(0) + then)
+
+    def session_reasons(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        return [e["reason"] for e in events if e.get("log_format", "").startswith("socks session")]
+
+    def test_peer_place_before_the_method(self):
+        self.assertEqual(self.start(then=request(PUBLIC, 443)), b"")
+        self.assertEqual([a[:3] for a in self.sessions.asked], [("socks-peer", "192.0.2.10", 2)])
+        self.assertTrue(self.transport.producerState == "paused")
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.sessions.grant(0)
+        self.assertEqual(self.transport.value(), b"\x05\x00")
+        self.assertEqual(self.reactor.tcpClients[-1][:2], (PUBLIC, 443))  # the early request
+        self.assertFalse(self.proto.info.is_authenticated())
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.sessions.held, [])
+
+    def test_peer_full(self):
+        """RFC 1928 has one refusal for a greeting: 05 FF, and the client must close."""
+        self.start()
+        self.sessions.asked[0][3].callback(None)
+        self.assertEqual(self.transport.value(), b"\x05\xff")
+        self.assertTrue(self.closed())
+        self.assertIsNone(self.proto.info)
+        self.assertEqual(self.session_reasons(), ["too many sessions from this address"])
+
+    def test_state_unavailable(self):
+        self.start()
+        self.sessions.asked[0][3].errback(StateUnavailable())
+        self.assertEqual(self.transport.value(), b"\x05\xff")
+        self.assertTrue(self.closed())
+        [reason] = self.session_reasons()
+        self.assertIn("temporarily refused", reason)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_backend_bug_refuses_this_session(self):
+        class Broken(FakeSessions):
+            def acquire(self, scope, key, limit):
+                raise RuntimeError("bug")
+
+        self.make(sessions=Broken(), auth_required=False)
+        self.assertEqual(self.start(), b"\x05\xff")
+        self.assertTrue(self.closed())
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_client_leaves_while_pending(self):
+        self.start()
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.sessions.grant(0)
+        self.assertEqual(self.sessions.held, [])
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_negotiation_timeout_while_pending(self):
+        self.start()
+        self.reactor.advance(SOCKSSettings().negotiation_timeout)
+        self.assertEqual(self.proto.reason, "negotiation timeout")
+        self.proto.connectionLost(Failure(error.ConnectionAborted()))
+        self.sessions.grant_all()
+        self.assertEqual(self.sessions.held, [])
+
+    def test_released_on_drain(self):
+        self.start()
+        self.sessions.grant(0)
+        self.proto.drain()
+        self.proto.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.sessions.held, [])
+
+    def test_shared_with_logins(self):
+        """One count per peer: anonymous and logged-in sessions together (LocalSessions)."""
+        self.make(sessions=LocalSessions(), auth_required=False, max_sessions_per_peer=2)
+        self.login()
+        first = self.proto
+        self.assertEqual(self.start(), b"\x05\x00")
+        self.assertEqual(self.start(), b"\x05\xff")
+        self.connect()
+        self.send(greeting(2))
+        self.assertEqual(self.send(userpass()), b"\x01\x01")
+        self.assertEqual(self.start(peer="192.0.2.11"), b"\x05\x00")  # another address
+        first.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(self.start(), b"\x05\x00")
+
+
 class TakePlacesTests(SynchronousTestCase):
     wanted = [("socks-user", "u", 1), ("socks-peer", "p", 1)]
 

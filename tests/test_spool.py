@@ -20,6 +20,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from gateway.authinfo import AuthInfo, Identity, IdentityContext
+from gateway.smtp import spool as spool_module
+from gateway.smtp.queue import Queue
 from gateway.smtp.spool import Envelope, Spool, SpoolError, SpoolWriter
 
 #: A message as the protocol hands it over: un-dot-stuffed, CRLF line ends.
@@ -443,6 +445,46 @@ class SpoolTests(SynchronousTestCase):
         writer = self.spool.open()
         writer.write(MESSAGE)
         self.assertClean(self.failureResultOf(writer.finish(envelope(), RECEIVED), SpoolError), [])
+
+    def claim_at_directory_fsync(self, fails: bool) -> tuple[SpoolWriter, list[Any]]:
+        """
+        Finish a message; when the batch syncs the directory, another
+        descriptor (a delivery, in this process or another) tries to claim
+        it, as L{Queue.claim} does; then the sync fails or succeeds.
+        """
+        real = spool_module.fsync_directory
+        claims: list[Any] = []
+
+        def fsync_directory(path: str) -> None:
+            claims.append(Queue(self.directory).claim(writer.id))
+            if fails:
+                raise OSError(5, os.strerror(5))
+            real(path)
+
+        self.patch(spool_module, "fsync_directory", fsync_directory)
+        writer = self.spool.open()
+        writer.write(MESSAGE)
+        return writer, claims
+
+    def test_not_claimable_until_durable(self) -> None:
+        """
+        A failed group commit never removes a message someone is delivering:
+        renamed into place, it stays locked by its writer until the directory
+        is synced, so nobody can claim it, and the client's 451 and retry is
+        no duplicate.
+        """
+        writer, claims = self.claim_at_directory_fsync(fails=True)
+        failure = self.failureResultOf(writer.finish(envelope(), RECEIVED), SpoolError)
+        self.assertEqual(claims, [None])
+        self.assertClean(failure, [])
+
+    def test_claimable_once_durable(self) -> None:
+        writer, claims = self.claim_at_directory_fsync(fails=False)
+        self.assertEqual(self.finished(writer), writer.id)
+        self.assertEqual(claims, [None])
+        claim = Queue(self.directory).claim(writer.id)
+        self.assertIsNotNone(claim)
+        claim.release()
 
     def test_write_error(self) -> None:
         """A failed write is remembered: later writes are ignored and finish fails."""

@@ -13,6 +13,8 @@ import os
 import re
 import signal
 import smtplib
+import socket
+import struct
 import subprocess
 import time
 from collections import defaultdict
@@ -35,6 +37,20 @@ def gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def receive(sock: socket.socket, size: int) -> bytes:
+    """Up to C{size} bytes: fewer only when the other side closed (or reset)."""
+    data = b""
+    while len(data) < size:
+        try:
+            chunk = sock.recv(size - len(data))
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 class WorkersIntegrationTests(SynchronousTestCase):
@@ -87,8 +103,8 @@ class WorkersIntegrationTests(SynchronousTestCase):
         proc.wait()
         proc.stderr.close()
 
-    def start_workers(self) -> subprocess.Popen:
-        proc = self.start()
+    def start_workers(self, *extra: str) -> subprocess.Popen:
+        proc = self.start(*extra)
         self.wait(lambda: STARTED.search(self.read_log()) or proc.poll() is not None, "the start")
         self.assertIsNone(proc.poll(), self.read_log())
         self.pids = [int(p) for p in STARTED.search(self.read_log()).groups()]
@@ -132,6 +148,28 @@ class WorkersIntegrationTests(SynchronousTestCase):
             self.assertEqual(self.socks(), b"220")
         self.wait(lambda: self.served().keys() >= {"http", "smtp", "socks"}, "the logins' lines")
         self.assertEqual(dict(self.served()), {"http": {0, 1}, "smtp": {0, 1}, "socks": {0, 1}})
+
+    def test_anonymous_socks_places_shared(self) -> None:
+        """
+        --socks-auth optional: an anonymous session takes its address's place
+        in the shared state before 05 00, so one address holds
+        --socks-max-sessions-per-peer sessions on all workers together, not
+        that many on each.
+        """
+        self.start_workers("--socks-auth", "optional", "--socks-max-sessions-per-peer", "3")
+        connect = b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + struct.pack(
+            "!H", self.ports["smtp"])
+        answers = []
+        for _ in range(10):
+            sock = socket.create_connection(("127.0.0.1", self.ports["socks"]), timeout=20)
+            self.addCleanup(sock.close)
+            sock.sendall(b"\x05\x01\x00")
+            method = receive(sock, 2)
+            if method == b"\x05\x00":
+                sock.sendall(connect)
+                method += receive(sock, 10)[:2]
+            answers.append(method)
+        self.assertEqual(answers.count(b"\x05\x00\x05\x00"), 3, answers)
 
     def test_killed_worker_returns(self) -> None:
         """SIGKILL one worker: the service keeps answering; the slot returns with a new pid."""

@@ -14,7 +14,12 @@ on shared storage): ids carry 64 random bits and every file is created with
 C{O_EXCL}, so no two writers share a name; and each writer holds a C{flock}
 on its files in progress (the message from L{Spool.open} until its
 C{.json} is in place), so the queue's clean-up of leftovers, in any
-process, never removes a file a live writer is still working on.
+process, never removes a file a live writer is still working on. The lock
+on the C{.json} is the message's own (L{gateway.smtp.queue}): the writer
+holds it from the C{.json}'s creation until the batch's directory fsync
+is done, so no process claims (delivers) a message before it is durable,
+and a failed commit removes the message under that lock, knowing that no
+one is delivering it.
 """
 
 from __future__ import annotations
@@ -368,24 +373,32 @@ def _commit_batch(directory: str, jobs: list[tuple[SpoolWriter, bytes]]) -> list
     """
     Write each message and its metadata (fsynced, renamed), then fsync the
     directory once for all. Returns, per job, its id or the L{SpoolError};
-    if the directory cannot be synced, every message of the batch is removed.
+    if the directory cannot be synced, every message of the batch is removed
+    and its client told to try again (451). Each message's lock (on its
+    C{.json}) is held until then: renamed into place, a message is visible
+    but no one can claim it, so none of the batch is being delivered when
+    it is removed, and the client's retry is never a duplicate.
     """
     results: list[Any] = []
-    for writer, meta in jobs:
-        try:
-            writer._write_files(meta)
-        except Exception as e:  # noqa: BLE001 - reported per message
-            results.append(writer._failed(e))
-        else:
-            results.append(writer.id)
-    if any(isinstance(r, str) for r in results):
-        try:
-            fsync_directory(directory)
-        except Exception as e:  # noqa: BLE001
-            results = [
-                writer._failed(e) if isinstance(r, str) else r
-                for (writer, _), r in zip(jobs, results)
-            ]
+    try:
+        for writer, meta in jobs:
+            try:
+                writer._write_files(meta)
+            except Exception as e:  # noqa: BLE001 - reported per message
+                results.append(writer._failed(e))
+            else:
+                results.append(writer.id)
+        if any(isinstance(r, str) for r in results):
+            try:
+                fsync_directory(directory)
+            except Exception as e:  # noqa: BLE001
+                results = [
+                    writer._failed(e) if isinstance(r, str) else r
+                    for (writer, _), r in zip(jobs, results)
+                ]
+    finally:
+        for writer, _ in jobs:  # durable (or removed): the queue may claim them now
+            writer._unlock()
     return results
 
 
@@ -405,6 +418,9 @@ class SpoolWriter:
         self.protocol = "ESMTP"
         self._spool = spool
         self._file = file
+        #: The C{.json} (first as its temporary file), open and locked from
+        #: its creation until the commit is durable or has failed.
+        self._meta_file: IO[bytes] | None = None
         self._error: BaseException | None = None
         self._closed = False
         base = os.path.join(spool.directory, id)
@@ -459,18 +475,29 @@ class SpoolWriter:
         The blocking part of L{finish}, in the committer's thread. The
         message file stays open (locked) until its C{.json} is in place: a
         C{.eml} without a C{.json} is a leftover only when nobody holds it.
+        The C{.json} stays open (locked: the message's lock) until
+        L{_unlock}, once the directory is synced (L{_commit_batch}).
         """
         if self._error is not None:
             raise self._error
         self._file.flush()
         os.fsync(self._file.fileno())
         os.replace(self._temp, self._message)
-        with os.fdopen(self._create_meta_temp(), "wb") as f:
-            f.write(meta)
-            f.flush()
-            os.fsync(f.fileno())
-            os.replace(self._meta_temp, self._meta)
+        f = self._meta_file = os.fdopen(self._create_meta_temp(), "wb")
+        f.write(meta)
+        f.flush()
+        os.fsync(f.fileno())
+        os.replace(self._meta_temp, self._meta)
         self._file.close()
+
+    def _unlock(self) -> None:
+        """Close the C{.json}, releasing the message's lock; idempotent, best effort."""
+        f, self._meta_file = self._meta_file, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
 
     def _create_meta_temp(self) -> int:
         for _ in range(_OPEN_ATTEMPTS):
@@ -495,7 +522,10 @@ class SpoolWriter:
         self._clean_up()
 
     def _clean_up(self) -> None:
-        """Close the file and remove everything this writer created; best effort."""
+        """
+        Close the file and remove everything this writer created; best
+        effort. The message's lock is released only once its files are gone.
+        """
         try:
             self._file.close()
         except OSError:
@@ -506,3 +536,4 @@ class SpoolWriter:
                 remove(path)
             except OSError:
                 pass
+        self._unlock()

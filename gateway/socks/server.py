@@ -5,7 +5,8 @@ L{ServerCodec}, RFC 1929 logins through the Portal, destination rules, and
 a relay that moves bytes with producer/consumer backpressure.
 
 Method selection: username/password (02) whenever the client offers it,
-no authentication (00) only with C{--socks-auth optional}, else FF and close.
+no authentication (00) only with C{--socks-auth optional} and once the
+peer's session place is taken, else FF and close.
 A failed login, a checker error or throttling answer RFC 1929 status 1 and
 close. CONNECT goes to IPv4, IPv6 or a name resolved once through the
 reactor's resolver; every resolved address is checked, and the connection
@@ -31,7 +32,7 @@ import re
 import socket
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -267,7 +268,8 @@ class SOCKSFactory(protocol.ServerFactory):
     by the L{gateway.connections.LimitedFactory} around it (this process's
     own bound); sessions per user and per peer are places in C{sessions}
     (L{gateway.state.State.sessions}: global across workers and instances
-    with a shared C{--state}), taken at login.
+    with a shared C{--state}), taken at login (the peer's alone, before
+    C{05 00}, for an anonymous session).
 
     @param acl: the C{--acl} policy, or None without one (then the
         destination rules alone decide, also for unauthenticated sessions
@@ -285,7 +287,7 @@ class SOCKSFactory(protocol.ServerFactory):
         sessions: ISessionLimits | None = None,
     ) -> None:
         self.portal = portal
-        #: Where the places of authenticated sessions are counted.
+        #: Where the sessions' places are counted (L{SOCKSServer._places}).
         self.sessions: ISessionLimits = sessions if sessions is not None else LocalSessions()
         #: Told of each outbound connection's local end while it is open, so
         #: that the gateway's listeners never take the relay for a trusted
@@ -566,19 +568,47 @@ class SOCKSServer(protocol.Protocol):
     def _greeting(self, greeting: codec.Greeting) -> None:
         if codec.USERPASS in greeting.methods:
             self._send(self.codec.send_method(codec.USERPASS))
+            self._feed(b"")
         elif codec.NO_AUTH in greeting.methods and not self.settings.auth_required:
-            self._send(self.codec.send_method(codec.NO_AUTH))
-            self.info = AuthInfo(peer_address=self.meta.peer_address)
-            authenticated(self.transport)  # no-auth allowed: out of the unauthenticated share
+            self._anonymous()
+        elif greeting.methods == (codec.NO_AUTH,):
+            self._no_method(
+                "no acceptable method: the client offered only no-authentication (ssh -D style)"
+            )
         else:
-            self._send(self.codec.send_method(codec.NO_ACCEPTABLE))
-            if greeting.methods == (codec.NO_AUTH,):
-                why = "no acceptable method: the client offered only no-authentication (ssh -D style)"
-            else:
-                why = f"no acceptable method among {list(greeting.methods)}"
-            self._close(why)
+            self._no_method(f"no acceptable method among {list(greeting.methods)}")
+
+    def _no_method(self, why: str) -> None:
+        """C{05 FF}: RFC 1928's only refusal before a method is chosen; the client must close."""
+        self._send(self.codec.send_method(codec.NO_ACCEPTABLE))
+        self._close(why)
+
+    def _anonymous(self) -> None:
+        """
+        No authentication (C{--socks-auth optional}): the session takes its
+        peer's place, shared with logged-in sessions, before C{05 00}. A
+        refusal can only be C{05 FF} (RFC 1928 has no other answer to a
+        greeting). The negotiation timer keeps running: one state round trip,
+        bounded by the state's own reply timeout, well below it.
+        """
+        d = self._wait(self._places(None))
+        d.addCallbacks(
+            lambda leases: self._admit(
+                AuthInfo(peer_address=self.meta.peer_address),
+                leases,
+                lambda: self.codec.send_method(codec.NO_AUTH),
+            ),
+            self._anonymous_refused,
+        )
+        d.addErrback(self._bug)
+
+    def _anonymous_refused(self, reason: Failure) -> None:
+        if reason.check(defer.CancelledError):
             return
-        self._feed(b"")
+        if reason.check(SessionsRefused):
+            self._no_method(str(reason.value))
+            return
+        self._no_method(f"session limits unavailable: {reason.type.__name__}")
 
     def _login(self, event: codec.UserPass) -> None:
         factory = self.factory
@@ -633,15 +663,26 @@ class SOCKSServer(protocol.Protocol):
 
     def _take_places(self, result: tuple[Any, Any, Any]) -> defer.Deferred[Any]:
         """
-        Logged in: take the session's places, one for its user and one for
-        its peer (IPv6 by /64; none for a peer without an IP address), before
-        the client hears of its success. Fires with C{(info, leases)}, or
-        fails with L{SessionsRefused} saying why.
+        Logged in: take the session's places (L{_places}) before the client
+        hears of its success. Fires with C{(info, leases)}, or fails with
+        L{SessionsRefused} saying why.
         """
         _, info, _ = result
         name = info.identity_for(IdentityContext.ProxyAuthRfc1929) or info.identities[0].identity
+        return self._places(name).addCallback(lambda leases: (info, leases))
+
+    def _places(self, user: str | None) -> defer.Deferred[list[Lease]]:
+        """
+        The places every session holds: one for its user (none for an
+        anonymous session) and one for its peer (IPv6 by /64; none for a peer
+        without an IP address), the peer's shared by logged-in and anonymous
+        sessions. Fails with L{SessionsRefused} saying why, or with the back
+        end's own failure (a bug).
+        """
         settings = self.settings
-        wanted = [("socks-user", name, settings.max_sessions_per_user)]
+        wanted = []
+        if user is not None:
+            wanted.append(("socks-user", user, settings.max_sessions_per_user))
         peer = peer_key(self.meta.peer_address)
         if peer is not None:
             wanted.append(("socks-peer", peer, settings.max_sessions_per_peer))
@@ -651,22 +692,27 @@ class SOCKSServer(protocol.Protocol):
                 raise SessionsRefused("temporarily refused: the shared state is unavailable")
             reason.trap(SessionsRefused)
             if str(reason.value) == "socks-user":
-                raise SessionsRefused(f"too many sessions for {name!r}")
+                raise SessionsRefused(f"too many sessions for {user!r}")
             raise SessionsRefused("too many sessions from this address")
 
-        return take_places(self.factory.sessions, wanted).addCallbacks(
-            lambda leases: (info, leases), refused
-        )
+        return take_places(self.factory.sessions, wanted).addErrback(refused)
 
     def _authenticated(self, taken: tuple[Any, list[Lease]]) -> None:
         info, leases = taken
+        self._admit(info, leases, lambda: self.codec.send_auth_result(True))
+
+    def _admit(self, info: AuthInfo, leases: list[Lease], answer: Callable[[], bytes]) -> None:
+        """
+        The session has its places: it holds them until it ends (never one
+        that has ended already), and the client hears C{answer()}.
+        """
         self._leases = leases
-        if self._gone:  # never held by a session that has ended
+        if self._gone:
             self._release_places()
             return
         self.info = info
         authenticated(self.transport)  # out of the budget's unauthenticated share
-        self._send(self.codec.send_auth_result(True))
+        self._send(answer())
         self._feed(b"")
 
     def _login_failed(self, reason: Failure) -> None:
