@@ -12,7 +12,7 @@ in the URL) and has an expiry, so nothing outlives its use:
     PREFIX s:SCOPE:D                         session leases (ZSET, score = expiry)
 
 Time is Redis's (C{TIME} inside the scripts), so instances with skewed
-clocks agree; each update runs in one Lua script (EVALSHA, loaded on
+clocks agree; each update runs in one Lua script (EVALSHA, EVAL on
 NOSCRIPT), so two instances cannot both take the last place: a throttle's
 step is one operation of L{BATCH}, and the steps of one reactor turn go out
 as one call (one round trip, one reply split back to their callers). Attempts in flight and
@@ -31,11 +31,16 @@ a guessed name from someone who can read Redis. Peer addresses are kept as
 they are (the operator's own view of who is throttled).
 
 Failure policy (C{--state-failure}): when Redis cannot be reached (not
-connected, a reply overdue, too many commands waiting, an error reply),
+connected, a reply overdue, too many commands waiting, an error reply:
+each takes the link down until a script runs again, see L{Link}),
 C{closed} fails the operation with L{StateUnavailable} (the login is a
 temporary failure); C{local} runs it on this process's own limits (the
 classes of C{--state local}). Each change between reachable and not is
 logged once, naming the URL without its password and the policy.
+
+A Redis restarted empty forgets the failures, known devices and attempts
+in flight; the session leases held are put back by each process as it
+reconnects (L{Link.restorers}), before its link is up.
 """
 
 from __future__ import annotations
@@ -461,7 +466,7 @@ class Link(service.Service):
         self._stable = None
 
     def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> defer.Deferred[Any]:
-        """Run C{script} (EVALSHA; loaded when Redis lacks it); fails with L{Unreachable}."""
+        """Run C{script} (EVALSHA; EVAL when Redis lacks it); fails with L{Unreachable}."""
         return self._deferred(Encoded(
             b"*%d\r\n%s%s" % (3 + len(keys) + len(args), script.evalsha, resp(len(keys), *keys, *args))
         ), script)
@@ -512,7 +517,7 @@ class Link(service.Service):
         Send C{command}, carrying C{ops} operations counted by L{take}:
         C{done} gets its reply, or a Failure of L{Unreachable} (not sent,
         connection lost, overdue, an error reply). A script Redis lacks is
-        loaded and the command sent again.
+        sent again as EVAL (L{Script.as_eval}).
         """
         p = self._protocol
         if p is None and self.running and self._starting is not None:
@@ -1049,7 +1054,7 @@ class RedisSessions:
         # Not waited for; unreachable, the lease expires by itself.
         self.link.command("ZREM", name, token).addErrback(lambda _: None)
 
-    def renewals(self) -> list[tuple[Script, list[str], tuple[Any, ...]]]:
+    def renewals(self) -> list[tuple[Script, Sequence[str], Sequence[Any]]]:
         """L{RENEW} for every lease held, C{batch} leases per script."""
         held = list(self.held.items())
         return [
