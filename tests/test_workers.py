@@ -162,8 +162,7 @@ class ArgvTests(SynchronousTestCase):
             ])
             self.assertEqual({fd: call["childFDs"][fd] for fd in (0, 1, 2, 3)},
                              {0: "w", 1: 1, 2: "r", 3: "r"})
-            self.assertEqual(call["childFDs"][4], supervisor.open[0].fds[k])
-        self.assertNotEqual(spawn.calls[0]["childFDs"][4], spawn.calls[1]["childFDs"][4])
+            self.assertEqual(call["childFDs"][4], supervisor.open[0].fd)  # one socket for all
         self.assertEqual([(s.index, s.pid, s.running) for s in supervisor.slots],
                          [(0, 100, True), (1, 101, True)])
         self.assertTrue(all(len(s.metrics_socket) < 100 for s in supervisor.slots))
@@ -187,46 +186,52 @@ class SocketTests(TestCase):
         spec = workers.parse_listener("smtp", "haproxy:tcp6:2525:interface=\\:\\:1:backlog=7")
         self.assertEqual((spec.kind, dict(spec.arguments)),
                          ("tcp6", {"port": "2525", "interface": "::1", "backlog": "7"}))
-        self.assertFalse(spec.shared)
         spec = workers.parse_listener("http", "unix:/run/a.sock:mode=660")
         self.assertEqual(dict(spec.arguments), {"address": "/run/a.sock", "mode": "660"})
-        self.assertTrue(spec.shared)
-        self.assertTrue(workers.parse_listener("socks", "systemd:domain=INET:index=0").shared)
+        self.assertEqual(workers.parse_listener("socks", "systemd:domain=INET:index=0").kind, "systemd")
         spec = workers.parse_listener("smtps", "ssl:465:k.pem:certKey=c.pem:interface=10.0.0.1")
         self.assertEqual(dict(spec.arguments),
                          {"port": "465", "privateKey": "k.pem", "certKey": "c.pem", "interface": "10.0.0.1"})
-        self.assertFalse(spec.shared)
         self.assertRaises(ValueError, workers.parse_listener, "smtps", "onion:465")
 
-    def test_tcp_port_zero(self) -> None:
-        """Port 0: the first bind resolves it, every socket has it, with SO_REUSEPORT."""
+    def test_tcp_one_socket(self) -> None:
+        """One listening socket (port 0 resolved), without SO_REUSEPORT."""
         spec = workers.parse_listener("smtp", "tcp:0:interface=127.0.0.1")
-        sockets = workers.open_tcp(spec, 3, 16)
-        self.addCleanup(lambda: [s.close() for s in sockets])
-        ports = {s.getsockname() for s in sockets}
-        self.assertEqual(len(ports), 1)
-        self.assertNotEqual(ports.pop()[1], 0)
-        for s in sockets:
-            self.assertTrue(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
-            self.assertTrue(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-        self.assertEqual(len({s.fileno() for s in sockets}), 3)
+        s = workers.open_tcp(spec, 16)
+        self.addCleanup(s.close)
+        self.assertNotEqual(s.getsockname()[1], 0)
+        self.assertFalse(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+        self.assertTrue(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
     def test_tcp_port_taken(self) -> None:
-        """A port another socket holds (without SO_REUSEPORT) is an error, nothing left open."""
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        spec = workers.parse_listener("smtp", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1")
-        self.assertRaises(OSError, workers.open_tcp, spec, 2, 16)
+        """
+        A port another socket holds is an error, with or without
+        SO_REUSEPORT; and once the parent holds it, no other socket can
+        take a share of its connections with SO_REUSEPORT.
+        """
+        for reuse in (0, 1):
+            taken = socket.socket()
+            self.addCleanup(taken.close)
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, reuse)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            spec = workers.parse_listener("smtp", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1")
+            self.assertRaises(OSError, workers.open_tcp, spec, 16)
+        ours = workers.open_tcp(workers.parse_listener("smtp", "tcp:0:interface=127.0.0.1"), 16)
+        self.addCleanup(ours.close)
+        thief = socket.socket()
+        self.addCleanup(thief.close)
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.assertRaises(OSError, thief.bind, ours.getsockname())
 
     @defer.inlineCallbacks
     def test_adopt_tcp(self) -> None:
         """A worker's endpoint on an inherited TCP socket accepts connections."""
         spec = workers.parse_listener("http", "tcp:0:interface=127.0.0.1")
-        opened = workers.open_listener(reactor, spec, 2, 16)
+        opened = workers.open_listener(reactor, spec, 16)
         self.addCleanup(opened.close)
-        endpoint = workers.adopted_endpoint(reactor, "tcp:0", os.dup(opened.fd_for(1)))
+        endpoint = workers.adopted_endpoint(reactor, "tcp:0", os.dup(opened.fd))
         port = yield endpoint.listen(protocol.Factory.forProtocol(protocol.Protocol))
         self.addCleanup(port.stopListening)
         self.assertEqual(port.getHost().port, int(opened.address.rsplit(":", 1)[1]))
@@ -236,10 +241,9 @@ class SocketTests(TestCase):
         """An ssl: listener: the worker serves TLS with the endpoint's certificate."""
         cert, key, _ = ensure_certificate(self.mktemp())
         description = f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1"
-        # One socket: a connection hashed to another worker's would wait for it.
-        opened = workers.open_listener(reactor, workers.parse_listener("smtps", description), 1, 16)
+        opened = workers.open_listener(reactor, workers.parse_listener("smtps", description), 16)
         self.addCleanup(opened.close)
-        endpoint = workers.adopted_endpoint(reactor, description, os.dup(opened.fd_for(0)))
+        endpoint = workers.adopted_endpoint(reactor, description, os.dup(opened.fd))
         port = yield endpoint.listen(protocol.Factory.forProtocol(Echo))
         self.addCleanup(port.stopListening)
 
@@ -262,10 +266,8 @@ class SocketTests(TestCase):
         directory = tempfile.mkdtemp(prefix="ag-")  # AF_UNIX paths are short
         self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "s.sock")
-        opened = workers.open_listener(reactor, workers.parse_listener("http", f"unix:{path}"), 3, 16)
-        self.assertEqual(len(set(opened.fds)), 1)
-        self.assertEqual(opened.fd_for(0), opened.fd_for(2))
-        endpoint = workers.adopted_endpoint(reactor, f"unix:{path}", os.dup(opened.fd_for(0)))
+        opened = workers.open_listener(reactor, workers.parse_listener("http", f"unix:{path}"), 16)
+        endpoint = workers.adopted_endpoint(reactor, f"unix:{path}", os.dup(opened.fd))
         port = yield endpoint.listen(protocol.Factory.forProtocol(protocol.Protocol))
         yield port.stopListening()
         self.assertTrue(os.path.exists(path))
@@ -349,6 +351,32 @@ class SupervisionTests(SynchronousTestCase):
         self.clock.advance(100)
         self.assertEqual(len(self.spawn.processes), 2)
         self.assertEqual([s.running for s in self.supervisor.slots], [False, False])
+
+    def test_stop_closes_sockets_first(self) -> None:
+        """
+        The parent closes its copy of every socket before SIGTERM reaches
+        the workers: while they drain, a new connection is refused, never
+        left waiting on a socket nobody accepts on.
+        """
+        spawn = FakeSpawn()
+        supervisor = workers.Supervisor(
+            self.clock, 2, [], {"smtp": "tcp:0:interface=127.0.0.1"}, 50, 30.0, spawn=spawn,
+            twistd=["twistd"], environ={},
+        )
+        with capturedLogs():
+            supervisor.startService()
+        port = int(supervisor.open[0].address.rsplit(":", 1)[1])
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        seen: list[bool] = []
+        spawn.processes[0][0].signalProcess = lambda signum: seen.append(supervisor.open == [])
+        with capturedLogs():
+            d = supervisor.stopService()
+        self.assertEqual(seen, [True])
+        self.assertRaises(ConnectionRefusedError, socket.create_connection, ("127.0.0.1", port), 5)
+        with capturedLogs():
+            spawn.end(0, exit_code=0)
+            spawn.end(1, exit_code=0)
+        self.successResultOf(d)
 
     def test_stop_cancels_restart(self) -> None:
         with capturedLogs():

@@ -4,12 +4,11 @@ C{--workers N}: N processes serving the same listeners, one parent
 supervising them.
 
 The parent (L{Supervisor}) builds no core and no front door. It opens every
-listener's socket (a TCP listener: one C{SO_REUSEPORT} socket per worker, all
-bound to the port the first bind resolved, so the kernel spreads the
-connections evenly; a UNIX or C{systemd:} listener: one socket all workers
-accept on), keeps them for its whole life (a restarted worker adopts the same
-socket: no connection is refused while it is down, those queued on its TCP
-socket wait for it), and starts each worker as a
+listener's socket once (no C{SO_REUSEPORT}: the port is its alone), which
+every worker accepts on, one connection per wake-up; it keeps them while it
+runs (a restarted worker adopts the same socket; the others accept
+everything meanwhile) and closes its copies first at stop; it starts each
+worker as a
 C{twistd -n authgateway} child with C{reactor.spawnProcess}:
 
  - fd 0, a pipe from the parent: its end (the parent is gone) stops the
@@ -64,7 +63,7 @@ from gateway.connections import _keyword, _split
 from gateway.ops import metrics as ops_metrics
 from gateway.ops.signals import on_signal
 from gateway.state.url import shown
-from gateway.twistedinternals import keep_unix_socket_file, ssl_server_context
+from gateway.twistedinternals import accept_one_per_wakeup, keep_unix_socket_file, ssl_server_context
 
 log = Logger()
 
@@ -98,7 +97,7 @@ MAX_WORKERS = 256
 #: How a worker runs twistd (the same interpreter as the parent).
 TWISTD = (sys.executable, "-c", "from twisted.scripts.twistd import run; run()")
 
-#: Endpoint types with one socket per worker, and their address family.
+#: TCP endpoint types, and their address family.
 _TCP = {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6, "ssl": socket.AF_INET}
 
 #: Positional fields of each endpoint type, in Twisted's order.
@@ -136,10 +135,6 @@ class ListenerSpec:
     description: str
     kind: str  # tcp, tcp6, unix or systemd
     arguments: Mapping[str, str] = attrs.field(factory=dict)
-    #: Shared by all workers (UNIX, systemd:), or one socket each (TCP).
-    @property
-    def shared(self) -> bool:
-        return self.kind not in _TCP
 
 
 def parse_listener(option: str, description: str) -> ListenerSpec:
@@ -170,48 +165,40 @@ def parse_listener(option: str, description: str) -> ListenerSpec:
     return ListenerSpec(option, description, kind, arguments)
 
 
-def open_tcp(spec: ListenerSpec, count: int, backlog: int) -> list[socket.socket]:
+def open_tcp(spec: ListenerSpec, backlog: int) -> socket.socket:
     """
-    C{count} listening sockets with C{SO_REUSEPORT} on the listener's
-    address; the first bind resolves port 0, the others bind to its port.
+    The listener's one listening socket, shared by every worker: bound as
+    one process binds it (C{SO_REUSEADDR}, never C{SO_REUSEPORT}, so a port
+    in use is an error and no other process can take a share of it).
     """
     family = _TCP[spec.kind]
     host = spec.arguments.get("interface", "" if family == socket.AF_INET else "::")
     port = int(spec.arguments.get("port", "0"))
     backlog = int(spec.arguments.get("backlog", backlog))
-    sockets: list[socket.socket] = []
+    s = socket.socket(family, socket.SOCK_STREAM)
     try:
-        for _ in range(count):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind((host, port))
-            port = s.getsockname()[1]
-            s.listen(backlog)
-            s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(backlog)
+        s.setblocking(False)
     except BaseException:
-        for s in sockets:
-            s.close()
+        s.close()
         raise
-    return sockets
+    return s
 
 
 @attrs.define
 class OpenListener:
-    """A listener's sockets in the parent: one per worker, or one for all."""
+    """A listener's one socket in the parent, which every worker accepts on."""
 
     spec: ListenerSpec
-    fds: list[int]
-    #: What the parent closes at stop (sockets, a Twisted UNIX port).
+    fd: int
+    #: What the parent closes at stop (the socket, a Twisted UNIX port).
     closers: list[Callable[[], Any]]
     address: str
 
-    def fd_for(self, slot: int) -> int:
-        return self.fds[slot % len(self.fds)]
-
     def close(self) -> defer.Deferred[Any]:
-        """Close the parent's copies (a UNIX listener's file is removed then)."""
+        """Close the parent's copy (a UNIX listener's file is removed then)."""
         closing = [defer.maybeDeferred(close) for close in self.closers]
         self.closers = []
         return defer.gatherResults(closing).addErrback(
@@ -219,13 +206,13 @@ class OpenListener:
         )
 
 
-def open_listener(reactor: Any, spec: ListenerSpec, count: int, backlog: int) -> OpenListener:
-    """Open C{spec}'s socket(s) for C{count} workers (see the module's docstring)."""
+def open_listener(reactor: Any, spec: ListenerSpec, backlog: int) -> OpenListener:
+    """Open C{spec}'s socket for the workers (see the module's docstring)."""
     if spec.kind in _TCP:
-        sockets = open_tcp(spec, count, backlog)
-        host, port = sockets[0].getsockname()[:2]
+        s = open_tcp(spec, backlog)
+        host, port = s.getsockname()[:2]
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return OpenListener(spec, [s.fileno() for s in sockets], [s.close for s in sockets], shown)
+        return OpenListener(spec, s.fileno(), [s.close], shown)
     if spec.kind == "unix":
         # Twisted's own listenUNIX (stale socket removal, lock file, mode);
         # the parent never accepts on it.
@@ -236,23 +223,28 @@ def open_listener(reactor: Any, spec: ListenerSpec, count: int, backlog: int) ->
             wantPID=spec.arguments.get("lockfile", "1") not in ("0", "false"),
         )
         port.stopReading()
-        return OpenListener(spec, [port.fileno()], [port.stopListening], spec.arguments["address"])
+        return OpenListener(spec, port.fileno(), [port.stopListening], spec.arguments["address"])
     from twisted.internet import endpoints  # systemd: the socket systemd passed to the parent
 
     endpoint = endpoints.serverFromString(None, ":".join(_split(spec.description)[
         1 if spec.description.lower().startswith("haproxy:") else 0:]))
-    return OpenListener(spec, [endpoint.fileno], [], f"fd {endpoint.fileno}")
+    return OpenListener(spec, endpoint.fileno, [], f"fd {endpoint.fileno}")
 
 
 @implementer(IStreamServerEndpoint)
 @attrs.frozen
-class _SharedUnixEndpoint:
-    """An adopted UNIX socket other processes share: stopping leaves its file."""
+class _SharedEndpoint:
+    """
+    An adopted socket the other workers accept on too: one connection per
+    wake-up (the workers share the new connections), and a UNIX socket's
+    file left in place when it stops.
+    """
 
     endpoint: IStreamServerEndpoint
 
     def listen(self, factory: Any) -> defer.Deferred[Any]:
         def shared(port: Any) -> Any:
+            accept_one_per_wakeup(port)
             keep_unix_socket_file(port)
             return port
 
@@ -284,9 +276,7 @@ def adopted_endpoint(reactor: Any, description: str, fd: int) -> IStreamServerEn
         family = probe.family
     finally:
         probe.detach()
-    endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, fd, family)
-    if family == socket.AF_UNIX:
-        endpoint = _SharedUnixEndpoint(endpoint)
+    endpoint: IStreamServerEndpoint = _SharedEndpoint(AdoptedStreamServerEndpoint(reactor, fd, family))
     fields = _split(description)
     at = 1 if fields[0].strip().lower() == "haproxy" and len(fields) > 1 else 0
     if fields[at].strip().lower() == "ssl":
@@ -585,9 +575,10 @@ class Supervisor(service.Service):
         if not self.open:
             try:
                 for spec in self.specs:
-                    self.open.append(open_listener(self.reactor, spec, len(self.slots), self.backlog))
+                    self.open.append(open_listener(self.reactor, spec, self.backlog))
             except BaseException:
-                self._close()  # the run directory too: the start fails
+                self._close_listeners()
+                self._remove_run_dir()  # the start fails
                 raise
             if self.run_dir is not None and self._owner is not None:
                 os.chown(self.run_dir, *self._owner)  # twistd drops to --uid/--gid next
@@ -614,7 +605,7 @@ class Supervisor(service.Service):
         names: dict[str, int] = {}
         for n, listener in enumerate(self.open):
             fd = FIRST_LISTENER_FD + n
-            child[fd] = listener.fd_for(slot.index)
+            child[fd] = listener.fd
             names[listener.spec.option] = fd
         return child, names
 
@@ -691,6 +682,9 @@ class Supervisor(service.Service):
             if slot.restart_call is not None and slot.restart_call.active():
                 slot.restart_call.cancel()
             slot.restart_call = None
+        # The parent's copies first: once the workers stop listening, the
+        # sockets are closed and new connections are refused, not queued.
+        closed = self._close_listeners()
         d: defer.Deferred[None] = defer.Deferred()
         if any(s.running for s in self.slots):
             self._all_down = d
@@ -704,7 +698,8 @@ class Supervisor(service.Service):
         def done(result: Any) -> Any:
             if self._kill_call is not None and self._kill_call.active():
                 self._kill_call.cancel()
-            return self._close()
+            self._remove_run_dir()
+            return closed
 
         return d.addBoth(done)
 
@@ -722,12 +717,14 @@ class Supervisor(service.Service):
 
         self._kill_call = self.reactor.callLater(KILL_GRACE, give_up)
 
-    def _close(self) -> defer.Deferred[Any]:
+    def _close_listeners(self) -> defer.Deferred[Any]:
         closing = [listener.close() for listener in self.open]
         self.open = []
+        return defer.gatherResults(closing).addCallback(lambda _: None)
+
+    def _remove_run_dir(self) -> None:
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
 def install_signals(reactor: Any, supervisor: Supervisor) -> None:
