@@ -43,6 +43,10 @@ class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid: int | None = pid
         self.signals: list[int] = []
+        self.written: dict[int, bytes] = {}
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written[fd] = self.written.get(fd, b"") + data
 
     def signalProcess(self, signum: Any) -> None:
         if self.pid is None:
@@ -64,6 +68,10 @@ class FakeSpawn:
         self.processes.append((process, proto))
         proto.makeConnection(process)
         return process
+
+    def ready(self, index: int) -> None:
+        """The worker says its signal handlers are in place (its ready record)."""
+        self.processes[index][1].childDataReceived(workers.LOG_FD, _record(**{workers.READY: True}) + b"\n")
 
     def end(self, index: int, exit_code: int | None = None, sig: int | None = None) -> None:
         process, proto = self.processes[index]
@@ -106,20 +114,42 @@ class ArgvTests(SynchronousTestCase):
             ["--metrics", "tcp:9000", "--workers", "1", "--metrics", "unix:/run/x/w0.sock"],
         )
 
-    def test_worker_parses_the_environment(self) -> None:
-        """A worker's options come from the environment, taken out of it."""
+    def pipe(self, data: bytes, close: bool = True) -> int:
+        """A pipe holding C{data}, as the worker's fd 0 (L{workers.ARGV_FD})."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        os.write(write, data)
+        if close:
+            os.close(write)
+        else:
+            self.addCleanup(os.close, write)
+        self.patch(workers, "ARGV_FD", read)
+        return read
+
+    def test_worker_reads_its_options(self) -> None:
+        """A worker's options come from its fd 0, one line; what follows is left there."""
         argv = ["--data-dir", self.data, "--auth", f"memory:a:{SECRET}", "--smtp", "none",
                 "--http", "none", "--socks", "none", "--workers", "1"]
-        self.patch(os, "environ", {workers.ARGV_ENV: json.dumps(argv), "PATH": "/bin"})
+        read = self.pipe(workers.argv_line(argv) + b"after")
         parsed = options("--worker-slot", "1", "--worker-fds", "smtp=4")
         self.assertEqual((parsed["workerSlot"], parsed["workerFds"]), (1, {"smtp": 4}))
         self.assertEqual(parsed["argv"], argv)
-        self.assertEqual(os.environ, {"PATH": "/bin"})
+        self.assertEqual(os.read(read, 100), b"after")
 
-    def test_worker_needs_the_environment(self) -> None:
-        self.patch(os, "environ", {})
+    def test_worker_needs_its_options(self) -> None:
+        self.pipe(b"")
         e = self.assertRaises(usage.UsageError, options, "--worker-slot", "0", "--worker-fds", "")
-        self.assertIn(workers.ARGV_ENV, str(e))
+        self.assertIn("no options on fd", str(e))
+        for bad in (b"{}\n", b"not json\n", b'["a", 1]\n', b'["a"]'):
+            self.pipe(bad)
+            self.assertRaises(ValueError, workers.read_worker_argv)
+
+    def test_worker_options_bounded(self) -> None:
+        """A line without end is refused at MAX_ARGV bytes, not read forever."""
+        self.patch(workers, "MAX_ARGV", 100)
+        self.pipe(b"[" + b'"a",' * 60, close=False)
+        e = self.assertRaises(ValueError, workers.read_worker_argv)
+        self.assertIn("over 100 bytes", str(e))
         e = self.assertRaises(usage.UsageError, options, "--worker-slot", "0", "--auth", "memory:a:b")
         self.assertIn("nothing else", str(e))
 
@@ -140,7 +170,7 @@ class ArgvTests(SynchronousTestCase):
         self.assertIn("a onion: listener cannot be shared by workers", str(e))
 
     def test_supervisor_spawn(self) -> None:
-        """The command line holds no secret; the environment holds the options."""
+        """Neither the command line nor the environment hold a secret: fd 0 has the options."""
         spawn = FakeSpawn()
         argv = ["--auth", f"memory:a:{SECRET}", "--state", f"redis://:{SECRET}@127.0.0.1/0"]
         supervisor = workers.Supervisor(
@@ -156,10 +186,12 @@ class ArgvTests(SynchronousTestCase):
         for k, call in enumerate(spawn.calls):
             self.assertNotIn(SECRET, " ".join(call["args"]))
             self.assertEqual(call["args"][-4:], ["--worker-slot", str(k), "--worker-fds", "smtp=4"])
-            self.assertEqual(set(call["env"]), {"PATH", workers.ARGV_ENV})
-            self.assertEqual(json.loads(call["env"][workers.ARGV_ENV]), [
+            self.assertEqual(call["env"], {"PATH": "/bin"})
+            self.assertNotIn(SECRET, repr(call["env"]))
+            process = spawn.processes[k][0]
+            self.assertEqual(process.written, {0: workers.argv_line([
                 *argv, "--workers", "1", "--metrics", f"unix:{supervisor.slots[k].metrics_socket}",
-            ])
+            ])})
             self.assertEqual({fd: call["childFDs"][fd] for fd in (0, 1, 2, 3)},
                              {0: "w", 1: 1, 2: "r", 3: "r"})
             self.assertEqual(call["childFDs"][4], supervisor.open[0].fd)  # one socket for all
@@ -321,12 +353,43 @@ class SupervisionTests(SynchronousTestCase):
         self.assertEqual((self.supervisor.slots[0].running, self.supervisor.slots[0].pid), (True, 102))
 
     def test_forward(self) -> None:
+        self.spawn.ready(0)
+        self.spawn.ready(1)
         with capturedLogs():
             self.spawn.end(1, exit_code=1)
         self.supervisor.forward(signal.SIGHUP)
         self.supervisor.forward(signal.SIGUSR1)
         self.assertEqual(self.spawn.processes[0][0].signals, [signal.SIGHUP, signal.SIGUSR1])
         self.assertEqual(self.spawn.processes[1][0].signals, [])
+
+    def test_held_until_ready(self) -> None:
+        """
+        SIGHUP and SIGUSR1 for a worker still starting are held (their
+        default action would kill it), then sent once each when it is ready;
+        SIGTERM is not held. A restarted worker starts not ready again.
+        """
+        self.spawn.ready(1)
+        with capturedLogs() as events:
+            for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGHUP):
+                self.supervisor.forward(signum)
+        self.assertEqual(events, [])  # the ready record is no log line
+        first, second = self.spawn.processes[0][0], self.spawn.processes[1][0]
+        self.assertEqual(first.signals, [])
+        self.assertEqual(second.signals, [signal.SIGHUP, signal.SIGUSR1, signal.SIGHUP])
+        self.spawn.ready(0)
+        self.assertEqual(first.signals, [signal.SIGHUP, signal.SIGUSR1])
+        self.spawn.ready(0)  # said twice: nothing sent twice
+        self.assertEqual(first.signals, [signal.SIGHUP, signal.SIGUSR1])
+        with capturedLogs():
+            self.spawn.end(1, sig=signal.SIGKILL)
+            self.supervisor.forward(signal.SIGHUP)  # no process: nothing held for the next
+            self.clock.advance(workers.BACKOFF_FIRST)
+            self.supervisor.forward(signal.SIGUSR1)
+            self.supervisor.forward(signal.SIGTERM)
+        third = self.spawn.processes[2][0]
+        self.assertEqual(third.signals, [signal.SIGTERM])
+        self.spawn.ready(2)
+        self.assertEqual(third.signals, [signal.SIGTERM, signal.SIGUSR1])
 
     def test_terminate_then_forward(self) -> None:
         """The first SIGTERM stops the parent (the reactor), the next reach the workers."""
@@ -622,6 +685,8 @@ class ParentSignalTests(SynchronousTestCase):
         with capturedLogs():
             supervisor.startService()
         workers.install_signals(fake, supervisor)
+        spawn.ready(0)
+        spawn.ready(1)
         for hook in fake.hooks:
             hook()
         for signum in (signal.SIGHUP, signal.SIGUSR1):

@@ -11,8 +11,8 @@ everything meanwhile) and closes its copies first at stop; it starts each
 worker as a
 C{twistd -n authgateway} child with C{reactor.spawnProcess}:
 
- - fd 0, a pipe from the parent: its end (the parent is gone) stops the
-   worker, as does C{PR_SET_PDEATHSIG} (SIGTERM) on Linux;
+ - fd 0, a pipe from the parent: the worker's options (one line), then
+   its end (the parent is gone) stops the worker, as does C{PR_SET_PDEATHSIG} (SIGTERM) on Linux;
  - fd 1, the parent's standard output (C{--audit-log -});
  - fd 2, a pipe: what the worker writes on standard error is logged;
  - fd 3 (L{LOG_FD}), a pipe: the worker's twisted.logger events, formatted, as JSON
@@ -22,9 +22,11 @@ C{twistd -n authgateway} child with C{reactor.spawnProcess}:
  - fd 4 on (L{FIRST_LISTENER_FD}), the listeners' sockets.
 
 The worker's plugin options are the parent's as the operator gave them,
-passed in the environment (L{ARGV_ENV}), never on its command line (which
-anyone can read with C{ps}): they may hold passwords (C{--state}'s URL,
-C{--auth memory:}). Its command line carries only the hidden options
+written as one JSON line on its fd 0 right after it starts (L{argv_line},
+L{read_worker_argv}): never on its command line (which anyone can read
+with C{ps}) nor in its environment (which C{/proc/PID/environ} keeps for its
+whole life): they may hold passwords (C{--state}'s URL, C{--auth memory:}).
+Its command line carries only the hidden options
 C{--worker-slot K --worker-fds smtp=4,...}.
 
 A worker that exits unexpectedly is logged and restarted after a backoff
@@ -33,7 +35,9 @@ L{BACKOFF_RESET} s up). SIGTERM or SIGINT stops the parent: no more
 restarts, SIGTERM to every worker (they drain), SIGKILL to what is left after
 C{--drain-timeout} plus L{STOP_GRACE} s; a second signal is forwarded (the
 workers abort their sessions). SIGHUP (reload) and SIGUSR1 (audit log
-reopen) are forwarded.
+reopen) are forwarded; to a worker still starting, once it says its
+handlers are in place (L{READY}): before, their default action would kill
+it. Every worker handles both (SIGUSR1 does nothing without an audit log).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -67,8 +72,18 @@ from gateway.twistedinternals import accept_one_per_wakeup, keep_unix_socket_fil
 
 log = Logger()
 
-#: The environment variable holding a worker's plugin options (JSON list).
-ARGV_ENV = "AUTHGATEWAY_WORKER_ARGV"
+#: The worker's descriptor its plugin options arrive on (one JSON line), then
+#: its parent's pipe (L{WorkerWatch}); and the longest such line.
+ARGV_FD = 0
+MAX_ARGV = 1024 * 1024
+
+#: The key of the record a worker sends on L{LOG_FD} once its signal
+#: handlers are in place (L{attach_worker}); the parent holds SIGHUP and
+#: SIGUSR1 for it until then.
+READY = "authgateway_worker_ready"
+
+#: The signals the parent holds for a worker not ready yet.
+HELD = (signal.SIGHUP, signal.SIGUSR1)
 
 #: The worker's descriptor of its log pipe, and of its first listener.
 LOG_FD = 3
@@ -326,14 +341,40 @@ def worker_command(slot: int, fds: Mapping[str, int], twistd: Iterable[str] = TW
     ]
 
 
-def take_worker_argv(environ: Any = None) -> list[str]:
-    """The worker's plugin options, taken out of the environment (its children never see them)."""
-    text = (os.environ if environ is None else environ).pop(ARGV_ENV, None)
-    if text is None:
-        raise ValueError(f"--worker-slot: no {ARGV_ENV} in the environment (only the parent starts workers)")
-    argv = json.loads(text)
+def argv_line(argv: list[str]) -> bytes:
+    """A worker's plugin options as the parent writes them on its fd 0: one JSON line."""
+    return json.dumps(argv).encode() + b"\n"
+
+
+def read_worker_argv(fd: int | None = None) -> list[str]:
+    """
+    The worker's plugin options: the one line the parent writes on its
+    fd 0 (L{argv_line}) right after starting it, read up to its newline and
+    no further (the rest of fd 0 is L{WorkerWatch}'s), at most L{MAX_ARGV}
+    bytes.
+    """
+    fd = ARGV_FD if fd is None else fd
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        if len(line) >= MAX_ARGV:
+            raise ValueError(f"--worker-slot: options over {MAX_ARGV} bytes on fd {fd}")
+        try:
+            byte = os.read(fd, 1)  # one at a time: nothing past the line is taken
+        except BlockingIOError:
+            select.select([fd], [], [])
+            continue
+        except OSError as e:
+            raise ValueError(f"--worker-slot: no options on fd {fd} ({e.strerror}):"
+                             " only the parent starts workers") from None
+        if not byte:
+            raise ValueError(f"--worker-slot: no options on fd {fd}: only the parent starts workers")
+        line += byte
+    try:
+        argv = json.loads(line)
+    except ValueError:
+        argv = None
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise ValueError(f"{ARGV_ENV}: not a list of strings")
+        raise ValueError(f"--worker-slot: the options on fd {fd} are not a list of strings")
     return argv
 
 
@@ -348,6 +389,9 @@ def pipe_logger() -> Any:
     stream = open(LOG_FD, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
 
     def observe(event: dict[str, Any]) -> None:
+        if event.get(READY) is True:
+            stream.write(json.dumps({READY: True}) + "\n")
+            return
         level = event.get("log_level")
         record = {
             "time": event.get("log_time"),
@@ -422,15 +466,20 @@ class LogRelay:
     shown by text observers.
     """
 
-    def __init__(self, slot: Slot, publish: Callable[[dict[str, Any]], Any] = globalLogPublisher) -> None:
+    def __init__(self, slot: Slot, publish: Callable[[dict[str, Any]], Any] = globalLogPublisher,
+                 ready: Callable[[], Any] = lambda: None) -> None:
         self.slot = slot
         self._publish = publish
+        self._ready = ready
         self.events = LineBuffer(self._event, self._too_long)
         self.stderr = LineBuffer(self._stderr, self._too_long)
 
     def _event(self, line: bytes) -> None:
         try:
             record = json.loads(line)
+            if isinstance(record, dict) and record.get(READY) is True:
+                self._ready()
+                return
             text = record["text"]
             if not isinstance(text, str):
                 raise ValueError("no text")
@@ -479,6 +528,16 @@ class Slot:
     started_at: float = 0.0
     next_delay: float = BACKOFF_FIRST
     restart_call: Any = attrs.field(default=None, repr=False)
+    #: The process said its signal handlers are in place (L{READY}).
+    ready: bool = False
+    #: Signals forwarded before it was ready, to deliver then (once each).
+    held: list[int] = attrs.field(factory=list, repr=False)
+
+    def gone(self) -> None:
+        """The process ended (or never started): nothing of it is kept."""
+        self.process, self.protocol, self.pid, self.running = None, None, None, False
+        self.ready = False
+        self.held.clear()
 
 
 class WorkerProtocol(protocol.ProcessProtocol):
@@ -487,7 +546,7 @@ class WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, supervisor: Supervisor, slot: Slot) -> None:
         self.supervisor = supervisor
         self.slot = slot
-        self.relay = LogRelay(slot, supervisor.publish)
+        self.relay = LogRelay(slot, supervisor.publish, ready=lambda: supervisor.ready(slot, self))
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == LOG_FD:
@@ -555,7 +614,7 @@ class Supervisor(service.Service):
         self.state = shown(state)
         self.twistd = tuple(twistd)
         self.environ = dict(os.environ if environ is None else environ)
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", ARGV_ENV):
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             self.environ.pop(name, None)  # the parent's systemd sockets are passed as listeners
         self.publish = publish
         self._spawn = spawn
@@ -614,17 +673,19 @@ class Supervisor(service.Service):
         if self.draining:
             return
         child, names = self._child_fds(slot)
-        env = dict(self.environ)
-        env[ARGV_ENV] = json.dumps(worker_arguments(self.argv, slot.metrics_socket))
         command = worker_command(slot.index, names, self.twistd)
         worker = WorkerProtocol(self, slot)
         try:
             spawn = self._spawn if self._spawn is not None else self.reactor.spawnProcess
-            process = spawn(worker, command[0], command, env=env, childFDs=child)
+            process = spawn(worker, command[0], command, env=dict(self.environ), childFDs=child)
         except Exception as e:  # noqa: BLE001 - out of processes, descriptors...: try again later
             log.error("worker {worker} could not start: {error}", worker=slot.index, error=e)
             self._again(slot)
             return
+        # Its options on its standard input: never in its environment,
+        # which /proc/PID/environ shows for its whole life.
+        process.writeToChild(0, argv_line(worker_arguments(self.argv, slot.metrics_socket)))
+        slot.gone()
         slot.process, slot.protocol, slot.pid, slot.running = process, worker, process.pid, True
         slot.started_at = self.reactor.seconds()
         if slot.restarts:
@@ -636,7 +697,7 @@ class Supervisor(service.Service):
         if worker is not slot.protocol:
             return
         pid = slot.pid
-        slot.process, slot.protocol, slot.pid, slot.running = None, None, None, False
+        slot.gone()
         if self.draining:
             log.info("worker {worker} (pid {pid}) stopped: {how}", worker=slot.index, pid=pid,
                      how=_how(reason))
@@ -659,13 +720,34 @@ class Supervisor(service.Service):
         return delay
 
     def forward(self, signum: int) -> None:
-        """Send C{signum} to every running worker."""
+        """
+        Send C{signum} to every running worker. SIGHUP and SIGUSR1 to a
+        worker not ready yet (its handlers not in place: their default
+        action would kill it) are held, and sent once when it is.
+        """
         for slot in self.slots:
-            if slot.process is not None:
-                try:
-                    slot.process.signalProcess(signum)
-                except (error.ProcessExitedAlready, OSError):
-                    pass
+            if slot.process is None:
+                continue
+            if signum in HELD and not slot.ready:
+                if signum not in slot.held:
+                    slot.held.append(signum)
+                continue
+            self._send(slot, signum)
+
+    def _send(self, slot: Slot, signum: int) -> None:
+        try:
+            slot.process.signalProcess(signum)
+        except (error.ProcessExitedAlready, OSError):
+            pass
+
+    def ready(self, slot: Slot, worker: WorkerProtocol) -> None:
+        """C{slot}'s worker has its signal handlers: send what was held for it."""
+        if worker is not slot.protocol or slot.ready:
+            return
+        slot.ready = True
+        held, slot.held = slot.held, []
+        for signum in held:
+            self._send(slot, signum)
 
     def terminate(self) -> None:
         """SIGTERM or SIGINT to the parent: the first stops it, the next are forwarded."""
@@ -854,14 +936,19 @@ def attach_worker(reactor: Any, options: Mapping[str, Any], top: service.MultiSe
     except OSError:  # a session leader already: nothing to leave
         pass
     set_parent_death_signal()
+    if options.get("audit-log") is None:  # else the audit log's reopen handles it
+        on_signal(reactor, signal.SIGUSR1, lambda: None)  # forwarded to every worker: never fatal
     WorkerWatch(reactor, options["workerSlot"]).setServiceParent(top)
+    # Last: every handler is in place (until the reactor runs, on_signal's
+    # record the signal), so the parent may now send SIGHUP and SIGUSR1.
+    log.debug("worker {worker}: signal handlers in place", worker=options["workerSlot"], **{READY: True})
 
 
 __all__ = [
-    "ARGV_ENV", "BACKOFF_FIRST", "BACKOFF_MAX", "BACKOFF_RESET", "FIRST_LISTENER_FD", "LOG_FD",
+    "ARGV_FD", "HELD", "MAX_ARGV", "READY", "argv_line", "read_worker_argv", "BACKOFF_FIRST", "BACKOFF_MAX", "BACKOFF_RESET", "FIRST_LISTENER_FD", "LOG_FD",
     "LineBuffer", "ListenerSpec", "LogRelay", "MAX_LOG_LINE", "OpenListener", "ParentWatch",
     "STOP_GRACE", "Slot", "Supervisor", "WorkerProtocol", "WorkerWatch", "adopted_endpoint",
     "attach_worker", "install_signals", "make_parent", "open_listener", "open_tcp",
     "parse_fds", "parse_listener", "pipe_logger", "set_parent_death_signal",
-    "take_worker_argv", "worker_arguments", "worker_command", "worker_count",
+"worker_arguments", "worker_command", "worker_count",
 ]
