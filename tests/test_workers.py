@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import signal
+import threading
 import socket
 import ssl
 from typing import Any
@@ -558,10 +559,15 @@ class LogRelayTests(SynchronousTestCase):
         saved = os.dup(workers.LOG_FD) if _open(workers.LOG_FD) else None
         os.dup2(write, workers.LOG_FD)
         os.close(write)
+        ready: list[bool] = []
+        self.relay = workers.LogRelay(self.slot, self.published.append, ready=lambda: ready.append(True))
+        clock = MemoryReactorClock()
         try:
-            observer = workers.pipe_logger()
+            observer = workers.pipe_logger(clock)
             observer(dict(log_format="hello {who}", who="you", log_level=LogLevel.warn,
                           log_namespace="n", log_time=2.0))
+            observer({"log_format": "ready", workers.READY: True})
+            self.assertFalse(os.get_blocking(workers.LOG_FD))
         finally:
             if saved is not None:
                 os.dup2(saved, workers.LOG_FD)
@@ -574,6 +580,70 @@ class LogRelayTests(SynchronousTestCase):
             (formatEvent(event), event["log_level"], event["log_namespace"], event["log_time"]),
             ("hello you", LogLevel.warn, "n", 2.0),
         )
+        self.assertEqual(ready, [True])
+        self.assertEqual(len(clock.whenRunningHooks), 1)  # the periodic flush, once it runs
+        [(drain, args, _)] = clock.triggers["after"]["shutdown"]
+        self.assertEqual(args, (workers.EXIT_DRAIN,))
+
+    def test_pipe_nobody_reads(self) -> None:
+        """
+        A parent that does not read: the worker never blocks, keeps at most
+        its bound, drops and counts the rest, and says how many once the
+        pipe drains; lines are never cut.
+        """
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        os.set_blocking(write, False)
+        writer = workers.PipeWriter(write, limit=10_000)
+        lines = [_record(text=f"{n:06d}" + "x" * 990) + b"\n" for n in range(300)]  # ~300 KB
+        for line in lines:
+            writer.write(line)  # a blocking write would hang here
+        self.assertLessEqual(len(writer._pending), 10_000)
+        received = b""
+        while True:
+            writer.flush()
+            try:
+                chunk = os.read(read, 1 << 20)
+            except BlockingIOError:
+                break
+            received += chunk
+            os.set_blocking(read, False)
+        *texts, note = [json.loads(line)["text"] for line in received.splitlines()]
+        self.assertEqual(texts, [json.loads(line)["text"] for line in lines[:len(texts)]])
+        self.assertLess(len(texts), 300)
+        self.assertEqual(note, f"{300 - len(texts)} log lines dropped: the parent did not read them in time")
+        writer.write(lines[0])  # drained: the next line goes at once, no second note
+        self.assertEqual(os.read(read, 1 << 20), lines[0])
+
+    def test_pipe_threads(self) -> None:
+        """Lines written from several threads arrive whole, none lost while the pipe keeps up."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        os.set_blocking(write, False)
+        writer = workers.PipeWriter(write, limit=1 << 24)
+
+        def send(k: int) -> None:
+            for n in range(500):
+                writer.write(_record(text=f"{k}-{n}" + "y" * 300) + b"\n")
+
+        threads_ = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        received = b""
+        os.set_blocking(read, False)
+        while True:
+            writer.flush()
+            try:
+                received += os.read(read, 1 << 20)
+            except BlockingIOError:
+                if not writer._pending:
+                    break
+        texts = sorted(json.loads(line)["text"] for line in received.splitlines())
+        self.assertEqual(texts, sorted(f"{k}-{n}" + "y" * 300 for k in range(4) for n in range(500)))
 
 
 def _record(**fields: Any) -> bytes:

@@ -18,7 +18,8 @@ C{twistd -n authgateway} child with C{reactor.spawnProcess}:
  - fd 3 (L{LOG_FD}), a pipe: the worker's twisted.logger events, formatted, as JSON
    lines (its twistd runs with C{--logger} L{pipe_logger}), re-emitted in
    the parent's log tagged C{worker=K}, so the parent's C{--logfile} or
-   C{--syslog} holds every process's lines;
+   C{--syslog} holds every process's lines (never blocking the worker:
+   L{PipeWriter});
  - fd 4 on (L{FIRST_LISTENER_FD}), the listeners' sockets.
 
 The worker's plugin options are the parent's as the operator gave them,
@@ -51,13 +52,14 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IReadDescriptor, IStreamServerEndpoint
 from twisted.logger import LogLevel, Logger, eventAsText, globalLogPublisher
@@ -92,6 +94,12 @@ FIRST_LISTENER_FD = 4
 #: The longest log line (one formatted event) or standard error line a worker may
 #: send; a longer one is dropped, with one line saying so.
 MAX_LOG_LINE = 64 * 1024
+
+#: What a worker keeps of its log lines while its parent does not read
+#: them; how often it tries to send them; how long it waits for that at exit.
+MAX_PENDING_LOG = 1024 * 1024
+FLUSH_INTERVAL = 0.5
+EXIT_DRAIN = 2.0
 
 #: Restart backoff: the first wait, its cap, and the time up after which
 #: a worker's next exit waits the first again.
@@ -378,29 +386,100 @@ def read_worker_argv(fd: int | None = None) -> list[str]:
     return argv
 
 
-def pipe_logger() -> Any:
+def _record_line(record: Mapping[str, Any]) -> bytes:
+    return json.dumps(record).encode("utf-8", "replace") + b"\n"
+
+
+class PipeWriter:
+    """
+    A worker's end of its log pipe, never blocking: what the pipe does not
+    take at once waits in a buffer of at most C{limit} bytes, written on the
+    next line and on L{flush} (every L{FLUSH_INTERVAL} s while the worker
+    runs). A parent that stops reading (stopped, its syslog blocked) must
+    not freeze its workers: lines past the bound are dropped and counted,
+    and once the buffer drains one line says how many. Thread-safe (log
+    observers may be called from any thread).
+    """
+
+    def __init__(self, fd: int, limit: int = MAX_PENDING_LOG) -> None:
+        self.fd = fd
+        self.limit = limit
+        self._pending = bytearray()
+        self._dropped = 0
+        self._lock = threading.Lock()
+
+    def write(self, line: bytes) -> None:
+        """Send C{line} (whole, with its newline) or keep it, or drop it when full."""
+        with self._lock:
+            if len(self._pending) + len(line) > self.limit:
+                self._dropped += 1
+            else:
+                self._pending += line
+            self._flush()
+
+    def flush(self) -> None:
+        """Send what the pipe takes now of what waits."""
+        with self._lock:
+            self._flush()
+
+    def drain(self, timeout: float) -> None:
+        """At exit: wait up to C{timeout} s for the pipe to take what waits."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            self._flush()
+            while (self._pending or self._dropped) and (left := end - time.monotonic()) > 0:
+                select.select([], [self.fd], [], left)
+                self._flush()
+
+    def _flush(self) -> None:
+        while True:
+            if not self._pending:
+                if not self._dropped:
+                    return
+                self._pending += _record_line({
+                    "time": time.time(), "level": LogLevel.warn.name, "namespace": __name__,
+                    "system": None,
+                    "text": f"{self._dropped} log lines dropped: the parent did not read them in time",
+                })
+                self._dropped = 0
+            try:
+                sent = os.write(self.fd, self._pending)
+            except BlockingIOError:
+                return
+            except OSError:  # the parent is gone: nobody will read them
+                self._pending.clear()
+                self._dropped = 0
+                return
+            del self._pending[:sent]
+
+
+def pipe_logger(reactor: Any = None) -> Any:
     """
     A worker twistd's C{--logger}: each event formatted here, in the worker
     (which has the core to spare), and sent to the parent on L{LOG_FD} as
     one small JSON line (L{LogRelay} reads it): the parent only passes text
     on, instead of decoding and formatting every worker's events on its one
-    core.
+    core. The pipe is non-blocking (L{PipeWriter}).
     """
-    stream = open(LOG_FD, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
+    if reactor is None:
+        from twisted.internet import reactor  # twistd's, as it calls a --logger with no argument
+    os.set_blocking(LOG_FD, False)
+    writer = PipeWriter(LOG_FD)
+    reactor.callWhenRunning(task.LoopingCall(writer.flush).start, FLUSH_INTERVAL, False)
+    reactor.addSystemEventTrigger("after", "shutdown", writer.drain, EXIT_DRAIN)
 
     def observe(event: dict[str, Any]) -> None:
         if event.get(READY) is True:
-            stream.write(json.dumps({READY: True}) + "\n")
+            writer.write(_record_line({READY: True}))
             return
         level = event.get("log_level")
-        record = {
+        writer.write(_record_line({
             "time": event.get("log_time"),
             "level": getattr(level, "name", None),
             "namespace": event.get("log_namespace"),
             "system": event.get("log_system"),
             "text": eventAsText(event, includeTimestamp=False, includeSystem=False),
-        }
-        stream.write(json.dumps(record) + "\n")
+        }))
 
     return observe
 
@@ -946,7 +1025,7 @@ def attach_worker(reactor: Any, options: Mapping[str, Any], top: service.MultiSe
 
 __all__ = [
     "ARGV_FD", "HELD", "MAX_ARGV", "READY", "argv_line", "read_worker_argv", "BACKOFF_FIRST", "BACKOFF_MAX", "BACKOFF_RESET", "FIRST_LISTENER_FD", "LOG_FD",
-    "LineBuffer", "ListenerSpec", "LogRelay", "MAX_LOG_LINE", "OpenListener", "ParentWatch",
+    "LineBuffer", "ListenerSpec", "LogRelay", "MAX_LOG_LINE", "OpenListener", "ParentWatch", "PipeWriter",
     "STOP_GRACE", "Slot", "Supervisor", "WorkerProtocol", "WorkerWatch", "adopted_endpoint",
     "attach_worker", "install_signals", "make_parent", "open_listener", "open_tcp",
     "parse_fds", "parse_listener", "pipe_logger", "set_parent_death_signal",
