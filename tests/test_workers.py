@@ -15,6 +15,7 @@ import signal
 import threading
 import socket
 import ssl
+import subprocess
 from typing import Any
 
 from twisted.internet import defer, error, protocol, reactor, threads
@@ -200,11 +201,58 @@ class ArgvTests(SynchronousTestCase):
                          [(0, 100, True), (1, 101, True)])
         self.assertTrue(all(len(s.metrics_socket) < 100 for s in supervisor.slots))
         self.assertEqual(os.stat(supervisor.run_dir).st_mode & 0o777, 0o700)
+        with open(os.path.join(supervisor.run_dir, workers.RUN_DIR_PID)) as f:
+            self.assertEqual(f.read(), f"{os.getpid()}\n")
         [line] = [e for e in events if "authgateway started" in e["log_format"]]
         self.assertEqual(line["pids"], "100, 101")
         self.assertEqual(line["state"], "redis://127.0.0.1:6379/0")
         self.assertNotIn(SECRET, repr(supervisor.slots))
 
+
+
+class RunDirTests(SynchronousTestCase):
+    """The private run directory: under $RUNTIME_DIRECTORY, or stale ones removed."""
+
+    def setUp(self) -> None:
+        self.base = tempfile.mkdtemp(prefix="ag-")
+        self.addCleanup(shutil.rmtree, self.base, True)
+
+    def test_runtime_directory(self) -> None:
+        path = workers.make_run_dir({"RUNTIME_DIRECTORY": f"{self.base}:/elsewhere"})
+        self.assertEqual(os.path.dirname(path), self.base)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
+
+    def test_stale_removed(self) -> None:
+        """A dir whose parent is dead goes; a live parent's, or one not claimed yet, stays."""
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+
+        def made(pid: int | None) -> str:
+            path = tempfile.mkdtemp(prefix=workers.RUN_DIR_PREFIX, dir=self.base)
+            if pid is not None:
+                with open(os.path.join(path, workers.RUN_DIR_PID), "w") as f:
+                    f.write(f"{pid}\n")
+            return path
+
+        stale, live, unclaimed = made(dead.pid), made(os.getpid()), made(None)
+        other = os.path.join(self.base, "other-dir")
+        os.mkdir(other)
+        self.assertEqual(workers.remove_stale_run_dirs(self.base), [stale])
+        self.assertEqual(sorted(os.listdir(self.base)),
+                         sorted(os.path.basename(p) for p in (live, unclaimed, other)))
+        workers.claim_run_dir(unclaimed)
+        self.assertEqual(workers.remove_stale_run_dirs(self.base), [])
+
+    def test_default_cleans_the_temporary_directory(self) -> None:
+        self.patch(tempfile, "tempdir", self.base)
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        stale = tempfile.mkdtemp(prefix=workers.RUN_DIR_PREFIX)
+        workers.claim_run_dir(stale)
+        with open(os.path.join(stale, workers.RUN_DIR_PID), "w") as f:
+            f.write(f"{dead.pid}\n")
+        path = workers.make_run_dir({})
+        self.assertEqual(os.listdir(self.base), [os.path.basename(path)])
 
 
 class Echo(protocol.Protocol):

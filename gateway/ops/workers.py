@@ -50,6 +50,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -592,6 +593,74 @@ class LogRelay:
                  worker=self.slot.index, limit=MAX_LOG_LINE)
 
 
+#: A private run directory's name starts so; the file in it names its parent.
+RUN_DIR_PREFIX = "authgateway-"
+RUN_DIR_PID = "parent.pid"
+
+
+def make_run_dir(environ: Mapping[str, str]) -> str:
+    """
+    The parent's private directory (mode 0700) for its workers' metrics
+    sockets: under systemd's C{$RUNTIME_DIRECTORY} when set (removed with
+    the unit, whatever killed the parent), else the temporary directory,
+    where those of this user's earlier parents that died without removing
+    theirs (SIGKILL) are removed first (L{remove_stale_run_dirs}).
+    """
+    base = (environ.get("RUNTIME_DIRECTORY") or "").split(":")[0] or None
+    if base is None:
+        remove_stale_run_dirs(tempfile.gettempdir())
+    return tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=base)
+
+
+def claim_run_dir(path: str) -> None:
+    """
+    Record this process (the parent, after twistd daemonized it) in its run
+    directory: until then, no other parent counts the directory stale.
+    """
+    with open(os.path.join(path, RUN_DIR_PID), "w", encoding="ascii") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+def remove_stale_run_dirs(base: str) -> list[str]:
+    """
+    Remove the run directories in C{base} of this user whose parent (the
+    pid in their L{RUN_DIR_PID}) is dead; one without that file (being
+    made, or not ours) is left. Return the paths removed.
+    """
+    removed: list[str] = []
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(RUN_DIR_PREFIX)]
+    except OSError:
+        return removed
+    for name in names[:1000]:  # a bound on the work at start
+        path = os.path.join(base, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            fd = os.open(os.path.join(path, RUN_DIR_PID), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                pid = int(os.read(fd, 32).strip() or b"0")
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            continue
+        if pid > 0 and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @attrs.define(eq=False)
 class Slot:
     """One worker's place: its number, and the process holding it now."""
@@ -698,7 +767,7 @@ class Supervisor(service.Service):
         self.publish = publish
         self._spawn = spawn
         self._owner = owner
-        self.run_dir = tempfile.mkdtemp(prefix="authgateway-") if metrics else None
+        self.run_dir = make_run_dir(self.environ) if metrics else None
         self.slots = [
             Slot(k, metrics_socket=os.path.join(self.run_dir, f"w{k}.sock") if self.run_dir else None)
             for k in range(count)
@@ -718,6 +787,8 @@ class Supervisor(service.Service):
                 self._close_listeners()
                 self._remove_run_dir()  # the start fails
                 raise
+            if self.run_dir is not None:
+                claim_run_dir(self.run_dir)
             if self.run_dir is not None and self._owner is not None:
                 os.chown(self.run_dir, *self._owner)  # twistd drops to --uid/--gid next
         super().privilegedStartService()
@@ -1026,6 +1097,7 @@ def attach_worker(reactor: Any, options: Mapping[str, Any], top: service.MultiSe
 __all__ = [
     "ARGV_FD", "HELD", "MAX_ARGV", "READY", "argv_line", "read_worker_argv", "BACKOFF_FIRST", "BACKOFF_MAX", "BACKOFF_RESET", "FIRST_LISTENER_FD", "LOG_FD",
     "LineBuffer", "ListenerSpec", "LogRelay", "MAX_LOG_LINE", "OpenListener", "ParentWatch", "PipeWriter",
+    "make_run_dir", "remove_stale_run_dirs",
     "STOP_GRACE", "Slot", "Supervisor", "WorkerProtocol", "WorkerWatch", "adopted_endpoint",
     "attach_worker", "install_signals", "make_parent", "open_listener", "open_tcp",
     "parse_fds", "parse_listener", "pipe_logger", "set_parent_death_signal",
