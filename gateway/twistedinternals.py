@@ -17,10 +17,12 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
-from twisted.internet import tcp
+from twisted.internet import tcp, unix
 
-#: Transports whose write buffer L{write_now} knows (not TLS, not a test double).
-_PLAIN_TCP = (tcp.Server, tcp.Client)
+#: Transports whose write buffer L{write_now} knows (not TLS, not a test
+#: double): TCP, and the client side of a UNIX socket (the Redis link's;
+#: its C{writeSomeData} sends file descriptors first, and it never has any).
+_PLAIN_TCP = (tcp.Server, tcp.Client, unix.Client)
 
 
 def write_now(transport: Any, data: bytes) -> bool:

@@ -205,11 +205,12 @@ class LinkPolicyTests(SynchronousTestCase):
 
     def test_admit_one_script(self) -> None:
         """One EVALSHA per admit; its reply decides."""
-        state, endpoint, _ = self.make()
+        state, endpoint, reactor = self.make()
         self.handshake(endpoint)
         p, transport = endpoint.last
         transport.clear()
         d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)  # the turn's operations go out, in one script
         self.assertEqual(transport.value().count(b"EVALSHA"), 1)
         self.assertNotIn(b"daniel", transport.value())
         p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:1\r\n")
@@ -218,25 +219,28 @@ class LinkPolicyTests(SynchronousTestCase):
         self.assertIsNotNone(admission.known)
         transport.clear()
         d = state.throttle.finish(admission, FAILURE)
-        p.dataReceived(b"$3\r\n0.5\r\n")
+        reactor.advance(0)  # the turn's operations go out, in one script
+        p.dataReceived(b"*1\r\n$3\r\n0.5\r\n")  # a batch's reply: one element per finish
         self.assertEqual(self.successResultOf(d), 0.5)
 
     def test_refused_reply(self) -> None:
-        state, endpoint, _ = self.make()
+        state, endpoint, reactor = self.make()
         self.handshake(endpoint)
         p, _ = endpoint.last
         d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)  # the turn's operations go out, in one script
         p.dataReceived(b"*3\r\n:0\r\n$4\r\n42.5\r\n$4\r\npair\r\n")
         self.assertEqual(self.failureResultOf(d, Throttled).value.retry_after, 42.5)
         self.assertEqual(state.throttle.refused["pair"], 1)
 
     def test_noscript(self) -> None:
         """A Redis without the script (restarted) gets it with EVAL."""
-        state, endpoint, _ = self.make()
+        state, endpoint, reactor = self.make()
         self.handshake(endpoint)
         p, transport = endpoint.last
         transport.clear()
         d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)  # the turn's operations go out, in one script
         p.dataReceived(b"-NOSCRIPT No matching script\r\n")
         self.assertIn(b"LOAD", transport.value())
         self.assertIn(b"redis.call('TIME')", transport.value())
@@ -265,8 +269,9 @@ class LinkPolicyTests(SynchronousTestCase):
 
     def test_first_connection_fails(self) -> None:
         """... or fail as the policy says when it fails."""
-        state, endpoint, _ = self.make()
+        state, endpoint, reactor = self.make()
         d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)  # the turn's operations go out, in one script
         self.refused(endpoint)
         self.failureResultOf(d, StateUnavailable)
 
@@ -350,6 +355,7 @@ class LinkPolicyTests(SynchronousTestCase):
         self.handshake(endpoint)
         p, transport = endpoint.last
         d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)  # the turn's operations go out, in one script
         self.assertNoResult(d)
         reactor.advance(1.5)
         self.assertFalse(transport.disconnecting)
@@ -370,10 +376,11 @@ class LinkPolicyTests(SynchronousTestCase):
 
     def test_error_reply(self) -> None:
         """An error reply (OOM, a script error): that login fails temporarily, the link stays."""
-        state, endpoint, _ = self.make()
+        state, endpoint, reactor = self.make()
         self.handshake(endpoint)
         p, _ = endpoint.last
         d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)  # the turn's operations go out, in one script
         p.dataReceived(b"-OOM command not allowed when used memory > 'maxmemory'\r\n")
         self.failureResultOf(d, StateUnavailable)
         self.assertTrue(state.up)
@@ -381,15 +388,68 @@ class LinkPolicyTests(SynchronousTestCase):
 
     def test_cancelled_admit(self) -> None:
         """A caller that leaves while the script runs: its place is released and charged."""
-        state, endpoint, _ = self.make()
+        state, endpoint, reactor = self.make()
         self.handshake(endpoint)
         p, transport = endpoint.last
         d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)  # the turn's operations go out, in one script
         d.cancel()
         self.failureResultOf(d, defer.CancelledError)
         transport.clear()
         p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
         self.assertIn(b"peer_failure", transport.value())
+
+    def test_one_script_per_turn(self) -> None:
+        """The operations of one reactor turn go out as one EVALSHA; each caller gets its part."""
+        state, endpoint, reactor = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        first = self.successResultOf(self.admitted(state, reactor, p, "192.0.2.1"))
+        transport.clear()
+        finished = state.throttle.finish(first, FAILURE)
+        admits = [state.throttle.admit(f"192.0.2.{n}", "daniel") for n in (2, 3)]
+        self.assertEqual(transport.value(), b"")  # not before the turn ends
+        reactor.advance(0)
+        sent = transport.value()
+        self.assertEqual(sent.count(b"EVALSHA"), 1)
+        self.assertLess(sent.index(b"f111failure"), sent.index(b"a11"))  # in their order
+        self.assertEqual(state.link.pending, 3)
+        p.dataReceived(b"*7\r\n$3\r\n0.5\r\n:1\r\n$1\r\n0\r\n:0\r\n:0\r\n$2\r\n30\r\n$4\r\npair\r\n")
+        self.assertEqual(self.successResultOf(finished), 0.5)
+        self.assertIsNone(self.successResultOf(admits[0]).known)
+        self.assertEqual(self.failureResultOf(admits[1], Throttled).value.retry_after, 30)
+        self.assertEqual(state.link.pending, 0)
+
+    def test_reply_queues_next_batch(self) -> None:
+        """What a reply's callers queue (a login's finish, the next admit) goes out when the read is done."""
+        state, endpoint, reactor = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)
+        d.addCallback(lambda a: (state.throttle.finish(a, SUCCESS), state.throttle.admit("192.0.2.2", "x")))
+        transport.clear()
+        p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
+        self.assertEqual(transport.value().count(b"EVALSHA"), 1)  # no timer waited for
+        self.assertIn(b"f111success", transport.value())
+
+    def test_lost_while_loading(self) -> None:
+        """The connection lost while the script loads: the operation fails, it does not hang."""
+        state, endpoint, reactor = self.make()
+        self.handshake(endpoint)
+        p, transport = endpoint.last
+        d = state.throttle.admit("192.0.2.1", "daniel")
+        reactor.advance(0)
+        p.dataReceived(b"-NOSCRIPT No matching script\r\n")
+        p.connectionLost(Failure(ConnectionResetError("gone")))
+        self.failureResultOf(d, StateUnavailable)
+        self.assertEqual(state.link.pending, 0)
+
+    def admitted(self, state: State, reactor: MemoryReactorClock, p: Any, peer: str) -> defer.Deferred[Any]:
+        d = state.throttle.admit(peer, "daniel")
+        reactor.advance(0)
+        p.dataReceived(b"*3\r\n:1\r\n$1\r\n0\r\n:0\r\n")
+        return d
 
     def test_stop_closes(self) -> None:
         state, endpoint, _ = self.make()
@@ -481,6 +541,18 @@ class ThrottleOnRedis(RealRedisMixin, TestCase):
         for admission in admitted:  # released: room again
             await one.throttle.finish(admission, None)
         await one.throttle.admit("192.0.2.7", "carol")
+
+    async def test_batch_in_order(self) -> None:
+        """One turn's release and the next admit, in one script: the release counts first."""
+        state = self.state(max_failures=1, max_peer_failures=1)
+        await self.up(state)
+        first = await state.throttle.admit("192.0.2.1", "daniel")
+        with self.assertRaises(Throttled):  # its place is taken while it is in flight
+            await state.throttle.admit("192.0.2.1", "daniel")
+        released = state.throttle.finish(first, None)
+        second = state.throttle.admit("192.0.2.1", "daniel")  # the same turn: the same script
+        self.assertEqual(await released, 0.0)
+        self.assertFalse((await second).local)
 
     async def test_delay_doubles(self) -> None:
         state = self.state(delay=0.5, max_delay=1.5)

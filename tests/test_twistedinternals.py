@@ -19,7 +19,7 @@ from typing import Any
 
 import twisted
 from packaging.requirements import Requirement
-from twisted.internet import defer, endpoints, error, protocol, reactor, tcp
+from twisted.internet import defer, endpoints, error, protocol, reactor, tcp, unix
 from twisted.internet.interfaces import IHalfCloseableProtocol, ITLSTransport
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -353,6 +353,31 @@ class ReactorTransportTests(TestCase):
         self.assertEqual((yield server_factory.got), b"up\n")
         self.assertEqual((yield client_factory.got), b"down\n")
 
+
+    @defer.inlineCallbacks
+    def test_unix_client(self) -> Any:
+        """The client side of a UNIX socket (the Redis link's) is sent at once too."""
+        path = os.path.join(tempfile.mkdtemp(dir="/tmp"), "s")
+        self.addCleanup(shutil.rmtree, os.path.dirname(path))
+        server_factory = protocol.Factory.forProtocol(Collect)
+        server_factory.made, server_factory.got = defer.Deferred(), defer.Deferred()
+        port = reactor.listenUNIX(path, server_factory)
+        self.addCleanup(port.stopListening)
+        client_factory = protocol.ClientFactory.forProtocol(Collect)
+        client_factory.made, client_factory.got = defer.Deferred(), defer.Deferred()
+        reactor.connectUNIX(path, client_factory)
+        client = yield client_factory.made
+        server_side = yield server_factory.made
+
+        def close() -> defer.Deferred[Any]:
+            client.transport.loseConnection()
+            server_side.transport.loseConnection()
+            return defer.gatherResults([client.lost, server_side.lost])
+
+        self.addCleanup(close)
+        self.assertIs(type(client.transport), unix.Client)
+        self.assertTrue(write_now(client.transport, b"up\n"))
+        self.assertEqual((yield server_factory.got), b"up\n")
 
 class _Recording(server.Request):
     """Notes what L{request_line} says when the body's length is known."""

@@ -122,7 +122,7 @@ def open_state(
 
     @raise ValueError: a bad URL or policy (the message never holds the password).
     """
-    from gateway.state import redis  # txredisapi only when asked for
+    from gateway.state import redis  # hiredis only when asked for
 
     parsed = redis.parse_state_url(url)
     if failure not in redis.FAILURE_POLICIES:

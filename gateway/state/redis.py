@@ -12,8 +12,10 @@ in the URL) and has an expiry, so nothing outlives its use:
     PREFIX s:SCOPE:D                         session leases (ZSET, score = expiry)
 
 Time is Redis's (C{TIME} inside the scripts), so instances with skewed
-clocks agree; each step is one Lua script (EVALSHA, EVAL on NOSCRIPT), so
-two instances cannot both take the last place. Attempts in flight and
+clocks agree; each update runs in one Lua script (EVALSHA, loaded on
+NOSCRIPT), so two instances cannot both take the last place: a throttle's
+step is one operation of L{BATCH}, and the steps of one reactor turn go out
+as one call (one round trip, one reply split back to their callers). Attempts in flight and
 leases are members whose score is their expiry: a crashed worker's places
 come back by themselves (leases are renewed by their holder while it
 lives).
@@ -47,7 +49,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
-import txredisapi
+import hiredis
 from twisted.application import service
 from twisted.internet import defer, endpoints, protocol, ssl, task
 from twisted.logger import Logger
@@ -64,6 +66,7 @@ from gateway.ratelog import LogRateLimiter
 from gateway.state import ISessionLimits, Lease, LocalSessions
 from gateway.state.url import DEFAULT_PREFIX, FAILURE_POLICIES, StateURL, parse_state_url
 from gateway.tls import load_ca_file
+from gateway.twistedinternals import write_now
 
 log = Logger()
 
@@ -101,17 +104,69 @@ class Encoded(bytes):
     """A whole command already in RESP, sent as it is (built once from cached parts)."""
 
 
-class _Protocol(txredisapi.RedisProtocol):  # type: ignore[misc,name-defined]
-    """txredisapi's protocol (hiredis parser when installed) on the link's reactor."""
+class ErrorReply(Exception):
+    """An error reply from Redis (a script's error, NOSCRIPT, OOM, WRONGPASS...)."""
 
-    def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
-        if len(args) == 1 and type(args[0]) is Encoded:
-            return args[0]
-        return super()._build_command(*args, **kwargs)
 
-    def connectionLost(self, why: Failure) -> None:
-        super().connectionLost(why)
-        self.factory.link._lost(self, why)
+class _Protocol(protocol.Protocol):
+    """
+    A minimal RESP client on hiredis's parser: each command sent pushes a
+    plain callable, each reply pops and calls the oldest (Redis answers in
+    order). No Deferred, timer or conversion per command: the throttle's
+    hot path sends one command per reactor turn and splits its reply itself.
+    """
+
+    def __init__(self, link: Link) -> None:
+        self.link = link
+        self._reader = hiredis.Reader(replyError=ErrorReply)
+        self.waiting: collections.deque[Callable[[Any], None]] = collections.deque()
+
+    def send(self, command: bytes, done: Callable[[Any], None]) -> None:
+        """Write C{command}; C{done} gets its reply, an L{ErrorReply}, or a Failure when the connection ends."""
+        write_now(self.transport, command)  # no wait for the next reactor pass
+        self.waiting.append(done)
+
+    def command(self, *args: Any) -> defer.Deferred[Any]:
+        """Send one command built from C{args}; a Deferred of its reply (errback on an error reply)."""
+        d: defer.Deferred[Any] = defer.Deferred()
+
+        def done(reply: Any) -> None:
+            if isinstance(reply, (Exception, Failure)):
+                d.errback(reply)
+            else:
+                d.callback(reply)
+
+        self.send(b"*%d\r\n%s" % (len(args), resp(*args)), done)
+        return d
+
+    def dataReceived(self, data: bytes) -> None:
+        reader, waiting, link = self._reader, self.waiting, self.link
+        reader.feed(data)
+        link.dispatching = True
+        try:
+            reply = reader.gets()
+            while reply is not False:
+                if not waiting:  # a reply nobody asked for: not Redis
+                    self.transport.abortConnection()
+                    return
+                waiting.popleft()(reply)
+                reply = reader.gets()
+        except hiredis.ProtocolError:
+            self.transport.abortConnection()
+        finally:
+            link.dispatching = False
+        link.replied()
+
+    def connectionLost(self, why: Failure = protocol.connectionDone) -> None:
+        waiting, self.waiting = self.waiting, collections.deque()
+        lost = Failure(ConnectionLost(why.getErrorMessage()))
+        for done in waiting:
+            done(lost)
+        self.link._lost(self, why)
+
+
+class ConnectionLost(Exception):
+    """The connection to Redis ended before the reply came."""
 
 
 class _Factory(protocol.Factory):
@@ -121,10 +176,7 @@ class _Factory(protocol.Factory):
     def buildProtocol(self, addr: Any) -> _Protocol:
         # No timer per command: the link's watchdog ends a connection whose
         # oldest reply is overdue (L{Link._watch}).
-        p = _Protocol(charset=None, replyTimeout=None, convertNumbers=False)
-        p.callLater = self.link.reactor.callLater  # not the global reactor
-        p.factory = self
-        return p
+        return _Protocol(self.link)
 
 
 class Link(service.Service):
@@ -172,7 +224,12 @@ class Link(service.Service):
         #: The last state logged (None: none yet).
         self._logged: bool | None = None
         #: Commands waiting for the first connection's outcome (None once known).
-        self._starting: list[defer.Deferred[None]] | None = []
+        self._starting: list[Callable[[], None]] | None = []
+        #: Whether replies are being dispatched now (what they queue is
+        #: flushed when they are all dispatched: L{replied}).
+        self.dispatching = False
+        #: Called after each read's replies (L{RedisThrottle}'s batch).
+        self.flushers: list[Callable[[], None]] = []
         #: When each command waiting for its reply was sent, oldest first
         #: (Redis answers in order).
         self._sent: collections.deque[float] = collections.deque()
@@ -269,7 +326,7 @@ class Link(service.Service):
         if url.db:
             commands.append(("SELECT", url.db))
         commands.append(("PING",))
-        replies = [p.execute_command(*c, apply_timeout=False) for c in commands]
+        replies = [p.command(*c) for c in commands]
         timer = self.reactor.callLater(self.connect_timeout, p.transport.abortConnection)
 
         def ready(_: Any) -> None:
@@ -306,8 +363,8 @@ class Link(service.Service):
     def _went(self, up: bool, why: str = "") -> None:
         self.up = up
         starting, self._starting = self._starting, None
-        for d in starting or ():
-            d.callback(None)
+        for retry in starting or ():
+            retry()
         if self._logged is up or not self.running:
             return
         first, self._logged = self._logged is None, up
@@ -327,60 +384,110 @@ class Link(service.Service):
 
     def run(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> defer.Deferred[Any]:
         """Run C{script} (EVALSHA; loaded when Redis lacks it); fails with L{Unreachable}."""
-        return self.run_encoded(script, 1 + len(keys) + len(args), resp(len(keys), *keys, *args))
-
-    def run_encoded(self, script: Script, count: int, body: bytes) -> defer.Deferred[Any]:
-        """L{run} with the C{count} elements after the SHA (number of keys, keys, arguments) in RESP."""
-        return self._send(Encoded(b"*%d\r\n%s%s" % (count + 2, script.evalsha, body)), script)
+        return self._deferred(Encoded(
+            b"*%d\r\n%s%s" % (3 + len(keys) + len(args), script.evalsha, resp(len(keys), *keys, *args))
+        ), script)
 
     def command(self, *args: Any) -> defer.Deferred[Any]:
         """Send one command; fails with L{Unreachable}."""
-        return self._send(Encoded(b"*%d\r\n%s" % (len(args), resp(*args))), None)
+        return self._deferred(Encoded(b"*%d\r\n%s" % (len(args), resp(*args))), None)
 
-    def _send(self, command: Encoded, script: Script | None) -> defer.Deferred[Any]:
+    def _deferred(self, command: Encoded, script: Script | None) -> defer.Deferred[Any]:
+        refused = self.take()
+        if refused is not None:
+            return defer.fail(refused)
+        d: defer.Deferred[Any] = defer.Deferred()
+
+        def done(reply: Any) -> None:
+            if isinstance(reply, Failure):
+                d.errback(reply)
+            else:
+                d.callback(reply)
+
+        self.call(command, script, done)
+        return d
+
+    def take(self, ops: int = 1) -> Unreachable | None:
+        """
+        Count C{ops} operations as waiting for Redis (None), or say why
+        Redis cannot take them now (counted as errors): not connected
+        (the first connection's attempt excepted: they wait for it), or
+        C{max_pending} operations waiting already. L{call} sends them.
+        """
+        if self._protocol is None and not (self.running and self._starting is not None):
+            self.errors += ops
+            return Unreachable("not connected")
+        if self.pending + ops > self.max_pending:
+            self.errors += ops
+            return Unreachable("too many commands waiting")
+        self.pending += ops
+        return None
+
+    def call(
+        self, command: Encoded, script: Script | None, done: Callable[[Any], None], ops: int = 1
+    ) -> None:
+        """
+        Send C{command}, carrying C{ops} operations counted by L{take}:
+        C{done} gets its reply, or a Failure of L{Unreachable} (not sent,
+        connection lost, overdue, an error reply). A script Redis lacks is
+        loaded and the command sent again.
+        """
         p = self._protocol
-        if p is None and self.running and self._starting is not None and len(self._starting) < self.max_pending:
+        if p is None and self.running and self._starting is not None:
             # The first connection is under way (a worker just started):
             # wait for it rather than fail the logins of its first moments.
-            started: defer.Deferred[None] = defer.Deferred()
-            self._starting.append(started)
-            return started.addCallback(lambda _: self._send(command, script))
-        if p is None or self.pending >= self.max_pending:
-            self.errors += 1
-            return defer.fail(Unreachable("not connected" if p is None else "too many commands waiting"))
-        self.pending += 1
-        try:
-            d = p.execute_command(command)
-        except txredisapi.ConnectionError:
-            self.pending -= 1
-            self.errors += 1
-            return defer.fail(Unreachable("not connected"))
+            self._starting.append(lambda: self.call(command, script, done, ops))
+            return
+        if p is None:
+            self.pending -= ops
+            self.errors += ops
+            done(Failure(Unreachable("not connected")))
+            return
         self._sent.append(self.reactor.seconds())
-        if script is not None:
-            d.addErrback(self._noscript, p, script, command)
-        return d.addBoth(self._answered)
 
-    def _noscript(self, reason: Failure, p: _Protocol, script: Script, command: Encoded) -> Any:
-        """Redis lacks the script (restarted, flushed): load it, send the command again."""
-        if reason.check(txredisapi.ResponseError) and str(reason.value).startswith("NOSCRIPT"):
-            if p.connected:
-                loaded = p.execute_command("SCRIPT", "LOAD", script.text)
-                return loaded.addCallback(lambda _: p.execute_command(command))
-        return reason
+        retried = False
 
-    def _answered(self, result: Any) -> Any:
-        self.pending -= 1
-        if self._sent:
-            self._sent.popleft()
-        if not isinstance(result, Failure):
-            return result
-        self.errors += 1
-        if result.check(txredisapi.ResponseError):  # the link is up: a script's or Redis's error
+        def answered(reply: Any) -> None:
+            nonlocal retried
+            if (
+                script is not None and not retried and isinstance(reply, ErrorReply)
+                and str(reply).startswith("NOSCRIPT")
+            ):
+                retried = True
+                # Redis lacks the script (restarted, flushed): load it, send again.
+                def loaded(reply: Any) -> None:
+                    if isinstance(reply, Failure):  # lost meanwhile
+                        answered(reply)
+                    else:  # (a refused LOAD: the command's own error tells)
+                        p.send(command, answered)
+
+                p.send(b"*3\r\n%s" % resp(b"SCRIPT", b"LOAD", script.text), loaded)
+                return
+            self.pending -= ops
+            if self._sent:
+                self._sent.popleft()
+            if isinstance(reply, (Exception, Failure)):
+                done(self._error(reply, ops))
+            else:
+                done(reply)
+
+        p.send(command, answered)
+
+    def _error(self, reply: Exception | Failure, ops: int) -> Failure:
+        """An error reply or a lost connection, counted (and logged at most once a minute for a reply)."""
+        self.errors += ops
+        if isinstance(reply, ErrorReply):  # the link is up: a script's or Redis's error
             self.error_log.warn(
                 log, "error", "state: {name} answered an error: {error}",
-                name=self.name, error=_one_line(str(result.value)),
+                name=self.name, error=_one_line(str(reply)),
             )
-        raise Unreachable(result.getErrorMessage())
+            return Failure(Unreachable(str(reply)))
+        return Failure(Unreachable(reply.getErrorMessage() if isinstance(reply, Failure) else str(reply)))
+
+    def replied(self) -> None:
+        """A read's replies are dispatched: what they queued goes out now, in one command each."""
+        for flush in self.flushers:
+            flush()
 
     def unavailable(self, reason: Failure, local: Callable[[], Any]) -> Any:
         """
@@ -397,6 +504,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:200]
 
 
+@functools.lru_cache(maxsize=16)
 def _digest_key(prefix: str) -> bytes:
     return hashlib.sha256(b"authgateway state digests\0" + prefix.encode()).digest()
 
@@ -415,14 +523,30 @@ def _now() -> str:
     )
 
 
-#: KEYS: peer failures, peer in flight, pair failures, pair in flight, user
-#: failures, known device. ARGV: has peer, has user, window, peer limit,
-#: pair limit, user ceiling, delay, max delay, max user delay, token,
-#: seconds in flight. Returns {0, retry, limit} (refused) or {1, wait, known}.
-ADMIT = Script(_now() + """
-local window = tonumber(ARGV[3])
+#: The throttle's operations of one reactor turn, in order, in one script
+#: (one round trip, one TIME: they all happen at the same instant).
+#: KEYS: six per operation: peer failures, peer in flight, pair failures,
+#: pair in flight, user failures, known device. ARGV: window, peer limit,
+#: pair limit, user ceiling, delay, max delay, max user delay, user
+#: failures kept, known for, seconds in flight; then two per operation:
+#: its code and its token. The code is C{a} (admit: check and reserve) or
+#: C{f} (finish: release and record), the flags has peer and has user
+#: (C{0}/C{1}), and for a finish the release flag and the verdict (empty,
+#: C{success}, C{failure}, C{peer_failure}). Returns, flat, for an admit
+#: {0, retry, limit} (refused) or {1, wait, known}; for a finish, its delay.
+BATCH = Script(_now() + """
+local window = tonumber(ARGV[1])
 local cutoff = now - window
-local retry, by = 0, ''
+local window_ms = math.ceil(window * 1000)
+local peer_limit, pair_limit = tonumber(ARGV[2]), tonumber(ARGV[3])
+local ceiling, delay = tonumber(ARGV[4]), tonumber(ARGV[5])
+local max_delay, max_user_delay = tonumber(ARGV[6]), tonumber(ARGV[7])
+local user_kept, known_ms = tonumber(ARGV[8]), math.ceil(tonumber(ARGV[9]) * 1000)
+local ttl = tonumber(ARGV[10])
+local ttl_ms = math.ceil(ttl * 1000)
+local out = {}
+
+local retry, by
 local function hard(f, i, limit, kind)
   redis.call('ZREMRANGEBYSCORE', f, '-inf', cutoff)
   local n = redis.call('ZCARD', f)
@@ -438,68 +562,77 @@ local function hard(f, i, limit, kind)
     if by == '' then by = kind end
   end
 end
-if ARGV[1] == '1' then hard(KEYS[1], KEYS[2], tonumber(ARGV[4]), 'peer') end
-if ARGV[2] == '1' then hard(KEYS[3], KEYS[4], tonumber(ARGV[5]), 'pair') end
-if retry > 0 then return {0, tostring(retry), by} end
-local wait, known = 0, 0
-if ARGV[2] == '1' then
-  known = redis.call('EXISTS', KEYS[6])
-  redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', cutoff)
-  local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[6])
-  local delay = tonumber(ARGV[7])
-  if excess >= 0 and delay > 0 and known == 0 then
-    wait = math.min(delay * 2 ^ excess, tonumber(ARGV[8]), tonumber(ARGV[9]))
-  end
-end
-local ttl = tonumber(ARGV[11])
-local ms = math.ceil(ttl * 1000)
-local function reserve(i)
-  redis.call('ZADD', i, now + ttl, ARGV[10])
-  redis.call('PEXPIRE', i, ms)
-end
-if ARGV[1] == '1' then reserve(KEYS[2]) end
-if ARGV[2] == '1' then reserve(KEYS[4]) end
-return {1, tostring(wait), known}
-""")
 
-#: KEYS: as L{ADMIT}. ARGV: has peer, has user, release, verdict (empty,
-#: success, failure, peer_failure), token, window, peer limit, pair limit,
-#: user failures kept, delay, max delay, known for. Returns the delay.
-FINISH = Script("""
-if ARGV[3] == '1' then
-  if ARGV[1] == '1' then redis.call('ZREM', KEYS[2], ARGV[5]) end
-  if ARGV[2] == '1' then redis.call('ZREM', KEYS[4], ARGV[5]) end
+local function reserve(i, token)
+  redis.call('ZADD', i, now + ttl, token)
+  redis.call('PEXPIRE', i, ttl_ms)
 end
-local verdict = ARGV[4]
-if verdict == '' then return '0' end
-if verdict == 'success' then
-  if ARGV[2] == '1' then
-    redis.call('DEL', KEYS[3])
-    redis.call('SET', KEYS[6], '1', 'PX', math.ceil(tonumber(ARGV[12]) * 1000))
+
+local function admit(k, peer, user, token)
+  retry, by = 0, ''
+  if peer then hard(KEYS[k + 1], KEYS[k + 2], peer_limit, 'peer') end
+  if user then hard(KEYS[k + 3], KEYS[k + 4], pair_limit, 'pair') end
+  if retry > 0 then
+    out[#out + 1] = 0; out[#out + 1] = tostring(retry); out[#out + 1] = by
+    return
   end
-  return '0'
+  local wait, known = 0, 0
+  if user then
+    known = redis.call('EXISTS', KEYS[k + 6])
+    redis.call('ZREMRANGEBYSCORE', KEYS[k + 5], '-inf', cutoff)
+    local excess = redis.call('ZCARD', KEYS[k + 5]) - ceiling
+    if excess >= 0 and delay > 0 and known == 0 then
+      wait = math.min(delay * 2 ^ excess, max_delay, max_user_delay)
+    end
+  end
+  if peer then reserve(KEYS[k + 2], token) end
+  if user then reserve(KEYS[k + 4], token) end
+  out[#out + 1] = 1; out[#out + 1] = tostring(wait); out[#out + 1] = known
 end
-""" + _now() + """
-local window = tonumber(ARGV[6])
-local cutoff = now - window
-local ms = math.ceil(window * 1000)
-local counted = 0
-local function add(f, keep, hard)
+
+local counted
+local function add(f, token, keep, counts)
   redis.call('ZREMRANGEBYSCORE', f, '-inf', cutoff)
-  redis.call('ZADD', f, now, ARGV[5])
+  redis.call('ZADD', f, now, token)
   redis.call('ZREMRANGEBYRANK', f, 0, -(keep + 1))
-  redis.call('PEXPIRE', f, ms)
-  if hard then counted = math.max(counted, redis.call('ZCARD', f)) end
+  redis.call('PEXPIRE', f, window_ms)
+  if counts then counted = math.max(counted, redis.call('ZCARD', f)) end
 end
-if ARGV[1] == '1' then add(KEYS[1], tonumber(ARGV[7]), true) end
-if ARGV[2] == '1' then
-  add(KEYS[3], tonumber(ARGV[8]), true)
-  redis.call('DEL', KEYS[6])
-  if verdict == 'failure' then add(KEYS[5], tonumber(ARGV[9]), false) end
+
+local function finish(k, peer, user, release, verdict, token)
+  if release then
+    if peer then redis.call('ZREM', KEYS[k + 2], token) end
+    if user then redis.call('ZREM', KEYS[k + 4], token) end
+  end
+  if verdict == '' then return '0' end
+  if verdict == 'success' then
+    if user then
+      redis.call('DEL', KEYS[k + 3])
+      redis.call('SET', KEYS[k + 6], '1', 'PX', known_ms)
+    end
+    return '0'
+  end
+  counted = 0
+  if peer then add(KEYS[k + 1], token, peer_limit, true) end
+  if user then
+    add(KEYS[k + 3], token, pair_limit, true)
+    redis.call('DEL', KEYS[k + 6])
+    if verdict == 'failure' then add(KEYS[k + 5], token, user_kept, false) end
+  end
+  if counted == 0 or delay <= 0 then return '0' end
+  return tostring(math.min(delay * 2 ^ (counted - 1), max_delay))
 end
-local delay = tonumber(ARGV[10])
-if counted == 0 or delay <= 0 then return '0' end
-return tostring(math.min(delay * 2 ^ (counted - 1), tonumber(ARGV[11])))
+
+for n = 0, (#ARGV - 10) / 2 - 1 do
+  local code, token = ARGV[11 + 2 * n], ARGV[12 + 2 * n]
+  local peer, user = string.byte(code, 2) == 49, string.byte(code, 3) == 49
+  if string.byte(code, 1) == 97 then
+    admit(6 * n, peer, user, token)
+  else
+    out[#out + 1] = finish(6 * n, peer, user, string.byte(code, 4) == 49, string.sub(code, 5), token)
+  end
+end
+return out
 """)
 
 #: KEYS: the scope's leases. ARGV: limit, token, seconds a lease lasts
@@ -526,6 +659,10 @@ return #KEYS
 """)
 
 
+def _none(_: Any) -> None:
+    """Swallows the outcome of a step nobody waits for (its failure is counted and logged by the link)."""
+
+
 def _number(value: Any) -> float:
     return float(value.decode() if isinstance(value, bytes) else value)
 
@@ -541,10 +678,13 @@ class _Tokens:
         return f"{self._prefix}{next(self._count)}"
 
 
-#: L{FINISH}'s release flag and verdict, in RESP.
-_VERDICTS = {
-    (release, verdict): resp("1" if release else "0", verdict or "")
-    for release in (True, False) for verdict in (None, SUCCESS, FAILURE, PEER_FAILURE)
+#: L{BATCH}'s operation codes (see there), in RESP.
+_CODES = {
+    code: resp(code) for code in (
+        [f"a{p}{u}" for p in "01" for u in "01"]
+        + [f"f{p}{u}{r}{v or ''}" for p in "01" for u in "01" for r in "01"
+           for v in (None, SUCCESS, FAILURE, PEER_FAILURE)]
+    )
 }
 
 
@@ -553,8 +693,16 @@ class RedisThrottle:
     """
     L{IThrottle} on Redis, with the semantics of L{Throttle} (whose limits
     it takes, and which it falls back to under C{--state-failure local}):
-    one script to admit an attempt (check and reserve), one to finish it
-    (release and record).
+    an admit (check and reserve) and a finish (release and record) are
+    each one operation of L{BATCH}; the operations of one reactor turn go
+    out as one script call, run by Redis in their order (atomically), and
+    each reply goes back to its caller.
+
+    The batch is sent when the turn's replies are all dispatched (what a
+    reply's callbacks queued: the finish of a login and the admit of the
+    next) or else at the next turn (C{callLater(0)}), never later: an
+    attempt's release is not held back for a batch to fill, so a finished
+    attempt stops counting in flight as soon as it would one at a time.
     """
 
     #: Seconds an attempt counts in flight unless finished sooner (a
@@ -572,7 +720,14 @@ class RedisThrottle:
         self._delayed = 0
         self._token = _Tokens()
         self._keys = functools.lru_cache(maxsize=4096)(self._make_keys)
-        self._in_flight: tuple[float, bytes] = (-1.0, b"")
+        #: The operations of this turn: their keys and arguments in RESP,
+        #: and what to do with each one's reply.
+        self._queue_keys: list[bytes] = []
+        self._queue_args: list[bytes] = []
+        self._queue_ops: list[tuple[Any, ...]] = []
+        self._timer: Any = None
+        self._limits_for: tuple[float, bytes] = (-1.0, b"")
+        link.flushers.append(self.flush)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("max_") or name in ("window", "delay", "known_for"):
@@ -583,8 +738,8 @@ class RedisThrottle:
     def delayed(self) -> int:
         return self._delayed + self.local.delayed
 
-    def _make_keys(self, peer: str | None, user: str | None) -> bytes:
-        """The number of keys, the keys and the two flags (has peer, has user) in RESP."""
+    def _make_keys(self, peer: str | None, user: str | None) -> tuple[bytes, str]:
+        """The six keys in RESP, and the flags (has peer, has user) of the operation's code."""
         p = self.prefix
         address = peer_key(peer)
         pair = account = ""
@@ -593,70 +748,98 @@ class RedisThrottle:
             pair = state_digest(p, name, address or "")
             account = state_digest(p, name)
         return resp(
-            6, f"{p}f:peer:{address}", f"{p}i:peer:{address}", f"{p}f:pair:{pair}",
+            f"{p}f:peer:{address}", f"{p}i:peer:{address}", f"{p}f:pair:{pair}",
             f"{p}i:pair:{pair}", f"{p}f:user:{account}", f"{p}k:{pair}",
-            "1" if address is not None else "0", "1" if user else "0",
-        )
+        ), ("1" if address is not None else "0") + ("1" if user else "0")
 
-    @functools.cached_property
-    def _admit_limits(self) -> bytes:
+    def _limits(self) -> bytes:
+        """L{BATCH}'s first ten arguments in RESP (made again when C{in_flight_for} changes)."""
+        if self._limits_for[0] == self.in_flight_for:
+            return self._limits_for[1]
         local = self.local
-        return resp(local.window, local.max_peer_failures, local.max_failures,
-                    local.max_user_failures, local.delay, local.max_delay, local.max_user_delay)
+        self._limits_for = (self.in_flight_for, resp(local.window, local.max_peer_failures, local.max_failures,
+                    local.max_user_failures, local.delay, local.max_delay, local.max_user_delay,
+                    local.max_user_failures + 32, local.known_for, self.in_flight_for))
+        return self._limits_for[1]
 
-    @functools.cached_property
-    def _finish_limits(self) -> bytes:
-        local = self.local
-        return resp(local.window, local.max_peer_failures, local.max_failures,
-                    local.max_user_failures + 32, local.delay, local.max_delay, local.known_for)
+    def _queue(self, peer: str | None, user: str | None, code: str, token: str, op: tuple[Any, ...]) -> None:
+        keys, flags = self._keys(peer, user)
+        tok = token.encode()
+        self._queue_keys.append(keys)
+        self._queue_args.append(b"%s$%d\r\n%s\r\n" % (_CODES[code[0] + flags + code[1:]], len(tok), tok))
+        self._queue_ops.append(op)
+        if len(self._queue_ops) == 1 and self._timer is None and not self.link.dispatching:
+            self._timer = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        """Send the operations queued, as one L{BATCH} call (the link's hook and the timer's)."""
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        ops = self._queue_ops
+        if not ops:
+            return
+        keys, args = self._queue_keys, self._queue_args
+        self._queue_keys, self._queue_args, self._queue_ops = [], [], []
+        n = len(ops)
+        limits = self._limits()
+        self.link.call(Encoded(b"*%d\r\n%s$%d\r\n%d\r\n%s%s%s" % (
+            3 + 8 * n + 10, BATCH.evalsha, len(str(6 * n)), 6 * n,
+            b"".join(keys), limits, b"".join(args),
+        )), BATCH, functools.partial(self._replied, ops), n)
+
+    def _replied(self, ops: list[tuple[Any, ...]], reply: Any) -> None:
+        """Each operation's part of a batch's reply to its caller (or the failure to each)."""
+        if isinstance(reply, Failure):
+            for op in ops:
+                op[0](reply, *op[1:])
+            return
+        at = 0
+        for op in ops:
+            at = op[0](reply, *op[1:], at=at)
 
     def admit(self, peer: str | None, user: str | None) -> defer.Deferred[Admission]:
-        local = self.local
+        refused = self.link.take()
+        if refused is not None:  # not sent: the failure policy, at once
+            return self._unavailable(refused, lambda: self.local.admit(peer, user))
         token = self._token()
-        if self._in_flight[0] != self.in_flight_for:
-            self._in_flight = (self.in_flight_for, resp(self.in_flight_for))
-        tok = token.encode()
-        d = self.link.run_encoded(ADMIT, 1 + 6 + 11, b"%s%s$%d\r\n%s\r\n%s" % (
-            self._keys(peer, user), self._admit_limits, len(tok), tok, self._in_flight[1],
-        ))
-        if d.called:  # not sent: the failure policy, without a Deferred more
-            return d.addCallbacks(
-                self._admitted, self.link.unavailable, callbackArgs=(peer, user, token),
-                errbackArgs=(lambda: local.admit(peer, user),),
-            )
         outcome: defer.Deferred[Admission] = defer.Deferred()
-
-        def answered(result: Any) -> None:
-            if outcome.called:
-                # The caller left while the script ran: hanging up must not
-                # be a free retry (as L{ThrottlingChecker} counts it).
-                if isinstance(result, Admission):
-                    self.finish(result, PEER_FAILURE).addErrback(lambda _: None)
-                return  # (a failure: nobody to tell)
-            if isinstance(result, Failure):
-                outcome.errback(result)
-            else:
-                outcome.callback(result)
-
-        d.addCallbacks(
-            self._admitted, self.link.unavailable, callbackArgs=(peer, user, token),
-            errbackArgs=(lambda: local.admit(peer, user),),
-        ).addBoth(answered)
+        self._queue(peer, user, "a", token, (self._admitted, outcome, peer, user, token))
         return outcome
 
-    def _admitted(self, reply: Any, peer: str | None, user: str | None, token: str) -> Admission:
-        ok, number, third = reply
-        if not int(ok):
+    def _admitted(
+        self, reply: Any, outcome: defer.Deferred[Admission], peer: str | None, user: str | None,
+        token: str, at: int = 0,
+    ) -> int:
+        result: defer.Deferred[Admission]
+        if type(reply) is list:
+            ok, number, third = reply[at:at + 3]
+            if ok == 1:  # admitted: the common case, without a Deferred more
+                wait = 0.0 if number == b"0" else _number(number)
+                if wait:
+                    self._delayed += 1
+                known = Throttle.lane_keys(peer, user) if third == 1 else None
+                admission = Admission(peer, user, wait, known, token, local=False)
+                if not outcome.called:
+                    outcome.callback(admission)
+                else:
+                    # The caller left while the script ran: hanging up must
+                    # not be a free retry (as L{ThrottlingChecker} counts it).
+                    self.finish(admission, PEER_FAILURE).addErrback(_none)
+                return at + 3
             by = third.decode() if isinstance(third, bytes) else str(third)
             self.refused[by] += 1
             refused = Throttled(_number(number))
             refused.log_suppressed = self.refusal_log.admit(peer_key(peer))
-            raise refused
-        wait = _number(number)
-        if wait:
-            self._delayed += 1
-        known = Throttle.lane_keys(peer, user) if int(third) else None
-        return Admission(peer, user, wait, known, token, local=False)
+            result = defer.fail(refused)
+        else:
+            result = self._unavailable(reply.value, lambda: self.local.admit(peer, user))
+        if outcome.called:  # (as above; a local admission is finished locally)
+            result.addCallback(lambda a: self.finish(a, PEER_FAILURE)).addErrback(_none)
+        else:
+            result.chainDeferred(outcome)
+        return at + 3
 
     def finish(
         self, admission: Admission, verdict: str | None, release: bool = True
@@ -664,17 +847,38 @@ class RedisThrottle:
         if admission.local:
             return self.local.finish(admission, verdict, release)
         peer, user = admission.peer, admission.user
-        local = self.local
-        tok = admission.token.encode()
-        d = self.link.run_encoded(FINISH, 1 + 6 + 12, b"%s%s$%d\r\n%s\r\n%s" % (
-            self._keys(peer, user), _VERDICTS[release, verdict], len(tok), tok,
-            self._finish_limits,
-        ))
+        refused = self.link.take()
+        if refused is not None:
+            return self._unavailable(refused, lambda: defer.succeed(self._finish_here(peer, user, verdict)))
+        d: defer.Deferred[float] = defer.Deferred()
+        self._queue(peer, user, f"f{'1' if release else '0'}{verdict or ''}", admission.token,
+                    (self._finished, d, peer, user, verdict))
+        return d
+
+    def _finish_here(self, peer: str | None, user: str | None, verdict: str | None) -> float:
         # Fallen back: its reservation was in Redis (it expires there); the
         # verdict counts here.
-        return d.addCallbacks(_number, self.link.unavailable, errbackArgs=(
-            lambda: local.finish_now(peer, user, verdict, release=False),
-        ))
+        return self.local.finish_now(peer, user, verdict, release=False)
+
+    def _finished(
+        self, reply: Any, d: defer.Deferred[float], peer: str | None, user: str | None,
+        verdict: str | None, at: int = 0,
+    ) -> int:
+        if isinstance(reply, Failure):
+            self._unavailable(
+                reply.value, lambda: defer.succeed(self._finish_here(peer, user, verdict))
+            ).chainDeferred(d)
+        else:
+            delay = reply[at]
+            d.callback(0.0 if delay == b"0" else _number(delay))
+        return at + 1
+
+    def _unavailable(self, reason: BaseException, local: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
+        """The link's failure policy, as a Deferred already fired."""
+        try:
+            return self.link.unavailable(Failure(reason), local)
+        except StateUnavailable as e:
+            return defer.fail(e)
 
 
 @implementer(ISessionLimits)

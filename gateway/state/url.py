@@ -2,7 +2,7 @@
 """
 The C{--state} URL: C{local}, C{redis://}, C{rediss://} (verified TLS) or
 C{unix://}. Apart from L{gateway.state.redis} so that checking the option
-imports no Redis client (txredisapi installs the global reactor).
+imports no Redis client (a client library may install the global reactor).
 """
 
 from __future__ import annotations
