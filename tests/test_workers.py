@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import signal
 import threading
+import time
 import socket
 import ssl
 import subprocess
@@ -609,9 +610,10 @@ class LogRelayTests(SynchronousTestCase):
         os.close(write)
         ready: list[bool] = []
         self.relay = workers.LogRelay(self.slot, self.published.append, ready=lambda: ready.append(True))
-        clock = MemoryReactorClock()
+        drains: list[Any] = []
+        self.patch(workers.atexit, "register", lambda *a: drains.append(a))
         try:
-            observer = workers.pipe_logger(clock)
+            observer = workers.pipe_logger()
             observer(dict(log_format="hello {who}", who="you", log_level=LogLevel.warn,
                           log_namespace="n", log_time=2.0))
             observer({"log_format": "ready", workers.READY: True})
@@ -629,9 +631,8 @@ class LogRelayTests(SynchronousTestCase):
             ("hello you", LogLevel.warn, "n", 2.0),
         )
         self.assertEqual(ready, [True])
-        self.assertEqual(len(clock.whenRunningHooks), 1)  # the periodic flush, once it runs
-        [(drain, args, _)] = clock.triggers["after"]["shutdown"]
-        self.assertEqual(args, (workers.EXIT_DRAIN,))
+        [(drain, timeout)] = drains
+        self.assertEqual(timeout, workers.EXIT_DRAIN)
 
     def test_pipe_nobody_reads(self) -> None:
         """
@@ -648,21 +649,25 @@ class LogRelayTests(SynchronousTestCase):
         for line in lines:
             writer.write(line)  # a blocking write would hang here
         self.assertLessEqual(len(writer._pending), 10_000)
+        self.patch(workers, "FLUSH_INTERVAL", 0.01)
         received = b""
-        while True:
-            writer.flush()
+        os.set_blocking(read, False)
+        deadline = time.monotonic() + 10
+        while b"dropped" not in received and time.monotonic() < deadline:
             try:
-                chunk = os.read(read, 1 << 20)
+                received += os.read(read, 1 << 20)  # the flusher thread sends the rest: no flush() here
             except BlockingIOError:
-                break
-            received += chunk
-            os.set_blocking(read, False)
+                time.sleep(0.01)
         *texts, note = [json.loads(line)["text"] for line in received.splitlines()]
         self.assertEqual(texts, [json.loads(line)["text"] for line in lines[:len(texts)]])
         self.assertLess(len(texts), 300)
         self.assertEqual(note, f"{300 - len(texts)} log lines dropped: the parent did not read them in time")
         writer.write(lines[0])  # drained: the next line goes at once, no second note
         self.assertEqual(os.read(read, 1 << 20), lines[0])
+        deadline = time.monotonic() + 10
+        while writer._flusher is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertIsNone(writer._flusher)  # nothing waits: the thread ended
 
     def test_pipe_threads(self) -> None:
         """Lines written from several threads arrive whole, none lost while the pipe keeps up."""

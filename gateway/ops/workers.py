@@ -43,6 +43,7 @@ it. Every worker handles both (SIGUSR1 does nothing without an audit log).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
@@ -60,7 +61,7 @@ from typing import Any
 
 import attrs
 from twisted.application import service
-from twisted.internet import defer, error, protocol, task
+from twisted.internet import defer, error, protocol
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.interfaces import IReadDescriptor, IStreamServerEndpoint
 from twisted.logger import LogLevel, Logger, eventAsText, globalLogPublisher
@@ -97,7 +98,8 @@ FIRST_LISTENER_FD = 4
 MAX_LOG_LINE = 64 * 1024
 
 #: What a worker keeps of its log lines while its parent does not read
-#: them; how often it tries to send them; how long it waits for that at exit.
+#: them; how long its flusher waits for the pipe at a time; how long it
+#: waits for it at exit.
 MAX_PENDING_LOG = 1024 * 1024
 FLUSH_INTERVAL = 0.5
 EXIT_DRAIN = 2.0
@@ -395,8 +397,10 @@ class PipeWriter:
     """
     A worker's end of its log pipe, never blocking: what the pipe does not
     take at once waits in a buffer of at most C{limit} bytes, written on the
-    next line and on L{flush} (every L{FLUSH_INTERVAL} s while the worker
-    runs). A parent that stops reading (stopped, its syslog blocked) must
+    next line and by a thread that waits (up to L{FLUSH_INTERVAL} s at a
+    time) for the pipe to take it, which ends once nothing waits: a thread,
+    not a timer, so that a busy or stopping reactor does not hold the lines
+    back. A parent that stops reading (stopped, its syslog blocked) must
     not freeze its workers: lines past the bound are dropped and counted,
     and once the buffer drains one line says how many. Thread-safe (log
     observers may be called from any thread).
@@ -408,6 +412,7 @@ class PipeWriter:
         self._pending = bytearray()
         self._dropped = 0
         self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
 
     def write(self, line: bytes) -> None:
         """Send C{line} (whole, with its newline) or keep it, or drop it when full."""
@@ -417,6 +422,19 @@ class PipeWriter:
             else:
                 self._pending += line
             self._flush()
+            if self._pending and self._flusher is None:
+                self._flusher = threading.Thread(target=self._flushing, name="log-pipe", daemon=True)
+                self._flusher.start()
+
+    def _flushing(self) -> None:
+        """The flusher thread: until nothing waits."""
+        while True:
+            select.select([], [self.fd], [], FLUSH_INTERVAL)
+            with self._lock:
+                self._flush()
+                if not (self._pending or self._dropped):
+                    self._flusher = None
+                    return
 
     def flush(self) -> None:
         """Send what the pipe takes now of what waits."""
@@ -454,7 +472,7 @@ class PipeWriter:
             del self._pending[:sent]
 
 
-def pipe_logger(reactor: Any = None) -> Any:
+def pipe_logger() -> Any:
     """
     A worker twistd's C{--logger}: each event formatted here, in the worker
     (which has the core to spare), and sent to the parent on L{LOG_FD} as
@@ -462,12 +480,9 @@ def pipe_logger(reactor: Any = None) -> Any:
     on, instead of decoding and formatting every worker's events on its one
     core. The pipe is non-blocking (L{PipeWriter}).
     """
-    if reactor is None:
-        from twisted.internet import reactor  # twistd's, as it calls a --logger with no argument
     os.set_blocking(LOG_FD, False)
     writer = PipeWriter(LOG_FD)
-    reactor.callWhenRunning(task.LoopingCall(writer.flush).start, FLUSH_INTERVAL, False)
-    reactor.addSystemEventTrigger("after", "shutdown", writer.drain, EXIT_DRAIN)
+    atexit.register(writer.drain, EXIT_DRAIN)  # the last lines (twistd logs past the reactor's stop)
 
     def observe(event: dict[str, Any]) -> None:
         if event.get(READY) is True:
