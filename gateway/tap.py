@@ -371,8 +371,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         line on stderr instead of twistd's full usage text. The options are
         recorded as given (C{self["argv"]}: a worker of C{--workers} parses
         the same); a worker's hidden C{--worker-slot K --worker-fds ...}
-        (L{gateway.ops.workers}) come first and its own options from the
-        environment, never from its command line.
+        (L{gateway.ops.workers}) come first and its own options from its fd 0,
+        never from its command line or environment.
         """
         argv = list(sys.argv[1:] if options is None else options)
         try:
@@ -382,7 +382,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 try:
                     self["workerFds"] = workers.parse_fds(argv[3])
                     self["workerSlot"] = int(argv[1])
-                    argv = workers.take_worker_argv()
+                    argv = workers.read_worker_argv()
                 except ValueError as e:
                     raise usage.UsageError(str(e)) from None
             self["argv"] = argv

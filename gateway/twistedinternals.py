@@ -275,6 +275,30 @@ def keep_unix_socket_file(port: Any) -> None:
         port.connectionLost = functools.partial(tcp.Port.connectionLost, port)
 
 
+def accept_one_per_wakeup(port: Any) -> None:
+    """
+    A listening port other processes accept on too (the workers of
+    C{--workers} share one socket): accept at most one connection each time
+    the socket is readable, so a burst of new connections is spread over
+    the workers instead of taken whole by the first awake. Twisted's
+    C{tcp.Port.doRead} (C{unix.Port}'s too) accepts up to C{numberAccepts}
+    (100 at first, raised by 20 after a full round) and sets it again after
+    each round; this port's C{doRead} sets it to 1 before each round. When
+    C{tcp.Port} no longer has C{numberAccepts}, nothing changes: the port
+    accepts as Twisted does (all workers still serve, less evenly).
+    """
+    if not isinstance(port, tcp.Port) or not isinstance(getattr(port, "numberAccepts", None), int):
+        return
+    read = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1
+        return read()
+
+    port.numberAccepts = 1
+    port.doRead = doRead
+
+
 def ssl_server_context(endpoint: Any) -> Any | None:
     """
     The TLS context factory of an C{ssl:} server endpoint (what
@@ -290,6 +314,7 @@ def ssl_server_context(endpoint: Any) -> Any | None:
 
 __all__ = [
     "ProxyHeaderParsers",
+    "accept_one_per_wakeup",
     "ssl_server_context",
     "keep_unix_socket_file",
     "buffered",

@@ -30,6 +30,7 @@ from zope.interface import implementer
 
 from gateway.tls import ensure_certificate
 from gateway.twistedinternals import (
+    accept_one_per_wakeup,
     keep_unix_socket_file,
     ssl_server_context,
     buffered,
@@ -584,6 +585,55 @@ class KeepUnixSocketFileTests(TestCase):
         yield port.stopListening()
         self.assertTrue(os.path.exists(path))
         self.assertFalse(port.connected)
+
+
+class AcceptOnePerWakeupTests(TestCase):
+    """
+    A listening port with connections queued: Twisted's C{doRead} accepts
+    them all at once (C{numberAccepts}); after L{accept_one_per_wakeup},
+    one per call, every time.
+    """
+
+    def queued(self, count: int) -> tuple[Any, list[Any]]:
+        listening = socket.create_server(("127.0.0.1", 0))
+        listening.setblocking(False)
+        self.addCleanup(listening.close)
+        built: list[Any] = []
+
+        class Counting(protocol.Factory):
+            def buildProtocol(self, addr: Any) -> Any:
+                built.append(addr)
+                return protocol.Protocol()
+
+        port = reactor.adoptStreamPort(listening.fileno(), socket.AF_INET, Counting())
+        port.stopReading()  # only the test's doRead accepts
+        self.addCleanup(port.stopListening)
+        for _ in range(count):
+            client = socket.create_connection(listening.getsockname()[:2], timeout=5)
+            self.addCleanup(client.close)
+        self.assertIsInstance(port, tcp.Port)
+        self.assertEqual(port.numberAccepts, 100)
+        return port, built
+
+    def tearDown(self) -> Any:
+        for transport in list(reactor.getReaders()) + list(reactor.getWriters()):
+            if isinstance(transport, tcp.Server):
+                transport.abortConnection()
+
+    def test_twisted_accepts_many(self):
+        port, built = self.queued(3)
+        port.doRead()
+        self.assertEqual(len(built), 3)
+
+    def test_one(self):
+        port, built = self.queued(3)
+        accept_one_per_wakeup(port)
+        for n in (1, 2, 3):
+            port.doRead()
+            self.assertEqual(len(built), n)
+
+    def test_not_a_port(self):
+        accept_one_per_wakeup(object())  # nothing to do, nothing raised
 
 
 class SSLServerContextTests(SynchronousTestCase):

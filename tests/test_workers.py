@@ -12,8 +12,11 @@ import os
 import shutil
 import tempfile
 import signal
+import threading
+import time
 import socket
 import ssl
+import subprocess
 from typing import Any
 
 from twisted.internet import defer, error, protocol, reactor, threads
@@ -43,6 +46,10 @@ class FakeProcess:
     def __init__(self, pid: int) -> None:
         self.pid: int | None = pid
         self.signals: list[int] = []
+        self.written: dict[int, bytes] = {}
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written[fd] = self.written.get(fd, b"") + data
 
     def signalProcess(self, signum: Any) -> None:
         if self.pid is None:
@@ -64,6 +71,10 @@ class FakeSpawn:
         self.processes.append((process, proto))
         proto.makeConnection(process)
         return process
+
+    def ready(self, index: int) -> None:
+        """The worker says its signal handlers are in place (its ready record)."""
+        self.processes[index][1].childDataReceived(workers.LOG_FD, _record(**{workers.READY: True}) + b"\n")
 
     def end(self, index: int, exit_code: int | None = None, sig: int | None = None) -> None:
         process, proto = self.processes[index]
@@ -106,20 +117,42 @@ class ArgvTests(SynchronousTestCase):
             ["--metrics", "tcp:9000", "--workers", "1", "--metrics", "unix:/run/x/w0.sock"],
         )
 
-    def test_worker_parses_the_environment(self) -> None:
-        """A worker's options come from the environment, taken out of it."""
+    def pipe(self, data: bytes, close: bool = True) -> int:
+        """A pipe holding C{data}, as the worker's fd 0 (L{workers.ARGV_FD})."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        os.write(write, data)
+        if close:
+            os.close(write)
+        else:
+            self.addCleanup(os.close, write)
+        self.patch(workers, "ARGV_FD", read)
+        return read
+
+    def test_worker_reads_its_options(self) -> None:
+        """A worker's options come from its fd 0, one line; what follows is left there."""
         argv = ["--data-dir", self.data, "--auth", f"memory:a:{SECRET}", "--smtp", "none",
                 "--http", "none", "--socks", "none", "--workers", "1"]
-        self.patch(os, "environ", {workers.ARGV_ENV: json.dumps(argv), "PATH": "/bin"})
+        read = self.pipe(workers.argv_line(argv) + b"after")
         parsed = options("--worker-slot", "1", "--worker-fds", "smtp=4")
         self.assertEqual((parsed["workerSlot"], parsed["workerFds"]), (1, {"smtp": 4}))
         self.assertEqual(parsed["argv"], argv)
-        self.assertEqual(os.environ, {"PATH": "/bin"})
+        self.assertEqual(os.read(read, 100), b"after")
 
-    def test_worker_needs_the_environment(self) -> None:
-        self.patch(os, "environ", {})
+    def test_worker_needs_its_options(self) -> None:
+        self.pipe(b"")
         e = self.assertRaises(usage.UsageError, options, "--worker-slot", "0", "--worker-fds", "")
-        self.assertIn(workers.ARGV_ENV, str(e))
+        self.assertIn("no options on fd", str(e))
+        for bad in (b"{}\n", b"not json\n", b'["a", 1]\n', b'["a"]'):
+            self.pipe(bad)
+            self.assertRaises(ValueError, workers.read_worker_argv)
+
+    def test_worker_options_bounded(self) -> None:
+        """A line without end is refused at MAX_ARGV bytes, not read forever."""
+        self.patch(workers, "MAX_ARGV", 100)
+        self.pipe(b"[" + b'"a",' * 60, close=False)
+        e = self.assertRaises(ValueError, workers.read_worker_argv)
+        self.assertIn("over 100 bytes", str(e))
         e = self.assertRaises(usage.UsageError, options, "--worker-slot", "0", "--auth", "memory:a:b")
         self.assertIn("nothing else", str(e))
 
@@ -140,7 +173,7 @@ class ArgvTests(SynchronousTestCase):
         self.assertIn("a onion: listener cannot be shared by workers", str(e))
 
     def test_supervisor_spawn(self) -> None:
-        """The command line holds no secret; the environment holds the options."""
+        """Neither the command line nor the environment hold a secret: fd 0 has the options."""
         spawn = FakeSpawn()
         argv = ["--auth", f"memory:a:{SECRET}", "--state", f"redis://:{SECRET}@127.0.0.1/0"]
         supervisor = workers.Supervisor(
@@ -156,23 +189,71 @@ class ArgvTests(SynchronousTestCase):
         for k, call in enumerate(spawn.calls):
             self.assertNotIn(SECRET, " ".join(call["args"]))
             self.assertEqual(call["args"][-4:], ["--worker-slot", str(k), "--worker-fds", "smtp=4"])
-            self.assertEqual(set(call["env"]), {"PATH", workers.ARGV_ENV})
-            self.assertEqual(json.loads(call["env"][workers.ARGV_ENV]), [
+            self.assertEqual(call["env"], {"PATH": "/bin"})
+            self.assertNotIn(SECRET, repr(call["env"]))
+            process = spawn.processes[k][0]
+            self.assertEqual(process.written, {0: workers.argv_line([
                 *argv, "--workers", "1", "--metrics", f"unix:{supervisor.slots[k].metrics_socket}",
-            ])
+            ])})
             self.assertEqual({fd: call["childFDs"][fd] for fd in (0, 1, 2, 3)},
                              {0: "w", 1: 1, 2: "r", 3: "r"})
-            self.assertEqual(call["childFDs"][4], supervisor.open[0].fds[k])
-        self.assertNotEqual(spawn.calls[0]["childFDs"][4], spawn.calls[1]["childFDs"][4])
+            self.assertEqual(call["childFDs"][4], supervisor.open[0].fd)  # one socket for all
         self.assertEqual([(s.index, s.pid, s.running) for s in supervisor.slots],
                          [(0, 100, True), (1, 101, True)])
         self.assertTrue(all(len(s.metrics_socket) < 100 for s in supervisor.slots))
         self.assertEqual(os.stat(supervisor.run_dir).st_mode & 0o777, 0o700)
+        with open(os.path.join(supervisor.run_dir, workers.RUN_DIR_PID)) as f:
+            self.assertEqual(f.read(), f"{os.getpid()}\n")
         [line] = [e for e in events if "authgateway started" in e["log_format"]]
         self.assertEqual(line["pids"], "100, 101")
         self.assertEqual(line["state"], "redis://127.0.0.1:6379/0")
         self.assertNotIn(SECRET, repr(supervisor.slots))
 
+
+
+class RunDirTests(SynchronousTestCase):
+    """The private run directory: under $RUNTIME_DIRECTORY, or stale ones removed."""
+
+    def setUp(self) -> None:
+        self.base = tempfile.mkdtemp(prefix="ag-")
+        self.addCleanup(shutil.rmtree, self.base, True)
+
+    def test_runtime_directory(self) -> None:
+        path = workers.make_run_dir({"RUNTIME_DIRECTORY": f"{self.base}:/elsewhere"})
+        self.assertEqual(os.path.dirname(path), self.base)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
+
+    def test_stale_removed(self) -> None:
+        """A dir whose parent is dead goes; a live parent's, or one not claimed yet, stays."""
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+
+        def made(pid: int | None) -> str:
+            path = tempfile.mkdtemp(prefix=workers.RUN_DIR_PREFIX, dir=self.base)
+            if pid is not None:
+                with open(os.path.join(path, workers.RUN_DIR_PID), "w") as f:
+                    f.write(f"{pid}\n")
+            return path
+
+        stale, live, unclaimed = made(dead.pid), made(os.getpid()), made(None)
+        other = os.path.join(self.base, "other-dir")
+        os.mkdir(other)
+        self.assertEqual(workers.remove_stale_run_dirs(self.base), [stale])
+        self.assertEqual(sorted(os.listdir(self.base)),
+                         sorted(os.path.basename(p) for p in (live, unclaimed, other)))
+        workers.claim_run_dir(unclaimed)
+        self.assertEqual(workers.remove_stale_run_dirs(self.base), [])
+
+    def test_default_cleans_the_temporary_directory(self) -> None:
+        self.patch(tempfile, "tempdir", self.base)
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        stale = tempfile.mkdtemp(prefix=workers.RUN_DIR_PREFIX)
+        workers.claim_run_dir(stale)
+        with open(os.path.join(stale, workers.RUN_DIR_PID), "w") as f:
+            f.write(f"{dead.pid}\n")
+        path = workers.make_run_dir({})
+        self.assertEqual(os.listdir(self.base), [os.path.basename(path)])
 
 
 class Echo(protocol.Protocol):
@@ -187,46 +268,52 @@ class SocketTests(TestCase):
         spec = workers.parse_listener("smtp", "haproxy:tcp6:2525:interface=\\:\\:1:backlog=7")
         self.assertEqual((spec.kind, dict(spec.arguments)),
                          ("tcp6", {"port": "2525", "interface": "::1", "backlog": "7"}))
-        self.assertFalse(spec.shared)
         spec = workers.parse_listener("http", "unix:/run/a.sock:mode=660")
         self.assertEqual(dict(spec.arguments), {"address": "/run/a.sock", "mode": "660"})
-        self.assertTrue(spec.shared)
-        self.assertTrue(workers.parse_listener("socks", "systemd:domain=INET:index=0").shared)
+        self.assertEqual(workers.parse_listener("socks", "systemd:domain=INET:index=0").kind, "systemd")
         spec = workers.parse_listener("smtps", "ssl:465:k.pem:certKey=c.pem:interface=10.0.0.1")
         self.assertEqual(dict(spec.arguments),
                          {"port": "465", "privateKey": "k.pem", "certKey": "c.pem", "interface": "10.0.0.1"})
-        self.assertFalse(spec.shared)
         self.assertRaises(ValueError, workers.parse_listener, "smtps", "onion:465")
 
-    def test_tcp_port_zero(self) -> None:
-        """Port 0: the first bind resolves it, every socket has it, with SO_REUSEPORT."""
+    def test_tcp_one_socket(self) -> None:
+        """One listening socket (port 0 resolved), without SO_REUSEPORT."""
         spec = workers.parse_listener("smtp", "tcp:0:interface=127.0.0.1")
-        sockets = workers.open_tcp(spec, 3, 16)
-        self.addCleanup(lambda: [s.close() for s in sockets])
-        ports = {s.getsockname() for s in sockets}
-        self.assertEqual(len(ports), 1)
-        self.assertNotEqual(ports.pop()[1], 0)
-        for s in sockets:
-            self.assertTrue(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
-            self.assertTrue(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
-        self.assertEqual(len({s.fileno() for s in sockets}), 3)
+        s = workers.open_tcp(spec, 16)
+        self.addCleanup(s.close)
+        self.assertNotEqual(s.getsockname()[1], 0)
+        self.assertFalse(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+        self.assertTrue(s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
     def test_tcp_port_taken(self) -> None:
-        """A port another socket holds (without SO_REUSEPORT) is an error, nothing left open."""
-        taken = socket.socket()
-        self.addCleanup(taken.close)
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        spec = workers.parse_listener("smtp", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1")
-        self.assertRaises(OSError, workers.open_tcp, spec, 2, 16)
+        """
+        A port another socket holds is an error, with or without
+        SO_REUSEPORT; and once the parent holds it, no other socket can
+        take a share of its connections with SO_REUSEPORT.
+        """
+        for reuse in (0, 1):
+            taken = socket.socket()
+            self.addCleanup(taken.close)
+            taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, reuse)
+            taken.bind(("127.0.0.1", 0))
+            taken.listen(1)
+            spec = workers.parse_listener("smtp", f"tcp:{taken.getsockname()[1]}:interface=127.0.0.1")
+            self.assertRaises(OSError, workers.open_tcp, spec, 16)
+        ours = workers.open_tcp(workers.parse_listener("smtp", "tcp:0:interface=127.0.0.1"), 16)
+        self.addCleanup(ours.close)
+        thief = socket.socket()
+        self.addCleanup(thief.close)
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        thief.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self.assertRaises(OSError, thief.bind, ours.getsockname())
 
     @defer.inlineCallbacks
     def test_adopt_tcp(self) -> None:
         """A worker's endpoint on an inherited TCP socket accepts connections."""
         spec = workers.parse_listener("http", "tcp:0:interface=127.0.0.1")
-        opened = workers.open_listener(reactor, spec, 2, 16)
+        opened = workers.open_listener(reactor, spec, 16)
         self.addCleanup(opened.close)
-        endpoint = workers.adopted_endpoint(reactor, "tcp:0", os.dup(opened.fd_for(1)))
+        endpoint = workers.adopted_endpoint(reactor, "tcp:0", os.dup(opened.fd))
         port = yield endpoint.listen(protocol.Factory.forProtocol(protocol.Protocol))
         self.addCleanup(port.stopListening)
         self.assertEqual(port.getHost().port, int(opened.address.rsplit(":", 1)[1]))
@@ -236,10 +323,9 @@ class SocketTests(TestCase):
         """An ssl: listener: the worker serves TLS with the endpoint's certificate."""
         cert, key, _ = ensure_certificate(self.mktemp())
         description = f"ssl:0:privateKey={key}:certKey={cert}:interface=127.0.0.1"
-        # One socket: a connection hashed to another worker's would wait for it.
-        opened = workers.open_listener(reactor, workers.parse_listener("smtps", description), 1, 16)
+        opened = workers.open_listener(reactor, workers.parse_listener("smtps", description), 16)
         self.addCleanup(opened.close)
-        endpoint = workers.adopted_endpoint(reactor, description, os.dup(opened.fd_for(0)))
+        endpoint = workers.adopted_endpoint(reactor, description, os.dup(opened.fd))
         port = yield endpoint.listen(protocol.Factory.forProtocol(Echo))
         self.addCleanup(port.stopListening)
 
@@ -262,10 +348,8 @@ class SocketTests(TestCase):
         directory = tempfile.mkdtemp(prefix="ag-")  # AF_UNIX paths are short
         self.addCleanup(shutil.rmtree, directory, True)
         path = os.path.join(directory, "s.sock")
-        opened = workers.open_listener(reactor, workers.parse_listener("http", f"unix:{path}"), 3, 16)
-        self.assertEqual(len(set(opened.fds)), 1)
-        self.assertEqual(opened.fd_for(0), opened.fd_for(2))
-        endpoint = workers.adopted_endpoint(reactor, f"unix:{path}", os.dup(opened.fd_for(0)))
+        opened = workers.open_listener(reactor, workers.parse_listener("http", f"unix:{path}"), 16)
+        endpoint = workers.adopted_endpoint(reactor, f"unix:{path}", os.dup(opened.fd))
         port = yield endpoint.listen(protocol.Factory.forProtocol(protocol.Protocol))
         yield port.stopListening()
         self.assertTrue(os.path.exists(path))
@@ -319,12 +403,43 @@ class SupervisionTests(SynchronousTestCase):
         self.assertEqual((self.supervisor.slots[0].running, self.supervisor.slots[0].pid), (True, 102))
 
     def test_forward(self) -> None:
+        self.spawn.ready(0)
+        self.spawn.ready(1)
         with capturedLogs():
             self.spawn.end(1, exit_code=1)
         self.supervisor.forward(signal.SIGHUP)
         self.supervisor.forward(signal.SIGUSR1)
         self.assertEqual(self.spawn.processes[0][0].signals, [signal.SIGHUP, signal.SIGUSR1])
         self.assertEqual(self.spawn.processes[1][0].signals, [])
+
+    def test_held_until_ready(self) -> None:
+        """
+        SIGHUP and SIGUSR1 for a worker still starting are held (their
+        default action would kill it), then sent once each when it is ready;
+        SIGTERM is not held. A restarted worker starts not ready again.
+        """
+        self.spawn.ready(1)
+        with capturedLogs() as events:
+            for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGHUP):
+                self.supervisor.forward(signum)
+        self.assertEqual(events, [])  # the ready record is no log line
+        first, second = self.spawn.processes[0][0], self.spawn.processes[1][0]
+        self.assertEqual(first.signals, [])
+        self.assertEqual(second.signals, [signal.SIGHUP, signal.SIGUSR1, signal.SIGHUP])
+        self.spawn.ready(0)
+        self.assertEqual(first.signals, [signal.SIGHUP, signal.SIGUSR1])
+        self.spawn.ready(0)  # said twice: nothing sent twice
+        self.assertEqual(first.signals, [signal.SIGHUP, signal.SIGUSR1])
+        with capturedLogs():
+            self.spawn.end(1, sig=signal.SIGKILL)
+            self.supervisor.forward(signal.SIGHUP)  # no process: nothing held for the next
+            self.clock.advance(workers.BACKOFF_FIRST)
+            self.supervisor.forward(signal.SIGUSR1)
+            self.supervisor.forward(signal.SIGTERM)
+        third = self.spawn.processes[2][0]
+        self.assertEqual(third.signals, [signal.SIGTERM])
+        self.spawn.ready(2)
+        self.assertEqual(third.signals, [signal.SIGTERM, signal.SIGUSR1])
 
     def test_terminate_then_forward(self) -> None:
         """The first SIGTERM stops the parent (the reactor), the next reach the workers."""
@@ -349,6 +464,32 @@ class SupervisionTests(SynchronousTestCase):
         self.clock.advance(100)
         self.assertEqual(len(self.spawn.processes), 2)
         self.assertEqual([s.running for s in self.supervisor.slots], [False, False])
+
+    def test_stop_closes_sockets_first(self) -> None:
+        """
+        The parent closes its copy of every socket before SIGTERM reaches
+        the workers: while they drain, a new connection is refused, never
+        left waiting on a socket nobody accepts on.
+        """
+        spawn = FakeSpawn()
+        supervisor = workers.Supervisor(
+            self.clock, 2, [], {"smtp": "tcp:0:interface=127.0.0.1"}, 50, 30.0, spawn=spawn,
+            twistd=["twistd"], environ={},
+        )
+        with capturedLogs():
+            supervisor.startService()
+        port = int(supervisor.open[0].address.rsplit(":", 1)[1])
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        seen: list[bool] = []
+        spawn.processes[0][0].signalProcess = lambda signum: seen.append(supervisor.open == [])
+        with capturedLogs():
+            d = supervisor.stopService()
+        self.assertEqual(seen, [True])
+        self.assertRaises(ConnectionRefusedError, socket.create_connection, ("127.0.0.1", port), 5)
+        with capturedLogs():
+            spawn.end(0, exit_code=0)
+            spawn.end(1, exit_code=0)
+        self.successResultOf(d)
 
     def test_stop_cancels_restart(self) -> None:
         with capturedLogs():
@@ -467,10 +608,16 @@ class LogRelayTests(SynchronousTestCase):
         saved = os.dup(workers.LOG_FD) if _open(workers.LOG_FD) else None
         os.dup2(write, workers.LOG_FD)
         os.close(write)
+        ready: list[bool] = []
+        self.relay = workers.LogRelay(self.slot, self.published.append, ready=lambda: ready.append(True))
+        drains: list[Any] = []
+        self.patch(workers.atexit, "register", lambda *a: drains.append(a))
         try:
             observer = workers.pipe_logger()
             observer(dict(log_format="hello {who}", who="you", log_level=LogLevel.warn,
                           log_namespace="n", log_time=2.0))
+            observer({"log_format": "ready", workers.READY: True})
+            self.assertFalse(os.get_blocking(workers.LOG_FD))
         finally:
             if saved is not None:
                 os.dup2(saved, workers.LOG_FD)
@@ -483,6 +630,73 @@ class LogRelayTests(SynchronousTestCase):
             (formatEvent(event), event["log_level"], event["log_namespace"], event["log_time"]),
             ("hello you", LogLevel.warn, "n", 2.0),
         )
+        self.assertEqual(ready, [True])
+        [(drain, timeout)] = drains
+        self.assertEqual(timeout, workers.EXIT_DRAIN)
+
+    def test_pipe_nobody_reads(self) -> None:
+        """
+        A parent that does not read: the worker never blocks, keeps at most
+        its bound, drops and counts the rest, and says how many once the
+        pipe drains; lines are never cut.
+        """
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        os.set_blocking(write, False)
+        writer = workers.PipeWriter(write, limit=10_000)
+        lines = [_record(text=f"{n:06d}" + "x" * 990) + b"\n" for n in range(300)]  # ~300 KB
+        for line in lines:
+            writer.write(line)  # a blocking write would hang here
+        self.assertLessEqual(len(writer._pending), 10_000)
+        self.patch(workers, "FLUSH_INTERVAL", 0.01)
+        received = b""
+        os.set_blocking(read, False)
+        deadline = time.monotonic() + 10
+        while b"dropped" not in received and time.monotonic() < deadline:
+            try:
+                received += os.read(read, 1 << 20)  # the flusher thread sends the rest: no flush() here
+            except BlockingIOError:
+                time.sleep(0.01)
+        *texts, note = [json.loads(line)["text"] for line in received.splitlines()]
+        self.assertEqual(texts, [json.loads(line)["text"] for line in lines[:len(texts)]])
+        self.assertLess(len(texts), 300)
+        self.assertEqual(note, f"{300 - len(texts)} log lines dropped: the parent did not read them in time")
+        writer.write(lines[0])  # drained: the next line goes at once, no second note
+        self.assertEqual(os.read(read, 1 << 20), lines[0])
+        deadline = time.monotonic() + 10
+        while writer._flusher is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertIsNone(writer._flusher)  # nothing waits: the thread ended
+
+    def test_pipe_threads(self) -> None:
+        """Lines written from several threads arrive whole, none lost while the pipe keeps up."""
+        read, write = os.pipe()
+        self.addCleanup(os.close, read)
+        self.addCleanup(os.close, write)
+        os.set_blocking(write, False)
+        writer = workers.PipeWriter(write, limit=1 << 24)
+
+        def send(k: int) -> None:
+            for n in range(500):
+                writer.write(_record(text=f"{k}-{n}" + "y" * 300) + b"\n")
+
+        threads_ = [threading.Thread(target=send, args=(k,)) for k in range(4)]
+        for t in threads_:
+            t.start()
+        for t in threads_:
+            t.join()
+        received = b""
+        os.set_blocking(read, False)
+        while True:
+            writer.flush()
+            try:
+                received += os.read(read, 1 << 20)
+            except BlockingIOError:
+                if not writer._pending:
+                    break
+        texts = sorted(json.loads(line)["text"] for line in received.splitlines())
+        self.assertEqual(texts, sorted(f"{k}-{n}" + "y" * 300 for k in range(4) for n in range(500)))
 
 
 def _record(**fields: Any) -> bytes:
@@ -594,6 +808,8 @@ class ParentSignalTests(SynchronousTestCase):
         with capturedLogs():
             supervisor.startService()
         workers.install_signals(fake, supervisor)
+        spawn.ready(0)
+        spawn.ready(1)
         for hook in fake.hooks:
             hook()
         for signum in (signal.SIGHUP, signal.SIGUSR1):

@@ -64,7 +64,9 @@ class WorkersIntegrationTests(SynchronousTestCase):
         self.ports = {name: free_port() for name in ("smtp", "http", "socks")}
 
     def read_log(self) -> str:
-        return read_log(self.log)
+        """The log, with what a SIGUSR1 (twistd's --logfile rotation) moved to C{.1} first."""
+        rotated = self.log + ".1"
+        return (read_log(rotated) if os.path.exists(rotated) else "") + read_log(self.log)
 
     def wait(self, condition, what: str, timeout: float = 60.0) -> None:
         end = time.monotonic() + timeout
@@ -209,6 +211,55 @@ class WorkersIntegrationTests(SynchronousTestCase):
             self.wait(lambda: f"[gateway.ops.reload#info worker={k}] reload: " in self.read_log(),
                       f"worker {k}'s reload")
         self.assertIsNone(proc.poll())
+
+    def test_sigusr1_without_audit_log(self) -> None:
+        """
+        SIGUSR1 to the parent (twistd's --logfile rotation) is forwarded to
+        workers with no --audit-log: they handle it (nothing to reopen),
+        none dies of it.
+        """
+        proc = self.start_workers()
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.5)
+        self.assertIsNone(proc.poll())
+        self.assertNotIn("exited unexpectedly", self.read_log())
+        self.assertFalse(any(gone(pid) for pid in self.pids), self.read_log()[-4000:])
+        self.assertIn(b'"alice"', self.http())
+
+    def test_signals_while_a_worker_starts(self) -> None:
+        """
+        SIGHUP and SIGUSR1 sent while a restarted worker is still starting
+        (no handlers yet) are held for it, then delivered: it reloads, and
+        is not killed by them.
+        """
+        proc = self.start_workers()
+        os.kill(self.pids[0], signal.SIGKILL)
+        restarted = re.compile(r"worker 0 restarted: pid (\d+)")
+        self.wait(lambda: restarted.search(self.read_log()), "the restart", timeout=30)
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGUSR1)
+        self.pids.append(int(restarted.search(self.read_log()).group(1)))
+        self.wait(lambda: self.read_log().count("authgateway started: worker 0,") == 2, "worker 0 again")
+        self.wait(lambda: "[gateway.ops.reload#info worker=0] reload: " in self.read_log(),
+                  "worker 0's held reload")
+        time.sleep(0.5)
+        log = self.read_log()
+        self.assertNotIn("killed by SIGHUP", log)
+        self.assertNotIn("killed by SIGUSR1", log)
+        self.assertEqual(log.count("exited unexpectedly"), 1)
+        self.assertEqual(log.count("[gateway.ops.reload#info worker=0] reload: "), 1)
+        self.assertIsNone(proc.poll())
+
+    def test_no_option_in_the_environment(self) -> None:
+        """A worker's options (a password among them) are not in /proc/PID/environ."""
+        self.start_workers()
+        for pid in self.pids:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                environ = f.read()
+            self.assertNotIn(b"wonder", environ)
+            self.assertNotIn(b"memory:alice", environ)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                self.assertNotIn(b"wonder", f.read())
 
     def test_parent_killed(self) -> None:
         """The parent killed outright: its workers end by themselves."""

@@ -4,28 +4,30 @@ C{--workers N}: N processes serving the same listeners, one parent
 supervising them.
 
 The parent (L{Supervisor}) builds no core and no front door. It opens every
-listener's socket (a TCP listener: one C{SO_REUSEPORT} socket per worker, all
-bound to the port the first bind resolved, so the kernel spreads the
-connections evenly; a UNIX or C{systemd:} listener: one socket all workers
-accept on), keeps them for its whole life (a restarted worker adopts the same
-socket: no connection is refused while it is down, those queued on its TCP
-socket wait for it), and starts each worker as a
+listener's socket once (no C{SO_REUSEPORT}: the port is its alone), which
+every worker accepts on, one connection per wake-up; it keeps them while it
+runs (a restarted worker adopts the same socket; the others accept
+everything meanwhile) and closes its copies first at stop; it starts each
+worker as a
 C{twistd -n authgateway} child with C{reactor.spawnProcess}:
 
- - fd 0, a pipe from the parent: its end (the parent is gone) stops the
-   worker, as does C{PR_SET_PDEATHSIG} (SIGTERM) on Linux;
+ - fd 0, a pipe from the parent: the worker's options (one line), then
+   its end (the parent is gone) stops the worker, as does C{PR_SET_PDEATHSIG} (SIGTERM) on Linux;
  - fd 1, the parent's standard output (C{--audit-log -});
  - fd 2, a pipe: what the worker writes on standard error is logged;
  - fd 3 (L{LOG_FD}), a pipe: the worker's twisted.logger events, formatted, as JSON
    lines (its twistd runs with C{--logger} L{pipe_logger}), re-emitted in
    the parent's log tagged C{worker=K}, so the parent's C{--logfile} or
-   C{--syslog} holds every process's lines;
+   C{--syslog} holds every process's lines (never blocking the worker:
+   L{PipeWriter});
  - fd 4 on (L{FIRST_LISTENER_FD}), the listeners' sockets.
 
 The worker's plugin options are the parent's as the operator gave them,
-passed in the environment (L{ARGV_ENV}), never on its command line (which
-anyone can read with C{ps}): they may hold passwords (C{--state}'s URL,
-C{--auth memory:}). Its command line carries only the hidden options
+written as one JSON line on its fd 0 right after it starts (L{argv_line},
+L{read_worker_argv}): never on its command line (which anyone can read
+with C{ps}) nor in its environment (which C{/proc/PID/environ} keeps for its
+whole life): they may hold passwords (C{--state}'s URL, C{--auth memory:}).
+Its command line carries only the hidden options
 C{--worker-slot K --worker-fds smtp=4,...}.
 
 A worker that exits unexpectedly is logged and restarted after a backoff
@@ -34,19 +36,25 @@ L{BACKOFF_RESET} s up). SIGTERM or SIGINT stops the parent: no more
 restarts, SIGTERM to every worker (they drain), SIGKILL to what is left after
 C{--drain-timeout} plus L{STOP_GRACE} s; a second signal is forwarded (the
 workers abort their sessions). SIGHUP (reload) and SIGUSR1 (audit log
-reopen) are forwarded.
+reopen) are forwarded; to a worker still starting, once it says its
+handlers are in place (L{READY}): before, their default action would kill
+it. Every worker handles both (SIGUSR1 does nothing without an audit log).
 """
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import json
 import os
+import select
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -64,12 +72,22 @@ from gateway.connections import _keyword, _split
 from gateway.ops import metrics as ops_metrics
 from gateway.ops.signals import on_signal
 from gateway.state.url import shown
-from gateway.twistedinternals import keep_unix_socket_file, ssl_server_context
+from gateway.twistedinternals import accept_one_per_wakeup, keep_unix_socket_file, ssl_server_context
 
 log = Logger()
 
-#: The environment variable holding a worker's plugin options (JSON list).
-ARGV_ENV = "AUTHGATEWAY_WORKER_ARGV"
+#: The worker's descriptor its plugin options arrive on (one JSON line), then
+#: its parent's pipe (L{WorkerWatch}); and the longest such line.
+ARGV_FD = 0
+MAX_ARGV = 1024 * 1024
+
+#: The key of the record a worker sends on L{LOG_FD} once its signal
+#: handlers are in place (L{attach_worker}); the parent holds SIGHUP and
+#: SIGUSR1 for it until then.
+READY = "authgateway_worker_ready"
+
+#: The signals the parent holds for a worker not ready yet.
+HELD = (signal.SIGHUP, signal.SIGUSR1)
 
 #: The worker's descriptor of its log pipe, and of its first listener.
 LOG_FD = 3
@@ -78,6 +96,13 @@ FIRST_LISTENER_FD = 4
 #: The longest log line (one formatted event) or standard error line a worker may
 #: send; a longer one is dropped, with one line saying so.
 MAX_LOG_LINE = 64 * 1024
+
+#: What a worker keeps of its log lines while its parent does not read
+#: them; how long its flusher waits for the pipe at a time; how long it
+#: waits for it at exit.
+MAX_PENDING_LOG = 1024 * 1024
+FLUSH_INTERVAL = 0.5
+EXIT_DRAIN = 2.0
 
 #: Restart backoff: the first wait, its cap, and the time up after which
 #: a worker's next exit waits the first again.
@@ -98,7 +123,7 @@ MAX_WORKERS = 256
 #: How a worker runs twistd (the same interpreter as the parent).
 TWISTD = (sys.executable, "-c", "from twisted.scripts.twistd import run; run()")
 
-#: Endpoint types with one socket per worker, and their address family.
+#: TCP endpoint types, and their address family.
 _TCP = {"tcp": socket.AF_INET, "tcp6": socket.AF_INET6, "ssl": socket.AF_INET}
 
 #: Positional fields of each endpoint type, in Twisted's order.
@@ -136,10 +161,6 @@ class ListenerSpec:
     description: str
     kind: str  # tcp, tcp6, unix or systemd
     arguments: Mapping[str, str] = attrs.field(factory=dict)
-    #: Shared by all workers (UNIX, systemd:), or one socket each (TCP).
-    @property
-    def shared(self) -> bool:
-        return self.kind not in _TCP
 
 
 def parse_listener(option: str, description: str) -> ListenerSpec:
@@ -170,48 +191,40 @@ def parse_listener(option: str, description: str) -> ListenerSpec:
     return ListenerSpec(option, description, kind, arguments)
 
 
-def open_tcp(spec: ListenerSpec, count: int, backlog: int) -> list[socket.socket]:
+def open_tcp(spec: ListenerSpec, backlog: int) -> socket.socket:
     """
-    C{count} listening sockets with C{SO_REUSEPORT} on the listener's
-    address; the first bind resolves port 0, the others bind to its port.
+    The listener's one listening socket, shared by every worker: bound as
+    one process binds it (C{SO_REUSEADDR}, never C{SO_REUSEPORT}, so a port
+    in use is an error and no other process can take a share of it).
     """
     family = _TCP[spec.kind]
     host = spec.arguments.get("interface", "" if family == socket.AF_INET else "::")
     port = int(spec.arguments.get("port", "0"))
     backlog = int(spec.arguments.get("backlog", backlog))
-    sockets: list[socket.socket] = []
+    s = socket.socket(family, socket.SOCK_STREAM)
     try:
-        for _ in range(count):
-            s = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(s)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            s.bind((host, port))
-            port = s.getsockname()[1]
-            s.listen(backlog)
-            s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen(backlog)
+        s.setblocking(False)
     except BaseException:
-        for s in sockets:
-            s.close()
+        s.close()
         raise
-    return sockets
+    return s
 
 
 @attrs.define
 class OpenListener:
-    """A listener's sockets in the parent: one per worker, or one for all."""
+    """A listener's one socket in the parent, which every worker accepts on."""
 
     spec: ListenerSpec
-    fds: list[int]
-    #: What the parent closes at stop (sockets, a Twisted UNIX port).
+    fd: int
+    #: What the parent closes at stop (the socket, a Twisted UNIX port).
     closers: list[Callable[[], Any]]
     address: str
 
-    def fd_for(self, slot: int) -> int:
-        return self.fds[slot % len(self.fds)]
-
     def close(self) -> defer.Deferred[Any]:
-        """Close the parent's copies (a UNIX listener's file is removed then)."""
+        """Close the parent's copy (a UNIX listener's file is removed then)."""
         closing = [defer.maybeDeferred(close) for close in self.closers]
         self.closers = []
         return defer.gatherResults(closing).addErrback(
@@ -219,13 +232,13 @@ class OpenListener:
         )
 
 
-def open_listener(reactor: Any, spec: ListenerSpec, count: int, backlog: int) -> OpenListener:
-    """Open C{spec}'s socket(s) for C{count} workers (see the module's docstring)."""
+def open_listener(reactor: Any, spec: ListenerSpec, backlog: int) -> OpenListener:
+    """Open C{spec}'s socket for the workers (see the module's docstring)."""
     if spec.kind in _TCP:
-        sockets = open_tcp(spec, count, backlog)
-        host, port = sockets[0].getsockname()[:2]
+        s = open_tcp(spec, backlog)
+        host, port = s.getsockname()[:2]
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        return OpenListener(spec, [s.fileno() for s in sockets], [s.close for s in sockets], shown)
+        return OpenListener(spec, s.fileno(), [s.close], shown)
     if spec.kind == "unix":
         # Twisted's own listenUNIX (stale socket removal, lock file, mode);
         # the parent never accepts on it.
@@ -236,23 +249,28 @@ def open_listener(reactor: Any, spec: ListenerSpec, count: int, backlog: int) ->
             wantPID=spec.arguments.get("lockfile", "1") not in ("0", "false"),
         )
         port.stopReading()
-        return OpenListener(spec, [port.fileno()], [port.stopListening], spec.arguments["address"])
+        return OpenListener(spec, port.fileno(), [port.stopListening], spec.arguments["address"])
     from twisted.internet import endpoints  # systemd: the socket systemd passed to the parent
 
     endpoint = endpoints.serverFromString(None, ":".join(_split(spec.description)[
         1 if spec.description.lower().startswith("haproxy:") else 0:]))
-    return OpenListener(spec, [endpoint.fileno], [], f"fd {endpoint.fileno}")
+    return OpenListener(spec, endpoint.fileno, [], f"fd {endpoint.fileno}")
 
 
 @implementer(IStreamServerEndpoint)
 @attrs.frozen
-class _SharedUnixEndpoint:
-    """An adopted UNIX socket other processes share: stopping leaves its file."""
+class _SharedEndpoint:
+    """
+    An adopted socket the other workers accept on too: one connection per
+    wake-up (the workers share the new connections), and a UNIX socket's
+    file left in place when it stops.
+    """
 
     endpoint: IStreamServerEndpoint
 
     def listen(self, factory: Any) -> defer.Deferred[Any]:
         def shared(port: Any) -> Any:
+            accept_one_per_wakeup(port)
             keep_unix_socket_file(port)
             return port
 
@@ -284,9 +302,7 @@ def adopted_endpoint(reactor: Any, description: str, fd: int) -> IStreamServerEn
         family = probe.family
     finally:
         probe.detach()
-    endpoint: IStreamServerEndpoint = AdoptedStreamServerEndpoint(reactor, fd, family)
-    if family == socket.AF_UNIX:
-        endpoint = _SharedUnixEndpoint(endpoint)
+    endpoint: IStreamServerEndpoint = _SharedEndpoint(AdoptedStreamServerEndpoint(reactor, fd, family))
     fields = _split(description)
     at = 1 if fields[0].strip().lower() == "haproxy" and len(fields) > 1 else 0
     if fields[at].strip().lower() == "ssl":
@@ -336,15 +352,124 @@ def worker_command(slot: int, fds: Mapping[str, int], twistd: Iterable[str] = TW
     ]
 
 
-def take_worker_argv(environ: Any = None) -> list[str]:
-    """The worker's plugin options, taken out of the environment (its children never see them)."""
-    text = (os.environ if environ is None else environ).pop(ARGV_ENV, None)
-    if text is None:
-        raise ValueError(f"--worker-slot: no {ARGV_ENV} in the environment (only the parent starts workers)")
-    argv = json.loads(text)
+def argv_line(argv: list[str]) -> bytes:
+    """A worker's plugin options as the parent writes them on its fd 0: one JSON line."""
+    return json.dumps(argv).encode() + b"\n"
+
+
+def read_worker_argv(fd: int | None = None) -> list[str]:
+    """
+    The worker's plugin options: the one line the parent writes on its
+    fd 0 (L{argv_line}) right after starting it, read up to its newline and
+    no further (the rest of fd 0 is L{WorkerWatch}'s), at most L{MAX_ARGV}
+    bytes.
+    """
+    fd = ARGV_FD if fd is None else fd
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        if len(line) >= MAX_ARGV:
+            raise ValueError(f"--worker-slot: options over {MAX_ARGV} bytes on fd {fd}")
+        try:
+            byte = os.read(fd, 1)  # one at a time: nothing past the line is taken
+        except BlockingIOError:
+            select.select([fd], [], [])
+            continue
+        except OSError as e:
+            raise ValueError(f"--worker-slot: no options on fd {fd} ({e.strerror}):"
+                             " only the parent starts workers") from None
+        if not byte:
+            raise ValueError(f"--worker-slot: no options on fd {fd}: only the parent starts workers")
+        line += byte
+    try:
+        argv = json.loads(line)
+    except ValueError:
+        argv = None
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-        raise ValueError(f"{ARGV_ENV}: not a list of strings")
+        raise ValueError(f"--worker-slot: the options on fd {fd} are not a list of strings")
     return argv
+
+
+def _record_line(record: Mapping[str, Any]) -> bytes:
+    return json.dumps(record).encode("utf-8", "replace") + b"\n"
+
+
+class PipeWriter:
+    """
+    A worker's end of its log pipe, never blocking: what the pipe does not
+    take at once waits in a buffer of at most C{limit} bytes, written on the
+    next line and by a thread that waits (up to L{FLUSH_INTERVAL} s at a
+    time) for the pipe to take it, which ends once nothing waits: a thread,
+    not a timer, so that a busy or stopping reactor does not hold the lines
+    back. A parent that stops reading (stopped, its syslog blocked) must
+    not freeze its workers: lines past the bound are dropped and counted,
+    and once the buffer drains one line says how many. Thread-safe (log
+    observers may be called from any thread).
+    """
+
+    def __init__(self, fd: int, limit: int = MAX_PENDING_LOG) -> None:
+        self.fd = fd
+        self.limit = limit
+        self._pending = bytearray()
+        self._dropped = 0
+        self._lock = threading.Lock()
+        self._flusher: threading.Thread | None = None
+
+    def write(self, line: bytes) -> None:
+        """Send C{line} (whole, with its newline) or keep it, or drop it when full."""
+        with self._lock:
+            if len(self._pending) + len(line) > self.limit:
+                self._dropped += 1
+            else:
+                self._pending += line
+            self._flush()
+            if self._pending and self._flusher is None:
+                self._flusher = threading.Thread(target=self._flushing, name="log-pipe", daemon=True)
+                self._flusher.start()
+
+    def _flushing(self) -> None:
+        """The flusher thread: until nothing waits."""
+        while True:
+            select.select([], [self.fd], [], FLUSH_INTERVAL)
+            with self._lock:
+                self._flush()
+                if not (self._pending or self._dropped):
+                    self._flusher = None
+                    return
+
+    def flush(self) -> None:
+        """Send what the pipe takes now of what waits."""
+        with self._lock:
+            self._flush()
+
+    def drain(self, timeout: float) -> None:
+        """At exit: wait up to C{timeout} s for the pipe to take what waits."""
+        end = time.monotonic() + timeout
+        with self._lock:
+            self._flush()
+            while (self._pending or self._dropped) and (left := end - time.monotonic()) > 0:
+                select.select([], [self.fd], [], left)
+                self._flush()
+
+    def _flush(self) -> None:
+        while True:
+            if not self._pending:
+                if not self._dropped:
+                    return
+                self._pending += _record_line({
+                    "time": time.time(), "level": LogLevel.warn.name, "namespace": __name__,
+                    "system": None,
+                    "text": f"{self._dropped} log lines dropped: the parent did not read them in time",
+                })
+                self._dropped = 0
+            try:
+                sent = os.write(self.fd, self._pending)
+            except BlockingIOError:
+                return
+            except OSError:  # the parent is gone: nobody will read them
+                self._pending.clear()
+                self._dropped = 0
+                return
+            del self._pending[:sent]
 
 
 def pipe_logger() -> Any:
@@ -353,20 +478,24 @@ def pipe_logger() -> Any:
     (which has the core to spare), and sent to the parent on L{LOG_FD} as
     one small JSON line (L{LogRelay} reads it): the parent only passes text
     on, instead of decoding and formatting every worker's events on its one
-    core.
+    core. The pipe is non-blocking (L{PipeWriter}).
     """
-    stream = open(LOG_FD, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
+    os.set_blocking(LOG_FD, False)
+    writer = PipeWriter(LOG_FD)
+    atexit.register(writer.drain, EXIT_DRAIN)  # the last lines (twistd logs past the reactor's stop)
 
     def observe(event: dict[str, Any]) -> None:
+        if event.get(READY) is True:
+            writer.write(_record_line({READY: True}))
+            return
         level = event.get("log_level")
-        record = {
+        writer.write(_record_line({
             "time": event.get("log_time"),
             "level": getattr(level, "name", None),
             "namespace": event.get("log_namespace"),
             "system": event.get("log_system"),
             "text": eventAsText(event, includeTimestamp=False, includeSystem=False),
-        }
-        stream.write(json.dumps(record) + "\n")
+        }))
 
     return observe
 
@@ -432,15 +561,20 @@ class LogRelay:
     shown by text observers.
     """
 
-    def __init__(self, slot: Slot, publish: Callable[[dict[str, Any]], Any] = globalLogPublisher) -> None:
+    def __init__(self, slot: Slot, publish: Callable[[dict[str, Any]], Any] = globalLogPublisher,
+                 ready: Callable[[], Any] = lambda: None) -> None:
         self.slot = slot
         self._publish = publish
+        self._ready = ready
         self.events = LineBuffer(self._event, self._too_long)
         self.stderr = LineBuffer(self._stderr, self._too_long)
 
     def _event(self, line: bytes) -> None:
         try:
             record = json.loads(line)
+            if isinstance(record, dict) and record.get(READY) is True:
+                self._ready()
+                return
             text = record["text"]
             if not isinstance(text, str):
                 raise ValueError("no text")
@@ -474,6 +608,74 @@ class LogRelay:
                  worker=self.slot.index, limit=MAX_LOG_LINE)
 
 
+#: A private run directory's name starts so; the file in it names its parent.
+RUN_DIR_PREFIX = "authgateway-"
+RUN_DIR_PID = "parent.pid"
+
+
+def make_run_dir(environ: Mapping[str, str]) -> str:
+    """
+    The parent's private directory (mode 0700) for its workers' metrics
+    sockets: under systemd's C{$RUNTIME_DIRECTORY} when set (removed with
+    the unit, whatever killed the parent), else the temporary directory,
+    where those of this user's earlier parents that died without removing
+    theirs (SIGKILL) are removed first (L{remove_stale_run_dirs}).
+    """
+    base = (environ.get("RUNTIME_DIRECTORY") or "").split(":")[0] or None
+    if base is None:
+        remove_stale_run_dirs(tempfile.gettempdir())
+    return tempfile.mkdtemp(prefix=RUN_DIR_PREFIX, dir=base)
+
+
+def claim_run_dir(path: str) -> None:
+    """
+    Record this process (the parent, after twistd daemonized it) in its run
+    directory: until then, no other parent counts the directory stale.
+    """
+    with open(os.path.join(path, RUN_DIR_PID), "w", encoding="ascii") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    return True
+
+
+def remove_stale_run_dirs(base: str) -> list[str]:
+    """
+    Remove the run directories in C{base} of this user whose parent (the
+    pid in their L{RUN_DIR_PID}) is dead; one without that file (being
+    made, or not ours) is left. Return the paths removed.
+    """
+    removed: list[str] = []
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(RUN_DIR_PREFIX)]
+    except OSError:
+        return removed
+    for name in names[:1000]:  # a bound on the work at start
+        path = os.path.join(base, name)
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            fd = os.open(os.path.join(path, RUN_DIR_PID), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                pid = int(os.read(fd, 32).strip() or b"0")
+            finally:
+                os.close(fd)
+        except (OSError, ValueError):
+            continue
+        if pid > 0 and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 @attrs.define(eq=False)
 class Slot:
     """One worker's place: its number, and the process holding it now."""
@@ -489,6 +691,16 @@ class Slot:
     started_at: float = 0.0
     next_delay: float = BACKOFF_FIRST
     restart_call: Any = attrs.field(default=None, repr=False)
+    #: The process said its signal handlers are in place (L{READY}).
+    ready: bool = False
+    #: Signals forwarded before it was ready, to deliver then (once each).
+    held: list[int] = attrs.field(factory=list, repr=False)
+
+    def gone(self) -> None:
+        """The process ended (or never started): nothing of it is kept."""
+        self.process, self.protocol, self.pid, self.running = None, None, None, False
+        self.ready = False
+        self.held.clear()
 
 
 class WorkerProtocol(protocol.ProcessProtocol):
@@ -497,7 +709,7 @@ class WorkerProtocol(protocol.ProcessProtocol):
     def __init__(self, supervisor: Supervisor, slot: Slot) -> None:
         self.supervisor = supervisor
         self.slot = slot
-        self.relay = LogRelay(slot, supervisor.publish)
+        self.relay = LogRelay(slot, supervisor.publish, ready=lambda: supervisor.ready(slot, self))
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == LOG_FD:
@@ -565,12 +777,12 @@ class Supervisor(service.Service):
         self.state = shown(state)
         self.twistd = tuple(twistd)
         self.environ = dict(os.environ if environ is None else environ)
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", ARGV_ENV):
+        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
             self.environ.pop(name, None)  # the parent's systemd sockets are passed as listeners
         self.publish = publish
         self._spawn = spawn
         self._owner = owner
-        self.run_dir = tempfile.mkdtemp(prefix="authgateway-") if metrics else None
+        self.run_dir = make_run_dir(self.environ) if metrics else None
         self.slots = [
             Slot(k, metrics_socket=os.path.join(self.run_dir, f"w{k}.sock") if self.run_dir else None)
             for k in range(count)
@@ -585,10 +797,13 @@ class Supervisor(service.Service):
         if not self.open:
             try:
                 for spec in self.specs:
-                    self.open.append(open_listener(self.reactor, spec, len(self.slots), self.backlog))
+                    self.open.append(open_listener(self.reactor, spec, self.backlog))
             except BaseException:
-                self._close()  # the run directory too: the start fails
+                self._close_listeners()
+                self._remove_run_dir()  # the start fails
                 raise
+            if self.run_dir is not None:
+                claim_run_dir(self.run_dir)
             if self.run_dir is not None and self._owner is not None:
                 os.chown(self.run_dir, *self._owner)  # twistd drops to --uid/--gid next
         super().privilegedStartService()
@@ -614,7 +829,7 @@ class Supervisor(service.Service):
         names: dict[str, int] = {}
         for n, listener in enumerate(self.open):
             fd = FIRST_LISTENER_FD + n
-            child[fd] = listener.fd_for(slot.index)
+            child[fd] = listener.fd
             names[listener.spec.option] = fd
         return child, names
 
@@ -623,17 +838,19 @@ class Supervisor(service.Service):
         if self.draining:
             return
         child, names = self._child_fds(slot)
-        env = dict(self.environ)
-        env[ARGV_ENV] = json.dumps(worker_arguments(self.argv, slot.metrics_socket))
         command = worker_command(slot.index, names, self.twistd)
         worker = WorkerProtocol(self, slot)
         try:
             spawn = self._spawn if self._spawn is not None else self.reactor.spawnProcess
-            process = spawn(worker, command[0], command, env=env, childFDs=child)
+            process = spawn(worker, command[0], command, env=dict(self.environ), childFDs=child)
         except Exception as e:  # noqa: BLE001 - out of processes, descriptors...: try again later
             log.error("worker {worker} could not start: {error}", worker=slot.index, error=e)
             self._again(slot)
             return
+        # Its options on its standard input: never in its environment,
+        # which /proc/PID/environ shows for its whole life.
+        process.writeToChild(0, argv_line(worker_arguments(self.argv, slot.metrics_socket)))
+        slot.gone()
         slot.process, slot.protocol, slot.pid, slot.running = process, worker, process.pid, True
         slot.started_at = self.reactor.seconds()
         if slot.restarts:
@@ -645,7 +862,7 @@ class Supervisor(service.Service):
         if worker is not slot.protocol:
             return
         pid = slot.pid
-        slot.process, slot.protocol, slot.pid, slot.running = None, None, None, False
+        slot.gone()
         if self.draining:
             log.info("worker {worker} (pid {pid}) stopped: {how}", worker=slot.index, pid=pid,
                      how=_how(reason))
@@ -668,13 +885,34 @@ class Supervisor(service.Service):
         return delay
 
     def forward(self, signum: int) -> None:
-        """Send C{signum} to every running worker."""
+        """
+        Send C{signum} to every running worker. SIGHUP and SIGUSR1 to a
+        worker not ready yet (its handlers not in place: their default
+        action would kill it) are held, and sent once when it is.
+        """
         for slot in self.slots:
-            if slot.process is not None:
-                try:
-                    slot.process.signalProcess(signum)
-                except (error.ProcessExitedAlready, OSError):
-                    pass
+            if slot.process is None:
+                continue
+            if signum in HELD and not slot.ready:
+                if signum not in slot.held:
+                    slot.held.append(signum)
+                continue
+            self._send(slot, signum)
+
+    def _send(self, slot: Slot, signum: int) -> None:
+        try:
+            slot.process.signalProcess(signum)
+        except (error.ProcessExitedAlready, OSError):
+            pass
+
+    def ready(self, slot: Slot, worker: WorkerProtocol) -> None:
+        """C{slot}'s worker has its signal handlers: send what was held for it."""
+        if worker is not slot.protocol or slot.ready:
+            return
+        slot.ready = True
+        held, slot.held = slot.held, []
+        for signum in held:
+            self._send(slot, signum)
 
     def terminate(self) -> None:
         """SIGTERM or SIGINT to the parent: the first stops it, the next are forwarded."""
@@ -691,6 +929,9 @@ class Supervisor(service.Service):
             if slot.restart_call is not None and slot.restart_call.active():
                 slot.restart_call.cancel()
             slot.restart_call = None
+        # The parent's copies first: once the workers stop listening, the
+        # sockets are closed and new connections are refused, not queued.
+        closed = self._close_listeners()
         d: defer.Deferred[None] = defer.Deferred()
         if any(s.running for s in self.slots):
             self._all_down = d
@@ -704,7 +945,8 @@ class Supervisor(service.Service):
         def done(result: Any) -> Any:
             if self._kill_call is not None and self._kill_call.active():
                 self._kill_call.cancel()
-            return self._close()
+            self._remove_run_dir()
+            return closed
 
         return d.addBoth(done)
 
@@ -722,12 +964,14 @@ class Supervisor(service.Service):
 
         self._kill_call = self.reactor.callLater(KILL_GRACE, give_up)
 
-    def _close(self) -> defer.Deferred[Any]:
+    def _close_listeners(self) -> defer.Deferred[Any]:
         closing = [listener.close() for listener in self.open]
         self.open = []
+        return defer.gatherResults(closing).addCallback(lambda _: None)
+
+    def _remove_run_dir(self) -> None:
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
-        return defer.gatherResults(closing).addCallback(lambda _: None)
 
 
 def install_signals(reactor: Any, supervisor: Supervisor) -> None:
@@ -857,14 +1101,20 @@ def attach_worker(reactor: Any, options: Mapping[str, Any], top: service.MultiSe
     except OSError:  # a session leader already: nothing to leave
         pass
     set_parent_death_signal()
+    if options.get("audit-log") is None:  # else the audit log's reopen handles it
+        on_signal(reactor, signal.SIGUSR1, lambda: None)  # forwarded to every worker: never fatal
     WorkerWatch(reactor, options["workerSlot"]).setServiceParent(top)
+    # Last: every handler is in place (until the reactor runs, on_signal's
+    # record the signal), so the parent may now send SIGHUP and SIGUSR1.
+    log.debug("worker {worker}: signal handlers in place", worker=options["workerSlot"], **{READY: True})
 
 
 __all__ = [
-    "ARGV_ENV", "BACKOFF_FIRST", "BACKOFF_MAX", "BACKOFF_RESET", "FIRST_LISTENER_FD", "LOG_FD",
-    "LineBuffer", "ListenerSpec", "LogRelay", "MAX_LOG_LINE", "OpenListener", "ParentWatch",
+    "ARGV_FD", "HELD", "MAX_ARGV", "READY", "argv_line", "read_worker_argv", "BACKOFF_FIRST", "BACKOFF_MAX", "BACKOFF_RESET", "FIRST_LISTENER_FD", "LOG_FD",
+    "LineBuffer", "ListenerSpec", "LogRelay", "MAX_LOG_LINE", "OpenListener", "ParentWatch", "PipeWriter",
+    "make_run_dir", "remove_stale_run_dirs",
     "STOP_GRACE", "Slot", "Supervisor", "WorkerProtocol", "WorkerWatch", "adopted_endpoint",
     "attach_worker", "install_signals", "make_parent", "open_listener", "open_tcp",
     "parse_fds", "parse_listener", "pipe_logger", "set_parent_death_signal",
-    "take_worker_argv", "worker_arguments", "worker_command", "worker_count",
+"worker_arguments", "worker_command", "worker_count",
 ]
