@@ -616,11 +616,7 @@ class RealRedisMixin:
         return state
 
     async def up(self, *states: State) -> None:
-        for _ in range(250):
-            if all(s.up for s in states):
-                return
-            await sleep(0.02)
-        raise AssertionError("the link did not come up")
+        await wait_up(*states)
 
     async def down(self, *states: State) -> None:
         for _ in range(250):
@@ -914,6 +910,15 @@ class ACLOnRedis(RealRedisMixin, TestCase):
                         == [(False, False), (True, False), (False, True)], lines)
 
 
+async def wait_up(*states: State) -> None:
+    """Wait (at most 5 s) until every one of C{states} is connected and ready."""
+    for _ in range(250):
+        if all(s.up for s in states):
+            return
+        await sleep(0.02)
+    raise AssertionError("the link did not come up")
+
+
 class AuthOnRedis(TestCase):
     """A password, and TLS, on a real redis-server."""
 
@@ -961,11 +966,7 @@ class AuthOnRedis(TestCase):
                            password=settings.state_password)
         state.service.startService()
         self.addCleanup(state.service.stopService)
-        for _ in range(200):
-            if state.up:
-                break
-            await sleep(0.02)
-        self.assertTrue(state.up)
+        await wait_up(state)
         await state.throttle.admit("192.0.2.1", "daniel")
 
     async def test_tls(self) -> None:
@@ -976,7 +977,8 @@ class AuthOnRedis(TestCase):
         generate_self_signed(cert, key, "localhost")
         port = free_port()
         process = subprocess.Popen(
-            [redis.binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+            # Also on 127.0.0.2, which the certificate does not name: the host name check, not a refusal.
+            [redis.binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1", "127.0.0.2",
              "--tls-cert-file", cert, "--tls-key-file", key, "--tls-auth-clients", "no",
              "--save", "", "--dir", directory, "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -999,11 +1001,7 @@ class AuthOnRedis(TestCase):
         for state in (verified, untrusted, wrong_name):
             state.service.startService()
             self.addCleanup(state.service.stopService)
-        for _ in range(250):
-            if verified.up:
-                break
-            await sleep(0.02)
-        self.assertTrue(verified.up)
+        await wait_up(verified)
         await verified.throttle.admit("192.0.2.1", "daniel")
         await sleep(0.3)
         self.assertFalse(untrusted.up)
@@ -1011,6 +1009,9 @@ class AuthOnRedis(TestCase):
         lines = logged.lines(f"rediss://localhost:{port}/0 ")
         self.assertEqual(len(lines), 1, lines)  # said as what it is, not "connection lost"
         self.assertIn("unreachable (TLS: certificate verify failed", lines[0])
+        lines = logged.lines(f"rediss://127.0.0.2:{port}/0")
+        self.assertEqual(len(lines), 1, lines)
+        self.assertIn("IPAddressMismatch", lines[0])  # refused for the name, not the route
 
 
 class SessionsOnRedis(RealRedisMixin, TestCase):
