@@ -329,14 +329,18 @@ class ReactorTransportTests(TestCase):
     """The reactor's own TCP transports are the classes L{write_now} accelerates."""
 
     @defer.inlineCallbacks
-    def test_client_and_server(self) -> Any:
+    def connected(self, listen: Any, connect: Any) -> Any:
+        """
+        A client and the server side of one real connection: C{listen(factory)}
+        gives the port, C{connect(port, factory)} connects; closed at clean-up.
+        """
         server_factory = protocol.Factory.forProtocol(Collect)
         server_factory.made, server_factory.got = defer.Deferred(), defer.Deferred()
-        port = reactor.listenTCP(0, server_factory, interface="127.0.0.1")
+        port = listen(server_factory)
         self.addCleanup(port.stopListening)
         client_factory = protocol.ClientFactory.forProtocol(Collect)
         client_factory.made, client_factory.got = defer.Deferred(), defer.Deferred()
-        reactor.connectTCP("127.0.0.1", port.getHost().port, client_factory)
+        connect(port, client_factory)
         client = yield client_factory.made
         server_side = yield server_factory.made
 
@@ -346,38 +350,34 @@ class ReactorTransportTests(TestCase):
             return defer.gatherResults([client.lost, server_side.lost])
 
         self.addCleanup(close)
+        return client, server_side
+
+    @defer.inlineCallbacks
+    def test_client_and_server(self) -> Any:
+        client, server_side = yield self.connected(
+            lambda factory: reactor.listenTCP(0, factory, interface="127.0.0.1"),
+            lambda port, factory: reactor.connectTCP("127.0.0.1", port.getHost().port, factory),
+        )
         self.assertIs(type(client.transport), tcp.Client)
         self.assertIs(type(server_side.transport), tcp.Server)
         self.assertTrue(write_now(client.transport, b"up\n"))
         self.assertTrue(write_now(server_side.transport, b"down\n"))
-        self.assertEqual((yield server_factory.got), b"up\n")
-        self.assertEqual((yield client_factory.got), b"down\n")
-
+        self.assertEqual((yield server_side.factory.got), b"up\n")
+        self.assertEqual((yield client.factory.got), b"down\n")
 
     @defer.inlineCallbacks
     def test_unix_client(self) -> Any:
         """The client side of a UNIX socket (the Redis link's) is sent at once too."""
         path = os.path.join(tempfile.mkdtemp(dir="/tmp"), "s")
         self.addCleanup(shutil.rmtree, os.path.dirname(path))
-        server_factory = protocol.Factory.forProtocol(Collect)
-        server_factory.made, server_factory.got = defer.Deferred(), defer.Deferred()
-        port = reactor.listenUNIX(path, server_factory)
-        self.addCleanup(port.stopListening)
-        client_factory = protocol.ClientFactory.forProtocol(Collect)
-        client_factory.made, client_factory.got = defer.Deferred(), defer.Deferred()
-        reactor.connectUNIX(path, client_factory)
-        client = yield client_factory.made
-        server_side = yield server_factory.made
-
-        def close() -> defer.Deferred[Any]:
-            client.transport.loseConnection()
-            server_side.transport.loseConnection()
-            return defer.gatherResults([client.lost, server_side.lost])
-
-        self.addCleanup(close)
+        client, server_side = yield self.connected(
+            lambda factory: reactor.listenUNIX(path, factory),
+            lambda port, factory: reactor.connectUNIX(path, factory),
+        )
         self.assertIs(type(client.transport), unix.Client)
         self.assertTrue(write_now(client.transport, b"up\n"))
-        self.assertEqual((yield server_factory.got), b"up\n")
+        self.assertEqual((yield server_side.factory.got), b"up\n")
+
 
 class _Recording(server.Request):
     """Notes what L{request_line} says when the body's length is known."""
