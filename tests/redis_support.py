@@ -15,7 +15,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import free_port, require_tool
+from tests.support import free_port, require_tool, stop_process
 
 
 class RedisServer:
@@ -95,11 +95,5 @@ class RedisServer:
     def stop(self) -> None:
         """Stop it (SIGTERM, then SIGKILL after 5 s); safe to call twice."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
+        if process is not None:
+            stop_process(process, 5)

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import stat
+import subprocess
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -97,6 +98,18 @@ def store_path(test: SynchronousTestCase, name: str = "store") -> str:
 def read_file(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def stop_process(process: Any, timeout: float = 30.0) -> None:
+    """Stop a process a test started: SIGTERM, SIGKILL after C{timeout} s; nothing if it has ended."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
 
 
 def read_log(path: str) -> str:

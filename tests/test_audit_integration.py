@@ -23,7 +23,7 @@ import time
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.support import free_port, read_file, require_module, require_tool, write_file
+from tests.support import free_port, read_file, require_module, require_tool, stop_process, write_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FILTER = os.path.join(ROOT, "contrib", "fail2ban", "filter.d", "authgateway.conf")
@@ -88,13 +88,7 @@ class GatewayRun(SynchronousTestCase):
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def listening(self, port: int) -> bool:
         try:

@@ -34,7 +34,7 @@ from gateway import tap
 from gateway.connections import with_backlog
 from gateway.ops.drain import EXIT_GRACE
 from gateway.ops.systemd import check_systemd_endpoint
-from tests.support import _missing, free_port, read_file, require_module, require_tool, write_file
+from tests.support import _missing, free_port, read_file, require_module, require_tool, stop_process, write_file
 from tests.test_tap import TWISTD, _require_twistd
 from tests.test_web_integration import curl
 
@@ -505,13 +505,7 @@ class SocketActivationTests(SynchronousTestCase):
                                 stderr=subprocess.PIPE, pass_fds=pass_fds, cwd=self.data)
 
         def stop() -> None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
             proc.stderr.close()
 
         self.addCleanup(stop)

@@ -22,7 +22,7 @@ from twisted.protocols import wire
 from twisted.trial.unittest import TestCase
 
 from gateway.checkers.htpasswd import add_user
-from tests.support import CHEAP, free_port, require_module, require_tool
+from tests.support import CHEAP, free_port, require_module, require_tool, stop_process
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 HOSTILE = 'mallory"} evil{'
@@ -64,13 +64,7 @@ class ScrapeTests(TestCase):
         self.addCleanup(self.reap)
 
     def reap(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
 
     @defer.inlineCallbacks
     def ready(self) -> Any:

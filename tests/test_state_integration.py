@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import time
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.redis_support import RedisServer
-from tests.support import free_port, read_file, require_tool
+from tests.support import free_port, read_file, require_tool, stop_process
 
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 RIGHT = "Right-S3cret-tiger"
@@ -51,13 +50,7 @@ class Gateway:
         self.wait_for("limits are shared")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
 
     def text(self) -> str:
         return read_file(self.log).decode("utf-8", "replace") if os.path.exists(self.log) else ""
