@@ -628,7 +628,9 @@ class WorkersScrapeTests(SynchronousTestCase):
         end = time.monotonic() + 15
         while True:
             values = self.scrape()
-            if values.get(("authgateway_ready", (("worker", "1"),))) == 1 or time.monotonic() > end:
+            fresh = (values.get(("authgateway_worker_restarts_total", (("worker", "1"),))) == 1
+                     and values.get(("authgateway_ready", (("worker", "1"),))) == 1)
+            if fresh or time.monotonic() > end:
                 break
             time.sleep(0.3)
         self.assertEqual(values[("authgateway_worker_restarts_total", (("worker", "1"),))], 1)
